@@ -1,0 +1,5 @@
+//! `mupilot-server`: the reference VO server. All logic lives in `mupilot::server`.
+
+fn main() {
+    std::process::exit(mupilot::server::cli::main());
+}

@@ -1,0 +1,20 @@
+//! mupilot: a multi-user pilot job system for grid and HPC worker nodes.
+//!
+//! One library, three thin binaries:
+//! - `mupilot` (the pilot agent, [`pilot`]) runs as the VO's pilot account inside a batch slot;
+//! - `mupilot-switch` (the site's identity-switching helper, [`switch`]) runs as root;
+//! - `mupilot-server` (the reference VO server, [`server`]) runs as a VO service account.
+//!
+//! Shared pieces: [`protocol`] (wire types and envelope signing), [`records`] (the hash-chained
+//! JSON-lines log behind both the pilot's trace and the helper's audit), [`policy`] (the
+//! fine-grained authorization language). [`tls`] is used by the pilot and the server only: the
+//! helper never reaches it, so the `mupilot-switch` binary links no TLS or HTTP code.
+
+pub mod pilot;
+pub mod policy;
+pub mod protocol;
+pub mod records;
+pub mod server;
+pub mod switch;
+pub mod tls;
+pub mod util;

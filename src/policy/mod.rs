@@ -1,0 +1,1 @@
+//! The fine-grained authorization policy language (site and VO policies).

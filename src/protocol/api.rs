@@ -1,0 +1,208 @@
+//! JSON bodies of the VO server's HTTPS API (`/v1/...`). See docs/protocol.md.
+//!
+//! Binary data (bundles, output archives) travels base64-encoded inside JSON, except the
+//! output upload, whose request body is the raw tar.gz.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::envelope::{Resources, SignedEnvelope};
+
+/// `POST /v1/payloads`: a member submits a payload. The owner is the client certificate's
+/// subject DN; the server fills VO, FQANs and membership from its registry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub jobtag: Option<String>,
+    pub resources: Resources,
+    #[serde(default)]
+    pub outputs: Vec<String>,
+    /// base64 of a tar.gz unpacked into the payload's scratch directory before it starts.
+    #[serde(default)]
+    pub bundle: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubmitResponse {
+    pub payload_id: String,
+    pub state: PayloadState,
+}
+
+/// `POST /v1/match`: a pilot asks for work that fits what it has free.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchRequest {
+    pub pilot_id: String,
+    #[serde(default)]
+    pub batch_system: Option<String>,
+    #[serde(default)]
+    pub batch_job_id: Option<String>,
+    pub host: String,
+    pub free_cores: u32,
+    pub free_memory_bytes: u64,
+    /// Seconds the pilot can still give a payload (deadline minus shutdown margin).
+    pub seconds_left: u64,
+}
+
+/// The answer to a match: work, or none.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MatchResponse {
+    #[serde(default)]
+    pub work: Option<Work>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Work {
+    pub payload_id: String,
+    pub envelope: SignedEnvelope,
+    /// base64 of the input bundle, whose SHA-256 the envelope carries.
+    #[serde(default)]
+    pub bundle: Option<String>,
+}
+
+/// Lifecycle of a payload as the server records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PayloadState {
+    /// Waiting for a pilot.
+    Queued,
+    /// Handed to one pilot; not yet started.
+    Matched,
+    /// The helper started it.
+    Running,
+    /// Ended with exit code 0.
+    Done,
+    /// Ended with a non-zero exit code or a signal, or could not be started for a system reason.
+    Failed,
+    /// Refused by an authorization decision (P6): final, never retried elsewhere by the pilot.
+    Denied,
+    /// Cancelled by its owner or a VO operator.
+    Cancelled,
+    /// The pilot lost track of it (the pilot died, or the helper crashed).
+    Lost,
+}
+
+impl PayloadState {
+    pub fn is_final(self) -> bool {
+        !matches!(self, Self::Queued | Self::Matched | Self::Running)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Matched => "matched",
+            Self::Running => "running",
+            Self::Done => "done",
+            Self::Failed => "failed",
+            Self::Denied => "denied",
+            Self::Cancelled => "cancelled",
+            Self::Lost => "lost",
+        }
+    }
+}
+
+impl std::fmt::Display for PayloadState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `POST /v1/payloads/{id}/status`: the pilot reports progress and the end.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusReport {
+    pub pilot_id: String,
+    pub state: Option<PayloadState>,
+    #[serde(default)]
+    pub account: Option<String>,
+    #[serde(default)]
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub signal: Option<i32>,
+    #[serde(default)]
+    pub cpu_seconds: Option<f64>,
+    #[serde(default)]
+    pub peak_memory_bytes: Option<u64>,
+    #[serde(default)]
+    pub wall_seconds: Option<f64>,
+    /// Why it was denied, failed or killed; free text for humans.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// For denials: `caller`, `system` or `authorization`.
+    #[serde(default)]
+    pub denial_class: Option<String>,
+}
+
+/// The answer to a status report: operator commands for the payload, if any.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StatusAck {
+    #[serde(default)]
+    pub commands: Vec<OperatorCommand>,
+}
+
+/// A request from the owner or a VO operator that the pilot relays to the helper.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum OperatorCommand {
+    Cancel { requester: String },
+    Signal { requester: String, signal: i32 },
+}
+
+/// `GET /v1/payloads/{id}`: what the owner sees.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PayloadView {
+    pub payload_id: String,
+    pub owner_dn: String,
+    pub vo: String,
+    pub state: PayloadState,
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub jobtag: Option<String>,
+    pub resources: Resources,
+    #[serde(default)]
+    pub outputs: Vec<String>,
+    pub submitted_at: DateTime<Utc>,
+    #[serde(default)]
+    pub updated_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub pilot_id: Option<String>,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub batch_job_id: Option<String>,
+    #[serde(default)]
+    pub account: Option<String>,
+    #[serde(default)]
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub signal: Option<i32>,
+    #[serde(default)]
+    pub cpu_seconds: Option<f64>,
+    #[serde(default)]
+    pub peak_memory_bytes: Option<u64>,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub denial_class: Option<String>,
+    /// True once the pilot uploaded the output archive (`GET .../output` fetches it).
+    #[serde(default)]
+    pub has_output: bool,
+}
+
+/// Every error answer has this body, with an HTTP status that fits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiError {
+    /// Stable machine-readable code, e.g. `not_authorized`, `bad_request`, `not_found`.
+    pub error: String,
+    /// What went wrong and how to fix it.
+    pub message: String,
+}

@@ -1,0 +1,475 @@
+//! The payload envelope: what the VO server promises about one payload, signed with the VO's
+//! Ed25519 key.
+//!
+//! The signature covers the exact bytes of the JSON body, which travel base64-encoded, so no
+//! canonical JSON form is needed and no re-serialisation can change what was signed. A
+//! [`VerifiedEnvelope`] can only be obtained through [`SignedEnvelope::verify`]: code that
+//! holds one knows the signature, the format version and the validity window were checked.
+//! Replay protection (remembering nonces) is stateful and belongs to the helper.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The envelope format version this code writes and accepts.
+pub const ENVELOPE_VERSION: u32 = 1;
+
+/// Largest encoded body accepted before any parsing (bytes of base64).
+pub const MAX_BODY_B64: usize = 1 << 20;
+
+/// Who owns a payload, as the VO vouches for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Owner {
+    /// The owner's certificate subject, grid style: `/DC=org/DC=example/CN=Alice`.
+    pub dn: String,
+    /// The VO the owner belongs to; selects the key the helper verifies with.
+    pub vo: String,
+    /// VOMS-style attributes (`/vo/group/Role=prod`), most significant first.
+    #[serde(default)]
+    pub fqans: Vec<String>,
+    /// End of the owner's current VO membership (P3): the helper refuses after it.
+    pub membership_valid_until: DateTime<Utc>,
+}
+
+/// What the payload may consume; the helper turns these into cgroup limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    pub cores: u32,
+    pub memory_bytes: u64,
+    pub walltime_seconds: u64,
+}
+
+/// The signed content of an envelope.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvelopeBody {
+    pub version: u32,
+    pub payload_id: String,
+    pub owner: Owner,
+    #[serde(default)]
+    pub jobtag: Option<String>,
+    /// argv[0] is the executable, resolved by the payload's PATH inside the sandbox.
+    pub argv: Vec<String>,
+    /// The payload's own environment variables (added to the site's allowlisted ones).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Lower-case hex SHA-256 of the input bundle (tar.gz), if the payload has one.
+    #[serde(default)]
+    pub bundle_sha256: Option<String>,
+    pub resources: Resources,
+    /// Paths relative to the scratch directory that are copied back after the payload ends.
+    #[serde(default)]
+    pub outputs: Vec<String>,
+    pub not_before: DateTime<Utc>,
+    pub not_after: DateTime<Utc>,
+    /// Random, unique per envelope: the helper refuses a nonce it has seen before.
+    pub nonce: String,
+    /// The server that signed (informational; the key decides).
+    #[serde(default)]
+    pub issuer: String,
+}
+
+/// An envelope as it travels: the body's bytes (base64) and the signature over them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignedEnvelope {
+    /// base64 (standard alphabet, padded) of the JSON body bytes.
+    pub body: String,
+    /// base64 of the 64-byte Ed25519 signature over the decoded body bytes.
+    pub signature: String,
+}
+
+/// Why an envelope was refused. Every variant is a caller-side problem: the payload must not run.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("envelope body is not valid base64: {0}")]
+    BodyEncoding(base64::DecodeError),
+    #[error("envelope body is {0} bytes of base64, more than the {MAX_BODY_B64} accepted")]
+    BodyTooLarge(usize),
+    #[error("envelope signature is not 64 bytes of base64")]
+    SignatureEncoding,
+    #[error("envelope signature does not verify with the key of VO '{vo}': the envelope was altered or signed by another key")]
+    BadSignature { vo: String },
+    #[error("envelope body is not valid JSON of the expected shape: {0}")]
+    BodyJson(serde_json::Error),
+    #[error("envelope version {0} is not supported (this helper accepts {ENVELOPE_VERSION})")]
+    Version(u32),
+    #[error("envelope is not valid before {0}")]
+    NotYetValid(DateTime<Utc>),
+    #[error("envelope expired at {0}")]
+    Expired(DateTime<Utc>),
+    #[error("envelope field '{field}' is invalid: {why}")]
+    Field { field: &'static str, why: String },
+}
+
+/// A key file could not be read or parsed.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read key file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("key file {path} is not a PEM {kind} Ed25519 key ({why}); create one with `mupilot-server init` or `openssl genpkey -algorithm ed25519`")]
+    Parse {
+        path: String,
+        kind: &'static str,
+        why: String,
+    },
+    #[error("cannot write key file {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// The VO's private signing key (server side only).
+pub struct VoSigningKey(SigningKey);
+
+/// The VO's public key, as the site configures it for the helper.
+#[derive(Clone, Debug)]
+pub struct VoVerifyingKey(VerifyingKey);
+
+impl VoSigningKey {
+    pub fn generate() -> Self {
+        VoSigningKey(SigningKey::generate(&mut rand::rngs::OsRng))
+    }
+
+    /// Reads a PKCS#8 PEM private key (`-----BEGIN PRIVATE KEY-----`).
+    pub fn from_pem_file(path: &Path) -> Result<Self, KeyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        SigningKey::from_pkcs8_pem(&text)
+            .map(VoSigningKey)
+            .map_err(|e| KeyError::Parse {
+                path: path.display().to_string(),
+                kind: "PKCS#8 private",
+                why: e.to_string(),
+            })
+    }
+
+    pub fn to_pem(&self) -> String {
+        self.0
+            .to_pkcs8_pem(Default::default())
+            .expect("an Ed25519 key always encodes as PKCS#8")
+            .to_string()
+    }
+
+    pub fn verifying_key(&self) -> VoVerifyingKey {
+        VoVerifyingKey(self.0.verifying_key())
+    }
+
+    /// Serialises and signs a body.
+    pub fn sign(&self, body: &EnvelopeBody) -> SignedEnvelope {
+        let bytes = serde_json::to_vec(body).expect("envelope body always serialises");
+        let sig = self.0.sign(&bytes);
+        SignedEnvelope {
+            body: B64.encode(&bytes),
+            signature: B64.encode(sig.to_bytes()),
+        }
+    }
+}
+
+impl VoVerifyingKey {
+    /// Reads an SPKI PEM public key (`-----BEGIN PUBLIC KEY-----`).
+    pub fn from_pem_file(path: &Path) -> Result<Self, KeyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_pem(&text).map_err(|why| KeyError::Parse {
+            path: path.display().to_string(),
+            kind: "SPKI public",
+            why,
+        })
+    }
+
+    pub fn from_pem(text: &str) -> Result<Self, String> {
+        VerifyingKey::from_public_key_pem(text)
+            .map(VoVerifyingKey)
+            .map_err(|e| e.to_string())
+    }
+
+    pub fn to_pem(&self) -> String {
+        self.0
+            .to_public_key_pem(Default::default())
+            .expect("an Ed25519 key always encodes as SPKI")
+    }
+}
+
+/// A body whose signature, version and validity window have been checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedEnvelope {
+    body: EnvelopeBody,
+    digest: String,
+}
+
+impl VerifiedEnvelope {
+    pub fn body(&self) -> &EnvelopeBody {
+        &self.body
+    }
+    /// Hex SHA-256 of the signed body bytes: names this exact envelope in records.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+}
+
+impl SignedEnvelope {
+    /// Reads the VO name from the body without trusting it, to choose the verifying key.
+    /// Nothing else may be taken from an unverified body.
+    pub fn claimed_vo(&self) -> Result<String, EnvelopeError> {
+        #[derive(Deserialize)]
+        struct Claim {
+            owner: ClaimOwner,
+        }
+        #[derive(Deserialize)]
+        struct ClaimOwner {
+            vo: String,
+        }
+        let bytes = self.body_bytes()?;
+        let claim: Claim = serde_json::from_slice(&bytes).map_err(EnvelopeError::BodyJson)?;
+        Ok(claim.owner.vo)
+    }
+
+    /// Hex SHA-256 of the body bytes (the same value as [`VerifiedEnvelope::digest`]).
+    pub fn digest(&self) -> Result<String, EnvelopeError> {
+        Ok(hex::encode(Sha256::digest(self.body_bytes()?)))
+    }
+
+    fn body_bytes(&self) -> Result<Vec<u8>, EnvelopeError> {
+        if self.body.len() > MAX_BODY_B64 {
+            return Err(EnvelopeError::BodyTooLarge(self.body.len()));
+        }
+        B64.decode(&self.body).map_err(EnvelopeError::BodyEncoding)
+    }
+
+    /// Checks the signature with `key`, then the format and the validity window at `now`.
+    pub fn verify(
+        &self,
+        key: &VoVerifyingKey,
+        now: DateTime<Utc>,
+    ) -> Result<VerifiedEnvelope, EnvelopeError> {
+        let bytes = self.body_bytes()?;
+        let sig_bytes: [u8; 64] = B64
+            .decode(&self.signature)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or(EnvelopeError::SignatureEncoding)?;
+        let sig = Signature::from_bytes(&sig_bytes);
+        if key.0.verify(&bytes, &sig).is_err() {
+            let vo = self.claimed_vo().unwrap_or_default();
+            return Err(EnvelopeError::BadSignature { vo });
+        }
+        let body: EnvelopeBody = serde_json::from_slice(&bytes).map_err(EnvelopeError::BodyJson)?;
+        if body.version != ENVELOPE_VERSION {
+            return Err(EnvelopeError::Version(body.version));
+        }
+        if now < body.not_before {
+            return Err(EnvelopeError::NotYetValid(body.not_before));
+        }
+        if now > body.not_after {
+            return Err(EnvelopeError::Expired(body.not_after));
+        }
+        check_fields(&body)?;
+        Ok(VerifiedEnvelope {
+            digest: hex::encode(Sha256::digest(&bytes)),
+            body,
+        })
+    }
+}
+
+fn check_fields(body: &EnvelopeBody) -> Result<(), EnvelopeError> {
+    let field = |field, why: &str| EnvelopeError::Field {
+        field,
+        why: why.to_string(),
+    };
+    if !crate::util::is_safe_id(&body.payload_id) {
+        return Err(field(
+            "payload_id",
+            "must be 1-64 characters of [A-Za-z0-9._-], not starting with '.'",
+        ));
+    }
+    if body.argv.is_empty() || body.argv[0].is_empty() {
+        return Err(field("argv", "must name an executable"));
+    }
+    if body.argv.iter().any(|a| a.contains('\0')) {
+        return Err(field("argv", "must not contain NUL bytes"));
+    }
+    if body
+        .env
+        .iter()
+        .any(|(k, v)| k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0'))
+    {
+        return Err(field(
+            "env",
+            "names must be non-empty without '=' or NUL; values without NUL",
+        ));
+    }
+    if body.resources.cores == 0 {
+        return Err(field("resources.cores", "must be at least 1"));
+    }
+    if body.resources.memory_bytes < 4 << 20 {
+        return Err(field("resources.memory_bytes", "must be at least 4 MiB"));
+    }
+    if body.resources.walltime_seconds == 0 {
+        return Err(field("resources.walltime_seconds", "must be at least 1"));
+    }
+    if let Some(d) = &body.bundle_sha256 {
+        if d.len() != 64
+            || !d
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        {
+            return Err(field("bundle_sha256", "must be 64 lower-case hex digits"));
+        }
+    }
+    for o in &body.outputs {
+        if !crate::util::is_relative_clean_path(o) {
+            return Err(field(
+                "outputs",
+                "each output must be a relative path without '..' components",
+            ));
+        }
+    }
+    if body.owner.dn.is_empty() || !body.owner.dn.starts_with('/') {
+        return Err(field(
+            "owner.dn",
+            "must be a grid-style DN starting with '/'",
+        ));
+    }
+    if body.nonce.len() < 16 {
+        return Err(field("nonce", "must be at least 16 characters"));
+    }
+    Ok(())
+}
+
+/// Hex SHA-256 of some bytes (bundles, argv digests).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Duration;
+
+    pub(crate) fn sample_body() -> EnvelopeBody {
+        let now = Utc::now();
+        EnvelopeBody {
+            version: ENVELOPE_VERSION,
+            payload_id: "p-1".into(),
+            owner: Owner {
+                dn: "/DC=org/DC=example/CN=Alice".into(),
+                vo: "demo".into(),
+                fqans: vec!["/demo".into()],
+                membership_valid_until: now + Duration::days(30),
+            },
+            jobtag: Some("ADS".into()),
+            argv: vec!["/bin/echo".into(), "hello".into()],
+            env: BTreeMap::new(),
+            bundle_sha256: None,
+            resources: Resources {
+                cores: 1,
+                memory_bytes: 256 << 20,
+                walltime_seconds: 600,
+            },
+            outputs: vec!["out.txt".into()],
+            not_before: now - Duration::minutes(1),
+            not_after: now + Duration::minutes(10),
+            nonce: "0123456789abcdef0123".into(),
+            issuer: "test".into(),
+        }
+    }
+
+    #[test]
+    fn sign_then_verify_roundtrips() {
+        let key = VoSigningKey::generate();
+        let env = key.sign(&sample_body());
+        let v = env.verify(&key.verifying_key(), Utc::now()).unwrap();
+        assert_eq!(v.body(), &sample_body_eq(v.body()));
+        assert_eq!(v.digest(), env.digest().unwrap());
+    }
+
+    fn sample_body_eq(b: &EnvelopeBody) -> EnvelopeBody {
+        b.clone()
+    }
+
+    #[test]
+    fn one_changed_byte_is_refused() {
+        let key = VoSigningKey::generate();
+        let env = key.sign(&sample_body());
+        let mut bytes = B64.decode(&env.body).unwrap();
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        let pos = text.find("hello").unwrap();
+        bytes[pos] = b'j';
+        let forged = SignedEnvelope {
+            body: B64.encode(&bytes),
+            signature: env.signature.clone(),
+        };
+        assert!(matches!(
+            forged.verify(&key.verifying_key(), Utc::now()),
+            Err(EnvelopeError::BadSignature { .. })
+        ));
+    }
+
+    #[test]
+    fn other_key_is_refused() {
+        let key = VoSigningKey::generate();
+        let other = VoSigningKey::generate();
+        let env = key.sign(&sample_body());
+        assert!(env.verify(&other.verifying_key(), Utc::now()).is_err());
+    }
+
+    #[test]
+    fn expired_and_early_are_refused() {
+        let key = VoSigningKey::generate();
+        let env = key.sign(&sample_body());
+        let late = Utc::now() + Duration::hours(1);
+        assert!(matches!(
+            env.verify(&key.verifying_key(), late),
+            Err(EnvelopeError::Expired(_))
+        ));
+        let early = Utc::now() - Duration::hours(1);
+        assert!(matches!(
+            env.verify(&key.verifying_key(), early),
+            Err(EnvelopeError::NotYetValid(_))
+        ));
+    }
+
+    #[test]
+    fn pem_roundtrip() {
+        let key = VoSigningKey::generate();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k.pem");
+        std::fs::write(&p, key.to_pem()).unwrap();
+        let back = VoSigningKey::from_pem_file(&p).unwrap();
+        let q = dir.path().join("k.pub");
+        std::fs::write(&q, back.verifying_key().to_pem()).unwrap();
+        let pubk = VoVerifyingKey::from_pem_file(&q).unwrap();
+        let env = key.sign(&sample_body());
+        env.verify(&pubk, Utc::now()).unwrap();
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let key = VoSigningKey::generate();
+        let mut b = sample_body();
+        b.outputs = vec!["../etc/passwd".into()];
+        let err = key
+            .sign(&b)
+            .verify(&key.verifying_key(), Utc::now())
+            .unwrap_err();
+        assert!(err.to_string().contains("outputs"), "{err}");
+    }
+}

@@ -1,0 +1,309 @@
+//! The local protocol between a pilot and the helper on `/run/mupilot/switch.sock`.
+//!
+//! A frame is a 4-byte big-endian length followed by that many bytes of JSON. A `launch` frame
+//! carries two file descriptors (SCM_RIGHTS on the frame's first byte): the payload's stdout
+//! and stderr, files the pilot opened in its own work directory, so payload output never
+//! passes through the helper and counts against the pilot's batch slot. One connection per
+//! pilot; when it closes, the helper kills that pilot's payloads (P10).
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use serde::{Deserialize, Serialize};
+
+use super::envelope::SignedEnvelope;
+
+/// Largest frame either side accepts (bundles and output archives travel inside frames).
+pub const MAX_FRAME: usize = 256 << 20;
+/// Most descriptors one frame may carry.
+pub const MAX_FDS: usize = 4;
+
+/// What the pilot tells the helper about itself and its slot, once per connection.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PilotHello {
+    pub pilot_id: String,
+    /// The DN of the pilot's certificate, as the pilot reports it (for the audit record).
+    #[serde(default)]
+    pub pilot_dn: Option<String>,
+    #[serde(default)]
+    pub batch_system: Option<String>,
+    #[serde(default)]
+    pub batch_job_id: Option<String>,
+    /// The slot the pilot discovered; the helper checks launches against it.
+    #[serde(default)]
+    pub slot_cores: Option<u32>,
+    #[serde(default)]
+    pub slot_memory_bytes: Option<u64>,
+    #[serde(default)]
+    pub slot_deadline_unix: Option<i64>,
+}
+
+/// Pilot -> helper.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SwitchRequest {
+    /// First frame on a connection.
+    Hello(PilotHello),
+    /// Run this payload. Carries two fds (stdout, stderr) or none (output discarded).
+    Launch {
+        envelope: SignedEnvelope,
+        /// base64 of the input bundle, when the envelope names a digest.
+        #[serde(default)]
+        bundle: Option<String>,
+    },
+    /// Send a signal to a running payload of this pilot (the whole payload cgroup).
+    Signal {
+        payload_id: String,
+        signal: i32,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    /// List this pilot's running payloads.
+    Status,
+}
+
+/// Why a payload was not run. A denial is final: the pilot reports it, never retries locally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DenialClass {
+    /// The request itself is wrong: bad signature, expired, replayed, digest mismatch, slot exceeded.
+    Caller,
+    /// The helper could not do its part: cgroup, account, disk.
+    System,
+    /// A local authorization decision said no: ban, policy, no mapping, expired membership.
+    Authorization,
+}
+
+impl DenialClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Caller => "caller",
+            Self::System => "system",
+            Self::Authorization => "authorization",
+        }
+    }
+}
+
+/// One running payload, as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunningPayload {
+    pub payload_id: String,
+    pub account: String,
+    pub uid: u32,
+    pub pid: i32,
+    pub cgroup: String,
+}
+
+/// How a payload ended, with what it used.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ExitReport {
+    /// Exit code when the payload's main process exited normally.
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    /// Signal number when it was killed by a signal.
+    #[serde(default)]
+    pub signal: Option<i32>,
+    pub cpu_seconds: f64,
+    pub peak_memory_bytes: u64,
+    pub wall_seconds: f64,
+    /// Why the helper or the kernel ended it: `oom`, `walltime`, `pilot_request`, `pilot_gone`, ...
+    #[serde(default)]
+    pub kill_reason: Option<String>,
+    /// base64 of a tar.gz of the declared outputs that existed (regular files and directories only).
+    #[serde(default)]
+    pub outputs: Option<String>,
+    /// Outputs that were skipped, and why (symlink, too large, missing).
+    #[serde(default)]
+    pub outputs_skipped: Vec<String>,
+}
+
+/// Helper -> pilot. (No `deny_unknown_fields`: newer helpers may add fields, and serde does
+/// not combine it with the flattened exit report.)
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum SwitchEvent {
+    /// Answer to `hello`.
+    Welcome {
+        host: String,
+        helper_version: String,
+    },
+    /// The payload runs.
+    Started {
+        payload_id: String,
+        account: String,
+        uid: u32,
+        gid: u32,
+        pid: i32,
+        cgroup: String,
+        scratch: String,
+    },
+    /// The payload was not run, and will not be.
+    Denied {
+        /// Empty when the envelope could not be read at all.
+        payload_id: String,
+        class: DenialClass,
+        reason: String,
+    },
+    /// The payload ended.
+    Exited {
+        payload_id: String,
+        #[serde(flatten)]
+        report: ExitReport,
+    },
+    /// Answer to `signal`.
+    Signalled {
+        payload_id: String,
+        ok: bool,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    /// Answer to `status`.
+    Running { payloads: Vec<RunningPayload> },
+    /// The request could not be understood; the connection stays usable.
+    Error { reason: String },
+}
+
+/// Errors of the framing layer.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("connection closed")]
+    Closed,
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME}")]
+    TooLarge(usize),
+    #[error("frame is not valid JSON of the expected shape: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("socket error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Writes one frame, attaching `fds` to its first byte.
+pub fn write_frame<T: Serialize>(
+    stream: &mut UnixStream,
+    msg: &T,
+    fds: &[RawFd],
+) -> Result<(), WireError> {
+    let body = serde_json::to_vec(msg)?;
+    if body.len() > MAX_FRAME {
+        return Err(WireError::TooLarge(body.len()));
+    }
+    let header = (body.len() as u32).to_be_bytes();
+    if fds.is_empty() {
+        let mut buf = Vec::with_capacity(4 + body.len());
+        buf.extend_from_slice(&header);
+        buf.extend_from_slice(&body);
+        stream.write_all(&buf)?;
+    } else {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let iov = [io::IoSlice::new(&header)];
+        let cmsg = [ControlMessage::ScmRights(fds)];
+        let mut sent = loop {
+            match sendmsg::<()>(stream.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None) {
+                Ok(n) => break n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(io::Error::from(e).into()),
+            }
+        };
+        while sent < header.len() {
+            sent += stream.write(&header[sent..])?;
+        }
+        stream.write_all(&body)?;
+    }
+    Ok(())
+}
+
+/// Reads one frame and the descriptors that came with it.
+pub fn read_frame<T: for<'de> Deserialize<'de>>(
+    stream: &mut UnixStream,
+) -> Result<(T, Vec<OwnedFd>), WireError> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut header = [0u8; 4];
+    let mut fds = Vec::new();
+    let mut got = 0;
+    while got < header.len() {
+        let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS]);
+        let mut iov = [io::IoSliceMut::new(&mut header[got..])];
+        let msg = match recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg_space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(m) => m,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(io::Error::from(e).into()),
+        };
+        let n = msg.bytes;
+        for c in msg.cmsgs().map_err(io::Error::from)? {
+            if let ControlMessageOwned::ScmRights(received) = c {
+                for fd in received {
+                    // SAFETY: the kernel just installed `fd` in our table for us (SCM_RIGHTS);
+                    // nothing else owns it, so taking ownership here is the only reference.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        if n == 0 {
+            return Err(WireError::Closed);
+        }
+        got += n;
+    }
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_FRAME {
+        return Err(WireError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            WireError::Closed
+        } else {
+            WireError::Io(e)
+        }
+    })?;
+    Ok((serde_json::from_slice(&body)?, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn frames_roundtrip_with_fds() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let f = tempfile::tempfile().unwrap();
+        let req = SwitchRequest::Signal {
+            payload_id: "p1".into(),
+            signal: 15,
+            reason: None,
+        };
+        write_frame(&mut a, &req, &[f.as_fd().as_raw_fd(), f.as_raw_fd()]).unwrap();
+        write_frame(&mut a, &SwitchRequest::Status, &[]).unwrap();
+        let (got, fds): (SwitchRequest, _) = read_frame(&mut b).unwrap();
+        assert_eq!(got, req);
+        assert_eq!(fds.len(), 2);
+        let (got2, fds2): (SwitchRequest, _) = read_frame(&mut b).unwrap();
+        assert_eq!(got2, SwitchRequest::Status);
+        assert!(fds2.is_empty());
+        drop(a);
+        assert!(matches!(
+            read_frame::<SwitchRequest>(&mut b),
+            Err(WireError::Closed)
+        ));
+    }
+
+    #[test]
+    fn event_json_shape() {
+        let ev = SwitchEvent::Denied {
+            payload_id: "p".into(),
+            class: DenialClass::Authorization,
+            reason: "no mapping".into(),
+        };
+        let s = serde_json::to_string(&ev).unwrap();
+        assert_eq!(
+            s,
+            r#"{"type":"denied","payload_id":"p","class":"authorization","reason":"no mapping"}"#
+        );
+    }
+}

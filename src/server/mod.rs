@@ -1,0 +1,3 @@
+//! The reference VO server (`mupilot-server`).
+
+pub mod cli;

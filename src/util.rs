@@ -1,0 +1,43 @@
+//! Small checks on untrusted strings, shared by every program.
+
+/// A name that is safe as one path component and in a URL: 1-64 of `[A-Za-z0-9._-]`, not
+/// starting with '.'. Used for payload ids, pilot ids and account names in paths.
+pub fn is_safe_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && !s.starts_with('.')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+/// A relative path that stays below its base: no leading '/', no '..', no empty or '.'
+/// components, no NUL.
+pub fn is_relative_clean_path(p: &str) -> bool {
+    !p.is_empty()
+        && !p.starts_with('/')
+        && !p.contains('\0')
+        && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        assert!(is_safe_id("p-01.a_b"));
+        assert!(!is_safe_id(""));
+        assert!(!is_safe_id(".."));
+        assert!(!is_safe_id("a/b"));
+        assert!(!is_safe_id(&"x".repeat(65)));
+    }
+
+    #[test]
+    fn paths() {
+        assert!(is_relative_clean_path("out/result.txt"));
+        assert!(!is_relative_clean_path("/etc/passwd"));
+        assert!(!is_relative_clean_path("a/../b"));
+        assert!(!is_relative_clean_path("a//b"));
+        assert!(!is_relative_clean_path("./a"));
+    }
+}

@@ -172,6 +172,18 @@ pub fn client_config(cert: &Path, key: &Path, ca: &Path) -> Result<rustls::Clien
         })
 }
 
+/// An HTTPS client for the VO server: presents `cert`/`key`, trusts only `ca`, keeps
+/// connections alive. Used by the pilot and by the server's client subcommands.
+pub fn https_client(cert: &Path, key: &Path, ca: &Path) -> Result<reqwest::Client, TlsError> {
+    let tls = client_config(cert, key, ca)?;
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .pool_idle_timeout(std::time::Duration::from_secs(90))
+        .timeout(std::time::Duration::from_secs(120))
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))
+}
+
 /// The subject of a DER certificate as a grid-style DN: `/DC=org/DC=example/CN=Alice`
 /// (the OpenSSL one-line form grid-mapfiles and ban lists use).
 pub fn subject_dn(der: &[u8]) -> Option<String> {

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Runs every test of mupilot on this machine, as root: unit and integration tests against real
+# accounts, cgroups (this host's hierarchy), namespaces, TLS and SQLite; the Slurm tests under
+# a real one-node Slurm started here; the sandbox tests again inside a cgroup-v2 VM; and the
+# demo. Installs what it needs, so a fresh machine passes. `.ci/run` calls this script.
+#
+#   scripts/test.sh            everything
+#   SKIP_VM=1 SKIP_SLURM=1 scripts/test.sh   the host tests only (quicker while developing)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/demo-env.sh
+source scripts/lib/demo-env.sh
+need_root
+
+log "installing test prerequisites"
+apt_install jq python3 iproute2 procps util-linux passwd
+
+LOGDIR=$(mktemp -d /tmp/mupilot-test.XXXXXX)
+passed=0
+failed=0
+failures=()
+
+# Adds the counts of every `test result:` line of a cargo test log.
+count_cargo() {
+    local log=$1 p f
+    p=$(awk '/^test result:/ { for (i = 1; i < NF; i++) if ($(i+1) ~ /^passed/) s += $i } END { print s + 0 }' "$log")
+    f=$(awk '/^test result:/ { for (i = 1; i < NF; i++) if ($(i+1) ~ /^failed/) s += $i } END { print s + 0 }' "$log")
+    passed=$((passed + p))
+    failed=$((failed + f))
+}
+
+step() { # name, command...
+    local name=$1
+    shift
+    log "== $name"
+    if "$@"; then
+        log "== $name: ok"
+    else
+        log "== $name: FAILED"
+        failures+=("$name")
+    fi
+}
+
+log "building"
+cargo build --locked --all-targets
+cargo build --locked --release
+
+host_tests() {
+    local out=$LOGDIR/cargo-test.log rc=0
+    cargo test --locked --all-targets 2>&1 | tee "$out" || rc=$?
+    count_cargo "$out"
+    return $rc
+}
+step "unit and integration tests (host, cgroup v1)" host_tests
+
+if [ -z "${SKIP_SLURM:-}" ] && [ -x scripts/slurm.sh ]; then
+    slurm_tests() {
+        local out=$LOGDIR/slurm.log rc=0
+        scripts/slurm.sh start
+        # shellcheck disable=SC1090
+        source <(scripts/slurm.sh env)
+        cargo test --locked --features slurm-tests --test slurm 2>&1 | tee "$out" || rc=$?
+        scripts/slurm.sh stop || rc=1
+        count_cargo "$out"
+        return $rc
+    }
+    step "Slurm tests (real slurmctld + slurmd)" slurm_tests
+fi
+
+if [ -z "${SKIP_VM:-}" ] && [ -x scripts/vm-test-sandbox.sh ]; then
+    vm_tests() {
+        local out=$LOGDIR/vm.log rc=0
+        scripts/vm-test-sandbox.sh 2>&1 | tee "$out" || rc=$?
+        count_cargo "$out"
+        return $rc
+    }
+    step "sandbox tests in a cgroup-v2 VM" vm_tests
+fi
+
+demo_test() {
+    local out=$LOGDIR/demo.log rc=0
+    scripts/demo.sh 2>&1 | tee "$out" || rc=$?
+    # The demo is a test too: every mapped payload ran as its own account, carol was denied.
+    if [ $rc -eq 0 ] && grep -q 'deny: ' "$out" && grep -q 'mpu-alice' "$out" && grep -q 'mpu-bob' "$out" &&
+        grep -q 'helper audit log: .*intact' "$out" && grep -q 'pilot trace log: .*intact' "$out"; then
+        passed=$((passed + 1))
+    else
+        failed=$((failed + 1))
+        rc=1
+    fi
+    return $rc
+}
+step "demo (scripts/demo.sh)" demo_test
+
+rm -rf "$LOGDIR"
+echo
+if [ ${#failures[@]} -gt 0 ]; then
+    printf 'failed steps: %s\n' "${failures[*]}"
+fi
+echo "$passed passed, $failed failed"
+[ ${#failures[@]} -eq 0 ] && [ "$failed" -eq 0 ]

@@ -1,0 +1,166 @@
+//! End to end, as root: VO server (mTLS, SQLite) -> pilot (an unprivileged account) ->
+//! mupilot-switch (root) -> payloads under their owners' accounts -> records.
+
+mod support;
+
+use support::{Accounts, Stack, SERIAL};
+
+const RES: &[&str] = &["--cores", "1", "--memory", "128M", "--walltime", "60"];
+
+fn submit(stack: &Stack, user: &str, extra: &[&str], argv: &[&str]) -> String {
+    let mut args: Vec<&str> = RES.to_vec();
+    args.extend_from_slice(extra);
+    args.push("--");
+    args.extend_from_slice(argv);
+    stack.submit(user, &args)
+}
+
+#[test]
+fn owners_run_as_their_own_accounts_and_unmapped_owner_is_denied() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _accounts = Accounts::create(&["mpt-e2e-pilot", "mpt-e2e-a", "mpt-e2e-b"]);
+    let stack = Stack::start(
+        "mpt-e2e-pilot",
+        &[("alice", "mpt-e2e-a"), ("bob", "mpt-e2e-b")],
+    );
+    let a = submit(
+        &stack,
+        "alice",
+        &["--output", "uid.txt"],
+        &["sh", "-c", "id -u > uid.txt; id -u"],
+    );
+    let b = submit(
+        &stack,
+        "bob",
+        &["--output", "uid.txt"],
+        &["sh", "-c", "id -u > uid.txt; id -u"],
+    );
+    let c = submit(
+        &stack,
+        "carol",
+        &[],
+        &["sh", "-c", "echo carol ran > /tmp/mupilot-e2e-carol-ran"],
+    );
+
+    let out = stack.run_pilot(&["--idle-timeout", "2"]);
+    assert!(out.status.success(), "pilot failed:\n{}", stack.logs());
+
+    for (user, id, account) in [("alice", &a, "mpt-e2e-a"), ("bob", &b, "mpt-e2e-b")] {
+        let st = stack.status(user, id);
+        assert_eq!(st["state"], "done", "{st}\n{}", stack.logs());
+        assert_eq!(st["account"], account);
+        let uid = Accounts::uid(account);
+        assert_eq!(st["uid"], uid);
+        let outdir = stack.output(user, id);
+        let reported = find_file(&outdir, "uid.txt").expect("uid.txt in the output archive");
+        assert_eq!(
+            std::fs::read_to_string(reported).unwrap().trim(),
+            uid.to_string()
+        );
+        let stdout = find_file(&outdir, "stdout").expect("stdout in the output archive");
+        assert_eq!(
+            std::fs::read_to_string(stdout).unwrap().trim(),
+            uid.to_string()
+        );
+    }
+
+    // carol: denied, never run, with the reason in the server status, the trace and the audit log.
+    let st = stack.status("carol", &c);
+    assert_eq!(st["state"], "denied", "{st}");
+    assert_eq!(st["denial_class"], "authorization");
+    let reason = st["reason"].as_str().unwrap().to_string();
+    assert!(reason.contains("mapping"), "{reason}");
+    assert!(!std::path::Path::new("/tmp/mupilot-e2e-carol-ran").exists());
+    let audit = Stack::records(&stack.audit_log());
+    assert!(audit
+        .iter()
+        .any(|r| r["payload_id"] == c.as_str() && r["decision"] == "deny"));
+    assert!(!audit
+        .iter()
+        .any(|r| r["payload_id"] == c.as_str() && r["event"] == "start"));
+    let trace = Stack::records(&stack.trace_log());
+    assert!(trace
+        .iter()
+        .any(|r| r["payload_id"] == c.as_str() && r["decision"] == "deny"));
+
+    // Both logs are intact hash chains.
+    for log in [stack.audit_log(), stack.trace_log()] {
+        let r = mupilot::records::verify_file(&log).unwrap();
+        assert!(r.first_break.is_none(), "{log:?}: {:?}", r.first_break);
+    }
+}
+
+#[test]
+fn payloads_cannot_see_each_other_and_daemons_die_with_their_payload() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _accounts = Accounts::create(&["mpt-e2e-pilot", "mpt-e2e-a", "mpt-e2e-b"]);
+    let stack = Stack::start(
+        "mpt-e2e-pilot",
+        &[("alice", "mpt-e2e-a"), ("bob", "mpt-e2e-b")],
+    );
+    // B runs for a while with a secret in its scratch and leaves a daemon behind.
+    let b = submit(
+        &stack,
+        "bob",
+        &[],
+        &[
+            "sh",
+            "-c",
+            "echo secret > secret.txt; (setsid sh -c 'echo $$ > /tmp/daemon.pid; exec sleep 1000' &); \
+             sleep 4; cat /tmp/daemon.pid",
+        ],
+    );
+    // A looks for B's scratch directory, B's files and B's processes.
+    let probe = format!(
+        "sleep 1; ls -d ../{b} 2>&1; cat ../{b}/secret.txt 2>&1; ls .. 2>&1; \
+         ps -e -o user= 2>/dev/null | sort -u; ls /proc | grep -c '^[0-9]'"
+    );
+    let a = submit(&stack, "alice", &[], &["sh", "-c", &probe]);
+    let out = stack.run_pilot(&["--idle-timeout", "2"]);
+    assert!(out.status.success(), "pilot failed:\n{}", stack.logs());
+
+    let st_a = stack.status("alice", &a);
+    assert_eq!(st_a["state"], "done", "{st_a}\n{}", stack.logs());
+    let out_a = stack.output("alice", &a);
+    let text = std::fs::read_to_string(find_file(&out_a, "stdout").unwrap()).unwrap();
+    assert!(!text.contains("secret"), "A read B's secret:\n{text}");
+    assert!(!text.contains("mpt-e2e-b"), "A saw B's processes:\n{text}");
+    assert!(!text.contains(&b), "A saw B's scratch:\n{text}");
+
+    let st_b = stack.status("bob", &b);
+    assert_eq!(st_b["state"], "done", "{st_b}");
+    // The daemon B left behind is gone: no process of B's account remains.
+    let uid_b = Accounts::uid("mpt-e2e-b");
+    assert!(
+        processes_of(uid_b).is_empty(),
+        "processes of B's account survived: {:?}",
+        processes_of(uid_b)
+    );
+}
+
+fn processes_of(uid: u32) -> Vec<i32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let meta = e.metadata().ok()?;
+            (meta.uid() == uid).then_some(pid)
+        })
+        .collect()
+}
+
+fn find_file(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()? {
+        let p = entry.ok()?.path();
+        if p.is_dir() {
+            if let Some(f) = find_file(&p, name) {
+                return Some(f);
+            }
+        } else if p.file_name().and_then(|n| n.to_str()) == Some(name) {
+            return Some(p);
+        }
+    }
+    None
+}

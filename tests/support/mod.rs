@@ -1,0 +1,306 @@
+//! Test support for the end-to-end tests: real accounts, a real VO server with real
+//! certificates, the real helper as root, and the real pilot as an unprivileged account.
+//! Everything created is removed when the guards drop; processes are stopped by pid.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The end-to-end tests share account names and must not overlap.
+pub static SERIAL: Mutex<()> = Mutex::new(());
+
+pub fn bin(name: &str) -> PathBuf {
+    match name {
+        "mupilot" => PathBuf::from(env!("CARGO_BIN_EXE_mupilot")),
+        "mupilot-switch" => PathBuf::from(env!("CARGO_BIN_EXE_mupilot-switch")),
+        "mupilot-server" => PathBuf::from(env!("CARGO_BIN_EXE_mupilot-server")),
+        other => panic!("unknown binary {other}"),
+    }
+}
+
+/// Unix accounts created for one test and removed afterwards.
+pub struct Accounts {
+    names: Vec<String>,
+}
+
+impl Accounts {
+    pub fn create(names: &[&str]) -> Accounts {
+        for n in names {
+            let _ = Command::new("userdel")
+                .arg(n)
+                .stderr(Stdio::null())
+                .status();
+            let st = Command::new("useradd")
+                .args(["--no-create-home", "--shell", "/usr/sbin/nologin"])
+                .args(["--home-dir", "/nonexistent", n])
+                .status()
+                .expect("useradd runs");
+            assert!(st.success(), "useradd {n} failed");
+        }
+        Accounts {
+            names: names.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    pub fn uid(name: &str) -> u32 {
+        nix::unistd::User::from_name(name)
+            .unwrap()
+            .unwrap_or_else(|| panic!("no account {name}"))
+            .uid
+            .as_raw()
+    }
+}
+
+impl Drop for Accounts {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("userdel").arg(n).status();
+        }
+    }
+}
+
+/// A child process stopped by pid when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A VO server and a site helper, configured by `mupilot-server init` and adjusted to the
+/// test's accounts.
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub vo: PathBuf,
+    pub port: u16,
+    pub server: Option<Proc>,
+    pub switch: Option<Proc>,
+    pub pilot_account: String,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("command runs");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+impl Stack {
+    /// `gridmap` lines replace the grid-mapfile init wrote (`("alice", "mpt-e2e-a")`).
+    pub fn start(pilot_account: &str, gridmap: &[(&str, &str)]) -> Stack {
+        let dir = tempfile::Builder::new()
+            .prefix("mupilot-e2e")
+            .tempdir_in("/tmp")
+            .unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let vo = dir.path().join("vo");
+        let port = free_port();
+        run_ok(
+            Command::new(bin("mupilot-server"))
+                .arg("init")
+                .arg(&vo)
+                .args(["--listen", &format!("127.0.0.1:{port}")]),
+        );
+        let mut map = String::new();
+        for (user, account) in gridmap {
+            map.push_str(&format!(
+                "\"/DC=org/DC=mupilot-demo/CN={user}\" {account}\n"
+            ));
+        }
+        std::fs::write(vo.join("grid-mapfile"), map).unwrap();
+        let switch_toml = std::fs::read_to_string(vo.join("switch.toml")).unwrap();
+        std::fs::write(
+            vo.join("switch.toml"),
+            switch_toml.replace("\"mupilot\"", &format!("\"{pilot_account}\"")),
+        )
+        .unwrap();
+        let uid = Accounts::uid(pilot_account);
+        for f in ["pilot.crt", "pilot.key"] {
+            nix::unistd::chown(&vo.join(f), Some(uid.into()), None).unwrap();
+        }
+        let work = vo.join("pilot-work");
+        std::fs::create_dir_all(&work).unwrap();
+        nix::unistd::chown(&work, Some(uid.into()), None).unwrap();
+
+        let mut stack = Stack {
+            dir,
+            vo,
+            port,
+            server: None,
+            switch: None,
+            pilot_account: pilot_account.to_string(),
+        };
+        stack.server = Some(
+            stack.spawn_logged(
+                "server",
+                Command::new(bin("mupilot-server"))
+                    .arg("serve")
+                    .arg("--config")
+                    .arg(stack.vo.join("server.toml")),
+            ),
+        );
+        stack.switch = Some(
+            stack.spawn_logged(
+                "switch",
+                Command::new(bin("mupilot-switch"))
+                    .arg("serve")
+                    .arg("--config")
+                    .arg(stack.vo.join("switch.toml")),
+            ),
+        );
+        let sock = stack.vo.join("switch.sock");
+        stack.wait_until("helper socket", || sock.exists());
+        let addr = format!("127.0.0.1:{port}");
+        stack.wait_until("server port", || {
+            std::net::TcpStream::connect(&addr).is_ok()
+        });
+        stack
+    }
+
+    fn spawn_logged(&self, name: &str, cmd: &mut Command) -> Proc {
+        let log = self.dir.path().join(format!("{name}.log"));
+        let f = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .expect("spawn");
+        Proc { child, log }
+    }
+
+    fn wait_until(&self, what: &str, mut ok: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !ok() {
+            if Instant::now() > deadline {
+                panic!("{what} not ready; logs:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for name in ["server", "switch", "pilot"] {
+            let p = self.dir.path().join(format!("{name}.log"));
+            if let Ok(t) = std::fs::read_to_string(&p) {
+                s.push_str(&format!("--- {name}.log\n{t}\n"));
+            }
+        }
+        s
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    fn user_args(&self, user: &str) -> Vec<String> {
+        vec![
+            "--server".into(),
+            self.url(),
+            "--cert".into(),
+            self.vo.join(format!("{user}.crt")).display().to_string(),
+            "--key".into(),
+            self.vo.join(format!("{user}.key")).display().to_string(),
+            "--ca".into(),
+            self.vo.join("certificates").display().to_string(),
+        ]
+    }
+
+    /// Submits as `user`; `args` are submit flags, then `--`, then argv. Returns the id.
+    pub fn submit(&self, user: &str, args: &[&str]) -> String {
+        let out = run_ok(
+            Command::new(bin("mupilot-server"))
+                .arg("submit")
+                .args(self.user_args(user))
+                .args(args),
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// The payload as its owner sees it (`GET /v1/payloads/{id}`).
+    pub fn status(&self, user: &str, id: &str) -> serde_json::Value {
+        let out = run_ok(
+            Command::new(bin("mupilot-server"))
+                .arg("status")
+                .args(self.user_args(user))
+                .args(["--json", id]),
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Downloads and unpacks the payload's output archive; returns the directory.
+    pub fn output(&self, user: &str, id: &str) -> PathBuf {
+        let to = self.dir.path().join(format!("out-{id}"));
+        run_ok(
+            Command::new(bin("mupilot-server"))
+                .arg("output")
+                .args(self.user_args(user))
+                .arg(id)
+                .arg("--to")
+                .arg(&to),
+        );
+        to
+    }
+
+    /// Runs the pilot as the pilot account until it exits.
+    pub fn run_pilot(&self, extra: &[&str]) -> Output {
+        let log = self.dir.path().join("pilot.log");
+        let out = Command::new("runuser")
+            .args(["-u", &self.pilot_account, "--"])
+            .arg(bin("mupilot"))
+            .arg("run")
+            .arg("--config")
+            .arg(self.vo.join("pilot.toml"))
+            .args(extra)
+            .output()
+            .expect("pilot runs");
+        let mut text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        std::fs::write(&log, text).unwrap();
+        out
+    }
+
+    pub fn audit_log(&self) -> PathBuf {
+        self.vo.join("audit.jsonl")
+    }
+
+    pub fn trace_log(&self) -> PathBuf {
+        self.vo.join("pilot-work").join("trace.jsonl")
+    }
+
+    pub fn records(path: &Path) -> Vec<serde_json::Value> {
+        mupilot::records::read_records(path).unwrap()
+    }
+}

@@ -6,3 +6,4 @@
 pub mod sandbox;
 
 pub mod cli;
+pub mod leases;

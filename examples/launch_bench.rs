@@ -1,0 +1,173 @@
+//! Launch-latency measurements for scripts/bench.sh (a benchmark, not a test).
+//!
+//! `launch_bench cmd N -- ARGV...`: spawns ARGV N times in sequence and prints one latency per
+//! line in microseconds (spawn to reaped exit).
+//!
+//! `launch_bench mupilot N --socket S --vo-key K --dn DN --vo VO`: the pilot side of mupilot's
+//! whole launch path: connects to the helper as the calling (pilot) account, and N times signs
+//! an envelope for `true`, sends `launch`, and waits for `exited`; prints one latency per line.
+//!
+//! `launch_bench stats FILE...`: reads latencies and prints `name n p50 p99 mean` (µs).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use mupilot::protocol::envelope::{EnvelopeBody, Owner, Resources, VoSigningKey, ENVELOPE_VERSION};
+use mupilot::protocol::switch_wire::{
+    read_frame, write_frame, PilotHello, SwitchEvent, SwitchRequest,
+};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let code = match args.first().map(String::as_str) {
+        Some("cmd") => cmd(&args[1..]),
+        Some("mupilot") => mupilot_path(&args[1..]),
+        Some("stats") => stats(&args[1..]),
+        _ => {
+            eprintln!("usage: launch_bench cmd N -- ARGV... | mupilot N --socket S --vo-key K --dn DN --vo VO | stats FILE...");
+            2
+        }
+    };
+    std::process::exit(code);
+}
+
+fn count(arg: Option<&String>) -> usize {
+    arg.and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("N must be a positive integer"))
+}
+
+fn cmd(args: &[String]) -> i32 {
+    let n = count(args.first());
+    let argv = match args.iter().position(|a| a == "--") {
+        Some(i) => &args[i + 1..],
+        None => return 2,
+    };
+    let mut out = std::io::stdout().lock();
+    for _ in 0..n {
+        let t = Instant::now();
+        let st = Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("spawn");
+        let us = t.elapsed().as_secs_f64() * 1e6;
+        if !st.success() {
+            eprintln!("{argv:?} failed: {st}");
+            return 1;
+        }
+        writeln!(out, "{us:.1}").unwrap();
+    }
+    0
+}
+
+fn flag(args: &[String], name: &str) -> String {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| panic!("missing {name}"))
+}
+
+fn mupilot_path(args: &[String]) -> i32 {
+    let n = count(args.first());
+    let socket = PathBuf::from(flag(args, "--socket"));
+    let key = VoSigningKey::from_pem_file(&PathBuf::from(flag(args, "--vo-key"))).expect("VO key");
+    let dn = flag(args, "--dn");
+    let vo = flag(args, "--vo");
+    let mut stream = UnixStream::connect(&socket).expect("connect to the helper");
+    let hello = SwitchRequest::Hello(PilotHello {
+        pilot_id: format!("bench-{}", std::process::id()),
+        ..Default::default()
+    });
+    write_frame(&mut stream, &hello, &[]).unwrap();
+    let (_welcome, _): (SwitchEvent, _) = read_frame(&mut stream).unwrap();
+    // The payload's stdout/stderr: one pipe we drain nowhere (`true` writes nothing).
+    let (_r, w) = nix::unistd::pipe().unwrap();
+    let mut out = std::io::stdout().lock();
+    let run = std::process::id();
+    for i in 0..n {
+        let now = chrono::Utc::now();
+        let body = EnvelopeBody {
+            version: ENVELOPE_VERSION,
+            payload_id: format!("bench-{run}-{i}"),
+            owner: Owner {
+                dn: dn.clone(),
+                vo: vo.clone(),
+                fqans: vec![format!("/{vo}")],
+                membership_valid_until: now + chrono::Duration::days(30),
+            },
+            jobtag: Some("bench".into()),
+            argv: vec!["true".into()],
+            env: BTreeMap::new(),
+            bundle_sha256: None,
+            resources: Resources {
+                cores: 1,
+                memory_bytes: 256 << 20,
+                walltime_seconds: 60,
+            },
+            outputs: vec![],
+            not_before: now - chrono::Duration::seconds(60),
+            not_after: now + chrono::Duration::seconds(600),
+            nonce: format!("{:032x}", rand::random::<u128>()),
+            issuer: "bench".into(),
+        };
+        let envelope = key.sign(&body);
+        let t = Instant::now();
+        let req = SwitchRequest::Launch {
+            envelope,
+            bundle: None,
+        };
+        write_frame(&mut stream, &req, &[w.as_raw_fd(), w.as_raw_fd()]).unwrap();
+        loop {
+            let (ev, _): (SwitchEvent, _) = read_frame(&mut stream).expect("helper answers");
+            match ev {
+                SwitchEvent::Exited { report, .. } => {
+                    if report.exit_code != Some(0) {
+                        eprintln!("payload failed: {report:?}");
+                        return 1;
+                    }
+                    break;
+                }
+                SwitchEvent::Denied { reason, .. } => {
+                    eprintln!("denied: {reason}");
+                    return 1;
+                }
+                SwitchEvent::Error { reason } => {
+                    eprintln!("error: {reason}");
+                    return 1;
+                }
+                _ => {}
+            }
+        }
+        writeln!(out, "{:.1}", t.elapsed().as_secs_f64() * 1e6).unwrap();
+    }
+    0
+}
+
+fn stats(files: &[String]) -> i32 {
+    for f in files {
+        let text = std::fs::read_to_string(f).unwrap_or_default();
+        let mut v: Vec<f64> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        if v.is_empty() {
+            println!("{f} 0 - - -");
+            continue;
+        }
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let pct = |p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
+        let mean = v.iter().sum::<f64>() / v.len() as f64;
+        let name = std::path::Path::new(f)
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        println!("{name} {} {:.0} {:.0} {:.0}", v.len(), pct(0.5), pct(0.99), mean);
+    }
+    0
+}

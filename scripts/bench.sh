@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# Side-by-side benchmarks, one machine, one run (a benchmark, never a timed test):
+#   1. launch latency of `true`: bare fork+exec, setpriv, unshare+setpriv, bubblewrap+setpriv,
+#      sudo -u, and mupilot's whole path (pilot request -> helper -> payload -> exit reported),
+#      interleaved in rounds so machine noise hits every contender alike;
+#   2. decision latency (authorization + mapping) with 10,000 policy lines and 10,000 bans;
+#   3. records: append rate, verify rate, `audit who` over 1,000,000 records.
+# Prints a markdown table and writes it, with the machine's description, to docs/benchmarks.md.
+#
+#   scripts/bench.sh [--rounds R] [--per-round N]     (default 6 rounds of 50 = 300 launches each)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/demo-env.sh
+source scripts/lib/demo-env.sh
+need_root
+
+ROUNDS=6
+PER_ROUND=50
+while [ $# -gt 0 ]; do
+    case $1 in
+    --rounds) ROUNDS=$2; shift 2 ;;
+    --per-round) PER_ROUND=$2; shift 2 ;;
+    *) die "unknown argument $1 (use --rounds R --per-round N)" ;;
+    esac
+done
+
+apt_install bubblewrap sudo util-linux jq
+log "building (release)"
+cargo build --release --locked -q --bins --examples
+BIN=$PWD/target/release
+LB=$BIN/examples/launch_bench
+
+WORK=$(mktemp -d /tmp/mupilot-bench.XXXXXX)
+chmod 0755 "$WORK"
+BENCH_ACCOUNTS=(mupilot mpu-alice)
+created=()
+for a in "${BENCH_ACCOUNTS[@]}"; do
+    if ! getent passwd "$a" >/dev/null; then
+        useradd --no-create-home --shell /usr/sbin/nologin --home-dir /nonexistent "$a"
+        created+=("$a")
+    fi
+done
+cleanup() {
+    stop_pid "${SWITCH_PID:-}"
+    rm -rf "$WORK"
+    for a in "${created[@]}"; do userdel "$a" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+U=$(id -u mpu-alice)
+G=$(id -g mpu-alice)
+SCRATCH=$WORK/scratch
+install -d -o "$U" -g "$G" -m 0700 "$SCRATCH"
+
+# The helper, configured by `mupilot-server init`, serving the pilot account.
+"$BIN/mupilot-server" init "$WORK/vo" --listen "127.0.0.1:$(free_port)" >/dev/null
+"$BIN/mupilot-switch" serve --config "$WORK/vo/switch.toml" >"$WORK/switch.log" 2>&1 &
+SWITCH_PID=$!
+wait_for "test -S '$WORK/vo/switch.sock'" 10 || die "helper did not start: $(cat "$WORK/switch.log")"
+chmod 0644 "$WORK/vo/vo.key" # the bench client signs as the VO would; demo key only
+
+SETPRIV=(setpriv "--reuid=$U" "--regid=$G" --clear-groups)
+declare -A CONTENDERS=(
+    [bare]="true"
+    [setpriv]="${SETPRIV[*]} true"
+    [unshare_setpriv]="unshare -m -p -i -u -f ${SETPRIV[*]} true"
+    [bwrap_setpriv]="bwrap --unshare-pid --unshare-ipc --unshare-uts --die-with-parent --ro-bind / / --tmpfs /tmp --bind $SCRATCH $SCRATCH --proc /proc --dev /dev --chdir $SCRATCH ${SETPRIV[*]} true"
+    [sudo]="sudo -u mpu-alice true"
+)
+ORDER=(bare setpriv unshare_setpriv bwrap_setpriv sudo mupilot)
+
+log "launch latency: $ROUNDS rounds x $PER_ROUND launches per contender, interleaved"
+for r in $(seq 1 "$ROUNDS"); do
+    for c in "${ORDER[@]}"; do
+        if [ "$c" = mupilot ]; then
+            runuser -u mupilot -- "$LB" mupilot "$PER_ROUND" --socket "$WORK/vo/switch.sock" \
+                --vo-key "$WORK/vo/vo.key" --dn "/DC=org/DC=mupilot-demo/CN=alice" --vo demo \
+                >>"$WORK/$c.lat"
+        else
+            # shellcheck disable=SC2086
+            "$LB" cmd "$PER_ROUND" -- ${CONTENDERS[$c]} >>"$WORK/$c.lat"
+        fi
+    done
+    printf '.' >&2
+done
+echo >&2
+
+declare -A P50 P99 N
+while read -r name n p50 p99 _mean; do
+    N[$name]=$n P50[$name]=$p50 P99[$name]=$p99
+done < <("$LB" stats "${ORDER[@]/#/$WORK/}" | sed "s#$WORK/##; s#\.lat##")
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+ms() { awk -v a="$1" 'BEGIN { printf "%.2f", a / 1000 }'; }
+
+TABLE=$WORK/table.md
+{
+    echo "### Launch latency of \`true\` (${N[mupilot]} launches each, interleaved)"
+    echo
+    echo "| contender | p50 ms | p99 ms | p50 / mupilot p50 |"
+    echo "|---|---:|---:|---:|"
+    for c in "${ORDER[@]}"; do
+        echo "| $c | $(ms "${P50[$c]}") | $(ms "${P99[$c]}") | $(ratio "${P50[$c]}" "${P50[mupilot]}") |"
+    done
+    echo
+    echo "Targets: mupilot p50 <= 0.8 x bwrap_setpriv p50 (now $(ratio "${P50[mupilot]}" "${P50[bwrap_setpriv]}") x)," \
+        "and <= 4 x bare p50 (now $(ratio "${P50[mupilot]}" "${P50[bare]}") x)."
+} >"$TABLE"
+
+for extra in scripts/bench.d/*.sh; do
+    [ -e "$extra" ] || continue
+    # Each extra section appends its own markdown to the table.
+    # shellcheck disable=SC1090
+    BIN=$BIN WORK=$WORK source "$extra" >>"$TABLE"
+done
+
+cat "$TABLE"
+{
+    echo "# Benchmarks"
+    echo
+    echo "Produced by \`scripts/bench.sh\` on $(date -u +%Y-%m-%d): $(nproc) cores," \
+        "$(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)," \
+        "$(uname -sr), $(awk -F: '/model name/ { print $2; exit }' /proc/cpuinfo | sed 's/^ *//')," \
+        "cgroup $(if [ -f /sys/fs/cgroup/cgroup.controllers ]; then echo v2; else echo v1; fi)."
+    echo "Each number is from the same run; rerun the script to reproduce."
+    echo
+    cat "$TABLE"
+} >docs/benchmarks.md
+log "wrote docs/benchmarks.md"

@@ -167,7 +167,13 @@ fn stats(files: &[String]) -> i32 {
             .unwrap()
             .to_string_lossy()
             .into_owned();
-        println!("{name} {} {:.0} {:.0} {:.0}", v.len(), pct(0.5), pct(0.99), mean);
+        println!(
+            "{name} {} {:.0} {:.0} {:.0}",
+            v.len(),
+            pct(0.5),
+            pct(0.99),
+            mean
+        );
     }
     0
 }

@@ -172,12 +172,16 @@ impl VoSigningKey {
 
     /// Serialises and signs a body.
     pub fn sign(&self, body: &EnvelopeBody) -> SignedEnvelope {
-        let bytes = serde_json::to_vec(body).expect("envelope body always serialises");
+        let (body, signature) = self.sign_json(body);
+        SignedEnvelope { body, signature }
+    }
+
+    /// Serialises any body to JSON and signs its bytes: (base64 body, base64 signature).
+    /// Envelopes and operator commands share this scheme.
+    pub(crate) fn sign_json<T: Serialize>(&self, body: &T) -> (String, String) {
+        let bytes = serde_json::to_vec(body).expect("signed bodies always serialise");
         let sig = self.0.sign(&bytes);
-        SignedEnvelope {
-            body: B64.encode(&bytes),
-            signature: B64.encode(sig.to_bytes()),
-        }
+        (B64.encode(&bytes), B64.encode(sig.to_bytes()))
     }
 }
 
@@ -206,6 +210,41 @@ impl VoVerifyingKey {
             .to_public_key_pem(Default::default())
             .expect("an Ed25519 key always encodes as SPKI")
     }
+
+    /// Decodes a base64 body and checks the base64 signature over its bytes.
+    /// Returns the body bytes only when the signature verifies.
+    pub(crate) fn verify_b64(
+        &self,
+        body: &str,
+        signature: &str,
+    ) -> Result<Vec<u8>, SignatureError> {
+        if body.len() > MAX_BODY_B64 {
+            return Err(SignatureError::TooLarge(body.len()));
+        }
+        let bytes = B64.decode(body).map_err(SignatureError::Encoding)?;
+        let sig_bytes: [u8; 64] = B64
+            .decode(signature)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or(SignatureError::SignatureEncoding)?;
+        self.0
+            .verify(&bytes, &Signature::from_bytes(&sig_bytes))
+            .map_err(|_| SignatureError::Mismatch)?;
+        Ok(bytes)
+    }
+}
+
+/// Why a signed body's signature could not be checked.
+#[derive(Debug, thiserror::Error)]
+pub enum SignatureError {
+    #[error("body is {0} bytes of base64, more than the {MAX_BODY_B64} accepted")]
+    TooLarge(usize),
+    #[error("body is not valid base64: {0}")]
+    Encoding(base64::DecodeError),
+    #[error("signature is not 64 bytes of base64")]
+    SignatureEncoding,
+    #[error("signature does not verify: altered, or signed by another key")]
+    Mismatch,
 }
 
 /// A body whose signature, version and validity window have been checked.
@@ -260,17 +299,16 @@ impl SignedEnvelope {
         key: &VoVerifyingKey,
         now: DateTime<Utc>,
     ) -> Result<VerifiedEnvelope, EnvelopeError> {
-        let bytes = self.body_bytes()?;
-        let sig_bytes: [u8; 64] = B64
-            .decode(&self.signature)
-            .ok()
-            .and_then(|v| v.try_into().ok())
-            .ok_or(EnvelopeError::SignatureEncoding)?;
-        let sig = Signature::from_bytes(&sig_bytes);
-        if key.0.verify(&bytes, &sig).is_err() {
-            let vo = self.claimed_vo().unwrap_or_default();
-            return Err(EnvelopeError::BadSignature { vo });
-        }
+        let bytes = key
+            .verify_b64(&self.body, &self.signature)
+            .map_err(|e| match e {
+                SignatureError::TooLarge(n) => EnvelopeError::BodyTooLarge(n),
+                SignatureError::Encoding(e) => EnvelopeError::BodyEncoding(e),
+                SignatureError::SignatureEncoding => EnvelopeError::SignatureEncoding,
+                SignatureError::Mismatch => EnvelopeError::BadSignature {
+                    vo: self.claimed_vo().unwrap_or_default(),
+                },
+            })?;
         let body: EnvelopeBody = serde_json::from_slice(&bytes).map_err(EnvelopeError::BodyJson)?;
         if body.version != ENVELOPE_VERSION {
             return Err(EnvelopeError::Version(body.version));

@@ -4,6 +4,7 @@
 //! module, so it must never pull in HTTP or TLS code.
 
 pub mod api;
+pub mod command;
 pub mod envelope;
 pub mod switch_wire;
 

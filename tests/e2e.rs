@@ -3,7 +3,7 @@
 
 mod support;
 
-use support::{Accounts, Stack, SERIAL};
+use support::{find_file, processes_of, Accounts, Stack, SERIAL};
 
 const RES: &[&str] = &["--cores", "1", "--memory", "128M", "--walltime", "60"];
 
@@ -136,31 +136,4 @@ fn payloads_cannot_see_each_other_and_daemons_die_with_their_payload() {
         "processes of B's account survived: {:?}",
         processes_of(uid_b)
     );
-}
-
-fn processes_of(uid: u32) -> Vec<i32> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-            let meta = e.metadata().ok()?;
-            (meta.uid() == uid).then_some(pid)
-        })
-        .collect()
-}
-
-fn find_file(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
-    for entry in std::fs::read_dir(dir).ok()? {
-        let p = entry.ok()?.path();
-        if p.is_dir() {
-            if let Some(f) = find_file(&p, name) {
-                return Some(f);
-            }
-        } else if p.file_name().and_then(|n| n.to_str()) == Some(name) {
-            return Some(p);
-        }
-    }
-    None
 }

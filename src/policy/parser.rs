@@ -325,13 +325,20 @@ fn assertion_inner(
     let close = {
         let mut i = open + 1;
         let mut in_quote = false;
+        let mut quote_at = 0;
         loop {
             if i >= chars.len() {
+                if in_quote {
+                    return Err((At(col(quote_at), K::UnterminatedQuote), chars.len()));
+                }
                 return Err(unterminated());
             }
             match chars[i] {
                 '\\' if in_quote => i += 1,
-                '"' => in_quote = !in_quote,
+                '"' => {
+                    in_quote = !in_quote;
+                    quote_at = i;
+                }
                 ')' if !in_quote => break i,
                 '(' if !in_quote => return Err((At(col(open), K::UnterminatedAssertion), i)),
                 _ => {}

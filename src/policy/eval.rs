@@ -46,14 +46,23 @@ impl Decision {
         }
     }
 
-    /// The decision as the JSON line `policy eval` prints.
+    /// The decision as the JSON line `policy eval` prints:
+    /// `{"decision":"permit"|"deny","reason":"...","matched":["file:line",...]}`.
     pub fn to_json(&self) -> String {
-        serde_json::json!({
-            "decision": if self.permit { "permit" } else { "deny" },
-            "reason": self.reason,
-            "matched": self.matched,
+        #[derive(serde::Serialize)]
+        struct Wire<'a> {
+            decision: &'static str,
+            reason: &'a str,
+            matched: &'a [String],
+        }
+        let wire = Wire {
+            decision: if self.permit { "permit" } else { "deny" },
+            reason: &self.reason,
+            matched: &self.matched,
+        };
+        serde_json::to_string(&wire).unwrap_or_else(|_| {
+            r#"{"decision":"deny","reason":"cannot encode decision","matched":[]}"#.into()
         })
-        .to_string()
     }
 }
 
@@ -257,14 +266,17 @@ pub fn combine(parts: &[(&str, Decision)]) -> Decision {
             system: d.system,
         };
     }
-    let reason = parts
-        .iter()
-        .map(|(label, d)| format!("{label}: {}", d.reason))
-        .collect::<Vec<_>>()
-        .join("; ");
+    let reason = match parts {
+        [(_, only)] => only.reason.clone(),
+        _ => parts
+            .iter()
+            .map(|(label, d)| format!("{label}: {}", d.reason))
+            .collect::<Vec<_>>()
+            .join("; "),
+    };
     Decision {
         permit: true,
-        reason: format!("permitted by every source ({reason})"),
+        reason,
         matched: parts
             .iter()
             .flat_map(|(_, d)| d.matched.iter().cloned())

@@ -5,8 +5,8 @@
 //! Fail closed: after a change that does not load (unreadable, malformed), `get` returns the
 //! error, never the old value, until the file is fixed. A file rewritten within the timestamp
 //! granularity of its filesystem (same size, same mtime) is caught the way git catches "racy"
-//! index entries: while the file's mtime is less than two seconds older than our last look, the
-//! content is re-read and compared.
+//! index entries: while the file's change time is within that granularity of our last read
+//! (50 ms, or 2 s on filesystems with whole-second stamps), each use re-reads and compares.
 
 use std::collections::hash_map::DefaultHasher;
 use std::fmt;
@@ -54,16 +54,23 @@ impl Stamp {
         }
     }
 
-    /// The file changed so recently that a same-size rewrite could keep the same timestamps.
-    fn is_racy(&self, now: SystemTime) -> bool {
+    /// The file changed so recently (seen from `read_at`, taken before reading it) that a
+    /// same-size rewrite could still get the same timestamps. Linux stamps files from a coarse
+    /// clock (a few milliseconds); a filesystem with whole-second stamps shows zero nanoseconds.
+    fn is_racy(&self, read_at: SystemTime) -> bool {
         let newest = self.mtime.max(self.ctime);
+        let window = if newest.1 == 0 {
+            Duration::from_secs(2)
+        } else {
+            Duration::from_millis(50)
+        };
         let changed = UNIX_EPOCH
             + Duration::new(
                 newest.0.max(0) as u64,
                 newest.1.clamp(0, 999_999_999) as u32,
             );
-        match now.duration_since(changed) {
-            Ok(age) => age < Duration::from_secs(2),
+        match read_at.duration_since(changed) {
+            Ok(age) => age < window,
             Err(_) => true,
         }
     }

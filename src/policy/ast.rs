@@ -317,3 +317,31 @@ pub fn identity_covers(pattern: &str, dn: &str) -> bool {
     }
     dn.len() == pattern.len() || pattern.ends_with('/') || dn.as_bytes()[pattern.len()] == b'/'
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_with_units() {
+        assert_eq!(Attr::Count.parse_number("4"), Some(4));
+        assert_eq!(Attr::Count.parse_number("4G"), None);
+        assert_eq!(Attr::Memory.parse_number("2G"), Some(2 << 30));
+        assert_eq!(Attr::Memory.parse_number("512k"), Some(512 << 10));
+        assert_eq!(Attr::Walltime.parse_number("36h"), Some(36 * 3600));
+        assert_eq!(Attr::Walltime.parse_number("2d"), Some(2 * 86400));
+        assert_eq!(Attr::Walltime.parse_number("h"), None);
+        assert_eq!(Attr::Memory.parse_number("99999999999999999999"), None);
+        assert_eq!(Attr::Memory.parse_number("18446744073709551615T"), None);
+    }
+
+    #[test]
+    fn identity_prefixes_cut_at_slashes() {
+        assert!(identity_covers("/DC=org", "/DC=org"));
+        assert!(identity_covers("/DC=org", "/DC=org/CN=a"));
+        assert!(identity_covers("/DC=org/", "/DC=org/CN=a"));
+        assert!(identity_covers("/", "/DC=org/CN=a"));
+        assert!(!identity_covers("/DC=org", "/DC=orgx/CN=a"));
+        assert!(!identity_covers("/DC=org/CN=a", "/DC=org"));
+    }
+}

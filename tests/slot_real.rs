@@ -196,7 +196,7 @@ fn real_cgroup_v1_parent_memory_limit_and_cpu_quota() {
         host_cores: Some(affinity_cores()),
         local_offset: None,
     };
-    let r = discover_with(&env, &Overrides::default());
+    let r = discover_with(&env);
     assert!(r.problems.is_empty(), "{:?}", r.problems);
     assert_eq!(r.slot.memory_bytes, 268_435_456, "{:?}", r.sources);
     assert_eq!(r.chosen["memory_bytes"], "cgroup");

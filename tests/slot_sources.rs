@@ -3,7 +3,9 @@
 
 mod slot_common;
 
-use mupilot::pilot::slot::{discover_with, CmdOutcome, Overrides, SlotReport};
+use mupilot::pilot::slot::{
+    discover_with, discover_with_overrides, CmdOutcome, Overrides, SlotReport,
+};
 use slot_common::*;
 
 const GIB: u64 = 1 << 30;
@@ -11,7 +13,7 @@ const MIB: u64 = 1 << 20;
 
 fn run(root: &std::path::Path, vars: &[(&str, &str)], cmds: &[(&str, CmdOutcome)]) -> SlotReport {
     let (env, _) = env(root, vars, cmds);
-    discover_with(&env, &Overrides::default())
+    discover_with(&env)
 }
 
 fn chosen(r: &SlotReport, field: &str) -> String {
@@ -97,7 +99,7 @@ fn slurm_env_and_scontrol_end_time() {
             ),
         )],
     );
-    let r = discover_with(&env, &Overrides::default());
+    let r = discover_with(&env);
     assert_eq!(r.slot.batch_system.as_deref(), Some("slurm"));
     assert_eq!(r.slot.batch_job_id.as_deref(), Some("4242"));
     assert_eq!(r.slot.cores, 2);
@@ -121,7 +123,7 @@ fn slurm_local_time_uses_the_offset() {
         &[("scontrol", out("JobId=1 EndTime=2026-11-23T14:00:00"))],
     );
     env.local_offset = chrono::FixedOffset::east_opt(3600);
-    let r = discover_with(&env, &Overrides::default());
+    let r = discover_with(&env);
     assert_eq!(r.slot.deadline_unix, Some(NOW + 3600));
 }
 
@@ -373,7 +375,7 @@ fn pbs_nodefile_and_qstat() {
         ],
         &[("qstat", out(QSTAT_F))],
     );
-    let r = discover_with(&env, &Overrides::default());
+    let r = discover_with(&env);
     assert_eq!(r.slot.batch_system.as_deref(), Some("pbs"));
     assert_eq!(r.slot.batch_job_id.as_deref(), Some("812.pbs.example.org"));
     assert_eq!(r.slot.cores, 3);
@@ -542,7 +544,7 @@ fn lsf_mcpu_hosts_and_bjobs() {
         ],
         &[("bjobs", out("01:00:00;00:15:00;2 G\n"))],
     );
-    let r = discover_with(&env, &Overrides::default());
+    let r = discover_with(&env);
     assert_eq!(r.slot.batch_system.as_deref(), Some("lsf"));
     assert_eq!(r.slot.batch_job_id.as_deref(), Some("5150"));
     assert_eq!(r.slot.cores, 2);
@@ -873,7 +875,7 @@ fn overrides_only_lower() {
         memory_bytes: Some(1 << 40),
         walltime_seconds: Some(86400),
     };
-    let r = discover_with(&env, &high);
+    let r = discover_with_overrides(&env, &high);
     assert_eq!(r.slot.cores, 4);
     assert_eq!(r.slot.memory_bytes, 4 * GIB);
     assert_eq!(r.slot.deadline_unix, Some(NOW + 3600));
@@ -883,7 +885,7 @@ fn overrides_only_lower() {
         memory_bytes: Some(GIB),
         walltime_seconds: Some(600),
     };
-    let r = discover_with(&env, &low);
+    let r = discover_with_overrides(&env, &low);
     assert_eq!(r.slot.cores, 1);
     assert_eq!(r.slot.memory_bytes, GIB);
     assert_eq!(r.slot.deadline_unix, Some(NOW + 600));
@@ -894,7 +896,7 @@ fn overrides_only_lower() {
         cores: Some(0),
         ..Overrides::default()
     };
-    let r = discover_with(&env, &zero);
+    let r = discover_with_overrides(&env, &zero);
     assert_eq!(r.slot.cores, 4);
     assert!(has_problem(&r, &["override", "cores"]));
 }

@@ -76,13 +76,19 @@ pub(crate) fn valid_job_id(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "._-[]@".contains(c))
 }
 
-/// Discovers the slot from the process environment, files and cgroups.
+/// Discovers the slot from the process environment, files and cgroups. Runs the batch query
+/// commands (each with a timeout): call it once at start, the limits do not change.
 pub fn discover(overrides: &Overrides) -> SlotReport {
-    discover_with(&Env::real(), overrides)
+    discover_with_overrides(&Env::real(), overrides)
 }
 
 /// Discovers the slot through `env` (tests pass a fake environment, root and runner).
-pub fn discover_with(env: &Env, overrides: &Overrides) -> SlotReport {
+pub fn discover_with(env: &Env) -> SlotReport {
+    discover_with_overrides(env, &Overrides::default())
+}
+
+/// Discovers the slot through `env`, lowered by `overrides`.
+pub fn discover_with_overrides(env: &Env, overrides: &Overrides) -> SlotReport {
     let mut p = Problems::default();
     // Order matters only for ties and for naming the batch system: the innermost system
     // first (an HTCondor glidein inside a Slurm job is an HTCondor job to the payloads).

@@ -294,3 +294,24 @@ pub fn render_text(r: &SlotReport, now: i64) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ids() {
+        for ok in [
+            "4242",
+            "812.pbs.example.org",
+            "1234[5].server",
+            "77",
+            "job_1@ce",
+        ] {
+            assert!(valid_job_id(ok), "{ok}");
+        }
+        for bad in ["", "-h", "--help", "1 2", "a;b", "$(x)", &"9".repeat(129)] {
+            assert!(!valid_job_id(bad), "{bad}");
+        }
+    }
+}

@@ -70,7 +70,7 @@ pub fn read(env: &Env, p: &mut Problems) -> Option<Finding> {
                 .filter_map(|l| parse::key_value(l, '='))
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
-            limits = Some((kv, format!("{config}")));
+            limits = Some((kv, config.clone()));
         }
         // The spool directory is created when the job starts: its mtime is the start.
         start = std::fs::metadata(env.path(dir))

@@ -92,7 +92,7 @@ fn mebibytes(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let t = t.strip_suffix('M').unwrap_or(t);
     match t.parse::<u64>() {
-        Ok(0) => Err("is zero (no memory limit would be 'unlimited', not 0)".into()),
+        Ok(0) => Err("is zero (--mem=0 asks for the whole node; the other sources apply)".into()),
         Ok(v) => Ok(v),
         Err(_) => Err("is not a whole number of MiB".into()),
     }

@@ -84,6 +84,18 @@ fn real_discover_without_batch_gives_host_and_cgroup_values() {
     assert_eq!(r.sources["host"]["cores"], affinity_cores());
     assert_eq!(r.sources["host"]["memory_bytes"], mem_total());
     assert!(r.slot.cores >= 1 && r.slot.cores <= affinity_cores());
+    // Cores: a CPU quota or cpuset below the hierarchy root may bind; otherwise the host's
+    // (the root cpuset lists every CPU and limits nothing).
+    match r.sources.get("cgroup").and_then(|c| c.get("cores")) {
+        Some(c) => assert_eq!(
+            r.slot.cores as u64,
+            c.as_u64().unwrap().min(affinity_cores() as u64)
+        ),
+        None => {
+            assert_eq!(r.slot.cores, affinity_cores());
+            assert_eq!(r.chosen["cores"], "host");
+        }
+    }
     // Memory: the real cgroup's limit when one binds, otherwise the host's.
     let expect = own_memory_limit().map_or(mem_total(), |l| l.min(mem_total()));
     assert_eq!(r.slot.memory_bytes, expect, "{:?}", r.sources);

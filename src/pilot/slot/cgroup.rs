@@ -197,8 +197,9 @@ fn v2_cpu(env: &Env, mount: &str, path: &str, f: &mut Finding, p: &mut Problems)
 }
 
 /// The nearest cpuset file along the ancestors (a child's cpuset is a subset of its parent's).
+/// The hierarchy root always lists every CPU, which limits nothing, so it is not read.
 fn cpuset(env: &Env, mount: &str, path: &str, names: &[&str], f: &mut Finding, p: &mut Problems) {
-    for dir in ancestors(mount, path) {
+    for dir in ancestors(mount, path).into_iter().filter(|d| d != mount) {
         for name in names {
             let file = format!("{dir}/{name}");
             let Some(v) = read_file(env, &file, p) else {

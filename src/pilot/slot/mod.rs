@@ -29,10 +29,13 @@ use source::{Finding, Problems};
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Overrides {
+    /// At most this many cores.
     #[serde(default)]
     pub cores: Option<u32>,
+    /// At most this much memory.
     #[serde(default)]
     pub memory_bytes: Option<u64>,
+    /// End at most this many seconds after discovery.
     #[serde(default)]
     pub walltime_seconds: Option<u64>,
 }
@@ -40,9 +43,13 @@ pub struct Overrides {
 /// The effective slot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Slot {
+    /// "slurm", "htcondor", "pbs", "sge" or "lsf"; null outside a batch job.
     pub batch_system: Option<String>,
+    /// The batch system's job id (HTCondor: ClusterId.ProcId).
     pub batch_job_id: Option<String>,
+    /// Whole cores, at least 1.
     pub cores: u32,
+    /// Memory in bytes.
     pub memory_bytes: u64,
     /// Unix time the slot ends (null when unknown).
     pub deadline_unix: Option<i64>,

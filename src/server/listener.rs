@@ -186,6 +186,7 @@ async fn connection(
             req.extensions_mut().insert(peer.clone());
             let method = req.method().clone();
             let path = req.uri().path().to_string();
+            let started = std::time::Instant::now();
             let resp = router
                 .oneshot(req.map(axum::body::Body::new))
                 .await
@@ -195,6 +196,7 @@ async fn connection(
                 %path,
                 dn = %peer.0,
                 status = resp.status().as_u16(),
+                micros = started.elapsed().as_micros() as u64,
                 "request"
             );
             Ok::<_, std::convert::Infallible>(resp)

@@ -198,7 +198,7 @@ impl Store {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let row = tx
-            .query_row(
+            .prepare_cached(
                 "SELECT p.id, p.owner_dn, m.vo, m.fqans, m.renewal_due, p.jobtag, p.argv, p.env,
                         p.bundle_sha256, p.cores, p.memory_bytes, p.walltime_seconds, p.outputs
                  FROM payloads p JOIN members m ON m.dn = p.owner_dn
@@ -206,6 +206,8 @@ impl Store {
                    AND p.walltime_seconds <= ?3 AND m.status = 'registered'
                    AND m.renewal_due > ?4
                  ORDER BY p.seq LIMIT 1",
+            )?
+            .query_row(
                 params![
                     req.free_cores,
                     sat(req.free_memory_bytes),
@@ -237,19 +239,20 @@ impl Store {
             return Ok(None);
         };
         // The state guard makes the claim safe even against another process on the same file.
-        let changed = tx.execute(
-            "UPDATE payloads SET state = 'matched', pilot_dn = ?2, pilot_id = ?3, host = ?4,
-                batch_job_id = ?5, updated_at = ?6
-             WHERE id = ?1 AND state = 'queued'",
-            params![
+        let changed = tx
+            .prepare_cached(
+                "UPDATE payloads SET state = 'matched', pilot_dn = ?2, pilot_id = ?3, host = ?4,
+                    batch_job_id = ?5, updated_at = ?6
+                 WHERE id = ?1 AND state = 'queued'",
+            )?
+            .execute(params![
                 id,
                 pilot_dn,
                 req.pilot_id,
                 req.host,
                 req.batch_job_id,
                 ts(now)
-            ],
-        )?;
+            ])?;
         if changed != 1 {
             return Ok(None);
         }

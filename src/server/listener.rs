@@ -29,6 +29,12 @@ use crate::tls::TlsError;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long open connections get to finish after the shutdown signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the sweeper looks for payloads whose pilot went away.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+/// A matched payload is queued again this long after its envelope expired unstarted.
+const REQUEUE_MARGIN_SECONDS: i64 = 300;
+/// A running payload is lost when nothing was heard for its wall time plus this.
+const RUNNING_GRACE_SECONDS: i64 = 1800;
 
 /// Why the server could not start (or stopped with an error).
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +116,7 @@ pub async fn serve(p: Prepared, shutdown: impl Future<Output = ()>) -> Result<()
     let _ = std::io::stdout().flush();
     tracing::info!(%addr, vo = %p.state.vo, "mupilot-server listening");
 
+    let sweeper = tokio::spawn(sweep_loop(p.state.clone()));
     let router = api::router(p.state.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut conns = JoinSet::new();
@@ -134,6 +141,7 @@ pub async fn serve(p: Prepared, shutdown: impl Future<Output = ()>) -> Result<()
         }
     }
     tracing::info!(open = conns.len(), "shutting down: no new connections");
+    sweeper.abort();
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         while conns.join_next().await.is_some() {}
@@ -147,6 +155,35 @@ pub async fn serve(p: Prepared, shutdown: impl Future<Output = ()>) -> Result<()
         conns.shutdown().await;
     }
     Ok(())
+}
+
+/// Requeues payloads matched to pilots that never started them and marks silent running
+/// payloads lost, so nothing waits forever on a pilot that died.
+async fn sweep_loop(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let store = state.store.clone();
+        let horizon = state.envelope_lifetime + chrono::Duration::seconds(REQUEUE_MARGIN_SECONDS);
+        let res = tokio::task::spawn_blocking(move || {
+            let now = chrono::Utc::now();
+            store.sweep(now - horizon, RUNNING_GRACE_SECONDS, now)
+        })
+        .await;
+        match res {
+            Ok(Ok((0, 0))) => {}
+            Ok(Ok((requeued, lost))) => {
+                tracing::warn!(
+                    requeued,
+                    lost,
+                    "sweeper recovered payloads of silent pilots"
+                )
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "sweeper failed"),
+            Err(e) => tracing::error!(error = %e, "sweeper task failed"),
+        }
+    }
 }
 
 async fn connection(

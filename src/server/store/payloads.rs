@@ -293,6 +293,56 @@ impl Store {
         Ok(())
     }
 
+    /// Recovers payloads whose pilot went away. A payload matched before `matched_before`
+    /// and never reported running is queued again: its envelope has expired by then, so no
+    /// helper will start it from the old envelope, and the next match signs a fresh one. A
+    /// running payload whose last report is older than its wall time plus `running_grace`
+    /// seconds is marked lost. Returns (requeued, lost).
+    pub fn sweep(
+        &self,
+        matched_before: DateTime<Utc>,
+        running_grace: i64,
+        now: DateTime<Utc>,
+    ) -> Result<(usize, usize), StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let requeued = tx.execute(
+            "UPDATE payloads SET state = 'queued', pilot_dn = NULL, pilot_id = NULL, host = NULL,
+                batch_job_id = NULL, updated_at = ?2,
+                reason = 'requeued: the pilot it was matched to never reported it running'
+             WHERE state = 'matched' AND updated_at < ?1",
+            params![ts(matched_before), ts(now)],
+        )?;
+        let mut lost = 0;
+        {
+            let mut stmt = tx.prepare(
+                "SELECT id, updated_at, walltime_seconds FROM payloads WHERE state = 'running'",
+            )?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            for (id, updated, wall) in rows {
+                let last = parse_ts(&updated)?;
+                if last + chrono::Duration::seconds(wall.saturating_add(running_grace)) < now {
+                    lost += tx.execute(
+                        "UPDATE payloads SET state = 'lost', updated_at = ?2,
+                            reason = 'lost: no report from its pilot for longer than its wall time'
+                         WHERE id = ?1 AND state = 'running'",
+                        params![id, ts(now)],
+                    )?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok((requeued, lost))
+    }
+
     /// Applies a status report from the pilot holding the payload; returns the operator
     /// commands not delivered yet (each is delivered once).
     pub fn apply_status(
@@ -523,4 +573,100 @@ fn take_commands(
         )?;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::config::MemberSeed;
+    use chrono::Duration;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let seed = MemberSeed {
+            dn: "/CN=a".into(),
+            fqans: vec!["/demo".into()],
+        };
+        s.seed_members("demo", &[seed], Utc::now()).unwrap();
+        (d, s)
+    }
+
+    fn new_payload() -> NewPayload {
+        NewPayload {
+            owner_dn: "/CN=a".into(),
+            vo: "demo".into(),
+            argv: vec!["/bin/true".into()],
+            env: Default::default(),
+            jobtag: None,
+            resources: Resources {
+                cores: 1,
+                memory_bytes: 64 << 20,
+                walltime_seconds: 60,
+            },
+            outputs: vec![],
+            bundle_sha256: None,
+        }
+    }
+
+    fn mreq() -> MatchRequest {
+        MatchRequest {
+            pilot_id: "p".into(),
+            batch_system: None,
+            batch_job_id: None,
+            host: "h".into(),
+            free_cores: 1,
+            free_memory_bytes: 1 << 30,
+            seconds_left: 3600,
+        }
+    }
+
+    #[test]
+    fn sweep_requeues_unstarted_and_loses_silent_running() {
+        let (_d, s) = store();
+        let t0 = Utc::now();
+        let a = s.submit(&new_payload(), None, t0).unwrap();
+        let b = s.submit(&new_payload(), None, t0).unwrap();
+        assert_eq!(s.match_one("/CN=p", &mreq(), t0).unwrap().unwrap().id, a);
+        assert_eq!(s.match_one("/CN=p", &mreq(), t0).unwrap().unwrap().id, b);
+        let running = StatusReport {
+            pilot_id: "p".into(),
+            state: Some(PayloadState::Running),
+            ..Default::default()
+        };
+        s.apply_status(&b, "/CN=p", &running, t0).unwrap();
+        // Nothing is old enough yet.
+        assert_eq!(s.sweep(t0 - Duration::seconds(1), 600, t0).unwrap(), (0, 0));
+        let later = t0 + Duration::seconds(60 + 601);
+        assert_eq!(
+            s.sweep(t0 + Duration::seconds(1), 600, later).unwrap(),
+            (1, 1)
+        );
+        assert_eq!(s.view(&a).unwrap().state, PayloadState::Queued);
+        assert_eq!(s.view(&a).unwrap().pilot_id, None);
+        assert_eq!(s.view(&b).unwrap().state, PayloadState::Lost);
+        // The old holder can no longer report on the requeued payload.
+        assert!(matches!(
+            s.apply_status(&a, "/CN=p", &running, later),
+            Err(StoreError::Forbidden(_))
+        ));
+    }
+
+    #[test]
+    fn expired_membership_is_not_matched() {
+        let (_d, s) = store();
+        let now = Utc::now();
+        s.submit(&new_payload(), None, now).unwrap();
+        let in_two_years = now + Duration::days(730);
+        assert!(s
+            .match_one("/CN=p", &mreq(), in_two_years)
+            .unwrap()
+            .is_none());
+        s.renew_member("/CN=a", in_two_years - Duration::days(1))
+            .unwrap();
+        assert!(s
+            .match_one("/CN=p", &mreq(), in_two_years)
+            .unwrap()
+            .is_some());
+    }
 }

@@ -584,3 +584,88 @@ async fn sigterm_stops_cleanly() {
     );
     assert_eq!(srv.stop(), Some(0));
 }
+
+// Multi-threaded: the h2 client must answer the server's shutdown PING while the test thread
+// waits for the server to exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_from_another_ca_is_refused_and_http2_works() {
+    let demo = Demo::new();
+    let other = Demo::new();
+    let srv = demo.serve();
+    // alice of another demo CA: same DN, untrusted issuer.
+    let stranger = mupilot::tls::https_client(
+        &other.path("alice.crt"),
+        &other.path("alice.key"),
+        &demo.path("certificates"),
+    )
+    .unwrap();
+    assert!(stranger.get(srv.url("/v1/payloads")).send().await.is_err());
+
+    let mut tls = mupilot::tls::client_config(
+        &demo.path("alice.crt"),
+        &demo.path("alice.key"),
+        &demo.path("certificates"),
+    )
+    .unwrap();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let h2 = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .build()
+        .unwrap();
+    let r = h2.get(srv.url("/v1/payloads")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+}
+
+#[tokio::test]
+async fn operators_read_and_cancel_any_payload() {
+    let demo = Demo::new();
+    let cfg = demo.config();
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "operator_dns = []",
+        &format!("operator_dns = [\"{}\"]", dn("carol")),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let srv = demo.serve();
+    let alice = demo.client("alice");
+    let carol = demo.client("carol");
+    let bob = demo.client("bob");
+    let id = submit(
+        &alice,
+        &srv.url("/v1/payloads"),
+        &submit_req(&["/bin/true"]),
+    )
+    .await;
+    submit(&bob, &srv.url("/v1/payloads"), &submit_req(&["/bin/true"])).await;
+    let all: Vec<PayloadView> = carol
+        .get(srv.url("/v1/payloads?state=queued"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 2);
+    let r = carol
+        .get(srv.url(&format!("/v1/payloads/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: PayloadView = carol
+        .post(srv.url(&format!("/v1/payloads/{id}/cancel")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v.state, PayloadState::Cancelled);
+    assert!(v.reason.unwrap().contains(&dn("carol")));
+    let r = alice
+        .get(srv.url("/v1/payloads?state=bogus"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}

@@ -87,9 +87,9 @@ pub fn run(opts: &InitOptions) -> Result<PathBuf, InitError> {
     if !crate::util::is_safe_id(&opts.vo) {
         return Err(InitError::BadVo(opts.vo.clone()));
     }
-    if opts.listen.parse::<std::net::SocketAddr>().is_err() {
+    let Ok(listen) = opts.listen.parse::<std::net::SocketAddr>() else {
         return Err(InitError::BadListen(opts.listen.clone()));
-    }
+    };
     mkdir(&opts.dir)?;
     let non_empty = std::fs::read_dir(&opts.dir)
         .map_err(|source| InitError::Write {
@@ -165,7 +165,13 @@ pub fn run(opts: &InitOptions) -> Result<PathBuf, InitError> {
     }
     write_file(&d("server.toml"), &server_toml, 0o644)?;
 
-    let url = format!("https://{}", opts.listen);
+    // Clients cannot connect to the wildcard address, and the server certificate names
+    // 127.0.0.1 and localhost only: point them at the loopback address on the same port.
+    let url = if listen.ip().is_unspecified() {
+        format!("https://127.0.0.1:{}", listen.port())
+    } else {
+        format!("https://{listen}")
+    };
     let pilot_toml = format!(
         "# Pilot configuration written by mupilot-server init (demo VO).\n\
          server_url = {url}\n\

@@ -1,7 +1,554 @@
-//! Command-line entry point (phase-0 placeholder, replaced by the real CLI).
+//! The `mupilot-server` command line: `init`, `serve`, `member ...` (registry administration
+//! on the server's database) and the client commands `submit`, `status`, `output`, `cancel`.
+//!
+//! Exit codes: 0 ok; 1 runtime or server error; 2 usage or configuration error;
+//! 3 the payload ended unsuccessfully (failed, denied, cancelled, lost) for `status --wait`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use super::client::{self, Client, ClientError};
+use super::config::{ClientConfig, ServerConfig};
+use super::init::{self, InitOptions};
+use super::store::{MemberStatus, Store};
+use crate::protocol::api::{PayloadState, PayloadView, SubmitRequest};
+use crate::protocol::Resources;
+
+/// Exit code: success.
+pub const EXIT_OK: i32 = 0;
+/// Exit code: runtime or server error.
+pub const EXIT_RUNTIME: i32 = 1;
+/// Exit code: usage or configuration error.
+pub const EXIT_USAGE: i32 = 2;
+/// Exit code: the payload ended without success (`status --wait`).
+pub const EXIT_PAYLOAD: i32 = 3;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mupilot-server",
+    version,
+    about = "Reference VO server for mupilot: membership registry, payload queue, signed envelopes",
+    after_help = "Start with `mupilot-server init DIR`, then `mupilot-server serve --config DIR/server.toml`.\n\
+                  Exit codes: 0 ok, 1 runtime/server error, 2 usage/config error, 3 payload ended unsuccessfully (status --wait)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a demo VO in DIR: CA, server/pilot/user certificates, VO signing key,
+    /// grid-mapfile, server.toml, pilot.toml, switch.toml, client-<user>.toml.
+    Init {
+        dir: PathBuf,
+        /// VO name.
+        #[arg(long, default_value = "demo")]
+        vo: String,
+        /// Address the server will listen on (also written into pilot.toml).
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: String,
+        /// Overwrite the demo files in a non-empty DIR.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run the HTTPS API server until SIGTERM or SIGINT.
+    Serve {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Administer the membership registry (P3) in the server's database.
+    Member {
+        #[command(subcommand)]
+        cmd: MemberCmd,
+    },
+    /// Submit a payload; prints its id.
+    Submit(SubmitArgs),
+    /// Show a payload's state; with --wait, wait until it ends.
+    Status {
+        #[command(flatten)]
+        conn: ConnArgs,
+        id: String,
+        /// Print the full record as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Wait up to SECONDS for a final state; exit 3 unless it is `done`.
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<u64>,
+    },
+    /// Download a payload's output archive and unpack it.
+    Output {
+        #[command(flatten)]
+        conn: ConnArgs,
+        id: String,
+        /// Directory to unpack into (created if needed).
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+    },
+    /// Cancel a payload (owner or VO operator).
+    Cancel {
+        #[command(flatten)]
+        conn: ConnArgs,
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum MemberCmd {
+    /// Register a DN (or register it again after suspension or removal) for 12 months.
+    Add {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        dn: String,
+        /// FQAN (repeatable); default "/<vo>".
+        #[arg(long = "fqan")]
+        fqans: Vec<String>,
+    },
+    /// List the registry.
+    List {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Suspend a member: no new submissions, queued payloads are not matched.
+    Suspend {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        dn: String,
+    },
+    /// Remove a member.
+    Remove {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        dn: String,
+    },
+    /// Renew a membership for 12 months from now.
+    Renew {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        dn: String,
+    },
+}
+
+/// Where the client connects and with which identity: flags, or a client toml.
+#[derive(Args, Debug, Clone)]
+struct ConnArgs {
+    /// Client toml with server_url, cert, key, ca (flags override it).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// VO server base URL, e.g. https://127.0.0.1:8443.
+    #[arg(long, value_name = "URL")]
+    server: Option<String>,
+    /// PEM client certificate.
+    #[arg(long, value_name = "FILE")]
+    cert: Option<PathBuf>,
+    /// PEM private key.
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// CA file or hashed CA directory [default: /etc/grid-security/certificates].
+    #[arg(long, value_name = "FILE|DIR")]
+    ca: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct SubmitArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    #[arg(long)]
+    jobtag: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    cores: u32,
+    /// Memory limit: bytes or with K/M/G/T.
+    #[arg(long, default_value = "512M")]
+    memory: String,
+    /// Wall-time limit in seconds.
+    #[arg(long, default_value_t = 600)]
+    walltime: u64,
+    /// Directory packed as the input bundle (unpacked into the payload's scratch).
+    #[arg(long, value_name = "DIR")]
+    bundle: Option<PathBuf>,
+    /// Output path relative to the scratch directory (repeatable).
+    #[arg(long = "output", value_name = "PATH")]
+    outputs: Vec<String>,
+    /// Environment variable K=V for the payload (repeatable).
+    #[arg(long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    /// The command and its arguments (after --).
+    #[arg(last = true, required = true, value_name = "ARGV")]
+    argv: Vec<String>,
+}
+
+impl ConnArgs {
+    fn resolve(&self) -> Result<ClientConfig, ClientError> {
+        let base = match &self.config {
+            Some(p) => Some(ClientConfig::load(p)?),
+            None => None,
+        };
+        let need = |v: Option<String>, flag: &str| {
+            v.ok_or_else(|| {
+                ClientError::Usage(format!(
+                    "{flag} is required (or pass --config with a client toml, e.g. DIR/client-alice.toml from `mupilot-server init`)"
+                ))
+            })
+        };
+        let server_url = need(
+            self.server
+                .clone()
+                .or(base.as_ref().map(|b| b.server_url.clone())),
+            "--server",
+        )?;
+        let cert = need(
+            self.cert
+                .clone()
+                .or(base.as_ref().map(|b| b.cert.clone()))
+                .map(|p| p.display().to_string()),
+            "--cert",
+        )?;
+        let key = need(
+            self.key
+                .clone()
+                .or(base.as_ref().map(|b| b.key.clone()))
+                .map(|p| p.display().to_string()),
+            "--key",
+        )?;
+        let ca = self
+            .ca
+            .clone()
+            .or(base.as_ref().map(|b| b.ca.clone()))
+            .unwrap_or_else(|| PathBuf::from(crate::tls::DEFAULT_CA_DIR));
+        Ok(ClientConfig {
+            server_url,
+            cert: cert.into(),
+            key: key.into(),
+            ca,
+        })
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MUPILOT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
 
 /// Runs the command line; returns the process exit code.
 pub fn main() -> i32 {
-    eprintln!("not built yet");
-    2
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
+        }
+    };
+    match cli.cmd {
+        Command::Init {
+            dir,
+            vo,
+            listen,
+            force,
+        } => {
+            let opts = InitOptions {
+                dir,
+                vo,
+                listen,
+                force,
+            };
+            match init::run(&opts) {
+                Ok(dir) => {
+                    println!("demo VO written to {}", dir.display());
+                    println!(
+                        "start the server: mupilot-server serve --config {}",
+                        dir.join("server.toml").display()
+                    );
+                    EXIT_OK
+                }
+                Err(e) => {
+                    eprintln!("mupilot-server init: {e}");
+                    match e {
+                        init::InitError::Write { .. } | init::InitError::Pki(_) => EXIT_RUNTIME,
+                        _ => EXIT_USAGE,
+                    }
+                }
+            }
+        }
+        Command::Serve { config } => serve(&config),
+        Command::Member { cmd } => member(cmd),
+        Command::Submit(args) => run_client(|| submit(args)),
+        Command::Status {
+            conn,
+            id,
+            json,
+            wait,
+        } => run_client(|| status(conn, id, json, wait)),
+        Command::Output { conn, id, to } => run_client(|| async move {
+            let c = Client::new(&conn.resolve()?)?;
+            let data = c.output(&id).await?;
+            let dest = to.clone();
+            tokio::task::spawn_blocking(move || client::unpack(&data, &dest))
+                .await
+                .map_err(|e| ClientError::Usage(e.to_string()))??;
+            println!("output of {id} unpacked into {}", to.display());
+            Ok(EXIT_OK)
+        }),
+        Command::Cancel { conn, id } => run_client(|| async move {
+            let c = Client::new(&conn.resolve()?)?;
+            let v = c.cancel(&id).await?;
+            if v.state == PayloadState::Cancelled {
+                println!("{id} cancelled");
+            } else {
+                println!("{id} is {}: cancel sent to its pilot", v.state);
+            }
+            Ok(EXIT_OK)
+        }),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime can be built")
+}
+
+fn run_client<F, Fut>(f: F) -> i32
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<i32, ClientError>>,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime can be built");
+    match rt.block_on(f()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mupilot-server: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+fn serve(config: &std::path::Path) -> i32 {
+    init_tracing();
+    let cfg = match ServerConfig::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mupilot-server serve: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let prepared = match super::listener::prepare(&cfg) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("mupilot-server serve: {e}");
+            return match e {
+                super::listener::ServeError::Store(_) => EXIT_RUNTIME,
+                _ => EXIT_USAGE,
+            };
+        }
+    };
+    let rt = runtime();
+    let result = rt.block_on(async {
+        super::listener::serve(prepared, async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler can be installed");
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+            }
+        })
+        .await
+    });
+    match result {
+        Ok(()) => {
+            tracing::info!("stopped");
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("mupilot-server serve: {e}");
+            EXIT_RUNTIME
+        }
+    }
+}
+
+fn member(cmd: MemberCmd) -> i32 {
+    let config = match &cmd {
+        MemberCmd::Add { config, .. }
+        | MemberCmd::List { config, .. }
+        | MemberCmd::Suspend { config, .. }
+        | MemberCmd::Remove { config, .. }
+        | MemberCmd::Renew { config, .. } => config.clone(),
+    };
+    let cfg = match ServerConfig::load(&config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mupilot-server member: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let store = match Store::open(&cfg.data_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("mupilot-server member: {e}");
+            return EXIT_RUNTIME;
+        }
+    };
+    let now = chrono::Utc::now();
+    let result = match cmd {
+        MemberCmd::Add { dn, fqans, .. } => {
+            let fqans = if fqans.is_empty() {
+                vec![format!("/{}", cfg.vo)]
+            } else {
+                fqans
+            };
+            store.add_member(&dn, &cfg.vo, &fqans, now).map(|m| vec![m])
+        }
+        MemberCmd::List { json, .. } => match store.members() {
+            Ok(list) if json => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&list).expect("members serialise")
+                );
+                return EXIT_OK;
+            }
+            other => other,
+        },
+        MemberCmd::Suspend { dn, .. } => store
+            .set_member_status(&dn, MemberStatus::Suspended)
+            .map(|m| vec![m]),
+        MemberCmd::Remove { dn, .. } => store
+            .set_member_status(&dn, MemberStatus::Removed)
+            .map(|m| vec![m]),
+        MemberCmd::Renew { dn, .. } => store.renew_member(&dn, now).map(|m| vec![m]),
+    };
+    match result {
+        Ok(members) => {
+            for m in members {
+                let status = serde_json::to_value(m.status).expect("status serialises");
+                println!(
+                    "{}\t{}\t{}\t{}\trenewal due {}",
+                    m.dn,
+                    m.vo,
+                    status.as_str().unwrap_or(""),
+                    m.fqans.join(","),
+                    m.renewal_due.format("%Y-%m-%d")
+                );
+            }
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("mupilot-server member: {e}");
+            match e {
+                super::store::StoreError::NoMember(_)
+                | super::store::StoreError::Invalid(_)
+                | super::store::StoreError::Conflict(_) => EXIT_USAGE,
+                _ => EXIT_RUNTIME,
+            }
+        }
+    }
+}
+
+async fn submit(args: SubmitArgs) -> Result<i32, ClientError> {
+    let memory_bytes = client::parse_memory(&args.memory)
+        .map_err(|e| ClientError::Usage(format!("--memory {e}")))?;
+    let mut env = BTreeMap::new();
+    for kv in &args.env {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| ClientError::Usage(format!("--env {kv:?}: write it as NAME=VALUE")))?;
+        env.insert(k.to_string(), v.to_string());
+    }
+    let bundle = match &args.bundle {
+        Some(dir) => {
+            let dir = dir.clone();
+            let data = tokio::task::spawn_blocking(move || client::pack_dir(&dir))
+                .await
+                .map_err(|e| ClientError::Usage(e.to_string()))??;
+            use base64::Engine;
+            Some(base64::engine::general_purpose::STANDARD.encode(data))
+        }
+        None => None,
+    };
+    let req = SubmitRequest {
+        argv: args.argv,
+        env,
+        jobtag: args.jobtag,
+        resources: Resources {
+            cores: args.cores,
+            memory_bytes,
+            walltime_seconds: args.walltime,
+        },
+        outputs: args.outputs,
+        bundle,
+    };
+    let c = Client::new(&args.conn.resolve()?)?;
+    let resp = c.submit(&req).await?;
+    println!("{}", resp.payload_id);
+    Ok(EXIT_OK)
+}
+
+fn describe(v: &PayloadView) -> String {
+    let mut s = format!("{}\t{}", v.payload_id, v.state);
+    if let Some(a) = &v.account {
+        s.push_str(&format!("\taccount={a}"));
+    }
+    if let Some(c) = v.exit_code {
+        s.push_str(&format!("\texit={c}"));
+    }
+    if let Some(sig) = v.signal {
+        s.push_str(&format!("\tsignal={sig}"));
+    }
+    if let Some(r) = &v.reason {
+        s.push_str(&format!("\treason={r}"));
+    }
+    if v.has_output {
+        s.push_str("\toutput=yes");
+    }
+    s
+}
+
+async fn status(
+    conn: ConnArgs,
+    id: String,
+    json: bool,
+    wait: Option<u64>,
+) -> Result<i32, ClientError> {
+    let c = Client::new(&conn.resolve()?)?;
+    let deadline = wait.map(|w| std::time::Instant::now() + std::time::Duration::from_secs(w));
+    let view = loop {
+        let v = c.view(&id).await?;
+        match deadline {
+            Some(d) if !v.state.is_final() => {
+                if std::time::Instant::now() >= d {
+                    return Err(ClientError::Timeout(format!(
+                        "payload {id} is still {} after {} s; wait longer or check again later",
+                        v.state,
+                        wait.unwrap_or(0)
+                    )));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            _ => break v,
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&view).expect("views serialise")
+        );
+    } else {
+        println!("{}", describe(&view));
+    }
+    Ok(match wait {
+        Some(_) if view.state != PayloadState::Done => EXIT_PAYLOAD,
+        _ => EXIT_OK,
+    })
 }

@@ -1,3 +1,15 @@
-//! The reference VO server (`mupilot-server`).
+//! The reference VO server (`mupilot-server`): submission API, membership registry (P3),
+//! matchmaking, envelope signing, status and operator commands, stored in SQLite.
+//!
+//! Layout: [`config`] (server.toml), [`store`] (SQLite and payload files), [`api`] (axum
+//! routes), [`listener`] (TLS accept loop, peer DN per connection), [`init`]/[`pki`] (demo VO),
+//! [`client`] (submit/status/output/cancel), [`cli`] (the command line).
 
+pub mod api;
 pub mod cli;
+pub mod client;
+pub mod config;
+pub mod init;
+pub mod listener;
+pub mod pki;
+pub mod store;

@@ -1,0 +1,492 @@
+//! The HTTPS JSON API (`/v1/...`) as an axum router: who may call what, input validation,
+//! envelope signing. The caller's identity is the [`PeerDn`] the listener put into the
+//! request's extensions from the verified client certificate; nothing else is trusted.
+//! Database work runs on blocking threads through [`Store`].
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use chrono::{Duration, Utc};
+use serde::Deserialize;
+
+use super::store::{Matched, NewPayload, Store, StoreError};
+use crate::protocol::api::{
+    ApiError, MatchRequest, MatchResponse, PayloadState, PayloadView, StatusAck, StatusReport,
+    SubmitRequest, SubmitResponse, Work,
+};
+use crate::protocol::envelope::{sha256_hex, ENVELOPE_VERSION};
+use crate::protocol::{EnvelopeBody, Owner, VoSigningKey};
+
+/// Largest decoded input bundle.
+pub const MAX_BUNDLE_BYTES: usize = 64 << 20;
+/// Largest submit request (the bundle travels base64 inside JSON: 4/3 of it, plus the rest).
+pub const MAX_SUBMIT_BODY: usize = MAX_BUNDLE_BYTES / 3 * 4 + (1 << 20);
+/// Largest output archive a pilot may upload.
+pub const MAX_OUTPUT_BYTES: usize = 256 << 20;
+
+/// The verified subject DN of the client certificate on this connection.
+#[derive(Clone, Debug)]
+pub struct PeerDn(pub Arc<str>);
+
+/// What every handler shares.
+pub struct AppState {
+    pub store: Arc<Store>,
+    pub key: VoSigningKey,
+    pub vo: String,
+    pub pilot_dns: HashSet<String>,
+    pub operator_dns: HashSet<String>,
+    pub envelope_lifetime: Duration,
+    /// Written into envelopes as `issuer`.
+    pub issuer: String,
+}
+
+type St = State<Arc<AppState>>;
+
+/// An error answer: HTTP status plus an [`ApiError`] body.
+#[derive(Debug)]
+pub struct Fail {
+    status: StatusCode,
+    body: ApiError,
+}
+
+impl Fail {
+    fn new(status: StatusCode, error: &str, message: impl Into<String>) -> Self {
+        Fail {
+            status,
+            body: ApiError {
+                error: error.to_string(),
+                message: message.into(),
+            },
+        }
+    }
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+    fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "not_authorized", message)
+    }
+    fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+}
+
+impl IntoResponse for Fail {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Self {
+        let msg = e.to_string();
+        match e {
+            StoreError::NotFound(_) => Fail::new(StatusCode::NOT_FOUND, "not_found", msg),
+            StoreError::Forbidden(_) | StoreError::NoMember(_) => Fail::forbidden(msg),
+            StoreError::Conflict(_) => Fail::new(StatusCode::CONFLICT, "conflict", msg),
+            StoreError::Invalid(_) => Fail::bad(msg),
+            _ => {
+                tracing::error!(error = %msg, "store failure");
+                Fail::internal(format!("server storage failed: {msg}"))
+            }
+        }
+    }
+}
+
+impl From<JsonRejection> for Fail {
+    fn from(r: JsonRejection) -> Self {
+        let status = r.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "too_large"
+        } else {
+            "bad_request"
+        };
+        Fail::new(status, code, r.body_text())
+    }
+}
+
+/// Runs store work on a blocking thread.
+async fn blocking<T, F>(st: &AppState, f: F) -> Result<T, Fail>
+where
+    T: Send + 'static,
+    F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+{
+    let store = st.store.clone();
+    tokio::task::spawn_blocking(move || f(&store))
+        .await
+        .map_err(|e| Fail::internal(format!("worker thread failed: {e}")))?
+        .map_err(Fail::from)
+}
+
+/// The API router.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route(
+            "/v1/payloads",
+            post(submit)
+                .get(list)
+                .layer(DefaultBodyLimit::max(MAX_SUBMIT_BODY)),
+        )
+        .route("/v1/match", post(match_work))
+        .route("/v1/payloads/:id", get(view))
+        .route("/v1/payloads/:id/status", post(status))
+        .route(
+            "/v1/payloads/:id/output",
+            get(download)
+                .put(upload)
+                .layer(DefaultBodyLimit::max(MAX_OUTPUT_BYTES)),
+        )
+        .route("/v1/payloads/:id/cancel", post(cancel))
+        .fallback(|| async {
+            Fail::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such endpoint; the API lives under /v1/ (see docs/protocol.md)",
+            )
+        })
+        .with_state(state)
+}
+
+fn check_id(id: &str) -> Result<(), Fail> {
+    if crate::util::is_safe_id(id) {
+        Ok(())
+    } else {
+        Err(Fail::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{id:?} is not a payload id"),
+        ))
+    }
+}
+
+fn require_pilot(st: &AppState, dn: &str) -> Result<(), Fail> {
+    if st.pilot_dns.contains(dn) {
+        Ok(())
+    } else {
+        Err(Fail::forbidden(format!(
+            "{dn} is not a pilot of VO {}; the VO lists its pilots' DNs in pilot_dns of server.toml",
+            st.vo
+        )))
+    }
+}
+
+/// Checks a submission field by field; names the field that is wrong.
+fn validate(req: &SubmitRequest) -> Result<(), Fail> {
+    if req.argv.is_empty() || req.argv[0].is_empty() {
+        return Err(Fail::bad("argv must name an executable (argv[0])"));
+    }
+    if req.argv.iter().any(|a| a.contains('\0')) {
+        return Err(Fail::bad("argv must not contain NUL bytes"));
+    }
+    for (k, v) in &req.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            return Err(Fail::bad(format!(
+                "env {k:?}: names must be non-empty without '=' or NUL, values without NUL"
+            )));
+        }
+    }
+    if let Some(t) = &req.jobtag {
+        if t.len() > 128 || t.chars().any(char::is_control) {
+            return Err(Fail::bad(
+                "jobtag must be at most 128 characters without control characters",
+            ));
+        }
+    }
+    let r = &req.resources;
+    if r.cores == 0 {
+        return Err(Fail::bad("resources.cores must be at least 1"));
+    }
+    if r.memory_bytes < 4 << 20 {
+        return Err(Fail::bad(format!(
+            "resources.memory_bytes = {} is below the 4 MiB minimum",
+            r.memory_bytes
+        )));
+    }
+    if r.walltime_seconds == 0 {
+        return Err(Fail::bad("resources.walltime_seconds must be at least 1"));
+    }
+    for o in &req.outputs {
+        if !crate::util::is_relative_clean_path(o) {
+            return Err(Fail::bad(format!(
+                "outputs: {o:?} must be a relative path below the scratch directory, without '..', '.' or empty components"
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn submit(
+    State(st): St,
+    Extension(peer): Extension<PeerDn>,
+    body: Result<Json<SubmitRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<SubmitResponse>), Fail> {
+    let Json(req) = body?;
+    validate(&req)?;
+    let bundle = match &req.bundle {
+        None => None,
+        Some(b) => {
+            if b.len() > MAX_BUNDLE_BYTES / 3 * 4 + 4 {
+                return Err(Fail::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("bundle is larger than {MAX_BUNDLE_BYTES} bytes; ship big inputs another way"),
+                ));
+            }
+            Some(
+                B64.decode(b)
+                    .map_err(|e| Fail::bad(format!("bundle is not valid base64: {e}")))?,
+            )
+        }
+    };
+    let dn = peer.0.to_string();
+    let now = Utc::now();
+    let vo = st.vo.clone();
+    let id = blocking(&st, move |store| {
+        let active = store.member(&dn)?.filter(|m| m.is_active(now));
+        let Some(member) = active else {
+            return Err(StoreError::Forbidden(format!(
+                "{dn} is not an active member of VO {vo} (unregistered, suspended, removed or past renewal); ask a VO operator to run `mupilot-server member add` or `member renew`"
+            )));
+        };
+        let p = NewPayload {
+            owner_dn: dn,
+            vo: member.vo,
+            argv: req.argv,
+            env: req.env,
+            jobtag: req.jobtag,
+            resources: req.resources,
+            outputs: req.outputs,
+            bundle_sha256: bundle.as_deref().map(sha256_hex),
+        };
+        store.submit(&p, bundle.as_deref(), now)
+    })
+    .await?;
+    tracing::info!(payload = %id, owner = %peer.0, "payload submitted");
+    Ok((
+        StatusCode::CREATED,
+        Json(SubmitResponse {
+            payload_id: id,
+            state: PayloadState::Queued,
+        }),
+    ))
+}
+
+fn envelope_body(st: &AppState, m: &Matched) -> EnvelopeBody {
+    let now = Utc::now();
+    let nonce: [u8; 16] = rand::random();
+    EnvelopeBody {
+        version: ENVELOPE_VERSION,
+        payload_id: m.id.clone(),
+        owner: Owner {
+            dn: m.owner_dn.clone(),
+            vo: m.vo.clone(),
+            fqans: m.fqans.clone(),
+            membership_valid_until: m.membership_valid_until,
+        },
+        jobtag: m.jobtag.clone(),
+        argv: m.argv.clone(),
+        env: m.env.clone(),
+        bundle_sha256: m.bundle_sha256.clone(),
+        resources: m.resources,
+        outputs: m.outputs.clone(),
+        not_before: now - Duration::seconds(60),
+        not_after: now + st.envelope_lifetime,
+        nonce: hex::encode(nonce),
+        issuer: st.issuer.clone(),
+    }
+}
+
+async fn match_work(
+    State(st): St,
+    Extension(peer): Extension<PeerDn>,
+    body: Result<Json<MatchRequest>, JsonRejection>,
+) -> Result<Json<MatchResponse>, Fail> {
+    require_pilot(&st, &peer.0)?;
+    let Json(req) = body?;
+    if !crate::util::is_safe_id(&req.pilot_id) {
+        return Err(Fail::bad(format!(
+            "pilot_id {:?} must be 1-64 characters of [A-Za-z0-9._-]",
+            req.pilot_id
+        )));
+    }
+    let dn = peer.0.to_string();
+    let state = st.clone();
+    let found = blocking(&st, move |store| {
+        let Some(m) = store.match_one(&dn, &req, Utc::now())? else {
+            return Ok(None);
+        };
+        let bundle = match &m.bundle_sha256 {
+            None => None,
+            Some(_) => match std::fs::read(store.bundle_path(&m.id)) {
+                Ok(b) => Some(B64.encode(b)),
+                Err(e) => {
+                    let reason = format!(
+                        "server lost the input bundle {}: {e}",
+                        store.bundle_path(&m.id).display()
+                    );
+                    store.fail_matched(&m.id, &reason, Utc::now())?;
+                    return Err(StoreError::Io {
+                        path: store.bundle_path(&m.id),
+                        source: e,
+                    });
+                }
+            },
+        };
+        let envelope = state.key.sign(&envelope_body(&state, &m));
+        Ok(Some(Work {
+            payload_id: m.id,
+            envelope,
+            bundle,
+        }))
+    })
+    .await?;
+    if let Some(w) = &found {
+        tracing::info!(payload = %w.payload_id, pilot = %peer.0, "payload matched");
+    }
+    Ok(Json(MatchResponse { work: found }))
+}
+
+async fn status(
+    State(st): St,
+    Extension(peer): Extension<PeerDn>,
+    Path(id): Path<String>,
+    body: Result<Json<StatusReport>, JsonRejection>,
+) -> Result<Json<StatusAck>, Fail> {
+    check_id(&id)?;
+    require_pilot(&st, &peer.0)?;
+    let Json(rep) = body?;
+    let dn = peer.0.to_string();
+    let state = rep.state;
+    let pid = id.clone();
+    let commands = blocking(&st, move |s| s.apply_status(&pid, &dn, &rep, Utc::now())).await?;
+    if let Some(s) = state {
+        tracing::info!(payload = %id, state = %s, "status reported");
+    }
+    Ok(Json(StatusAck { commands }))
+}
+
+async fn upload(
+    State(st): St,
+    Extension(peer): Extension<PeerDn>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode, Fail> {
+    check_id(&id)?;
+    require_pilot(&st, &peer.0)?;
+    if body.len() < 2 || body[0] != 0x1f || body[1] != 0x8b {
+        return Err(Fail::bad(
+            "the output body must be a gzip-compressed tar archive (application/gzip)",
+        ));
+    }
+    let dn = peer.0.to_string();
+    blocking(&st, move |s| {
+        if s.holder(&id)?.as_deref() != Some(dn.as_str()) {
+            return Err(StoreError::Forbidden(format!(
+                "{dn} does not hold payload {id}; only the pilot it was matched to may upload its output"
+            )));
+        }
+        super::store::write_atomic(&s.output_path(&id), &body)?;
+        s.set_has_output(&id, Utc::now())
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Loads a payload and checks that the caller is its owner or a VO operator.
+async fn readable(st: &AppState, dn: &str, id: &str) -> Result<PayloadView, Fail> {
+    check_id(id)?;
+    let pid = id.to_string();
+    let view = blocking(st, move |s| s.view(&pid)).await?;
+    if view.owner_dn != dn && !st.operator_dns.contains(dn) {
+        return Err(Fail::forbidden(format!(
+            "{dn} may not read payload {id}: only its owner or a VO operator may"
+        )));
+    }
+    Ok(view)
+}
+
+async fn view(
+    State(st): St,
+    Extension(peer): Extension<PeerDn>,
+    Path(id): Path<String>,
+) -> Result<Json<PayloadView>, Fail> {
+    Ok(Json(readable(&st, &peer.0, &id).await?))
+}
+
+async fn download(
+    State(st): St,
+    Extension(peer): Extension<PeerDn>,
+    Path(id): Path<String>,
+) -> Result<Response, Fail> {
+    let view = readable(&st, &peer.0, &id).await?;
+    if !view.has_output {
+        return Err(Fail::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("payload {id} has no output yet (state {})", view.state),
+        ));
+    }
+    let path = st.store.output_path(&id);
+    let data = tokio::fs::read(&path)
+        .await
+        .map_err(|e| Fail::internal(format!("cannot read {}: {e}", path.display())))?;
+    Ok(([(header::CONTENT_TYPE, "application/gzip")], data).into_response())
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    #[serde(default)]
+    state: Option<String>,
+}
+
+async fn list(
+    State(st): St,
+    Extension(peer): Extension<PeerDn>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Vec<PayloadView>>, Fail> {
+    let state = match q.state.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(
+            serde_json::from_value::<PayloadState>(serde_json::Value::String(s.into()))
+                .map_err(|_| {
+                    Fail::bad(format!(
+                        "state={s:?} is not a payload state (queued, matched, running, done, failed, denied, cancelled, lost)"
+                    ))
+                })?,
+        ),
+    };
+    let owner = if st.operator_dns.contains(&*peer.0) {
+        None
+    } else {
+        Some(peer.0.to_string())
+    };
+    Ok(Json(
+        blocking(&st, move |s| s.list(owner.as_deref(), state)).await?,
+    ))
+}
+
+async fn cancel(
+    State(st): St,
+    Extension(peer): Extension<PeerDn>,
+    Path(id): Path<String>,
+) -> Result<Json<PayloadView>, Fail> {
+    check_id(&id)?;
+    let dn = peer.0.to_string();
+    let op = st.operator_dns.contains(&dn);
+    let pid = id.clone();
+    let view = blocking(&st, move |s| {
+        s.cancel(&pid, &dn, op, Utc::now())?;
+        s.view(&pid)
+    })
+    .await?;
+    tracing::info!(payload = %id, requester = %peer.0, state = %view.state, "cancel requested");
+    Ok(Json(view))
+}

@@ -1,0 +1,302 @@
+//! `server.toml` (the VO server's configuration) and the small client file the client
+//! subcommands read. Parsing only: no file here is opened for anything but reading the config,
+//! and no network or database work happens here.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Default signed-envelope lifetime (seconds).
+pub const DEFAULT_ENVELOPE_LIFETIME: u64 = 600;
+
+/// A config file could not be used. Every message names the file and says how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}; pass an existing file with --config")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The toml error text carries the line, column and key.
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: key `{key}` = {value:?}: {why}")]
+    Value {
+        path: PathBuf,
+        key: &'static str,
+        value: String,
+        why: String,
+    },
+    #[error("config file {path}: key `{key}` names {file}, which does not exist; fix the path (relative paths are relative to the config file's directory) or run `mupilot-server init`")]
+    MissingFile {
+        path: PathBuf,
+        key: &'static str,
+        file: PathBuf,
+    },
+}
+
+/// One `[[member]]` entry: seeds the membership registry at serve start.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MemberSeed {
+    pub dn: String,
+    #[serde(default)]
+    pub fqans: Vec<String>,
+}
+
+/// `server.toml` as written on disk.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServerConfig {
+    listen: String,
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+    data_dir: PathBuf,
+    vo: String,
+    signing_key: PathBuf,
+    #[serde(default)]
+    pilot_dns: Vec<String>,
+    #[serde(default)]
+    operator_dns: Vec<String>,
+    #[serde(default = "default_lifetime")]
+    envelope_lifetime_seconds: u64,
+    #[serde(default)]
+    member: Vec<MemberSeed>,
+}
+
+fn default_lifetime() -> u64 {
+    DEFAULT_ENVELOPE_LIFETIME
+}
+
+/// The VO server's configuration, paths resolved against the config file's directory.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The file this was read from (for messages).
+    pub path: PathBuf,
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    pub data_dir: PathBuf,
+    pub vo: String,
+    pub signing_key: PathBuf,
+    /// Certificate subjects allowed to call `/v1/match` (the VO's pilots).
+    pub pilot_dns: Vec<String>,
+    /// VO operators: may read and cancel any payload.
+    pub operator_dns: Vec<String>,
+    pub envelope_lifetime_seconds: u64,
+    pub members: Vec<MemberSeed>,
+}
+
+/// Resolves `p` against `base` unless it is absolute.
+pub fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn base_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+impl ServerConfig {
+    /// Reads and checks `server.toml`. Does not open the files it names beyond checking
+    /// that they exist.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = read(path)?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses config text as if read from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: RawServerConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let value = |key, value: &str, why: &str| ConfigError::Value {
+            path: path.to_path_buf(),
+            key,
+            value: value.to_string(),
+            why: why.to_string(),
+        };
+        let listen: SocketAddr = raw.listen.parse().map_err(|_| {
+            value(
+                "listen",
+                &raw.listen,
+                "must be an IP address and port, e.g. \"127.0.0.1:8443\" or \"[::]:8443\"",
+            )
+        })?;
+        if !crate::util::is_safe_id(&raw.vo) {
+            return Err(value(
+                "vo",
+                &raw.vo,
+                "must be 1-64 characters of [A-Za-z0-9._-], e.g. \"demo\"",
+            ));
+        }
+        if raw.envelope_lifetime_seconds < 60 || raw.envelope_lifetime_seconds > 7 * 86400 {
+            return Err(value(
+                "envelope_lifetime_seconds",
+                &raw.envelope_lifetime_seconds.to_string(),
+                "must be between 60 and 604800 seconds",
+            ));
+        }
+        for dn in raw.pilot_dns.iter().chain(&raw.operator_dns) {
+            if !dn.starts_with('/') {
+                return Err(value(
+                    "pilot_dns/operator_dns",
+                    dn,
+                    "a DN is written grid style, e.g. \"/DC=org/DC=example/CN=pilot\"",
+                ));
+            }
+        }
+        for m in &raw.member {
+            if !m.dn.starts_with('/') {
+                return Err(value(
+                    "member.dn",
+                    &m.dn,
+                    "a DN is written grid style, e.g. \"/DC=org/DC=example/CN=alice\"",
+                ));
+            }
+        }
+        let base = base_dir(path);
+        let cfg = ServerConfig {
+            path: path.to_path_buf(),
+            listen,
+            cert: resolve(&base, &raw.cert),
+            key: resolve(&base, &raw.key),
+            ca: resolve(&base, &raw.ca),
+            data_dir: resolve(&base, &raw.data_dir),
+            vo: raw.vo,
+            signing_key: resolve(&base, &raw.signing_key),
+            pilot_dns: raw.pilot_dns,
+            operator_dns: raw.operator_dns,
+            envelope_lifetime_seconds: raw.envelope_lifetime_seconds,
+            members: raw.member,
+        };
+        Ok(cfg)
+    }
+
+    /// Checks that every file the config names exists (the database directory is created later).
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        for (key, file) in [
+            ("cert", &self.cert),
+            ("key", &self.key),
+            ("ca", &self.ca),
+            ("signing_key", &self.signing_key),
+        ] {
+            if !file.exists() {
+                return Err(ConfigError::MissingFile {
+                    path: self.path.clone(),
+                    key,
+                    file: file.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The client file for `submit`/`status`/`output`/`cancel --config FILE`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClientConfig {
+    server_url: String,
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default = "default_ca")]
+    ca: PathBuf,
+}
+
+fn default_ca() -> PathBuf {
+    PathBuf::from(crate::tls::DEFAULT_CA_DIR)
+}
+
+/// Where a client connects and with which identity.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub server_url: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl ClientConfig {
+    /// Reads a client toml (`server_url`, `cert`, `key`, `ca`).
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = read(path)?;
+        let raw: RawClientConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let base = base_dir(path);
+        Ok(ClientConfig {
+            server_url: raw.server_url,
+            cert: resolve(&base, &raw.cert),
+            key: resolve(&base, &raw.key),
+            ca: resolve(&base, &raw.ca),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listen = "127.0.0.1:8443"
+cert = "server.crt"
+key = "server.key"
+ca = "/etc/grid-security/certificates"
+data_dir = "data"
+vo = "demo"
+signing_key = "vo.key"
+pilot_dns = ["/DC=org/CN=pilot"]
+[[member]]
+dn = "/DC=org/CN=alice"
+fqans = ["/demo"]
+"#;
+
+    #[test]
+    fn parses_and_resolves() {
+        let c = ServerConfig::parse(Path::new("/etc/mupilot/server.toml"), GOOD).unwrap();
+        assert_eq!(c.cert, Path::new("/etc/mupilot/server.crt"));
+        assert_eq!(c.ca, Path::new("/etc/grid-security/certificates"));
+        assert_eq!(c.envelope_lifetime_seconds, 600);
+        assert_eq!(c.members.len(), 1);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_line() {
+        let text = format!("{GOOD}\nbogus = 1\n");
+        let text = text.replacen("vo = \"demo\"", "vo = \"demo\"\ncolour = \"red\"", 1);
+        let e = ServerConfig::parse(Path::new("/x/server.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/x/server.toml"), "{e}");
+        assert!(e.contains("colour"), "{e}");
+        assert!(e.contains("line"), "{e}");
+    }
+
+    #[test]
+    fn bad_listen_is_named() {
+        let text = GOOD.replace("127.0.0.1:8443", "localhost");
+        let e = ServerConfig::parse(Path::new("s.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listen") && e.contains("localhost"), "{e}");
+    }
+}

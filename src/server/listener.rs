@@ -1,0 +1,256 @@
+//! Starts the server: loads TLS material, the signing key and the store, then runs the TLS
+//! accept loop. Each connection must present a client certificate from the configured CA
+//! (the handshake fails otherwise); its subject DN is read once per connection and attached
+//! to every request as [`PeerDn`]. HTTP/1.1 and HTTP/2 (ALPN) with keep-alive.
+//! Stops accepting on the shutdown signal and lets open connections finish their requests.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
+
+use super::api::{self, AppState, PeerDn};
+use super::config::{ConfigError, ServerConfig};
+use super::store::{Store, StoreError};
+use crate::protocol::envelope::KeyError;
+use crate::protocol::VoSigningKey;
+use crate::tls::TlsError;
+
+/// How long a client may take for the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long open connections get to finish after the shutdown signal.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the sweeper looks for payloads whose pilot went away.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+/// A matched payload is queued again this long after its envelope expired unstarted.
+const REQUEUE_MARGIN_SECONDS: i64 = 300;
+/// A running payload is lost when nothing was heard for its wall time plus this.
+const RUNNING_GRACE_SECONDS: i64 = 1800;
+
+/// Why the server could not start (or stopped with an error).
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("signing_key: {0}")]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}; choose a free address in `listen`")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Everything `serve` needs, loaded and checked before the socket is opened.
+pub struct Prepared {
+    state: Arc<AppState>,
+    acceptor: TlsAcceptor,
+    listen: SocketAddr,
+}
+
+/// Loads and checks the configuration's files, opens the database, seeds members.
+pub fn prepare(cfg: &ServerConfig) -> Result<Prepared, ServeError> {
+    cfg.check_files()?;
+    let tls = crate::tls::server_config(&cfg.cert, &cfg.key, &cfg.ca)?;
+    let key = VoSigningKey::from_pem_file(&cfg.signing_key)?;
+    let store = Arc::new(Store::open(&cfg.data_dir)?);
+    let seeded = store.seed_members(&cfg.vo, &cfg.members, chrono::Utc::now())?;
+    if seeded > 0 {
+        tracing::info!(
+            count = seeded,
+            "members added to the registry from [[member]]"
+        );
+    }
+    if cfg.pilot_dns.is_empty() {
+        tracing::warn!(config = %cfg.path.display(), "pilot_dns is empty: no pilot can fetch work");
+    }
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into());
+    let state = AppState {
+        store,
+        key,
+        vo: cfg.vo.clone(),
+        pilot_dns: cfg.pilot_dns.iter().cloned().collect::<HashSet<_>>(),
+        operator_dns: cfg.operator_dns.iter().cloned().collect::<HashSet<_>>(),
+        envelope_lifetime: chrono::Duration::seconds(cfg.envelope_lifetime_seconds as i64),
+        issuer: format!("mupilot-server@{host}"),
+    };
+    Ok(Prepared {
+        state: Arc::new(state),
+        acceptor: TlsAcceptor::from(tls),
+        listen: cfg.listen,
+    })
+}
+
+/// Binds, announces the address on stdout (`listening on https://ADDR`), and serves until
+/// `shutdown` completes.
+pub async fn serve(p: Prepared, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+    let listener = TcpListener::bind(p.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: p.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: p.listen,
+        source,
+    })?;
+    // Tests and scripts read this line to learn the port when listen ends in :0.
+    println!("listening on https://{addr}");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    tracing::info!(%addr, vo = %p.state.vo, "mupilot-server listening");
+
+    let sweeper = tokio::spawn(sweep_loop(p.state.clone()));
+    let router = api::router(p.state.clone());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut conns = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let (tcp, remote) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                conns.spawn(connection(tcp, remote, p.acceptor.clone(), router.clone(), stop_rx.clone()));
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    tracing::info!(open = conns.len(), "shutting down: no new connections");
+    sweeper.abort();
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            open = conns.len(),
+            "connections did not finish in time; closing them"
+        );
+        conns.shutdown().await;
+    }
+    Ok(())
+}
+
+/// Requeues payloads matched to pilots that never started them and marks silent running
+/// payloads lost, so nothing waits forever on a pilot that died.
+async fn sweep_loop(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let store = state.store.clone();
+        let horizon = state.envelope_lifetime + chrono::Duration::seconds(REQUEUE_MARGIN_SECONDS);
+        let res = tokio::task::spawn_blocking(move || {
+            let now = chrono::Utc::now();
+            store.sweep(now - horizon, RUNNING_GRACE_SECONDS, now)
+        })
+        .await;
+        match res {
+            Ok(Ok((0, 0))) => {}
+            Ok(Ok((requeued, lost))) => {
+                tracing::warn!(
+                    requeued,
+                    lost,
+                    "sweeper recovered payloads of silent pilots"
+                )
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "sweeper failed"),
+            Err(e) => tracing::error!(error = %e, "sweeper task failed"),
+        }
+    }
+}
+
+async fn connection(
+    tcp: tokio::net::TcpStream,
+    remote: SocketAddr,
+    acceptor: TlsAcceptor,
+    router: axum::Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::info!(%remote, error = %e, "TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%remote, "TLS handshake timed out");
+            return;
+        }
+    };
+    let dn = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| crate::tls::subject_dn(c));
+    let Some(dn) = dn else {
+        // Cannot happen with a verifier that requires a certificate; refuse rather than guess.
+        tracing::warn!(%remote, "client certificate without a readable subject; closing");
+        return;
+    };
+    let peer = PeerDn(Arc::from(dn));
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        let router = router.clone();
+        let peer = peer.clone();
+        async move {
+            req.extensions_mut().insert(peer.clone());
+            let method = req.method().clone();
+            let path = req.uri().path().to_string();
+            let started = std::time::Instant::now();
+            let resp = router
+                .oneshot(req.map(axum::body::Body::new))
+                .await
+                .unwrap_or_else(|never| match never {});
+            tracing::info!(
+                %method,
+                %path,
+                dn = %peer.0,
+                status = resp.status().as_u16(),
+                micros = started.elapsed().as_micros() as u64,
+                "request"
+            );
+            Ok::<_, std::convert::Infallible>(resp)
+        }
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection(TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => {
+            if let Err(e) = res {
+                tracing::debug!(%remote, error = %e, "connection ended with an error");
+            }
+        }
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! The server's state in SQLite (`data_dir/mupilot.db`) plus the files beside it
+//! (`bundles/<id>.tar.gz`, `outputs/<id>.tar.gz`).
+//!
+//! Synchronous by design: one connection behind a mutex, called from the async API through
+//! `spawn_blocking`. Every multi-step change runs in one `BEGIN IMMEDIATE` transaction so a
+//! payload goes to exactly one pilot. No HTTP or TLS knowledge here; authorization checks that
+//! need the row (owner, holding pilot) happen inside the transaction and come back as
+//! [`StoreError::Forbidden`].
+
+mod members;
+mod payloads;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use rusqlite::Connection;
+
+pub use members::{Member, MemberStatus};
+pub use payloads::{Matched, NewPayload};
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "cannot open database {path}: {source}; check that data_dir in the config is writable"
+    )]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("database error: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("cannot write {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("payload {0} does not exist")]
+    NotFound(String),
+    #[error("member {0} is not in the registry; add it with `mupilot-server member add`")]
+    NoMember(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("stored row is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// The database and the payload files.
+pub struct Store {
+    conn: Mutex<Connection>,
+    data_dir: PathBuf,
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS members (
+    dn            TEXT PRIMARY KEY,
+    vo            TEXT NOT NULL,
+    fqans         TEXT NOT NULL,
+    status        TEXT NOT NULL,
+    registered_at TEXT NOT NULL,
+    renewal_due   TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS payloads (
+    seq               INTEGER PRIMARY KEY AUTOINCREMENT,
+    id                TEXT NOT NULL UNIQUE,
+    owner_dn          TEXT NOT NULL,
+    vo                TEXT NOT NULL,
+    state             TEXT NOT NULL,
+    argv              TEXT NOT NULL,
+    env               TEXT NOT NULL,
+    jobtag            TEXT,
+    cores             INTEGER NOT NULL,
+    memory_bytes      INTEGER NOT NULL,
+    walltime_seconds  INTEGER NOT NULL,
+    outputs           TEXT NOT NULL,
+    bundle_sha256     TEXT,
+    submitted_at      TEXT NOT NULL,
+    updated_at        TEXT,
+    pilot_dn          TEXT,
+    pilot_id          TEXT,
+    host              TEXT,
+    batch_job_id      TEXT,
+    account           TEXT,
+    uid               INTEGER,
+    exit_code         INTEGER,
+    signal            INTEGER,
+    cpu_seconds       REAL,
+    peak_memory_bytes INTEGER,
+    wall_seconds      REAL,
+    reason            TEXT,
+    denial_class      TEXT,
+    has_output        INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS payloads_queue ON payloads(state, seq);
+CREATE INDEX IF NOT EXISTS payloads_owner ON payloads(owner_dn, seq);
+CREATE TABLE IF NOT EXISTS commands (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    payload_id TEXT NOT NULL,
+    command    TEXT NOT NULL,
+    delivered  INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS commands_pending ON commands(payload_id, delivered);
+"#;
+
+/// Timestamps are stored as fixed-width RFC 3339 UTC text so they compare as strings.
+pub(crate) fn ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+pub(crate) fn parse_ts(s: &str) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| StoreError::Corrupt(format!("timestamp {s:?}: {e}")))
+}
+
+impl Store {
+    /// Opens (creating if needed) `data_dir/mupilot.db` and the file directories.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        for sub in ["", "bundles", "outputs"] {
+            let p = data_dir.join(sub);
+            std::fs::create_dir_all(&p).map_err(|source| StoreError::Io { path: p, source })?;
+        }
+        let path = data_dir.join("mupilot.db");
+        let open_err = |source| StoreError::Open {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open(&path).map_err(open_err)?;
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(open_err)?;
+        // WAL: readers do not block the writer; NORMAL sync is durable across process crashes
+        // and keeps a match well under a millisecond.
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(open_err)?;
+        conn.execute_batch(SCHEMA).map_err(open_err)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+            data_dir: data_dir.to_path_buf(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave a half-done change: SQLite rolls back
+        // an open transaction when it is dropped.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Where a payload's input bundle is kept.
+    pub fn bundle_path(&self, id: &str) -> PathBuf {
+        self.data_dir.join("bundles").join(format!("{id}.tar.gz"))
+    }
+
+    /// Where a payload's output archive is kept.
+    pub fn output_path(&self, id: &str) -> PathBuf {
+        self.data_dir.join("outputs").join(format!("{id}.tar.gz"))
+    }
+}
+
+/// Writes a file completely under a temporary name, syncs it, then renames it into place,
+/// so a reader never sees half a file.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
+    let err = |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(err)
+}

@@ -1,0 +1,672 @@
+//! Payload rows: submit, match (exactly one pilot per payload), status reports, operator
+//! commands, output bookkeeping, reads.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{params, OptionalExtension, TransactionBehavior};
+
+use super::{parse_ts, ts, Store, StoreError};
+use crate::protocol::api::{
+    MatchRequest, OperatorCommand, PayloadState, PayloadView, StatusReport,
+};
+use crate::protocol::Resources;
+
+/// A validated submission.
+#[derive(Debug, Clone)]
+pub struct NewPayload {
+    pub owner_dn: String,
+    pub vo: String,
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub jobtag: Option<String>,
+    pub resources: Resources,
+    pub outputs: Vec<String>,
+    pub bundle_sha256: Option<String>,
+}
+
+/// What a match hands to the envelope signer.
+#[derive(Debug, Clone)]
+pub struct Matched {
+    pub id: String,
+    pub owner_dn: String,
+    pub vo: String,
+    pub fqans: Vec<String>,
+    pub membership_valid_until: DateTime<Utc>,
+    pub jobtag: Option<String>,
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub bundle_sha256: Option<String>,
+    pub resources: Resources,
+    pub outputs: Vec<String>,
+}
+
+fn parse_state(s: &str) -> Result<PayloadState, StoreError> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| StoreError::Corrupt(format!("payload state {s:?}")))
+}
+
+fn json<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T, StoreError> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+/// SQLite integers are i64; saturate the (unsigned) request values.
+fn sat(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+const VIEW_COLUMNS: &str = "id, owner_dn, vo, state, argv, jobtag, cores, memory_bytes, \
+    walltime_seconds, outputs, submitted_at, updated_at, pilot_id, host, batch_job_id, account, \
+    uid, exit_code, signal, cpu_seconds, peak_memory_bytes, reason, denial_class, has_output";
+
+/// Raw column values of a view row (converted outside the rusqlite closure).
+struct ViewRow {
+    id: String,
+    owner_dn: String,
+    vo: String,
+    state: String,
+    argv: String,
+    jobtag: Option<String>,
+    cores: i64,
+    memory_bytes: i64,
+    walltime_seconds: i64,
+    outputs: String,
+    submitted_at: String,
+    updated_at: Option<String>,
+    pilot_id: Option<String>,
+    host: Option<String>,
+    batch_job_id: Option<String>,
+    account: Option<String>,
+    uid: Option<i64>,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    cpu_seconds: Option<f64>,
+    peak_memory_bytes: Option<i64>,
+    reason: Option<String>,
+    denial_class: Option<String>,
+    has_output: bool,
+}
+
+fn view_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ViewRow> {
+    Ok(ViewRow {
+        id: r.get(0)?,
+        owner_dn: r.get(1)?,
+        vo: r.get(2)?,
+        state: r.get(3)?,
+        argv: r.get(4)?,
+        jobtag: r.get(5)?,
+        cores: r.get(6)?,
+        memory_bytes: r.get(7)?,
+        walltime_seconds: r.get(8)?,
+        outputs: r.get(9)?,
+        submitted_at: r.get(10)?,
+        updated_at: r.get(11)?,
+        pilot_id: r.get(12)?,
+        host: r.get(13)?,
+        batch_job_id: r.get(14)?,
+        account: r.get(15)?,
+        uid: r.get(16)?,
+        exit_code: r.get(17)?,
+        signal: r.get(18)?,
+        cpu_seconds: r.get(19)?,
+        peak_memory_bytes: r.get(20)?,
+        reason: r.get(21)?,
+        denial_class: r.get(22)?,
+        has_output: r.get(23)?,
+    })
+}
+
+impl ViewRow {
+    fn into_view(self) -> Result<PayloadView, StoreError> {
+        Ok(PayloadView {
+            state: parse_state(&self.state)?,
+            argv: json("argv", &self.argv)?,
+            resources: Resources {
+                cores: self.cores as u32,
+                memory_bytes: self.memory_bytes as u64,
+                walltime_seconds: self.walltime_seconds as u64,
+            },
+            outputs: json("outputs", &self.outputs)?,
+            submitted_at: parse_ts(&self.submitted_at)?,
+            updated_at: self.updated_at.as_deref().map(parse_ts).transpose()?,
+            payload_id: self.id,
+            owner_dn: self.owner_dn,
+            vo: self.vo,
+            jobtag: self.jobtag,
+            pilot_id: self.pilot_id,
+            host: self.host,
+            batch_job_id: self.batch_job_id,
+            account: self.account,
+            uid: self.uid.map(|u| u as u32),
+            exit_code: self.exit_code,
+            signal: self.signal,
+            cpu_seconds: self.cpu_seconds,
+            peak_memory_bytes: self.peak_memory_bytes.map(|m| m as u64),
+            reason: self.reason,
+            denial_class: self.denial_class,
+            has_output: self.has_output,
+        })
+    }
+}
+
+impl Store {
+    /// Stores a submission (bundle bytes first, then the row) and returns its new id.
+    pub fn submit(
+        &self,
+        p: &NewPayload,
+        bundle: Option<&[u8]>,
+        now: DateTime<Utc>,
+    ) -> Result<String, StoreError> {
+        let id = format!("p-{}", uuid::Uuid::new_v4().simple());
+        if let Some(b) = bundle {
+            super::write_atomic(&self.bundle_path(&id), b)?;
+        }
+        let res = self.lock().execute(
+            "INSERT INTO payloads (id, owner_dn, vo, state, argv, env, jobtag, cores, memory_bytes,
+                walltime_seconds, outputs, bundle_sha256, submitted_at, updated_at)
+             VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
+            params![
+                id,
+                p.owner_dn,
+                p.vo,
+                serde_json::to_string(&p.argv).expect("strings serialise"),
+                serde_json::to_string(&p.env).expect("strings serialise"),
+                p.jobtag,
+                p.resources.cores,
+                sat(p.resources.memory_bytes),
+                sat(p.resources.walltime_seconds),
+                serde_json::to_string(&p.outputs).expect("strings serialise"),
+                p.bundle_sha256,
+                ts(now),
+            ],
+        );
+        if let Err(e) = res {
+            let _ = std::fs::remove_file(self.bundle_path(&id));
+            return Err(e.into());
+        }
+        Ok(id)
+    }
+
+    /// Picks the oldest queued payload that fits and whose owner is still an active member,
+    /// and marks it matched to this pilot, in one immediate transaction.
+    pub fn match_one(
+        &self,
+        pilot_dn: &str,
+        req: &MatchRequest,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Matched>, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let row = tx
+            .prepare_cached(
+                "SELECT p.id, p.owner_dn, m.vo, m.fqans, m.renewal_due, p.jobtag, p.argv, p.env,
+                        p.bundle_sha256, p.cores, p.memory_bytes, p.walltime_seconds, p.outputs
+                 FROM payloads p JOIN members m ON m.dn = p.owner_dn
+                 WHERE p.state = 'queued' AND p.cores <= ?1 AND p.memory_bytes <= ?2
+                   AND p.walltime_seconds <= ?3 AND m.status = 'registered'
+                   AND m.renewal_due > ?4
+                 ORDER BY p.seq LIMIT 1",
+            )?
+            .query_row(
+                params![
+                    req.free_cores,
+                    sat(req.free_memory_bytes),
+                    sat(req.seconds_left),
+                    ts(now)
+                ],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, Option<String>>(5)?,
+                        r.get::<_, String>(6)?,
+                        r.get::<_, String>(7)?,
+                        r.get::<_, Option<String>>(8)?,
+                        r.get::<_, i64>(9)?,
+                        r.get::<_, i64>(10)?,
+                        r.get::<_, i64>(11)?,
+                        r.get::<_, String>(12)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((id, owner_dn, vo, fqans, due, jobtag, argv, env, sha, cores, mem, wall, outputs)) =
+            row
+        else {
+            return Ok(None);
+        };
+        // The state guard makes the claim safe even against another process on the same file.
+        let changed = tx
+            .prepare_cached(
+                "UPDATE payloads SET state = 'matched', pilot_dn = ?2, pilot_id = ?3, host = ?4,
+                    batch_job_id = ?5, updated_at = ?6
+                 WHERE id = ?1 AND state = 'queued'",
+            )?
+            .execute(params![
+                id,
+                pilot_dn,
+                req.pilot_id,
+                req.host,
+                req.batch_job_id,
+                ts(now)
+            ])?;
+        if changed != 1 {
+            return Ok(None);
+        }
+        let matched = Matched {
+            fqans: json("member fqans", &fqans)?,
+            membership_valid_until: parse_ts(&due)?,
+            argv: json("argv", &argv)?,
+            env: json("env", &env)?,
+            outputs: json("outputs", &outputs)?,
+            resources: Resources {
+                cores: cores as u32,
+                memory_bytes: mem as u64,
+                walltime_seconds: wall as u64,
+            },
+            id,
+            owner_dn,
+            vo,
+            jobtag,
+            bundle_sha256: sha,
+        };
+        tx.commit()?;
+        Ok(Some(matched))
+    }
+
+    /// Undoes a match whose envelope could not be built or sent (e.g. the bundle file is
+    /// unreadable): the payload is failed with a reason rather than left hanging.
+    pub fn fail_matched(
+        &self,
+        id: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.lock().execute(
+            "UPDATE payloads SET state = 'failed', reason = ?2, updated_at = ?3
+             WHERE id = ?1 AND state = 'matched'",
+            params![id, reason, ts(now)],
+        )?;
+        Ok(())
+    }
+
+    /// Recovers payloads whose pilot went away. A payload matched before `matched_before`
+    /// and never reported running is queued again: its envelope has expired by then, so no
+    /// helper will start it from the old envelope, and the next match signs a fresh one. A
+    /// running payload whose last report is older than its wall time plus `running_grace`
+    /// seconds is marked lost. Returns (requeued, lost).
+    pub fn sweep(
+        &self,
+        matched_before: DateTime<Utc>,
+        running_grace: i64,
+        now: DateTime<Utc>,
+    ) -> Result<(usize, usize), StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let requeued = tx.execute(
+            "UPDATE payloads SET state = 'queued', pilot_dn = NULL, pilot_id = NULL, host = NULL,
+                batch_job_id = NULL, updated_at = ?2,
+                reason = 'requeued: the pilot it was matched to never reported it running'
+             WHERE state = 'matched' AND updated_at < ?1",
+            params![ts(matched_before), ts(now)],
+        )?;
+        let mut lost = 0;
+        {
+            let mut stmt = tx.prepare(
+                "SELECT id, updated_at, walltime_seconds FROM payloads WHERE state = 'running'",
+            )?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            for (id, updated, wall) in rows {
+                let last = parse_ts(&updated)?;
+                if last + chrono::Duration::seconds(wall.saturating_add(running_grace)) < now {
+                    lost += tx.execute(
+                        "UPDATE payloads SET state = 'lost', updated_at = ?2,
+                            reason = 'lost: no report from its pilot for longer than its wall time'
+                         WHERE id = ?1 AND state = 'running'",
+                        params![id, ts(now)],
+                    )?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok((requeued, lost))
+    }
+
+    /// Applies a status report from the pilot holding the payload; returns the operator
+    /// commands not delivered yet (each is delivered once).
+    pub fn apply_status(
+        &self,
+        id: &str,
+        pilot_dn: &str,
+        rep: &StatusReport,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<OperatorCommand>, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (state, holder_dn, holder_id) = tx
+            .query_row(
+                "SELECT state, pilot_dn, pilot_id FROM payloads WHERE id = ?1",
+                params![id],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, Option<String>>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                    ))
+                },
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(id.into()))?;
+        let state = parse_state(&state)?;
+        if holder_dn.as_deref() != Some(pilot_dn) || holder_id.as_deref() != Some(&rep.pilot_id) {
+            return Err(StoreError::Forbidden(format!(
+                "payload {id} is not held by pilot {:?} ({pilot_dn}); only the pilot it was matched to may report on it",
+                rep.pilot_id
+            )));
+        }
+        if state.is_final() {
+            return Err(StoreError::Conflict(format!(
+                "payload {id} is already {state}; a final state is not reopened"
+            )));
+        }
+        let new_state = match rep.state {
+            None => state,
+            Some(PayloadState::Matched) => {
+                return Err(StoreError::Invalid(
+                    "a pilot cannot report state `matched`; report running, a final state, or queued to hand it back".into(),
+                ))
+            }
+            Some(PayloadState::Queued) if state != PayloadState::Matched => {
+                return Err(StoreError::Conflict(format!(
+                    "payload {id} is {state}; only a matched payload that has not started can be handed back"
+                )))
+            }
+            Some(PayloadState::Running) if state == PayloadState::Running || state == PayloadState::Matched => {
+                PayloadState::Running
+            }
+            Some(s) => s,
+        };
+        let mut commands = take_commands(&tx, id)?;
+        if new_state == PayloadState::Queued {
+            // Handed back. A cancel that arrived meanwhile takes effect now.
+            let cancelled_by = commands.iter().find_map(|c| match c {
+                OperatorCommand::Cancel { requester } => Some(requester.clone()),
+                _ => None,
+            });
+            let (st, reason) = match cancelled_by {
+                Some(who) => ("cancelled", Some(format!("cancelled by {who}"))),
+                None => ("queued", rep.reason.clone()),
+            };
+            tx.execute(
+                "UPDATE payloads SET state = ?2, reason = ?3, pilot_dn = NULL, pilot_id = NULL,
+                    host = NULL, batch_job_id = NULL, updated_at = ?4 WHERE id = ?1",
+                params![id, st, reason, ts(now)],
+            )?;
+            commands.clear();
+        } else {
+            tx.execute(
+                "UPDATE payloads SET state = ?2,
+                    account = COALESCE(?3, account), uid = COALESCE(?4, uid),
+                    exit_code = COALESCE(?5, exit_code), signal = COALESCE(?6, signal),
+                    cpu_seconds = COALESCE(?7, cpu_seconds),
+                    peak_memory_bytes = COALESCE(?8, peak_memory_bytes),
+                    wall_seconds = COALESCE(?9, wall_seconds), reason = COALESCE(?10, reason),
+                    denial_class = COALESCE(?11, denial_class), updated_at = ?12
+                 WHERE id = ?1",
+                params![
+                    id,
+                    new_state.as_str(),
+                    rep.account,
+                    rep.uid,
+                    rep.exit_code,
+                    rep.signal,
+                    rep.cpu_seconds,
+                    rep.peak_memory_bytes.map(sat),
+                    rep.wall_seconds,
+                    rep.reason,
+                    rep.denial_class,
+                    ts(now)
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(commands)
+    }
+
+    /// Cancels on behalf of `requester`: a queued payload at once; a matched or running one
+    /// through a command for its pilot. Returns the state after the call.
+    pub fn cancel(
+        &self,
+        id: &str,
+        requester: &str,
+        is_operator: bool,
+        now: DateTime<Utc>,
+    ) -> Result<PayloadState, StoreError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (owner, state) = tx
+            .query_row(
+                "SELECT owner_dn, state FROM payloads WHERE id = ?1",
+                params![id],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(id.into()))?;
+        if owner != requester && !is_operator {
+            return Err(StoreError::Forbidden(format!(
+                "{requester} may not cancel payload {id}: only its owner or a VO operator may"
+            )));
+        }
+        let state = parse_state(&state)?;
+        let after = match state {
+            PayloadState::Queued => {
+                tx.execute(
+                    "UPDATE payloads SET state = 'cancelled', reason = ?2, updated_at = ?3 WHERE id = ?1",
+                    params![id, format!("cancelled by {requester}"), ts(now)],
+                )?;
+                PayloadState::Cancelled
+            }
+            PayloadState::Matched | PayloadState::Running => {
+                let cmd = OperatorCommand::Cancel {
+                    requester: requester.to_string(),
+                };
+                tx.execute(
+                    "INSERT INTO commands (payload_id, command) VALUES (?1, ?2)",
+                    params![id, serde_json::to_string(&cmd).expect("commands serialise")],
+                )?;
+                state
+            }
+            s => {
+                return Err(StoreError::Conflict(format!(
+                    "payload {id} is already {s}; there is nothing to cancel"
+                )))
+            }
+        };
+        tx.commit()?;
+        Ok(after)
+    }
+
+    /// The DN of the pilot that holds (or last held) a payload.
+    pub fn holder(&self, id: &str) -> Result<Option<String>, StoreError> {
+        self.lock()
+            .query_row(
+                "SELECT pilot_dn FROM payloads WHERE id = ?1",
+                params![id],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(id.into()))
+    }
+
+    /// Records that the output archive is stored.
+    pub fn set_has_output(&self, id: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
+        self.lock().execute(
+            "UPDATE payloads SET has_output = 1, updated_at = ?2 WHERE id = ?1",
+            params![id, ts(now)],
+        )?;
+        Ok(())
+    }
+
+    /// One payload as its owner sees it.
+    pub fn view(&self, id: &str) -> Result<PayloadView, StoreError> {
+        let row = self
+            .lock()
+            .query_row(
+                &format!("SELECT {VIEW_COLUMNS} FROM payloads WHERE id = ?1"),
+                params![id],
+                view_row,
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(id.into()))?;
+        row.into_view()
+    }
+
+    /// Payloads of one owner (or of everyone), optionally in one state, oldest first.
+    pub fn list(
+        &self,
+        owner: Option<&str>,
+        state: Option<PayloadState>,
+    ) -> Result<Vec<PayloadView>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {VIEW_COLUMNS} FROM payloads
+             WHERE (?1 IS NULL OR owner_dn = ?1) AND (?2 IS NULL OR state = ?2) ORDER BY seq"
+        ))?;
+        let rows = stmt
+            .query_map(params![owner, state.map(|s| s.as_str())], view_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        drop(stmt);
+        drop(conn);
+        rows.into_iter().map(ViewRow::into_view).collect()
+    }
+}
+
+fn take_commands(
+    tx: &rusqlite::Transaction<'_>,
+    id: &str,
+) -> Result<Vec<OperatorCommand>, StoreError> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT seq, command FROM commands WHERE payload_id = ?1 AND delivered = 0 ORDER BY seq",
+    )?;
+    let rows = stmt
+        .query_map(params![id], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (seq, text) in rows {
+        out.push(json("operator command", &text)?);
+        tx.execute(
+            "UPDATE commands SET delivered = 1 WHERE seq = ?1",
+            params![seq],
+        )?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::config::MemberSeed;
+    use chrono::Duration;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let seed = MemberSeed {
+            dn: "/CN=a".into(),
+            fqans: vec!["/demo".into()],
+        };
+        s.seed_members("demo", &[seed], Utc::now()).unwrap();
+        (d, s)
+    }
+
+    fn new_payload() -> NewPayload {
+        NewPayload {
+            owner_dn: "/CN=a".into(),
+            vo: "demo".into(),
+            argv: vec!["/bin/true".into()],
+            env: Default::default(),
+            jobtag: None,
+            resources: Resources {
+                cores: 1,
+                memory_bytes: 64 << 20,
+                walltime_seconds: 60,
+            },
+            outputs: vec![],
+            bundle_sha256: None,
+        }
+    }
+
+    fn mreq() -> MatchRequest {
+        MatchRequest {
+            pilot_id: "p".into(),
+            batch_system: None,
+            batch_job_id: None,
+            host: "h".into(),
+            free_cores: 1,
+            free_memory_bytes: 1 << 30,
+            seconds_left: 3600,
+        }
+    }
+
+    #[test]
+    fn sweep_requeues_unstarted_and_loses_silent_running() {
+        let (_d, s) = store();
+        let t0 = Utc::now();
+        let a = s.submit(&new_payload(), None, t0).unwrap();
+        let b = s.submit(&new_payload(), None, t0).unwrap();
+        assert_eq!(s.match_one("/CN=p", &mreq(), t0).unwrap().unwrap().id, a);
+        assert_eq!(s.match_one("/CN=p", &mreq(), t0).unwrap().unwrap().id, b);
+        let running = StatusReport {
+            pilot_id: "p".into(),
+            state: Some(PayloadState::Running),
+            ..Default::default()
+        };
+        s.apply_status(&b, "/CN=p", &running, t0).unwrap();
+        // Nothing is old enough yet.
+        assert_eq!(s.sweep(t0 - Duration::seconds(1), 600, t0).unwrap(), (0, 0));
+        let later = t0 + Duration::seconds(60 + 601);
+        assert_eq!(
+            s.sweep(t0 + Duration::seconds(1), 600, later).unwrap(),
+            (1, 1)
+        );
+        assert_eq!(s.view(&a).unwrap().state, PayloadState::Queued);
+        assert_eq!(s.view(&a).unwrap().pilot_id, None);
+        assert_eq!(s.view(&b).unwrap().state, PayloadState::Lost);
+        // The old holder can no longer report on the requeued payload.
+        assert!(matches!(
+            s.apply_status(&a, "/CN=p", &running, later),
+            Err(StoreError::Forbidden(_))
+        ));
+    }
+
+    #[test]
+    fn expired_membership_is_not_matched() {
+        let (_d, s) = store();
+        let now = Utc::now();
+        s.submit(&new_payload(), None, now).unwrap();
+        let in_two_years = now + Duration::days(730);
+        assert!(s
+            .match_one("/CN=p", &mreq(), in_two_years)
+            .unwrap()
+            .is_none());
+        s.renew_member("/CN=a", in_two_years - Duration::days(1))
+            .unwrap();
+        assert!(s
+            .match_one("/CN=p", &mreq(), in_two_years)
+            .unwrap()
+            .is_some());
+    }
+}

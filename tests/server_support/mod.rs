@@ -1,0 +1,142 @@
+//! Shared helpers for the server integration tests: a demo VO from the real `init`, the real
+//! `serve` binary on 127.0.0.1:0, and mTLS reqwest clients with the generated certificates.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_mupilot-server");
+
+pub fn dn(cn: &str) -> String {
+    format!("/DC=org/DC=mupilot-demo/CN={cn}")
+}
+
+/// A demo VO written by `mupilot-server init` into a fresh temporary directory.
+pub struct Demo {
+    pub tmp: tempfile::TempDir,
+    pub dir: PathBuf,
+}
+
+impl Demo {
+    pub fn new() -> Demo {
+        let tmp = tempfile::Builder::new()
+            .prefix("srv-test-")
+            .tempdir()
+            .unwrap();
+        let dir = tmp.path().join("vo");
+        let out = Command::new(BIN)
+            .args(["init", dir.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "init failed: {}", text(&out));
+        Demo { tmp, dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.path("server.toml")
+    }
+
+    /// Starts `serve` on this VO's server.toml.
+    pub fn serve(&self) -> Server {
+        Server::start(&self.config(), &self.tmp.path().join("server.log"))
+    }
+
+    /// An mTLS client presenting `<name>.crt`.
+    pub fn client(&self, name: &str) -> reqwest::Client {
+        mupilot::tls::https_client(
+            &self.path(&format!("{name}.crt")),
+            &self.path(&format!("{name}.key")),
+            &self.path("certificates"),
+        )
+        .unwrap()
+    }
+
+    /// Runs the binary with arguments; returns its output.
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(BIN).args(args).output().unwrap()
+    }
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A running `mupilot-server serve`; stopped with SIGTERM (by pid) when dropped.
+pub struct Server {
+    child: Option<Child>,
+    pub url: String,
+    pub log: PathBuf,
+}
+
+impl Server {
+    pub fn start(config: &Path, log: &Path) -> Server {
+        let logf = std::fs::File::create(log).unwrap();
+        let mut child = Command::new(BIN)
+            .args(["serve", "--config", config.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(logf)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        let Some(url) = line.trim().strip_prefix("listening on ") else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "server did not start: {line:?}; log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        };
+        Server {
+            url: url.to_string(),
+            child: Some(child),
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+
+    /// Sends SIGTERM and waits; returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,6 +1,6 @@
-//! Match throughput of the real server (debug build, TLS, SQLite, keep-alive connections):
-//! one pilot asking in sequence, and 16 pilots asking concurrently. Prints the rates; asserts
-//! only a floor far below the target so a busy shared test machine does not make it flaky.
+//! Many matches against the real server (TLS, SQLite, keep-alive connections), from one pilot
+//! in sequence and from 16 pilots at once: every match gets work and no payload is handed out
+//! twice. Rates are printed for information only; scripts/bench.sh measures them (release).
 
 mod server_support;
 
@@ -10,8 +10,6 @@ use std::time::Instant;
 use mupilot::protocol::api::{MatchRequest, MatchResponse, SubmitRequest};
 use mupilot::protocol::Resources;
 use server_support::Demo;
-
-const FLOOR_PER_SECOND: f64 = 50.0;
 
 fn req(pilot: &str) -> MatchRequest {
     MatchRequest {
@@ -55,7 +53,7 @@ async fn fill(demo: &Demo, url: &str, n: usize) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn match_throughput_one_and_sixteen_pilots() {
+async fn sequential_and_concurrent_matches_never_hand_out_a_payload_twice() {
     let demo = Demo::new();
     let srv = demo.serve();
     let n_one = 500;
@@ -128,6 +126,4 @@ async fn match_throughput_one_and_sixteen_pilots() {
             micros.len()
         );
     }
-    assert!(one > FLOOR_PER_SECOND, "1 pilot: {one:.0}/s");
-    assert!(many > FLOOR_PER_SECOND, "16 pilots: {many:.0}/s");
 }

@@ -199,7 +199,8 @@ mod tests {
             1 << 20,
         );
         assert_eq!(c.skipped.len(), 5, "{:?}", c.skipped);
-        let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(&c.archive.unwrap()[..]));
+        let bytes = c.archive.unwrap();
+        let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]));
         let names: Vec<String> = ar
             .entries()
             .unwrap()

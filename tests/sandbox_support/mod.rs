@@ -58,7 +58,9 @@ impl Drop for TestUser {
 
 /// Resolves an existing account from the user and group databases.
 pub fn account(name: &str) -> Account {
-    let u = nix::unistd::User::from_name(name).unwrap().expect("user exists");
+    let u = nix::unistd::User::from_name(name)
+        .unwrap()
+        .expect("user exists");
     let out = Command::new("id").args(["-G", name]).output().unwrap();
     let groups = String::from_utf8_lossy(&out.stdout)
         .split_whitespace()

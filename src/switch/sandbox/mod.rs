@@ -224,6 +224,23 @@ pub struct Running {
     walltime: Option<Duration>,
     outputs: Vec<String>,
     output_limit: u64,
+    /// Set once [`Running::wait`] tore everything down; otherwise `Drop` does it.
+    finished: bool,
+}
+
+impl Drop for Running {
+    /// A payload whose owner never waited (a panic, an early return) is still killed and
+    /// cleaned up: no process, scratch or cgroup outlives its `Running`.
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.handle.kill("abandoned");
+        let _ = self.stage.kill();
+        let _ = self.stage.wait();
+        let _ = std::fs::remove_dir_all(&self.handle.inner.scratch);
+        self.handle.inner.cgroup.remove();
+    }
 }
 
 impl Running {
@@ -289,6 +306,7 @@ impl Running {
         if !h.inner.cgroup.remove() {
             tracing::warn!(cgroup = %h.cgroup(), "payload cgroup could not be removed");
         }
+        self.finished = true;
         let (exit_code, signal) = end.unwrap_or((None, Some(libc::SIGKILL)));
         Ok(Outcome {
             exit_code,
@@ -520,6 +538,7 @@ pub fn launch(
                 .then(|| Duration::from_secs(plan.walltime_seconds)),
             outputs: plan.outputs,
             output_limit: settings.output_limit_bytes,
+            finished: false,
         }),
         Err(e) => {
             let _ = cg.kill_all();

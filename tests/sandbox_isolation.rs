@@ -461,6 +461,26 @@ fn user_namespaces_follow_the_setting() {
     );
     assert_eq!(o.exit_code, Some(0), "allowed: {out}");
     assert_eq!(out.trim(), "0");
+    // Inside its own user namespace the payload gets capabilities there (securebits and the
+    // bounding set are reset by the kernel for a new user namespace), as Apptainer needs.
+    let (o, out) = run(
+        &s,
+        plan(
+            "userns-caps",
+            &u.account,
+            &[
+                "unshare",
+                "-U",
+                "-r",
+                "-m",
+                "sh",
+                "-c",
+                "mount -t tmpfs none /mnt && grep CapEff /proc/self/status",
+            ],
+        ),
+    );
+    assert_eq!(o.exit_code, Some(0), "{out}");
+    assert!(!out.contains("0000000000000000"), "{out}");
     s.allow_user_namespaces = false;
     let (o, out) = run(
         &s,

@@ -35,6 +35,11 @@ pub enum CgroupError {
         controller: String,
         path: PathBuf,
     },
+    #[error("cgroup v2 controller {controller} is not available in {path}; enable it in the ancestors' cgroup.subtree_control (systemd: Delegate=yes for the pilot's unit or the batch system's cgroup plugin)")]
+    ControllerMissing {
+        controller: &'static str,
+        path: PathBuf,
+    },
     #[error("cgroup {path} still has processes after {seconds}s of killing")]
     NotEmpty { path: PathBuf, seconds: u64 },
 }
@@ -58,6 +63,14 @@ pub struct Usage {
 
 /// The v1 controllers every payload cgroup is created in.
 const V1_CONTROLLERS: [&str; 5] = ["memory", "cpu", "cpuacct", "pids", "freezer"];
+/// v1 controllers the payload joins below the pilot when mounted, so a batch system's CPU
+/// pinning (cpuset) and device restrictions (devices, e.g. GPUs) keep holding (P7).
+const V1_OPTIONAL: [&str; 2] = ["cpuset", "devices"];
+
+/// v2 controllers enabled for the payload cgroups.
+const V2_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+/// v2 leaf the job cgroup's own processes move into (no-internal-processes rule).
+const PILOT_LEAF: &str = "pilot";
 
 /// One payload cgroup. Serializable so the stage knows which `cgroup.procs` files to join.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -247,11 +260,17 @@ impl Cgroup {
         name: &str,
     ) -> Result<Cgroup, CgroupError> {
         let mut dirs: Vec<(Vec<String>, PathBuf)> = Vec::new();
-        for ctrl in V1_CONTROLLERS {
+        let ours =
+            |c: &String| V1_CONTROLLERS.contains(&c.as_str()) || V1_OPTIONAL.contains(&c.as_str());
+        for ctrl in V1_CONTROLLERS.iter().chain(V1_OPTIONAL.iter()).copied() {
             let Some(m) = mounts
                 .iter()
                 .find(|m| !m.v2 && m.controllers.iter().any(|c| c == ctrl))
             else {
+                if V1_OPTIONAL.contains(&ctrl) {
+                    continue;
+                }
+                Cgroup::V1 { dirs }.remove();
                 return Err(CgroupError::NoHierarchy(format!(
                     "v1 controller {ctrl} is not mounted"
                 )));
@@ -260,65 +279,110 @@ impl Cgroup {
                 continue; // cpu,cpuacct combined: already created
             }
             let Some((_, p)) = lines.iter().find(|(c, _)| c.iter().any(|c| c == ctrl)) else {
+                Cgroup::V1 { dirs }.remove();
                 return Err(CgroupError::NoPilotCgroup {
                     pid: pilot_pid,
                     controller: ctrl.into(),
                     path: m.point.clone(),
                 });
             };
-            let dir = join_mount(m, p).join(name);
-            let hier: Vec<String> = m
-                .controllers
-                .iter()
-                .filter(|c| V1_CONTROLLERS.contains(&c.as_str()))
-                .cloned()
-                .collect();
-            if let Err(e) = mkdir(&dir) {
+            let parent = join_mount(m, p);
+            let dir = parent.join(name);
+            let hier: Vec<String> = m.controllers.iter().filter(|c| ours(c)).cloned().collect();
+            let made = mkdir(&dir).and_then(|()| {
+                if ctrl == "cpuset" {
+                    // A v1 cpuset cgroup starts empty and cannot take tasks: copy the pilot's.
+                    for f in ["cpuset.cpus", "cpuset.mems"] {
+                        write(&dir.join(f), read(&parent.join(f))?.trim())?;
+                    }
+                }
+                Ok(())
+            });
+            dirs.push((hier, dir));
+            if let Err(e) = made {
                 Cgroup::V1 { dirs }.remove();
                 return Err(e);
             }
-            dirs.push((hier, dir));
         }
         Ok(Cgroup::V1 { dirs })
     }
 
-    fn create_v2(parent: &Path, mount: &Path, name: &str) -> Result<Cgroup, CgroupError> {
-        if parent != mount {
-            // A cgroup that enables controllers for its children may not hold processes.
-            let procs = parent.join("cgroup.procs");
-            if !pids_in(&procs).is_empty() {
-                let leaf = parent.join("pilot");
-                mkdir(&leaf)?;
-                for _ in 0..20 {
-                    let pids = pids_in(&procs);
-                    if pids.is_empty() {
+    fn create_v2(pilot_cg: &Path, mount: &Path, name: &str) -> Result<Cgroup, CgroupError> {
+        // The pilot already sits in the leaf a previous launch made: the job cgroup is above.
+        let parent = match (pilot_cg.file_name(), pilot_cg.parent()) {
+            (Some(n), Some(p)) if n == PILOT_LEAF && pilot_cg != mount => p.to_owned(),
+            _ => pilot_cg.to_owned(),
+        };
+        let available = read(&parent.join("cgroup.controllers"))?;
+        for c in V2_CONTROLLERS {
+            if !available.split_whitespace().any(|a| a == c) {
+                return Err(CgroupError::ControllerMissing {
+                    controller: c,
+                    path: parent.clone(),
+                });
+            }
+        }
+        for attempt in 0..20 {
+            // A cgroup that enables controllers for its children may not hold processes (the
+            // root cgroup is exempt): move them into the `pilot` leaf first.
+            if parent != mount {
+                Self::move_procs_to_leaf(&parent)?;
+            }
+            let enabled = read(&parent.join("cgroup.subtree_control"))?;
+            let mut result = Ok(());
+            for c in V2_CONTROLLERS {
+                if !enabled.split_whitespace().any(|e| e == c) {
+                    result = write(&parent.join("cgroup.subtree_control"), &format!("+{c}"));
+                    if result.is_err() {
                         break;
-                    }
-                    for pid in pids {
-                        // A process may exit between read and write: ESRCH is fine.
-                        match fs::write(leaf.join("cgroup.procs"), pid.to_string()) {
-                            Err(e) if e.raw_os_error() != Some(libc::ESRCH) => {
-                                return Err(CgroupError::Write {
-                                    path: leaf.join("cgroup.procs"),
-                                    value: pid.to_string(),
-                                    source: e,
-                                })
-                            }
-                            _ => {}
-                        }
                     }
                 }
             }
-            let enabled = read(&parent.join("cgroup.subtree_control"))?;
-            for c in ["memory", "cpu", "pids"] {
-                if !enabled.split_whitespace().any(|e| e == c) {
-                    write(&parent.join("cgroup.subtree_control"), &format!("+{c}"))?;
+            match result {
+                // EBUSY: a process appeared (forked) between the move and the write.
+                Err(CgroupError::Write { ref source, .. })
+                    if source.raw_os_error() == Some(libc::EBUSY) && attempt < 19 =>
+                {
+                    sleep(Duration::from_millis(5));
+                }
+                r => {
+                    r?;
+                    break;
                 }
             }
         }
         let dir = parent.join(name);
         mkdir(&dir)?;
         Ok(Cgroup::V2 { dir })
+    }
+
+    fn move_procs_to_leaf(parent: &Path) -> Result<(), CgroupError> {
+        let procs = parent.join("cgroup.procs");
+        if pids_in(&procs).is_empty() {
+            return Ok(());
+        }
+        let leaf = parent.join(PILOT_LEAF);
+        mkdir(&leaf)?;
+        for _ in 0..20 {
+            let pids = pids_in(&procs);
+            if pids.is_empty() {
+                break;
+            }
+            for pid in pids {
+                // A process may exit between read and write: ESRCH is fine.
+                match fs::write(leaf.join("cgroup.procs"), pid.to_string()) {
+                    Err(e) if e.raw_os_error() != Some(libc::ESRCH) => {
+                        return Err(CgroupError::Write {
+                            path: leaf.join("cgroup.procs"),
+                            value: pid.to_string(),
+                            source: e,
+                        })
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
     }
 
     fn set_limits(&self, l: Limits) -> Result<(), CgroupError> {
@@ -521,6 +585,35 @@ impl Cgroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The v2 placement logic against a directory tree shaped like cgroupfs (plain files).
+    #[test]
+    fn v2_payload_goes_beside_the_pilot_leaf() {
+        let t = tempfile::tempdir().unwrap();
+        let mount = t.path();
+        let job = mount.join("job");
+        fs::create_dir(&job).unwrap();
+        fs::write(
+            job.join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        )
+        .unwrap();
+        fs::write(job.join("cgroup.subtree_control"), "").unwrap();
+        fs::write(job.join("cgroup.procs"), "").unwrap();
+        let cg = Cgroup::create_v2(&job, mount, "mupilot-p1").unwrap();
+        match &cg {
+            Cgroup::V2 { dir } => assert_eq!(dir, &job.join("mupilot-p1")),
+            _ => panic!(),
+        }
+        // The pilot already in the leaf: the next payload is a sibling, not nested.
+        fs::create_dir(job.join("pilot")).unwrap();
+        let cg = Cgroup::create_v2(&job.join("pilot"), mount, "mupilot-p2").unwrap();
+        assert_eq!(cg.procs_files(), vec![job.join("mupilot-p2/cgroup.procs")]);
+        // A missing controller is a clear error naming it.
+        fs::write(job.join("cgroup.controllers"), "cpu memory\n").unwrap();
+        let e = Cgroup::create_v2(&job, mount, "mupilot-p3").unwrap_err();
+        assert!(e.to_string().contains("controller pids"), "{e}");
+    }
 
     #[test]
     fn unescapes_mountinfo() {

@@ -142,6 +142,11 @@ fn run_stage(plan: &StagePlan, out: &mut File) -> StepResult<()> {
     let init = match step("fork init", unsafe { fork() })? {
         ForkResult::Child => {
             drop(rd);
+            // The init talks to the stage only; the helper's socket stays with the stage so the
+            // helper sees EOF when the stage ends.
+            // SAFETY: closes our copy of the socket; `out` is never used or dropped in this
+            // process again (it leaves through _exit below).
+            unsafe { libc::close(out.as_raw_fd()) };
             let mut w = File::from(wr);
             let code = match init_main(plan, &mut w) {
                 Ok(code) => code,
@@ -258,6 +263,19 @@ fn init_main(plan: &StagePlan, events: &mut File) -> StepResult<i32> {
                 ),
             )?;
         }
+    }
+    // POSIX message queues belong to the IPC namespace; show only ours.
+    if Path::new("/dev/mqueue").is_dir() {
+        step(
+            "mount mqueue on /dev/mqueue",
+            mount(
+                Some("mqueue"),
+                "/dev/mqueue",
+                Some("mqueue"),
+                nosuid | MsFlags::MS_NOEXEC,
+                None::<&str>,
+            ),
+        )?;
     }
     // 6. Hide every other payload's scratch: a tmpfs over the root, our own dir bound back.
     hide_scratch_root(plan)?;

@@ -77,7 +77,7 @@ fn private_pid_namespace_and_tmp() {
     let marker = format!("/tmp/mupilot-test-sbx-marker-{}", std::process::id());
     let script = format!(
         "ls /proc | grep -E '^[0-9]+$' | tr '\\n' ' '; echo; ls -A /tmp /var/tmp /dev/shm | grep -v : | grep -c . ; \
-         echo x > {marker}; hostname"
+         echo x > {marker}; hostname; ipcmk -M 4096 >/dev/null; ipcs -m | grep -c '^0x'"
     );
     let (o, out) = run(&s, plan("pidns", &u.account, &["sh", "-c", &script]));
     assert_eq!(o.exit_code, Some(0), "{out}");
@@ -97,6 +97,14 @@ fn private_pid_namespace_and_tmp() {
         "payload /tmp is not the host's"
     );
     assert!(lines[2].starts_with("mupilot-test-sbx-pidns"), "{out}");
+    // Its own SysV IPC namespace: only the segment it made, and that one is gone with it.
+    assert_eq!(lines[3], "1", "{out}");
+    let host = std::process::Command::new("ipcs")
+        .args(["-m", "-c"])
+        .output()
+        .unwrap();
+    let host = String::from_utf8_lossy(&host.stdout);
+    assert!(!host.contains("mpt-sbx-a"), "{host}");
 }
 
 #[test]
@@ -161,13 +169,13 @@ fn daemonized_children_are_killed() {
     .unwrap();
     let cg = std::path::PathBuf::from(r.handle.cgroup());
     std::thread::sleep(std::time::Duration::from_millis(400));
-    let daemons = pids_with_cmdline(&cg, "sleep\01000\0");
+    let daemons = pids_with_cmdline(&cg, "sleep\x001000\x00");
     assert_eq!(daemons.len(), 1, "the daemon runs in the payload cgroup");
     let o = r.wait().unwrap();
     assert_eq!(o.exit_code, Some(0));
     for p in daemons {
         let gone = std::fs::read(format!("/proc/{p}/cmdline"))
-            .map(|c| c != b"sleep\01000\0")
+            .map(|c| c != b"sleep\x001000\x00")
             .unwrap_or(true);
         assert!(gone, "daemon pid {p} still alive");
     }

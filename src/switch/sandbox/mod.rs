@@ -614,6 +614,14 @@ fn start_stage(
     }
 }
 
+// The daemon moves `Running` into a waiter thread and shares `Handle` between threads.
+const _: fn() = || {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send::<Running>();
+    send_sync::<Handle>();
+};
+
 /// Entry point of `mupilot-switch stage` (the re-exec'd, single-threaded stage process).
 pub fn stage_main() -> i32 {
     stage::stage_main()

@@ -103,10 +103,10 @@ fn verify(account: &Account) -> StepResult<()> {
         };
         let v = v.trim();
         match k {
-            "CapInh" | "CapPrm" | "CapEff" | "CapBnd" | "CapAmb" => {
-                if u64::from_str_radix(v, 16) != Ok(0) {
-                    return Err((s.into(), format!("{k} is {v}, expected 0")));
-                }
+            "CapInh" | "CapPrm" | "CapEff" | "CapBnd" | "CapAmb"
+                if u64::from_str_radix(v, 16) != Ok(0) =>
+            {
+                return Err((s.into(), format!("{k} is {v}, expected 0")));
             }
             "Uid" | "Gid" => {
                 let want = if k == "Uid" { account.uid } else { account.gid };

@@ -85,6 +85,10 @@ fn send(out: &mut File, ev: &StageEvent) {
 /// payload's own status travels as an [`StageEvent::Exit`] line), 1 on a setup failure, 2 when
 /// no plan could be read.
 pub fn stage_main() -> i32 {
+    // Whatever the helper leaked to us beyond stdin/stdout/stderr (a descriptor of another
+    // payload received without CLOEXEC, say) is closed before anything else happens.
+    // SAFETY: close_range(2) on descriptors we never use; no Rust object owns fds >= 3 yet.
+    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
     // fd 0 is our socket to the helper. Move it off 0 (close-on-exec), and put /dev/null on 0,
     // so no descendant inherits the channel.
     // SAFETY: fcntl(F_DUPFD_CLOEXEC) on fd 0, which the helper gave us; no memory is involved.
@@ -521,7 +525,10 @@ fn exec(plan: &StagePlan) -> Result<std::convert::Infallible, (String, String)> 
     let prog = resolve_program(&plan.argv[0], path_var).ok_or_else(|| {
         (
             s.to_owned(),
-            format!("{}: command not found in PATH={path_var}", plan.argv[0]),
+            format!(
+                "exec failed: ENOENT: {} not found in PATH={path_var}",
+                plan.argv[0]
+            ),
         )
     })?;
     let prog = cstr(&prog.to_string_lossy())?;

@@ -600,3 +600,30 @@ fn dropped_running_is_torn_down() {
         .unwrap_or(false);
     assert!(!alive, "payload killed");
 }
+
+#[test]
+fn duplicate_payload_id_is_refused() {
+    let u = TestUser::get("mpt-sbx-a");
+    let root = ScratchRoot::new("dup");
+    let s = settings(&root.0);
+    let r =
+        mupilot::switch::sandbox::launch(&s, plan("dup", &u.account, &["sleep", "2"]), None, None)
+            .unwrap();
+    let t = std::time::Instant::now();
+    let e = match mupilot::switch::sandbox::launch(
+        &s,
+        plan("dup", &u.account, &["true"]),
+        None,
+        None,
+    ) {
+        Err(e) => e,
+        Ok(_) => panic!("second payload with the same id started"),
+    };
+    assert!(t.elapsed().as_millis() < 500, "refused at once");
+    assert!(e.to_string().contains("payload with this id"), "{e}");
+    // The first one is untouched.
+    assert!(std::path::Path::new(&r.handle.cgroup()).exists());
+    let o = r.wait().unwrap();
+    assert_eq!(o.exit_code, Some(0));
+    assert_eq!(o.kill_reason, None);
+}

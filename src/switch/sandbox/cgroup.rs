@@ -25,7 +25,7 @@ pub enum CgroupError {
         value: String,
         source: io::Error,
     },
-    #[error("cannot create cgroup {path}: {source}")]
+    #[error("cannot create cgroup {path}: {source} (if it exists, a payload with this id is running or was not cleaned up)")]
     Create { path: PathBuf, source: io::Error },
     #[error("no usable cgroup hierarchy: {0}; mount cgroup v2 on /sys/fs/cgroup or the v1 memory, cpu, cpuacct, pids and freezer controllers")]
     NoHierarchy(String),
@@ -207,6 +207,15 @@ fn mkdir(path: &Path) -> Result<(), CgroupError> {
     }
 }
 
+/// Creates a payload cgroup directory; an existing one is an error (never reuse a cgroup that
+/// may hold a previous payload's processes).
+fn mkdir_new(path: &Path) -> Result<(), CgroupError> {
+    fs::create_dir(path).map_err(|source| CgroupError::Create {
+        path: path.to_owned(),
+        source,
+    })
+}
+
 fn pids_in(procs: &Path) -> Vec<i32> {
     fs::read_to_string(procs)
         .unwrap_or_default()
@@ -289,15 +298,18 @@ impl Cgroup {
             let parent = join_mount(m, p);
             let dir = parent.join(name);
             let hier: Vec<String> = m.controllers.iter().filter(|c| ours(c)).cloned().collect();
-            let made = mkdir(&dir).and_then(|()| {
-                if ctrl == "cpuset" {
-                    // A v1 cpuset cgroup starts empty and cannot take tasks: copy the pilot's.
-                    for f in ["cpuset.cpus", "cpuset.mems"] {
-                        write(&dir.join(f), read(&parent.join(f))?.trim())?;
-                    }
-                }
+            if let Err(e) = mkdir_new(&dir) {
+                Cgroup::V1 { dirs }.remove();
+                return Err(e);
+            }
+            let made = if ctrl == "cpuset" {
+                // A v1 cpuset cgroup starts empty and cannot take tasks: copy the pilot's.
+                ["cpuset.cpus", "cpuset.mems"]
+                    .iter()
+                    .try_for_each(|f| write(&dir.join(f), read(&parent.join(f))?.trim()))
+            } else {
                 Ok(())
-            });
+            };
             dirs.push((hier, dir));
             if let Err(e) = made {
                 Cgroup::V1 { dirs }.remove();
@@ -352,7 +364,7 @@ impl Cgroup {
             }
         }
         let dir = parent.join(name);
-        mkdir(&dir)?;
+        mkdir_new(&dir)?;
         Ok(Cgroup::V2 { dir })
     }
 

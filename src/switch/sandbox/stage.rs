@@ -140,19 +140,23 @@ pub fn stage_main() -> i32 {
 /// The stage's checklist: pid namespace, fork the init, relay its events, report its end.
 fn run_stage(plan: &StagePlan, out: &mut File) -> StepResult<()> {
     let (rd, wr) = step("pipe", nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC))?;
+    // The init waits for this ack after "started" so that the payload (even a zombie) is
+    // still its child while we look up the payload's host pid.
+    let (ack_rd, ack_wr) = step("pipe", nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC))?;
     step("unshare pid namespace", unshare(CloneFlags::CLONE_NEWPID))?;
     // SAFETY: the stage is a fresh process that never started a second thread, so the child
     // may do anything after fork.
     let init = match step("fork init", unsafe { fork() })? {
         ForkResult::Child => {
             drop(rd);
+            drop(ack_wr);
             // The init talks to the stage only; the helper's socket stays with the stage so the
             // helper sees EOF when the stage ends.
             // SAFETY: closes our copy of the socket; `out` is never used or dropped in this
             // process again (it leaves through _exit below).
             unsafe { libc::close(out.as_raw_fd()) };
             let mut w = File::from(wr);
-            let code = match init_main(plan, &mut w) {
+            let code = match init_main(plan, &mut w, File::from(ack_rd)) {
                 Ok(code) => code,
                 Err((step, error)) => {
                     send(&mut w, &StageEvent::Failed { step, error });
@@ -165,6 +169,8 @@ fn run_stage(plan: &StagePlan, out: &mut File) -> StepResult<()> {
         ForkResult::Parent { child } => child,
     };
     drop(wr);
+    drop(ack_rd);
+    let mut ack = File::from(ack_wr);
     let mut reported_end = false;
     for line in BufReader::new(File::from(rd)).lines() {
         let Ok(line) = line else { break };
@@ -172,10 +178,14 @@ fn run_stage(plan: &StagePlan, out: &mut File) -> StepResult<()> {
             continue;
         };
         let ev = match ev {
-            StageEvent::Started { pid, .. } => StageEvent::Started {
-                pid: host_pid_of_child(init.as_raw(), pid),
-                init_pid: init.as_raw(),
-            },
+            StageEvent::Started { .. } => {
+                let ev = StageEvent::Started {
+                    pid: host_pid_of_child(init.as_raw()),
+                    init_pid: init.as_raw(),
+                };
+                let _ = ack.write_all(b"k");
+                ev
+            }
             other => {
                 reported_end = true;
                 other
@@ -205,17 +215,19 @@ fn run_stage(plan: &StagePlan, out: &mut File) -> StepResult<()> {
     Ok(())
 }
 
-/// The init's only child when the payload started: read from the host's /proc (the stage
-/// never changed its mount namespace). Falls back to the namespace pid if unreadable.
-fn host_pid_of_child(init: i32, ns_pid: i32) -> i32 {
+/// The init's only child when the payload started, read from the host's /proc (the stage
+/// never changed its mount namespace). The init does not reap before our ack, so the child is
+/// listed even if it already exited. Falls back to the init's own pid (signals to it are
+/// forwarded to the payload), never to a pid from the payload's namespace.
+fn host_pid_of_child(init: i32) -> i32 {
     std::fs::read_to_string(format!("/proc/{init}/task/{init}/children"))
         .ok()
         .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
-        .unwrap_or(ns_pid)
+        .unwrap_or(init)
 }
 
 /// pid 1 of the payload's pid namespace. Returns the exit code of the init.
-fn init_main(plan: &StagePlan, events: &mut File) -> StepResult<i32> {
+fn init_main(plan: &StagePlan, events: &mut File, mut ack: File) -> StepResult<i32> {
     // 1. Into the payload cgroup first, so everything after is accounted and limited (P7).
     for f in &plan.procs_files {
         step(
@@ -333,6 +345,9 @@ fn init_main(plan: &StagePlan, events: &mut File) -> StepResult<i32> {
             init_pid: 1,
         },
     );
+    // EOF (the stage died) is as good as the ack: carry on supervising.
+    let _ = ack.read(&mut [0u8; 1]);
+    drop(ack);
     // 10. Act as init: reap everything, forward signals, end with the main process.
     loop {
         let Ok(sig) = set.wait() else { continue };

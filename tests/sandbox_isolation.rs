@@ -627,3 +627,46 @@ fn duplicate_payload_id_is_refused() {
     assert_eq!(o.exit_code, Some(0));
     assert_eq!(o.kill_reason, None);
 }
+
+/// A separate "pilot" process in its own CPU-limited cgroup: the payload's cgroup goes below
+/// the pilot's (not the helper's), and its CPU quota never exceeds the pilot's (v1 only).
+#[test]
+fn payload_cgroup_follows_the_pilot() {
+    let own = sandbox_support::own_memory_cgroup();
+    if !own.starts_with("/sys/fs/cgroup/memory") {
+        // v2: covered by cgroup_below_own_and_removed and the unit test of the v2 layout.
+        return;
+    }
+    let u = TestUser::get("mpt-sbx-a");
+    let root = ScratchRoot::new("pilotcg");
+    let s = settings(&root.0);
+    let mut pilot = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let job = std::path::PathBuf::from(format!(
+        "/sys/fs/cgroup/cpu/mupilot-test-sbx-job-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir(&job).unwrap();
+    std::fs::write(job.join("cpu.cfs_quota_us"), "50000").unwrap();
+    std::fs::write(job.join("cgroup.procs"), pilot.id().to_string()).unwrap();
+    let mut p = plan("pilotcg", &u.account, &["sleep", "0.5"]);
+    p.pilot_pid = pilot.id() as i32;
+    p.cores = 2;
+    let id = p.payload_id.clone();
+    let r = mupilot::switch::sandbox::launch(&s, p, None, None);
+    let quota = std::fs::read_to_string(job.join(format!("mupilot-{id}/cpu.cfs_quota_us")));
+    let o = r.map(|r| r.wait().unwrap());
+    pilot.kill().unwrap();
+    pilot.wait().unwrap();
+    let gone = !job.join(format!("mupilot-{id}")).exists();
+    std::fs::remove_dir(&job).unwrap();
+    assert_eq!(o.unwrap().exit_code, Some(0));
+    assert_eq!(
+        quota.unwrap().trim(),
+        "50000",
+        "clamped to the pilot's 0.5 core"
+    );
+    assert!(gone);
+}

@@ -224,6 +224,28 @@ fn pids_in(procs: &Path) -> Vec<i32> {
         .collect()
 }
 
+/// The smallest CPU quota of any ancestor of `dir`, scaled to `period`; `None` if unlimited.
+fn v1_ancestor_quota(dir: &Path, period: u64) -> Option<u64> {
+    let mut best: Option<u64> = None;
+    let mut cur = dir.parent();
+    while let Some(d) = cur {
+        let (Ok(q), Ok(p)) = (
+            fs::read_to_string(d.join("cpu.cfs_quota_us")),
+            fs::read_to_string(d.join("cpu.cfs_period_us")),
+        ) else {
+            break; // above the hierarchy's mount point
+        };
+        if let (Ok(q), Ok(p)) = (q.trim().parse::<i64>(), p.trim().parse::<u64>()) {
+            if q > 0 && p > 0 {
+                let scaled = (q as u64).saturating_mul(period) / p;
+                best = Some(best.map_or(scaled, |b| b.min(scaled)));
+            }
+        }
+        cur = d.parent();
+    }
+    best
+}
+
 impl Cgroup {
     /// Creates `<pilot's cgroup>/<name>` with the given limits. On v1 in each of memory, cpu,
     /// cpuacct, pids and freezer; on v2 after moving the pilot's cgroup's own processes into a
@@ -413,6 +435,9 @@ impl Cgroup {
                     write(&memsw, &l.memory_bytes.to_string())?;
                 }
                 let cpu = self.v1_dir("cpu");
+                // v1 refuses a child quota above an ancestor's (EINVAL); the batch limit is
+                // the ceiling anyway (P7), so clamp to the tightest ancestor.
+                let quota = v1_ancestor_quota(&cpu, period).map_or(quota, |q| quota.min(q));
                 write(&cpu.join("cpu.cfs_period_us"), &period.to_string())?;
                 write(&cpu.join("cpu.cfs_quota_us"), &quota.to_string())?;
                 write(

@@ -17,12 +17,13 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use nix::mount::{mount, MsFlags};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -148,6 +149,18 @@ fn run_stage(plan: &StagePlan, out: &mut File) -> StepResult<()> {
     // may do anything after fork.
     let init = match step("fork init", unsafe { fork() })? {
         ForkResult::Child => {
+            // The stage is single-threaded, so the "parent thread" is the stage itself: if it
+            // is killed, the init (and with it the whole payload pid namespace) dies too.
+            // SAFETY: prctl with integer arguments only.
+            unsafe {
+                libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                )
+            };
             drop(rd);
             drop(ack_wr);
             // The init talks to the stage only; the helper's socket stays with the stage so the
@@ -172,8 +185,44 @@ fn run_stage(plan: &StagePlan, out: &mut File) -> StepResult<()> {
     drop(ack_rd);
     let mut ack = File::from(ack_wr);
     let mut reported_end = false;
-    for line in BufReader::new(File::from(rd)).lines() {
-        let Ok(line) = line else { break };
+    let mut helper_gone = false;
+    let mut pipe = BufReader::new(File::from(rd));
+    loop {
+        if pipe.buffer().is_empty() {
+            // Wait for the init's next event, and notice the helper going away meanwhile.
+            let init_ready;
+            let mut helper_hup = false;
+            {
+                let mut fds = vec![PollFd::new(pipe.get_ref().as_fd(), PollFlags::POLLIN)];
+                if !helper_gone {
+                    fds.push(PollFd::new(out.as_fd(), PollFlags::POLLIN));
+                }
+                match poll(&mut fds, PollTimeout::NONE) {
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => break,
+                    Ok(_) => {}
+                }
+                let any = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+                init_ready = any(&fds[0]);
+                if fds.len() > 1 {
+                    helper_hup = any(&fds[1]);
+                }
+            }
+            if helper_hup && matches!(out.read(&mut [0u8; 64]), Ok(0) | Err(_)) {
+                // The helper died: nobody will supervise or clean up this payload, so it
+                // ends now (P10), and we clean up ourselves below.
+                helper_gone = true;
+                let _ = kill(init, Signal::SIGKILL);
+            }
+            if !init_ready {
+                continue;
+            }
+        }
+        let mut line = String::new();
+        match pipe.read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
         let Ok(ev) = serde_json::from_str::<StageEvent>(&line) else {
             continue;
         };
@@ -194,6 +243,10 @@ fn run_stage(plan: &StagePlan, out: &mut File) -> StepResult<()> {
         send(out, &ev);
     }
     let status = step("wait for init", waitpid(init, None))?;
+    if helper_gone {
+        orphan_cleanup(plan);
+        return Ok(());
+    }
     if !reported_end {
         // The init died without reporting (killed with the cgroup): report how it ended.
         let ev = match status {
@@ -213,6 +266,24 @@ fn run_stage(plan: &StagePlan, out: &mut File) -> StepResult<()> {
         send(out, &ev);
     }
     Ok(())
+}
+
+/// Without a helper: every payload process died with the init (they were all in its pid
+/// namespace), so remove the scratch directory and the cgroup directories.
+fn orphan_cleanup(plan: &StagePlan) {
+    let _ = std::fs::remove_dir_all(&plan.scratch);
+    for f in &plan.procs_files {
+        if let Some(dir) = f.parent() {
+            for _ in 0..200 {
+                match std::fs::remove_dir(dir) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        std::thread::sleep(std::time::Duration::from_millis(10))
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
 }
 
 /// The init's only child when the payload started, read from the host's /proc (the stage

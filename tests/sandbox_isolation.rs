@@ -670,3 +670,40 @@ fn payload_cgroup_follows_the_pilot() {
     );
     assert!(gone);
 }
+
+/// Where fs.protected_hardlinks is off a payload could hard-link a root file into its scratch;
+/// simulated here by root: such an output is skipped, not read out with root's rights.
+#[test]
+fn outputs_skip_foreign_hard_links() {
+    let u = TestUser::get("mpt-sbx-a");
+    let root = ScratchRoot::new("hardlink");
+    let s = settings(&root.0);
+    let secret = std::path::PathBuf::from(format!(
+        "/var/lib/mupilot-test-sbx-secret-{}",
+        std::process::id()
+    ));
+    std::fs::write(&secret, "root secret\n").unwrap();
+    let mut p = plan(
+        "hardlink",
+        &u.account,
+        &["sh", "-c", "sleep 0.5; echo mine > mine.txt"],
+    );
+    p.outputs = vec!["stolen".into(), "mine.txt".into()];
+    let scratch = root.0.join(&p.payload_id);
+    let r = mupilot::switch::sandbox::launch(&s, p, None, None).unwrap();
+    std::fs::hard_link(&secret, scratch.join("stolen")).unwrap();
+    let o = r.wait().unwrap();
+    std::fs::remove_file(&secret).unwrap();
+    assert_eq!(
+        o.outputs_skipped,
+        vec!["stolen: not owned by the payload's account".to_string()]
+    );
+    let bytes = o.outputs.unwrap();
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]));
+    let names: Vec<String> = ar
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect();
+    assert_eq!(names, vec!["mine.txt"]);
+}

@@ -224,6 +224,8 @@ pub struct Running {
     walltime: Option<Duration>,
     outputs: Vec<String>,
     output_limit: u64,
+    /// The account's uid: only its files are copied out.
+    owner_uid: u32,
     /// Set once [`Running::wait`] tore everything down; otherwise `Drop` does it.
     finished: bool,
 }
@@ -299,7 +301,12 @@ impl Running {
         if usage.oom_killed {
             h.set_reason("oom");
         }
-        let collected = outputs::collect(&h.inner.scratch, &self.outputs, self.output_limit);
+        let collected = outputs::collect(
+            &h.inner.scratch,
+            &self.outputs,
+            self.output_limit,
+            self.owner_uid,
+        );
         if let Err(e) = std::fs::remove_dir_all(&h.inner.scratch) {
             tracing::warn!(scratch = %h.inner.scratch.display(), error = %e, "removing scratch");
         }
@@ -538,6 +545,7 @@ pub fn launch(
                 .then(|| Duration::from_secs(plan.walltime_seconds)),
             outputs: plan.outputs,
             output_limit: settings.output_limit_bytes,
+            owner_uid: plan.account.uid,
             finished: false,
         }),
         Err(e) => {

@@ -92,8 +92,10 @@ fn reason(e: &io::Error) -> String {
     }
 }
 
-/// Collects `outputs` (relative to `scratch`) up to `limit` bytes in total.
-pub(crate) fn collect(scratch: &Path, outputs: &[String], limit: u64) -> Collected {
+/// Collects `outputs` (relative to `scratch`) up to `limit` bytes in total. Only files owned
+/// by `owner` (the payload's account) are copied: a hard link to someone else's file (possible
+/// where fs.protected_hardlinks is off) must not be read out with root's rights.
+pub(crate) fn collect(scratch: &Path, outputs: &[String], limit: u64, owner: u32) -> Collected {
     if outputs.is_empty() {
         return Collected {
             archive: None,
@@ -138,6 +140,10 @@ pub(crate) fn collect(scratch: &Path, outputs: &[String], limit: u64) -> Collect
         };
         if !meta.is_file() {
             skipped.push(format!("{o}: not a regular file"));
+            continue;
+        }
+        if std::os::unix::fs::MetadataExt::uid(&meta) != owner {
+            skipped.push(format!("{o}: not owned by the payload's account"));
             continue;
         }
         if used + meta.len() > limit {
@@ -197,6 +203,7 @@ mod tests {
                 "sub".into(),
             ],
             1 << 20,
+            0,
         );
         assert_eq!(c.skipped.len(), 5, "{:?}", c.skipped);
         let bytes = c.archive.unwrap();
@@ -214,7 +221,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("a"), vec![0u8; 100]).unwrap();
         std::fs::write(d.path().join("b"), vec![0u8; 100]).unwrap();
-        let c = collect(d.path(), &["a".into(), "b".into()], 150);
+        let c = collect(d.path(), &["a".into(), "b".into()], 150, 0);
+        assert_eq!(collect(d.path(), &["a".into()], 150, 4242).skipped.len(), 1);
         assert_eq!(c.skipped.len(), 1);
         assert!(c.skipped[0].starts_with("b:"));
     }

@@ -528,26 +528,36 @@ pub fn launch(
             .map(|b| base64::engine::general_purpose::STANDARD.encode(b)),
     };
     match start_stage(settings, &stage_plan, stdout, stderr) {
-        Ok((stage, events, pid, init_pid)) => Ok(Running {
-            handle: Handle {
-                inner: Arc::new(HandleInner {
-                    pid,
-                    init_pid,
-                    cgroup: cg,
-                    scratch,
-                    kill_reason: Mutex::new(None),
-                }),
-            },
-            stage,
-            events,
-            started,
-            walltime: (plan.walltime_seconds > 0)
-                .then(|| Duration::from_secs(plan.walltime_seconds)),
-            outputs: plan.outputs,
-            output_limit: settings.output_limit_bytes,
-            owner_uid: plan.account.uid,
-            finished: false,
-        }),
+        Ok((stage, events, pid, init_pid)) => {
+            tracing::debug!(
+                payload = %plan.payload_id,
+                account = %plan.account.name,
+                pid,
+                cgroup = %cg.display(),
+                ms = started.elapsed().as_millis() as u64,
+                "payload started"
+            );
+            Ok(Running {
+                handle: Handle {
+                    inner: Arc::new(HandleInner {
+                        pid,
+                        init_pid,
+                        cgroup: cg,
+                        scratch,
+                        kill_reason: Mutex::new(None),
+                    }),
+                },
+                stage,
+                events,
+                started,
+                walltime: (plan.walltime_seconds > 0)
+                    .then(|| Duration::from_secs(plan.walltime_seconds)),
+                outputs: plan.outputs,
+                output_limit: settings.output_limit_bytes,
+                owner_uid: plan.account.uid,
+                finished: false,
+            })
+        }
         Err(e) => {
             let _ = cg.kill_all();
             let _ = std::fs::remove_dir_all(&scratch);

@@ -522,6 +522,13 @@ impl Cgroup {
             Cgroup::V1 { .. } => Some(self.v1_dir("freezer").join("freezer.state")),
             Cgroup::V2 { .. } => None,
         };
+        // v2 before 5.14: freeze (cgroup.freeze), SIGKILL, thaw; fatal signals reach frozen tasks.
+        let freeze2 = match self {
+            Cgroup::V2 { dir } if kill_file.is_none() => {
+                Some(dir.join("cgroup.freeze")).filter(|p| p.exists())
+            }
+            _ => None,
+        };
         loop {
             if self.pids().is_empty() {
                 return Ok(());
@@ -548,6 +555,10 @@ impl Cgroup {
                 }
                 let _ = self.signal(libc::SIGKILL, &[]);
                 let _ = fs::write(f, "THAWED");
+            } else if let Some(f) = &freeze2 {
+                let _ = fs::write(f, "1");
+                let _ = self.signal(libc::SIGKILL, &[]);
+                let _ = fs::write(f, "0");
             } else {
                 let _ = self.signal(libc::SIGKILL, &[]);
             }

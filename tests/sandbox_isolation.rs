@@ -324,15 +324,58 @@ fn hostile_bundle_stays_in_scratch() {
     // The unpacker refuses the archive (an entry through a symlink is an error): the payload
     // does not run, with a clear setup error naming the step.
     match r {
-        Err(mupilot::switch::sandbox::SandboxError::Setup { step, .. }) => {
-            assert_eq!(step, "unpack bundle")
+        Err(mupilot::switch::sandbox::SandboxError::Setup { step, error }) => {
+            assert_eq!(step, "unpack bundle", "{error}")
         }
-        Ok(r) => {
-            let o = r.wait().unwrap();
-            assert_eq!(o.exit_code, Some(0));
-        }
+        Ok(_) => panic!("a bundle writing through an escaping symlink was accepted"),
         Err(e) => panic!("unexpected error {e}"),
     }
+    assert!(!root
+        .0
+        .join(format!("test-sbx-bundle-{}", std::process::id()))
+        .exists());
+}
+
+/// Without the symlink trick the bundle unpacks: `..` entries are dropped, absolute paths land
+/// inside scratch, and the payload runs on its input.
+#[test]
+fn bundle_paths_are_neutralized() {
+    let u = TestUser::get("mpt-sbx-a");
+    let root = ScratchRoot::new("bundle2");
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut b = tar::Builder::new(gz);
+    for (name, data) in [
+        ("input.txt", &b"payload input\n"[..]),
+        ("../evil", b"evil\n"),
+        ("/abs/evil", b"evil\n"),
+    ] {
+        let mut h = tar::Header::new_old();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+    let s = settings(&root.0);
+    let mut p = plan(
+        "bundle2",
+        &u.account,
+        &[
+            "sh",
+            "-c",
+            "cat input.txt; find . -type f | sort; stat -c %U input.txt",
+        ],
+    );
+    p.bundle = Some(b.into_inner().unwrap().finish().unwrap());
+    let (o, out) = run(&s, p);
+    assert_eq!(o.exit_code, Some(0), "{out}");
+    assert_eq!(
+        out, "payload input\n./abs/evil\n./input.txt\nmpt-sbx-a\n",
+        "unpacked as the account, inside scratch only"
+    );
+    assert!(!root.0.join("evil").exists());
+    assert!(!std::path::Path::new("/abs/evil").exists());
 }
 
 #[test]

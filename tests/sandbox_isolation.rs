@@ -444,6 +444,34 @@ fn cgroup_below_own_and_removed() {
         .or_else(|_| std::fs::read_to_string(cg.join("memory.max")))
         .unwrap();
     assert_eq!(limit.trim(), (256u64 << 20).to_string());
+    let read = |v1: &str, v2: &str| {
+        std::fs::read_to_string(v1)
+            .or_else(|_| std::fs::read_to_string(cg.join(v2)))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let name = cg.file_name().unwrap().to_str().unwrap().to_string();
+    let own_root = |c: &str| {
+        let text = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let p = text
+            .lines()
+            .find_map(|l| {
+                let mut it = l.splitn(3, ':');
+                it.next();
+                let cs = it.next()?;
+                let p = it.next()?;
+                cs.split(',').any(|x| x == c).then(|| p.to_owned())
+            })
+            .unwrap_or_default();
+        format!("/sys/fs/cgroup/{c}{}/{name}", p.trim_end_matches('/'))
+    };
+    let quota = read(&format!("{}/cpu.cfs_quota_us", own_root("cpu")), "cpu.max");
+    assert!(quota == "100000" || quota == "100000 100000", "{quota}");
+    assert_eq!(
+        read(&format!("{}/pids.max", own_root("pids")), "pids.max"),
+        "256"
+    );
     let o = r.wait().unwrap();
     assert_eq!(o.exit_code, Some(0));
     assert!(!cg.exists(), "cgroup removed after wait");
@@ -749,4 +777,26 @@ fn outputs_skip_foreign_hard_links() {
         .map(|e| e.unwrap().path().unwrap().display().to_string())
         .collect();
     assert_eq!(names, vec!["mine.txt"]);
+}
+
+#[test]
+fn pids_and_tmp_limits() {
+    let u = TestUser::get("mpt-sbx-a");
+    let root = ScratchRoot::new("limits");
+    let mut s = settings(&root.0);
+    s.pids_max = 16;
+    s.tmp_size_bytes = 1 << 20;
+    // tmp first (head needs a fork); then fill the pids limit and count with builtins only.
+    let script = "head -c 2000000 /dev/zero > /tmp/big 2>/dev/null && echo TMP-UNLIMITED; \
+                  ( for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24; \
+                    do sleep 5 & done ) 2>/dev/null; \
+                  set -- /proc/[0-9]*; echo $#; exit 0";
+    let t = std::time::Instant::now();
+    let (o, out) = run(&s, plan("limits", &u.account, &["sh", "-c", script]));
+    assert_eq!(o.exit_code, Some(0), "{out}");
+    let n: u32 = out.lines().last().unwrap().trim().parse().unwrap();
+    assert!((10..=16).contains(&n), "filled up to, never beyond, pids_max: {n}");
+    assert!(!out.contains("TMP-UNLIMITED"), "{out}");
+    // The background sleeps died with the payload.
+    assert!(t.elapsed().as_secs() < 5);
 }

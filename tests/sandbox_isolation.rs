@@ -795,7 +795,10 @@ fn pids_and_tmp_limits() {
     let (o, out) = run(&s, plan("limits", &u.account, &["sh", "-c", script]));
     assert_eq!(o.exit_code, Some(0), "{out}");
     let n: u32 = out.lines().last().unwrap().trim().parse().unwrap();
-    assert!((10..=16).contains(&n), "filled up to, never beyond, pids_max: {n}");
+    assert!(
+        (10..=16).contains(&n),
+        "filled up to, never beyond, pids_max: {n}"
+    );
     assert!(!out.contains("TMP-UNLIMITED"), "{out}");
     // The background sleeps died with the payload.
     assert!(t.elapsed().as_secs() < 5);

@@ -88,8 +88,9 @@ fn send(out: &mut File, ev: &StageEvent) {
 pub fn stage_main() -> i32 {
     // Whatever the helper leaked to us beyond stdin/stdout/stderr (a descriptor of another
     // payload received without CLOEXEC, say) is closed before anything else happens.
-    // SAFETY: close_range(2) on descriptors we never use; no Rust object owns fds >= 3 yet.
-    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    if fds_from_3(false).is_err() {
+        return 2;
+    }
     // fd 0 is our socket to the helper. Move it off 0 (close-on-exec), and put /dev/null on 0,
     // so no descendant inherits the channel.
     // SAFETY: fcntl(F_DUPFD_CLOEXEC) on fd 0, which the helper gave us; no memory is involved.
@@ -531,26 +532,48 @@ fn loopback_up() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Closes (or, with `cloexec`, marks close-on-exec) every descriptor from 3 up:
+/// close_range(2) (Linux >= 5.9 for the flag, 5.11), else a walk over /proc/self/fd.
+fn fds_from_3(cloexec: bool) -> std::io::Result<()> {
+    let flags = if cloexec {
+        libc::CLOSE_RANGE_CLOEXEC
+    } else {
+        0
+    };
+    // SAFETY: close_range(2) only closes or flags descriptors; callers own no Rust object on
+    // fds >= 3 that would be invalidated (the stage calls it first thing; the payload child
+    // only sets flags).
+    if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, flags) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if !matches!(err.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EINVAL)) {
+        return Err(err);
+    }
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: as above; the read_dir descriptor in the list is already closed (EBADF is
+        // ignored).
+        unsafe {
+            if cloexec {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            } else {
+                libc::close(fd);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The payload process: ends in exec, or returns the step that failed.
 fn payload_main(plan: &StagePlan) -> Result<std::convert::Infallible, (String, String)> {
     step("unblock signals", SigSet::all().thread_unblock())?;
     step("setsid", nix::unistd::setsid())?;
     // Every inherited descriptor above stderr closes on exec (the error pipe included).
-    // SAFETY: close_range(2) with CLOSE_RANGE_CLOEXEC only sets flags on descriptors.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            3u32,
-            u32::MAX,
-            libc::CLOSE_RANGE_CLOEXEC,
-        )
-    };
-    if r != 0 {
-        return Err((
-            "close inherited fds".into(),
-            std::io::Error::last_os_error().to_string(),
-        ));
-    }
+    step("close inherited fds", fds_from_3(true))?;
     use nix::sys::resource::{setrlimit, Resource};
     step(
         "set RLIMIT_CORE",

@@ -5,14 +5,32 @@
 //! fresh, single-threaded *stage* process (a re-exec of the helper binary, `mupilot-switch
 //! stage`) that performs every step in kernel order and execs the payload.
 //!
-//! INTERFACE SKELETON (phase 0): the sandbox work fills the bodies; the signatures are the
-//! contract the daemon codes against.
+//! Read [`launch`] and [`Running::wait`] top to bottom: each step is one call, in the order
+//! the kernel needs. The privileged steps inside the payload's namespaces live in `stage`
+//! (processes) and `privs` (identity switch); cgroups in `cgroup`; output copying in
+//! `outputs`; the optional user-namespace filter in `seccomp`.
 
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use base64::Engine;
 use serde::{Deserialize, Serialize};
+
+pub mod cgroup;
+mod outputs;
+mod privs;
+mod seccomp;
+mod stage;
+
+pub use cgroup::{Cgroup, CgroupError};
+use stage::{StageEvent, StagePlan};
 
 /// The local account a payload runs as, resolved by the mapping step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,8 +73,13 @@ pub struct SandboxSettings {
     pub core_bytes: u64,
     /// Most bytes of declared outputs copied back per payload.
     pub output_limit_bytes: u64,
-    /// Let payloads create user namespaces (unprivileged Apptainer needs them).
+    /// Let payloads create user namespaces (unprivileged Apptainer needs them). When false,
+    /// a seccomp filter refuses CLONE_NEWUSER and setns in the payload.
     pub allow_user_namespaces: bool,
+    /// The binary re-exec'd as `<stage_exe> stage`; `None` means /proc/self/exe (the helper
+    /// itself). Tests point it at the built `mupilot-switch`.
+    #[serde(skip)]
+    pub stage_exe: Option<PathBuf>,
 }
 
 /// One payload to start.
@@ -83,8 +106,29 @@ pub struct LaunchPlan {
 /// Errors of the sandbox layer; each names the path or step that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    #[error("sandbox not built yet")]
-    NotReady,
+    #[error("invalid launch plan: {field} = {value:?}: {reason}")]
+    InvalidPlan {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("payload cgroup: {0}")]
+    Cgroup(#[from] CgroupError),
+    #[error("scratch directory {path}: {reason}")]
+    Scratch { path: PathBuf, reason: String },
+    #[error("cannot start the stage process {exe}: {source}; check the helper binary is intact")]
+    Spawn {
+        exe: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("channel to the stage process: {0}")]
+    Channel(std::io::Error),
+    #[error("payload setup failed at step '{step}': {error}")]
+    Setup { step: String, error: String },
+    #[error("stage process ended before starting the payload ({status})")]
+    StageDied { status: String },
+    #[error("cannot send signal {sig} to the payload: {source}")]
+    Signal { sig: i32, source: std::io::Error },
 }
 
 /// How a payload ended.
@@ -95,61 +139,508 @@ pub struct Outcome {
     pub cpu_seconds: f64,
     pub peak_memory_bytes: u64,
     pub wall_seconds: f64,
+    /// "oom", "walltime", or the reason given to [`Handle::kill`].
     pub kill_reason: Option<String>,
     /// tar.gz of the declared outputs that could be copied.
     pub outputs: Option<Vec<u8>>,
+    /// "path: reason" for each declared output that was not copied.
     pub outputs_skipped: Vec<String>,
+}
+
+#[derive(Debug)]
+struct HandleInner {
+    pid: i32,
+    init_pid: i32,
+    cgroup: Cgroup,
+    scratch: PathBuf,
+    kill_reason: Mutex<Option<String>>,
 }
 
 /// A started payload. Clone-able handle for signalling from other threads.
 #[derive(Debug, Clone)]
 pub struct Handle {
-    _private: (),
+    inner: Arc<HandleInner>,
 }
 
 impl Handle {
     /// Host pid of the payload's main process.
     pub fn pid(&self) -> i32 {
-        0
+        self.inner.pid
     }
+    /// The payload cgroup's directory (v2) or its memory-controller directory (v1).
     pub fn cgroup(&self) -> String {
-        String::new()
+        self.inner.cgroup.display()
     }
+    /// The payload's scratch directory on the host.
     pub fn scratch(&self) -> PathBuf {
-        PathBuf::new()
+        self.inner.scratch.clone()
     }
-    /// Sends `sig` to every process of the payload.
-    pub fn signal(&self, _sig: i32) -> Result<(), SandboxError> {
-        Err(SandboxError::NotReady)
+    /// Sends `sig` to every process of the payload. The namespace init is skipped: it would
+    /// forward the signal to the main process a second time.
+    pub fn signal(&self, sig: i32) -> Result<(), SandboxError> {
+        self.inner
+            .cgroup
+            .signal(sig, &[self.inner.init_pid])
+            .map_err(|source| SandboxError::Signal { sig, source })
     }
-    /// Kills every process of the payload; `reason` ends up in the outcome's kill_reason.
-    pub fn kill(&self, _reason: &str) {}
+    /// Kills every process of the payload; `reason` ends up in the outcome's kill_reason
+    /// (the first reason given wins).
+    pub fn kill(&self, reason: &str) {
+        self.set_reason(reason);
+        if let Err(e) = self.inner.cgroup.kill_all() {
+            tracing::warn!(cgroup = %self.cgroup(), error = %e, "killing payload cgroup");
+        }
+    }
+    fn set_reason(&self, reason: &str) {
+        let mut r = self
+            .inner
+            .kill_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if r.is_none() {
+            *r = Some(reason.to_owned());
+        }
+    }
+    fn reason(&self) -> Option<String> {
+        self.inner
+            .kill_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
+
+/// Time between SIGTERM and SIGKILL when the wall time runs out.
+const WALLTIME_GRACE: Duration = Duration::from_secs(5);
+/// Longest time the stage may take to start the payload (bundle unpacking included).
+const START_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The owner of a started payload: waits for it and tears it down.
 pub struct Running {
     pub handle: Handle,
+    stage: Child,
+    events: BufReader<UnixStream>,
+    started: Instant,
+    walltime: Option<Duration>,
+    outputs: Vec<String>,
+    output_limit: u64,
+    /// The account's uid: only its files are copied out.
+    owner_uid: u32,
+    /// Set once [`Running::wait`] tore everything down; otherwise `Drop` does it.
+    finished: bool,
+}
+
+impl Drop for Running {
+    /// A payload whose owner never waited (a panic, an early return) is still killed and
+    /// cleaned up: no process, scratch or cgroup outlives its `Running`.
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.handle.kill("abandoned");
+        let _ = self.stage.kill();
+        let _ = self.stage.wait();
+        let _ = std::fs::remove_dir_all(&self.handle.inner.scratch);
+        self.handle.inner.cgroup.remove();
+    }
 }
 
 impl Running {
     /// Blocks until the main process exits, kills what is left in the cgroup, collects usage
-    /// and outputs, removes the scratch directory and the cgroup.
-    pub fn wait(self) -> Result<Outcome, SandboxError> {
-        Err(SandboxError::NotReady)
+    /// and outputs, removes the scratch directory and the cgroup. Enforces the wall time:
+    /// SIGTERM to every payload process when it runs out, SIGKILL after a grace period.
+    pub fn wait(mut self) -> Result<Outcome, SandboxError> {
+        let mut end: Option<(Option<i32>, Option<i32>)> = None;
+        let deadline = self.walltime.map(|w| self.started + w);
+        let mut kill_at: Option<Instant> = None;
+        let mut line = String::new();
+        loop {
+            let next = kill_at.or(deadline);
+            let timeout = next.map(|t| {
+                t.saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1))
+            });
+            self.events
+                .get_ref()
+                .set_read_timeout(timeout)
+                .map_err(SandboxError::Channel)?;
+            match self.events.read_line(&mut line) {
+                Ok(0) => break,
+                Ok(_) => {
+                    if let Ok(StageEvent::Exit { code, signal }) = serde_json::from_str(&line) {
+                        end = Some((code, signal));
+                        break;
+                    }
+                    line.clear();
+                }
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    if kill_at.is_none() {
+                        self.handle.set_reason("walltime");
+                        let _ = self.handle.signal(libc::SIGTERM);
+                        kill_at = Some(Instant::now() + WALLTIME_GRACE);
+                    } else {
+                        self.handle.kill("walltime");
+                        kill_at = Some(Instant::now() + WALLTIME_GRACE);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        let wall_seconds = self.started.elapsed().as_secs_f64();
+        let _ = self.stage.wait();
+        let h = &self.handle;
+        // Everything left (daemonized children included) dies with the cgroup (P10).
+        if let Err(e) = h.inner.cgroup.kill_all() {
+            tracing::warn!(cgroup = %h.cgroup(), error = %e, "payload cgroup not empty");
+        }
+        let usage = h.inner.cgroup.usage();
+        if usage.oom_killed {
+            h.set_reason("oom");
+        }
+        let collected = outputs::collect(
+            &h.inner.scratch,
+            &self.outputs,
+            self.output_limit,
+            self.owner_uid,
+        );
+        if let Err(e) = std::fs::remove_dir_all(&h.inner.scratch) {
+            tracing::warn!(scratch = %h.inner.scratch.display(), error = %e, "removing scratch");
+        }
+        if !h.inner.cgroup.remove() {
+            tracing::warn!(cgroup = %h.cgroup(), "payload cgroup could not be removed");
+        }
+        self.finished = true;
+        let (exit_code, signal) = end.unwrap_or((None, Some(libc::SIGKILL)));
+        Ok(Outcome {
+            exit_code,
+            signal,
+            cpu_seconds: usage.cpu_seconds,
+            peak_memory_bytes: usage.peak_memory_bytes,
+            wall_seconds,
+            kill_reason: h.reason(),
+            outputs: collected.archive,
+            outputs_skipped: collected.skipped,
+        })
     }
 }
 
-/// Starts a payload through a fresh stage process.
-pub fn launch(
-    _settings: &SandboxSettings,
-    _plan: LaunchPlan,
-    _stdout: Option<OwnedFd>,
-    _stderr: Option<OwnedFd>,
-) -> Result<Running, SandboxError> {
-    Err(SandboxError::NotReady)
+/// Directories the sandbox mounts a private tmpfs on; the scratch root must not be below them.
+const PRIVATE_TMP: [&str; 3] = ["/tmp", "/var/tmp", "/dev/shm"];
+
+fn invalid(field: &'static str, value: impl std::fmt::Display, reason: &str) -> SandboxError {
+    SandboxError::InvalidPlan {
+        field,
+        value: value.to_string(),
+        reason: reason.to_owned(),
+    }
 }
+
+fn validate(settings: &SandboxSettings, plan: &LaunchPlan) -> Result<(), SandboxError> {
+    if !crate::util::is_safe_id(&plan.payload_id) {
+        return Err(invalid(
+            "payload_id",
+            &plan.payload_id,
+            "use 1-64 of [A-Za-z0-9._-], not starting with '.'",
+        ));
+    }
+    if plan.account.uid == 0 || plan.account.gid == 0 {
+        return Err(invalid(
+            "account",
+            &plan.account.name,
+            "payloads never run as root (uid or gid 0)",
+        ));
+    }
+    if plan.argv.is_empty() || plan.argv.iter().any(|a| a.contains('\0')) {
+        return Err(invalid(
+            "argv",
+            format!("{:?}", plan.argv),
+            "needs a program and no NUL bytes",
+        ));
+    }
+    for (k, v) in &plan.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            return Err(invalid(
+                "env",
+                k,
+                "names must be non-empty without '=' or NUL",
+            ));
+        }
+    }
+    if plan.cores == 0 || plan.memory_bytes == 0 {
+        return Err(invalid(
+            "resources",
+            format!("cores={} memory_bytes={}", plan.cores, plan.memory_bytes),
+            "cores and memory must be positive",
+        ));
+    }
+    let root = &settings.scratch_root;
+    if !root.is_absolute() || PRIVATE_TMP.iter().any(|t| root.starts_with(t)) {
+        return Err(invalid(
+            "sandbox.scratch_root",
+            root.display(),
+            "must be an absolute path outside /tmp, /var/tmp and /dev/shm (they are private per payload)",
+        ));
+    }
+    for o in &plan.outputs {
+        if !crate::util::is_relative_clean_path(o) {
+            return Err(invalid(
+                "outputs",
+                o,
+                "must be clean paths relative to scratch",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The payload's whole environment: allowlisted helper variables, the envelope's, then the
+/// sandbox's own (which win).
+fn payload_env(
+    settings: &SandboxSettings,
+    plan: &LaunchPlan,
+    scratch: &Path,
+) -> Vec<(String, String)> {
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    for name in &settings.env_allowlist {
+        if let Ok(v) = std::env::var(name) {
+            env.insert(name.clone(), v);
+        }
+    }
+    env.extend(plan.env.clone());
+    env.entry("PATH".into())
+        .or_insert_with(|| "/usr/local/bin:/usr/bin:/bin".into());
+    let s = scratch.display().to_string();
+    let cores = plan.cores.to_string();
+    for (k, v) in [
+        ("HOME", s.as_str()),
+        ("TMPDIR", "/tmp"),
+        ("USER", plan.account.name.as_str()),
+        ("LOGNAME", plan.account.name.as_str()),
+        ("MUPILOT_PAYLOAD_ID", plan.payload_id.as_str()),
+        ("OMP_NUM_THREADS", cores.as_str()),
+        ("MKL_NUM_THREADS", cores.as_str()),
+        ("OPENBLAS_NUM_THREADS", cores.as_str()),
+        ("NUMEXPR_NUM_THREADS", cores.as_str()),
+        ("GOMAXPROCS", cores.as_str()),
+    ] {
+        env.insert(k.into(), v.into());
+    }
+    env.into_iter().collect()
+}
+
+/// Creates the scratch root (0711 root) if needed and the payload's directory (0700, owned by
+/// the account). Refuses a pre-existing payload directory.
+fn make_scratch(settings: &SandboxSettings, plan: &LaunchPlan) -> Result<PathBuf, SandboxError> {
+    let root = &settings.scratch_root;
+    let err = |path: &Path, reason: String| SandboxError::Scratch {
+        path: path.to_owned(),
+        reason,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(root)
+        .map_err(|e| err(root, format!("cannot create: {e}")))?;
+    let meta = std::fs::symlink_metadata(root).map_err(|e| err(root, e.to_string()))?;
+    if !meta.is_dir() || meta.uid() != 0 {
+        return Err(err(
+            root,
+            "must be a directory owned by root (not a symlink)".into(),
+        ));
+    }
+    if meta.mode() & 0o7777 != 0o711 {
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))
+            .map_err(|e| err(root, format!("cannot chmod 0711: {e}")))?;
+    }
+    let dir = root.join(&plan.payload_id);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| {
+            err(
+                &dir,
+                format!(
+                    "cannot create ({e}); a payload with this id is running or was not cleaned up"
+                ),
+            )
+        })?;
+    let cleanup = |reason: String| {
+        let _ = std::fs::remove_dir(&dir);
+        err(&dir, reason)
+    };
+    std::os::unix::fs::chown(&dir, Some(plan.account.uid), Some(plan.account.gid))
+        .map_err(|e| cleanup(format!("cannot chown to {}: {e}", plan.account.name)))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| cleanup(format!("cannot chmod 0700: {e}")))?;
+    Ok(dir)
+}
+
+/// Starts a payload through a fresh stage process.
+///
+/// Steps, in order: validate the plan; create the cgroup below the pilot's with memory (no
+/// swap), CPU and pids limits; create the scratch directory; spawn `<helper> stage` with a
+/// clean environment and a socketpair on its stdin; send the plan; wait for "started".
+/// On any failure everything created so far is removed again.
+pub fn launch(
+    settings: &SandboxSettings,
+    plan: LaunchPlan,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+) -> Result<Running, SandboxError> {
+    let started = Instant::now();
+    validate(settings, &plan)?;
+    let cg = Cgroup::create(
+        plan.pilot_pid,
+        &format!("mupilot-{}", plan.payload_id),
+        cgroup::Limits {
+            memory_bytes: plan.memory_bytes,
+            cores: plan.cores,
+            pids_max: settings.pids_max,
+        },
+    )?;
+    let scratch = match make_scratch(settings, &plan) {
+        Ok(s) => s,
+        Err(e) => {
+            cg.remove();
+            return Err(e);
+        }
+    };
+    let stage_plan = StagePlan {
+        payload_id: plan.payload_id.clone(),
+        account: plan.account.clone(),
+        argv: plan.argv.clone(),
+        env: payload_env(settings, &plan, &scratch),
+        procs_files: cg.procs_files(),
+        scratch_root: settings.scratch_root.clone(),
+        scratch: scratch.clone(),
+        tmp_size_bytes: settings.tmp_size_bytes,
+        network: settings.network,
+        nofile: settings.nofile,
+        core_bytes: settings.core_bytes,
+        allow_user_namespaces: settings.allow_user_namespaces,
+        bundle_b64: plan
+            .bundle
+            .as_ref()
+            .map(|b| base64::engine::general_purpose::STANDARD.encode(b)),
+    };
+    match start_stage(settings, &stage_plan, stdout, stderr) {
+        Ok((stage, events, pid, init_pid)) => {
+            tracing::debug!(
+                payload = %plan.payload_id,
+                account = %plan.account.name,
+                pid,
+                cgroup = %cg.display(),
+                ms = started.elapsed().as_millis() as u64,
+                "payload started"
+            );
+            Ok(Running {
+                handle: Handle {
+                    inner: Arc::new(HandleInner {
+                        pid,
+                        init_pid,
+                        cgroup: cg,
+                        scratch,
+                        kill_reason: Mutex::new(None),
+                    }),
+                },
+                stage,
+                events,
+                started,
+                walltime: (plan.walltime_seconds > 0)
+                    .then(|| Duration::from_secs(plan.walltime_seconds)),
+                outputs: plan.outputs,
+                output_limit: settings.output_limit_bytes,
+                owner_uid: plan.account.uid,
+                finished: false,
+            })
+        }
+        Err(e) => {
+            let _ = cg.kill_all();
+            let _ = std::fs::remove_dir_all(&scratch);
+            cg.remove();
+            Err(e)
+        }
+    }
+}
+
+type Started = (Child, BufReader<UnixStream>, i32, i32);
+
+fn start_stage(
+    settings: &SandboxSettings,
+    plan: &StagePlan,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+) -> Result<Started, SandboxError> {
+    let (ours, theirs) = UnixStream::pair().map_err(SandboxError::Channel)?;
+    let exe = settings
+        .stage_exe
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/proc/self/exe"));
+    let mut cmd = Command::new(&exe);
+    cmd.arg("stage")
+        .env_clear()
+        .current_dir("/")
+        .stdin(Stdio::from(OwnedFd::from(theirs)))
+        .stdout(stdout.map_or_else(Stdio::null, Stdio::from))
+        .stderr(stderr.map_or_else(Stdio::null, Stdio::from));
+    let mut child = cmd
+        .spawn()
+        .map_err(|source| SandboxError::Spawn { exe, source })?;
+    // Our copy of the stage's end must close, or we would never see EOF.
+    drop(cmd);
+    let fail = |child: &mut Child, e: SandboxError| {
+        let _ = child.kill();
+        let _ = child.wait();
+        e
+    };
+    let mut line = serde_json::to_vec(plan).map_err(|e| SandboxError::Channel(e.into()))?;
+    line.push(b'\n');
+    if let Err(e) = (&ours).write_all(&line) {
+        return Err(fail(&mut child, SandboxError::Channel(e)));
+    }
+    if let Err(e) = ours.set_read_timeout(Some(START_TIMEOUT)) {
+        return Err(fail(&mut child, SandboxError::Channel(e)));
+    }
+    let mut events = BufReader::new(ours);
+    loop {
+        let mut l = String::new();
+        match events.read_line(&mut l) {
+            Ok(0) => {
+                let status = child
+                    .wait()
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|e| e.to_string());
+                return Err(SandboxError::StageDied { status });
+            }
+            Ok(_) => match serde_json::from_str::<StageEvent>(&l) {
+                Ok(StageEvent::Started { pid, init_pid }) => {
+                    return Ok((child, events, pid, init_pid))
+                }
+                Ok(StageEvent::Failed { step, error }) => {
+                    let _ = child.wait();
+                    return Err(SandboxError::Setup { step, error });
+                }
+                // An exit before "started" cannot happen (the init reports started first).
+                _ => {}
+            },
+            Err(e) => return Err(fail(&mut child, SandboxError::Channel(e))),
+        }
+    }
+}
+
+// The daemon moves `Running` into a waiter thread and shares `Handle` between threads.
+const _: fn() = || {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send::<Running>();
+    send_sync::<Handle>();
+};
 
 /// Entry point of `mupilot-switch stage` (the re-exec'd, single-threaded stage process).
 pub fn stage_main() -> i32 {
-    1
+    stage::stage_main()
 }

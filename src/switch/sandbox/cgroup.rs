@@ -1,0 +1,671 @@
+//! Payload cgroups, v1 and v2 behind one type: create below the pilot's cgroup, set limits,
+//! signal and kill every member, read usage, remove.
+//!
+//! Runs in the (multi-threaded) helper; it only writes cgroupfs files and never forks. Our own
+//! small module instead of cgroups-rs: we need five operations on two layouts, including the
+//! v2 "move the pilot into a leaf" step and the v1 freezer kill loop, and we want each failure to
+//! name the file and value that failed.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// Errors of the cgroup layer, each naming the file or directory involved.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("cannot write {value:?} to {path}: {source}")]
+    Write {
+        path: PathBuf,
+        value: String,
+        source: io::Error,
+    },
+    #[error("cannot create cgroup {path}: {source} (if it exists, a payload with this id is running or was not cleaned up)")]
+    Create { path: PathBuf, source: io::Error },
+    #[error("no usable cgroup hierarchy: {0}; mount cgroup v2 on /sys/fs/cgroup or the v1 memory, cpu, cpuacct, pids and freezer controllers")]
+    NoHierarchy(String),
+    #[error("pilot process {pid} has no cgroup in the {controller} hierarchy ({path}); is the pilot still running?")]
+    NoPilotCgroup {
+        pid: i32,
+        controller: String,
+        path: PathBuf,
+    },
+    #[error("cgroup v2 controller {controller} is not available in {path}; enable it in the ancestors' cgroup.subtree_control (systemd: Delegate=yes for the pilot's unit or the batch system's cgroup plugin)")]
+    ControllerMissing {
+        controller: &'static str,
+        path: PathBuf,
+    },
+    #[error("cgroup {path} still has processes after {seconds}s of killing")]
+    NotEmpty { path: PathBuf, seconds: u64 },
+}
+
+/// Limits applied to a payload cgroup.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub memory_bytes: u64,
+    pub cores: u32,
+    pub pids_max: u64,
+}
+
+/// Resource use read from the cgroup at the end.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    pub cpu_seconds: f64,
+    pub peak_memory_bytes: u64,
+    /// The kernel's OOM killer killed a process of this cgroup.
+    pub oom_killed: bool,
+}
+
+/// The v1 controllers every payload cgroup is created in.
+const V1_CONTROLLERS: [&str; 5] = ["memory", "cpu", "cpuacct", "pids", "freezer"];
+/// v1 controllers the payload joins below the pilot when mounted, so a batch system's CPU
+/// pinning (cpuset) and device restrictions (devices, e.g. GPUs) keep holding (P7).
+const V1_OPTIONAL: [&str; 2] = ["cpuset", "devices"];
+
+/// v2 controllers enabled for the payload cgroups.
+const V2_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+/// v2 leaf the job cgroup's own processes move into (no-internal-processes rule).
+const PILOT_LEAF: &str = "pilot";
+
+/// One payload cgroup. Serializable so the stage knows which `cgroup.procs` files to join.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Cgroup {
+    /// One directory per v1 hierarchy (cpu and cpuacct may share one).
+    V1 {
+        /// (controllers of the hierarchy, directory of the payload cgroup in it)
+        dirs: Vec<(Vec<String>, PathBuf)>,
+    },
+    /// The directory of the payload cgroup in the unified hierarchy.
+    V2 { dir: PathBuf },
+}
+
+/// A cgroup mount from /proc/self/mountinfo.
+struct Mount {
+    point: PathBuf,
+    root: String,
+    v2: bool,
+    controllers: Vec<String>,
+}
+
+fn mounts() -> Result<Vec<Mount>, CgroupError> {
+    let path = PathBuf::from("/proc/self/mountinfo");
+    let text = fs::read_to_string(&path).map_err(|source| CgroupError::Read { path, source })?;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        // "id parent maj:min root point opts [tags] - fstype source superopts"
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let l: Vec<&str> = left.split(' ').collect();
+        let r: Vec<&str> = right.split(' ').collect();
+        if l.len() < 5 || r.len() < 3 {
+            continue;
+        }
+        let v2 = match r[0] {
+            "cgroup2" => true,
+            "cgroup" => false,
+            _ => continue,
+        };
+        let point = PathBuf::from(unescape(l[4]));
+        let controllers = if v2 {
+            fs::read_to_string(point.join("cgroup.controllers"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect()
+        } else {
+            r[2].split(',').map(str::to_owned).collect()
+        };
+        out.push(Mount {
+            point,
+            root: unescape(l[3]),
+            v2,
+            controllers,
+        });
+    }
+    Ok(out)
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// (hierarchy id line controllers, path) from /proc/<pid>/cgroup.
+fn proc_cgroups(pid: i32) -> Result<Vec<(Vec<String>, String)>, CgroupError> {
+    let path = PathBuf::from(format!("/proc/{pid}/cgroup"));
+    let text = fs::read_to_string(&path).map_err(|source| CgroupError::Read { path, source })?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.splitn(3, ':');
+            let _id = it.next()?;
+            let ctrl = it.next()?;
+            let p = it.next()?;
+            Some((
+                ctrl.split(',')
+                    .filter(|c| !c.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                p.to_owned(),
+            ))
+        })
+        .collect())
+}
+
+/// Joins a mount point and a cgroup path as seen in /proc/PID/cgroup.
+fn join_mount(m: &Mount, cg_path: &str) -> PathBuf {
+    let rel = if m.root != "/" {
+        cg_path.strip_prefix(m.root.as_str()).unwrap_or(cg_path)
+    } else {
+        cg_path
+    };
+    m.point.join(rel.trim_start_matches('/'))
+}
+
+fn read(path: &Path) -> Result<String, CgroupError> {
+    fs::read_to_string(path).map_err(|source| CgroupError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
+    fs::write(path, value).map_err(|source| CgroupError::Write {
+        path: path.to_owned(),
+        value: value.to_owned(),
+        source,
+    })
+}
+
+fn mkdir(path: &Path) -> Result<(), CgroupError> {
+    match fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(CgroupError::Create {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Creates a payload cgroup directory; an existing one is an error (never reuse a cgroup that
+/// may hold a previous payload's processes).
+fn mkdir_new(path: &Path) -> Result<(), CgroupError> {
+    fs::create_dir(path).map_err(|source| CgroupError::Create {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn pids_in(procs: &Path) -> Vec<i32> {
+    fs::read_to_string(procs)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+/// The smallest CPU quota of any ancestor of `dir`, scaled to `period`; `None` if unlimited.
+fn v1_ancestor_quota(dir: &Path, period: u64) -> Option<u64> {
+    let mut best: Option<u64> = None;
+    let mut cur = dir.parent();
+    while let Some(d) = cur {
+        let (Ok(q), Ok(p)) = (
+            fs::read_to_string(d.join("cpu.cfs_quota_us")),
+            fs::read_to_string(d.join("cpu.cfs_period_us")),
+        ) else {
+            break; // above the hierarchy's mount point
+        };
+        if let (Ok(q), Ok(p)) = (q.trim().parse::<i64>(), p.trim().parse::<u64>()) {
+            if q > 0 && p > 0 {
+                let scaled = (q as u64).saturating_mul(period) / p;
+                best = Some(best.map_or(scaled, |b| b.min(scaled)));
+            }
+        }
+        cur = d.parent();
+    }
+    best
+}
+
+impl Cgroup {
+    /// Creates `<pilot's cgroup>/<name>` with the given limits. On v1 in each of memory, cpu,
+    /// cpuacct, pids and freezer; on v2 after moving the pilot's cgroup's own processes into a
+    /// `pilot` leaf (no-internal-processes rule) and enabling memory, cpu and pids for children.
+    pub fn create(pilot_pid: i32, name: &str, limits: Limits) -> Result<Cgroup, CgroupError> {
+        let mounts = mounts()?;
+        let lines = proc_cgroups(pilot_pid)?;
+        let v1_memory = mounts
+            .iter()
+            .any(|m| !m.v2 && m.controllers.iter().any(|c| c == "memory"));
+        let cg = if v1_memory {
+            Self::create_v1(&mounts, &lines, pilot_pid, name)?
+        } else if let Some(m) = mounts
+            .iter()
+            .find(|m| m.v2 && m.controllers.iter().any(|c| c == "memory"))
+        {
+            let p = lines
+                .iter()
+                .find(|(c, _)| c.is_empty())
+                .map(|(_, p)| p.clone())
+                .ok_or_else(|| CgroupError::NoPilotCgroup {
+                    pid: pilot_pid,
+                    controller: "unified".into(),
+                    path: m.point.clone(),
+                })?;
+            Self::create_v2(&join_mount(m, &p), &m.point, name)?
+        } else {
+            return Err(CgroupError::NoHierarchy(
+                "no memory controller in /proc/self/mountinfo".into(),
+            ));
+        };
+        if let Err(e) = cg.set_limits(limits) {
+            cg.remove();
+            return Err(e);
+        }
+        Ok(cg)
+    }
+
+    fn create_v1(
+        mounts: &[Mount],
+        lines: &[(Vec<String>, String)],
+        pilot_pid: i32,
+        name: &str,
+    ) -> Result<Cgroup, CgroupError> {
+        let mut dirs: Vec<(Vec<String>, PathBuf)> = Vec::new();
+        let ours =
+            |c: &String| V1_CONTROLLERS.contains(&c.as_str()) || V1_OPTIONAL.contains(&c.as_str());
+        for ctrl in V1_CONTROLLERS.iter().chain(V1_OPTIONAL.iter()).copied() {
+            let Some(m) = mounts
+                .iter()
+                .find(|m| !m.v2 && m.controllers.iter().any(|c| c == ctrl))
+            else {
+                if V1_OPTIONAL.contains(&ctrl) {
+                    continue;
+                }
+                Cgroup::V1 { dirs }.remove();
+                return Err(CgroupError::NoHierarchy(format!(
+                    "v1 controller {ctrl} is not mounted"
+                )));
+            };
+            if dirs.iter().any(|(c, _)| c.iter().any(|c| c == ctrl)) {
+                continue; // cpu,cpuacct combined: already created
+            }
+            let Some((_, p)) = lines.iter().find(|(c, _)| c.iter().any(|c| c == ctrl)) else {
+                Cgroup::V1 { dirs }.remove();
+                return Err(CgroupError::NoPilotCgroup {
+                    pid: pilot_pid,
+                    controller: ctrl.into(),
+                    path: m.point.clone(),
+                });
+            };
+            let parent = join_mount(m, p);
+            let dir = parent.join(name);
+            let hier: Vec<String> = m.controllers.iter().filter(|c| ours(c)).cloned().collect();
+            if let Err(e) = mkdir_new(&dir) {
+                Cgroup::V1 { dirs }.remove();
+                return Err(e);
+            }
+            let made = if ctrl == "cpuset" {
+                // A v1 cpuset cgroup starts empty and cannot take tasks: copy the pilot's.
+                ["cpuset.cpus", "cpuset.mems"]
+                    .iter()
+                    .try_for_each(|f| write(&dir.join(f), read(&parent.join(f))?.trim()))
+            } else {
+                Ok(())
+            };
+            dirs.push((hier, dir));
+            if let Err(e) = made {
+                Cgroup::V1 { dirs }.remove();
+                return Err(e);
+            }
+        }
+        Ok(Cgroup::V1 { dirs })
+    }
+
+    fn create_v2(pilot_cg: &Path, mount: &Path, name: &str) -> Result<Cgroup, CgroupError> {
+        // The pilot already sits in the leaf a previous launch made: the job cgroup is above.
+        let parent = match (pilot_cg.file_name(), pilot_cg.parent()) {
+            (Some(n), Some(p)) if n == PILOT_LEAF && pilot_cg != mount => p.to_owned(),
+            _ => pilot_cg.to_owned(),
+        };
+        let available = read(&parent.join("cgroup.controllers"))?;
+        for c in V2_CONTROLLERS {
+            if !available.split_whitespace().any(|a| a == c) {
+                return Err(CgroupError::ControllerMissing {
+                    controller: c,
+                    path: parent.clone(),
+                });
+            }
+        }
+        for attempt in 0..20 {
+            // A cgroup that enables controllers for its children may not hold processes (the
+            // root cgroup is exempt): move them into the `pilot` leaf first.
+            if parent != mount {
+                Self::move_procs_to_leaf(&parent)?;
+            }
+            let enabled = read(&parent.join("cgroup.subtree_control"))?;
+            let mut result = Ok(());
+            for c in V2_CONTROLLERS {
+                if !enabled.split_whitespace().any(|e| e == c) {
+                    result = write(&parent.join("cgroup.subtree_control"), &format!("+{c}"));
+                    if result.is_err() {
+                        break;
+                    }
+                }
+            }
+            match result {
+                // EBUSY: a process appeared (forked) between the move and the write.
+                Err(CgroupError::Write { ref source, .. })
+                    if source.raw_os_error() == Some(libc::EBUSY) && attempt < 19 =>
+                {
+                    sleep(Duration::from_millis(5));
+                }
+                r => {
+                    r?;
+                    break;
+                }
+            }
+        }
+        let dir = parent.join(name);
+        mkdir_new(&dir)?;
+        Ok(Cgroup::V2 { dir })
+    }
+
+    fn move_procs_to_leaf(parent: &Path) -> Result<(), CgroupError> {
+        let procs = parent.join("cgroup.procs");
+        if pids_in(&procs).is_empty() {
+            return Ok(());
+        }
+        let leaf = parent.join(PILOT_LEAF);
+        mkdir(&leaf)?;
+        for _ in 0..20 {
+            let pids = pids_in(&procs);
+            if pids.is_empty() {
+                break;
+            }
+            for pid in pids {
+                // A process may exit between read and write: ESRCH is fine.
+                match fs::write(leaf.join("cgroup.procs"), pid.to_string()) {
+                    Err(e) if e.raw_os_error() != Some(libc::ESRCH) => {
+                        return Err(CgroupError::Write {
+                            path: leaf.join("cgroup.procs"),
+                            value: pid.to_string(),
+                            source: e,
+                        })
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn set_limits(&self, l: Limits) -> Result<(), CgroupError> {
+        let period: u64 = 100_000;
+        let quota = period * u64::from(l.cores.max(1));
+        match self {
+            Cgroup::V1 { .. } => {
+                let mem = self.v1_dir("memory");
+                write(
+                    &mem.join("memory.limit_in_bytes"),
+                    &l.memory_bytes.to_string(),
+                )?;
+                // No swap: memory+swap limit equal to the memory limit (absent without swap accounting).
+                let memsw = mem.join("memory.memsw.limit_in_bytes");
+                if memsw.exists() {
+                    write(&memsw, &l.memory_bytes.to_string())?;
+                }
+                let cpu = self.v1_dir("cpu");
+                // v1 refuses a child quota above an ancestor's (EINVAL); the batch limit is
+                // the ceiling anyway (P7), so clamp to the tightest ancestor.
+                let quota = v1_ancestor_quota(&cpu, period).map_or(quota, |q| quota.min(q));
+                write(&cpu.join("cpu.cfs_period_us"), &period.to_string())?;
+                write(&cpu.join("cpu.cfs_quota_us"), &quota.to_string())?;
+                write(
+                    &self.v1_dir("pids").join("pids.max"),
+                    &l.pids_max.to_string(),
+                )?;
+            }
+            Cgroup::V2 { dir } => {
+                write(&dir.join("memory.max"), &l.memory_bytes.to_string())?;
+                let swap = dir.join("memory.swap.max");
+                if swap.exists() {
+                    write(&swap, "0")?;
+                }
+                write(&dir.join("cpu.max"), &format!("{quota} {period}"))?;
+                write(&dir.join("pids.max"), &l.pids_max.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn v1_dir(&self, ctrl: &str) -> PathBuf {
+        match self {
+            Cgroup::V1 { dirs } => dirs
+                .iter()
+                .find(|(c, _)| c.iter().any(|c| c == ctrl))
+                .map(|(_, d)| d.clone())
+                .unwrap_or_default(),
+            Cgroup::V2 { dir } => dir.clone(),
+        }
+    }
+
+    /// The `cgroup.procs` files a process writes "0" to in order to join this cgroup.
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        match self {
+            Cgroup::V1 { dirs } => dirs.iter().map(|(_, d)| d.join("cgroup.procs")).collect(),
+            Cgroup::V2 { dir } => vec![dir.join("cgroup.procs")],
+        }
+    }
+
+    /// A printable name: the v2 directory or the v1 memory directory.
+    pub fn display(&self) -> String {
+        self.v1_dir("memory").display().to_string()
+    }
+
+    /// Every process currently in the cgroup (v1: union over hierarchies).
+    pub fn pids(&self) -> Vec<i32> {
+        let mut all: Vec<i32> = self.procs_files().iter().flat_map(|p| pids_in(p)).collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+
+    /// Sends `sig` to every process in the cgroup except those in `skip`.
+    pub fn signal(&self, sig: i32, skip: &[i32]) -> io::Result<()> {
+        for pid in self.pids() {
+            if skip.contains(&pid) {
+                continue;
+            }
+            // SAFETY: kill(2) has no memory effects; the pid was just read from the cgroup
+            // (a recycled pid would have to be in this cgroup too, which only payload
+            // processes can be).
+            let r = unsafe { libc::kill(pid, sig) };
+            if r != 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::ESRCH) {
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Kills every process in the cgroup and waits until it is empty (at most 10 s).
+    /// v2: cgroup.kill (or SIGKILL loop before 5.14); v1: freeze, SIGKILL, thaw, repeat.
+    pub fn kill_all(&self) -> Result<(), CgroupError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let kill_file = match self {
+            Cgroup::V2 { dir } => Some(dir.join("cgroup.kill")).filter(|p| p.exists()),
+            Cgroup::V1 { .. } => None,
+        };
+        let freezer = match self {
+            Cgroup::V1 { .. } => Some(self.v1_dir("freezer").join("freezer.state")),
+            Cgroup::V2 { .. } => None,
+        };
+        // v2 before 5.14: freeze (cgroup.freeze), SIGKILL, thaw; fatal signals reach frozen tasks.
+        let freeze2 = match self {
+            Cgroup::V2 { dir } if kill_file.is_none() => {
+                Some(dir.join("cgroup.freeze")).filter(|p| p.exists())
+            }
+            _ => None,
+        };
+        loop {
+            if self.pids().is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(CgroupError::NotEmpty {
+                    path: PathBuf::from(self.display()),
+                    seconds: 10,
+                });
+            }
+            if let Some(k) = &kill_file {
+                // Ignore errors: the cgroup may have emptied meanwhile.
+                let _ = fs::write(k, "1");
+            } else if let Some(f) = &freezer {
+                // Frozen processes cannot fork while we kill them.
+                let _ = fs::write(f, "FROZEN");
+                let until = Instant::now() + Duration::from_millis(200);
+                while Instant::now() < until
+                    && fs::read_to_string(f)
+                        .map(|s| s.trim() == "FREEZING")
+                        .unwrap_or(false)
+                {
+                    sleep(Duration::from_millis(2));
+                }
+                let _ = self.signal(libc::SIGKILL, &[]);
+                let _ = fs::write(f, "THAWED");
+            } else if let Some(f) = &freeze2 {
+                let _ = fs::write(f, "1");
+                let _ = self.signal(libc::SIGKILL, &[]);
+                let _ = fs::write(f, "0");
+            } else {
+                let _ = self.signal(libc::SIGKILL, &[]);
+            }
+            sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Reads CPU time, peak memory and whether the OOM killer fired.
+    pub fn usage(&self) -> Usage {
+        let num = |p: PathBuf| -> u64 {
+            fs::read_to_string(p)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let key = |p: PathBuf, k: &str| -> u64 {
+            fs::read_to_string(p)
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| {
+                    let (a, b) = l.split_once(' ')?;
+                    (a == k).then(|| b.trim().parse().ok()).flatten()
+                })
+                .unwrap_or(0)
+        };
+        match self {
+            Cgroup::V1 { .. } => {
+                let mem = self.v1_dir("memory");
+                Usage {
+                    cpu_seconds: num(self.v1_dir("cpuacct").join("cpuacct.usage")) as f64 / 1e9,
+                    peak_memory_bytes: num(mem.join("memory.max_usage_in_bytes")),
+                    oom_killed: key(mem.join("memory.oom_control"), "oom_kill") > 0,
+                }
+            }
+            Cgroup::V2 { dir } => Usage {
+                cpu_seconds: key(dir.join("cpu.stat"), "usage_usec") as f64 / 1e6,
+                peak_memory_bytes: num(dir.join("memory.peak")),
+                oom_killed: key(dir.join("memory.events"), "oom_kill") > 0,
+            },
+        }
+    }
+
+    /// Removes the cgroup directories, retrying briefly on EBUSY. Errors are ignored beyond
+    /// that: a cgroup that cannot be removed is empty and harmless, and is logged by the caller.
+    pub fn remove(&self) -> bool {
+        let dirs: Vec<PathBuf> = match self {
+            Cgroup::V1 { dirs } => dirs.iter().map(|(_, d)| d.clone()).collect(),
+            Cgroup::V2 { dir } => vec![dir.clone()],
+        };
+        let mut ok = true;
+        for d in dirs {
+            let mut removed = false;
+            for _ in 0..200 {
+                match fs::remove_dir(&d) {
+                    Ok(()) => {
+                        removed = true;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        removed = true;
+                        break;
+                    }
+                    Err(_) => sleep(Duration::from_millis(10)),
+                }
+            }
+            ok &= removed;
+        }
+        ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The v2 placement logic against a directory tree shaped like cgroupfs (plain files).
+    #[test]
+    fn v2_payload_goes_beside_the_pilot_leaf() {
+        let t = tempfile::tempdir().unwrap();
+        let mount = t.path();
+        let job = mount.join("job");
+        fs::create_dir(&job).unwrap();
+        fs::write(
+            job.join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        )
+        .unwrap();
+        fs::write(job.join("cgroup.subtree_control"), "").unwrap();
+        fs::write(job.join("cgroup.procs"), "").unwrap();
+        let cg = Cgroup::create_v2(&job, mount, "mupilot-p1").unwrap();
+        match &cg {
+            Cgroup::V2 { dir } => assert_eq!(dir, &job.join("mupilot-p1")),
+            _ => panic!(),
+        }
+        // The pilot already in the leaf: the next payload is a sibling, not nested.
+        fs::create_dir(job.join("pilot")).unwrap();
+        let cg = Cgroup::create_v2(&job.join("pilot"), mount, "mupilot-p2").unwrap();
+        assert_eq!(cg.procs_files(), vec![job.join("mupilot-p2/cgroup.procs")]);
+        // A missing controller is a clear error naming it.
+        fs::write(job.join("cgroup.controllers"), "cpu memory\n").unwrap();
+        let e = Cgroup::create_v2(&job, mount, "mupilot-p3").unwrap_err();
+        assert!(e.to_string().contains("controller pids"), "{e}");
+    }
+
+    #[test]
+    fn unescapes_mountinfo() {
+        assert_eq!(unescape("/a\\040b"), "/a b");
+        assert_eq!(unescape("/plain"), "/plain");
+    }
+}

@@ -1,0 +1,135 @@
+//! The stage without its helper (run as root): when the helper's end of the socket closes
+//! (the helper died), the stage kills the payload and removes its scratch and cgroup; when the
+//! stage itself is killed, the payload dies with it.
+
+mod sandbox_support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mupilot::switch::sandbox::cgroup::{Cgroup, Limits};
+use sandbox_support::{ScratchRoot, TestUser};
+
+fn alive(pid: i32, cmdline: &[u8]) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| c == cmdline)
+        .unwrap_or(false)
+}
+
+fn wait_until(mut f: impl FnMut() -> bool) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Plays the helper by hand: cgroup, scratch, stage with a raw plan. Returns the socket, the
+/// stage child, the payload's host pid, the cgroup and the scratch dir.
+fn start(
+    tag: &str,
+    u: &TestUser,
+    root: &ScratchRoot,
+) -> (
+    UnixStream,
+    std::process::Child,
+    i32,
+    Cgroup,
+    std::path::PathBuf,
+) {
+    let name = format!("mupilot-test-sbx-{tag}-{}", std::process::id());
+    let cg = Cgroup::create(
+        std::process::id() as i32,
+        &name,
+        Limits {
+            memory_bytes: 128 << 20,
+            cores: 1,
+            pids_max: 64,
+        },
+    )
+    .unwrap();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(&root.0)
+        .unwrap();
+    std::fs::set_permissions(&root.0, std::fs::Permissions::from_mode(0o711)).unwrap();
+    let scratch = root.0.join(&name);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&scratch)
+        .unwrap();
+    std::os::unix::fs::chown(&scratch, Some(u.account.uid), Some(u.account.gid)).unwrap();
+    let plan = serde_json::json!({
+        "payload_id": name,
+        "account": u.account,
+        "argv": ["sleep", "77"],
+        "env": [["PATH", "/usr/bin:/bin"]],
+        "procs_files": cg.procs_files(),
+        "scratch_root": root.0,
+        "scratch": scratch,
+        "tmp_size_bytes": 1 << 20,
+        "network": "host",
+        "nofile": 64,
+        "core_bytes": 0,
+        "allow_user_namespaces": true,
+        "bundle_b64": null,
+    });
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_mupilot-switch"))
+        .arg("stage")
+        .env_clear()
+        .stdin(Stdio::from(OwnedFd::from(theirs)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (&ours).write_all(format!("{plan}\n").as_bytes()).unwrap();
+    let mut line = String::new();
+    BufReader::new(&ours).read_line(&mut line).unwrap();
+    let ev: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(ev["event"], "started", "{line}");
+    let pid = ev["pid"].as_i64().unwrap() as i32;
+    assert!(alive(pid, b"sleep\x0077\x00"), "payload runs");
+    (ours, child, pid, cg, scratch)
+}
+
+#[test]
+fn helper_gone_kills_and_cleans_up() {
+    let u = TestUser::get("mpt-sbx-a");
+    let root = ScratchRoot::new("orphan");
+    let (sock, mut child, pid, cg, scratch) = start("orphan", &u, &root);
+    drop(sock);
+    let st = child.wait().unwrap();
+    assert!(st.success(), "{st}");
+    assert!(!alive(pid, b"sleep\x0077\x00"), "payload killed");
+    assert!(!scratch.exists(), "scratch removed");
+    assert!(
+        wait_until(|| cg.procs_files().iter().all(|f| !f.exists())),
+        "cgroup removed"
+    );
+}
+
+#[test]
+fn stage_killed_takes_the_payload_along() {
+    let u = TestUser::get("mpt-sbx-a");
+    let root = ScratchRoot::new("stagekill");
+    let (_sock, mut child, pid, cg, scratch) = start("stagekill", &u, &root);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        wait_until(|| !alive(pid, b"sleep\x0077\x00")),
+        "payload died with the stage"
+    );
+    assert!(wait_until(|| cg.pids().is_empty()));
+    // The helper would clean up after a lost stage; here the test does.
+    let _ = std::fs::remove_dir_all(&scratch);
+    assert!(cg.remove());
+}

@@ -1,0 +1,167 @@
+//! Shared helpers for tests that need real accounts, a scratch root and a sandbox launch
+//! (root only). Reusable by other test files: `#[path = "sandbox_support/mod.rs"] mod sbx;`.
+//!
+//! Accounts are created with useradd on first use and removed with `userdel -r` when the last
+//! user of them in this test binary is done, so a test binary can run twice in a row.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use mupilot::switch::sandbox::{self, Account, LaunchPlan, NetworkMode, Outcome, SandboxSettings};
+
+static USERS: Mutex<Option<HashMap<String, usize>>> = Mutex::new(None);
+
+/// A real account, held for the lifetime of the guard; the last guard of a name deletes it.
+pub struct TestUser {
+    pub account: Account,
+}
+
+impl TestUser {
+    /// Creates `name` (useradd -m, nologin shell) if absent and resolves uid, gid, groups.
+    pub fn get(name: &str) -> TestUser {
+        let mut g = USERS.lock().unwrap_or_else(|p| p.into_inner());
+        let map = g.get_or_insert_with(HashMap::new);
+        let count = map.entry(name.to_owned()).or_insert(0);
+        if nix::unistd::User::from_name(name).unwrap().is_none() {
+            let st = Command::new("useradd")
+                .args(["-m", "-s", "/usr/sbin/nologin", name])
+                .status()
+                .unwrap();
+            assert!(st.success(), "useradd {name} failed");
+        }
+        *count += 1;
+        TestUser {
+            account: account(name),
+        }
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let mut g = USERS.lock().unwrap_or_else(|p| p.into_inner());
+        let map = g.get_or_insert_with(HashMap::new);
+        let c = map.get_mut(&self.account.name).unwrap();
+        *c -= 1;
+        if *c == 0 {
+            let _ = Command::new("userdel")
+                .args(["-r", &self.account.name])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// Resolves an existing account from the user and group databases.
+pub fn account(name: &str) -> Account {
+    let u = nix::unistd::User::from_name(name)
+        .unwrap()
+        .expect("user exists");
+    let out = Command::new("id").args(["-G", name]).output().unwrap();
+    let groups = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|g| g.parse().ok())
+        .filter(|g| *g != u.gid.as_raw())
+        .collect();
+    Account {
+        name: name.to_owned(),
+        uid: u.uid.as_raw(),
+        gid: u.gid.as_raw(),
+        groups,
+    }
+}
+
+/// A scratch root for one test, removed on drop.
+pub struct ScratchRoot(pub PathBuf);
+
+impl ScratchRoot {
+    pub fn new(test: &str) -> ScratchRoot {
+        let p = PathBuf::from(format!(
+            "/var/lib/mupilot-test-sbx-{test}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        ScratchRoot(p)
+    }
+}
+
+impl Drop for ScratchRoot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Site settings pointing the stage at the built `mupilot-switch`.
+pub fn settings(root: &Path) -> SandboxSettings {
+    SandboxSettings {
+        scratch_root: root.to_owned(),
+        tmp_size_bytes: 64 << 20,
+        pids_max: 256,
+        network: NetworkMode::Host,
+        env_allowlist: vec!["LANG".into()],
+        nofile: 1024,
+        core_bytes: 0,
+        output_limit_bytes: 1 << 20,
+        allow_user_namespaces: true,
+        stage_exe: Some(PathBuf::from(env!("CARGO_BIN_EXE_mupilot-switch"))),
+    }
+}
+
+/// A plan for `argv` as `account`, 1 core, 256 MiB, 60 s, in this test process's cgroup.
+pub fn plan(id: &str, account: &Account, argv: &[&str]) -> LaunchPlan {
+    LaunchPlan {
+        payload_id: format!("test-sbx-{id}-{}", std::process::id()),
+        account: account.clone(),
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: Default::default(),
+        cores: 1,
+        memory_bytes: 256 << 20,
+        walltime_seconds: 60,
+        pilot_pid: std::process::id() as i32,
+        bundle: None,
+        outputs: Vec::new(),
+    }
+}
+
+/// A pipe whose write end becomes the payload's stdout; the reader thread returns the text.
+pub fn capture() -> (OwnedFd, std::thread::JoinHandle<String>) {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    let t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::fs::File::from(r).read_to_string(&mut s);
+        s
+    });
+    (w, t)
+}
+
+/// Launches and waits; returns the outcome and the payload's stdout (stderr too).
+pub fn run(settings: &SandboxSettings, plan: LaunchPlan) -> (Outcome, String) {
+    let (w, t) = capture();
+    let w2 = w.try_clone().unwrap();
+    let r = sandbox::launch(settings, plan, Some(w), Some(w2)).expect("launch");
+    let o = r.wait().expect("wait");
+    (o, t.join().unwrap())
+}
+
+/// This process's cgroup directory in the memory hierarchy (v1) or the unified one (v2).
+pub fn own_memory_cgroup() -> PathBuf {
+    let text = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let v1 = text.lines().find_map(|l| {
+        let mut it = l.splitn(3, ':');
+        it.next();
+        let c = it.next()?;
+        let p = it.next()?;
+        c.split(',').any(|c| c == "memory").then(|| p.to_owned())
+    });
+    match v1 {
+        Some(p) => PathBuf::from("/sys/fs/cgroup/memory").join(p.trim_start_matches('/')),
+        None => {
+            let p = text.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+            PathBuf::from("/sys/fs/cgroup").join(p.trim_start_matches('/'))
+        }
+    }
+}

@@ -30,7 +30,7 @@ cargo build --release --locked -q --bins --examples
 BIN=$PWD/target/release
 LB=$BIN/examples/launch_bench
 
-WORK=$(mktemp -d /tmp/mupilot-bench.XXXXXX)
+WORK=$(mktemp -d /var/lib/mupilot-bench.XXXXXX)
 chmod 0755 "$WORK"
 BENCH_ACCOUNTS=(mupilot mpu-alice)
 created=()

@@ -19,7 +19,8 @@ BIN=$PWD/target/release
 started=$(date +%s.%N)
 
 ensure_demo_accounts
-WORK=$(mktemp -d /tmp/mupilot-demo.XXXXXX)
+# Not below /tmp: payloads get a private /tmp, so their scratch must live elsewhere.
+WORK=$(mktemp -d /var/lib/mupilot-demo.XXXXXX)
 chmod 0755 "$WORK"
 cleanup() {
     stop_pid "${PILOT_PID:-}"

@@ -118,7 +118,8 @@ impl Stack {
     pub fn start(pilot_account: &str, gridmap: &[(&str, &str)]) -> Stack {
         let dir = tempfile::Builder::new()
             .prefix("mupilot-e2e")
-            .tempdir_in("/tmp")
+            // Not below /tmp: payloads get a private /tmp, so scratch must live elsewhere.
+            .tempdir_in("/var/lib")
             .unwrap();
         std::fs::set_permissions(
             dir.path(),

@@ -72,7 +72,10 @@ fn caller_not_allowed_is_refused_at_the_socket() {
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0]["type"], "error");
     let reason = events[0]["reason"].as_str().unwrap();
-    assert!(reason.contains("uid 65534 is not an allowed pilot"), "{reason}");
+    assert!(
+        reason.contains("uid 65534 is not an allowed pilot"),
+        "{reason}"
+    );
     let recs = site.records();
     let r = recs
         .iter()
@@ -127,18 +130,27 @@ fn bad_envelopes_are_refused_as_caller_errors() {
     b.owner.vo = "swd-unknown-vo".into();
     let (_, class, reason) = denied(c.launch(&site.sign(&b), None));
     assert_eq!(class, DenialClass::Caller);
-    assert!(reason.contains("VO 'swd-unknown-vo' is not configured"), "{reason}");
+    assert!(
+        reason.contains("VO 'swd-unknown-vo' is not configured"),
+        "{reason}"
+    );
 
     // Bundle: wrong digest, missing, unexpected.
     let mut b = site.body(DN_ALICE, &["/bin/true"]);
     b.bundle_sha256 = Some(mupilot::protocol::envelope::sha256_hex(b"the real bundle"));
     let (_, class, reason) = denied(c.launch(&site.sign(&b), Some(B64.encode(b"another bundle"))));
     assert_eq!(class, DenialClass::Caller);
-    assert!(reason.contains("does not match the envelope's bundle_sha256"), "{reason}");
+    assert!(
+        reason.contains("does not match the envelope's bundle_sha256"),
+        "{reason}"
+    );
     b.nonce = uuid::Uuid::new_v4().simple().to_string();
     let (_, class, reason) = denied(c.launch(&site.sign(&b), None));
     assert_eq!(class, DenialClass::Caller);
-    assert!(reason.contains("no bundle came with the launch"), "{reason}");
+    assert!(
+        reason.contains("no bundle came with the launch"),
+        "{reason}"
+    );
     let b = site.body(DN_ALICE, &["/bin/true"]);
     let (_, class, reason) = denied(c.launch(&site.sign(&b), Some(B64.encode(b"x"))));
     assert_eq!(class, DenialClass::Caller);

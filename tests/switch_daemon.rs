@@ -394,3 +394,56 @@ fn payloads_die_with_their_pilot_connection() {
         other => panic!("{other:?}"),
     }
 }
+
+/// The grid-mapfile is re-read when it changes; an invalid one or a pool entry is a `system`
+/// denial, never a fallback to an older mapping.
+#[test]
+fn gridmap_edits_apply_without_restart() {
+    let _u = Users::acquire();
+    let site = Site::new();
+    let d = site.start();
+    let mut c = Client::hello(&site.socket, Client::default_hello());
+    let (_, class, _) = denied(c.launch(&site.sign(&site.body(DN_UNMAPPED, &["/bin/true"])), None));
+    assert_eq!(class, DenialClass::Authorization);
+
+    let orig = std::fs::read_to_string(&site.gridmap).unwrap();
+    std::fs::write(&site.gridmap, format!("{orig}\"{DN_UNMAPPED}\" .swdpool\n")).unwrap();
+    let (_, class, reason) =
+        denied(c.launch(&site.sign(&site.body(DN_UNMAPPED, &["/bin/true"])), None));
+    assert_eq!(class, DenialClass::System);
+    assert!(
+        reason.contains("pool accounts are not configured") && reason.contains("line 5"),
+        "{reason}"
+    );
+
+    std::fs::write(
+        &site.gridmap,
+        format!("{orig}\"{DN_UNMAPPED} broken line\n"),
+    )
+    .unwrap();
+    let (_, class, reason) =
+        denied(c.launch(&site.sign(&site.body(DN_ALICE, &["/bin/true"])), None));
+    assert_eq!(class, DenialClass::System);
+    assert!(
+        reason.contains("line 5") && reason.contains("closing quote"),
+        "{reason}"
+    );
+
+    std::fs::write(
+        &site.gridmap,
+        format!("{orig}\"{DN_UNMAPPED}\" mpt-swd-nosuch\n"),
+    )
+    .unwrap();
+    let (_, class, reason) =
+        denied(c.launch(&site.sign(&site.body(DN_UNMAPPED, &["/bin/true"])), None));
+    assert_eq!(class, DenialClass::System);
+    assert!(
+        reason.contains("'mpt-swd-nosuch' (from the grid-mapfile) does not exist"),
+        "{reason}"
+    );
+    drop(c);
+    // SIGTERM stops the helper cleanly and removes its socket.
+    let status = d.stop().expect("the helper stops on SIGTERM");
+    assert_eq!(status.code(), Some(0));
+    assert!(!site.socket.exists());
+}

@@ -227,29 +227,31 @@ impl Daemon {
         );
     }
 
-    pub fn stop(mut self) {
-        self.stop_inner();
+    pub fn stop(mut self) -> Option<std::process::ExitStatus> {
+        self.stop_inner()
     }
 
-    fn stop_inner(&mut self) {
+    /// SIGTERM, then SIGKILL after 15 s; the exit status when it stopped on SIGTERM.
+    fn stop_inner(&mut self) -> Option<std::process::ExitStatus> {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        None
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
-            self.stop_inner();
+            let _ = self.stop_inner();
         }
     }
 }

@@ -332,6 +332,18 @@ fn validate(raw: RawConfig, base: &Path) -> Result<SwitchConfig, KeyErr> {
         base,
         s.scratch_root.unwrap_or_else(|| state_dir.join("scratch")),
     );
+    if ["/tmp", "/var/tmp", "/dev/shm"]
+        .iter()
+        .any(|t| scratch_root.starts_with(t))
+    {
+        return Err(bad(
+            "sandbox.scratch_root",
+            format!(
+                "{} is below /tmp, /var/tmp or /dev/shm, which are private per payload; use a directory such as /var/lib/mupilot/scratch",
+                scratch_root.display()
+            ),
+        ));
+    }
     if s.tmp_size_bytes < 1 << 20 {
         return Err(bad(
             "sandbox.tmp_size_bytes",
@@ -418,6 +430,7 @@ name = "demo"
 public_key = "vo.pub"
 [sandbox]
 network = "none"
+scratch_root = "/var/lib/mupilot-test-swd-unit/scratch"
 "#;
 
     #[test]
@@ -428,7 +441,16 @@ network = "none"
         assert_eq!(c.gridmap, dir.path().join("grid-mapfile"));
         assert_eq!(c.allowed_uids(), [0, 4242].into_iter().collect());
         assert!(dir.path().join("log").is_dir());
-        assert_eq!(c.sandbox.scratch_root, dir.path().join("state/scratch"));
+        assert_eq!(
+            c.sandbox.scratch_root,
+            Path::new("/var/lib/mupilot-test-swd-unit/scratch")
+        );
+        let p = write_setup(
+            dir.path(),
+            &GOOD.replace("/var/lib/mupilot-test-swd-unit/scratch", "scratch"),
+        );
+        let e = SwitchConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("key 'sandbox.scratch_root'"), "{e}");
         assert_eq!(c.sandbox.network, NetworkMode::None);
         assert_eq!(c.min_uid, 1000);
         assert!(c.vo("demo").is_some());

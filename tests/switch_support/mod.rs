@@ -83,6 +83,8 @@ pub fn gid_of(name: &str) -> Option<u32> {
 /// A site configuration in a temp dir.
 pub struct Site {
     pub dir: tempfile::TempDir,
+    /// Scratch must live outside /tmp (payloads get a private /tmp).
+    pub scratch: tempfile::TempDir,
     pub key: VoSigningKey,
     pub config: PathBuf,
     pub audit: PathBuf,
@@ -105,6 +107,10 @@ impl Site {
             ),
         )
         .unwrap();
+        let scratch = tempfile::Builder::new()
+            .prefix("mupilot-test-swd-")
+            .tempdir_in("/var/lib")
+            .unwrap();
         let config = dir.path().join("switch.toml");
         std::fs::write(
             &config,
@@ -119,8 +125,9 @@ min_uid = 1000
 name = "{VO}"
 public_key = "vo.pub"
 [sandbox]
-scratch_root = "scratch"
-"#
+scratch_root = "{}"
+"#,
+                scratch.path().join("scratch").display()
             ),
         )
         .unwrap();
@@ -128,6 +135,7 @@ scratch_root = "scratch"
             audit: dir.path().join("log/audit.jsonl"),
             socket: dir.path().join("run/switch.sock"),
             dir,
+            scratch,
             key,
             config,
             gridmap,

@@ -72,7 +72,7 @@ impl Helper {
     pub fn kill_payloads(&self, conn_id: Option<u64>, reason: &str) {
         for (payload_id, entry) in self.registry.list(conn_id) {
             let Some(handle) = entry.handle else { continue };
-            handle.kill(reason);
+            // Recorded before the kill, so the log reads start, kill, end.
             let mut rec = entry.record.clone();
             rec.time = crate::records::now_rfc3339();
             rec.event = Some(AuditEvent::Kill);
@@ -80,6 +80,7 @@ impl Helper {
             rec.reason = None;
             rec.kill_reason = Some(reason.to_string());
             self.audit.append_or_log(&rec);
+            handle.kill(reason);
             tracing::info!(%payload_id, reason, "killed payload");
         }
     }

@@ -447,3 +447,79 @@ fn gridmap_edits_apply_without_restart() {
     assert_eq!(status.code(), Some(0));
     assert!(!site.socket.exists());
 }
+
+/// Starts `sleep 300` for alice; None while the sandbox is not available (a `system` denial).
+fn start_sleeper(site: &Site, c: &mut Client) -> Option<String> {
+    let body = site.body(DN_ALICE, &["/bin/sleep", "300"]);
+    match c.launch(&site.sign(&body), None) {
+        SwitchEvent::Denied { class, reason, .. } => {
+            assert_eq!(class, DenialClass::System, "{reason}");
+            assert!(reason.starts_with("sandbox:"), "{reason}");
+            None
+        }
+        SwitchEvent::Started { payload_id, .. } => Some(payload_id),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// `signal` reaches the payload, is answered and audited; another connection cannot signal it.
+#[test]
+fn signal_acts_on_own_payloads_only_and_is_audited() {
+    let _u = Users::acquire();
+    let site = Site::new();
+    let _d = site.start();
+    let mut c = Client::hello(&site.socket, Client::default_hello());
+    let Some(id) = start_sleeper(&site, &mut c) else {
+        return;
+    };
+    let mut other = Client::hello(&site.socket, Client::default_hello());
+    let sig = |payload_id: &str| SwitchRequest::Signal {
+        payload_id: payload_id.into(),
+        signal: 15,
+        reason: Some("swd test".into()),
+    };
+    match other.call(&sig(&id), &[]) {
+        SwitchEvent::Signalled { ok, .. } => assert!(!ok),
+        e => panic!("{e:?}"),
+    }
+    match c.call(&sig(&id), &[]) {
+        SwitchEvent::Signalled { ok, reason, .. } => assert!(ok, "{reason:?}"),
+        SwitchEvent::Exited { .. } => {}
+        e => panic!("{e:?}"),
+    }
+    loop {
+        match c.recv() {
+            SwitchEvent::Exited { payload_id, report } => {
+                assert_eq!(payload_id, id);
+                assert_eq!(report.signal, Some(15), "{report:?}");
+                break;
+            }
+            SwitchEvent::Signalled { .. } => {}
+            e => panic!("{e:?}"),
+        }
+    }
+    let recs = site.records_of(&id);
+    let events: Vec<_> = recs.iter().map(|r| r["event"].as_str().unwrap()).collect();
+    assert_eq!(events, ["start", "signal", "end"]);
+    assert_eq!(recs[1]["signal"], 15);
+    assert_eq!(recs[1]["reason"], "swd test");
+}
+
+/// SIGTERM to the helper kills every payload, records kill and end, and exits 0.
+#[test]
+fn stopping_the_helper_kills_and_records_every_payload() {
+    let _u = Users::acquire();
+    let site = Site::new();
+    let d = site.start();
+    let mut c = Client::hello(&site.socket, Client::default_hello());
+    let Some(id) = start_sleeper(&site, &mut c) else {
+        return;
+    };
+    let status = d.stop().expect("the helper stops on SIGTERM");
+    assert_eq!(status.code(), Some(0));
+    let recs = site.records_of(&id);
+    let events: Vec<_> = recs.iter().map(|r| r["event"].as_str().unwrap()).collect();
+    assert_eq!(events, ["start", "kill", "end"]);
+    assert_eq!(recs[1]["kill_reason"], "helper_stopping");
+    assert!(recs[2]["end"].is_string());
+}

@@ -271,18 +271,21 @@ impl Connection {
             self.send(answer(false, Some("payload is still starting".into())));
             return;
         };
-        let result = handle.signal(signal);
+        // Recorded before the signal is sent, so the log reads start, signal, end even when
+        // the payload dies of it at once.
         let mut rec = entry.record.clone();
         rec.time = crate::records::now_rfc3339();
         rec.event = Some(AuditEvent::Signal);
         rec.decision = None;
         rec.signal = Some(signal);
-        rec.reason = Some(match (&result, &reason) {
-            (Ok(()), Some(r)) => r.clone(),
-            (Ok(()), None) => "pilot request".into(),
-            (Err(e), _) => format!("signal failed: {e}"),
-        });
+        rec.reason = Some(reason.unwrap_or_else(|| "pilot request".into()));
         self.helper.audit.append_or_log(&rec);
+        let result = handle.signal(signal);
+        if let Err(e) = &result {
+            rec.time = crate::records::now_rfc3339();
+            rec.reason = Some(format!("signal failed: {e}"));
+            self.helper.audit.append_or_log(&rec);
+        }
         match result {
             Ok(()) => self.send(answer(true, None)),
             Err(e) => self.send(answer(false, Some(e.to_string()))),

@@ -83,10 +83,25 @@ pub fn serve(helper: Arc<Helper>, stream: UnixStream, conn_id: u64) {
             hello: Default::default(),
         },
     };
+    let _gone = KillOnClose {
+        helper: helper.clone(),
+        conn_id,
+    };
     conn.run();
-    // P10: a pilot that is gone leaves nothing running.
-    helper.kill_payloads(Some(conn_id), "pilot_gone");
     tracing::info!("connection closed");
+}
+
+/// P10: a pilot that is gone leaves nothing running. A guard, so that even a panic in the
+/// connection thread kills the pilot's payloads.
+struct KillOnClose {
+    helper: Arc<Helper>,
+    conn_id: u64,
+}
+
+impl Drop for KillOnClose {
+    fn drop(&mut self) {
+        self.helper.kill_payloads(Some(self.conn_id), "pilot_gone");
+    }
 }
 
 struct Connection {

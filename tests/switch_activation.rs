@@ -95,8 +95,28 @@ fn activation_variables_for_another_process_are_ignored() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o666);
     let _c = Client::hello(&site.socket, Client::default_hello());
     d.stop();
-    // The daemon removes its socket when it stops, and a stale one does not block a restart.
+    // The daemon removes its socket when it stops.
+    assert!(!site.socket.exists());
+    // A helper killed hard leaves a stale socket, which does not block a restart; a live
+    // helper on the same path does.
+    let mut d = site.start();
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    assert!(site.socket.exists());
     let d = site.start();
     let _c = Client::hello(&site.socket, Client::default_hello());
+    let (code, out) = {
+        let out = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&site.config)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("in use by a running helper"), "{out}");
     d.stop();
 }

@@ -122,7 +122,15 @@ pub fn serve(cfg: SwitchConfig) -> Result<i32, DaemonError> {
     // The socket first: activation edits the environment, which must happen before threads.
     let (listener, source) = activation::listener(&cfg.socket)?;
     super::syslog::open();
-    let helper = Arc::new(Helper::new(cfg)?);
+    let helper = match Helper::new(cfg) {
+        Ok(h) => Arc::new(h),
+        Err(e) => {
+            if let ListenSource::Path(p) = &source {
+                let _ = std::fs::remove_file(p);
+            }
+            return Err(e);
+        }
+    };
     let sig_read = install_signals().map_err(DaemonError::Signals)?;
     match &source {
         ListenSource::Systemd => tracing::info!("listening on the socket passed by systemd"),

@@ -207,11 +207,17 @@ fn replayed_nonce_is_refused_also_after_restart() {
     assert!(reason.contains("replayed"), "{reason}");
     drop(c);
     d.stop();
-    let _d = site.start();
+    let d = site.start();
     let mut c = Client::hello(&site.socket, Client::default_hello());
     let (_, class, reason) = denied(c.launch(&env, None));
     assert_eq!(class, DenialClass::Caller);
     assert!(reason.contains("replayed"), "{reason}");
+    drop(c);
+    d.stop();
+    // The second daemon continued the first one's chain.
+    let (code, out) = cli(&["audit", "verify", "--log", site.audit.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("intact, 3 records"), "{out}");
 }
 
 #[test]

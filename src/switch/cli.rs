@@ -135,8 +135,7 @@ fn load(config: &Path) -> Result<SwitchConfig, i32> {
 }
 
 fn serve(config: &Path) -> i32 {
-    // SAFETY: getuid(2) has no preconditions and cannot fail.
-    if unsafe { libc::getuid() } != 0 {
+    if !nix::unistd::getuid().is_root() {
         eprintln!(
             "mupilot-switch: serve must run as root (it switches identities); start it through systemd (mupilot-switch.socket)"
         );

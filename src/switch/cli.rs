@@ -1,7 +1,225 @@
-//! Command-line entry point (phase-0 placeholder, replaced by the real CLI).
+//! The `mupilot-switch` command line: `serve`, `check-config`, `policy check|eval`,
+//! `audit verify`. Parses arguments, sets up logging, maps results to exit codes; the work
+//! happens in the modules it calls.
+//!
+//! Exit codes: 0 ok; 1 runtime failure (or a broken audit chain); 2 usage or configuration
+//! error; 3 denied (`policy eval`).
+
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+
+use super::config::{SwitchConfig, DEFAULT_CONFIG};
+
+/// Exit code: success.
+pub const EXIT_OK: i32 = 0;
+/// Exit code: a runtime failure, or `audit verify` found a broken chain.
+pub const EXIT_RUNTIME: i32 = 1;
+/// Exit code: bad command line or configuration.
+pub const EXIT_USAGE: i32 = 2;
+/// Exit code: `policy eval` denied the request.
+pub const EXIT_DENIED: i32 = 3;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mupilot-switch",
+    version,
+    about = "The site's identity-switching helper for multi-user pilot jobs (runs as root)",
+    long_about = "The site's identity-switching helper for multi-user pilot jobs. Runs as root, \
+normally socket-activated by systemd (mupilot-switch.socket). Pilots connect to its unix socket; \
+the helper verifies each payload envelope, decides locally whether it may run, maps its owner to a \
+local account, runs it in a sandbox under that account and writes a hash-chained audit log.",
+    after_help = "Exit codes: 0 ok, 1 runtime failure (audit verify: chain broken), 2 usage or \
+configuration error, 3 denied (policy eval).\nSee docs/site-admin.md for switch.toml."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the helper daemon (socket from systemd, or the configured `socket` path).
+    Serve {
+        /// The site configuration.
+        #[arg(long, short, default_value = DEFAULT_CONFIG, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Load and validate a configuration, print a summary; exit 0 when usable, 2 when not.
+    CheckConfig {
+        #[arg(long, short, default_value = DEFAULT_CONFIG, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Check or evaluate authorization policies.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Work with the audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// Parse policy files; exit 0 when every one is valid.
+    Check {
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+    /// Evaluate a request (JSON) against policies; exit 0 permit, 3 deny, 2 bad input.
+    Eval {
+        #[arg(long = "policy", required = true, value_name = "FILE")]
+        policies: Vec<PathBuf>,
+        /// The request as JSON, or `-` for standard input.
+        #[arg(long, value_name = "FILE|-")]
+        request: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Verify the hash chain; exit 0 intact, 1 broken (the first bad line is printed).
+    Verify {
+        /// The log to verify.
+        #[arg(long, value_name = "FILE", conflicts_with = "config")]
+        log: Option<PathBuf>,
+        /// Take the log path from this configuration's `audit_log` (default when --log is absent).
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+}
 
 /// Runs the command line; returns the process exit code.
 pub fn main() -> i32 {
-    eprintln!("not built yet");
-    2
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
+        }
+    };
+    init_logging();
+    match cli.command {
+        Command::Serve { config } => serve(&config),
+        Command::CheckConfig { config } => check_config(&config),
+        Command::Policy {
+            command: PolicyCommand::Check { files },
+        } => crate::policy::cli::check_main(&files),
+        Command::Policy {
+            command: PolicyCommand::Eval { policies, request },
+        } => crate::policy::cli::eval_main(&policies, &request),
+        Command::Audit {
+            command: AuditCommand::Verify { log, config },
+        } => audit_verify(log, config),
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("MUPILOT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+fn load(config: &Path) -> Result<SwitchConfig, i32> {
+    SwitchConfig::load(config).map_err(|e| {
+        eprintln!("mupilot-switch: {e}");
+        EXIT_USAGE
+    })
+}
+
+fn serve(config: &Path) -> i32 {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!(
+            "mupilot-switch: serve must run as root (it switches identities); start it through systemd (mupilot-switch.socket)"
+        );
+        return EXIT_USAGE;
+    }
+    let cfg = match load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match super::daemon::serve(cfg) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mupilot-switch: {e}");
+            EXIT_RUNTIME
+        }
+    }
+}
+
+fn check_config(config: &Path) -> i32 {
+    let cfg = match load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    println!("{}: ok", cfg.path.display());
+    println!("  socket         {}", cfg.socket.display());
+    let pilots: Vec<String> = cfg
+        .allowed_pilots
+        .iter()
+        .map(|p| format!("{} (uid {})", p.written, p.uid))
+        .collect();
+    println!("  allowed_pilots {}", pilots.join(", "));
+    println!("  gridmap        {}", cfg.gridmap.display());
+    println!("  audit_log      {}", cfg.audit_log.display());
+    println!("  state_dir      {}", cfg.state_dir.display());
+    println!("  min_uid        {}", cfg.min_uid);
+    for v in &cfg.vos {
+        println!(
+            "  vo             {} ({})",
+            v.name,
+            v.public_key_path.display()
+        );
+    }
+    println!("  scratch_root   {}", cfg.sandbox.scratch_root.display());
+    EXIT_OK
+}
+
+fn audit_verify(log: Option<PathBuf>, config: Option<PathBuf>) -> i32 {
+    let path = match log {
+        Some(p) => p,
+        None => {
+            let config = config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+            match load(&config) {
+                Ok(c) => c.audit_log,
+                Err(code) => return code,
+            }
+        }
+    };
+    match crate::records::verify_file(&path) {
+        Ok(r) => match r.first_break {
+            None => {
+                println!(
+                    "{}: intact, {} records, last seq {}, head {}",
+                    path.display(),
+                    r.records,
+                    r.last_seq,
+                    r.head
+                );
+                EXIT_OK
+            }
+            Some(b) => {
+                println!(
+                    "{}: BROKEN at line {}: {} ({} intact records before it, head {})",
+                    path.display(),
+                    b.line,
+                    b.reason,
+                    r.records,
+                    r.head
+                );
+                EXIT_RUNTIME
+            }
+        },
+        Err(e) => {
+            eprintln!("mupilot-switch: {e}; pass the audit log with --log FILE");
+            EXIT_USAGE
+        }
+    }
 }

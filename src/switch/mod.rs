@@ -2,8 +2,25 @@
 //!
 //! Must not use HTTP, TLS or server code: nothing here may reach `crate::tls`,
 //! `crate::server` or `crate::pilot`.
+//!
+//! Rooms: [`config`] (switch.toml), [`activation`] (the listening socket), [`daemon`] (shared
+//! state, accept loop, shutdown), [`connection`] (one pilot), [`launch`] (the checks in
+//! order), [`authorize`] (the local decision), [`gridmap`] (the mapping file), [`accounts`]
+//! (account lookup and refusals), [`leases`] (pool accounts), [`replay`] (seen nonces), [`registry`] (running payloads and
+//! slots), [`audit`] and [`syslog`] (records), [`sandbox`] (the payload's isolation).
 
-pub mod sandbox;
-
+pub mod accounts;
+pub mod activation;
+pub mod audit;
+pub mod authorize;
 pub mod cli;
+pub mod config;
+pub mod connection;
+pub mod daemon;
+pub mod gridmap;
+pub mod launch;
 pub mod leases;
+pub mod registry;
+pub mod replay;
+pub mod sandbox;
+pub mod syslog;

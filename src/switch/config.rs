@@ -1,0 +1,493 @@
+//! `switch.toml`: the site's configuration of the helper, parsed and validated at load.
+//!
+//! Holds the schema, path resolution (relative paths are relative to the file's directory) and
+//! the load-time checks (VO keys parse, the grid-mapfile parses, allowed pilots resolve to
+//! uids, the audit and state directories exist or can be created 0700). It must not start
+//! anything: loading a config has no effect beyond creating those two directories.
+//!
+//! Every error reads `FILE: key 'x': what is wrong; how to fix`.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::gridmap::Gridmap;
+use super::sandbox::{NetworkMode, SandboxSettings};
+use crate::protocol::VoVerifyingKey;
+
+/// Where the helper looks for its config when none is given.
+pub const DEFAULT_CONFIG: &str = "/etc/mupilot/switch.toml";
+
+/// An allowed pilot as written in the file: an account name or a numeric uid.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum PilotRef {
+    Uid(u32),
+    Name(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_socket")]
+    socket: PathBuf,
+    allowed_pilots: Vec<PilotRef>,
+    #[serde(default = "default_gridmap")]
+    gridmap: PathBuf,
+    #[serde(default = "default_audit_log")]
+    audit_log: PathBuf,
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+    #[serde(default = "default_min_uid")]
+    min_uid: u32,
+    #[serde(default)]
+    vo: Vec<RawVo>,
+    #[serde(default)]
+    sandbox: RawSandbox,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVo {
+    name: String,
+    public_key: PathBuf,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSandbox {
+    scratch_root: Option<PathBuf>,
+    #[serde(default = "default_tmp_size")]
+    tmp_size_bytes: u64,
+    #[serde(default = "default_pids_max")]
+    pids_max: u64,
+    #[serde(default)]
+    network: NetworkMode,
+    #[serde(default = "default_env_allowlist")]
+    env_allowlist: Vec<String>,
+    #[serde(default = "default_nofile")]
+    nofile: u64,
+    #[serde(default)]
+    core_bytes: u64,
+    #[serde(default = "default_output_limit")]
+    output_limit_bytes: u64,
+    #[serde(default = "default_true")]
+    allow_user_namespaces: bool,
+}
+
+fn default_socket() -> PathBuf {
+    PathBuf::from("/run/mupilot/switch.sock")
+}
+fn default_gridmap() -> PathBuf {
+    PathBuf::from("/etc/grid-security/grid-mapfile")
+}
+fn default_audit_log() -> PathBuf {
+    PathBuf::from("/var/log/mupilot/audit.jsonl")
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/mupilot")
+}
+fn default_min_uid() -> u32 {
+    1000
+}
+fn default_tmp_size() -> u64 {
+    256 << 20
+}
+fn default_pids_max() -> u64 {
+    4096
+}
+fn default_env_allowlist() -> Vec<String> {
+    vec!["LANG".into(), "LC_ALL".into(), "TZ".into()]
+}
+fn default_nofile() -> u64 {
+    4096
+}
+fn default_output_limit() -> u64 {
+    64 << 20
+}
+fn default_true() -> bool {
+    true
+}
+
+/// One VO whose envelopes the site accepts.
+#[derive(Debug, Clone)]
+pub struct VoConfig {
+    pub name: String,
+    pub public_key_path: PathBuf,
+    pub key: VoVerifyingKey,
+}
+
+/// A pilot account allowed to call the helper.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedPilot {
+    /// As written in the file (a name, or the uid in decimal).
+    pub written: String,
+    pub uid: u32,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct SwitchConfig {
+    /// The file this was read from.
+    pub path: PathBuf,
+    pub socket: PathBuf,
+    pub allowed_pilots: Vec<AllowedPilot>,
+    pub gridmap: PathBuf,
+    pub audit_log: PathBuf,
+    pub state_dir: PathBuf,
+    pub min_uid: u32,
+    pub vos: Vec<VoConfig>,
+    pub sandbox: SandboxSettings,
+}
+
+/// A config file that cannot be used. The message names the file, the key, what is wrong and
+/// how to fix it.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {what}")]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub what: String,
+}
+
+impl SwitchConfig {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let err = |what: String| ConfigError {
+            file: path.to_path_buf(),
+            what,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            err(format!(
+                "cannot read the config file: {e}; pass the path of switch.toml with --config"
+            ))
+        })?;
+        let raw: RawConfig = toml::from_str(&text).map_err(|e| err(toml_error(&text, &e)))?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let cfg = validate(raw, base).map_err(|(key, what)| err(format!("key '{key}': {what}")))?;
+        Ok(SwitchConfig {
+            path: path.to_path_buf(),
+            ..cfg
+        })
+    }
+
+    /// The uids of every allowed pilot account.
+    pub fn allowed_uids(&self) -> BTreeSet<u32> {
+        self.allowed_pilots.iter().map(|p| p.uid).collect()
+    }
+
+    /// The configured VO called `name`.
+    pub fn vo(&self, name: &str) -> Option<&VoConfig> {
+        self.vos.iter().find(|v| v.name == name)
+    }
+
+    /// Where the replay cache lives.
+    pub fn replay_cache_path(&self) -> PathBuf {
+        self.state_dir.join("replay-cache")
+    }
+}
+
+/// Formats a TOML error with line and column.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+            let key = text[span.clone()].trim();
+            format!(
+                "line {line}, column {col} (near '{}'): {msg}; fix that line (the keys are listed in docs/site-admin.md)",
+                key.chars().take(40).collect::<String>()
+            )
+        }
+        None => format!("{msg}; fix the file (the keys are listed in docs/site-admin.md)"),
+    }
+}
+
+fn resolve(base: &Path, p: PathBuf) -> PathBuf {
+    if p.is_absolute() {
+        p
+    } else {
+        base.join(p)
+    }
+}
+
+type KeyErr = (String, String);
+
+fn validate(raw: RawConfig, base: &Path) -> Result<SwitchConfig, KeyErr> {
+    let bad = |key: &str, what: String| (key.to_string(), what);
+
+    if raw.min_uid == 0 {
+        return Err(bad(
+            "min_uid",
+            "0 would allow mapping payloads to root; set it to the lowest uid of the payload accounts (e.g. 1000)".into(),
+        ));
+    }
+
+    if raw.allowed_pilots.is_empty() {
+        return Err(bad(
+            "allowed_pilots",
+            "is empty, so no pilot could use the helper; list the pilot account names or uids, e.g. [\"mupilot\"]".into(),
+        ));
+    }
+    let mut allowed_pilots = Vec::new();
+    for (i, p) in raw.allowed_pilots.iter().enumerate() {
+        let key = format!("allowed_pilots[{i}]");
+        let ap = match p {
+            PilotRef::Uid(uid) => AllowedPilot {
+                written: uid.to_string(),
+                uid: *uid,
+            },
+            PilotRef::Name(name) => match nix::unistd::User::from_name(name) {
+                Ok(Some(u)) => AllowedPilot {
+                    written: name.clone(),
+                    uid: u.uid.as_raw(),
+                },
+                Ok(None) => {
+                    return Err(bad(
+                        &key,
+                        format!("no account named '{name}' exists; create it (useradd) or write its numeric uid"),
+                    ))
+                }
+                Err(e) => {
+                    return Err(bad(
+                        &key,
+                        format!("cannot look up account '{name}': {e}; check the passwd database (nsswitch)"),
+                    ))
+                }
+            },
+        };
+        allowed_pilots.push(ap);
+    }
+
+    if raw.vo.is_empty() {
+        return Err(bad(
+            "vo",
+            "no [[vo]] table, so every envelope would be refused; add [[vo]] name = \"...\" public_key = \"...\"".into(),
+        ));
+    }
+    let mut vos: Vec<VoConfig> = Vec::new();
+    for (i, v) in raw.vo.into_iter().enumerate() {
+        if !crate::util::is_safe_id(&v.name) {
+            return Err(bad(
+                &format!("vo[{i}].name"),
+                format!(
+                    "'{}' is not a valid VO name; use 1-64 characters of [A-Za-z0-9._-]",
+                    v.name
+                ),
+            ));
+        }
+        if vos.iter().any(|o| o.name == v.name) {
+            return Err(bad(
+                &format!("vo[{i}].name"),
+                format!(
+                    "VO '{}' is configured twice; keep one [[vo]] table per VO",
+                    v.name
+                ),
+            ));
+        }
+        let path = resolve(base, v.public_key);
+        let key = VoVerifyingKey::from_pem_file(&path)
+            .map_err(|e| bad(&format!("vo[{i}].public_key"), e.to_string()))?;
+        vos.push(VoConfig {
+            name: v.name,
+            public_key_path: path,
+            key,
+        });
+    }
+
+    let gridmap = resolve(base, raw.gridmap);
+    Gridmap::load(&gridmap).map_err(|e| bad("gridmap", e.to_string()))?;
+
+    let audit_log = resolve(base, raw.audit_log);
+    let audit_dir = audit_log
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .ok_or_else(|| {
+            bad(
+                "audit_log",
+                "must be a file path, e.g. /var/log/mupilot/audit.jsonl".into(),
+            )
+        })?;
+    ensure_private_dir(audit_dir).map_err(|what| bad("audit_log", what))?;
+    if audit_log.is_dir() {
+        return Err(bad(
+            "audit_log",
+            format!(
+                "{} is a directory; name a file inside it, e.g. audit.jsonl",
+                audit_log.display()
+            ),
+        ));
+    }
+
+    let state_dir = resolve(base, raw.state_dir);
+    ensure_private_dir(&state_dir).map_err(|what| bad("state_dir", what))?;
+
+    let s = raw.sandbox;
+    let scratch_root = resolve(
+        base,
+        s.scratch_root.unwrap_or_else(|| state_dir.join("scratch")),
+    );
+    if ["/tmp", "/var/tmp", "/dev/shm"]
+        .iter()
+        .any(|t| scratch_root.starts_with(t))
+    {
+        return Err(bad(
+            "sandbox.scratch_root",
+            format!(
+                "{} is below /tmp, /var/tmp or /dev/shm, which are private per payload; use a directory such as /var/lib/mupilot/scratch",
+                scratch_root.display()
+            ),
+        ));
+    }
+    if s.tmp_size_bytes < 1 << 20 {
+        return Err(bad(
+            "sandbox.tmp_size_bytes",
+            "must be at least 1048576 (1 MiB)".into(),
+        ));
+    }
+    if s.pids_max == 0 {
+        return Err(bad("sandbox.pids_max", "must be at least 1".into()));
+    }
+    if s.nofile < 16 {
+        return Err(bad("sandbox.nofile", "must be at least 16".into()));
+    }
+    for (i, name) in s.env_allowlist.iter().enumerate() {
+        if name.is_empty() || name.contains('=') || name.contains('\0') {
+            return Err(bad(
+                &format!("sandbox.env_allowlist[{i}]"),
+                format!("'{name}' is not an environment variable name; remove it"),
+            ));
+        }
+    }
+
+    Ok(SwitchConfig {
+        path: PathBuf::new(),
+        socket: resolve(base, raw.socket),
+        allowed_pilots,
+        gridmap,
+        audit_log,
+        state_dir,
+        min_uid: raw.min_uid,
+        vos,
+        sandbox: SandboxSettings {
+            scratch_root,
+            tmp_size_bytes: s.tmp_size_bytes,
+            pids_max: s.pids_max,
+            network: s.network,
+            env_allowlist: s.env_allowlist,
+            nofile: s.nofile,
+            core_bytes: s.core_bytes,
+            output_limit_bytes: s.output_limit_bytes,
+            allow_user_namespaces: s.allow_user_namespaces,
+            stage_exe: None,
+        },
+    })
+}
+
+/// Creates `dir` (and missing parents) 0700 if it does not exist; checks it is a directory.
+fn ensure_private_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if dir.exists() {
+        return Err(format!(
+            "{} exists but is not a directory; remove it or choose another path",
+            dir.display()
+        ));
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("cannot create directory {}: {e}; create it (mode 0700, owned by root) or fix the path", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_setup(dir: &Path, body: &str) -> PathBuf {
+        let key = crate::protocol::VoSigningKey::generate();
+        std::fs::write(dir.join("vo.pub"), key.verifying_key().to_pem()).unwrap();
+        std::fs::write(dir.join("grid-mapfile"), "\"/DC=org/CN=a\" nobody\n").unwrap();
+        let p = dir.join("switch.toml");
+        std::fs::write(&p, body).unwrap();
+        p
+    }
+
+    const GOOD: &str = r#"
+allowed_pilots = ["root", 4242]
+gridmap = "grid-mapfile"
+audit_log = "log/audit.jsonl"
+state_dir = "state"
+[[vo]]
+name = "demo"
+public_key = "vo.pub"
+[sandbox]
+network = "none"
+scratch_root = "/var/lib/mupilot-test-swd-unit/scratch"
+"#;
+
+    #[test]
+    fn good_config_resolves_relative_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write_setup(dir.path(), GOOD);
+        let c = SwitchConfig::load(&p).unwrap();
+        assert_eq!(c.gridmap, dir.path().join("grid-mapfile"));
+        assert_eq!(c.allowed_uids(), [0, 4242].into_iter().collect());
+        assert!(dir.path().join("log").is_dir());
+        assert_eq!(
+            c.sandbox.scratch_root,
+            Path::new("/var/lib/mupilot-test-swd-unit/scratch")
+        );
+        let p = write_setup(
+            dir.path(),
+            &GOOD.replace("/var/lib/mupilot-test-swd-unit/scratch", "scratch"),
+        );
+        let e = SwitchConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("key 'sandbox.scratch_root'"), "{e}");
+        assert_eq!(c.sandbox.network, NetworkMode::None);
+        assert_eq!(c.min_uid, 1000);
+        assert!(c.vo("demo").is_some());
+    }
+
+    #[test]
+    fn unknown_key_names_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write_setup(dir.path(), &GOOD.replace("state_dir", "stat_dir"));
+        let e = SwitchConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("switch.toml: line 5"), "{e}");
+        assert!(e.contains("stat_dir"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write_setup(
+            dir.path(),
+            &GOOD.replace("\"root\"", "\"no-such-user-swd\""),
+        );
+        let e = SwitchConfig::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("key 'allowed_pilots[0]'") && e.contains("no-such-user-swd"),
+            "{e}"
+        );
+
+        let p = write_setup(dir.path(), &GOOD.replace("vo.pub", "missing.pub"));
+        let e = SwitchConfig::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("key 'vo[0].public_key'") && e.contains("missing.pub"),
+            "{e}"
+        );
+
+        let p = write_setup(dir.path(), &format!("min_uid = 0\n{GOOD}"));
+        let e = SwitchConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("key 'min_uid'"), "{e}");
+    }
+}

@@ -1,0 +1,378 @@
+//! One pilot connection: who is calling (SO_PEERCRED, checked against allowed_pilots), the
+//! hello/welcome exchange, then launch, signal and status requests until the pilot hangs up;
+//! then every payload the pilot started is killed (P10). Each payload gets a supervisor thread
+//! that waits for its end. Every write to the pilot goes through one mutex.
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::socket::{getsockopt, sockopt};
+
+use super::audit::{AuditEvent, AuditRecord};
+use super::daemon::Helper;
+use super::launch::{self, Caller, Started};
+use super::syslog;
+use crate::protocol::switch_wire::{
+    read_frame, write_frame, ExitReport, SwitchEvent, SwitchRequest, WireError,
+};
+use crate::protocol::SignedEnvelope;
+
+/// A pilot has this long to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// A pilot that does not read its events for this long loses the connection.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The write side of a connection, shared by the connection thread and supervisors.
+#[derive(Clone)]
+struct Sender(Arc<Mutex<UnixStream>>);
+
+impl Sender {
+    fn send(&self, ev: &SwitchEvent) -> Result<(), WireError> {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        write_frame(&mut s, ev, &[])
+    }
+}
+
+/// Serves one connection to the end.
+pub fn serve(helper: Arc<Helper>, stream: UnixStream, conn_id: u64) {
+    let creds = match getsockopt(&stream, sockopt::PeerCredentials) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read peer credentials; closing");
+            return;
+        }
+    };
+    let (uid, pid) = (creds.uid(), creds.pid());
+    let sender = match stream.try_clone() {
+        Ok(s) => {
+            let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
+            Sender(Arc::new(Mutex::new(s)))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot clone the connection; closing");
+            return;
+        }
+    };
+    if !helper.allowed_uids.contains(&uid) {
+        let reason = format!(
+            "uid {uid} is not an allowed pilot account of this helper (allowed_pilots in {})",
+            helper.cfg.path.display()
+        );
+        tracing::warn!(uid, pid, "refused caller");
+        let mut rec = helper.audit.record(AuditEvent::RefusedCaller);
+        rec.pilot_uid = Some(uid);
+        rec.pilot_pid = Some(pid);
+        rec.decision = Some("deny");
+        rec.reason = Some(reason.clone());
+        helper.audit.append_or_log(&rec);
+        let _ = sender.send(&SwitchEvent::Error { reason });
+        return;
+    }
+    let span = tracing::info_span!("pilot", conn = conn_id, uid, pid);
+    let _enter = span.enter();
+    let mut conn = Connection {
+        helper: helper.clone(),
+        stream,
+        sender,
+        caller: Caller {
+            conn_id,
+            uid,
+            pid,
+            hello: Default::default(),
+        },
+    };
+    let _gone = KillOnClose {
+        helper: helper.clone(),
+        conn_id,
+    };
+    conn.run();
+    tracing::info!("connection closed");
+}
+
+/// P10: a pilot that is gone leaves nothing running. A guard, so that even a panic in the
+/// connection thread kills the pilot's payloads.
+struct KillOnClose {
+    helper: Arc<Helper>,
+    conn_id: u64,
+}
+
+impl Drop for KillOnClose {
+    fn drop(&mut self) {
+        self.helper.kill_payloads(Some(self.conn_id), "pilot_gone");
+    }
+}
+
+struct Connection {
+    helper: Arc<Helper>,
+    stream: UnixStream,
+    sender: Sender,
+    caller: Caller,
+}
+
+impl Connection {
+    fn run(&mut self) {
+        if !self.hello() {
+            return;
+        }
+        loop {
+            match read_frame::<SwitchRequest>(&mut self.stream) {
+                Ok((SwitchRequest::Hello(_), _)) => {
+                    self.send(SwitchEvent::Error {
+                        reason: "hello was already sent on this connection".into(),
+                    });
+                }
+                Ok((SwitchRequest::Launch { envelope, bundle }, fds)) => {
+                    self.launch(&envelope, bundle.as_deref(), fds)
+                }
+                Ok((
+                    SwitchRequest::Signal {
+                        payload_id,
+                        signal,
+                        reason,
+                    },
+                    _,
+                )) => self.signal(&payload_id, signal, reason),
+                Ok((SwitchRequest::Status, _)) => {
+                    let payloads = self.helper.registry.status(self.caller.conn_id);
+                    self.send(SwitchEvent::Running { payloads });
+                }
+                Err(WireError::Json(e)) => self.send(SwitchEvent::Error {
+                    reason: format!("request not understood: {e}"),
+                }),
+                Err(WireError::Closed) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "connection failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn send(&self, ev: SwitchEvent) {
+        if let Err(e) = self.sender.send(&ev) {
+            tracing::warn!(error = %e, "cannot send event to the pilot");
+        }
+    }
+
+    /// Reads the mandatory first frame; false when the connection must close.
+    fn hello(&mut self) -> bool {
+        let _ = self.stream.set_read_timeout(Some(HELLO_TIMEOUT));
+        let first = read_frame::<SwitchRequest>(&mut self.stream);
+        let _ = self.stream.set_read_timeout(None);
+        let reason = match first {
+            Ok((SwitchRequest::Hello(h), _)) if crate::util::is_safe_id(&h.pilot_id) => {
+                tracing::info!(pilot_id = %h.pilot_id, batch_job_id = ?h.batch_job_id, "hello");
+                self.caller.hello = h;
+                self.send(SwitchEvent::Welcome {
+                    host: self.helper.audit.host().to_string(),
+                    helper_version: env!("CARGO_PKG_VERSION").to_string(),
+                });
+                return true;
+            }
+            Ok((SwitchRequest::Hello(h), _)) => format!(
+                "pilot_id '{}' is not valid: use 1-64 characters of [A-Za-z0-9._-]",
+                h.pilot_id
+            ),
+            Ok(_) => "the first request on a connection must be hello".to_string(),
+            Err(WireError::Closed) => return false,
+            Err(e) => format!("hello not understood: {e}"),
+        };
+        self.send(SwitchEvent::Error { reason });
+        false
+    }
+
+    /// A record with what is known about this pilot.
+    fn record(&self, event: AuditEvent) -> AuditRecord {
+        let h = &self.caller.hello;
+        let mut rec = self.helper.audit.record(event);
+        rec.pilot_uid = Some(self.caller.uid);
+        rec.pilot_pid = Some(self.caller.pid);
+        rec.pilot_id = Some(h.pilot_id.clone());
+        rec.batch_job_id = h.batch_job_id.clone();
+        rec.pilot_dn = h.pilot_dn.clone();
+        rec
+    }
+
+    fn launch(&self, envelope: &SignedEnvelope, bundle: Option<&str>, fds: Vec<OwnedFd>) {
+        let mut rec = self.record(AuditEvent::Denied);
+        match launch::launch(&self.helper, &self.caller, envelope, bundle, fds, &mut rec) {
+            Ok(started) => self.started(started),
+            Err(e) => {
+                let class = e.class();
+                let reason = e.to_string();
+                let payload_id = rec.payload_id.clone().unwrap_or_default();
+                tracing::info!(%payload_id, class = class.as_str(), %reason, "denied");
+                rec.time = crate::records::now_rfc3339();
+                rec.event = Some(AuditEvent::Denied);
+                rec.decision = Some("deny");
+                rec.denial_class = Some(class.as_str());
+                rec.reason = Some(reason.clone());
+                self.helper.audit.append_or_log(&rec);
+                self.send(SwitchEvent::Denied {
+                    payload_id,
+                    class,
+                    reason,
+                });
+            }
+        }
+    }
+
+    fn started(&self, s: Started) {
+        let Started {
+            payload_id,
+            account,
+            handle,
+            running,
+            record,
+        } = s;
+        syslog::line(
+            true,
+            &format!(
+                "start payload={payload_id} owner={} account={} uid={} pilot_uid={} pilot_pid={}",
+                syslog::quote(record.owner_dn.as_deref().unwrap_or("")),
+                account.name,
+                account.uid,
+                self.caller.uid,
+                self.caller.pid
+            ),
+        );
+        tracing::info!(%payload_id, account = %account.name, uid = account.uid, pid = handle.pid(), "started");
+        self.send(SwitchEvent::Started {
+            payload_id: payload_id.clone(),
+            account: account.name.clone(),
+            uid: account.uid,
+            gid: account.gid,
+            pid: handle.pid(),
+            cgroup: handle.cgroup(),
+            scratch: handle.scratch().display().to_string(),
+        });
+        let helper = self.helper.clone();
+        let sender = self.sender.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("payload-{payload_id}"))
+            .spawn(move || supervise(helper, sender, payload_id, running, record));
+        if let Err(e) = spawned {
+            // Without a supervisor nobody would record the end: stop it now.
+            tracing::error!(error = %e, "cannot start a supervisor thread; killing the payload");
+            handle.kill("helper_error");
+        }
+    }
+
+    fn signal(&self, payload_id: &str, signal: i32, reason: Option<String>) {
+        let answer = |ok: bool, why: Option<String>| SwitchEvent::Signalled {
+            payload_id: payload_id.to_string(),
+            ok,
+            reason: why,
+        };
+        if !(1..=64).contains(&signal) {
+            self.send(answer(
+                false,
+                Some(format!("signal {signal} is not a signal number (1-64)")),
+            ));
+            return;
+        }
+        let Some(entry) = self.helper.registry.get(self.caller.conn_id, payload_id) else {
+            self.send(answer(
+                false,
+                Some(format!(
+                    "payload '{payload_id}' is not running for this pilot"
+                )),
+            ));
+            return;
+        };
+        let Some(handle) = entry.handle else {
+            self.send(answer(false, Some("payload is still starting".into())));
+            return;
+        };
+        // Recorded before the signal is sent, so the log reads start, signal, end even when
+        // the payload dies of it at once.
+        let mut rec = entry.record.clone();
+        rec.time = crate::records::now_rfc3339();
+        rec.event = Some(AuditEvent::Signal);
+        rec.decision = None;
+        rec.signal = Some(signal);
+        rec.reason = Some(reason.unwrap_or_else(|| "pilot request".into()));
+        self.helper.audit.append_or_log(&rec);
+        let result = handle.signal(signal);
+        if let Err(e) = &result {
+            rec.time = crate::records::now_rfc3339();
+            rec.reason = Some(format!("signal failed: {e}"));
+            self.helper.audit.append_or_log(&rec);
+        }
+        match result {
+            Ok(()) => self.send(answer(true, None)),
+            Err(e) => self.send(answer(false, Some(e.to_string()))),
+        }
+    }
+}
+
+/// Waits for one payload to end, records it, tells the pilot (if it is still there).
+fn supervise(
+    helper: Arc<Helper>,
+    sender: Sender,
+    payload_id: String,
+    running: super::sandbox::Running,
+    start: AuditRecord,
+) {
+    let result = running.wait();
+    let mut rec = start.clone();
+    rec.time = crate::records::now_rfc3339();
+    rec.event = Some(AuditEvent::End);
+    rec.decision = None;
+    rec.reason = None;
+    rec.end = Some(rec.time.clone());
+    let report = match result {
+        Ok(o) => {
+            use base64::Engine;
+            rec.exit_code = o.exit_code;
+            rec.signal = o.signal;
+            rec.cpu_seconds = Some(o.cpu_seconds);
+            rec.peak_memory_bytes = Some(o.peak_memory_bytes);
+            rec.kill_reason = o.kill_reason.clone();
+            ExitReport {
+                exit_code: o.exit_code,
+                signal: o.signal,
+                cpu_seconds: o.cpu_seconds,
+                peak_memory_bytes: o.peak_memory_bytes,
+                wall_seconds: o.wall_seconds,
+                kill_reason: o.kill_reason,
+                outputs: o
+                    .outputs
+                    .map(|b| base64::engine::general_purpose::STANDARD.encode(b)),
+                outputs_skipped: o.outputs_skipped,
+            }
+        }
+        Err(e) => {
+            tracing::error!(%payload_id, error = %e, "payload supervision failed");
+            rec.reason = Some(format!("sandbox: {e}"));
+            rec.kill_reason = Some("helper_error".into());
+            ExitReport {
+                kill_reason: Some("helper_error".into()),
+                ..Default::default()
+            }
+        }
+    };
+    helper.audit.append_or_log(&rec);
+    syslog::line(
+        false,
+        &format!(
+            "end payload={payload_id} account={} uid={} exit_code={} signal={} kill_reason={}",
+            rec.account.as_deref().unwrap_or(""),
+            rec.uid.unwrap_or(0),
+            opt(rec.exit_code),
+            opt(rec.signal),
+            rec.kill_reason.as_deref().unwrap_or("-"),
+        ),
+    );
+    helper.registry.remove(&payload_id);
+    tracing::info!(%payload_id, exit_code = ?report.exit_code, signal = ?report.signal, "ended");
+    if let Err(e) = sender.send(&SwitchEvent::Exited { payload_id, report }) {
+        tracing::info!(error = %e, "pilot did not receive the exit event");
+    }
+}
+
+fn opt(v: Option<i32>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
+}

@@ -1,0 +1,199 @@
+//! The helper daemon: shared state, the accept loop (a thread per pilot connection) and
+//! orderly shutdown on SIGTERM/SIGINT (every payload killed and its end recorded).
+//!
+//! Threads only: no async runtime, no HTTP, no TLS. Privileged sandbox work happens in stage
+//! processes the sandbox spawns, never in a fork of this multi-threaded process.
+
+use std::collections::BTreeSet;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::activation::{self, ActivationError, ListenSource};
+use super::audit::{AuditEvent, AuditLog};
+use super::authorize::Authorizer;
+use super::config::SwitchConfig;
+use super::gridmap::GridmapSource;
+use super::registry::Registry;
+use super::replay::{ReplayCache, ReplayError};
+use crate::records::RecordError;
+
+/// How long shutdown waits for killed payloads' end records.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// State shared by every connection.
+pub struct Helper {
+    pub cfg: SwitchConfig,
+    pub audit: AuditLog,
+    pub replay: Mutex<ReplayCache>,
+    pub authz: Authorizer,
+    pub registry: Registry,
+    /// Uids of every allowed pilot account.
+    pub allowed_uids: BTreeSet<u32>,
+    next_conn: AtomicU64,
+}
+
+/// The daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("audit log: {0}")]
+    Audit(#[from] RecordError),
+    #[error("{0}")]
+    Replay(#[from] ReplayError),
+    #[error("{0}")]
+    Listen(#[from] ActivationError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(nix::Error),
+}
+
+impl Helper {
+    /// Opens the audit log and the replay cache of a validated config.
+    pub fn new(cfg: SwitchConfig) -> Result<Self, DaemonError> {
+        let audit = AuditLog::open(&cfg.audit_log)?;
+        let replay = ReplayCache::open(&cfg.replay_cache_path())?;
+        let authz = Authorizer::new(
+            cfg.vos.iter().map(|v| v.name.clone()).collect(),
+            GridmapSource::new(cfg.gridmap.clone()),
+        );
+        Ok(Helper {
+            allowed_uids: cfg.allowed_uids(),
+            audit,
+            replay: Mutex::new(replay),
+            authz,
+            registry: Registry::default(),
+            next_conn: AtomicU64::new(1),
+            cfg,
+        })
+    }
+
+    /// Kills every payload with `reason` and records it (P10).
+    pub fn kill_payloads(&self, conn_id: Option<u64>, reason: &str) {
+        for (payload_id, entry) in self.registry.list(conn_id) {
+            let Some(handle) = entry.handle else { continue };
+            // Recorded before the kill, so the log reads start, kill, end.
+            let mut rec = entry.record.clone();
+            rec.time = crate::records::now_rfc3339();
+            rec.event = Some(AuditEvent::Kill);
+            rec.decision = None;
+            rec.reason = None;
+            rec.kill_reason = Some(reason.to_string());
+            self.audit.append_or_log(&rec);
+            handle.kill(reason);
+            tracing::info!(%payload_id, reason, "killed payload");
+        }
+    }
+}
+
+/// Write end of the self-pipe the signal handler writes to (-1 before installation).
+static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    let fd = SIGNAL_PIPE.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let b = sig as u8;
+        // SAFETY: write(2) is async-signal-safe; `b` lives on this stack frame for the call
+        // and the fd is the pipe's write end, which stays open for the life of the process.
+        unsafe { libc::write(fd, std::ptr::addr_of!(b).cast(), 1) };
+    }
+}
+
+/// Installs SIGTERM/SIGINT handlers that wake the returned pipe. A handler, not a blocked
+/// mask: a blocked mask would be inherited by the stage processes and payloads.
+fn install_signals() -> Result<OwnedFd, nix::Error> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    SIGNAL_PIPE.store(std::os::fd::IntoRawFd::into_raw_fd(w), Ordering::Relaxed);
+    let act = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGTERM, Signal::SIGINT] {
+        // SAFETY: the handler only loads an atomic and calls write(2), both async-signal-safe.
+        unsafe { sigaction(sig, &act) }?;
+    }
+    Ok(r)
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. Returns the process exit code.
+pub fn serve(cfg: SwitchConfig) -> Result<i32, DaemonError> {
+    // The socket first: activation edits the environment, which must happen before threads.
+    let (listener, source) = activation::listener(&cfg.socket)?;
+    super::syslog::open();
+    let helper = match Helper::new(cfg) {
+        Ok(h) => Arc::new(h),
+        Err(e) => {
+            if let ListenSource::Path(p) = &source {
+                let _ = std::fs::remove_file(p);
+            }
+            return Err(e);
+        }
+    };
+    let sig_read = install_signals().map_err(DaemonError::Signals)?;
+    match &source {
+        ListenSource::Systemd => tracing::info!("listening on the socket passed by systemd"),
+        ListenSource::Path(p) => tracing::info!(socket = %p.display(), "listening"),
+    }
+    tracing::info!(
+        config = %helper.cfg.path.display(),
+        audit_log = %helper.cfg.audit_log.display(),
+        vos = ?helper.cfg.vos.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
+        allowed_uids = ?helper.allowed_uids,
+        "mupilot-switch ready"
+    );
+
+    let h = helper.clone();
+    std::thread::Builder::new()
+        .name("accept".into())
+        .spawn(move || accept_loop(h, listener))
+        .expect("spawning the accept thread");
+
+    // Wait for a signal.
+    let mut sig_file = std::fs::File::from(sig_read);
+    let mut b = [0u8; 1];
+    loop {
+        match std::io::Read::read(&mut sig_file, &mut b) {
+            Ok(1) => break,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "signal pipe failed");
+                break;
+            }
+        }
+    }
+    tracing::info!(signal = b[0], "stopping: killing every payload");
+    helper.kill_payloads(None, "helper_stopping");
+    if !helper.registry.wait_empty(SHUTDOWN_GRACE) {
+        tracing::warn!(
+            "some payloads did not finish their teardown in time; their end records may be missing"
+        );
+    }
+    if let ListenSource::Path(p) = &source {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(0)
+}
+
+fn accept_loop(helper: Arc<Helper>, listener: UnixListener) {
+    for stream in listener.incoming() {
+        match stream {
+            Ok(stream) => {
+                let conn_id = helper.next_conn.fetch_add(1, Ordering::Relaxed);
+                let h = helper.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("conn-{conn_id}"))
+                    .spawn(move || super::connection::serve(h, stream, conn_id));
+                if let Err(e) = spawned {
+                    tracing::error!(error = %e, "cannot start a connection thread");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "accept failed");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! The grid-mapfile: owner DN -> local account, in the format sites already keep.
+//!
+//! A line is `"DN" account` or `"DN" account1,account2` (the first account is used); `#`
+//! starts a comment; DNs are quoted, with `\"` and `\\` escapes (an unquoted DN without spaces
+//! is accepted too). An account starting with `.` names a pool (`.prefix`): pool leases do not
+//! exist yet, so a pool mapping is reported as not configured. Parsing only: this module never
+//! looks accounts up and never decides anything.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+/// What a DN maps to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mapping {
+    /// A static account name (the first of the line's list).
+    Account(String),
+    /// A pool of accounts `<prefix>NNN` (gridmapdir style).
+    Pool(String),
+}
+
+/// One mapping line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub dn: String,
+    pub accounts: Vec<String>,
+    /// 1-based line number, for messages.
+    pub line: usize,
+}
+
+/// A parsed grid-mapfile.
+#[derive(Debug, Clone, Default)]
+pub struct Gridmap {
+    pub path: PathBuf,
+    pub entries: Vec<Entry>,
+}
+
+/// A grid-mapfile that cannot be used; names the file and the line.
+#[derive(Debug, thiserror::Error)]
+pub enum GridmapError {
+    #[error("cannot read grid-mapfile {path}: {source}; create it or fix the 'gridmap' path")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("grid-mapfile {path} line {line}: {what}; write lines as \"DN\" account[,account...]")]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        what: String,
+    },
+}
+
+impl Gridmap {
+    /// Reads and parses a grid-mapfile.
+    pub fn load(path: &Path) -> Result<Self, GridmapError> {
+        let text = std::fs::read_to_string(path).map_err(|source| GridmapError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses grid-mapfile text; `path` only names the file in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, GridmapError> {
+        let mut entries = Vec::new();
+        for (i, raw) in text.lines().enumerate() {
+            let line = i + 1;
+            let syntax = |what: String| GridmapError::Syntax {
+                path: path.to_path_buf(),
+                line,
+                what,
+            };
+            let s = raw.trim();
+            if s.is_empty() || s.starts_with('#') {
+                continue;
+            }
+            let (dn, rest) = split_dn(s).map_err(syntax)?;
+            let rest = rest.trim();
+            let rest = match rest.find('#') {
+                Some(i) => rest[..i].trim(),
+                None => rest,
+            };
+            if rest.is_empty() {
+                return Err(syntax(format!("DN \"{dn}\" has no account")));
+            }
+            let accounts: Vec<String> = rest.split(',').map(|a| a.trim().to_string()).collect();
+            for a in &accounts {
+                let name = a.strip_prefix('.').unwrap_or(a);
+                if !is_account_name(name) {
+                    return Err(syntax(format!("'{a}' is not a valid account name")));
+                }
+            }
+            if !dn.starts_with('/') {
+                return Err(syntax(format!("DN \"{dn}\" does not start with '/'")));
+            }
+            entries.push(Entry { dn, accounts, line });
+        }
+        Ok(Gridmap {
+            path: path.to_path_buf(),
+            entries,
+        })
+    }
+
+    /// The mapping of `dn` (first matching line wins), with its line number.
+    pub fn lookup(&self, dn: &str) -> Option<(Mapping, usize)> {
+        let e = self.entries.iter().find(|e| e.dn == dn)?;
+        let first = &e.accounts[0];
+        let m = match first.strip_prefix('.') {
+            Some(prefix) => Mapping::Pool(prefix.to_string()),
+            None => Mapping::Account(first.clone()),
+        };
+        Some((m, e.line))
+    }
+}
+
+/// Account names as useradd accepts them (plus '.', which some sites use).
+fn is_account_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 32
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
+/// Splits the leading DN (quoted or not) from the rest of the line.
+fn split_dn(s: &str) -> Result<(String, &str), String> {
+    let Some(body) = s.strip_prefix('"') else {
+        let end = s.find(char::is_whitespace).unwrap_or(s.len());
+        return Ok((s[..end].to_string(), &s[end..]));
+    };
+    let mut dn = String::new();
+    let mut chars = body.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some((_, e)) => dn.push(e),
+                None => return Err("the line ends inside an escape".into()),
+            },
+            '"' => return Ok((dn, &body[i + 1..])),
+            c => dn.push(c),
+        }
+    }
+    Err("the DN's closing quote is missing".into())
+}
+
+/// A grid-mapfile re-read when it changes on disk, so admins can edit it without a restart.
+pub struct GridmapSource {
+    path: PathBuf,
+    cached: std::sync::Mutex<Option<(FileStamp, std::sync::Arc<Gridmap>)>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    mtime: SystemTime,
+    len: u64,
+    ino: u64,
+}
+
+impl GridmapSource {
+    pub fn new(path: PathBuf) -> Self {
+        GridmapSource {
+            path,
+            cached: std::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The current content; a file that became unreadable or invalid is an error, never an
+    /// excuse to keep using an older version silently.
+    pub fn current(&self) -> Result<std::sync::Arc<Gridmap>, GridmapError> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&self.path).map_err(|source| GridmapError::Read {
+            path: self.path.clone(),
+            source,
+        })?;
+        let stamp = FileStamp {
+            mtime: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            len: meta.len(),
+            ino: meta.ino(),
+        };
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((s, g)) = cached.as_ref() {
+            if *s == stamp {
+                return Ok(g.clone());
+            }
+        }
+        let g = std::sync::Arc::new(Gridmap::load(&self.path)?);
+        *cached = Some((stamp, g.clone()));
+        Ok(g)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_quotes_lists_pools_comments() {
+        let text = r#"
+# site map
+"/DC=org/DC=x/CN=Alice Smith" mpu-alice
+"/DC=org/CN=Quote \"Q\" Person" q1,q2   # two accounts
+/DC=org/CN=bare bare
+"/DC=org/CN=pooled" .demo
+"#;
+        let g = Gridmap::parse(Path::new("gm"), text).unwrap();
+        assert_eq!(
+            g.lookup("/DC=org/DC=x/CN=Alice Smith"),
+            Some((Mapping::Account("mpu-alice".into()), 3))
+        );
+        assert_eq!(
+            g.lookup("/DC=org/CN=Quote \"Q\" Person"),
+            Some((Mapping::Account("q1".into()), 4))
+        );
+        assert_eq!(g.entries[1].accounts, vec!["q1", "q2"]);
+        assert_eq!(
+            g.lookup("/DC=org/CN=bare"),
+            Some((Mapping::Account("bare".into()), 5))
+        );
+        assert_eq!(
+            g.lookup("/DC=org/CN=pooled"),
+            Some((Mapping::Pool("demo".into()), 6))
+        );
+        assert_eq!(g.lookup("/DC=org/CN=nobody"), None);
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let e = Gridmap::parse(Path::new("gm"), "\"/CN=a\" ok\n\"/CN=b ok\n").unwrap_err();
+        assert!(e.to_string().contains("gm line 2"), "{e}");
+        let e = Gridmap::parse(Path::new("gm"), "\"/CN=a\"\n").unwrap_err();
+        assert!(e.to_string().contains("no account"), "{e}");
+        let e = Gridmap::parse(Path::new("gm"), "\"/CN=a\" bad/name\n").unwrap_err();
+        assert!(e.to_string().contains("bad/name"), "{e}");
+    }
+}

@@ -1,0 +1,394 @@
+//! The launch path, in the order the checks must happen: which VO key, signature and validity
+//! window, replay, bundle digest, membership, authorization, mapping, account, slot, output
+//! descriptors, sandbox, start record. Each failure is a distinct [`LaunchError`] variant with
+//! its [`DenialClass`]. Nothing is launched without a permit, and never as the pilot's uid.
+//!
+//! Must not write to the pilot's connection: the caller answers (`started` or `denied`).
+
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use chrono::Utc;
+
+use super::accounts::{self, AccountError, AccountRules};
+use super::audit::{argv_sha256, AuditEvent, AuditRecord};
+use super::authorize::{AuthzError, AuthzRequest};
+use super::daemon::Helper;
+use super::registry::{Ask, SlotError};
+use super::replay::ReplayError;
+use super::sandbox::{self, Account, Handle, LaunchPlan, Running, SandboxError};
+use crate::protocol::envelope::{sha256_hex, EnvelopeError};
+use crate::protocol::switch_wire::{DenialClass, PilotHello};
+use crate::protocol::SignedEnvelope;
+use crate::records::RecordError;
+
+/// The pilot on the other end of a connection, as the kernel and its hello describe it.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub conn_id: u64,
+    pub uid: u32,
+    pub pid: i32,
+    pub hello: PilotHello,
+}
+
+/// Why a payload was not launched.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("envelope cannot be read: {0}")]
+    Unreadable(EnvelopeError),
+    #[error("VO '{vo}' is not configured on this site (no [[vo]] for it in {config})")]
+    UnknownVo { vo: String, config: String },
+    #[error("{0}")]
+    Envelope(EnvelopeError),
+    #[error("envelope nonce '{nonce}' was used before: replayed envelope")]
+    Replayed { nonce: String },
+    #[error("{0}")]
+    ReplayCache(ReplayError),
+    #[error("the envelope names bundle sha256 {expected} but no bundle came with the launch")]
+    BundleMissing { expected: String },
+    #[error("a bundle came with the launch but the envelope names none")]
+    BundleUnexpected,
+    #[error("bundle is not valid base64: {0}")]
+    BundleEncoding(String),
+    #[error("bundle sha256 {got} does not match the envelope's bundle_sha256 {expected}")]
+    BundleDigest { expected: String, got: String },
+    #[error("VO membership of \"{dn}\" in '{vo}' expired at {until}")]
+    MembershipExpired {
+        dn: String,
+        vo: String,
+        until: String,
+    },
+    #[error("{0}")]
+    Authz(AuthzError),
+    #[error("{0}")]
+    Account(AccountError),
+    #[error("{0}")]
+    Slot(SlotError),
+    #[error("launch carried {0} descriptors; send two (stdout, stderr) or none")]
+    FdCount(usize),
+    #[error("{which} descriptor is {kind}; pass a regular file or a pipe opened for writing")]
+    OutputFd { which: &'static str, kind: String },
+    #[error("sandbox: {0}")]
+    Sandbox(SandboxError),
+    #[error("cannot write the start record to the audit log ({0}); the payload was stopped")]
+    Audit(RecordError),
+}
+
+impl LaunchError {
+    /// Who is to blame, as the pilot and the VO server see it.
+    pub fn class(&self) -> DenialClass {
+        use LaunchError::*;
+        match self {
+            Unreadable(_) | UnknownVo { .. } | Envelope(_) | Replayed { .. } => DenialClass::Caller,
+            BundleMissing { .. } | BundleUnexpected | BundleEncoding(_) | BundleDigest { .. } => {
+                DenialClass::Caller
+            }
+            Slot(_) | FdCount(_) | OutputFd { .. } => DenialClass::Caller,
+            MembershipExpired { .. } => DenialClass::Authorization,
+            Authz(AuthzError::Gridmap(_)) | Authz(AuthzError::PoolNotConfigured { .. }) => {
+                DenialClass::System
+            }
+            Authz(_) => DenialClass::Authorization,
+            Account(AccountError::Unknown { .. }) | Account(AccountError::Lookup { .. }) => {
+                DenialClass::System
+            }
+            Account(_) => DenialClass::Authorization,
+            ReplayCache(_) | Sandbox(_) | Audit(_) => DenialClass::System,
+        }
+    }
+}
+
+/// A payload that runs: the caller supervises it.
+pub struct Started {
+    pub payload_id: String,
+    pub account: Account,
+    pub handle: Handle,
+    pub running: Running,
+    /// The start record (written), the base of the end record.
+    pub record: AuditRecord,
+}
+
+/// The payload id an unverified envelope claims, only to label a denial for the pilot that
+/// sent it ("" when unreadable or not a safe id).
+pub fn claimed_payload_id(env: &SignedEnvelope) -> String {
+    #[derive(serde::Deserialize)]
+    struct Claim {
+        payload_id: String,
+    }
+    B64.decode(&env.body)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Claim>(&b).ok())
+        .map(|c| c.payload_id)
+        .filter(|id| crate::util::is_safe_id(id))
+        .unwrap_or_default()
+}
+
+/// Removes a reservation unless the payload started.
+struct Reservation<'a> {
+    helper: &'a Helper,
+    payload_id: String,
+    committed: bool,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.helper.registry.remove(&self.payload_id);
+        }
+    }
+}
+
+/// Runs every check and, when all pass, starts the payload. `rec` is filled as facts become
+/// known, so the caller's denial record says as much as was established.
+pub fn launch(
+    helper: &Helper,
+    caller: &Caller,
+    envelope: &SignedEnvelope,
+    bundle_b64: Option<&str>,
+    fds: Vec<OwnedFd>,
+    rec: &mut AuditRecord,
+) -> Result<Started, LaunchError> {
+    rec.payload_id = Some(claimed_payload_id(envelope)).filter(|s| !s.is_empty());
+    rec.envelope_sha256 = envelope.digest().ok();
+
+    // a. The VO the envelope claims selects the key; nothing else is read unverified.
+    let vo_name = envelope.claimed_vo().map_err(LaunchError::Unreadable)?;
+    rec.vo = Some(vo_name.clone());
+    let vo = helper
+        .cfg
+        .vo(&vo_name)
+        .ok_or_else(|| LaunchError::UnknownVo {
+            vo: vo_name.clone(),
+            config: helper.cfg.path.display().to_string(),
+        })?;
+
+    // b. Signature, format and validity window.
+    let now = Utc::now();
+    let verified = envelope
+        .verify(&vo.key, now)
+        .map_err(LaunchError::Envelope)?;
+    let body = verified.body();
+    rec.payload_id = Some(body.payload_id.clone());
+    rec.owner_dn = Some(body.owner.dn.clone());
+    rec.fqans = Some(body.owner.fqans.clone());
+    rec.jobtag = body.jobtag.clone();
+    rec.argv_sha256 = Some(argv_sha256(&body.argv));
+    rec.bundle_sha256 = body.bundle_sha256.clone();
+    rec.envelope_sha256 = Some(verified.digest().to_string());
+
+    // c. Replay: the nonce is consumed now, whatever happens next (a denial is final).
+    let fresh = helper
+        .replay
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .check_and_insert(&body.owner.vo, &body.nonce, body.not_after)
+        .map_err(LaunchError::ReplayCache)?;
+    if !fresh {
+        return Err(LaunchError::Replayed {
+            nonce: body.nonce.clone(),
+        });
+    }
+
+    // d. The bundle is present exactly when the envelope names one, and matches it.
+    let bundle = match (&body.bundle_sha256, bundle_b64) {
+        (None, None) => None,
+        (None, Some(_)) => return Err(LaunchError::BundleUnexpected),
+        (Some(expected), None) => {
+            return Err(LaunchError::BundleMissing {
+                expected: expected.clone(),
+            })
+        }
+        (Some(expected), Some(b64)) => {
+            let bytes = B64
+                .decode(b64)
+                .map_err(|e| LaunchError::BundleEncoding(e.to_string()))?;
+            let got = sha256_hex(&bytes);
+            if &got != expected {
+                return Err(LaunchError::BundleDigest {
+                    expected: expected.clone(),
+                    got,
+                });
+            }
+            Some(bytes)
+        }
+    };
+
+    // e. Membership (P3): the VO vouches for it until this time only.
+    if body.owner.membership_valid_until < now {
+        return Err(LaunchError::MembershipExpired {
+            dn: body.owner.dn.clone(),
+            vo: body.owner.vo.clone(),
+            until: body.owner.membership_valid_until.to_rfc3339(),
+        });
+    }
+
+    // f. + g. The local decision and the mapping (P5, P6).
+    let permit = helper
+        .authz
+        .decide(&AuthzRequest {
+            owner: &body.owner,
+            payload_id: &body.payload_id,
+            jobtag: body.jobtag.as_deref(),
+            pilot_uid: caller.uid,
+            pilot_dn: caller.hello.pilot_dn.as_deref(),
+        })
+        .map_err(LaunchError::Authz)?;
+    rec.account = Some(permit.account.clone());
+    let account = accounts::resolve(
+        &permit.account,
+        &AccountRules {
+            min_uid: helper.cfg.min_uid,
+            pilot_uid: caller.uid,
+            pilot_uids: &helper.allowed_uids,
+        },
+    )
+    .map_err(LaunchError::Account)?;
+    // The one rule that must hold whatever any step above decided.
+    assert!(account.uid != 0 && account.uid != caller.uid);
+    rec.uid = Some(account.uid);
+    rec.gid = Some(account.gid);
+
+    // h. The pilot's slot, minus what its running payloads hold.
+    helper
+        .registry
+        .reserve(
+            caller.conn_id,
+            &body.payload_id,
+            Ask {
+                cores: body.resources.cores,
+                memory_bytes: body.resources.memory_bytes,
+                walltime_seconds: body.resources.walltime_seconds,
+            },
+            &caller.hello,
+            &account,
+            now.timestamp(),
+        )
+        .map_err(LaunchError::Slot)?;
+    let mut reservation = Reservation {
+        helper,
+        payload_id: body.payload_id.clone(),
+        committed: false,
+    };
+
+    // i. Output descriptors, then the sandbox.
+    let (stdout, stderr) = output_fds(fds)?;
+    let plan = LaunchPlan {
+        payload_id: body.payload_id.clone(),
+        account: account.clone(),
+        argv: body.argv.clone(),
+        env: body.env.clone(),
+        cores: body.resources.cores,
+        memory_bytes: body.resources.memory_bytes,
+        walltime_seconds: body.resources.walltime_seconds,
+        pilot_pid: caller.pid,
+        bundle,
+        outputs: body.outputs.clone(),
+    };
+    let running =
+        sandbox::launch(&helper.cfg.sandbox, plan, stdout, stderr).map_err(LaunchError::Sandbox)?;
+    let handle = running.handle.clone();
+
+    // j. The start record is on disk before the pilot hears `started`.
+    let mut start = rec.clone();
+    start.time = crate::records::now_rfc3339();
+    start.event = Some(AuditEvent::Start);
+    start.decision = Some("permit");
+    start.reason = Some(format!("mapped by {}", permit.mapped_by));
+    start.cgroup = Some(handle.cgroup());
+    start.scratch = Some(handle.scratch().display().to_string());
+    start.start = Some(start.time.clone());
+    if let Err(e) = helper.audit.append(&start) {
+        // No record, no payload: stop it and let its teardown run.
+        handle.kill("audit_failed");
+        if let Err(w) = running.wait() {
+            tracing::error!(payload_id = %body.payload_id, error = %w, "teardown after audit failure");
+        }
+        return Err(LaunchError::Audit(e));
+    }
+    helper
+        .registry
+        .set_running(&body.payload_id, handle.clone(), start.clone());
+    reservation.committed = true;
+    Ok(Started {
+        payload_id: body.payload_id.clone(),
+        account,
+        handle,
+        running,
+        record: start,
+    })
+}
+
+/// Checks the launch's descriptors: none, or two (stdout, stderr) that are regular files or
+/// pipes opened for writing. Anything else (a socket, a directory, a device) could give the
+/// payload a channel the pilot should not hand it.
+fn output_fds(fds: Vec<OwnedFd>) -> Result<(Option<OwnedFd>, Option<OwnedFd>), LaunchError> {
+    match fds.len() {
+        0 => return Ok((None, None)),
+        2 => {}
+        n => return Err(LaunchError::FdCount(n)),
+    }
+    for (fd, which) in fds.iter().zip(["stdout", "stderr"]) {
+        let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| LaunchError::OutputFd {
+            which,
+            kind: format!("not inspectable ({e})"),
+        })?;
+        let fmt = st.st_mode & libc::S_IFMT;
+        let kind = match fmt {
+            libc::S_IFREG | libc::S_IFIFO => None,
+            libc::S_IFSOCK => Some("a socket"),
+            libc::S_IFDIR => Some("a directory"),
+            libc::S_IFCHR => Some("a character device"),
+            libc::S_IFBLK => Some("a block device"),
+            _ => Some("of an unknown type"),
+        };
+        if let Some(kind) = kind {
+            return Err(LaunchError::OutputFd {
+                which,
+                kind: kind.into(),
+            });
+        }
+        let flags =
+            nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).map_err(|e| {
+                LaunchError::OutputFd {
+                    which,
+                    kind: format!("not inspectable ({e})"),
+                }
+            })?;
+        let mode = nix::fcntl::OFlag::from_bits_truncate(flags) & nix::fcntl::OFlag::O_ACCMODE;
+        if mode == nix::fcntl::OFlag::O_RDONLY {
+            return Err(LaunchError::OutputFd {
+                which,
+                kind: "opened read-only".into(),
+            });
+        }
+    }
+    let mut it = fds.into_iter();
+    Ok((it.next(), it.next()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_fds_accept_files_and_pipes_only() {
+        let f = tempfile::tempfile().unwrap();
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let got = output_fds(vec![OwnedFd::from(f), w]).unwrap();
+        assert!(got.0.is_some() && got.1.is_some());
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let f = tempfile::tempfile().unwrap();
+        let e = output_fds(vec![OwnedFd::from(f), OwnedFd::from(a)]).unwrap_err();
+        assert!(
+            e.to_string().contains("stderr descriptor is a socket"),
+            "{e}"
+        );
+        let e = output_fds(vec![r]).unwrap_err();
+        assert!(matches!(e, LaunchError::FdCount(1)));
+        let ro = std::fs::File::open("/dev/null").unwrap();
+        let f = tempfile::tempfile().unwrap();
+        let e = output_fds(vec![OwnedFd::from(f), OwnedFd::from(ro)]).unwrap_err();
+        assert!(e.to_string().contains("character device"), "{e}");
+    }
+}

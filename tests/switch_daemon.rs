@@ -418,7 +418,7 @@ fn gridmap_edits_apply_without_restart() {
         denied(c.launch(&site.sign(&site.body(DN_UNMAPPED, &["/bin/true"])), None));
     assert_eq!(class, DenialClass::System);
     assert!(
-        reason.contains("pool accounts are not configured") && reason.contains("line 5"),
+        reason.contains("no gridmapdir is configured") && reason.contains("line 5"),
         "{reason}"
     );
 

@@ -45,6 +45,8 @@ struct RawConfig {
     vo: Vec<RawVo>,
     #[serde(default)]
     sandbox: RawSandbox,
+    #[serde(default)]
+    authz: RawAuthz,
 }
 
 #[derive(Debug, Deserialize)]
@@ -52,6 +54,26 @@ struct RawConfig {
 struct RawVo {
     name: String,
     public_key: PathBuf,
+    /// The VO's own policy (the policy language); with the site's, both must permit.
+    #[serde(default)]
+    policy: Option<PathBuf>,
+}
+
+/// `[authz]`: ban lists, the site policy, the group map and pool accounts (all optional).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuthz {
+    #[serde(default)]
+    ban_users: Vec<PathBuf>,
+    #[serde(default)]
+    ban_fqans: Vec<PathBuf>,
+    #[serde(default)]
+    ban_vos: Vec<PathBuf>,
+    site_policy: Option<PathBuf>,
+    groupmap: Option<PathBuf>,
+    gridmapdir: Option<PathBuf>,
+    #[serde(default = "default_lease_ttl")]
+    lease_ttl_seconds: u64,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -109,6 +131,23 @@ fn default_output_limit() -> u64 {
 fn default_true() -> bool {
     true
 }
+fn default_lease_ttl() -> u64 {
+    7 * 24 * 3600
+}
+
+impl Default for RawAuthz {
+    fn default() -> Self {
+        RawAuthz {
+            ban_users: Vec::new(),
+            ban_fqans: Vec::new(),
+            ban_vos: Vec::new(),
+            site_policy: None,
+            groupmap: None,
+            gridmapdir: None,
+            lease_ttl_seconds: default_lease_ttl(),
+        }
+    }
+}
 
 /// One VO whose envelopes the site accepts.
 #[derive(Debug, Clone)]
@@ -116,6 +155,20 @@ pub struct VoConfig {
     pub name: String,
     pub public_key_path: PathBuf,
     pub key: VoVerifyingKey,
+    /// The VO's policy file, if the site uses one.
+    pub policy: Option<PathBuf>,
+}
+
+/// The validated `[authz]` table: files followed live by the helper.
+#[derive(Debug, Clone, Default)]
+pub struct AuthzConfig {
+    pub ban_users: Vec<PathBuf>,
+    pub ban_fqans: Vec<PathBuf>,
+    pub ban_vos: Vec<PathBuf>,
+    pub site_policy: Option<PathBuf>,
+    pub groupmap: Option<PathBuf>,
+    pub gridmapdir: Option<PathBuf>,
+    pub lease_ttl_seconds: u64,
 }
 
 /// A pilot account allowed to call the helper.
@@ -138,6 +191,7 @@ pub struct SwitchConfig {
     pub state_dir: PathBuf,
     pub min_uid: u32,
     pub vos: Vec<VoConfig>,
+    pub authz: AuthzConfig,
     pub sandbox: SandboxSettings,
 }
 
@@ -293,15 +347,22 @@ fn validate(raw: RawConfig, base: &Path) -> Result<SwitchConfig, KeyErr> {
         let path = resolve(base, v.public_key);
         let key = VoVerifyingKey::from_pem_file(&path)
             .map_err(|e| bad(&format!("vo[{i}].public_key"), e.to_string()))?;
+        let policy = v.policy.map(|p| resolve(base, p));
+        if let Some(p) = &policy {
+            crate::policy::Policy::load(p)
+                .map_err(|e| bad(&format!("vo[{i}].policy"), e.to_string()))?;
+        }
         vos.push(VoConfig {
             name: v.name,
             public_key_path: path,
             key,
+            policy,
         });
     }
 
     let gridmap = resolve(base, raw.gridmap);
     Gridmap::load(&gridmap).map_err(|e| bad("gridmap", e.to_string()))?;
+    let authz = validate_authz(raw.authz, base)?;
 
     let audit_log = resolve(base, raw.audit_log);
     let audit_dir = audit_log
@@ -374,6 +435,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<SwitchConfig, KeyErr> {
         state_dir,
         min_uid: raw.min_uid,
         vos,
+        authz,
         sandbox: SandboxSettings {
             scratch_root,
             tmp_size_bytes: s.tmp_size_bytes,
@@ -387,6 +449,72 @@ fn validate(raw: RawConfig, base: &Path) -> Result<SwitchConfig, KeyErr> {
             stage_exe: None,
         },
     })
+}
+
+/// Checks every `[authz]` file loads now (the helper follows them live afterwards).
+fn validate_authz(a: RawAuthz, base: &Path) -> Result<AuthzConfig, KeyErr> {
+    use crate::policy::{DnBans, FqanBans, Load, VoBans};
+    let bad = |key: &str, what: String| (key.to_string(), what);
+    fn check<T: Load>(key: &str, p: &Path) -> Result<(), KeyErr> {
+        let bytes = std::fs::read(p).map_err(|e| {
+            (
+                key.to_string(),
+                format!("cannot read {}: {e}; create the file (an empty list is fine) or remove the key", p.display()),
+            )
+        })?;
+        T::load(&p.display().to_string(), &bytes)
+            .map(|_| ())
+            .map_err(|e| (key.to_string(), e.to_string()))
+    }
+    let list = |key: &str, v: Vec<PathBuf>| -> Vec<(String, PathBuf)> {
+        v.into_iter()
+            .enumerate()
+            .map(|(i, p)| (format!("authz.{key}[{i}]"), resolve(base, p)))
+            .collect()
+    };
+    let mut cfg = AuthzConfig {
+        lease_ttl_seconds: a.lease_ttl_seconds,
+        ..Default::default()
+    };
+    for (key, p) in list("ban_users", a.ban_users) {
+        check::<DnBans>(&key, &p)?;
+        cfg.ban_users.push(p);
+    }
+    for (key, p) in list("ban_fqans", a.ban_fqans) {
+        check::<FqanBans>(&key, &p)?;
+        cfg.ban_fqans.push(p);
+    }
+    for (key, p) in list("ban_vos", a.ban_vos) {
+        check::<VoBans>(&key, &p)?;
+        cfg.ban_vos.push(p);
+    }
+    if let Some(p) = a.site_policy.map(|p| resolve(base, p)) {
+        crate::policy::Policy::load(&p).map_err(|e| bad("authz.site_policy", e.to_string()))?;
+        cfg.site_policy = Some(p);
+    }
+    if let Some(p) = a.groupmap.map(|p| resolve(base, p)) {
+        Gridmap::load(&p).map_err(|e| bad("authz.groupmap", e.to_string()))?;
+        cfg.groupmap = Some(p);
+    }
+    if let Some(p) = a.gridmapdir.map(|p| resolve(base, p)) {
+        if !p.is_dir() {
+            return Err(bad(
+                "authz.gridmapdir",
+                format!(
+                    "{} is not a directory; create it with one empty file per pool account (e.g. pool001)",
+                    p.display()
+                ),
+            ));
+        }
+        cfg.gridmapdir = Some(p);
+    }
+    if cfg.lease_ttl_seconds == 0 {
+        return Err(bad(
+            "authz.lease_ttl_seconds",
+            "0 would expire every lease at once; use e.g. 604800 (7 days)".into(),
+        ));
+    }
+    Ok(cfg)
 }
 
 /// Creates `dir` (and missing parents) 0700 if it does not exist; checks it is a directory.

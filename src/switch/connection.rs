@@ -367,6 +367,12 @@ fn supervise(
         ),
     );
     helper.registry.remove(&payload_id);
+    // A pool lease lives from its last use: the end of a payload is a use.
+    if let (Some(pool), Some(account)) = (helper.authz.pool(), rec.account.as_deref()) {
+        if let Err(e) = pool.touch_account(account) {
+            tracing::warn!(%payload_id, account, error = %e, "cannot renew the pool lease");
+        }
+    }
     tracing::info!(%payload_id, exit_code = ?report.exit_code, signal = ?report.signal, "ended");
     if let Err(e) = sender.send(&SwitchEvent::Exited { payload_id, report }) {
         tracing::info!(error = %e, "pilot did not receive the exit event");

@@ -13,11 +13,12 @@ use std::time::Duration;
 
 use super::activation::{self, ActivationError, ListenSource};
 use super::audit::{AuditEvent, AuditLog};
-use super::authorize::Authorizer;
+use super::authorize::{Authorizer, AuthzSources};
 use super::config::SwitchConfig;
-use super::gridmap::GridmapSource;
+use super::leases::{Gridmapdir, KillAndClean, LeaseError};
 use super::registry::Registry;
 use super::replay::{ReplayCache, ReplayError};
+use crate::policy::{Bans, PolicyStack, ReloadError};
 use crate::records::RecordError;
 
 /// How long shutdown waits for killed payloads' end records.
@@ -46,6 +47,10 @@ pub enum DaemonError {
     Listen(#[from] ActivationError),
     #[error("cannot install signal handlers: {0}")]
     Signals(nix::Error),
+    #[error("authorization source: {0}")]
+    AuthzSource(#[from] ReloadError),
+    #[error("{0}")]
+    Leases(#[from] LeaseError),
 }
 
 impl Helper {
@@ -53,10 +58,7 @@ impl Helper {
     pub fn new(cfg: SwitchConfig) -> Result<Self, DaemonError> {
         let audit = AuditLog::open(&cfg.audit_log)?;
         let replay = ReplayCache::open(&cfg.replay_cache_path())?;
-        let authz = Authorizer::new(
-            cfg.vos.iter().map(|v| v.name.clone()).collect(),
-            GridmapSource::new(cfg.gridmap.clone()),
-        );
+        let authz = build_authorizer(&cfg)?;
         Ok(Helper {
             allowed_uids: cfg.allowed_uids(),
             audit,
@@ -84,6 +86,65 @@ impl Helper {
             tracing::info!(%payload_id, reason, "killed payload");
         }
     }
+}
+
+/// The decision chain of switch.toml: ban lists, site and VO policies, maps, pool leases.
+pub fn build_authorizer(cfg: &SwitchConfig) -> Result<Authorizer, DaemonError> {
+    let a = &cfg.authz;
+    let mut bans = Bans::new();
+    for p in &a.ban_users {
+        bans = bans.with_dn_file(p)?;
+    }
+    for p in &a.ban_fqans {
+        bans = bans.with_fqan_file(p)?;
+    }
+    for p in &a.ban_vos {
+        bans = bans.with_vo_file(p)?;
+    }
+    let mut policies = std::collections::BTreeMap::new();
+    for vo in &cfg.vos {
+        let mut stack = PolicyStack::new();
+        let mut any = false;
+        if let Some(site) = &a.site_policy {
+            stack = stack.with_file("site policy", site)?;
+            any = true;
+        }
+        if let Some(own) = &vo.policy {
+            stack = stack.with_file(format!("VO {} policy", vo.name), own)?;
+            any = true;
+        }
+        if any {
+            policies.insert(vo.name.clone(), stack);
+        }
+    }
+    let pool = match &a.gridmapdir {
+        Some(dir) => Some(Gridmapdir::new(
+            dir,
+            &cfg.state_dir,
+            Duration::from_secs(a.lease_ttl_seconds),
+        )?),
+        None => None,
+    };
+    // An expired pool account is cleaned where payloads and others could have left files.
+    let quarantine = KillAndClean {
+        roots: vec![
+            cfg.sandbox.scratch_root.clone(),
+            "/tmp".into(),
+            "/var/tmp".into(),
+            "/dev/shm".into(),
+        ],
+    };
+    Ok(Authorizer::new(
+        AuthzSources {
+            vos: cfg.vos.iter().map(|v| v.name.clone()).collect(),
+            bans,
+            policies,
+            gridmap: cfg.gridmap.clone(),
+            groupmap: a.groupmap.clone(),
+            pool,
+        },
+        Box::new(quarantine),
+    )?)
 }
 
 /// Write end of the self-pipe the signal handler writes to (-1 before installation).

@@ -2,12 +2,12 @@
 //!
 //! A line is `"DN" account` or `"DN" account1,account2` (the first account is used); `#`
 //! starts a comment; DNs are quoted, with `\"` and `\\` escapes (an unquoted DN without spaces
-//! is accepted too). An account starting with `.` names a pool (`.prefix`): pool leases do not
-//! exist yet, so a pool mapping is reported as not configured. Parsing only: this module never
-//! looks accounts up and never decides anything.
+//! is accepted too). An account starting with `.` names a pool (`.prefix`) whose accounts are
+//! leased from the gridmapdir (`leases`). The same format keyed by FQAN is the group map.
+//! Parsing only: this module never looks accounts up and never decides anything; files are
+//! followed live through `crate::policy::Reloading`.
 
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
 
 /// What a DN maps to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +16,16 @@ pub enum Mapping {
     Account(String),
     /// A pool of accounts `<prefix>NNN` (gridmapdir style).
     Pool(String),
+}
+
+impl Mapping {
+    /// The mapping an account field names: `.prefix` is a pool, anything else an account.
+    pub fn from_account(field: &str) -> Mapping {
+        match field.strip_prefix('.') {
+            Some(prefix) => Mapping::Pool(prefix.to_string()),
+            None => Mapping::Account(field.to_string()),
+        }
+    }
 }
 
 /// One mapping line.
@@ -104,12 +114,7 @@ impl Gridmap {
     /// The mapping of `dn` (first matching line wins), with its line number.
     pub fn lookup(&self, dn: &str) -> Option<(Mapping, usize)> {
         let e = self.entries.iter().find(|e| e.dn == dn)?;
-        let first = &e.accounts[0];
-        let m = match first.strip_prefix('.') {
-            Some(prefix) => Mapping::Pool(prefix.to_string()),
-            None => Mapping::Account(first.clone()),
-        };
-        Some((m, e.line))
+        Some((Mapping::from_account(&e.accounts[0]), e.line))
     }
 }
 
@@ -142,53 +147,11 @@ fn split_dn(s: &str) -> Result<(String, &str), String> {
     Err("the DN's closing quote is missing".into())
 }
 
-/// A grid-mapfile re-read when it changes on disk, so admins can edit it without a restart.
-pub struct GridmapSource {
-    path: PathBuf,
-    cached: std::sync::Mutex<Option<(FileStamp, std::sync::Arc<Gridmap>)>>,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct FileStamp {
-    mtime: SystemTime,
-    len: u64,
-    ino: u64,
-}
-
-impl GridmapSource {
-    pub fn new(path: PathBuf) -> Self {
-        GridmapSource {
-            path,
-            cached: std::sync::Mutex::new(None),
-        }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The current content; a file that became unreadable or invalid is an error, never an
-    /// excuse to keep using an older version silently.
-    pub fn current(&self) -> Result<std::sync::Arc<Gridmap>, GridmapError> {
-        use std::os::unix::fs::MetadataExt;
-        let meta = std::fs::metadata(&self.path).map_err(|source| GridmapError::Read {
-            path: self.path.clone(),
-            source,
-        })?;
-        let stamp = FileStamp {
-            mtime: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-            len: meta.len(),
-            ino: meta.ino(),
-        };
-        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((s, g)) = cached.as_ref() {
-            if *s == stamp {
-                return Ok(g.clone());
-            }
-        }
-        let g = std::sync::Arc::new(Gridmap::load(&self.path)?);
-        *cached = Some((stamp, g.clone()));
-        Ok(g)
+impl crate::policy::Load for Gridmap {
+    type Error = GridmapError;
+    fn load(name: &str, bytes: &[u8]) -> Result<Self, GridmapError> {
+        let text = String::from_utf8_lossy(bytes);
+        Gridmap::parse(Path::new(name), &text)
     }
 }
 

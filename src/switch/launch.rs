@@ -86,9 +86,7 @@ impl LaunchError {
             }
             Slot(_) | FdCount(_) | OutputFd { .. } => DenialClass::Caller,
             MembershipExpired { .. } => DenialClass::Authorization,
-            Authz(AuthzError::Gridmap(_)) | Authz(AuthzError::PoolNotConfigured { .. }) => {
-                DenialClass::System
-            }
+            Authz(e) if e.is_system() => DenialClass::System,
             Authz(_) => DenialClass::Authorization,
             Account(AccountError::Unknown { .. }) | Account(AccountError::Lookup { .. }) => {
                 DenialClass::System
@@ -226,13 +224,14 @@ pub fn launch(
     // f. + g. The local decision and the mapping (P5, P6).
     let permit = helper
         .authz
-        .decide(&AuthzRequest {
-            owner: &body.owner,
-            payload_id: &body.payload_id,
-            jobtag: body.jobtag.as_deref(),
-            pilot_uid: caller.uid,
-            pilot_dn: caller.hello.pilot_dn.as_deref(),
-        })
+        .decide(
+            &AuthzRequest {
+                body,
+                pilot_uid: caller.uid,
+                pilot_dn: caller.hello.pilot_dn.as_deref(),
+            },
+            &|account| helper.registry.account_in_use(account),
+        )
         .map_err(LaunchError::Authz)?;
     rec.account = Some(permit.account.clone());
     let account = accounts::resolve(
@@ -306,9 +305,12 @@ pub fn launch(
         }
         return Err(LaunchError::Audit(e));
     }
-    helper
-        .registry
-        .set_running(&body.payload_id, handle.clone(), start.clone());
+    helper.registry.set_running(
+        &body.payload_id,
+        handle.clone(),
+        start.clone(),
+        body.clone(),
+    );
     reservation.committed = true;
     Ok(Started {
         payload_id: body.payload_id.clone(),

@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::audit::AuditRecord;
 use super::sandbox::{Account, Handle};
 use crate::protocol::switch_wire::{PilotHello, RunningPayload};
+use crate::protocol::EnvelopeBody;
 
 /// A launch that does not fit what the pilot declared about its slot.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,8 @@ pub struct Entry {
     pub handle: Option<Handle>,
     /// The start record, the base of later kill/signal/end records.
     pub record: AuditRecord,
+    /// The verified envelope, for authorizing operator commands on the payload.
+    pub envelope: Option<std::sync::Arc<EnvelopeBody>>,
 }
 
 /// What a launch asks for.
@@ -117,17 +120,39 @@ impl Registry {
                 account: account.clone(),
                 handle: None,
                 record: AuditRecord::default(),
+                envelope: None,
             },
         );
         Ok(())
     }
 
-    /// Attaches the sandbox handle and the start record to a reservation.
-    pub fn set_running(&self, payload_id: &str, handle: Handle, record: AuditRecord) {
+    /// Attaches the sandbox handle, the start record and the envelope to a reservation.
+    pub fn set_running(
+        &self,
+        payload_id: &str,
+        handle: Handle,
+        record: AuditRecord,
+        envelope: EnvelopeBody,
+    ) {
         if let Some(e) = self.lock().get_mut(payload_id) {
             e.handle = Some(handle);
             e.record = record;
+            e.envelope = Some(std::sync::Arc::new(envelope));
         }
+    }
+
+    /// Whether any payload (running or being started) holds `account`.
+    pub fn account_in_use(&self, account: &str) -> bool {
+        self.lock().values().any(|e| e.account.name == account)
+    }
+
+    /// Every payload of the owner `dn`, on any connection.
+    pub fn of_owner(&self, dn: &str) -> Vec<(String, Entry)> {
+        self.lock()
+            .iter()
+            .filter(|(_, e)| e.record.owner_dn.as_deref() == Some(dn))
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect()
     }
 
     /// Forgets a payload (it ended, or its launch failed).

@@ -1,5 +1,5 @@
 //! The `mupilot-switch` command line: `serve`, `check-config`, `policy check|eval`,
-//! `audit verify`. Parses arguments, sets up logging, maps results to exit codes; the work
+//! `audit verify`, `leases`. Parses arguments, sets up logging, maps results to exit codes; the work
 //! happens in the modules it calls.
 //!
 //! Exit codes: 0 ok; 1 runtime failure (or a broken audit chain); 2 usage or configuration
@@ -60,6 +60,14 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// List pool accounts and their leases (account, owner, since, last used, state).
+    Leases {
+        #[arg(long, short, default_value = DEFAULT_CONFIG, value_name = "FILE")]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -114,6 +122,7 @@ pub fn main() -> i32 {
         Command::Audit {
             command: AuditCommand::Verify { log, config },
         } => audit_verify(log, config),
+        Command::Leases { config, json } => leases(&config, json),
     }
 }
 
@@ -179,6 +188,63 @@ fn check_config(config: &Path) -> i32 {
         );
     }
     println!("  scratch_root   {}", cfg.sandbox.scratch_root.display());
+    EXIT_OK
+}
+
+fn leases(config: &Path, json: bool) -> i32 {
+    let cfg = match load(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(dir) = &cfg.authz.gridmapdir else {
+        eprintln!(
+            "mupilot-switch: {} configures no pool accounts; set authz.gridmapdir to use leases",
+            cfg.path.display()
+        );
+        return EXIT_USAGE;
+    };
+    let pool = match super::leases::Gridmapdir::new(
+        dir,
+        &cfg.state_dir,
+        std::time::Duration::from_secs(cfg.authz.lease_ttl_seconds),
+    )
+    .and_then(|p| p.list())
+    {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("mupilot-switch: {e}");
+            return EXIT_RUNTIME;
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&pool).expect("leases serialise")
+        );
+        return EXIT_OK;
+    }
+    let time = |t: Option<i64>| {
+        t.and_then(|t| chrono::DateTime::from_timestamp(t, 0))
+            .map_or_else(
+                || "-".to_string(),
+                |t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            )
+    };
+    println!(
+        "{:<16} {:<8} {:<21} {:<21} OWNER",
+        "ACCOUNT", "STATE", "SINCE", "LAST USED"
+    );
+    for l in pool {
+        let state = serde_json::to_value(l.state).expect("state serialises");
+        println!(
+            "{:<16} {:<8} {:<21} {:<21} {}",
+            l.account,
+            state.as_str().unwrap_or("-"),
+            time(l.since),
+            time(l.last_used),
+            l.owner.as_deref().unwrap_or("-")
+        );
+    }
     EXIT_OK
 }
 

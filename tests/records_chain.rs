@@ -76,7 +76,13 @@ fn deleted_swapped_and_inserted_lines_are_found() {
         let mut l = orig.clone();
         l.swap(i, i + 1);
         put(&p, &l);
-        assert_eq!(break_line(&p), i as u64 + 1, "swapping lines {} and {}", i + 1, i + 2);
+        assert_eq!(
+            break_line(&p),
+            i as u64 + 1,
+            "swapping lines {} and {}",
+            i + 1,
+            i + 2
+        );
     }
     // A forged line inserted, chained correctly to its predecessor: the line after it breaks.
     for i in [1usize, 50, 99] {
@@ -192,7 +198,10 @@ fn anchor_argument_parses_and_rejects_bad_values() {
     let h = "ab".repeat(32);
     assert_eq!(
         format!("12:{h}").parse::<Anchor>().unwrap(),
-        Anchor { seq: 12, hash: h.clone() }
+        Anchor {
+            seq: 12,
+            hash: h.clone()
+        }
     );
     assert!("12".parse::<Anchor>().is_err());
     assert!("x:ab".parse::<Anchor>().is_err());

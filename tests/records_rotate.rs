@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use mupilot::records::rotate::{self, apply_retention, chain_files, rotated_files, DEFAULT_RETENTION};
+use mupilot::records::rotate::{
+    self, apply_retention, chain_files, rotated_files, DEFAULT_RETENTION,
+};
 use mupilot::records::{
     verify_file, verify_files, BatchLimits, ChainWriter, FsyncPolicy, RotatePolicy, GENESIS,
 };

@@ -50,6 +50,15 @@ pub fn parse_anchor_line(line: &str) -> Option<Anchor> {
 /// Sends the writer's chain head to syslog (LOG_AUTHPRIV | LOG_INFO) and appends an `anchor`
 /// record naming it. Returns the anchored head. An empty chain is not anchored.
 pub fn anchor(writer: &mut ChainWriter, host: &str) -> Result<Option<Anchor>, RecordError> {
+    anchor_at(writer, host, &now_rfc3339())
+}
+
+/// [`anchor`] with the anchor record's `time` given (RFC 3339), for replayable logs.
+pub fn anchor_at(
+    writer: &mut ChainWriter,
+    host: &str,
+    time: &str,
+) -> Result<Option<Anchor>, RecordError> {
     let (seq, hash) = writer.head();
     if seq == 0 {
         return Ok(None);
@@ -62,10 +71,15 @@ pub fn anchor(writer: &mut ChainWriter, host: &str) -> Result<Option<Anchor>, Re
     writer.sync()?;
     syslog_authpriv(&anchor_message(writer.path(), &a));
     writer.append(&AnchorRecord {
-        time: now_rfc3339(),
+        time: time.to_string(),
         event: "anchor",
         host,
-        file: writer.path().display().to_string(),
+        // The base name only: the record stays the same wherever the log is read or moved.
+        file: writer
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         anchor_seq: a.seq,
         anchor_hash: &a.hash,
     })?;

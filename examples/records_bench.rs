@@ -50,7 +50,10 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1_000_000);
-    let dir = tempfile::Builder::new().prefix("rec-bench").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("rec-bench")
+        .tempdir()
+        .unwrap();
 
     let always = append_rate(dir.path(), FsyncPolicy::Always, 2_000);
     println!("append, fsync every record (Always): {always:>10.0} records/s");
@@ -62,7 +65,11 @@ fn main() {
     let truth = write_audit_log(&log, n, FsyncPolicy::Batch);
     let bytes = std::fs::metadata(&log).unwrap().len();
     let files = vec![log.clone()];
-    let lines = std::fs::read(&log).unwrap().iter().filter(|&&b| b == b'\n').count();
+    let lines = std::fs::read(&log)
+        .unwrap()
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count();
     println!(
         "generated audit log: {lines} records, {} MB, {} payloads, in {:.1} s",
         bytes >> 20,
@@ -89,11 +96,23 @@ fn main() {
         );
     }
     let t0 = Instant::now();
-    let held = query::who(&files, &Subject::Account("mpu-user042".into()), t("2026-11-05 12:00")).unwrap();
+    let held = query::who(
+        &files,
+        &Subject::Account("mpu-user042".into()),
+        t("2026-11-05 12:00"),
+    )
+    .unwrap();
     let d = t0.elapsed();
     worst = worst.max(d);
-    println!("audit who --account mpu-user042: {} holder(s) in {:.3} s", held.len(), d.as_secs_f64());
-    println!("audit who worst: {:.3} s (target < 1 s)", worst.as_secs_f64());
+    println!(
+        "audit who --account mpu-user042: {} holder(s) in {:.3} s",
+        held.len(),
+        d.as_secs_f64()
+    );
+    println!(
+        "audit who worst: {:.3} s (target < 1 s)",
+        worst.as_secs_f64()
+    );
 
     let t0 = Instant::now();
     let l = query::list_lines(
@@ -104,10 +123,18 @@ fn main() {
         },
     )
     .unwrap();
-    println!("audit list --owner: {} records in {:.3} s", l.len(), t0.elapsed().as_secs_f64());
+    println!(
+        "audit list --owner: {} records in {:.3} s",
+        l.len(),
+        t0.elapsed().as_secs_f64()
+    );
     let t0 = Instant::now();
     let open = query::open_starts(&files).unwrap();
-    println!("open starts: {} in {:.3} s", open.len(), t0.elapsed().as_secs_f64());
+    println!(
+        "open starts: {} in {:.3} s",
+        open.len(),
+        t0.elapsed().as_secs_f64()
+    );
     let t0 = Instant::now();
     let r = verify_files(&files, &[], true).unwrap();
     assert!(r.intact());

@@ -155,7 +155,7 @@ fn anchors_reveal_truncated_and_rewritten_tails() {
     let files = vec![p.clone()];
 
     // Intact: the anchor matches.
-    let r = verify_files(&files, &[a.clone()], true).unwrap();
+    let r = verify_files(&files, std::slice::from_ref(&a), true).unwrap();
     assert!(r.intact(), "{r:?}");
 
     // The syslog line parses back to the same anchor.
@@ -166,7 +166,7 @@ fn anchors_reveal_truncated_and_rewritten_tails() {
     // Truncated tail: the chain alone looks fine, the anchor does not.
     put(&p, &all[..40]);
     assert_eq!(verify_file(&p).unwrap().first_break, None);
-    let r = verify_files(&files, &[a.clone()], true).unwrap();
+    let r = verify_files(&files, std::slice::from_ref(&a), true).unwrap();
     assert!(!r.intact());
     assert!(r.anchors[0].detail.contains("truncated"), "{:?}", r.anchors);
 
@@ -180,7 +180,7 @@ fn anchors_reveal_truncated_and_rewritten_tails() {
     }
     put(&p, &forged);
     assert_eq!(verify_file(&p).unwrap().first_break, None);
-    let r = verify_files(&files, &[a.clone()], true).unwrap();
+    let r = verify_files(&files, std::slice::from_ref(&a), true).unwrap();
     assert!(!r.intact());
     assert!(r.anchors[0].detail.contains("rewritten"), "{:?}", r.anchors);
 

@@ -142,10 +142,7 @@ fn build_trace(path: &Path) {
         let mut m = trace_common(p);
         m.insert("time".into(), p.start.into());
         m.insert("event".into(), "start".into());
-        m.insert(
-            "match_time".into(),
-            p.start.replace(".000000Z", ".000000Z").into(),
-        );
+        m.insert("match_time".into(), p.start.into());
         m.insert("decision".into(), "permit".into());
         m.insert("account".into(), p.account.into());
         m.insert("uid".into(), p.uid.into());

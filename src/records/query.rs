@@ -27,7 +27,7 @@ pub fn scan_lines(
     needles: &[Vec<u8>],
     mut f: impl FnMut(&[u8]),
 ) -> Result<(), RecordError> {
-    let finders: Vec<Finder> = needles.iter().map(|n| Finder::new(n)).collect();
+    let finders: Vec<Finder> = needles.iter().map(Finder::new).collect();
     let mut buf: Vec<u8> = Vec::with_capacity(CHUNK + 4096);
     let mut hits: Vec<(usize, usize)> = Vec::new();
     for path in paths {

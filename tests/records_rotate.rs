@@ -176,15 +176,57 @@ fn retention_during_rotation_and_verification_of_what_is_left() {
     drop(w);
     assert!(!aged.exists(), "the 200-day-old file is past retention");
     let files = chain_files(&log).unwrap();
-    assert_eq!(files.len(), 3);
-    // From genesis the set is incomplete; from its first retained record it is intact.
+    // Rotated: [11], [12: the retention record, 13]; current: [14].
+    assert_eq!(files.len(), 3, "{files:?}");
+    let retention: serde_json::Value =
+        serde_json::from_str(&first_and_last_lines(&files[1]).0).unwrap();
+    assert_eq!(retention["event"], "retention");
+    assert_eq!(retention["first_seq"], 11);
+    assert_eq!(
+        retention["deleted"][0].as_str().unwrap(),
+        aged.file_name().unwrap().to_str().unwrap()
+    );
+    // From genesis the set is incomplete; from its first retained record it is intact,
+    // because the retention record accounts for the missing records.
     assert!(!verify_files(&files, &[], true).unwrap().intact());
     let r = verify_files(&files, &[], false).unwrap();
     assert!(r.intact(), "{r:?}");
-    assert_eq!((r.first_seq, r.last_seq, r.records), (11, 13, 3));
+    assert_eq!((r.first_seq, r.last_seq, r.records), (11, 14, 4));
     let first: serde_json::Value =
         serde_json::from_str(&first_and_last_lines(&files[0]).0).unwrap();
     assert_ne!(first["prev"], GENESIS);
+
+    // Deleting the oldest retained file is not retention: verification says so.
+    std::fs::remove_file(&files[0]).unwrap();
+    let r = verify_files(&files[1..], &[], false).unwrap();
+    let (path, b) = r
+        .first_break
+        .expect("deletion of the oldest file must be found");
+    assert_eq!((path, b.line), (files[1].clone(), 1));
+    assert!(b.reason.contains("no retention record"), "{}", b.reason);
+}
+
+#[test]
+fn deleting_the_first_records_of_a_log_is_found_without_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let mut w = ChainWriter::open(&log, 0o600, FsyncPolicy::Never).unwrap();
+    for i in 0..10 {
+        w.append(&rec(i, "2026-11-23T00:00:00Z")).unwrap();
+    }
+    drop(w);
+    let s = std::fs::read_to_string(&log).unwrap();
+    let rest: Vec<&str> = s.lines().skip(3).collect();
+    std::fs::write(&log, rest.join("\n") + "\n").unwrap();
+    let files = chain_files(&log).unwrap();
+    for from_genesis in [true, false] {
+        let r = verify_files(&files, &[], from_genesis).unwrap();
+        assert_eq!(
+            r.first_break.map(|(_, b)| b.line),
+            Some(1),
+            "from_genesis {from_genesis}"
+        );
+    }
 }
 
 #[test]

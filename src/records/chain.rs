@@ -222,12 +222,36 @@ impl ChainWriter {
         }
         self.size = 0;
         self.first_time = None;
-        if let Some(policy) = &self.rotation {
-            if let Some(keep) = policy.retention {
-                rotate::apply_retention(&self.path, keep, chrono::Utc::now())?;
+        if let Some(keep) = self.rotation.and_then(|p| p.retention) {
+            let deleted = rotate::apply_retention(&self.path, keep, chrono::Utc::now())?;
+            if !deleted.is_empty() {
+                self.record_retention(&deleted)?;
             }
         }
         Ok(Some(target))
+    }
+
+    /// Appends a `retention` record naming the deleted files and the first record still kept,
+    /// so verification can tell retention from deletion.
+    fn record_retention(&mut self, deleted: &[PathBuf]) -> Result<(), RecordError> {
+        let oldest = rotate::rotated_files(&self.path)?.into_iter().next();
+        let first_seq = match &oldest {
+            Some(p) => first_seq_of(p)?,
+            None => None,
+        }
+        .unwrap_or(self.seq + 1);
+        let names: Vec<String> = deleted
+            .iter()
+            .filter_map(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .collect();
+        self.append(&serde_json::json!({
+            "time": super::now_rfc3339(),
+            "event": "retention",
+            "deleted": names,
+            "first_seq": first_seq,
+        }))?;
+        Ok(())
     }
 
     fn maybe_rotate(
@@ -298,6 +322,31 @@ impl Drop for ChainWriter {
     fn drop(&mut self) {
         if self.fsync == FsyncPolicy::Batch && self.unsynced > 0 {
             let _ = self.file.sync_data();
+        }
+    }
+}
+
+/// The `seq` of the first record of a file.
+fn first_seq_of(path: &Path) -> Result<Option<u64>, RecordError> {
+    let f = File::open(path).map_err(|source| RecordError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(f);
+    loop {
+        line.clear();
+        let n = reader
+            .read_until(b'\n', &mut line)
+            .map_err(|source| RecordError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if let Some((seq, _)) = super::verify::extract_prefix(&line) {
+            return Ok(Some(seq));
         }
     }
 }

@@ -466,7 +466,7 @@ fn write_verify(w: &mut dyn Write, r: &ChainReport) -> std::io::Result<()> {
     if r.first_seq > 1 {
         writeln!(
             w,
-            "note: the chain starts at record {}: older files were removed (retention); check an anchor to cover them",
+            "note: the chain starts at record {}: a retention record shows the older files were deleted by retention",
             r.first_seq
         )?;
     }

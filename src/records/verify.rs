@@ -101,6 +101,8 @@ struct Chain<'a> {
     open_start: bool,
     anchors: &'a BTreeMap<u64, String>,
     anchor_hits: BTreeMap<u64, String>,
+    /// `first_seq` of every `retention` record seen: where retention legitimately cut the chain.
+    retention_starts: Vec<u64>,
 }
 
 /// Verifies a whole chain. `start_prev`/`start_seq` continue a chain from an earlier file
@@ -118,6 +120,7 @@ pub fn verify_reader<R: Read>(
         open_start: false,
         anchors: &none,
         anchor_hits: BTreeMap::new(),
+        retention_starts: Vec::new(),
     };
     chain.feed(path, input)
 }
@@ -192,6 +195,11 @@ impl Chain<'_> {
             if let Some(j) = pending_junk.take() {
                 torn_lines.push(j);
             }
+            if memchr::memmem::find(&line, RETENTION_EVENT).is_some() {
+                if let Some(s) = retention_first_seq(&line) {
+                    self.retention_starts.push(s);
+                }
+            }
             self.prev = hex::encode(Sha256::digest(&line));
             if self.anchors.contains_key(&seq) {
                 self.anchor_hits.insert(seq, self.prev.clone());
@@ -233,8 +241,8 @@ pub fn verify_file(path: &Path) -> Result<VerifyReport, RecordError> {
 /// Verifies files (oldest first: rotated files, then the current one) as one chain and checks
 /// each anchor: the anchored record must exist and have the anchored hash, else the tail was
 /// truncated or rewritten. With `from_genesis`, the first record must be seq 1 with the
-/// genesis prev; without it, a set whose oldest files were removed by retention verifies from
-/// its first retained record (reported in `first_seq`).
+/// genesis prev; without it, a set may start at a later record (reported in `first_seq`) only
+/// where a `retention` record in the set says retention deleted the files before it.
 pub fn verify_files(
     paths: &[PathBuf],
     anchors: &[Anchor],
@@ -250,6 +258,7 @@ pub fn verify_files(
         open_start: !from_genesis,
         anchors: &wanted,
         anchor_hits: BTreeMap::new(),
+        retention_starts: Vec::new(),
     };
     let mut report = ChainReport {
         files: Vec::new(),
@@ -278,6 +287,24 @@ pub fn verify_files(
         if let Some(b) = brk {
             report.first_break = Some((path.clone(), b));
             break;
+        }
+    }
+    if report.first_break.is_none()
+        && report.first_seq > 1
+        && !chain.retention_starts.contains(&report.first_seq)
+    {
+        if let Some(first) = report.files.iter().find(|f| f.records > 0) {
+            report.first_break = Some((
+                first.path.clone(),
+                ChainBreak {
+                    line: 1,
+                    reason: format!(
+                        "the chain starts at record {} but no retention record accounts for records 1-{}: they were deleted",
+                        report.first_seq,
+                        report.first_seq - 1
+                    ),
+                },
+            ));
         }
     }
     for a in anchors {
@@ -320,6 +347,20 @@ pub fn verify_files(
         });
     }
     Ok(report)
+}
+
+const RETENTION_EVENT: &[u8] = b"\"event\":\"retention\"";
+
+/// `first_seq` of a `retention` record (written when rotation deleted old files).
+fn retention_first_seq(line: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct R<'a> {
+        #[serde(borrow)]
+        event: &'a str,
+        first_seq: u64,
+    }
+    let r: R = serde_json::from_slice(line).ok()?;
+    (r.event == "retention").then_some(r.first_seq)
 }
 
 /// Parses the fixed `{"seq":N,"prev":"<hex>"` prefix the writer puts on every line.

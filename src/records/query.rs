@@ -25,10 +25,19 @@ const CHUNK: usize = 16 << 20;
 pub fn scan_lines(
     paths: &[PathBuf],
     needles: &[Vec<u8>],
+    f: impl FnMut(&[u8]),
+) -> Result<(), RecordError> {
+    scan_chunked(paths, needles, CHUNK, f)
+}
+
+fn scan_chunked(
+    paths: &[PathBuf],
+    needles: &[Vec<u8>],
+    chunk: usize,
     mut f: impl FnMut(&[u8]),
 ) -> Result<(), RecordError> {
     let finders: Vec<Finder> = needles.iter().map(Finder::new).collect();
-    let mut buf: Vec<u8> = Vec::with_capacity(CHUNK + 4096);
+    let mut buf: Vec<u8> = Vec::with_capacity(chunk + 4096);
     let mut hits: Vec<(usize, usize)> = Vec::new();
     for path in paths {
         let read_err = |source| RecordError::Read {
@@ -40,7 +49,7 @@ pub fn scan_lines(
         let mut eof = false;
         while !eof {
             let old = buf.len();
-            buf.resize(old + CHUNK, 0);
+            buf.resize(old + chunk, 0);
             let n = read_full(&mut file, &mut buf[old..]).map_err(read_err)?;
             buf.truncate(old + n);
             eof = n == 0;
@@ -481,5 +490,44 @@ pub fn log_files(log: &Path, all: bool) -> Result<Vec<PathBuf>, RecordError> {
         super::rotate::chain_files(log)
     } else {
         Ok(vec![log.to_path_buf()])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lines cut by read-buffer boundaries are still found whole, at every buffer size.
+    #[test]
+    fn scan_finds_whole_lines_across_buffer_boundaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.jsonl");
+        let lines: Vec<String> = (0..40)
+            .map(|i| format!("{{\"uid\":{},\"n\":\"{}\"}}", 51000 + i % 3, "x".repeat(i)))
+            .collect();
+        // The last line has no newline (a torn tail): it is still passed on.
+        std::fs::write(&p, lines.join("\n")).unwrap();
+        let files = vec![p];
+        let want_all: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let want_hits: Vec<&str> = want_all
+            .iter()
+            .copied()
+            .filter(|l| l.contains("\"uid\":51001") || l.contains("\"n\":\"xxxxx\""))
+            .collect();
+        let needles = vec![b"\"uid\":51001".to_vec(), b"\"n\":\"xxxxx\"".to_vec()];
+        for chunk in [1usize, 2, 7, 13, 64, 1000, CHUNK] {
+            let mut all = Vec::new();
+            scan_chunked(&files, &[], chunk, |l| {
+                all.push(String::from_utf8(l.to_vec()).unwrap())
+            })
+            .unwrap();
+            assert_eq!(all, want_all, "chunk {chunk}");
+            let mut hits = Vec::new();
+            scan_chunked(&files, &needles, chunk, |l| {
+                hits.push(String::from_utf8(l.to_vec()).unwrap())
+            })
+            .unwrap();
+            assert_eq!(hits, want_hits, "chunk {chunk}");
+        }
     }
 }

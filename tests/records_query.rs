@@ -106,6 +106,39 @@ fn who_finds_ends_that_do_not_repeat_the_account() {
 }
 
 #[test]
+fn who_follows_a_payload_across_rotated_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("audit.jsonl");
+    let mut w = ChainWriter::open(&p, 0o600, FsyncPolicy::Never).unwrap();
+    for i in 0..50 {
+        w.append(
+            &json!({"time": "2026-11-23T02:00:00.000000Z", "event": "denied",
+            "payload_id": format!("d{i}"), "owner_dn": "/CN=z"}),
+        )
+        .unwrap();
+    }
+    w.append(
+        &json!({"time": "2026-11-23T03:00:00.000000Z", "event": "start", "payload_id": "a",
+        "owner_dn": "/CN=a", "account": "pool07", "uid": 52007}),
+    )
+    .unwrap();
+    w.rotate().unwrap();
+    w.append(&json!({"time": "2026-11-23T03:30:00.000000Z", "event": "end", "payload_id": "a"}))
+        .unwrap();
+    drop(w);
+    let files = mupilot::records::rotate::chain_files(&p).unwrap();
+    assert_eq!(files.len(), 2);
+    let h = query::who(&files, &Subject::Uid(52007), t("2026-11-23 03:10")).unwrap();
+    assert_eq!(ids(&h), vec!["a"]);
+    assert_eq!(h[0].end.as_deref(), Some("2026-11-23T03:30:00.000000Z"));
+    assert!(
+        query::who(&files, &Subject::Uid(52007), t("2026-11-23 03:31"))
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
 fn list_filters_by_owner_time_and_payload() {
     let dir = tempfile::tempdir().unwrap();
     let (files, truth) = generated(dir.path(), 5_000);

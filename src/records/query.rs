@@ -25,26 +25,50 @@ const CHUNK: usize = 16 << 20;
 pub fn scan_lines(
     paths: &[PathBuf],
     needles: &[Vec<u8>],
-    f: impl FnMut(&[u8]),
+    mut f: impl FnMut(&[u8]),
 ) -> Result<(), RecordError> {
-    scan_chunked(paths, needles, CHUNK, f)
+    scan_from(paths, needles, CHUNK, Pos::default(), |_, l| f(l))
 }
 
+/// Where a line starts: index into the file list and byte offset in that file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+struct Pos {
+    file: usize,
+    offset: u64,
+}
+
+#[cfg(test)]
 fn scan_chunked(
     paths: &[PathBuf],
     needles: &[Vec<u8>],
     chunk: usize,
     mut f: impl FnMut(&[u8]),
 ) -> Result<(), RecordError> {
+    scan_from(paths, needles, chunk, Pos::default(), |_, l| f(l))
+}
+
+/// [`scan_lines`] starting at line position `from`, telling `f` where each line starts.
+fn scan_from(
+    paths: &[PathBuf],
+    needles: &[Vec<u8>],
+    chunk: usize,
+    from: Pos,
+    mut f: impl FnMut(Pos, &[u8]),
+) -> Result<(), RecordError> {
     let finders: Vec<Finder> = needles.iter().map(Finder::new).collect();
     let mut buf: Vec<u8> = Vec::with_capacity(chunk + 4096);
     let mut hits: Vec<(usize, usize)> = Vec::new();
-    for path in paths {
+    for (idx, path) in paths.iter().enumerate().skip(from.file) {
         let read_err = |source| RecordError::Read {
             path: path.clone(),
             source,
         };
         let mut file = File::open(path).map_err(read_err)?;
+        let mut base = 0u64;
+        if idx == from.file && from.offset > 0 {
+            use std::io::{Seek, SeekFrom};
+            base = file.seek(SeekFrom::Start(from.offset)).map_err(read_err)?;
+        }
         buf.clear();
         let mut eof = false;
         while !eof {
@@ -63,11 +87,17 @@ fn scan_chunked(
                 }
             };
             let region = &buf[..end];
+            let at = |off: usize| Pos {
+                file: idx,
+                offset: base + off as u64,
+            };
             if finders.is_empty() {
+                let mut off = 0;
                 for line in region.split(|&b| b == b'\n') {
                     if !line.is_empty() {
-                        f(line);
+                        f(at(off), line);
                     }
+                    off += line.len() + 1;
                 }
             } else {
                 hits.clear();
@@ -90,10 +120,11 @@ fn scan_chunked(
                     hits.dedup();
                 }
                 for &(s, e) in &hits {
-                    f(&region[s..e]);
+                    f(at(s), &region[s..e]);
                 }
             }
             buf.drain(..end);
+            base += end as u64;
         }
     }
     Ok(())
@@ -213,6 +244,9 @@ pub struct Holding {
     start_t: DateTime<Utc>,
     #[serde(skip)]
     end_t: Option<DateTime<Utc>>,
+    /// Where its start record is, so a search for its end can begin there.
+    #[serde(skip)]
+    pos: Pos,
 }
 
 impl Holding {
@@ -233,6 +267,7 @@ impl Holding {
             end_event: None,
             start_t,
             end_t: None,
+            pos: Pos::default(),
         })
     }
 
@@ -269,8 +304,9 @@ struct Spans {
 }
 
 impl Spans {
-    fn start(&mut self, v: &RecordView) {
-        if let Some(h) = start_time(v).and_then(|t| Holding::from_start(v, t)) {
+    fn start(&mut self, v: &RecordView, pos: Pos) {
+        if let Some(mut h) = start_time(v).and_then(|t| Holding::from_start(v, t)) {
+            h.pos = pos;
             self.open
                 .entry(h.payload_id.clone())
                 .or_default()
@@ -302,34 +338,44 @@ pub fn who(
 ) -> Result<Vec<Holding>, RecordError> {
     let mut spans = Spans::default();
     // Pass 1: every record naming the account (start and end records both carry it).
-    scan_lines(paths, &[subject.needle()], |line| {
-        let Ok(v) = serde_json::from_slice::<RecordView>(line) else {
-            return;
-        };
-        if !subject.matches(&v) {
-            return;
+    scan_from(
+        paths,
+        &[subject.needle()],
+        CHUNK,
+        Pos::default(),
+        |pos, line| {
+            let Ok(v) = serde_json::from_slice::<RecordView>(line) else {
+                return;
+            };
+            if !subject.matches(&v) {
+                return;
+            }
+            if v.event() == "start" {
+                spans.start(&v, pos);
+            } else if v.is_end() {
+                spans.end(&v);
+            }
+        },
+    )?;
+    // Pass 2, only if needed: ends that do not repeat the account (found by payload id),
+    // searched from the earliest such start on (usually near the end of the log).
+    let mut from: Option<Pos> = None;
+    let mut unresolved: Vec<Vec<u8>> = Vec::new();
+    for (id, idxs) in &spans.open {
+        let early: Vec<Pos> = idxs
+            .iter()
+            .filter(|&&i| spans.spans[i].start_t <= at)
+            .map(|&i| spans.spans[i].pos)
+            .collect();
+        if let Some(p) = early.into_iter().min() {
+            from = Some(from.map_or(p, |f| f.min(p)));
+            unresolved.push(field_needle("payload_id", &id.as_str().into()));
         }
-        if v.event() == "start" {
-            spans.start(&v);
-        } else if v.is_end() {
-            spans.end(&v);
-        }
-    })?;
-    // Pass 2, only if needed: ends that do not repeat the account (found by payload id).
-    let unresolved: Vec<Vec<u8>> = spans
-        .open
-        .keys()
-        .filter(|id| {
-            spans.open[*id]
-                .iter()
-                .any(|&i| spans.spans[i].start_t <= at)
-        })
-        .map(|id| field_needle("payload_id", &id.as_str().into()))
-        .collect();
-    if !unresolved.is_empty() {
+    }
+    if let Some(from) = from {
         let mut late = Spans::default();
         std::mem::swap(&mut late, &mut spans);
-        scan_lines(paths, &unresolved, |line| {
+        scan_from(paths, &unresolved, CHUNK, from, |_, line| {
             let Ok(v) = serde_json::from_slice::<RecordView>(line) else {
                 return;
             };

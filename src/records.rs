@@ -10,7 +10,8 @@
 //! Rooms: `chain` (the writer, fsync batching, rotation), `verify` (chain and anchor checks),
 //! `rotate` (file naming, retention), `anchor` (chain head to syslog), `query` (fast
 //! who/list/open-starts over a log or a rotated set), `cli` (the `audit`/`trace` commands),
-//! `admin` (the root client that asks the running helper to kill an owner's payloads).
+//! `lost` (closing starts that never got an end), `admin` (the root client that asks the
+//! running helper to kill an owner's payloads).
 //! Nothing here reaches TLS, HTTP or async code: the helper links all of it.
 
 use std::fs::File;
@@ -21,6 +22,7 @@ pub mod admin;
 pub mod anchor;
 mod chain;
 pub mod cli;
+pub mod lost;
 pub mod query;
 pub mod rotate;
 mod verify;

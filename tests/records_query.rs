@@ -209,8 +209,6 @@ fn open_starts_finds_payloads_without_an_end_and_lost_records_close_them() {
     got.sort();
     assert_eq!(got, want);
     assert!(!got.is_empty());
-    // What the helper does at startup: one lost record per open start.
-    let mut w = ChainWriter::open(&files[0], 0o600, FsyncPolicy::Always).unwrap();
     for s in &open {
         let lost = query::lost_record(s, "helper restarted; the payload's end was not recorded");
         assert_eq!(lost["event"], "lost");
@@ -218,10 +216,20 @@ fn open_starts_finds_payloads_without_an_end_and_lost_records_close_them() {
         assert_eq!(lost["owner_dn"], s["owner_dn"]);
         assert_eq!(lost["uid"], s["uid"]);
         assert_eq!(lost["start"], s["start"]);
-        w.append(&lost).unwrap();
+        assert_eq!(lost["kill_reason"], "lost");
     }
+    // What the helper does at startup: one lost record per open start.
+    let mut w = ChainWriter::open(&files[0], 0o600, FsyncPolicy::Always).unwrap();
+    let mut closed = mupilot::records::lost::close_open_starts(&mut w, "helper restarted").unwrap();
     drop(w);
+    closed.sort();
+    assert_eq!(closed, want);
     assert!(query::open_starts(&files).unwrap().is_empty());
+    let mut w = ChainWriter::open(&files[0], 0o600, FsyncPolicy::Always).unwrap();
+    assert!(mupilot::records::lost::close_open_starts(&mut w, "again")
+        .unwrap()
+        .is_empty());
+    drop(w);
     // who reports the lost end as the end of the hold.
     let p = truth.iter().find(|p| p.end.is_none()).unwrap();
     let h = query::who(&files, &Subject::Uid(p.uid), p.start).unwrap();

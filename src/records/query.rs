@@ -16,6 +16,7 @@ use chrono::{DateTime, Utc};
 use memchr::memmem::Finder;
 use serde::{Deserialize, Serialize};
 
+pub use super::lost::lost_record;
 use super::{parse_record_time, RecordError};
 
 const CHUNK: usize = 16 << 20;
@@ -482,51 +483,6 @@ pub fn open_starts(paths: &[PathBuf]) -> Result<Vec<serde_json::Value>, RecordEr
         .flatten()
         .filter_map(|l| serde_json::from_str(&l).ok())
         .collect())
-}
-
-/// The fields a `lost` record copies from the open `start` record it closes.
-const LOST_COPIES: &[&str] = &[
-    "host",
-    "pilot_uid",
-    "pilot_pid",
-    "pilot_id",
-    "batch_job_id",
-    "pilot_dn",
-    "payload_id",
-    "owner_dn",
-    "vo",
-    "fqans",
-    "jobtag",
-    "account",
-    "uid",
-    "gid",
-    "cgroup",
-    "scratch",
-    "start",
-];
-
-/// The `lost` record that closes an open start found by [`open_starts`]: the payload's end
-/// was never recorded (the helper or the machine stopped while it ran). `reason` says what
-/// the restarted helper found, e.g. "helper restarted; payload cgroup was empty".
-pub fn lost_record(start: &serde_json::Value, reason: &str) -> serde_json::Value {
-    let now = super::now_rfc3339();
-    let mut m = serde_json::Map::new();
-    m.insert("time".into(), now.clone().into());
-    m.insert("event".into(), "lost".into());
-    for k in LOST_COPIES {
-        if let Some(v) = start.get(*k) {
-            m.insert((*k).into(), v.clone());
-        }
-    }
-    if !m.contains_key("start") {
-        if let Some(t) = start.get("time") {
-            m.insert("start".into(), t.clone());
-        }
-    }
-    m.insert("end".into(), now.into());
-    m.insert("reason".into(), reason.into());
-    m.insert("kill_reason".into(), "lost".into());
-    serde_json::Value::Object(m)
 }
 
 /// The files of a log given on a command line: with `all`, every file of the rotated chain of

@@ -270,6 +270,22 @@ fn fake_helper(sock: &Path, answer: SwitchEvent) -> std::thread::JoinHandle<Swit
 
 #[test]
 fn admin_kill_client_sends_the_request_and_reads_the_answer() {
+    // The wire shape docs/records.md documents.
+    let req = SwitchRequest::AdminKill {
+        owner_dn: "/CN=x".into(),
+        ban: true,
+    };
+    assert_eq!(
+        serde_json::to_string(&req).unwrap(),
+        r#"{"type":"admin_kill","owner_dn":"/CN=x","ban":true}"#
+    );
+    let ev = SwitchEvent::Killed {
+        payloads: vec!["p1".into()],
+    };
+    assert_eq!(
+        serde_json::to_string(&ev).unwrap(),
+        r#"{"type":"killed","payloads":["p1"]}"#
+    );
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("rec-switch.sock");
     let h = fake_helper(

@@ -180,6 +180,41 @@ mod tests {
     }
 
     #[test]
+    fn records_keep_field_order_and_never_carry_their_own_chain_fields() {
+        #[derive(serde::Serialize)]
+        struct R {
+            time: &'static str,
+            event: &'static str,
+            first_seq: u64,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.jsonl");
+        let mut w = ChainWriter::open(&p, 0o600, FsyncPolicy::Never).unwrap();
+        w.append(&R {
+            time: "2026-11-23T00:00:00Z",
+            event: "start",
+            first_seq: 4,
+        })
+        .unwrap();
+        // A record copied from a log carries seq/prev: the writer's own replace them.
+        w.append(&json!({"seq": 99, "prev": "x", "event": "lost", "nested": {"seq": 1}}))
+            .unwrap();
+        w.append(&json!({})).unwrap();
+        assert!(w.append(&json!(["not", "an", "object"])).is_err());
+        drop(w);
+        let l = lines(&p);
+        assert!(l[0].starts_with("{\"seq\":1,\"prev\":\"0000"));
+        assert!(l[0]
+            .ends_with(",\"time\":\"2026-11-23T00:00:00Z\",\"event\":\"start\",\"first_seq\":4}"));
+        assert!(l[1].starts_with("{\"seq\":2,\"prev\":\""));
+        assert!(!l[1].contains("\"seq\":99") && !l[1].contains("\"prev\":\"x\""));
+        assert!(l[1].contains("\"nested\":{\"seq\":1}"));
+        assert_eq!(l[2].len(), "{\"seq\":3,\"prev\":\"\"}".len() + 64);
+        let r = verify_file(&p).unwrap();
+        assert_eq!((r.records, r.first_break), (3, None));
+    }
+
+    #[test]
     fn torn_tail_is_reported_and_writer_recovers() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.jsonl");

@@ -134,24 +134,27 @@ impl ChainWriter {
     /// Appends one record. `record` must serialise to a JSON object; `seq` and `prev` are
     /// added in front of its fields. Returns the record's sequence number.
     pub fn append<T: Serialize>(&mut self, record: &T) -> Result<u64, RecordError> {
-        let value = serde_json::to_value(record).map_err(|_| RecordError::NotAnObject)?;
-        let serde_json::Value::Object(map) = value else {
-            return Err(RecordError::NotAnObject);
+        let body = record_body(record)?;
+        // The record's own time drives age rotation; parsed only when it matters.
+        let needs_time =
+            self.first_time.is_none() || self.rotation.is_some_and(|p| p.max_age.is_some());
+        let time = if needs_time {
+            super::verify::extract_time(body.as_bytes())
+        } else {
+            None
         };
-        let time = map
-            .get("time")
-            .and_then(|t| t.as_str())
-            .and_then(super::parse_record_time);
         self.maybe_rotate(time)?;
         let seq = self.seq + 1;
-        let mut line = format!("{{\"seq\":{seq},\"prev\":\"{}\"", self.prev);
-        for (k, v) in map.iter().filter(|(k, _)| *k != "seq" && *k != "prev") {
+        let mut line = String::with_capacity(body.len() + 96);
+        line.push_str("{\"seq\":");
+        line.push_str(&seq.to_string());
+        line.push_str(",\"prev\":\"");
+        line.push_str(&self.prev);
+        line.push('"');
+        if body.len() > 2 {
             line.push(',');
-            line.push_str(&serde_json::to_string(k).expect("string serialises"));
-            line.push(':');
-            line.push_str(&serde_json::to_string(v).expect("value serialises"));
         }
-        line.push('}');
+        line.push_str(&body[1..]);
         let hash = hex::encode(Sha256::digest(line.as_bytes()));
         line.push('\n');
         self.write_raw(line.as_bytes())?;
@@ -324,6 +327,29 @@ impl Drop for ChainWriter {
             let _ = self.file.sync_data();
         }
     }
+}
+
+/// The record serialised as a JSON object without `seq`/`prev` (the writer puts its own in
+/// front). Structs keep their field order; the common case is one serialisation.
+fn record_body<T: Serialize>(record: &T) -> Result<String, RecordError> {
+    let body = serde_json::to_string(record).map_err(|_| RecordError::NotAnObject)?;
+    if !body.starts_with('{') {
+        return Err(RecordError::NotAnObject);
+    }
+    let has_chain_keys = memchr::memmem::find(body.as_bytes(), b"\"seq\":").is_some()
+        || memchr::memmem::find(body.as_bytes(), b"\"prev\":").is_some();
+    if !has_chain_keys {
+        return Ok(body);
+    }
+    // Rare: the record carries its own seq/prev (e.g. a record copied from a log); drop them.
+    let value: serde_json::Value =
+        serde_json::from_str(&body).map_err(|_| RecordError::NotAnObject)?;
+    let serde_json::Value::Object(mut map) = value else {
+        return Err(RecordError::NotAnObject);
+    };
+    map.remove("seq");
+    map.remove("prev");
+    Ok(serde_json::Value::Object(map).to_string())
 }
 
 /// The `seq` of the first record of a file.

@@ -460,29 +460,79 @@ pub fn open_starts(paths: &[PathBuf]) -> Result<Vec<serde_json::Value>, RecordEr
         .iter()
         .map(|e| field_needle("event", &(*e).into()))
         .collect();
-    let mut open: Vec<Option<String>> = Vec::new();
+    // Only positions are kept while scanning (half the log are starts); the few open ones
+    // are read back at the end.
+    let mut open: Vec<Option<Pos>> = Vec::new();
     let mut by_id: HashMap<String, Vec<usize>> = HashMap::new();
-    scan_lines(paths, &needles, |line| {
-        let Ok(v) = serde_json::from_slice::<RecordView>(line) else {
+    scan_from(paths, &needles, CHUNK, Pos::default(), |pos, line| {
+        let Some((is_start, id)) = event_and_id(line) else {
             return;
         };
-        let Some(id) = v.payload_id.as_deref() else {
-            return;
-        };
-        if v.event() == "start" {
-            by_id.entry(id.to_string()).or_default().push(open.len());
-            open.push(Some(String::from_utf8_lossy(line).into_owned()));
-        } else if v.is_end() {
-            if let Some(i) = by_id.get_mut(id).and_then(|v| v.pop()) {
-                open[i] = None;
-            }
+        if is_start {
+            by_id.entry(id.into_owned()).or_default().push(open.len());
+            open.push(Some(pos));
+        } else if let Some(i) = by_id.get_mut(id.as_ref()).and_then(|v| v.pop()) {
+            open[i] = None;
         }
     })?;
-    Ok(open
-        .into_iter()
+    open.into_iter()
         .flatten()
-        .filter_map(|l| serde_json::from_str(&l).ok())
-        .collect())
+        .map(|pos| read_line_at(paths, pos))
+        .filter_map(|r| match r {
+            Ok(l) => serde_json::from_slice(&l).ok().map(Ok),
+            Err(e) => Some(Err(e)),
+        })
+        .collect()
+}
+
+/// Whether a line is a start (else an end or lost) and its payload id, found without a full
+/// parse: in a compact JSON line written by the chain writer, `"key":"` with unescaped
+/// quotes can only be a key, never the inside of a string value.
+fn event_and_id(line: &[u8]) -> Option<(bool, Cow<'_, str>)> {
+    let has = |n: &[u8]| memchr::memmem::find(line, n).is_some();
+    let is_start = has(b"\"event\":\"start\"");
+    if !is_start && !has(b"\"event\":\"end\"") && !has(b"\"event\":\"lost\"") {
+        return None;
+    }
+    const KEY: &[u8] = b"\"payload_id\":\"";
+    if let Some(k) = memchr::memmem::find(line, KEY) {
+        let rest = &line[k + KEY.len()..];
+        if let Some(e) = memchr::memchr2(b'"', b'\\', rest) {
+            if rest[e] == b'"' {
+                return std::str::from_utf8(&rest[..e])
+                    .ok()
+                    .map(|id| (is_start, Cow::Borrowed(id)));
+            }
+        }
+    }
+    // Escapes in the id, or no id where expected: parse properly.
+    let v: RecordView = serde_json::from_slice(line).ok()?;
+    let id = v.payload_id?.into_owned();
+    match v.event.as_deref() {
+        Some("start") => Some((true, Cow::Owned(id))),
+        Some("end" | "lost") => Some((false, Cow::Owned(id))),
+        _ => None,
+    }
+}
+
+/// Reads the line that starts at `pos`.
+fn read_line_at(paths: &[PathBuf], pos: Pos) -> Result<Vec<u8>, RecordError> {
+    use std::io::{BufRead, BufReader, Seek, SeekFrom};
+    let path = &paths[pos.file];
+    let read_err = |source| RecordError::Read {
+        path: path.clone(),
+        source,
+    };
+    let mut f = File::open(path).map_err(read_err)?;
+    f.seek(SeekFrom::Start(pos.offset)).map_err(read_err)?;
+    let mut line = Vec::new();
+    BufReader::new(f)
+        .read_until(b'\n', &mut line)
+        .map_err(read_err)?;
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    }
+    Ok(line)
 }
 
 /// The files of a log given on a command line: with `all`, every file of the rotated chain of
@@ -531,5 +581,29 @@ mod tests {
             .unwrap();
             assert_eq!(hits, want_hits, "chunk {chunk}");
         }
+    }
+
+    #[test]
+    fn event_and_id_without_a_full_parse() {
+        let f = |l: &str| event_and_id(l.as_bytes()).map(|(s, id)| (s, id.into_owned()));
+        assert_eq!(
+            f(r#"{"seq":1,"event":"start","payload_id":"p-1","reason":"x"}"#),
+            Some((true, "p-1".into()))
+        );
+        assert_eq!(
+            f(r#"{"seq":2,"payload_id":"p-1","event":"lost"}"#),
+            Some((false, "p-1".into()))
+        );
+        // An escaped id falls back to a real parse.
+        assert_eq!(
+            f(r#"{"event":"end","payload_id":"p\"2"}"#),
+            Some((false, "p\"2".into()))
+        );
+        // Text inside a string value is never taken for a key.
+        assert_eq!(
+            f(r#"{"event":"denied","reason":"\"event\":\"start\""}"#),
+            None
+        );
+        assert_eq!(f(r#"{"event":"signal","payload_id":"p"}"#), None);
     }
 }

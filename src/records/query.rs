@@ -412,7 +412,23 @@ pub fn list_lines(paths: &[PathBuf], filter: &Filter) -> Result<Vec<String>, Rec
     }
     let mut owner_payloads: HashSet<String> = HashSet::new();
     let mut out = Vec::new();
+    let owner_needle = needles
+        .first()
+        .cloned()
+        .filter(|_| filter.payload_id.is_none());
     scan_lines(paths, &needles, |line| {
+        // Cheap rejection of the many end/kill lines of other owners before parsing.
+        if let Some(n) = &owner_needle {
+            if memchr::memmem::find(line, n).is_none() {
+                if memchr::memmem::find(line, b"\"owner_dn\":").is_some() {
+                    return;
+                }
+                match raw_str_field(line, b"\"payload_id\":\"") {
+                    Some(id) if !owner_payloads.contains(id) => return,
+                    _ => {}
+                }
+            }
+        }
         let Ok(v) = serde_json::from_slice::<RecordView>(line) else {
             return;
         };
@@ -494,16 +510,8 @@ fn event_and_id(line: &[u8]) -> Option<(bool, Cow<'_, str>)> {
     if !is_start && !has(b"\"event\":\"end\"") && !has(b"\"event\":\"lost\"") {
         return None;
     }
-    const KEY: &[u8] = b"\"payload_id\":\"";
-    if let Some(k) = memchr::memmem::find(line, KEY) {
-        let rest = &line[k + KEY.len()..];
-        if let Some(e) = memchr::memchr2(b'"', b'\\', rest) {
-            if rest[e] == b'"' {
-                return std::str::from_utf8(&rest[..e])
-                    .ok()
-                    .map(|id| (is_start, Cow::Borrowed(id)));
-            }
-        }
+    if let Some(id) = raw_str_field(line, b"\"payload_id\":\"") {
+        return Some((is_start, Cow::Borrowed(id)));
     }
     // Escapes in the id, or no id where expected: parse properly.
     let v: RecordView = serde_json::from_slice(line).ok()?;
@@ -513,6 +521,18 @@ fn event_and_id(line: &[u8]) -> Option<(bool, Cow<'_, str>)> {
         Some("end" | "lost") => Some((false, Cow::Owned(id))),
         _ => None,
     }
+}
+
+/// The value of the string field whose `"key":"` is `key`, when it has no escapes (ids never
+/// do); `None` when absent or escaped (callers then parse the line).
+fn raw_str_field<'a>(line: &'a [u8], key: &[u8]) -> Option<&'a str> {
+    let k = memchr::memmem::find(line, key)?;
+    let rest = &line[k + key.len()..];
+    let e = memchr::memchr2(b'"', b'\\', rest)?;
+    if rest[e] != b'"' {
+        return None;
+    }
+    std::str::from_utf8(&rest[..e]).ok()
 }
 
 /// Reads the line that starts at `pos`.

@@ -6,30 +6,35 @@
 //! deleting, reordering or inserting a line breaks the chain at that line, which
 //! [`verify_file`] names. A torn last line (a crash mid-write) is reported, never silently
 //! dropped; the writer starts a new line after it so later records stay readable.
+//!
+//! Rooms: `chain` (the writer, fsync batching, rotation), `verify` (chain and anchor checks),
+//! `rotate` (file naming, retention), `anchor` (chain head to syslog), `query` (fast
+//! who/list/open-starts over a log or a rotated set), `cli` (the `audit`/`trace` commands),
+//! `lost` (closing starts that never got an end), `admin` (the root client that asks the
+//! running helper to kill an owner's payloads).
+//! Nothing here reaches TLS, HTTP or async code: the helper links all of it.
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
-use sha2::{Digest, Sha256};
+pub mod admin;
+pub mod anchor;
+mod chain;
+pub mod cli;
+pub mod lost;
+pub mod query;
+pub mod rotate;
+mod verify;
+
+pub use chain::{BatchLimits, ChainWriter, FsyncPolicy};
+pub use rotate::RotatePolicy;
+pub use verify::{
+    verify_files, verify_reader, Anchor, AnchorCheck, ChainBreak, ChainReport, VerifyReport,
+};
 
 /// The `prev` of the first record of a chain.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
-
-/// When appended records reach the disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum FsyncPolicy {
-    /// fsync after every record (the audit default: a record acknowledged is a record kept).
-    #[default]
-    Always,
-    /// fsync when [`ChainWriter::sync`] is called (callers batch records).
-    Batch,
-    /// leave it to the kernel.
-    Never,
-}
 
 /// Errors of the record layer; each names the file.
 #[derive(Debug, thiserror::Error)]
@@ -44,263 +49,9 @@ pub enum RecordError {
     NotAnObject,
 }
 
-/// Appends records to one chained log file.
-pub struct ChainWriter {
-    path: PathBuf,
-    file: File,
-    seq: u64,
-    prev: String,
-    fsync: FsyncPolicy,
-    /// Set when the file ended in a torn line at open; reported once to the caller.
-    torn_tail: Option<u64>,
-}
-
-impl ChainWriter {
-    /// Opens (creating with `mode`) the log at `path` and finds the chain's head.
-    pub fn open(path: &Path, mode: u32, fsync: FsyncPolicy) -> Result<Self, RecordError> {
-        let open_err = |source| RecordError::Open {
-            path: path.to_path_buf(),
-            source,
-        };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .mode(mode)
-            .open(path)
-            .map_err(open_err)?;
-        let (seq, prev, torn_tail) = read_head(&mut file).map_err(|source| RecordError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let mut w = ChainWriter {
-            path: path.to_path_buf(),
-            file,
-            seq,
-            prev,
-            fsync,
-            torn_tail,
-        };
-        if w.torn_tail.is_some() {
-            // Terminate the torn line so the next record starts on a line of its own; the torn
-            // line stays in the file, where verification reports it.
-            w.write_raw(b"\n")?;
-        }
-        Ok(w)
-    }
-
-    /// The line number of a torn last line found at open, if there was one.
-    pub fn torn_tail(&self) -> Option<u64> {
-        self.torn_tail
-    }
-
-    /// The hash of the last record (the chain head), for syslog anchoring.
-    pub fn head(&self) -> (u64, &str) {
-        (self.seq, &self.prev)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Appends one record. `record` must serialise to a JSON object; `seq` and `prev` are
-    /// added in front of its fields. Returns the record's sequence number.
-    pub fn append<T: Serialize>(&mut self, record: &T) -> Result<u64, RecordError> {
-        let value = serde_json::to_value(record).map_err(|_| RecordError::NotAnObject)?;
-        let serde_json::Value::Object(map) = value else {
-            return Err(RecordError::NotAnObject);
-        };
-        let seq = self.seq + 1;
-        let mut line = format!("{{\"seq\":{seq},\"prev\":\"{}\"", self.prev);
-        for (k, v) in map.iter().filter(|(k, _)| *k != "seq" && *k != "prev") {
-            line.push(',');
-            line.push_str(&serde_json::to_string(k).expect("string serialises"));
-            line.push(':');
-            line.push_str(&serde_json::to_string(v).expect("value serialises"));
-        }
-        line.push('}');
-        let hash = hex::encode(Sha256::digest(line.as_bytes()));
-        line.push('\n');
-        self.write_raw(line.as_bytes())?;
-        if self.fsync == FsyncPolicy::Always {
-            self.sync()?;
-        }
-        self.seq = seq;
-        self.prev = hash;
-        Ok(seq)
-    }
-
-    /// Forces appended records to disk.
-    pub fn sync(&mut self) -> Result<(), RecordError> {
-        self.file.sync_data().map_err(|source| RecordError::Write {
-            path: self.path.clone(),
-            source,
-        })
-    }
-
-    fn write_raw(&mut self, bytes: &[u8]) -> Result<(), RecordError> {
-        // One write(2) per record on an O_APPEND descriptor: concurrent readers never see
-        // half a record unless the machine dies mid-write (the torn tail case).
-        self.file
-            .write_all(bytes)
-            .map_err(|source| RecordError::Write {
-                path: self.path.clone(),
-                source,
-            })
-    }
-}
-
-/// Reads the file to find the last complete record's seq and hash.
-fn read_head(file: &mut File) -> io::Result<(u64, String, Option<u64>)> {
-    file.seek(SeekFrom::Start(0))?;
-    let mut reader = BufReader::new(&mut *file);
-    let mut seq = 0u64;
-    let mut prev = GENESIS.to_string();
-    let mut line = Vec::new();
-    let mut lineno = 0u64;
-    let mut torn = None;
-    loop {
-        line.clear();
-        let n = reader.read_until(b'\n', &mut line)?;
-        if n == 0 {
-            break;
-        }
-        lineno += 1;
-        if line.last() != Some(&b'\n') {
-            torn = Some(lineno);
-            break;
-        }
-        line.pop();
-        if line.is_empty() {
-            continue;
-        }
-        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) {
-            if let Some(s) = v.get("seq").and_then(|s| s.as_u64()) {
-                seq = s;
-            }
-        }
-        prev = hex::encode(Sha256::digest(&line));
-    }
-    Ok((seq, prev, torn))
-}
-
-/// The first place where a chain is broken.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ChainBreak {
-    /// 1-based line number in the file.
-    pub line: u64,
-    pub reason: String,
-}
-
-/// What verification of a log found.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct VerifyReport {
-    pub path: PathBuf,
-    pub records: u64,
-    /// Hash of the last intact record (the head), to compare with an anchored copy.
-    pub head: String,
-    pub last_seq: u64,
-    pub first_break: Option<ChainBreak>,
-}
-
-/// Verifies a whole chain. `start_prev`/`start_seq` continue a chain from an earlier file
-/// (rotation); pass [`GENESIS`] and 0 for a fresh chain.
-pub fn verify_reader<R: Read>(
-    path: &Path,
-    input: R,
-    start_prev: &str,
-    start_seq: u64,
-) -> io::Result<VerifyReport> {
-    let mut reader = BufReader::with_capacity(1 << 20, input);
-    let mut prev = start_prev.to_string();
-    let mut expect_seq = start_seq + 1;
-    let mut records = 0u64;
-    let mut lineno = 0u64;
-    let mut line = Vec::new();
-    let mut first_break = None;
-    while first_break.is_none() {
-        line.clear();
-        let n = reader.read_until(b'\n', &mut line)?;
-        if n == 0 {
-            break;
-        }
-        lineno += 1;
-        let complete = line.last() == Some(&b'\n');
-        if complete {
-            line.pop();
-        }
-        if line.is_empty() {
-            continue;
-        }
-        let bad = |reason: String| {
-            Some(ChainBreak {
-                line: lineno,
-                reason,
-            })
-        };
-        if !complete {
-            first_break =
-                bad("torn last line: the record was cut short (crash or truncation)".into());
-            break;
-        }
-        let Some(rec_prev) = extract_prefix(&line) else {
-            first_break = bad("not a chained record (no leading seq and prev fields)".into());
-            break;
-        };
-        if rec_prev.1 != prev {
-            first_break = bad(format!(
-                "prev hash does not match the previous line: a record was edited, removed, inserted or reordered before here (seq {})",
-                rec_prev.0
-            ));
-            break;
-        }
-        if rec_prev.0 != expect_seq {
-            first_break = bad(format!(
-                "sequence number {} where {} was expected",
-                rec_prev.0, expect_seq
-            ));
-            break;
-        }
-        if serde_json::from_slice::<serde::de::IgnoredAny>(&line).is_err() {
-            first_break = bad("line is not valid JSON".into());
-            break;
-        }
-        prev = hex::encode(Sha256::digest(&line));
-        expect_seq += 1;
-        records += 1;
-    }
-    Ok(VerifyReport {
-        path: path.to_path_buf(),
-        records,
-        head: prev,
-        last_seq: expect_seq - 1,
-        first_break,
-    })
-}
-
 /// Verifies one log file from the beginning of a chain.
 pub fn verify_file(path: &Path) -> Result<VerifyReport, RecordError> {
-    let f = File::open(path).map_err(|source| RecordError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    verify_reader(path, f, GENESIS, 0).map_err(|source| RecordError::Read {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-/// Parses the fixed `{"seq":N,"prev":"<hex>"` prefix the writer puts on every line.
-fn extract_prefix(line: &[u8]) -> Option<(u64, &str)> {
-    let rest = line.strip_prefix(b"{\"seq\":")?;
-    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    let seq: u64 = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
-    let rest = rest[digits..].strip_prefix(b",\"prev\":\"")?;
-    let hash = rest.get(..64)?;
-    if rest.get(64) != Some(&b'"') {
-        return None;
-    }
-    Some((seq, std::str::from_utf8(hash).ok()?))
+    verify::verify_file(path)
 }
 
 /// Reads every complete record of a log as JSON values (for queries and exports).
@@ -327,10 +78,44 @@ pub fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
+/// Parses a record's `time` (RFC 3339).
+pub fn parse_record_time(s: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&chrono::Utc))
+}
+
+/// Parses a time given on a command line: RFC 3339 (`2026-11-23T03:12:00Z`), or
+/// `YYYY-MM-DD HH:MM[:SS]` / `YYYY-MM-DDTHH:MM[:SS]` taken as UTC, or `YYYY-MM-DD` (midnight UTC).
+pub fn parse_user_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    let s = s.trim();
+    if let Some(t) = parse_record_time(s) {
+        return Ok(t);
+    }
+    for fmt in [
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%d %H:%M",
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M",
+    ] {
+        if let Ok(n) = chrono::NaiveDateTime::parse_from_str(s, fmt) {
+            return Ok(n.and_utc());
+        }
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(d.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc());
+    }
+    Err(format!(
+        "time {s:?} is not understood: use RFC 3339 (2026-11-23T03:12:00Z) or \"YYYY-MM-DD HH:MM[:SS]\" in UTC"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::fs::OpenOptions;
+    use std::io::Write;
 
     fn write_n(path: &Path, n: u64) {
         let mut w = ChainWriter::open(path, 0o600, FsyncPolicy::Never).unwrap();
@@ -392,6 +177,41 @@ mod tests {
         );
         put(&p, &inserted);
         assert_eq!(verify_file(&p).unwrap().first_break.unwrap().line, 3);
+    }
+
+    #[test]
+    fn records_keep_field_order_and_never_carry_their_own_chain_fields() {
+        #[derive(serde::Serialize)]
+        struct R {
+            time: &'static str,
+            event: &'static str,
+            first_seq: u64,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.jsonl");
+        let mut w = ChainWriter::open(&p, 0o600, FsyncPolicy::Never).unwrap();
+        w.append(&R {
+            time: "2026-11-23T00:00:00Z",
+            event: "start",
+            first_seq: 4,
+        })
+        .unwrap();
+        // A record copied from a log carries seq/prev: the writer's own replace them.
+        w.append(&json!({"seq": 99, "prev": "x", "event": "lost", "nested": {"seq": 1}}))
+            .unwrap();
+        w.append(&json!({})).unwrap();
+        assert!(w.append(&json!(["not", "an", "object"])).is_err());
+        drop(w);
+        let l = lines(&p);
+        assert!(l[0].starts_with("{\"seq\":1,\"prev\":\"0000"));
+        assert!(l[0]
+            .ends_with(",\"time\":\"2026-11-23T00:00:00Z\",\"event\":\"start\",\"first_seq\":4}"));
+        assert!(l[1].starts_with("{\"seq\":2,\"prev\":\""));
+        assert!(!l[1].contains("\"seq\":99") && !l[1].contains("\"prev\":\"x\""));
+        assert!(l[1].contains("\"nested\":{\"seq\":1}"));
+        assert_eq!(l[2].len(), "{\"seq\":3,\"prev\":\"\"}".len() + 64);
+        let r = verify_file(&p).unwrap();
+        assert_eq!((r.records, r.first_break), (3, None));
     }
 
     #[test]

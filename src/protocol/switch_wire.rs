@@ -62,6 +62,14 @@ pub enum SwitchRequest {
     },
     /// List this pilot's running payloads.
     Status,
+    /// Site admin (peer uid 0 only, sent as the first frame instead of `hello`): kill every
+    /// running payload of `owner_dn` on this node, and with `ban` refuse that DN from now on.
+    /// Answered by `killed` (or `error`).
+    AdminKill {
+        owner_dn: String,
+        #[serde(default)]
+        ban: bool,
+    },
 }
 
 /// Why a payload was not run. A denial is final: the pilot reports it, never retries locally.
@@ -161,6 +169,8 @@ pub enum SwitchEvent {
     },
     /// Answer to `status`.
     Running { payloads: Vec<RunningPayload> },
+    /// Answer to `admin_kill`: the payload ids that were killed (empty: none was running).
+    Killed { payloads: Vec<String> },
     /// The request could not be understood; the connection stays usable.
     Error { reason: String },
 }

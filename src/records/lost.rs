@@ -1,0 +1,73 @@
+//! Closing payloads whose end was never recorded: after a crash or restart, every `start`
+//! with no `end` gets a `lost` record, so the log never holds a silent gap (P4, P11).
+//!
+//! Writes only `lost` records; deciding that a payload is really gone (its cgroup empty or
+//! killed) is the caller's job and must happen first.
+
+use super::query::open_starts;
+use super::rotate::chain_files;
+use super::{ChainWriter, RecordError};
+
+/// The fields a `lost` record copies from the open `start` record it closes.
+const LOST_COPIES: &[&str] = &[
+    "host",
+    "pilot_uid",
+    "pilot_pid",
+    "pilot_id",
+    "batch_job_id",
+    "pilot_dn",
+    "payload_id",
+    "owner_dn",
+    "vo",
+    "fqans",
+    "jobtag",
+    "account",
+    "uid",
+    "gid",
+    "cgroup",
+    "scratch",
+    "start",
+];
+
+/// The `lost` record that closes an open start found by [`open_starts`]: the payload's end
+/// was never recorded (the helper or the machine stopped while it ran). `reason` says what
+/// the restarted helper found, e.g. "helper restarted; payload cgroup was empty".
+pub fn lost_record(start: &serde_json::Value, reason: &str) -> serde_json::Value {
+    let now = super::now_rfc3339();
+    let mut m = serde_json::Map::new();
+    m.insert("time".into(), now.clone().into());
+    m.insert("event".into(), "lost".into());
+    for k in LOST_COPIES {
+        if let Some(v) = start.get(*k) {
+            m.insert((*k).into(), v.clone());
+        }
+    }
+    if !m.contains_key("start") {
+        if let Some(t) = start.get("time") {
+            m.insert("start".into(), t.clone());
+        }
+    }
+    m.insert("end".into(), now.into());
+    m.insert("reason".into(), reason.into());
+    m.insert("kill_reason".into(), "lost".into());
+    serde_json::Value::Object(m)
+}
+
+/// Appends a `lost` record for every open start in the chain of `writer` (its rotated files
+/// included) and returns their payload ids. Call it at helper startup, after the payloads of
+/// the previous run were killed or found gone.
+pub fn close_open_starts(
+    writer: &mut ChainWriter,
+    reason: &str,
+) -> Result<Vec<String>, RecordError> {
+    let files = chain_files(writer.path())?;
+    let mut closed = Vec::new();
+    for start in open_starts(&files)? {
+        writer.append(&lost_record(&start, reason))?;
+        if let Some(id) = start.get("payload_id").and_then(|v| v.as_str()) {
+            closed.push(id.to_string());
+        }
+    }
+    writer.sync()?;
+    Ok(closed)
+}

@@ -102,7 +102,9 @@ impl AuditLog {
     /// Opens (creating 0600) the audit log and forces its mode to 0600.
     pub fn open(path: &Path) -> Result<Self, RecordError> {
         use std::os::unix::fs::PermissionsExt;
-        let w = ChainWriter::open(path, 0o600, FsyncPolicy::Always)?;
+        // Rotation keeps the chain across files and deletes rotated files after 180 days (P11).
+        let w = ChainWriter::open(path, 0o600, FsyncPolicy::Always)?
+            .with_rotation(crate::records::rotate::RotatePolicy::default());
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
             |source| RecordError::Open {
                 path: path.to_path_buf(),
@@ -144,6 +146,21 @@ impl AuditLog {
     pub fn append(&self, rec: &AuditRecord) -> Result<u64, RecordError> {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         w.append(rec)
+    }
+
+    /// After a crash: writes a `lost` end record for every payload whose start has no end
+    /// (its stage noticed the helper gone and tore it down). Returns their ids.
+    pub fn close_open_starts(&self) -> Result<Vec<String>, RecordError> {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        crate::records::lost::close_open_starts(&mut w, "helper restarted; end not recorded")
+    }
+
+    /// Sends the chain head to syslog and records it, so a truncated tail is detectable.
+    pub fn anchor(&self) {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = crate::records::anchor::anchor(&mut w, &self.host) {
+            tracing::error!(error = %e, "cannot anchor the audit chain head");
+        }
     }
 
     /// Appends `rec`; a failure is logged loudly (used where nothing else can be done, such as

@@ -1,5 +1,5 @@
 //! The `mupilot-switch` command line: `serve`, `check-config`, `policy check|eval`,
-//! `audit verify`, `leases`. Parses arguments, sets up logging, maps results to exit codes; the work
+//! `audit who|list|verify|kill`, `leases`. Parses arguments, sets up logging, maps results to exit codes; the work
 //! happens in the modules it calls.
 //!
 //! Exit codes: 0 ok; 1 runtime failure (or a broken audit chain); 2 usage or configuration
@@ -55,10 +55,14 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
-    /// Work with the audit log.
+    /// Incident response over the audit log: who, list, verify, kill.
     Audit {
+        /// switch.toml, for the audit log and socket paths (default: /etc/mupilot/switch.toml
+        /// when it exists, else the built-in paths).
+        #[arg(long, global = true, value_name = "FILE")]
+        config: Option<PathBuf>,
         #[command(subcommand)]
-        command: AuditCommand,
+        command: super::audit_query::AuditCommand,
     },
     /// List pool accounts and their leases (account, owner, since, last used, state).
     Leases {
@@ -87,19 +91,6 @@ enum PolicyCommand {
     },
 }
 
-#[derive(Subcommand, Debug)]
-enum AuditCommand {
-    /// Verify the hash chain; exit 0 intact, 1 broken (the first bad line is printed).
-    Verify {
-        /// The log to verify.
-        #[arg(long, value_name = "FILE", conflicts_with = "config")]
-        log: Option<PathBuf>,
-        /// Take the log path from this configuration's `audit_log` (default when --log is absent).
-        #[arg(long, short, value_name = "FILE")]
-        config: Option<PathBuf>,
-    },
-}
-
 /// Runs the command line; returns the process exit code.
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
@@ -119,9 +110,7 @@ pub fn main() -> i32 {
         Command::Policy {
             command: PolicyCommand::Eval { policies, request },
         } => crate::policy::cli::eval_main(&policies, &request),
-        Command::Audit {
-            command: AuditCommand::Verify { log, config },
-        } => audit_verify(log, config),
+        Command::Audit { config, command } => audit(config, &command),
         Command::Leases { config, json } => leases(&config, json),
     }
 }
@@ -248,44 +237,18 @@ fn leases(config: &Path, json: bool) -> i32 {
     EXIT_OK
 }
 
-fn audit_verify(log: Option<PathBuf>, config: Option<PathBuf>) -> i32 {
-    let path = match log {
-        Some(p) => p,
-        None => {
-            let config = config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
-            match load(&config) {
-                Ok(c) => c.audit_log,
-                Err(code) => return code,
-            }
-        }
-    };
-    match crate::records::verify_file(&path) {
-        Ok(r) => match r.first_break {
-            None => {
-                println!(
-                    "{}: intact, {} records, last seq {}, head {}",
-                    path.display(),
-                    r.records,
-                    r.last_seq,
-                    r.head
-                );
-                EXIT_OK
-            }
-            Some(b) => {
-                println!(
-                    "{}: BROKEN at line {}: {} ({} intact records before it, head {})",
-                    path.display(),
-                    b.line,
-                    b.reason,
-                    r.records,
-                    r.head
-                );
-                EXIT_RUNTIME
-            }
+/// `audit ...`: paths from the given switch.toml, the default one when present, or defaults.
+fn audit(config: Option<PathBuf>, cmd: &super::audit_query::AuditCommand) -> i32 {
+    use super::audit_query::{run, DEFAULT_AUDIT_LOG, DEFAULT_SOCKET};
+    let config = config.or_else(|| {
+        let d = PathBuf::from(DEFAULT_CONFIG);
+        d.exists().then_some(d)
+    });
+    match config {
+        Some(c) => match load(&c) {
+            Ok(cfg) => run(cmd, &cfg.audit_log, &cfg.socket),
+            Err(code) => code,
         },
-        Err(e) => {
-            eprintln!("mupilot-switch: {e}; pass the audit log with --log FILE");
-            EXIT_USAGE
-        }
+        None => run(cmd, Path::new(DEFAULT_AUDIT_LOG), Path::new(DEFAULT_SOCKET)),
     }
 }

@@ -55,7 +55,8 @@ pub fn serve(helper: Arc<Helper>, stream: UnixStream, conn_id: u64) {
             return;
         }
     };
-    if !helper.allowed_uids.contains(&uid) {
+    // Root may connect for site-admin requests (`audit kill`) even when it is no pilot.
+    if !helper.allowed_uids.contains(&uid) && uid != 0 {
         let reason = format!(
             "uid {uid} is not an allowed pilot account of this helper (allowed_pilots in {})",
             helper.cfg.path.display()
@@ -138,6 +139,10 @@ impl Connection {
                     let payloads = self.helper.registry.status(self.caller.conn_id);
                     self.send(SwitchEvent::Running { payloads });
                 }
+                Ok((SwitchRequest::AdminKill { .. }, _)) => self.send(SwitchEvent::Error {
+                    reason: "admin requests must be the first request of their own connection"
+                        .into(),
+                }),
                 Err(WireError::Json(e)) => self.send(SwitchEvent::Error {
                     reason: format!("request not understood: {e}"),
                 }),
@@ -162,6 +167,24 @@ impl Connection {
         let first = read_frame::<SwitchRequest>(&mut self.stream);
         let _ = self.stream.set_read_timeout(None);
         let reason = match first {
+            Ok((SwitchRequest::AdminKill { owner_dn, ban }, _)) if self.caller.uid == 0 => {
+                tracing::warn!(owner = %owner_dn, ban, "site admin kill");
+                let ev = match self.helper.admin_kill(&owner_dn, ban) {
+                    Ok(payloads) => SwitchEvent::Killed { payloads },
+                    Err(reason) => SwitchEvent::Error { reason },
+                };
+                self.send(ev);
+                return false;
+            }
+            Ok((SwitchRequest::Hello(_), _))
+                if !self.helper.allowed_uids.contains(&self.caller.uid) =>
+            {
+                format!(
+                    "uid {} is not an allowed pilot account of this helper (allowed_pilots in {}); root may only send admin requests",
+                    self.caller.uid,
+                    self.helper.cfg.path.display()
+                )
+            }
             Ok((SwitchRequest::Hello(h), _)) if crate::util::is_safe_id(&h.pilot_id) => {
                 tracing::info!(pilot_id = %h.pilot_id, batch_job_id = ?h.batch_job_id, "hello");
                 self.caller.hello = h;
@@ -175,6 +198,9 @@ impl Connection {
                 "pilot_id '{}' is not valid: use 1-64 characters of [A-Za-z0-9._-]",
                 h.pilot_id
             ),
+            Ok((SwitchRequest::AdminKill { .. }, _)) => {
+                "admin requests are accepted from root only".to_string()
+            }
             Ok(_) => "the first request on a connection must be hello".to_string(),
             Err(WireError::Closed) => return false,
             Err(e) => format!("hello not understood: {e}"),

@@ -21,6 +21,9 @@ use super::replay::{ReplayCache, ReplayError};
 use crate::policy::{Bans, PolicyStack, ReloadError};
 use crate::records::RecordError;
 
+/// How often the audit chain's head goes to syslog (and at shutdown).
+const ANCHOR_INTERVAL: Duration = Duration::from_secs(3600);
+
 /// How long shutdown waits for killed payloads' end records.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -72,7 +75,49 @@ impl Helper {
 
     /// Kills every payload with `reason` and records it (P10).
     pub fn kill_payloads(&self, conn_id: Option<u64>, reason: &str) {
-        for (payload_id, entry) in self.registry.list(conn_id) {
+        self.kill_entries(self.registry.list(conn_id), reason);
+    }
+
+    /// The site's emergency stop: kills every payload of `owner_dn` on this node and, with
+    /// `ban`, adds the DN to the first configured DN ban list, so no new payload of it starts.
+    /// Returns the killed payload ids.
+    pub fn admin_kill(&self, owner_dn: &str, ban: bool) -> Result<Vec<String>, String> {
+        if ban {
+            let Some(list) = self.cfg.authz.ban_users.first() else {
+                return Err(format!(
+                    "--ban needs a DN ban list: add authz.ban_users to {}",
+                    self.cfg.path.display()
+                ));
+            };
+            if owner_dn.contains('"') || owner_dn.contains('\n') {
+                return Err(format!(
+                    "cannot ban {owner_dn:?}: quotes and newlines are not allowed in a DN"
+                ));
+            }
+            use std::io::Write;
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(list)
+                .and_then(|mut f| f.write_all(format!("\"{owner_dn}\"\n").as_bytes()))
+                .map_err(|e| format!("cannot add the ban to {}: {e}", list.display()))?;
+        }
+        let entries = self.registry.of_owner(owner_dn);
+        let ids: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();
+        let mut rec = self.audit.record(AuditEvent::Kill);
+        rec.owner_dn = Some(owner_dn.to_string());
+        rec.reason = Some(format!(
+            "site admin: kill every payload of the owner{} ({} running)",
+            if ban { " and ban the DN" } else { "" },
+            ids.len()
+        ));
+        rec.kill_reason = Some("site_admin".into());
+        self.audit.append_or_log(&rec);
+        self.kill_entries(entries, "site_admin");
+        Ok(ids)
+    }
+
+    fn kill_entries(&self, entries: Vec<(String, super::registry::Entry)>, reason: &str) {
+        for (payload_id, entry) in entries {
             let Some(handle) = entry.handle else { continue };
             // Recorded before the kill, so the log reads start, kill, end.
             let mut rec = entry.record.clone();
@@ -192,7 +237,24 @@ pub fn serve(cfg: SwitchConfig) -> Result<i32, DaemonError> {
             return Err(e);
         }
     };
+    // A previous helper that died left starts without ends: its payloads' stage processes saw
+    // it go and tore them down, so they end here as `lost` (never a silent gap, P11).
+    match helper.audit.close_open_starts() {
+        Ok(lost) if !lost.is_empty() => {
+            tracing::warn!(payloads = ?lost, "recorded payloads of a previous helper as lost")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "cannot close the previous run's open records"),
+    }
     let sig_read = install_signals().map_err(DaemonError::Signals)?;
+    let h = helper.clone();
+    std::thread::Builder::new()
+        .name("anchor".into())
+        .spawn(move || loop {
+            std::thread::sleep(ANCHOR_INTERVAL);
+            h.audit.anchor();
+        })
+        .expect("spawning the anchor thread");
     match &source {
         ListenSource::Systemd => tracing::info!("listening on the socket passed by systemd"),
         ListenSource::Path(p) => tracing::info!(socket = %p.display(), "listening"),
@@ -232,6 +294,7 @@ pub fn serve(cfg: SwitchConfig) -> Result<i32, DaemonError> {
             "some payloads did not finish their teardown in time; their end records may be missing"
         );
     }
+    helper.audit.anchor();
     if let ListenSource::Path(p) = &source {
         let _ = std::fs::remove_file(p);
     }

@@ -12,6 +12,7 @@
 pub mod accounts;
 pub mod activation;
 pub mod audit;
+pub mod audit_query;
 pub mod authorize;
 pub mod cli;
 pub mod config;

@@ -38,10 +38,11 @@ APPEND=""
 ACCEL=auto
 VERBOSE=0
 KEEP=0
-# Host tools the guest always gets (real shadow-utils and friends, not busybox applets), so tests
-# can create and inspect real accounts.
+# Host tools the guest always gets, so tests create and inspect real accounts with the real tools.
+# /bin/sh is Debian's dash and env is coreutils' because Debian's static busybox prefers its own
+# applets: its sh and env would run busybox `id` or `setpriv` even where a real one is in PATH.
 HOST_TOOLS=(/usr/sbin/useradd /usr/sbin/userdel /usr/sbin/usermod /usr/sbin/groupadd /usr/sbin/groupdel
-    /usr/bin/getent /usr/bin/id /usr/bin/setpriv)
+    /usr/bin/getent /usr/bin/id /usr/bin/setpriv /usr/bin/dash /usr/bin/bash /usr/bin/env)
 GUEST_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 usage() {
@@ -220,6 +221,7 @@ build_root() {
         [ -x "$t" ] || fail "$t missing on the host; install the passwd, libc-bin, coreutils and util-linux packages"
         copy_with_libs "$t"
     done
+    ln -sf dash "$ROOT/usr/bin/sh"
     libc_dir=$(dirname "$(ldd /usr/bin/id | awk '$1 == "libc.so.6" { print $3 }')")
     for t in "$libc_dir"/libnss_files.so.*; do
         [ -e "$t" ] && copy_path "$t"
@@ -286,7 +288,7 @@ build_root() {
 
     # The command, as one sh line of single-quoted words, run with a clean environment.
     {
-        printf 'exec env -i PATH=%s HOME=/root USER=root LOGNAME=root TERM=dumb LANG=C' "$GUEST_PATH"
+        printf 'exec /usr/bin/env -i PATH=%s HOME=/root USER=root LOGNAME=root TERM=dumb LANG=C' "$GUEST_PATH"
         for e in "${ENVS[@]}"; do printf ' %s' "$(sh_quote "$e")"; done
         for a in "${CMD[@]}"; do printf ' %s' "$(sh_quote "$a")"; done
         printf '\n'
@@ -297,7 +299,7 @@ build_root() {
 
 write_init() {
     cat >"$ROOT/init" <<EOF
-#!/bin/sh
+#!/bin/busybox sh
 # Guest init written by scripts/vm-test.sh: pure cgroup v2 system, runs /mupilot/cmd.sh once,
 # prints its status after a marker line and powers off.
 export PATH=$GUEST_PATH

@@ -281,7 +281,10 @@ cmd_stop() {
             log "cancelling jobs: $(tr '\n' ' ' <<<"$jobs")"
             # shellcheck disable=SC2086 # one job id per word
             scancel $jobs 2>/dev/null || true
-            wait_for no_jobs 30 || warn "jobs still listed after 30 s: $(squeue -h -o %i | tr '\n' ' ')"
+            # Without slurmd nobody ends the jobs: their processes are killed through the cgroups below.
+            if pid_alive "$PID_SLURMD" && ! wait_for no_jobs 30; then
+                warn "jobs still listed after 30 s: $(squeue -h -o %i | tr '\n' ' ')"
+            fi
         fi
     fi
     stop_pidfile slurmd "$PID_SLURMD"

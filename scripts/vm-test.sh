@@ -36,6 +36,7 @@ ENVS=()
 MODULES=()
 APPEND=""
 ACCEL=auto
+QPID=""
 VERBOSE=0
 KEEP=0
 # Host tools the guest always gets, so tests create and inspect real accounts with the real tools.
@@ -376,6 +377,7 @@ boot() {
         -serial "file:$console" -monitor none -pidfile "$WORK/qemu.pid" \
         </dev/null >"$WORK/qemu.out" 2>&1 &
     qpid=$!
+    QPID=$qpid
     tail -n +1 -s 0.2 -f --pid="$qpid" "$console" | console_filter &
     local tailpid=$! outcome=running now deadline started=0
     deadline=$(($(date +%s) + TIMEOUT))
@@ -399,6 +401,7 @@ boot() {
     done
     local qrc=0
     wait "$qpid" || qrc=$?
+    QPID=""
     wait "$tailpid" 2>/dev/null || true
     ELAPSED=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
     grep -q "MUPILOT-VM-START-$TOKEN" "$console" && started=1
@@ -465,6 +468,11 @@ run_vm() {
 
 # shellcheck disable=SC2317 # called by the EXIT trap
 cleanup() {
+    # Interrupted (INT/TERM) while the VM runs: stop the qemu this script started.
+    if [ -n "${QPID:-}" ] && kill -0 "$QPID" 2>/dev/null; then
+        kill -KILL "$QPID" 2>/dev/null || true
+        wait "$QPID" 2>/dev/null || true
+    fi
     if [ -n "${WORK:-}" ] && [ -d "$WORK" ]; then
         if [ "$KEEP" = 1 ]; then
             log "work directory kept: $WORK"
@@ -483,6 +491,8 @@ main() {
     t0=$(date +%s.%N)
     WORK=$(mktemp -d /tmp/mupilot-vm.XXXXXX)
     trap cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
     ROOT=$WORK/root
     mkdir -p "$ROOT"
     TOKEN=$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')

@@ -7,6 +7,7 @@
 #   scripts/slurm.sh stop     cancel all jobs, stop our daemons, clean state so start works again
 #   scripts/slurm.sh status   show our daemons and sinfo; exit 0 when all run, 3 otherwise
 #   scripts/slurm.sh env      print `export SLURM_CONF=...` for callers (eval "$(scripts/slurm.sh env)")
+#   scripts/slurm.sh selftest start, run jobs (cgroup, env, scancel, non-root user), start/stop twice
 #
 # Environment: MUPILOT_SLURM_DIR (default /var/lib/mupilot-slurm), MUPILOT_SLURM_TIMEOUT (60 s).
 # It does not touch /etc/slurm or the system's munged: everything lives under MUPILOT_SLURM_DIR.
@@ -32,7 +33,7 @@ PID_SLURMD=$RUN/slurmd.pid
 NODE=$(hostname -s)
 
 usage() {
-    sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -316,6 +317,51 @@ cmd_env() {
     printf 'export SLURM_CONF=%q\n' "$CONF"
 }
 
+# selftest: the checks this cluster is meant to pass, printed as PASS/FAIL lines and a
+# "N passed, N failed" summary; exit 1 on any failure. Starts the cluster if needed and stops it
+# at the end only if it started it. Creates and removes the user mpt-inf-u.
+cmd_selftest() {
+    need_root
+    local passed=0 failed=0 started_here=0 out job user=mpt-inf-u tmp
+    check() {
+        if "$@"; then passed=$((passed + 1)); echo "PASS: $CHECK"; else failed=$((failed + 1)); echo "FAIL: $CHECK"; fi
+    }
+    pid_alive "$PID_CTLD" || started_here=1
+    CHECK="start" check "$0" start
+    export SLURM_CONF=$CONF
+    tmp=$(mktemp -d /tmp/mupilot-slurm-selftest.XXXXXX)
+    chmod 0755 "$tmp"
+    job=$(sbatch --parsable -c 2 --mem=1G -t 3 -o "$tmp/out.txt" --wrap 'cat /proc/self/cgroup; env | grep SLURM') || job=""
+    CHECK="batch job $job finishes" check wait_for "[ -z \"\$(squeue -h -j $job 2>/dev/null)\" ] && [ -s $tmp/out.txt ]" 60
+    out=$(cat "$tmp/out.txt" 2>/dev/null || true)
+    CHECK="job cgroup is /slurm*/uid_0/job_$job/" check grep -Eq ":/slurm[^/]*/uid_0/job_$job/" <<<"$out"
+    CHECK="SLURM_CPUS_ON_NODE=2" check grep -qx 'SLURM_CPUS_ON_NODE=2' <<<"$out"
+    CHECK="SLURM_MEM_PER_NODE=1024" check grep -qx 'SLURM_MEM_PER_NODE=1024' <<<"$out"
+    job=$(sbatch --parsable -t 3 -o /dev/null --wrap 'sleep 300') || job=""
+    CHECK="sleeping job $job runs" check wait_for "[ \"\$(squeue -h -j $job -o %T)\" = RUNNING ]" 30
+    scancel "$job" || true
+    CHECK="scancel ends job $job" check wait_for "[ -z \"\$(squeue -h -j $job 2>/dev/null)\" ]" 30
+    userdel -r "$user" >/dev/null 2>&1 || true
+    useradd -m "$user"
+    local home
+    home=$(getent passwd "$user" | cut -d: -f6)
+    job=$(runuser -u "$user" -- env SLURM_CONF="$CONF" sbatch --parsable -t 2 -D "$home" -o "$home/out.txt" --wrap 'id -un') || job=""
+    CHECK="job $job of a non-root user runs as that user" check wait_for "[ \"\$(cat $home/out.txt 2>/dev/null)\" = $user ]" 60
+    wait_for "[ -z \"\$(squeue -h -u $user)\" ]" 30 || true
+    userdel -r "$user" >/dev/null 2>&1 || true
+    rm -rf "$tmp"
+    if [ "$started_here" = 1 ]; then
+        local i
+        for i in 1 2; do
+            CHECK="stop ($i)" check "$0" stop
+            CHECK="start ($i)" check "$0" start
+        done
+        CHECK="final stop" check "$0" stop
+    fi
+    echo "$passed passed, $failed failed"
+    [ "$failed" -eq 0 ]
+}
+
 # with_lock CMD: run CMD holding $DIR/.lock, so concurrent start/stop calls do not interleave.
 with_lock() {
     need_root
@@ -329,6 +375,7 @@ case ${1:-} in
 start) with_lock cmd_start ;;
 stop) with_lock cmd_stop ;;
 status) cmd_status ;;
+selftest) cmd_selftest ;;
 env) cmd_env ;;
 *) usage ;;
 esac

@@ -349,7 +349,11 @@ EOF
 # console_filter: stream the console, printing the command's output (between the markers) and
 # init errors; everything when --verbose.
 console_filter() {
-    awk -v tok="$TOKEN" -v verbose="$VERBOSE" '
+    local live=()
+    # mawk (Debian's default awk) reads pipes in blocks unless told otherwise: output would arrive
+    # only when the guest ends.
+    awk -W version 2>&1 | grep -q mawk && live=(-W interactive)
+    awk "${live[@]}" -v tok="$TOKEN" -v verbose="$VERBOSE" '
         { sub(/\r+$/, "") }
         index($0, "MUPILOT-VM-START-" tok) { on = 1; if (verbose) print; fflush(); next }
         (i = index($0, "MUPILOT-VM-EXIT-" tok "=")) {
@@ -485,7 +489,7 @@ cleanup() {
 main() {
     parse_args "$@"
     need_root
-    apt_install qemu-system-x86 busybox-static cpio
+    apt_install qemu-system-x86 busybox-static cpio xz-utils
     ensure_kernel
     local t0
     t0=$(date +%s.%N)

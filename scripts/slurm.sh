@@ -9,7 +9,8 @@
 #   scripts/slurm.sh env      print `export SLURM_CONF=...` for callers (eval "$(scripts/slurm.sh env)")
 #   scripts/slurm.sh selftest start, run jobs (cgroup, env, scancel, non-root user), start/stop twice
 #
-# Environment: MUPILOT_SLURM_DIR (default /var/lib/mupilot-slurm), MUPILOT_SLURM_TIMEOUT (60 s).
+# Environment: MUPILOT_SLURM_DIR (default /var/lib/mupilot-slurm), MUPILOT_SLURM_TIMEOUT (60 s),
+# MUPILOT_SLURM_CGROUP (auto, v1, v2, or none = no cgroup confinement; default auto).
 # It does not touch /etc/slurm or the system's munged: everything lives under MUPILOT_SLURM_DIR.
 set -euo pipefail
 
@@ -33,7 +34,7 @@ PID_SLURMD=$RUN/slurmd.pid
 NODE=$(hostname -s)
 
 usage() {
-    sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -66,14 +67,26 @@ pick_ports() {
 
 # cgroup_plugin: cgroup/v1 when v1 controllers are mounted (a hybrid layout like
 # /sys/fs/cgroup/<controller> plus /sys/fs/cgroup/unified confuses slurm's autodetect),
-# cgroup/v2 on a pure unified hierarchy.
+# cgroup/v2 on a pure unified hierarchy, "none" only when MUPILOT_SLURM_CGROUP=none asks for it.
 cgroup_plugin() {
+    case ${MUPILOT_SLURM_CGROUP:-auto} in
+    v1) echo cgroup/v1; return ;;
+    v2) echo cgroup/v2; return ;;
+    none) echo none; return ;;
+    auto) ;;
+    *) die "MUPILOT_SLURM_CGROUP='$MUPILOT_SLURM_CGROUP' must be auto, v1, v2 or none" ;;
+    esac
     if [ "$(stat -f -c %T /sys/fs/cgroup)" = "cgroup2fs" ]; then
+        # Slurm 22.05's cgroup/v2 asks systemd over dbus for a slurmstepd scope; without systemd
+        # slurmd fails to start ("cannot connect to dbus system daemon").
+        if [ ! -d /run/systemd/system ] || [ ! -S /run/dbus/system_bus_socket ]; then
+            die "pure cgroup v2 without a running systemd and dbus: slurm's cgroup/v2 plugin cannot work here; run on a systemd host, or set MUPILOT_SLURM_CGROUP=none to run jobs without cgroup confinement"
+        fi
         echo cgroup/v2
     elif grep -q ' cgroup ' /proc/mounts; then
         echo cgroup/v1
     else
-        die "no cgroup filesystem mounted under /sys/fs/cgroup; mount cgroup v1 controllers or cgroup2 first"
+        die "no cgroup filesystem mounted under /sys/fs/cgroup; mount cgroup v1 controllers or cgroup2 first, or set MUPILOT_SLURM_CGROUP=none"
     fi
 }
 
@@ -89,8 +102,12 @@ node_line() {
 }
 
 write_config() {
-    local plugin
+    local plugin proctrack=proctrack/cgroup task=task/cgroup,task/affinity acct=jobacct_gather/cgroup
     plugin=$(cgroup_plugin)
+    if [ "$plugin" = none ]; then
+        warn "MUPILOT_SLURM_CGROUP=none: jobs are tracked by process tree and NOT confined by cgroups"
+        proctrack=proctrack/linuxproc task=task/affinity acct=jobacct_gather/linux
+    fi
     pick_ports
     mkdir -p "$ETC" "$RUN" "$LOGS" "$STATE/ctld" "$STATE/slurmd"
     chmod 0755 "$DIR" "$ETC" "$RUN"
@@ -117,14 +134,14 @@ SlurmdDebug=info
 PlugStackConfig=$ETC/plugstack.conf
 MpiDefault=none
 SwitchType=switch/none
-ProctrackType=proctrack/cgroup
-TaskPlugin=task/cgroup,task/affinity
+ProctrackType=$proctrack
+TaskPlugin=$task
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=512
 AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/cgroup
+JobAcctGatherType=$acct
 JobCompType=jobcomp/none
 ReturnToService=2
 KillWait=5
@@ -136,6 +153,7 @@ SlurmdTimeout=60
 $(node_line)
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
+    [ "$plugin" = none ] && plugin=autodetect
     cat >"$ETC/cgroup.conf" <<EOF
 # Written by scripts/slurm.sh.
 CgroupPlugin=$plugin
@@ -246,7 +264,8 @@ stop_pidfile() {
 slurm_cgroups() {
     local d
     for d in /sys/fs/cgroup/*/slurm /sys/fs/cgroup/*/"slurm_$NODE" /sys/fs/cgroup/slurm \
-        /sys/fs/cgroup/"slurm_$NODE" /sys/fs/cgroup/system.slice/slurmstepd.scope; do
+        /sys/fs/cgroup/"slurm_$NODE" /sys/fs/cgroup/system.slice/slurmstepd.scope \
+        /sys/fs/cgroup/system.slice/"${NODE}_slurmstepd.scope"; do
         [ -d "$d" ] && echo "$d"
     done
     return 0

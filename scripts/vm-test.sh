@@ -3,6 +3,7 @@
 # KVM when usable, TCG otherwise), prints the command's output and exits with its exit status.
 #
 #   scripts/vm-test.sh [options] -- COMMAND [ARGS...]
+#   scripts/vm-test.sh --selftest     boot a few guests and check what tests rely on
 #
 #   --mem SIZE        guest memory (QEMU -m syntax), default 2G
 #   --smp N           guest CPUs, default 2
@@ -498,7 +499,43 @@ cleanup() {
     fi
 }
 
+# selftest: boots a few guests and checks what tests rely on; PASS/FAIL lines, then
+# "N passed, N failed"; exit 1 on any failure.
+selftest() {
+    need_root
+    local passed=0 failed=0 out rc tmp
+    tmp=$(mktemp -d /tmp/mupilot-vm-selftest.XXXXXX)
+    check() {
+        if "$@"; then passed=$((passed + 1)); echo "PASS: $CHECK"; else failed=$((failed + 1)); echo "FAIL: $CHECK"; fi
+    }
+    rc=0
+    out=$("$0" -- sh -c 'cat /sys/fs/cgroup/cgroup.subtree_control; mount | grep cgroup2; cat /proc/self/cgroup; useradd -m mpt-inf-v && id mpt-inf-v && test -d /home/mpt-inf-v && userdel -r mpt-inf-v 2>/dev/null; exit 7' 2>"$tmp/err") || rc=$?
+    CHECK="exit status 7 comes back" check test "$rc" = 7
+    CHECK="cgroup2 on /sys/fs/cgroup" check grep -q '^cgroup2 on /sys/fs/cgroup type cgroup2' <<<"$out"
+    CHECK="memory cpu pids enabled in the root" check grep -qx 'cpu memory pids' <<<"$out"
+    CHECK="command runs in 0::/vm-test.scope" check grep -qx '0::/vm-test.scope' <<<"$out"
+    CHECK="useradd -m and id of a real user" check grep -q '^uid=1000(mpt-inf-v) gid=1000(mpt-inf-v)' <<<"$out"
+    echo "file content" >"$tmp/f"
+    rc=0
+    # shellcheck disable=SC2016 # $A is expanded by the guest's shell
+    out=$("$0" --bin /usr/bin/xz --file "$tmp/f:/opt/x/f" --env 'A=b c' -- sh -c 'cat /opt/x/f; echo "A=$A"; xz --version' 2>>"$tmp/err") || rc=$?
+    CHECK="--file copies" check grep -qx 'file content' <<<"$out"
+    CHECK="--env passes" check grep -qx 'A=b c' <<<"$out"
+    CHECK="--bin with its libraries runs" check grep -q '^liblzma' <<<"$out"
+    rc=0
+    "$0" --timeout 3 -- sleep 60 >/dev/null 2>>"$tmp/err" || rc=$?
+    CHECK="--timeout gives 124" check test "$rc" = 124
+    [ "$failed" -eq 0 ] || { echo "----- stderr of the runs -----"; cat "$tmp/err"; }
+    rm -rf "$tmp"
+    echo "$passed passed, $failed failed"
+    [ "$failed" -eq 0 ]
+}
+
 main() {
+    if [ "${1:-}" = --selftest ]; then
+        selftest
+        exit
+    fi
     parse_args "$@"
     need_root
     apt_install qemu-system-x86 busybox-static cpio xz-utils

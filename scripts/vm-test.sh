@@ -129,8 +129,19 @@ ensure_kernel() {
         log "fetching $pkg (once; cached in $kdir)"
         local tmp
         tmp=$(mktemp -d "$CACHE/.extract.XXXXXX")
-        (cd "$tmp" && apt-get -q -o APT::Sandbox::User=root download "$pkg" >&2) ||
-            { rm -rf "$tmp"; fail "apt-get download $pkg failed"; }
+        if ! (cd "$tmp" && apt-get -q -o APT::Sandbox::User=root download "$pkg" >&2); then
+            # Stale package lists name a kernel the mirror no longer has: refresh and re-resolve once.
+            rm -f "$CACHE/current"
+            rm -rf "$tmp"
+            if [ -z "${_MUPILOT_VM_REFRESHED:-}" ]; then
+                _MUPILOT_VM_REFRESHED=1
+                apt-get -q -o DPkg::Lock::Timeout=600 update >&2 || warn "apt-get update failed"
+                flock -u 8
+                ensure_kernel
+                return
+            fi
+            fail "apt-get download $pkg failed; check the network to the Debian mirror"
+        fi
         dpkg-deb -x "$tmp"/"$pkg"_*.deb "$tmp/x" || { rm -rf "$tmp"; fail "dpkg-deb -x of $pkg failed"; }
         mkdir -p "$tmp/out/root/lib/modules"
         mv "$tmp/x/boot/vmlinuz-$KVER" "$tmp/out/vmlinuz"

@@ -866,3 +866,7 @@ fn open_output_files(dir: &std::path::Path) -> std::io::Result<(File, File)> {
     };
     Ok((open("stdout")?, open("stderr")?))
 }
+
+#[cfg(test)]
+#[path = "agent_tests.rs"]
+mod tests;

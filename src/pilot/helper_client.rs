@@ -173,6 +173,15 @@ impl HelperConnection {
     }
 }
 
+impl Drop for HelperConnection {
+    fn drop(&mut self) {
+        // The reader thread holds a clone of the socket; shut it down so dropping the
+        // connection really ends it (the helper then cleans up this pilot's payloads).
+        let w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = w.shutdown(std::net::Shutdown::Both);
+    }
+}
+
 impl HelperApi for HelperConnection {
     fn launch(
         &self,

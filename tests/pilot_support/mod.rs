@@ -168,8 +168,7 @@ fn serve(listener: UnixListener, mode: HelperMode, log: Arc<Mutex<HelperLog>>) {
                     let ev = SwitchEvent::Denied {
                         payload_id: id,
                         class: mupilot::protocol::switch_wire::DenialClass::Authorization,
-                        reason: "no grid-mapfile entry for /DC=org/DC=mupilot-demo/CN=carol"
-                            .into(),
+                        reason: "no grid-mapfile entry for /DC=org/DC=mupilot-demo/CN=carol".into(),
                     };
                     write_frame(&mut s, &ev, &[]).unwrap();
                     continue;
@@ -207,7 +206,10 @@ fn serve(listener: UnixListener, mode: HelperMode, log: Arc<Mutex<HelperLog>>) {
             SwitchRequest::Signal {
                 payload_id, signal, ..
             } => {
-                log.lock().unwrap().signals.push((payload_id.clone(), signal));
+                log.lock()
+                    .unwrap()
+                    .signals
+                    .push((payload_id.clone(), signal));
                 let ack = SwitchEvent::Signalled {
                     payload_id: payload_id.clone(),
                     ok: true,
@@ -263,7 +265,8 @@ pub fn pki(dir: &Path) -> Pki {
     dc(&mut ca_p.distinguished_name, "plt CA");
     let ca_key = KeyPair::generate().unwrap();
     let ca = ca_p.self_signed(&ca_key).unwrap();
-    let mut srv = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".into()]).unwrap();
+    let mut srv =
+        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".into()]).unwrap();
     dc(&mut srv.distinguished_name, "localhost");
     srv.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let srv_key = KeyPair::generate().unwrap();

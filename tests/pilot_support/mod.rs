@@ -249,15 +249,10 @@ pub fn pki(dir: &Path) -> Pki {
         BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
         IsCa, KeyPair,
     };
+    // rcgen keeps one value per attribute type, so the test DNs are /O=mupilot-plt/CN=<name>.
     let dc = |n: &mut DistinguishedName, cn: &str| {
-        n.push(
-            DnType::CustomDnType(vec![0, 9, 2342, 19200300, 100, 1, 25]),
-            "org",
-        );
-        n.push(
-            DnType::CustomDnType(vec![0, 9, 2342, 19200300, 100, 1, 25]),
-            "mupilot-plt",
-        );
+        *n = DistinguishedName::new();
+        n.push(DnType::OrganizationName, "mupilot-plt");
         n.push(DnType::CommonName, cn);
     };
     let mut ca_p = CertificateParams::new(Vec::<String>::new()).unwrap();

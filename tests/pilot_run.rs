@@ -344,3 +344,48 @@ fn limits_prints_the_slot() {
     assert_eq!(table.code, 0);
     assert!(table.stdout.contains("cores"), "{}", table.stdout);
 }
+
+#[test]
+fn sigusr1_drains_without_signalling_payloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let key = VoSigningKey::generate();
+    let works = vec![
+        pilot_support::work(&key, "plt-d1", 1),
+        pilot_support::work(&key, "plt-d2", 1),
+    ];
+    let vo = FakeVo::start(&pki, works);
+    let helper = FakeHelper::start(
+        dir.path(),
+        HelperMode::Run(Some(Duration::from_millis(800))),
+    );
+    // One core: the second payload waits for the first, and the drain comes first.
+    let cfg = pilot_toml(
+        dir.path(),
+        &pki,
+        &vo.url(),
+        &helper.socket,
+        "[slot]\ncores = 1\n",
+    );
+    let log = helper.log.clone();
+    let ran = run_pilot(
+        dir.path(),
+        &["run", "--config", &config_arg(&cfg)],
+        Duration::from_secs(60),
+        |pid| {
+            while log.lock().unwrap().launches.is_empty() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGUSR1,
+            )
+            .unwrap();
+        },
+    );
+    assert_eq!(ran.code, 0, "stderr:\n{}", ran.stderr);
+    assert!(ran.stdout.contains("drained: SIGUSR1"), "{}", ran.stdout);
+    assert!(ran.stdout.contains("1 launched, 1 done"), "{}", ran.stdout);
+    assert!(helper.log.lock().unwrap().signals.is_empty());
+    assert_eq!(vo.log.lock().unwrap().queue.len(), 1);
+}

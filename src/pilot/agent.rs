@@ -135,6 +135,8 @@ pub struct Agent<S: ServerApi, H: HelperApi> {
     back_tx: mpsc::UnboundedSender<Reported>,
     match_tx: mpsc::UnboundedSender<Result<Option<Work>, ClientError>>,
     match_in_flight: bool,
+    /// The in-flight match, aborted on a stop so a hanging server cannot delay it.
+    match_task: Option<tokio::task::JoinHandle<()>>,
     next_match: Instant,
     idle_since: Instant,
     launches: u32,
@@ -169,6 +171,7 @@ pub async fn run<S: ServerApi, H: HelperApi>(
         back_tx,
         match_tx,
         match_in_flight: false,
+        match_task: None,
         next_match: now,
         idle_since: now,
         launches: 0,
@@ -269,9 +272,9 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
         self.match_in_flight = true;
         let server = self.server.clone();
         let tx = self.match_tx.clone();
-        tokio::spawn(async move {
+        self.match_task = Some(tokio::spawn(async move {
             let _ = tx.send(server.match_work(req).await);
-        });
+        }));
     }
 
     fn on_matched(&mut self, m: Result<Option<Work>, ClientError>) {
@@ -728,6 +731,12 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
                 tracing::info!(reason = %why, "graceful stop: no more work, terminating payloads");
                 self.stopping = true;
                 self.summary.end_reason = format!("stopped: {why}");
+                if let Some(t) = self.match_task.take() {
+                    // A payload the server matched to us in the meantime stays `matched` on
+                    // the server until its envelope expires; nothing runs it.
+                    t.abort();
+                    self.match_in_flight = false;
+                }
                 for id in self.running_ids() {
                     self.terminate(&id, &format!("pilot stopping: {why}"));
                 }

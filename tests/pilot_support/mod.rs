@@ -289,6 +289,8 @@ pub fn pki(dir: &Path) -> Pki {
 #[derive(Default)]
 pub struct VoLog {
     pub queue: Vec<Work>,
+    /// Error answers (status, body) given to the next matches, before any work.
+    pub inject: std::collections::VecDeque<(u16, String)>,
     pub matches: u32,
     pub reports: Vec<(String, StatusReport)>,
     pub uploads: Vec<(String, String, Vec<u8>)>,
@@ -325,12 +327,18 @@ impl FakeVo {
                         post(|State(s): State<Arc<Mutex<VoLog>>>| async move {
                             let mut l = s.lock().unwrap();
                             l.matches += 1;
+                            if let Some((code, body)) = l.inject.pop_front() {
+                                let code = axum::http::StatusCode::from_u16(code).unwrap();
+                                return axum::response::IntoResponse::into_response((code, body));
+                            }
                             let work = if l.queue.is_empty() {
                                 None
                             } else {
                                 Some(l.queue.remove(0))
                             };
-                            Json(MatchResponse { work })
+                            axum::response::IntoResponse::into_response(Json(MatchResponse {
+                                work,
+                            }))
                         }),
                     )
                     .route(

@@ -6,7 +6,7 @@
 mod pilot_support;
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -253,7 +253,7 @@ fn missing_helper_exits_4_without_fetching() {
     assert_eq!(vo.log.lock().unwrap().matches, 0);
 }
 
-fn expect_usage_error(dir: &Path, cfg: &PathBuf, needle: &str) {
+fn expect_usage_error(dir: &Path, cfg: &Path, needle: &str) {
     let ran = run_pilot(
         dir,
         &["run", "--config", &config_arg(cfg)],

@@ -139,8 +139,7 @@ fn run(config: &Path, max_payloads: Option<u32>, idle_timeout: Option<u64>) -> i
         Ok(s) => s,
         Err(e) => {
             eprintln!(
-                "mupilot: {} (from {}): {e}",
-                "TLS setup failed",
+                "mupilot: TLS setup from {} failed: {e}",
                 cfg.source.display()
             );
             return EXIT_USAGE;

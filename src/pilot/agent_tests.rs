@@ -105,6 +105,10 @@ struct FakeHelper {
     deny: HashSet<String>,
     run_for: Duration,
     ignore_term: bool,
+    /// Never answer launches.
+    silent: bool,
+    /// Deny with an empty payload id (an envelope the helper could not read).
+    deny_anonymous: bool,
     launches: Mutex<Vec<String>>,
     signals: Mutex<Vec<(String, i32, Instant)>>,
     running: Arc<Mutex<HashSet<String>>>,
@@ -118,6 +122,8 @@ impl FakeHelper {
             deny: HashSet::new(),
             run_for,
             ignore_term: false,
+            silent: false,
+            deny_anonymous: false,
             launches: Mutex::new(Vec::new()),
             signals: Mutex::new(Vec::new()),
             running: Default::default(),
@@ -159,6 +165,17 @@ impl HelperApi for FakeHelper {
         use std::io::Write;
         let id = peek_body(envelope).unwrap().payload_id;
         self.launches.lock().unwrap().push(id.clone());
+        if self.silent {
+            return Ok(());
+        }
+        if self.deny_anonymous {
+            let _ = self.tx.send(HelperMsg::Event(SwitchEvent::Denied {
+                payload_id: String::new(),
+                class: DenialClass::Caller,
+                reason: "envelope body is not valid base64".into(),
+            }));
+            return Ok(());
+        }
         if self.deny.contains(&id) {
             let _ = self.tx.send(HelperMsg::Event(SwitchEvent::Denied {
                 payload_id: id,
@@ -561,4 +578,83 @@ async fn heartbeats_report_running() {
         .filter(|s| **s == PayloadState::Running)
         .count();
     assert!(running >= 3, "{running} running reports");
+}
+
+#[tokio::test]
+async fn second_stop_kills_at_once() {
+    let key = VoSigningKey::generate();
+    let works = vec![work(&key, "s2", 1, 60)];
+    let (h, fut) = start(
+        works,
+        Duration::from_secs(60),
+        |hp, cfg| {
+            hp.ignore_term = true;
+            cfg.grace = Duration::from_secs(30);
+        },
+        1,
+    );
+    let control = h.control.clone();
+    let helper = h.helper.clone();
+    tokio::spawn(async move {
+        while helper.running.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        control.send(Control::Stop("SIGTERM".into())).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        control.send(Control::Stop("SIGINT".into())).unwrap();
+    });
+    let t0 = Instant::now();
+    let out = fut.await;
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert_eq!(out.exit_code, 0);
+    let nums: Vec<i32> = h
+        .helper
+        .signals
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.1)
+        .collect();
+    assert_eq!(nums, vec![SIGTERM, SIGKILL]);
+}
+
+#[tokio::test]
+async fn unanswered_launch_times_out_as_failed() {
+    let key = VoSigningKey::generate();
+    let works = vec![work(&key, "t1", 1, 60)];
+    let (h, fut) = start(
+        works,
+        Duration::from_secs(60),
+        |hp, cfg| {
+            hp.silent = true;
+            cfg.launch_timeout = Duration::from_millis(200);
+            cfg.max_payloads = Some(1);
+        },
+        1,
+    );
+    let out = fut.await;
+    assert_eq!(out.exit_code, 0);
+    assert_eq!(out.summary.failed, 1);
+    let r = h.server.final_report("t1");
+    assert_eq!(r.state, Some(PayloadState::Failed));
+    assert!(r.reason.unwrap().contains("did not answer"));
+    let recs = trace_records(&h);
+    assert_eq!(recs[1]["decision"], "not_launched");
+}
+
+#[tokio::test]
+async fn anonymous_denial_goes_to_the_waiting_launch() {
+    let key = VoSigningKey::generate();
+    let works = vec![work(&key, "a1", 1, 60)];
+    let (h, fut) = start(
+        works,
+        Duration::from_secs(60),
+        |hp, _| hp.deny_anonymous = true,
+        1,
+    );
+    let out = fut.await;
+    assert_eq!(out.summary.denied, 1);
+    let r = h.server.final_report("a1");
+    assert_eq!(r.state, Some(PayloadState::Denied));
+    assert_eq!(r.denial_class.as_deref(), Some("caller"));
 }

@@ -389,3 +389,44 @@ fn sigusr1_drains_without_signalling_payloads() {
     assert!(helper.log.lock().unwrap().signals.is_empty());
     assert_eq!(vo.log.lock().unwrap().queue.len(), 1);
 }
+
+#[test]
+fn many_short_payloads_measure_per_payload_overhead() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let key = VoSigningKey::generate();
+    let n = 40;
+    let works = (0..n)
+        .map(|i| pilot_support::work(&key, &format!("plt-m{i}"), 1))
+        .collect();
+    let vo = FakeVo::start(&pki, works);
+    let helper = FakeHelper::start(dir.path(), HelperMode::Run(Some(Duration::ZERO)));
+    let cfg = pilot_toml(
+        dir.path(),
+        &pki,
+        &vo.url(),
+        &helper.socket,
+        &format!("max_payloads = {n}\n"),
+    );
+    let t0 = Instant::now();
+    let ran = run_pilot(
+        dir.path(),
+        &["run", "--config", &config_arg(&cfg)],
+        Duration::from_secs(120),
+        |_| {},
+    );
+    let took = t0.elapsed();
+    assert_eq!(ran.code, 0, "stderr:\n{}", ran.stderr);
+    assert!(
+        ran.stdout.contains(&format!("{n} launched, {n} done")),
+        "{}",
+        ran.stdout
+    );
+    assert_eq!(vo.log.lock().unwrap().uploads.len(), n);
+    assert_eq!(trace(dir.path()).len(), 2 * n);
+    eprintln!(
+        "plt measurement: {n} payloads (match, launch, 2 status reports, upload, 2 trace records each) in {:.2} s, {:.1} ms per payload",
+        took.as_secs_f64(),
+        took.as_secs_f64() * 1000.0 / n as f64
+    );
+}

@@ -658,3 +658,28 @@ async fn anonymous_denial_goes_to_the_waiting_launch() {
     assert_eq!(r.state, Some(PayloadState::Denied));
     assert_eq!(r.denial_class.as_deref(), Some("caller"));
 }
+
+#[tokio::test]
+async fn slot_deadline_stops_the_pilot() {
+    let mut s = slot(1);
+    s.deadline_unix = Some(Utc::now().timestamp() + 1);
+    let (h, fut) = start_slot(
+        vec![],
+        Duration::from_millis(50),
+        |_, cfg| cfg.idle_timeout = Duration::from_secs(30),
+        s,
+    );
+    let t0 = Instant::now();
+    let out = fut.await;
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert_eq!(out.exit_code, 0);
+    assert!(
+        out.summary.end_reason.contains("deadline"),
+        "{:?}",
+        out.summary
+    );
+    // It asked with the time it had left, never more.
+    for m in h.server.matches.lock().unwrap().iter() {
+        assert!(m.seconds_left <= 1);
+    }
+}

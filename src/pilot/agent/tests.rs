@@ -7,10 +7,12 @@ use chrono::Utc;
 
 use super::*;
 use crate::pilot::helper_client::HelperError;
+use crate::protocol::api::OperatorCommand;
 use crate::protocol::api::StatusAck;
 use crate::protocol::envelope::{
     EnvelopeBody, Owner, Resources, SignedEnvelope, VoSigningKey, ENVELOPE_VERSION,
 };
+use crate::protocol::switch_wire::{DenialClass, ExitReport, SwitchEvent};
 
 fn work(key: &VoSigningKey, id: &str, cores: u32, wall: u64) -> Work {
     let now = Utc::now();

@@ -101,12 +101,7 @@ fn audit_verify_passes_then_fails_after_one_edited_byte() {
     assert_eq!(code, 0, "{out}");
     // Three denials, and the chain head anchored at shutdown.
     assert!(out.contains("chain intact: 4 records"), "{out}");
-    let (code, out) = cli(&[
-        "audit",
-        "verify",
-        "--config",
-        site.config.to_str().unwrap(),
-    ]);
+    let (code, out) = cli(&["audit", "verify", "--config", site.config.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}");
 
     let mut bytes = std::fs::read(&site.audit).unwrap();

@@ -1,0 +1,291 @@
+//! The agent's reactions to helper events (started, denied, exited, connection lost), to
+//! reporter results and to operator commands. State changes only; no I/O but helper signals
+//! and reporter queues.
+
+use std::time::Instant;
+
+use super::{Agent, Phase, SIGKILL};
+use crate::pilot::client::ServerApi;
+use crate::pilot::helper_client::HelperApi;
+use crate::pilot::reporter::{ArchiveSource, ReportJob, Reported};
+use crate::protocol::api::{OperatorCommand, PayloadState, StatusReport};
+use crate::protocol::switch_wire::{DenialClass, ExitReport, SwitchEvent};
+use crate::records::now_rfc3339;
+
+impl<S: ServerApi, H: HelperApi> Agent<S, H> {
+    pub(super) fn on_helper_event(&mut self, ev: SwitchEvent) {
+        match ev {
+            SwitchEvent::Started {
+                payload_id,
+                account,
+                uid,
+                cgroup,
+                pid,
+                ..
+            } => self.on_started(payload_id, account, uid, cgroup, pid),
+            SwitchEvent::Denied {
+                payload_id,
+                class,
+                reason,
+            } => self.on_denied(payload_id, class, reason),
+            SwitchEvent::Exited { payload_id, report } => self.on_exited(payload_id, report),
+            SwitchEvent::Signalled {
+                payload_id,
+                ok,
+                reason,
+            } => {
+                if !ok {
+                    tracing::warn!(%payload_id, reason = ?reason, "helper could not signal the payload");
+                }
+            }
+            SwitchEvent::Error { reason } => {
+                tracing::error!(%reason, "helper could not understand a request")
+            }
+            SwitchEvent::Welcome { .. }
+            | SwitchEvent::Running { .. }
+            | SwitchEvent::Killed { .. } => {}
+        }
+    }
+
+    pub(super) fn on_started(
+        &mut self,
+        id: String,
+        account: String,
+        uid: u32,
+        cgroup: String,
+        pid: i32,
+    ) {
+        let stopping = self.stopping;
+        let Some(p) = self.payloads.get_mut(&id) else {
+            // A launch the pilot already gave up on (timeout): it must not run unsupervised.
+            tracing::error!(payload_id = %id, "helper started a payload the pilot gave up on; killing it");
+            let _ = self
+                .helper
+                .signal(&id, SIGKILL, "pilot gave up on this launch");
+            return;
+        };
+        tracing::info!(payload_id = %id, %account, uid, pid, "payload started");
+        p.phase = Phase::Running;
+        p.record.decision = Some("permit");
+        p.record.account = Some(account.clone());
+        p.record.uid = Some(uid);
+        p.record.cgroup = Some(cgroup);
+        let _ = p.reporter.send(ReportJob::Status {
+            report: StatusReport {
+                pilot_id: self.cfg.pilot_id.clone(),
+                state: Some(PayloadState::Running),
+                account: Some(account),
+                uid: Some(uid),
+                ..Default::default()
+            },
+            heartbeat: false,
+        });
+        if stopping || p.cancelled_by.is_some() {
+            self.terminate(&id, "pilot stopping");
+        }
+    }
+
+    pub(super) fn on_denied(&mut self, id: String, class: DenialClass, reason: String) {
+        // An empty id means the helper could not read the envelope: it answers launches in
+        // order, so it is the oldest launch still waiting.
+        let id = if id.is_empty() {
+            match self
+                .payloads
+                .iter()
+                .filter(|(_, p)| p.phase == Phase::Launching)
+                .min_by_key(|(_, p)| p.launched_at)
+            {
+                Some((k, _)) => k.clone(),
+                None => return tracing::error!(%reason, "helper denied an unknown launch"),
+            }
+        } else {
+            id
+        };
+        let Some(p) = self.payloads.get_mut(&id) else {
+            return tracing::error!(payload_id = %id, %reason, "denial for an unknown payload");
+        };
+        tracing::warn!(payload_id = %id, class = class.as_str(), %reason, "helper denied the payload; final");
+        self.capacity.release(&id);
+        p.phase = Phase::Ending;
+        p.record.decision = Some("deny");
+        p.record.denial_class = Some(class.as_str().into());
+        p.record.reason = Some(reason.clone());
+        p.record.state = Some("denied".into());
+        self.summary.denied += 1;
+        let _ = p.reporter.send(ReportJob::Final {
+            report: StatusReport {
+                pilot_id: self.cfg.pilot_id.clone(),
+                state: Some(PayloadState::Denied),
+                reason: Some(reason),
+                denial_class: Some(class.as_str().into()),
+                ..Default::default()
+            },
+            archive: None,
+        });
+    }
+
+    pub(super) fn on_exited(&mut self, id: String, r: ExitReport) {
+        let stopping = self.stopping;
+        let Some(p) = self.payloads.get_mut(&id) else {
+            return tracing::error!(payload_id = %id, "exit of an unknown payload");
+        };
+        if p.phase == Phase::Ending {
+            return;
+        }
+        self.capacity.release(&id);
+        p.phase = Phase::Ending;
+        let (state, reason) = if let Some(who) = &p.cancelled_by {
+            self.summary.cancelled += 1;
+            (PayloadState::Cancelled, Some(format!("cancelled by {who}")))
+        } else if r.exit_code == Some(0) && r.signal.is_none() {
+            self.summary.done += 1;
+            (PayloadState::Done, None)
+        } else {
+            self.summary.failed += 1;
+            let why = match (&r.kill_reason, p.term_at.is_some() && stopping) {
+                (Some(k), _) => Some(k.clone()),
+                (None, true) => Some("pilot stopping".to_string()),
+                (None, false) => None,
+            };
+            (PayloadState::Failed, why)
+        };
+        tracing::info!(payload_id = %id, state = %state, exit_code = ?r.exit_code, signal = ?r.signal, "payload ended");
+        if p.record.decision.is_none() {
+            p.record.decision = Some("permit");
+        }
+        p.record.exit_code = r.exit_code;
+        p.record.signal = r.signal;
+        p.record.cpu_seconds = Some(r.cpu_seconds);
+        p.record.peak_memory_bytes = Some(r.peak_memory_bytes);
+        p.record.wall_seconds = Some(r.wall_seconds);
+        p.record.kill_reason = r.kill_reason.clone();
+        p.record.reason = reason.clone();
+        p.record.state = Some(state.as_str().into());
+        let archive = ArchiveSource {
+            outputs_b64: r.outputs.clone(),
+            stdout: p.dir.join("stdout"),
+            stderr: p.dir.join("stderr"),
+            dir: p.dir.clone(),
+        };
+        let _ = p.reporter.send(ReportJob::Final {
+            report: StatusReport {
+                pilot_id: self.cfg.pilot_id.clone(),
+                state: Some(state),
+                account: p.record.account.clone(),
+                uid: p.record.uid,
+                exit_code: r.exit_code,
+                signal: r.signal,
+                cpu_seconds: Some(r.cpu_seconds),
+                peak_memory_bytes: Some(r.peak_memory_bytes),
+                wall_seconds: Some(r.wall_seconds),
+                reason: reason.or(r.kill_reason),
+                denial_class: None,
+            },
+            archive: Some(archive),
+        });
+    }
+
+    /// The helper is gone, and with it our payloads (it kills them when the pilot's
+    /// connection closes, and we cannot reach them without it).
+    pub(super) fn on_helper_lost(&mut self, why: &str) {
+        if self.helper_lost {
+            return;
+        }
+        tracing::error!(reason = %why, "connection to the helper lost; its payloads are killed; reporting them lost");
+        self.helper_lost = true;
+        self.summary.end_reason = format!("helper connection lost: {why}");
+        let ids: Vec<String> = self
+            .payloads
+            .iter()
+            .filter(|(_, p)| p.phase != Phase::Ending)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for id in ids {
+            self.capacity.release(&id);
+            let p = self.payloads.get_mut(&id).expect("listed above");
+            p.phase = Phase::Ending;
+            p.record.kill_reason = Some("helper_gone".into());
+            p.record.reason = Some(format!("helper connection lost: {why}"));
+            p.record.state = Some("lost".into());
+            self.summary.lost += 1;
+            let _ = p.reporter.send(ReportJob::Final {
+                report: StatusReport {
+                    pilot_id: self.cfg.pilot_id.clone(),
+                    state: Some(PayloadState::Lost),
+                    account: p.record.account.clone(),
+                    uid: p.record.uid,
+                    reason: Some(format!("pilot lost its helper connection: {why}")),
+                    ..Default::default()
+                },
+                archive: Some(ArchiveSource {
+                    outputs_b64: None,
+                    stdout: p.dir.join("stdout"),
+                    stderr: p.dir.join("stderr"),
+                    dir: p.dir.clone(),
+                }),
+            });
+        }
+    }
+
+    pub(super) fn on_reported(&mut self, r: Reported) {
+        match r {
+            Reported::Commands {
+                payload_id,
+                commands,
+            } => {
+                for c in commands {
+                    self.on_command(&payload_id, c);
+                }
+            }
+            Reported::HeartbeatDone { payload_id } => {
+                if let Some(p) = self.payloads.get_mut(&payload_id) {
+                    p.heartbeat_busy = false;
+                }
+            }
+            Reported::Finished { payload_id, upload } => {
+                let Some(p) = self.payloads.remove(&payload_id) else {
+                    return; // not_launched reporters: records already written
+                };
+                if upload.as_deref().is_some_and(|u| u != "ok") {
+                    self.summary.upload_errors += 1;
+                }
+                let mut rec = p.record;
+                rec.time = now_rfc3339();
+                rec.event = "end";
+                rec.upload = upload;
+                self.write_trace(&rec);
+                if self.payloads.is_empty() {
+                    self.idle_since = Instant::now();
+                }
+            }
+        }
+    }
+
+    pub(super) fn on_command(&mut self, id: &str, c: OperatorCommand) {
+        let Some(p) = self.payloads.get_mut(id) else {
+            return;
+        };
+        if p.phase == Phase::Ending {
+            return;
+        }
+        match c {
+            OperatorCommand::Cancel { requester } => {
+                tracing::info!(payload_id = %id, %requester, "cancel requested");
+                p.cancelled_by = Some(requester.clone());
+                if p.phase == Phase::Running {
+                    self.terminate(id, &format!("cancelled by {requester}"));
+                }
+            }
+            OperatorCommand::Signal { requester, signal } => {
+                if !(1..=64).contains(&signal) || p.phase != Phase::Running {
+                    return tracing::warn!(payload_id = %id, signal, "operator signal ignored (out of range or not running)");
+                }
+                tracing::info!(payload_id = %id, %requester, signal, "relaying operator signal");
+                let why = format!("signal {signal} requested by {requester}");
+                if let Err(e) = self.helper.signal(id, signal, &why) {
+                    self.on_helper_lost(&e.to_string());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,464 @@
+//! The agent loop: fetch payloads that fit the slot, launch them through the helper, follow
+//! them to their end, report, and stop cleanly.
+//!
+//! One task owns all state and reacts to four sources: helper events, control events (signals,
+//! drain), reporter results and a short tick (drain file, deadline, kill escalation,
+//! heartbeats). Network calls run on spawned tasks, so the loop never blocks on the server.
+//! It never runs a payload itself: the only way to start one is [`HelperApi::launch`] (P6).
+//!
+//! This file holds the state, the loop, matching and launching; `events` the reactions to
+//! helper events, reports and operator commands; `stop` stopping, draining and the tick.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::client::{ClientError, ServerApi};
+use super::fit::{seconds_left, Capacity};
+use super::helper_client::{HelperApi, HelperMsg};
+use super::reporter::{self, ReportJob, Reported};
+use super::slot::Slot;
+use super::trace::{peek_body, SlotFields, TraceLog, TraceRecord};
+use crate::protocol::api::{MatchRequest, PayloadState, StatusReport, Work};
+use crate::records::now_rfc3339;
+
+mod events;
+mod stop;
+
+/// SIGTERM and SIGKILL numbers as the helper expects them.
+pub const SIGTERM: i32 = libc::SIGTERM;
+pub const SIGKILL: i32 = libc::SIGKILL;
+
+/// Tunables of the loop (from pilot.toml and flags; tests use short ones).
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    pub pilot_id: String,
+    pub host: String,
+    pub server_url: String,
+    pub work_dir: PathBuf,
+    pub poll_interval: Duration,
+    pub idle_timeout: Duration,
+    pub shutdown_margin: Duration,
+    pub grace: Duration,
+    /// Status heartbeat period for running payloads (operator commands come back on it).
+    pub heartbeat: Duration,
+    /// How long the helper may take to answer a launch before the pilot gives up on it.
+    pub launch_timeout: Duration,
+    /// Loop tick: drain file, deadline and escalation checks.
+    pub tick: Duration,
+    pub max_payloads: Option<u32>,
+    pub drain_file: Option<PathBuf>,
+}
+
+/// Requests from outside the loop (signal handlers, tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// Graceful stop: TERM, then KILL after the grace time, final reports, exit.
+    Stop(String),
+    /// Finish what runs, fetch nothing new, exit.
+    Drain(String),
+}
+
+/// Counts for the summary line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub launched: u32,
+    pub done: u32,
+    pub failed: u32,
+    pub denied: u32,
+    pub cancelled: u32,
+    pub lost: u32,
+    pub handed_back: u32,
+    pub upload_errors: u32,
+    pub end_reason: String,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ended ({}): {} launched, {} done, {} failed, {} denied, {} cancelled, {} lost, {} handed back, {} upload errors",
+            self.end_reason,
+            self.launched,
+            self.done,
+            self.failed,
+            self.denied,
+            self.cancelled,
+            self.lost,
+            self.handed_back,
+            self.upload_errors
+        )
+    }
+}
+
+/// How the loop ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// 0 after a normal end (idle, drained, stopped, max payloads), 1 when the helper
+    /// connection was lost or the trace log could not be written.
+    pub exit_code: i32,
+    pub summary: Summary,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Sent to the helper; no answer yet.
+    Launching,
+    Running,
+    /// Over; the reporter is sending the final state and the outputs.
+    Ending,
+}
+
+struct Payload {
+    record: TraceRecord,
+    phase: Phase,
+    launched_at: Instant,
+    /// When SIGTERM went out (stop or cancel); SIGKILL follows after the grace time.
+    term_at: Option<Instant>,
+    killed: bool,
+    cancelled_by: Option<String>,
+    reporter: mpsc::UnboundedSender<ReportJob>,
+    heartbeat_due: Instant,
+    heartbeat_busy: bool,
+    dir: PathBuf,
+}
+
+/// The loop and its state.
+pub struct Agent<S: ServerApi, H: HelperApi> {
+    cfg: AgentSettings,
+    slot: Slot,
+    server: Arc<S>,
+    helper: Arc<H>,
+    trace: TraceLog,
+    capacity: Capacity,
+    payloads: BTreeMap<String, Payload>,
+    back_tx: mpsc::UnboundedSender<Reported>,
+    match_tx: mpsc::UnboundedSender<Result<Option<Work>, ClientError>>,
+    match_in_flight: bool,
+    /// The in-flight match, aborted on a stop so a hanging server cannot delay it.
+    match_task: Option<tokio::task::JoinHandle<()>>,
+    next_match: Instant,
+    idle_since: Instant,
+    launches: u32,
+    stopping: bool,
+    draining: bool,
+    helper_lost: bool,
+    trace_failed: bool,
+    summary: Summary,
+}
+
+/// Runs the agent until it ends; see [`Outcome`].
+pub async fn run<S: ServerApi, H: HelperApi>(
+    cfg: AgentSettings,
+    slot: Slot,
+    server: Arc<S>,
+    helper: Arc<H>,
+    mut helper_rx: mpsc::UnboundedReceiver<HelperMsg>,
+    mut control_rx: mpsc::UnboundedReceiver<Control>,
+    trace: TraceLog,
+) -> Outcome {
+    let (back_tx, mut back_rx) = mpsc::unbounded_channel();
+    let (match_tx, mut match_rx) = mpsc::unbounded_channel();
+    let now = Instant::now();
+    let mut a = Agent {
+        capacity: Capacity::new(slot.cores, slot.memory_bytes),
+        cfg,
+        slot,
+        server,
+        helper,
+        trace,
+        payloads: BTreeMap::new(),
+        back_tx,
+        match_tx,
+        match_in_flight: false,
+        match_task: None,
+        next_match: now,
+        idle_since: now,
+        launches: 0,
+        stopping: false,
+        draining: false,
+        helper_lost: false,
+        trace_failed: false,
+        summary: Summary::default(),
+    };
+    let mut helper_open = true;
+    loop {
+        a.on_tick();
+        if let Some(code) = a.finished() {
+            return Outcome {
+                exit_code: code,
+                summary: a.summary,
+            };
+        }
+        a.maybe_match();
+        tokio::select! {
+            msg = helper_rx.recv(), if helper_open => match msg {
+                Some(HelperMsg::Event(ev)) => a.on_helper_event(ev),
+                Some(HelperMsg::Closed(why)) => { helper_open = false; a.on_helper_lost(&why) }
+                None => { helper_open = false; a.on_helper_lost("helper reader ended") }
+            },
+            Some(c) = control_rx.recv() => a.on_control(c),
+            Some(r) = back_rx.recv() => a.on_reported(r),
+            Some(m) = match_rx.recv() => a.on_matched(m),
+            _ = tokio::time::sleep(a.cfg.tick) => {}
+        }
+    }
+}
+
+impl<S: ServerApi, H: HelperApi> Agent<S, H> {
+    fn fetching(&self) -> bool {
+        !self.stopping
+            && !self.draining
+            && !self.helper_lost
+            && !self.trace_failed
+            && self.cfg.max_payloads.map_or(true, |m| self.launches < m)
+    }
+
+    fn seconds_left(&self) -> u64 {
+        seconds_left(
+            self.slot.deadline_unix,
+            chrono::Utc::now().timestamp(),
+            self.cfg.shutdown_margin,
+        )
+    }
+
+    /// The exit code once nothing is left to wait for.
+    fn finished(&mut self) -> Option<i32> {
+        if !self.payloads.is_empty() || self.match_in_flight {
+            return None;
+        }
+        let (code, why) = if self.helper_lost {
+            (1, "helper connection lost")
+        } else if self.trace_failed {
+            (1, "trace log not writable")
+        } else if self.stopping {
+            (0, "stopped")
+        } else if self.draining {
+            (0, "drained")
+        } else if !self.fetching() {
+            (0, "max payloads reached")
+        } else if self.idle_since.elapsed() >= self.cfg.idle_timeout {
+            (0, "idle timeout")
+        } else {
+            return None;
+        };
+        if self.summary.end_reason.is_empty() {
+            self.summary.end_reason = why.to_string();
+        }
+        Some(code)
+    }
+
+    fn maybe_match(&mut self) {
+        if !self.fetching()
+            || self.match_in_flight
+            || Instant::now() < self.next_match
+            || !self.capacity.has_room()
+        {
+            return;
+        }
+        let seconds_left = self.seconds_left();
+        if seconds_left == 0 {
+            return;
+        }
+        let req = MatchRequest {
+            pilot_id: self.cfg.pilot_id.clone(),
+            batch_system: self.slot.batch_system.clone(),
+            batch_job_id: self.slot.batch_job_id.clone(),
+            host: self.cfg.host.clone(),
+            free_cores: self.capacity.free_cores(),
+            free_memory_bytes: self.capacity.free_memory_bytes(),
+            seconds_left,
+        };
+        self.match_in_flight = true;
+        let server = self.server.clone();
+        let tx = self.match_tx.clone();
+        self.match_task = Some(tokio::spawn(async move {
+            let _ = tx.send(server.match_work(req).await);
+        }));
+    }
+
+    fn on_matched(&mut self, m: Result<Option<Work>, ClientError>) {
+        self.match_in_flight = false;
+        match m {
+            Ok(Some(work)) => {
+                self.idle_since = Instant::now();
+                self.next_match = Instant::now();
+                self.on_work(work);
+            }
+            Ok(None) => self.next_match = Instant::now() + self.cfg.poll_interval,
+            Err(e) => {
+                tracing::error!(error = %e, "asking the VO server for work failed");
+                self.next_match = Instant::now() + self.cfg.poll_interval;
+            }
+        }
+    }
+
+    fn base_record(&self, work: &Work) -> TraceRecord {
+        let now = now_rfc3339();
+        TraceRecord {
+            time: now.clone(),
+            event: "start",
+            pilot_id: self.cfg.pilot_id.clone(),
+            host: self.cfg.host.clone(),
+            server_url: self.cfg.server_url.clone(),
+            batch_system: self.slot.batch_system.clone(),
+            batch_job_id: self.slot.batch_job_id.clone(),
+            slot: SlotFields {
+                cores: self.slot.cores,
+                memory_bytes: self.slot.memory_bytes,
+                deadline_unix: self.slot.deadline_unix,
+            },
+            payload_id: work.payload_id.clone(),
+            envelope_sha256: work.envelope.digest().ok(),
+            match_time: now,
+            ..Default::default()
+        }
+    }
+
+    fn write_trace(&mut self, rec: &TraceRecord) {
+        if let Err(e) = self.trace.write(rec) {
+            // No record, no launch (P4): stop fetching, finish what runs, exit non-zero.
+            tracing::error!(error = %e, "cannot write the trace log; the pilot stops fetching work");
+            self.trace_failed = true;
+        }
+    }
+
+    /// Writes start and end at once for a payload that never reached the helper.
+    fn not_launched(&mut self, mut rec: TraceRecord, state: PayloadState, reason: String) {
+        self.write_trace(&rec);
+        let report = StatusReport {
+            pilot_id: self.cfg.pilot_id.clone(),
+            state: Some(state),
+            reason: Some(reason.clone()),
+            ..Default::default()
+        };
+        let tx = reporter::spawn(
+            self.server.clone(),
+            rec.payload_id.clone(),
+            self.back_tx.clone(),
+        );
+        let _ = tx.send(ReportJob::Final {
+            report,
+            archive: None,
+        });
+        rec.time = now_rfc3339();
+        rec.event = "end";
+        rec.decision = Some("not_launched");
+        rec.reason = Some(reason);
+        rec.state = Some(state.as_str().into());
+        self.write_trace(&rec);
+    }
+
+    fn on_work(&mut self, work: Work) {
+        let id = work.payload_id.clone();
+        if !crate::util::is_safe_id(&id) || self.payloads.contains_key(&id) {
+            tracing::error!(payload_id = %id, "VO server sent a payload id that is unsafe or already running; ignored");
+            return;
+        }
+        let mut rec = self.base_record(&work);
+        let body = match peek_body(&work.envelope) {
+            Ok(b) => b,
+            Err(why) => {
+                self.summary.failed += 1;
+                let reason = format!("pilot cannot read the envelope: {why}");
+                return self.not_launched(rec, PayloadState::Failed, reason);
+            }
+        };
+        rec.owner_dn = Some(body.owner.dn.clone());
+        rec.vo = Some(body.owner.vo.clone());
+        rec.fqans = body.owner.fqans.clone();
+        rec.jobtag = body.jobtag.clone();
+        rec.bundle_sha256 = body.bundle_sha256.clone();
+        if body.payload_id != id {
+            self.summary.failed += 1;
+            let reason = format!("envelope is for payload '{}', not '{id}'", body.payload_id);
+            return self.not_launched(rec, PayloadState::Failed, reason);
+        }
+        let span = tracing::info_span!("payload", payload_id = %id, owner = %body.owner.dn);
+        let _g = span.enter();
+        if !self.fetching() {
+            self.summary.handed_back += 1;
+            let reason = format!("handed back: pilot {} is ending", self.cfg.pilot_id);
+            return self.not_launched(rec, PayloadState::Queued, reason);
+        }
+        if let Some(why) = self.capacity.misfit(&body.resources, self.seconds_left()) {
+            tracing::warn!(%why, "payload does not fit; handed back");
+            self.summary.handed_back += 1;
+            // The server should not have sent it; do not ask again at once.
+            self.next_match = Instant::now() + self.cfg.poll_interval;
+            let reason = format!("handed back by pilot {}: {why}", self.cfg.pilot_id);
+            return self.not_launched(rec, PayloadState::Queued, reason);
+        }
+        let dir = self.cfg.work_dir.join(&id);
+        let files = open_output_files(&dir);
+        let (stdout, stderr) = match files {
+            Ok(f) => f,
+            Err(e) => {
+                self.summary.failed += 1;
+                let reason = format!("pilot cannot create {}: {e}", dir.display());
+                return self.not_launched(rec, PayloadState::Failed, reason);
+            }
+        };
+        self.write_trace(&rec);
+        if self.trace_failed {
+            self.summary.failed += 1;
+            let reason = "pilot cannot write its trace log".to_string();
+            return self.not_launched(rec, PayloadState::Failed, reason);
+        }
+        let reporter = reporter::spawn(self.server.clone(), id.clone(), self.back_tx.clone());
+        self.capacity.hold(&id, body.resources);
+        self.payloads.insert(
+            id.clone(),
+            Payload {
+                record: rec,
+                phase: Phase::Launching,
+                launched_at: Instant::now(),
+                term_at: None,
+                killed: false,
+                cancelled_by: None,
+                reporter,
+                heartbeat_due: Instant::now() + self.cfg.heartbeat,
+                heartbeat_busy: false,
+                dir,
+            },
+        );
+        self.launches += 1;
+        self.summary.launched += 1;
+        tracing::info!(
+            cores = body.resources.cores,
+            memory_bytes = body.resources.memory_bytes,
+            "launching through the helper"
+        );
+        if let Err(e) = self
+            .helper
+            .launch(&work.envelope, work.bundle.as_deref(), &stdout, &stderr)
+        {
+            self.on_helper_lost(&e.to_string());
+        }
+    }
+}
+
+/// Creates work_dir/<id>/ (0700) and its stdout and stderr files (0600).
+fn open_output_files(dir: &std::path::Path) -> std::io::Result<(File, File)> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let open = |name| {
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(dir.join(name))
+    };
+    Ok((open("stdout")?, open("stderr")?))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,166 @@
+//! Stopping: graceful stop and drain requests, SIGTERM then SIGKILL through the helper, and
+//! the periodic checks (drain file, slot deadline, grace time, heartbeats, launch timeouts).
+
+use std::time::Instant;
+
+use super::{Agent, Control, Phase, SIGKILL, SIGTERM};
+use crate::pilot::client::ServerApi;
+use crate::pilot::helper_client::HelperApi;
+use crate::pilot::reporter::ReportJob;
+use crate::protocol::api::{PayloadState, StatusReport};
+
+impl<S: ServerApi, H: HelperApi> Agent<S, H> {
+    /// SIGTERM now; the tick sends SIGKILL after the grace time.
+    pub(super) fn terminate(&mut self, id: &str, why: &str) {
+        let Some(p) = self.payloads.get_mut(id) else {
+            return;
+        };
+        if p.term_at.is_some() || p.phase != Phase::Running {
+            return;
+        }
+        p.term_at = Some(Instant::now());
+        if let Err(e) = self.helper.signal(id, SIGTERM, why) {
+            self.on_helper_lost(&e.to_string());
+        }
+    }
+
+    pub(super) fn on_control(&mut self, c: Control) {
+        match c {
+            Control::Stop(why) if self.stopping => {
+                tracing::warn!(reason = %why, "second stop request: killing payloads now");
+                let ids: Vec<String> = self.running_ids();
+                for id in ids {
+                    self.kill(&id);
+                }
+            }
+            Control::Stop(why) => {
+                tracing::info!(reason = %why, "graceful stop: no more work, terminating payloads");
+                self.stopping = true;
+                self.summary.end_reason = format!("stopped: {why}");
+                if let Some(t) = self.match_task.take() {
+                    // A payload the server matched to us in the meantime stays `matched` on
+                    // the server until its envelope expires; nothing runs it.
+                    t.abort();
+                    self.match_in_flight = false;
+                }
+                for id in self.running_ids() {
+                    self.terminate(&id, &format!("pilot stopping: {why}"));
+                }
+            }
+            Control::Drain(why) => {
+                if !self.draining {
+                    tracing::info!(reason = %why, "draining: finishing running payloads, fetching no more");
+                    self.draining = true;
+                    if self.summary.end_reason.is_empty() {
+                        self.summary.end_reason = format!("drained: {why}");
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn running_ids(&self) -> Vec<String> {
+        self.payloads
+            .iter()
+            .filter(|(_, p)| p.phase == Phase::Running)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    pub(super) fn kill(&mut self, id: &str) {
+        let Some(p) = self.payloads.get_mut(id) else {
+            return;
+        };
+        if p.killed {
+            return;
+        }
+        p.killed = true;
+        if let Err(e) = self.helper.signal(id, SIGKILL, "grace time over") {
+            self.on_helper_lost(&e.to_string());
+        }
+    }
+
+    pub(super) fn on_tick(&mut self) {
+        let now = Instant::now();
+        if !self.draining {
+            if let Some(f) = &self.cfg.drain_file {
+                if f.exists() {
+                    let why = format!("drain file {} appeared", f.display());
+                    self.on_control(Control::Drain(why));
+                }
+            }
+        }
+        if !self.stopping {
+            if let Some(d) = self.slot.deadline_unix {
+                let margin = self.cfg.shutdown_margin.as_secs() as i64;
+                if chrono::Utc::now().timestamp() >= d - margin {
+                    self.on_control(Control::Stop("slot deadline minus shutdown margin".into()));
+                }
+            }
+        }
+        let mut to_kill = Vec::new();
+        let mut to_fail = Vec::new();
+        for (id, p) in &mut self.payloads {
+            match p.phase {
+                Phase::Running => {
+                    if p.term_at.is_some_and(|t| now >= t + self.cfg.grace) && !p.killed {
+                        to_kill.push(id.clone());
+                    }
+                    if now >= p.heartbeat_due && !p.heartbeat_busy {
+                        p.heartbeat_due = now + self.cfg.heartbeat;
+                        p.heartbeat_busy = true;
+                        let _ = p.reporter.send(ReportJob::Status {
+                            report: StatusReport {
+                                pilot_id: self.cfg.pilot_id.clone(),
+                                state: Some(PayloadState::Running),
+                                account: p.record.account.clone(),
+                                uid: p.record.uid,
+                                ..Default::default()
+                            },
+                            heartbeat: true,
+                        });
+                    }
+                }
+                Phase::Launching if now >= p.launched_at + self.cfg.launch_timeout => {
+                    to_fail.push(id.clone());
+                }
+                _ => {}
+            }
+        }
+        for id in to_kill {
+            tracing::warn!(payload_id = %id, "grace time over: SIGKILL");
+            self.kill(&id);
+        }
+        for id in to_fail {
+            self.launch_timed_out(&id);
+        }
+    }
+
+    pub(super) fn launch_timed_out(&mut self, id: &str) {
+        let reason = format!(
+            "the helper did not answer the launch within {} s",
+            self.cfg.launch_timeout.as_secs()
+        );
+        tracing::error!(payload_id = %id, %reason, "launch timed out");
+        self.capacity.release(id);
+        self.summary.failed += 1;
+        let pilot_id = self.cfg.pilot_id.clone();
+        let Some(p) = self.payloads.get_mut(id) else {
+            return;
+        };
+        p.phase = Phase::Ending;
+        p.record.decision = Some("not_launched");
+        p.record.reason = Some(reason.clone());
+        p.record.state = Some("failed".into());
+        let _ = p.reporter.send(ReportJob::Final {
+            report: StatusReport {
+                pilot_id,
+                state: Some(PayloadState::Failed),
+                reason: Some(reason),
+                ..Default::default()
+            },
+            archive: None,
+        });
+        // If it starts after all, on_started kills it: the pilot no longer supervises it.
+    }
+}

@@ -1,0 +1,687 @@
+//! Agent loop tests against in-memory fakes of the VO server and the helper.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
+
+use chrono::Utc;
+
+use super::*;
+use crate::pilot::helper_client::HelperError;
+use crate::protocol::api::OperatorCommand;
+use crate::protocol::api::StatusAck;
+use crate::protocol::envelope::{
+    EnvelopeBody, Owner, Resources, SignedEnvelope, VoSigningKey, ENVELOPE_VERSION,
+};
+use crate::protocol::switch_wire::{DenialClass, ExitReport, SwitchEvent};
+
+fn work(key: &VoSigningKey, id: &str, cores: u32, wall: u64) -> Work {
+    let now = Utc::now();
+    let body = EnvelopeBody {
+        version: ENVELOPE_VERSION,
+        payload_id: id.into(),
+        owner: Owner {
+            dn: "/DC=org/DC=mupilot-demo/CN=alice".into(),
+            vo: "demo".into(),
+            fqans: vec!["/demo".into()],
+            membership_valid_until: now + chrono::Duration::days(1),
+        },
+        jobtag: Some("plt".into()),
+        argv: vec!["/bin/true".into()],
+        env: Default::default(),
+        bundle_sha256: None,
+        resources: Resources {
+            cores,
+            memory_bytes: 64 << 20,
+            walltime_seconds: wall,
+        },
+        outputs: vec![],
+        not_before: now,
+        not_after: now + chrono::Duration::minutes(10),
+        nonce: format!("nonce-{id}-0123456789"),
+        issuer: "test".into(),
+    };
+    Work {
+        payload_id: id.into(),
+        envelope: key.sign(&body),
+        bundle: None,
+    }
+}
+
+#[derive(Default)]
+struct FakeServer {
+    queue: Mutex<VecDeque<Work>>,
+    matches: Mutex<Vec<MatchRequest>>,
+    reports: Mutex<Vec<(String, StatusReport)>>,
+    uploads: Mutex<Vec<(String, Vec<u8>)>>,
+    /// Commands answered once on the next report for that payload.
+    commands: Mutex<HashMap<String, Vec<OperatorCommand>>>,
+}
+
+impl FakeServer {
+    fn states(&self, id: &str) -> Vec<PayloadState> {
+        self.reports
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| p == id)
+            .filter_map(|(_, r)| r.state)
+            .collect()
+    }
+    fn final_report(&self, id: &str) -> StatusReport {
+        self.reports
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|(p, _)| p == id)
+            .map(|(_, r)| r.clone())
+            .expect("a report")
+    }
+}
+
+impl ServerApi for FakeServer {
+    async fn match_work(&self, req: MatchRequest) -> Result<Option<Work>, ClientError> {
+        self.matches.lock().unwrap().push(req);
+        Ok(self.queue.lock().unwrap().pop_front())
+    }
+    async fn report(&self, id: String, r: StatusReport) -> Result<StatusAck, ClientError> {
+        self.reports.lock().unwrap().push((id.clone(), r));
+        let commands = self
+            .commands
+            .lock()
+            .unwrap()
+            .remove(&id)
+            .unwrap_or_default();
+        Ok(StatusAck { commands })
+    }
+    async fn upload(&self, id: String, archive: Vec<u8>) -> Result<(), ClientError> {
+        self.uploads.lock().unwrap().push((id, archive));
+        Ok(())
+    }
+}
+
+/// A helper that starts payloads (or denies listed ones), ends them after `run_for`, and
+/// obeys SIGTERM unless told to ignore it.
+struct FakeHelper {
+    tx: mpsc::UnboundedSender<HelperMsg>,
+    deny: HashSet<String>,
+    run_for: Duration,
+    ignore_term: bool,
+    /// Never answer launches.
+    silent: bool,
+    /// Deny with an empty payload id (an envelope the helper could not read).
+    deny_anonymous: bool,
+    launches: Mutex<Vec<String>>,
+    signals: Mutex<Vec<(String, i32, Instant)>>,
+    running: Arc<Mutex<HashSet<String>>>,
+    max_running: Arc<Mutex<usize>>,
+}
+
+impl FakeHelper {
+    fn new(tx: mpsc::UnboundedSender<HelperMsg>, run_for: Duration) -> Self {
+        FakeHelper {
+            tx,
+            deny: HashSet::new(),
+            run_for,
+            ignore_term: false,
+            silent: false,
+            deny_anonymous: false,
+            launches: Mutex::new(Vec::new()),
+            signals: Mutex::new(Vec::new()),
+            running: Default::default(),
+            max_running: Default::default(),
+        }
+    }
+
+    fn exit(
+        tx: &mpsc::UnboundedSender<HelperMsg>,
+        running: &Mutex<HashSet<String>>,
+        id: &str,
+        code: Option<i32>,
+        signal: Option<i32>,
+    ) {
+        if running.lock().unwrap().remove(id) {
+            let _ = tx.send(HelperMsg::Event(SwitchEvent::Exited {
+                payload_id: id.into(),
+                report: ExitReport {
+                    exit_code: code,
+                    signal,
+                    cpu_seconds: 0.01,
+                    peak_memory_bytes: 1 << 20,
+                    wall_seconds: 0.1,
+                    ..Default::default()
+                },
+            }));
+        }
+    }
+}
+
+impl HelperApi for FakeHelper {
+    fn launch(
+        &self,
+        envelope: &SignedEnvelope,
+        _bundle: Option<&str>,
+        stdout: &File,
+        _stderr: &File,
+    ) -> Result<(), HelperError> {
+        use std::io::Write;
+        let id = peek_body(envelope).unwrap().payload_id;
+        self.launches.lock().unwrap().push(id.clone());
+        if self.silent {
+            return Ok(());
+        }
+        if self.deny_anonymous {
+            let _ = self.tx.send(HelperMsg::Event(SwitchEvent::Denied {
+                payload_id: String::new(),
+                class: DenialClass::Caller,
+                reason: "envelope body is not valid base64".into(),
+            }));
+            return Ok(());
+        }
+        if self.deny.contains(&id) {
+            let _ = self.tx.send(HelperMsg::Event(SwitchEvent::Denied {
+                payload_id: id,
+                class: DenialClass::Authorization,
+                reason: "no mapping for /DC=org/DC=mupilot-demo/CN=alice".into(),
+            }));
+            return Ok(());
+        }
+        (&*stdout).write_all(b"hello from payload\n").unwrap();
+        {
+            let mut r = self.running.lock().unwrap();
+            r.insert(id.clone());
+            let mut m = self.max_running.lock().unwrap();
+            *m = (*m).max(r.len());
+        }
+        let _ = self.tx.send(HelperMsg::Event(SwitchEvent::Started {
+            payload_id: id.clone(),
+            account: "mpu-alice".into(),
+            uid: 51000,
+            gid: 51000,
+            pid: 4242,
+            cgroup: "/mupilot-test-plt/payload".into(),
+            scratch: "/tmp/x".into(),
+        }));
+        let (tx, running, d) = (self.tx.clone(), self.running.clone(), self.run_for);
+        std::thread::spawn(move || {
+            std::thread::sleep(d);
+            FakeHelper::exit(&tx, &running, &id, Some(0), None);
+        });
+        Ok(())
+    }
+
+    fn signal(&self, id: &str, signal: i32, _reason: &str) -> Result<(), HelperError> {
+        self.signals
+            .lock()
+            .unwrap()
+            .push((id.into(), signal, Instant::now()));
+        if signal == SIGKILL || (signal == SIGTERM && !self.ignore_term) {
+            FakeHelper::exit(&self.tx, &self.running, id, None, Some(signal));
+        }
+        Ok(())
+    }
+}
+
+struct Harness {
+    server: Arc<FakeServer>,
+    helper: Arc<FakeHelper>,
+    control: mpsc::UnboundedSender<Control>,
+    dir: tempfile::TempDir,
+}
+
+fn settings(dir: &std::path::Path) -> AgentSettings {
+    AgentSettings {
+        pilot_id: "plt-pilot".into(),
+        host: "node1".into(),
+        server_url: "https://127.0.0.1:1".into(),
+        work_dir: dir.join("work"),
+        poll_interval: Duration::from_millis(20),
+        idle_timeout: Duration::from_millis(300),
+        shutdown_margin: Duration::from_secs(0),
+        grace: Duration::from_millis(300),
+        heartbeat: Duration::from_millis(50),
+        launch_timeout: Duration::from_secs(5),
+        tick: Duration::from_millis(10),
+        max_payloads: None,
+        drain_file: None,
+    }
+}
+
+fn slot(cores: u32) -> Slot {
+    Slot {
+        batch_system: Some("slurm".into()),
+        batch_job_id: Some("123".into()),
+        cores,
+        memory_bytes: 1 << 30,
+        deadline_unix: None,
+    }
+}
+
+/// Builds fakes; `setup` adjusts the helper and settings before the run starts.
+fn start(
+    works: Vec<Work>,
+    run_for: Duration,
+    tweak: impl FnOnce(&mut FakeHelper, &mut AgentSettings),
+    cores: u32,
+) -> (Harness, impl std::future::Future<Output = Outcome>) {
+    start_slot(works, run_for, tweak, slot(cores))
+}
+
+fn start_slot(
+    works: Vec<Work>,
+    run_for: Duration,
+    tweak: impl FnOnce(&mut FakeHelper, &mut AgentSettings),
+    slot: Slot,
+) -> (Harness, impl std::future::Future<Output = Outcome>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (htx, hrx) = mpsc::unbounded_channel();
+    let (ctx, crx) = mpsc::unbounded_channel();
+    let mut helper = FakeHelper::new(htx, run_for);
+    let mut cfg = settings(dir.path());
+    tweak(&mut helper, &mut cfg);
+    let helper = Arc::new(helper);
+    let server = Arc::new(FakeServer::default());
+    server.queue.lock().unwrap().extend(works);
+    std::fs::create_dir_all(&cfg.work_dir).unwrap();
+    let trace = TraceLog::open(&cfg.work_dir.join("trace.jsonl")).unwrap();
+    let fut = run(cfg, slot, server.clone(), helper.clone(), hrx, crx, trace);
+    (
+        Harness {
+            server,
+            helper,
+            control: ctx,
+            dir,
+        },
+        fut,
+    )
+}
+
+fn trace_records(h: &Harness) -> Vec<serde_json::Value> {
+    let p = h.dir.path().join("work/trace.jsonl");
+    let r = crate::records::verify_file(&p).unwrap();
+    assert!(r.first_break.is_none(), "{:?}", r.first_break);
+    crate::records::read_records(&p).unwrap()
+}
+
+#[tokio::test]
+async fn runs_payloads_side_by_side_then_idles_out() {
+    let key = VoSigningKey::generate();
+    let works = (1..=3)
+        .map(|i| work(&key, &format!("p{i}"), 1, 60))
+        .collect();
+    let (h, fut) = start(works, Duration::from_millis(200), |_, _| {}, 4);
+    let out = fut.await;
+    assert_eq!(out.exit_code, 0, "{:?}", out.summary);
+    assert_eq!(out.summary.end_reason, "idle timeout");
+    assert_eq!(out.summary.launched, 3);
+    assert_eq!(out.summary.done, 3);
+    assert_eq!(*h.helper.max_running.lock().unwrap(), 3);
+    for id in ["p1", "p2", "p3"] {
+        let states = h.server.states(id);
+        assert_eq!(states.first(), Some(&PayloadState::Running), "{states:?}");
+        assert_eq!(states.last(), Some(&PayloadState::Done), "{states:?}");
+        let f = h.server.final_report(id);
+        assert_eq!(f.exit_code, Some(0));
+        assert_eq!(f.account.as_deref(), Some("mpu-alice"));
+    }
+    assert_eq!(h.server.uploads.lock().unwrap().len(), 3);
+    // The free capacity shrinks as payloads hold cores.
+    let m = h.server.matches.lock().unwrap();
+    assert_eq!(m[0].free_cores, 4);
+    assert_eq!(m[1].free_cores, 3);
+    assert_eq!(m[0].batch_job_id.as_deref(), Some("123"));
+    let recs = trace_records(&h);
+    assert_eq!(recs.len(), 6);
+    let ends: Vec<_> = recs.iter().filter(|r| r["event"] == "end").collect();
+    assert_eq!(ends.len(), 3);
+    for e in ends {
+        assert_eq!(e["decision"], "permit");
+        assert_eq!(e["upload"], "ok");
+        assert_eq!(e["account"], "mpu-alice");
+        assert_eq!(e["owner_dn"], "/DC=org/DC=mupilot-demo/CN=alice");
+        assert_eq!(e["exit_code"], 0);
+        assert_eq!(e["slot"]["cores"], 4);
+    }
+    // Work directories are removed after a successful upload.
+    assert!(!h.dir.path().join("work/p1").exists());
+}
+
+#[tokio::test]
+async fn payload_that_does_not_fit_is_handed_back() {
+    let key = VoSigningKey::generate();
+    let works = vec![work(&key, "big", 2, 60)];
+    let (h, fut) = start(works, Duration::from_millis(50), |_, _| {}, 1);
+    let out = fut.await;
+    assert_eq!(out.exit_code, 0);
+    assert_eq!(out.summary.handed_back, 1);
+    assert!(h.helper.launches.lock().unwrap().is_empty());
+    let r = h.server.final_report("big");
+    assert_eq!(r.state, Some(PayloadState::Queued));
+    assert!(r.reason.unwrap().contains("cores"));
+    let recs = trace_records(&h);
+    assert_eq!(recs.len(), 2);
+    assert_eq!(recs[1]["decision"], "not_launched");
+}
+
+#[tokio::test]
+async fn walltime_beyond_the_deadline_is_handed_back() {
+    let key = VoSigningKey::generate();
+    let works = vec![work(&key, "long", 1, 3600)];
+    // The slot ends in 10 minutes: a one-hour payload cannot fit.
+    let mut s = slot(1);
+    s.deadline_unix = Some(Utc::now().timestamp() + 600);
+    let (h, fut) = start_slot(works, Duration::from_millis(50), |_, _| {}, s);
+    let out = fut.await;
+    assert_eq!(out.summary.handed_back, 1);
+    let r = h.server.final_report("long");
+    assert_eq!(r.state, Some(PayloadState::Queued));
+    assert!(r.reason.unwrap().contains("wall time"));
+    assert!(h.server.matches.lock().unwrap()[0].seconds_left <= 600);
+    assert!(h.helper.launches.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn denial_is_reported_final_and_never_retried() {
+    let key = VoSigningKey::generate();
+    let works = vec![work(&key, "carol1", 1, 60)];
+    let (h, fut) = start(
+        works,
+        Duration::from_millis(50),
+        |hp, _| {
+            hp.deny.insert("carol1".into());
+        },
+        2,
+    );
+    let out = fut.await;
+    assert_eq!(out.exit_code, 0);
+    assert_eq!(out.summary.denied, 1);
+    assert_eq!(
+        *h.helper.launches.lock().unwrap(),
+        vec!["carol1".to_string()]
+    );
+    assert_eq!(h.server.states("carol1"), vec![PayloadState::Denied]);
+    let r = h.server.final_report("carol1");
+    assert_eq!(r.denial_class.as_deref(), Some("authorization"));
+    assert!(r.reason.unwrap().contains("no mapping"));
+    assert!(h.server.uploads.lock().unwrap().is_empty());
+    let recs = trace_records(&h);
+    assert_eq!(recs.len(), 2);
+    assert_eq!(recs[1]["decision"], "deny");
+    assert_eq!(recs[1]["denial_class"], "authorization");
+}
+
+#[tokio::test]
+async fn idle_timeout_ends_the_pilot() {
+    let (h, fut) = start(vec![], Duration::from_millis(50), |_, _| {}, 1);
+    let t0 = Instant::now();
+    let out = fut.await;
+    assert!(t0.elapsed() >= Duration::from_millis(300));
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    assert_eq!(out.exit_code, 0);
+    assert_eq!(out.summary.end_reason, "idle timeout");
+    // It polled repeatedly in the meantime.
+    assert!(h.server.matches.lock().unwrap().len() >= 3);
+}
+
+#[tokio::test]
+async fn max_payloads_stops_fetching() {
+    let key = VoSigningKey::generate();
+    let works = (1..=3)
+        .map(|i| work(&key, &format!("m{i}"), 1, 60))
+        .collect();
+    let (h, fut) = start(
+        works,
+        Duration::from_millis(100),
+        |_, cfg| cfg.max_payloads = Some(2),
+        4,
+    );
+    let out = fut.await;
+    assert_eq!(out.exit_code, 0);
+    assert_eq!(out.summary.launched, 2);
+    assert_eq!(out.summary.end_reason, "max payloads reached");
+    assert_eq!(h.server.queue.lock().unwrap().len(), 1);
+    assert_eq!(h.server.matches.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn graceful_stop_sends_term_then_kill() {
+    let key = VoSigningKey::generate();
+    let works = vec![work(&key, "stubborn", 1, 60)];
+    let (h, fut) = start(
+        works,
+        Duration::from_secs(60),
+        |hp, _| hp.ignore_term = true,
+        1,
+    );
+    let control = h.control.clone();
+    let helper = h.helper.clone();
+    tokio::spawn(async move {
+        while helper.running.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        control.send(Control::Stop("SIGTERM".into())).unwrap();
+    });
+    let out = fut.await;
+    assert_eq!(out.exit_code, 0);
+    assert!(out.summary.end_reason.contains("SIGTERM"));
+    let sigs = h.helper.signals.lock().unwrap().clone();
+    let nums: Vec<i32> = sigs.iter().map(|s| s.1).collect();
+    assert_eq!(nums, vec![SIGTERM, SIGKILL]);
+    assert!(sigs[1].2 - sigs[0].2 >= Duration::from_millis(300));
+    let r = h.server.final_report("stubborn");
+    assert_eq!(r.state, Some(PayloadState::Failed));
+    assert_eq!(r.signal, Some(SIGKILL));
+    assert_eq!(h.server.queue.lock().unwrap().len(), 0);
+    let recs = trace_records(&h);
+    assert_eq!(recs[1]["signal"], SIGKILL);
+}
+
+#[tokio::test]
+async fn drain_file_finishes_running_work_and_fetches_no_more() {
+    let key = VoSigningKey::generate();
+    let works = (1..=3)
+        .map(|i| work(&key, &format!("d{i}"), 1, 60))
+        .collect();
+    let (h, fut) = start(
+        works,
+        Duration::from_millis(300),
+        |_, cfg| {
+            cfg.drain_file = Some(cfg.work_dir.join("DRAIN"));
+            cfg.idle_timeout = Duration::from_secs(30);
+        },
+        1,
+    );
+    let helper = h.helper.clone();
+    let drain = h.dir.path().join("work/DRAIN");
+    tokio::spawn(async move {
+        while helper.launches.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        std::fs::write(drain, b"").unwrap();
+    });
+    let t0 = Instant::now();
+    let out = fut.await;
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert_eq!(out.exit_code, 0);
+    assert!(
+        out.summary.end_reason.contains("drain"),
+        "{:?}",
+        out.summary
+    );
+    assert_eq!(out.summary.launched, 1);
+    assert_eq!(out.summary.done, 1);
+    assert!(h.helper.signals.lock().unwrap().is_empty());
+    assert_eq!(h.server.queue.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn operator_cancel_is_relayed_and_reported() {
+    let key = VoSigningKey::generate();
+    let works = vec![work(&key, "c1", 1, 60)];
+    let (h, fut) = start(works, Duration::from_secs(60), |_, _| {}, 1);
+    h.server.commands.lock().unwrap().insert(
+        "c1".into(),
+        vec![OperatorCommand::Cancel {
+            requester: "/DC=org/DC=mupilot-demo/CN=alice".into(),
+        }],
+    );
+    let out = fut.await;
+    assert_eq!(out.summary.cancelled, 1);
+    let sigs: Vec<i32> = h
+        .helper
+        .signals
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.1)
+        .collect();
+    assert_eq!(sigs, vec![SIGTERM]);
+    let r = h.server.final_report("c1");
+    assert_eq!(r.state, Some(PayloadState::Cancelled));
+    assert!(r.reason.unwrap().contains("alice"));
+}
+
+#[tokio::test]
+async fn helper_loss_reports_payloads_lost_and_fails() {
+    let key = VoSigningKey::generate();
+    let works = vec![work(&key, "l1", 1, 60)];
+    let (h, fut) = start(works, Duration::from_secs(60), |_, _| {}, 1);
+    let helper = h.helper.clone();
+    tokio::spawn(async move {
+        while helper.running.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        helper
+            .tx
+            .send(HelperMsg::Closed("connection closed".into()))
+            .unwrap();
+    });
+    let out = fut.await;
+    assert_eq!(out.exit_code, 1);
+    assert_eq!(out.summary.lost, 1);
+    assert_eq!(h.server.final_report("l1").state, Some(PayloadState::Lost));
+    let recs = trace_records(&h);
+    assert_eq!(recs[1]["kill_reason"], "helper_gone");
+    // Nothing was fetched after the loss.
+    assert_eq!(h.server.matches.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn heartbeats_report_running() {
+    let key = VoSigningKey::generate();
+    let works = vec![work(&key, "hb", 1, 60)];
+    let (h, fut) = start(works, Duration::from_millis(400), |_, _| {}, 1);
+    let out = fut.await;
+    assert_eq!(out.summary.done, 1);
+    let running = h
+        .server
+        .states("hb")
+        .iter()
+        .filter(|s| **s == PayloadState::Running)
+        .count();
+    assert!(running >= 3, "{running} running reports");
+}
+
+#[tokio::test]
+async fn second_stop_kills_at_once() {
+    let key = VoSigningKey::generate();
+    let works = vec![work(&key, "s2", 1, 60)];
+    let (h, fut) = start(
+        works,
+        Duration::from_secs(60),
+        |hp, cfg| {
+            hp.ignore_term = true;
+            cfg.grace = Duration::from_secs(30);
+        },
+        1,
+    );
+    let control = h.control.clone();
+    let helper = h.helper.clone();
+    tokio::spawn(async move {
+        while helper.running.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        control.send(Control::Stop("SIGTERM".into())).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        control.send(Control::Stop("SIGINT".into())).unwrap();
+    });
+    let t0 = Instant::now();
+    let out = fut.await;
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert_eq!(out.exit_code, 0);
+    let nums: Vec<i32> = h
+        .helper
+        .signals
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.1)
+        .collect();
+    assert_eq!(nums, vec![SIGTERM, SIGKILL]);
+}
+
+#[tokio::test]
+async fn unanswered_launch_times_out_as_failed() {
+    let key = VoSigningKey::generate();
+    let works = vec![work(&key, "t1", 1, 60)];
+    let (h, fut) = start(
+        works,
+        Duration::from_secs(60),
+        |hp, cfg| {
+            hp.silent = true;
+            cfg.launch_timeout = Duration::from_millis(200);
+            cfg.max_payloads = Some(1);
+        },
+        1,
+    );
+    let out = fut.await;
+    assert_eq!(out.exit_code, 0);
+    assert_eq!(out.summary.failed, 1);
+    let r = h.server.final_report("t1");
+    assert_eq!(r.state, Some(PayloadState::Failed));
+    assert!(r.reason.unwrap().contains("did not answer"));
+    let recs = trace_records(&h);
+    assert_eq!(recs[1]["decision"], "not_launched");
+}
+
+#[tokio::test]
+async fn anonymous_denial_goes_to_the_waiting_launch() {
+    let key = VoSigningKey::generate();
+    let works = vec![work(&key, "a1", 1, 60)];
+    let (h, fut) = start(
+        works,
+        Duration::from_secs(60),
+        |hp, _| hp.deny_anonymous = true,
+        1,
+    );
+    let out = fut.await;
+    assert_eq!(out.summary.denied, 1);
+    let r = h.server.final_report("a1");
+    assert_eq!(r.state, Some(PayloadState::Denied));
+    assert_eq!(r.denial_class.as_deref(), Some("caller"));
+}
+
+#[tokio::test]
+async fn slot_deadline_stops_the_pilot() {
+    let mut s = slot(1);
+    s.deadline_unix = Some(Utc::now().timestamp() + 1);
+    let (h, fut) = start_slot(
+        vec![],
+        Duration::from_millis(50),
+        |_, cfg| cfg.idle_timeout = Duration::from_secs(30),
+        s,
+    );
+    let t0 = Instant::now();
+    let out = fut.await;
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert_eq!(out.exit_code, 0);
+    assert!(
+        out.summary.end_reason.contains("deadline"),
+        "{:?}",
+        out.summary
+    );
+    // It asked with the time it had left, never more.
+    for m in h.server.matches.lock().unwrap().iter() {
+        assert!(m.seconds_left <= 1);
+    }
+}

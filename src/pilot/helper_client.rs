@@ -1,0 +1,210 @@
+//! The pilot's side of the helper socket: one connection for the pilot's whole life.
+//!
+//! Holds the [`HelperApi`] seam the agent is written against and the real unix-socket client.
+//! A reader thread turns helper events into [`HelperMsg`]s on a tokio channel. If the helper
+//! is missing or refuses the pilot, the pilot stops: it never runs a payload itself (P6).
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::protocol::envelope::SignedEnvelope;
+use crate::protocol::switch_wire::{
+    read_frame, write_frame, PilotHello, SwitchEvent, SwitchRequest, WireError,
+};
+
+/// How long the helper may take to answer `hello`.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the reader thread delivers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HelperMsg {
+    Event(SwitchEvent),
+    /// The connection ended; the helper kills this pilot's payloads when that happens.
+    Closed(String),
+}
+
+/// Errors reaching or using the helper.
+#[derive(Debug, thiserror::Error)]
+pub enum HelperError {
+    #[error("cannot connect to the identity-switching helper at {socket}: {source}; is mupilot-switch installed and its socket unit started (systemctl status mupilot-switch.socket)? The pilot never runs payloads without it")]
+    Unreachable {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the helper at {socket} refused this pilot: {reason}; the site must list this account in allowed_pilots of switch.toml")]
+    Refused { socket: PathBuf, reason: String },
+    #[error("the helper at {socket} answered hello with something unexpected: {what}")]
+    Protocol { socket: PathBuf, what: String },
+    #[error("cannot send to the helper: {0}")]
+    Send(#[from] WireError),
+}
+
+/// Welcome details from the helper.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    pub host: String,
+    pub helper_version: String,
+}
+
+/// What the agent asks of the helper. Sends are synchronous frame writes; answers arrive as
+/// [`HelperMsg`]s on the channel the connection was made with.
+pub trait HelperApi: Send + Sync + 'static {
+    /// Asks the helper to run a payload with `stdout`/`stderr` as its output files.
+    fn launch(
+        &self,
+        envelope: &SignedEnvelope,
+        bundle: Option<&str>,
+        stdout: &File,
+        stderr: &File,
+    ) -> Result<(), HelperError>;
+    /// Asks the helper to signal a running payload of this pilot.
+    fn signal(&self, payload_id: &str, signal: i32, reason: &str) -> Result<(), HelperError>;
+}
+
+/// The real connection to `mupilot-switch`.
+pub struct HelperConnection {
+    socket: PathBuf,
+    writer: Mutex<UnixStream>,
+}
+
+/// Connects, says hello and waits for the welcome; then starts the reader thread.
+pub fn connect(
+    socket: &Path,
+    hello: PilotHello,
+) -> Result<
+    (
+        HelperConnection,
+        Welcome,
+        mpsc::UnboundedReceiver<HelperMsg>,
+    ),
+    HelperError,
+> {
+    let mut stream = UnixStream::connect(socket).map_err(|source| HelperError::Unreachable {
+        socket: socket.to_path_buf(),
+        source,
+    })?;
+    let refused = |reason: String| HelperError::Refused {
+        socket: socket.to_path_buf(),
+        reason,
+    };
+    // A helper that refuses by closing may do so before or after reading our hello.
+    if let Err(e) = write_frame(&mut stream, &SwitchRequest::Hello(hello), &[]) {
+        return Err(refused(format!("connection closed during hello ({e})")));
+    }
+    stream
+        .set_read_timeout(Some(HELLO_TIMEOUT))
+        .map_err(|e| refused(e.to_string()))?;
+    let welcome = match read_frame::<SwitchEvent>(&mut stream) {
+        Ok((
+            SwitchEvent::Welcome {
+                host,
+                helper_version,
+            },
+            _,
+        )) => Welcome {
+            host,
+            helper_version,
+        },
+        Ok((SwitchEvent::Error { reason }, _)) => return Err(refused(reason)),
+        Ok((SwitchEvent::Denied { reason, .. }, _)) => return Err(refused(reason)),
+        Ok((other, _)) => {
+            return Err(HelperError::Protocol {
+                socket: socket.to_path_buf(),
+                what: format!("{other:?}"),
+            })
+        }
+        Err(WireError::Closed) => {
+            return Err(refused(
+                "the helper closed the connection without a welcome".into(),
+            ))
+        }
+        Err(e) => return Err(refused(e.to_string())),
+    };
+    stream
+        .set_read_timeout(None)
+        .map_err(|e| refused(e.to_string()))?;
+    let mut reader = stream.try_clone().map_err(|e| refused(e.to_string()))?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    std::thread::Builder::new()
+        .name("helper-reader".into())
+        .spawn(move || loop {
+            match read_frame::<SwitchEvent>(&mut reader) {
+                Ok((ev, _fds)) => {
+                    if tx.send(HelperMsg::Event(ev)).is_err() {
+                        return;
+                    }
+                }
+                Err(WireError::Json(e)) => {
+                    // One malformed frame is reported; framing is intact, so keep reading.
+                    tracing::warn!(error = %e, "helper sent a frame the pilot cannot read");
+                }
+                Err(e) => {
+                    let _ = tx.send(HelperMsg::Closed(e.to_string()));
+                    return;
+                }
+            }
+        })
+        .map_err(|e| refused(format!("cannot start the reader thread: {e}")))?;
+    Ok((
+        HelperConnection {
+            socket: socket.to_path_buf(),
+            writer: Mutex::new(stream),
+        },
+        welcome,
+        rx,
+    ))
+}
+
+impl HelperConnection {
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    fn send(&self, req: &SwitchRequest, fds: &[i32]) -> Result<(), HelperError> {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        write_frame(&mut w, req, fds)?;
+        Ok(())
+    }
+}
+
+impl Drop for HelperConnection {
+    fn drop(&mut self) {
+        // The reader thread holds a clone of the socket; shut it down so dropping the
+        // connection really ends it (the helper then cleans up this pilot's payloads).
+        let w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = w.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl HelperApi for HelperConnection {
+    fn launch(
+        &self,
+        envelope: &SignedEnvelope,
+        bundle: Option<&str>,
+        stdout: &File,
+        stderr: &File,
+    ) -> Result<(), HelperError> {
+        let req = SwitchRequest::Launch {
+            envelope: envelope.clone(),
+            bundle: bundle.map(str::to_string),
+        };
+        self.send(&req, &[stdout.as_raw_fd(), stderr.as_raw_fd()])
+    }
+
+    fn signal(&self, payload_id: &str, signal: i32, reason: &str) -> Result<(), HelperError> {
+        self.send(
+            &SwitchRequest::Signal {
+                payload_id: payload_id.to_string(),
+                signal,
+                reason: Some(reason.to_string()),
+            },
+            &[],
+        )
+    }
+}

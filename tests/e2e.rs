@@ -123,9 +123,20 @@ fn payloads_cannot_see_each_other_and_daemons_die_with_their_payload() {
     assert_eq!(st_a["state"], "done", "{st_a}\n{}", stack.logs());
     let out_a = stack.output("alice", &a);
     let text = std::fs::read_to_string(find_file(&out_a, "stdout").unwrap()).unwrap();
-    assert!(!text.contains("secret"), "A read B's secret:\n{text}");
+    assert!(
+        !text.lines().any(|l| l.trim() == "secret"),
+        "A read B's secret:\n{text}"
+    );
+    assert!(text.contains("No such file or directory"), "{text}");
     assert!(!text.contains("mpt-e2e-b"), "A saw B's processes:\n{text}");
-    assert!(!text.contains(&b), "A saw B's scratch:\n{text}");
+    assert!(
+        text.contains(&format!("cannot access '../{b}'")),
+        "A saw B's scratch:\n{text}"
+    );
+    assert!(
+        text.contains("cannot open directory '..'"),
+        "A listed the scratch root:\n{text}"
+    );
 
     let st_b = stack.status("bob", &b);
     assert_eq!(st_b["state"], "done", "{st_b}");

@@ -190,7 +190,7 @@ fn memory_limit_oom_kills() {
     let mut p = plan(
         "oom",
         &u.account,
-        &["sh", "-c", "head -c 400M /dev/zero | tail > /dev/null"],
+        &["sh", "-c", "head -c 419430400 /dev/zero | tail > /dev/null"],
     );
     p.memory_bytes = 64 << 20;
     let (o, out) = run(&s, p);

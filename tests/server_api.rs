@@ -533,10 +533,22 @@ async fn cancel_queued_and_running_and_hand_back() {
         .await
         .unwrap();
     assert_eq!(ack.commands.len(), 1);
-    assert!(matches!(
-        &ack.commands[0],
-        OperatorCommand::Cancel { requester } if *requester == dn("alice")
-    ));
+    // Delivered signed by the VO key, naming the requester, for the helper to authorize.
+    let OperatorCommand::Cancel {
+        requester,
+        signed: Some(signed),
+    } = &ack.commands[0]
+    else {
+        panic!("{:?}", ack.commands[0]);
+    };
+    assert_eq!(*requester, dn("alice"));
+    let vo_pub = VoVerifyingKey::from_pem_file(&demo.path("vo.pub")).unwrap();
+    let body = signed.verify(&vo_pub, chrono::Utc::now()).unwrap();
+    assert_eq!(body.requester_dn, dn("alice"));
+    assert_eq!(
+        body.action,
+        mupilot::protocol::command::CommandAction::Cancel
+    );
     let ack: StatusAck = pilot
         .post(&status_url)
         .json(&running)

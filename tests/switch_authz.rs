@@ -222,3 +222,101 @@ fn ban_and_policy_changes_apply_without_restart() {
     let (_, class, _) = denied(launch_as(&site, DN_ALICE, &["true"]));
     assert_eq!(class, DenialClass::System);
 }
+
+/// VO-wide job management: a cancel signed by the VO server is carried out only when the
+/// site's policy permits the requester it names (here: the owner, SELF), and audited.
+#[test]
+fn operator_commands_are_authorized_with_the_policy() {
+    use mupilot::protocol::command::{CommandAction, CommandBody, SignedCommand};
+    use mupilot::protocol::switch_wire::SwitchRequest;
+    let _u = Users::acquire();
+    let site = Site::new();
+    std::fs::write(
+        site.path("site.policy"),
+        "/DC=org/DC=mupilot-test:\n&(action = start)\n&(action = cancel information)(jobowner = SELF)\n",
+    )
+    .unwrap();
+    let mut cfg = std::fs::read_to_string(&site.config).unwrap();
+    cfg.push_str("[authz]\nsite_policy = \"site.policy\"\n");
+    std::fs::write(&site.config, cfg).unwrap();
+    let _d = site.start();
+    let mut c = Client::hello(&site.socket, Client::default_hello());
+    let body = site.body(DN_ALICE, &["sleep", "30"]);
+    let id = body.payload_id.clone();
+    assert!(matches!(
+        c.launch(&site.sign(&body), None),
+        SwitchEvent::Started { .. }
+    ));
+    let command = |requester: &str, action: CommandAction| {
+        let b = CommandBody {
+            version: 1,
+            payload_id: id.clone(),
+            action,
+            requester_dn: requester.into(),
+            requester_fqans: vec![],
+            signal: None,
+            not_after: chrono::Utc::now() + chrono::Duration::minutes(5),
+            nonce: uuid::Uuid::new_v4().simple().to_string(),
+        };
+        SignedCommand::sign(&site.key, switch_support::VO, &b)
+    };
+    // Someone else may not cancel alice's payload.
+    let other = command(
+        "/DC=org/DC=mupilot-test/CN=swd mallory",
+        CommandAction::Cancel,
+    );
+    match c.call(
+        &SwitchRequest::Command {
+            command: other.clone(),
+        },
+        &[],
+    ) {
+        SwitchEvent::CommandDone { ok, reason, .. } => {
+            assert!(!ok);
+            assert!(reason.contains("denied"), "{reason}");
+        }
+        ev => panic!("{ev:?}"),
+    }
+    // The same signed command again is a replay.
+    assert!(matches!(
+        c.call(&SwitchRequest::Command { command: other }, &[]),
+        SwitchEvent::Error { .. }
+    ));
+    // The owner may ask for information and cancel.
+    match c.call(
+        &SwitchRequest::Command {
+            command: command(DN_ALICE, CommandAction::Information),
+        },
+        &[],
+    ) {
+        SwitchEvent::CommandDone {
+            ok, information, ..
+        } => {
+            assert!(ok);
+            assert_eq!(information.unwrap().payload_id, id);
+        }
+        ev => panic!("{ev:?}"),
+    }
+    match c.call(
+        &SwitchRequest::Command {
+            command: command(DN_ALICE, CommandAction::Cancel),
+        },
+        &[],
+    ) {
+        SwitchEvent::CommandDone { ok, .. } => assert!(ok),
+        ev => panic!("{ev:?}"),
+    }
+    loop {
+        if let SwitchEvent::Exited { report, .. } = c.recv() {
+            assert_eq!(report.signal, Some(15), "{report:?}");
+            break;
+        }
+    }
+    let recs = site.records_of(&id);
+    assert!(recs
+        .iter()
+        .any(|r| r["decision"] == "deny" && r["reason"].as_str().unwrap().contains("mallory")));
+    assert!(recs
+        .iter()
+        .any(|r| r["event"] == "kill" && r["decision"] == "permit"));
+}

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use crate::protocol::command::SignedCommand;
 use crate::protocol::envelope::SignedEnvelope;
 use crate::protocol::switch_wire::{
     read_frame, write_frame, PilotHello, SwitchEvent, SwitchRequest, WireError,
@@ -65,6 +66,9 @@ pub trait HelperApi: Send + Sync + 'static {
     ) -> Result<(), HelperError>;
     /// Asks the helper to signal a running payload of this pilot.
     fn signal(&self, payload_id: &str, signal: i32, reason: &str) -> Result<(), HelperError>;
+    /// Relays an operator command signed by the VO server; the helper authorizes the
+    /// requester named in it and answers `command_done`.
+    fn command(&self, command: &SignedCommand) -> Result<(), HelperError>;
 }
 
 /// The real connection to `mupilot-switch`.
@@ -203,6 +207,15 @@ impl HelperApi for HelperConnection {
                 payload_id: payload_id.to_string(),
                 signal,
                 reason: Some(reason.to_string()),
+            },
+            &[],
+        )
+    }
+
+    fn command(&self, command: &SignedCommand) -> Result<(), HelperError> {
+        self.send(
+            &SwitchRequest::Command {
+                command: command.clone(),
             },
             &[],
         )

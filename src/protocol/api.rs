@@ -147,12 +147,23 @@ pub struct StatusAck {
     pub commands: Vec<OperatorCommand>,
 }
 
-/// A request from the owner or a VO operator that the pilot relays to the helper.
+/// A request from the owner or a VO operator that the pilot relays to the helper. `signed` is
+/// the same request signed by the VO server: the helper authorizes the requester named in it
+/// with the site's and the VO's policies before acting, and the pilot cannot alter it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum OperatorCommand {
-    Cancel { requester: String },
-    Signal { requester: String, signal: i32 },
+    Cancel {
+        requester: String,
+        #[serde(default)]
+        signed: Option<super::command::SignedCommand>,
+    },
+    Signal {
+        requester: String,
+        signal: i32,
+        #[serde(default)]
+        signed: Option<super::command::SignedCommand>,
+    },
 }
 
 /// `GET /v1/payloads/{id}`: what the owner sees.

@@ -62,6 +62,11 @@ pub enum SwitchRequest {
     },
     /// List this pilot's running payloads.
     Status,
+    /// Relay an operator command (cancel, signal, information) signed by the VO server for one
+    /// of this pilot's payloads; the helper authorizes the requester named in it.
+    Command {
+        command: super::command::SignedCommand,
+    },
     /// Site admin (peer uid 0 only, sent as the first frame instead of `hello`): kill every
     /// running payload of `owner_dn` on this node, and with `ban` refuse that DN from now on.
     /// Answered by `killed` (or `error`).
@@ -169,6 +174,18 @@ pub enum SwitchEvent {
     },
     /// Answer to `status`.
     Running { payloads: Vec<RunningPayload> },
+    /// Answer to `command`: whether it was authorized and carried out.
+    CommandDone {
+        payload_id: String,
+        action: super::command::CommandAction,
+        requester: String,
+        ok: bool,
+        /// Why not, or what was done.
+        reason: String,
+        /// For `information`: the payload's state so far.
+        #[serde(default)]
+        information: Option<RunningPayload>,
+    },
     /// Answer to `admin_kill`: the payload ids that were killed (empty: none was running).
     Killed { payloads: Vec<String> },
     /// The request could not be understood; the connection stays usable.

@@ -19,6 +19,7 @@ use chrono::{Duration, Utc};
 use serde::Deserialize;
 
 use super::store::{Matched, NewPayload, Store, StoreError};
+use crate::protocol::api::OperatorCommand;
 use crate::protocol::api::{
     ApiError, MatchRequest, MatchResponse, PayloadState, PayloadView, StatusAck, StatusReport,
     SubmitRequest, SubmitResponse, Work,
@@ -370,7 +371,47 @@ async fn status(
     if let Some(s) = state {
         tracing::info!(payload = %id, state = %s, "status reported");
     }
+    let commands = commands
+        .into_iter()
+        .map(|c| sign_command(&st, &id, c))
+        .collect();
     Ok(Json(StatusAck { commands }))
+}
+
+/// How long a delivered operator command stays valid for the helper.
+const COMMAND_LIFETIME: chrono::Duration = chrono::Duration::minutes(10);
+
+/// Signs an operator command as it is delivered, so the site's helper can authorize the
+/// requester it names with its own policies, and the pilot cannot alter it.
+fn sign_command(st: &AppState, payload_id: &str, c: OperatorCommand) -> OperatorCommand {
+    use crate::protocol::command::{CommandAction, CommandBody, SignedCommand};
+    let (action, requester, signal) = match &c {
+        OperatorCommand::Cancel { requester, .. } => (CommandAction::Cancel, requester, None),
+        OperatorCommand::Signal {
+            requester, signal, ..
+        } => (CommandAction::Signal, requester, Some(*signal)),
+    };
+    let body = CommandBody {
+        version: 1,
+        payload_id: payload_id.to_string(),
+        action,
+        requester_dn: requester.clone(),
+        requester_fqans: Vec::new(),
+        signal,
+        not_after: Utc::now() + COMMAND_LIFETIME,
+        nonce: format!("{:032x}", rand::random::<u128>()),
+    };
+    let signed = Some(SignedCommand::sign(&st.key, &st.vo, &body));
+    match c {
+        OperatorCommand::Cancel { requester, .. } => OperatorCommand::Cancel { requester, signed },
+        OperatorCommand::Signal {
+            requester, signal, ..
+        } => OperatorCommand::Signal {
+            requester,
+            signal,
+            signed,
+        },
+    }
 }
 
 async fn upload(

@@ -139,6 +139,10 @@ impl Connection {
                     let payloads = self.helper.registry.status(self.caller.conn_id);
                     self.send(SwitchEvent::Running { payloads });
                 }
+                Ok((SwitchRequest::Command { command }, _)) => {
+                    let ev = super::command::run(&self.helper, self.caller.conn_id, &command);
+                    self.send(ev);
+                }
                 Ok((SwitchRequest::AdminKill { .. }, _)) => self.send(SwitchEvent::Error {
                     reason: "admin requests must be the first request of their own connection"
                         .into(),

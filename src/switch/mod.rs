@@ -15,6 +15,7 @@ pub mod audit;
 pub mod audit_query;
 pub mod authorize;
 pub mod cli;
+pub mod command;
 pub mod config;
 pub mod connection;
 pub mod daemon;

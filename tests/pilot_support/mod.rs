@@ -232,6 +232,9 @@ fn serve(listener: UnixListener, mode: HelperMode, log: Arc<Mutex<HelperLog>>) {
             }
             SwitchRequest::Hello(_) => panic!("second hello"),
             SwitchRequest::AdminKill { .. } => panic!("a pilot never sends admin requests"),
+            SwitchRequest::Command { .. } => {
+                panic!("the VO server double sends no signed commands")
+            }
         }
     }
 }

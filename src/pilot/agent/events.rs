@@ -9,6 +9,7 @@ use crate::pilot::client::ServerApi;
 use crate::pilot::helper_client::HelperApi;
 use crate::pilot::reporter::{ArchiveSource, ReportJob, Reported};
 use crate::protocol::api::{OperatorCommand, PayloadState, StatusReport};
+use crate::protocol::command::{CommandAction, CommandBody, SignedCommand};
 use crate::protocol::switch_wire::{DenialClass, ExitReport, SwitchEvent};
 use crate::records::now_rfc3339;
 
@@ -41,9 +42,38 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
             SwitchEvent::Error { reason } => {
                 tracing::error!(%reason, "helper could not understand a request")
             }
+            SwitchEvent::CommandDone {
+                payload_id,
+                action,
+                requester,
+                ok,
+                reason,
+                ..
+            } => self.on_command_done(payload_id, action, requester, ok, reason),
             SwitchEvent::Welcome { .. }
             | SwitchEvent::Running { .. }
             | SwitchEvent::Killed { .. } => {}
+        }
+    }
+
+    fn on_command_done(
+        &mut self,
+        payload_id: String,
+        action: CommandAction,
+        requester: String,
+        ok: bool,
+        reason: String,
+    ) {
+        if ok {
+            tracing::info!(%payload_id, action = action.as_str(), %requester, %reason, "operator command carried out");
+            return;
+        }
+        // The site's decision stands: the payload goes on (P6).
+        tracing::warn!(%payload_id, action = action.as_str(), %requester, %reason, "operator command refused by the helper");
+        if action == CommandAction::Cancel {
+            if let Some(p) = self.payloads.get_mut(&payload_id) {
+                p.cancelled_by = None;
+            }
         }
     }
 
@@ -269,14 +299,42 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
             return;
         }
         match c {
-            OperatorCommand::Cancel { requester } => {
+            // Signed by the VO server: the helper authorizes the requester and acts.
+            OperatorCommand::Cancel {
+                requester,
+                signed: Some(signed),
+            }
+            | OperatorCommand::Signal {
+                requester,
+                signed: Some(signed),
+                ..
+            } => {
+                if p.phase != Phase::Running {
+                    return tracing::warn!(payload_id = %id, "operator command for a payload not running yet; ignored");
+                }
+                tracing::info!(payload_id = %id, %requester, "relaying a signed operator command");
+                if claimed_action(&signed) == Some(CommandAction::Cancel) {
+                    p.cancelled_by = Some(requester.clone());
+                }
+                if let Err(e) = self.helper.command(&signed) {
+                    self.on_helper_lost(&e.to_string());
+                }
+            }
+            OperatorCommand::Cancel {
+                requester,
+                signed: None,
+            } => {
                 tracing::info!(payload_id = %id, %requester, "cancel requested");
                 p.cancelled_by = Some(requester.clone());
                 if p.phase == Phase::Running {
                     self.terminate(id, &format!("cancelled by {requester}"));
                 }
             }
-            OperatorCommand::Signal { requester, signal } => {
+            OperatorCommand::Signal {
+                requester,
+                signal,
+                signed: None,
+            } => {
                 if !(1..=64).contains(&signal) || p.phase != Phase::Running {
                     return tracing::warn!(payload_id = %id, signal, "operator signal ignored (out of range or not running)");
                 }
@@ -288,4 +346,16 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
             }
         }
     }
+}
+
+/// The action a signed command claims (unverified: only to remember a cancel is under way;
+/// the helper verifies and decides).
+fn claimed_action(signed: &SignedCommand) -> Option<CommandAction> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(&signed.body)
+        .ok()?;
+    serde_json::from_slice::<CommandBody>(&bytes)
+        .ok()
+        .map(|b| b.action)
 }

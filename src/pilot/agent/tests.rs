@@ -210,6 +210,13 @@ impl HelperApi for FakeHelper {
         Ok(())
     }
 
+    fn command(
+        &self,
+        _command: &crate::protocol::command::SignedCommand,
+    ) -> Result<(), HelperError> {
+        Ok(())
+    }
+
     fn signal(&self, id: &str, signal: i32, _reason: &str) -> Result<(), HelperError> {
         self.signals
             .lock()
@@ -523,6 +530,7 @@ async fn operator_cancel_is_relayed_and_reported() {
         "c1".into(),
         vec![OperatorCommand::Cancel {
             requester: "/DC=org/DC=mupilot-demo/CN=alice".into(),
+            signed: None,
         }],
     );
     let out = fut.await;

@@ -401,7 +401,7 @@ impl Store {
         if new_state == PayloadState::Queued {
             // Handed back. A cancel that arrived meanwhile takes effect now.
             let cancelled_by = commands.iter().find_map(|c| match c {
-                OperatorCommand::Cancel { requester } => Some(requester.clone()),
+                OperatorCommand::Cancel { requester, .. } => Some(requester.clone()),
                 _ => None,
             });
             let (st, reason) = match cancelled_by {
@@ -478,8 +478,10 @@ impl Store {
                 PayloadState::Cancelled
             }
             PayloadState::Matched | PayloadState::Running => {
+                // Stored unsigned; the API signs each command as it delivers it.
                 let cmd = OperatorCommand::Cancel {
                     requester: requester.to_string(),
+                    signed: None,
                 };
                 tx.execute(
                     "INSERT INTO commands (payload_id, command) VALUES (?1, ?2)",

@@ -38,13 +38,24 @@ fn batch_script(stack: &Stack, name: &str, body: &str) -> std::path::PathBuf {
     path
 }
 
+/// The job's working directory, writable by the pilot account (the job runs as it).
+fn job_dir(stack: &Stack) -> std::path::PathBuf {
+    let dir = stack.dir.path().join("jobs");
+    if !dir.exists() {
+        std::fs::create_dir(&dir).unwrap();
+        let uid = Accounts::uid(PILOT);
+        nix::unistd::chown(&dir, Some(uid.into()), None).unwrap();
+    }
+    dir
+}
+
 /// Submits as the pilot account; returns the job id.
 fn sbatch(stack: &Stack, args: &[&str], script: &Path) -> String {
-    let out_file = stack.dir.path().join("slurm-%j.out");
+    let out_file = job_dir(stack).join("slurm-%j.out");
     let out = Command::new("runuser")
         .args(["-u", PILOT, "--", "sbatch", "--parsable"])
         .arg(format!("--output={}", out_file.display()))
-        .arg(format!("--chdir={}", stack.dir.path().display()))
+        .arg(format!("--chdir={}", job_dir(stack).display()))
         .args(args)
         .arg(script)
         .output()
@@ -99,7 +110,7 @@ fn wait_job_running(id: &str) {
 }
 
 fn job_output(stack: &Stack, id: &str) -> String {
-    std::fs::read_to_string(stack.dir.path().join(format!("slurm-{id}.out"))).unwrap_or_default()
+    std::fs::read_to_string(job_dir(stack).join(format!("slurm-{id}.out"))).unwrap_or_default()
 }
 
 fn set_pilot_option(stack: &Stack, line: &str) {
@@ -227,7 +238,6 @@ fn time_limit_and_scancel_stop_payloads_and_leave_final_records() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (_accounts, stack) = stack();
     set_pilot_option(&stack, "grace_seconds = 3");
-    set_pilot_option(&stack, "shutdown_margin_seconds = 0");
     let long = stack.submit(
         "alice",
         &[
@@ -242,13 +252,30 @@ fn time_limit_and_scancel_stop_payloads_and_leave_final_records() {
             "1000",
         ],
     );
-    // Time limit: Slurm's SIGTERM at the end of the minute.
+    // Time limit: the pilot never starts a payload that cannot end before its deadline, so the
+    // limit is cut after the payload started (as a site admin or a preemption would); Slurm
+    // then sends SIGTERM at the new limit and the pilot must stop the payload and record it.
     let script = batch_script(
         &stack,
         "tl",
         "exec @MUPILOT@ run --config @CONFIG@ --idle-timeout 600",
     );
-    let job = sbatch(&stack, &["-c", "1", "--mem=256M", "-t", "1"], &script);
+    let job = sbatch(&stack, &["-c", "1", "--mem=256M", "-t", "30"], &script);
+    wait_job_running(&job);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stack.status("alice", &long)["state"] != "running" {
+        assert!(
+            Instant::now() < deadline,
+            "payload never started\n{}",
+            stack.logs()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let cut = Command::new("scontrol")
+        .args(["update", &format!("JobId={job}"), "TimeLimit=1"])
+        .status()
+        .unwrap();
+    assert!(cut.success());
     wait_job_end(&job, Duration::from_secs(180));
     let st = stack.status("alice", &long);
     assert!(
@@ -284,7 +311,7 @@ fn time_limit_and_scancel_stop_payloads_and_leave_final_records() {
             "(setsid sleep 1000 &); sleep 1000",
         ],
     );
-    let job2 = sbatch(&stack, &["-c", "1", "--mem=256M", "-t", "3"], &script);
+    let job2 = sbatch(&stack, &["-c", "1", "--mem=256M", "-t", "30"], &script);
     wait_job_running(&job2);
     let deadline = Instant::now() + Duration::from_secs(60);
     while stack.status("alice", &long2)["state"] != "running" {

@@ -198,4 +198,17 @@ mod tests {
         let e = Gridmap::parse(Path::new("gm"), "\"/CN=a\" bad/name\n").unwrap_err();
         assert!(e.to_string().contains("bad/name"), "{e}");
     }
+
+    #[test]
+    fn shipped_example_maps_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policy");
+        let gm = Gridmap::load(&dir.join("grid-mapfile")).unwrap();
+        assert!(gm.lookup("/DC=org/DC=mupilot-demo/CN=alice").is_some());
+        assert!(gm.lookup("/DC=org/DC=mupilot-demo/CN=carol").is_none());
+        let groups = Gridmap::load(&dir.join("groupmapfile")).unwrap();
+        assert_eq!(
+            groups.lookup("/demo/Role=prod"),
+            Some((Mapping::Pool("mpprod".into()), 4))
+        );
+    }
 }

@@ -391,7 +391,7 @@ fn sigusr1_drains_without_signalling_payloads() {
 }
 
 #[test]
-fn many_short_payloads_measure_per_payload_overhead() {
+fn many_short_payloads_all_run_report_and_upload() {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path());
     let key = VoSigningKey::generate();

@@ -1,4 +1,19 @@
-//! Small checks on untrusted strings, shared by every program.
+//! Small checks on untrusted strings, and the logging setup, shared by every program.
+
+/// Logs to stderr (the journal under systemd) with the filter from `MUPILOT_LOG` (or
+/// `RUST_LOG`; tracing's filter syntax), `info` by default.
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("MUPILOT_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
+}
 
 /// A name that is safe as one path component and in a URL: 1-64 of `[A-Za-z0-9._-]`, not
 /// starting with '.'. Used for payload ids, pilot ids and account names in paths.

@@ -82,7 +82,7 @@ pub fn main() -> i32 {
             return if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
         }
     };
-    init_logging();
+    crate::util::init_logging();
     match cli.command {
         Command::Run {
             config,
@@ -92,15 +92,6 @@ pub fn main() -> i32 {
         Command::Limits { json, config } => limits(json, config.as_deref()),
         Command::Trace { config, command } => trace(config, &command),
     }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 fn load_config(path: &Path) -> Result<PilotConfig, i32> {

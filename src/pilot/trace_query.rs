@@ -5,18 +5,8 @@
 
 use std::path::Path;
 
-use crate::records::cli::{self, Out};
+use crate::records::cli::{self, with_stdio};
 pub use crate::records::cli::{ListArgs, ShowArgs, TraceCommand, VerifyArgs};
-
-fn with_stdio(f: impl FnOnce(&mut Out) -> i32) -> i32 {
-    let stdout = std::io::stdout();
-    let stderr = std::io::stderr();
-    let (mut o, mut e) = (stdout.lock(), stderr.lock());
-    f(&mut Out {
-        out: &mut o,
-        err: &mut e,
-    })
-}
 
 /// Runs `mupilot trace <cmd>`; `trace_log` is pilot.toml's trace log (work_dir/trace.jsonl).
 pub fn run(cmd: &TraceCommand, trace_log: &Path) -> i32 {

@@ -128,6 +128,17 @@ pub enum TraceCommand {
     Export(ListArgs),
 }
 
+/// Runs `f` with the process's stdout and stderr as its output streams.
+pub fn with_stdio(f: impl FnOnce(&mut Out) -> i32) -> i32 {
+    let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+    let (mut o, mut e) = (stdout.lock(), stderr.lock());
+    f(&mut Out {
+        out: &mut o,
+        err: &mut e,
+    })
+}
+
 /// Output streams of a command.
 pub struct Out<'a> {
     pub out: &'a mut dyn Write,

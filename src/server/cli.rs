@@ -228,16 +228,6 @@ impl ConnArgs {
     }
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MUPILOT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
-}
-
 /// Runs the command line; returns the process exit code.
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
@@ -336,7 +326,7 @@ where
 }
 
 fn serve(config: &std::path::Path) -> i32 {
-    init_tracing();
+    crate::util::init_logging();
     let cfg = match ServerConfig::load(config) {
         Ok(c) => c,
         Err(e) => {

@@ -6,23 +6,13 @@
 
 use std::path::Path;
 
-use crate::records::cli::{self, Out};
+use crate::records::cli::{self, with_stdio};
 pub use crate::records::cli::{AuditCommand, KillArgs, ListArgs, VerifyArgs, WhoArgs};
 
 /// The audit log when switch.toml does not say otherwise.
 pub const DEFAULT_AUDIT_LOG: &str = "/var/log/mupilot/audit.jsonl";
 /// The helper's socket when switch.toml does not say otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/mupilot/switch.sock";
-
-fn with_stdio(f: impl FnOnce(&mut Out) -> i32) -> i32 {
-    let stdout = std::io::stdout();
-    let stderr = std::io::stderr();
-    let (mut o, mut e) = (stdout.lock(), stderr.lock());
-    f(&mut Out {
-        out: &mut o,
-        err: &mut e,
-    })
-}
 
 /// Runs `mupilot-switch audit <cmd>`; `audit_log` and `socket` come from switch.toml.
 pub fn run(cmd: &AuditCommand, audit_log: &Path, socket: &Path) -> i32 {

@@ -100,7 +100,7 @@ pub fn main() -> i32 {
             return if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
         }
     };
-    init_logging();
+    crate::util::init_logging();
     match cli.command {
         Command::Serve { config } => serve(&config),
         Command::CheckConfig { config } => check_config(&config),
@@ -113,16 +113,6 @@ pub fn main() -> i32 {
         Command::Audit { config, command } => audit(config, &command),
         Command::Leases { config, json } => leases(&config, json),
     }
-}
-
-fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("MUPILOT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
 }
 
 fn load(config: &Path) -> Result<SwitchConfig, i32> {

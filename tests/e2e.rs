@@ -148,3 +148,71 @@ fn payloads_cannot_see_each_other_and_daemons_die_with_their_payload() {
         processes_of(uid_b)
     );
 }
+
+/// VO-wide job management through the whole stack: the owner cancels and signals running
+/// payloads through the VO server; the commands reach the helper signed by the VO and are
+/// carried out there; another member may not touch them.
+#[test]
+fn owner_cancels_and_signals_running_payloads_through_the_vo_server() {
+    use std::time::Duration;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _accounts = Accounts::create(&["mpt-e2e-pilot", "mpt-e2e-a", "mpt-e2e-b"]);
+    let stack = Stack::start(
+        "mpt-e2e-pilot",
+        &[("alice", "mpt-e2e-a"), ("bob", "mpt-e2e-b")],
+    );
+    stack.pilot_option("heartbeat_seconds = 1");
+    stack.pilot_option("grace_seconds = 2");
+    let sleeper = submit(&stack, "alice", &[], &["sleep", "50"]);
+    let trapper = submit(
+        &stack,
+        "alice",
+        &[],
+        &[
+            "sh",
+            "-c",
+            "trap 'echo got USR1; exit 7' USR1; while :; do sleep 0.2; done",
+        ],
+    );
+    let _pilot = stack.spawn_pilot(&["--idle-timeout", "3"]);
+    stack.wait_state("alice", &sleeper, "running", Duration::from_secs(30));
+    stack.wait_state("alice", &trapper, "running", Duration::from_secs(30));
+
+    // bob is a member, but not the owner: the server refuses.
+    let out = stack.client("bob", "cancel", &[&sleeper]);
+    assert!(!out.status.success(), "bob cancelled alice's payload");
+    // alice signals one and cancels the other.
+    let out = stack.client("alice", "signal", &[&trapper, "--signal", "10"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = stack.client("alice", "cancel", &[&sleeper]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let st = stack.wait_state("alice", &trapper, "failed", Duration::from_secs(30));
+    assert_eq!(st["exit_code"], 7, "{st}");
+    let st = stack.wait_state("alice", &sleeper, "cancelled", Duration::from_secs(30));
+    assert!(
+        st["reason"].as_str().unwrap_or("").contains("alice"),
+        "{st}"
+    );
+    // The helper authorized both as operator commands naming alice.
+    let audit = Stack::records(&stack.audit_log());
+    for id in [&sleeper, &trapper] {
+        assert!(
+            audit.iter().any(|r| r["payload_id"] == id.as_str()
+                && r["decision"] == "permit"
+                && r["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("operator command")),
+            "no operator command record for {id}"
+        );
+    }
+}

@@ -189,7 +189,7 @@ fn run(config: &Path, max_payloads: Option<u32>, idle_timeout: Option<u64>) -> i
         idle_timeout: cfg.idle_timeout,
         shutdown_margin: cfg.shutdown_margin,
         grace: cfg.grace,
-        heartbeat: Duration::from_secs(30),
+        heartbeat: cfg.heartbeat,
         launch_timeout: Duration::from_secs(300),
         tick: Duration::from_millis(500),
         max_payloads: cfg.max_payloads,

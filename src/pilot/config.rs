@@ -59,6 +59,8 @@ struct RawConfig {
     #[serde(default)]
     grace_seconds: Option<u64>,
     #[serde(default)]
+    heartbeat_seconds: Option<u64>,
+    #[serde(default)]
     max_payloads: Option<u32>,
     #[serde(default)]
     drain_file: Option<PathBuf>,
@@ -84,6 +86,8 @@ pub struct PilotConfig {
     pub poll_interval: Duration,
     pub shutdown_margin: Duration,
     pub grace: Duration,
+    /// How often a running payload's status is re-sent (operator commands come back on it).
+    pub heartbeat: Duration,
     pub max_payloads: Option<u32>,
     pub drain_file: Option<PathBuf>,
     pub slot: Overrides,
@@ -194,6 +198,7 @@ impl PilotConfig {
                 0,
             )?,
             grace: secs("grace_seconds", raw.grace_seconds, 30, 0)?,
+            heartbeat: secs("heartbeat_seconds", raw.heartbeat_seconds, 30, 1)?,
             max_payloads: raw.max_payloads,
             drain_file: raw.drain_file.map(abs),
             slot: raw.slot,

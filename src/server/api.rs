@@ -146,6 +146,7 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .layer(DefaultBodyLimit::max(MAX_OUTPUT_BYTES)),
         )
         .route("/v1/payloads/:id/cancel", post(cancel))
+        .route("/v1/payloads/:id/signal", post(signal))
         .fallback(|| async {
             Fail::new(
                 StatusCode::NOT_FOUND,
@@ -512,6 +513,33 @@ async fn list(
     Ok(Json(
         blocking(&st, move |s| s.list(owner.as_deref(), state)).await?,
     ))
+}
+
+/// `POST /v1/payloads/{id}/signal` body.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalRequest {
+    pub signal: i32,
+}
+
+async fn signal(
+    State(st): St,
+    Extension(peer): Extension<PeerDn>,
+    Path(id): Path<String>,
+    body: Result<Json<SignalRequest>, JsonRejection>,
+) -> Result<Json<PayloadView>, Fail> {
+    check_id(&id)?;
+    let Json(req) = body?;
+    let dn = peer.0.to_string();
+    let op = st.operator_dns.contains(&dn);
+    let pid = id.clone();
+    let view = blocking(&st, move |s| {
+        s.queue_signal(&pid, &dn, op, req.signal)?;
+        s.view(&pid)
+    })
+    .await?;
+    tracing::info!(payload = %id, requester = %peer.0, signal = req.signal, "signal requested");
+    Ok(Json(view))
 }
 
 async fn cancel(

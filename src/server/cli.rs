@@ -93,6 +93,16 @@ enum Command {
         conn: ConnArgs,
         id: String,
     },
+    /// Send a signal to a running payload (owner or VO operator), through its pilot and the
+    /// site's helper, which authorizes it with the site's policies.
+    Signal {
+        #[command(flatten)]
+        conn: ConnArgs,
+        id: String,
+        /// Signal number (e.g. 10 for SIGUSR1, 15 for SIGTERM).
+        #[arg(long, value_name = "N")]
+        signal: i32,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -295,6 +305,12 @@ pub fn main() -> i32 {
             } else {
                 println!("{id} is {}: cancel sent to its pilot", v.state);
             }
+            Ok(EXIT_OK)
+        }),
+        Command::Signal { conn, id, signal } => run_client(|| async move {
+            let c = Client::new(&conn.resolve()?)?;
+            let v = c.signal(&id, signal).await?;
+            println!("{id} is {}: signal {signal} sent to its pilot", v.state);
             Ok(EXIT_OK)
         }),
     }

@@ -133,6 +133,18 @@ impl Client {
         Ok(bytes.to_vec())
     }
 
+    /// `POST /v1/payloads/{id}/signal`.
+    pub async fn signal(&self, id: &str, signal: i32) -> Result<PayloadView, ClientError> {
+        let url = self.url(&format!("/v1/payloads/{}/signal", checked(id)?));
+        self.json(
+            self.http
+                .post(&url)
+                .json(&serde_json::json!({ "signal": signal })),
+            &url,
+        )
+        .await
+    }
+
     /// `POST /v1/payloads/{id}/cancel`.
     pub async fn cancel(&self, id: &str) -> Result<PayloadView, ClientError> {
         let url = self.url(&format!("/v1/payloads/{}/cancel", checked(id)?));

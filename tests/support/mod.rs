@@ -333,3 +333,67 @@ pub fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
     }
     None
 }
+
+impl Stack {
+    /// Adds top-level keys to pilot.toml (before its first table).
+    pub fn pilot_option(&self, line: &str) {
+        let p = self.vo.join("pilot.toml");
+        let text = std::fs::read_to_string(&p).unwrap();
+        let (head, tail) = match text.find("\n[") {
+            Some(i) => text.split_at(i + 1),
+            None => (text.as_str(), ""),
+        };
+        std::fs::write(&p, format!("{head}{line}\n{tail}")).unwrap();
+    }
+
+    /// Starts the pilot as the pilot account in the background (stopped by pid on drop).
+    pub fn spawn_pilot(&self, extra: &[&str]) -> Proc {
+        let log = self.dir.path().join("pilot.log");
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Command::new("runuser")
+            .args(["-u", &self.pilot_account, "--"])
+            .arg(bin("mupilot"))
+            .arg("run")
+            .arg("--config")
+            .arg(self.vo.join("pilot.toml"))
+            .args(extra)
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .expect("pilot starts");
+        Proc { child, log }
+    }
+
+    /// Runs a client subcommand of mupilot-server as `user` (cancel, signal, ...).
+    pub fn client(&self, user: &str, sub: &str, args: &[&str]) -> Output {
+        Command::new(bin("mupilot-server"))
+            .arg(sub)
+            .args(self.user_args(user))
+            .args(args)
+            .output()
+            .expect("client runs")
+    }
+
+    /// Waits until the payload reaches `state` as its owner sees it.
+    pub fn wait_state(
+        &self,
+        user: &str,
+        id: &str,
+        state: &str,
+        limit: Duration,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let st = self.status(user, id);
+            if st["state"] == state {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} is {st}, not {state}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}

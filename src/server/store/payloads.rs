@@ -499,6 +499,54 @@ impl Store {
         Ok(after)
     }
 
+    /// Queues a signal for a matched or running payload on behalf of `requester` (its owner or
+    /// a VO operator); the pilot relays it, signed, to the site's helper.
+    pub fn queue_signal(
+        &self,
+        id: &str,
+        requester: &str,
+        is_operator: bool,
+        signal: i32,
+    ) -> Result<PayloadState, StoreError> {
+        if !(1..=64).contains(&signal) {
+            return Err(StoreError::Invalid(format!(
+                "signal {signal} is not a signal number (1-64)"
+            )));
+        }
+        let mut conn = self.lock();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (owner, state) = tx
+            .query_row(
+                "SELECT owner_dn, state FROM payloads WHERE id = ?1",
+                params![id],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(id.into()))?;
+        if owner != requester && !is_operator {
+            return Err(StoreError::Forbidden(format!(
+                "{requester} may not signal payload {id}: only its owner or a VO operator may"
+            )));
+        }
+        let state = parse_state(&state)?;
+        if !matches!(state, PayloadState::Matched | PayloadState::Running) {
+            return Err(StoreError::Conflict(format!(
+                "payload {id} is {state}; only a matched or running payload can be signalled"
+            )));
+        }
+        let cmd = OperatorCommand::Signal {
+            requester: requester.to_string(),
+            signal,
+            signed: None,
+        };
+        tx.execute(
+            "INSERT INTO commands (payload_id, command) VALUES (?1, ?2)",
+            params![id, serde_json::to_string(&cmd).expect("commands serialise")],
+        )?;
+        tx.commit()?;
+        Ok(state)
+    }
+
     /// The DN of the pilot that holds (or last held) a payload.
     pub fn holder(&self, id: &str) -> Result<Option<String>, StoreError> {
         self.lock()

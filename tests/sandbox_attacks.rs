@@ -504,7 +504,7 @@ fn fork_bomb_is_held_by_the_pids_limit() {
         &[
             "sh",
             "-c",
-            "for i in 1 2 3 4 5 6 7 8 9 10; do /bin/true; done; echo sibling-ok",
+            "for i in 1 2 3 4 5 6 7 8 9 10; do sh -c :; done; echo sibling-ok",
         ],
     );
     std::thread::sleep(Duration::from_millis(500));
@@ -589,7 +589,11 @@ fn filling_tmp_hits_its_limit_and_scratch_stays_private() {
         "{atk} fill /tmp/big 1073741824; {atk} fill /dev/shm/big 1073741824; \
          {atk} fill /var/tmp/big 1073741824; {atk} fill $HOME/big 209715200"
     );
-    let (filler, ft) = start(&s, plan("atk-fill", &a.account, &["sh", "-c", &script]));
+    let mut fp = plan("atk-fill", &a.account, &["sh", "-c", &script]);
+    // Room for 200 MB of page cache (charged to the payload; on a tmpfs-rooted node, such as
+    // the test VM, scratch itself is memory).
+    fp.memory_bytes = 512 << 20;
+    let (filler, ft) = start(&s, fp);
     let fscratch = filler.handle.scratch();
     let sib = format!(
         "{atk} fill /tmp/small 4194304; {atk} fill $HOME/small 4194304; {atk} fill /dev/shm/small 4194304"

@@ -24,6 +24,8 @@
 //! attack forkbomb                    fork forever (every process keeps forking)
 //! attack membomb                     allocate and touch memory forever
 //! attack fill PATH BYTES             write PATH in 1 MiB blocks until BYTES or an error
+//! attack key-add DESC VALUE         add a "user" key to its session keyring
+//! attack key-read DESC               find a "user" key DESC from its session keyring, read it
 //! attack environ-scan SECRET [PID..] read /proc/*/environ and /proc/PID/environ, look for SECRET
 //! ```
 
@@ -361,6 +363,60 @@ fn environ_scan(secret: &str, pids: &[String]) {
     }
 }
 
+/// The session keyring every process inherits across fork and exec (man 7 keyrings).
+const SESSION: libc::c_long = libc::KEY_SPEC_SESSION_KEYRING as libc::c_long;
+
+fn key_add(desc: &str, value: &str) {
+    let (t, d) = (cstr("user"), cstr(desc));
+    // SAFETY: add_key reads two NUL-terminated strings and value.len() bytes of value.
+    let r = check(unsafe {
+        libc::syscall(
+            libc::SYS_add_key,
+            t.as_ptr(),
+            d.as_ptr(),
+            value.as_ptr(),
+            value.len(),
+            SESSION,
+        )
+    });
+    report(&format!("key-add {desc}"), r);
+}
+
+fn key_read(desc: &str) {
+    let (t, d) = (cstr("user"), cstr(desc));
+    // SAFETY: KEYCTL_SEARCH reads two NUL-terminated strings.
+    let r = check(unsafe {
+        libc::syscall(
+            libc::SYS_keyctl,
+            libc::KEYCTL_SEARCH,
+            SESSION,
+            t.as_ptr(),
+            d.as_ptr(),
+            0,
+        )
+    });
+    let Some(id) = report(&format!("key-search {desc}"), r) else {
+        return;
+    };
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: KEYCTL_READ writes at most buf.len() bytes into buf.
+    let r = check(unsafe {
+        libc::syscall(
+            libc::SYS_keyctl,
+            libc::KEYCTL_READ,
+            id,
+            buf.as_mut_ptr(),
+            buf.len(),
+        )
+    });
+    if let Some(n) = report(&format!("key-read {desc}"), r) {
+        println!(
+            "KEY {}",
+            String::from_utf8_lossy(&buf[..(n as usize).min(buf.len())])
+        );
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match arg(&args, 1) {
@@ -404,6 +460,8 @@ fn main() {
         "forkbomb" => forkbomb(),
         "membomb" => membomb(),
         "fill" => fill(arg(&args, 2), num(arg(&args, 3))),
+        "key-add" => key_add(arg(&args, 2), arg(&args, 3)),
+        "key-read" => key_read(arg(&args, 2)),
         "environ-scan" => environ_scan(arg(&args, 2), &args[3..]),
         _ => usage(),
     }

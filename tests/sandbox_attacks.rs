@@ -713,3 +713,87 @@ fn another_payloads_environment_is_unreadable() {
     release(&victim);
     victim.wait().unwrap();
 }
+
+/// Gives the calling thread (and so the helper-like stage it spawns) a fresh session keyring
+/// named `name`, the way systemd gives one to every system service (KeyringMode=private),
+/// and puts a "user" key `desc` = `value` in it. Returns the key's serial.
+fn session_keyring_with_key(name: &str, desc: &str, value: &str) -> libc::c_long {
+    let name = std::ffi::CString::new(name).unwrap();
+    // SAFETY: KEYCTL_JOIN_SESSION_KEYRING reads one NUL-terminated string; it changes only the
+    // credentials of this thread (the test's own), which end with it.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_keyctl,
+            libc::KEYCTL_JOIN_SESSION_KEYRING,
+            name.as_ptr(),
+        )
+    };
+    assert!(
+        rc > 0,
+        "join session keyring: {}",
+        std::io::Error::last_os_error()
+    );
+    let desc = std::ffi::CString::new(desc).unwrap();
+    // SAFETY: add_key reads two NUL-terminated strings and value.len() bytes of value.
+    let key = unsafe {
+        libc::syscall(
+            libc::SYS_add_key,
+            c"user".as_ptr(),
+            desc.as_ptr(),
+            value.as_ptr(),
+            value.len(),
+            libc::KEY_SPEC_SESSION_KEYRING as libc::c_long,
+        )
+    };
+    assert!(key > 0, "add_key: {}", std::io::Error::last_os_error());
+    key
+}
+
+#[test]
+fn the_helpers_session_keyring_is_out_of_reach() {
+    let a = TestUser::get("mpt-atk-a");
+    let b = TestUser::get("mpt-atk-b");
+    let root = ScratchRoot::new("atk-keys");
+    let s = settings(&root.0);
+    let atk = attack();
+    let pid = std::process::id();
+    let key = session_keyring_with_key(
+        &format!("mupilot-test-atk-{pid}"),
+        "mpt-atk-helper-secret",
+        "helper-secret-value",
+    );
+    // A payload reading the helper's key, and planting one for the next payload.
+    let (o, out) = run(
+        &s,
+        plan(
+            "atk-keys-a",
+            &a.account,
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "{atk} key-read mpt-atk-helper-secret; {atk} key-add mpt-atk-planted from-a"
+                ),
+            ],
+        ),
+    );
+    assert_eq!(o.exit_code, Some(0), "{out}");
+    assert!(!out.contains("helper-secret-value"), "{out}");
+    assert!(
+        out.contains("FAILED key-search mpt-atk-helper-secret"),
+        "{out}"
+    );
+    let (o, outb) = run(
+        &s,
+        plan(
+            "atk-keys-b",
+            &b.account,
+            &[&atk, "key-read", "mpt-atk-planted"],
+        ),
+    );
+    assert_eq!(o.exit_code, Some(0), "{outb}");
+    assert!(!outb.contains("from-a"), "{outb}");
+    assert!(outb.contains("FAILED key-search mpt-atk-planted"), "{outb}");
+    // SAFETY: KEYCTL_INVALIDATE takes the key's serial only.
+    unsafe { libc::syscall(libc::SYS_keyctl, libc::KEYCTL_INVALIDATE, key) };
+}

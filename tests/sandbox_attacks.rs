@@ -772,7 +772,8 @@ fn the_helpers_session_keyring_is_out_of_reach() {
                 "sh",
                 "-c",
                 &format!(
-                    "{atk} key-read mpt-atk-helper-secret; {atk} key-add mpt-atk-planted from-a"
+                    "{atk} key-read mpt-atk-helper-secret; {atk} key-add mpt-atk-planted from-a; \
+                     {atk} key-read mpt-atk-planted"
                 ),
             ],
         ),
@@ -783,6 +784,8 @@ fn the_helpers_session_keyring_is_out_of_reach() {
         out.contains("FAILED key-search mpt-atk-helper-secret"),
         "{out}"
     );
+    // Control: the payload has a working keyring of its own (Kerberos/AFS tokens need one).
+    assert!(out.contains("KEY from-a"), "{out}");
     let (o, outb) = run(
         &s,
         plan(

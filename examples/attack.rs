@@ -306,18 +306,15 @@ fn forkbomb() -> ! {
     let mut failures = 0u64;
     loop {
         // SAFETY: this program is single-threaded, so the child may go on running Rust code.
-        match unsafe { libc::fork() } {
-            -1 => {
-                failures += 1;
-                if failures == 1 {
-                    println!(
-                        "FORK-FAILED {}",
-                        errno_name(std::io::Error::last_os_error())
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(5));
+        if unsafe { libc::fork() } == -1 {
+            failures += 1;
+            if failures == 1 {
+                println!(
+                    "FORK-FAILED {}",
+                    errno_name(std::io::Error::last_os_error())
+                );
             }
-            _ => {}
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 }

@@ -12,9 +12,11 @@ cd "$(dirname "$0")/.."
 source scripts/lib/common.sh
 need_root
 
-TESTS=(sandbox_isolation sandbox_env sandbox_orphan)
+TESTS=(sandbox_isolation sandbox_env sandbox_orphan sandbox_attacks)
 log "building the sandbox test binaries"
-cargo build --locked --bin mupilot-switch
+# examples/attack is the hostile payload of sandbox_attacks (raw syscalls: the guest has no
+# python or gcc); the tests find it beside their deps directory.
+cargo build --locked --bin mupilot-switch --example attack
 mapfile -t BINARIES < <(
     cargo test --locked --no-run --message-format=json "${TESTS[@]/#/--test=}" 2>/dev/null |
         jq -r 'select(.reason == "compiler-artifact" and .profile.test == true) | .executable // empty'
@@ -33,14 +35,14 @@ STRIPPED=$(mktemp -d /tmp/mupilot-vm-bins.XXXXXX)
 trap 'rm -rf "$STRIPPED"' EXIT
 # util-linux's IPC tools: the isolation tests create SysV segments (busybox has none).
 args=(--mem 3G --timeout 1200 --bin /usr/bin/ipcmk --bin /usr/bin/ipcs)
-for b in "$PWD/target/debug/mupilot-switch" "${BINARIES[@]}"; do
+for b in "$PWD/target/debug/mupilot-switch" "$PWD/target/debug/examples/attack" "${BINARIES[@]}"; do
     objcopy --strip-debug "$b" "$STRIPPED/$(basename "$b")"
     args+=(--file "$STRIPPED/$(basename "$b"):$b")
 done
 while read -r lib; do
     lib=$(readlink -f "$lib") # /lib is a symlink to usr/lib: copy to the real path
     args+=(--file "$lib:$lib")
-done < <(for b in "${BINARIES[@]}"; do ldd "$b"; done | awk '/=> \// { print $3 } /^\t\// { print $1 }' | sort -u)
+done < <(for b in "${BINARIES[@]}" "$PWD/target/debug/examples/attack"; do ldd "$b"; done | awk '/=> \// { print $3 } /^\t\// { print $1 }' | sort -u)
 script='rc=0'
 for b in "${BINARIES[@]}"; do
     # One test at a time: the tests share accounts and the VM has little memory.

@@ -2,7 +2,7 @@
 //! and no way back. Runs only in the single-threaded payload child of the stage's init.
 //!
 //! Order matters: securebits and the bounding set need CAP_SETPCAP, so they come while still
-//! root; then groups, gid, uid; then the remaining sets are cleared and every one is verified
+//! root; then groups, gid, uid, a fresh session keyring; then the remaining sets are cleared and every one is verified
 //! empty from /proc/self/status; finally no_new_privs.
 
 use nix::unistd::{setgroups, setresgid, setresuid, Gid, Uid};
@@ -62,6 +62,7 @@ pub(crate) fn drop_to(account: &Account) -> StepResult<()> {
     setresgid(gid, gid, gid).map_err(|e| ("setresgid".to_owned(), e.to_string()))?;
     let uid = Uid::from_raw(account.uid);
     setresuid(uid, uid, uid).map_err(|e| ("setresuid".to_owned(), e.to_string()))?;
+    fresh_session_keyring()?;
     // Ambient and inheritable survive setuid: clear them; permitted/effective were cleared by
     // the setuid fixup but are cleared again explicitly.
     // SAFETY: prctl with integer arguments only.
@@ -90,6 +91,35 @@ pub(crate) fn drop_to(account: &Account) -> StepResult<()> {
         return Err(os_err("set no_new_privs"));
     }
     Ok(())
+}
+
+/// Replaces the session keyring inherited from the helper with a new, empty one owned by the
+/// account. The session keyring survives fork, exec and setuid, and whoever has it as session
+/// keyring *possesses* it and every key in it: without this step every payload could read the
+/// helper's keys (systemd gives each service its own session keyring) and leave keys there for
+/// the next payload. (Thread and process keyrings are not inherited across fork.)
+fn fresh_session_keyring() -> StepResult<()> {
+    // SAFETY: KEYCTL_JOIN_SESSION_KEYRING with a null name takes no pointer the kernel reads.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_keyctl,
+            libc::KEYCTL_JOIN_SESSION_KEYRING,
+            std::ptr::null::<libc::c_char>(),
+        )
+    };
+    if rc >= 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        // A kernel without keyrings has nothing to inherit.
+        Some(libc::ENOSYS) => Ok(()),
+        Some(libc::EDQUOT) => Err((
+            "fresh session keyring".into(),
+            format!("{e}: the account's key quota is used up; raise kernel.keys.maxkeys"),
+        )),
+        _ => Err(("fresh session keyring".into(), e.to_string())),
+    }
 }
 
 /// Reads back ids and all five capability sets from /proc/self/status.

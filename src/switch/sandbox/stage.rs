@@ -336,10 +336,14 @@ fn init_main(plan: &StagePlan, events: &mut File, mut ack: File) -> StepResult<i
             None::<&str>,
         ),
     )?;
-    // 5. Private, size-limited /tmp, /var/tmp, /dev/shm (P8: no shared temporary files).
+    // 5. Private, size-limited /tmp, /var/tmp, /dev/shm (P8: no shared temporary files), and
+    //    /run/lock where it is world-writable (1777 on Debian-like nodes, /var/lock points to
+    //    it): shared, it is a drop box between payloads that keeps their files after teardown.
     let opts = format!("size={},mode=1777", plan.tmp_size_bytes);
-    for dir in ["/tmp", "/var/tmp", "/dev/shm"] {
-        if Path::new(dir).is_dir() {
+    for dir in ["/tmp", "/var/tmp", "/dev/shm", "/run/lock"] {
+        let shared = dir != "/run/lock"
+            || std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o002 != 0);
+        if shared && Path::new(dir).is_dir() {
             step(
                 &format!("mount tmpfs on {dir}"),
                 mount(

@@ -72,7 +72,7 @@ fn start(
         "account": u.account,
         "argv": ["sleep", "77"],
         "env": [["PATH", "/usr/bin:/bin"]],
-        "procs_files": cg.procs_files(),
+        "join_files": cg.join_files(),
         "scratch_root": root.0,
         "scratch": scratch,
         "tmp_size_bytes": 1 << 20,

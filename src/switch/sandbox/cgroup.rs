@@ -469,7 +469,22 @@ impl Cgroup {
         }
     }
 
-    /// The `cgroup.procs` files a process writes "0" to in order to join this cgroup.
+    /// The files a single-threaded process writes "0" to in order to join this cgroup.
+    ///
+    /// v1: each hierarchy's `tasks`. Moving only the calling thread (pid 0 = current) lets the
+    /// kernel skip the global threadgroup rwsem, whose write side waits for an RCU grace
+    /// period: 10-15 ms per payload through `cgroup.procs` when no other migration happened
+    /// just before (measured, docs/benchmarks.md), about 20 µs through `tasks`. The stage's
+    /// init is single-threaded, so its one thread is the whole process. v2 allows thread
+    /// moves only inside a threaded subtree, so it keeps `cgroup.procs`.
+    pub fn join_files(&self) -> Vec<PathBuf> {
+        match self {
+            Cgroup::V1 { dirs } => dirs.iter().map(|(_, d)| d.join("tasks")).collect(),
+            Cgroup::V2 { dir } => vec![dir.join("cgroup.procs")],
+        }
+    }
+
+    /// The `cgroup.procs` files listing this cgroup's processes.
     pub fn procs_files(&self) -> Vec<PathBuf> {
         match self {
             Cgroup::V1 { dirs } => dirs.iter().map(|(_, d)| d.join("cgroup.procs")).collect(),

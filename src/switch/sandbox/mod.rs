@@ -514,7 +514,7 @@ pub fn launch(
         account: plan.account.clone(),
         argv: plan.argv.clone(),
         env: payload_env(settings, &plan, &scratch),
-        procs_files: cg.procs_files(),
+        join_files: cg.join_files(),
         scratch_root: settings.scratch_root.clone(),
         scratch: scratch.clone(),
         tmp_size_bytes: settings.tmp_size_bytes,

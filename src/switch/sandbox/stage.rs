@@ -40,8 +40,9 @@ pub(crate) struct StagePlan {
     pub argv: Vec<String>,
     /// The payload's complete environment, computed by the helper.
     pub env: Vec<(String, String)>,
-    /// `cgroup.procs` files the init joins (writes "0" to).
-    pub procs_files: Vec<PathBuf>,
+    /// Files the single-threaded init writes "0" to, to join the payload cgroup
+    /// (`Cgroup::join_files`); their directories are the payload's cgroup directories.
+    pub join_files: Vec<PathBuf>,
     pub scratch_root: PathBuf,
     pub scratch: PathBuf,
     pub tmp_size_bytes: u64,
@@ -273,7 +274,7 @@ fn run_stage(plan: &StagePlan, out: &mut File) -> StepResult<()> {
 /// namespace), so remove the scratch directory and the cgroup directories.
 fn orphan_cleanup(plan: &StagePlan) {
     let _ = std::fs::remove_dir_all(&plan.scratch);
-    for f in &plan.procs_files {
+    for f in &plan.join_files {
         if let Some(dir) = f.parent() {
             for _ in 0..200 {
                 match std::fs::remove_dir(dir) {
@@ -301,7 +302,7 @@ fn host_pid_of_child(init: i32) -> i32 {
 /// pid 1 of the payload's pid namespace. Returns the exit code of the init.
 fn init_main(plan: &StagePlan, events: &mut File, mut ack: File) -> StepResult<i32> {
     // 1. Into the payload cgroup first, so everything after is accounted and limited (P7).
-    for f in &plan.procs_files {
+    for f in &plan.join_files {
         step(
             &format!("join cgroup {}", f.display()),
             std::fs::write(f, "0"),

@@ -4,7 +4,10 @@
 #      sudo -u, and mupilot's whole path (pilot request -> helper -> payload -> exit reported),
 #      interleaved in rounds so machine noise hits every contender alike;
 #   2. decision latency (authorization + mapping) with 10,000 policy lines and 10,000 bans;
-#   3. records: append rate, verify rate, `audit who` over 1,000,000 records.
+#   3. supervision: payloads/s through pilot + helper + server; CPU and memory while payloads sleep;
+#   4. fetch: matches/s from the server over mTLS with keep-alive, 1 and 16 pilots;
+#   5. records: append rate, verify rate, `audit who` over 1,000,000 records.
+# Sections 2-5 are scripts/bench.d/*.sh, sourced in order with this script's variables.
 # Prints a markdown table and writes it, with the machine's description, to docs/benchmarks.md.
 #
 #   scripts/bench.sh [--rounds R] [--per-round N]     (default 6 rounds of 50 = 300 launches each)
@@ -34,6 +37,7 @@ WORK=$(mktemp -d /var/lib/mupilot-bench.XXXXXX)
 chmod 0755 "$WORK"
 BENCH_ACCOUNTS=(mupilot mpu-alice)
 created=()
+EXTRA_PIDS=()
 for a in "${BENCH_ACCOUNTS[@]}"; do
     if ! getent passwd "$a" >/dev/null; then
         useradd --no-create-home --shell /usr/sbin/nologin --home-dir /nonexistent "$a"
@@ -41,6 +45,9 @@ for a in "${BENCH_ACCOUNTS[@]}"; do
     fi
 done
 cleanup() {
+    for p in "${EXTRA_PIDS[@]}"; do stop_pid "$p"; done
+    stop_pid "${PILOT_PID:-}"
+    stop_pid "${SERVER_PID:-}"
     stop_pid "${SWITCH_PID:-}"
     rm -rf "$WORK"
     for a in "${created[@]}"; do userdel "$a" 2>/dev/null || true; done
@@ -58,6 +65,14 @@ install -d -o "$U" -g "$G" -m 0700 "$SCRATCH"
 SWITCH_PID=$!
 wait_for "test -S '$WORK/vo/switch.sock'" 10 || die "helper did not start: $(cat "$WORK/switch.log")"
 chmod 0644 "$WORK/vo/vo.key" # the bench client signs as the VO would; demo key only
+
+# The VO server (sections 3 and 4), and the pilot account's files for `mupilot run`.
+"$BIN/mupilot-server" serve --config "$WORK/vo/server.toml" >"$WORK/server.out" 2>"$WORK/server.log" &
+SERVER_PID=$!
+wait_for "grep -q '^listening on ' '$WORK/server.out'" 30 || die "server did not start: $(cat "$WORK/server.log")"
+SERVER_URL=$(sed -n 's/^listening on //p' "$WORK/server.out" | head -n1)
+install -d -o mupilot -m 0700 "$WORK/vo/pilot-work"
+chown mupilot "$WORK/vo/pilot.crt" "$WORK/vo/pilot.key"
 
 SETPRIV=(setpriv "--reuid=$U" "--regid=$G" --clear-groups)
 declare -A CONTENDERS=(
@@ -88,7 +103,7 @@ echo >&2
 declare -A P50 P99 N
 while read -r name n p50 p99 _mean; do
     N[$name]=$n P50[$name]=$p50 P99[$name]=$p99
-done < <("$LB" stats "${ORDER[@]/#/$WORK/}" | sed "s#$WORK/##; s#\.lat##")
+done < <(for c in "${ORDER[@]}"; do "$LB" stats "$WORK/$c.lat"; done)
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 ms() { awk -v a="$1" 'BEGIN { printf "%.2f", a / 1000 }'; }
@@ -111,7 +126,8 @@ for extra in scripts/bench.d/*.sh; do
     [ -e "$extra" ] || continue
     # Each extra section appends its own markdown to the table.
     # shellcheck disable=SC1090
-    BIN=$BIN WORK=$WORK source "$extra" >>"$TABLE"
+    log "section $(basename "$extra" .sh)"
+    source "$extra" >>"$TABLE"
 done
 
 cat "$TABLE"

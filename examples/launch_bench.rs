@@ -1,7 +1,7 @@
 //! Launch-latency measurements for scripts/bench.sh (a benchmark, not a test).
 //!
-//! `launch_bench cmd N -- ARGV...`: spawns ARGV N times in sequence and prints one latency per
-//! line in microseconds (spawn to reaped exit).
+//! `launch_bench cmd N [--gap-ms G] -- ARGV...`: spawns ARGV N times in sequence (pausing G ms,
+//! untimed, before each) and prints one latency per line in microseconds (spawn to reaped exit).
 //!
 //! `launch_bench mupilot N --socket S --vo-key K --dn DN --vo VO`: the pilot side of mupilot's
 //! whole launch path: connects to the helper as the calling (pilot) account, and N times signs
@@ -33,7 +33,7 @@ fn main() {
         Some("hold") => hold(&args[1..]),
         Some("stats") => stats(&args[1..]),
         _ => {
-            eprintln!("usage: launch_bench cmd N -- ARGV... | mupilot N --socket S --vo-key K --dn DN --vo VO | hold N SECONDS --socket .. | stats FILE...");
+            eprintln!("usage: launch_bench cmd N [--gap-ms G] -- ARGV... | mupilot N --socket S --vo-key K --dn DN --vo VO | hold N SECONDS --socket .. | stats FILE...");
             2
         }
     };
@@ -51,8 +51,19 @@ fn cmd(args: &[String]) -> i32 {
         Some(i) => &args[i + 1..],
         None => return 2,
     };
+    // A pause before each launch (not timed) lets kernel state that fast back-to-back launches
+    // share (an RCU grace period already passed) go cold again, as between real payloads.
+    let gap = args
+        .iter()
+        .position(|a| a == "--gap-ms")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|g| g.parse().ok())
+        .map(std::time::Duration::from_millis);
     let mut out = std::io::stdout().lock();
     for _ in 0..n {
+        if let Some(g) = gap {
+            std::thread::sleep(g);
+        }
         let t = Instant::now();
         let st = Command::new(&argv[0])
             .args(&argv[1..])

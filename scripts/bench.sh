@@ -49,6 +49,7 @@ cleanup() {
     stop_pid "${PILOT_PID:-}"
     stop_pid "${SERVER_PID:-}"
     stop_pid "${SWITCH_PID:-}"
+    [ -z "${ATTACH_CG:-}" ] || rmdir "$ATTACH_CG" 2>/dev/null || true
     rm -rf "$WORK"
     for a in "${created[@]}"; do userdel "$a" 2>/dev/null || true; done
 }
@@ -74,6 +75,15 @@ SERVER_URL=$(sed -n 's/^listening on //p' "$WORK/server.out" | head -n1)
 install -d -o mupilot -m 0700 "$WORK/vo/pilot-work"
 chown mupilot "$WORK/vo/pilot.crt" "$WORK/vo/pilot.key"
 
+# The kernel's cost of moving one process into a cgroup (mupilot's init does it once per
+# payload): `sh` joining an empty cgroup, next to `sh` alone.
+if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
+    ATTACH_CG=/sys/fs/cgroup/mupilot-bench-attach-$$
+else
+    ATTACH_CG=/sys/fs/cgroup/pids/mupilot-bench-attach-$$
+fi
+mkdir "$ATTACH_CG"
+
 SETPRIV=(setpriv "--reuid=$U" "--regid=$G" --clear-groups)
 declare -A CONTENDERS=(
     [bare]="true"
@@ -81,8 +91,13 @@ declare -A CONTENDERS=(
     [unshare_setpriv]="unshare -m -p -i -u -f ${SETPRIV[*]} true"
     [bwrap_setpriv]="bwrap --unshare-pid --unshare-ipc --unshare-uts --die-with-parent --ro-bind / / --tmpfs /tmp --bind $SCRATCH $SCRATCH --proc /proc --dev /dev --chdir $SCRATCH ${SETPRIV[*]} true"
     [sudo]="sudo -u mpu-alice true"
+    [sh_gap]="sh -c true"
+    [sh_cgroup_attach_gap]="sh -c 'echo 0 >$ATTACH_CG/cgroup.procs && exec true'"
 )
-ORDER=(bare setpriv unshare_setpriv bwrap_setpriv sudo mupilot)
+# The *_gap contenders pause 50 ms (untimed) before each launch: a cgroup migration is cheap
+# right after another one and costs an RCU grace period when the last one is older.
+declare -A CMD_OPTS=([sh_gap]="--gap-ms 50" [sh_cgroup_attach_gap]="--gap-ms 50")
+ORDER=(bare setpriv unshare_setpriv bwrap_setpriv sudo sh_gap sh_cgroup_attach_gap mupilot)
 
 log "launch latency: $ROUNDS rounds x $PER_ROUND launches per contender, interleaved"
 for r in $(seq 1 "$ROUNDS"); do
@@ -92,8 +107,9 @@ for r in $(seq 1 "$ROUNDS"); do
                 --vo-key "$WORK/vo/vo.key" --dn "/DC=org/DC=mupilot-demo/CN=alice" --vo demo \
                 >>"$WORK/$c.lat"
         else
+            eval "set -- ${CONTENDERS[$c]}"
             # shellcheck disable=SC2086
-            "$LB" cmd "$PER_ROUND" -- ${CONTENDERS[$c]} >>"$WORK/$c.lat"
+            "$LB" cmd "$PER_ROUND" ${CMD_OPTS[$c]:-} -- "$@" >>"$WORK/$c.lat"
         fi
     done
     printf '.' >&2
@@ -120,6 +136,11 @@ TABLE=$WORK/table.md
     echo
     echo "Targets: mupilot p50 <= 0.8 x bwrap_setpriv p50 (now $(ratio "${P50[mupilot]}" "${P50[bwrap_setpriv]}") x)," \
         "and <= 4 x bare p50 (now $(ratio "${P50[mupilot]}" "${P50[bare]}") x)."
+    echo
+    echo "\`sh_cgroup_attach_gap\` - \`sh_gap\` is the kernel's cost of moving one process into a" \
+        "cgroup when no migration happened in the last 50 ms" \
+        "(p50 $(awk -v a="${P50[sh_cgroup_attach_gap]}" -v b="${P50[sh_gap]}" 'BEGIN { printf "%.2f", (a - b) / 1000 }') ms):" \
+        "mupilot's init pays it once per payload (see the analysis below)."
 } >"$TABLE"
 
 for extra in scripts/bench.d/*.sh; do

@@ -71,6 +71,7 @@ chmod 0644 "$WORK/vo/vo.key" # the bench client signs as the VO would; demo key 
 "$BIN/mupilot-server" serve --config "$WORK/vo/server.toml" >"$WORK/server.out" 2>"$WORK/server.log" &
 SERVER_PID=$!
 wait_for "grep -q '^listening on ' '$WORK/server.out'" 30 || die "server did not start: $(cat "$WORK/server.log")"
+# shellcheck disable=SC2034 # used by scripts/bench.d/*.sh
 SERVER_URL=$(sed -n 's/^listening on //p' "$WORK/server.out" | head -n1)
 install -d -o mupilot -m 0700 "$WORK/vo/pilot-work"
 chown mupilot "$WORK/vo/pilot.crt" "$WORK/vo/pilot.key"
@@ -100,7 +101,7 @@ declare -A CMD_OPTS=([sh_gap]="--gap-ms 50" [sh_cgroup_attach_gap]="--gap-ms 50"
 ORDER=(bare setpriv unshare_setpriv bwrap_setpriv sudo sh_gap sh_cgroup_attach_gap mupilot)
 
 log "launch latency: $ROUNDS rounds x $PER_ROUND launches per contender, interleaved"
-for r in $(seq 1 "$ROUNDS"); do
+for _ in $(seq 1 "$ROUNDS"); do
     for c in "${ORDER[@]}"; do
         if [ "$c" = mupilot ]; then
             runuser -u mupilot -- "$LB" mupilot "$PER_ROUND" --socket "$WORK/vo/switch.sock" \
@@ -146,8 +147,8 @@ TABLE=$WORK/table.md
 for extra in scripts/bench.d/*.sh; do
     [ -e "$extra" ] || continue
     # Each extra section appends its own markdown to the table.
-    # shellcheck disable=SC1090
     log "section $(basename "$extra" .sh)"
+    # shellcheck disable=SC1090
     source "$extra" >>"$TABLE"
 done
 
@@ -162,5 +163,7 @@ cat "$TABLE"
     echo "Each number is from the same run; rerun the script to reproduce."
     echo
     cat "$TABLE"
+    echo
+    cat scripts/bench-analysis.md
 } >docs/benchmarks.md
 log "wrote docs/benchmarks.md"

@@ -1,11 +1,14 @@
 //! Launch-latency measurements for scripts/bench.sh (a benchmark, not a test).
 //!
-//! `launch_bench cmd N -- ARGV...`: spawns ARGV N times in sequence and prints one latency per
-//! line in microseconds (spawn to reaped exit).
+//! `launch_bench cmd N [--gap-ms G] -- ARGV...`: spawns ARGV N times in sequence (pausing G ms,
+//! untimed, before each) and prints one latency per line in microseconds (spawn to reaped exit).
 //!
 //! `launch_bench mupilot N --socket S --vo-key K --dn DN --vo VO`: the pilot side of mupilot's
 //! whole launch path: connects to the helper as the calling (pilot) account, and N times signs
 //! an envelope for `true`, sends `launch`, and waits for `exited`; prints one latency per line.
+//!
+//! `launch_bench hold N SECONDS --socket S --vo-key K --dn DN --vo VO`: keeps N `sleep SECONDS`
+//! payloads running through the helper at once; prints `started N` when all run.
 //!
 //! `launch_bench stats FILE...`: reads latencies and prints `name n p50 p99 mean` (µs).
 
@@ -27,9 +30,10 @@ fn main() {
     let code = match args.first().map(String::as_str) {
         Some("cmd") => cmd(&args[1..]),
         Some("mupilot") => mupilot_path(&args[1..]),
+        Some("hold") => hold(&args[1..]),
         Some("stats") => stats(&args[1..]),
         _ => {
-            eprintln!("usage: launch_bench cmd N -- ARGV... | mupilot N --socket S --vo-key K --dn DN --vo VO | stats FILE...");
+            eprintln!("usage: launch_bench cmd N [--gap-ms G] -- ARGV... | mupilot N --socket S --vo-key K --dn DN --vo VO | hold N SECONDS --socket .. | stats FILE...");
             2
         }
     };
@@ -47,8 +51,19 @@ fn cmd(args: &[String]) -> i32 {
         Some(i) => &args[i + 1..],
         None => return 2,
     };
+    // A pause before each launch (not timed) lets kernel state that fast back-to-back launches
+    // share (an RCU grace period already passed) go cold again, as between real payloads.
+    let gap = args
+        .iter()
+        .position(|a| a == "--gap-ms")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|g| g.parse().ok())
+        .map(std::time::Duration::from_millis);
     let mut out = std::io::stdout().lock();
     for _ in 0..n {
+        if let Some(g) = gap {
+            std::thread::sleep(g);
+        }
         let t = Instant::now();
         let st = Command::new(&argv[0])
             .args(&argv[1..])
@@ -81,43 +96,13 @@ fn mupilot_path(args: &[String]) -> i32 {
     let key = VoSigningKey::from_pem_file(&PathBuf::from(flag(args, "--vo-key"))).expect("VO key");
     let dn = flag(args, "--dn");
     let vo = flag(args, "--vo");
-    let mut stream = UnixStream::connect(&socket).expect("connect to the helper");
-    let hello = SwitchRequest::Hello(PilotHello {
-        pilot_id: format!("bench-{}", std::process::id()),
-        ..Default::default()
-    });
-    write_frame(&mut stream, &hello, &[]).unwrap();
-    let (_welcome, _): (SwitchEvent, _) = read_frame(&mut stream).unwrap();
+    let mut stream = connect(&socket);
     // The payload's stdout/stderr: one pipe we drain nowhere (`true` writes nothing).
     let (_r, w) = nix::unistd::pipe().unwrap();
     let mut out = std::io::stdout().lock();
     let run = std::process::id();
     for i in 0..n {
-        let now = chrono::Utc::now();
-        let body = EnvelopeBody {
-            version: ENVELOPE_VERSION,
-            payload_id: format!("bench-{run}-{i}"),
-            owner: Owner {
-                dn: dn.clone(),
-                vo: vo.clone(),
-                fqans: vec![format!("/{vo}")],
-                membership_valid_until: now + chrono::Duration::days(30),
-            },
-            jobtag: Some("bench".into()),
-            argv: vec!["true".into()],
-            env: BTreeMap::new(),
-            bundle_sha256: None,
-            resources: Resources {
-                cores: 1,
-                memory_bytes: 256 << 20,
-                walltime_seconds: 60,
-            },
-            outputs: vec![],
-            not_before: now - chrono::Duration::seconds(60),
-            not_after: now + chrono::Duration::seconds(600),
-            nonce: format!("{:032x}", rand::random::<u128>()),
-            issuer: "bench".into(),
-        };
+        let body = envelope_body(&dn, &vo, &format!("bench-{run}-{i}"), &["true"], 60);
         let envelope = key.sign(&body);
         let t = Instant::now();
         let req = SwitchRequest::Launch {
@@ -147,6 +132,103 @@ fn mupilot_path(args: &[String]) -> i32 {
             }
         }
         writeln!(out, "{:.1}", t.elapsed().as_secs_f64() * 1e6).unwrap();
+    }
+    0
+}
+
+/// Connects to the helper and says hello as a pilot.
+fn connect(socket: &PathBuf) -> UnixStream {
+    let mut stream = UnixStream::connect(socket).expect("connect to the helper");
+    let hello = SwitchRequest::Hello(PilotHello {
+        pilot_id: format!("bench-{}", std::process::id()),
+        ..Default::default()
+    });
+    write_frame(&mut stream, &hello, &[]).unwrap();
+    let (_welcome, _): (SwitchEvent, _) = read_frame(&mut stream).unwrap();
+    stream
+}
+
+/// An envelope body as the VO server would sign it, valid for ten minutes.
+fn envelope_body(dn: &str, vo: &str, id: &str, argv: &[&str], walltime: u64) -> EnvelopeBody {
+    let now = chrono::Utc::now();
+    EnvelopeBody {
+        version: ENVELOPE_VERSION,
+        payload_id: id.to_string(),
+        owner: Owner {
+            dn: dn.to_string(),
+            vo: vo.to_string(),
+            fqans: vec![format!("/{vo}")],
+            membership_valid_until: now + chrono::Duration::days(30),
+        },
+        jobtag: Some("bench".into()),
+        argv: argv.iter().map(|a| a.to_string()).collect(),
+        env: BTreeMap::new(),
+        bundle_sha256: None,
+        resources: Resources {
+            cores: 1,
+            memory_bytes: 64 << 20,
+            walltime_seconds: walltime,
+        },
+        outputs: vec![],
+        not_before: now - chrono::Duration::seconds(60),
+        not_after: now + chrono::Duration::seconds(600),
+        nonce: format!("{:032x}", rand::random::<u128>()),
+        issuer: "bench".into(),
+    }
+}
+
+/// Launches N `sleep SECONDS` payloads through the helper on one connection, prints `started N`
+/// once all run (the script samples the helper then), and waits for every exit.
+fn hold(args: &[String]) -> i32 {
+    let n = count(args.first());
+    let secs: u64 = args
+        .get(1)
+        .and_then(|s| s.parse().ok())
+        .expect("SECONDS must be a positive integer");
+    let socket = PathBuf::from(flag(args, "--socket"));
+    let key = VoSigningKey::from_pem_file(&PathBuf::from(flag(args, "--vo-key"))).expect("VO key");
+    let dn = flag(args, "--dn");
+    let vo = flag(args, "--vo");
+    let mut stream = connect(&socket);
+    let (_r, w) = nix::unistd::pipe().unwrap();
+    let run = std::process::id();
+    let secs_s = secs.to_string();
+    for i in 0..n {
+        let body = envelope_body(
+            &dn,
+            &vo,
+            &format!("hold-{run}-{i}"),
+            &["sleep", &secs_s],
+            secs + 60,
+        );
+        let req = SwitchRequest::Launch {
+            envelope: key.sign(&body),
+            bundle: None,
+        };
+        write_frame(&mut stream, &req, &[w.as_raw_fd(), w.as_raw_fd()]).unwrap();
+    }
+    let (mut started, mut exited) = (0, 0);
+    while exited < n {
+        let (ev, _): (SwitchEvent, _) = read_frame(&mut stream).expect("helper answers");
+        match ev {
+            SwitchEvent::Started { .. } => {
+                started += 1;
+                if started == n {
+                    println!("started {n}");
+                    std::io::stdout().flush().unwrap();
+                }
+            }
+            SwitchEvent::Exited { .. } => exited += 1,
+            SwitchEvent::Denied { reason, .. } => {
+                eprintln!("denied: {reason}");
+                return 1;
+            }
+            SwitchEvent::Error { reason } => {
+                eprintln!("error: {reason}");
+                return 1;
+            }
+            _ => {}
+        }
     }
     0
 }

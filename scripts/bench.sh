@@ -4,7 +4,10 @@
 #      sudo -u, and mupilot's whole path (pilot request -> helper -> payload -> exit reported),
 #      interleaved in rounds so machine noise hits every contender alike;
 #   2. decision latency (authorization + mapping) with 10,000 policy lines and 10,000 bans;
-#   3. records: append rate, verify rate, `audit who` over 1,000,000 records.
+#   3. supervision: payloads/s through pilot + helper + server; CPU and memory while payloads sleep;
+#   4. fetch: matches/s from the server over mTLS with keep-alive, 1 and 16 pilots;
+#   5. records: append rate, verify rate, `audit who` over 1,000,000 records.
+# Sections 2-5 are scripts/bench.d/*.sh, sourced in order with this script's variables.
 # Prints a markdown table and writes it, with the machine's description, to docs/benchmarks.md.
 #
 #   scripts/bench.sh [--rounds R] [--per-round N]     (default 6 rounds of 50 = 300 launches each)
@@ -34,6 +37,7 @@ WORK=$(mktemp -d /var/lib/mupilot-bench.XXXXXX)
 chmod 0755 "$WORK"
 BENCH_ACCOUNTS=(mupilot mpu-alice)
 created=()
+EXTRA_PIDS=()
 for a in "${BENCH_ACCOUNTS[@]}"; do
     if ! getent passwd "$a" >/dev/null; then
         useradd --no-create-home --shell /usr/sbin/nologin --home-dir /nonexistent "$a"
@@ -41,7 +45,11 @@ for a in "${BENCH_ACCOUNTS[@]}"; do
     fi
 done
 cleanup() {
+    for p in "${EXTRA_PIDS[@]}"; do stop_pid "$p"; done
+    stop_pid "${PILOT_PID:-}"
+    stop_pid "${SERVER_PID:-}"
     stop_pid "${SWITCH_PID:-}"
+    [ -z "${ATTACH_CG:-}" ] || rmdir "$ATTACH_CG" 2>/dev/null || true
     rm -rf "$WORK"
     for a in "${created[@]}"; do userdel "$a" 2>/dev/null || true; done
 }
@@ -59,6 +67,24 @@ SWITCH_PID=$!
 wait_for "test -S '$WORK/vo/switch.sock'" 10 || die "helper did not start: $(cat "$WORK/switch.log")"
 chmod 0644 "$WORK/vo/vo.key" # the bench client signs as the VO would; demo key only
 
+# The VO server (sections 3 and 4), and the pilot account's files for `mupilot run`.
+"$BIN/mupilot-server" serve --config "$WORK/vo/server.toml" >"$WORK/server.out" 2>"$WORK/server.log" &
+SERVER_PID=$!
+wait_for "grep -q '^listening on ' '$WORK/server.out'" 30 || die "server did not start: $(cat "$WORK/server.log")"
+# shellcheck disable=SC2034 # used by scripts/bench.d/*.sh
+SERVER_URL=$(sed -n 's/^listening on //p' "$WORK/server.out" | head -n1)
+install -d -o mupilot -m 0700 "$WORK/vo/pilot-work"
+chown mupilot "$WORK/vo/pilot.crt" "$WORK/vo/pilot.key"
+
+# The kernel's cost of moving one process into a cgroup (mupilot's init does it once per
+# payload): `sh` joining an empty cgroup, next to `sh` alone.
+if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
+    ATTACH_CG=/sys/fs/cgroup/mupilot-bench-attach-$$
+else
+    ATTACH_CG=/sys/fs/cgroup/pids/mupilot-bench-attach-$$
+fi
+mkdir "$ATTACH_CG"
+
 SETPRIV=(setpriv "--reuid=$U" "--regid=$G" --clear-groups)
 declare -A CONTENDERS=(
     [bare]="true"
@@ -66,19 +92,25 @@ declare -A CONTENDERS=(
     [unshare_setpriv]="unshare -m -p -i -u -f ${SETPRIV[*]} true"
     [bwrap_setpriv]="bwrap --unshare-pid --unshare-ipc --unshare-uts --die-with-parent --ro-bind / / --tmpfs /tmp --bind $SCRATCH $SCRATCH --proc /proc --dev /dev --chdir $SCRATCH ${SETPRIV[*]} true"
     [sudo]="sudo -u mpu-alice true"
+    [sh_gap]="sh -c true"
+    [sh_cgroup_attach_gap]="sh -c 'echo 0 >$ATTACH_CG/cgroup.procs && exec true'"
 )
-ORDER=(bare setpriv unshare_setpriv bwrap_setpriv sudo mupilot)
+# The *_gap contenders pause 50 ms (untimed) before each launch: a cgroup migration is cheap
+# right after another one and costs an RCU grace period when the last one is older.
+declare -A CMD_OPTS=([sh_gap]="--gap-ms 50" [sh_cgroup_attach_gap]="--gap-ms 50")
+ORDER=(bare setpriv unshare_setpriv bwrap_setpriv sudo sh_gap sh_cgroup_attach_gap mupilot)
 
 log "launch latency: $ROUNDS rounds x $PER_ROUND launches per contender, interleaved"
-for r in $(seq 1 "$ROUNDS"); do
+for _ in $(seq 1 "$ROUNDS"); do
     for c in "${ORDER[@]}"; do
         if [ "$c" = mupilot ]; then
             runuser -u mupilot -- "$LB" mupilot "$PER_ROUND" --socket "$WORK/vo/switch.sock" \
                 --vo-key "$WORK/vo/vo.key" --dn "/DC=org/DC=mupilot-demo/CN=alice" --vo demo \
                 >>"$WORK/$c.lat"
         else
+            eval "set -- ${CONTENDERS[$c]}"
             # shellcheck disable=SC2086
-            "$LB" cmd "$PER_ROUND" -- ${CONTENDERS[$c]} >>"$WORK/$c.lat"
+            "$LB" cmd "$PER_ROUND" ${CMD_OPTS[$c]:-} -- "$@" >>"$WORK/$c.lat"
         fi
     done
     printf '.' >&2
@@ -88,7 +120,7 @@ echo >&2
 declare -A P50 P99 N
 while read -r name n p50 p99 _mean; do
     N[$name]=$n P50[$name]=$p50 P99[$name]=$p99
-done < <("$LB" stats "${ORDER[@]/#/$WORK/}" | sed "s#$WORK/##; s#\.lat##")
+done < <(for c in "${ORDER[@]}"; do "$LB" stats "$WORK/$c.lat"; done)
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 ms() { awk -v a="$1" 'BEGIN { printf "%.2f", a / 1000 }'; }
@@ -105,13 +137,19 @@ TABLE=$WORK/table.md
     echo
     echo "Targets: mupilot p50 <= 0.8 x bwrap_setpriv p50 (now $(ratio "${P50[mupilot]}" "${P50[bwrap_setpriv]}") x)," \
         "and <= 4 x bare p50 (now $(ratio "${P50[mupilot]}" "${P50[bare]}") x)."
+    echo
+    echo "\`sh_cgroup_attach_gap\` - \`sh_gap\` is the kernel's cost of moving one process into a" \
+        "cgroup when no migration happened in the last 50 ms" \
+        "(p50 $(awk -v a="${P50[sh_cgroup_attach_gap]}" -v b="${P50[sh_gap]}" 'BEGIN { printf "%.2f", (a - b) / 1000 }') ms):" \
+        "mupilot's init pays it once per payload (see the analysis below)."
 } >"$TABLE"
 
 for extra in scripts/bench.d/*.sh; do
     [ -e "$extra" ] || continue
     # Each extra section appends its own markdown to the table.
+    log "section $(basename "$extra" .sh)"
     # shellcheck disable=SC1090
-    BIN=$BIN WORK=$WORK source "$extra" >>"$TABLE"
+    source "$extra" >>"$TABLE"
 done
 
 cat "$TABLE"
@@ -125,5 +163,7 @@ cat "$TABLE"
     echo "Each number is from the same run; rerun the script to reproduce."
     echo
     cat "$TABLE"
+    echo
+    cat scripts/bench-analysis.md
 } >docs/benchmarks.md
 log "wrote docs/benchmarks.md"

@@ -1,0 +1,153 @@
+//! Match throughput of a running mupilot-server for scripts/bench.sh (a benchmark, not a test).
+//!
+//! `match_bench URL VO_DIR N_ONE N_MANY`: submits N_ONE + N_MANY `true` payloads as alice, then
+//! matches N_ONE of them from one pilot in sequence over one keep-alive mTLS connection, and
+//! N_MANY from 16 pilots at once (each its own client and connection). Prints
+//! `one MATCHES_PER_S` and `many MATCHES_PER_S`, and fails if any match came back empty or a
+//! payload was handed out twice. VO_DIR is the directory `mupilot-server init` wrote.
+//!
+//! `match_bench fill URL VO_DIR N -- ARGV...`: only submits N payloads running ARGV, as alice.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use mupilot::protocol::api::{MatchRequest, MatchResponse, SubmitRequest};
+use mupilot::protocol::Resources;
+
+fn req(pilot: &str) -> MatchRequest {
+    MatchRequest {
+        pilot_id: pilot.into(),
+        batch_system: None,
+        batch_job_id: None,
+        host: "bench".into(),
+        free_cores: 8,
+        free_memory_bytes: 16 << 30,
+        seconds_left: 86400,
+    }
+}
+
+fn client(dir: &Path, name: &str) -> reqwest::Client {
+    mupilot::tls::https_client(
+        &dir.join(format!("{name}.crt")),
+        &dir.join(format!("{name}.key")),
+        &dir.join("certificates"),
+    )
+    .unwrap_or_else(|e| panic!("client for {name}: {e}"))
+}
+
+async fn fill(dir: &Path, url: &str, n: usize, argv: &[String]) {
+    let alice = client(dir, "alice");
+    let sub = SubmitRequest {
+        argv: argv.to_vec(),
+        env: Default::default(),
+        jobtag: None,
+        resources: Resources {
+            cores: 1,
+            memory_bytes: 64 << 20,
+            walltime_seconds: 60,
+        },
+        outputs: vec![],
+        bundle: None,
+    };
+    let sem = Arc::new(tokio::sync::Semaphore::new(16));
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let (c, url, sub, sem) = (alice.clone(), url.to_string(), sub.clone(), sem.clone());
+        tasks.push(tokio::spawn(async move {
+            let _p = sem.acquire().await.unwrap();
+            let r = c.post(&url).json(&sub).send().await.expect("submit");
+            assert_eq!(r.status(), 201, "submit failed");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+async fn one_match(c: &reqwest::Client, url: &str, pilot: &str) -> String {
+    let m: MatchResponse = c
+        .post(url)
+        .json(&req(pilot))
+        .send()
+        .await
+        .expect("match request")
+        .json()
+        .await
+        .expect("match response");
+    m.work.expect("work left to match").payload_id
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 4)]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("fill") && args.len() > 5 && args[4] == "--" {
+        let n: usize = args[3].parse().expect("N");
+        let base = args[1].trim_end_matches('/');
+        fill(
+            Path::new(&args[2]),
+            &format!("{base}/v1/payloads"),
+            n,
+            &args[5..],
+        )
+        .await;
+        return;
+    }
+    if args.len() != 4 {
+        eprintln!("usage: match_bench URL VO_DIR N_ONE N_MANY | fill URL VO_DIR N -- ARGV...");
+        std::process::exit(2);
+    }
+    let base = args[0].trim_end_matches('/').to_string();
+    let dir = PathBuf::from(&args[1]);
+    let n_one: usize = args[2].parse().expect("N_ONE");
+    let n_many: usize = args[3].parse().expect("N_MANY");
+    // One more for the warm-up match of the sequential pilot.
+    let argv = vec!["/bin/true".to_string()];
+    fill(
+        &dir,
+        &format!("{base}/v1/payloads"),
+        n_one + n_many + 1,
+        &argv,
+    )
+    .await;
+
+    let url = format!("{base}/v1/match");
+    let pilot = client(&dir, "pilot");
+    let mut ids = vec![one_match(&pilot, &url, "warm").await];
+    let t = Instant::now();
+    for _ in 0..n_one {
+        ids.push(one_match(&pilot, &url, "one").await);
+    }
+    let one = n_one as f64 / t.elapsed().as_secs_f64();
+
+    let per = n_many / 16;
+    // Clients are built before the clock starts; each TLS handshake is measured, as a new
+    // pilot would pay it.
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        clients.push(client(&dir, "pilot"));
+    }
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, c) in clients.into_iter().enumerate() {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::with_capacity(per);
+            for _ in 0..per {
+                got.push(one_match(&c, &url, &format!("many-{i}")).await);
+            }
+            got
+        }));
+    }
+    for t in tasks {
+        ids.extend(t.await.unwrap());
+    }
+    let many = (per * 16) as f64 / t.elapsed().as_secs_f64();
+    let unique: std::collections::HashSet<_> = ids.iter().collect();
+    if unique.len() != ids.len() {
+        eprintln!("a payload was matched twice");
+        std::process::exit(1);
+    }
+    println!("one {one:.0}");
+    println!("many {many:.0}");
+}

@@ -346,7 +346,11 @@ fn supervise(
     running: super::sandbox::Running,
     start: AuditRecord,
 ) {
-    let result = running.wait();
+    // The scratch directory and the empty cgroup are removed after the exit is reported.
+    let (result, residue) = match running.wait_then_clean_later() {
+        Ok((o, r)) => (Ok(o), Some(r)),
+        Err(e) => (Err(e), None),
+    };
     let mut rec = start.clone();
     rec.time = crate::records::now_rfc3339();
     rec.event = Some(AuditEvent::End);
@@ -396,16 +400,22 @@ fn supervise(
             rec.kill_reason.as_deref().unwrap_or("-"),
         ),
     );
+    tracing::info!(%payload_id, exit_code = ?report.exit_code, signal = ?report.signal, "ended");
+    // The end record is on disk; no process of the payload is left: report, then remove what
+    // remains. The registry entry goes last, so shutdown waits for the removal too.
+    if let Err(e) = sender.send(&SwitchEvent::Exited {
+        payload_id: payload_id.clone(),
+        report,
+    }) {
+        tracing::info!(error = %e, "pilot did not receive the exit event");
+    }
+    drop(residue);
     helper.registry.remove(&payload_id);
     // A pool lease lives from its last use: the end of a payload is a use.
     if let (Some(pool), Some(account)) = (helper.authz.pool(), rec.account.as_deref()) {
         if let Err(e) = pool.touch_account(account) {
             tracing::warn!(%payload_id, account, error = %e, "cannot renew the pool lease");
         }
-    }
-    tracing::info!(%payload_id, exit_code = ?report.exit_code, signal = ?report.signal, "ended");
-    if let Err(e) = sender.send(&SwitchEvent::Exited { payload_id, report }) {
-        tracing::info!(error = %e, "pilot did not receive the exit event");
     }
 }
 

@@ -249,7 +249,18 @@ impl Running {
     /// Blocks until the main process exits, kills what is left in the cgroup, collects usage
     /// and outputs, removes the scratch directory and the cgroup. Enforces the wall time:
     /// SIGTERM to every payload process when it runs out, SIGKILL after a grace period.
-    pub fn wait(mut self) -> Result<Outcome, SandboxError> {
+    pub fn wait(self) -> Result<Outcome, SandboxError> {
+        let (outcome, residue) = self.wait_then_clean_later()?;
+        residue.remove();
+        Ok(outcome)
+    }
+
+    /// [`Running::wait`], but the emptied scratch directory and cgroup are handed back as a
+    /// [`Residue`] to remove after the exit has been reported: no payload process is left when
+    /// this returns (the cgroup was killed empty and the outputs copied), so only directories
+    /// remain, and removing them (a synchronous discard on some filesystems) need not delay
+    /// the report. The residue removes itself when dropped.
+    pub fn wait_then_clean_later(mut self) -> Result<(Outcome, Residue), SandboxError> {
         let mut end: Option<(Option<i32>, Option<i32>)> = None;
         let deadline = self.walltime.map(|w| self.started + w);
         let mut kill_at: Option<Instant> = None;
@@ -307,15 +318,12 @@ impl Running {
             self.output_limit,
             self.owner_uid,
         );
-        if let Err(e) = std::fs::remove_dir_all(&h.inner.scratch) {
-            tracing::warn!(scratch = %h.inner.scratch.display(), error = %e, "removing scratch");
-        }
-        if !h.inner.cgroup.remove() {
-            tracing::warn!(cgroup = %h.cgroup(), "payload cgroup could not be removed");
-        }
         self.finished = true;
+        let residue = Residue {
+            handle: Some(h.clone()),
+        };
         let (exit_code, signal) = end.unwrap_or((None, Some(libc::SIGKILL)));
-        Ok(Outcome {
+        let outcome = Outcome {
             exit_code,
             signal,
             cpu_seconds: usage.cpu_seconds,
@@ -324,7 +332,37 @@ impl Running {
             kill_reason: h.reason(),
             outputs: collected.archive,
             outputs_skipped: collected.skipped,
-        })
+        };
+        Ok((outcome, residue))
+    }
+}
+
+/// What is left of a payload after it ended and its processes were killed: its scratch
+/// directory and its (empty) cgroup. Removed by [`Residue::remove`] or when dropped.
+pub struct Residue {
+    handle: Option<Handle>,
+}
+
+impl Residue {
+    /// Removes the scratch directory and the cgroup.
+    pub fn remove(mut self) {
+        self.clean();
+    }
+
+    fn clean(&mut self) {
+        let Some(h) = self.handle.take() else { return };
+        if let Err(e) = std::fs::remove_dir_all(&h.inner.scratch) {
+            tracing::warn!(scratch = %h.inner.scratch.display(), error = %e, "removing scratch");
+        }
+        if !h.inner.cgroup.remove() {
+            tracing::warn!(cgroup = %h.cgroup(), "payload cgroup could not be removed");
+        }
+    }
+}
+
+impl Drop for Residue {
+    fn drop(&mut self) {
+        self.clean();
     }
 }
 

@@ -95,7 +95,7 @@ fn eval_prints_the_decision_and_exits_by_it() {
             "attributes": {"executable": "test1", "directory": "/sandbox/test", "jobtag": "ADS", "count": 3}}"#,
     )
     .unwrap();
-    let (code, out, err) = run_eval(&[paper.clone()], &req, "");
+    let (code, out, err) = run_eval(std::slice::from_ref(&paper), &req, "");
     assert_eq!(code, 0, "{err}");
     assert!(
         out.starts_with(r#"{"decision":"permit","reason":"start granted by "#),
@@ -103,12 +103,12 @@ fn eval_prints_the_decision_and_exits_by_it() {
     );
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["matched"][0], format!("{}:8", paper.display()));
-    assert_eq!(eval_main(&[paper.clone()], &req), 0);
+    assert_eq!(eval_main(std::slice::from_ref(&paper), &req), 0);
 
     // From stdin; count 4 is denied.
     let deny = r#"{"identity": "/O=Grid/O=Globus/OU=mcs.anl.gov/CN= Bo Liu", "action": "start",
         "attributes": {"executable": "test1", "directory": "/sandbox/test", "jobtag": "ADS", "count": "4"}}"#;
-    let (code, out, _) = run_eval(&[paper.clone()], Path::new("-"), deny);
+    let (code, out, _) = run_eval(std::slice::from_ref(&paper), Path::new("-"), deny);
     assert_eq!(code, 3);
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["decision"], "deny");
@@ -123,7 +123,10 @@ fn eval_prints_the_decision_and_exits_by_it() {
     // The manager cancels Bo Liu's NFC job.
     let cancel = r#"{"identity": "/O=Grid/O=GlobusOU=mcs.anl.gov/CN= KateKeahey", "action": "cancel",
         "jobowner": "/O=Grid/O=Globus/OU=mcs.anl.gov/CN= Bo Liu", "attributes": {"jobtag": "NFC"}}"#;
-    assert_eq!(run_eval(&[paper.clone()], Path::new("-"), cancel).0, 0);
+    assert_eq!(
+        run_eval(std::slice::from_ref(&paper), Path::new("-"), cancel).0,
+        0
+    );
 }
 
 #[test]
@@ -152,7 +155,7 @@ fn eval_rejects_bad_requests_and_bad_policies_with_exit_2() {
             "identity is empty",
         ),
     ] {
-        let (code, out, err) = run_eval(&[paper.clone()], Path::new("-"), request);
+        let (code, out, err) = run_eval(std::slice::from_ref(&paper), Path::new("-"), request);
         assert_eq!(code, 2, "{request}: {out}{err}");
         assert!(err.contains(expect), "{request}: {err}");
     }

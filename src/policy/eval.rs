@@ -185,7 +185,7 @@ fn first_failure<'s>(set: &'s AssertionSet, request: &Request) -> Option<&'s Ass
 }
 
 /// The request's values of an attribute, empty strings dropped (an empty value is absent).
-fn values<'r>(attr: Attr, request: &'r Request) -> Vec<&'r str> {
+fn values(attr: Attr, request: &Request) -> Vec<&str> {
     match attr {
         Attr::Action => vec![request.action.name()],
         Attr::Jobowner => request

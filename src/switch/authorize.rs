@@ -220,7 +220,14 @@ impl Authorizer {
             let file = groupmap.path().display().to_string();
             for fqan in fqans {
                 if let Some((mapping, line)) = lookup_fqan(&map, fqan) {
-                    return self.resolve(mapping, dn, &[fqan.clone()], &file, line, in_use);
+                    return self.resolve(
+                        mapping,
+                        dn,
+                        std::slice::from_ref(fqan),
+                        &file,
+                        line,
+                        in_use,
+                    );
                 }
             }
             groups = format!(", nor for its FQANs {fqans:?} in {file}");

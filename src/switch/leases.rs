@@ -542,7 +542,7 @@ mod tests {
         assert!(g.acquire("/CN=b", &[], "pool", &|_| true, &q).is_err());
         let b = g.acquire("/CN=b", &[], "pool", &|_| false, &q).unwrap();
         assert_eq!(a, b);
-        assert_eq!(q.0.lock().unwrap().as_slice(), &[a.clone()]);
+        assert_eq!(q.0.lock().unwrap().as_slice(), std::slice::from_ref(&a));
     }
 
     #[test]

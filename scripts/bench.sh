@@ -35,15 +35,8 @@ LB=$BIN/examples/launch_bench
 
 WORK=$(mktemp -d /var/lib/mupilot-bench.XXXXXX)
 chmod 0755 "$WORK"
-BENCH_ACCOUNTS=(mupilot mpu-alice)
-created=()
 EXTRA_PIDS=()
-for a in "${BENCH_ACCOUNTS[@]}"; do
-    if ! getent passwd "$a" >/dev/null; then
-        useradd --no-create-home --shell /usr/sbin/nologin --home-dir /nonexistent "$a"
-        created+=("$a")
-    fi
-done
+ensure_demo_accounts # the pilot account and the mapped demo accounts (scripts/lib/demo-env.sh)
 cleanup() {
     for p in "${EXTRA_PIDS[@]}"; do stop_pid "$p"; done
     stop_pid "${PILOT_PID:-}"
@@ -51,7 +44,7 @@ cleanup() {
     stop_pid "${SWITCH_PID:-}"
     [ -z "${ATTACH_CG:-}" ] || rmdir "$ATTACH_CG" 2>/dev/null || true
     rm -rf "$WORK"
-    for a in "${created[@]}"; do userdel "$a" 2>/dev/null || true; done
+    remove_demo_accounts
 }
 trap cleanup EXIT
 

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use support::{find_file, processes_of, Accounts, Stack, SERIAL};
 
 const PILOT: &str = "mpt-slurm-pilot";
+// A `-t 3` job leaves a pilot with the default 120 s shutdown margin about 60 s for payloads,
+// so the payloads here ask for 30 s of wall time: a payload that does not fit is handed back.
 const ACC_A: &str = "mpt-slurm-a";
 
 fn stack() -> (Accounts, Stack) {
@@ -136,7 +138,7 @@ fn limits_match_the_allocation_and_payload_cgroups_nest_in_the_job() {
             "--memory",
             "128M",
             "--walltime",
-            "60",
+            "30",
             "--",
             "cat",
             "/proc/self/cgroup",
@@ -194,7 +196,7 @@ fn oom_stays_in_its_payload_and_the_pilot_runs_the_next() {
             "--memory",
             "64M",
             "--walltime",
-            "60",
+            "30",
             "--",
             "sh",
             "-c",
@@ -209,7 +211,7 @@ fn oom_stays_in_its_payload_and_the_pilot_runs_the_next() {
             "--memory",
             "64M",
             "--walltime",
-            "60",
+            "30",
             "--",
             "echo",
             "next",

@@ -455,20 +455,7 @@ impl Store {
     ) -> Result<PayloadState, StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let (owner, state) = tx
-            .query_row(
-                "SELECT owner_dn, state FROM payloads WHERE id = ?1",
-                params![id],
-                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
-            )
-            .optional()?
-            .ok_or_else(|| StoreError::NotFound(id.into()))?;
-        if owner != requester && !is_operator {
-            return Err(StoreError::Forbidden(format!(
-                "{requester} may not cancel payload {id}: only its owner or a VO operator may"
-            )));
-        }
-        let state = parse_state(&state)?;
+        let state = managed_state(&tx, id, requester, is_operator, "cancel")?;
         let after = match state {
             PayloadState::Queued => {
                 tx.execute(
@@ -478,15 +465,11 @@ impl Store {
                 PayloadState::Cancelled
             }
             PayloadState::Matched | PayloadState::Running => {
-                // Stored unsigned; the API signs each command as it delivers it.
                 let cmd = OperatorCommand::Cancel {
                     requester: requester.to_string(),
                     signed: None,
                 };
-                tx.execute(
-                    "INSERT INTO commands (payload_id, command) VALUES (?1, ?2)",
-                    params![id, serde_json::to_string(&cmd).expect("commands serialise")],
-                )?;
+                queue_command(&tx, id, &cmd)?;
                 state
             }
             s => {
@@ -515,20 +498,7 @@ impl Store {
         }
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let (owner, state) = tx
-            .query_row(
-                "SELECT owner_dn, state FROM payloads WHERE id = ?1",
-                params![id],
-                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
-            )
-            .optional()?
-            .ok_or_else(|| StoreError::NotFound(id.into()))?;
-        if owner != requester && !is_operator {
-            return Err(StoreError::Forbidden(format!(
-                "{requester} may not signal payload {id}: only its owner or a VO operator may"
-            )));
-        }
-        let state = parse_state(&state)?;
+        let state = managed_state(&tx, id, requester, is_operator, "signal")?;
         if !matches!(state, PayloadState::Matched | PayloadState::Running) {
             return Err(StoreError::Conflict(format!(
                 "payload {id} is {state}; only a matched or running payload can be signalled"
@@ -539,10 +509,7 @@ impl Store {
             signal,
             signed: None,
         };
-        tx.execute(
-            "INSERT INTO commands (payload_id, command) VALUES (?1, ?2)",
-            params![id, serde_json::to_string(&cmd).expect("commands serialise")],
-        )?;
+        queue_command(&tx, id, &cmd)?;
         tx.commit()?;
         Ok(state)
     }
@@ -600,6 +567,45 @@ impl Store {
         drop(conn);
         rows.into_iter().map(ViewRow::into_view).collect()
     }
+}
+
+/// The state of payload `id`, once `requester` is known to be its owner or a VO operator (the
+/// only ones who may `verb` it).
+fn managed_state(
+    tx: &rusqlite::Transaction<'_>,
+    id: &str,
+    requester: &str,
+    is_operator: bool,
+    verb: &str,
+) -> Result<PayloadState, StoreError> {
+    let (owner, state) = tx
+        .query_row(
+            "SELECT owner_dn, state FROM payloads WHERE id = ?1",
+            params![id],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+        )
+        .optional()?
+        .ok_or_else(|| StoreError::NotFound(id.into()))?;
+    if owner != requester && !is_operator {
+        return Err(StoreError::Forbidden(format!(
+            "{requester} may not {verb} payload {id}: only its owner or a VO operator may"
+        )));
+    }
+    parse_state(&state)
+}
+
+/// Stores an operator command for the pilot holding `id` (stored unsigned; the API signs each
+/// command as it delivers it).
+fn queue_command(
+    tx: &rusqlite::Transaction<'_>,
+    id: &str,
+    cmd: &OperatorCommand,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO commands (payload_id, command) VALUES (?1, ?2)",
+        params![id, serde_json::to_string(cmd).expect("commands serialise")],
+    )?;
+    Ok(())
 }
 
 fn take_commands(

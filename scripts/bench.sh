@@ -10,7 +10,9 @@
 # Sections 2-5 are scripts/bench.d/*.sh, sourced in order with this script's variables.
 # Prints a markdown table and writes it, with the machine's description, to docs/benchmarks.md.
 #
-#   scripts/bench.sh [--rounds R] [--per-round N]     (default 6 rounds of 50 = 300 launches each)
+#   scripts/bench.sh [--rounds R] [--per-round N] [--launch-only]
+#     (default 6 rounds of 50 = 300 launches each; --launch-only runs section 1 alone and prints
+#     its table without rewriting docs/benchmarks.md, for iterating on the launch path)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib/demo-env.sh
@@ -19,11 +21,13 @@ need_root
 
 ROUNDS=6
 PER_ROUND=50
+LAUNCH_ONLY=0
 while [ $# -gt 0 ]; do
     case $1 in
     --rounds) ROUNDS=$2; shift 2 ;;
     --per-round) PER_ROUND=$2; shift 2 ;;
-    *) die "unknown argument $1 (use --rounds R --per-round N)" ;;
+    --launch-only) LAUNCH_ONLY=1; shift ;;
+    *) die "unknown argument $1 (use --rounds R --per-round N --launch-only)" ;;
     esac
 done
 
@@ -136,6 +140,11 @@ TABLE=$WORK/table.md
         "(p50 $(awk -v a="${P50[sh_cgroup_attach_gap]}" -v b="${P50[sh_gap]}" 'BEGIN { printf "%.2f", (a - b) / 1000 }') ms):" \
         "mupilot's init avoids it on cgroup v1 by joining through 'tasks' as a single thread (see the analysis below)."
 } >"$TABLE"
+
+if [ "$LAUNCH_ONLY" = 1 ]; then
+    cat "$TABLE"
+    exit 0
+fi
 
 for extra in scripts/bench.d/*.sh; do
     [ -e "$extra" ] || continue

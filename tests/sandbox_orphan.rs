@@ -5,7 +5,7 @@
 mod sandbox_support;
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
@@ -91,7 +91,20 @@ fn start(
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    (&ours).write_all(format!("{plan}\n").as_bytes()).unwrap();
+    // The plan with the cgroup and exec gates, both opened at once (the cgroup exists and
+    // there is no start record to wait for).
+    let (cgroup_wait, cgroup_open) = nix::unistd::pipe().unwrap();
+    let (exec_wait, exec_open) = nix::unistd::pipe().unwrap();
+    let mut channel = ours.try_clone().unwrap();
+    mupilot::protocol::switch_wire::write_frame(
+        &mut channel,
+        &plan,
+        &[cgroup_wait.as_raw_fd(), exec_wait.as_raw_fd()],
+    )
+    .unwrap();
+    for gate in [cgroup_open, exec_open] {
+        std::fs::File::from(gate).write_all(b"g").unwrap();
+    }
     let mut line = String::new();
     BufReader::new(&ours).read_line(&mut line).unwrap();
     let ev: serde_json::Value = serde_json::from_str(&line).unwrap();

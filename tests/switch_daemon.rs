@@ -307,9 +307,8 @@ fn slot_is_checked_against_the_hello() {
     assert!(reason.contains("asks for 2 cores"), "{reason}");
 }
 
-/// The whole path with a mapped account. Until the sandbox is merged it ends in a `system`
-/// denial naming the sandbox; with the sandbox, the payload runs as the mapped account and the
-/// audit log holds its start and end.
+/// The whole path with a mapped account: the payload runs as the mapped account and the audit
+/// log holds its start and end.
 #[test]
 fn mapped_owner_reaches_the_sandbox_as_the_mapped_account() {
     let _u = Users::acquire();
@@ -317,26 +316,9 @@ fn mapped_owner_reaches_the_sandbox_as_the_mapped_account() {
     let _d = site.start();
     let mut c = Client::hello(&site.socket, Client::default_hello());
     let body = site.body(DN_ALICE, &["/bin/sh", "-c", "id -u"]);
-    let out = tempfile::NamedTempFile::new().unwrap();
-    let err = tempfile::NamedTempFile::new().unwrap();
-    let ev = c.call(
-        &SwitchRequest::Launch {
-            envelope: site.sign(&body),
-            bundle: None,
-        },
-        &[out.as_file().as_raw_fd(), err.as_file().as_raw_fd()],
-    );
+    let (ev, out) = launch_capturing(&site, &mut c, &body);
     let acct_uid = uid_of(ACCT).unwrap();
     match ev {
-        SwitchEvent::Denied { class, reason, .. } => {
-            assert_eq!(class, DenialClass::System, "{reason}");
-            assert!(reason.starts_with("sandbox:"), "{reason}");
-            let recs = site.records_of(&body.payload_id);
-            assert_eq!(recs.len(), 1);
-            assert_eq!(recs[0]["denial_class"], "system");
-            assert_eq!(recs[0]["account"], ACCT);
-            assert_eq!(recs[0]["uid"], acct_uid);
-        }
         SwitchEvent::Started {
             payload_id,
             account,
@@ -358,6 +340,86 @@ fn mapped_owner_reaches_the_sandbox_as_the_mapped_account() {
             assert_eq!(recs[0]["decision"], "permit");
             assert_eq!(recs[1]["exit_code"], 0);
         }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The start record is written while the sandbox is built, before the payload may exec: a
+/// payload whose exec fails is a `system` denial for the pilot, and the audit log closes its
+/// start with an end record (`setup_failed`), not a `denied` one. Its share of the slot and
+/// its account are free again afterwards.
+#[test]
+fn failed_exec_is_recorded_as_start_and_end() {
+    let _u = Users::acquire();
+    let site = Site::new();
+    let _d = site.start();
+    let mut c = Client::hello(&site.socket, one_core_hello());
+    let body = site.body(DN_ALICE, &["/nonexistent/swd-program"]);
+    let (_, class, reason) = denied(c.launch(&site.sign(&body), None));
+    assert_eq!(class, DenialClass::System);
+    assert!(
+        reason.contains("exec failed") && reason.contains("/nonexistent/swd-program"),
+        "{reason}"
+    );
+    let recs = site.records_of(&body.payload_id);
+    let events: Vec<_> = recs.iter().map(|r| r["event"].as_str().unwrap()).collect();
+    assert_eq!(events, ["start", "end"], "{recs:?}");
+    assert_eq!(recs[1]["kill_reason"], "setup_failed");
+    assert!(recs[1].get("exit_code").is_none());
+    assert!(recs[1]["reason"].as_str().unwrap().contains("exec failed"));
+    run_true(&site, &mut c);
+}
+
+/// A pilot that launches its next payload the moment it hears `exited` finds the slot free:
+/// the helper releases the payload's share before it reports, even though the scratch
+/// directory and cgroup are removed after the report.
+#[test]
+fn a_full_slot_is_free_again_when_exited_is_reported() {
+    let _u = Users::acquire();
+    let site = Site::new();
+    let _d = site.start();
+    let mut c = Client::hello(&site.socket, one_core_hello());
+    for _ in 0..20 {
+        run_true(&site, &mut c);
+    }
+}
+
+/// Launches `body` with stdout going to the returned file (stderr to another).
+fn launch_capturing(
+    site: &Site,
+    c: &mut Client,
+    body: &mupilot::protocol::EnvelopeBody,
+) -> (SwitchEvent, tempfile::NamedTempFile) {
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let err = tempfile::NamedTempFile::new().unwrap();
+    let ev = c.call(
+        &SwitchRequest::Launch {
+            envelope: site.sign(body),
+            bundle: None,
+        },
+        &[out.as_file().as_raw_fd(), err.as_file().as_raw_fd()],
+    );
+    (ev, out)
+}
+
+/// A pilot whose slot is one core and 1 GiB.
+fn one_core_hello() -> PilotHello {
+    PilotHello {
+        slot_cores: Some(1),
+        slot_memory_bytes: Some(1 << 30),
+        ..Client::default_hello()
+    }
+}
+
+/// Runs `/bin/true` for alice to its end.
+fn run_true(site: &Site, c: &mut Client) {
+    let body = site.body(DN_ALICE, &["/bin/true"]);
+    match c.launch(&site.sign(&body), None) {
+        SwitchEvent::Started { .. } => {}
+        other => panic!("{other:?}"),
+    }
+    match c.recv() {
+        SwitchEvent::Exited { report, .. } => assert_eq!(report.exit_code, Some(0)),
         other => panic!("{other:?}"),
     }
 }
@@ -529,4 +591,107 @@ fn stopping_the_helper_kills_and_records_every_payload() {
     assert_eq!(events, ["start", "kill", "end"]);
     assert_eq!(recs[1]["kill_reason"], "helper_stopping");
     assert!(recs[2]["end"].is_string());
+}
+
+/// The helper's children that are idle stages: `mupilot-switch stage` processes.
+fn idle_stages(helper_pid: u32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{helper_pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for pid in children
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if cmdline.ends_with(b"\0stage\0") {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// Scheduling policy of `pid` (field 41 of /proc/PID/stat).
+fn sched_policy(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_comm = &stat[stat.rfind(')')? + 2..];
+    after_comm.split_whitespace().nth(38)?.parse().ok()
+}
+
+/// Idle stages wait exec'd, under SCHED_IDLE, with nothing of a payload: empty environment,
+/// /dev/null on stdout and stderr. A launch uses one and a new one takes its place; the
+/// payload runs under SCHED_OTHER; the idle stages end with the helper.
+#[test]
+fn idle_stages_are_ready_hold_nothing_and_end_with_the_helper() {
+    let _u = Users::acquire();
+    let site = Site::new();
+    let d = site.start();
+    let helper = d.child.id();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut idle = idle_stages(helper);
+    while idle.len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle stages: {idle:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        idle = idle_stages(helper);
+    }
+    assert_eq!(idle.len(), 2, "warm_stages defaults to 2");
+    for pid in &idle {
+        assert_eq!(sched_policy(*pid), Some(libc::SCHED_IDLE), "stage {pid}");
+        assert!(std::fs::read(format!("/proc/{pid}/environ"))
+            .unwrap()
+            .is_empty());
+        for fd in [1, 2] {
+            let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
+            assert_eq!(
+                target,
+                std::path::Path::new("/dev/null"),
+                "stage {pid} fd {fd}"
+            );
+        }
+    }
+    let mut c = Client::hello(&site.socket, Client::default_hello());
+    let body = site.body(DN_ALICE, &["/bin/sh", "-c", "chrt -p $$"]);
+    let (ev, out) = launch_capturing(&site, &mut c, &body);
+    assert!(matches!(ev, SwitchEvent::Started { .. }), "{ev:?}");
+    match c.recv() {
+        SwitchEvent::Exited { report, .. } => assert_eq!(report.exit_code, Some(0)),
+        other => panic!("{other:?}"),
+    }
+    let policy = std::fs::read_to_string(out.path()).unwrap();
+    assert!(policy.contains("SCHED_OTHER"), "{policy}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let now = idle_stages(helper);
+        if now.len() == 2 && now.iter().any(|p| !idle.contains(p)) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no refill: {now:?}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let last = idle_stages(helper);
+    drop(c);
+    d.stop().expect("the helper stops");
+    for pid in last {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        // Gone, or a zombie waiting for whoever inherited it.
+        let running = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
+                .is_some_and(|zombie| !zombie)
+        };
+        while running() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "idle stage {pid} outlived the helper"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
 }

@@ -180,6 +180,31 @@ impl ChainWriter {
         Ok(seq)
     }
 
+    /// Appends one record like [`ChainWriter::append`] but leaves the fsync to the caller, to
+    /// do outside whatever lock guards this writer: the record is written (other readers see
+    /// it, a crash of this process keeps it) and reaches the disk when the returned
+    /// [`PendingSync`] is waited for, or with the next synced append.
+    pub fn append_unsynced<T: Serialize>(
+        &mut self,
+        record: &T,
+    ) -> Result<(u64, PendingSync), RecordError> {
+        let policy = std::mem::replace(&mut self.fsync, FsyncPolicy::Never);
+        let seq = self.append(record);
+        self.fsync = policy;
+        let seq = seq?;
+        let file = self.file.try_clone().map_err(|source| RecordError::Write {
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok((
+            seq,
+            PendingSync {
+                file,
+                path: self.path.clone(),
+            },
+        ))
+    }
+
     /// Forces appended records to disk.
     pub fn sync(&mut self) -> Result<(), RecordError> {
         self.file.sync_data().map_err(|source| RecordError::Write {
@@ -452,6 +477,29 @@ fn read_head(file: &mut File) -> io::Result<Head> {
         h.prev = hex::encode(Sha256::digest(&line));
     }
     Ok(h)
+}
+
+/// Data written to a file but perhaps not on disk yet ([`ChainWriter::append_unsynced`]).
+/// Holds its own descriptor of the file, so waiting needs no lock on the writer.
+#[must_use = "the data is not durable until wait() returns Ok"]
+pub struct PendingSync {
+    file: File,
+    path: PathBuf,
+}
+
+impl PendingSync {
+    /// A pending sync of `file` (a descriptor of its own, such as from `try_clone`).
+    pub fn new(file: File, path: PathBuf) -> Self {
+        PendingSync { file, path }
+    }
+
+    /// Blocks until everything written to the file before this call is on disk.
+    pub fn wait(self) -> Result<(), RecordError> {
+        self.file.sync_data().map_err(|source| RecordError::Write {
+            path: self.path,
+            source,
+        })
+    }
 }
 
 /// The thread behind [`ChainWriter::start_background_sync`].

@@ -1,9 +1,13 @@
-//! Resolving a mapped account name to a local account (getpwnam + getgrouplist) and refusing
-//! accounts a payload must never run as: root, anything below `min_uid`, the calling pilot's
-//! own uid, any other pilot account, or root's group. Looks accounts up; changes nothing.
+//! Resolving a mapped account name to a local account (getpwnam + getgrouplist, cached for a
+//! minute) and refusing accounts a payload must never run as: root, anything below `min_uid`,
+//! the calling pilot's own uid, any other pilot account, or root's group. Looks accounts up;
+//! changes nothing.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::CString;
+use std::os::unix::fs::MetadataExt;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use nix::unistd::{getgrouplist, Gid, User};
 
@@ -43,6 +47,13 @@ pub struct AccountRules<'a> {
 
 /// Looks `name` up and checks it against `rules`.
 pub fn resolve(name: &str, rules: &AccountRules<'_>) -> Result<Account, AccountError> {
+    let account = lookup(name)?;
+    check(&account, rules)?;
+    Ok(account)
+}
+
+/// The account database's answer for `name`: uid, primary gid and supplementary groups.
+fn lookup(name: &str) -> Result<Account, AccountError> {
     let lookup = |why: String| AccountError::Lookup {
         name: name.to_string(),
         why,
@@ -52,9 +63,27 @@ pub fn resolve(name: &str, rules: &AccountRules<'_>) -> Result<Account, AccountE
         .ok_or_else(|| AccountError::Unknown {
             name: name.to_string(),
         })?;
-    let uid = user.uid.as_raw();
     let gid = user.gid.as_raw();
-    let n = name.to_string();
+    let cname = CString::new(name).map_err(|_| lookup("name contains NUL".into()))?;
+    let groups: Vec<u32> = getgrouplist(&cname, Gid::from_raw(gid))
+        .map_err(|e| lookup(format!("getgrouplist: {e}")))?
+        .into_iter()
+        .map(|g| g.as_raw())
+        .filter(|g| *g != gid)
+        .collect::<BTreeSet<u32>>()
+        .into_iter()
+        .collect();
+    Ok(Account {
+        name: user.name,
+        uid: user.uid.as_raw(),
+        gid,
+        groups,
+    })
+}
+
+/// The rules every account must pass, on every launch (also for a cached lookup).
+fn check(a: &Account, rules: &AccountRules<'_>) -> Result<(), AccountError> {
+    let (uid, n) = (a.uid, a.name.clone());
     if uid == 0 {
         return Err(AccountError::Root { name: n });
     }
@@ -71,24 +100,74 @@ pub fn resolve(name: &str, rules: &AccountRules<'_>) -> Result<Account, AccountE
             min_uid: rules.min_uid,
         });
     }
-    let cname = CString::new(name).map_err(|_| lookup("name contains NUL".into()))?;
-    let groups: Vec<u32> = getgrouplist(&cname, Gid::from_raw(gid))
-        .map_err(|e| lookup(format!("getgrouplist: {e}")))?
-        .into_iter()
-        .map(|g| g.as_raw())
-        .filter(|g| *g != gid)
-        .collect::<BTreeSet<u32>>()
-        .into_iter()
-        .collect();
-    if gid == 0 || groups.contains(&0) {
+    if a.gid == 0 || a.groups.contains(&0) {
         return Err(AccountError::RootGroup { name: n });
     }
-    Ok(Account {
-        name: user.name,
-        uid,
-        gid,
-        groups,
-    })
+    Ok(())
+}
+
+/// How long a looked-up account is reused (nscd keeps passwd entries 600 s by default).
+const CACHE_TTL: Duration = Duration::from_secs(60);
+/// The local files whose change empties the cache at once.
+const ACCOUNT_FILES: [&str; 2] = ["/etc/passwd", "/etc/group"];
+
+/// Accounts looked up recently. getpwnam + getgrouplist walk every NSS module (files, systemd,
+/// sss, ldap) on each call, 0.2 ms per launch on a plain node; a pilot starts many payloads of
+/// few accounts. Entries live [`CACHE_TTL`], and all go when /etc/passwd or /etc/group change;
+/// only successful lookups are kept, and [`AccountRules`] are checked on every use.
+#[derive(Default)]
+pub struct AccountCache {
+    inner: Mutex<CacheState>,
+}
+
+#[derive(Default)]
+struct CacheState {
+    entries: HashMap<String, (Account, Instant)>,
+    /// (mtime, inode) of each of [`ACCOUNT_FILES`] when the entries were made.
+    files: Vec<Option<(i64, i64, u64)>>,
+}
+
+fn account_files_state() -> Vec<Option<(i64, i64, u64)>> {
+    ACCOUNT_FILES
+        .iter()
+        .map(|f| {
+            std::fs::metadata(f)
+                .ok()
+                .map(|m| (m.mtime(), m.mtime_nsec(), m.ino()))
+        })
+        .collect()
+}
+
+impl AccountCache {
+    /// [`resolve`], from the cache when the entry is fresh.
+    pub fn resolve(&self, name: &str, rules: &AccountRules<'_>) -> Result<Account, AccountError> {
+        let files = account_files_state();
+        let cached = {
+            let mut st = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            if st.files != files {
+                st.entries.clear();
+                st.files = files;
+            }
+            st.entries
+                .get(name)
+                .filter(|(_, at)| at.elapsed() < CACHE_TTL)
+                .map(|(a, _)| a.clone())
+        };
+        let account = match cached {
+            Some(a) => a,
+            None => {
+                let a = lookup(name)?;
+                self.inner
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entries
+                    .insert(name.to_string(), (a.clone(), Instant::now()));
+                a
+            }
+        };
+        check(&account, rules)?;
+        Ok(account)
+    }
 }
 
 #[cfg(test)]
@@ -126,6 +205,23 @@ mod tests {
             assert!(matches!(
                 resolve("nobody", &rules),
                 Err(AccountError::PilotUid { uid: 65534, .. })
+            ));
+            // A cached account is checked against the rules of each call.
+            let cache = AccountCache::default();
+            let lenient = AccountRules {
+                min_uid: 1000,
+                pilot_uid: 4242,
+                pilot_uids: &pilots,
+            };
+            let a = cache.resolve("nobody", &lenient).unwrap();
+            assert_eq!(a.uid, 65534);
+            assert!(matches!(
+                cache.resolve("nobody", &rules),
+                Err(AccountError::PilotUid { uid: 65534, .. })
+            ));
+            assert!(matches!(
+                cache.resolve("no-such-account-swd", &lenient),
+                Err(AccountError::Unknown { .. })
             ));
         }
     }

@@ -1,6 +1,6 @@
 //! The helper's audit log (P4, P11): one hash-chained JSON-lines record per refused caller,
 //! denial, start, end, kill and signal, written through [`crate::records::ChainWriter`]
-//! (mode 0600, fsync after every record) by one writer shared behind a mutex, plus one syslog
+//! (mode 0600, every record on disk before the helper acts on it) by one writer shared behind a mutex, plus one syslog
 //! line per identity switch. Records; decides nothing.
 
 use std::path::Path;
@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use crate::records::{ChainWriter, FsyncPolicy, RecordError};
+use crate::records::{ChainWriter, FsyncPolicy, PendingSync, RecordError};
 
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -146,6 +146,14 @@ impl AuditLog {
     pub fn append(&self, rec: &AuditRecord) -> Result<u64, RecordError> {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         w.append(rec)
+    }
+
+    /// Appends `rec` without waiting for the disk: the caller waits on the returned
+    /// [`PendingSync`] outside the writer's lock (start records while the stage builds the
+    /// sandbox, end records after the exit was reported).
+    pub fn append_unsynced(&self, rec: &AuditRecord) -> Result<PendingSync, RecordError> {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        w.append_unsynced(rec).map(|(_, pending)| pending)
     }
 
     /// After a crash: writes a `lost` end record for every payload whose start has no end

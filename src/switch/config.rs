@@ -14,7 +14,11 @@ use serde::Deserialize;
 
 use super::gridmap::Gridmap;
 use super::sandbox::{NetworkMode, SandboxSettings};
+
 use crate::protocol::VoVerifyingKey;
+
+/// Upper bound of `sandbox.warm_stages`: each idle stage is a resident root process.
+const MAX_WARM_STAGES: usize = 16;
 
 /// Where the helper looks for its config when none is given.
 pub const DEFAULT_CONFIG: &str = "/etc/mupilot/switch.toml";
@@ -96,6 +100,8 @@ struct RawSandbox {
     output_limit_bytes: u64,
     #[serde(default = "default_true")]
     allow_user_namespaces: bool,
+    #[serde(default = "default_warm_stages")]
+    warm_stages: usize,
 }
 
 fn default_socket() -> PathBuf {
@@ -124,6 +130,9 @@ fn default_env_allowlist() -> Vec<String> {
 }
 fn default_nofile() -> u64 {
     4096
+}
+fn default_warm_stages() -> usize {
+    2
 }
 fn default_output_limit() -> u64 {
     64 << 20
@@ -417,6 +426,12 @@ fn validate(raw: RawConfig, base: &Path) -> Result<SwitchConfig, KeyErr> {
     if s.nofile < 16 {
         return Err(bad("sandbox.nofile", "must be at least 16".into()));
     }
+    if s.warm_stages > MAX_WARM_STAGES {
+        return Err(bad(
+            "sandbox.warm_stages",
+            format!("{} is more than {MAX_WARM_STAGES}; idle stages only save the exec of the helper binary, a few are enough (0 turns them off)", s.warm_stages),
+        ));
+    }
     for (i, name) in s.env_allowlist.iter().enumerate() {
         if name.is_empty() || name.contains('=') || name.contains('\0') {
             return Err(bad(
@@ -446,6 +461,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<SwitchConfig, KeyErr> {
             core_bytes: s.core_bytes,
             output_limit_bytes: s.output_limit_bytes,
             allow_user_namespaces: s.allow_user_namespaces,
+            warm_stages: s.warm_stages,
             stage_exe: None,
         },
     })
@@ -567,6 +583,7 @@ scratch_root = "/var/lib/mupilot-test-swd-unit/scratch"
         let dir = tempfile::tempdir().unwrap();
         let p = write_setup(dir.path(), GOOD);
         let c = SwitchConfig::load(&p).unwrap();
+        assert_eq!(c.sandbox.warm_stages, 2);
         assert_eq!(c.gridmap, dir.path().join("grid-mapfile"));
         assert_eq!(c.allowed_uids(), [0, 4242].into_iter().collect());
         assert!(dir.path().join("log").is_dir());
@@ -617,5 +634,14 @@ scratch_root = "/var/lib/mupilot-test-swd-unit/scratch"
         let p = write_setup(dir.path(), &format!("min_uid = 0\n{GOOD}"));
         let e = SwitchConfig::load(&p).unwrap_err().to_string();
         assert!(e.contains("key 'min_uid'"), "{e}");
+
+        let p = write_setup(dir.path(), &format!("{GOOD}warm_stages = 64\n"));
+        let e = SwitchConfig::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("key 'sandbox.warm_stages'") && e.contains("64 is more than 16"),
+            "{e}"
+        );
+        let p = write_setup(dir.path(), &format!("{GOOD}warm_stages = 0\n"));
+        assert_eq!(SwitchConfig::load(&p).unwrap().sandbox.warm_stages, 0);
     }
 }

@@ -239,7 +239,9 @@ impl Connection {
                 rec.decision = Some("deny");
                 rec.denial_class = Some(class.as_str());
                 rec.reason = Some(reason.clone());
-                self.helper.audit.append_or_log(&rec);
+                if !e.recorded_as_end() {
+                    self.helper.audit.append_or_log(&rec);
+                }
                 self.send(SwitchEvent::Denied {
                     payload_id,
                     class,
@@ -388,7 +390,15 @@ fn supervise(
             }
         }
     };
-    helper.audit.append_or_log(&rec);
+    // Written now, on disk right after the report below: a crash in between leaves the start
+    // without an end, which the next helper records as `lost` (never a silent gap).
+    let end_synced = match helper.audit.append_unsynced(&rec) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::error!(error = %e, record = ?rec, "cannot write audit record");
+            None
+        }
+    };
     syslog::line(
         false,
         &format!(
@@ -401,13 +411,18 @@ fn supervise(
         ),
     );
     tracing::info!(%payload_id, exit_code = ?report.exit_code, signal = ?report.signal, "ended");
-    // The end record is on disk; no process of the payload is left: report, then remove what
-    // remains. The registry entry goes last, so shutdown waits for the removal too.
+    // The end record is written; no process of the payload is left: report, then make the
+    // record durable and remove what remains. The registry entry goes last, so shutdown waits
+    // for the removal too.
+    helper.registry.ended(&payload_id);
     if let Err(e) = sender.send(&SwitchEvent::Exited {
         payload_id: payload_id.clone(),
         report,
     }) {
         tracing::info!(error = %e, "pilot did not receive the exit event");
+    }
+    if let Some(Err(e)) = end_synced.map(|p| p.wait()) {
+        tracing::error!(%payload_id, error = %e, "cannot sync the end record to disk");
     }
     drop(residue);
     helper.registry.remove(&payload_id);

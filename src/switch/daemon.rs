@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::accounts::AccountCache;
 use super::activation::{self, ActivationError, ListenSource};
 use super::audit::{AuditEvent, AuditLog};
 use super::authorize::{Authorizer, AuthzSources};
@@ -18,6 +19,7 @@ use super::config::SwitchConfig;
 use super::leases::{Gridmapdir, KillAndClean, LeaseError};
 use super::registry::Registry;
 use super::replay::{ReplayCache, ReplayError};
+use super::sandbox::StagePool;
 use crate::policy::{Bans, PolicyStack, ReloadError};
 use crate::records::RecordError;
 
@@ -36,6 +38,10 @@ pub struct Helper {
     pub registry: Registry,
     /// Uids of every allowed pilot account.
     pub allowed_uids: BTreeSet<u32>,
+    /// Idle stage processes, one taken per launch.
+    pub stages: StagePool,
+    /// Accounts looked up recently.
+    pub accounts: AccountCache,
     next_conn: AtomicU64,
 }
 
@@ -68,6 +74,8 @@ impl Helper {
             replay: Mutex::new(replay),
             authz,
             registry: Registry::default(),
+            stages: StagePool::new(cfg.sandbox.stage_exe.clone(), cfg.sandbox.warm_stages),
+            accounts: AccountCache::default(),
             next_conn: AtomicU64::new(1),
             cfg,
         })

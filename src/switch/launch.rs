@@ -1,7 +1,8 @@
 //! The launch path, in the order the checks must happen: which VO key, signature and validity
 //! window, replay, bundle digest, membership, authorization, mapping, account, slot, output
-//! descriptors, sandbox, start record. Each failure is a distinct [`LaunchError`] variant with
-//! its [`DenialClass`]. Nothing is launched without a permit, and never as the pilot's uid.
+//! descriptors, sandbox, start record, exec. Each failure is a distinct [`LaunchError`] variant
+//! with its [`DenialClass`]. Nothing is launched without a permit, and never as the pilot's
+//! uid; no payload code runs before its nonce and its start record are on disk.
 //!
 //! Must not write to the pilot's connection: the caller answers (`started` or `denied`).
 
@@ -11,7 +12,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use chrono::Utc;
 
-use super::accounts::{self, AccountError, AccountRules};
+use super::accounts::{AccountError, AccountRules};
 use super::audit::{argv_sha256, AuditEvent, AuditRecord};
 use super::authorize::{AuthzError, AuthzRequest};
 use super::daemon::Helper;
@@ -73,6 +74,9 @@ pub enum LaunchError {
     Sandbox(SandboxError),
     #[error("cannot write the start record to the audit log ({0}); the payload was stopped")]
     Audit(RecordError),
+    /// The sandbox failed after the start record was written (an end record closes it).
+    #[error("sandbox: {0}")]
+    SandboxAfterStart(SandboxError),
 }
 
 impl LaunchError {
@@ -92,8 +96,14 @@ impl LaunchError {
                 DenialClass::System
             }
             Account(_) => DenialClass::Authorization,
-            ReplayCache(_) | Sandbox(_) | Audit(_) => DenialClass::System,
+            ReplayCache(_) | Sandbox(_) | Audit(_) | SandboxAfterStart(_) => DenialClass::System,
         }
+    }
+
+    /// True when the audit log already holds this launch's start and end records, so the
+    /// caller writes no `denied` record for it.
+    pub fn recorded_as_end(&self) -> bool {
+        matches!(self, LaunchError::SandboxAfterStart(_))
     }
 }
 
@@ -175,18 +185,17 @@ pub fn launch(
     rec.bundle_sha256 = body.bundle_sha256.clone();
     rec.envelope_sha256 = Some(verified.digest().to_string());
 
-    // c. Replay: the nonce is consumed now, whatever happens next (a denial is final).
-    let fresh = helper
+    // c. Replay: the nonce is consumed now, whatever happens next (a denial is final). It is
+    //    on disk before the payload may run (step j).
+    let nonce_synced = helper
         .replay
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .check_and_insert(&body.owner.vo, &body.nonce, body.not_after)
-        .map_err(LaunchError::ReplayCache)?;
-    if !fresh {
-        return Err(LaunchError::Replayed {
+        .check_and_insert_unsynced(&body.owner.vo, &body.nonce, body.not_after)
+        .map_err(LaunchError::ReplayCache)?
+        .ok_or_else(|| LaunchError::Replayed {
             nonce: body.nonce.clone(),
-        });
-    }
+        })?;
 
     // d. The bundle is present exactly when the envelope names one, and matches it.
     let bundle = match (&body.bundle_sha256, bundle_b64) {
@@ -234,15 +243,17 @@ pub fn launch(
         )
         .map_err(LaunchError::Authz)?;
     rec.account = Some(permit.account.clone());
-    let account = accounts::resolve(
-        &permit.account,
-        &AccountRules {
-            min_uid: helper.cfg.min_uid,
-            pilot_uid: caller.uid,
-            pilot_uids: &helper.allowed_uids,
-        },
-    )
-    .map_err(LaunchError::Account)?;
+    let account = helper
+        .accounts
+        .resolve(
+            &permit.account,
+            &AccountRules {
+                min_uid: helper.cfg.min_uid,
+                pilot_uid: caller.uid,
+                pilot_uids: &helper.allowed_uids,
+            },
+        )
+        .map_err(LaunchError::Account)?;
     // The one rule that must hold whatever any step above decided.
     assert!(account.uid != 0 && account.uid != caller.uid);
     rec.uid = Some(account.uid);
@@ -284,27 +295,48 @@ pub fn launch(
         bundle,
         outputs: body.outputs.clone(),
     };
-    let running =
-        sandbox::launch(&helper.cfg.sandbox, plan, stdout, stderr).map_err(LaunchError::Sandbox)?;
-    let handle = running.handle.clone();
+    let starting = sandbox::begin(&helper.cfg.sandbox, &helper.stages, plan, stdout, stderr)
+        .map_err(LaunchError::Sandbox)?;
 
-    // j. The start record is on disk before the pilot hears `started`.
+    // j. While the stage builds the namespaces: the nonce and the start record reach the disk.
+    //    Until then the payload waits at the exec gate; an error here withdraws it (dropping
+    //    `starting` kills the stage and removes what was made).
+    nonce_synced
+        .wait()
+        .map_err(|e| LaunchError::ReplayCache(super::replay::ReplayError::from_sync(e)))?;
     let mut start = rec.clone();
     start.time = crate::records::now_rfc3339();
     start.event = Some(AuditEvent::Start);
     start.decision = Some("permit");
     start.reason = Some(format!("mapped by {}", permit.mapped_by));
-    start.cgroup = Some(handle.cgroup());
-    start.scratch = Some(handle.scratch().display().to_string());
+    start.cgroup = Some(starting.cgroup());
+    start.scratch = Some(starting.scratch().display().to_string());
     start.start = Some(start.time.clone());
-    if let Err(e) = helper.audit.append(&start) {
-        // No record, no payload: stop it and let its teardown run.
-        handle.kill("audit_failed");
-        if let Err(w) = running.wait() {
-            tracing::error!(payload_id = %body.payload_id, error = %w, "teardown after audit failure");
-        }
+    let pending = helper
+        .audit
+        .append_unsynced(&start)
+        .map_err(LaunchError::Audit)?;
+    if let Err(e) = pending.wait() {
+        helper
+            .audit
+            .append_or_log(&end_without_run(&start, "audit_failed", &e.to_string()));
         return Err(LaunchError::Audit(e));
     }
+
+    // k. The payload may exec.
+    let running = match starting.release() {
+        Ok(r) => r,
+        Err(e) => {
+            // The start record is on disk: an end record closes it.
+            helper.audit.append_or_log(&end_without_run(
+                &start,
+                "setup_failed",
+                &format!("sandbox: {e}"),
+            ));
+            return Err(LaunchError::SandboxAfterStart(e));
+        }
+    };
+    let handle = running.handle.clone();
     helper.registry.set_running(
         &body.payload_id,
         handle.clone(),
@@ -319,6 +351,19 @@ pub fn launch(
         running,
         record: start,
     })
+}
+
+/// The end record of a payload whose start was recorded but which never started: its sandbox
+/// failed, or the start record could not be made durable.
+fn end_without_run(start: &AuditRecord, kill_reason: &str, reason: &str) -> AuditRecord {
+    let mut end = start.clone();
+    end.time = crate::records::now_rfc3339();
+    end.event = Some(AuditEvent::End);
+    end.decision = None;
+    end.end = Some(end.time.clone());
+    end.kill_reason = Some(kill_reason.into());
+    end.reason = Some(reason.into());
+    end
 }
 
 /// Checks the launch's descriptors: none, or two (stdout, stderr) that are regular files or

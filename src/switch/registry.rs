@@ -39,6 +39,9 @@ pub struct Entry {
     pub record: AuditRecord,
     /// The verified envelope, for authorizing operator commands on the payload.
     pub envelope: Option<std::sync::Arc<EnvelopeBody>>,
+    /// The payload ended and no process of it is left; its scratch and cgroup are still being
+    /// removed. It no longer counts against the slot, but its account stays in use.
+    pub ended: bool,
 }
 
 /// What a launch asks for.
@@ -78,7 +81,7 @@ impl Registry {
         }
         let (used_cores, used_mem) = map
             .values()
-            .filter(|e| e.conn_id == conn_id)
+            .filter(|e| e.conn_id == conn_id && !e.ended)
             .fold((0u64, 0u64), |(c, m), e| {
                 (c + e.cores as u64, m + e.memory_bytes)
             });
@@ -121,6 +124,7 @@ impl Registry {
                 handle: None,
                 record: AuditRecord::default(),
                 envelope: None,
+                ended: false,
             },
         );
         Ok(())
@@ -141,7 +145,17 @@ impl Registry {
         }
     }
 
-    /// Whether any payload (running or being started) holds `account`.
+    /// Marks a payload ended (its processes are gone, its exit is about to be reported): its
+    /// share of the slot is free for the pilot's next launch at once, while the entry stays,
+    /// holding the account, until its leftovers are removed and [`Registry::remove`] is called.
+    pub fn ended(&self, payload_id: &str) {
+        if let Some(e) = self.lock().get_mut(payload_id) {
+            e.ended = true;
+            e.handle = None;
+        }
+    }
+
+    /// Whether any payload (running, being started or being cleaned up) holds `account`.
     pub fn account_in_use(&self, account: &str) -> bool {
         self.lock().values().any(|e| e.account.name == account)
     }
@@ -150,7 +164,7 @@ impl Registry {
     pub fn of_owner(&self, dn: &str) -> Vec<(String, Entry)> {
         self.lock()
             .iter()
-            .filter(|(_, e)| e.record.owner_dn.as_deref() == Some(dn))
+            .filter(|(_, e)| !e.ended && e.record.owner_dn.as_deref() == Some(dn))
             .map(|(k, e)| (k.clone(), e.clone()))
             .collect()
     }
@@ -169,7 +183,7 @@ impl Registry {
     pub fn get(&self, conn_id: u64, payload_id: &str) -> Option<Entry> {
         self.lock()
             .get(payload_id)
-            .filter(|e| e.conn_id == conn_id)
+            .filter(|e| e.conn_id == conn_id && !e.ended)
             .cloned()
     }
 
@@ -258,9 +272,14 @@ mod tests {
         ));
         // Another pilot's slot is its own.
         r.reserve(2, "e", ask(4, 1), &hello, &acct, 0).unwrap();
-        r.remove("a");
+        // An ended payload frees its share of the slot before its entry goes, but keeps its
+        // account in use until then.
+        r.ended("a");
+        assert!(r.get(1, "a").is_none());
+        assert!(r.account_in_use("a"));
         r.reserve(1, "b", ask(2, 1 << 30), &hello, &acct, 0)
             .unwrap();
+        r.remove("a");
         assert_eq!(r.list(Some(1)).len(), 1);
     }
 }

@@ -3,7 +3,8 @@
 //! restart.
 //!
 //! The file holds one line per nonce, `<sha256(vo NUL nonce)> <unix expiry>`, appended and
-//! fsynced before the check returns, so a crash never forgets an accepted nonce. Expired lines
+//! fsynced before the payload of that envelope may run (the launch waits for the sync while
+//! the stage builds the sandbox), so a crash never forgets the nonce of a payload that ran. Expired lines
 //! are pruned by rewriting the file (temp file, fsync, rename) at open and when they pile up.
 //! This module only remembers; it decides nothing else.
 
@@ -14,6 +15,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
+
+use crate::records::{PendingSync, RecordError};
 
 /// Nonces stay this long after their envelope's not_after: a clock stepped back by up to this
 /// much still cannot make a pruned envelope valid again.
@@ -27,6 +30,21 @@ pub enum ReplayError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+impl ReplayError {
+    /// The error of a failed [`PendingSync`] of the cache file.
+    pub fn from_sync(e: RecordError) -> Self {
+        match e {
+            RecordError::Write { path, source } | RecordError::Open { path, source } => {
+                ReplayError::Io { path, source }
+            }
+            other => ReplayError::Io {
+                path: PathBuf::new(),
+                source: std::io::Error::other(other.to_string()),
+            },
+        }
+    }
 }
 
 /// The set of seen nonces and its file.
@@ -88,28 +106,49 @@ impl ReplayCache {
         nonce: &str,
         not_after: DateTime<Utc>,
     ) -> Result<bool, ReplayError> {
+        match self.check_and_insert_unsynced(vo, nonce, not_after)? {
+            None => Ok(false),
+            Some(pending) => {
+                pending.wait().map_err(ReplayError::from_sync)?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// [`ReplayCache::check_and_insert`] without waiting for the disk: `None` for a replay,
+    /// otherwise the entry is written (a later check in this process already refuses the
+    /// nonce) and on disk once the returned [`PendingSync`] is waited for, which the launch
+    /// does outside the cache's lock before the payload may run.
+    pub fn check_and_insert_unsynced(
+        &mut self,
+        vo: &str,
+        nonce: &str,
+        not_after: DateTime<Utc>,
+    ) -> Result<Option<PendingSync>, ReplayError> {
         let now = Utc::now().timestamp();
         let k = key(vo, nonce);
         if let Some(exp) = self.seen.get(&k) {
             if *exp > now {
-                return Ok(false);
+                return Ok(None);
             }
         }
         let exp = not_after.timestamp() + KEEP_AFTER_EXPIRY_SECONDS;
+        let path = self.path.clone();
         let io = |source| ReplayError::Io {
-            path: self.path.clone(),
+            path: path.clone(),
             source,
         };
         self.file
             .write_all(format!("{k} {exp}\n").as_bytes())
             .map_err(io)?;
-        self.file.sync_data().map_err(io)?;
         self.seen.insert(k, exp);
         self.lines_in_file += 1;
         if self.lines_in_file > 2 * self.seen.len() + 1024 {
+            // The rewrite syncs the whole file, the new entry included.
             self.prune(now)?;
         }
-        Ok(true)
+        let file = self.file.try_clone().map_err(io)?;
+        Ok(Some(PendingSync::new(file, path)))
     }
 
     /// Number of live entries.

@@ -107,6 +107,7 @@ pub fn settings(root: &Path) -> SandboxSettings {
         core_bytes: 0,
         output_limit_bytes: 1 << 20,
         allow_user_namespaces: true,
+        warm_stages: 0,
         stage_exe: Some(PathBuf::from(env!("CARGO_BIN_EXE_mupilot-switch"))),
     }
 }

@@ -246,45 +246,166 @@ fn v1_ancestor_quota(dir: &Path, period: u64) -> Option<u64> {
     best
 }
 
+/// A payload cgroup whose place is known but which is not created yet ([`Cgroup::locate`]).
+/// Lets a launch tell the stage which files to join while the directories are being made.
+#[derive(Debug)]
+pub struct Located {
+    cgroup: Cgroup,
+    /// v2: the hierarchy's mount point (the root cgroup may hold processes and children).
+    mount: PathBuf,
+}
+
+impl Located {
+    /// The cgroup as it will be once created (paths only).
+    pub fn cgroup(&self) -> &Cgroup {
+        &self.cgroup
+    }
+
+    /// Creates the directories and sets the limits. On failure nothing created here is left.
+    pub fn create(self, limits: Limits) -> Result<Cgroup, CgroupError> {
+        match &self.cgroup {
+            Cgroup::V1 { dirs } => create_v1_dirs(dirs)?,
+            Cgroup::V2 { dir } => {
+                let parent = dir.parent().unwrap_or(Path::new("/"));
+                prepare_v2_parent(parent, &self.mount)?;
+                mkdir_new(dir)?;
+            }
+        }
+        if let Err(e) = self.cgroup.set_limits(limits) {
+            self.cgroup.remove();
+            return Err(e);
+        }
+        Ok(self.cgroup)
+    }
+}
+
+/// Makes each v1 directory (a cpuset one gets the parent's CPUs and memory nodes); removes the
+/// ones it made when one fails, never one that existed before.
+fn create_v1_dirs(dirs: &[(Vec<String>, PathBuf)]) -> Result<(), CgroupError> {
+    for (i, (hier, dir)) in dirs.iter().enumerate() {
+        let made = mkdir_new(dir).and_then(|()| {
+            if !hier.iter().any(|c| c == "cpuset") {
+                return Ok(());
+            }
+            // A v1 cpuset cgroup starts empty and cannot take tasks: copy the pilot's.
+            let parent = dir.parent().unwrap_or(Path::new("/"));
+            ["cpuset.cpus", "cpuset.mems"]
+                .iter()
+                .try_for_each(|f| write(&dir.join(f), read(&parent.join(f))?.trim()))
+        });
+        if let Err(e) = made {
+            let upto = if matches!(e, CgroupError::Create { .. }) {
+                i
+            } else {
+                i + 1
+            };
+            Cgroup::V1 {
+                dirs: dirs[..upto].to_vec(),
+            }
+            .remove();
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// The v2 cgroup payloads go into, given the pilot's: its parent when the pilot already sits
+/// in the `pilot` leaf a previous launch made (payloads are siblings of the leaf, not nested).
+fn v2_parent(pilot_cg: &Path, mount: &Path) -> PathBuf {
+    match (pilot_cg.file_name(), pilot_cg.parent()) {
+        (Some(n), Some(p)) if n == PILOT_LEAF && pilot_cg != mount => p.to_owned(),
+        _ => pilot_cg.to_owned(),
+    }
+}
+
+/// Checks the v2 controllers are available in `parent` and enabled for its children, after
+/// moving its own processes into the `pilot` leaf (no-internal-processes rule; the root
+/// cgroup is exempt).
+fn prepare_v2_parent(parent: &Path, mount: &Path) -> Result<(), CgroupError> {
+    let available = read(&parent.join("cgroup.controllers"))?;
+    for c in V2_CONTROLLERS {
+        if !available.split_whitespace().any(|a| a == c) {
+            return Err(CgroupError::ControllerMissing {
+                controller: c,
+                path: parent.to_owned(),
+            });
+        }
+    }
+    for attempt in 0..20 {
+        if parent != mount {
+            Cgroup::move_procs_to_leaf(parent)?;
+        }
+        let enabled = read(&parent.join("cgroup.subtree_control"))?;
+        let mut result = Ok(());
+        for c in V2_CONTROLLERS {
+            if !enabled.split_whitespace().any(|e| e == c) {
+                result = write(&parent.join("cgroup.subtree_control"), &format!("+{c}"));
+                if result.is_err() {
+                    break;
+                }
+            }
+        }
+        match result {
+            // EBUSY: a process appeared (forked) between the move and the write.
+            Err(CgroupError::Write { ref source, .. })
+                if source.raw_os_error() == Some(libc::EBUSY) && attempt < 19 =>
+            {
+                sleep(Duration::from_millis(5));
+            }
+            r => return r,
+        }
+    }
+    Ok(())
+}
+
 impl Cgroup {
-    /// Creates `<pilot's cgroup>/<name>` with the given limits. On v1 in each of memory, cpu,
-    /// cpuacct, pids and freezer; on v2 after moving the pilot's cgroup's own processes into a
-    /// `pilot` leaf (no-internal-processes rule) and enabling memory, cpu and pids for children.
+    /// Creates `<pilot's cgroup>/<name>` with the given limits: [`Cgroup::locate`], then
+    /// [`Located::create`].
     pub fn create(pilot_pid: i32, name: &str, limits: Limits) -> Result<Cgroup, CgroupError> {
+        Self::locate(pilot_pid, name)?.create(limits)
+    }
+
+    /// Finds where `<pilot's cgroup>/<name>` goes, creating nothing: on v1 in each of memory,
+    /// cpu, cpuacct, pids and freezer (and cpuset, devices where mounted); on v2 beside the
+    /// pilot's `pilot` leaf, where memory, cpu and pids get enabled for children.
+    pub fn locate(pilot_pid: i32, name: &str) -> Result<Located, CgroupError> {
         let mounts = mounts()?;
         let lines = proc_cgroups(pilot_pid)?;
         let v1_memory = mounts
             .iter()
             .any(|m| !m.v2 && m.controllers.iter().any(|c| c == "memory"));
-        let cg = if v1_memory {
-            Self::create_v1(&mounts, &lines, pilot_pid, name)?
-        } else if let Some(m) = mounts
+        if v1_memory {
+            return Ok(Located {
+                cgroup: Self::locate_v1(&mounts, &lines, pilot_pid, name)?,
+                mount: PathBuf::new(),
+            });
+        }
+        let Some(m) = mounts
             .iter()
             .find(|m| m.v2 && m.controllers.iter().any(|c| c == "memory"))
-        {
-            let p = lines
-                .iter()
-                .find(|(c, _)| c.is_empty())
-                .map(|(_, p)| p.clone())
-                .ok_or_else(|| CgroupError::NoPilotCgroup {
-                    pid: pilot_pid,
-                    controller: "unified".into(),
-                    path: m.point.clone(),
-                })?;
-            Self::create_v2(&join_mount(m, &p), &m.point, name)?
-        } else {
+        else {
             return Err(CgroupError::NoHierarchy(
                 "no memory controller in /proc/self/mountinfo".into(),
             ));
         };
-        if let Err(e) = cg.set_limits(limits) {
-            cg.remove();
-            return Err(e);
-        }
-        Ok(cg)
+        let p = lines
+            .iter()
+            .find(|(c, _)| c.is_empty())
+            .map(|(_, p)| p.clone())
+            .ok_or_else(|| CgroupError::NoPilotCgroup {
+                pid: pilot_pid,
+                controller: "unified".into(),
+                path: m.point.clone(),
+            })?;
+        Ok(Located {
+            cgroup: Cgroup::V2 {
+                dir: v2_parent(&join_mount(m, &p), &m.point).join(name),
+            },
+            mount: m.point.clone(),
+        })
     }
 
-    fn create_v1(
+    fn locate_v1(
         mounts: &[Mount],
         lines: &[(Vec<String>, String)],
         pilot_pid: i32,
@@ -301,93 +422,24 @@ impl Cgroup {
                 if V1_OPTIONAL.contains(&ctrl) {
                     continue;
                 }
-                Cgroup::V1 { dirs }.remove();
                 return Err(CgroupError::NoHierarchy(format!(
                     "v1 controller {ctrl} is not mounted"
                 )));
             };
             if dirs.iter().any(|(c, _)| c.iter().any(|c| c == ctrl)) {
-                continue; // cpu,cpuacct combined: already created
+                continue; // cpu,cpuacct combined: already listed
             }
             let Some((_, p)) = lines.iter().find(|(c, _)| c.iter().any(|c| c == ctrl)) else {
-                Cgroup::V1 { dirs }.remove();
                 return Err(CgroupError::NoPilotCgroup {
                     pid: pilot_pid,
                     controller: ctrl.into(),
                     path: m.point.clone(),
                 });
             };
-            let parent = join_mount(m, p);
-            let dir = parent.join(name);
             let hier: Vec<String> = m.controllers.iter().filter(|c| ours(c)).cloned().collect();
-            if let Err(e) = mkdir_new(&dir) {
-                Cgroup::V1 { dirs }.remove();
-                return Err(e);
-            }
-            let made = if ctrl == "cpuset" {
-                // A v1 cpuset cgroup starts empty and cannot take tasks: copy the pilot's.
-                ["cpuset.cpus", "cpuset.mems"]
-                    .iter()
-                    .try_for_each(|f| write(&dir.join(f), read(&parent.join(f))?.trim()))
-            } else {
-                Ok(())
-            };
-            dirs.push((hier, dir));
-            if let Err(e) = made {
-                Cgroup::V1 { dirs }.remove();
-                return Err(e);
-            }
+            dirs.push((hier, join_mount(m, p).join(name)));
         }
         Ok(Cgroup::V1 { dirs })
-    }
-
-    fn create_v2(pilot_cg: &Path, mount: &Path, name: &str) -> Result<Cgroup, CgroupError> {
-        // The pilot already sits in the leaf a previous launch made: the job cgroup is above.
-        let parent = match (pilot_cg.file_name(), pilot_cg.parent()) {
-            (Some(n), Some(p)) if n == PILOT_LEAF && pilot_cg != mount => p.to_owned(),
-            _ => pilot_cg.to_owned(),
-        };
-        let available = read(&parent.join("cgroup.controllers"))?;
-        for c in V2_CONTROLLERS {
-            if !available.split_whitespace().any(|a| a == c) {
-                return Err(CgroupError::ControllerMissing {
-                    controller: c,
-                    path: parent.clone(),
-                });
-            }
-        }
-        for attempt in 0..20 {
-            // A cgroup that enables controllers for its children may not hold processes (the
-            // root cgroup is exempt): move them into the `pilot` leaf first.
-            if parent != mount {
-                Self::move_procs_to_leaf(&parent)?;
-            }
-            let enabled = read(&parent.join("cgroup.subtree_control"))?;
-            let mut result = Ok(());
-            for c in V2_CONTROLLERS {
-                if !enabled.split_whitespace().any(|e| e == c) {
-                    result = write(&parent.join("cgroup.subtree_control"), &format!("+{c}"));
-                    if result.is_err() {
-                        break;
-                    }
-                }
-            }
-            match result {
-                // EBUSY: a process appeared (forked) between the move and the write.
-                Err(CgroupError::Write { ref source, .. })
-                    if source.raw_os_error() == Some(libc::EBUSY) && attempt < 19 =>
-                {
-                    sleep(Duration::from_millis(5));
-                }
-                r => {
-                    r?;
-                    break;
-                }
-            }
-        }
-        let dir = parent.join(name);
-        mkdir_new(&dir)?;
-        Ok(Cgroup::V2 { dir })
     }
 
     fn move_procs_to_leaf(parent: &Path) -> Result<(), CgroupError> {
@@ -528,6 +580,13 @@ impl Cgroup {
     /// Kills every process in the cgroup and waits until it is empty (at most 10 s).
     /// v2: cgroup.kill (or SIGKILL loop before 5.14); v1: freeze, SIGKILL, thaw, repeat.
     pub fn kill_all(&self) -> Result<(), CgroupError> {
+        self.kill_all_but_exiting(&[])
+    }
+
+    /// [`Cgroup::kill_all`], but done as soon as only processes in `exiting` are left: our own
+    /// processes that are already on their way out (a namespace init after its last payload
+    /// process was reaped), whose exit need not be waited for.
+    pub fn kill_all_but_exiting(&self, exiting: &[i32]) -> Result<(), CgroupError> {
         let deadline = Instant::now() + Duration::from_secs(10);
         let kill_file = match self {
             Cgroup::V2 { dir } => Some(dir.join("cgroup.kill")).filter(|p| p.exists()),
@@ -545,7 +604,7 @@ impl Cgroup {
             _ => None,
         };
         loop {
-            if self.pids().is_empty() {
+            if self.pids().iter().all(|p| exiting.contains(p)) {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -663,18 +722,31 @@ mod tests {
         .unwrap();
         fs::write(job.join("cgroup.subtree_control"), "").unwrap();
         fs::write(job.join("cgroup.procs"), "").unwrap();
-        let cg = Cgroup::create_v2(&job, mount, "mupilot-p1").unwrap();
+        let v2 = |pilot: &Path, name: &str| {
+            Located {
+                cgroup: Cgroup::V2 {
+                    dir: v2_parent(pilot, mount).join(name),
+                },
+                mount: mount.to_owned(),
+            }
+            .create(Limits {
+                memory_bytes: 1 << 20,
+                cores: 1,
+                pids_max: 8,
+            })
+        };
+        let cg = v2(&job, "mupilot-p1").unwrap();
         match &cg {
             Cgroup::V2 { dir } => assert_eq!(dir, &job.join("mupilot-p1")),
             _ => panic!(),
         }
         // The pilot already in the leaf: the next payload is a sibling, not nested.
         fs::create_dir(job.join("pilot")).unwrap();
-        let cg = Cgroup::create_v2(&job.join("pilot"), mount, "mupilot-p2").unwrap();
+        let cg = v2(&job.join("pilot"), "mupilot-p2").unwrap();
         assert_eq!(cg.procs_files(), vec![job.join("mupilot-p2/cgroup.procs")]);
         // A missing controller is a clear error naming it.
         fs::write(job.join("cgroup.controllers"), "cpu memory\n").unwrap();
-        let e = Cgroup::create_v2(&job, mount, "mupilot-p3").unwrap_err();
+        let e = v2(&job, "mupilot-p3").unwrap_err();
         assert!(e.to_string().contains("controller pids"), "{e}");
     }
 

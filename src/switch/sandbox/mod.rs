@@ -11,12 +11,13 @@
 //! `outputs`; the optional user-namespace filter in `seccomp`.
 
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,9 +29,11 @@ mod outputs;
 mod privs;
 mod seccomp;
 mod stage;
+mod stages;
 
 pub use cgroup::{Cgroup, CgroupError};
 use stage::{StageEvent, StagePlan};
+pub use stages::StagePool;
 
 /// The local account a payload runs as, resolved by the mapping step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +79,9 @@ pub struct SandboxSettings {
     /// Let payloads create user namespaces (unprivileged Apptainer needs them). When false,
     /// a seccomp filter refuses CLONE_NEWUSER and setns in the payload.
     pub allow_user_namespaces: bool,
+    /// Stage processes the helper keeps exec'd and idle, so a launch does not wait for an exec
+    /// of the helper binary ([`StagePool`]); 0 spawns one per launch.
+    pub warm_stages: usize,
     /// The binary re-exec'd as `<stage_exe> stage`; `None` means /proc/self/exe (the helper
     /// itself). Tests point it at the built `mupilot-switch`.
     #[serde(skip)]
@@ -218,7 +224,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(300);
 /// The owner of a started payload: waits for it and tears it down.
 pub struct Running {
     pub handle: Handle,
-    stage: Child,
+    /// Reaped by the [`Residue`] once the exit was reported (the stage reports the exit only
+    /// after reaping the init, so nothing of the payload waits on it).
+    stage: Option<Child>,
     events: BufReader<UnixStream>,
     started: Instant,
     walltime: Option<Duration>,
@@ -238,8 +246,10 @@ impl Drop for Running {
             return;
         }
         self.handle.kill("abandoned");
-        let _ = self.stage.kill();
-        let _ = self.stage.wait();
+        if let Some(mut stage) = self.stage.take() {
+            let _ = stage.kill();
+            let _ = stage.wait();
+        }
         let _ = std::fs::remove_dir_all(&self.handle.inner.scratch);
         self.handle.inner.cgroup.remove();
     }
@@ -302,10 +312,20 @@ impl Running {
             }
         }
         let wall_seconds = self.started.elapsed().as_secs_f64();
-        let _ = self.stage.wait();
+        // With an exit report the init has killed and reaped everything else of the payload
+        // and is exiting itself: it is the one process the cgroup may still show. Without one
+        // the stage died or was killed: make sure it (and with it the init) is gone.
+        let exiting = if end.is_some() {
+            vec![self.handle.inner.init_pid]
+        } else {
+            if let Some(mut stage) = self.stage.take() {
+                let _ = stage.wait();
+            }
+            Vec::new()
+        };
         let h = &self.handle;
         // Everything left (daemonized children included) dies with the cgroup (P10).
-        if let Err(e) = h.inner.cgroup.kill_all() {
+        if let Err(e) = h.inner.cgroup.kill_all_but_exiting(&exiting) {
             tracing::warn!(cgroup = %h.cgroup(), error = %e, "payload cgroup not empty");
         }
         let usage = h.inner.cgroup.usage();
@@ -321,6 +341,10 @@ impl Running {
         self.finished = true;
         let residue = Residue {
             handle: Some(h.clone()),
+            // Our end of the channel stays open until the stage is reaped: a stage that sees
+            // it close takes the helper for dead and cleans up on its own.
+            channel: self.events.get_ref().try_clone().ok(),
+            stage: self.stage.take(),
         };
         let (exit_code, signal) = end.unwrap_or((None, Some(libc::SIGKILL)));
         let outcome = Outcome {
@@ -338,9 +362,12 @@ impl Running {
 }
 
 /// What is left of a payload after it ended and its processes were killed: its scratch
-/// directory and its (empty) cgroup. Removed by [`Residue::remove`] or when dropped.
+/// directory, its (empty) cgroup and the exiting stage process. Removed (and reaped) by
+/// [`Residue::remove`] or when dropped.
 pub struct Residue {
     handle: Option<Handle>,
+    stage: Option<Child>,
+    channel: Option<UnixStream>,
 }
 
 impl Residue {
@@ -350,6 +377,11 @@ impl Residue {
     }
 
     fn clean(&mut self) {
+        if let Some(mut stage) = self.stage.take() {
+            // It has reported the exit and is ending on its own.
+            let _ = stage.wait();
+        }
+        drop(self.channel.take());
         let Some(h) = self.handle.take() else { return };
         if let Err(e) = std::fs::remove_dir_all(&h.inner.scratch) {
             tracing::warn!(scratch = %h.inner.scratch.display(), error = %e, "removing scratch");
@@ -517,42 +549,44 @@ fn make_scratch(settings: &SandboxSettings, plan: &LaunchPlan) -> Result<PathBuf
     Ok(dir)
 }
 
-/// Starts a payload through a fresh stage process.
-///
-/// Steps, in order: validate the plan; create the cgroup below the pilot's with memory (no
-/// swap), CPU and pids limits; create the scratch directory; spawn `<helper> stage` with a
-/// clean environment and a socketpair on its stdin; send the plan; wait for "started".
-/// On any failure everything created so far is removed again.
+/// Starts a payload through a stage process spawned for it: [`begin`] without idle stages,
+/// then [`Starting::release`] at once (no start record to wait for).
 pub fn launch(
     settings: &SandboxSettings,
     plan: LaunchPlan,
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
 ) -> Result<Running, SandboxError> {
+    let stages = StagePool::new(settings.stage_exe.clone(), 0);
+    begin(settings, &stages, plan, stdout, stderr)?.release()
+}
+
+/// Builds a payload's sandbox up to the exec: the payload then waits until
+/// [`Starting::release`], so the caller can write the start record meanwhile.
+///
+/// Steps, in order: validate the plan; find where the payload cgroup goes below the pilot's;
+/// create the scratch directory; take an idle `<helper> stage` (clean environment, a
+/// socketpair on its stdin) or spawn one; send it the plan, the cgroup and exec gates and the
+/// payload's stdout/stderr; create the cgroup with memory (no swap), CPU and pids limits while
+/// the stage builds the namespaces, and open the cgroup gate.
+/// On any failure everything created so far is removed again.
+pub fn begin(
+    settings: &SandboxSettings,
+    stages: &StagePool,
+    plan: LaunchPlan,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+) -> Result<Starting, SandboxError> {
     let started = Instant::now();
     validate(settings, &plan)?;
-    let cg = Cgroup::create(
-        plan.pilot_pid,
-        &format!("mupilot-{}", plan.payload_id),
-        cgroup::Limits {
-            memory_bytes: plan.memory_bytes,
-            cores: plan.cores,
-            pids_max: settings.pids_max,
-        },
-    )?;
-    let scratch = match make_scratch(settings, &plan) {
-        Ok(s) => s,
-        Err(e) => {
-            cg.remove();
-            return Err(e);
-        }
-    };
+    let located = Cgroup::locate(plan.pilot_pid, &format!("mupilot-{}", plan.payload_id))?;
+    let scratch = make_scratch(settings, &plan)?;
     let stage_plan = StagePlan {
         payload_id: plan.payload_id.clone(),
         account: plan.account.clone(),
         argv: plan.argv.clone(),
         env: payload_env(settings, &plan, &scratch),
-        join_files: cg.join_files(),
+        join_files: located.cgroup().join_files(),
         scratch_root: settings.scratch_root.clone(),
         scratch: scratch.clone(),
         tmp_size_bytes: settings.tmp_size_bytes,
@@ -565,85 +599,223 @@ pub fn launch(
             .as_ref()
             .map(|b| base64::engine::general_purpose::STANDARD.encode(b)),
     };
-    match start_stage(settings, &stage_plan, stdout, stderr) {
-        Ok((stage, events, pid, init_pid)) => {
-            tracing::debug!(
-                payload = %plan.payload_id,
-                account = %plan.account.name,
-                pid,
-                cgroup = %cg.display(),
-                ms = started.elapsed().as_millis() as u64,
-                "payload started"
-            );
-            Ok(Running {
-                handle: Handle {
-                    inner: Arc::new(HandleInner {
-                        pid,
-                        init_pid,
-                        cgroup: cg,
-                        scratch,
-                        kill_reason: Mutex::new(None),
-                    }),
-                },
-                stage,
-                events,
-                started,
-                walltime: (plan.walltime_seconds > 0)
-                    .then(|| Duration::from_secs(plan.walltime_seconds)),
-                outputs: plan.outputs,
-                output_limit: settings.output_limit_bytes,
-                owner_uid: plan.account.uid,
-                finished: false,
-            })
-        }
+    let remove_scratch = |e: SandboxError| {
+        let _ = std::fs::remove_dir_all(&scratch);
+        e
+    };
+    let gate = || {
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| SandboxError::Channel(e.into()))
+    };
+    let (cgroup_wait, cgroup_open) = gate().map_err(remove_scratch)?;
+    let (exec_wait, exec_open) = gate().map_err(remove_scratch)?;
+    let (mut stage, channel, launching) = send_plan(
+        stages,
+        &stage_plan,
+        [cgroup_wait, exec_wait],
+        stdout,
+        stderr,
+    )
+    .map_err(remove_scratch)?;
+    let limits = cgroup::Limits {
+        memory_bytes: plan.memory_bytes,
+        cores: plan.cores,
+        pids_max: settings.pids_max,
+    };
+    let cg = match located.create(limits) {
+        Ok(cg) => cg,
         Err(e) => {
-            let _ = cg.kill_all();
-            let _ = std::fs::remove_dir_all(&scratch);
-            cg.remove();
-            Err(e)
+            // Closing the gates unopened withdraws the launch; the stage goes first, so no
+            // process is left that could still join the cgroup we failed to make.
+            drop((cgroup_open, exec_open));
+            let _ = stage.kill();
+            let _ = stage.wait();
+            return Err(remove_scratch(e.into()));
         }
+    };
+    // A stage that died meanwhile has closed its end; `release` reports it.
+    let _ = File::from(cgroup_open).write_all(&[stage::GATE_OPEN]);
+    Ok(Starting {
+        stage: Some(stage),
+        channel: Some(channel),
+        exec_gate: Some(File::from(exec_open)),
+        cgroup: Some(cg),
+        scratch,
+        started,
+        payload_id: plan.payload_id,
+        walltime: (plan.walltime_seconds > 0).then(|| Duration::from_secs(plan.walltime_seconds)),
+        outputs: plan.outputs,
+        output_limit: settings.output_limit_bytes,
+        owner_uid: plan.account.uid,
+        _launching: launching,
+    })
+}
+
+/// A payload whose sandbox is being built; its process waits at the exec gate. Dropped
+/// without [`Starting::release`], the launch is withdrawn: the stage and everything in the
+/// cgroup are killed, the scratch directory and the cgroup removed.
+pub struct Starting {
+    stage: Option<Child>,
+    channel: Option<UnixStream>,
+    exec_gate: Option<File>,
+    cgroup: Option<Cgroup>,
+    scratch: PathBuf,
+    started: Instant,
+    payload_id: String,
+    walltime: Option<Duration>,
+    outputs: Vec<String>,
+    output_limit: u64,
+    owner_uid: u32,
+    /// Holds back the stage pool's refill until the payload started or the launch failed.
+    _launching: stages::Launching,
+}
+
+impl Starting {
+    /// The payload cgroup's directory (v2) or its memory-controller directory (v1).
+    pub fn cgroup(&self) -> String {
+        self.cgroup
+            .as_ref()
+            .map(Cgroup::display)
+            .unwrap_or_default()
+    }
+
+    /// The payload's scratch directory on the host.
+    pub fn scratch(&self) -> &Path {
+        &self.scratch
+    }
+
+    /// Opens the exec gate and waits until the stage reports the payload exec'd.
+    pub fn release(mut self) -> Result<Running, SandboxError> {
+        if let Some(mut gate) = self.exec_gate.take() {
+            // A stage that died meanwhile has closed its end; the wait below reports it.
+            let _ = gate.write_all(&[stage::GATE_OPEN]);
+        }
+        let (Some(mut stage), Some(channel)) = (self.stage.take(), self.channel.take()) else {
+            return Err(SandboxError::StageDied {
+                status: "released twice".into(),
+            });
+        };
+        let (events, pid, init_pid) = match wait_started(&mut stage, channel) {
+            Ok(s) => s,
+            Err(e) => {
+                self.stage = Some(stage);
+                return Err(e);
+            }
+        };
+        let Some(cgroup) = self.cgroup.take() else {
+            unreachable!("a Starting always holds its cgroup until released or dropped")
+        };
+        tracing::debug!(
+            payload = %self.payload_id,
+            pid,
+            cgroup = %cgroup.display(),
+            ms = self.started.elapsed().as_millis() as u64,
+            "payload started"
+        );
+        Ok(Running {
+            handle: Handle {
+                inner: Arc::new(HandleInner {
+                    pid,
+                    init_pid,
+                    cgroup,
+                    scratch: std::mem::take(&mut self.scratch),
+                    kill_reason: Mutex::new(None),
+                }),
+            },
+            stage: Some(stage),
+            events,
+            started: self.started,
+            walltime: self.walltime,
+            outputs: std::mem::take(&mut self.outputs),
+            output_limit: self.output_limit,
+            owner_uid: self.owner_uid,
+            finished: false,
+        })
     }
 }
 
-type Started = (Child, BufReader<UnixStream>, i32, i32);
+impl Drop for Starting {
+    fn drop(&mut self) {
+        let Some(cg) = self.cgroup.take() else {
+            return;
+        };
+        drop(self.exec_gate.take());
+        if let Some(mut stage) = self.stage.take() {
+            let _ = stage.kill();
+            let _ = stage.wait();
+        }
+        if let Err(e) = cg.kill_all() {
+            tracing::warn!(cgroup = %cg.display(), error = %e, "withdrawn payload's cgroup not empty");
+        }
+        let _ = std::fs::remove_dir_all(&self.scratch);
+        cg.remove();
+    }
+}
 
-fn start_stage(
-    settings: &SandboxSettings,
+/// Takes a stage and sends it the plan, the gates' read ends and the payload's stdout/stderr
+/// in one frame; the stage puts the outputs on its fds 1 and 2 (none: /dev/null stays there).
+/// Our copies close when this returns.
+fn send_plan(
+    stages: &StagePool,
     plan: &StagePlan,
+    gates: [OwnedFd; 2],
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
-) -> Result<Started, SandboxError> {
-    let (ours, theirs) = UnixStream::pair().map_err(SandboxError::Channel)?;
-    let exe = settings
-        .stage_exe
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("/proc/self/exe"));
-    let mut cmd = Command::new(&exe);
-    cmd.arg("stage")
-        .env_clear()
-        .current_dir("/")
-        .stdin(Stdio::from(OwnedFd::from(theirs)))
-        .stdout(stdout.map_or_else(Stdio::null, Stdio::from))
-        .stderr(stderr.map_or_else(Stdio::null, Stdio::from));
-    let mut child = cmd
-        .spawn()
-        .map_err(|source| SandboxError::Spawn { exe, source })?;
-    // Our copy of the stage's end must close, or we would never see EOF.
-    drop(cmd);
-    let fail = |child: &mut Child, e: SandboxError| {
+) -> Result<(Child, UnixStream, stages::Launching), SandboxError> {
+    // Outputs travel by position: a missing one (but not both) becomes /dev/null.
+    let null = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .map(OwnedFd::from)
+            .map_err(SandboxError::Channel)
+    };
+    let (stdout, stderr) = match (stdout, stderr) {
+        (None, None) => (None, None),
+        (out, err) => (
+            Some(out.map_or_else(null, Ok)?),
+            Some(err.map_or_else(null, Ok)?),
+        ),
+    };
+    let (
+        stages::IdleStage {
+            mut child,
+            mut channel,
+        },
+        launching,
+    ) = stages.take()?;
+    // Idle stages start under SCHED_IDLE (stages.rs); this one works for a payload now, and
+    // must not wait for an idle CPU to read its plan. (It resets itself too, for the payload.)
+    let normal = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler on our own child, whose pid cannot be reused before we reap
+    // it, with a sched_param on our stack.
+    unsafe { libc::sched_setscheduler(child.id() as i32, libc::SCHED_OTHER, &normal) };
+    let fds: Vec<_> = gates
+        .iter()
+        .chain([&stdout, &stderr].into_iter().flatten())
+        .map(|fd| fd.as_raw_fd())
+        .collect();
+    if let Err(e) = crate::protocol::switch_wire::write_frame(&mut channel, plan, &fds) {
         let _ = child.kill();
         let _ = child.wait();
-        e
-    };
-    let mut line = serde_json::to_vec(plan).map_err(|e| SandboxError::Channel(e.into()))?;
-    line.push(b'\n');
-    if let Err(e) = (&ours).write_all(&line) {
-        return Err(fail(&mut child, SandboxError::Channel(e)));
+        let e = match e {
+            crate::protocol::switch_wire::WireError::Io(io) => io,
+            other => std::io::Error::other(other.to_string()),
+        };
+        return Err(SandboxError::Channel(e));
     }
-    if let Err(e) = ours.set_read_timeout(Some(START_TIMEOUT)) {
-        return Err(fail(&mut child, SandboxError::Channel(e)));
-    }
-    let mut events = BufReader::new(ours);
+    Ok((child, channel, launching))
+}
+
+/// Waits for the stage's "started" (the payload exec'd) or "failed".
+fn wait_started(
+    child: &mut Child,
+    channel: UnixStream,
+) -> Result<(BufReader<UnixStream>, i32, i32), SandboxError> {
+    channel
+        .set_read_timeout(Some(START_TIMEOUT))
+        .map_err(SandboxError::Channel)?;
+    let mut events = BufReader::new(channel);
     loop {
         let mut l = String::new();
         match events.read_line(&mut l) {
@@ -655,17 +827,14 @@ fn start_stage(
                 return Err(SandboxError::StageDied { status });
             }
             Ok(_) => match serde_json::from_str::<StageEvent>(&l) {
-                Ok(StageEvent::Started { pid, init_pid }) => {
-                    return Ok((child, events, pid, init_pid))
-                }
+                Ok(StageEvent::Started { pid, init_pid }) => return Ok((events, pid, init_pid)),
                 Ok(StageEvent::Failed { step, error }) => {
-                    let _ = child.wait();
                     return Err(SandboxError::Setup { step, error });
                 }
                 // An exit before "started" cannot happen (the init reports started first).
                 _ => {}
             },
-            Err(e) => return Err(fail(&mut child, SandboxError::Channel(e))),
+            Err(e) => return Err(SandboxError::Channel(e)),
         }
     }
 }

@@ -1,15 +1,19 @@
 //! The stage process (`mupilot-switch stage`): a fresh, single-threaded root process that
 //! builds one payload's sandbox and execs it. Three processes, each with one job:
 //!
-//! 1. **stage** (host namespaces): reads the plan from fd 0 (a socketpair to the helper),
-//!    unshares the pid namespace for its children, forks the init, relays the init's events to
-//!    the helper and reports how the init ended.
-//! 2. **init** (pid 1 of the new pid namespace): joins the payload cgroup, unshares mount, IPC,
-//!    UTS (and network) namespaces, mounts /proc, private tmpfs and the scratch view, forks the
-//!    payload, then reaps, forwards signals and exits when the payload's main process exits
-//!    (which kills the whole pid namespace).
+//! 1. **stage** (host namespaces): reads the plan, two gates and the payload's stdout/stderr
+//!    from fd 0 (a socketpair to the helper), unshares the pid namespace for its children,
+//!    forks the init, relays the init's events to the helper and reports how the init ended.
+//! 2. **init** (pid 1 of the new pid namespace): unshares mount, IPC, UTS (and network)
+//!    namespaces, mounts /proc, private tmpfs and the scratch view, waits at the cgroup gate
+//!    and joins the payload cgroup, forks the payload, then reaps, forwards signals and exits
+//!    when the payload's main process exits (which kills the whole pid namespace).
 //! 3. **payload**: setsid, fd hygiene, rlimits, identity switch, capability drop,
-//!    no_new_privs, bundle unpack as the account, exec.
+//!    no_new_privs, bundle unpack as the account, waits at the exec gate, exec.
+//!
+//! The gates let the helper work in parallel with the stage: it creates the cgroup while the
+//! init builds the namespaces, and writes the start record while the payload drops its
+//! privileges; the payload's own code never runs before both are done.
 //!
 //! Must never be entered from a multi-threaded process: `fork` here relies on being the only
 //! thread. Nothing here talks to the network or reads credentials.
@@ -110,28 +114,74 @@ pub fn stage_main() -> i32 {
         }
         Err(_) => return 2,
     }
-    let mut out = File::from(sock);
-    let plan: StagePlan = {
-        let Ok(dup) = out.try_clone() else { return 2 };
-        let mut line = String::new();
-        if BufReader::new(dup).read_line(&mut line).is_err() {
-            return 2;
-        }
-        match serde_json::from_str(&line) {
-            Ok(p) => p,
-            Err(e) => {
+    // One frame: the plan, the two gates, and the payload's stdout and stderr (none: the
+    // /dev/null the helper put on 1 and 2 when it spawned us stays).
+    let mut channel = std::os::unix::net::UnixStream::from(sock);
+    let received = crate::protocol::switch_wire::read_frame::<StagePlan>(&mut channel);
+    let mut out = File::from(OwnedFd::from(channel));
+    let (plan, gates) = match received {
+        Ok((plan, fds)) => {
+            if !(fds.len() == 2 || fds.len() == 4) {
                 send(
                     &mut out,
                     &StageEvent::Failed {
                         step: "read plan".into(),
-                        error: e.to_string(),
+                        error: format!("{} descriptors came with the plan; expected 2 gates and 0 or 2 outputs", fds.len()),
                     },
                 );
                 return 2;
             }
+            let mut fds = fds.into_iter();
+            let (Some(cgroup), Some(exec)) = (fds.next(), fds.next()) else {
+                return 2;
+            };
+            for (fd, target) in fds.zip([1, 2]) {
+                // SAFETY: dup2 of a descriptor we own onto 1 or 2; no memory is involved. The
+                // copy on 1/2 is not close-on-exec (the payload writes there); ours (received
+                // close-on-exec) closes at the end of this loop iteration.
+                if unsafe { libc::dup2(fd.as_raw_fd(), target) } < 0 {
+                    return 2;
+                }
+            }
+            (
+                plan,
+                Gates {
+                    cgroup: File::from(cgroup),
+                    exec: File::from(exec),
+                },
+            )
+        }
+        // The helper closed the channel without a plan (an idle stage no longer needed).
+        Err(crate::protocol::switch_wire::WireError::Closed) => return 2,
+        Err(e) => {
+            send(
+                &mut out,
+                &StageEvent::Failed {
+                    step: "read plan".into(),
+                    error: e.to_string(),
+                },
+            );
+            return 2;
         }
     };
-    match run_stage(&plan, &mut out) {
+    // An idle stage started under SCHED_IDLE (stages.rs); the payload must not inherit that.
+    // (The helper normally reset it already; only a stage still idle needs the call.)
+    let normal = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_getscheduler/sched_setscheduler on this (single-threaded) process with a
+    // sched_param on our stack; no memory is shared.
+    if unsafe { libc::sched_getscheduler(0) } == libc::SCHED_IDLE
+        && unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &normal) } != 0
+    {
+        send(
+            &mut out,
+            &StageEvent::Failed {
+                step: "reset scheduling policy".into(),
+                error: std::io::Error::last_os_error().to_string(),
+            },
+        );
+        return 1;
+    }
+    match run_stage(&plan, gates, &mut out) {
         Ok(()) => 0,
         Err((step, error)) => {
             send(&mut out, &StageEvent::Failed { step, error });
@@ -140,8 +190,38 @@ pub fn stage_main() -> i32 {
     }
 }
 
+/// The read ends of two pipes whose write ends the helper holds. It writes one byte to each
+/// when the step behind it may go; closing without a byte withdraws the launch.
+pub(crate) struct Gates {
+    /// Opens once the payload cgroup exists with its limits: the init joins it after.
+    cgroup: File,
+    /// Opens once the start record is on disk: the payload execs after.
+    exec: File,
+}
+
+/// The byte the helper writes to open a gate.
+pub(crate) const GATE_OPEN: u8 = b'g';
+
+/// Blocks until the helper opens `gate`; an error when it withdrew the launch instead.
+fn pass(gate: &mut File, what: &str) -> StepResult<()> {
+    let mut b = [0u8; 1];
+    loop {
+        match gate.read(&mut b) {
+            Ok(1) if b[0] == GATE_OPEN => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err((format!("wait for {what}"), e.to_string())),
+            _ => {
+                return Err((
+                    format!("wait for {what}"),
+                    "the helper withdrew the launch".into(),
+                ))
+            }
+        }
+    }
+}
+
 /// The stage's checklist: pid namespace, fork the init, relay its events, report its end.
-fn run_stage(plan: &StagePlan, out: &mut File) -> StepResult<()> {
+fn run_stage(plan: &StagePlan, gates: Gates, out: &mut File) -> StepResult<()> {
     let (rd, wr) = step("pipe", nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC))?;
     // The init waits for this ack after "started" so that the payload (even a zombie) is
     // still its child while we look up the payload's host pid.
@@ -171,7 +251,7 @@ fn run_stage(plan: &StagePlan, out: &mut File) -> StepResult<()> {
             // process again (it leaves through _exit below).
             unsafe { libc::close(out.as_raw_fd()) };
             let mut w = File::from(wr);
-            let code = match init_main(plan, &mut w, File::from(ack_rd)) {
+            let code = match init_main(plan, gates, &mut w, File::from(ack_rd)) {
                 Ok(code) => code,
                 Err((step, error)) => {
                     send(&mut w, &StageEvent::Failed { step, error });
@@ -185,6 +265,8 @@ fn run_stage(plan: &StagePlan, out: &mut File) -> StepResult<()> {
     };
     drop(wr);
     drop(ack_rd);
+    // The gates are the init's and the payload's to wait on.
+    drop(gates);
     let mut ack = File::from(ack_wr);
     let mut reported_end = false;
     let mut helper_gone = false;
@@ -300,21 +382,20 @@ fn host_pid_of_child(init: i32) -> i32 {
 }
 
 /// pid 1 of the payload's pid namespace. Returns the exit code of the init.
-fn init_main(plan: &StagePlan, events: &mut File, mut ack: File) -> StepResult<i32> {
-    // 1. Into the payload cgroup first, so everything after is accounted and limited (P7).
-    for f in &plan.join_files {
-        step(
-            &format!("join cgroup {}", f.display()),
-            std::fs::write(f, "0"),
-        )?;
-    }
-    // 2. Private namespaces.
+fn init_main(plan: &StagePlan, gates: Gates, events: &mut File, mut ack: File) -> StepResult<i32> {
+    let Gates {
+        cgroup: mut cgroup_gate,
+        exec: mut exec_gate,
+    } = gates;
+    // 1. Private namespaces. (The helper creates the payload cgroup meanwhile; the init joins
+    //    it in step 8, before the payload exists. Until then only the namespaces and mounts
+    //    made here are charged to the helper's cgroup.)
     let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
     if plan.network != NetworkMode::Host {
         flags |= CloneFlags::CLONE_NEWNET;
     }
     step("unshare namespaces", unshare(flags))?;
-    // 3. Nothing we mount may propagate back to the host: slave before the first mount.
+    // 2. Nothing we mount may propagate back to the host: slave before the first mount.
     step(
         "make / recursively slave",
         mount(
@@ -325,7 +406,7 @@ fn init_main(plan: &StagePlan, events: &mut File, mut ack: File) -> StepResult<i
             None::<&str>,
         ),
     )?;
-    // 4. A /proc that shows only this pid namespace.
+    // 3. A /proc that shows only this pid namespace.
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     step(
         "mount /proc",
@@ -337,7 +418,7 @@ fn init_main(plan: &StagePlan, events: &mut File, mut ack: File) -> StepResult<i
             None::<&str>,
         ),
     )?;
-    // 5. Private, size-limited /tmp, /var/tmp, /dev/shm (P8: no shared temporary files), and
+    // 4. Private, size-limited /tmp, /var/tmp, /dev/shm (P8: no shared temporary files), and
     //    /run/lock where it is world-writable (1777 on Debian-like nodes, /var/lock points to
     //    it): shared, it is a drop box between payloads that keeps their files after teardown.
     let opts = format!("size={},mode=1777", plan.tmp_size_bytes);
@@ -370,16 +451,16 @@ fn init_main(plan: &StagePlan, events: &mut File, mut ack: File) -> StepResult<i
             ),
         )?;
     }
-    // 6. Hide every other payload's scratch: a tmpfs over the root, our own dir bound back.
+    // 5. Hide every other payload's scratch: a tmpfs over the root, our own dir bound back.
     hide_scratch_root(plan)?;
-    // 7. Own hostname; loopback up for network = loopback.
+    // 6. Own hostname; loopback up for network = loopback.
     let mut host = format!("mupilot-{}", plan.payload_id);
     host.truncate(64);
     step("set hostname", nix::unistd::sethostname(&host))?;
     if plan.network == NetworkMode::Loopback {
         step("bring lo up", loopback_up())?;
     }
-    // 8. Signals to forward are blocked here and collected with sigwaitinfo below; blocked
+    // 7. Signals to forward are blocked here and collected with sigwaitinfo below; blocked
     //    (not ignored) so the kernel queues them even for a namespace init.
     let mut set = SigSet::empty();
     for s in [
@@ -393,12 +474,22 @@ fn init_main(plan: &StagePlan, events: &mut File, mut ack: File) -> StepResult<i
         set.add(s);
     }
     step("block signals", set.thread_block())?;
+    // 8. Into the payload cgroup once the helper made it, so the payload and everything it
+    //    starts are accounted and limited from their first instruction (P7).
+    pass(&mut cgroup_gate, "the payload cgroup")?;
+    drop(cgroup_gate);
+    for f in &plan.join_files {
+        step(
+            &format!("join cgroup {}", f.display()),
+            std::fs::write(f, "0"),
+        )?;
+    }
     let (err_rd, err_wr) = step("pipe", nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC))?;
     // SAFETY: the init is single-threaded (forked from the single-threaded stage).
     let payload = match step("fork payload", unsafe { fork() })? {
         ForkResult::Child => {
             drop(err_rd);
-            let Err((s, e)) = payload_main(plan);
+            let Err((s, e)) = payload_main(plan, &mut exec_gate);
             let mut w = File::from(err_wr);
             let _ = w.write_all(format!("{s}\n{e}").as_bytes());
             // SAFETY: see init's _exit above.
@@ -407,6 +498,7 @@ fn init_main(plan: &StagePlan, events: &mut File, mut ack: File) -> StepResult<i
         ForkResult::Parent { child } => child,
     };
     drop(err_wr);
+    drop(exec_gate);
     // 9. The error pipe closes on exec (CLOEXEC): EOF without data means the payload runs.
     let mut msg = String::new();
     let _ = File::from(err_rd).read_to_string(&mut msg);
@@ -435,6 +527,7 @@ fn init_main(plan: &StagePlan, events: &mut File, mut ack: File) -> StepResult<i
         loop {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(p, c)) if p == payload => {
+                    end_namespace();
                     send(
                         events,
                         &StageEvent::Exit {
@@ -445,6 +538,7 @@ fn init_main(plan: &StagePlan, events: &mut File, mut ack: File) -> StepResult<i
                     return Ok(0);
                 }
                 Ok(WaitStatus::Signaled(p, s, _)) if p == payload => {
+                    end_namespace();
                     send(
                         events,
                         &StageEvent::Exit {
@@ -457,6 +551,33 @@ fn init_main(plan: &StagePlan, events: &mut File, mut ack: File) -> StepResult<i
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
                 Ok(_) => continue,
             }
+        }
+    }
+}
+
+/// Longest time the init waits for the processes it killed before it reports the exit anyway
+/// (a process stuck in uninterruptible sleep); the helper's cgroup kill handles what is left.
+const END_NAMESPACE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// After the main process exited: kills every other process of the pid namespace (pid 1's
+/// kill(-1) reaches all of them) and reaps them, so that when the exit is reported nothing of
+/// the payload runs any more and only this init, which then exits, is left in the cgroup. The
+/// helper need not wait for the init's own exit (the namespaces' teardown) to report.
+fn end_namespace() {
+    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    let deadline = std::time::Instant::now() + END_NAMESPACE_WAIT;
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {
+                if std::time::Instant::now() >= deadline {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            // ECHILD: no child left; orphans of the namespace were reparented to us, so none
+            // is left anywhere in it.
+            Err(_) => return,
         }
     }
 }
@@ -574,7 +695,10 @@ fn fds_from_3(cloexec: bool) -> std::io::Result<()> {
 }
 
 /// The payload process: ends in exec, or returns the step that failed.
-fn payload_main(plan: &StagePlan) -> Result<std::convert::Infallible, (String, String)> {
+fn payload_main(
+    plan: &StagePlan,
+    exec_gate: &mut File,
+) -> Result<std::convert::Infallible, (String, String)> {
     step("unblock signals", SigSet::all().thread_unblock())?;
     step("setsid", nix::unistd::setsid())?;
     // Every inherited descriptor above stderr closes on exec (the error pipe included).
@@ -600,6 +724,8 @@ fn payload_main(plan: &StagePlan) -> Result<std::convert::Infallible, (String, S
     if let Some(b) = &plan.bundle_b64 {
         unpack_bundle(b)?;
     }
+    // Last: the start record must be on disk before the payload's own code runs (P4, P11).
+    pass(exec_gate, "the start record")?;
     exec(plan)
 }
 
@@ -647,7 +773,7 @@ fn exec(plan: &StagePlan) -> Result<std::convert::Infallible, (String, String)> 
     })?;
     let prog = cstr(&prog.to_string_lossy())?;
     match nix::unistd::execve(&prog, &argv, &envp) {
-        Err(e) => Err((s.into(), format!("exec failed: {e}"))),
+        Err(e) => Err((s.into(), format!("exec failed: {e}: {}", plan.argv[0]))),
         Ok(never) => match never {},
     }
 }

@@ -10,6 +10,12 @@
 //! `launch_bench hold N SECONDS --socket S --vo-key K --dn DN --vo VO`: keeps N `sleep SECONDS`
 //! payloads running through the helper at once; prints `started N` when all run.
 //!
+//! `launch_bench floor N --uid U --gid G`: the kernel work any launcher that gives `true` the
+//! namespaces mupilot gives it cannot avoid, done in this process with no helper program, no
+//! cgroup, no scratch, no record and no capability drop: fork, unshare(pid, mount, IPC, UTS),
+//! fork (pid 1 of the new namespace), `/` recursively slave, /proc and a tmpfs on /tmp, uid
+//! switch, exec; reaped by the parent. Root only. One latency per line (µs).
+//!
 //! `launch_bench stats FILE...`: reads latencies and prints `name n p50 p99 mean` (µs).
 
 use std::collections::BTreeMap;
@@ -31,6 +37,7 @@ fn main() {
         Some("cmd") => cmd(&args[1..]),
         Some("mupilot") => mupilot_path(&args[1..]),
         Some("hold") => hold(&args[1..]),
+        Some("floor") => floor(&args[1..]),
         Some("stats") => stats(&args[1..]),
         _ => {
             eprintln!("usage: launch_bench cmd N [--gap-ms G] -- ARGV... | mupilot N --socket S --vo-key K --dn DN --vo VO | hold N SECONDS --socket .. | stats FILE...");
@@ -78,6 +85,65 @@ fn cmd(args: &[String]) -> i32 {
             return 1;
         }
         writeln!(out, "{us:.1}").unwrap();
+    }
+    0
+}
+
+fn floor(args: &[String]) -> i32 {
+    use nix::mount::{mount, MsFlags};
+    use nix::sched::{unshare, CloneFlags};
+    use nix::sys::wait::{waitpid, WaitStatus};
+    use nix::unistd::{execv, fork, setgroups, setresgid, setresuid, ForkResult, Gid, Uid};
+    let n = count(args.first());
+    let uid = Uid::from_raw(flag(args, "--uid").parse().expect("--uid"));
+    let gid = Gid::from_raw(flag(args, "--gid").parse().expect("--gid"));
+    let prog = std::ffi::CString::new("/bin/true").unwrap();
+    // Runs in the forked children of this single-threaded program; any failure exits 1.
+    let isolated = || -> nix::Result<()> {
+        unshare(
+            CloneFlags::CLONE_NEWPID
+                | CloneFlags::CLONE_NEWNS
+                | CloneFlags::CLONE_NEWIPC
+                | CloneFlags::CLONE_NEWUTS,
+        )?;
+        // SAFETY: the benchmark is single-threaded, so the child may do anything after fork.
+        match unsafe { fork() }? {
+            ForkResult::Child => {
+                let none = None::<&str>;
+                mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_SLAVE, none)?;
+                mount(Some("proc"), "/proc", Some("proc"), MsFlags::empty(), none)?;
+                mount(Some("tmpfs"), "/tmp", Some("tmpfs"), MsFlags::empty(), none)?;
+                setgroups(&[gid])?;
+                setresgid(gid, gid, gid)?;
+                setresuid(uid, uid, uid)?;
+                execv(&prog, &[&prog])?;
+                Ok(())
+            }
+            ForkResult::Parent { child } => match waitpid(child, None)? {
+                WaitStatus::Exited(_, 0) => Ok(()),
+                _ => Err(nix::errno::Errno::ECHILD),
+            },
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    for _ in 0..n {
+        let t = Instant::now();
+        // SAFETY: as above.
+        match unsafe { fork() }.expect("fork") {
+            ForkResult::Child => {
+                let code = i32::from(isolated().is_err());
+                // SAFETY: _exit skips the parent's atexit handlers and buffered stdout.
+                unsafe { libc::_exit(code) }
+            }
+            ForkResult::Parent { child } => match waitpid(child, None) {
+                Ok(WaitStatus::Exited(_, 0)) => {}
+                other => {
+                    eprintln!("floor launch failed: {other:?}");
+                    return 1;
+                }
+            },
+        }
+        writeln!(out, "{:.1}", t.elapsed().as_secs_f64() * 1e6).unwrap();
     }
     0
 }

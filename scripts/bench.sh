@@ -95,12 +95,14 @@ declare -A CONTENDERS=(
 # The *_gap contenders pause 50 ms (untimed) before each launch: a cgroup migration is cheap
 # right after another one and costs an RCU grace period when the last one is older.
 declare -A CMD_OPTS=([sh_gap]="--gap-ms 50" [sh_cgroup_attach_gap]="--gap-ms 50")
-ORDER=(bare setpriv unshare_setpriv bwrap_setpriv sudo sh_gap sh_cgroup_attach_gap mupilot)
+ORDER=(bare setpriv unshare_setpriv bwrap_setpriv sudo ns_floor sh_gap sh_cgroup_attach_gap mupilot)
 
 log "launch latency: $ROUNDS rounds x $PER_ROUND launches per contender, interleaved"
 for _ in $(seq 1 "$ROUNDS"); do
     for c in "${ORDER[@]}"; do
-        if [ "$c" = mupilot ]; then
+        if [ "$c" = ns_floor ]; then
+            "$LB" floor "$PER_ROUND" --uid "$U" --gid "$G" >>"$WORK/$c.lat"
+        elif [ "$c" = mupilot ]; then
             runuser -u mupilot -- "$LB" mupilot "$PER_ROUND" --socket "$WORK/vo/switch.sock" \
                 --vo-key "$WORK/vo/vo.key" --dn "/DC=org/DC=mupilot-demo/CN=alice" --vo demo \
                 >>"$WORK/$c.lat"
@@ -134,6 +136,11 @@ TABLE=$WORK/table.md
     echo
     echo "Targets: mupilot p50 <= 0.8 x bwrap_setpriv p50 (now $(ratio "${P50[mupilot]}" "${P50[bwrap_setpriv]}") x)," \
         "and <= 4 x bare p50 (now $(ratio "${P50[mupilot]}" "${P50[bare]}") x)."
+    echo
+    echo "\`ns_floor\` is the kernel work no launcher with mupilot's namespaces can skip, done in one" \
+        "process without any helper program, cgroup, scratch, record or capability drop (fork, unshare" \
+        "pid/mount/IPC/UTS, fork, / slave, /proc and /tmp mounts, uid switch, exec \`true\`):" \
+        "$(ratio "${P50[ns_floor]}" "${P50[bare]}") x bare here, against the target of 4 x bare for the whole path."
     echo
     echo "\`sh_cgroup_attach_gap\` - \`sh_gap\` is the kernel's cost of moving one process into a" \
         "cgroup when no migration happened in the last 50 ms" \

@@ -297,19 +297,25 @@ fn operator_commands_are_authorized_with_the_policy() {
         }
         ev => panic!("{ev:?}"),
     }
-    match c.call(
+    // The answer and the payload's exit may arrive in either order.
+    c.send(
         &SwitchRequest::Command {
             command: command(DN_ALICE, CommandAction::Cancel),
         },
         &[],
-    ) {
-        SwitchEvent::CommandDone { ok, .. } => assert!(ok),
-        ev => panic!("{ev:?}"),
-    }
-    loop {
-        if let SwitchEvent::Exited { report, .. } = c.recv() {
-            assert_eq!(report.signal, Some(15), "{report:?}");
-            break;
+    );
+    let (mut answered, mut exited) = (false, false);
+    while !(answered && exited) {
+        match c.recv() {
+            SwitchEvent::CommandDone { ok, .. } => {
+                assert!(ok);
+                answered = true;
+            }
+            SwitchEvent::Exited { report, .. } => {
+                assert_eq!(report.signal, Some(15), "{report:?}");
+                exited = true;
+            }
+            ev => panic!("{ev:?}"),
         }
     }
     let recs = site.records_of(&id);

@@ -87,6 +87,20 @@ pub struct AuditRecord {
     pub kill_reason: Option<String>,
 }
 
+impl AuditRecord {
+    /// A later record about the same payload (signal, kill, end): this (start) record's facts,
+    /// a fresh time, `event`, and no decision or reason of its own yet.
+    pub fn follow_up(&self, event: AuditEvent) -> AuditRecord {
+        AuditRecord {
+            time: crate::records::now_rfc3339(),
+            event: Some(event),
+            decision: None,
+            reason: None,
+            ..self.clone()
+        }
+    }
+}
+
 /// SHA-256 of the argv joined with NUL bytes: names the exact command in records.
 pub fn argv_sha256(argv: &[String]) -> String {
     crate::protocol::envelope::sha256_hex(argv.join("\0").as_bytes())

@@ -60,9 +60,7 @@ pub fn run(helper: &Arc<Helper>, conn_id: u64, signed: &SignedCommand) -> Switch
         );
     }
     let decision = helper.authz.decide_command(&body, &envelope);
-    let mut rec = entry.record.clone();
-    rec.time = crate::records::now_rfc3339();
-    rec.event = Some(match body.action {
+    let mut rec = entry.record.follow_up(match body.action {
         CommandAction::Cancel => AuditEvent::Kill,
         _ => AuditEvent::Signal,
     });

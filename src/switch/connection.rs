@@ -320,10 +320,7 @@ impl Connection {
         };
         // Recorded before the signal is sent, so the log reads start, signal, end even when
         // the payload dies of it at once.
-        let mut rec = entry.record.clone();
-        rec.time = crate::records::now_rfc3339();
-        rec.event = Some(AuditEvent::Signal);
-        rec.decision = None;
+        let mut rec = entry.record.follow_up(AuditEvent::Signal);
         rec.signal = Some(signal);
         rec.reason = Some(reason.unwrap_or_else(|| "pilot request".into()));
         self.helper.audit.append_or_log(&rec);
@@ -353,11 +350,7 @@ fn supervise(
         Ok((o, r)) => (Ok(o), Some(r)),
         Err(e) => (Err(e), None),
     };
-    let mut rec = start.clone();
-    rec.time = crate::records::now_rfc3339();
-    rec.event = Some(AuditEvent::End);
-    rec.decision = None;
-    rec.reason = None;
+    let mut rec = start.follow_up(AuditEvent::End);
     rec.end = Some(rec.time.clone());
     let report = match result {
         Ok(o) => {

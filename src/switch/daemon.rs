@@ -128,11 +128,7 @@ impl Helper {
         for (payload_id, entry) in entries {
             let Some(handle) = entry.handle else { continue };
             // Recorded before the kill, so the log reads start, kill, end.
-            let mut rec = entry.record.clone();
-            rec.time = crate::records::now_rfc3339();
-            rec.event = Some(AuditEvent::Kill);
-            rec.decision = None;
-            rec.reason = None;
+            let mut rec = entry.record.follow_up(AuditEvent::Kill);
             rec.kill_reason = Some(reason.to_string());
             self.audit.append_or_log(&rec);
             handle.kill(reason);

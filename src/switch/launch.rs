@@ -356,10 +356,7 @@ pub fn launch(
 /// The end record of a payload whose start was recorded but which never started: its sandbox
 /// failed, or the start record could not be made durable.
 fn end_without_run(start: &AuditRecord, kill_reason: &str, reason: &str) -> AuditRecord {
-    let mut end = start.clone();
-    end.time = crate::records::now_rfc3339();
-    end.event = Some(AuditEvent::End);
-    end.decision = None;
+    let mut end = start.follow_up(AuditEvent::End);
     end.end = Some(end.time.clone());
     end.kill_reason = Some(kill_reason.into());
     end.reason = Some(reason.into());

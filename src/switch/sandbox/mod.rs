@@ -245,13 +245,35 @@ impl Drop for Running {
         if self.finished {
             return;
         }
-        self.handle.kill("abandoned");
-        if let Some(mut stage) = self.stage.take() {
+        let h = &self.handle.inner;
+        remove_leftovers(self.stage.take(), true, &h.scratch, &h.cgroup);
+    }
+}
+
+/// Removes what a payload leaves: reaps its stage, then removes its scratch directory and
+/// cgroup. With `kill`, the stage (and with it the init and its namespace) is killed first and
+/// the cgroup emptied before removal; without, the stage is ending on its own and the cgroup
+/// is already empty.
+fn remove_leftovers(stage: Option<Child>, kill: bool, scratch: &Path, cgroup: &Cgroup) {
+    if let Some(mut stage) = stage {
+        if kill {
             let _ = stage.kill();
-            let _ = stage.wait();
         }
-        let _ = std::fs::remove_dir_all(&self.handle.inner.scratch);
-        self.handle.inner.cgroup.remove();
+        let _ = stage.wait();
+    }
+    if kill {
+        if let Err(e) = cgroup.kill_all() {
+            tracing::warn!(cgroup = %cgroup.display(), error = %e, "payload cgroup not empty");
+        }
+    }
+    match std::fs::remove_dir_all(scratch) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            tracing::warn!(scratch = %scratch.display(), error = %e, "removing scratch")
+        }
+        _ => {}
+    }
+    if !cgroup.remove() {
+        tracing::warn!(cgroup = %cgroup.display(), "payload cgroup could not be removed");
     }
 }
 
@@ -315,17 +337,18 @@ impl Running {
         // With an exit report the init has killed and reaped everything else of the payload
         // and is exiting itself: it is the one process the cgroup may still show. Without one
         // the stage died or was killed: make sure it (and with it the init) is gone.
-        let exiting = if end.is_some() {
-            vec![self.handle.inner.init_pid]
+        let init_pid = self.handle.inner.init_pid;
+        let exiting: &[i32] = if end.is_some() {
+            std::slice::from_ref(&init_pid)
         } else {
             if let Some(mut stage) = self.stage.take() {
                 let _ = stage.wait();
             }
-            Vec::new()
+            &[]
         };
         let h = &self.handle;
         // Everything left (daemonized children included) dies with the cgroup (P10).
-        if let Err(e) = h.inner.cgroup.kill_all_but_exiting(&exiting) {
+        if let Err(e) = h.inner.cgroup.kill_all_but_exiting(exiting) {
             tracing::warn!(cgroup = %h.cgroup(), error = %e, "payload cgroup not empty");
         }
         let usage = h.inner.cgroup.usage();
@@ -377,18 +400,11 @@ impl Residue {
     }
 
     fn clean(&mut self) {
-        if let Some(mut stage) = self.stage.take() {
-            // It has reported the exit and is ending on its own.
-            let _ = stage.wait();
+        if let Some(h) = self.handle.take() {
+            // The stage has reported the exit and is ending on its own.
+            remove_leftovers(self.stage.take(), false, &h.inner.scratch, &h.inner.cgroup);
         }
         drop(self.channel.take());
-        let Some(h) = self.handle.take() else { return };
-        if let Err(e) = std::fs::remove_dir_all(&h.inner.scratch) {
-            tracing::warn!(scratch = %h.inner.scratch.display(), error = %e, "removing scratch");
-        }
-        if !h.inner.cgroup.remove() {
-            tracing::warn!(cgroup = %h.cgroup(), "payload cgroup could not be removed");
-        }
     }
 }
 
@@ -740,15 +756,7 @@ impl Drop for Starting {
             return;
         };
         drop(self.exec_gate.take());
-        if let Some(mut stage) = self.stage.take() {
-            let _ = stage.kill();
-            let _ = stage.wait();
-        }
-        if let Err(e) = cg.kill_all() {
-            tracing::warn!(cgroup = %cg.display(), error = %e, "withdrawn payload's cgroup not empty");
-        }
-        let _ = std::fs::remove_dir_all(&self.scratch);
-        cg.remove();
+        remove_leftovers(self.stage.take(), true, &self.scratch, &cg);
     }
 }
 

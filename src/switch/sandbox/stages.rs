@@ -117,25 +117,6 @@ impl StagePool {
         StagePool { shared, refill }
     }
 
-    /// How many idle stages are ready now.
-    pub fn ready(&self) -> usize {
-        self.shared.lock().idle.len()
-    }
-
-    /// Waits up to `timeout` until `warm` stages are ready (start-up and tests).
-    pub fn wait_ready(&self, timeout: Duration) -> bool {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if self.ready() >= self.shared.warm {
-                return true;
-            }
-            if std::time::Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
     /// An idle stage that is still alive, or a freshly spawned one when none is ready; and a
     /// token that holds back refills until it is dropped (when the launch's setup is done).
     pub(super) fn take(&self) -> Result<(IdleStage, Launching), SandboxError> {
@@ -192,16 +173,13 @@ impl Drop for StagePool {
 /// The refill thread: spawns outside the lock whenever fewer than `warm` stages are idle and
 /// no launch is being set up, or at once when none is idle.
 ///
-/// It runs, and its stages start, under SCHED_IDLE: an idle stage's exec then uses only CPU
-/// time nothing else wants, instead of competing with the payloads and launches of the slot.
-/// A stage sets itself back to SCHED_OTHER as soon as it receives a plan.
+/// A stage it starts is put under SCHED_IDLE as soon as its exec succeeded: the rest of its
+/// start-up then uses only CPU time nothing else wants, instead of competing with the payloads
+/// and launches of the slot. Not before the exec: until then the child holds copies of the
+/// helper's descriptors (the listening socket, pilot connections), and a child starved on a
+/// busy node would keep them open after the helper died. The helper sets a stage it takes back
+/// to SCHED_OTHER, and the stage checks that itself.
 fn refill(shared: &Shared) {
-    let idle = libc::sched_param { sched_priority: 0 };
-    // SAFETY: sched_setscheduler on the calling thread (0) with a valid sched_param on our
-    // stack; it changes only this thread's scheduling and what its children inherit.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) } != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "idle stages start at normal priority");
-    }
     let wanted =
         |st: &State| st.idle.len() < shared.warm && (st.launching == 0 || st.idle.is_empty());
     loop {
@@ -216,6 +194,14 @@ fn refill(shared: &Shared) {
         }
         match spawn(&shared.exe) {
             Ok(s) => {
+                let idle = libc::sched_param { sched_priority: 0 };
+                // SAFETY: sched_setscheduler on our own child, whose pid cannot be reused
+                // before we reap it, with a sched_param on our stack.
+                if unsafe { libc::sched_setscheduler(s.child.id() as i32, libc::SCHED_IDLE, &idle) }
+                    != 0
+                {
+                    tracing::debug!(error = %std::io::Error::last_os_error(), "idle stage stays at normal priority");
+                }
                 let mut st = shared.lock();
                 if st.stop {
                     drop(st);

@@ -765,3 +765,29 @@ fn pids_and_tmp_limits() {
     // The background sleeps died with the payload.
     assert!(t.elapsed().as_secs() < 5);
 }
+
+/// The stage creates the payload cgroup while its init mounts. When that fails (here a
+/// directory of that name is left over in the memory hierarchy), the launch fails with the
+/// step and the path, the payload never runs, and its scratch directory is gone.
+#[test]
+fn cgroup_creation_failure_in_the_stage_is_reported() {
+    let u = TestUser::get("mpt-sbx-a");
+    let root = ScratchRoot::new("cgfail");
+    let s = settings(&root.0);
+    let p = plan("cgfail", &u.account, &["true"]);
+    let located = mupilot::switch::sandbox::cgroup::Cgroup::locate(
+        p.pilot_pid,
+        &format!("mupilot-{}", p.payload_id),
+    )
+    .unwrap();
+    let leftover = std::path::PathBuf::from(located.cgroup().display());
+    std::fs::create_dir(&leftover).unwrap();
+    let e = match mupilot::switch::sandbox::launch(&s, p.clone(), None, None) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("the payload started without its cgroup"),
+    };
+    assert!(e.contains("create payload cgroup"), "{e}");
+    assert!(e.contains(&leftover.display().to_string()), "{e}");
+    assert!(!root.0.join(&p.payload_id).exists(), "scratch removed");
+    let _ = std::fs::remove_dir(&leftover);
+}

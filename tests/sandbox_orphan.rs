@@ -31,8 +31,8 @@ fn wait_until(mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
-/// Plays the helper by hand: cgroup, scratch, stage with a raw plan. Returns the socket, the
-/// stage child, the payload's host pid, the cgroup and the scratch dir.
+/// Plays the helper by hand: scratch, stage with a raw plan (the stage creates the cgroup).
+/// Returns the socket, the stage child, the payload's host pid, the cgroup and the scratch dir.
 fn start(
     tag: &str,
     u: &TestUser,
@@ -45,16 +45,8 @@ fn start(
     std::path::PathBuf,
 ) {
     let name = format!("mupilot-test-sbx-{tag}-{}", std::process::id());
-    let cg = Cgroup::create(
-        std::process::id() as i32,
-        &name,
-        Limits {
-            memory_bytes: 128 << 20,
-            cores: 1,
-            pids_max: 64,
-        },
-    )
-    .unwrap();
+    let located = Cgroup::locate(std::process::id() as i32, &name).unwrap();
+    let cg = located.cgroup().clone();
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o711)
@@ -72,11 +64,14 @@ fn start(
         "account": u.account,
         "argv": ["sleep", "77"],
         "env": [["PATH", "/usr/bin:/bin"]],
-        "join_files": cg.join_files(),
+        "cgroup": located,
+        "limits": Limits {
+            memory_bytes: 128 << 20,
+            cores: 1,
+            pids_max: 64,
+        },
         "scratch_root": root.0,
         "scratch": scratch,
-        "tmp_size_bytes": 1 << 20,
-        "network": "host",
         "nofile": 64,
         "core_bytes": 0,
         "allow_user_namespaces": true,
@@ -84,27 +79,19 @@ fn start(
     });
     let (ours, theirs) = UnixStream::pair().unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_mupilot-switch"))
-        .arg("stage")
+        .args(["stage", "--network", "host", "--tmp-size-bytes", "1048576"])
         .env_clear()
         .stdin(Stdio::from(OwnedFd::from(theirs)))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // The plan with the cgroup and exec gates, both opened at once (the cgroup exists and
-    // there is no start record to wait for).
-    let (cgroup_wait, cgroup_open) = nix::unistd::pipe().unwrap();
+    // The plan with the exec gate, opened at once (there is no start record to wait for).
     let (exec_wait, exec_open) = nix::unistd::pipe().unwrap();
     let mut channel = ours.try_clone().unwrap();
-    mupilot::protocol::switch_wire::write_frame(
-        &mut channel,
-        &plan,
-        &[cgroup_wait.as_raw_fd(), exec_wait.as_raw_fd()],
-    )
-    .unwrap();
-    for gate in [cgroup_open, exec_open] {
-        std::fs::File::from(gate).write_all(b"g").unwrap();
-    }
+    mupilot::protocol::switch_wire::write_frame(&mut channel, &plan, &[exec_wait.as_raw_fd()])
+        .unwrap();
+    std::fs::File::from(exec_open).write_all(b"g").unwrap();
     let mut line = String::new();
     BufReader::new(&ours).read_line(&mut line).unwrap();
     let ev: serde_json::Value = serde_json::from_str(&line).unwrap();

@@ -585,20 +585,37 @@ fn stopping_the_helper_kills_and_records_every_payload() {
 
 /// The helper's children that are idle stages: `mupilot-switch stage` processes.
 fn idle_stages(helper_pid: u32) -> Vec<i32> {
-    let mut out = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{helper_pid}/task"))
-        .unwrap()
-        .flatten()
-    {
-        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-        for pid in children
-            .split_whitespace()
-            .filter_map(|p| p.parse::<i32>().ok())
+    let children = |pid: i32| -> Vec<i32> {
+        let mut out = Vec::new();
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
         {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if cmdline.ends_with(b"\0stage\0") {
-                out.push(pid);
-            }
+            let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            out.extend(
+                list.split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok()),
+            );
+        }
+        out
+    };
+    let cmdline = |pid: i32| std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let has = |c: &[u8], arg: &[u8]| c.windows(arg.len()).any(|w| w == arg);
+    // Idle stages are the stage factory's children (or, without a factory, exec'd
+    // `mupilot-switch stage` children of the helper) that hold no payload yet: no child of
+    // their own.
+    let mut out = Vec::new();
+    for pid in children(helper_pid as i32) {
+        let c = cmdline(pid);
+        if has(&c, b"\0stage-factory\0") {
+            out.extend(
+                children(pid)
+                    .into_iter()
+                    .filter(|s| children(*s).is_empty()),
+            );
+        } else if has(&c, b"\0stage\0") && children(pid).is_empty() {
+            out.push(pid);
         }
     }
     out

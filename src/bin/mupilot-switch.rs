@@ -1,12 +1,19 @@
 //! `mupilot-switch`: the site's identity-switching helper (root).
 //!
 //! `mupilot-switch stage` is the re-exec'd, single-threaded stage process that builds one
-//! payload's sandbox; it is dispatched before anything else runs (no threads, no logging
-//! setup), so the privileged steps happen in a process that never had a second thread.
+//! payload's sandbox, and `mupilot-switch stage-factory` the single-threaded process that forks
+//! such stages ahead of time; both are dispatched before anything else runs (no threads, no
+//! logging setup), so the privileged steps happen in a process that never had a second thread.
 
 fn main() {
-    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new("stage")) {
-        std::process::exit(mupilot::switch::sandbox::stage_main());
+    match std::env::args_os()
+        .nth(1)
+        .as_deref()
+        .and_then(|a| a.to_str())
+    {
+        Some("stage") => std::process::exit(mupilot::switch::sandbox::stage_main()),
+        Some("stage-factory") => std::process::exit(mupilot::switch::sandbox::stage_factory_main()),
+        _ => {}
     }
     std::process::exit(mupilot::switch::cli::main());
 }

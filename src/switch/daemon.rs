@@ -74,7 +74,7 @@ impl Helper {
             replay: Mutex::new(replay),
             authz,
             registry: Registry::default(),
-            stages: StagePool::new(cfg.sandbox.stage_exe.clone(), cfg.sandbox.warm_stages),
+            stages: StagePool::new(&cfg.sandbox, cfg.sandbox.warm_stages),
             accounts: AccountCache::default(),
             next_conn: AtomicU64::new(1),
             cfg,

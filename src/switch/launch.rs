@@ -298,12 +298,11 @@ pub fn launch(
     let starting = sandbox::begin(&helper.cfg.sandbox, &helper.stages, plan, stdout, stderr)
         .map_err(LaunchError::Sandbox)?;
 
-    // j. While the stage builds the namespaces: the nonce and the start record reach the disk.
-    //    Until then the payload waits at the exec gate; an error here withdraws it (dropping
-    //    `starting` kills the stage and removes what was made).
-    nonce_synced
-        .wait()
-        .map_err(|e| LaunchError::ReplayCache(super::replay::ReplayError::from_sync(e)))?;
+    // j. While the stage builds the cgroup and the mounts: the start record is written, then
+    //    the nonce and the start record reach the disk (the second sync mostly finds the
+    //    first's journal commit done). Until then the payload waits at the exec gate; an
+    //    error here withdraws it (dropping `starting` kills the stage and removes what was
+    //    made), and an end record closes the start.
     let mut start = rec.clone();
     start.time = crate::records::now_rfc3339();
     start.event = Some(AuditEvent::Start);
@@ -316,11 +315,15 @@ pub fn launch(
         .audit
         .append_unsynced(&start)
         .map_err(LaunchError::Audit)?;
-    if let Err(e) = pending.wait() {
+    let durable = nonce_synced
+        .wait()
+        .map_err(|e| LaunchError::ReplayCache(super::replay::ReplayError::from_sync(e)))
+        .and_then(|()| pending.wait().map_err(LaunchError::Audit));
+    if let Err(e) = durable {
         helper
             .audit
             .append_or_log(&end_without_run(&start, "audit_failed", &e.to_string()));
-        return Err(LaunchError::Audit(e));
+        return Err(e);
     }
 
     // k. The payload may exec.

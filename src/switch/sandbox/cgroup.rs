@@ -9,6 +9,7 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -45,7 +46,7 @@ pub enum CgroupError {
 }
 
 /// Limits applied to a payload cgroup.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Limits {
     pub memory_bytes: u64,
     pub cores: u32,
@@ -92,9 +93,47 @@ struct Mount {
     controllers: Vec<String>,
 }
 
-fn mounts() -> Result<Vec<Mount>, CgroupError> {
+/// The cgroup mounts as last parsed, and a descriptor of /proc/self/mountinfo opened before
+/// that parse: the kernel flags it to poll(2) with POLLPRI|POLLERR once the mount table
+/// changed (proc(5)).
+struct MountCache {
+    watch: fs::File,
+    mounts: Arc<Vec<Mount>>,
+}
+
+static MOUNTS: Mutex<Option<MountCache>> = Mutex::new(None);
+
+/// The cgroup mounts of this process's mount namespace, parsed again only after the mount
+/// table changed (reading and parsing mountinfo cost about 0.14 ms per launch).
+fn mounts() -> Result<Arc<Vec<Mount>>, CgroupError> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut cache = MOUNTS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(c) = cache.as_ref() {
+        let mut fds = [PollFd::new(c.watch.as_fd(), PollFlags::POLLPRI)];
+        if matches!(poll(&mut fds, PollTimeout::ZERO), Ok(0)) {
+            return Ok(c.mounts.clone());
+        }
+    }
     let path = PathBuf::from("/proc/self/mountinfo");
-    let text = fs::read_to_string(&path).map_err(|source| CgroupError::Read { path, source })?;
+    // Opened first: a change during or after the parse below shows on the next poll.
+    let watch = fs::File::open(&path).map_err(|source| CgroupError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let mounts = Arc::new(parse_mounts(&path)?);
+    *cache = Some(MountCache {
+        watch,
+        mounts: mounts.clone(),
+    });
+    Ok(mounts)
+}
+
+fn parse_mounts(path: &Path) -> Result<Vec<Mount>, CgroupError> {
+    let text = fs::read_to_string(path).map_err(|source| CgroupError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
     let mut out = Vec::new();
     for line in text.lines() {
         // "id parent maj:min root point opts [tags] - fstype source superopts"
@@ -247,8 +286,9 @@ fn v1_ancestor_quota(dir: &Path, period: u64) -> Option<u64> {
 }
 
 /// A payload cgroup whose place is known but which is not created yet ([`Cgroup::locate`]).
-/// Lets a launch tell the stage which files to join while the directories are being made.
-#[derive(Debug)]
+/// The helper finds the place and sends it with the plan; the stage creates it
+/// ([`Located::create`]) while its init builds the mounts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Located {
     cgroup: Cgroup,
     /// v2: the hierarchy's mount point (the root cgroup may hold processes and children).
@@ -557,6 +597,18 @@ impl Cgroup {
         all
     }
 
+    /// The processes [`Cgroup::kill_all_but_exiting`] waits for: on v1 those of the freezer
+    /// hierarchy, the one it freezes and kills through. Every payload process is in all of the
+    /// payload's v1 hierarchies (the init joined them all before the payload existed, children
+    /// inherit them, and only root can move a process out), so one list is the whole set and
+    /// saves a read per hierarchy on every payload's exit.
+    fn watched_pids(&self) -> Vec<i32> {
+        match self {
+            Cgroup::V1 { .. } => pids_in(&self.v1_dir("freezer").join("cgroup.procs")),
+            Cgroup::V2 { dir } => pids_in(&dir.join("cgroup.procs")),
+        }
+    }
+
     /// Sends `sig` to every process in the cgroup except those in `skip`.
     pub fn signal(&self, sig: i32, skip: &[i32]) -> io::Result<()> {
         for pid in self.pids() {
@@ -604,7 +656,7 @@ impl Cgroup {
             _ => None,
         };
         loop {
-            if self.pids().iter().all(|p| exiting.contains(p)) {
+            if self.watched_pids().iter().all(|p| exiting.contains(p)) {
                 return Ok(());
             }
             if Instant::now() > deadline {

@@ -17,7 +17,6 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,6 +24,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 pub mod cgroup;
+mod factory;
 mod outputs;
 mod privs;
 mod seccomp;
@@ -224,9 +224,10 @@ const START_TIMEOUT: Duration = Duration::from_secs(300);
 /// The owner of a started payload: waits for it and tears it down.
 pub struct Running {
     pub handle: Handle,
-    /// Reaped by the [`Residue`] once the exit was reported (the stage reports the exit only
-    /// after reaping the init, so nothing of the payload waits on it).
-    stage: Option<Child>,
+    /// Reaped by the [`Residue`] once the exit was reported: the stage and its init (which
+    /// reaped every payload process before the report) linger until the residue closes the
+    /// channel, then end on their own.
+    stage: Option<stages::StageProcess>,
     events: BufReader<UnixStream>,
     started: Instant,
     walltime: Option<Duration>,
@@ -252,9 +253,14 @@ impl Drop for Running {
 
 /// Removes what a payload leaves: reaps its stage, then removes its scratch directory and
 /// cgroup. With `kill`, the stage (and with it the init and its namespace) is killed first and
-/// the cgroup emptied before removal; without, the stage is ending on its own and the cgroup
-/// is already empty.
-fn remove_leftovers(stage: Option<Child>, kill: bool, scratch: &Path, cgroup: &Cgroup) {
+/// the cgroup emptied before removal; without, the stage was released and is ending on its
+/// own, its init (the cgroup's last process) before it.
+fn remove_leftovers(
+    stage: Option<stages::StageProcess>,
+    kill: bool,
+    scratch: &Path,
+    cgroup: &Cgroup,
+) {
     if let Some(mut stage) = stage {
         if kill {
             let _ = stage.kill();
@@ -364,8 +370,8 @@ impl Running {
         self.finished = true;
         let residue = Residue {
             handle: Some(h.clone()),
-            // Our end of the channel stays open until the stage is reaped: a stage that sees
-            // it close takes the helper for dead and cleans up on its own.
+            // Our end of the channel stays open until the residue is removed: the stage and
+            // the init linger until it closes, so their teardown comes after the report.
             channel: self.events.get_ref().try_clone().ok(),
             stage: self.stage.take(),
         };
@@ -389,7 +395,7 @@ impl Running {
 /// [`Residue::remove`] or when dropped.
 pub struct Residue {
     handle: Option<Handle>,
-    stage: Option<Child>,
+    stage: Option<stages::StageProcess>,
     channel: Option<UnixStream>,
 }
 
@@ -400,11 +406,12 @@ impl Residue {
     }
 
     fn clean(&mut self) {
+        // Closing our end releases the stage and its init, which linger after the exit report
+        // until then (stage.rs, `linger_until_released`); they end on their own.
+        drop(self.channel.take());
         if let Some(h) = self.handle.take() {
-            // The stage has reported the exit and is ending on its own.
             remove_leftovers(self.stage.take(), false, &h.inner.scratch, &h.inner.cgroup);
         }
-        drop(self.channel.take());
     }
 }
 
@@ -573,7 +580,7 @@ pub fn launch(
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
 ) -> Result<Running, SandboxError> {
-    let stages = StagePool::new(settings.stage_exe.clone(), 0);
+    let stages = StagePool::new(settings, 0);
     begin(settings, &stages, plan, stdout, stderr)?.release()
 }
 
@@ -582,10 +589,10 @@ pub fn launch(
 ///
 /// Steps, in order: validate the plan; find where the payload cgroup goes below the pilot's;
 /// create the scratch directory; take an idle `<helper> stage` (clean environment, a
-/// socketpair on its stdin) or spawn one; send it the plan, the cgroup and exec gates and the
-/// payload's stdout/stderr; create the cgroup with memory (no swap), CPU and pids limits while
-/// the stage builds the namespaces, and open the cgroup gate.
-/// On any failure everything created so far is removed again.
+/// socketpair on its stdin) or spawn one; send it the plan (with the cgroup's place and
+/// limits: the stage creates it while its init mounts), the exec gate and the payload's
+/// stdout/stderr. On any failure everything created so far is removed again; a failure of
+/// the stage (the cgroup's creation included) is reported by [`Starting::release`].
 pub fn begin(
     settings: &SandboxSettings,
     stages: &StagePool,
@@ -602,11 +609,14 @@ pub fn begin(
         account: plan.account.clone(),
         argv: plan.argv.clone(),
         env: payload_env(settings, &plan, &scratch),
-        join_files: located.cgroup().join_files(),
+        cgroup: located.clone(),
+        limits: cgroup::Limits {
+            memory_bytes: plan.memory_bytes,
+            cores: plan.cores,
+            pids_max: settings.pids_max,
+        },
         scratch_root: settings.scratch_root.clone(),
         scratch: scratch.clone(),
-        tmp_size_bytes: settings.tmp_size_bytes,
-        network: settings.network,
         nofile: settings.nofile,
         core_bytes: settings.core_bytes,
         allow_user_namespaces: settings.allow_user_namespaces,
@@ -623,39 +633,14 @@ pub fn begin(
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| SandboxError::Channel(e.into()))
     };
-    let (cgroup_wait, cgroup_open) = gate().map_err(remove_scratch)?;
     let (exec_wait, exec_open) = gate().map_err(remove_scratch)?;
-    let (mut stage, channel, launching) = send_plan(
-        stages,
-        &stage_plan,
-        [cgroup_wait, exec_wait],
-        stdout,
-        stderr,
-    )
-    .map_err(remove_scratch)?;
-    let limits = cgroup::Limits {
-        memory_bytes: plan.memory_bytes,
-        cores: plan.cores,
-        pids_max: settings.pids_max,
-    };
-    let cg = match located.create(limits) {
-        Ok(cg) => cg,
-        Err(e) => {
-            // Closing the gates unopened withdraws the launch; the stage goes first, so no
-            // process is left that could still join the cgroup we failed to make.
-            drop((cgroup_open, exec_open));
-            let _ = stage.kill();
-            let _ = stage.wait();
-            return Err(remove_scratch(e.into()));
-        }
-    };
-    // A stage that died meanwhile has closed its end; `release` reports it.
-    let _ = File::from(cgroup_open).write_all(&[stage::GATE_OPEN]);
+    let (stage, channel, launching) =
+        send_plan(stages, &stage_plan, exec_wait, stdout, stderr).map_err(remove_scratch)?;
     Ok(Starting {
         stage: Some(stage),
         channel: Some(channel),
         exec_gate: Some(File::from(exec_open)),
-        cgroup: Some(cg),
+        cgroup: Some(located.cgroup().clone()),
         scratch,
         started,
         payload_id: plan.payload_id,
@@ -671,7 +656,7 @@ pub fn begin(
 /// without [`Starting::release`], the launch is withdrawn: the stage and everything in the
 /// cgroup are killed, the scratch directory and the cgroup removed.
 pub struct Starting {
-    stage: Option<Child>,
+    stage: Option<stages::StageProcess>,
     channel: Option<UnixStream>,
     exec_gate: Option<File>,
     cgroup: Option<Cgroup>,
@@ -760,16 +745,16 @@ impl Drop for Starting {
     }
 }
 
-/// Takes a stage and sends it the plan, the gates' read ends and the payload's stdout/stderr
-/// in one frame; the stage puts the outputs on its fds 1 and 2 (none: /dev/null stays there).
-/// Our copies close when this returns.
+/// Takes a stage and sends it the plan, the exec gate's read end and the payload's
+/// stdout/stderr in one frame; the stage puts the outputs on its fds 1 and 2 (none: /dev/null
+/// stays there). Our copies close when this returns.
 fn send_plan(
     stages: &StagePool,
     plan: &StagePlan,
-    gates: [OwnedFd; 2],
+    exec_gate: OwnedFd,
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
-) -> Result<(Child, UnixStream, stages::Launching), SandboxError> {
+) -> Result<(stages::StageProcess, UnixStream, stages::Launching), SandboxError> {
     // Outputs travel by position: a missing one (but not both) becomes /dev/null.
     let null = || {
         std::fs::OpenOptions::new()
@@ -787,19 +772,12 @@ fn send_plan(
     };
     let (
         stages::IdleStage {
-            mut child,
+            process: mut child,
             mut channel,
         },
         launching,
     ) = stages.take()?;
-    // Idle stages start under SCHED_IDLE (stages.rs); this one works for a payload now, and
-    // must not wait for an idle CPU to read its plan. (It resets itself too, for the payload.)
-    let normal = libc::sched_param { sched_priority: 0 };
-    // SAFETY: sched_setscheduler on our own child, whose pid cannot be reused before we reap
-    // it, with a sched_param on our stack.
-    unsafe { libc::sched_setscheduler(child.id() as i32, libc::SCHED_OTHER, &normal) };
-    let fds: Vec<_> = gates
-        .iter()
+    let fds: Vec<_> = std::iter::once(&exec_gate)
         .chain([&stdout, &stderr].into_iter().flatten())
         .map(|fd| fd.as_raw_fd())
         .collect();
@@ -812,12 +790,19 @@ fn send_plan(
         };
         return Err(SandboxError::Channel(e));
     }
+    // Idle stages wait under SCHED_IDLE (stage.rs, `become_idle`); this one works for a payload
+    // now, and must not wait for an idle CPU. After the plan is sent, not before: a stage that
+    // only now reaches its own switch to SCHED_IDLE sees the plan there and undoes it.
+    let normal = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler on our own child, whose pid cannot be reused before we reap
+    // it, with a sched_param on our stack.
+    unsafe { libc::sched_setscheduler(child.id() as i32, libc::SCHED_OTHER, &normal) };
     Ok((child, channel, launching))
 }
 
 /// Waits for the stage's "started" (the payload exec'd) or "failed".
 fn wait_started(
-    child: &mut Child,
+    child: &mut stages::StageProcess,
     channel: UnixStream,
 ) -> Result<(BufReader<UnixStream>, i32, i32), SandboxError> {
     channel
@@ -858,4 +843,10 @@ const _: fn() = || {
 /// Entry point of `mupilot-switch stage` (the re-exec'd, single-threaded stage process).
 pub fn stage_main() -> i32 {
     stage::stage_main()
+}
+
+/// Entry point of `mupilot-switch stage-factory` (the single-threaded process that forks idle
+/// stages for the helper).
+pub fn stage_factory_main() -> i32 {
+    factory::factory_main()
 }

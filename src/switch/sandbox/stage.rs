@@ -1,19 +1,22 @@
 //! The stage process (`mupilot-switch stage`): a fresh, single-threaded root process that
 //! builds one payload's sandbox and execs it. Three processes, each with one job:
 //!
-//! 1. **stage** (host namespaces): reads the plan, two gates and the payload's stdout/stderr
-//!    from fd 0 (a socketpair to the helper), unshares the pid namespace for its children,
-//!    forks the init, relays the init's events to the helper and reports how the init ended.
-//! 2. **init** (pid 1 of the new pid namespace): unshares mount, IPC, UTS (and network)
-//!    namespaces, mounts /proc, private tmpfs and the scratch view, waits at the cgroup gate
-//!    and joins the payload cgroup, forks the payload, then reaps, forwards signals and exits
-//!    when the payload's main process exits (which kills the whole pid namespace).
+//! 1. **stage** (host pid namespace): before its plan arrives, builds what every payload of
+//!    this helper gets ([`Preparation`]): a pid namespace for its next child, new mount, IPC,
+//!    UTS (and network) namespaces, private tmpfs mounts. An idle stage does this under
+//!    SCHED_IDLE while nothing waits for it. Then it reads the plan, two gates and the
+//!    payload's stdout/stderr from fd 0 (a socketpair to the helper), forks the init, relays
+//!    the init's events to the helper and reports how the init ended.
+//! 2. **init** (pid 1 of the new pid namespace): mounts the payload's /proc and scratch view,
+//!    sets the hostname, waits at the cgroup gate and joins the payload cgroup, forks the
+//!    payload, then reaps, forwards signals and exits when the payload's main process exits
+//!    (which kills the whole pid namespace).
 //! 3. **payload**: setsid, fd hygiene, rlimits, identity switch, capability drop,
 //!    no_new_privs, bundle unpack as the account, waits at the exec gate, exec.
 //!
 //! The gates let the helper work in parallel with the stage: it creates the cgroup while the
-//! init builds the namespaces, and writes the start record while the payload drops its
-//! privileges; the payload's own code never runs before both are done.
+//! init mounts, and writes the start record while the payload drops its privileges; the
+//! payload's own code never runs before both are done.
 //!
 //! Must never be entered from a multi-threaded process: `fork` here relies on being the only
 //! thread. Nothing here talks to the network or reads credentials.
@@ -34,6 +37,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 use serde::{Deserialize, Serialize};
 
+use super::cgroup::{Limits, Located};
 use super::{Account, NetworkMode};
 
 /// Everything the stage needs; no credentials, no secrets (the bundle is the payload's input).
@@ -44,18 +48,95 @@ pub(crate) struct StagePlan {
     pub argv: Vec<String>,
     /// The payload's complete environment, computed by the helper.
     pub env: Vec<(String, String)>,
-    /// Files the single-threaded init writes "0" to, to join the payload cgroup
-    /// (`Cgroup::join_files`); their directories are the payload's cgroup directories.
-    pub join_files: Vec<PathBuf>,
+    /// Where the payload cgroup goes (below the pilot's); the stage creates it with `limits`
+    /// while the init mounts, and the init joins it (`Cgroup::join_files`).
+    pub cgroup: Located,
+    pub limits: Limits,
     pub scratch_root: PathBuf,
     pub scratch: PathBuf,
-    pub tmp_size_bytes: u64,
-    pub network: NetworkMode,
     pub nofile: u64,
     pub core_bytes: u64,
     pub allow_user_namespaces: bool,
     /// tar.gz, base64.
     pub bundle_b64: Option<String>,
+}
+
+/// What a stage builds before its plan arrives: the namespaces and mounts that are the same
+/// for every payload of this helper (site settings). Passed as arguments
+/// (`stage --network MODE --tmp-size-bytes N [--idle]`), so an idle stage can do this work
+/// while nothing waits for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Preparation {
+    pub network: NetworkMode,
+    /// Size of each private tmpfs (/tmp, /var/tmp, /dev/shm, /run/lock).
+    pub tmp_size_bytes: u64,
+}
+
+impl Preparation {
+    /// The stage's arguments after `stage`.
+    pub fn args(&self) -> [String; 4] {
+        let network = match self.network {
+            NetworkMode::Host => "host",
+            NetworkMode::None => "none",
+            NetworkMode::Loopback => "loopback",
+        };
+        [
+            "--network".into(),
+            network.into(),
+            "--tmp-size-bytes".into(),
+            self.tmp_size_bytes.to_string(),
+        ]
+    }
+
+    /// Parses the arguments after `stage`; also says whether `--idle` was given.
+    pub(crate) fn parse(args: &[String]) -> Result<(Self, bool), String> {
+        let mut network = None;
+        let mut tmp_size_bytes = None;
+        let mut idle = false;
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut value = || {
+                it.next()
+                    .ok_or_else(|| format!("stage argument {a} needs a value"))
+            };
+            match a.as_str() {
+                "--network" => {
+                    network = Some(match value()?.as_str() {
+                        "host" => NetworkMode::Host,
+                        "none" => NetworkMode::None,
+                        "loopback" => NetworkMode::Loopback,
+                        other => {
+                            return Err(format!(
+                                "stage argument --network {other:?}: use host, none or loopback"
+                            ))
+                        }
+                    })
+                }
+                "--tmp-size-bytes" => {
+                    let v = value()?;
+                    tmp_size_bytes = Some(v.parse().map_err(|e| {
+                        format!("stage argument --tmp-size-bytes {v:?}: {e} (use a byte count)")
+                    })?)
+                }
+                "--idle" => idle = true,
+                other => {
+                    return Err(format!(
+                        "unknown stage argument {other:?} (the helper passes --network, --tmp-size-bytes and --idle)"
+                    ))
+                }
+            }
+        }
+        match (network, tmp_size_bytes) {
+            (Some(network), Some(tmp_size_bytes)) => Ok((
+                Preparation {
+                    network,
+                    tmp_size_bytes,
+                },
+                idle,
+            )),
+            _ => Err("the stage needs --network MODE and --tmp-size-bytes N".into()),
+        }
+    }
 }
 
 /// One JSON line from the stage to the helper.
@@ -90,49 +171,80 @@ fn send(out: &mut File, ev: &StageEvent) {
 /// Entry point of `mupilot-switch stage`. Exit code 0 when the plan was carried out (the
 /// payload's own status travels as an [`StageEvent::Exit`] line), 1 on a setup failure, 2 when
 /// no plan could be read.
+///
+/// Order: descriptor hygiene; with `--idle`, drop to SCHED_IDLE; build the [`Preparation`]
+/// (namespaces and mounts every payload gets); then wait for the plan, back at normal
+/// priority once it came. A preparation that failed is reported once the plan is there, as
+/// that launch's setup error.
 pub fn stage_main() -> i32 {
-    // Whatever the helper leaked to us beyond stdin/stdout/stderr (a descriptor of another
-    // payload received without CLOEXEC, say) is closed before anything else happens.
-    if fds_from_3(false).is_err() {
+    let Some(channel) = channel_from_stdin() else {
         return 2;
+    };
+    let args: Vec<String> = std::env::args().skip(2).collect();
+    match Preparation::parse(&args) {
+        Ok((prep, idle)) => {
+            if idle {
+                become_idle(&channel);
+            }
+            serve(channel, &prep)
+        }
+        Err(e) => serve_failed(channel, ("read stage arguments".to_owned(), e)),
     }
-    // fd 0 is our socket to the helper. Move it off 0 (close-on-exec), and put /dev/null on 0,
-    // so no descendant inherits the channel.
+}
+
+/// The start of a process the helper exec'd with a socket on fd 0 (a stage, the stage
+/// factory): closes every other inherited descriptor above stderr (one the helper leaked
+/// without CLOEXEC, say), moves the socket off fd 0 (close-on-exec, so no descendant inherits
+/// it) and puts /dev/null there. None when that fails.
+pub(crate) fn channel_from_stdin() -> Option<std::os::unix::net::UnixStream> {
+    fds_from_3(false).ok()?;
     // SAFETY: fcntl(F_DUPFD_CLOEXEC) on fd 0, which the helper gave us; no memory is involved.
     let sock = unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3) };
     if sock < 0 {
-        return 2;
+        return None;
     }
     // SAFETY: `sock` was just returned by fcntl and is owned by nobody else.
     let sock = unsafe { OwnedFd::from_raw_fd(sock) };
-    match File::open("/dev/null") {
-        Ok(null) => {
-            // SAFETY: dup2 of two valid descriptors; fd 0 is replaced atomically.
-            if unsafe { libc::dup2(null.as_raw_fd(), 0) } < 0 {
-                return 2;
-            }
-        }
-        Err(_) => return 2,
+    let null = File::open("/dev/null").ok()?;
+    // SAFETY: dup2 of two valid descriptors; fd 0 is replaced atomically.
+    if unsafe { libc::dup2(null.as_raw_fd(), 0) } < 0 {
+        return None;
     }
-    // One frame: the plan, the two gates, and the payload's stdout and stderr (none: the
+    Some(std::os::unix::net::UnixStream::from(sock))
+}
+
+/// A stage's life once it has its channel: build the [`Preparation`], wait for the plan, carry
+/// it out. Returns the stage's exit code (see [`stage_main`]). Also the body of a stage forked
+/// by the stage factory (factory.rs).
+pub(crate) fn serve(channel: std::os::unix::net::UnixStream, prep: &Preparation) -> i32 {
+    let prepared = prepare(prep);
+    serve_prepared(channel, prepared)
+}
+
+/// A stage that cannot prepare: it still waits for its plan, and answers it with `failed`.
+fn serve_failed(channel: std::os::unix::net::UnixStream, error: (String, String)) -> i32 {
+    serve_prepared(channel, Err(error))
+}
+
+fn serve_prepared(mut channel: std::os::unix::net::UnixStream, prepared: StepResult<Host>) -> i32 {
+    // One frame: the plan, the exec gate, and the payload's stdout and stderr (none: the
     // /dev/null the helper put on 1 and 2 when it spawned us stays).
-    let mut channel = std::os::unix::net::UnixStream::from(sock);
     let received = crate::protocol::switch_wire::read_frame::<StagePlan>(&mut channel);
     let mut out = File::from(OwnedFd::from(channel));
-    let (plan, gates) = match received {
+    let (plan, exec_gate) = match received {
         Ok((plan, fds)) => {
-            if !(fds.len() == 2 || fds.len() == 4) {
+            if !(fds.len() == 1 || fds.len() == 3) {
                 send(
                     &mut out,
                     &StageEvent::Failed {
                         step: "read plan".into(),
-                        error: format!("{} descriptors came with the plan; expected 2 gates and 0 or 2 outputs", fds.len()),
+                        error: format!("{} descriptors came with the plan; expected the exec gate and 0 or 2 outputs", fds.len()),
                     },
                 );
                 return 2;
             }
             let mut fds = fds.into_iter();
-            let (Some(cgroup), Some(exec)) = (fds.next(), fds.next()) else {
+            let Some(exec) = fds.next() else {
                 return 2;
             };
             for (fd, target) in fds.zip([1, 2]) {
@@ -143,13 +255,7 @@ pub fn stage_main() -> i32 {
                     return 2;
                 }
             }
-            (
-                plan,
-                Gates {
-                    cgroup: File::from(cgroup),
-                    exec: File::from(exec),
-                },
-            )
+            (plan, File::from(exec))
         }
         // The helper closed the channel without a plan (an idle stage no longer needed).
         Err(crate::protocol::switch_wire::WireError::Closed) => return 2,
@@ -164,8 +270,8 @@ pub fn stage_main() -> i32 {
             return 2;
         }
     };
-    // An idle stage started under SCHED_IDLE (stages.rs); the payload must not inherit that.
-    // (The helper normally reset it already; only a stage still idle needs the call.)
+    // An idle stage waited under SCHED_IDLE; the payload must not inherit that. (The helper
+    // normally reset it already; only a stage still idle needs the call.)
     let normal = libc::sched_param { sched_priority: 0 };
     // SAFETY: sched_getscheduler/sched_setscheduler on this (single-threaded) process with a
     // sched_param on our stack; no memory is shared.
@@ -181,7 +287,8 @@ pub fn stage_main() -> i32 {
         );
         return 1;
     }
-    match run_stage(&plan, gates, &mut out) {
+    let result = prepared.and_then(|host| run_stage(&plan, exec_gate, host, &mut out));
+    match result {
         Ok(()) => 0,
         Err((step, error)) => {
             send(&mut out, &StageEvent::Failed { step, error });
@@ -190,212 +297,71 @@ pub fn stage_main() -> i32 {
     }
 }
 
-/// The read ends of two pipes whose write ends the helper holds. It writes one byte to each
-/// when the step behind it may go; closing without a byte withdraws the launch.
-pub(crate) struct Gates {
-    /// Opens once the payload cgroup exists with its limits: the init joins it after.
-    cgroup: File,
-    /// Opens once the start record is on disk: the payload execs after.
-    exec: File,
-}
-
-/// The byte the helper writes to open a gate.
-pub(crate) const GATE_OPEN: u8 = b'g';
-
-/// Blocks until the helper opens `gate`; an error when it withdrew the launch instead.
-fn pass(gate: &mut File, what: &str) -> StepResult<()> {
-    let mut b = [0u8; 1];
-    loop {
-        match gate.read(&mut b) {
-            Ok(1) if b[0] == GATE_OPEN => return Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err((format!("wait for {what}"), e.to_string())),
-            _ => {
-                return Err((
-                    format!("wait for {what}"),
-                    "the helper withdrew the launch".into(),
-                ))
-            }
-        }
+/// Puts this idle stage under SCHED_IDLE, so its start-up and [`prepare`] use only CPU time
+/// nothing else wants. Done here, after the exec, not by the helper at spawn: before its exec
+/// a child holds copies of the helper's descriptors (the listening socket), and a starved one
+/// would keep them open after the helper died.
+///
+/// The helper resets a stage to SCHED_OTHER after it sent the plan. If that reset came before
+/// the call below (a stage taken the moment it started), the plan is already readable, and the
+/// check after the call undoes it: either order ends at normal priority.
+fn become_idle(channel: &std::os::unix::net::UnixStream) {
+    let idle = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler on this (single-threaded) process with a sched_param on our
+    // stack; no memory is shared.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) };
+    let mut fds = [PollFd::new(channel.as_fd(), PollFlags::POLLIN)];
+    if matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0) {
+        let normal = libc::sched_param { sched_priority: 0 };
+        // SAFETY: as above.
+        unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &normal) };
     }
 }
 
-/// The stage's checklist: pid namespace, fork the init, relay its events, report its end.
-fn run_stage(plan: &StagePlan, gates: Gates, out: &mut File) -> StepResult<()> {
-    let (rd, wr) = step("pipe", nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC))?;
-    // The init waits for this ack after "started" so that the payload (even a zombie) is
-    // still its child while we look up the payload's host pid.
-    let (ack_rd, ack_wr) = step("pipe", nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC))?;
-    step("unshare pid namespace", unshare(CloneFlags::CLONE_NEWPID))?;
-    // SAFETY: the stage is a fresh process that never started a second thread, so the child
-    // may do anything after fork.
-    let init = match step("fork init", unsafe { fork() })? {
-        ForkResult::Child => {
-            // The stage is single-threaded, so the "parent thread" is the stage itself: if it
-            // is killed, the init (and with it the whole payload pid namespace) dies too.
-            // SAFETY: prctl with integer arguments only.
-            unsafe {
-                libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                )
-            };
-            drop(rd);
-            drop(ack_wr);
-            // The init talks to the stage only; the helper's socket stays with the stage so the
-            // helper sees EOF when the stage ends.
-            // SAFETY: closes our copy of the socket; `out` is never used or dropped in this
-            // process again (it leaves through _exit below).
-            unsafe { libc::close(out.as_raw_fd()) };
-            let mut w = File::from(wr);
-            let code = match init_main(plan, gates, &mut w, File::from(ack_rd)) {
-                Ok(code) => code,
-                Err((step, error)) => {
-                    send(&mut w, &StageEvent::Failed { step, error });
-                    1
-                }
-            };
-            // SAFETY: _exit skips atexit handlers and stdio flushing of the copied parent state.
-            unsafe { libc::_exit(code) }
-        }
-        ForkResult::Parent { child } => child,
+/// What the stage keeps of the host after [`prepare`] moved it into the payload's
+/// namespaces: its /proc (to find the payload's host pid once the init mounted the payload's
+/// /proc over it) and its mount namespace (to clean up without the payload's mounts).
+/// Both close-on-exec; the init closes its copies first thing.
+struct Host {
+    proc: OwnedFd,
+    mount_ns: OwnedFd,
+}
+
+/// Builds the [`Preparation`]: a pid namespace for the stage's next child (the init), and new
+/// mount, IPC, UTS (and, unless `network = "host"`, network) namespaces for the stage itself,
+/// which the init inherits; `/` recursively slave; private tmpfs on /tmp, /var/tmp, /dev/shm
+/// and /run/lock; the IPC namespace's own /dev/mqueue; `lo` up for `network = "loopback"`.
+/// What depends on the payload (/proc of its pid namespace, the scratch view, the hostname)
+/// is the init's, after the plan.
+fn prepare(prep: &Preparation) -> StepResult<Host> {
+    let open = |path: &str, flags: nix::fcntl::OFlag| {
+        let fd = step(
+            &format!("open {path}"),
+            nix::fcntl::open(
+                path,
+                flags | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            ),
+        )?;
+        // SAFETY: `fd` was just opened and is owned here only.
+        Ok::<_, (String, String)>(unsafe { OwnedFd::from_raw_fd(fd) })
     };
-    drop(wr);
-    drop(ack_rd);
-    // The gates are the init's and the payload's to wait on.
-    drop(gates);
-    let mut ack = File::from(ack_wr);
-    let mut reported_end = false;
-    let mut helper_gone = false;
-    let mut pipe = BufReader::new(File::from(rd));
-    loop {
-        if pipe.buffer().is_empty() {
-            // Wait for the init's next event, and notice the helper going away meanwhile.
-            let init_ready;
-            let mut helper_hup = false;
-            {
-                let mut fds = vec![PollFd::new(pipe.get_ref().as_fd(), PollFlags::POLLIN)];
-                if !helper_gone {
-                    fds.push(PollFd::new(out.as_fd(), PollFlags::POLLIN));
-                }
-                match poll(&mut fds, PollTimeout::NONE) {
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    Err(_) => break,
-                    Ok(_) => {}
-                }
-                let any = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
-                init_ready = any(&fds[0]);
-                if fds.len() > 1 {
-                    helper_hup = any(&fds[1]);
-                }
-            }
-            if helper_hup && matches!(out.read(&mut [0u8; 64]), Ok(0) | Err(_)) {
-                // The helper died: nobody will supervise or clean up this payload, so it
-                // ends now (P10), and we clean up ourselves below.
-                helper_gone = true;
-                let _ = kill(init, Signal::SIGKILL);
-            }
-            if !init_ready {
-                continue;
-            }
-        }
-        let mut line = String::new();
-        match pipe.read_line(&mut line) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-        let Ok(ev) = serde_json::from_str::<StageEvent>(&line) else {
-            continue;
-        };
-        let ev = match ev {
-            StageEvent::Started { .. } => {
-                let ev = StageEvent::Started {
-                    pid: host_pid_of_child(init.as_raw()),
-                    init_pid: init.as_raw(),
-                };
-                let _ = ack.write_all(b"k");
-                ev
-            }
-            other => {
-                reported_end = true;
-                other
-            }
-        };
-        send(out, &ev);
-    }
-    let status = step("wait for init", waitpid(init, None))?;
-    if helper_gone {
-        orphan_cleanup(plan);
-        return Ok(());
-    }
-    if !reported_end {
-        // The init died without reporting (killed with the cgroup): report how it ended.
-        let ev = match status {
-            WaitStatus::Exited(_, c) => StageEvent::Exit {
-                code: Some(c),
-                signal: None,
-            },
-            WaitStatus::Signaled(_, s, _) => StageEvent::Exit {
-                code: None,
-                signal: Some(s as i32),
-            },
-            _ => StageEvent::Exit {
-                code: None,
-                signal: Some(libc::SIGKILL),
-            },
-        };
-        send(out, &ev);
-    }
-    Ok(())
-}
-
-/// Without a helper: every payload process died with the init (they were all in its pid
-/// namespace), so remove the scratch directory and the cgroup directories.
-fn orphan_cleanup(plan: &StagePlan) {
-    let _ = std::fs::remove_dir_all(&plan.scratch);
-    for f in &plan.join_files {
-        if let Some(dir) = f.parent() {
-            for _ in 0..200 {
-                match std::fs::remove_dir(dir) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                        std::thread::sleep(std::time::Duration::from_millis(10))
-                    }
-                    _ => break,
-                }
-            }
-        }
-    }
-}
-
-/// The init's only child when the payload started, read from the host's /proc (the stage
-/// never changed its mount namespace). The init does not reap before our ack, so the child is
-/// listed even if it already exited. Falls back to the init's own pid (signals to it are
-/// forwarded to the payload), never to a pid from the payload's namespace.
-fn host_pid_of_child(init: i32) -> i32 {
-    std::fs::read_to_string(format!("/proc/{init}/task/{init}/children"))
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
-        .unwrap_or(init)
-}
-
-/// pid 1 of the payload's pid namespace. Returns the exit code of the init.
-fn init_main(plan: &StagePlan, gates: Gates, events: &mut File, mut ack: File) -> StepResult<i32> {
-    let Gates {
-        cgroup: mut cgroup_gate,
-        exec: mut exec_gate,
-    } = gates;
-    // 1. Private namespaces. (The helper creates the payload cgroup meanwhile; the init joins
-    //    it in step 8, before the payload exists. Until then only the namespaces and mounts
-    //    made here are charged to the helper's cgroup.)
-    let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
-    if plan.network != NetworkMode::Host {
+    let host = Host {
+        proc: open(
+            "/proc",
+            nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
+        )?,
+        mount_ns: open("/proc/self/ns/mnt", nix::fcntl::OFlag::O_RDONLY)?,
+    };
+    let mut flags = CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWUTS;
+    if prep.network != NetworkMode::Host {
         flags |= CloneFlags::CLONE_NEWNET;
     }
     step("unshare namespaces", unshare(flags))?;
-    // 2. Nothing we mount may propagate back to the host: slave before the first mount.
+    // Nothing mounted from here on may propagate back to the host: slave before the first mount.
     step(
         "make / recursively slave",
         mount(
@@ -406,22 +372,11 @@ fn init_main(plan: &StagePlan, gates: Gates, events: &mut File, mut ack: File) -
             None::<&str>,
         ),
     )?;
-    // 3. A /proc that shows only this pid namespace.
+    // Private, size-limited /tmp, /var/tmp, /dev/shm (P8: no shared temporary files), and
+    // /run/lock where it is world-writable (1777 on Debian-like nodes, /var/lock points to
+    // it): shared, it is a drop box between payloads that keeps their files after teardown.
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    step(
-        "mount /proc",
-        mount(
-            Some("proc"),
-            "/proc",
-            Some("proc"),
-            nosuid | MsFlags::MS_NOEXEC,
-            None::<&str>,
-        ),
-    )?;
-    // 4. Private, size-limited /tmp, /var/tmp, /dev/shm (P8: no shared temporary files), and
-    //    /run/lock where it is world-writable (1777 on Debian-like nodes, /var/lock points to
-    //    it): shared, it is a drop box between payloads that keeps their files after teardown.
-    let opts = format!("size={},mode=1777", plan.tmp_size_bytes);
+    let opts = format!("size={},mode=1777", prep.tmp_size_bytes);
     for dir in ["/tmp", "/var/tmp", "/dev/shm", "/run/lock"] {
         let shared = dir != "/run/lock"
             || std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o002 != 0);
@@ -451,16 +406,300 @@ fn init_main(plan: &StagePlan, gates: Gates, events: &mut File, mut ack: File) -
             ),
         )?;
     }
-    // 5. Hide every other payload's scratch: a tmpfs over the root, our own dir bound back.
+    if prep.network == NetworkMode::Loopback {
+        step("bring lo up", loopback_up())?;
+    }
+    Ok(host)
+}
+
+/// The byte that opens a gate: the read end of a pipe whose write end only the opener holds.
+/// The *exec gate* is the helper's (it opens once the start record is on disk: the payload
+/// execs after); the *cgroup gate* is the stage's (it opens once the payload cgroup exists
+/// with its limits: the init joins it after). Closing a gate without the byte withdraws the
+/// launch.
+pub(crate) const GATE_OPEN: u8 = b'g';
+
+/// Blocks until `gate` opens; an error when the launch was withdrawn instead.
+fn pass(gate: &mut File, what: &str) -> StepResult<()> {
+    let mut b = [0u8; 1];
+    loop {
+        match gate.read(&mut b) {
+            Ok(1) if b[0] == GATE_OPEN => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err((format!("wait for {what}"), e.to_string())),
+            _ => {
+                return Err((
+                    format!("wait for {what}"),
+                    "the launch was withdrawn".into(),
+                ))
+            }
+        }
+    }
+}
+
+/// The stage's checklist, in the namespaces [`prepare`] made: fork the init, create the
+/// payload cgroup while the init mounts (then open the cgroup gate), relay the init's
+/// `started`, report its end if the init could not.
+fn run_stage(plan: &StagePlan, exec_gate: File, host: Host, out: &mut File) -> StepResult<()> {
+    let (rd, wr) = step("pipe", nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC))?;
+    let (cgroup_wait, cgroup_open) =
+        step("pipe", nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC))?;
+    // The init waits for this ack after "started" so that the payload (even a zombie) is
+    // still its child while we look up the payload's host pid.
+    let (ack_rd, ack_wr) = step("pipe", nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC))?;
+    // SAFETY: the stage is a fresh process that never started a second thread, so the child
+    // may do anything after fork.
+    let init = match step("fork init", unsafe { fork() })? {
+        ForkResult::Child => {
+            // The stage is single-threaded, so the "parent thread" is the stage itself: if it
+            // is killed, the init (and with it the whole payload pid namespace) dies too.
+            // SAFETY: prctl with integer arguments only.
+            unsafe {
+                libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                )
+            };
+            drop(rd);
+            drop(ack_wr);
+            drop(cgroup_open);
+            // The host's /proc and mount namespace are the stage's, never the payload's.
+            drop(host);
+            // The init keeps its copy of the helper's socket (close-on-exec, so no payload
+            // program inherits it) for one line: the payload's exit, sent straight to the
+            // helper instead of through the stage. The helper sees EOF once the stage and the
+            // init are both gone.
+            let mut w = File::from(wr);
+            let gates = Gates {
+                cgroup: File::from(cgroup_wait),
+                exec: exec_gate,
+            };
+            let code = match init_main(plan, gates, &mut w, out, File::from(ack_rd)) {
+                Ok(code) => code,
+                Err((step, error)) => {
+                    send(&mut w, &StageEvent::Failed { step, error });
+                    1
+                }
+            };
+            // SAFETY: _exit skips atexit handlers and stdio flushing of the copied parent state.
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => child,
+    };
+    drop(wr);
+    drop(ack_rd);
+    drop(cgroup_wait);
+    // The exec gate is the payload's to wait on.
+    drop(exec_gate);
+    // The payload cgroup, made while the init mounts. Failing, the init is killed before it
+    // could join, so nothing but what this call made and removed again was in it.
+    match plan.cgroup.clone().create(plan.limits) {
+        Ok(_) => {
+            let _ = File::from(cgroup_open).write_all(&[GATE_OPEN]);
+        }
+        Err(e) => {
+            drop(cgroup_open);
+            let _ = kill(init, Signal::SIGKILL);
+            let _ = waitpid(init, None);
+            return Err(("create payload cgroup".into(), e.to_string()));
+        }
+    }
+    let mut ack = File::from(ack_wr);
+    let mut reported_end = false;
+    let mut helper_gone = false;
+    let mut pipe = BufReader::new(File::from(rd));
+    loop {
+        if pipe.buffer().is_empty() {
+            // Wait for the init's next event, and notice the helper going away meanwhile.
+            let init_ready;
+            let mut helper_hup = false;
+            {
+                let mut fds = vec![PollFd::new(pipe.get_ref().as_fd(), PollFlags::POLLIN)];
+                if !helper_gone {
+                    fds.push(PollFd::new(out.as_fd(), PollFlags::POLLIN));
+                }
+                match poll(&mut fds, PollTimeout::NONE) {
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => break,
+                    Ok(_) => {}
+                }
+                let any = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+                init_ready = any(&fds[0]);
+                if fds.len() > 1 {
+                    helper_hup = any(&fds[1]);
+                }
+            }
+            // An event of the init goes first: after the exit report, the helper closing its
+            // end is the release below, not its death.
+            if helper_hup && !init_ready && matches!(out.read(&mut [0u8; 64]), Ok(0) | Err(_)) {
+                // The helper died: nobody will supervise or clean up this payload, so it
+                // ends now (P10), and we clean up ourselves below.
+                helper_gone = true;
+                let _ = kill(init, Signal::SIGKILL);
+            }
+            if !init_ready {
+                continue;
+            }
+        }
+        let mut line = String::new();
+        match pipe.read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let Ok(ev) = serde_json::from_str::<StageEvent>(&line) else {
+            continue;
+        };
+        match ev {
+            StageEvent::Started { .. } => {
+                let ev = StageEvent::Started {
+                    pid: host_pid_of_child(&host.proc, init.as_raw()),
+                    init_pid: init.as_raw(),
+                };
+                // To the helper before the ack: only after the ack can the init send the exit,
+                // and `started` must reach the helper first.
+                send(out, &ev);
+                let _ = ack.write_all(b"k");
+            }
+            // The init sent the exit to the helper itself; this copy says it did.
+            StageEvent::Exit { .. } => {
+                reported_end = true;
+                linger_until_released(out, init);
+                break;
+            }
+            failed @ StageEvent::Failed { .. } => {
+                reported_end = true;
+                send(out, &failed);
+            }
+        }
+    }
+    // Lets a lingering init go (EOF on its ack pipe).
+    drop(ack);
+    let status = step("wait for init", waitpid(init, None))?;
+    if helper_gone {
+        orphan_cleanup(plan, &host);
+        return Ok(());
+    }
+    if !reported_end {
+        // The init died without reporting (killed with the cgroup): report how it ended.
+        let ev = match status {
+            WaitStatus::Exited(_, c) => StageEvent::Exit {
+                code: Some(c),
+                signal: None,
+            },
+            WaitStatus::Signaled(_, s, _) => StageEvent::Exit {
+                code: None,
+                signal: Some(s as i32),
+            },
+            _ => StageEvent::Exit {
+                code: None,
+                signal: Some(libc::SIGKILL),
+            },
+        };
+        send(out, &ev);
+    }
+    Ok(())
+}
+
+/// After the init reported the exit: waits until the helper closes its end of the channel
+/// (it has reported the exit and is about to reap us), then lowers the init and the stage to
+/// SCHED_IDLE. Their exits tear down the payload's namespaces and memory; done now, at idle
+/// priority, that work no longer competes with the helper's report or the next launch.
+fn linger_until_released(out: &mut File, init: Pid) {
+    loop {
+        match out.read(&mut [0u8; 64]) {
+            Ok(0) => break,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    let idle = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler on our init (a child not yet reaped, so its pid is not
+    // reused) and on ourselves, with a sched_param on our stack.
+    unsafe {
+        libc::sched_setscheduler(init.as_raw(), libc::SCHED_IDLE, &idle);
+        libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle);
+    }
+}
+
+/// Without a helper: every payload process died with the init (they were all in its pid
+/// namespace), so remove the scratch directory and the cgroup directories, seen from the
+/// host's mount namespace (in ours the scratch root is the init's tmpfs).
+fn orphan_cleanup(plan: &StagePlan, host: &Host) {
+    if nix::sched::setns(host.mount_ns.as_fd(), CloneFlags::CLONE_NEWNS).is_ok() {
+        let _ = std::fs::remove_dir_all(&plan.scratch);
+    }
+    plan.cgroup.cgroup().remove();
+}
+
+/// The init's only child when the payload started, read from the host's /proc (by the
+/// descriptor [`prepare`] kept: the path /proc is the payload's by now). The init does not
+/// reap before our ack, so the child is listed even if it already exited. Falls back to the
+/// init's own pid (signals to it are forwarded to the payload), never to a pid from the
+/// payload's namespace.
+fn host_pid_of_child(proc: &OwnedFd, init: i32) -> i32 {
+    nix::fcntl::openat(
+        Some(proc.as_raw_fd()),
+        format!("{init}/task/{init}/children").as_str(),
+        nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .ok()
+    .and_then(|fd| {
+        // SAFETY: `fd` was just opened and is owned here only.
+        let mut f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        let mut s = String::new();
+        f.read_to_string(&mut s).ok()?;
+        s.split_whitespace().next().and_then(|p| p.parse().ok())
+    })
+    .unwrap_or(init)
+}
+
+/// The init's two gates: the stage's cgroup gate, the helper's exec gate (passed on to the
+/// payload).
+struct Gates {
+    cgroup: File,
+    exec: File,
+}
+
+/// pid 1 of the payload's pid namespace. Reports to the stage on `events`, and the payload's
+/// exit straight to the helper on `helper` too. Returns the exit code of the init.
+fn init_main(
+    plan: &StagePlan,
+    gates: Gates,
+    events: &mut File,
+    helper: &mut File,
+    mut ack: File,
+) -> StepResult<i32> {
+    let Gates {
+        cgroup: mut cgroup_gate,
+        exec: mut exec_gate,
+    } = gates;
+    // 1. The stage made the namespaces and the private tmpfs mounts before the plan came
+    //    ([`prepare`]). (The helper creates the payload cgroup meanwhile; the init joins it
+    //    in step 6, before the payload exists.)
+    // 2. A /proc that shows only this pid namespace.
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    step(
+        "mount /proc",
+        mount(
+            Some("proc"),
+            "/proc",
+            Some("proc"),
+            nosuid | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        ),
+    )?;
+    // 3. Hide every other payload's scratch: a tmpfs over the root, our own dir bound back.
     hide_scratch_root(plan)?;
-    // 6. Own hostname; loopback up for network = loopback.
+    // 4. Own hostname.
     let mut host = format!("mupilot-{}", plan.payload_id);
     host.truncate(64);
     step("set hostname", nix::unistd::sethostname(&host))?;
-    if plan.network == NetworkMode::Loopback {
-        step("bring lo up", loopback_up())?;
-    }
-    // 7. Signals to forward are blocked here and collected with sigwaitinfo below; blocked
+    // 5. Signals to forward are blocked here and collected with sigwaitinfo below; blocked
     //    (not ignored) so the kernel queues them even for a namespace init.
     let mut set = SigSet::empty();
     for s in [
@@ -474,11 +713,11 @@ fn init_main(plan: &StagePlan, gates: Gates, events: &mut File, mut ack: File) -
         set.add(s);
     }
     step("block signals", set.thread_block())?;
-    // 8. Into the payload cgroup once the helper made it, so the payload and everything it
+    // 6. Into the payload cgroup once the helper made it, so the payload and everything it
     //    starts are accounted and limited from their first instruction (P7).
     pass(&mut cgroup_gate, "the payload cgroup")?;
     drop(cgroup_gate);
-    for f in &plan.join_files {
+    for f in plan.cgroup.cgroup().join_files() {
         step(
             &format!("join cgroup {}", f.display()),
             std::fs::write(f, "0"),
@@ -499,7 +738,7 @@ fn init_main(plan: &StagePlan, gates: Gates, events: &mut File, mut ack: File) -
     };
     drop(err_wr);
     drop(exec_gate);
-    // 9. The error pipe closes on exec (CLOEXEC): EOF without data means the payload runs.
+    // 7. The error pipe closes on exec (CLOEXEC): EOF without data means the payload runs.
     let mut msg = String::new();
     let _ = File::from(err_rd).read_to_string(&mut msg);
     if !msg.is_empty() {
@@ -516,8 +755,7 @@ fn init_main(plan: &StagePlan, gates: Gates, events: &mut File, mut ack: File) -
     );
     // EOF (the stage died) is as good as the ack: carry on supervising.
     let _ = ack.read(&mut [0u8; 1]);
-    drop(ack);
-    // 10. Act as init: reap everything, forward signals, end with the main process.
+    // 8. Act as init: reap everything, forward signals, end with the main process.
     loop {
         let Ok(sig) = set.wait() else { continue };
         if sig != Signal::SIGCHLD {
@@ -527,32 +765,36 @@ fn init_main(plan: &StagePlan, gates: Gates, events: &mut File, mut ack: File) -
         loop {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(p, c)) if p == payload => {
-                    end_namespace();
-                    send(
-                        events,
-                        &StageEvent::Exit {
-                            code: Some(c),
-                            signal: None,
-                        },
-                    );
-                    return Ok(0);
+                    return Ok(end(events, helper, &mut ack, Some(c), None));
                 }
                 Ok(WaitStatus::Signaled(p, s, _)) if p == payload => {
-                    end_namespace();
-                    send(
-                        events,
-                        &StageEvent::Exit {
-                            code: None,
-                            signal: Some(s as i32),
-                        },
-                    );
-                    return Ok(0);
+                    return Ok(end(events, helper, &mut ack, None, Some(s as i32)));
                 }
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
                 Ok(_) => continue,
             }
         }
     }
+}
+
+/// The main process ended: ends the namespace, then reports the exit to the stage (which then
+/// knows it need not report) and straight to the helper (no relay). Then lingers until the
+/// stage closes `ack` ([`linger_until_released`]), so that the init's own exit comes after
+/// the helper's report. Returns the init's exit code.
+fn end(
+    events: &mut File,
+    helper: &mut File,
+    ack: &mut File,
+    code: Option<i32>,
+    signal: Option<i32>,
+) -> i32 {
+    end_namespace();
+    let ev = StageEvent::Exit { code, signal };
+    // The stage first: when the helper's release reaches it, the exit is already there.
+    send(events, &ev);
+    send(helper, &ev);
+    while !matches!(ack.read(&mut [0u8; 1]), Ok(0) | Err(_)) {}
+    0
 }
 
 /// Longest time the init waits for the processes it killed before it reports the exit anyway
@@ -791,4 +1033,35 @@ fn resolve_program(name: &str, path: &str) -> Option<PathBuf> {
                 .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
                 .unwrap_or(false)
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preparation_travels_as_arguments() {
+        for network in [NetworkMode::Host, NetworkMode::None, NetworkMode::Loopback] {
+            let prep = Preparation {
+                network,
+                tmp_size_bytes: 1 << 20,
+            };
+            let mut args: Vec<String> = prep.args().to_vec();
+            assert_eq!(Preparation::parse(&args), Ok((prep, false)));
+            args.push("--idle".into());
+            assert_eq!(Preparation::parse(&args), Ok((prep, true)));
+        }
+    }
+
+    #[test]
+    fn bad_stage_arguments_are_named() {
+        let parse = |a: &[&str]| {
+            Preparation::parse(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap_err()
+        };
+        assert!(parse(&["--network", "wifi", "--tmp-size-bytes", "1"]).contains("\"wifi\""));
+        assert!(parse(&["--network", "host", "--tmp-size-bytes", "lots"]).contains("\"lots\""));
+        assert!(parse(&["--network"]).contains("--network needs a value"));
+        assert!(parse(&["--frobnicate"]).contains("\"--frobnicate\""));
+        assert!(parse(&[]).contains("needs --network"));
+    }
 }

@@ -5,9 +5,11 @@
 //! next once no launch is being set up (an exec competes for the CPU the launch needs; with
 //! no idle stage left it starts at once). Each stage serves exactly one payload, never two.
 //!
-//! An idle stage holds nothing but its socketpair: no plan, no payload descriptors, no
-//! credentials. It has /dev/null on stdout and stderr, a clean environment and `/` as working
-//! directory, and it exits when the helper closes its end (the pool dropped, the helper dead).
+//! An idle stage builds the part of a sandbox that is the same for every payload (its
+//! [`Preparation`]: empty namespaces, private tmpfs mounts) and then holds nothing but its
+//! socketpair: no plan, no payload descriptors, no credentials. It has /dev/null on stdout and
+//! stderr, a clean environment and `/` as working directory, and it exits when the helper
+//! closes its end (the pool dropped, the helper dead).
 //!
 //! Must not decide anything: which stage serves which payload is irrelevant, they are identical.
 
@@ -19,35 +21,187 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::SandboxError;
+use std::os::fd::{AsFd, AsRawFd};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use super::factory;
+use super::stage::Preparation;
+use super::{SandboxError, SandboxSettings};
 
 /// How long the refill thread waits after a failed spawn before it tries again; launches
 /// meanwhile spawn their own stage (and report the error themselves).
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
-/// A stage process that has exec'd and waits for its plan on `channel`.
+/// A stage process: exec'd by the helper (its child), or forked by the stage factory (the
+/// factory's child, followed here through a pidfd, so a reused pid can never be hit).
+pub(super) enum StageProcess {
+    Spawned(Child),
+    Forked { pid: u32, pidfd: OwnedFd },
+}
+
+impl StageProcess {
+    pub fn id(&self) -> u32 {
+        match self {
+            StageProcess::Spawned(c) => c.id(),
+            StageProcess::Forked { pid, .. } => *pid,
+        }
+    }
+
+    /// SIGKILL; a stage that already ended is not an error.
+    pub fn kill(&mut self) -> std::io::Result<()> {
+        match self {
+            StageProcess::Spawned(c) => c.kill(),
+            StageProcess::Forked { pidfd, .. } => {
+                // SAFETY: pidfd_send_signal with a pidfd we own, a signal number and no
+                // siginfo (null), as documented for a plain kill.
+                let r = unsafe {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        pidfd.as_raw_fd(),
+                        libc::SIGKILL,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0u32,
+                    )
+                };
+                let e = std::io::Error::last_os_error();
+                match r {
+                    0 => Ok(()),
+                    _ if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+                    _ => Err(e),
+                }
+            }
+        }
+    }
+
+    /// Blocks until the stage ended; how it ended, as far as known (a forked stage's status
+    /// goes to the factory, which reaps it).
+    pub fn wait(&mut self) -> std::io::Result<String> {
+        match self {
+            StageProcess::Spawned(c) => c.wait().map(|s| s.to_string()),
+            StageProcess::Forked { pidfd, .. } => {
+                while !pidfd_readable(pidfd, PollTimeout::NONE)? {}
+                Ok("ended (a forked stage; the stage factory has its status)".into())
+            }
+        }
+    }
+
+    /// Whether the stage has ended, without blocking.
+    pub fn has_ended(&mut self) -> bool {
+        match self {
+            StageProcess::Spawned(c) => !matches!(c.try_wait(), Ok(None)),
+            StageProcess::Forked { pidfd, .. } => {
+                pidfd_readable(pidfd, PollTimeout::ZERO).unwrap_or(true)
+            }
+        }
+    }
+}
+
+/// A pidfd polls readable once its process has exited.
+fn pidfd_readable(pidfd: &OwnedFd, timeout: PollTimeout) -> std::io::Result<bool> {
+    let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, timeout) {
+        Ok(n) => Ok(n > 0),
+        Err(nix::errno::Errno::EINTR) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A stage process that waits for its plan on `channel`.
 pub(super) struct IdleStage {
-    pub child: Child,
+    pub process: StageProcess,
     pub channel: UnixStream,
 }
 
 impl IdleStage {
-    /// Closes the channel (the stage reads EOF and exits) and reaps the process.
+    /// Closes the channel (the stage reads EOF and exits) and waits for the process.
     fn discard(mut self) {
         drop(self.channel);
         // An idle stage exits on EOF at once; kill it anyway in case it is stopped or stuck.
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// The helper's end of the stage factory (factory.rs): forks idle stages on request.
+struct Factory {
+    child: Child,
+    channel: UnixStream,
+}
+
+impl Factory {
+    /// Starts `<exe> stage-factory <preparation>` like a stage: a socketpair on stdin,
+    /// /dev/null on stdout and stderr, no environment, `/` as working directory.
+    fn start(exe: &Path, prep: &Preparation) -> Result<Factory, SandboxError> {
+        let (ours, theirs) = UnixStream::pair().map_err(SandboxError::Channel)?;
+        let child = Command::new(exe)
+            .arg("stage-factory")
+            .args(prep.args())
+            .env_clear()
+            .current_dir("/")
+            .stdin(Stdio::from(OwnedFd::from(theirs)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|source| SandboxError::Spawn {
+                exe: exe.to_path_buf(),
+                source,
+            })?;
+        Ok(Factory {
+            child,
+            channel: ours,
+        })
+    }
+
+    /// One freshly forked stage, or why there is none.
+    fn fork(&mut self) -> Result<IdleStage, String> {
+        use std::io::Write;
+        self.channel
+            .write_all(&[factory::FORK_ONE])
+            .map_err(|e| format!("cannot ask the stage factory: {e}"))?;
+        let (reply, fds) =
+            crate::protocol::switch_wire::read_frame::<factory::FactoryReply>(&mut self.channel)
+                .map_err(|e| format!("no answer from the stage factory: {e}"))?;
+        match reply {
+            factory::FactoryReply::Forked { pid } => {
+                let mut fds = fds.into_iter();
+                let (Some(channel), Some(pidfd), Ok(pid)) =
+                    (fds.next(), fds.next(), u32::try_from(pid))
+                else {
+                    return Err(format!(
+                        "the stage factory's answer for stage {pid} lacks its descriptors"
+                    ));
+                };
+                Ok(IdleStage {
+                    process: StageProcess::Forked { pid, pidfd },
+                    channel: UnixStream::from(channel),
+                })
+            }
+            factory::FactoryReply::Failed { error } => Err(error),
+        }
+    }
+}
+
+impl Drop for Factory {
+    fn drop(&mut self) {
+        // EOF on its channel ends the factory; the kill is for one that is stuck.
+        let _ = self.channel.shutdown(std::net::Shutdown::Both);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-/// Starts one stage: `<exe> stage`, a socketpair on stdin, /dev/null on stdout and stderr, no
-/// environment, `/` as working directory.
-pub(super) fn spawn(exe: &Path) -> Result<IdleStage, SandboxError> {
+/// Starts one stage: `<exe> stage <preparation> [--idle]`, a socketpair on stdin, /dev/null
+/// on stdout and stderr, no environment, `/` as working directory. It builds its
+/// [`Preparation`] at once (under SCHED_IDLE with `idle`), then waits for its plan.
+pub(super) fn spawn(exe: &Path, prep: &Preparation, idle: bool) -> Result<IdleStage, SandboxError> {
     let (ours, theirs) = UnixStream::pair().map_err(SandboxError::Channel)?;
     let mut cmd = Command::new(exe);
-    cmd.arg("stage")
-        .env_clear()
+    cmd.arg("stage").args(prep.args());
+    if idle {
+        cmd.arg("--idle");
+    }
+    cmd.env_clear()
         .current_dir("/")
         .stdin(Stdio::from(OwnedFd::from(theirs)))
         .stdout(Stdio::null())
@@ -59,7 +213,7 @@ pub(super) fn spawn(exe: &Path) -> Result<IdleStage, SandboxError> {
     // `cmd` holds the stage's end of the socketpair until dropped; it goes out of scope here,
     // so the only copy left is the stage's and we see EOF when it ends.
     Ok(IdleStage {
-        child,
+        process: StageProcess::Spawned(child),
         channel: ours,
     })
 }
@@ -73,6 +227,7 @@ struct State {
 
 struct Shared {
     exe: PathBuf,
+    prep: Preparation,
     warm: usize,
     state: Mutex<State>,
     wake: Condvar,
@@ -91,11 +246,19 @@ pub struct StagePool {
 }
 
 impl StagePool {
-    /// A pool that keeps `warm` stages of `exe` (None: /proc/self/exe, the helper itself)
-    /// ready. With `warm` = 0 every launch spawns its stage (no thread is started).
-    pub fn new(exe: Option<PathBuf>, warm: usize) -> Self {
+    /// A pool that keeps `warm` stages of `settings.stage_exe` (None: /proc/self/exe, the
+    /// helper itself) ready, each prepared for `settings`' network and tmpfs size. With
+    /// `warm` = 0 every launch spawns its stage (no thread is started).
+    pub fn new(settings: &SandboxSettings, warm: usize) -> Self {
         let shared = Arc::new(Shared {
-            exe: exe.unwrap_or_else(|| PathBuf::from("/proc/self/exe")),
+            exe: settings
+                .stage_exe
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("/proc/self/exe")),
+            prep: Preparation {
+                network: settings.network,
+                tmp_size_bytes: settings.tmp_size_bytes,
+            },
             warm,
             state: Mutex::new(State {
                 idle: Vec::with_capacity(warm),
@@ -128,12 +291,16 @@ impl StagePool {
             let next = self.shared.lock().idle.pop();
             self.shared.wake.notify_one();
             match next {
-                Some(mut s) => match s.child.try_wait() {
-                    Ok(None) => return Ok((s, token)),
+                Some(mut s) => {
+                    if !s.process.has_ended() {
+                        return Ok((s, token));
+                    }
                     // Died while idle (killed by someone): reap it and try the next.
-                    _ => s.discard(),
-                },
-                None => return spawn(&self.shared.exe).map(|s| (s, token)),
+                    let _ = s.process.wait();
+                }
+                None => {
+                    return spawn(&self.shared.exe, &self.shared.prep, false).map(|s| (s, token))
+                }
             }
         }
     }
@@ -170,16 +337,39 @@ impl Drop for StagePool {
     }
 }
 
+/// A stage forked by the factory (started on first use), or None when the factory cannot be
+/// used (a kernel without pidfd_open, say): then the caller execs one, and so does every later
+/// refill.
+fn factory_fork(factory: &mut Option<Option<Factory>>, shared: &Shared) -> Option<IdleStage> {
+    let f = match factory {
+        Some(None) => return None,
+        Some(Some(f)) => f,
+        None => match Factory::start(&shared.exe, &shared.prep) {
+            Ok(f) => factory.insert(Some(f)).as_mut()?,
+            Err(e) => {
+                tracing::warn!(error = %e, "no stage factory; idle stages are exec'd one by one");
+                *factory = Some(None);
+                return None;
+            }
+        },
+    };
+    match f.fork() {
+        Ok(s) => Some(s),
+        Err(error) => {
+            tracing::warn!(%error, "the stage factory failed; idle stages are exec'd one by one from now on");
+            *factory = Some(None);
+            None
+        }
+    }
+}
+
 /// The refill thread: spawns outside the lock whenever fewer than `warm` stages are idle and
-/// no launch is being set up, or at once when none is idle.
-///
-/// A stage it starts is put under SCHED_IDLE as soon as its exec succeeded: the rest of its
-/// start-up then uses only CPU time nothing else wants, instead of competing with the payloads
-/// and launches of the slot. Not before the exec: until then the child holds copies of the
-/// helper's descriptors (the listening socket, pilot connections), and a child starved on a
-/// busy node would keep them open after the helper died. The helper sets a stage it takes back
-/// to SCHED_OTHER, and the stage checks that itself.
+/// no launch is being set up, or at once when none is idle. A stage it starts puts itself
+/// under SCHED_IDLE right after its exec and builds its preparation there (stage.rs,
+/// `become_idle`); the helper sets a stage it takes back to SCHED_OTHER.
 fn refill(shared: &Shared) {
+    // Some(None): the factory failed once; from then on stages are exec'd (warned once).
+    let mut factory: Option<Option<Factory>> = None;
     let wanted =
         |st: &State| st.idle.len() < shared.warm && (st.launching == 0 || st.idle.is_empty());
     loop {
@@ -192,16 +382,12 @@ fn refill(shared: &Shared) {
                 return;
             }
         }
-        match spawn(&shared.exe) {
+        let next = match factory_fork(&mut factory, shared) {
+            Some(s) => Ok(s),
+            None => spawn(&shared.exe, &shared.prep, true),
+        };
+        match next {
             Ok(s) => {
-                let idle = libc::sched_param { sched_priority: 0 };
-                // SAFETY: sched_setscheduler on our own child, whose pid cannot be reused
-                // before we reap it, with a sched_param on our stack.
-                if unsafe { libc::sched_setscheduler(s.child.id() as i32, libc::SCHED_IDLE, &idle) }
-                    != 0
-                {
-                    tracing::debug!(error = %std::io::Error::last_os_error(), "idle stage stays at normal priority");
-                }
                 let mut st = shared.lock();
                 if st.stop {
                     drop(st);

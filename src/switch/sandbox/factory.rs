@@ -1,0 +1,170 @@
+//! The stage factory (`mupilot-switch stage-factory`): one process, exec'd once by the helper,
+//! that forks the helper's idle stages. A stage forked from it starts in a few hundred
+//! microseconds of CPU instead of an exec of the helper binary (loading, relocating and
+//! initialising 23 MB again for every payload), and it never competes with a launch: the
+//! factory runs under SCHED_IDLE, and its stages inherit that until the helper takes one.
+//!
+//! The factory is what an exec'd stage is before its plan: a fresh, single-threaded root
+//! process with an empty environment, `/` as working directory, /dev/null on fds 0-2 and no
+//! other descriptor but its socketpair to the helper. It never starts a thread, reads no
+//! configuration beyond its arguments and holds no credential, so each fork of it is as clean
+//! as a new exec.
+//!
+//! Protocol on the socketpair: the helper writes one byte ([`FORK_ONE`]); the factory forks a
+//! stage and answers with one frame ([`FactoryReply`]) carrying the helper's end of the
+//! stage's own socketpair and a pidfd of the stage. The stage is the factory's child (the
+//! factory reaps it); the helper follows it through the pidfd. The factory exits when the
+//! helper's end closes; idle stages exit when theirs closes.
+
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::wait::{waitpid, WaitPidFlag};
+use nix::unistd::{fork, ForkResult, Pid};
+use serde::{Deserialize, Serialize};
+
+use super::stage::{self, Preparation};
+
+/// The request byte: fork one stage.
+pub(crate) const FORK_ONE: u8 = b'f';
+
+/// The factory's answer to [`FORK_ONE`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub(crate) enum FactoryReply {
+    /// A stage runs as `pid`; the frame carries its channel and a pidfd of it.
+    Forked { pid: i32 },
+    /// No stage: the fork or the pidfd failed (a kernel before 5.3 has no pidfd_open).
+    Failed { error: String },
+}
+
+/// Entry point of `mupilot-switch stage-factory --network MODE --tmp-size-bytes N`. Exit code
+/// 0 when the helper closed the channel, 2 when the start failed.
+pub fn factory_main() -> i32 {
+    let Some(mut channel) = stage::channel_from_stdin() else {
+        return 2;
+    };
+    let args: Vec<String> = std::env::args().skip(2).collect();
+    // `--idle` is implied: everything the factory does is done before anyone needs it.
+    let prep = match Preparation::parse(&args) {
+        Ok((prep, _)) => prep,
+        Err(e) => {
+            let _ = crate::protocol::switch_wire::write_frame(
+                &mut channel,
+                &FactoryReply::Failed { error: e },
+                &[],
+            );
+            return 2;
+        }
+    };
+    let idle = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler on this (single-threaded) process with a sched_param on our
+    // stack; no memory is shared.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) };
+    // The stages forked and not yet reaped, each with our copy of its pidfd: readable once
+    // it exited, then reaped here.
+    let mut children: Vec<(Pid, OwnedFd)> = Vec::new();
+    loop {
+        let (request, ended) = {
+            let mut fds = vec![PollFd::new(channel.as_fd(), PollFlags::POLLIN)];
+            fds.extend(
+                children
+                    .iter()
+                    .map(|(_, fd)| PollFd::new(fd.as_fd(), PollFlags::POLLIN)),
+            );
+            match poll(&mut fds, PollTimeout::NONE) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return 2,
+                Ok(_) => {}
+            }
+            let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+            let ended: Vec<usize> = (1..fds.len()).filter(|i| ready(&fds[*i])).collect();
+            (ready(&fds[0]), ended)
+        };
+        for i in ended.into_iter().rev() {
+            let (pid, _) = children.swap_remove(i - 1);
+            let _ = waitpid(pid, Some(WaitPidFlag::WNOHANG));
+        }
+        if !request {
+            continue;
+        }
+        let mut b = [0u8; 1];
+        match std::io::Read::read(&mut channel, &mut b) {
+            Ok(1) if b[0] == FORK_ONE => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // EOF: the helper is gone or no longer wants stages. Stages already forked end
+            // on their own when their channels close.
+            _ => return 0,
+        }
+        match fork_stage(&prep) {
+            Ok((pid, ours, pidfd)) => {
+                let sent = crate::protocol::switch_wire::write_frame(
+                    &mut channel,
+                    &FactoryReply::Forked { pid: pid.as_raw() },
+                    &[ours.as_raw_fd(), pidfd.as_raw_fd()],
+                );
+                children.push((pid, pidfd));
+                // Our copy of the stage's channel closes here: the helper holds the only one.
+                drop(ours);
+                if sent.is_err() {
+                    return 2;
+                }
+            }
+            Err(error) => {
+                let reply = FactoryReply::Failed { error };
+                if crate::protocol::switch_wire::write_frame(&mut channel, &reply, &[]).is_err() {
+                    return 2;
+                }
+            }
+        }
+    }
+}
+
+/// Forks one stage: a socketpair for it, fork, and in the child nothing but the stage's own
+/// end and fds 0-2 open. Returns the stage's pid, the helper's end and a pidfd.
+fn fork_stage(prep: &Preparation) -> Result<(Pid, OwnedFd, OwnedFd), String> {
+    let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair for a stage: {e}"))?;
+    // SAFETY: the factory is single-threaded (it never starts a thread), so the child may do
+    // anything after fork.
+    match unsafe { fork() }.map_err(|e| format!("fork a stage: {e}"))? {
+        ForkResult::Child => {
+            let keep = theirs.as_raw_fd();
+            // Everything else the factory holds (its channel, the other stages' pidfds, our
+            // end of this pair) closes now: the stage's descriptors are those of a fresh exec.
+            // SAFETY: close_range(2) only closes descriptors; the Rust objects that owned them
+            // are never used or dropped in this process (it leaves through _exit below).
+            unsafe {
+                libc::syscall(libc::SYS_close_range, 3u32, (keep - 1) as u32, 0u32);
+                libc::syscall(libc::SYS_close_range, (keep + 1) as u32, u32::MAX, 0u32);
+            }
+            std::mem::forget(ours);
+            // SAFETY: prctl with a pointer to a NUL-terminated string that outlives the call.
+            unsafe { libc::prctl(libc::PR_SET_NAME, c"mupilot-stage".as_ptr()) };
+            let code = stage::serve(theirs, prep);
+            // SAFETY: _exit skips atexit handlers and stdio flushing of the factory's state.
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => {
+            drop(theirs);
+            let pidfd = pidfd_open(child).map_err(|e| {
+                let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+                let _ = waitpid(child, None);
+                format!("pidfd_open of stage {child}: {e} (Linux >= 5.3 needed)")
+            })?;
+            Ok((child, OwnedFd::from(ours), pidfd))
+        }
+    }
+}
+
+/// pidfd_open(2) of our own child: it cannot be reaped (so its pid cannot be reused) before we
+/// wait for it, so the pidfd refers to exactly this process.
+fn pidfd_open(pid: Pid) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags, no pointer; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor owned only here. (pidfds are close-on-exec.)
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}

@@ -603,18 +603,19 @@ fn idle_stages(helper_pid: u32) -> Vec<i32> {
     let cmdline = |pid: i32| std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let has = |c: &[u8], arg: &[u8]| c.windows(arg.len()).any(|w| w == arg);
     // Idle stages are the stage factory's children (or, without a factory, exec'd
-    // `mupilot-switch stage` children of the helper) that hold no payload yet: no child of
-    // their own.
+    // `mupilot-switch stage` children of the helper) that hold no payload yet: their init,
+    // forked ahead of time, has no child.
+    let idle = |stage: &i32| {
+        children(*stage)
+            .iter()
+            .all(|init| children(*init).is_empty())
+    };
     let mut out = Vec::new();
     for pid in children(helper_pid as i32) {
         let c = cmdline(pid);
         if has(&c, b"\0stage-factory\0") {
-            out.extend(
-                children(pid)
-                    .into_iter()
-                    .filter(|s| children(*s).is_empty()),
-            );
-        } else if has(&c, b"\0stage\0") && children(pid).is_empty() {
+            out.extend(children(pid).into_iter().filter(idle));
+        } else if has(&c, b"\0stage\0") && idle(&pid) {
             out.push(pid);
         }
     }

@@ -235,6 +235,24 @@ fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
     })
 }
 
+/// [`write`] to a file the kernel may not offer (swap accounting off): absent is fine. Opened
+/// without O_CREAT, so a missing file is ENOENT (cgroupfs answers a create with EACCES).
+fn write_if_present(path: &Path, value: &str) -> Result<(), CgroupError> {
+    use std::io::Write;
+    let written = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(value.as_bytes()));
+    match written {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r.map_err(|source| CgroupError::Write {
+            path: path.to_owned(),
+            value: value.to_owned(),
+            source,
+        }),
+    }
+}
+
 fn mkdir(path: &Path) -> Result<(), CgroupError> {
     match fs::create_dir(path) {
         Ok(()) => Ok(()),
@@ -522,16 +540,26 @@ impl Cgroup {
                     &l.memory_bytes.to_string(),
                 )?;
                 // No swap: memory+swap limit equal to the memory limit (absent without swap accounting).
-                let memsw = mem.join("memory.memsw.limit_in_bytes");
-                if memsw.exists() {
-                    write(&memsw, &l.memory_bytes.to_string())?;
-                }
+                write_if_present(
+                    &mem.join("memory.memsw.limit_in_bytes"),
+                    &l.memory_bytes.to_string(),
+                )?;
                 let cpu = self.v1_dir("cpu");
-                // v1 refuses a child quota above an ancestor's (EINVAL); the batch limit is
-                // the ceiling anyway (P7), so clamp to the tightest ancestor.
-                let quota = v1_ancestor_quota(&cpu, period).map_or(quota, |q| quota.min(q));
                 write(&cpu.join("cpu.cfs_period_us"), &period.to_string())?;
-                write(&cpu.join("cpu.cfs_quota_us"), &quota.to_string())?;
+                let quota_file = cpu.join("cpu.cfs_quota_us");
+                match write(&quota_file, &quota.to_string()) {
+                    // v1 refuses a child quota above an ancestor's (EINVAL); the batch limit
+                    // is the ceiling anyway (P7), so clamp to the tightest ancestor. Read
+                    // only then: the ancestors' files cost a read each on every launch.
+                    Err(CgroupError::Write { source, .. })
+                        if source.raw_os_error() == Some(libc::EINVAL) =>
+                    {
+                        let clamped =
+                            v1_ancestor_quota(&cpu, period).map_or(quota, |q| quota.min(q));
+                        write(&quota_file, &clamped.to_string())?;
+                    }
+                    r => r?,
+                }
                 write(
                     &self.v1_dir("pids").join("pids.max"),
                     &l.pids_max.to_string(),
@@ -539,10 +567,7 @@ impl Cgroup {
             }
             Cgroup::V2 { dir } => {
                 write(&dir.join("memory.max"), &l.memory_bytes.to_string())?;
-                let swap = dir.join("memory.swap.max");
-                if swap.exists() {
-                    write(&swap, "0")?;
-                }
+                write_if_present(&dir.join("memory.swap.max"), "0")?;
                 write(&dir.join("cpu.max"), &format!("{quota} {period}"))?;
                 write(&dir.join("pids.max"), &l.pids_max.to_string())?;
             }

@@ -217,7 +217,10 @@ pub(crate) fn channel_from_stdin() -> Option<std::os::unix::net::UnixStream> {
 /// it out. Returns the stage's exit code (see [`stage_main`]). Also the body of a stage forked
 /// by the stage factory (factory.rs).
 pub(crate) fn serve(channel: std::os::unix::net::UnixStream, prep: &Preparation) -> i32 {
-    let prepared = prepare(prep);
+    let prepared = prepare(prep).and_then(|host| {
+        let init = fork_init(&host, &channel)?;
+        Ok((host, init))
+    });
     serve_prepared(channel, prepared)
 }
 
@@ -226,12 +229,15 @@ fn serve_failed(channel: std::os::unix::net::UnixStream, error: (String, String)
     serve_prepared(channel, Err(error))
 }
 
-fn serve_prepared(mut channel: std::os::unix::net::UnixStream, prepared: StepResult<Host>) -> i32 {
+fn serve_prepared(
+    mut channel: std::os::unix::net::UnixStream,
+    prepared: StepResult<(Host, InitLink)>,
+) -> i32 {
     // One frame: the plan, the exec gate, and the payload's stdout and stderr (none: the
-    // /dev/null the helper put on 1 and 2 when it spawned us stays).
+    // init keeps the /dev/null it has on 1 and 2). All of it goes on to the init.
     let received = crate::protocol::switch_wire::read_frame::<StagePlan>(&mut channel);
     let mut out = File::from(OwnedFd::from(channel));
-    let (plan, exec_gate) = match received {
+    let (plan, fds) = match received {
         Ok((plan, fds)) => {
             if !(fds.len() == 1 || fds.len() == 3) {
                 send(
@@ -243,19 +249,7 @@ fn serve_prepared(mut channel: std::os::unix::net::UnixStream, prepared: StepRes
                 );
                 return 2;
             }
-            let mut fds = fds.into_iter();
-            let Some(exec) = fds.next() else {
-                return 2;
-            };
-            for (fd, target) in fds.zip([1, 2]) {
-                // SAFETY: dup2 of a descriptor we own onto 1 or 2; no memory is involved. The
-                // copy on 1/2 is not close-on-exec (the payload writes there); ours (received
-                // close-on-exec) closes at the end of this loop iteration.
-                if unsafe { libc::dup2(fd.as_raw_fd(), target) } < 0 {
-                    return 2;
-                }
-            }
-            (plan, File::from(exec))
+            (plan, fds)
         }
         // The helper closed the channel without a plan (an idle stage no longer needed).
         Err(crate::protocol::switch_wire::WireError::Closed) => return 2,
@@ -287,7 +281,7 @@ fn serve_prepared(mut channel: std::os::unix::net::UnixStream, prepared: StepRes
         );
         return 1;
     }
-    let result = prepared.and_then(|host| run_stage(&plan, exec_gate, host, &mut out));
+    let result = prepared.and_then(|(host, init)| run_stage(&plan, fds, host, init, &mut out));
     match result {
         Ok(()) => 0,
         Err((step, error)) => {
@@ -437,19 +431,35 @@ fn pass(gate: &mut File, what: &str) -> StepResult<()> {
     }
 }
 
-/// The stage's checklist, in the namespaces [`prepare`] made: fork the init, create the
-/// payload cgroup while the init mounts (then open the cgroup gate), relay the init's
-/// `started`, report its end if the init could not.
-fn run_stage(plan: &StagePlan, exec_gate: File, host: Host, out: &mut File) -> StepResult<()> {
-    let (rd, wr) = step("pipe", nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC))?;
-    let (cgroup_wait, cgroup_open) =
-        step("pipe", nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC))?;
+/// The stage's end of its init, forked before the plan came ([`fork_init`]).
+struct InitLink {
+    pid: Pid,
+    /// The plan, the exec gate and the payload's outputs go to the init on this socket.
+    handoff: std::os::unix::net::UnixStream,
+    /// The init's events: `started`, `failed`, and a copy of the `exit` it sent the helper.
+    events: File,
+    /// Written once `started` was relayed; closed to release the init after its exit report.
+    ack: File,
+    /// The cgroup gate's write end.
+    cgroup_open: OwnedFd,
+}
+
+/// Forks the init into the pid namespace [`prepare`] made, before any plan: it mounts the
+/// namespace's /proc and blocks its signals, then waits for the plan ([`idle_init`]). An
+/// idle stage does this at SCHED_IDLE, so a launch no longer waits for the fork and for the
+/// new process to get a CPU.
+fn fork_init(host: &Host, helper: &std::os::unix::net::UnixStream) -> StepResult<InitLink> {
+    let pipe = || step("pipe", nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC));
+    let (rd, wr) = pipe()?;
+    let (cgroup_wait, cgroup_open) = pipe()?;
     // The init waits for this ack after "started" so that the payload (even a zombie) is
-    // still its child while we look up the payload's host pid.
-    let (ack_rd, ack_wr) = step("pipe", nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC))?;
+    // still its child while we look up the payload's host pid; its EOF releases the init
+    // after the exit report.
+    let (ack_rd, ack_wr) = pipe()?;
+    let (handoff, init_end) = step("socketpair", std::os::unix::net::UnixStream::pair())?;
     // SAFETY: the stage is a fresh process that never started a second thread, so the child
     // may do anything after fork.
-    let init = match step("fork init", unsafe { fork() })? {
+    match step("fork init", unsafe { fork() })? {
         ForkResult::Child => {
             // The stage is single-threaded, so the "parent thread" is the stage itself: if it
             // is killed, the init (and with it the whole payload pid namespace) dies too.
@@ -463,21 +473,38 @@ fn run_stage(plan: &StagePlan, exec_gate: File, host: Host, out: &mut File) -> S
                     0,
                 )
             };
-            drop(rd);
-            drop(ack_wr);
-            drop(cgroup_open);
-            // The host's /proc and mount namespace are the stage's, never the payload's.
-            drop(host);
+            // The stage's ends, and the host's /proc and mount namespace, are never the
+            // init's.
+            // SAFETY: closes this process's copies; the objects owning them belong to the
+            // stage's frames and are never used or dropped here (the init leaves via _exit).
+            unsafe {
+                for fd in [
+                    rd.as_raw_fd(),
+                    ack_wr.as_raw_fd(),
+                    cgroup_open.as_raw_fd(),
+                    handoff.as_raw_fd(),
+                    host.proc.as_raw_fd(),
+                    host.mount_ns.as_raw_fd(),
+                ] {
+                    libc::close(fd);
+                }
+            }
             // The init keeps its copy of the helper's socket (close-on-exec, so no payload
             // program inherits it) for one line: the payload's exit, sent straight to the
             // helper instead of through the stage. The helper sees EOF once the stage and the
             // init are both gone.
+            // SAFETY: our own copy of the stage's socket descriptor (inherited by fork); this
+            // process never closes it before its _exit.
+            let mut helper =
+                std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(helper.as_raw_fd()) });
             let mut w = File::from(wr);
-            let gates = Gates {
-                cgroup: File::from(cgroup_wait),
-                exec: exec_gate,
-            };
-            let code = match init_main(plan, gates, &mut w, out, File::from(ack_rd)) {
+            let code = match idle_init(
+                init_end,
+                cgroup_wait,
+                &mut w,
+                &mut helper,
+                File::from(ack_rd),
+            ) {
                 Ok(code) => code,
                 Err((step, error)) => {
                     send(&mut w, &StageEvent::Failed { step, error });
@@ -487,13 +514,93 @@ fn run_stage(plan: &StagePlan, exec_gate: File, host: Host, out: &mut File) -> S
             // SAFETY: _exit skips atexit handlers and stdio flushing of the copied parent state.
             unsafe { libc::_exit(code) }
         }
-        ForkResult::Parent { child } => child,
+        ForkResult::Parent { child } => Ok(InitLink {
+            pid: child,
+            handoff,
+            events: File::from(rd),
+            ack: File::from(ack_wr),
+            cgroup_open,
+        }),
+    }
+}
+
+/// The init before its plan: /proc of its pid namespace, then the plan, the exec gate and the
+/// outputs from the stage (outputs onto fds 1 and 2), then [`init_main`]. Exit code 2 without
+/// a plan (the stage ended while idle).
+fn idle_init(
+    mut handoff: std::os::unix::net::UnixStream,
+    cgroup_wait: OwnedFd,
+    events: &mut File,
+    helper: &mut File,
+    ack: File,
+) -> StepResult<i32> {
+    // A /proc that shows only this pid namespace.
+    step(
+        "mount /proc",
+        mount(
+            Some("proc"),
+            "/proc",
+            Some("proc"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        ),
+    )?;
+    let (plan, fds) = match crate::protocol::switch_wire::read_frame::<StagePlan>(&mut handoff) {
+        Ok(received) => received,
+        Err(crate::protocol::switch_wire::WireError::Closed) => return Ok(2),
+        Err(e) => return Err(("receive plan from the stage".into(), e.to_string())),
     };
-    drop(wr);
-    drop(ack_rd);
-    drop(cgroup_wait);
-    // The exec gate is the payload's to wait on.
-    drop(exec_gate);
+    drop(handoff);
+    let mut fds = fds.into_iter();
+    let Some(exec) = fds.next() else {
+        return Err(("receive plan from the stage".into(), "no exec gate".into()));
+    };
+    for (fd, target) in fds.zip([1, 2]) {
+        // SAFETY: dup2 of a descriptor we own onto 1 or 2; no memory is involved. The copy on
+        // 1/2 is not close-on-exec (the payload writes there); ours (received close-on-exec)
+        // closes at the end of this loop iteration.
+        if unsafe { libc::dup2(fd.as_raw_fd(), target) } < 0 {
+            return Err((
+                "put the payload's outputs on fds 1 and 2".into(),
+                std::io::Error::last_os_error().to_string(),
+            ));
+        }
+    }
+    let gates = Gates {
+        cgroup: File::from(cgroup_wait),
+        exec: File::from(exec),
+    };
+    init_main(&plan, gates, events, helper, ack)
+}
+
+/// The stage's checklist once the plan came: hand the plan on to the init (back at normal
+/// priority), create the payload cgroup while the init mounts (then open the cgroup gate),
+/// relay the init's `started`, report its end if the init could not.
+fn run_stage(
+    plan: &StagePlan,
+    fds: Vec<OwnedFd>,
+    host: Host,
+    init_link: InitLink,
+    out: &mut File,
+) -> StepResult<()> {
+    let InitLink {
+        pid: init,
+        mut handoff,
+        events: rd,
+        ack,
+        cgroup_open,
+    } = init_link;
+    // An init forked by an idle stage inherited its SCHED_IDLE.
+    let normal = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler on our child (not reaped yet, so its pid is not reused) with
+    // a sched_param on our stack.
+    unsafe { libc::sched_setscheduler(init.as_raw(), libc::SCHED_OTHER, &normal) };
+    let raw: Vec<_> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+    // An init that died meanwhile has reported why on its events pipe, read below.
+    let _ = crate::protocol::switch_wire::write_frame(&mut handoff, plan, &raw);
+    drop(handoff);
+    // The exec gate is the payload's to wait on, the outputs the init's.
+    drop(fds);
     // The payload cgroup, made while the init mounts. Failing, the init is killed before it
     // could join, so nothing but what this call made and removed again was in it.
     match plan.cgroup.clone().create(plan.limits) {
@@ -507,10 +614,10 @@ fn run_stage(plan: &StagePlan, exec_gate: File, host: Host, out: &mut File) -> S
             return Err(("create payload cgroup".into(), e.to_string()));
         }
     }
-    let mut ack = File::from(ack_wr);
+    let mut ack = ack;
     let mut reported_end = false;
     let mut helper_gone = false;
-    let mut pipe = BufReader::new(File::from(rd));
+    let mut pipe = BufReader::new(rd);
     loop {
         if pipe.buffer().is_empty() {
             // Wait for the init's next event, and notice the helper going away meanwhile.
@@ -678,28 +785,16 @@ fn init_main(
         cgroup: mut cgroup_gate,
         exec: mut exec_gate,
     } = gates;
-    // 1. The stage made the namespaces and the private tmpfs mounts before the plan came
-    //    ([`prepare`]). (The helper creates the payload cgroup meanwhile; the init joins it
-    //    in step 6, before the payload exists.)
-    // 2. A /proc that shows only this pid namespace.
-    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    step(
-        "mount /proc",
-        mount(
-            Some("proc"),
-            "/proc",
-            Some("proc"),
-            nosuid | MsFlags::MS_NOEXEC,
-            None::<&str>,
-        ),
-    )?;
-    // 3. Hide every other payload's scratch: a tmpfs over the root, our own dir bound back.
+    // 1. The stage made the namespaces and the private tmpfs mounts, and this init mounted
+    //    /proc, before the plan came ([`prepare`], [`idle_init`]). (The stage creates the
+    //    payload cgroup meanwhile; the init joins it in step 5, before the payload exists.)
+    // 2. Hide every other payload's scratch: a tmpfs over the root, our own dir bound back.
     hide_scratch_root(plan)?;
-    // 4. Own hostname.
+    // 3. Own hostname.
     let mut host = format!("mupilot-{}", plan.payload_id);
     host.truncate(64);
     step("set hostname", nix::unistd::sethostname(&host))?;
-    // 5. Signals to forward are blocked here and collected with sigwaitinfo below; blocked
+    // 4. Signals to forward are blocked here and collected with sigwaitinfo below; blocked
     //    (not ignored) so the kernel queues them even for a namespace init.
     let mut set = SigSet::empty();
     for s in [
@@ -713,7 +808,7 @@ fn init_main(
         set.add(s);
     }
     step("block signals", set.thread_block())?;
-    // 6. Into the payload cgroup once the helper made it, so the payload and everything it
+    // 5. Into the payload cgroup once the stage made it, so the payload and everything it
     //    starts are accounted and limited from their first instruction (P7).
     pass(&mut cgroup_gate, "the payload cgroup")?;
     drop(cgroup_gate);
@@ -738,7 +833,7 @@ fn init_main(
     };
     drop(err_wr);
     drop(exec_gate);
-    // 7. The error pipe closes on exec (CLOEXEC): EOF without data means the payload runs.
+    // 6. The error pipe closes on exec (CLOEXEC): EOF without data means the payload runs.
     let mut msg = String::new();
     let _ = File::from(err_rd).read_to_string(&mut msg);
     if !msg.is_empty() {
@@ -755,7 +850,7 @@ fn init_main(
     );
     // EOF (the stage died) is as good as the ack: carry on supervising.
     let _ = ack.read(&mut [0u8; 1]);
-    // 8. Act as init: reap everything, forward signals, end with the main process.
+    // 7. Act as init: reap everything, forward signals, end with the main process.
     loop {
         let Ok(sig) = set.wait() else { continue };
         if sig != Signal::SIGCHLD {

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 pub mod cgroup;
 mod factory;
 mod outputs;
+mod payload;
 mod privs;
 mod seccomp;
 mod stage;

@@ -1,94 +1,267 @@
-//! The identity switch of the payload process: root -> the account, with no capability left
-//! and no way back. Runs only in the single-threaded payload child of the stage's init.
+//! The identity switch of a payload's processes: root -> the account, with no capability left
+//! and no way back. Two halves, split by when they can run:
 //!
-//! Order matters: securebits and the bounding set need CAP_SETPCAP, so they come while still
-//! root; then groups, gid, uid, a fresh session keyring; then the remaining sets are cleared and every one is verified
-//! empty from /proc/self/status; finally no_new_privs.
-
-use nix::unistd::{setgroups, setresgid, setresuid, Gid, Uid};
+//! - [`limit_future_execs`], once per stage before any plan (idle time): securebits and the
+//!   bounding set, which only govern what a later exec may gain, so the stage and its init
+//!   keep their own capabilities. Inherited by every process the init starts.
+//! - [`switch_to`], in the payload process (and the bundle unpacker): groups, gid, uid, a
+//!   fresh session keyring, every remaining capability set cleared and read back, then
+//!   no_new_privs. Raw system calls only, no allocation: the payload process shares the
+//!   init's memory until its exec (payload.rs), so this code must not touch the heap or any
+//!   lock, and it reports a failure as a [`Failed`] of static parts.
 
 use super::Account;
 
 type StepResult<T> = Result<T, (String, String)>;
 
-fn os_err(step: &str) -> (String, String) {
-    (step.to_owned(), std::io::Error::last_os_error().to_string())
+/// A failed step of code that cannot allocate: its name, the errno (0 for a failed check)
+/// and, for a check, what was found. Turned into a message by [`Failed::describe`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Failed {
+    pub step: &'static str,
+    pub errno: i32,
+    pub detail: &'static str,
 }
 
-/// Switches to `account` and drops every privilege; verifies the result.
-pub(crate) fn drop_to(account: &Account) -> StepResult<()> {
-    if account.uid == 0 || account.gid == 0 {
-        return Err((
-            "identity switch".into(),
-            format!(
-                "refusing to run a payload as uid {} gid {} (root)",
-                account.uid, account.gid
-            ),
-        ));
+impl Failed {
+    /// The step failed with the calling thread's errno.
+    pub fn os(step: &'static str) -> Failed {
+        Failed {
+            step,
+            errno: nix::errno::Errno::last_raw(),
+            detail: "",
+        }
     }
-    // No root magic for this process or its descendants, locked. NO_SETUID_FIXUP itself is
-    // NOT set: the kernel's fixup on setuid is what clears permitted/effective below.
+
+    /// A check failed: `detail` says what was found.
+    pub fn check(step: &'static str, detail: &'static str) -> Failed {
+        Failed {
+            step,
+            errno: 0,
+            detail,
+        }
+    }
+
+    /// (step, message) as the stage reports it.
+    pub fn describe(&self) -> (String, String) {
+        let mut msg = if self.errno != 0 {
+            nix::errno::Errno::from_raw(self.errno).to_string()
+        } else {
+            String::new()
+        };
+        if self.errno == libc::EDQUOT && self.step == KEYRING {
+            msg.push_str(": the account's key quota is used up; raise kernel.keys.maxkeys");
+        }
+        if !self.detail.is_empty() {
+            if !msg.is_empty() {
+                msg.push_str(": ");
+            }
+            msg.push_str(self.detail);
+        }
+        (self.step.to_owned(), msg)
+    }
+}
+
+const KEYRING: &str = "fresh session keyring";
+
+/// The account as the switch needs it: checked (never root, never group 0) and laid out for
+/// setgroups(2) before the payload process exists.
+#[derive(Debug, Clone)]
+pub(crate) struct Identity {
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    /// The supplementary groups and the primary gid, sorted, without duplicates.
+    groups: Vec<libc::gid_t>,
+}
+
+impl Identity {
+    pub fn of(account: &Account) -> StepResult<Identity> {
+        if account.uid == 0 || account.gid == 0 {
+            return Err((
+                "identity switch".into(),
+                format!(
+                    "refusing to run a payload as uid {} gid {} (root)",
+                    account.uid, account.gid
+                ),
+            ));
+        }
+        let mut groups: Vec<libc::gid_t> = account.groups.clone();
+        groups.push(account.gid);
+        groups.sort_unstable();
+        groups.dedup();
+        if groups.contains(&0) {
+            return Err((
+                "setgroups".into(),
+                "supplementary group 0 (root) is not allowed for payloads".into(),
+            ));
+        }
+        Ok(Identity {
+            uid: account.uid,
+            gid: account.gid,
+            groups,
+        })
+    }
+}
+
+/// Securebits and the bounding set, for this process and everything it starts: no root magic
+/// on exec (locked), and no capability any exec could ever gain. Both need CAP_SETPCAP and
+/// change only what a later exec gets, never this process's own capabilities, so the stage
+/// does this before its plan arrives. Verified from /proc/self/status.
+pub(crate) fn limit_future_execs() -> StepResult<()> {
+    // NO_SETUID_FIXUP itself is NOT set: the kernel's fixup on setuid is what clears
+    // permitted/effective in [`switch_to`].
     let bits = libc::SECBIT_NOROOT
         | libc::SECBIT_NOROOT_LOCKED
         | libc::SECBIT_NO_SETUID_FIXUP_LOCKED
         | libc::SECBIT_KEEP_CAPS_LOCKED;
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_SECUREBITS, bits as libc::c_ulong, 0, 0, 0) } != 0 {
-        return Err(os_err("set securebits"));
+        return Err(Failed::os("set securebits").describe());
     }
-    // Bounding set: drop every capability the kernel knows (EINVAL marks the end).
+    // Every capability the kernel knows (EINVAL marks the end).
     for cap in 0..64 {
         // SAFETY: prctl with integer arguments only.
         if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) } != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EINVAL) {
+            if nix::errno::Errno::last_raw() == libc::EINVAL {
                 break;
             }
-            return Err(("drop bounding set".into(), e.to_string()));
+            return Err(Failed::os("drop bounding set").describe());
         }
     }
-    let mut groups: Vec<Gid> = account.groups.iter().map(|g| Gid::from_raw(*g)).collect();
-    groups.push(Gid::from_raw(account.gid));
-    groups.sort_unstable_by_key(|g| g.as_raw());
-    groups.dedup();
-    if groups.iter().any(|g| g.as_raw() == 0) {
-        return Err((
-            "setgroups".into(),
-            "supplementary group 0 (root) is not allowed for payloads".into(),
-        ));
+    let s = "verify bounding set";
+    let status = std::fs::read_to_string("/proc/self/status")
+        .map_err(|e| (s.to_owned(), format!("/proc/self/status: {e}")))?;
+    match status.lines().find_map(|l| l.strip_prefix("CapBnd:")) {
+        Some(v) if u64::from_str_radix(v.trim(), 16) == Ok(0) => Ok(()),
+        v => Err((s.into(), format!("CapBnd is {v:?}, expected 0"))),
     }
-    setgroups(&groups).map_err(|e| ("setgroups".to_owned(), e.to_string()))?;
-    let gid = Gid::from_raw(account.gid);
-    setresgid(gid, gid, gid).map_err(|e| ("setresgid".to_owned(), e.to_string()))?;
-    let uid = Uid::from_raw(account.uid);
-    setresuid(uid, uid, uid).map_err(|e| ("setresuid".to_owned(), e.to_string()))?;
-    fresh_session_keyring()?;
-    // Ambient and inheritable survive setuid: clear them; permitted/effective were cleared by
-    // the setuid fixup but are cleared again explicitly.
-    // SAFETY: prctl with integer arguments only.
-    if unsafe {
-        libc::prctl(
+}
+
+/// `struct __user_cap_header_struct` (linux/capability.h).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+/// `struct __user_cap_data_struct`; version 3 takes two (64 capability bits).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const CAP_VERSION_3: u32 = 0x2008_0522;
+
+/// Switches the calling process to `id` and drops every privilege it still has, then reads
+/// the result back. Raw system calls on data prepared beforehand: no allocation, no lock, no
+/// libc wrapper that coordinates threads (glibc's setuid family signals every thread of the
+/// process; the payload process shares the init's memory, not its threads).
+///
+/// Order: groups, gid, uid (the setuid fixup clears permitted and effective, as securebits
+/// leave it on); a fresh session keyring, created as the account; ambient, inheritable,
+/// permitted and effective cleared; ids, groups and capabilities read back; no_new_privs.
+pub(crate) fn switch_to(id: &Identity) -> Result<(), Failed> {
+    // SAFETY (all calls below): system calls with integer arguments, or pointers to data that
+    // lives in this frame or in `id` for the duration of the call.
+    unsafe {
+        if libc::syscall(libc::SYS_setgroups, id.groups.len(), id.groups.as_ptr()) != 0 {
+            return Err(Failed::os("setgroups"));
+        }
+        if libc::syscall(libc::SYS_setresgid, id.gid, id.gid, id.gid) != 0 {
+            return Err(Failed::os("setresgid"));
+        }
+        if libc::syscall(libc::SYS_setresuid, id.uid, id.uid, id.uid) != 0 {
+            return Err(Failed::os("setresuid"));
+        }
+        fresh_session_keyring()?;
+        if libc::prctl(
             libc::PR_CAP_AMBIENT,
             libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
             0,
             0,
             0,
-        )
-    } != 0
-    {
-        return Err(os_err("clear ambient capabilities"));
+        ) != 0
+        {
+            return Err(Failed::os("clear ambient capabilities"));
+        }
+        let mut header = CapHeader {
+            version: CAP_VERSION_3,
+            pid: 0,
+        };
+        let data = [CapData::default(); 2];
+        if libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) != 0 {
+            return Err(Failed::os("clear capabilities"));
+        }
+        verify(id)?;
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return Err(Failed::os("set no_new_privs"));
+        }
     }
-    for set in [
-        caps::CapSet::Inheritable,
-        caps::CapSet::Effective,
-        caps::CapSet::Permitted,
-    ] {
-        caps::clear(None, set).map_err(|e| ("clear capabilities".to_owned(), e.to_string()))?;
-    }
-    verify(account)?;
-    // SAFETY: prctl with integer arguments only.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(os_err("set no_new_privs"));
+    Ok(())
+}
+
+/// Reads back ids, groups and capabilities through the kernel's own view: every uid and gid
+/// must be the account's, the groups exactly the prepared list, and the effective, permitted
+/// and inheritable sets empty. (Ambient capabilities need no check: the kernel keeps them a
+/// subset of permitted and inheritable; the bounding set was verified empty when the stage
+/// limited it, and nothing can raise it.)
+fn verify(id: &Identity) -> Result<(), Failed> {
+    let s = "verify dropped privileges";
+    let (mut r, mut e, mut sv) = (0, 0, 0);
+    // SAFETY: getresuid/getresgid write three ids to our locals; getgroups writes at most
+    // `buf.len()` gids into `buf`, capget two CapData into `data`; all on this stack.
+    unsafe {
+        if libc::syscall(libc::SYS_getresuid, &mut r, &mut e, &mut sv) != 0 {
+            return Err(Failed::os(s));
+        }
+        if [r, e, sv] != [id.uid; 3] {
+            return Err(Failed::check(s, "a uid differs from the account's"));
+        }
+        if libc::syscall(libc::SYS_getresgid, &mut r, &mut e, &mut sv) != 0 {
+            return Err(Failed::os(s));
+        }
+        if [r, e, sv] != [id.gid; 3] {
+            return Err(Failed::check(s, "a gid differs from the account's"));
+        }
+        let n = libc::syscall(libc::SYS_getgroups, 0, std::ptr::null_mut::<libc::gid_t>());
+        if n < 0 {
+            return Err(Failed::os(s));
+        }
+        if n as usize != id.groups.len() {
+            return Err(Failed::check(s, "the groups differ from the account's"));
+        }
+        // Up to 256 groups are compared one by one (a stack buffer; more are rare, and their
+        // count was checked above).
+        let mut buf = [0 as libc::gid_t; 256];
+        if id.groups.len() <= buf.len() {
+            let n = libc::syscall(libc::SYS_getgroups, buf.len(), buf.as_mut_ptr());
+            if n < 0 {
+                return Err(Failed::os(s));
+            }
+            if buf[..n as usize] != id.groups[..] {
+                return Err(Failed::check(s, "the groups differ from the account's"));
+            }
+        }
+        let mut header = CapHeader {
+            version: CAP_VERSION_3,
+            pid: 0,
+        };
+        let mut data = [CapData::default(); 2];
+        if libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) != 0 {
+            return Err(Failed::os(s));
+        }
+        if data
+            .iter()
+            .any(|d| d.effective | d.permitted | d.inheritable != 0)
+        {
+            return Err(Failed::check(
+                s,
+                "a capability is still set after clearing them",
+            ));
+        }
     }
     Ok(())
 }
@@ -98,7 +271,7 @@ pub(crate) fn drop_to(account: &Account) -> StepResult<()> {
 /// keyring *possesses* it and every key in it: without this step every payload could read the
 /// helper's keys (systemd gives each service its own session keyring) and leave keys there for
 /// the next payload. (Thread and process keyrings are not inherited across fork.)
-fn fresh_session_keyring() -> StepResult<()> {
+fn fresh_session_keyring() -> Result<(), Failed> {
     // SAFETY: KEYCTL_JOIN_SESSION_KEYRING with a null name takes no pointer the kernel reads.
     let rc = unsafe {
         libc::syscall(
@@ -107,45 +280,56 @@ fn fresh_session_keyring() -> StepResult<()> {
             std::ptr::null::<libc::c_char>(),
         )
     };
-    if rc >= 0 {
-        return Ok(());
-    }
-    let e = std::io::Error::last_os_error();
-    match e.raw_os_error() {
+    match rc {
+        r if r >= 0 => Ok(()),
         // A kernel without keyrings has nothing to inherit.
-        Some(libc::ENOSYS) => Ok(()),
-        Some(libc::EDQUOT) => Err((
-            "fresh session keyring".into(),
-            format!("{e}: the account's key quota is used up; raise kernel.keys.maxkeys"),
-        )),
-        _ => Err(("fresh session keyring".into(), e.to_string())),
+        _ if nix::errno::Errno::last_raw() == libc::ENOSYS => Ok(()),
+        _ => Err(Failed::os(KEYRING)),
     }
 }
 
-/// Reads back ids and all five capability sets from /proc/self/status.
-fn verify(account: &Account) -> StepResult<()> {
-    let s = "verify dropped privileges";
-    let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(|e| (s.to_owned(), format!("/proc/self/status: {e}")))?;
-    for line in status.lines() {
-        let Some((k, v)) = line.split_once(':') else {
-            continue;
-        };
-        let v = v.trim();
-        match k {
-            "CapInh" | "CapPrm" | "CapEff" | "CapBnd" | "CapAmb"
-                if u64::from_str_radix(v, 16) != Ok(0) =>
-            {
-                return Err((s.into(), format!("{k} is {v}, expected 0")));
-            }
-            "Uid" | "Gid" => {
-                let want = if k == "Uid" { account.uid } else { account.gid };
-                if !v.split_whitespace().all(|x| x == want.to_string()) {
-                    return Err((s.into(), format!("{k} is {v}, expected {want} everywhere")));
-                }
-            }
-            _ => {}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn account(uid: u32, gid: u32, groups: &[u32]) -> Account {
+        Account {
+            name: "a".into(),
+            uid,
+            gid,
+            groups: groups.to_vec(),
         }
     }
-    Ok(())
+
+    #[test]
+    fn root_and_group_zero_are_refused_before_any_process_exists() {
+        assert!(Identity::of(&account(0, 100, &[])).is_err());
+        assert!(Identity::of(&account(100, 0, &[])).is_err());
+        let (step, msg) = Identity::of(&account(100, 100, &[5, 0])).unwrap_err();
+        assert_eq!(step, "setgroups");
+        assert!(msg.contains("group 0"), "{msg}");
+    }
+
+    #[test]
+    fn groups_include_the_primary_gid_sorted_once() {
+        let id = Identity::of(&account(1000, 1000, &[20, 1000, 5, 20])).unwrap();
+        assert_eq!(id.groups, vec![5, 20, 1000]);
+    }
+
+    #[test]
+    fn failures_describe_errno_and_check() {
+        let f = Failed {
+            step: KEYRING,
+            errno: libc::EDQUOT,
+            detail: "",
+        };
+        let (step, msg) = f.describe();
+        assert_eq!(step, KEYRING);
+        assert!(
+            msg.starts_with("EDQUOT") && msg.contains("kernel.keys.maxkeys"),
+            "{msg}"
+        );
+        let (_, msg) = Failed::check("verify dropped privileges", "a uid differs").describe();
+        assert_eq!(msg, "a uid differs");
+    }
 }

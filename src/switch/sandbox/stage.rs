@@ -2,17 +2,18 @@
 //! builds one payload's sandbox and execs it. Three processes, each with one job:
 //!
 //! 1. **stage** (host pid namespace): before its plan arrives, builds what every payload of
-//!    this helper gets ([`Preparation`]): a pid namespace for its next child, new mount, IPC,
-//!    UTS (and network) namespaces, private tmpfs mounts. An idle stage does this under
-//!    SCHED_IDLE while nothing waits for it. Then it reads the plan, two gates and the
-//!    payload's stdout/stderr from fd 0 (a socketpair to the helper), forks the init, relays
-//!    the init's events to the helper and reports how the init ended.
-//! 2. **init** (pid 1 of the new pid namespace): mounts the payload's /proc and scratch view,
-//!    sets the hostname, waits at the cgroup gate and joins the payload cgroup, forks the
-//!    payload, then reaps, forwards signals and exits when the payload's main process exits
-//!    (which kills the whole pid namespace).
-//! 3. **payload**: setsid, fd hygiene, rlimits, identity switch, capability drop,
-//!    no_new_privs, bundle unpack as the account, waits at the exec gate, exec.
+//!    this helper gets ([`Preparation`]): nothing any exec could gain (securebits, bounding
+//!    set), a pid namespace for its next child, new mount, IPC, UTS (and network) namespaces,
+//!    private tmpfs mounts, and forks the init. An idle stage does this under SCHED_IDLE
+//!    while nothing waits for it. Then it reads the plan, the exec gate and the payload's
+//!    stdout/stderr from fd 0 (a socketpair to the helper), hands them to the init, creates
+//!    the payload cgroup, relays the init's `started` and reports how the init ended.
+//! 2. **init** (pid 1 of the new pid namespace): mounts /proc before the plan; then the
+//!    scratch view and the hostname, joins the payload cgroup at the cgroup gate, has the
+//!    bundle unpacked as the account, starts the payload process (payload.rs), then reaps,
+//!    forwards signals and, when the payload's main process exits, ends the namespace.
+//! 3. **payload** (payload.rs, sharing the init's memory until its exec): setsid, rlimits,
+//!    identity switch, no_new_privs, the optional user-namespace filter, the exec gate, exec.
 //!
 //! The gates let the helper work in parallel with the stage: it creates the cgroup while the
 //! init mounts, and writes the start record while the payload drops its privileges; the
@@ -21,14 +22,12 @@
 //! Must never be entered from a multi-threaded process: `fork` here relies on being the only
 //! thread. Nothing here talks to the network or reads credentials.
 
-use std::ffi::CString;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use base64::Engine;
 use nix::mount::{mount, MsFlags};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sched::{unshare, CloneFlags};
@@ -38,6 +37,7 @@ use nix::unistd::{fork, ForkResult, Pid};
 use serde::{Deserialize, Serialize};
 
 use super::cgroup::{Limits, Located};
+use super::payload::PayloadExec;
 use super::{Account, NetworkMode};
 
 /// Everything the stage needs; no credentials, no secrets (the bundle is the payload's input).
@@ -340,6 +340,9 @@ fn prepare(prep: &Preparation) -> StepResult<Host> {
         // SAFETY: `fd` was just opened and is owned here only.
         Ok::<_, (String, String)>(unsafe { OwnedFd::from_raw_fd(fd) })
     };
+    // What any later exec may gain (securebits, bounding set): nothing. Done here, off the
+    // launch path; the stage and its init keep their own capabilities.
+    super::privs::limit_future_execs()?;
     let host = Host {
         proc: open(
             "/proc",
@@ -783,11 +786,13 @@ fn init_main(
 ) -> StepResult<i32> {
     let Gates {
         cgroup: mut cgroup_gate,
-        exec: mut exec_gate,
+        exec: exec_gate,
     } = gates;
     // 1. The stage made the namespaces and the private tmpfs mounts, and this init mounted
     //    /proc, before the plan came ([`prepare`], [`idle_init`]). (The stage creates the
     //    payload cgroup meanwhile; the init joins it in step 5, before the payload exists.)
+    //    Laid out now for the payload's process, which cannot allocate (payload.rs).
+    let payload = PayloadExec::new(plan, OwnedFd::from(exec_gate))?;
     // 2. Hide every other payload's scratch: a tmpfs over the root, our own dir bound back.
     hide_scratch_root(plan)?;
     // 3. Own hostname.
@@ -818,29 +823,14 @@ fn init_main(
             std::fs::write(f, "0"),
         )?;
     }
-    let (err_rd, err_wr) = step("pipe", nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC))?;
-    // SAFETY: the init is single-threaded (forked from the single-threaded stage).
-    let payload = match step("fork payload", unsafe { fork() })? {
-        ForkResult::Child => {
-            drop(err_rd);
-            let Err((s, e)) = payload_main(plan, &mut exec_gate);
-            let mut w = File::from(err_wr);
-            let _ = w.write_all(format!("{s}\n{e}").as_bytes());
-            // SAFETY: see init's _exit above.
-            unsafe { libc::_exit(127) }
-        }
-        ForkResult::Parent { child } => child,
-    };
-    drop(err_wr);
-    drop(exec_gate);
-    // 6. The error pipe closes on exec (CLOEXEC): EOF without data means the payload runs.
-    let mut msg = String::new();
-    let _ = File::from(err_rd).read_to_string(&mut msg);
-    if !msg.is_empty() {
-        let _ = waitpid(payload, None);
-        let (s, e) = msg.split_once('\n').unwrap_or(("exec", msg.as_str()));
-        return Err((s.to_owned(), e.to_owned()));
+    // 6. The bundle, unpacked as the account in a process of its own.
+    if let Some(b) = &plan.bundle_b64 {
+        payload.unpack_bundle(b)?;
     }
+    // 7. Start the payload (it waits at the exec gate); back when it exec'd. Every descriptor
+    //    above stderr closes on that exec: ours are the init's, never the payload's.
+    step("close inherited fds", fds_from_3(true))?;
+    let payload = payload.spawn()?;
     send(
         events,
         &StageEvent::Started {
@@ -850,7 +840,7 @@ fn init_main(
     );
     // EOF (the stage died) is as good as the ack: carry on supervising.
     let _ = ack.read(&mut [0u8; 1]);
-    // 7. Act as init: reap everything, forward signals, end with the main process.
+    // 8. Act as init: reap everything, forward signals, end with the main process.
     loop {
         let Ok(sig) = set.wait() else { continue };
         if sig != Signal::SIGCHLD {
@@ -1029,105 +1019,6 @@ fn fds_from_3(cloexec: bool) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// The payload process: ends in exec, or returns the step that failed.
-fn payload_main(
-    plan: &StagePlan,
-    exec_gate: &mut File,
-) -> Result<std::convert::Infallible, (String, String)> {
-    step("unblock signals", SigSet::all().thread_unblock())?;
-    step("setsid", nix::unistd::setsid())?;
-    // Every inherited descriptor above stderr closes on exec (the error pipe included).
-    step("close inherited fds", fds_from_3(true))?;
-    use nix::sys::resource::{setrlimit, Resource};
-    step(
-        "set RLIMIT_CORE",
-        setrlimit(Resource::RLIMIT_CORE, plan.core_bytes, plan.core_bytes),
-    )?;
-    step(
-        "set RLIMIT_NOFILE",
-        setrlimit(Resource::RLIMIT_NOFILE, plan.nofile, plan.nofile),
-    )?;
-    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    super::privs::drop_to(&plan.account)?;
-    if !plan.allow_user_namespaces {
-        step(
-            "seccomp: deny user namespaces",
-            super::seccomp::deny_user_namespaces(),
-        )?;
-    }
-    step("chdir to scratch", std::env::set_current_dir(&plan.scratch))?;
-    if let Some(b) = &plan.bundle_b64 {
-        unpack_bundle(b)?;
-    }
-    // Last: the start record must be on disk before the payload's own code runs (P4, P11).
-    pass(exec_gate, "the start record")?;
-    exec(plan)
-}
-
-fn unpack_bundle(b64: &str) -> StepResult<()> {
-    let s = "unpack bundle";
-    let bytes = step(s, base64::engine::general_purpose::STANDARD.decode(b64))?;
-    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]));
-    ar.set_preserve_permissions(false);
-    ar.set_preserve_ownerships(false);
-    ar.set_unpack_xattrs(false);
-    ar.set_overwrite(true);
-    // Archive::unpack uses unpack_in for every entry: `..` entries are skipped, absolute paths
-    // are made relative, and nothing is written through a symlink that leaves the directory.
-    // We run as the account here, so the kernel's permission checks apply as well.
-    step(s, ar.unpack("."))
-}
-
-fn exec(plan: &StagePlan) -> Result<std::convert::Infallible, (String, String)> {
-    let s = "exec";
-    let cstr = |v: &str| step(s, CString::new(v));
-    let argv: Vec<CString> = plan
-        .argv
-        .iter()
-        .map(|a| cstr(a))
-        .collect::<Result<_, _>>()?;
-    let envp: Vec<CString> = plan
-        .env
-        .iter()
-        .map(|(k, v)| cstr(&format!("{k}={v}")))
-        .collect::<Result<_, _>>()?;
-    let path_var = plan
-        .env
-        .iter()
-        .find(|(k, _)| k == "PATH")
-        .map(|(_, v)| v.as_str())
-        .unwrap_or("/usr/local/bin:/usr/bin:/bin");
-    let prog = resolve_program(&plan.argv[0], path_var).ok_or_else(|| {
-        (
-            s.to_owned(),
-            format!(
-                "exec failed: ENOENT: {} not found in PATH={path_var}",
-                plan.argv[0]
-            ),
-        )
-    })?;
-    let prog = cstr(&prog.to_string_lossy())?;
-    match nix::unistd::execve(&prog, &argv, &envp) {
-        Err(e) => Err((s.into(), format!("exec failed: {e}: {}", plan.argv[0]))),
-        Ok(never) => match never {},
-    }
-}
-
-/// PATH search with the payload's PATH (glibc's execvpe would use the stage's own).
-fn resolve_program(name: &str, path: &str) -> Option<PathBuf> {
-    if name.contains('/') {
-        return Some(PathBuf::from(name));
-    }
-    path.split(':')
-        .filter(|d| !d.is_empty())
-        .map(|d| Path::new(d).join(name))
-        .find(|p| {
-            p.metadata()
-                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-                .unwrap_or(false)
-        })
 }
 
 #[cfg(test)]

@@ -319,15 +319,31 @@ impl Located {
         &self.cgroup
     }
 
+    /// Moves the calling process out of the payload cgroup, so that it can be removed: on v1
+    /// into the parent of each hierarchy's directory (the pilot's cgroup), on v2 into the root
+    /// cgroup (the pilot's parent enables controllers for its children and may hold no
+    /// process). For the stage's cleanup after the helper died; errors are ignored (the
+    /// removal that follows then fails and leaves an empty cgroup).
+    pub fn leave(&self) {
+        let targets: Vec<PathBuf> = match &self.cgroup {
+            Cgroup::V1 { dirs } => dirs
+                .iter()
+                .filter_map(|(_, d)| Some(d.parent()?.join("tasks")))
+                .collect(),
+            Cgroup::V2 { .. } => vec![self.mount.join("cgroup.procs")],
+        };
+        for t in targets {
+            let _ = fs::write(t, "0");
+        }
+    }
+
     /// Creates the directories and sets the limits. On failure nothing created here is left.
+    /// Needs no pid namespace of the host's ([`Cgroup::locate`] readied a v2 parent), so the
+    /// stage does this as pid 1 of the payload's.
     pub fn create(self, limits: Limits) -> Result<Cgroup, CgroupError> {
         match &self.cgroup {
             Cgroup::V1 { dirs } => create_v1_dirs(dirs)?,
-            Cgroup::V2 { dir } => {
-                let parent = dir.parent().unwrap_or(Path::new("/"));
-                prepare_v2_parent(parent, &self.mount)?;
-                mkdir_new(dir)?;
-            }
+            Cgroup::V2 { dir } => mkdir_new(dir)?,
         }
         if let Err(e) = self.cgroup.set_limits(limits) {
             self.cgroup.remove();
@@ -423,9 +439,12 @@ impl Cgroup {
         Self::locate(pilot_pid, name)?.create(limits)
     }
 
-    /// Finds where `<pilot's cgroup>/<name>` goes, creating nothing: on v1 in each of memory,
-    /// cpu, cpuacct, pids and freezer (and cpuset, devices where mounted); on v2 beside the
-    /// pilot's `pilot` leaf, where memory, cpu and pids get enabled for children.
+    /// Finds where `<pilot's cgroup>/<name>` goes, creating no payload cgroup: on v1 in each of
+    /// memory, cpu, cpuacct, pids and freezer (and cpuset, devices where mounted); on v2 beside
+    /// the pilot's `pilot` leaf. On v2 it also readies the parent: the pilot's processes move
+    /// into the leaf and memory, cpu and pids get enabled for children (after the first
+    /// launch of a pilot, two reads). That part reads and writes pids, so it runs here, in the
+    /// host's pid namespace, and [`Located::create`] need not.
     pub fn locate(pilot_pid: i32, name: &str) -> Result<Located, CgroupError> {
         let mounts = mounts()?;
         let lines = proc_cgroups(pilot_pid)?;
@@ -455,10 +474,10 @@ impl Cgroup {
                 controller: "unified".into(),
                 path: m.point.clone(),
             })?;
+        let dir = v2_parent(&join_mount(m, &p), &m.point).join(name);
+        prepare_v2_parent(dir.parent().unwrap_or(Path::new("/")), &m.point)?;
         Ok(Located {
-            cgroup: Cgroup::V2 {
-                dir: v2_parent(&join_mount(m, &p), &m.point).join(name),
-            },
+            cgroup: Cgroup::V2 { dir },
             mount: m.point.clone(),
         })
     }
@@ -799,11 +818,12 @@ mod tests {
         .unwrap();
         fs::write(job.join("cgroup.subtree_control"), "").unwrap();
         fs::write(job.join("cgroup.procs"), "").unwrap();
+        // What `Cgroup::locate` does on v2 (minus reading mountinfo), then the creation.
         let v2 = |pilot: &Path, name: &str| {
+            let dir = v2_parent(pilot, mount).join(name);
+            prepare_v2_parent(dir.parent().unwrap(), mount)?;
             Located {
-                cgroup: Cgroup::V2 {
-                    dir: v2_parent(pilot, mount).join(name),
-                },
+                cgroup: Cgroup::V2 { dir },
                 mount: mount.to_owned(),
             }
             .create(Limits {

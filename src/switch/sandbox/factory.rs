@@ -21,7 +21,7 @@ use std::os::unix::net::UnixStream;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::wait::{waitpid, WaitPidFlag};
-use nix::unistd::{fork, ForkResult, Pid};
+use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 use super::stage::{self, Preparation};
@@ -53,6 +53,19 @@ pub fn factory_main() -> i32 {
             let _ = crate::protocol::switch_wire::write_frame(
                 &mut channel,
                 &FactoryReply::Failed { error: e },
+                &[],
+            );
+            return 2;
+        }
+    };
+    let own_pid_ns = match stage::open_own_pid_ns() {
+        Ok(fd) => fd,
+        Err((step, e)) => {
+            let _ = crate::protocol::switch_wire::write_frame(
+                &mut channel,
+                &FactoryReply::Failed {
+                    error: format!("{step}: {e}"),
+                },
                 &[],
             );
             return 2;
@@ -97,7 +110,7 @@ pub fn factory_main() -> i32 {
             // on their own when their channels close.
             _ => return 0,
         }
-        match fork_stage(&prep) {
+        match fork_stage(&prep, &own_pid_ns) {
             Ok((pid, ours, pidfd)) => {
                 let sent = crate::protocol::switch_wire::write_frame(
                     &mut channel,
@@ -121,40 +134,19 @@ pub fn factory_main() -> i32 {
     }
 }
 
-/// Forks one stage: a socketpair for it, fork, and in the child nothing but the stage's own
-/// end and fds 0-2 open. Returns the stage's pid, the helper's end and a pidfd.
-fn fork_stage(prep: &Preparation) -> Result<(Pid, OwnedFd, OwnedFd), String> {
+/// Forks one stage ([`stage::fork_stage`]: pid 1 of its own pid namespace) with a socketpair
+/// of its own. Returns the stage's pid, the helper's end and a pidfd.
+fn fork_stage(prep: &Preparation, own_pid_ns: &OwnedFd) -> Result<(Pid, OwnedFd, OwnedFd), String> {
     let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair for a stage: {e}"))?;
-    // SAFETY: the factory is single-threaded (it never starts a thread), so the child may do
-    // anything after fork.
-    match unsafe { fork() }.map_err(|e| format!("fork a stage: {e}"))? {
-        ForkResult::Child => {
-            let keep = theirs.as_raw_fd();
-            // Everything else the factory holds (its channel, the other stages' pidfds, our
-            // end of this pair) closes now: the stage's descriptors are those of a fresh exec.
-            // SAFETY: close_range(2) only closes descriptors; the Rust objects that owned them
-            // are never used or dropped in this process (it leaves through _exit below).
-            unsafe {
-                libc::syscall(libc::SYS_close_range, 3u32, (keep - 1) as u32, 0u32);
-                libc::syscall(libc::SYS_close_range, (keep + 1) as u32, u32::MAX, 0u32);
-            }
-            std::mem::forget(ours);
-            // SAFETY: prctl with a pointer to a NUL-terminated string that outlives the call.
-            unsafe { libc::prctl(libc::PR_SET_NAME, c"mupilot-stage".as_ptr()) };
-            let code = stage::serve(theirs, prep);
-            // SAFETY: _exit skips atexit handlers and stdio flushing of the factory's state.
-            unsafe { libc::_exit(code) }
-        }
-        ForkResult::Parent { child } => {
-            drop(theirs);
-            let pidfd = pidfd_open(child).map_err(|e| {
-                let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
-                let _ = waitpid(child, None);
-                format!("pidfd_open of stage {child}: {e} (Linux >= 5.3 needed)")
-            })?;
-            Ok((child, OwnedFd::from(ours), pidfd))
-        }
-    }
+    let child = stage::fork_stage(&theirs, prep, own_pid_ns, false)
+        .map_err(|(step, e)| format!("{step}: {e}"))?;
+    drop(theirs);
+    let pidfd = pidfd_open(child).map_err(|e| {
+        let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+        let _ = waitpid(child, None);
+        format!("pidfd_open of stage {child}: {e} (Linux >= 5.3 needed)")
+    })?;
+    Ok((child, OwnedFd::from(ours), pidfd))
 }
 
 /// pidfd_open(2) of our own child: it cannot be reaped (so its pid cannot be reused) before we

@@ -7,25 +7,28 @@
 //!    private tmpfs mounts, and forks the init. An idle stage does this under SCHED_IDLE
 //!    while nothing waits for it. Then it reads the plan, the exec gate and the payload's
 //!    stdout/stderr from fd 0 (a socketpair to the helper), hands them to the init, creates
-//!    the payload cgroup, relays the init's `started` and reports how the init ended.
+//!    the payload cgroup; then it only watches: for the helper's death (it ends the payload
+//!    and cleans up) and for an init that ended without reporting (it reports for it).
 //! 2. **init** (pid 1 of the new pid namespace): mounts /proc before the plan; then the
 //!    scratch view and the hostname, joins the payload cgroup at the cgroup gate, has the
-//!    bundle unpacked as the account, starts the payload process (payload.rs), then reaps,
-//!    forwards signals and, when the payload's main process exits, ends the namespace.
+//!    bundle unpacked as the account, starts the payload process (payload.rs), reports
+//!    `started` to the helper itself, then reaps, forwards signals and, when the payload's
+//!    main process exits, ends the namespace and reports the exit to the helper.
 //! 3. **payload** (payload.rs, sharing the init's memory until its exec): setsid, rlimits,
 //!    identity switch, no_new_privs, the optional user-namespace filter, the exec gate, exec.
 //!
-//! The gates let the helper work in parallel with the stage: it creates the cgroup while the
-//! init mounts, and writes the start record while the payload drops its privileges; the
-//! payload's own code never runs before both are done.
+//! The gates let the stage and the helper work in parallel with the init: the stage creates
+//! the cgroup while the init mounts, and the helper writes the start record while the
+//! payload drops its privileges; the payload's own code never runs before both are done.
 //!
 //! Must never be entered from a multi-threaded process: `fork` here relies on being the only
 //! thread. Nothing here talks to the network or reads credentials.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, MsFlags};
@@ -160,7 +163,7 @@ fn step<T, E: std::fmt::Display>(name: &str, r: Result<T, E>) -> StepResult<T> {
     r.map_err(|e| (name.to_owned(), e.to_string()))
 }
 
-fn send(out: &mut File, ev: &StageEvent) {
+fn send(mut out: impl Write, ev: &StageEvent) {
     if let Ok(mut line) = serde_json::to_vec(ev) {
         line.push(b'\n');
         // The helper gone means nobody listens; the cgroup kill cleans up after us.
@@ -168,27 +171,37 @@ fn send(out: &mut File, ev: &StageEvent) {
     }
 }
 
-/// Entry point of `mupilot-switch stage`. Exit code 0 when the plan was carried out (the
-/// payload's own status travels as an [`StageEvent::Exit`] line), 1 on a setup failure, 2 when
-/// no plan could be read.
+/// Entry point of `mupilot-switch stage`, the exec'd stage (when no stage factory runs): forks
+/// one stage ([`fork_stage`]) and waits for it; the stage dies with this process. Exit code 0
+/// when the stage carried out its plan (the payload's own status travels as a
+/// [`StageEvent::Exit`] line), 1 on a setup failure, 2 when no plan could be read.
 ///
-/// Order: descriptor hygiene; with `--idle`, drop to SCHED_IDLE; build the [`Preparation`]
-/// (namespaces and mounts every payload gets); then wait for the plan, back at normal
-/// priority once it came. A preparation that failed is reported once the plan is there, as
-/// that launch's setup error.
+/// With `--idle` it drops to SCHED_IDLE first (the stage inherits it and builds its
+/// [`Preparation`] there); the stage returns to normal priority once its plan came.
 pub fn stage_main() -> i32 {
     let Some(channel) = channel_from_stdin() else {
         return 2;
     };
     let args: Vec<String> = std::env::args().skip(2).collect();
-    match Preparation::parse(&args) {
-        Ok((prep, idle)) => {
-            if idle {
-                become_idle(&channel);
-            }
-            serve(channel, &prep)
-        }
-        Err(e) => serve_failed(channel, ("read stage arguments".to_owned(), e)),
+    let (prep, idle) = match Preparation::parse(&args) {
+        Ok(p) => p,
+        Err(e) => return serve_failed(channel, ("read stage arguments".to_owned(), e)),
+    };
+    if idle {
+        become_idle(&channel);
+    }
+    let own_pid_ns = match open_own_pid_ns() {
+        Ok(fd) => fd,
+        Err(e) => return serve_failed(channel, e),
+    };
+    let stage = match fork_stage(&channel, &prep, &own_pid_ns, true) {
+        Ok(pid) => pid,
+        Err(e) => return serve_failed(channel, e),
+    };
+    drop(channel);
+    match waitpid(stage, None) {
+        Ok(WaitStatus::Exited(_, code)) => code,
+        _ => 1,
     }
 }
 
@@ -196,7 +209,7 @@ pub fn stage_main() -> i32 {
 /// factory): closes every other inherited descriptor above stderr (one the helper leaked
 /// without CLOEXEC, say), moves the socket off fd 0 (close-on-exec, so no descendant inherits
 /// it) and puts /dev/null there. None when that fails.
-pub(crate) fn channel_from_stdin() -> Option<std::os::unix::net::UnixStream> {
+pub(crate) fn channel_from_stdin() -> Option<UnixStream> {
     fds_from_3(false).ok()?;
     // SAFETY: fcntl(F_DUPFD_CLOEXEC) on fd 0, which the helper gave us; no memory is involved.
     let sock = unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3) };
@@ -210,59 +223,116 @@ pub(crate) fn channel_from_stdin() -> Option<std::os::unix::net::UnixStream> {
     if unsafe { libc::dup2(null.as_raw_fd(), 0) } < 0 {
         return None;
     }
-    Some(std::os::unix::net::UnixStream::from(sock))
+    Some(UnixStream::from(sock))
 }
 
-/// A stage's life once it has its channel: build the [`Preparation`], wait for the plan, carry
-/// it out. Returns the stage's exit code (see [`stage_main`]). Also the body of a stage forked
-/// by the stage factory (factory.rs).
-pub(crate) fn serve(channel: std::os::unix::net::UnixStream, prep: &Preparation) -> i32 {
-    let prepared = prepare(prep).and_then(|host| {
-        let init = fork_init(&host, &channel)?;
-        Ok((host, init))
-    });
-    serve_prepared(channel, prepared)
+/// This process's pid namespace, to return to after each [`fork_stage`].
+pub(crate) fn open_own_pid_ns() -> StepResult<OwnedFd> {
+    let fd = step(
+        "open /proc/self/ns/pid",
+        nix::fcntl::open(
+            "/proc/self/ns/pid",
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        ),
+    )?;
+    // SAFETY: `fd` was just opened and is owned here only.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Forks one stage: the child is pid 1 of a pid namespace of its own (unshare(CLONE_NEWPID)
+/// affects only the next child; `own_pid_ns` puts the caller back for the one after), holds
+/// nothing but `channel` and fds 0-2, and serves the channel ([`serve`]). With
+/// `die_with_parent` it is killed when the caller dies (the exec'd stage: the helper follows
+/// and kills only that process); a stage of the factory outlives the factory, which ends with
+/// the helper, so that it can clean up after its payload.
+///
+/// Call from a single-threaded process only (the factory, the exec'd stage).
+pub(crate) fn fork_stage(
+    channel: &UnixStream,
+    prep: &Preparation,
+    own_pid_ns: &OwnedFd,
+    die_with_parent: bool,
+) -> StepResult<Pid> {
+    step("unshare pid namespace", unshare(CloneFlags::CLONE_NEWPID))?;
+    // SAFETY: the caller is single-threaded (see above), so the child may do anything.
+    let forked = unsafe { fork() };
+    let back = nix::sched::setns(own_pid_ns.as_fd(), CloneFlags::CLONE_NEWPID);
+    match step("fork stage", forked)? {
+        ForkResult::Child => {
+            if die_with_parent {
+                // SAFETY: prctl with integer arguments only.
+                unsafe {
+                    libc::prctl(
+                        libc::PR_SET_PDEATHSIG,
+                        libc::SIGKILL as libc::c_ulong,
+                        0,
+                        0,
+                        0,
+                    )
+                };
+            }
+            let keep = channel.as_raw_fd();
+            // Everything else the parent holds (its channel, the other stages' pidfds) closes
+            // now: the stage's descriptors are those of a fresh exec.
+            // SAFETY: close_range(2) only closes descriptors; the Rust objects that owned them
+            // are never used or dropped in this process (it leaves through _exit below).
+            unsafe {
+                libc::syscall(libc::SYS_close_range, 3u32, (keep - 1) as u32, 0u32);
+                libc::syscall(libc::SYS_close_range, (keep + 1) as u32, u32::MAX, 0u32);
+            }
+            // SAFETY: prctl with a pointer to a NUL-terminated string that outlives the call.
+            unsafe { libc::prctl(libc::PR_SET_NAME, c"mupilot-stage".as_ptr()) };
+            // SAFETY: our own copy (inherited by fork) of the parent's descriptor; the
+            // parent's object for it is never used or dropped in this process.
+            let channel = UnixStream::from(unsafe { OwnedFd::from_raw_fd(keep) });
+            let code = serve(channel, prep);
+            // SAFETY: _exit skips atexit handlers and stdio flushing of the parent's state.
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => {
+            if let Err(e) = back {
+                // A caller that cannot return to its own pid namespace must not fork again.
+                let _ = kill(child, Signal::SIGKILL);
+                let _ = waitpid(child, None);
+                return Err(("return to the own pid namespace".into(), e.to_string()));
+            }
+            Ok(child)
+        }
+    }
+}
+
+/// A stage's life, as pid 1 of its pid namespace: build the [`Preparation`], wait for the
+/// plan, carry it out ([`run`]), report. Returns the stage's exit code (see [`stage_main`]).
+fn serve(channel: UnixStream, prep: &Preparation) -> i32 {
+    serve_prepared(channel, prepare(prep))
 }
 
 /// A stage that cannot prepare: it still waits for its plan, and answers it with `failed`.
-fn serve_failed(channel: std::os::unix::net::UnixStream, error: (String, String)) -> i32 {
+fn serve_failed(channel: UnixStream, error: (String, String)) -> i32 {
     serve_prepared(channel, Err(error))
 }
 
-fn serve_prepared(
-    mut channel: std::os::unix::net::UnixStream,
-    prepared: StepResult<(Host, InitLink)>,
-) -> i32 {
+fn serve_prepared(mut channel: UnixStream, prepared: StepResult<Host>) -> i32 {
     // One frame: the plan, the exec gate, and the payload's stdout and stderr (none: the
-    // init keeps the /dev/null it has on 1 and 2). All of it goes on to the init.
+    // stage keeps the /dev/null it has on 1 and 2).
     let received = crate::protocol::switch_wire::read_frame::<StagePlan>(&mut channel);
-    let mut out = File::from(OwnedFd::from(channel));
     let (plan, fds) = match received {
-        Ok((plan, fds)) => {
-            if !(fds.len() == 1 || fds.len() == 3) {
-                send(
-                    &mut out,
-                    &StageEvent::Failed {
-                        step: "read plan".into(),
-                        error: format!("{} descriptors came with the plan; expected the exec gate and 0 or 2 outputs", fds.len()),
-                    },
-                );
-                return 2;
-            }
-            (plan, fds)
-        }
+        Ok((plan, fds)) if fds.len() == 1 || fds.len() == 3 => (plan, fds),
+        Ok((_, fds)) => return fail(
+            &channel,
+            (
+                "read plan".into(),
+                format!(
+                    "{} descriptors came with the plan; expected the exec gate and 0 or 2 outputs",
+                    fds.len()
+                ),
+            ),
+            2,
+        ),
         // The helper closed the channel without a plan (an idle stage no longer needed).
         Err(crate::protocol::switch_wire::WireError::Closed) => return 2,
-        Err(e) => {
-            send(
-                &mut out,
-                &StageEvent::Failed {
-                    step: "read plan".into(),
-                    error: e.to_string(),
-                },
-            );
-            return 2;
-        }
+        Err(e) => return fail(&channel, ("read plan".into(), e.to_string()), 2),
     };
     // An idle stage waited under SCHED_IDLE; the payload must not inherit that. (The helper
     // normally reset it already; only a stage still idle needs the call.)
@@ -272,34 +342,39 @@ fn serve_prepared(
     if unsafe { libc::sched_getscheduler(0) } == libc::SCHED_IDLE
         && unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &normal) } != 0
     {
-        send(
-            &mut out,
-            &StageEvent::Failed {
-                step: "reset scheduling policy".into(),
-                error: std::io::Error::last_os_error().to_string(),
-            },
-        );
-        return 1;
+        let e = std::io::Error::last_os_error().to_string();
+        return fail(&channel, ("reset scheduling policy".into(), e), 1);
     }
-    let result = prepared.and_then(|(host, init)| run_stage(&plan, fds, host, init, &mut out));
-    match result {
-        Ok(()) => 0,
-        Err((step, error)) => {
-            send(&mut out, &StageEvent::Failed { step, error });
-            1
+    let host = match prepared {
+        Ok(host) => host,
+        Err(e) => return fail(&channel, e, 1),
+    };
+    match run(&plan, fds, &host, &channel) {
+        Ok(code) => code,
+        Err(e) => {
+            // Without a helper nobody else removes what this launch made.
+            if helper_gone(&channel) {
+                orphan_cleanup(&plan, &host);
+            }
+            fail(&channel, e, 1)
         }
     }
 }
 
-/// Puts this idle stage under SCHED_IDLE, so its start-up and [`prepare`] use only CPU time
+/// Reports a failed step to the helper; returns `code`.
+fn fail(channel: &UnixStream, (step, error): (String, String), code: i32) -> i32 {
+    send(channel, &StageEvent::Failed { step, error });
+    code
+}
+
+/// Puts this exec'd stage under SCHED_IDLE, so its start-up and [`prepare`] use only CPU time
 /// nothing else wants. Done here, after the exec, not by the helper at spawn: before its exec
 /// a child holds copies of the helper's descriptors (the listening socket), and a starved one
 /// would keep them open after the helper died.
 ///
-/// The helper resets a stage to SCHED_OTHER after it sent the plan. If that reset came before
-/// the call below (a stage taken the moment it started), the plan is already readable, and the
-/// check after the call undoes it: either order ends at normal priority.
-fn become_idle(channel: &std::os::unix::net::UnixStream) {
+/// The forked stage resets itself to SCHED_OTHER once its plan came, so a plan that is
+/// already there only costs the wait for an idle CPU once.
+fn become_idle(channel: &UnixStream) {
     let idle = libc::sched_param { sched_priority: 0 };
     // SAFETY: sched_setscheduler on this (single-threaded) process with a sched_param on our
     // stack; no memory is shared.
@@ -313,20 +388,38 @@ fn become_idle(channel: &std::os::unix::net::UnixStream) {
 }
 
 /// What the stage keeps of the host after [`prepare`] moved it into the payload's
-/// namespaces: its /proc (to find the payload's host pid once the init mounted the payload's
-/// /proc over it) and its mount namespace (to clean up without the payload's mounts).
-/// Both close-on-exec; the init closes its copies first thing.
+/// namespaces: the host's /proc (where `self` is the stage's host pid and its children have
+/// host pids) and mount namespace (to clean up without the payload's mounts after the
+/// helper died). Both close-on-exec.
 struct Host {
     proc: OwnedFd,
     mount_ns: OwnedFd,
 }
 
-/// Builds the [`Preparation`]: a pid namespace for the stage's next child (the init), and new
-/// mount, IPC, UTS (and, unless `network = "host"`, network) namespaces for the stage itself,
-/// which the init inherits; `/` recursively slave; private tmpfs on /tmp, /var/tmp, /dev/shm
-/// and /run/lock; the IPC namespace's own /dev/mqueue; `lo` up for `network = "loopback"`.
-/// What depends on the payload (/proc of its pid namespace, the scratch view, the hostname)
-/// is the init's, after the plan.
+/// The signals the stage forwards to the payload, and SIGCHLD; blocked from the start (so the
+/// kernel queues them even for a namespace init) and read from a signalfd.
+fn supervised_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+    ] {
+        set.add(s);
+    }
+    set
+}
+
+/// Builds the [`Preparation`], as pid 1 of the stage's fresh pid namespace: nothing any later
+/// exec could gain (securebits, bounding set); the host's /proc and mount namespace kept
+/// ([`Host`]); new mount, IPC, UTS (and, unless `network = "host"`, network) namespaces; `/`
+/// recursively slave; private tmpfs on /tmp, /var/tmp, /dev/shm and /run/lock; the IPC
+/// namespace's own /dev/mqueue; a /proc of the pid namespace; `lo` up for `network =
+/// "loopback"`; the supervised signals blocked. What depends on the payload (the scratch
+/// view, the hostname, the cgroup) comes after the plan.
 fn prepare(prep: &Preparation) -> StepResult<Host> {
     let open = |path: &str, flags: nix::fcntl::OFlag| {
         let fd = step(
@@ -341,8 +434,9 @@ fn prepare(prep: &Preparation) -> StepResult<Host> {
         Ok::<_, (String, String)>(unsafe { OwnedFd::from_raw_fd(fd) })
     };
     // What any later exec may gain (securebits, bounding set): nothing. Done here, off the
-    // launch path; the stage and its init keep their own capabilities.
+    // launch path; the stage keeps its own capabilities.
     super::privs::limit_future_execs()?;
+    // Still the host's: the mounts below are this stage's own.
     let host = Host {
         proc: open(
             "/proc",
@@ -350,10 +444,7 @@ fn prepare(prep: &Preparation) -> StepResult<Host> {
         )?,
         mount_ns: open("/proc/self/ns/mnt", nix::fcntl::OFlag::O_RDONLY)?,
     };
-    let mut flags = CloneFlags::CLONE_NEWPID
-        | CloneFlags::CLONE_NEWNS
-        | CloneFlags::CLONE_NEWIPC
-        | CloneFlags::CLONE_NEWUTS;
+    let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
     if prep.network != NetworkMode::Host {
         flags |= CloneFlags::CLONE_NEWNET;
     }
@@ -403,140 +494,6 @@ fn prepare(prep: &Preparation) -> StepResult<Host> {
             ),
         )?;
     }
-    if prep.network == NetworkMode::Loopback {
-        step("bring lo up", loopback_up())?;
-    }
-    Ok(host)
-}
-
-/// The byte that opens a gate: the read end of a pipe whose write end only the opener holds.
-/// The *exec gate* is the helper's (it opens once the start record is on disk: the payload
-/// execs after); the *cgroup gate* is the stage's (it opens once the payload cgroup exists
-/// with its limits: the init joins it after). Closing a gate without the byte withdraws the
-/// launch.
-pub(crate) const GATE_OPEN: u8 = b'g';
-
-/// Blocks until `gate` opens; an error when the launch was withdrawn instead.
-fn pass(gate: &mut File, what: &str) -> StepResult<()> {
-    let mut b = [0u8; 1];
-    loop {
-        match gate.read(&mut b) {
-            Ok(1) if b[0] == GATE_OPEN => return Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err((format!("wait for {what}"), e.to_string())),
-            _ => {
-                return Err((
-                    format!("wait for {what}"),
-                    "the launch was withdrawn".into(),
-                ))
-            }
-        }
-    }
-}
-
-/// The stage's end of its init, forked before the plan came ([`fork_init`]).
-struct InitLink {
-    pid: Pid,
-    /// The plan, the exec gate and the payload's outputs go to the init on this socket.
-    handoff: std::os::unix::net::UnixStream,
-    /// The init's events: `started`, `failed`, and a copy of the `exit` it sent the helper.
-    events: File,
-    /// Written once `started` was relayed; closed to release the init after its exit report.
-    ack: File,
-    /// The cgroup gate's write end.
-    cgroup_open: OwnedFd,
-}
-
-/// Forks the init into the pid namespace [`prepare`] made, before any plan: it mounts the
-/// namespace's /proc and blocks its signals, then waits for the plan ([`idle_init`]). An
-/// idle stage does this at SCHED_IDLE, so a launch no longer waits for the fork and for the
-/// new process to get a CPU.
-fn fork_init(host: &Host, helper: &std::os::unix::net::UnixStream) -> StepResult<InitLink> {
-    let pipe = || step("pipe", nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC));
-    let (rd, wr) = pipe()?;
-    let (cgroup_wait, cgroup_open) = pipe()?;
-    // The init waits for this ack after "started" so that the payload (even a zombie) is
-    // still its child while we look up the payload's host pid; its EOF releases the init
-    // after the exit report.
-    let (ack_rd, ack_wr) = pipe()?;
-    let (handoff, init_end) = step("socketpair", std::os::unix::net::UnixStream::pair())?;
-    // SAFETY: the stage is a fresh process that never started a second thread, so the child
-    // may do anything after fork.
-    match step("fork init", unsafe { fork() })? {
-        ForkResult::Child => {
-            // The stage is single-threaded, so the "parent thread" is the stage itself: if it
-            // is killed, the init (and with it the whole payload pid namespace) dies too.
-            // SAFETY: prctl with integer arguments only.
-            unsafe {
-                libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                )
-            };
-            // The stage's ends, and the host's /proc and mount namespace, are never the
-            // init's.
-            // SAFETY: closes this process's copies; the objects owning them belong to the
-            // stage's frames and are never used or dropped here (the init leaves via _exit).
-            unsafe {
-                for fd in [
-                    rd.as_raw_fd(),
-                    ack_wr.as_raw_fd(),
-                    cgroup_open.as_raw_fd(),
-                    handoff.as_raw_fd(),
-                    host.proc.as_raw_fd(),
-                    host.mount_ns.as_raw_fd(),
-                ] {
-                    libc::close(fd);
-                }
-            }
-            // The init keeps its copy of the helper's socket (close-on-exec, so no payload
-            // program inherits it) for one line: the payload's exit, sent straight to the
-            // helper instead of through the stage. The helper sees EOF once the stage and the
-            // init are both gone.
-            // SAFETY: our own copy of the stage's socket descriptor (inherited by fork); this
-            // process never closes it before its _exit.
-            let mut helper =
-                std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(helper.as_raw_fd()) });
-            let mut w = File::from(wr);
-            let code = match idle_init(
-                init_end,
-                cgroup_wait,
-                &mut w,
-                &mut helper,
-                File::from(ack_rd),
-            ) {
-                Ok(code) => code,
-                Err((step, error)) => {
-                    send(&mut w, &StageEvent::Failed { step, error });
-                    1
-                }
-            };
-            // SAFETY: _exit skips atexit handlers and stdio flushing of the copied parent state.
-            unsafe { libc::_exit(code) }
-        }
-        ForkResult::Parent { child } => Ok(InitLink {
-            pid: child,
-            handoff,
-            events: File::from(rd),
-            ack: File::from(ack_wr),
-            cgroup_open,
-        }),
-    }
-}
-
-/// The init before its plan: /proc of its pid namespace, then the plan, the exec gate and the
-/// outputs from the stage (outputs onto fds 1 and 2), then [`init_main`]. Exit code 2 without
-/// a plan (the stage ended while idle).
-fn idle_init(
-    mut handoff: std::os::unix::net::UnixStream,
-    cgroup_wait: OwnedFd,
-    events: &mut File,
-    helper: &mut File,
-    ack: File,
-) -> StepResult<i32> {
     // A /proc that shows only this pid namespace.
     step(
         "mount /proc",
@@ -548,15 +505,34 @@ fn idle_init(
             None::<&str>,
         ),
     )?;
-    let (plan, fds) = match crate::protocol::switch_wire::read_frame::<StagePlan>(&mut handoff) {
-        Ok(received) => received,
-        Err(crate::protocol::switch_wire::WireError::Closed) => return Ok(2),
-        Err(e) => return Err(("receive plan from the stage".into(), e.to_string())),
-    };
-    drop(handoff);
+    if prep.network == NetworkMode::Loopback {
+        step("bring lo up", loopback_up())?;
+    }
+    step("block signals", supervised_signals().thread_block())?;
+    Ok(host)
+}
+
+/// The byte that opens the *exec gate*: the read end of a pipe whose write end only the
+/// helper holds. It opens once the start record is on disk; the payload execs after. Closing
+/// the gate without the byte withdraws the launch.
+pub(crate) const GATE_OPEN: u8 = b'g';
+
+/// Whether the helper's end of `channel` is closed (the helper died, or released the stage).
+fn helper_gone(channel: &UnixStream) -> bool {
+    let mut fds = [PollFd::new(channel.as_fd(), PollFlags::empty())];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+}
+
+/// The stage's checklist once the plan came, each step one call in the order the kernel needs
+/// them: outputs onto fds 1 and 2; the scratch view and the hostname; the payload cgroup
+/// created with its limits and joined; the bundle unpacked as the account; the payload
+/// started (it passes the exec gate once the start record is on disk); `started` reported;
+/// then supervision until the payload's main process exits ([`supervise`]). Returns the
+/// stage's exit code.
+fn run(plan: &StagePlan, fds: Vec<OwnedFd>, host: &Host, channel: &UnixStream) -> StepResult<i32> {
     let mut fds = fds.into_iter();
-    let Some(exec) = fds.next() else {
-        return Err(("receive plan from the stage".into(), "no exec gate".into()));
+    let Some(exec_gate) = fds.next() else {
+        return Err(("read plan".into(), "no exec gate".into()));
     };
     for (fd, target) in fds.zip([1, 2]) {
         // SAFETY: dup2 of a descriptor we own onto 1 or 2; no memory is involved. The copy on
@@ -569,157 +545,112 @@ fn idle_init(
             ));
         }
     }
-    let gates = Gates {
-        cgroup: File::from(cgroup_wait),
-        exec: File::from(exec),
-    };
-    init_main(&plan, gates, events, helper, ack)
+    // 1. Laid out now for the payload's process, which cannot allocate (payload.rs).
+    let payload = PayloadExec::new(plan, exec_gate)?;
+    // 2. Hide every other payload's scratch: a tmpfs over the root, our own dir bound back.
+    hide_scratch_root(plan)?;
+    // 3. Own hostname.
+    let mut hostname = format!("mupilot-{}", plan.payload_id);
+    hostname.truncate(64);
+    step("set hostname", nix::unistd::sethostname(&hostname))?;
+    // 4. Into the payload cgroup, made here with its limits, so the payload and everything it
+    //    starts are accounted and limited from their first instruction (P7). Failing, nothing
+    //    but what this call made and removed again was in it.
+    let cgroup = step(
+        "create payload cgroup",
+        plan.cgroup.clone().create(plan.limits),
+    )?;
+    for f in cgroup.join_files() {
+        step(
+            &format!("join cgroup {}", f.display()),
+            std::fs::write(f, "0"),
+        )?;
+    }
+    // 5. The bundle, unpacked as the account in a process of its own.
+    if let Some(b) = &plan.bundle_b64 {
+        payload.unpack_bundle(b)?;
+    }
+    // 6. Start the payload (it waits at the exec gate); back when it exec'd. Every descriptor
+    //    above stderr closes on that exec: ours are the stage's, never the payload's.
+    step("close inherited fds", fds_from_3(true))?;
+    let pid = payload.spawn()?;
+    // 7. `started`, with the host's pids (nothing is reaped before this).
+    let (stage_pid, host_pid) = host_pids(&host.proc)?;
+    send(
+        channel,
+        &StageEvent::Started {
+            pid: host_pid,
+            init_pid: stage_pid,
+        },
+    );
+    // 8. Act as init until the main process exits.
+    supervise(plan, host, channel, pid)
 }
 
-/// The stage's checklist once the plan came: hand the plan on to the init (back at normal
-/// priority), create the payload cgroup while the init mounts (then open the cgroup gate),
-/// relay the init's `started`, report its end if the init could not.
-fn run_stage(
-    plan: &StagePlan,
-    fds: Vec<OwnedFd>,
-    host: Host,
-    init_link: InitLink,
-    out: &mut File,
-) -> StepResult<()> {
-    let InitLink {
-        pid: init,
-        mut handoff,
-        events: rd,
-        ack,
-        cgroup_open,
-    } = init_link;
-    // An init forked by an idle stage inherited its SCHED_IDLE.
-    let normal = libc::sched_param { sched_priority: 0 };
-    // SAFETY: sched_setscheduler on our child (not reaped yet, so its pid is not reused) with
-    // a sched_param on our stack.
-    unsafe { libc::sched_setscheduler(init.as_raw(), libc::SCHED_OTHER, &normal) };
-    let raw: Vec<_> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
-    // An init that died meanwhile has reported why on its events pipe, read below.
-    let _ = crate::protocol::switch_wire::write_frame(&mut handoff, plan, &raw);
-    drop(handoff);
-    // The exec gate is the payload's to wait on, the outputs the init's.
-    drop(fds);
-    // The payload cgroup, made while the init mounts. Failing, the init is killed before it
-    // could join, so nothing but what this call made and removed again was in it.
-    match plan.cgroup.clone().create(plan.limits) {
-        Ok(_) => {
-            let _ = File::from(cgroup_open).write_all(&[GATE_OPEN]);
-        }
-        Err(e) => {
-            drop(cgroup_open);
-            let _ = kill(init, Signal::SIGKILL);
-            let _ = waitpid(init, None);
-            return Err(("create payload cgroup".into(), e.to_string()));
-        }
-    }
-    let mut ack = ack;
-    let mut reported_end = false;
-    let mut helper_gone = false;
-    let mut pipe = BufReader::new(rd);
+/// pid 1's work while the payload runs: reap everything, forward signals to the main
+/// process, and end with it: the namespace is ended ([`end_namespace`]), the exit reported,
+/// and the stage lingers until released ([`linger_until_released`]). When the helper's end
+/// closes before, the helper died: the payload ends now (P10) and the stage cleans up
+/// ([`orphan_cleanup`]).
+fn supervise(plan: &StagePlan, host: &Host, channel: &UnixStream, payload: Pid) -> StepResult<i32> {
+    use nix::sys::signalfd::{SfdFlags, SignalFd};
+    let signals = step(
+        "signalfd",
+        SignalFd::with_flags(&supervised_signals(), SfdFlags::SFD_CLOEXEC),
+    )?;
     loop {
-        if pipe.buffer().is_empty() {
-            // Wait for the init's next event, and notice the helper going away meanwhile.
-            let init_ready;
-            let mut helper_hup = false;
-            {
-                let mut fds = vec![PollFd::new(pipe.get_ref().as_fd(), PollFlags::POLLIN)];
-                if !helper_gone {
-                    fds.push(PollFd::new(out.as_fd(), PollFlags::POLLIN));
-                }
-                match poll(&mut fds, PollTimeout::NONE) {
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    Err(_) => break,
-                    Ok(_) => {}
-                }
-                let any = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
-                init_ready = any(&fds[0]);
-                if fds.len() > 1 {
-                    helper_hup = any(&fds[1]);
-                }
+        let (signal_ready, helper_hup) = {
+            let mut fds = [
+                PollFd::new(signals.as_fd(), PollFlags::POLLIN),
+                PollFd::new(channel.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(("wait for the payload".into(), e.to_string())),
+                Ok(_) => {}
             }
-            // An event of the init goes first: after the exit report, the helper closing its
-            // end is the release below, not its death.
-            if helper_hup && !init_ready && matches!(out.read(&mut [0u8; 64]), Ok(0) | Err(_)) {
-                // The helper died: nobody will supervise or clean up this payload, so it
-                // ends now (P10), and we clean up ourselves below.
-                helper_gone = true;
-                let _ = kill(init, Signal::SIGKILL);
-            }
-            if !init_ready {
-                continue;
-            }
+            let any = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+            (any(&fds[0]), any(&fds[1]))
+        };
+        // The helper sends nothing after the plan: readable means closed.
+        if helper_hup && matches!((&*channel).read(&mut [0u8; 64]), Ok(0) | Err(_)) {
+            end_namespace();
+            orphan_cleanup(plan, host);
+            return Ok(0);
         }
-        let mut line = String::new();
-        match pipe.read_line(&mut line) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
+        if !signal_ready {
+            continue;
         }
-        let Ok(ev) = serde_json::from_str::<StageEvent>(&line) else {
+        let Ok(Some(info)) = signals.read_signal() else {
             continue;
         };
-        match ev {
-            StageEvent::Started { .. } => {
-                let ev = StageEvent::Started {
-                    pid: host_pid_of_child(&host.proc, init.as_raw()),
-                    init_pid: init.as_raw(),
-                };
-                // To the helper before the ack: only after the ack can the init send the exit,
-                // and `started` must reach the helper first.
-                send(out, &ev);
-                let _ = ack.write_all(b"k");
-            }
-            // The init sent the exit to the helper itself; this copy says it did.
-            StageEvent::Exit { .. } => {
-                reported_end = true;
-                linger_until_released(out, init);
-                break;
-            }
-            failed @ StageEvent::Failed { .. } => {
-                reported_end = true;
-                send(out, &failed);
-            }
+        let sig = info.ssi_signo as i32;
+        if sig != libc::SIGCHLD {
+            let _ = nix::sys::signal::kill(payload, Signal::try_from(sig).ok());
+            continue;
+        }
+        loop {
+            let (code, signal) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(p, c)) if p == payload => (Some(c), None),
+                Ok(WaitStatus::Signaled(p, s, _)) if p == payload => (None, Some(s as i32)),
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => continue,
+            };
+            end_namespace();
+            send(channel, &StageEvent::Exit { code, signal });
+            linger_until_released(channel);
+            return Ok(0);
         }
     }
-    // Lets a lingering init go (EOF on its ack pipe).
-    drop(ack);
-    let status = step("wait for init", waitpid(init, None))?;
-    if helper_gone {
-        orphan_cleanup(plan, &host);
-        return Ok(());
-    }
-    if !reported_end {
-        // The init died without reporting (killed with the cgroup): report how it ended.
-        let ev = match status {
-            WaitStatus::Exited(_, c) => StageEvent::Exit {
-                code: Some(c),
-                signal: None,
-            },
-            WaitStatus::Signaled(_, s, _) => StageEvent::Exit {
-                code: None,
-                signal: Some(s as i32),
-            },
-            _ => StageEvent::Exit {
-                code: None,
-                signal: Some(libc::SIGKILL),
-            },
-        };
-        send(out, &ev);
-    }
-    Ok(())
 }
 
-/// After the init reported the exit: waits until the helper closes its end of the channel
-/// (it has reported the exit and is about to reap us), then lowers the init and the stage to
-/// SCHED_IDLE. Their exits tear down the payload's namespaces and memory; done now, at idle
-/// priority, that work no longer competes with the helper's report or the next launch.
-fn linger_until_released(out: &mut File, init: Pid) {
+/// After the exit report: waits until the helper closes its end of the channel (it has
+/// reported the exit and is about to reap us), then lowers the stage to SCHED_IDLE. Its exit
+/// tears down the payload's namespaces and memory; done at idle priority, that work does not
+/// compete with the helper's report or the next launch.
+fn linger_until_released(channel: &UnixStream) {
     loop {
-        match out.read(&mut [0u8; 64]) {
+        match (&*channel).read(&mut [0u8; 64]) {
             Ok(0) => break,
             Ok(_) => continue,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -727,169 +658,68 @@ fn linger_until_released(out: &mut File, init: Pid) {
         }
     }
     let idle = libc::sched_param { sched_priority: 0 };
-    // SAFETY: sched_setscheduler on our init (a child not yet reaped, so its pid is not
-    // reused) and on ourselves, with a sched_param on our stack.
-    unsafe {
-        libc::sched_setscheduler(init.as_raw(), libc::SCHED_IDLE, &idle);
-        libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle);
-    }
+    // SAFETY: sched_setscheduler on ourselves with a sched_param on our stack.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) };
 }
 
-/// Without a helper: every payload process died with the init (they were all in its pid
-/// namespace), so remove the scratch directory and the cgroup directories, seen from the
-/// host's mount namespace (in ours the scratch root is the init's tmpfs).
+/// Without a helper: every other process of the payload is dead ([`end_namespace`] ran), so
+/// the stage removes what the helper would have: the cgroup directories (after moving itself
+/// out, [`Located::leave`]), and the scratch directory, seen from the host's mount namespace
+/// (in ours the scratch root is our tmpfs).
 fn orphan_cleanup(plan: &StagePlan, host: &Host) {
+    plan.cgroup.leave();
+    plan.cgroup.cgroup().remove();
     if nix::sched::setns(host.mount_ns.as_fd(), CloneFlags::CLONE_NEWNS).is_ok() {
         let _ = std::fs::remove_dir_all(&plan.scratch);
     }
-    plan.cgroup.cgroup().remove();
 }
 
-/// The init's only child when the payload started, read from the host's /proc (by the
-/// descriptor [`prepare`] kept: the path /proc is the payload's by now). The init does not
-/// reap before our ack, so the child is listed even if it already exited. Falls back to the
-/// init's own pid (signals to it are forwarded to the payload), never to a pid from the
-/// payload's namespace.
-fn host_pid_of_child(proc: &OwnedFd, init: i32) -> i32 {
-    nix::fcntl::openat(
+/// The host pids of the stage (the caller) and of its only child, the payload, read through
+/// the host's /proc (the path /proc is the payload's): `self` and `thread-self/children`
+/// there resolve in the host's pid namespace. Called before anything is reaped, so the child
+/// is listed even if it already exited.
+fn host_pids(proc: &OwnedFd) -> StepResult<(i32, i32)> {
+    let s = "read host pids";
+    let own = nix::fcntl::readlinkat(Some(proc.as_raw_fd()), "self")
+        .map_err(|e| (s.to_owned(), format!("/proc/self: {e}")))?;
+    let own: i32 = own
+        .to_str()
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| (s.to_owned(), format!("/proc/self is {own:?}")))?;
+    let fd = nix::fcntl::openat(
         Some(proc.as_raw_fd()),
-        format!("{init}/task/{init}/children").as_str(),
+        "thread-self/children",
         nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
         nix::sys::stat::Mode::empty(),
     )
-    .ok()
-    .and_then(|fd| {
-        // SAFETY: `fd` was just opened and is owned here only.
-        let mut f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        let mut s = String::new();
-        f.read_to_string(&mut s).ok()?;
-        s.split_whitespace().next().and_then(|p| p.parse().ok())
-    })
-    .unwrap_or(init)
+    .map_err(|e| (s.to_owned(), format!("/proc/thread-self/children: {e}")))?;
+    // SAFETY: `fd` was just opened and is owned here only.
+    let mut f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let mut children = String::new();
+    f.read_to_string(&mut children)
+        .map_err(|e| (s.to_owned(), format!("/proc/thread-self/children: {e}")))?;
+    let child = children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| {
+            (
+                s.to_owned(),
+                format!("the stage has no child ({children:?})"),
+            )
+        })?;
+    Ok((own, child))
 }
 
-/// The init's two gates: the stage's cgroup gate, the helper's exec gate (passed on to the
-/// payload).
-struct Gates {
-    cgroup: File,
-    exec: File,
-}
-
-/// pid 1 of the payload's pid namespace. Reports to the stage on `events`, and the payload's
-/// exit straight to the helper on `helper` too. Returns the exit code of the init.
-fn init_main(
-    plan: &StagePlan,
-    gates: Gates,
-    events: &mut File,
-    helper: &mut File,
-    mut ack: File,
-) -> StepResult<i32> {
-    let Gates {
-        cgroup: mut cgroup_gate,
-        exec: exec_gate,
-    } = gates;
-    // 1. The stage made the namespaces and the private tmpfs mounts, and this init mounted
-    //    /proc, before the plan came ([`prepare`], [`idle_init`]). (The stage creates the
-    //    payload cgroup meanwhile; the init joins it in step 5, before the payload exists.)
-    //    Laid out now for the payload's process, which cannot allocate (payload.rs).
-    let payload = PayloadExec::new(plan, OwnedFd::from(exec_gate))?;
-    // 2. Hide every other payload's scratch: a tmpfs over the root, our own dir bound back.
-    hide_scratch_root(plan)?;
-    // 3. Own hostname.
-    let mut host = format!("mupilot-{}", plan.payload_id);
-    host.truncate(64);
-    step("set hostname", nix::unistd::sethostname(&host))?;
-    // 4. Signals to forward are blocked here and collected with sigwaitinfo below; blocked
-    //    (not ignored) so the kernel queues them even for a namespace init.
-    let mut set = SigSet::empty();
-    for s in [
-        Signal::SIGCHLD,
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGHUP,
-        Signal::SIGUSR1,
-        Signal::SIGUSR2,
-    ] {
-        set.add(s);
-    }
-    step("block signals", set.thread_block())?;
-    // 5. Into the payload cgroup once the stage made it, so the payload and everything it
-    //    starts are accounted and limited from their first instruction (P7).
-    pass(&mut cgroup_gate, "the payload cgroup")?;
-    drop(cgroup_gate);
-    for f in plan.cgroup.cgroup().join_files() {
-        step(
-            &format!("join cgroup {}", f.display()),
-            std::fs::write(f, "0"),
-        )?;
-    }
-    // 6. The bundle, unpacked as the account in a process of its own.
-    if let Some(b) = &plan.bundle_b64 {
-        payload.unpack_bundle(b)?;
-    }
-    // 7. Start the payload (it waits at the exec gate); back when it exec'd. Every descriptor
-    //    above stderr closes on that exec: ours are the init's, never the payload's.
-    step("close inherited fds", fds_from_3(true))?;
-    let payload = payload.spawn()?;
-    send(
-        events,
-        &StageEvent::Started {
-            pid: payload.as_raw(),
-            init_pid: 1,
-        },
-    );
-    // EOF (the stage died) is as good as the ack: carry on supervising.
-    let _ = ack.read(&mut [0u8; 1]);
-    // 8. Act as init: reap everything, forward signals, end with the main process.
-    loop {
-        let Ok(sig) = set.wait() else { continue };
-        if sig != Signal::SIGCHLD {
-            let _ = kill(payload, sig);
-            continue;
-        }
-        loop {
-            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(p, c)) if p == payload => {
-                    return Ok(end(events, helper, &mut ack, Some(c), None));
-                }
-                Ok(WaitStatus::Signaled(p, s, _)) if p == payload => {
-                    return Ok(end(events, helper, &mut ack, None, Some(s as i32)));
-                }
-                Ok(WaitStatus::StillAlive) | Err(_) => break,
-                Ok(_) => continue,
-            }
-        }
-    }
-}
-
-/// The main process ended: ends the namespace, then reports the exit to the stage (which then
-/// knows it need not report) and straight to the helper (no relay). Then lingers until the
-/// stage closes `ack` ([`linger_until_released`]), so that the init's own exit comes after
-/// the helper's report. Returns the init's exit code.
-fn end(
-    events: &mut File,
-    helper: &mut File,
-    ack: &mut File,
-    code: Option<i32>,
-    signal: Option<i32>,
-) -> i32 {
-    end_namespace();
-    let ev = StageEvent::Exit { code, signal };
-    // The stage first: when the helper's release reaches it, the exit is already there.
-    send(events, &ev);
-    send(helper, &ev);
-    while !matches!(ack.read(&mut [0u8; 1]), Ok(0) | Err(_)) {}
-    0
-}
-
-/// Longest time the init waits for the processes it killed before it reports the exit anyway
+/// Longest time the stage waits for the processes it killed before it reports the exit anyway
 /// (a process stuck in uninterruptible sleep); the helper's cgroup kill handles what is left.
 const END_NAMESPACE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// After the main process exited: kills every other process of the pid namespace (pid 1's
-/// kill(-1) reaches all of them) and reaps them, so that when the exit is reported nothing of
-/// the payload runs any more and only this init, which then exits, is left in the cgroup. The
-/// helper need not wait for the init's own exit (the namespaces' teardown) to report.
+/// After the main process exited (or the helper died): kills every other process of the pid
+/// namespace (pid 1's kill(-1) reaches all of them) and reaps them, so that when the exit is
+/// reported nothing of the payload runs any more and only this stage, which then exits, is
+/// left in the cgroup. The helper need not wait for the stage's own exit (the namespaces'
+/// teardown) to report.
 fn end_namespace() {
     let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
     let deadline = std::time::Instant::now() + END_NAMESPACE_WAIT;

@@ -661,8 +661,10 @@ fn duplicate_payload_id_is_refused() {
     assert_eq!(o.kill_reason, None);
 }
 
-/// A separate "pilot" process in its own CPU-limited cgroup: the payload's cgroup goes below
-/// the pilot's (not the helper's), and its CPU quota never exceeds the pilot's (v1 only).
+/// A separate "pilot" process in its own CPU-limited cgroup and its own cpuset and devices
+/// cgroups (as a batch system pins a job): the payload's cgroup goes below the pilot's (not
+/// the helper's), its CPU quota never exceeds the pilot's, and it runs in the pilot's very
+/// cpuset and devices cgroups, so the job's CPU pinning and device rules hold (v1 only).
 #[test]
 fn payload_cgroup_follows_the_pilot() {
     let own = sandbox_support::own_memory_cgroup();
@@ -677,31 +679,56 @@ fn payload_cgroup_follows_the_pilot() {
         .arg("60")
         .spawn()
         .unwrap();
-    let job = std::path::PathBuf::from(format!(
-        "/sys/fs/cgroup/cpu/mupilot-test-sbx-job-{}",
-        std::process::id()
-    ));
-    std::fs::create_dir(&job).unwrap();
-    std::fs::write(job.join("cpu.cfs_quota_us"), "50000").unwrap();
-    std::fs::write(job.join("cgroup.procs"), pilot.id().to_string()).unwrap();
-    let mut p = plan("pilotcg", &u.account, &["sleep", "0.5"]);
+    let job_name = format!("mupilot-test-sbx-job-{}", std::process::id());
+    let job = |h: &str| std::path::PathBuf::from(format!("/sys/fs/cgroup/{h}/{job_name}"));
+    std::fs::create_dir(job("cpu")).unwrap();
+    std::fs::write(job("cpu").join("cpu.cfs_quota_us"), "50000").unwrap();
+    // A v1 cpuset cgroup starts empty: the job gets the root's CPUs and memory nodes.
+    std::fs::create_dir(job("cpuset")).unwrap();
+    for f in ["cpuset.cpus", "cpuset.mems"] {
+        let all = std::fs::read_to_string(format!("/sys/fs/cgroup/cpuset/{f}")).unwrap();
+        std::fs::write(job("cpuset").join(f), all.trim()).unwrap();
+    }
+    std::fs::create_dir(job("devices")).unwrap();
+    for h in ["cpu", "cpuset", "devices"] {
+        std::fs::write(job(h).join("cgroup.procs"), pilot.id().to_string()).unwrap();
+    }
+    let mut p = plan(
+        "pilotcg",
+        &u.account,
+        &["sh", "-c", "cat /proc/self/cgroup; sleep 0.5"],
+    );
     p.pilot_pid = pilot.id() as i32;
     p.cores = 2;
     let id = p.payload_id.clone();
-    let r = mupilot::switch::sandbox::launch(&s, p, None, None);
-    let quota = std::fs::read_to_string(job.join(format!("mupilot-{id}/cpu.cfs_quota_us")));
+    let (w, t) = sandbox_support::capture();
+    let r = mupilot::switch::sandbox::launch(&s, p, Some(w), None);
+    let quota = std::fs::read_to_string(job("cpu").join(format!("mupilot-{id}/cpu.cfs_quota_us")));
     let o = r.map(|r| r.wait().unwrap());
+    let out = t.join().unwrap();
     pilot.kill().unwrap();
     pilot.wait().unwrap();
-    let gone = !job.join(format!("mupilot-{id}")).exists();
-    std::fs::remove_dir(&job).unwrap();
-    assert_eq!(o.unwrap().exit_code, Some(0));
+    let gone = !job("cpu").join(format!("mupilot-{id}")).exists();
+    for h in ["cpu", "cpuset", "devices"] {
+        std::fs::remove_dir(job(h)).unwrap();
+    }
+    assert_eq!(o.unwrap().exit_code, Some(0), "{out}");
     assert_eq!(
         quota.unwrap().trim(),
         "50000",
         "clamped to the pilot's 0.5 core"
     );
     assert!(gone);
+    let line = |h: &str| {
+        out.lines()
+            .find(|l| l.split(':').nth(1) == Some(h))
+            .and_then(|l| l.split(':').nth(2))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(line("cpu"), format!("/{job_name}/mupilot-{id}"), "{out}");
+    assert_eq!(line("cpuset"), format!("/{job_name}"), "{out}");
+    assert_eq!(line("devices"), format!("/{job_name}"), "{out}");
 }
 
 /// Where fs.protected_hardlinks is off a payload could hard-link a root file into its scratch;

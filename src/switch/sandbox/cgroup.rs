@@ -64,8 +64,10 @@ pub struct Usage {
 
 /// The v1 controllers every payload cgroup is created in.
 const V1_CONTROLLERS: [&str; 5] = ["memory", "cpu", "cpuacct", "pids", "freezer"];
-/// v1 controllers the payload joins below the pilot when mounted, so a batch system's CPU
-/// pinning (cpuset) and device restrictions (devices, e.g. GPUs) keep holding (P7).
+/// v1 controllers whose hierarchies the payload joins *at* the pilot's cgroup when mounted,
+/// so a batch system's CPU pinning (cpuset) and device restrictions (devices, e.g. GPUs) keep
+/// holding (P7). They take no limit of ours and are not read, so no child is made there: a
+/// child of either adds a mkdir, an rmdir (and for cpuset two copies) to every payload.
 const V1_OPTIONAL: [&str; 2] = ["cpuset", "devices"];
 
 /// v2 controllers enabled for the payload cgroups.
@@ -188,9 +190,18 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The calling process's cgroups, as (controllers, path) per line of /proc/self/cgroup: what
+/// [`Located::join_files`] compares with.
+pub fn own_cgroups() -> Result<Vec<(Vec<String>, String)>, CgroupError> {
+    cgroup_lines(PathBuf::from("/proc/self/cgroup"))
+}
+
 /// (hierarchy id line controllers, path) from /proc/<pid>/cgroup.
 fn proc_cgroups(pid: i32) -> Result<Vec<(Vec<String>, String)>, CgroupError> {
-    let path = PathBuf::from(format!("/proc/{pid}/cgroup"));
+    cgroup_lines(PathBuf::from(format!("/proc/{pid}/cgroup")))
+}
+
+fn cgroup_lines(path: PathBuf) -> Result<Vec<(Vec<String>, String)>, CgroupError> {
     let text = fs::read_to_string(&path).map_err(|source| CgroupError::Read { path, source })?;
     Ok(text
         .lines()
@@ -305,18 +316,38 @@ fn v1_ancestor_quota(dir: &Path, period: u64) -> Option<u64> {
 
 /// A payload cgroup whose place is known but which is not created yet ([`Cgroup::locate`]).
 /// The helper finds the place and sends it with the plan; the stage creates it
-/// ([`Located::create`]) while its init builds the mounts.
+/// ([`Located::create`]) and joins it ([`Located::join_files`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Located {
     cgroup: Cgroup,
     /// v2: the hierarchy's mount point (the root cgroup may hold processes and children).
     mount: PathBuf,
+    /// v1: the pilot's own cgroups in the hierarchies of [`V1_OPTIONAL`] controllers (no
+    /// payload child there), as (controllers, path as in /proc/PID/cgroup, directory).
+    #[serde(default)]
+    pilots: Vec<(Vec<String>, String, PathBuf)>,
 }
 
 impl Located {
     /// The cgroup as it will be once created (paths only).
     pub fn cgroup(&self) -> &Cgroup {
         &self.cgroup
+    }
+
+    /// The files a single-threaded process writes "0" to in order to join the payload
+    /// cgroup: [`Cgroup::join_files`] of the payload's own, and on v1 the `tasks` of the
+    /// pilot's cpuset and devices cgroups, unless `own` (the caller's /proc/self/cgroup,
+    /// [`own_cgroups`]) shows it there already: the stage inherits the helper's, which often
+    /// are the pilot's too (both in the root cgroup), and every join costs a write.
+    pub fn join_files(&self, own: &[(Vec<String>, String)]) -> Vec<PathBuf> {
+        let mut files = self.cgroup.join_files();
+        files.extend(
+            self.pilots
+                .iter()
+                .filter(|(ctrls, path, _)| !own.iter().any(|(c, p)| c == ctrls && p == path))
+                .map(|(_, _, dir)| dir.join("tasks")),
+        );
+        files
     }
 
     /// Moves the calling process out of the payload cgroup, so that it can be removed: on v1
@@ -452,9 +483,11 @@ impl Cgroup {
             .iter()
             .any(|m| !m.v2 && m.controllers.iter().any(|c| c == "memory"));
         if v1_memory {
+            let (cgroup, pilots) = Self::locate_v1(&mounts, &lines, pilot_pid, name)?;
             return Ok(Located {
-                cgroup: Self::locate_v1(&mounts, &lines, pilot_pid, name)?,
+                cgroup,
                 mount: PathBuf::new(),
+                pilots,
             });
         }
         let Some(m) = mounts
@@ -479,16 +512,21 @@ impl Cgroup {
         Ok(Located {
             cgroup: Cgroup::V2 { dir },
             mount: m.point.clone(),
+            pilots: Vec::new(),
         })
     }
 
+    /// v1: the payload's directory in each hierarchy that holds one of [`V1_CONTROLLERS`], and
+    /// the pilot's own cgroup in each that holds only [`V1_OPTIONAL`] ones (see there).
+    #[allow(clippy::type_complexity)]
     fn locate_v1(
         mounts: &[Mount],
         lines: &[(Vec<String>, String)],
         pilot_pid: i32,
         name: &str,
-    ) -> Result<Cgroup, CgroupError> {
+    ) -> Result<(Cgroup, Vec<(Vec<String>, String, PathBuf)>), CgroupError> {
         let mut dirs: Vec<(Vec<String>, PathBuf)> = Vec::new();
+        let mut pilots: Vec<(Vec<String>, String, PathBuf)> = Vec::new();
         let ours =
             |c: &String| V1_CONTROLLERS.contains(&c.as_str()) || V1_OPTIONAL.contains(&c.as_str());
         for ctrl in V1_CONTROLLERS.iter().chain(V1_OPTIONAL.iter()).copied() {
@@ -503,10 +541,12 @@ impl Cgroup {
                     "v1 controller {ctrl} is not mounted"
                 )));
             };
-            if dirs.iter().any(|(c, _)| c.iter().any(|c| c == ctrl)) {
+            let listed = dirs.iter().any(|(c, _)| c.iter().any(|c| c == ctrl))
+                || pilots.iter().any(|(c, _, _)| c.iter().any(|c| c == ctrl));
+            if listed {
                 continue; // cpu,cpuacct combined: already listed
             }
-            let Some((_, p)) = lines.iter().find(|(c, _)| c.iter().any(|c| c == ctrl)) else {
+            let Some((line, p)) = lines.iter().find(|(c, _)| c.iter().any(|c| c == ctrl)) else {
                 return Err(CgroupError::NoPilotCgroup {
                     pid: pilot_pid,
                     controller: ctrl.into(),
@@ -514,9 +554,13 @@ impl Cgroup {
                 });
             };
             let hier: Vec<String> = m.controllers.iter().filter(|c| ours(c)).cloned().collect();
-            dirs.push((hier, join_mount(m, p).join(name)));
+            if hier.iter().any(|c| V1_CONTROLLERS.contains(&c.as_str())) {
+                dirs.push((hier, join_mount(m, p).join(name)));
+            } else {
+                pilots.push((line.clone(), p.clone(), join_mount(m, p)));
+            }
         }
-        Ok(Cgroup::V1 { dirs })
+        Ok((Cgroup::V1 { dirs }, pilots))
     }
 
     fn move_procs_to_leaf(parent: &Path) -> Result<(), CgroupError> {
@@ -563,8 +607,9 @@ impl Cgroup {
                     &mem.join("memory.memsw.limit_in_bytes"),
                     &l.memory_bytes.to_string(),
                 )?;
+                // The period stays the kernel's default for a new cgroup (100 ms, the
+                // `period` above): one write less per payload.
                 let cpu = self.v1_dir("cpu");
-                write(&cpu.join("cpu.cfs_period_us"), &period.to_string())?;
                 let quota_file = cpu.join("cpu.cfs_quota_us");
                 match write(&quota_file, &quota.to_string()) {
                     // v1 refuses a child quota above an ancestor's (EINVAL); the batch limit
@@ -825,6 +870,7 @@ mod tests {
             Located {
                 cgroup: Cgroup::V2 { dir },
                 mount: mount.to_owned(),
+                pilots: Vec::new(),
             }
             .create(Limits {
                 memory_bytes: 1 << 20,
@@ -845,6 +891,35 @@ mod tests {
         fs::write(job.join("cgroup.controllers"), "cpu memory\n").unwrap();
         let e = v2(&job, "mupilot-p3").unwrap_err();
         assert!(e.to_string().contains("controller pids"), "{e}");
+    }
+
+    #[test]
+    fn joins_the_pilots_cpuset_and_devices_only_where_not_there_yet() {
+        let located = Located {
+            cgroup: Cgroup::V1 {
+                dirs: vec![(vec!["memory".into()], PathBuf::from("/m/job/p"))],
+            },
+            mount: PathBuf::new(),
+            pilots: vec![
+                (
+                    vec!["cpuset".into()],
+                    "/job".into(),
+                    PathBuf::from("/c/job"),
+                ),
+                (vec!["devices".into()], "/".into(), PathBuf::from("/d")),
+            ],
+        };
+        let own = vec![
+            (vec!["cpuset".into()], "/".to_string()),
+            (vec!["devices".into()], "/".to_string()),
+        ];
+        assert_eq!(
+            located.join_files(&own),
+            vec![
+                PathBuf::from("/m/job/p/tasks"),
+                PathBuf::from("/c/job/tasks")
+            ]
+        );
     }
 
     #[test]

@@ -52,7 +52,7 @@ pub(crate) struct StagePlan {
     /// The payload's complete environment, computed by the helper.
     pub env: Vec<(String, String)>,
     /// Where the payload cgroup goes (below the pilot's); the stage creates it with `limits`
-    /// while the init mounts, and the init joins it (`Cgroup::join_files`).
+    /// and joins it (`Located::join_files`).
     pub cgroup: Located,
     pub limits: Limits,
     pub scratch_root: PathBuf,
@@ -319,17 +319,19 @@ fn serve_prepared(mut channel: UnixStream, prepared: StepResult<Host>) -> i32 {
     let received = crate::protocol::switch_wire::read_frame::<StagePlan>(&mut channel);
     let (plan, fds) = match received {
         Ok((plan, fds)) if fds.len() == 1 || fds.len() == 3 => (plan, fds),
-        Ok((_, fds)) => return fail(
-            &channel,
-            (
-                "read plan".into(),
-                format!(
+        Ok((_, fds)) => {
+            return fail(
+                &channel,
+                (
+                    "read plan".into(),
+                    format!(
                     "{} descriptors came with the plan; expected the exec gate and 0 or 2 outputs",
                     fds.len()
                 ),
-            ),
-            2,
-        ),
+                ),
+                2,
+            )
+        }
         // The helper closed the channel without a plan (an idle stage no longer needed).
         Err(crate::protocol::switch_wire::WireError::Closed) => return 2,
         Err(e) => return fail(&channel, ("read plan".into(), e.to_string()), 2),
@@ -394,6 +396,8 @@ fn become_idle(channel: &UnixStream) {
 struct Host {
     proc: OwnedFd,
     mount_ns: OwnedFd,
+    /// The stage's own cgroups (the helper's, inherited): joins into them are skipped.
+    cgroups: Vec<(Vec<String>, String)>,
 }
 
 /// The signals the stage forwards to the payload, and SIGCHLD; blocked from the start (so the
@@ -414,8 +418,8 @@ fn supervised_signals() -> SigSet {
 }
 
 /// Builds the [`Preparation`], as pid 1 of the stage's fresh pid namespace: nothing any later
-/// exec could gain (securebits, bounding set); the host's /proc and mount namespace kept
-/// ([`Host`]); new mount, IPC, UTS (and, unless `network = "host"`, network) namespaces; `/`
+/// exec could gain (securebits, bounding set); the host's /proc and mount namespace and the
+/// stage's cgroups kept ([`Host`]); new mount, IPC, UTS (and, unless `network = "host"`, network) namespaces; `/`
 /// recursively slave; private tmpfs on /tmp, /var/tmp, /dev/shm and /run/lock; the IPC
 /// namespace's own /dev/mqueue; a /proc of the pid namespace; `lo` up for `network =
 /// "loopback"`; the supervised signals blocked. What depends on the payload (the scratch
@@ -443,6 +447,7 @@ fn prepare(prep: &Preparation) -> StepResult<Host> {
             nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY,
         )?,
         mount_ns: open("/proc/self/ns/mnt", nix::fcntl::OFlag::O_RDONLY)?,
+        cgroups: step("read /proc/self/cgroup", super::cgroup::own_cgroups())?,
     };
     let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
     if prep.network != NetworkMode::Host {
@@ -556,11 +561,11 @@ fn run(plan: &StagePlan, fds: Vec<OwnedFd>, host: &Host, channel: &UnixStream) -
     // 4. Into the payload cgroup, made here with its limits, so the payload and everything it
     //    starts are accounted and limited from their first instruction (P7). Failing, nothing
     //    but what this call made and removed again was in it.
-    let cgroup = step(
+    step(
         "create payload cgroup",
         plan.cgroup.clone().create(plan.limits),
     )?;
-    for f in cgroup.join_files() {
+    for f in plan.cgroup.join_files(&host.cgroups) {
         step(
             &format!("join cgroup {}", f.display()),
             std::fs::write(f, "0"),

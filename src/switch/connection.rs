@@ -251,40 +251,21 @@ impl Connection {
         }
     }
 
+    /// Hands a started payload to a supervisor thread of its own, which reports `started`
+    /// and then its end: one thread sends both, so `exited` can never overtake `started`, and
+    /// the thread is ready for the end as early as possible (a short payload has often ended
+    /// by the time `started` is out).
     fn started(&self, s: Started) {
-        let Started {
-            payload_id,
-            account,
-            handle,
-            running,
-            record,
-        } = s;
-        syslog::line(
-            true,
-            &format!(
-                "start payload={payload_id} owner={} account={} uid={} pilot_uid={} pilot_pid={}",
-                syslog::quote(record.owner_dn.as_deref().unwrap_or("")),
-                account.name,
-                account.uid,
-                self.caller.uid,
-                self.caller.pid
-            ),
-        );
-        tracing::info!(%payload_id, account = %account.name, uid = account.uid, pid = handle.pid(), "started");
-        self.send(SwitchEvent::Started {
-            payload_id: payload_id.clone(),
-            account: account.name.clone(),
-            uid: account.uid,
-            gid: account.gid,
-            pid: handle.pid(),
-            cgroup: handle.cgroup(),
-            scratch: handle.scratch().display().to_string(),
-        });
         let helper = self.helper.clone();
         let sender = self.sender.clone();
+        let caller = (self.caller.uid, self.caller.pid);
+        let handle = s.handle.clone();
         let spawned = std::thread::Builder::new()
-            .name(format!("payload-{payload_id}"))
-            .spawn(move || supervise(helper, sender, payload_id, running, record));
+            .name(format!("payload-{}", s.payload_id))
+            .spawn(move || {
+                report_started(&sender, &s, caller);
+                supervise(helper, sender, s.payload_id, s.running, s.record)
+            });
         if let Err(e) = spawned {
             // Without a supervisor nobody would record the end: stop it now.
             tracing::error!(error = %e, "cannot start a supervisor thread; killing the payload");
@@ -334,6 +315,40 @@ impl Connection {
             Ok(()) => self.send(answer(true, None)),
             Err(e) => self.send(answer(false, Some(e.to_string()))),
         }
+    }
+}
+
+/// The syslog line and the `started` event of a payload that runs; `caller` is the pilot's
+/// (uid, pid).
+fn report_started(sender: &Sender, s: &Started, (pilot_uid, pilot_pid): (u32, i32)) {
+    let Started {
+        payload_id,
+        account,
+        handle,
+        record,
+        ..
+    } = s;
+    syslog::line(
+        true,
+        &format!(
+            "start payload={payload_id} owner={} account={} uid={} pilot_uid={pilot_uid} pilot_pid={pilot_pid}",
+            syslog::quote(record.owner_dn.as_deref().unwrap_or("")),
+            account.name,
+            account.uid,
+        ),
+    );
+    tracing::info!(%payload_id, account = %account.name, uid = account.uid, pid = handle.pid(), "started");
+    let ev = SwitchEvent::Started {
+        payload_id: payload_id.clone(),
+        account: account.name.clone(),
+        uid: account.uid,
+        gid: account.gid,
+        pid: handle.pid(),
+        cgroup: handle.cgroup(),
+        scratch: handle.scratch().display().to_string(),
+    };
+    if let Err(e) = sender.send(&ev) {
+        tracing::warn!(error = %e, "cannot send event to the pilot");
     }
 }
 

@@ -782,6 +782,15 @@ fn send_plan(
         .chain([&stdout, &stderr].into_iter().flatten())
         .map(|fd| fd.as_raw_fd())
         .collect();
+    // Idle stages wait under SCHED_IDLE (the factory's, or an exec'd stage's own, stage.rs
+    // `become_idle`); this one works for a payload now, and must not wait for an idle CPU. Set
+    // before the plan is sent, so the stage wakes up at normal priority. (An exec'd stage that
+    // reaches its own switch to SCHED_IDLE only after this finds the plan there and undoes it;
+    // a stage still idle when its plan came resets itself.)
+    let normal = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler on a stage we have not reaped (our child, or the factory's,
+    // which it reaps only once the stage exited), with a sched_param on our stack.
+    unsafe { libc::sched_setscheduler(child.id() as i32, libc::SCHED_OTHER, &normal) };
     if let Err(e) = crate::protocol::switch_wire::write_frame(&mut channel, plan, &fds) {
         let _ = child.kill();
         let _ = child.wait();
@@ -791,13 +800,6 @@ fn send_plan(
         };
         return Err(SandboxError::Channel(e));
     }
-    // Idle stages wait under SCHED_IDLE (stage.rs, `become_idle`); this one works for a payload
-    // now, and must not wait for an idle CPU. After the plan is sent, not before: a stage that
-    // only now reaches its own switch to SCHED_IDLE sees the plan there and undoes it.
-    let normal = libc::sched_param { sched_priority: 0 };
-    // SAFETY: sched_setscheduler on our own child, whose pid cannot be reused before we reap
-    // it, with a sched_param on our stack.
-    unsafe { libc::sched_setscheduler(child.id() as i32, libc::SCHED_OTHER, &normal) };
     Ok((child, channel, launching))
 }
 

@@ -163,12 +163,20 @@ fn step<T, E: std::fmt::Display>(name: &str, r: Result<T, E>) -> StepResult<T> {
     r.map_err(|e| (name.to_owned(), e.to_string()))
 }
 
-fn send(mut out: impl Write, ev: &StageEvent) {
-    if let Ok(mut line) = serde_json::to_vec(ev) {
-        line.push(b'\n');
-        // The helper gone means nobody listens; the cgroup kill cleans up after us.
-        let _ = out.write_all(&line);
+fn send(out: impl Write, ev: &StageEvent) {
+    send_all(out, std::slice::from_ref(ev));
+}
+
+/// Events as JSON lines, in one write.
+fn send_all(mut out: impl Write, events: &[StageEvent]) {
+    let mut lines = Vec::new();
+    for ev in events {
+        if serde_json::to_writer(&mut lines, ev).is_ok() {
+            lines.push(b'\n');
+        }
     }
+    // The helper gone means nobody listens; the cgroup kill cleans up after us.
+    let _ = out.write_all(&lines);
 }
 
 /// Entry point of `mupilot-switch stage`, the exec'd stage (when no stage factory runs): forks
@@ -398,6 +406,8 @@ struct Host {
     mount_ns: OwnedFd,
     /// The stage's own cgroups (the helper's, inherited): joins into them are skipped.
     cgroups: Vec<(Vec<String>, String)>,
+    /// The supervised signals ([`supervised_signals`]), made ready before the plan.
+    signals: nix::sys::signalfd::SignalFd,
 }
 
 /// The signals the stage forwards to the payload, and SIGCHLD; blocked from the start (so the
@@ -422,7 +432,7 @@ fn supervised_signals() -> SigSet {
 /// stage's cgroups kept ([`Host`]); new mount, IPC, UTS (and, unless `network = "host"`, network) namespaces; `/`
 /// recursively slave; private tmpfs on /tmp, /var/tmp, /dev/shm and /run/lock; the IPC
 /// namespace's own /dev/mqueue; a /proc of the pid namespace; `lo` up for `network =
-/// "loopback"`; the supervised signals blocked. What depends on the payload (the scratch
+/// "loopback"`; the supervised signals blocked, into a signalfd. What depends on the payload (the scratch
 /// view, the hostname, the cgroup) comes after the plan.
 fn prepare(prep: &Preparation) -> StepResult<Host> {
     let open = |path: &str, flags: nix::fcntl::OFlag| {
@@ -448,6 +458,17 @@ fn prepare(prep: &Preparation) -> StepResult<Host> {
         )?,
         mount_ns: open("/proc/self/ns/mnt", nix::fcntl::OFlag::O_RDONLY)?,
         cgroups: step("read /proc/self/cgroup", super::cgroup::own_cgroups())?,
+        signals: {
+            let set = supervised_signals();
+            step("block signals", set.thread_block())?;
+            step(
+                "signalfd",
+                nix::sys::signalfd::SignalFd::with_flags(
+                    &set,
+                    nix::sys::signalfd::SfdFlags::SFD_CLOEXEC,
+                ),
+            )?
+        },
     };
     let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
     if prep.network != NetworkMode::Host {
@@ -513,7 +534,6 @@ fn prepare(prep: &Preparation) -> StepResult<Host> {
     if prep.network == NetworkMode::Loopback {
         step("bring lo up", loopback_up())?;
     }
-    step("block signals", supervised_signals().thread_block())?;
     Ok(host)
 }
 
@@ -581,15 +601,35 @@ fn run(plan: &StagePlan, fds: Vec<OwnedFd>, host: &Host, channel: &UnixStream) -
     let pid = payload.spawn()?;
     // 7. `started`, with the host's pids (nothing is reaped before this).
     let (stage_pid, host_pid) = host_pids(&host.proc)?;
-    send(
-        channel,
-        &StageEvent::Started {
-            pid: host_pid,
-            init_pid: stage_pid,
-        },
-    );
+    let started = StageEvent::Started {
+        pid: host_pid,
+        init_pid: stage_pid,
+    };
+    // A short payload has often ended by now (the stage gets the CPU back only after it): its
+    // exit then goes out with `started`, in one write, one wake-up of the helper.
+    if let Some(exit) = reap(pid) {
+        end_namespace();
+        send_all(channel, &[started, exit]);
+        linger_until_released(channel);
+        return Ok(0);
+    }
+    send(channel, &started);
     // 8. Act as init until the main process exits.
     supervise(plan, host, channel, pid)
+}
+
+/// Reaps every child that has ended, without blocking; the main process's `exit` once it is
+/// among them.
+fn reap(payload: Pid) -> Option<StageEvent> {
+    loop {
+        let (code, signal) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(p, c)) if p == payload => (Some(c), None),
+            Ok(WaitStatus::Signaled(p, s, _)) if p == payload => (None, Some(s as i32)),
+            Ok(WaitStatus::StillAlive) | Err(_) => return None,
+            Ok(_) => continue,
+        };
+        return Some(StageEvent::Exit { code, signal });
+    }
 }
 
 /// pid 1's work while the payload runs: reap everything, forward signals to the main
@@ -598,11 +638,7 @@ fn run(plan: &StagePlan, fds: Vec<OwnedFd>, host: &Host, channel: &UnixStream) -
 /// closes before, the helper died: the payload ends now (P10) and the stage cleans up
 /// ([`orphan_cleanup`]).
 fn supervise(plan: &StagePlan, host: &Host, channel: &UnixStream, payload: Pid) -> StepResult<i32> {
-    use nix::sys::signalfd::{SfdFlags, SignalFd};
-    let signals = step(
-        "signalfd",
-        SignalFd::with_flags(&supervised_signals(), SfdFlags::SFD_CLOEXEC),
-    )?;
+    let signals = &host.signals;
     loop {
         let (signal_ready, helper_hup) = {
             let mut fds = [
@@ -634,15 +670,9 @@ fn supervise(plan: &StagePlan, host: &Host, channel: &UnixStream, payload: Pid) 
             let _ = nix::sys::signal::kill(payload, Signal::try_from(sig).ok());
             continue;
         }
-        loop {
-            let (code, signal) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(p, c)) if p == payload => (Some(c), None),
-                Ok(WaitStatus::Signaled(p, s, _)) if p == payload => (None, Some(s as i32)),
-                Ok(WaitStatus::StillAlive) | Err(_) => break,
-                Ok(_) => continue,
-            };
+        if let Some(exit) = reap(payload) {
             end_namespace();
-            send(channel, &StageEvent::Exit { code, signal });
+            send(channel, &exit);
             linger_until_released(channel);
             return Ok(0);
         }

@@ -27,7 +27,7 @@ pub mod query;
 pub mod rotate;
 mod verify;
 
-pub use chain::{BatchLimits, ChainWriter, FsyncPolicy, PendingSync};
+pub use chain::{BatchLimits, ChainWriter, FsyncPolicy, PendingSync, SyncStarted};
 pub use rotate::RotatePolicy;
 pub use verify::{
     verify_files, verify_reader, Anchor, AnchorCheck, ChainBreak, ChainReport, VerifyReport,

@@ -793,11 +793,12 @@ fn pids_and_tmp_limits() {
     assert!(t.elapsed().as_secs() < 5);
 }
 
-/// The stage creates the payload cgroup while its init mounts. When that fails (here a
-/// directory of that name is left over in the memory hierarchy), the launch fails with the
-/// step and the path, the payload never runs, and its scratch directory is gone.
+/// The helper creates the payload cgroup while the stage builds the scratch view. When that
+/// fails (here a directory of that name is left over in the memory hierarchy), the launch
+/// fails naming the path, the stage is withdrawn, the payload never runs, and its scratch
+/// directory is gone.
 #[test]
-fn cgroup_creation_failure_in_the_stage_is_reported() {
+fn cgroup_creation_failure_is_reported_and_withdraws_the_stage() {
     let u = TestUser::get("mpt-sbx-a");
     let root = ScratchRoot::new("cgfail");
     let s = settings(&root.0);
@@ -813,7 +814,7 @@ fn cgroup_creation_failure_in_the_stage_is_reported() {
         Err(e) => e.to_string(),
         Ok(_) => panic!("the payload started without its cgroup"),
     };
-    assert!(e.contains("create payload cgroup"), "{e}");
+    assert!(e.contains("payload cgroup: cannot create cgroup"), "{e}");
     assert!(e.contains(&leftover.display().to_string()), "{e}");
     assert!(!root.0.join(&p.payload_id).exists(), "scratch removed");
     let _ = std::fs::remove_dir(&leftover);

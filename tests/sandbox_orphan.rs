@@ -31,7 +31,8 @@ fn wait_until(mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
-/// Plays the helper by hand: scratch, stage with a raw plan (the stage creates the cgroup).
+/// Plays the helper by hand: scratch, stage with a raw plan, the payload cgroup created while
+/// the stage waits at the cgroup gate.
 /// Returns the socket, the stage child, the payload's host pid, the cgroup and the scratch dir.
 fn start(
     tag: &str,
@@ -65,11 +66,6 @@ fn start(
         "argv": ["sleep", "77"],
         "env": [["PATH", "/usr/bin:/bin"]],
         "cgroup": located,
-        "limits": Limits {
-            memory_bytes: 128 << 20,
-            cores: 1,
-            pids_max: 64,
-        },
         "scratch_root": root.0,
         "scratch": scratch,
         "nofile": 64,
@@ -86,18 +82,37 @@ fn start(
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // The plan with the exec gate, opened at once (there is no start record to wait for).
+    // The plan with the exec and cgroup gates; the cgroup gate opens once the cgroup is made,
+    // the exec gate at once (there is no start record to wait for).
     let (exec_wait, exec_open) = nix::unistd::pipe().unwrap();
+    let (cgroup_wait, cgroup_open) = nix::unistd::pipe().unwrap();
     let mut channel = ours.try_clone().unwrap();
-    mupilot::protocol::switch_wire::write_frame(&mut channel, &plan, &[exec_wait.as_raw_fd()])
+    mupilot::protocol::switch_wire::write_frame(
+        &mut channel,
+        &plan,
+        &[exec_wait.as_raw_fd(), cgroup_wait.as_raw_fd()],
+    )
+    .unwrap();
+    located
+        .clone()
+        .create(Limits {
+            memory_bytes: 128 << 20,
+            cores: 1,
+            pids_max: 64,
+        })
         .unwrap();
+    std::fs::File::from(cgroup_open).write_all(b"g").unwrap();
     std::fs::File::from(exec_open).write_all(b"g").unwrap();
     let mut line = String::new();
     BufReader::new(&ours).read_line(&mut line).unwrap();
     let ev: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(ev["event"], "started", "{line}");
     let pid = ev["pid"].as_i64().unwrap() as i32;
-    assert!(alive(pid, b"sleep\x0077\x00"), "payload runs");
+    // `started` may come while the exec is still setting up the new image's arguments.
+    assert!(
+        wait_until(|| alive(pid, b"sleep\x0077\x00")),
+        "payload runs"
+    );
     (ours, child, pid, cg, scratch)
 }
 

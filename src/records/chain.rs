@@ -500,6 +500,67 @@ impl PendingSync {
             source,
         })
     }
+
+    /// Starts the sync on the process's sync thread and returns at once, so that the caller
+    /// can do other work (or sync another file) while the disk is busy; [`SyncStarted::wait`]
+    /// collects the result. Without a sync thread the sync happens in `wait`.
+    pub fn start(self) -> SyncStarted {
+        let (done, result) = std::sync::mpsc::sync_channel(1);
+        let Some(thread) = sync_thread() else {
+            return SyncStarted::Later(self);
+        };
+        match thread.send((self, done)) {
+            Ok(()) => SyncStarted::Running(result),
+            Err(std::sync::mpsc::SendError((pending, _))) => SyncStarted::Later(pending),
+        }
+    }
+}
+
+/// A sync started with [`PendingSync::start`].
+pub enum SyncStarted {
+    Running(std::sync::mpsc::Receiver<Result<(), RecordError>>),
+    Later(PendingSync),
+}
+
+impl SyncStarted {
+    /// Blocks until the file is on disk (as [`PendingSync::wait`]).
+    pub fn wait(self) -> Result<(), RecordError> {
+        match self {
+            SyncStarted::Running(result) => result.recv().unwrap_or_else(|_| {
+                Err(RecordError::Write {
+                    path: PathBuf::from("(sync thread)"),
+                    source: std::io::Error::other("the sync thread ended"),
+                })
+            }),
+            SyncStarted::Later(pending) => pending.wait(),
+        }
+    }
+}
+
+type SyncJob = (
+    PendingSync,
+    std::sync::mpsc::SyncSender<Result<(), RecordError>>,
+);
+
+/// The one thread that runs [`PendingSync::start`]ed syncs, started on first use (None when
+/// it cannot be started: the syncs then happen in [`SyncStarted::wait`]).
+fn sync_thread() -> Option<&'static std::sync::mpsc::Sender<SyncJob>> {
+    static THREAD: std::sync::OnceLock<Option<std::sync::mpsc::Sender<SyncJob>>> =
+        std::sync::OnceLock::new();
+    THREAD
+        .get_or_init(|| {
+            let (jobs, queue) = std::sync::mpsc::channel::<SyncJob>();
+            std::thread::Builder::new()
+                .name("records-sync".into())
+                .spawn(move || {
+                    for (pending, done) in queue {
+                        let _ = done.send(pending.wait());
+                    }
+                })
+                .ok()
+                .map(|_| jobs)
+        })
+        .as_ref()
 }
 
 /// The thread behind [`ChainWriter::start_background_sync`].

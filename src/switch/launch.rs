@@ -295,14 +295,16 @@ pub fn launch(
         bundle,
         outputs: body.outputs.clone(),
     };
-    let starting = sandbox::begin(&helper.cfg.sandbox, &helper.stages, plan, stdout, stderr)
+    let mut starting = sandbox::begin(&helper.cfg.sandbox, &helper.stages, plan, stdout, stderr)
         .map_err(LaunchError::Sandbox)?;
 
-    // j. While the stage builds the cgroup and the mounts: the start record is written, then
-    //    the nonce and the start record reach the disk (the second sync mostly finds the
-    //    first's journal commit done). Until then the payload waits at the exec gate; an
-    //    error here withdraws it (dropping `starting` kills the stage and removes what was
-    //    made), and an end record closes the start.
+    // j. While the stage builds the scratch view: the nonce goes to disk (on the sync
+    //    thread) while the payload cgroup is created here; then the start record is written
+    //    and synced. Until both are on disk the payload waits at the exec gate; an error here
+    //    withdraws it (dropping `starting` kills the stage and removes what was made), and
+    //    after the start record an end record closes it.
+    let nonce_synced = nonce_synced.start();
+    starting.create_cgroup().map_err(LaunchError::Sandbox)?;
     let mut start = rec.clone();
     start.time = crate::records::now_rfc3339();
     start.event = Some(AuditEvent::Start);
@@ -315,10 +317,11 @@ pub fn launch(
         .audit
         .append_unsynced(&start)
         .map_err(LaunchError::Audit)?;
-    let durable = nonce_synced
-        .wait()
-        .map_err(|e| LaunchError::ReplayCache(super::replay::ReplayError::from_sync(e)))
-        .and_then(|()| pending.wait().map_err(LaunchError::Audit));
+    let durable = pending.wait().map_err(LaunchError::Audit).and_then(|()| {
+        nonce_synced
+            .wait()
+            .map_err(|e| LaunchError::ReplayCache(super::replay::ReplayError::from_sync(e)))
+    });
     if let Err(e) = durable {
         helper
             .audit

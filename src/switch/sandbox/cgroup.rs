@@ -315,8 +315,8 @@ fn v1_ancestor_quota(dir: &Path, period: u64) -> Option<u64> {
 }
 
 /// A payload cgroup whose place is known but which is not created yet ([`Cgroup::locate`]).
-/// The helper finds the place and sends it with the plan; the stage creates it
-/// ([`Located::create`]) and joins it ([`Located::join_files`]).
+/// The helper finds the place and sends it with the plan, then creates it ([`Located::create`])
+/// while the stage builds the scratch view; the stage joins it ([`Located::join_files`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Located {
     cgroup: Cgroup,
@@ -369,8 +369,6 @@ impl Located {
     }
 
     /// Creates the directories and sets the limits. On failure nothing created here is left.
-    /// Needs no pid namespace of the host's ([`Cgroup::locate`] readied a v2 parent), so the
-    /// stage does this as pid 1 of the payload's.
     pub fn create(self, limits: Limits) -> Result<Cgroup, CgroupError> {
         match &self.cgroup {
             Cgroup::V1 { dirs } => create_v1_dirs(dirs)?,
@@ -475,7 +473,7 @@ impl Cgroup {
     /// the pilot's `pilot` leaf. On v2 it also readies the parent: the pilot's processes move
     /// into the leaf and memory, cpu and pids get enabled for children (after the first
     /// launch of a pilot, two reads). That part reads and writes pids, so it runs here, in the
-    /// host's pid namespace, and [`Located::create`] need not.
+    /// host's pid namespace.
     pub fn locate(pilot_pid: i32, name: &str) -> Result<Located, CgroupError> {
         let mounts = mounts()?;
         let lines = proc_cgroups(pilot_pid)?;

@@ -574,7 +574,8 @@ fn make_scratch(settings: &SandboxSettings, plan: &LaunchPlan) -> Result<PathBuf
 }
 
 /// Starts a payload through a stage process spawned for it: [`begin`] without idle stages,
-/// then [`Starting::release`] at once (no start record to wait for).
+/// [`Starting::create_cgroup`], then [`Starting::release`] at once (no start record to wait
+/// for).
 pub fn launch(
     settings: &SandboxSettings,
     plan: LaunchPlan,
@@ -582,7 +583,9 @@ pub fn launch(
     stderr: Option<OwnedFd>,
 ) -> Result<Running, SandboxError> {
     let stages = StagePool::new(settings, 0);
-    begin(settings, &stages, plan, stdout, stderr)?.release()
+    let mut starting = begin(settings, &stages, plan, stdout, stderr)?;
+    starting.create_cgroup()?;
+    starting.release()
 }
 
 /// Builds a payload's sandbox up to the exec: the payload then waits until
@@ -590,10 +593,10 @@ pub fn launch(
 ///
 /// Steps, in order: validate the plan; find where the payload cgroup goes below the pilot's;
 /// create the scratch directory; take an idle `<helper> stage` (clean environment, a
-/// socketpair on its stdin) or spawn one; send it the plan (with the cgroup's place and
-/// limits: the stage creates it while its init mounts), the exec gate and the payload's
-/// stdout/stderr. On any failure everything created so far is removed again; a failure of
-/// the stage (the cgroup's creation included) is reported by [`Starting::release`].
+/// socketpair on its stdin) or spawn one; send it the plan, the exec and cgroup gates and
+/// the payload's stdout/stderr. The stage builds the scratch view meanwhile and waits at the
+/// cgroup gate, which [`Starting::create_cgroup`] opens. On any failure everything created so
+/// far is removed again; a failure of the stage is reported by [`Starting::release`].
 pub fn begin(
     settings: &SandboxSettings,
     stages: &StagePool,
@@ -611,11 +614,6 @@ pub fn begin(
         argv: plan.argv.clone(),
         env: payload_env(settings, &plan, &scratch),
         cgroup: located.clone(),
-        limits: cgroup::Limits {
-            memory_bytes: plan.memory_bytes,
-            cores: plan.cores,
-            pids_max: settings.pids_max,
-        },
         scratch_root: settings.scratch_root.clone(),
         scratch: scratch.clone(),
         nofile: settings.nofile,
@@ -635,12 +633,26 @@ pub fn begin(
             .map_err(|e| SandboxError::Channel(e.into()))
     };
     let (exec_wait, exec_open) = gate().map_err(remove_scratch)?;
-    let (stage, channel, launching) =
-        send_plan(stages, &stage_plan, exec_wait, stdout, stderr).map_err(remove_scratch)?;
+    let (cgroup_wait, cgroup_open) = gate().map_err(remove_scratch)?;
+    let (stage, channel, launching) = send_plan(
+        stages,
+        &stage_plan,
+        [exec_wait, cgroup_wait],
+        stdout,
+        stderr,
+    )
+    .map_err(remove_scratch)?;
     Ok(Starting {
         stage: Some(stage),
         channel: Some(channel),
         exec_gate: Some(File::from(exec_open)),
+        cgroup_gate: Some(File::from(cgroup_open)),
+        located: located.clone(),
+        limits: cgroup::Limits {
+            memory_bytes: plan.memory_bytes,
+            cores: plan.cores,
+            pids_max: settings.pids_max,
+        },
         cgroup: Some(located.cgroup().clone()),
         scratch,
         started,
@@ -660,6 +672,10 @@ pub struct Starting {
     stage: Option<stages::StageProcess>,
     channel: Option<UnixStream>,
     exec_gate: Option<File>,
+    cgroup_gate: Option<File>,
+    /// The payload cgroup's place and limits, for [`Starting::create_cgroup`].
+    located: cgroup::Located,
+    limits: cgroup::Limits,
     cgroup: Option<Cgroup>,
     scratch: PathBuf,
     started: Instant,
@@ -684,6 +700,21 @@ impl Starting {
     /// The payload's scratch directory on the host.
     pub fn scratch(&self) -> &Path {
         &self.scratch
+    }
+
+    /// Creates the payload cgroup with its limits, then opens the cgroup gate: the stage,
+    /// which built the scratch view meanwhile, joins it before the payload exists. Done here,
+    /// in the helper, while the stage works (one process waiting for the other only when the
+    /// creation is slower than the stage's own steps), and in the host's pid namespace, which
+    /// cgroup v2's parent needs. Failing, the caller drops `self`: the stage is withdrawn and
+    /// what the creation made is removed again.
+    pub fn create_cgroup(&mut self) -> Result<(), SandboxError> {
+        self.located.clone().create(self.limits)?;
+        if let Some(mut gate) = self.cgroup_gate.take() {
+            // A stage that died meanwhile has closed its end; `release` reports it.
+            let _ = gate.write_all(&[stage::GATE_OPEN]);
+        }
+        Ok(())
     }
 
     /// Opens the exec gate and waits until the stage reports the payload exec'd.
@@ -742,17 +773,18 @@ impl Drop for Starting {
             return;
         };
         drop(self.exec_gate.take());
+        drop(self.cgroup_gate.take());
         remove_leftovers(self.stage.take(), true, &self.scratch, &cg);
     }
 }
 
-/// Takes a stage and sends it the plan, the exec gate's read end and the payload's
+/// Takes a stage and sends it the plan, the gates' read ends (exec, cgroup) and the payload's
 /// stdout/stderr in one frame; the stage puts the outputs on its fds 1 and 2 (none: /dev/null
 /// stays there). Our copies close when this returns.
 fn send_plan(
     stages: &StagePool,
     plan: &StagePlan,
-    exec_gate: OwnedFd,
+    gates: [OwnedFd; 2],
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
 ) -> Result<(stages::StageProcess, UnixStream, stages::Launching), SandboxError> {
@@ -778,7 +810,8 @@ fn send_plan(
         },
         launching,
     ) = stages.take()?;
-    let fds: Vec<_> = std::iter::once(&exec_gate)
+    let fds: Vec<_> = gates
+        .iter()
         .chain([&stdout, &stderr].into_iter().flatten())
         .map(|fd| fd.as_raw_fd())
         .collect();

@@ -39,7 +39,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 use serde::{Deserialize, Serialize};
 
-use super::cgroup::{Limits, Located};
+use super::cgroup::Located;
 use super::payload::PayloadExec;
 use super::{Account, NetworkMode};
 
@@ -51,10 +51,9 @@ pub(crate) struct StagePlan {
     pub argv: Vec<String>,
     /// The payload's complete environment, computed by the helper.
     pub env: Vec<(String, String)>,
-    /// Where the payload cgroup goes (below the pilot's); the stage creates it with `limits`
-    /// and joins it (`Located::join_files`).
+    /// Where the payload cgroup goes (below the pilot's); the helper creates it while the stage
+    /// builds the scratch view, the stage joins it (`Located::join_files`).
     pub cgroup: Located,
-    pub limits: Limits,
     pub scratch_root: PathBuf,
     pub scratch: PathBuf,
     pub nofile: u64,
@@ -326,14 +325,14 @@ fn serve_prepared(mut channel: UnixStream, prepared: StepResult<Host>) -> i32 {
     // stage keeps the /dev/null it has on 1 and 2).
     let received = crate::protocol::switch_wire::read_frame::<StagePlan>(&mut channel);
     let (plan, fds) = match received {
-        Ok((plan, fds)) if fds.len() == 1 || fds.len() == 3 => (plan, fds),
+        Ok((plan, fds)) if fds.len() == 2 || fds.len() == 4 => (plan, fds),
         Ok((_, fds)) => {
             return fail(
                 &channel,
                 (
                     "read plan".into(),
                     format!(
-                    "{} descriptors came with the plan; expected the exec gate and 0 or 2 outputs",
+                    "{} descriptors came with the plan; expected the exec and cgroup gates and 0 or 2 outputs",
                     fds.len()
                 ),
                 ),
@@ -537,10 +536,29 @@ fn prepare(prep: &Preparation) -> StepResult<Host> {
     Ok(host)
 }
 
-/// The byte that opens the *exec gate*: the read end of a pipe whose write end only the
-/// helper holds. It opens once the start record is on disk; the payload execs after. Closing
-/// the gate without the byte withdraws the launch.
+/// The byte that opens a gate: the read end of a pipe whose write end only the helper holds.
+/// The *cgroup gate* opens once the payload cgroup exists with its limits (the stage joins it
+/// after); the *exec gate* once the start record is on disk (the payload execs after). Closing
+/// a gate without the byte withdraws the launch.
 pub(crate) const GATE_OPEN: u8 = b'g';
+
+/// Blocks until `gate` opens; an error when the launch was withdrawn instead.
+fn pass(gate: &mut File, what: &str) -> StepResult<()> {
+    let mut b = [0u8; 1];
+    loop {
+        match gate.read(&mut b) {
+            Ok(1) if b[0] == GATE_OPEN => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err((format!("wait for {what}"), e.to_string())),
+            _ => {
+                return Err((
+                    format!("wait for {what}"),
+                    "the launch was withdrawn".into(),
+                ))
+            }
+        }
+    }
+}
 
 /// Whether the helper's end of `channel` is closed (the helper died, or released the stage).
 fn helper_gone(channel: &UnixStream) -> bool {
@@ -556,8 +574,8 @@ fn helper_gone(channel: &UnixStream) -> bool {
 /// stage's exit code.
 fn run(plan: &StagePlan, fds: Vec<OwnedFd>, host: &Host, channel: &UnixStream) -> StepResult<i32> {
     let mut fds = fds.into_iter();
-    let Some(exec_gate) = fds.next() else {
-        return Err(("read plan".into(), "no exec gate".into()));
+    let (Some(exec_gate), Some(cgroup_gate)) = (fds.next(), fds.next()) else {
+        return Err(("read plan".into(), "no exec and cgroup gates".into()));
     };
     for (fd, target) in fds.zip([1, 2]) {
         // SAFETY: dup2 of a descriptor we own onto 1 or 2; no memory is involved. The copy on
@@ -578,13 +596,10 @@ fn run(plan: &StagePlan, fds: Vec<OwnedFd>, host: &Host, channel: &UnixStream) -
     let mut hostname = format!("mupilot-{}", plan.payload_id);
     hostname.truncate(64);
     step("set hostname", nix::unistd::sethostname(&hostname))?;
-    // 4. Into the payload cgroup, made here with its limits, so the payload and everything it
-    //    starts are accounted and limited from their first instruction (P7). Failing, nothing
-    //    but what this call made and removed again was in it.
-    step(
-        "create payload cgroup",
-        plan.cgroup.clone().create(plan.limits),
-    )?;
+    // 4. Into the payload cgroup once the helper made it with its limits (meanwhile), so the
+    //    payload and everything it starts are accounted and limited from their first
+    //    instruction (P7).
+    pass(&mut File::from(cgroup_gate), "the payload cgroup")?;
     for f in plan.cgroup.join_files(&host.cgroups) {
         step(
             &format!("join cgroup {}", f.display()),

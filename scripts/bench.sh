@@ -145,7 +145,7 @@ TABLE=$WORK/table.md
     echo "\`sh_cgroup_attach_gap\` - \`sh_gap\` is the kernel's cost of moving one process into a" \
         "cgroup when no migration happened in the last 50 ms" \
         "(p50 $(awk -v a="${P50[sh_cgroup_attach_gap]}" -v b="${P50[sh_gap]}" 'BEGIN { printf "%.2f", (a - b) / 1000 }') ms):" \
-        "mupilot's init avoids it on cgroup v1 by joining through 'tasks' as a single thread (see the analysis below)."
+        "mupilot's stage avoids it on cgroup v1 by joining through 'tasks' as a single thread (see the analysis below)."
 } >"$TABLE"
 
 if [ "$LAUNCH_ONLY" = 1 ]; then

@@ -654,7 +654,7 @@ impl Cgroup {
     /// kernel skip the global threadgroup rwsem, whose write side waits for an RCU grace
     /// period: 10-15 ms per payload through `cgroup.procs` when no other migration happened
     /// just before (measured, docs/benchmarks.md), about 20 µs through `tasks`. The stage's
-    /// init is single-threaded, so its one thread is the whole process. v2 allows thread
+    /// stage is single-threaded, so its one thread is the whole process. v2 allows thread
     /// moves only inside a threaded subtree, so it keeps `cgroup.procs`.
     pub fn join_files(&self) -> Vec<PathBuf> {
         match self {
@@ -686,7 +686,7 @@ impl Cgroup {
 
     /// The processes [`Cgroup::kill_all_but_exiting`] waits for: on v1 those of the freezer
     /// hierarchy, the one it freezes and kills through. Every payload process is in all of the
-    /// payload's v1 hierarchies (the init joined them all before the payload existed, children
+    /// payload's v1 hierarchies (the stage joined them all before the payload existed, children
     /// inherit them, and only root can move a process out), so one list is the whole set and
     /// saves a read per hierarchy on every payload's exit.
     fn watched_pids(&self) -> Vec<i32> {
@@ -723,7 +723,7 @@ impl Cgroup {
     }
 
     /// [`Cgroup::kill_all`], but done as soon as only processes in `exiting` are left: our own
-    /// processes that are already on their way out (a namespace init after its last payload
+    /// processes that are already on their way out (a namespace's stage, pid 1, after its last payload
     /// process was reaped), whose exit need not be waited for.
     pub fn kill_all_but_exiting(&self, exiting: &[i32]) -> Result<(), CgroupError> {
         let deadline = Instant::now() + Duration::from_secs(10);

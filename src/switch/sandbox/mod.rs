@@ -1,9 +1,11 @@
 //! The payload sandbox: cgroup below the pilot's, namespaces, private mounts and scratch,
 //! identity switch, exec, supervision and teardown. Runs as root inside the helper.
 //!
-//! The multi-threaded helper never does privileged work after a fork: [`launch`] spawns a
-//! fresh, single-threaded *stage* process (a re-exec of the helper binary, `mupilot-switch
-//! stage`) that performs every step in kernel order and execs the payload.
+//! The multi-threaded helper never does privileged work after a fork: a launch hands the plan
+//! to a fresh, single-threaded *stage* process (pid 1 of the payload's pid namespace, forked
+//! by the stage factory or by an exec of `mupilot-switch stage`) that performs every step in
+//! kernel order and starts the payload; the helper itself only creates the payload cgroup and
+//! the scratch directory.
 //!
 //! Read [`launch`] and [`Running::wait`] top to bottom: each step is one call, in the order
 //! the kernel needs. The privileged steps inside the payload's namespaces live in `stage`
@@ -182,7 +184,7 @@ impl Handle {
     pub fn scratch(&self) -> PathBuf {
         self.inner.scratch.clone()
     }
-    /// Sends `sig` to every process of the payload. The namespace init is skipped: it would
+    /// Sends `sig` to every process of the payload. The stage (the namespace's pid 1) is skipped: it would
     /// forward the signal to the main process a second time.
     pub fn signal(&self, sig: i32) -> Result<(), SandboxError> {
         self.inner
@@ -225,9 +227,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(300);
 /// The owner of a started payload: waits for it and tears it down.
 pub struct Running {
     pub handle: Handle,
-    /// Reaped by the [`Residue`] once the exit was reported: the stage and its init (which
-    /// reaped every payload process before the report) linger until the residue closes the
-    /// channel, then end on their own.
+    /// Reaped by the [`Residue`] once the exit was reported: the stage (which reaped every
+    /// payload process before the report) lingers until the residue closes the channel, then
+    /// ends on its own.
     stage: Option<stages::StageProcess>,
     events: BufReader<UnixStream>,
     started: Instant,
@@ -253,9 +255,9 @@ impl Drop for Running {
 }
 
 /// Removes what a payload leaves: reaps its stage, then removes its scratch directory and
-/// cgroup. With `kill`, the stage (and with it the init and its namespace) is killed first and
+/// cgroup. With `kill`, the stage (and with it its namespace) is killed first and
 /// the cgroup emptied before removal; without, the stage was released and is ending on its
-/// own, its init (the cgroup's last process) before it.
+/// own (the cgroup's last process).
 fn remove_leftovers(
     stage: Option<stages::StageProcess>,
     kill: bool,
@@ -341,9 +343,9 @@ impl Running {
             }
         }
         let wall_seconds = self.started.elapsed().as_secs_f64();
-        // With an exit report the init has killed and reaped everything else of the payload
+        // With an exit report the stage has killed and reaped everything else of the payload
         // and is exiting itself: it is the one process the cgroup may still show. Without one
-        // the stage died or was killed: make sure it (and with it the init) is gone.
+        // the stage died or was killed: make sure it (and with it its namespace) is gone.
         let init_pid = self.handle.inner.init_pid;
         let exiting: &[i32] = if end.is_some() {
             std::slice::from_ref(&init_pid)
@@ -371,8 +373,8 @@ impl Running {
         self.finished = true;
         let residue = Residue {
             handle: Some(h.clone()),
-            // Our end of the channel stays open until the residue is removed: the stage and
-            // the init linger until it closes, so their teardown comes after the report.
+            // Our end of the channel stays open until the residue is removed: the stage
+            // lingers until it closes, so its teardown comes after the report.
             channel: self.events.get_ref().try_clone().ok(),
             stage: self.stage.take(),
         };
@@ -407,8 +409,8 @@ impl Residue {
     }
 
     fn clean(&mut self) {
-        // Closing our end releases the stage and its init, which linger after the exit report
-        // until then (stage.rs, `linger_until_released`); they end on their own.
+        // Closing our end releases the stage, which lingers after the exit report until
+        // then (stage.rs, `linger_until_released`); it ends on its own.
         drop(self.channel.take());
         if let Some(h) = self.handle.take() {
             remove_leftovers(self.stage.take(), false, &h.inner.scratch, &h.inner.cgroup);
@@ -860,7 +862,7 @@ fn wait_started(
                 Ok(StageEvent::Failed { step, error }) => {
                     return Err(SandboxError::Setup { step, error });
                 }
-                // An exit before "started" cannot happen (the init reports started first).
+                // An exit before "started" cannot happen (the stage reports started first).
                 _ => {}
             },
             Err(e) => return Err(SandboxError::Channel(e)),

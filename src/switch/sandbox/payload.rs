@@ -1,15 +1,16 @@
-//! The payload's process: started by the stage's init with clone(CLONE_VM | CLONE_VFORK), as
-//! posix_spawn does, instead of fork. The child borrows the init's memory until its exec, so
+//! The payload's process: started by the stage (pid 1 of the payload's pid namespace) with
+//! clone(CLONE_VM | CLONE_VFORK), as posix_spawn does, instead of fork. The child borrows the
+//! stage's memory until its exec, so
 //! there is no page-table copy on the way in and no address space to tear down in the exec
-//! (a fork of the init copies the helper binary's mappings, and the exec then unmaps them:
-//! most of a millisecond per launch here). The init is suspended by the kernel meanwhile and
+//! (a fork of the stage copies the helper binary's mappings, and the exec then unmaps them:
+//! most of a millisecond per launch here). The stage is suspended by the kernel meanwhile and
 //! resumes once the exec succeeded or the child gave up.
 //!
-//! The price is discipline in the child: it shares the init's heap, so it must not allocate,
+//! The price is discipline in the child: it shares the stage's heap, so it must not allocate,
 //! lock or unwind. Everything it needs (argv, environment, the program's candidate paths,
-//! the account's groups) is laid out by [`PayloadExec::new`] in the init beforehand; the
+//! the account's groups) is laid out by [`PayloadExec::new`] in the stage beforehand; the
 //! child makes raw system calls on it and reports a failure as a [`Failed`] (static parts)
-//! written into the init's memory, which the init turns into a message once it resumes.
+//! written into the stage's memory, which the stage turns into a message once it resumes.
 //!
 //! Steps of the child, in order: setsid, rlimits, umask, the identity switch
 //! ([`privs::switch_to`]), the user-namespace filter if the site wants it, chdir to scratch,
@@ -35,9 +36,9 @@ type StepResult<T> = Result<T, (String, String)>;
 /// allocation); 64 KiB leaves ample room, with a guard page below.
 const STACK_BYTES: usize = 64 * 1024;
 
-/// Everything the payload's process needs, prepared in the init so that the child only makes
+/// Everything the payload's process needs, prepared in the stage so that the child only makes
 /// system calls. Holds raw pointers into its own `CString`s (argv, envp), so it stays in the
-/// init's frame while the child runs.
+/// stage's frame while the child runs.
 pub(super) struct PayloadExec {
     identity: Identity,
     /// argv[0] and the program's candidate paths: argv[0] itself when it names a path, else
@@ -108,7 +109,7 @@ impl PayloadExec {
     }
 
     /// Starts the payload's process and returns once it exec'd (its pid), or the step that
-    /// failed (the child is reaped then). Call from the single-threaded init only.
+    /// failed (the child is reaped then). Call from the single-threaded stage only.
     pub fn spawn(&self) -> StepResult<Pid> {
         let mut stack = Stack::new(STACK_BYTES).map_err(|e| ("spawn payload".to_owned(), e))?;
         let mut failed: Option<Failed> = None;
@@ -126,14 +127,14 @@ impl PayloadExec {
         let child = Box::new(|| {
             let Err(f) = self.child();
             // SAFETY: `slot` points at `failed` in the suspended init's frame, which outlives
-            // the child (CLONE_VFORK: the init resumes only after this process exited).
+            // the child (CLONE_VFORK: the stage resumes only after this process exec'd or exited).
             unsafe { std::ptr::write_volatile(slot, Some(f)) };
             // SAFETY: _exit ends this process at once (exit_group of its own thread group,
             // which is itself); nothing of the shared memory is unwound or freed.
             unsafe { libc::_exit(127) }
         });
         // SAFETY: CLONE_VM | CLONE_VFORK: the child runs on `stack` (ours, unused by anyone
-        // else) in our address space while this thread is suspended; the init is
+        // else) in our address space while this thread is suspended; the stage is
         // single-threaded, so no other thread can touch memory the child uses. The child
         // makes only system calls on data borrowed from `self` and ends in exec or _exit.
         let spawned = unsafe {
@@ -178,7 +179,7 @@ impl PayloadExec {
     /// Must not allocate, lock, panic or unwind (see the module comment).
     fn child(&self) -> Result<std::convert::Infallible, Failed> {
         // SAFETY (all calls below): system calls with integer arguments, or pointers into
-        // `self`, which the suspended init keeps alive until this process exec'd or exited.
+        // `self`, which the suspended stage keeps alive until this process exec'd or exited.
         unsafe {
             if libc::setsid() < 0 {
                 return Err(Failed::os("setsid"));
@@ -244,7 +245,7 @@ impl PayloadExec {
 
     /// Unpacks the envelope's bundle (tar.gz, base64) into scratch as the account, in a
     /// forked process of its own: [`privs::switch_to`], then the archive, never as root. Runs
-    /// after the init joined the payload cgroup, so the unpacking is the payload's (P7).
+    /// after the stage joined the payload cgroup, so the unpacking is the payload's (P7).
     pub fn unpack_bundle(&self, b64: &str) -> StepResult<()> {
         let s = "unpack bundle";
         let bytes = base64::engine::general_purpose::STANDARD

@@ -2,12 +2,12 @@
 //! and no way back. Two halves, split by when they can run:
 //!
 //! - [`limit_future_execs`], once per stage before any plan (idle time): securebits and the
-//!   bounding set, which only govern what a later exec may gain, so the stage and its init
-//!   keep their own capabilities. Inherited by every process the init starts.
+//!   bounding set, which only govern what a later exec may gain, so the stage keeps its own
+//!   capabilities. Inherited by every process the stage starts.
 //! - [`switch_to`], in the payload process (and the bundle unpacker): groups, gid, uid, a
 //!   fresh session keyring, every remaining capability set cleared and read back, then
 //!   no_new_privs. Raw system calls only, no allocation: the payload process shares the
-//!   init's memory until its exec (payload.rs), so this code must not touch the heap or any
+//!   stage's memory until its exec (payload.rs), so this code must not touch the heap or any
 //!   lock, and it reports a failure as a [`Failed`] of static parts.
 
 use super::Account;
@@ -158,7 +158,7 @@ const CAP_VERSION_3: u32 = 0x2008_0522;
 /// Switches the calling process to `id` and drops every privilege it still has, then reads
 /// the result back. Raw system calls on data prepared beforehand: no allocation, no lock, no
 /// libc wrapper that coordinates threads (glibc's setuid family signals every thread of the
-/// process; the payload process shares the init's memory, not its threads).
+/// process; the payload process shares the stage's memory, not its threads).
 ///
 /// Order: groups, gid, uid (the setuid fixup clears permitted and effective, as securebits
 /// leave it on); a fresh session keyring, created as the account; ambient, inheritable,

@@ -1,25 +1,25 @@
-//! The stage process (`mupilot-switch stage`): a fresh, single-threaded root process that
-//! builds one payload's sandbox and execs it. Three processes, each with one job:
+//! The stage: a fresh, single-threaded root process, pid 1 of a pid namespace of its own, that
+//! builds one payload's sandbox, starts the payload in it and supervises it as the
+//! namespace's init. Forked by the stage factory (factory.rs), or by `mupilot-switch stage`
+//! when no factory runs ([`stage_main`], [`fork_stage`]).
 //!
-//! 1. **stage** (host pid namespace): before its plan arrives, builds what every payload of
-//!    this helper gets ([`Preparation`]): nothing any exec could gain (securebits, bounding
-//!    set), a pid namespace for its next child, new mount, IPC, UTS (and network) namespaces,
-//!    private tmpfs mounts, and forks the init. An idle stage does this under SCHED_IDLE
-//!    while nothing waits for it. Then it reads the plan, the exec gate and the payload's
-//!    stdout/stderr from fd 0 (a socketpair to the helper), hands them to the init, creates
-//!    the payload cgroup; then it only watches: for the helper's death (it ends the payload
-//!    and cleans up) and for an init that ended without reporting (it reports for it).
-//! 2. **init** (pid 1 of the new pid namespace): mounts /proc before the plan; then the
-//!    scratch view and the hostname, joins the payload cgroup at the cgroup gate, has the
-//!    bundle unpacked as the account, starts the payload process (payload.rs), reports
-//!    `started` to the helper itself, then reaps, forwards signals and, when the payload's
-//!    main process exits, ends the namespace and reports the exit to the helper.
-//! 3. **payload** (payload.rs, sharing the init's memory until its exec): setsid, rlimits,
-//!    identity switch, no_new_privs, the optional user-namespace filter, the exec gate, exec.
+//! 1. Before its plan arrives it builds what every payload of this helper gets
+//!    ([`Preparation`], [`prepare`]): nothing any exec could gain (securebits, bounding set),
+//!    new mount, IPC, UTS (and network) namespaces, private tmpfs mounts, a /proc of its pid
+//!    namespace, the supervised signals on a signalfd. An idle stage does this under
+//!    SCHED_IDLE while nothing waits for it.
+//! 2. With the plan ([`run`]): outputs, the scratch view and the hostname; the payload cgroup
+//!    joined once the helper made it (the cgroup gate); the bundle unpacked as the account;
+//!    the payload's process started (payload.rs: setsid, rlimits, identity switch,
+//!    no_new_privs, the optional user-namespace filter, the exec gate, exec); `started`
+//!    reported to the helper.
+//! 3. Then it reaps, forwards signals and, when the payload's main process exits, ends the
+//!    namespace and reports the exit ([`supervise`]); when the helper's end closes first, it
+//!    ends the payload and cleans up after it.
 //!
-//! The gates let the stage and the helper work in parallel with the init: the stage creates
-//! the cgroup while the init mounts, and the helper writes the start record while the
-//! payload drops its privileges; the payload's own code never runs before both are done.
+//! The gates let the helper work in parallel with the stage: it creates the cgroup while the
+//! stage mounts, and writes the start record while the stage joins and the payload drops its
+//! privileges; the payload's own code never runs before both are done.
 //!
 //! Must never be entered from a multi-threaded process: `fork` here relies on being the only
 //! thread. Nothing here talks to the network or reads credentials.
@@ -410,7 +410,7 @@ struct Host {
 }
 
 /// The signals the stage forwards to the payload, and SIGCHLD; blocked from the start (so the
-/// kernel queues them even for a namespace init) and read from a signalfd.
+/// kernel queues them even for a namespace's pid 1) and read from a signalfd.
 fn supervised_signals() -> SigSet {
     let mut set = SigSet::empty();
     for s in [

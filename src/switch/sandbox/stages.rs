@@ -1,9 +1,10 @@
 //! Stage processes kept ready. Starting a payload needs a fresh, single-threaded root process
-//! (the stage); exec'ing the helper binary for it costs milliseconds, so the pool keeps a few
-//! already exec'd stages that wait, idle, for their plan. A launch takes one, sends it the plan
-//! and the payload's stdout/stderr over its socketpair, and a background thread starts the
-//! next once no launch is being set up (an exec competes for the CPU the launch needs; with
-//! no idle stage left it starts at once). Each stage serves exactly one payload, never two.
+//! (the stage, pid 1 of the payload's pid namespace, stage.rs); making one costs a fork of the
+//! stage factory and its namespaces and mounts, so the pool keeps a few ready that wait, idle,
+//! for their plan. A launch takes one, sends it the plan and the payload's stdout/stderr over
+//! its socketpair, and a background thread starts the next once no launch is being set up
+//! (that work competes for the CPU the launch needs; with no idle stage left it starts at
+//! once). Each stage serves exactly one payload, never two.
 //!
 //! An idle stage builds the part of a sandbox that is the same for every payload (its
 //! [`Preparation`]: empty namespaces, private tmpfs mounts) and then holds nothing but its

@@ -87,6 +87,9 @@ fn start(
     let (exec_wait, exec_open) = nix::unistd::pipe().unwrap();
     let (cgroup_wait, cgroup_open) = nix::unistd::pipe().unwrap();
     let mut channel = ours.try_clone().unwrap();
+    // A wake-up first ("null"), as the helper sends one when a launch request arrives.
+    mupilot::protocol::switch_wire::write_frame(&mut channel, &serde_json::Value::Null, &[])
+        .unwrap();
     mupilot::protocol::switch_wire::write_frame(
         &mut channel,
         &plan,

@@ -226,6 +226,7 @@ impl Connection {
     }
 
     fn launch(&self, envelope: &SignedEnvelope, bundle: Option<&str>, fds: Vec<OwnedFd>) {
+        self.helper.stages.wake_next();
         let mut rec = self.record(AuditEvent::Denied);
         match launch::launch(&self.helper, &self.caller, envelope, bundle, fds, &mut rec) {
             Ok(started) => self.started(started),

@@ -323,7 +323,14 @@ fn serve_failed(channel: UnixStream, error: (String, String)) -> i32 {
 fn serve_prepared(mut channel: UnixStream, prepared: StepResult<Host>) -> i32 {
     // One frame: the plan, the exec gate, and the payload's stdout and stderr (none: the
     // stage keeps the /dev/null it has on 1 and 2).
-    let received = crate::protocol::switch_wire::read_frame::<StagePlan>(&mut channel);
+    // "null" frames before it are wake-ups (`StagePool::wake_next`): the plan is coming.
+    let received = loop {
+        match crate::protocol::switch_wire::read_frame::<Option<StagePlan>>(&mut channel) {
+            Ok((None, _)) => continue,
+            Ok((Some(plan), fds)) => break Ok((plan, fds)),
+            Err(e) => break Err(e),
+        }
+    };
     let (plan, fds) = match received {
         Ok((plan, fds)) if fds.len() == 2 || fds.len() == 4 => (plan, fds),
         Ok((_, fds)) => {

@@ -281,6 +281,26 @@ impl StagePool {
         StagePool { shared, refill }
     }
 
+    /// Wakes the idle stage the next [`StagePool::take`] will hand out, without giving it
+    /// anything (an empty frame it reads and waits on). Called when a launch request arrives,
+    /// before its checks: an idle CPU takes long to wake (a halted virtual CPU most of all),
+    /// and this way the stage's CPU is awake by the time its plan is ready. The stage stays
+    /// idle and clean; a request that is then denied only cost that wake-up.
+    pub fn wake_next(&self) {
+        let st = self.shared.lock();
+        if let Some(s) = st.idle.last() {
+            // At normal priority: under SCHED_IDLE the wake-up waits for a CPU nothing else
+            // wants, and the launch comes right after.
+            let normal = libc::sched_param { sched_priority: 0 };
+            // SAFETY: sched_setscheduler on a stage not reaped yet (held in the pool), with a
+            // sched_param on our stack.
+            unsafe { libc::sched_setscheduler(s.process.id() as i32, libc::SCHED_OTHER, &normal) };
+            let mut channel = &s.channel;
+            // One frame, "null": the stage reads it as "no plan yet" (stage.rs).
+            let _ = std::io::Write::write_all(&mut channel, &[0, 0, 0, 4, b'n', b'u', b'l', b'l']);
+        }
+    }
+
     /// An idle stage that is still alive, or a freshly spawned one when none is ready; and a
     /// token that holds back refills until it is dropped (when the launch's setup is done).
     pub(super) fn take(&self) -> Result<(IdleStage, Launching), SandboxError> {

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod cgroup;
 mod factory;
+mod handoff;
 mod outputs;
 mod payload;
 mod privs;

@@ -326,7 +326,10 @@ fn serve_prepared(mut channel: UnixStream, prepared: StepResult<Host>) -> i32 {
     // "null" frames before it are wake-ups (`StagePool::wake_next`): the plan is coming.
     let received = loop {
         match crate::protocol::switch_wire::read_frame::<Option<StagePlan>>(&mut channel) {
-            Ok((None, _)) => continue,
+            Ok((None, _)) => {
+                super::handoff::spin_until_readable(channel.as_fd());
+                continue;
+            }
             Ok((Some(plan), fds)) => break Ok((plan, fds)),
             Err(e) => break Err(e),
         }
@@ -605,7 +608,9 @@ fn run(plan: &StagePlan, fds: Vec<OwnedFd>, host: &Host, channel: &UnixStream) -
     step("set hostname", nix::unistd::sethostname(&hostname))?;
     // 4. Into the payload cgroup once the helper made it with its limits (meanwhile), so the
     //    payload and everything it starts are accounted and limited from their first
-    //    instruction (P7).
+    //    instruction (P7). (Joined by the stage itself: only the calling thread's own move,
+    //    pid 0 into `tasks`, skips the kernel's thread-group lock and its RCU grace period.)
+    super::handoff::spin_until_readable(cgroup_gate.as_fd());
     pass(&mut File::from(cgroup_gate), "the payload cgroup")?;
     for f in plan.cgroup.join_files(&host.cgroups) {
         step(

@@ -5,6 +5,7 @@
 mod switch_support;
 
 use std::os::fd::AsRawFd;
+use std::path::Path;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -381,6 +382,58 @@ fn a_full_slot_is_free_again_when_exited_is_reported() {
     let mut c = Client::hello(&site.socket, one_core_hello());
     for _ in 0..20 {
         run_true(&site, &mut c);
+    }
+}
+
+/// A payload that ends before `started` is out (its exit comes in the same write, and the
+/// connection thread reports it without starting a supervisor first) is recorded, reported
+/// and removed like any other, and the connection serves the next request meanwhile.
+#[test]
+fn a_payload_that_ended_before_started_is_recorded_reported_and_removed() {
+    let _u = Users::acquire();
+    let site = Site::new();
+    let _d = site.start();
+    let mut c = Client::hello(&site.socket, Client::default_hello());
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        let body = site.body(DN_ALICE, &["/bin/true"]);
+        let (started, exited) = match c.launch(&site.sign(&body), None) {
+            SwitchEvent::Started {
+                payload_id,
+                scratch,
+                cgroup,
+                ..
+            } => {
+                let exited = c.recv();
+                ((payload_id, scratch, cgroup), exited)
+            }
+            other => panic!("{other:?}"),
+        };
+        match exited {
+            SwitchEvent::Exited { payload_id, report } => {
+                assert_eq!(payload_id, started.0);
+                assert_eq!(report.exit_code, Some(0));
+            }
+            other => panic!("{other:?}"),
+        }
+        ids.push(started);
+    }
+    // Removal follows the report, on a thread of its own.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for (id, scratch, cgroup) in &ids {
+        while (Path::new(scratch).exists() || Path::new(cgroup).exists())
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(!Path::new(scratch).exists(), "scratch {scratch} removed");
+        assert!(!Path::new(cgroup).exists(), "cgroup {cgroup} removed");
+        let events: Vec<String> = site
+            .records_of(id)
+            .iter()
+            .map(|r| r["event"].as_str().unwrap_or("").to_owned())
+            .collect();
+        assert_eq!(events, ["start", "end"], "records of {id}");
     }
 }
 

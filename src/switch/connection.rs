@@ -254,18 +254,38 @@ impl Connection {
 
     /// Hands a started payload to a supervisor thread of its own, which reports `started`
     /// and then its end: one thread sends both, so `exited` can never overtake `started`, and
-    /// the thread is ready for the end as early as possible (a short payload has often ended
-    /// by the time `started` is out).
+    /// the thread is ready for the end as early as possible.
+    ///
+    /// A payload that has ended already (its exit came with `started`, in one write: a short
+    /// one) and copies no outputs is reported here, on the connection thread, without a thread
+    /// start before the report (a new thread is put on an idle CPU, which may first have to
+    /// wake up); what remains after the report goes to a thread.
     fn started(&self, s: Started) {
         let helper = self.helper.clone();
         let sender = self.sender.clone();
         let caller = (self.caller.uid, self.caller.pid);
         let handle = s.handle.clone();
+        if s.running.has_ended() && !s.running.copies_outputs() {
+            report_started(&sender, &s, caller);
+            let reported = report_end(helper, &sender, s.payload_id, s.running, s.record);
+            // Without a thread (spawn failed), the closure and `reported` in it are dropped
+            // here, which finishes it on this thread.
+            let _ = std::thread::Builder::new()
+                .name("payload-end".into())
+                .spawn(move || drop(reported));
+            return;
+        }
         let spawned = std::thread::Builder::new()
             .name(format!("payload-{}", s.payload_id))
             .spawn(move || {
                 report_started(&sender, &s, caller);
-                supervise(helper, sender, s.payload_id, s.running, s.record)
+                drop(report_end(
+                    helper,
+                    &sender,
+                    s.payload_id,
+                    s.running,
+                    s.record,
+                ));
             });
         if let Err(e) = spawned {
             // Without a supervisor nobody would record the end: stop it now.
@@ -353,14 +373,15 @@ fn report_started(sender: &Sender, s: &Started, (pilot_uid, pilot_pid): (u32, i3
     }
 }
 
-/// Waits for one payload to end, records it, tells the pilot (if it is still there).
-fn supervise(
+/// Waits for one payload to end, records it, tells the pilot (if it is still there); what
+/// is left to do after that is the returned [`Reported`]'s, done when it is dropped.
+fn report_end(
     helper: Arc<Helper>,
-    sender: Sender,
+    sender: &Sender,
     payload_id: String,
     running: super::sandbox::Running,
     start: AuditRecord,
-) {
+) -> Reported {
     // The scratch directory and the empty cgroup are removed after the exit is reported.
     let (result, residue) = match running.wait_then_clean_later() {
         Ok((o, r)) => (Ok(o), Some(r)),
@@ -421,8 +442,8 @@ fn supervise(
     );
     tracing::info!(%payload_id, exit_code = ?report.exit_code, signal = ?report.signal, "ended");
     // The end record is written; no process of the payload is left: report, then make the
-    // record durable and remove what remains. The registry entry goes last, so shutdown waits
-    // for the removal too.
+    // record durable and remove what remains ([`Reported`]). The registry entry goes last,
+    // so shutdown waits for the removal too.
     helper.registry.ended(&payload_id);
     if let Err(e) = sender.send(&SwitchEvent::Exited {
         payload_id: payload_id.clone(),
@@ -430,15 +451,39 @@ fn supervise(
     }) {
         tracing::info!(error = %e, "pilot did not receive the exit event");
     }
-    if let Some(Err(e)) = end_synced.map(|p| p.wait()) {
-        tracing::error!(%payload_id, error = %e, "cannot sync the end record to disk");
+    Reported {
+        helper,
+        payload_id,
+        end_synced,
+        residue,
+        account: rec.account,
     }
-    drop(residue);
-    helper.registry.remove(&payload_id);
-    // A pool lease lives from its last use: the end of a payload is a use.
-    if let (Some(pool), Some(account)) = (helper.authz.pool(), rec.account.as_deref()) {
-        if let Err(e) = pool.touch_account(account) {
-            tracing::warn!(%payload_id, account, error = %e, "cannot renew the pool lease");
+}
+
+/// A payload whose end is recorded and reported: its end record is still to be made durable,
+/// its emptied scratch directory and cgroup removed, its registry entry dropped and its pool
+/// lease renewed. Done when dropped, on whichever thread drops it.
+struct Reported {
+    helper: Arc<Helper>,
+    payload_id: String,
+    end_synced: Option<crate::records::PendingSync>,
+    residue: Option<super::sandbox::Residue>,
+    account: Option<String>,
+}
+
+impl Drop for Reported {
+    fn drop(&mut self) {
+        let (helper, payload_id) = (&self.helper, &self.payload_id);
+        if let Some(Err(e)) = self.end_synced.take().map(|p| p.wait()) {
+            tracing::error!(%payload_id, error = %e, "cannot sync the end record to disk");
+        }
+        drop(self.residue.take());
+        helper.registry.remove(payload_id);
+        // A pool lease lives from its last use: the end of a payload is a use.
+        if let (Some(pool), Some(account)) = (helper.authz.pool(), self.account.as_deref()) {
+            if let Err(e) = pool.touch_account(account) {
+                tracing::warn!(%payload_id, account, error = %e, "cannot renew the pool lease");
+            }
         }
     }
 }

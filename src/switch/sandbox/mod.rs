@@ -297,6 +297,18 @@ impl Running {
         Ok(outcome)
     }
 
+    /// Whether the stage's report of the payload's end is already here (it came with
+    /// `started`, in one write, when the payload ended first): [`Running::wait`] then does not
+    /// wait for it.
+    pub fn has_ended(&self) -> bool {
+        !self.events.buffer().is_empty()
+    }
+
+    /// Whether the end copies files out of the scratch directory (the plan named outputs).
+    pub fn copies_outputs(&self) -> bool {
+        !self.outputs.is_empty()
+    }
+
     /// [`Running::wait`], but the emptied scratch directory and cgroup are handed back as a
     /// [`Residue`] to remove after the exit has been reported: no payload process is left when
     /// this returns (the cgroup was killed empty and the outputs copied), so only directories

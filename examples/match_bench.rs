@@ -6,7 +6,8 @@
 //! `one MATCHES_PER_S` and `many MATCHES_PER_S`, and fails if any match came back empty or a
 //! payload was handed out twice. VO_DIR is the directory `mupilot-server init` wrote.
 //!
-//! `match_bench fill URL VO_DIR N -- ARGV...`: only submits N payloads running ARGV, as alice.
+//! `match_bench fill URL VO_DIR N [WALLTIME_SECONDS] -- ARGV...`: only submits N payloads
+//! running ARGV (one core, 64 MiB, 60 s of wall time unless given), as alice.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,7 +37,7 @@ fn client(dir: &Path, name: &str) -> reqwest::Client {
     .unwrap_or_else(|e| panic!("client for {name}: {e}"))
 }
 
-async fn fill(dir: &Path, url: &str, n: usize, argv: &[String]) {
+async fn fill(dir: &Path, url: &str, n: usize, walltime_seconds: u64, argv: &[String]) {
     let alice = client(dir, "alice");
     let sub = SubmitRequest {
         argv: argv.to_vec(),
@@ -45,7 +46,7 @@ async fn fill(dir: &Path, url: &str, n: usize, argv: &[String]) {
         resources: Resources {
             cores: 1,
             memory_bytes: 64 << 20,
-            walltime_seconds: 60,
+            walltime_seconds,
         },
         outputs: vec![],
         bundle: None,
@@ -81,20 +82,31 @@ async fn one_match(c: &reqwest::Client, url: &str, pilot: &str) -> String {
 #[tokio::main(flavor = "multi_thread", worker_threads = 4)]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("fill") && args.len() > 5 && args[4] == "--" {
+    if args.first().map(String::as_str) == Some("fill") {
+        let dash = args.iter().position(|a| a == "--");
+        let (Some(dash), true) = (dash, args.len() > 4) else {
+            eprintln!("usage: match_bench fill URL VO_DIR N [WALLTIME_SECONDS] -- ARGV...");
+            std::process::exit(2);
+        };
         let n: usize = args[3].parse().expect("N");
+        let walltime = match &args[4..dash] {
+            [] => 60,
+            [w] => w.parse().expect("WALLTIME_SECONDS"),
+            _ => panic!("one WALLTIME_SECONDS at most before --"),
+        };
         let base = args[1].trim_end_matches('/');
         fill(
             Path::new(&args[2]),
             &format!("{base}/v1/payloads"),
             n,
-            &args[5..],
+            walltime,
+            &args[dash + 1..],
         )
         .await;
         return;
     }
     if args.len() != 4 {
-        eprintln!("usage: match_bench URL VO_DIR N_ONE N_MANY | fill URL VO_DIR N -- ARGV...");
+        eprintln!("usage: match_bench URL VO_DIR N_ONE N_MANY | fill URL VO_DIR N [WALLTIME_SECONDS] -- ARGV...");
         std::process::exit(2);
     }
     let base = args[0].trim_end_matches('/').to_string();
@@ -107,6 +119,7 @@ async fn main() {
         &dir,
         &format!("{base}/v1/payloads"),
         n_one + n_many + 1,
+        60,
         &argv,
     )
     .await;

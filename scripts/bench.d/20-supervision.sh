@@ -1,6 +1,7 @@
 # Section 3 of scripts/bench.sh (sourced): supervision cost. Payloads/s that one pilot and the
 # helper sustain with short payloads (real server, pilot, helper); CPU and memory of the helper
-# while 64 sleeping payloads run, and of a pilot while it supervises a full slot.
+# while 64 sleeping payloads run, and of a pilot while it supervises a full slot and while it
+# supervises 64 (in a 64-CPU VM when this host has fewer cores).
 # shellcheck shell=bash
 
 CLK_TCK=$(getconf CLK_TCK)
@@ -79,6 +80,34 @@ pilot_cpu=$(cpu_pct $((p1 - p0)) "$SAMPLE")
 wait "$PILOT_PID" || die "pilot failed: $(tail -n 20 "$WORK/pilot-hold.log")"
 PILOT_PID=
 
+# d) A pilot supervising 64 payloads: on a host with fewer cores its slot is smaller (it never
+#    runs more single-core payloads than it has cores), so the whole system runs in a VM with
+#    64 CPUs (scripts/vm-test.sh, cgroup v2) and the pilot's slot is those 64 cores.
+WIDE=64
+if [ "$(nproc)" -ge "$WIDE" ]; then
+    wide_rss=$pilot_rss wide_cpu=$pilot_cpu wide_where="this host" wide_helper_rss=$helper_rss
+    slowdown=1.0 wide_cpu_host=$pilot_cpu
+else
+    scripts/vm-test.sh --smp "$WIDE" --mem 8G --timeout 1200 \
+        --bin "$BIN/mupilot" --bin "$BIN/mupilot-server" --bin "$BIN/mupilot-switch" \
+        --bin "$BIN/examples/match_bench" --bin /usr/bin/sleep \
+        --file scripts/bench.d/guest/pilot-slot.sh:/root/pilot-slot.sh --env "BIN=$BIN" \
+        -- bash /root/pilot-slot.sh "$WIDE" >"$WORK/vm-wide.out" 2>&1 ||
+        die "the $WIDE-CPU VM run failed: $(tail -n 30 "$WORK/vm-wide.out")"
+    wide_value() { sed -n "s/^$1=//p" "$WORK/vm-wide.out" | tail -n1; }
+    [ "$(wide_value PAYLOADS)" -ge "$WIDE" ] || die "the VM pilot ran $(wide_value PAYLOADS) of $WIDE payloads"
+    wide_rss=$(wide_value PILOT_RSS_KIB) wide_cpu=$(wide_value PILOT_CPU_PCT)
+    wide_helper_rss=$(wide_value HELPER_RSS_KIB)
+    # The guest's CPUs are emulated (TCG): its CPU share, scaled by how much slower the same
+    # bash loop ran there, is what the pilot would take of a host core.
+    t0=$EPOCHREALTIME
+    bash -c 'for ((i = 0; i < 200000; i++)); do :; done'
+    t1=$EPOCHREALTIME
+    slowdown=$(awk -v g="$(wide_value LOOP_SECONDS)" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", g / (b - a) }')
+    wide_cpu_host=$(awk -v c="$wide_cpu" -v s="$slowdown" 'BEGIN { printf "%.2f", c / s }')
+    wide_where="a $WIDE-CPU VM on this host (QEMU, cgroup v2)"
+fi
+
 echo
 echo "### Supervision cost"
 echo
@@ -91,7 +120,11 @@ echo "| per-payload supervisors (one stage, pid 1 of its namespace, per payload;
 echo "| per-payload supervisors: total CPU | $sup_cpu % of a core |"
 echo "| pilot RSS, $SLOT payloads sleeping (its whole slot on this $SLOT-core host) | $(mib "$pilot_rss") MiB |"
 echo "| pilot CPU, $SLOT payloads sleeping (${SAMPLE} s sample) | $pilot_cpu % of a core |"
+echo "| pilot RSS, $WIDE payloads sleeping (its slot of $WIDE cores, in $wide_where) | $(mib "$wide_rss") MiB |"
+echo "| pilot CPU, $WIDE payloads sleeping (10 s sample, same; heartbeats to the server every 30 s per payload) | $wide_cpu % of a guest CPU = $wide_cpu_host % of a host core (the guest ran a fixed loop $slowdown x slower) |"
+echo "| helper daemon RSS, the same $WIDE payloads (same) | $(mib "$wide_helper_rss") MiB |"
 echo
 echo "Targets: pilot RSS <= 15 MiB, helper RSS <= 10 MiB, supervision CPU <= 1 % of a core." \
-    "One pilot's slot is min(batch, cgroup, host cores) = $SLOT here, so the pilot supervises $SLOT;" \
-    "the helper's numbers are for $HOLD payloads held through its socket."
+    "One pilot's slot is min(batch, cgroup, host cores) = $SLOT here, so the pilot supervises $SLOT" \
+    "on the host itself and $WIDE in $wide_where; the helper's numbers are for $HOLD payloads held" \
+    "through its socket."

@@ -662,13 +662,12 @@ pub fn begin(
         channel: Some(channel),
         exec_gate: Some(File::from(exec_open)),
         cgroup_gate: Some(File::from(cgroup_open)),
-        located: located.clone(),
+        located: Some(located),
         limits: cgroup::Limits {
             memory_bytes: plan.memory_bytes,
             cores: plan.cores,
             pids_max: settings.pids_max,
         },
-        cgroup: Some(located.cgroup().clone()),
         scratch,
         started,
         payload_id: plan.payload_id,
@@ -688,10 +687,10 @@ pub struct Starting {
     channel: Option<UnixStream>,
     exec_gate: Option<File>,
     cgroup_gate: Option<File>,
-    /// The payload cgroup's place and limits, for [`Starting::create_cgroup`].
-    located: cgroup::Located,
+    /// The payload cgroup's place (created by [`Starting::create_cgroup`] with `limits`);
+    /// None once released.
+    located: Option<cgroup::Located>,
     limits: cgroup::Limits,
-    cgroup: Option<Cgroup>,
     scratch: PathBuf,
     started: Instant,
     payload_id: String,
@@ -706,9 +705,9 @@ pub struct Starting {
 impl Starting {
     /// The payload cgroup's directory (v2) or its memory-controller directory (v1).
     pub fn cgroup(&self) -> String {
-        self.cgroup
+        self.located
             .as_ref()
-            .map(Cgroup::display)
+            .map(|l| l.cgroup().display())
             .unwrap_or_default()
     }
 
@@ -724,7 +723,9 @@ impl Starting {
     /// cgroup v2's parent needs. Failing, the caller drops `self`: the stage is withdrawn and
     /// what the creation made is removed again.
     pub fn create_cgroup(&mut self) -> Result<(), SandboxError> {
-        self.located.clone().create(self.limits)?;
+        if let Some(located) = &self.located {
+            located.clone().create(self.limits)?;
+        }
         if let Some(mut gate) = self.cgroup_gate.take() {
             // A stage that died meanwhile has closed its end; `release` reports it.
             let _ = gate.write_all(&[stage::GATE_OPEN]);
@@ -750,7 +751,7 @@ impl Starting {
                 return Err(e);
             }
         };
-        let Some(cgroup) = self.cgroup.take() else {
+        let Some(cgroup) = self.located.take().map(|l| l.cgroup().clone()) else {
             unreachable!("a Starting always holds its cgroup until released or dropped")
         };
         tracing::debug!(
@@ -784,12 +785,12 @@ impl Starting {
 
 impl Drop for Starting {
     fn drop(&mut self) {
-        let Some(cg) = self.cgroup.take() else {
+        let Some(located) = self.located.take() else {
             return;
         };
         drop(self.exec_gate.take());
         drop(self.cgroup_gate.take());
-        remove_leftovers(self.stage.take(), true, &self.scratch, &cg);
+        remove_leftovers(self.stage.take(), true, &self.scratch, located.cgroup());
     }
 }
 
@@ -830,15 +831,10 @@ fn send_plan(
         .chain([&stdout, &stderr].into_iter().flatten())
         .map(|fd| fd.as_raw_fd())
         .collect();
-    // Idle stages wait under SCHED_IDLE (the factory's, or an exec'd stage's own, stage.rs
-    // `become_idle`); this one works for a payload now, and must not wait for an idle CPU. Set
-    // before the plan is sent, so the stage wakes up at normal priority. (An exec'd stage that
-    // reaches its own switch to SCHED_IDLE only after this finds the plan there and undoes it;
-    // a stage still idle when its plan came resets itself.)
-    let normal = libc::sched_param { sched_priority: 0 };
-    // SAFETY: sched_setscheduler on a stage we have not reaped (our child, or the factory's,
-    // which it reaps only once the stage exited), with a sched_param on our stack.
-    unsafe { libc::sched_setscheduler(child.id() as i32, libc::SCHED_OTHER, &normal) };
+    // Set before the plan is sent, so the stage wakes up at normal priority. (An exec'd stage
+    // that reaches its own switch to SCHED_IDLE only after this finds the plan there and
+    // undoes it; a stage still idle when its plan came resets itself.)
+    child.run_at_normal_priority();
     if let Err(e) = crate::protocol::switch_wire::write_frame(&mut channel, plan, &fds) {
         let _ = child.kill();
         let _ = child.wait();

@@ -49,6 +49,16 @@ impl StageProcess {
         }
     }
 
+    /// Back to SCHED_OTHER: idle stages wait under SCHED_IDLE (the factory's, or an exec'd
+    /// stage's own, stage.rs `become_idle`), and one that works for a payload must not wait
+    /// for an idle CPU. The stage is not reaped yet (our child, or the factory's, which reaps
+    /// it only once it exited), so its pid is its own.
+    pub fn run_at_normal_priority(&self) {
+        let normal = libc::sched_param { sched_priority: 0 };
+        // SAFETY: sched_setscheduler with a pid and a sched_param on our stack.
+        unsafe { libc::sched_setscheduler(self.id() as i32, libc::SCHED_OTHER, &normal) };
+    }
+
     /// SIGKILL; a stage that already ended is not an error.
     pub fn kill(&mut self) -> std::io::Result<()> {
         match self {
@@ -287,17 +297,13 @@ impl StagePool {
     /// and this way the stage's CPU is awake by the time its plan is ready. The stage stays
     /// idle and clean; a request that is then denied only cost that wake-up.
     pub fn wake_next(&self) {
-        let st = self.shared.lock();
-        if let Some(s) = st.idle.last() {
+        let mut st = self.shared.lock();
+        if let Some(s) = st.idle.last_mut() {
             // At normal priority: under SCHED_IDLE the wake-up waits for a CPU nothing else
             // wants, and the launch comes right after.
-            let normal = libc::sched_param { sched_priority: 0 };
-            // SAFETY: sched_setscheduler on a stage not reaped yet (held in the pool), with a
-            // sched_param on our stack.
-            unsafe { libc::sched_setscheduler(s.process.id() as i32, libc::SCHED_OTHER, &normal) };
-            let mut channel = &s.channel;
-            // One frame, "null": the stage reads it as "no plan yet" (stage.rs).
-            let _ = std::io::Write::write_all(&mut channel, &[0, 0, 0, 4, b'n', b'u', b'l', b'l']);
+            s.process.run_at_normal_priority();
+            // "null": the stage reads it as "no plan yet" (stage.rs).
+            let _ = crate::protocol::switch_wire::write_frame(&mut s.channel, &None::<()>, &[]);
         }
     }
 

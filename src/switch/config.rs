@@ -23,6 +23,11 @@ const MAX_WARM_STAGES: usize = 16;
 /// Where the helper looks for its config when none is given.
 pub const DEFAULT_CONFIG: &str = "/etc/mupilot/switch.toml";
 
+/// The default scratch root: not below the root-only state directory (payload accounts must
+/// traverse every parent), nor below the per-payload private /tmp, /var/tmp, /dev/shm
+/// (docs/security-model.md, "Scratch").
+pub const DEFAULT_SCRATCH_ROOT: &str = "/var/spool/mupilot";
+
 /// An allowed pilot as written in the file: an account name or a numeric uid.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -400,7 +405,8 @@ fn validate(raw: RawConfig, base: &Path) -> Result<SwitchConfig, KeyErr> {
     let s = raw.sandbox;
     let scratch_root = resolve(
         base,
-        s.scratch_root.unwrap_or_else(|| state_dir.join("scratch")),
+        s.scratch_root
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SCRATCH_ROOT)),
     );
     if ["/tmp", "/var/tmp", "/dev/shm"]
         .iter()
@@ -409,7 +415,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<SwitchConfig, KeyErr> {
         return Err(bad(
             "sandbox.scratch_root",
             format!(
-                "{} is below /tmp, /var/tmp or /dev/shm, which are private per payload; use a directory such as /var/lib/mupilot/scratch",
+                "{} is below /tmp, /var/tmp or /dev/shm, which are private per payload; use a directory such as {DEFAULT_SCRATCH_ROOT}",
                 scratch_root.display()
             ),
         ));

@@ -85,7 +85,7 @@ struct RawAuthz {
     lease_ttl_seconds: u64,
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSandbox {
     scratch_root: Option<PathBuf>,
@@ -147,6 +147,14 @@ fn default_true() -> bool {
 }
 fn default_lease_ttl() -> u64 {
     7 * 24 * 3600
+}
+
+/// A file without a `[sandbox]` table gets the same defaults as an empty one (a derived
+/// `Default` would give zeros, e.g. a 0-byte /tmp).
+impl Default for RawSandbox {
+    fn default() -> Self {
+        toml::from_str("").expect("every sandbox key has a default")
+    }
 }
 
 impl Default for RawAuthz {
@@ -606,6 +614,18 @@ scratch_root = "/var/lib/mupilot-test-swd-unit/scratch"
         assert_eq!(c.sandbox.network, NetworkMode::None);
         assert_eq!(c.min_uid, 1000);
         assert!(c.vo("demo").is_some());
+    }
+
+    #[test]
+    fn no_sandbox_table_means_the_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = GOOD.split("[sandbox]").next().unwrap();
+        let c = SwitchConfig::load(&write_setup(dir.path(), body)).unwrap();
+        assert_eq!(c.sandbox.scratch_root, Path::new(DEFAULT_SCRATCH_ROOT));
+        assert_eq!(c.sandbox.tmp_size_bytes, 256 << 20);
+        assert_eq!((c.sandbox.pids_max, c.sandbox.nofile), (4096, 4096));
+        assert_eq!(c.sandbox.warm_stages, 2);
+        assert!(c.sandbox.allow_user_namespaces);
     }
 
     #[test]

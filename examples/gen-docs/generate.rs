@@ -9,8 +9,11 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-/// Each program: its name, its man section and its command-line definition.
-pub const PROGRAMS: [(&str, &str, fn() -> clap::Command); 3] = [
+/// A program: its name, its man section and its command-line definition.
+pub type Program = (&'static str, &'static str, fn() -> clap::Command);
+
+/// The three programs.
+pub const PROGRAMS: [Program; 3] = [
     ("mupilot", "1", mupilot::pilot::cli::command),
     ("mupilot-switch", "8", mupilot::switch::cli::command),
     ("mupilot-server", "8", mupilot::server::cli::command),

@@ -299,14 +299,21 @@ mod tests {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
     }
 
+    /// A directory outside /tmp (private per payload, so refused as a scratch parent).
+    fn var_lib_dir(mode: u32) -> tempfile::TempDir {
+        let d = tempfile::Builder::new()
+            .prefix("mupilot-test-check-")
+            .tempdir_in("/var/lib")
+            .unwrap();
+        chmod(d.path(), mode);
+        d
+    }
+
     const MAP: &str = "\"/DC=org/CN=a\" nobody\n";
 
     #[test]
     fn scratch_inside_the_state_dir_is_named_with_the_fix() {
-        let dir = tempfile::Builder::new()
-            .prefix("mupilot-test-check-")
-            .tempdir_in("/var/lib")
-            .unwrap();
+        let dir = var_lib_dir(0o755);
         let c = config(dir.path(), MAP, "", &dir.path().join("state/scratch"));
         let p = problems(&c);
         assert_eq!(p.len(), 1, "{p:?}");
@@ -326,11 +333,7 @@ mod tests {
     fn scratch_parents_must_be_searchable_and_root_writable_only() {
         let dir = tempfile::tempdir().unwrap();
         // Outside /tmp (private per payload), like a real scratch root; tempdirs are 0700.
-        let parent = tempfile::Builder::new()
-            .prefix("mupilot-test-check-")
-            .tempdir_in("/var/lib")
-            .unwrap();
-        chmod(parent.path(), 0o700);
+        let parent = var_lib_dir(0o700);
         let root = parent.path().join("scratch");
         let c = config(dir.path(), MAP, "", &root);
         let p = problems(&c);
@@ -377,11 +380,7 @@ mod tests {
     #[test]
     fn audit_and_state_dirs_must_be_root_only() {
         let dir = tempfile::tempdir().unwrap();
-        let scratch = tempfile::Builder::new()
-            .prefix("mupilot-test-check-")
-            .tempdir_in("/var/lib")
-            .unwrap();
-        chmod(scratch.path(), 0o755);
+        let scratch = var_lib_dir(0o755);
         let c = config(dir.path(), MAP, "", &scratch.path().join("s"));
         assert_eq!(problems(&c), vec![]);
         chmod(&dir.path().join("log"), 0o755);
@@ -408,11 +407,7 @@ mod tests {
     #[test]
     fn pools_need_a_gridmapdir_with_existing_accounts() {
         let dir = tempfile::tempdir().unwrap();
-        let scratch = tempfile::Builder::new()
-            .prefix("mupilot-test-check-")
-            .tempdir_in("/var/lib")
-            .unwrap();
-        chmod(scratch.path(), 0o755);
+        let scratch = var_lib_dir(0o755);
         let s = scratch.path().join("s");
         let map = format!("{MAP}\"/DC=org/CN=p\" .nobod\n");
         let c = config(dir.path(), &map, "", &s);

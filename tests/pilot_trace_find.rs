@@ -4,6 +4,8 @@
 //! commands refuse to guess between several. Runs the real binary as an unprivileged account
 //! (`nobody`), with logs written by the records' chain writer.
 
+mod pilot_support;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
@@ -115,4 +117,25 @@ fn trace_commands_find_the_pilot_accounts_logs() {
         &["show", "p-1", "--log", log.to_str().unwrap()],
     );
     assert_eq!(code, 0, "{out}{err}");
+}
+
+#[test]
+fn mupilot_work_is_the_pilots_default_work_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pilot_support::pki(dir.path());
+    let missing = dir.path().join("no-helper.sock");
+    let cfg = pilot_support::pilot_toml(dir.path(), &pki, "https://127.0.0.1:9", &missing, "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("work_dir = \"work\"\n", "")).unwrap();
+    let work = dir.path().join("from-env");
+    let out = Command::new(env!("CARGO_BIN_EXE_mupilot"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env("MUPILOT_WORK", &work)
+        .output()
+        .unwrap();
+    // No helper on this socket: the pilot stops (exit 4) after opening its trace log.
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(work.join("trace.jsonl").is_file(), "{out:?}");
+    assert!(!dir.path().join("work").exists());
 }

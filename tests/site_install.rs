@@ -356,17 +356,16 @@ fn run_guide() {
         0,
         "scratch directories are removed"
     );
+    // The installed page is found by name (man-db: scripts/test.sh installs it).
     let man = Command::new("man")
         .args(["-w", "mupilot-switch-check-config"])
-        .output();
-    if let Ok(man) = man {
-        // Where man-db is installed, the installed page is found by name.
-        assert!(
-            String::from_utf8_lossy(&man.stdout)
-                .contains("/usr/share/man/man8/mupilot-switch-check-config.8"),
-            "{man:?}"
-        );
-    }
+        .output()
+        .expect("man (man-db) is installed");
+    assert!(
+        String::from_utf8_lossy(&man.stdout)
+            .contains("/usr/share/man/man8/mupilot-switch-check-config.8"),
+        "{man:?}"
+    );
     let log = helper.log();
     assert!(helper.stop(), "the helper did not stop on SIGTERM:\n{log}");
 }

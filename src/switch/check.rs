@@ -115,7 +115,7 @@ fn scratch_root(cfg: &SwitchConfig) -> Vec<Problem> {
                 KEY,
                 root,
                 format!(
-                    "is inside {}, which is root-only (mode 0700): payload accounts cannot reach their scratch directory (\"chdir to scratch: Permission denied\")",
+                    "is inside {}, a directory that must stay root-only (0700): payload accounts cannot reach their scratch directory (\"chdir to scratch: Permission denied\")",
                     private.display()
                 ),
                 fix_path.clone(),

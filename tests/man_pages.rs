@@ -95,7 +95,10 @@ fn every_command_has_a_page_and_completions() {
         .unwrap();
     assert!(st.success());
 
-    // man renders a page (man-db's `man -l`, through groff) and says nothing on stderr.
+    // man renders every page (man-db's `man -l`, through groff) and says nothing on stderr.
+    for p in &pages {
+        assert!(render(p).contains("NAME"), "{}", p.display());
+    }
     let out = render(&man.join("mupilot-switch-check-config.8"));
     assert!(out.contains("mupilot-switch-check-config"), "{out}");
     assert!(out.contains("--config"), "{out}");

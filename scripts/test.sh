@@ -13,7 +13,7 @@ source scripts/lib/demo-env.sh
 need_root
 
 log "installing test prerequisites"
-apt_install jq python3 iproute2 procps util-linux passwd
+apt_install jq python3 iproute2 procps util-linux passwd man-db
 
 LOGDIR=$(mktemp -d /tmp/mupilot-test.XXXXXX)
 passed=0

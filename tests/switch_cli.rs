@@ -128,3 +128,178 @@ fn usage_errors_exit_2_and_help_exits_0() {
     let (code, out) = cli(&["audit", "verify", "--log", "/nonexistent/swd-audit.jsonl"]);
     assert_eq!(code, 2, "{out}");
 }
+
+/// Runs check-config on `text` (written as bad.toml beside the site's files).
+fn check(site: &Site, text: &str) -> (i32, String) {
+    let bad = site.path("bad.toml");
+    std::fs::write(&bad, text).unwrap();
+    cli(&["check-config", "--config", bad.to_str().unwrap()])
+}
+
+#[test]
+fn check_config_names_each_site_problem_with_its_fix() {
+    let _u = Users::acquire();
+    let site = Site::new();
+    let text = std::fs::read_to_string(&site.config).unwrap();
+    let (code, out) = check(&site, &text);
+    assert_eq!(code, 0, "{out}");
+    let scratch_parent = site.scratch.path();
+    let scratch = scratch_parent.join("scratch");
+    let scratch_line = format!("scratch_root = \"{}\"", scratch.display());
+    assert!(text.contains(&scratch_line));
+
+    // The layout the guide documented before: scratch below the 0700 state directory.
+    let state = scratch_parent.join("state");
+    let inside = text
+        .replace(
+            "state_dir = \"state\"",
+            &format!("state_dir = \"{}\"", state.display()),
+        )
+        .replace(
+            &scratch_line,
+            &format!("scratch_root = \"{}/scratch\"", state.display()),
+        );
+    let (code, out) = check(&site, &inside);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("1 problem(s)"), "{out}");
+    assert!(
+        out.contains(&format!("bad.toml: key 'sandbox.scratch_root' = {}/scratch: is inside {}", state.display(), state.display()))
+            && out.contains("fix: set sandbox.scratch_root to a directory outside every root-only directory, e.g. /var/spool/mupilot"),
+        "{out}"
+    );
+
+    // A parent the payload accounts cannot search.
+    std::fs::set_permissions(scratch_parent, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (code, out) = check(&site, &text);
+    std::fs::set_permissions(scratch_parent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("not searchable by the payload accounts")
+            && out.contains(&format!("fix: chmod o+x {}", scratch_parent.display())),
+        "{out}"
+    );
+
+    // A scratch root an account can write.
+    std::fs::create_dir(&scratch).unwrap();
+    std::fs::set_permissions(&scratch, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let (code, out) = check(&site, &text);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("can be written by an account other than root") && out.contains("chmod go-w"),
+        "{out}"
+    );
+    std::fs::set_permissions(&scratch, std::fs::Permissions::from_mode(0o711)).unwrap();
+
+    // An audit directory others can read.
+    std::fs::set_permissions(site.path("log"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (code, out) = check(&site, &text);
+    std::fs::set_permissions(site.path("log"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("key 'audit_log'") && out.contains("mode 0755") && out.contains("chmod 0700"),
+        "{out}"
+    );
+
+    // A pool without accounts: no gridmapdir, then an empty one.
+    std::fs::write(
+        site.path("pool-map"),
+        "\"/CN=swd pooled\" .mpt-swd-nopool\n",
+    )
+    .unwrap();
+    let pooled = text.replace("\"grid-mapfile\"", "\"pool-map\"");
+    let (code, out) = check(&site, &pooled);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("pool-map line 1 maps \"/CN=swd pooled\" to pool '.mpt-swd-nopool', but no authz.gridmapdir is configured"), "{out}");
+    std::fs::create_dir(site.path("gridmapdir")).unwrap();
+    let with_dir = pooled.replace(
+        "[sandbox]",
+        "[authz]\ngridmapdir = \"gridmapdir\"\n[sandbox]",
+    );
+    let (code, out) = check(&site, &with_dir);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("holds 0 file(s) named mpt-swd-nopool*")
+            && out.contains("useradd mpt-swd-nopool001"),
+        "{out}"
+    );
+
+    // A referenced file that is missing is named too (load's checks run first).
+    let (code, out) = check(
+        &site,
+        &text.replace(
+            "[sandbox]",
+            "[authz]\nsite_policy = \"nope.policy\"\n[sandbox]",
+        ),
+    );
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("key 'authz.site_policy'") && out.contains("nope.policy"),
+        "{out}"
+    );
+
+    let (code, out) = check(&site, &text);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn audit_who_at_now_and_at_a_fraction_of_a_second() {
+    let _u = Users::acquire();
+    let site = Site::new();
+    let d = site.start();
+    let mut c = Client::hello(&site.socket, Client::default_hello());
+    let body = site.body(DN_ALICE, &["/bin/sleep", "30"]);
+    let id = body.payload_id.clone();
+    match c.launch(&site.sign(&body), None) {
+        mupilot::protocol::switch_wire::SwitchEvent::Started { .. } => {}
+        other => panic!("expected started, got {other:?}"),
+    }
+    let cfg = site.config.to_str().unwrap();
+    let who = |at: &str| {
+        cli(&[
+            "audit",
+            "who",
+            "--account",
+            ACCT,
+            "--at",
+            at,
+            "--config",
+            cfg,
+        ])
+    };
+    let (code, out) = who("now");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&id) && out.contains("still running"), "{out}");
+
+    // One microsecond before the start nobody held it, at the start the payload did; the
+    // answer repeats the moment to the microsecond.
+    let start = site
+        .records_of(&id)
+        .into_iter()
+        .find(|r| r["event"] == "start")
+        .unwrap();
+    let t = chrono::DateTime::parse_from_rfc3339(
+        start["start"].as_str().or(start["time"].as_str()).unwrap(),
+    )
+    .unwrap()
+    .with_timezone(&chrono::Utc);
+    let fmt =
+        |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+    let before = fmt(t - chrono::Duration::microseconds(1));
+    let (code, out) = who(&before);
+    assert_eq!(
+        (code, out.trim()),
+        (
+            1,
+            format!("nobody held account {ACCT} at {}", before).as_str()
+        )
+    );
+    let exact = fmt(t + chrono::Duration::microseconds(1));
+    let (code, out) = who(&exact);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.starts_with(&format!("account {ACCT} at {exact} was held by:")),
+        "{out}"
+    );
+    drop(c);
+    d.stop();
+}

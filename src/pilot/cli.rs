@@ -65,12 +65,19 @@ enum Command {
     },
     /// The pilot's trace log: list, show, verify, export (for the VO's incident response).
     Trace {
-        /// pilot.toml, for the trace log path (or give --log FILE to each command).
+        /// pilot.toml, for the trace log path. Without it: --log FILE, else
+        /// $MUPILOT_WORK/trace.jsonl, else this account's $TMPDIR/mupilot-*/trace.jsonl.
         #[arg(long, global = true, value_name = "FILE")]
         config: Option<PathBuf>,
         #[command(subcommand)]
         command: super::trace_query::TraceCommand,
     },
+}
+
+/// The command-line definition, for generated man pages and shell completions
+/// (examples/gen-docs).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
 }
 
 /// Runs the command line; returns the process exit code.
@@ -250,15 +257,14 @@ fn limits(json: bool, config: Option<&Path>) -> i32 {
     slot::limits_main(json, &overrides)
 }
 
-/// `trace ...`: the log from pilot.toml, or each command's --log.
+/// `trace ...`: the log from pilot.toml, else found (`--log`, `$MUPILOT_WORK`, the account's
+/// default work directories).
 fn trace(config: Option<PathBuf>, cmd: &super::trace_query::TraceCommand) -> i32 {
-    let log = match config {
+    match config {
         Some(c) => match load_config(&c) {
-            Ok(cfg) => cfg.trace_log,
-            Err(code) => return code,
+            Ok(cfg) => super::trace_query::run(cmd, &cfg.trace_log),
+            Err(code) => code,
         },
-        // Without a config each command needs --log; this default only names what is missing.
-        None => PathBuf::from("trace.jsonl"),
-    };
-    super::trace_query::run(cmd, &log)
+        None => super::trace_query::run_found(cmd),
+    }
 }

@@ -146,6 +146,9 @@ impl PilotConfig {
         let work_dir = raw
             .work_dir
             .map(abs)
+            .or_else(|| {
+                super::trace_query::work_env().map(|w| std::path::absolute(&w).unwrap_or(w))
+            })
             .unwrap_or_else(|| std::env::temp_dir().join(format!("mupilot-{pilot_id}")));
         let trace_log = raw
             .trace_log

@@ -34,7 +34,7 @@ pub struct WhoArgs {
     /// Account name
     #[arg(long, value_name = "NAME")]
     pub account: Option<String>,
-    /// The moment: RFC 3339, or "YYYY-MM-DD HH:MM[:SS]" in UTC
+    /// The moment: RFC 3339, "YYYY-MM-DD HH:MM[:SS[.ffffff]]" in UTC, or "now"
     #[arg(long, value_name = "TIME")]
     pub at: String,
     /// Print JSON instead of text
@@ -50,10 +50,10 @@ pub struct ListArgs {
     /// Only records of payloads owned by this DN (e.g. "/DC=org/DC=example/CN=alice")
     #[arg(long, value_name = "DN")]
     pub owner: Option<String>,
-    /// Only records at or after this time
+    /// Only records at or after this time (as --at of who, e.g. "now")
     #[arg(long, value_name = "TIME")]
     pub since: Option<String>,
-    /// Only records at or before this time
+    /// Only records at or before this time (as --at of who)
     #[arg(long, value_name = "TIME")]
     pub until: Option<String>,
     /// Only records of this payload id
@@ -189,19 +189,30 @@ fn fail(io: &mut Out, msg: impl std::fmt::Display) -> i32 {
     2
 }
 
+/// A time given on the command line: what [`parse_user_time`] reads, or `now` (to the
+/// microsecond, the records' precision).
+fn user_time(s: &str) -> Result<DateTime<Utc>, String> {
+    if s.trim().eq_ignore_ascii_case("now") {
+        let now = Utc::now();
+        return Ok(DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now));
+    }
+    parse_user_time(s)
+}
+
 fn opt_time(s: &Option<String>, flag: &str) -> Result<Option<DateTime<Utc>>, String> {
     s.as_deref()
-        .map(|t| parse_user_time(t).map_err(|e| format!("{flag}: {e}")))
+        .map(|t| user_time(t).map_err(|e| format!("{flag}: {e}")))
         .transpose()
 }
 
+/// A queried moment as given: fractional seconds kept, none printed when there are none.
 fn secs(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
 
 /// `audit who`.
 pub fn who_main(args: &WhoArgs, default_log: &Path, io: &mut Out) -> i32 {
-    let at = match parse_user_time(&args.at) {
+    let at = match user_time(&args.at) {
         Ok(t) => t,
         Err(e) => return fail(io, format!("--at: {e}")),
     };

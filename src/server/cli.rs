@@ -238,6 +238,12 @@ impl ConnArgs {
     }
 }
 
+/// The command-line definition, for generated man pages and shell completions
+/// (examples/gen-docs).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 /// Runs the command line; returns the process exit code.
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {

@@ -45,7 +45,8 @@ enum Command {
         #[arg(long, short, default_value = DEFAULT_CONFIG, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Load and validate a configuration, print a summary; exit 0 when usable, 2 when not.
+    /// Load and validate a configuration and the site it names (directory modes, pool
+    /// accounts), print a summary and every problem with its fix; exit 0 when usable, 2 when not.
     CheckConfig {
         #[arg(long, short, default_value = DEFAULT_CONFIG, value_name = "FILE")]
         config: PathBuf,
@@ -89,6 +90,12 @@ enum PolicyCommand {
         #[arg(long, value_name = "FILE|-")]
         request: PathBuf,
     },
+}
+
+/// The command-line definition, for generated man pages and shell completions
+/// (examples/gen-docs).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
 }
 
 /// Runs the command line; returns the process exit code.
@@ -147,7 +154,12 @@ fn check_config(config: &Path) -> i32 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    println!("{}: ok", cfg.path.display());
+    let problems = super::check::problems(&cfg);
+    if problems.is_empty() {
+        println!("{}: ok", cfg.path.display());
+    } else {
+        println!("{}: {} problem(s)", cfg.path.display(), problems.len());
+    }
     println!("  socket         {}", cfg.socket.display());
     let pilots: Vec<String> = cfg
         .allowed_pilots
@@ -167,7 +179,19 @@ fn check_config(config: &Path) -> i32 {
         );
     }
     println!("  scratch_root   {}", cfg.sandbox.scratch_root.display());
-    EXIT_OK
+    for p in &problems {
+        eprintln!("mupilot-switch: {p}");
+    }
+    if problems.is_empty() {
+        EXIT_OK
+    } else {
+        eprintln!(
+            "mupilot-switch: {}: {} problem(s); the helper would refuse or fail payloads until they are fixed",
+            cfg.path.display(),
+            problems.len()
+        );
+        EXIT_USAGE
+    }
 }
 
 fn leases(config: &Path, json: bool) -> i32 {

@@ -23,6 +23,11 @@ const MAX_WARM_STAGES: usize = 16;
 /// Where the helper looks for its config when none is given.
 pub const DEFAULT_CONFIG: &str = "/etc/mupilot/switch.toml";
 
+/// The default scratch root: not below the root-only state directory (payload accounts must
+/// traverse every parent), nor below the per-payload private /tmp, /var/tmp, /dev/shm
+/// (docs/security-model.md, "Scratch").
+pub const DEFAULT_SCRATCH_ROOT: &str = "/var/spool/mupilot";
+
 /// An allowed pilot as written in the file: an account name or a numeric uid.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -80,7 +85,7 @@ struct RawAuthz {
     lease_ttl_seconds: u64,
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSandbox {
     scratch_root: Option<PathBuf>,
@@ -142,6 +147,14 @@ fn default_true() -> bool {
 }
 fn default_lease_ttl() -> u64 {
     7 * 24 * 3600
+}
+
+/// A file without a `[sandbox]` table gets the same defaults as an empty one (a derived
+/// `Default` would give zeros, e.g. a 0-byte /tmp).
+impl Default for RawSandbox {
+    fn default() -> Self {
+        toml::from_str("").expect("every sandbox key has a default")
+    }
 }
 
 impl Default for RawAuthz {
@@ -400,7 +413,8 @@ fn validate(raw: RawConfig, base: &Path) -> Result<SwitchConfig, KeyErr> {
     let s = raw.sandbox;
     let scratch_root = resolve(
         base,
-        s.scratch_root.unwrap_or_else(|| state_dir.join("scratch")),
+        s.scratch_root
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SCRATCH_ROOT)),
     );
     if ["/tmp", "/var/tmp", "/dev/shm"]
         .iter()
@@ -409,7 +423,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<SwitchConfig, KeyErr> {
         return Err(bad(
             "sandbox.scratch_root",
             format!(
-                "{} is below /tmp, /var/tmp or /dev/shm, which are private per payload; use a directory such as /var/lib/mupilot/scratch",
+                "{} is below /tmp, /var/tmp or /dev/shm, which are private per payload; use a directory such as {DEFAULT_SCRATCH_ROOT}",
                 scratch_root.display()
             ),
         ));
@@ -600,6 +614,18 @@ scratch_root = "/var/lib/mupilot-test-swd-unit/scratch"
         assert_eq!(c.sandbox.network, NetworkMode::None);
         assert_eq!(c.min_uid, 1000);
         assert!(c.vo("demo").is_some());
+    }
+
+    #[test]
+    fn no_sandbox_table_means_the_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = GOOD.split("[sandbox]").next().unwrap();
+        let c = SwitchConfig::load(&write_setup(dir.path(), body)).unwrap();
+        assert_eq!(c.sandbox.scratch_root, Path::new(DEFAULT_SCRATCH_ROOT));
+        assert_eq!(c.sandbox.tmp_size_bytes, 256 << 20);
+        assert_eq!((c.sandbox.pids_max, c.sandbox.nofile), (4096, 4096));
+        assert_eq!(c.sandbox.warm_stages, 2);
+        assert!(c.sandbox.allow_user_namespaces);
     }
 
     #[test]

@@ -7,13 +7,15 @@
 //! state, accept loop, shutdown), [`connection`] (one pilot), [`launch`] (the checks in
 //! order), [`authorize`] (the local decision), [`gridmap`] (the mapping file), [`accounts`]
 //! (account lookup and refusals), [`leases`] (pool accounts), [`replay`] (seen nonces), [`registry`] (running payloads and
-//! slots), [`audit`] and [`syslog`] (records), [`sandbox`] (the payload's isolation).
+//! slots), [`audit`] and [`syslog`] (records), [`sandbox`] (the payload's isolation), [`check`]
+//! (check-config's site checks).
 
 pub mod accounts;
 pub mod activation;
 pub mod audit;
 pub mod audit_query;
 pub mod authorize;
+pub mod check;
 pub mod cli;
 pub mod command;
 pub mod config;

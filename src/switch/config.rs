@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::gridmap::Gridmap;
-use super::sandbox::{NetworkMode, SandboxSettings};
+use super::sandbox::{IpcFallback, NetworkMode, SandboxSettings};
 
 use crate::protocol::VoVerifyingKey;
 
@@ -90,6 +90,8 @@ struct RawSandbox {
     pids_max: u64,
     #[serde(default)]
     network: NetworkMode,
+    #[serde(default)]
+    ipc_fallback: IpcFallback,
     #[serde(default = "default_env_allowlist")]
     env_allowlist: Vec<String>,
     #[serde(default = "default_nofile")]
@@ -456,6 +458,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<SwitchConfig, KeyErr> {
             tmp_size_bytes: s.tmp_size_bytes,
             pids_max: s.pids_max,
             network: s.network,
+            ipc_fallback: s.ipc_fallback,
             env_allowlist: s.env_allowlist,
             nofile: s.nofile,
             core_bytes: s.core_bytes,

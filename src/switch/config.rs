@@ -601,6 +601,10 @@ scratch_root = "/var/lib/mupilot-test-swd-unit/scratch"
         let e = SwitchConfig::load(&p).unwrap_err().to_string();
         assert!(e.contains("key 'sandbox.scratch_root'"), "{e}");
         assert_eq!(c.sandbox.network, NetworkMode::None);
+        assert_eq!(c.sandbox.ipc_fallback, IpcFallback::Refuse, "the default");
+        let p = write_setup(dir.path(), &format!("{GOOD}ipc_fallback = \"loopback\"\n"));
+        let l = SwitchConfig::load(&p).unwrap();
+        assert_eq!(l.sandbox.ipc_fallback, IpcFallback::Loopback);
         assert_eq!(c.min_uid, 1000);
         assert!(c.vo("demo").is_some());
     }

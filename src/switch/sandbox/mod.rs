@@ -65,6 +65,17 @@ pub enum NetworkMode {
     Loopback,
 }
 
+impl NetworkMode {
+    /// As written in switch.toml and on the stage's command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkMode::Host => "host",
+            NetworkMode::None => "none",
+            NetworkMode::Loopback => "loopback",
+        }
+    }
+}
+
 /// Site settings for every sandbox (from switch.toml).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SandboxSettings {

@@ -54,11 +54,7 @@ pub struct IpcIsolation {
 
 impl std::fmt::Display for IpcIsolation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let net = match self.network {
-            NetworkMode::Host => "host",
-            NetworkMode::None => "none",
-            NetworkMode::Loopback => "loopback",
-        };
+        let net = self.network.as_str();
         match self.landlock {
             true => write!(
                 f,

@@ -83,14 +83,9 @@ pub(crate) struct Preparation {
 impl Preparation {
     /// The stage's arguments after `stage`.
     pub fn args(&self) -> [String; 6] {
-        let network = match self.network {
-            NetworkMode::Host => "host",
-            NetworkMode::None => "none",
-            NetworkMode::Loopback => "loopback",
-        };
         [
             "--network".into(),
-            network.into(),
+            self.network.as_str().into(),
             "--landlock".into(),
             if self.landlock { "yes" } else { "no" }.into(),
             "--tmp-size-bytes".into(),

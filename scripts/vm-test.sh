@@ -403,8 +403,18 @@ mount -t tmpfs -o mode=1777 tmpfs /dev/shm || err "mount /dev/shm"
 mount -t mqueue mqueue /dev/mqueue 2>/dev/null
 mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup || err "mount cgroup2"
 echo '+memory +cpu +pids' >/sys/fs/cgroup/cgroup.subtree_control || err "enable memory cpu pids controllers"
-mount -t tmpfs -o mode=1777 tmpfs /tmp || err "mount /tmp"
-mount -t tmpfs -o mode=0755 tmpfs /run || err "mount /run"
+# /tmp and /run are tmpfs mounts of their own, as on a host; what --bin/--file put below them
+# (a repository cloned under /tmp has its test binaries there) moves onto the new mount
+# instead of being hidden by it.
+for d in /tmp:1777 /run:0755; do
+    mode=${d#*:}
+    d=${d%:*}
+    mv "$d" "$d.initramfs" || err "move $d aside"
+    mkdir "$d"
+    mount -t tmpfs -o mode="$mode" tmpfs "$d" || err "mount $d"
+    cp -a "$d.initramfs/." "$d/" || err "copy the initramfs' $d onto its tmpfs"
+    rm -rf "$d.initramfs"
+done
 # A normal systemd host has / shared; tests of mount propagation must see the same.
 mount --make-rshared / || err "make / shared"
 hostname mupilot-vm

@@ -10,6 +10,8 @@
 //! ```text
 //! attack ptrace PID                  PTRACE_ATTACH then PTRACE_SEIZE on PID
 //! attack kill PID                    kill(PID, 0) and kill(PID, SIGKILL)
+//! attack ns-spawn PID UID GID SECS   (root, outside) start a process as UID:GID in the pid
+//!                                    namespace of PID, print `SPAWNED <its pid there>`, sleep
 //! attack ipc-create NAME KEY         POSIX shm + mqueue NAME, SysV sem + msg KEY, all mode 0666
 //! attack ipc-open NAME KEY           open the four objects above
 //! attack ipc-remove NAME KEY         remove them again (cleanup)
@@ -505,11 +507,46 @@ fn userns_cgroup(dir: &str) {
     }
 }
 
+/// A process that is in a payload's pid namespace but not in its sandbox (as an admin's
+/// `nsenter` would make): setns to PID's pid namespace, fork (the child is the one inside),
+/// drop to UID:GID, report the pid the payload sees, sleep. The parent waits for it.
+fn ns_spawn(pid: i32, uid: u32, gid: u32, secs: u64) {
+    use std::os::fd::AsFd;
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/pid")).unwrap_or_else(|e| {
+        eprintln!("ns-spawn: /proc/{pid}/ns/pid: {e}");
+        std::process::exit(1)
+    });
+    nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWPID).unwrap();
+    // SAFETY: this program is single-threaded; the child only makes system calls and prints.
+    match unsafe { nix::unistd::fork() }.unwrap() {
+        nix::unistd::ForkResult::Child => {
+            let g = nix::unistd::Gid::from_raw(gid);
+            let u = nix::unistd::Uid::from_raw(uid);
+            nix::unistd::setgroups(&[g]).unwrap();
+            nix::unistd::setresgid(g, g, g).unwrap();
+            nix::unistd::setresuid(u, u, u).unwrap();
+            println!("SPAWNED {}", std::process::id());
+            let _ = std::io::stdout().flush();
+            std::thread::sleep(Duration::from_secs(secs));
+            std::process::exit(0)
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            let _ = nix::sys::wait::waitpid(child, None);
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match arg(&args, 1) {
         "ptrace" => ptrace(num(arg(&args, 2))),
         "kill" => kill(num(arg(&args, 2))),
+        "ns-spawn" => ns_spawn(
+            num(arg(&args, 2)),
+            num(arg(&args, 3)),
+            num(arg(&args, 4)),
+            num(arg(&args, 5)),
+        ),
         "ipc-create" => ipc_create(arg(&args, 2), num(arg(&args, 3))),
         "ipc-open" => ipc_open(arg(&args, 2), num(arg(&args, 3))),
         "ipc-remove" => ipc_remove(arg(&args, 2), num(arg(&args, 3))),

@@ -47,7 +47,9 @@ cargo build --locked --release
 
 host_tests() {
     local out=$LOGDIR/cargo-test.log rc=0
-    cargo test --locked --all-targets 2>&1 | tee "$out" || rc=$?
+    # --no-fail-fast: every test binary runs, so the count below is the whole suite's even
+    # when one binary has failures (cargo test stops at the first failing binary otherwise).
+    cargo test --locked --all-targets --no-fail-fast 2>&1 | tee "$out" || rc=$?
     count_cargo "$out"
     return $rc
 }
@@ -59,7 +61,7 @@ if [ -z "${SKIP_SLURM:-}" ] && [ -x scripts/slurm.sh ]; then
         scripts/slurm.sh start
         # shellcheck disable=SC1090
         source <(scripts/slurm.sh env)
-        cargo test --locked --features slurm-tests --test slurm 2>&1 | tee "$out" || rc=$?
+        cargo test --locked --no-fail-fast --features slurm-tests --test slurm 2>&1 | tee "$out" || rc=$?
         scripts/slurm.sh stop || rc=1
         count_cargo "$out"
         return $rc

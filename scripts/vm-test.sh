@@ -94,6 +94,56 @@ parse_args() {
     done
 }
 
+# ensure_qemu: sets QEMU (the command, as an array). The host's qemu-system-x86_64 when it has
+# one; else Debian's qemu-system-x86, installed when that removes nothing; else the same
+# packages unpacked into $CACHE/qemu/root and never installed. The last case is real: a host
+# with qemu-utils from another release (e.g. 1:10.0 from bookworm-backports, which Breaks
+# qemu-system-common << 1:8.0) cannot take the release's qemu-system-x86 (1:7.2) without apt
+# removing that qemu-utils, and a test script must not remove what the machine has.
+ensure_qemu() {
+    if command -v qemu-system-x86_64 >/dev/null; then
+        QEMU=(qemu-system-x86_64)
+        return
+    fi
+    local root=$CACHE/qemu/root
+    mkdir -p "$CACHE/qemu"
+    exec 7>"$CACHE/qemu/.lock"
+    flock -w 600 7 || fail "another vm-test.sh holds $CACHE/qemu/.lock for over 600 s"
+    if [ ! -x "$root/usr/bin/qemu-system-x86_64" ]; then
+        local plan
+        plan=$(apt-get -s -q install --no-install-recommends qemu-system-x86 2>/dev/null) || plan=""
+        if [ -z "$plan" ]; then
+            apt-get -q -o DPkg::Lock::Timeout=600 update >&2 || warn "apt-get update failed"
+            plan=$(apt-get -s -q install --no-install-recommends qemu-system-x86 2>/dev/null) ||
+                fail "apt-get cannot plan an install of qemu-system-x86; check the package lists (apt-get update)"
+        fi
+        if ! grep -q '^Remv ' <<<"$plan"; then
+            flock -u 7
+            apt_install qemu-system-x86
+            QEMU=(qemu-system-x86_64)
+            return
+        fi
+        local removes pkgs tmp deb
+        removes=$(awk '/^Remv / { print $2 }' <<<"$plan" | tr '\n' ' ')
+        pkgs=$(awk '/^Inst / { print $2 }' <<<"$plan")
+        log "installing qemu-system-x86 would remove ${removes}(installed from another release); unpacking it into $root instead (once, never installed)"
+        tmp=$(mktemp -d "$CACHE/qemu/.extract.XXXXXX")
+        # shellcheck disable=SC2086 # one package name per word
+        (cd "$tmp" && apt-get -q -o APT::Sandbox::User=root download $pkgs >&2) ||
+            { rm -rf "$tmp"; fail "apt-get download of qemu-system-x86 and its libraries failed; check the network to the Debian mirror"; }
+        for deb in "$tmp"/*.deb; do
+            dpkg-deb -x "$deb" "$tmp/root" || { rm -rf "$tmp"; fail "dpkg-deb -x $deb failed"; }
+        done
+        rm -rf "$root"
+        mv "$tmp/root" "$root"
+        rm -rf "$tmp"
+    fi
+    flock -u 7
+    # The unpacked libraries first, the firmware (SeaBIOS, option ROMs) from the unpacked tree.
+    QEMU=(env "LD_LIBRARY_PATH=$root/usr/lib/x86_64-linux-gnu:$root/lib/x86_64-linux-gnu"
+        "$root/usr/bin/qemu-system-x86_64" -L "$root/usr/share/qemu" -L "$root/usr/share/seabios")
+}
+
 # ensure_kernel: sets KERNEL, KVER and KROOT (a tree with lib/modules/KVER) for the kernel that
 # Debian's linux-image-amd64 currently depends on, downloading and extracting it once into CACHE.
 ensure_kernel() {
@@ -353,8 +403,18 @@ mount -t tmpfs -o mode=1777 tmpfs /dev/shm || err "mount /dev/shm"
 mount -t mqueue mqueue /dev/mqueue 2>/dev/null
 mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup || err "mount cgroup2"
 echo '+memory +cpu +pids' >/sys/fs/cgroup/cgroup.subtree_control || err "enable memory cpu pids controllers"
-mount -t tmpfs -o mode=1777 tmpfs /tmp || err "mount /tmp"
-mount -t tmpfs -o mode=0755 tmpfs /run || err "mount /run"
+# /tmp and /run are tmpfs mounts of their own, as on a host; what --bin/--file put below them
+# (a repository cloned under /tmp has its test binaries there) moves onto the new mount
+# instead of being hidden by it.
+for d in /tmp:1777 /run:0755; do
+    mode=${d#*:}
+    d=${d%:*}
+    mv "$d" "$d.initramfs" || err "move $d aside"
+    mkdir "$d"
+    mount -t tmpfs -o mode="$mode" tmpfs "$d" || err "mount $d"
+    cp -a "$d.initramfs/." "$d/" || err "copy the initramfs' $d onto its tmpfs"
+    rm -rf "$d.initramfs"
+done
 # A normal systemd host has / shared; tests of mount propagation must see the same.
 mount --make-rshared / || err "make / shared"
 hostname mupilot-vm
@@ -398,7 +458,7 @@ boot() {
     : >"$console"
     local t0 qpid
     t0=$(date +%s.%N)
-    qemu-system-x86_64 -nodefaults -no-user-config -nographic -no-reboot \
+    "${QEMU[@]}" -nodefaults -no-user-config -nographic -no-reboot \
         -accel "$accel" -cpu "$cpu" -m "$MEM" -smp "$SMP" \
         -kernel "$KERNEL" -initrd "$WORK/initrd.cpio" \
         -append "console=ttyS0 quiet loglevel=3 panic=-1 cgroup_no_v1=all random.trust_cpu=on $APPEND" \
@@ -456,7 +516,7 @@ boot() {
 # kvm_verdict: "ok", "broken" or "" (untested) for KVM on this host kernel and QEMU version;
 # a nested or half-working KVM can be far slower than TCG, so auto mode probes once and caches.
 kvm_key() {
-    echo "$(uname -r) $(qemu-system-x86_64 --version | head -n 1)"
+    echo "$(uname -r) $("${QEMU[@]}" --version | head -n 1)"
 }
 kvm_verdict() {
     local f=$CACHE/kvm-verdict
@@ -549,7 +609,8 @@ main() {
     fi
     parse_args "$@"
     need_root
-    apt_install qemu-system-x86 busybox-static cpio xz-utils
+    apt_install busybox-static cpio xz-utils
+    ensure_qemu
     ensure_kernel
     local t0
     t0=$(date +%s.%N)

@@ -13,24 +13,29 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use mupilot::switch::sandbox::{self, LaunchPlan, NetworkMode, Running, SandboxSettings};
-use sandbox_support::{plan, run, settings, ScratchRoot, TestUser};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+
+use mupilot::switch::sandbox::{
+    self, IpcFallback, LaunchPlan, NetworkMode, Running, SandboxSettings,
+};
+use sandbox_support::{
+    landlock_scopes, plan, run, settings, SandboxProgram, ScratchRoot, TestUser,
+};
 
 /// The built attack program: target/<profile>/examples/attack, beside this test's deps dir.
-fn attack() -> String {
+fn built_attack() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let p = exe
-        .parent()
+    exe.parent()
         .and_then(Path::parent)
         .unwrap()
-        .join("examples/attack");
-    assert!(
-        p.is_file(),
-        "{} is missing: build it with `cargo build --example attack` (cargo test and \
-         cargo build --all-targets build it)",
-        p.display()
-    );
-    p.display().to_string()
+        .join("examples/attack")
+}
+
+/// The attack program where payloads see it, for one test (removed after it): the build tree
+/// may be hidden inside the sandbox (a clone under /tmp).
+fn attack(test: &str) -> SandboxProgram {
+    SandboxProgram::copy(&built_attack(), &format!("atk-{test}"))
 }
 
 /// Starts a payload in the background; the thread returns its stdout and stderr.
@@ -71,7 +76,7 @@ fn ptrace_and_signals_cannot_reach_a_sibling_the_pilot_or_init() {
     let a = TestUser::get("mpt-atk-a");
     let root = ScratchRoot::new("atk-ptrace");
     let s = settings(&root.0);
-    let atk = attack();
+    let atk = attack("ptrace_and_signals_cannot_reach_a_sibling_the_pilot_or_init");
     let (victim, vt) = start(
         &s,
         plan(
@@ -135,7 +140,7 @@ fn ipc_objects_of_another_payload_are_out_of_reach() {
     let b = TestUser::get("mpt-atk-b");
     let root = ScratchRoot::new("atk-ipc");
     let s = settings(&root.0);
-    let atk = attack();
+    let atk = attack("ipc_objects_of_another_payload_are_out_of_reach");
     let name = format!("mpt-atk-{}", std::process::id());
     let key = 0x4d50_0000 + (std::process::id() as i32 & 0xffff);
     // The victim creates world-accessible objects (mode 0666), so permissions do not protect
@@ -180,7 +185,7 @@ fn ipc_objects_of_another_payload_are_out_of_reach() {
         "victim created and opened all: {vout}"
     );
     // Nothing reached the host's namespaces either.
-    let host = std::process::Command::new(&atk)
+    let host = std::process::Command::new(&*atk)
         .args(["ipc-open", &name, &key.to_string()])
         .output()
         .unwrap();
@@ -195,7 +200,7 @@ fn unix_sockets_of_another_payload_are_out_of_reach() {
     let root = ScratchRoot::new("atk-sock");
     let mut s = settings(&root.0);
     s.network = NetworkMode::Loopback;
-    let atk = attack();
+    let atk = attack("unix_sockets_of_another_payload_are_out_of_reach");
     let name = format!("mpt-atk-sock-{}", std::process::id());
     let victim_script = format!(
         "{atk} abstract-listen {name} 30 & {atk} unix-listen $HOME/sock 30 & \
@@ -234,19 +239,32 @@ fn unix_sockets_of_another_payload_are_out_of_reach() {
     );
 }
 
+/// How a connect to an abstract socket bound outside the payload fails under `network =
+/// "host"`: Landlock's scope refuses it (EPERM) where the kernel has ABI >= 6; elsewhere the
+/// tests' `ipc_fallback = "loopback"` gives each payload a network namespace of its own, and
+/// the name does not exist there (ECONNREFUSED).
+fn abstract_refusal() -> &'static str {
+    if landlock_scopes() {
+        "EPERM"
+    } else {
+        "ECONNREFUSED"
+    }
+}
+
 #[test]
-fn abstract_sockets_are_shared_with_network_host() {
-    // The documented limit of `network = "host"`: the abstract socket namespace belongs to the
-    // network namespace, so two payloads in the host's namespace reach each other. This test
-    // pins that behaviour (and proves the attack of the previous test is a real one).
+fn abstract_sockets_of_another_payload_are_out_of_reach_by_default() {
+    // The default `network = "host"`: every payload is in the host's network namespace, where
+    // abstract socket names are shared; only its Landlock domain (or, on an older kernel, the
+    // fallback's network namespace) keeps another payload out.
     let a = TestUser::get("mpt-atk-a");
     let b = TestUser::get("mpt-atk-b");
     let root = ScratchRoot::new("atk-host");
     let s = settings(&root.0);
     assert_eq!(s.network, NetworkMode::Host);
-    let atk = attack();
+    let atk = attack("abstract_sockets_of_another_payload_are_out_of_reach_by_default");
     let name = format!("mpt-atk-host-{}", std::process::id());
-    let (victim, _vt) = start(
+    // Control: a second process of the victim's own payload connects.
+    let (victim, vt) = start(
         &s,
         plan(
             "atk-host-v",
@@ -254,18 +272,168 @@ fn abstract_sockets_are_shared_with_network_host() {
             &[
                 "sh",
                 "-c",
-                &format!("{atk} abstract-listen {name} 30 & sleep 0.3; touch ready; {UNTIL_DONE}"),
+                &format!(
+                    "{atk} abstract-listen {name} 30 & sleep 0.3; {atk} abstract-connect {name}; \
+                     touch ready; {UNTIL_DONE}"
+                ),
             ],
         ),
     );
     wait_for(&victim.handle.scratch().join("ready"));
-    let (_, out) = run(
-        &s,
-        plan("atk-host-b", &b.account, &[&atk, "abstract-connect", &name]),
-    );
-    assert!(out.contains("SUCCEEDED connect abstract"), "{out}");
+    let refusal = abstract_refusal();
+    for (who, acct) in [("b", &b.account), ("a", &a.account)] {
+        let (o, out) = run(
+            &s,
+            plan(
+                &format!("atk-host-{who}"),
+                acct,
+                &[&atk, "abstract-connect", &name],
+            ),
+        );
+        assert_eq!(o.exit_code, Some(0), "{out}");
+        assert_eq!(
+            out.trim(),
+            format!("FAILED connect abstract {refusal}"),
+            "attacker {who}"
+        );
+    }
+    // Outside every payload (this test: the host's network namespace, no Landlock domain): with
+    // scoping the victim's socket is right there, so the refusals above are the scope's doing;
+    // with the fallback it lives in the victim's own namespace.
+    let host = std::process::Command::new(&*atk)
+        .args(["abstract-connect", &name])
+        .output()
+        .unwrap();
+    let host = String::from_utf8_lossy(&host.stdout);
+    match landlock_scopes() {
+        true => assert_eq!(host.trim(), "SUCCEEDED connect abstract"),
+        false => assert_eq!(host.trim(), "FAILED connect abstract ECONNREFUSED"),
+    }
     release(&victim);
-    victim.wait().unwrap();
+    let ov = victim.wait().unwrap();
+    let vout = vt.join().unwrap();
+    assert_eq!(ov.exit_code, Some(0), "{vout}");
+    assert_eq!(
+        succeeded(&vout),
+        vec!["SUCCEEDED listen abstract", "SUCCEEDED connect abstract"],
+        "the victim reaches its own socket"
+    );
+}
+
+#[test]
+fn signals_cannot_leave_the_payload() {
+    // A process of the payload's own account that is in the payload's pid namespace (so the
+    // payload sees its pid) but not in its sandbox, as an admin's `nsenter` would start one:
+    // neither the pid namespace nor the account check stands between them. The payload's
+    // Landlock domain (signal scope) does; without scoping (older kernels) nothing does.
+    let a = TestUser::get("mpt-atk-a");
+    let root = ScratchRoot::new("atk-signal");
+    let s = settings(&root.0);
+    let atk = attack("signals_cannot_leave_the_payload");
+    // Control first: a process of its own payload (same domain) is signalled.
+    let script = format!(
+        "touch ready; i=0; while [ ! -e go ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; \
+         sleep 30 & {atk} kill $!; {atk} kill $(cat outsider)"
+    );
+    let (payload, pt) = start(&s, plan("atk-sig", &a.account, &["sh", "-c", &script]));
+    let scratch = payload.handle.scratch();
+    wait_for(&scratch.join("ready"));
+    let mut outsider = std::process::Command::new(&*atk)
+        .args(["ns-spawn", &payload.handle.pid().to_string()])
+        .args([a.account.uid.to_string(), a.account.gid.to_string()])
+        .arg("30")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(outsider.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let inner = line
+        .trim()
+        .strip_prefix("SPAWNED ")
+        .expect(&line)
+        .to_owned();
+    std::fs::write(scratch.join("outsider"), &inner).unwrap();
+    std::fs::write(scratch.join("go"), "").unwrap();
+    let o = payload.wait().unwrap();
+    let out = pt.join().unwrap();
+    assert_eq!(o.exit_code, Some(0), "{out}");
+    let kills: Vec<&str> = out.lines().filter(|l| l.contains(" kill-")).collect();
+    assert_eq!(kills.len(), 4, "{out}");
+    assert!(
+        kills[..2].iter().all(|l| l.starts_with("SUCCEEDED")),
+        "control: {out}"
+    );
+    let across = match landlock_scopes() {
+        true => [
+            format!("FAILED kill-0 {inner} EPERM"),
+            format!("FAILED kill-9 {inner} EPERM"),
+        ],
+        false => [
+            format!("SUCCEEDED kill-0 {inner}"),
+            format!("SUCCEEDED kill-9 {inner}"),
+        ],
+    };
+    assert_eq!(kills[2..], across, "{out}");
+    // The payload's end killed the outsider too (pid 1's kill(-1) reaches its whole namespace).
+    outsider.wait().unwrap();
+}
+
+#[test]
+fn network_host_is_scoped_or_refused_by_default() {
+    // The site default, ipc_fallback = "refuse": on a kernel with Landlock ABI >= 6 a payload
+    // keeps the host's network but cannot reach an abstract socket outside its domain (here
+    // one of the pilot's: this test process); without it the sandbox refuses to run payloads
+    // at all rather than share abstract sockets, and says why.
+    let a = TestUser::get("mpt-atk-a");
+    let root = ScratchRoot::new("atk-refuse");
+    let mut s = settings(&root.0);
+    s.ipc_fallback = IpcFallback::Refuse;
+    assert_eq!(
+        IpcFallback::default(),
+        IpcFallback::Refuse,
+        "the site default"
+    );
+    let atk = attack("network_host_is_scoped_or_refused_by_default");
+    let name = format!("mpt-atk-pilot-{}", std::process::id());
+    let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let _listener = UnixListener::bind_addr(&addr).unwrap();
+    if landlock_scopes() {
+        let (o, out) = run(
+            &s,
+            plan("atk-refuse", &a.account, &[&atk, "abstract-connect", &name]),
+        );
+        assert_eq!(o.exit_code, Some(0), "{out}");
+        assert_eq!(out.trim(), "FAILED connect abstract EPERM");
+        // Control: from outside any payload the same connect works.
+        UnixStream::connect_addr(&addr).unwrap();
+    } else {
+        let e = sandbox::launch(
+            &s,
+            plan("atk-refuse", &a.account, &[&atk, "abstract-connect", &name]),
+            None,
+            None,
+        )
+        .err()
+        .expect("the sandbox refuses network = host without Landlock scoping");
+        let e = e.to_string();
+        assert!(
+            e.contains("sandbox.ipc_fallback")
+                && e.contains("Landlock ABI")
+                && e.contains("ipc_fallback = \"loopback\""),
+            "{e}"
+        );
+        assert!(
+            !root
+                .0
+                .join(format!("test-sbx-atk-refuse-{}", std::process::id()))
+                .exists(),
+            "nothing was made for the refused payload"
+        );
+    }
 }
 
 /// A root-owned 0755 directory outside scratch for privileged copies of the attack program.
@@ -310,7 +478,7 @@ fn setuid_root_binary_gains_nothing() {
     let s = settings(&root.0);
     let dir = BinDir::new("suid");
     let suid = dir.0.join("attack-suid");
-    std::fs::copy(attack(), &suid).unwrap();
+    std::fs::copy(built_attack(), &suid).unwrap();
     std::os::unix::fs::chown(&suid, Some(0), Some(0)).unwrap();
     std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755)).unwrap();
     let suid = suid.display().to_string();
@@ -343,7 +511,7 @@ fn setuid_root_binary_gains_nothing() {
 /// permitted = CAP_SETUID (7), with or without the effective flag (what `setcap
 /// cap_setuid+ep` / `cap_setuid+p` write), set directly so no libcap tool is needed.
 fn with_file_cap(bin: &Path, effective: bool) -> String {
-    std::fs::copy(attack(), bin).unwrap();
+    std::fs::copy(built_attack(), bin).unwrap();
     std::fs::set_permissions(bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut blob = Vec::new();
     blob.extend_from_slice(&(0x0200_0000u32 | u32::from(effective)).to_le_bytes());
@@ -402,7 +570,7 @@ fn cgroup_limits_cannot_be_lifted_from_inside() {
     let a = TestUser::get("mpt-atk-a");
     let root = ScratchRoot::new("atk-cg");
     let s = settings(&root.0);
-    let atk = attack();
+    let atk = attack("cgroup_limits_cannot_be_lifted_from_inside");
     let p = plan(
         "atk-cg",
         &a.account,
@@ -491,7 +659,7 @@ fn fork_bomb_is_held_by_the_pids_limit() {
     let root = ScratchRoot::new("atk-fork");
     let mut s = settings(&root.0);
     s.pids_max = 32;
-    let atk = attack();
+    let atk = attack("fork_bomb_is_held_by_the_pids_limit");
     let mut p = plan("atk-fork", &a.account, &[&atk, "forkbomb"]);
     p.walltime_seconds = 8;
     let t0 = Instant::now();
@@ -543,7 +711,7 @@ fn memory_bomb_is_killed_in_its_own_cgroup() {
     let b = TestUser::get("mpt-atk-b");
     let root = ScratchRoot::new("atk-mem");
     let s = settings(&root.0);
-    let atk = attack();
+    let atk = attack("memory_bomb_is_killed_in_its_own_cgroup");
     let mut p = plan("atk-mem", &a.account, &[&atk, "membomb"]);
     p.memory_bytes = 64 << 20;
     let (bomb, _bt) = start(&s, p);
@@ -583,7 +751,7 @@ fn filling_tmp_hits_its_limit_and_scratch_stays_private() {
     let root = ScratchRoot::new("atk-fill");
     let mut s = settings(&root.0);
     s.tmp_size_bytes = 8 << 20;
-    let atk = attack();
+    let atk = attack("filling_tmp_hits_its_limit_and_scratch_stays_private");
     // Scratch has no quota of its own: 200 MB go through (the batch slot's disk is the limit).
     let script = format!(
         "{atk} fill /tmp/big 1073741824; {atk} fill /dev/shm/big 1073741824; \
@@ -639,7 +807,7 @@ fn the_pilots_key_is_unreadable() {
     std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\nmpt-atk-secret\n").unwrap();
     std::os::unix::fs::chown(&key, Some(pilot.account.uid), Some(pilot.account.gid)).unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let atk = attack();
+    let atk = attack("the_pilots_key_is_unreadable");
     let k = key.display();
     let script = format!("{atk} read {k}; {atk} write {k} x; cat {k}; cp {k} mine");
     let (o, out) = run(&s, plan("atk-key", &a.account, &["sh", "-c", &script]));
@@ -658,7 +826,7 @@ fn another_payloads_environment_is_unreadable() {
     let a = TestUser::get("mpt-atk-a");
     let root = ScratchRoot::new("atk-env");
     let s = settings(&root.0);
-    let atk = attack();
+    let atk = attack("another_payloads_environment_is_unreadable");
     let secret = format!("mpt-atk-secret-{}", std::process::id());
     let own = format!("mpt-atk-own-{}", std::process::id());
     let mut vp = plan(
@@ -755,7 +923,7 @@ fn the_helpers_session_keyring_is_out_of_reach() {
     let b = TestUser::get("mpt-atk-b");
     let root = ScratchRoot::new("atk-keys");
     let s = settings(&root.0);
-    let atk = attack();
+    let atk = attack("the_helpers_session_keyring_is_out_of_reach");
     let pid = std::process::id();
     let key = session_keyring_with_key(
         &format!("mupilot-test-atk-{pid}"),
@@ -863,7 +1031,7 @@ fn covering_mounts_cannot_be_lifted_from_a_user_namespace() {
     let root = ScratchRoot::new("atk-userns");
     let s = settings(&root.0);
     assert!(s.allow_user_namespaces);
-    let atk = attack();
+    let atk = attack("covering_mounts_cannot_be_lifted_from_a_user_namespace");
     let marker = PathBuf::from(format!("/tmp/mupilot-test-atk-peek-{}", std::process::id()));
     std::fs::write(&marker, "host").unwrap();
     let vp = plan(
@@ -917,7 +1085,7 @@ fn cgroup_limits_cannot_be_lifted_from_a_user_namespace() {
     let a = TestUser::get("mpt-atk-a");
     let root = ScratchRoot::new("atk-cgns");
     let s = settings(&root.0);
-    let atk = attack();
+    let atk = attack("cgroup_limits_cannot_be_lifted_from_a_user_namespace");
     let p = plan(
         "atk-cgns",
         &a.account,

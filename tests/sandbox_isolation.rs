@@ -3,7 +3,7 @@
 
 mod sandbox_support;
 
-use sandbox_support::{plan, run, settings, ScratchRoot, TestUser};
+use sandbox_support::{landlock_scopes, plan, run, settings, ScratchRoot, TestUser};
 
 #[test]
 fn identity_and_scratch() {
@@ -485,6 +485,34 @@ fn network_none_and_loopback() {
     assert_eq!(o.exit_code, Some(0), "{out}");
     assert_eq!(out.lines().count(), 1, "{out}");
     assert!(out.contains("lo:") && out.contains(",UP"), "{out}");
+}
+
+#[test]
+fn network_host_keeps_the_hosts_network() {
+    // Landlock scoping leaves the network alone: a payload under `network = "host"` reaches a
+    // TCP service of the host (this test, on 127.0.0.1). Where the kernel cannot scope, the
+    // tests' `ipc_fallback = "loopback"` puts it in a namespace of its own: refused.
+    let u = TestUser::get("mpt-sbx-a");
+    let root = ScratchRoot::new("net-host");
+    let s = settings(&root.0);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        std::io::Write::write_all(&mut c, b"hello\n").unwrap();
+    });
+    let script =
+        format!("exec 3<>/dev/tcp/127.0.0.1/{port} && read -r line <&3 && echo \"got $line\"");
+    let (o, out) = run(&s, plan("net-host", &u.account, &["bash", "-c", &script]));
+    if landlock_scopes() {
+        assert_eq!((o.exit_code, out.trim()), (Some(0), "got hello"), "{out}");
+    } else {
+        assert_ne!(o.exit_code, Some(0), "{out}");
+        assert!(out.contains("Connection refused"), "{out}");
+        // Unblock the server thread.
+        std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    }
+    server.join().unwrap();
 }
 
 #[test]

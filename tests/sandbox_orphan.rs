@@ -75,7 +75,15 @@ fn start(
     });
     let (ours, theirs) = UnixStream::pair().unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_mupilot-switch"))
-        .args(["stage", "--network", "host", "--tmp-size-bytes", "1048576"])
+        .args([
+            "stage",
+            "--network",
+            "host",
+            "--landlock",
+            "no",
+            "--tmp-size-bytes",
+            "1048576",
+        ])
         .env_clear()
         .stdin(Stdio::from(OwnedFd::from(theirs)))
         .stdout(Stdio::null())

@@ -14,11 +14,26 @@ fn check_config_accepts_a_good_file_and_names_bad_keys() {
     let site = Site::new();
     let cfg = site.config.to_str().unwrap();
     let (code, out) = cli(&["check-config", "--config", cfg]);
-    assert_eq!(code, 0, "{out}");
-    assert!(
-        out.contains(": ok") && out.contains("mpt-swd-p (uid "),
-        "{out}"
-    );
+    // The default network = "host" with ipc_fallback = "refuse": usable where the kernel scopes
+    // payloads with Landlock (ABI >= 6), refused with the reason elsewhere.
+    let scoped = mupilot::switch::sandbox::scope::kernel_abi() >= 6;
+    if scoped {
+        assert_eq!(code, 0, "{out}");
+        assert!(
+            out.contains(": ok") && out.contains("mpt-swd-p (uid "),
+            "{out}"
+        );
+        assert!(
+            out.contains("ipc isolation  Landlock scope of abstract sockets and signals (ABI "),
+            "{out}"
+        );
+    } else {
+        assert_eq!(code, 2, "{out}");
+        assert!(
+            out.contains("key 'sandbox.ipc_fallback'") && out.contains("Landlock ABI"),
+            "{out}"
+        );
+    }
     // Audit and state directories are created 0700.
     let mode = std::fs::metadata(site.path("log"))
         .unwrap()
@@ -75,6 +90,27 @@ fn check_config_accepts_a_good_file_and_names_bad_keys() {
     let (code, out) = cli(&["check-config", "--config", badp]);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("wifi") && out.contains("line 11"), "{out}");
+
+    std::fs::write(
+        &bad,
+        text.replace("[sandbox]", "[sandbox]\nipc_fallback = \"loopback\""),
+    )
+    .unwrap();
+    let (code, out) = cli(&["check-config", "--config", badp]);
+    assert_eq!(code, 0, "{out}");
+    let fallback = match scoped {
+        true => "ipc isolation  Landlock scope of abstract sockets and signals",
+        false => "ipc isolation  network namespace per payload (loopback;",
+    };
+    assert!(out.contains(fallback), "{out}");
+    std::fs::write(
+        &bad,
+        text.replace("[sandbox]", "[sandbox]\nipc_fallback = \"maybe\""),
+    )
+    .unwrap();
+    let (code, out) = cli(&["check-config", "--config", badp]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("maybe") && out.contains("line 11"), "{out}");
 
     let (code, out) = cli(&["check-config", "--config", "/nonexistent/swd.toml"]);
     assert_eq!(code, 2, "{out}");

@@ -33,9 +33,11 @@ _pkg_installed() {
     [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = "installed" ]
 }
 
-# apt_install PKG...: install the packages that are not installed yet, non-interactively.
-# Runs apt-get update first when the package lists are missing or an install failed, and
-# retries the install once. Waits for the dpkg lock (other processes may be installing).
+# apt_install PKG...: install the packages that are not installed yet, non-interactively,
+# never removing an installed package (--no-remove: apt gives up instead; a package of another
+# release can Break what the release brings). Runs apt-get update first when the package lists
+# are missing or an install failed, and retries the install once. Waits for the dpkg lock
+# (other processes may be installing).
 apt_install() {
     local missing=() p
     for p in "$@"; do
@@ -50,14 +52,14 @@ apt_install() {
         _MUPILOT_APT_UPDATED=1
     fi
     log "installing: ${missing[*]}"
-    if "${apt[@]}" install --no-install-recommends "${missing[@]}" >&2; then
+    if "${apt[@]}" install --no-install-recommends --no-remove "${missing[@]}" >&2; then
         return 0
     fi
     warn "install of ${missing[*]} failed; running apt-get update and retrying once"
     "${apt[@]}" update >&2 || warn "apt-get update failed"
     _MUPILOT_APT_UPDATED=1
-    "${apt[@]}" install --no-install-recommends "${missing[@]}" >&2 ||
-        die "could not install ${missing[*]}; check the package names with apt-cache policy and the network to the Debian mirror"
+    "${apt[@]}" install --no-install-recommends --no-remove "${missing[@]}" >&2 ||
+        die "could not install ${missing[*]} without removing installed packages; see what apt would remove with apt-get -s install ${missing[*]}, check the package names with apt-cache policy and the network to the Debian mirror"
 }
 
 # wait_for CMD TIMEOUT_SECONDS: run CMD (a string, evaluated by bash) every 0.5 s until it

@@ -154,6 +154,18 @@ fn check_config(config: &Path) -> i32 {
         Ok(c) => c,
         Err(code) => return code,
     };
+    // What `serve` would refuse to start with: payloads' IPC not kept apart on this kernel.
+    let isolation =
+        match super::sandbox::scope::resolve(cfg.sandbox.network, cfg.sandbox.ipc_fallback) {
+            Ok(isolation) => isolation,
+            Err(e) => {
+                eprintln!(
+                    "mupilot-switch: {}: key 'sandbox.ipc_fallback': {e}",
+                    cfg.path.display()
+                );
+                return EXIT_USAGE;
+            }
+        };
     let problems = super::check::problems(&cfg);
     if problems.is_empty() {
         println!("{}: ok", cfg.path.display());
@@ -179,6 +191,7 @@ fn check_config(config: &Path) -> i32 {
         );
     }
     println!("  scratch_root   {}", cfg.sandbox.scratch_root.display());
+    println!("  ipc isolation  {isolation}");
     for p in &problems {
         eprintln!("mupilot-switch: {p}");
     }

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::gridmap::Gridmap;
-use super::sandbox::{NetworkMode, SandboxSettings};
+use super::sandbox::{IpcFallback, NetworkMode, SandboxSettings};
 
 use crate::protocol::VoVerifyingKey;
 
@@ -95,6 +95,8 @@ struct RawSandbox {
     pids_max: u64,
     #[serde(default)]
     network: NetworkMode,
+    #[serde(default)]
+    ipc_fallback: IpcFallback,
     #[serde(default = "default_env_allowlist")]
     env_allowlist: Vec<String>,
     #[serde(default = "default_nofile")]
@@ -470,6 +472,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<SwitchConfig, KeyErr> {
             tmp_size_bytes: s.tmp_size_bytes,
             pids_max: s.pids_max,
             network: s.network,
+            ipc_fallback: s.ipc_fallback,
             env_allowlist: s.env_allowlist,
             nofile: s.nofile,
             core_bytes: s.core_bytes,
@@ -612,6 +615,10 @@ scratch_root = "/var/lib/mupilot-test-swd-unit/scratch"
         let e = SwitchConfig::load(&p).unwrap_err().to_string();
         assert!(e.contains("key 'sandbox.scratch_root'"), "{e}");
         assert_eq!(c.sandbox.network, NetworkMode::None);
+        assert_eq!(c.sandbox.ipc_fallback, IpcFallback::Refuse, "the default");
+        let p = write_setup(dir.path(), &format!("{GOOD}ipc_fallback = \"loopback\"\n"));
+        let l = SwitchConfig::load(&p).unwrap();
+        assert_eq!(l.sandbox.ipc_fallback, IpcFallback::Loopback);
         assert_eq!(c.min_uid, 1000);
         assert!(c.vo("demo").is_some());
     }

@@ -60,6 +60,8 @@ pub enum DaemonError {
     AuthzSource(#[from] ReloadError),
     #[error("{0}")]
     Leases(#[from] LeaseError),
+    #[error("{0}")]
+    Sandbox(#[from] crate::switch::sandbox::SandboxError),
 }
 
 impl Helper {
@@ -74,7 +76,7 @@ impl Helper {
             replay: Mutex::new(replay),
             authz,
             registry: Registry::default(),
-            stages: StagePool::new(&cfg.sandbox, cfg.sandbox.warm_stages),
+            stages: StagePool::new(&cfg.sandbox, cfg.sandbox.warm_stages)?,
             accounts: AccountCache::default(),
             next_conn: AtomicU64::new(1),
             cfg,

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
-use mupilot::switch::sandbox::{self, Account, LaunchPlan, NetworkMode, Outcome, SandboxSettings};
+use mupilot::switch::sandbox::{
+    self, Account, IpcFallback, LaunchPlan, NetworkMode, Outcome, SandboxSettings,
+};
 
 static USERS: Mutex<Option<HashMap<String, usize>>> = Mutex::new(None);
 
@@ -95,13 +97,17 @@ impl Drop for ScratchRoot {
     }
 }
 
-/// Site settings pointing the stage at the built `mupilot-switch`.
+/// Site settings pointing the stage at the built `mupilot-switch`. `network = "host"` with
+/// `ipc_fallback = "loopback"`: on a kernel with Landlock ABI >= 6 (this host) payloads are
+/// scoped, on one without (the cgroup-v2 VM's Debian kernel) every test runs the fallback, a
+/// network namespace per payload. (The site default, "refuse", has a test of its own.)
 pub fn settings(root: &Path) -> SandboxSettings {
     SandboxSettings {
         scratch_root: root.to_owned(),
         tmp_size_bytes: 64 << 20,
         pids_max: 256,
         network: NetworkMode::Host,
+        ipc_fallback: IpcFallback::Loopback,
         env_allowlist: vec!["LANG".into()],
         nofile: 1024,
         core_bytes: 0,
@@ -109,6 +115,78 @@ pub fn settings(root: &Path) -> SandboxSettings {
         allow_user_namespaces: true,
         warm_stages: 0,
         stage_exe: Some(PathBuf::from(env!("CARGO_BIN_EXE_mupilot-switch"))),
+    }
+}
+
+/// Whether this kernel scopes abstract unix sockets and signals with Landlock (ABI >= 6):
+/// what the sandbox tests expect of payloads depends on it.
+pub fn landlock_scopes() -> bool {
+    sandbox::scope::kernel_abi() >= sandbox::scope::SCOPE_ABI
+}
+
+/// Directories every payload has a private copy of (or, for the scratch root, a covering
+/// tmpfs): a program below them is not the one the payload would see, or not there at all.
+const HIDDEN_IN_SANDBOX: [&str; 4] = ["/tmp", "/var/tmp", "/dev/shm", "/run/lock"];
+
+/// A program built by cargo (target/ may be anywhere: a repository cloned under /tmp has it
+/// below the payloads' private /tmp), copied into a root-owned 0755 directory the sandbox
+/// shows (`/var/lib/mupilot-test-bin-<name>-<pid>`, never a scratch root); the directory is
+/// removed with the value. Refuses up front, saying why, when that place is hidden too.
+pub struct SandboxProgram {
+    dir: PathBuf,
+    pub path: String,
+}
+
+impl SandboxProgram {
+    pub fn copy(built: &Path, name: &str) -> SandboxProgram {
+        use std::os::unix::fs::PermissionsExt;
+        assert!(
+            built.is_file(),
+            "{} is missing: build it first (cargo test and cargo build --all-targets build the \
+             examples too)",
+            built.display()
+        );
+        let dir = PathBuf::from(format!(
+            "/var/lib/mupilot-test-bin-{name}-{}",
+            std::process::id()
+        ));
+        if let Some(h) = HIDDEN_IN_SANDBOX.iter().find(|h| dir.starts_with(h)) {
+            panic!(
+                "{} would be hidden from payloads (their {h} is private); the tests need a \
+                 directory the sandbox shows",
+                dir.display()
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let file = built.file_name().unwrap();
+        let path = dir.join(file);
+        std::fs::copy(built, &path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        SandboxProgram {
+            path: path.display().to_string(),
+            dir,
+        }
+    }
+}
+
+impl std::ops::Deref for SandboxProgram {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.path
+    }
+}
+
+impl std::fmt::Display for SandboxProgram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.path)
+    }
+}
+
+impl Drop for SandboxProgram {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

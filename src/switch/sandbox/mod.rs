@@ -31,11 +31,13 @@ mod handoff;
 mod outputs;
 mod payload;
 mod privs;
+pub mod scope;
 mod seccomp;
 mod stage;
 mod stages;
 
 pub use cgroup::{Cgroup, CgroupError};
+pub use scope::{IpcFallback, IpcIsolation};
 use stage::{StageEvent, StagePlan};
 pub use stages::StagePool;
 
@@ -53,13 +55,25 @@ pub struct Account {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NetworkMode {
-    /// Share the host's network namespace (abstract unix sockets are shared too).
+    /// Share the host's network namespace; abstract unix sockets and signals are kept apart by
+    /// Landlock scoping (`scope.rs`), or by `ipc_fallback` where the kernel cannot.
     #[default]
     Host,
     /// A new network namespace with nothing in it.
     None,
     /// A new network namespace with only `lo` up.
     Loopback,
+}
+
+impl NetworkMode {
+    /// As written in switch.toml and on the stage's command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkMode::Host => "host",
+            NetworkMode::None => "none",
+            NetworkMode::Loopback => "loopback",
+        }
+    }
 }
 
 /// Site settings for every sandbox (from switch.toml).
@@ -72,6 +86,9 @@ pub struct SandboxSettings {
     /// pids limit of each payload cgroup.
     pub pids_max: u64,
     pub network: NetworkMode,
+    /// What `network = "host"` means on a kernel that cannot scope abstract sockets and
+    /// signals with Landlock (ABI < 6): refuse to start, or a loopback-only namespace.
+    pub ipc_fallback: IpcFallback,
     /// Names of the helper's environment variables passed through to payloads.
     pub env_allowlist: Vec<String>,
     /// RLIMIT_NOFILE for payloads.
@@ -139,6 +156,8 @@ pub enum SandboxError {
     StageDied { status: String },
     #[error("cannot send signal {sig} to the payload: {source}")]
     Signal { sig: i32, source: std::io::Error },
+    #[error("sandbox.ipc_fallback: {0}")]
+    IpcIsolation(String),
 }
 
 /// How a payload ended.
@@ -597,7 +616,7 @@ pub fn launch(
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
 ) -> Result<Running, SandboxError> {
-    let stages = StagePool::new(settings, 0);
+    let stages = StagePool::new(settings, 0)?;
     let mut starting = begin(settings, &stages, plan, stdout, stderr)?;
     starting.create_cgroup()?;
     starting.release()

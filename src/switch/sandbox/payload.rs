@@ -13,12 +13,15 @@
 //! written into the stage's memory, which the stage turns into a message once it resumes.
 //!
 //! Steps of the child, in order: setsid, rlimits, umask, the identity switch
-//! ([`privs::switch_to`]), the user-namespace filter if the site wants it, chdir to scratch,
-//! the exec gate (the start record is on disk), an empty signal mask, exec.
+//! ([`privs::switch_to`], ending with no_new_privs), the payload's own Landlock domain
+//! scoping abstract unix sockets and signals (scope.rs: the stage made the ruleset before its
+//! plan, so this is one `landlock_restrict_self` on a descriptor, no allocation), the
+//! user-namespace filter if the site wants it, chdir to scratch, the exec gate (the start
+//! record is on disk), an empty signal mask, exec.
 
 use std::ffi::CString;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 
 use base64::Engine;
@@ -55,12 +58,18 @@ pub(super) struct PayloadExec {
     core: libc::rlimit,
     deny_user_namespaces: bool,
     exec_gate: OwnedFd,
+    /// The stage's Landlock ruleset (it outlives this value), when payloads are scoped.
+    landlock: Option<RawFd>,
 }
 
 impl PayloadExec {
     /// Lays out the plan for the child. Fails on what the helper's validation should have
     /// caught (a NUL byte, root as the account), naming the step.
-    pub fn new(plan: &StagePlan, exec_gate: OwnedFd) -> StepResult<PayloadExec> {
+    pub fn new(
+        plan: &StagePlan,
+        exec_gate: OwnedFd,
+        landlock: Option<RawFd>,
+    ) -> StepResult<PayloadExec> {
         let identity = Identity::of(&plan.account)?;
         let c = |v: &str| CString::new(v).map_err(|e| ("exec".to_owned(), e.to_string()));
         let argv: Vec<CString> = plan.argv.iter().map(|a| c(a)).collect::<Result<_, _>>()?;
@@ -105,6 +114,7 @@ impl PayloadExec {
             core: limit(plan.core_bytes),
             deny_user_namespaces: !plan.allow_user_namespaces,
             exec_gate,
+            landlock,
         })
     }
 
@@ -193,6 +203,11 @@ impl PayloadExec {
             libc::umask(0o077);
         }
         privs::switch_to(&self.identity)?;
+        // After no_new_privs (which landlock_restrict_self requires of a process without
+        // CAP_SYS_ADMIN), before any code of the payload: a domain of its own (P8).
+        if let Some(ruleset) = self.landlock {
+            super::scope::restrict_self(ruleset)?;
+        }
         if self.deny_user_namespaces {
             super::seccomp::deny_user_namespaces().map_err(|e| Failed {
                 step: "seccomp: deny user namespaces",

@@ -6,12 +6,13 @@
 //! 1. Before its plan arrives it builds what every payload of this helper gets
 //!    ([`Preparation`], [`prepare`]): nothing any exec could gain (securebits, bounding set),
 //!    new mount, IPC, UTS (and network) namespaces, private tmpfs mounts, a /proc of its pid
-//!    namespace, the supervised signals on a signalfd. An idle stage does this under
+//!    namespace, the supervised signals on a signalfd, the Landlock ruleset (scope.rs). An idle stage does this under
 //!    SCHED_IDLE while nothing waits for it.
 //! 2. With the plan ([`run`]): outputs, the scratch view and the hostname; the payload cgroup
 //!    joined once the helper made it (the cgroup gate); the bundle unpacked as the account;
 //!    the payload's process started (payload.rs: setsid, rlimits, identity switch,
-//!    no_new_privs, the optional user-namespace filter, the exec gate, exec); `started`
+//!    no_new_privs, the Landlock domain, the optional user-namespace filter, the exec gate,
+//!    exec); `started`
 //!    reported to the helper.
 //! 3. Then it reaps, forwards signals and, when the payload's main process exits, ends the
 //!    namespace and reports the exit ([`supervise`]); when the helper's end closes first, it
@@ -64,27 +65,29 @@ pub(crate) struct StagePlan {
 }
 
 /// What a stage builds before its plan arrives: the namespaces and mounts that are the same
-/// for every payload of this helper (site settings). Passed as arguments
-/// (`stage --network MODE --tmp-size-bytes N [--idle]`), so an idle stage can do this work
-/// while nothing waits for it.
+/// for every payload of this helper (site settings), and the Landlock ruleset. Passed as
+/// arguments (`stage --network MODE --landlock yes|no --tmp-size-bytes N [--idle]`), so an
+/// idle stage can do this work while nothing waits for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Preparation {
+    /// The network the payloads get: the site's, or loopback where the kernel cannot scope
+    /// abstract sockets and the site chose that fallback (scope.rs).
     pub network: NetworkMode,
+    /// Each payload becomes its own Landlock domain scoping abstract unix sockets and signals
+    /// (scope.rs): the stage makes the ruleset before the plan, the payload's process enforces it.
+    pub landlock: bool,
     /// Size of each private tmpfs (/tmp, /var/tmp, /dev/shm, /run/lock).
     pub tmp_size_bytes: u64,
 }
 
 impl Preparation {
     /// The stage's arguments after `stage`.
-    pub fn args(&self) -> [String; 4] {
-        let network = match self.network {
-            NetworkMode::Host => "host",
-            NetworkMode::None => "none",
-            NetworkMode::Loopback => "loopback",
-        };
+    pub fn args(&self) -> [String; 6] {
         [
             "--network".into(),
-            network.into(),
+            self.network.as_str().into(),
+            "--landlock".into(),
+            if self.landlock { "yes" } else { "no" }.into(),
             "--tmp-size-bytes".into(),
             self.tmp_size_bytes.to_string(),
         ]
@@ -93,6 +96,7 @@ impl Preparation {
     /// Parses the arguments after `stage`; also says whether `--idle` was given.
     pub(crate) fn parse(args: &[String]) -> Result<(Self, bool), String> {
         let mut network = None;
+        let mut landlock = None;
         let mut tmp_size_bytes = None;
         let mut idle = false;
         let mut it = args.iter();
@@ -114,6 +118,15 @@ impl Preparation {
                         }
                     })
                 }
+                "--landlock" => {
+                    landlock = Some(match value()?.as_str() {
+                        "yes" => true,
+                        "no" => false,
+                        other => {
+                            return Err(format!("stage argument --landlock {other:?}: use yes or no"))
+                        }
+                    })
+                }
                 "--tmp-size-bytes" => {
                     let v = value()?;
                     tmp_size_bytes = Some(v.parse().map_err(|e| {
@@ -123,20 +136,23 @@ impl Preparation {
                 "--idle" => idle = true,
                 other => {
                     return Err(format!(
-                        "unknown stage argument {other:?} (the helper passes --network, --tmp-size-bytes and --idle)"
+                        "unknown stage argument {other:?} (the helper passes --network, --landlock, --tmp-size-bytes and --idle)"
                     ))
                 }
             }
         }
-        match (network, tmp_size_bytes) {
-            (Some(network), Some(tmp_size_bytes)) => Ok((
+        match (network, landlock, tmp_size_bytes) {
+            (Some(network), Some(landlock), Some(tmp_size_bytes)) => Ok((
                 Preparation {
                     network,
+                    landlock,
                     tmp_size_bytes,
                 },
                 idle,
             )),
-            _ => Err("the stage needs --network MODE and --tmp-size-bytes N".into()),
+            _ => Err(
+                "the stage needs --network MODE, --landlock yes|no and --tmp-size-bytes N".into(),
+            ),
         }
     }
 }
@@ -417,6 +433,9 @@ struct Host {
     cgroups: Vec<(Vec<String>, String)>,
     /// The supervised signals ([`supervised_signals`]), made ready before the plan.
     signals: nix::sys::signalfd::SignalFd,
+    /// The Landlock ruleset the payload's process restricts itself with (scope.rs), made
+    /// before the plan so that process only makes the one system call; close-on-exec.
+    landlock: Option<OwnedFd>,
 }
 
 /// The signals the stage forwards to the payload, and SIGCHLD; blocked from the start (so the
@@ -477,6 +496,13 @@ fn prepare(prep: &Preparation) -> StepResult<Host> {
                     nix::sys::signalfd::SfdFlags::SFD_CLOEXEC,
                 ),
             )?
+        },
+        landlock: match prep.landlock {
+            true => Some(step(
+                "create the Landlock ruleset",
+                super::scope::ruleset(),
+            )?),
+            false => None,
         },
     };
     let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
@@ -599,7 +625,11 @@ fn run(plan: &StagePlan, fds: Vec<OwnedFd>, host: &Host, channel: &UnixStream) -
         }
     }
     // 1. Laid out now for the payload's process, which cannot allocate (payload.rs).
-    let payload = PayloadExec::new(plan, exec_gate)?;
+    let payload = PayloadExec::new(
+        plan,
+        exec_gate,
+        host.landlock.as_ref().map(|fd| fd.as_raw_fd()),
+    )?;
     // 2. Hide every other payload's scratch: a tmpfs over the root, our own dir bound back.
     hide_scratch_root(plan)?;
     // 3. Own hostname.
@@ -920,14 +950,17 @@ mod tests {
     #[test]
     fn preparation_travels_as_arguments() {
         for network in [NetworkMode::Host, NetworkMode::None, NetworkMode::Loopback] {
-            let prep = Preparation {
-                network,
-                tmp_size_bytes: 1 << 20,
-            };
-            let mut args: Vec<String> = prep.args().to_vec();
-            assert_eq!(Preparation::parse(&args), Ok((prep, false)));
-            args.push("--idle".into());
-            assert_eq!(Preparation::parse(&args), Ok((prep, true)));
+            for landlock in [true, false] {
+                let prep = Preparation {
+                    network,
+                    landlock,
+                    tmp_size_bytes: 1 << 20,
+                };
+                let mut args: Vec<String> = prep.args().to_vec();
+                assert_eq!(Preparation::parse(&args), Ok((prep, false)));
+                args.push("--idle".into());
+                assert_eq!(Preparation::parse(&args), Ok((prep, true)));
+            }
         }
     }
 
@@ -938,6 +971,10 @@ mod tests {
         };
         assert!(parse(&["--network", "wifi", "--tmp-size-bytes", "1"]).contains("\"wifi\""));
         assert!(parse(&["--network", "host", "--tmp-size-bytes", "lots"]).contains("\"lots\""));
+        assert!(parse(&["--landlock", "maybe"]).contains("\"maybe\""));
+        assert!(
+            parse(&["--network", "host", "--tmp-size-bytes", "1"]).contains("--landlock yes|no")
+        );
         assert!(parse(&["--network"]).contains("--network needs a value"));
         assert!(parse(&["--frobnicate"]).contains("\"--frobnicate\""));
         assert!(parse(&[]).contains("needs --network"));

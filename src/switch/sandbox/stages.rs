@@ -27,6 +27,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::factory;
+use super::scope;
 use super::stage::Preparation;
 use super::{SandboxError, SandboxSettings};
 
@@ -258,16 +259,35 @@ pub struct StagePool {
 
 impl StagePool {
     /// A pool that keeps `warm` stages of `settings.stage_exe` (None: /proc/self/exe, the
-    /// helper itself) ready, each prepared for `settings`' network and tmpfs size. With
-    /// `warm` = 0 every launch spawns its stage (no thread is started).
-    pub fn new(settings: &SandboxSettings, warm: usize) -> Self {
+    /// helper itself) ready, each prepared for `settings`' network, IPC scoping and tmpfs
+    /// size. With `warm` = 0 every launch spawns its stage (no thread is started).
+    ///
+    /// Fails when the kernel cannot keep payloads' abstract sockets and signals apart and the
+    /// site's `ipc_fallback` says to refuse ([`scope::resolve`]): the helper does not start.
+    pub fn new(settings: &SandboxSettings, warm: usize) -> Result<Self, SandboxError> {
+        let isolation = scope::resolve(settings.network, settings.ipc_fallback)
+            .map_err(SandboxError::IpcIsolation)?;
+        if isolation.network != settings.network {
+            tracing::warn!(
+                abi = isolation.abi,
+                "the kernel cannot scope payloads' abstract sockets and signals (Landlock ABI < 6): \
+                 payloads get a private network namespace with only lo (sandbox.ipc_fallback = \"loopback\")"
+            );
+        } else {
+            tracing::debug!(
+                abi = isolation.abi,
+                landlock = isolation.landlock,
+                "payload IPC isolation"
+            );
+        }
         let shared = Arc::new(Shared {
             exe: settings
                 .stage_exe
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("/proc/self/exe")),
             prep: Preparation {
-                network: settings.network,
+                network: isolation.network,
+                landlock: isolation.landlock,
                 tmp_size_bytes: settings.tmp_size_bytes,
             },
             warm,
@@ -288,7 +308,7 @@ impl StagePool {
                     .ok()
             })
             .flatten();
-        StagePool { shared, refill }
+        Ok(StagePool { shared, refill })
     }
 
     /// Wakes the idle stage the next [`StagePool::take`] will hand out, without giving it

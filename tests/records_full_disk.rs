@@ -334,10 +334,15 @@ fn helper_on_a_full_audit_disk_refuses_launches_and_writes_kept_records_when_spa
 
     // Space returns: the retry thread writes them, in order, without another launch.
     disk.free();
+    let freed = Instant::now();
     wait_until("the kept end records", Duration::from_secs(10), || {
         ids.iter()
             .all(|id| site.records_of(id).iter().any(|r| r["event"] == "end"))
     });
+    eprintln!(
+        "kept audit records written {:?} after space returned",
+        freed.elapsed()
+    );
     // And launches work again.
     for _ in 0..2 {
         let body = site.body(DN_ALICE, &["/bin/true"]);
@@ -462,6 +467,17 @@ fn pilot_on_a_full_trace_disk_keeps_its_records_and_resumes_when_space_returns()
     assert_eq!(verify_file(&trace).unwrap().first_break, None);
 
     disk.free();
+    let freed = Instant::now();
+    wait_until("the kept trace records", Duration::from_secs(10), || {
+        read_records(&trace)
+            .unwrap()
+            .iter()
+            .any(|r| r["event"] == "write_failed")
+    });
+    eprintln!(
+        "kept trace records written {:?} after space returned",
+        freed.elapsed()
+    );
     for id in &ids {
         stack.wait_state("alice", id, "done", Duration::from_secs(60));
     }

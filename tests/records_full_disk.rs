@@ -60,10 +60,10 @@ impl SmallDisk {
 
 impl Drop for SmallDisk {
     fn drop(&mut self) {
-        let _ = Command::new("chattr")
-            .arg("-a")
-            .arg(self.dir.join("audit.jsonl"))
-            .status();
+        let log = self.dir.join("audit.jsonl");
+        if log.exists() {
+            let _ = Command::new("chattr").arg("-a").arg(log).status();
+        }
         let st = Command::new("umount").arg(&self.dir).status();
         assert!(
             st.is_ok_and(|s| s.success()),
@@ -283,6 +283,29 @@ fn assert_complete_after_a_failure<'a>(recs: &'a [Value], ids: &[String], kept: 
     note
 }
 
+/// On a full disk, start records still fit into the room left in the log's last page until
+/// one does not: launches `sleep 2` (adding the started ones to `ids`) until one is refused
+/// because its start record cannot be written; returns the refused one, which never ran.
+fn launch_until_refused(
+    site: &switch_support::Site,
+    c: &mut switch_support::Client,
+    ids: &mut Vec<String>,
+) -> mupilot::protocol::envelope::EnvelopeBody {
+    loop {
+        let body = site.body(switch_support::DN_ALICE, &["/bin/sleep", "2"]);
+        match c.launch(&site.sign(&body), None) {
+            SwitchEvent::Started { .. } => ids.push(body.payload_id.clone()),
+            SwitchEvent::Denied { class, reason, .. } => {
+                assert_eq!(class, mupilot::protocol::switch_wire::DenialClass::System);
+                assert!(reason.contains("No space left"), "{reason}");
+                return body;
+            }
+            other => panic!("expected started or denied, got {other:?}"),
+        }
+        assert!(ids.len() < 10, "the disk never filled");
+    }
+}
+
 #[test]
 fn helper_on_a_full_audit_disk_refuses_launches_and_writes_kept_records_when_space_returns() {
     use switch_support::*;
@@ -304,21 +327,7 @@ fn helper_on_a_full_audit_disk_refuses_launches_and_writes_kept_records_when_spa
     }
     let during = chrono::Utc::now();
     disk.fill();
-    // Start records still fit into the room left in the log's last page, until one does not:
-    // that launch is refused (its start record cannot be written) and never runs.
-    let refused = loop {
-        let body = site.body(DN_ALICE, &["/bin/sleep", "2"]);
-        match c.launch(&site.sign(&body), None) {
-            SwitchEvent::Started { .. } => ids.push(body.payload_id.clone()),
-            SwitchEvent::Denied { class, reason, .. } => {
-                assert_eq!(class, mupilot::protocol::switch_wire::DenialClass::System);
-                assert!(reason.contains("No space left"), "{reason}");
-                break body;
-            }
-            other => panic!("expected started or denied, got {other:?}"),
-        }
-        assert!(ids.len() < 10, "the disk never filled");
-    };
+    let refused = launch_until_refused(&site, &mut c, &mut ids);
     let size_full = std::fs::metadata(&site.audit).unwrap().len();
     // Both end; their end records wait in memory.
     let mut exited = 0;
@@ -509,5 +518,59 @@ fn pilot_on_a_full_trace_disk_keeps_its_records_and_resumes_when_space_returns()
     assert!(out.status.success(), "{text}");
     assert_eq!(std::fs::metadata(&trace).unwrap().uid(), pilot_uid);
     drop(pilot);
+    drop(disk);
+}
+
+#[test]
+fn helper_stopped_while_the_disk_is_full_logs_its_records_and_the_next_one_closes_the_starts() {
+    use switch_support::*;
+    let _users = Users::acquire();
+    let site = Site::new();
+    let disk = SmallDisk::mount(&site.path("log"), None);
+    let daemon = site.start();
+    let mut c = Client::hello(&site.socket, Client::default_hello());
+    let mut ids = Vec::new();
+    let body = site.body(DN_ALICE, &["/bin/sleep", "2"]);
+    ids.push(body.payload_id.clone());
+    assert!(matches!(
+        c.launch(&site.sign(&body), None),
+        SwitchEvent::Started { .. }
+    ));
+    disk.fill();
+    launch_until_refused(&site, &mut c, &mut ids);
+    let mut exited = 0;
+    while exited < ids.len() {
+        if let SwitchEvent::Exited { .. } = c.recv() {
+            exited += 1;
+        }
+    }
+    // The helper stops while its end records still wait: they go whole to its log.
+    drop(c);
+    let log = daemon.log.clone();
+    assert!(daemon.stop().is_some_and(|s| s.success()));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("unwritten record"), "{text}");
+    for id in &ids {
+        assert!(text.contains(id.as_str()), "{id} in the helper's log");
+        assert!(!site.records_of(id).iter().any(|r| r["event"] == "end"));
+    }
+    // Space returns; the next helper closes every start without an end as `lost`.
+    disk.free();
+    let daemon = site.start();
+    wait_until("lost records", Duration::from_secs(10), || {
+        ids.iter()
+            .all(|id| site.records_of(id).iter().any(|r| r["event"] == "lost"))
+    });
+    daemon.stop();
+    for id in &ids {
+        let events: Vec<Value> = site
+            .records_of(id)
+            .iter()
+            .map(|r| r["event"].clone())
+            .collect();
+        assert_eq!(events, [json!("start"), json!("lost")], "{id}");
+    }
+    let (code, text) = cli(&["audit", "verify", "--log", site.audit.to_str().unwrap()]);
+    assert_eq!(code, 0, "{text}");
     drop(disk);
 }

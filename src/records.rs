@@ -27,7 +27,9 @@ pub mod query;
 pub mod rotate;
 mod verify;
 
-pub use chain::{BatchLimits, ChainWriter, FsyncPolicy, PendingSync, SyncStarted};
+pub use chain::{
+    Appended, BatchLimits, ChainWriter, FsyncPolicy, Keep, KeepLimits, PendingSync, SyncStarted,
+};
 pub use rotate::RotatePolicy;
 pub use verify::{
     verify_files, verify_reader, Anchor, AnchorCheck, ChainBreak, ChainReport, VerifyReport,
@@ -215,7 +217,7 @@ mod tests {
     }
 
     #[test]
-    fn torn_tail_is_reported_and_writer_recovers() {
+    fn torn_tail_is_reported_and_writer_removes_it() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.jsonl");
         write_n(&p, 2);
@@ -223,9 +225,17 @@ mod tests {
         f.write_all(b"{\"seq\":3,\"prev\":\"ab").unwrap();
         drop(f);
         let r = verify_file(&p).unwrap();
-        assert_eq!(r.first_break.unwrap().line, 3);
+        assert_eq!((r.first_break, r.torn_tail, r.records), (None, Some(3), 2));
         let w = ChainWriter::open(&p, 0o600, FsyncPolicy::Never).unwrap();
         assert_eq!(w.torn_tail(), Some(3));
-        assert_eq!(w.head().0, 2);
+        // The fragment is gone and a `torn` record (seq 3) says what was removed.
+        assert_eq!(w.head().0, 3);
+        drop(w);
+        let recs = read_records(&p).unwrap();
+        assert_eq!(recs.len(), 3);
+        assert_eq!(recs[2]["event"], "torn");
+        assert_eq!(recs[2]["removed_bytes"], 19);
+        let r = verify_file(&p).unwrap();
+        assert_eq!((r.first_break, r.torn_tail, r.records), (None, None, 3));
     }
 }

@@ -36,6 +36,17 @@ fn log(dir: &Path, n: u64) -> (PathBuf, Vec<String>) {
     (p, l)
 }
 
+/// `mupilot-switch audit verify --log P`: exit code and output.
+fn verify_cli(p: &Path) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mupilot-switch"))
+        .args(["audit", "verify", "--log"])
+        .arg(p)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out.status.code().unwrap_or(-1), text)
+}
+
 fn break_line(p: &Path) -> u64 {
     verify_file(p)
         .unwrap()
@@ -104,37 +115,83 @@ fn deleted_swapped_and_inserted_lines_are_found() {
     );
     put(&p, &l);
     assert_eq!(break_line(&p), 6);
-    // A line that is not a record at all, with the chain continuing after it, still breaks
-    // when it replaced a record.
+    // A line that is not a record at all breaks the chain where it stands.
     let mut l = orig.clone();
     l[20] = "garbage".into();
     put(&p, &l);
-    assert_eq!(break_line(&p), 22);
+    assert_eq!(break_line(&p), 21);
 }
 
 #[test]
-fn torn_tail_is_reported_and_the_chain_continues_past_it() {
+fn junk_between_intact_records_is_a_break_at_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, orig) = log(dir.path(), 40);
+    // Every record is still there and chains to the one before it; the extra line is junk,
+    // whatever it looks like: only the last line of a log may be torn.
+    let junk = [
+        "garbage".to_string(),
+        orig[5][..40].to_string(), // looks like a record torn by a crash
+        String::new(),             // an empty line
+        "{\"event\":\"start\"}".to_string(),
+    ];
+    for (i, j) in [1usize, 17, 39, 40].iter().zip(junk.iter().cycle()) {
+        for junk in [j, &junk[3]] {
+            let mut l = orig.clone();
+            l.insert(*i, junk.clone());
+            put(&p, &l);
+            let b = verify_file(&p)
+                .unwrap()
+                .first_break
+                .expect("junk must break");
+            assert_eq!(b.line, *i as u64 + 1, "junk {junk:?} at line {}", i + 1);
+            assert!(
+                b.reason.contains("not a chained") || b.reason.contains("empty line"),
+                "{}",
+                b.reason
+            );
+        }
+    }
+    // The command names it as broken, with its line, and never as torn.
+    let mut l = orig.clone();
+    l.insert(17, orig[5][..40].to_string());
+    put(&p, &l);
+    let (code, text) = verify_cli(&p);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("BROKEN at line 18"), "{text}");
+    assert!(!text.contains("is torn"), "{text}");
+}
+
+#[test]
+fn torn_tail_is_reported_and_the_writer_removes_it() {
     let dir = tempfile::tempdir().unwrap();
     let (p, orig) = log(dir.path(), 30);
     let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
     f.write_all(&orig[5].as_bytes()[..40]).unwrap();
     drop(f);
+    // A torn last line is a write cut short (crash, full disk), not a break.
     let r = verify_file(&p).unwrap();
-    let b = r.first_break.unwrap();
-    assert_eq!(b.line, 31);
-    assert!(b.reason.contains("torn"), "{}", b.reason);
-    // The writer terminates the torn line and continues the chain after it; the torn line is
-    // then reported as a crash artefact, not a break.
+    assert_eq!(
+        (r.first_break, r.torn_tail, r.records),
+        (None, Some(31), 30)
+    );
+    let (code, text) = verify_cli(&p);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("the last line (31) is torn"), "{text}");
+    // The writer cuts it off and records that it did; the chain goes on from record 30.
     let mut w = ChainWriter::open(&p, 0o600, FsyncPolicy::Always).unwrap();
     assert_eq!(w.torn_tail(), Some(31));
-    assert_eq!(w.head().0, 30);
+    assert_eq!(w.head().0, 31);
     w.append(&serde_json::json!({"time": "2026-11-23T00:00:00Z", "event": "lost"}))
         .unwrap();
     drop(w);
+    let l = lines(&p);
+    assert_eq!(l.len(), 32);
+    let torn: serde_json::Value = serde_json::from_str(&l[30]).unwrap();
+    assert_eq!(torn["event"], "torn");
+    assert_eq!(torn["removed_bytes"], 40);
+    assert_eq!(torn["removed_sha256"], hash(&orig[5][..40]));
     let r = verify_file(&p).unwrap();
-    assert_eq!(r.first_break, None);
-    assert_eq!(r.torn_lines, vec![31]);
-    assert_eq!(r.last_seq, 31);
+    assert_eq!((r.first_break, r.torn_tail, r.last_seq), (None, None, 32));
 }
 
 #[test]

@@ -251,3 +251,146 @@ fn batch_fsync_keeps_every_record() {
     let meta = std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(&log).unwrap());
     assert_eq!(meta & 0o777, 0o600);
 }
+
+fn verify_cli(log: &Path) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mupilot-switch"))
+        .args(["audit", "verify", "--log"])
+        .arg(log)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out.status.code().unwrap_or(-1), text)
+}
+
+const RETENTION_NOTE: &str = "deleted by retention";
+
+#[test]
+fn deleting_line_one_gives_no_retention_note_and_retention_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let mut w = ChainWriter::open(&log, 0o600, FsyncPolicy::Never).unwrap();
+    for i in 0..5 {
+        w.append(&rec(i, "2026-11-23T00:00:00Z")).unwrap();
+    }
+    drop(w);
+    let s = std::fs::read_to_string(&log).unwrap();
+    let rest: Vec<&str> = s.lines().skip(1).collect();
+    std::fs::write(&log, rest.join("\n") + "\n").unwrap();
+    let (code, text) = verify_cli(&log);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("BROKEN at line 1"), "{text}");
+    assert!(text.contains("no retention record"), "{text}");
+    assert!(!text.contains(RETENTION_NOTE), "{text}");
+    let r = verify_files(&chain_files(&log).unwrap(), &[], false).unwrap();
+    assert!(!r.starts_after_retention);
+
+    // A set cut by retention: the note, and only then.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let mut w = ChainWriter::open(&log, 0o600, FsyncPolicy::Never).unwrap();
+    for i in 0..5 {
+        w.append(&rec(i, "2026-01-01T00:00:00Z")).unwrap();
+    }
+    drop(w);
+    let aged = rotate::rotated_name(&log, chrono::Utc::now() - chrono::Duration::days(200));
+    std::fs::rename(&log, &aged).unwrap();
+    let mut w = ChainWriter::open(&log, 0o600, FsyncPolicy::Never)
+        .unwrap()
+        .with_rotation(RotatePolicy {
+            max_bytes: Some(1),
+            max_age: None,
+            retention: Some(DEFAULT_RETENTION),
+        });
+    for i in 5..8 {
+        w.append(&rec(i, "2026-11-23T00:00:00Z")).unwrap();
+    }
+    drop(w);
+    let (code, text) = verify_cli(&log);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains(RETENTION_NOTE), "{text}");
+}
+
+/// A rotated set of three files (rotated, rotated, current), 10 records each.
+fn rotated_set(dir: &Path) -> (PathBuf, Vec<PathBuf>) {
+    let log = dir.join("audit.jsonl");
+    let mut w = ChainWriter::open(&log, 0o600, FsyncPolicy::Never)
+        .unwrap()
+        .with_rotation(RotatePolicy {
+            max_bytes: None,
+            max_age: None,
+            retention: None,
+        });
+    for i in 0..30 {
+        if i > 0 && i % 10 == 0 {
+            w.rotate().unwrap();
+        }
+        w.append(&rec(i, "2026-11-23T00:00:00Z")).unwrap();
+    }
+    drop(w);
+    let files = chain_files(&log).unwrap();
+    assert_eq!(files.len(), 3);
+    assert!(verify_files(&files, &[], true).unwrap().intact());
+    (log, files)
+}
+
+fn insert_line(p: &Path, at: usize, line: &str) {
+    let s = std::fs::read_to_string(p).unwrap();
+    let mut l: Vec<&str> = s.lines().collect();
+    l.insert(at, line);
+    std::fs::write(p, l.join("\n") + "\n").unwrap();
+}
+
+#[test]
+fn only_the_current_files_last_line_may_be_torn_in_a_rotated_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, files) = rotated_set(dir.path());
+    let orig: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
+    let restore = || {
+        for (f, b) in files.iter().zip(&orig) {
+            std::fs::write(f, b).unwrap();
+        }
+    };
+    let fragment = "{\"seq\":11,\"prev\":\"0a1b";
+
+    // Torn last line of the current file: intact, reported as torn.
+    let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    std::io::Write::write_all(&mut f, fragment.as_bytes()).unwrap();
+    drop(f);
+    let r = verify_files(&files, &[], false).unwrap();
+    assert!(r.intact(), "{r:?}");
+    assert_eq!(r.files[2].torn_tail, Some(11));
+    let (code, text) = verify_cli(&log);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("the last line (11) is torn"), "{text}");
+    restore();
+
+    // Torn last line of a rotated file: a rotated file always ends complete: broken.
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&files[0])
+        .unwrap();
+    std::io::Write::write_all(&mut f, fragment.as_bytes()).unwrap();
+    drop(f);
+    let r = verify_files(&files, &[], false).unwrap();
+    let (path, b) = r.first_break.expect("a torn rotated file is broken");
+    assert_eq!((path, b.line), (files[0].clone(), 11));
+    assert!(b.reason.contains("rotated file"), "{}", b.reason);
+    restore();
+
+    // Junk in the middle of a rotated file, and at the end of one: broken at its line.
+    for (file, at) in [(0usize, 4usize), (1, 10), (2, 0)] {
+        insert_line(&files[file], at, fragment);
+        let r = verify_files(&files, &[], false).unwrap();
+        let (path, b) = r.first_break.expect("junk is a break");
+        assert_eq!((path, b.line), (files[file].clone(), at as u64 + 1));
+        let (code, text) = verify_cli(&log);
+        assert_eq!(code, 1, "{text}");
+        assert!(
+            text.contains(&format!("BROKEN at line {}", at + 1)),
+            "{text}"
+        );
+        assert!(!text.contains("is torn"), "{text}");
+        restore();
+    }
+    assert!(verify_files(&files, &[], false).unwrap().intact());
+}

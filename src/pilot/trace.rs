@@ -2,7 +2,8 @@
 //! and one `end` record when it is over, in the VO's own file (work_dir/trace.jsonl by default).
 //!
 //! Every record carries every field (null when unknown), so operators can grep and query one
-//! schema. Owner fields come from the envelope body as the pilot read it without verifying the
+//! schema. A record the log cannot take (a full disk) is kept in memory, in order, and written
+//! by the next write or [`TraceLog::retry`] that succeeds; the pilot fetches no work meanwhile. Owner fields come from the envelope body as the pilot read it without verifying the
 //! signature: informational here; the helper's audit log is the verified record.
 
 use std::path::Path;
@@ -12,7 +13,7 @@ use base64::Engine;
 use serde::Serialize;
 
 use crate::protocol::envelope::{EnvelopeBody, SignedEnvelope};
-use crate::records::{ChainWriter, FsyncPolicy, RecordError};
+use crate::records::{Appended, ChainWriter, FsyncPolicy, Keep, RecordError};
 
 /// The slot as recorded.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
@@ -79,14 +80,15 @@ pub struct TraceLog {
 }
 
 impl TraceLog {
-    /// Opens (creating 0600) the log; a torn last line from a crash is reported, not hidden.
+    /// Opens (creating 0600) the log; a torn last line (a crash or a full disk) is removed
+    /// and a `torn` record says so.
     pub fn open(path: &Path) -> Result<Self, RecordError> {
         let writer = ChainWriter::open(path, 0o600, FsyncPolicy::Batch)?;
         if let Some(line) = writer.torn_tail() {
             tracing::warn!(
                 log = %path.display(),
                 line,
-                "trace log ended in a torn record (an earlier crash); it stays visible to `mupilot trace verify`"
+                "trace log ended in a torn record (a crash or a full disk); removed, and a `torn` record says so"
             );
         }
         Ok(TraceLog { writer })
@@ -97,10 +99,32 @@ impl TraceLog {
     }
 
     /// Appends one record and forces it to disk: start and end records are rare (two per
-    /// payload), so a sync each costs little and a crash loses none.
+    /// payload), so a sync each costs little and a crash loses none. When the log cannot
+    /// take it, the record is kept in memory (written by a later `write` or `retry`) and the
+    /// error is returned, so the pilot fetches no new work until the log takes records again.
     pub fn write(&mut self, rec: &TraceRecord) -> Result<(), RecordError> {
-        self.writer.append(rec)?;
-        self.writer.sync()
+        match self.writer.append_or_keep(rec, Keep::Essential)? {
+            Appended::Written(_) => self.writer.sync(),
+            Appended::Kept(e) => {
+                tracing::error!(error = %e, kept = self.writer.kept(), "trace record kept in memory until the log takes records again");
+                Err(e)
+            }
+            Appended::Dropped(e) => {
+                tracing::error!(error = %e, record = ?rec, "trace record neither written nor kept (backlog full); counted in the next write_failed record");
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes the records kept in memory; true when none is left (the log takes records).
+    pub fn retry(&mut self) -> bool {
+        match self.writer.write_kept().and_then(|()| self.writer.sync()) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, kept = self.writer.kept(), "trace log still not writable");
+                false
+            }
+        }
     }
 }
 

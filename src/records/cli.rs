@@ -477,15 +477,15 @@ fn write_verify(w: &mut dyn Write, r: &ChainReport) -> std::io::Result<()> {
                 b.reason
             )?,
         }
-        for t in &f.torn_lines {
+        if let Some(t) = f.torn_tail {
             writeln!(
                 w,
-                "{}: line {t} is a record torn by a crash; the chain continues after it",
+                "{}: the last line ({t}) is torn: a write cut short by a crash or a full disk, never a complete record; the writer removes it before it writes again",
                 f.path.display()
             )?;
         }
     }
-    if r.first_seq > 1 {
+    if r.starts_after_retention {
         writeln!(
             w,
             "note: the chain starts at record {}: a retention record shows the older files were deleted by retention",

@@ -6,7 +6,7 @@
 
 use super::query::open_starts;
 use super::rotate::chain_files;
-use super::{ChainWriter, RecordError};
+use super::{Appended, ChainWriter, Keep, RecordError};
 
 /// The fields a `lost` record copies from the open `start` record it closes.
 const LOST_COPIES: &[&str] = &[
@@ -63,11 +63,19 @@ pub fn close_open_starts(
     let files = chain_files(writer.path())?;
     let mut closed = Vec::new();
     for start in open_starts(&files)? {
-        writer.append(&lost_record(&start, reason))?;
+        // A log that cannot take it now (a full disk) keeps it in memory for later.
+        match writer.append_or_keep_unsynced(&lost_record(&start, reason), Keep::Essential)? {
+            Appended::Written(_) => {}
+            Appended::Kept(e) | Appended::Dropped(e) => {
+                tracing::error!(error = %e, "cannot write a lost record now; kept in memory")
+            }
+        }
         if let Some(id) = start.get("payload_id").and_then(|v| v.as_str()) {
             closed.push(id.to_string());
         }
     }
-    writer.sync()?;
+    if !writer.has_backlog() {
+        writer.sync()?;
+    }
     Ok(closed)
 }

@@ -106,22 +106,37 @@ pub fn apply_retention(
     keep: Duration,
     now: DateTime<Utc>,
 ) -> Result<Vec<PathBuf>, RecordError> {
+    let expired = expired_files(log, keep, now)?;
+    delete_files(&expired)?;
+    Ok(expired)
+}
+
+/// The rotated files of `log` rotated more than `keep` before `now`, oldest first.
+pub fn expired_files(
+    log: &Path,
+    keep: Duration,
+    now: DateTime<Utc>,
+) -> Result<Vec<PathBuf>, RecordError> {
     let Some(cutoff) = chrono::Duration::from_std(keep)
         .ok()
         .and_then(|d| now.checked_sub_signed(d))
     else {
         return Ok(Vec::new());
     };
-    let mut deleted = Vec::new();
-    for p in rotated_files(log)? {
-        if rotated_at(log, &p).is_some_and(|t| t < cutoff) {
-            std::fs::remove_file(&p).map_err(|source| RecordError::Write {
-                path: p.clone(),
-                source,
-            })?;
-            tracing::info!(file = %p.display(), "deleted rotated log past retention");
-            deleted.push(p);
-        }
+    Ok(rotated_files(log)?
+        .into_iter()
+        .filter(|p| rotated_at(log, p).is_some_and(|t| t < cutoff))
+        .collect())
+}
+
+/// Deletes rotated files (retention).
+pub fn delete_files(files: &[PathBuf]) -> Result<(), RecordError> {
+    for p in files {
+        std::fs::remove_file(p).map_err(|source| RecordError::Write {
+            path: p.clone(),
+            source,
+        })?;
+        tracing::info!(file = %p.display(), "deleted rotated log past retention");
     }
-    Ok(deleted)
+    Ok(())
 }

@@ -1,7 +1,11 @@
 //! Verification of hash chains: one file, or a rotated set read oldest first as one chain,
 //! optionally against anchors (seq + hash copied to syslog) that reveal a truncated tail.
 //!
-//! Read-only; never repairs a log. Reports the first bad line with the reason.
+//! Read-only; never repairs a log. Reports the first bad line with the reason. Every line
+//! must be a chained record, except the very last line of a log's current file, which may be
+//! torn (a write cut short by a crash or a full disk, never a complete record; the writer
+//! removes it before it writes again): a torn line anywhere else, an empty line or any other
+//! junk is a break at its line.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -30,9 +34,9 @@ pub struct VerifyReport {
     pub head: String,
     pub last_seq: u64,
     pub first_break: Option<ChainBreak>,
-    /// Lines the chain skips: records torn by a crash, which the writer terminated and
-    /// chained past. They change no record; they are evidence of a crash.
-    pub torn_lines: Vec<u64>,
+    /// The last line, when it is cut short (no newline): a write that never completed (a
+    /// crash or a full disk). Allowed only at the end of a log's current file.
+    pub torn_tail: Option<u64>,
 }
 
 /// A chain head copied out of the log (to syslog): the record with `seq` had hash `hash`.
@@ -79,6 +83,8 @@ pub struct ChainReport {
     pub records: u64,
     /// `seq` of the first record; greater than 1 when retention removed older files.
     pub first_seq: u64,
+    /// True when the set starts after record 1 and a `retention` record accounts for it.
+    pub starts_after_retention: bool,
     pub last_seq: u64,
     pub head: String,
     /// The file and line of the first break.
@@ -122,19 +128,19 @@ pub fn verify_reader<R: Read>(
         anchor_hits: BTreeMap::new(),
         retention_starts: Vec::new(),
     };
-    chain.feed(path, input)
+    chain.feed(path, input, true)
 }
 
 impl Chain<'_> {
-    fn feed<R: Read>(&mut self, path: &Path, input: R) -> io::Result<VerifyReport> {
+    /// Checks one file. `last` says whether it is the current file of its log (the only
+    /// place where the last line may be torn).
+    fn feed<R: Read>(&mut self, path: &Path, input: R, last: bool) -> io::Result<VerifyReport> {
         let mut reader = BufReader::with_capacity(1 << 20, input);
         let mut records = 0u64;
         let mut lineno = 0u64;
         let mut line = Vec::new();
         let mut first_break = None;
-        let mut torn_lines = Vec::new();
-        // A line that is no chained record: torn by a crash if the next record chains past it.
-        let mut pending_junk: Option<u64> = None;
+        let mut torn_tail = None;
         loop {
             line.clear();
             let n = reader.read_until(b'\n', &mut line)?;
@@ -153,20 +159,24 @@ impl Chain<'_> {
                 })
             };
             if !complete {
-                first_break =
-                    bad("torn last line: the record was cut short (crash or truncation)".into());
+                if last {
+                    torn_tail = Some(lineno);
+                } else {
+                    first_break = bad(
+                        "torn line at the end of a rotated file: a rotated file always ends in a complete record, so it was cut short afterwards".into(),
+                    );
+                }
                 break;
-            }
-            if line.is_empty() {
-                continue;
             }
             let parsed = extract_prefix(&line)
                 .filter(|_| serde_json::from_slice::<serde::de::IgnoredAny>(&line).is_ok());
             let Some((seq, rec_prev)) = parsed else {
-                if pending_junk.is_none() {
-                    pending_junk = Some(lineno);
-                }
-                continue;
+                first_break = bad(if line.is_empty() {
+                    "empty line: every line must be a chained record".into()
+                } else {
+                    "line is not a chained JSON record (edited, forged, or junk written into the log); only the last line of a log may be torn".into()
+                });
+                break;
             };
             if self.open_start {
                 // The oldest retained file may start mid-chain (retention removed the files
@@ -176,12 +186,8 @@ impl Chain<'_> {
                 self.expect_seq = seq;
             }
             if rec_prev != self.prev {
-                let before = match pending_junk {
-                    Some(j) => format!("line {j} is not a valid record and "),
-                    None => String::new(),
-                };
                 first_break = bad(format!(
-                    "{before}prev hash of seq {seq} does not match the record before it: the previous record was edited, or records were removed, inserted or reordered here"
+                    "prev hash of seq {seq} does not match the record before it: the previous record was edited, or records were removed, inserted or reordered here"
                 ));
                 break;
             }
@@ -191,9 +197,6 @@ impl Chain<'_> {
                     self.expect_seq
                 ));
                 break;
-            }
-            if let Some(j) = pending_junk.take() {
-                torn_lines.push(j);
             }
             if memchr::memmem::find(&line, RETENTION_EVENT).is_some() {
                 if let Some(s) = retention_first_seq(&line) {
@@ -207,21 +210,13 @@ impl Chain<'_> {
             self.expect_seq += 1;
             records += 1;
         }
-        if first_break.is_none() {
-            if let Some(j) = pending_junk {
-                first_break = Some(ChainBreak {
-                    line: j,
-                    reason: "line is not a chained JSON record (torn, edited or forged)".into(),
-                });
-            }
-        }
         Ok(VerifyReport {
             path: path.to_path_buf(),
             records,
             head: self.prev.clone(),
             last_seq: self.expect_seq - 1,
             first_break,
-            torn_lines,
+            torn_tail,
         })
     }
 }
@@ -264,18 +259,21 @@ pub fn verify_files(
         files: Vec::new(),
         records: 0,
         first_seq: 0,
+        starts_after_retention: false,
         last_seq: 0,
         head: GENESIS.to_string(),
         first_break: None,
         anchors: Vec::new(),
     };
-    for path in paths {
+    for (i, path) in paths.iter().enumerate() {
         let read_err = |source| RecordError::Read {
             path: path.clone(),
             source,
         };
         let f = File::open(path).map_err(read_err)?;
-        let r = chain.feed(path, f).map_err(read_err)?;
+        let r = chain
+            .feed(path, f, i + 1 == paths.len())
+            .map_err(read_err)?;
         if report.first_seq == 0 && r.records > 0 {
             report.first_seq = r.last_seq + 1 - r.records;
         }
@@ -289,22 +287,22 @@ pub fn verify_files(
             break;
         }
     }
-    if report.first_break.is_none()
-        && report.first_seq > 1
-        && !chain.retention_starts.contains(&report.first_seq)
-    {
-        if let Some(first) = report.files.iter().find(|f| f.records > 0) {
-            report.first_break = Some((
-                first.path.clone(),
-                ChainBreak {
-                    line: 1,
-                    reason: format!(
-                        "the chain starts at record {} but no retention record accounts for records 1-{}: they were deleted",
-                        report.first_seq,
-                        report.first_seq - 1
-                    ),
-                },
-            ));
+    if report.first_break.is_none() && report.first_seq > 1 {
+        report.starts_after_retention = chain.retention_starts.contains(&report.first_seq);
+    }
+    if report.first_break.is_none() && report.first_seq > 1 && !report.starts_after_retention {
+        if let Some(first) = report.files.iter_mut().find(|f| f.records > 0) {
+            let b = ChainBreak {
+                line: 1,
+                reason: format!(
+                    "the chain starts at record {} but no retention record accounts for records 1-{}: they were deleted",
+                    report.first_seq,
+                    report.first_seq - 1
+                ),
+            };
+            // The file's own report carries it too, so the file is not shown as intact.
+            first.first_break = Some(b.clone());
+            report.first_break = Some((first.path.clone(), b));
         }
     }
     for a in anchors {

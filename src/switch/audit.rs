@@ -2,13 +2,23 @@
 //! denial, start, end, kill and signal, written through [`crate::records::ChainWriter`]
 //! (mode 0600, every record on disk before the helper acts on it) by one writer shared behind a mutex, plus one syslog
 //! line per identity switch. Records; decides nothing.
+//!
+//! When the log cannot take a record (a full disk): a start record that cannot be written
+//! refuses the launch (the caller's [`AuditLog::append_unsynced`] fails); every other record
+//! (denial, end, kill, signal, lost) is kept in memory, in order and bounded, and written as
+//! soon as the log takes records again, by the next record or by a retry thread that runs
+//! only while records wait.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::records::{ChainWriter, FsyncPolicy, PendingSync, RecordError};
+use crate::records::{Appended, ChainWriter, FsyncPolicy, Keep, PendingSync, RecordError};
+
+/// How often kept records are retried while the log cannot take them.
+const RETRY_INTERVAL: Duration = Duration::from_millis(500);
 
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -108,8 +118,28 @@ pub fn argv_sha256(argv: &[String]) -> String {
 
 /// The shared audit writer.
 pub struct AuditLog {
-    writer: Mutex<ChainWriter>,
+    writer: Arc<Mutex<Shared>>,
     host: String,
+}
+
+/// The writer and whether a retry thread runs for it (both changed only under the lock).
+struct Shared {
+    w: ChainWriter,
+    retrying: bool,
+}
+
+impl AuditEvent {
+    /// Records about a payload that ran (or acts on one) are bounded by the payloads the
+    /// helper runs and are kept first; denials and refusals, which a caller can make in any
+    /// number, only in the half of the backlog they may use.
+    fn keep(self) -> Keep {
+        match self {
+            AuditEvent::RefusedCaller | AuditEvent::Denied => Keep::BestEffort,
+            AuditEvent::Start | AuditEvent::End | AuditEvent::Kill | AuditEvent::Signal => {
+                Keep::Essential
+            }
+        }
+    }
 }
 
 impl AuditLog {
@@ -135,10 +165,17 @@ impl AuditLog {
         let host = nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_default();
-        Ok(AuditLog {
-            writer: Mutex::new(w),
+        let log = AuditLog {
+            writer: Arc::new(Mutex::new(Shared { w, retrying: false })),
             host,
-        })
+        };
+        // A torn tail that could not be removed at open: its note waits in memory.
+        log.lock().retry_while_kept(&log.writer);
+        Ok(log)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn host(&self) -> &str {
@@ -156,40 +193,138 @@ impl AuditLog {
         }
     }
 
-    /// Appends `rec` (fsynced when this returns Ok).
+    /// Appends `rec` (fsynced when this returns Ok); on an error it is neither written nor
+    /// kept.
     pub fn append(&self, rec: &AuditRecord) -> Result<u64, RecordError> {
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        w.append(rec)
+        self.lock().w.append(rec)
     }
 
     /// Appends `rec` without waiting for the disk: the caller waits on the returned
     /// [`PendingSync`] outside the writer's lock (start records while the stage builds the
-    /// sandbox, end records after the exit was reported).
+    /// sandbox). Records kept in memory are written first; when the log cannot take them or
+    /// `rec`, this fails and `rec` is not kept (a start record: the launch is refused).
     pub fn append_unsynced(&self, rec: &AuditRecord) -> Result<PendingSync, RecordError> {
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        w.append_unsynced(rec).map(|(_, pending)| pending)
+        self.lock()
+            .w
+            .append_unsynced(rec)
+            .map(|(_, pending)| pending)
+    }
+
+    /// Appends `rec` without waiting for the disk (end records, synced after the exit was
+    /// reported); when the log cannot take it, it is kept in memory (see
+    /// [`AuditLog::append_or_log`]) and there is nothing to wait for.
+    pub fn append_unsynced_or_keep(&self, rec: &AuditRecord) -> Option<PendingSync> {
+        let mut s = self.lock();
+        let keep = rec.event.map_or(Keep::Essential, AuditEvent::keep);
+        match s.w.append_or_keep_unsynced(rec, keep) {
+            Ok(Appended::Written(_)) => match s.w.pending_sync() {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot sync the audit record");
+                    None
+                }
+            },
+            other => {
+                s.report(other, rec);
+                s.retry_while_kept(&self.writer);
+                None
+            }
+        }
     }
 
     /// After a crash: writes a `lost` end record for every payload whose start has no end
     /// (its stage noticed the helper gone and tore it down). Returns their ids.
     pub fn close_open_starts(&self) -> Result<Vec<String>, RecordError> {
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        crate::records::lost::close_open_starts(&mut w, "helper restarted; end not recorded")
+        let mut s = self.lock();
+        let closed =
+            crate::records::lost::close_open_starts(&mut s.w, "helper restarted; end not recorded");
+        s.retry_while_kept(&self.writer);
+        closed
     }
 
     /// Sends the chain head to syslog and records it, so a truncated tail is detectable.
     pub fn anchor(&self) {
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = crate::records::anchor::anchor(&mut w, &self.host) {
+        let mut s = self.lock();
+        if let Err(e) = crate::records::anchor::anchor(&mut s.w, &self.host) {
             tracing::error!(error = %e, "cannot anchor the audit chain head");
         }
     }
 
-    /// Appends `rec`; a failure is logged loudly (used where nothing else can be done, such as
-    /// the end record of a payload that already ended).
+    /// Appends `rec` (fsynced). When the log cannot take it (a full disk), it is kept in
+    /// memory and written, in order, as soon as the log takes records again (a retry thread
+    /// tries every 0.5 s while records wait); the failure is logged. Used for every record
+    /// but the start record, which must be on disk before the payload may run.
     pub fn append_or_log(&self, rec: &AuditRecord) {
-        if let Err(e) = self.append(rec) {
-            tracing::error!(error = %e, record = ?rec, "cannot write audit record");
+        let mut s = self.lock();
+        let keep = rec.event.map_or(Keep::Essential, AuditEvent::keep);
+        match s.w.append_or_keep(rec, keep) {
+            Ok(Appended::Written(_)) => {}
+            other => {
+                s.report(other, rec);
+                s.retry_while_kept(&self.writer);
+            }
+        }
+    }
+
+    /// At shutdown: writes the records kept in memory, or logs each one whole when the log
+    /// still cannot take them (see [`ChainWriter::finish`]).
+    pub fn finish(&self) {
+        self.lock().w.finish();
+    }
+
+    /// Records waiting in memory for the log.
+    pub fn kept(&self) -> usize {
+        self.lock().w.kept()
+    }
+}
+
+impl Shared {
+    fn report(&self, outcome: Result<Appended, RecordError>, rec: &AuditRecord) {
+        match outcome {
+            Ok(Appended::Written(_)) => {}
+            Ok(Appended::Kept(e)) => tracing::error!(
+                error = %e,
+                kept = self.w.kept(),
+                event = ?rec.event,
+                payload_id = ?rec.payload_id,
+                "cannot write audit record; kept in memory until the log takes records again"
+            ),
+            Ok(Appended::Dropped(e)) => tracing::error!(
+                error = %e,
+                record = ?rec,
+                "cannot write audit record and the backlog is full; counted in the next write_failed record"
+            ),
+            Err(e) => tracing::error!(error = %e, record = ?rec, "cannot write audit record"),
+        }
+    }
+
+    /// Starts the retry thread if records wait and none runs. It holds only a weak reference,
+    /// writes the backlog every [`RETRY_INTERVAL`] and ends when nothing waits.
+    fn retry_while_kept(&mut self, shared: &Arc<Mutex<Shared>>) {
+        if self.retrying || !self.w.has_backlog() {
+            return;
+        }
+        let weak: Weak<Mutex<Shared>> = Arc::downgrade(shared);
+        let spawned = std::thread::Builder::new()
+            .name("audit-retry".into())
+            .spawn(move || loop {
+                std::thread::sleep(RETRY_INTERVAL);
+                let Some(shared) = weak.upgrade() else { return };
+                let mut s = shared.lock().unwrap_or_else(|p| p.into_inner());
+                match s.w.write_kept() {
+                    Ok(()) => {
+                        tracing::warn!("audit log writable again; the records kept in memory are written");
+                        s.retrying = false;
+                        return;
+                    }
+                    Err(e) => tracing::debug!(error = %e, kept = s.w.kept(), "audit log still not writable"),
+                }
+            });
+        match spawned {
+            Ok(_) => self.retrying = true,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the audit retry thread; kept records are written with the next record")
+            }
         }
     }
 }

@@ -422,13 +422,8 @@ fn report_end(
     };
     // Written now, on disk right after the report below: a crash in between leaves the start
     // without an end, which the next helper records as `lost` (never a silent gap).
-    let end_synced = match helper.audit.append_unsynced(&rec) {
-        Ok(p) => Some(p),
-        Err(e) => {
-            tracing::error!(error = %e, record = ?rec, "cannot write audit record");
-            None
-        }
-    };
+    // A log that cannot take it (a full disk) keeps it in memory until it can.
+    let end_synced = helper.audit.append_unsynced_or_keep(&rec);
     syslog::line(
         false,
         &format!(

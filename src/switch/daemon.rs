@@ -301,6 +301,7 @@ pub fn serve(cfg: SwitchConfig) -> Result<i32, DaemonError> {
         );
     }
     helper.audit.anchor();
+    helper.audit.finish();
     if let ListenSource::Path(p) = &source {
         let _ = std::fs::remove_file(p);
     }

@@ -234,6 +234,14 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
         }
         let (code, why) = if self.helper_lost {
             (1, "helper connection lost")
+        } else if self.trace_failed
+            && !self.stopping
+            && !self.draining
+            && self.idle_since.elapsed() < self.cfg.idle_timeout
+        {
+            // Trace records wait in memory for the log's disk: stay (fetching nothing) until
+            // it takes them, or until the pilot must go anyway.
+            return None;
         } else if self.trace_failed {
             (1, "trace log not writable")
         } else if self.stopping {
@@ -322,15 +330,35 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
 
     fn write_trace(&mut self, rec: &TraceRecord) {
         if let Err(e) = self.trace.write(rec) {
-            // No record, no launch (P4): stop fetching, finish what runs, exit non-zero.
-            tracing::error!(error = %e, "cannot write the trace log; the pilot stops fetching work");
+            // No record, no launch (P4): fetch nothing until the log takes the records kept in
+            // memory (`retry_trace`), finish what runs.
+            if !self.trace_failed {
+                tracing::error!(error = %e, "cannot write the trace log; the pilot fetches no work until it can");
+            }
             self.trace_failed = true;
         }
     }
 
+    /// While the trace log fails: writes the records kept in memory; once it takes them,
+    /// fetching resumes.
+    fn retry_trace(&mut self) {
+        if self.trace_failed && self.trace.retry() {
+            tracing::warn!(
+                "trace log writable again; its kept records are written and fetching resumes"
+            );
+            self.trace_failed = false;
+            self.idle_since = Instant::now();
+        }
+    }
+
     /// Writes start and end at once for a payload that never reached the helper.
-    fn not_launched(&mut self, mut rec: TraceRecord, state: PayloadState, reason: String) {
+    fn not_launched(&mut self, rec: TraceRecord, state: PayloadState, reason: String) {
         self.write_trace(&rec);
+        self.end_not_launched(rec, state, reason);
+    }
+
+    /// Reports and records the end of a payload whose start record is written (or kept).
+    fn end_not_launched(&mut self, mut rec: TraceRecord, state: PayloadState, reason: String) {
         let report = StatusReport {
             pilot_id: self.cfg.pilot_id.clone(),
             state: Some(state),
@@ -406,9 +434,13 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
         };
         self.write_trace(&rec);
         if self.trace_failed {
-            self.summary.failed += 1;
-            let reason = "pilot cannot write its trace log".to_string();
-            return self.not_launched(rec, PayloadState::Failed, reason);
+            // It never ran: another pilot may run it.
+            self.summary.handed_back += 1;
+            let reason = format!(
+                "handed back: pilot {} cannot write its trace log",
+                self.cfg.pilot_id
+            );
+            return self.end_not_launched(rec, PayloadState::Queued, reason);
         }
         let reporter = reporter::spawn(self.server.clone(), id.clone(), self.back_tx.clone());
         self.capacity.hold(&id, body.resources);

@@ -81,6 +81,7 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
     }
 
     pub(super) fn on_tick(&mut self) {
+        self.retry_trace();
         let now = Instant::now();
         if !self.draining {
             if let Some(f) = &self.cfg.drain_file {

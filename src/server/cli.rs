@@ -247,6 +247,9 @@ pub fn main() -> i32 {
             return if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
         }
     };
+    if !matches!(cli.cmd, Command::Serve { .. }) {
+        crate::util::exit_quietly_on_broken_pipe();
+    }
     match cli.cmd {
         Command::Init {
             dir,

@@ -111,8 +111,9 @@ pub async fn serve(p: Prepared, shutdown: impl Future<Output = ()>) -> Result<()
         source,
     })?;
     // Tests and scripts read this line to learn the port when listen ends in :0.
-    println!("listening on https://{addr}");
+    // A closed stdout must not stop the server (println! would panic).
     use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "listening on https://{addr}");
     let _ = std::io::stdout().flush();
     tracing::info!(%addr, vo = %p.state.vo, "mupilot-server listening");
 

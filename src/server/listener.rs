@@ -89,6 +89,7 @@ pub fn prepare(cfg: &ServerConfig) -> Result<Prepared, ServeError> {
         operator_dns: cfg.operator_dns.iter().cloned().collect::<HashSet<_>>(),
         envelope_lifetime: chrono::Duration::seconds(cfg.envelope_lifetime_seconds as i64),
         issuer: format!("mupilot-server@{host}"),
+        limits: cfg.limits,
     };
     Ok(Prepared {
         state: Arc::new(state),

@@ -521,6 +521,10 @@ fn describe(v: &PayloadView) -> String {
     if v.has_output {
         s.push_str("\toutput=yes");
     }
+    // One line each: the user must see which declared outputs are not in the archive, and why.
+    for o in &v.outputs_skipped {
+        s.push_str(&format!("\n  output skipped: {o}"));
+    }
     s
 }
 

@@ -96,7 +96,8 @@ CREATE TABLE IF NOT EXISTS payloads (
     wall_seconds      REAL,
     reason            TEXT,
     denial_class      TEXT,
-    has_output        INTEGER NOT NULL DEFAULT 0
+    has_output        INTEGER NOT NULL DEFAULT 0,
+    outputs_skipped   TEXT
 );
 CREATE INDEX IF NOT EXISTS payloads_queue ON payloads(state, seq);
 CREATE INDEX IF NOT EXISTS payloads_owner ON payloads(owner_dn, seq);
@@ -108,6 +109,18 @@ CREATE TABLE IF NOT EXISTS commands (
 );
 CREATE INDEX IF NOT EXISTS commands_pending ON commands(payload_id, delivered);
 "#;
+
+/// Columns added after a database may have been created: added in place, empty.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has = |col: &str| -> rusqlite::Result<bool> {
+        let mut st = conn.prepare("SELECT 1 FROM pragma_table_info('payloads') WHERE name = ?1")?;
+        st.exists([col])
+    };
+    if !has("outputs_skipped")? {
+        conn.execute_batch("ALTER TABLE payloads ADD COLUMN outputs_skipped TEXT")?;
+    }
+    Ok(())
+}
 
 /// Timestamps are stored as fixed-width RFC 3339 UTC text so they compare as strings.
 pub(crate) fn ts(t: DateTime<Utc>) -> String {
@@ -149,6 +162,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(open_err)?;
         conn.execute_batch(SCHEMA).map_err(open_err)?;
+        migrate(&conn).map_err(open_err)?;
         Ok(Store {
             conn: Mutex::new(conn),
             data_dir: data_dir.to_path_buf(),

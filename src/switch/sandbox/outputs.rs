@@ -18,6 +18,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+use crate::protocol::api::MAX_OUTPUTS_SKIPPED;
 use crate::util::is_relative_clean_path;
 
 /// Most entries (files and directories) one payload's outputs may hold: each costs a tar
@@ -200,11 +201,18 @@ struct Walk {
     used: u64,
     entries: usize,
     skipped: Vec<String>,
+    /// Skips beyond [`MAX_OUTPUTS_SKIPPED`], only counted (a tree of a million FIFOs must not
+    /// make a million-line report).
+    more_skipped: usize,
 }
 
 impl Walk {
     fn skip(&mut self, path: &Path, why: impl std::fmt::Display) {
-        self.skipped.push(format!("{}: {why}", path.display()));
+        if self.skipped.len() < MAX_OUTPUTS_SKIPPED {
+            self.skipped.push(format!("{}: {why}", path.display()));
+        } else {
+            self.more_skipped += 1;
+        }
     }
 
     /// Copies `name` (in the directory `dir`) as `path` in the archive: a regular file, or a
@@ -343,10 +351,11 @@ pub(crate) fn collect(scratch: &Path, outputs: &[String], limit: u64, owner: u32
         used: 0,
         entries: 0,
         skipped: Vec::new(),
+        more_skipped: 0,
     };
     for o in outputs {
         if !is_relative_clean_path(o) {
-            w.skipped.push(format!("{o}: not a clean relative path"));
+            w.skip(Path::new(o), "not a clean relative path");
             continue;
         }
         let (parent, name) = match o.rsplit_once('/') {
@@ -357,17 +366,20 @@ pub(crate) fn collect(scratch: &Path, outputs: &[String], limit: u64, owner: u32
             None => None,
             Some(Ok(d)) => Some(d),
             Some(Err(e)) => {
-                w.skipped.push(format!("{o}: {}", reason(&e)));
+                w.skip(Path::new(o), reason(&e));
                 continue;
             }
         };
         let Ok(name) = CString::new(name) else {
-            w.skipped.push(format!("{o}: not a clean relative path"));
+            w.skip(Path::new(o), "not a clean relative path");
             continue;
         };
         w.entry(dir.as_ref().unwrap_or(&root), &name, Path::new(o), 0);
     }
     let mut skipped = w.skipped;
+    if w.more_skipped > 0 {
+        skipped.push(format!("... and {} more skipped entries", w.more_skipped));
+    }
     let archive = w
         .tar
         .into_inner()

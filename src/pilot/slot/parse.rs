@@ -18,7 +18,7 @@ pub fn deadline(base: i64, secs: i64) -> Result<i64, String> {
 /// saturate silently).
 pub fn bytes(v: f64, mult: f64) -> Result<u64, String> {
     let b = (v * mult).floor();
-    if b.is_finite() && b >= 0.0 && b < 18_446_744_073_709_551_616.0 {
+    if (0.0..18_446_744_073_709_551_616.0).contains(&b) {
         Ok(b as u64)
     } else {
         Err("is more than 2^64 bytes".into())
@@ -28,7 +28,7 @@ pub fn bytes(v: f64, mult: f64) -> Result<u64, String> {
 /// Whole cores from a decimal count (rounded down); an error beyond 32 bits.
 pub fn cores(v: f64) -> Result<u32, String> {
     let c = v.floor();
-    if c.is_finite() && c >= 0.0 && c <= u32::MAX as f64 {
+    if (0.0..=u32::MAX as f64).contains(&c) {
         Ok(c as u32)
     } else {
         Err("is more than 2^32 cores".into())

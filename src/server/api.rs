@@ -195,34 +195,31 @@ pub const ENVELOPE_RESERVE: usize = 16 << 10;
 /// Refuses resources above the VO's limits (422 naming the limit).
 fn within_limits(req: &SubmitRequest, l: &SubmitLimits) -> Result<(), Fail> {
     let r = &req.resources;
-    let over = |field: &str, v: u64, key: &str, max: u64| {
-        Fail::over_limit(format!(
-            "resources.{field} = {v} is more than this VO allows ({key} = {max} in the server's server.toml [limits]); no pilot would ever be sent for it"
-        ))
-    };
-    if r.cores > l.max_cores {
-        return Err(over(
+    for (field, v, key, max) in [
+        (
             "cores",
-            r.cores.into(),
+            u64::from(r.cores),
             "max_cores",
-            l.max_cores.into(),
-        ));
-    }
-    if r.memory_bytes > l.max_memory_bytes {
-        return Err(over(
+            u64::from(l.max_cores),
+        ),
+        (
             "memory_bytes",
             r.memory_bytes,
             "max_memory_bytes",
             l.max_memory_bytes,
-        ));
-    }
-    if r.walltime_seconds > l.max_walltime_seconds {
-        return Err(over(
+        ),
+        (
             "walltime_seconds",
             r.walltime_seconds,
             "max_walltime_seconds",
             l.max_walltime_seconds,
-        ));
+        ),
+    ] {
+        if v > max {
+            return Err(Fail::over_limit(format!(
+                "resources.{field} = {v} is more than this VO allows ({key} = {max} in the server's server.toml [limits]); no pilot would ever be sent for it"
+            )));
+        }
     }
     Ok(())
 }

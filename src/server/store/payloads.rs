@@ -707,6 +707,33 @@ mod tests {
         }
     }
 
+    fn synchronous(s: &Store) -> i64 {
+        s.lock()
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap()
+    }
+
+    /// The connection that matches runs with synchronous=FULL (2) in WAL mode, before and
+    /// after a submission and a match went through it: the match is on disk before
+    /// match_one returns (and so before its envelope is signed and sent).
+    #[test]
+    fn matches_are_committed_with_synchronous_full() {
+        let (_d, s) = store();
+        assert_eq!(synchronous(&s), 2);
+        let mode: String = s
+            .lock()
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let id = s
+            .submit(&new_payload(), Some(b"bundle"), Utc::now())
+            .unwrap();
+        assert_eq!(std::fs::read(s.bundle_path(&id)).unwrap(), b"bundle");
+        let m = s.match_one("/CN=p", &mreq(), Utc::now()).unwrap().unwrap();
+        assert_eq!(m.id, id);
+        assert_eq!(synchronous(&s), 2);
+    }
+
     #[test]
     fn sweep_requeues_unstarted_and_loses_silent_running() {
         let (_d, s) = store();

@@ -1,5 +1,18 @@
 //! Small checks on untrusted strings, and the logging setup, shared by every program.
 
+/// For a command that only prints (not a daemon): a closed stdout or stderr pipe ends the
+/// process quietly by SIGPIPE, as it ends `cat` or `ls` (`mupilot-server status | head -1`).
+/// Rust ignores SIGPIPE, so the write would fail with EPIPE and `println!` would panic with a
+/// backtrace. Daemons (`serve`, `run`) keep ignoring it: a peer that closes a socket must be
+/// an error there, never the end of the process.
+pub fn exit_quietly_on_broken_pipe() {
+    // SAFETY: signal(2) with SIG_DFL only resets a disposition; called at the start of main,
+    // before any other thread exists or any handler for SIGPIPE was installed.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Logs to stderr (the journal under systemd) with the filter from `MUPILOT_LOG` (or
 /// `RUST_LOG`; tracing's filter syntax), `info` by default.
 pub fn init_logging() {

@@ -216,3 +216,95 @@ fn owner_cancels_and_signals_running_payloads_through_the_vo_server() {
         );
     }
 }
+
+/// A payload attacks output collection: a declared directory holding a symlink to
+/// /etc/shadow, a symlink loop, a symlink to /, a FIFO and a 1 TiB sparse file, plus a
+/// declared symlink and a declared output that does not exist. The directory's files arrive;
+/// nothing a symlink points to does; every skipped entry is shown with its reason by
+/// `mupilot-server status` (text and JSON).
+#[test]
+fn output_directories_arrive_and_skipped_outputs_are_shown_with_the_reason() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _accounts = Accounts::create(&["mpt-e2o-pilot", "mpt-e2o-a"]);
+    let stack = Stack::start("mpt-e2o-pilot", &[("alice", "mpt-e2o-a")]);
+    let script = "mkdir -p res/sub/deep && echo a > res/a.txt && echo b > res/sub/deep/b.txt \
+         && ln -s /etc/shadow res/shadow && ln -s loop res/loop && ln -s / res/sub/root \
+         && mkfifo res/fifo && truncate -s 1T res/sparse \
+         && echo top > top.txt && ln -s /etc/shadow shadow-top";
+    let id = submit(
+        &stack,
+        "alice",
+        &[
+            "--output",
+            "res",
+            "--output",
+            "top.txt",
+            "--output",
+            "shadow-top",
+            "--output",
+            "missing.txt",
+        ],
+        &["sh", "-c", script],
+    );
+    let out = stack.run_pilot(&["--idle-timeout", "2"]);
+    assert!(out.status.success(), "pilot failed:\n{}", stack.logs());
+    let st = stack.status("alice", &id);
+    assert_eq!(st["state"], "done", "{st}\n{}", stack.logs());
+
+    let outdir = stack.output("alice", &id);
+    let got = |rel: &str| std::fs::read_to_string(outdir.join("outputs").join(rel)).ok();
+    assert_eq!(
+        got("res/a.txt").as_deref(),
+        Some("a\n"),
+        "{}",
+        outdir.display()
+    );
+    assert_eq!(got("res/sub/deep/b.txt").as_deref(), Some("b\n"));
+    assert_eq!(got("top.txt").as_deref(), Some("top\n"));
+    for absent in [
+        "res/shadow",
+        "res/loop",
+        "res/sub/root",
+        "res/fifo",
+        "res/sparse",
+        "shadow-top",
+    ] {
+        assert!(
+            std::fs::symlink_metadata(outdir.join("outputs").join(absent)).is_err(),
+            "{absent} must not be in the archive"
+        );
+    }
+
+    let skipped: Vec<String> = st["outputs_skipped"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{st}"))
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect();
+    for want in [
+        "res/shadow: symbolic link, not followed",
+        "res/loop: symbolic link, not followed",
+        "res/sub/root: symbolic link, not followed",
+        "res/fifo: a FIFO, not copied",
+        "res/sparse: 1099511627776 bytes would exceed the output limit",
+        "shadow-top: symbolic link, not followed",
+        "missing.txt: missing",
+    ] {
+        assert!(
+            skipped.iter().any(|s| s.starts_with(want)),
+            "{want:?} not in {skipped:?}"
+        );
+    }
+    assert_eq!(skipped.len(), 7, "{skipped:?}");
+    let text = stack.client("alice", "status", &[&id]);
+    assert!(text.status.success());
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("output skipped: res/fifo: a FIFO, not copied"),
+        "{text}"
+    );
+    assert!(
+        text.contains("output skipped: missing.txt: missing"),
+        "{text}"
+    );
+}

@@ -5,7 +5,9 @@
 
 mod pilot_support;
 
+use std::ffi::OsString;
 use std::io::Read;
+use std::os::unix::ffi::OsStringExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,10 +29,22 @@ fn bin() -> &'static str {
 /// Runs `mupilot` with `args`, calling `during(pid)` while it runs; kills it (by pid) if it
 /// overruns `limit`.
 fn run_pilot(dir: &Path, args: &[&str], limit: Duration, during: impl FnOnce(u32)) -> Ran {
+    run_pilot_env(dir, args, &[], limit, during)
+}
+
+/// [`run_pilot`] with extra environment variables (any bytes).
+fn run_pilot_env(
+    dir: &Path,
+    args: &[&str],
+    env: &[(&str, OsString)],
+    limit: Duration,
+    during: impl FnOnce(u32),
+) -> Ran {
     let out = dir.join("plt-stdout.txt");
     let err = dir.join("plt-stderr.txt");
     let mut child = Command::new(bin())
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::from(std::fs::File::create(&out).unwrap()))
         .stderr(Stdio::from(std::fs::File::create(&err).unwrap()))
         .spawn()
@@ -326,6 +340,69 @@ fn trace_verify_names_the_broken_line() {
     );
     assert_eq!(bad.code, 1);
     assert!(bad.stdout.contains("line 3"), "{}", bad.stdout);
+}
+
+/// A batch environment holding values that are not UTF-8: one of ours (reported under
+/// `problems`, the rest of the slot still discovered), one that is not (ignored).
+fn non_utf8_env() -> Vec<(&'static str, OsString)> {
+    vec![
+        (
+            "SLURM_MEM_PER_NODE",
+            OsString::from_vec(b"40\xff96".to_vec()),
+        ),
+        (
+            "PLT_SOMEONE_ELSES",
+            OsString::from_vec(b"\xfe\xff".to_vec()),
+        ),
+    ]
+}
+
+#[test]
+fn non_utf8_environment_is_reported_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let ran = run_pilot_env(
+        dir.path(),
+        &["limits", "--json"],
+        &non_utf8_env(),
+        Duration::from_secs(20),
+        |_| {},
+    );
+    assert_eq!(ran.code, 0, "{}", ran.stderr);
+    let v: serde_json::Value = serde_json::from_str(&ran.stdout).unwrap();
+    assert!(v["cores"].as_u64().unwrap() >= 1);
+    let problems: Vec<String> = v["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("SLURM_MEM_PER_NODE") && p.contains("not UTF-8")),
+        "{problems:?}"
+    );
+    assert!(!problems.iter().any(|p| p.contains("PLT_SOMEONE_ELSES")));
+
+    // A whole run in the same environment.
+    let pki = pki(dir.path());
+    let key = VoSigningKey::generate();
+    let vo = FakeVo::start(&pki, vec![pilot_support::work(&key, "plt-u8", 1)]);
+    let helper = FakeHelper::start(
+        dir.path(),
+        HelperMode::Run(Some(Duration::from_millis(100))),
+    );
+    let cfg = pilot_toml(dir.path(), &pki, &vo.url(), &helper.socket, "");
+    let ran = run_pilot_env(
+        dir.path(),
+        &["run", "--config", &config_arg(&cfg)],
+        &non_utf8_env(),
+        Duration::from_secs(60),
+        |_| {},
+    );
+    assert_eq!(ran.code, 0, "stderr:\n{}", ran.stderr);
+    assert!(ran.stdout.contains("1 launched, 1 done"), "{}", ran.stdout);
+    assert!(ran.stderr.contains("SLURM_MEM_PER_NODE"), "{}", ran.stderr);
 }
 
 #[test]

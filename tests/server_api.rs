@@ -681,3 +681,109 @@ async fn operators_read_and_cancel_any_payload() {
         .unwrap();
     assert_eq!(r.status(), 400);
 }
+
+/// Submissions that could never run are refused at submit with 422 naming the limit: the
+/// default VO limits, limits set in server.toml, and the envelope's size. Nothing is queued.
+#[tokio::test]
+async fn submissions_that_can_never_run_are_refused_with_the_limit_named() {
+    let demo = Demo::new();
+    let srv = demo.serve();
+    let alice = demo.client("alice");
+    let url = srv.url("/v1/payloads");
+    let refused = |mutate: &dyn Fn(&mut SubmitRequest)| {
+        let mut req = submit_req(&["/bin/true"]);
+        mutate(&mut req);
+        let (alice, url) = (alice.clone(), url.clone());
+        async move {
+            let r = alice.post(&url).json(&req).send().await.unwrap();
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.unwrap();
+            (status, body["message"].as_str().unwrap_or("").to_string())
+        }
+    };
+    for (mutate, needle) in [
+        (
+            Box::new(|r: &mut SubmitRequest| r.resources.cores = 1_000_000)
+                as Box<dyn Fn(&mut SubmitRequest)>,
+            "max_cores = 1024",
+        ),
+        (
+            Box::new(|r: &mut SubmitRequest| r.resources.memory_bytes = 10_000_000_000_000),
+            "max_memory_bytes = 4398046511104",
+        ),
+        (
+            Box::new(|r: &mut SubmitRequest| r.resources.memory_bytes = u64::MAX),
+            "max_memory_bytes",
+        ),
+        (
+            Box::new(|r: &mut SubmitRequest| r.resources.walltime_seconds = u64::MAX),
+            "max_walltime_seconds = 2592000",
+        ),
+        (
+            Box::new(|r: &mut SubmitRequest| r.argv.push("x".repeat(1 << 20))),
+            "envelope limit is 1048576 bytes",
+        ),
+        (
+            Box::new(|r: &mut SubmitRequest| {
+                r.env.insert("BIG".into(), "y".repeat(800 << 10));
+            }),
+            "envelope limit",
+        ),
+    ] {
+        let (status, message) = refused(&*mutate).await;
+        assert_eq!(status, 422, "{message}");
+        assert!(message.contains(needle), "{message}");
+    }
+    // None of them was queued.
+    let list = alice.get(&url).send().await.unwrap().text().await.unwrap();
+    assert!(!list.contains("\"p-"), "{list}");
+    // Just below the envelope limit is accepted and can be matched and signed.
+    let mut big = submit_req(&["/bin/true"]);
+    big.argv.push("z".repeat(700 << 10));
+    let id = submit(&alice, &url, &big).await;
+    let m: MatchResponse = demo
+        .client("pilot")
+        .post(srv.url("/v1/match"))
+        .json(&match_req("srv-lim"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let w = m.work.expect("the big payload is matched");
+    assert_eq!(w.payload_id, id);
+    let key = VoVerifyingKey::from_pem_file(&demo.path("vo.pub")).unwrap();
+    w.envelope.verify(&key, Utc::now()).unwrap();
+    drop(srv);
+
+    // Limits from server.toml are the ones applied and named.
+    let cfg = demo.config();
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("\n[limits]\nmax_cores = 8\nmax_walltime_seconds = 3600\n");
+    std::fs::write(&cfg, text).unwrap();
+    let srv = demo.serve();
+    let url = srv.url("/v1/payloads");
+    let mut req = submit_req(&["/bin/true"]);
+    req.resources.cores = 9;
+    let r = alice.post(&url).json(&req).send().await.unwrap();
+    assert_eq!(r.status(), 422);
+    assert!(r.text().await.unwrap().contains("max_cores = 8"));
+    req.resources.cores = 8;
+    req.resources.walltime_seconds = 3601;
+    let r = alice.post(&url).json(&req).send().await.unwrap();
+    assert_eq!(r.status(), 422);
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("max_walltime_seconds = 3600"));
+    req.resources.walltime_seconds = 3600;
+    submit(&alice, &url, &req).await;
+    // A limit of 0 is a configuration error naming the key.
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text = text.replace("max_cores = 8", "max_cores = 0");
+    std::fs::write(&cfg, text).unwrap();
+    let err = mupilot::server::config::ServerConfig::load(&cfg).unwrap_err();
+    assert!(err.to_string().contains("limits.max_cores"), "{err}");
+}

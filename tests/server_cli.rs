@@ -396,3 +396,78 @@ async fn submit_status_output_cli_round_trip() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("403"));
 }
+
+/// Runs `bin args` with stdout a pipe whose reading end is already closed (`| head -0`) and
+/// a non-UTF-8 variable in its environment; returns its exit status and stderr.
+fn run_into_closed_pipe(bin: &str, args: &[&str]) -> (std::process::ExitStatus, String) {
+    use std::os::unix::ffi::OsStringExt;
+    let (read_end, write_end) = nix::unistd::pipe().unwrap();
+    drop(read_end);
+    let out = std::process::Command::new(bin)
+        .args(args)
+        .env(
+            "SRV_NOT_UTF8",
+            std::ffi::OsString::from_vec(b"\xff\xfe".to_vec()),
+        )
+        .stdout(std::process::Stdio::from(write_end))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A closed stdout ends each program quietly, by SIGPIPE as it ends `cat`, never with a panic
+/// and a backtrace; the submission itself was made.
+#[tokio::test]
+async fn closed_stdout_ends_every_program_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let demo = Demo::new();
+    let srv = demo.serve();
+    let quiet = |what: &str, (status, stderr): (std::process::ExitStatus, String)| {
+        assert!(
+            status.success() || status.signal() == Some(libc::SIGPIPE),
+            "{what}: {status:?}\n{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{what}: {stderr}");
+        assert!(!stderr.contains("Broken pipe"), "{what}: {stderr}");
+    };
+    let client_toml = demo.path("client-alice.toml");
+    let submit = [
+        "submit",
+        "--config",
+        client_toml.to_str().unwrap(),
+        "--server",
+        &srv.url,
+        "--",
+        "/bin/true",
+    ];
+    let server = env!("CARGO_BIN_EXE_mupilot-server");
+    let (status, stderr) = run_into_closed_pipe(server, &submit);
+    assert_eq!(status.signal(), Some(libc::SIGPIPE), "{stderr}");
+    quiet("mupilot-server submit", (status, stderr));
+    let list = demo
+        .client("alice")
+        .get(srv.url("/v1/payloads"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(list.contains("\"p-"), "the submission was made: {list}");
+    quiet(
+        "mupilot limits",
+        run_into_closed_pipe(env!("CARGO_BIN_EXE_mupilot"), &["limits"]),
+    );
+    let policy = concat!(env!("CARGO_MANIFEST_DIR"), "/policy/site.policy");
+    quiet(
+        "mupilot-switch policy check",
+        run_into_closed_pipe(
+            env!("CARGO_BIN_EXE_mupilot-switch"),
+            &["policy", "check", policy],
+        ),
+    );
+}

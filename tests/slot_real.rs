@@ -201,6 +201,7 @@ fn real_cgroup_v1_parent_memory_limit_and_cpu_quota() {
     std::os::unix::fs::symlink("/sys", root.path().join("sys")).unwrap();
     let env = Env {
         vars: Default::default(),
+        unreadable: Default::default(),
         root: root.path().to_path_buf(),
         runner: Box::new(SystemRunner),
         now: chrono::Utc::now().timestamp(),

@@ -235,6 +235,123 @@ fn slurm_malformed_values_are_reported_and_ignored() {
     assert!(has_problem(&r, &["SLURM_JOB_ID", "--help"]));
 }
 
+#[test]
+fn huge_values_are_reported_never_wrapped_and_every_ignored_value_is_named() {
+    let root = root();
+    // 2^44 MiB is 2^64 bytes: `mib << 20` used to wrap to 0.
+    let r = run(
+        root.path(),
+        &[
+            ("SLURM_JOB_ID", "5"),
+            ("SLURM_CPUS_ON_NODE", "4"),
+            ("SLURM_CPUS_PER_TASK", "x"),
+            ("SLURM_MEM_PER_NODE", "17592186044416"),
+            ("SLURM_MEM_PER_CPU", "4611686018427387904"),
+            ("SLURM_JOB_END_TIME", "9223372036854775807"),
+        ],
+        &[],
+    );
+    assert_eq!(r.slot.memory_bytes, HOST_MEM, "{:?}", r.problems);
+    assert_eq!(chosen(&r, "memory_bytes"), "host");
+    assert_eq!(r.slot.cores, 4);
+    assert!(
+        has_problem(&r, &["SLURM_MEM_PER_NODE", "17592186044416", "2^64"]),
+        "{:?}",
+        r.problems
+    );
+    assert!(has_problem(&r, &["SLURM_MEM_PER_CPU", "2^64"]));
+    assert!(has_problem(&r, &["SLURM_JOB_END_TIME", "9999"]));
+    // A fallback that was not needed is still checked.
+    assert!(has_problem(&r, &["SLURM_CPUS_PER_TASK", "\"x\""]));
+    // MEM_PER_CPU times the CPUs overflowing is reported, not saturated.
+    let r = run(
+        root.path(),
+        &[
+            ("SLURM_JOB_ID", "5"),
+            ("SLURM_CPUS_ON_NODE", "64"),
+            ("SLURM_MEM_PER_CPU", "1099511627776"),
+        ],
+        &[],
+    );
+    assert_eq!(r.slot.memory_bytes, HOST_MEM);
+    assert!(
+        has_problem(&r, &["SLURM_MEM_PER_CPU", "x 64 CPUs", "2^64"]),
+        "{:?}",
+        r.problems
+    );
+
+    let r = run(
+        root.path(),
+        &[
+            ("PBS_JOBID", "9.pbs"),
+            ("PBS_NCPUS", "x"),
+            ("PBS_NUM_PPN", "2"),
+        ],
+        &[],
+    );
+    assert_eq!(r.slot.cores, 2);
+    assert!(
+        has_problem(&r, &["pbs", "PBS_NCPUS", "\"x\""]),
+        "{:?}",
+        r.problems
+    );
+    let r = run(
+        root.path(),
+        &[("PBS_JOBID", "9.pbs"), ("PBS_NCPUS", "3")],
+        &[],
+    );
+    assert_eq!(r.slot.cores, 3);
+    assert_eq!(r.sources["pbs"]["cores_from"], "PBS_NCPUS");
+
+    let r = run(
+        root.path(),
+        &[("LSB_JOBID", "7"), ("LSB_MAX_NUM_PROCESSORS", "abc")],
+        &[],
+    );
+    assert!(
+        has_problem(&r, &["lsf", "LSB_MAX_NUM_PROCESSORS", "\"abc\""]),
+        "{:?}",
+        r.problems
+    );
+    let r = run(
+        root.path(),
+        &[("LSB_JOBID", "7"), ("LSB_MAX_NUM_PROCESSORS", "3")],
+        &[],
+    );
+    assert_eq!(r.slot.cores, 3);
+    let r = run(
+        root.path(),
+        &[
+            ("LSB_JOBID", "7"),
+            ("LSB_MCPU_HOSTS", "wn042 4294967295 wn042.example.org 2"),
+        ],
+        &[],
+    );
+    assert!(
+        has_problem(&r, &["LSB_MCPU_HOSTS", "2^32"]),
+        "{:?}",
+        r.problems
+    );
+    // PBS sizes and SGE sizes that do not fit are errors, not saturated.
+    let r = run(
+        root.path(),
+        &[("PBS_JOBID", "9.pbs")],
+        &[("qstat", out("Job Id: 9.pbs\n    Resource_List.mem = 17179869184gb\n    Resource_List.walltime = 9223372036854775807\n"))],
+    );
+    assert_eq!(r.slot.memory_bytes, HOST_MEM);
+    assert_eq!(r.slot.deadline_unix, None);
+    assert!(
+        has_problem(&r, &["Resource_List.mem", "2^64"]),
+        "{:?}",
+        r.problems
+    );
+    assert!(
+        has_problem(&r, &["Resource_List.walltime", "9999"]),
+        "{:?}",
+        r.problems
+    );
+}
+
 // ---------- HTCondor ----------
 
 const MACHINE_AD: &str = r#"Arch = "X86_64"
@@ -934,6 +1051,10 @@ fn garbage_everywhere_never_panics() {
         "0",
         "-1",
         "99999999999999999999999",
+        "18446744073709551615",
+        "9223372036854775807",
+        "17592186044416",
+        "0-4294967295",
         "1e308",
         "NaN",
         "x(x",
@@ -968,6 +1089,8 @@ fn garbage_everywhere_never_panics() {
         "LSB_JOBID",
         "LSB_MCPU_HOSTS",
         "LSB_DJOB_NUMPROC",
+        "LSB_MAX_NUM_PROCESSORS",
+        "PBS_NCPUS",
     ];
     let root = root();
     write(root.path(), "/proc/self/cgroup", "0::/g\n");

@@ -89,6 +89,9 @@ pub fn main() -> i32 {
             return if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
         }
     };
+    if !matches!(cli.command, Command::Run { .. }) {
+        crate::util::exit_quietly_on_broken_pipe();
+    }
     crate::util::init_logging();
     match cli.command {
         Command::Run {
@@ -237,7 +240,10 @@ fn run(config: &Path, max_payloads: Option<u32>, idle_timeout: Option<u64>) -> i
     let Some(outcome) = outcome else {
         return EXIT_RUNTIME;
     };
-    println!(
+    // The payloads are over: a closed stdout must not turn the exit code into a panic's.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stdout(),
         "mupilot: pilot {} {} (trace {})",
         cfg.pilot_id,
         outcome.summary,

@@ -138,7 +138,16 @@ pub struct StatusReport {
     /// For denials: `caller`, `system` or `authorization`.
     #[serde(default)]
     pub denial_class: Option<String>,
+    /// Declared outputs (or entries inside declared directories) the helper did not copy,
+    /// each "path: reason". Left out when empty, so older servers accept the report.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs_skipped: Vec<String>,
 }
+
+/// Most `outputs_skipped` entries a server keeps (and a helper reports, the last one saying
+/// how many more there were), and the most characters of each.
+pub const MAX_OUTPUTS_SKIPPED: usize = 1000;
+pub const MAX_OUTPUT_SKIP_CHARS: usize = 1024;
 
 /// The answer to a status report: operator commands for the payload, if any.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -207,6 +216,10 @@ pub struct PayloadView {
     /// True once the pilot uploaded the output archive (`GET .../output` fetches it).
     #[serde(default)]
     pub has_output: bool,
+    /// Declared outputs that were not copied, each "path: reason" (symlink, FIFO, over the
+    /// size limit, missing, ...).
+    #[serde(default)]
+    pub outputs_skipped: Vec<String>,
 }
 
 /// Every error answer has this body, with an HTTP status that fits.

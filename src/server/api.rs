@@ -18,13 +18,14 @@ use base64::Engine;
 use chrono::{Duration, Utc};
 use serde::Deserialize;
 
-use super::store::{Matched, NewPayload, Store, StoreError};
+use super::config::SubmitLimits;
+use super::store::{Matched, Member, NewPayload, Store, StoreError};
 use crate::protocol::api::OperatorCommand;
 use crate::protocol::api::{
     ApiError, MatchRequest, MatchResponse, PayloadState, PayloadView, StatusAck, StatusReport,
     SubmitRequest, SubmitResponse, Work,
 };
-use crate::protocol::envelope::{sha256_hex, ENVELOPE_VERSION};
+use crate::protocol::envelope::{sha256_hex, ENVELOPE_VERSION, MAX_BODY_B64};
 use crate::protocol::{EnvelopeBody, Owner, VoSigningKey};
 
 /// Largest decoded input bundle.
@@ -48,6 +49,8 @@ pub struct AppState {
     pub envelope_lifetime: Duration,
     /// Written into envelopes as `issuer`.
     pub issuer: String,
+    /// The most one payload may ask for (server.toml `[limits]`).
+    pub limits: SubmitLimits,
 }
 
 type St = State<Arc<AppState>>;
@@ -74,6 +77,10 @@ impl Fail {
     }
     fn forbidden(message: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, "not_authorized", message)
+    }
+    /// A well-formed submission that can never run: over a VO limit or the envelope's size.
+    fn over_limit(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "over_limit", message)
     }
     fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
@@ -180,6 +187,77 @@ fn require_pilot(st: &AppState, dn: &str) -> Result<(), Fail> {
     }
 }
 
+/// Room kept in an envelope below [`MAX_BODY_B64`] for what can change between submit and
+/// match (the owner's FQANs, the membership date, the issuer): a submission whose envelope
+/// fits now but not with this room could fail at match.
+pub const ENVELOPE_RESERVE: usize = 16 << 10;
+
+/// Refuses resources above the VO's limits (422 naming the limit).
+fn within_limits(req: &SubmitRequest, l: &SubmitLimits) -> Result<(), Fail> {
+    let r = &req.resources;
+    for (field, v, key, max) in [
+        (
+            "cores",
+            u64::from(r.cores),
+            "max_cores",
+            u64::from(l.max_cores),
+        ),
+        (
+            "memory_bytes",
+            r.memory_bytes,
+            "max_memory_bytes",
+            l.max_memory_bytes,
+        ),
+        (
+            "walltime_seconds",
+            r.walltime_seconds,
+            "max_walltime_seconds",
+            l.max_walltime_seconds,
+        ),
+    ] {
+        if v > max {
+            return Err(Fail::over_limit(format!(
+                "resources.{field} = {v} is more than this VO allows ({key} = {max} in the server's server.toml [limits]); no pilot would ever be sent for it"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a submission whose signed envelope would be larger than the helper and the pilot
+/// accept ([`MAX_BODY_B64`]): measured on the envelope it would get now, with the owner's
+/// FQANs, plus [`ENVELOPE_RESERVE`].
+fn envelope_fits(st: &AppState, req: &SubmitRequest, member: &Member) -> Result<(), Fail> {
+    let body = EnvelopeBody {
+        version: ENVELOPE_VERSION,
+        payload_id: "p-".to_string() + &"0".repeat(32),
+        owner: Owner {
+            dn: member.dn.clone(),
+            vo: member.vo.clone(),
+            fqans: member.fqans.clone(),
+            membership_valid_until: member.renewal_due,
+        },
+        jobtag: req.jobtag.clone(),
+        argv: req.argv.clone(),
+        env: req.env.clone(),
+        bundle_sha256: req.bundle.as_ref().map(|_| "0".repeat(64)),
+        resources: req.resources,
+        outputs: req.outputs.clone(),
+        not_before: Utc::now(),
+        not_after: Utc::now(),
+        nonce: "0".repeat(32),
+        issuer: st.issuer.clone(),
+    };
+    let json = serde_json::to_vec(&body).map_err(|e| Fail::internal(e.to_string()))?;
+    let b64 = json.len().div_ceil(3) * 4;
+    if b64 + ENVELOPE_RESERVE > MAX_BODY_B64 {
+        return Err(Fail::over_limit(format!(
+            "argv, env, outputs and jobtag make a signed envelope of {b64} bytes (base64); the envelope limit is {MAX_BODY_B64} bytes, {ENVELOPE_RESERVE} of them kept for the owner's attributes: pass large data in the bundle instead"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks a submission field by field; names the field that is wrong.
 fn validate(req: &SubmitRequest) -> Result<(), Fail> {
     if req.argv.is_empty() || req.argv[0].is_empty() {
@@ -232,6 +310,7 @@ async fn submit(
 ) -> Result<(StatusCode, Json<SubmitResponse>), Fail> {
     let Json(req) = body?;
     validate(&req)?;
+    within_limits(&req, &st.limits)?;
     let bundle = match &req.bundle {
         None => None,
         Some(b) => {
@@ -250,14 +329,20 @@ async fn submit(
     };
     let dn = peer.0.to_string();
     let now = Utc::now();
-    let vo = st.vo.clone();
+    let who = dn.clone();
+    let active = blocking(&st, move |store| {
+        Ok(store.member(&who)?.filter(|m| m.is_active(now)))
+    })
+    .await?;
+    let Some(member) = active else {
+        return Err(StoreError::Forbidden(format!(
+            "{dn} is not an active member of VO {} (unregistered, suspended, removed or past renewal); ask a VO operator to run `mupilot-server member add` or `member renew`",
+            st.vo
+        ))
+        .into());
+    };
+    envelope_fits(&st, &req, &member)?;
     let id = blocking(&st, move |store| {
-        let active = store.member(&dn)?.filter(|m| m.is_active(now));
-        let Some(member) = active else {
-            return Err(StoreError::Forbidden(format!(
-                "{dn} is not an active member of VO {vo} (unregistered, suspended, removed or past renewal); ask a VO operator to run `mupilot-server member add` or `member renew`"
-            )));
-        };
         let p = NewPayload {
             owner_dn: dn,
             vo: member.vo,

@@ -253,6 +253,9 @@ pub fn main() -> i32 {
             return if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
         }
     };
+    if !matches!(cli.cmd, Command::Serve { .. }) {
+        crate::util::exit_quietly_on_broken_pipe();
+    }
     match cli.cmd {
         Command::Init {
             dir,
@@ -523,6 +526,10 @@ fn describe(v: &PayloadView) -> String {
     }
     if v.has_output {
         s.push_str("\toutput=yes");
+    }
+    // One line each: the user must see which declared outputs are not in the archive, and why.
+    for o in &v.outputs_skipped {
+        s.push_str(&format!("\n  output skipped: {o}"));
     }
     s
 }

@@ -36,6 +36,43 @@ pub enum ConfigError {
     },
 }
 
+/// `[limits]`: the most one payload of this VO may ask for. A submission above any of them
+/// can never run anywhere the VO sends pilots, so it is refused at submit (422, naming the
+/// limit) instead of waiting in the queue forever.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitLimits {
+    /// Cores (default 1024).
+    #[serde(default = "default_max_cores")]
+    pub max_cores: u32,
+    /// Memory in bytes (default 4 TiB).
+    #[serde(default = "default_max_memory")]
+    pub max_memory_bytes: u64,
+    /// Wall time in seconds (default 30 days).
+    #[serde(default = "default_max_walltime")]
+    pub max_walltime_seconds: u64,
+}
+
+fn default_max_cores() -> u32 {
+    1024
+}
+fn default_max_memory() -> u64 {
+    4 << 40
+}
+fn default_max_walltime() -> u64 {
+    30 * 86400
+}
+
+impl Default for SubmitLimits {
+    fn default() -> Self {
+        SubmitLimits {
+            max_cores: default_max_cores(),
+            max_memory_bytes: default_max_memory(),
+            max_walltime_seconds: default_max_walltime(),
+        }
+    }
+}
+
 /// One `[[member]]` entry: seeds the membership registry at serve start.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -64,6 +101,8 @@ struct RawServerConfig {
     envelope_lifetime_seconds: u64,
     #[serde(default)]
     member: Vec<MemberSeed>,
+    #[serde(default)]
+    limits: SubmitLimits,
 }
 
 fn default_lifetime() -> u64 {
@@ -88,6 +127,8 @@ pub struct ServerConfig {
     pub operator_dns: Vec<String>,
     pub envelope_lifetime_seconds: u64,
     pub members: Vec<MemberSeed>,
+    /// The most one payload may ask for (`[limits]`).
+    pub limits: SubmitLimits,
 }
 
 /// Resolves `p` against `base` unless it is absolute.
@@ -172,6 +213,33 @@ impl ServerConfig {
                 ));
             }
         }
+        let l = raw.limits;
+        // Stored as SQLite integers (i64); the walltime also becomes a chrono duration.
+        for (key, v, max) in [
+            (
+                "limits.max_cores",
+                u64::from(l.max_cores),
+                u64::from(u32::MAX),
+            ),
+            (
+                "limits.max_memory_bytes",
+                l.max_memory_bytes,
+                i64::MAX as u64,
+            ),
+            (
+                "limits.max_walltime_seconds",
+                l.max_walltime_seconds,
+                100 * 365 * 86400,
+            ),
+        ] {
+            if v == 0 || v > max {
+                return Err(value(
+                    key,
+                    &v.to_string(),
+                    &format!("must be between 1 and {max}"),
+                ));
+            }
+        }
         let base = base_dir(path);
         let cfg = ServerConfig {
             path: path.to_path_buf(),
@@ -186,6 +254,7 @@ impl ServerConfig {
             operator_dns: raw.operator_dns,
             envelope_lifetime_seconds: raw.envelope_lifetime_seconds,
             members: raw.member,
+            limits: l,
         };
         Ok(cfg)
     }

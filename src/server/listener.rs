@@ -89,6 +89,7 @@ pub fn prepare(cfg: &ServerConfig) -> Result<Prepared, ServeError> {
         operator_dns: cfg.operator_dns.iter().cloned().collect::<HashSet<_>>(),
         envelope_lifetime: chrono::Duration::seconds(cfg.envelope_lifetime_seconds as i64),
         issuer: format!("mupilot-server@{host}"),
+        limits: cfg.limits,
     };
     Ok(Prepared {
         state: Arc::new(state),
@@ -111,8 +112,9 @@ pub async fn serve(p: Prepared, shutdown: impl Future<Output = ()>) -> Result<()
         source,
     })?;
     // Tests and scripts read this line to learn the port when listen ends in :0.
-    println!("listening on https://{addr}");
+    // A closed stdout must not stop the server (println! would panic).
     use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "listening on https://{addr}");
     let _ = std::io::stdout().flush();
     tracing::info!(%addr, vo = %p.state.vo, "mupilot-server listening");
 

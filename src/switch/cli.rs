@@ -107,6 +107,9 @@ pub fn main() -> i32 {
             return if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
         }
     };
+    if !matches!(cli.command, Command::Serve { .. }) {
+        crate::util::exit_quietly_on_broken_pipe();
+    }
     crate::util::init_logging();
     match cli.command {
         Command::Serve { config } => serve(&config),

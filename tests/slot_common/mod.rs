@@ -70,6 +70,7 @@ pub fn env(root: &Path, vars: &[(&str, &str)], cmds: &[(&str, CmdOutcome)]) -> (
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        unreadable: Default::default(),
         root: root.to_path_buf(),
         runner: Box::new(runner.clone()),
         now: NOW,

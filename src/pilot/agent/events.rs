@@ -210,6 +210,7 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
                 wall_seconds: Some(r.wall_seconds),
                 reason: reason.or(r.kill_reason),
                 denial_class: None,
+                outputs_skipped: r.outputs_skipped.clone(),
             },
             archive: Some(archive),
         });

@@ -135,9 +135,12 @@ fn read_file(env: &Env, file: &str, p: &mut Problems) -> Option<String> {
     }
 }
 
-/// A CPU quota as whole cores: rounds down, never below one.
+/// A CPU quota as whole cores: rounds down, never below one. A quota of more than 2^32
+/// periods limits nothing a machine has, so it is u32::MAX cores, not a truncated count.
 fn quota_cores(quota: u64, period: u64) -> u32 {
-    ((quota / period.max(1)) as u32).max(1)
+    u32::try_from(quota / period.max(1))
+        .unwrap_or(u32::MAX)
+        .max(1)
 }
 
 fn v1_cpu(env: &Env, mount: &str, path: &str, f: &mut Finding, p: &mut Problems) {

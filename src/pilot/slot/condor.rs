@@ -110,8 +110,10 @@ pub fn read(env: &Env, p: &mut Problems) -> Option<Finding> {
         .or_else(|| from(&job, "RequestCpus", &mut f, p).map(|v| ("RequestCpus", v)));
     if let Some((attr, v)) = cores {
         if v >= 1.0 {
-            f.cores = Some(v.floor() as u32);
-            f.note("cores_from", attr);
+            if let Some(c) = p.parse(NAME, attr, &v.to_string(), |_| parse::cores(v)) {
+                f.cores = Some(c);
+                f.note("cores_from", attr);
+            }
         } else {
             p.bad(NAME, attr, &v.to_string(), "is below one core");
         }
@@ -122,8 +124,12 @@ pub fn read(env: &Env, p: &mut Problems) -> Option<Finding> {
         .or_else(|| from(&job, "RequestMemory", &mut f, p).map(|v| ("RequestMemory", v)));
     if let Some((attr, mib)) = mem {
         if mib > 0.0 {
-            f.memory_bytes = Some((mib * 1048576.0) as u64);
-            f.note("memory_from", attr);
+            if let Some(b) = p.parse(NAME, attr, &mib.to_string(), |_| {
+                parse::bytes(mib, 1048576.0)
+            }) {
+                f.memory_bytes = Some(b);
+                f.note("memory_from", attr);
+            }
         } else {
             p.bad(NAME, attr, &mib.to_string(), "is zero MiB");
         }
@@ -131,28 +137,47 @@ pub fn read(env: &Env, p: &mut Problems) -> Option<Finding> {
 
     // Wall time: JobStartDate + MaxWallTime; a glidein's GLIDEIN_ToDie (Unix time); the
     // startd's TimeToLive (seconds, counted from the ad's MyCurrentTime when present).
-    let start = from(&job, "JobStartDate", &mut f, p);
+    // Every sum is checked: a time past the year 9999 is reported, not wrapped or clamped.
+    let secs = |attr: &str, v: f64, p: &mut Problems| {
+        p.parse(NAME, attr, &v.to_string(), |_| parse::seconds(v))
+    };
+    let start = from(&job, "JobStartDate", &mut f, p).and_then(|v| secs("JobStartDate", v, p));
     for ad in [&job, &machine] {
-        if let (Some(start), Some(w)) = (start, from(ad, "MaxWallTime", &mut f, p)) {
-            f.lower_deadline((start + w) as i64);
-            f.note("max_wall_time", w as i64);
+        let w = from(ad, "MaxWallTime", &mut f, p).and_then(|v| secs("MaxWallTime", v, p));
+        if let (Some(start), Some(w)) = (start, w) {
+            let sum = format!("{start} + {w}");
+            if let Some(d) = p.parse(NAME, "JobStartDate + MaxWallTime", &sum, |_| {
+                parse::deadline(start, w)
+            }) {
+                f.lower_deadline(d);
+                f.note("max_wall_time", w);
+            }
         }
     }
-    if let Some(t) = from(&machine, "GLIDEIN_ToDie", &mut f, p) {
-        f.lower_deadline(t as i64);
-        f.note("glidein_to_die", t as i64);
+    let to_die = from(&machine, "GLIDEIN_ToDie", &mut f, p);
+    if let Some(t) = to_die.and_then(|v| secs("GLIDEIN_ToDie", v, p)) {
+        f.lower_deadline(t);
+        f.note("glidein_to_die", t);
     }
-    if let Some(ttl) = from(&machine, "TimeToLive", &mut f, p) {
-        let base = from(&machine, "MyCurrentTime", &mut f, p)
-            .map(|t| t as i64)
+    let ttl = from(&machine, "TimeToLive", &mut f, p);
+    if let Some(ttl) = ttl.and_then(|v| secs("TimeToLive", v, p)) {
+        let now = from(&machine, "MyCurrentTime", &mut f, p);
+        let base = now
+            .and_then(|v| secs("MyCurrentTime", v, p))
             .unwrap_or(env.now);
-        f.lower_deadline(base + ttl as i64);
-        f.note("time_to_live", ttl as i64);
+        let sum = format!("{base} + {ttl}");
+        if let Some(d) = p.parse(NAME, "MyCurrentTime + TimeToLive", &sum, |_| {
+            parse::deadline(base, ttl)
+        }) {
+            f.lower_deadline(d);
+            f.note("time_to_live", ttl);
+        }
     }
     // Retirement time is how long a job may keep running once the slot wants it gone; it
     // is no deadline by itself, so it is shown, not used.
-    if let Some(r) = from(&machine, "MaxJobRetirementTime", &mut f, p) {
-        f.note("max_job_retirement_time", r as i64);
+    let retire = from(&machine, "MaxJobRetirementTime", &mut f, p);
+    if let Some(r) = retire.and_then(|v| secs("MaxJobRetirementTime", v, p)) {
+        f.note("max_job_retirement_time", r);
     }
     Some(f)
 }

@@ -6,6 +6,7 @@
 //! This module must not interpret any batch system's values.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -100,8 +101,12 @@ pub fn run_with_timeout(program: &str, args: &[&str], timeout: Duration) -> CmdO
 
 /// Everything discovery may look at.
 pub struct Env {
-    /// Environment variables of the pilot.
+    /// Environment variables of the pilot (those that are UTF-8 text).
     pub vars: BTreeMap<String, String>,
+    /// Variables slot discovery reads (see [`is_ours`]) whose value is not UTF-8: name -> the
+    /// value with invalid bytes replaced, for `problems`. Other non-UTF-8 variables are not
+    /// ours to judge and are left out of both maps.
+    pub unreadable: BTreeMap<String, String>,
     /// Where absolute paths are resolved ("/" on a real system, a temp dir in tests).
     pub root: PathBuf,
     /// Runs scontrol, squeue, qstat, bjobs.
@@ -119,8 +124,12 @@ pub struct Env {
 impl Env {
     /// The live system: process environment, "/", real commands, the clock, the host name.
     pub fn real() -> Env {
+        // vars_os, not vars: std::env::vars panics on the first variable that is not UTF-8,
+        // and the batch environment is anyone's to fill.
+        let (vars, unreadable) = split_vars(std::env::vars_os());
         Env {
-            vars: std::env::vars().collect(),
+            vars,
+            unreadable,
             root: PathBuf::from("/"),
             runner: Box::new(SystemRunner),
             now: chrono::Utc::now().timestamp(),
@@ -157,6 +166,46 @@ impl Env {
         let short = |s: &str| s.split('.').next().unwrap_or("").to_ascii_lowercase();
         !name.is_empty() && short(name) == short(&self.hostname)
     }
+}
+
+/// Prefixes and names of the variables slot discovery reads: the batch systems', machine/job
+/// features'. A non-UTF-8 value of one of these is a problem worth reporting; any other
+/// variable is none of discovery's business.
+const OUR_PREFIXES: [&str; 5] = ["SLURM_", "PBS_", "LSB_", "_CONDOR_", "SGE_"];
+const OUR_NAMES: [&str; 6] = [
+    "JOB_ID",
+    "NSLOTS",
+    "PE_HOSTFILE",
+    "NCPUS",
+    "MACHINEFEATURES",
+    "JOBFEATURES",
+];
+
+/// True for a variable slot discovery reads or could read (by name or by prefix).
+pub fn is_ours(name: &str) -> bool {
+    OUR_NAMES.contains(&name) || OUR_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// Splits an OS environment into its UTF-8 variables and the ones of ours that are not UTF-8
+/// (value shown lossily). A variable whose *name* is not UTF-8 cannot be one of ours.
+pub fn split_vars(
+    os: impl IntoIterator<Item = (OsString, OsString)>,
+) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    let mut vars = BTreeMap::new();
+    let mut unreadable = BTreeMap::new();
+    for (k, v) in os {
+        let Ok(k) = k.into_string() else { continue };
+        match v.into_string() {
+            Ok(v) => {
+                vars.insert(k, v);
+            }
+            Err(v) if is_ours(&k) => {
+                unreadable.insert(k, v.to_string_lossy().into_owned());
+            }
+            Err(_) => {}
+        }
+    }
+    (vars, unreadable)
 }
 
 /// The number of CPUs in this process's affinity mask (what a cpuset or taskset grants).
@@ -202,6 +251,22 @@ mod tests {
             CmdOutcome::Failed(m) if m.contains("did not answer")
         ));
         assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn non_utf8_values_are_set_aside_ours_reported_others_ignored() {
+        use std::os::unix::ffi::OsStringExt;
+        let bad = || OsString::from_vec(vec![b'4', 0xff, 0xfe]);
+        let (vars, unreadable) = split_vars([
+            (OsString::from("SLURM_MEM_PER_NODE"), bad()),
+            (OsString::from("LANG_GARBAGE"), bad()),
+            (OsString::from_vec(vec![b'X', 0xff]), OsString::from("1")),
+            (OsString::from("SLURM_JOB_ID"), OsString::from("77")),
+        ]);
+        assert_eq!(vars.len(), 1);
+        assert_eq!(vars["SLURM_JOB_ID"], "77");
+        assert_eq!(unreadable.len(), 1);
+        assert_eq!(unreadable["SLURM_MEM_PER_NODE"], "4\u{FFFD}\u{FFFD}");
     }
 
     #[test]

@@ -62,7 +62,9 @@ pub fn read_job(env: &Env, p: &mut Problems) -> Option<Finding> {
     let mut f = Finding::new("jobfeatures", false);
     if let Some(c) = d.number(env, "allocated_cpu", p) {
         if c >= 1.0 {
-            f.cores = Some(c.floor() as u32);
+            f.cores = p.parse(d.source, "allocated_cpu", &c.to_string(), |_| {
+                parse::cores(c)
+            });
         } else {
             p.bad(
                 d.source,
@@ -72,32 +74,35 @@ pub fn read_job(env: &Env, p: &mut Problems) -> Option<Finding> {
             );
         }
     }
-    match (
-        d.number(env, "wall_limit_secs", p),
-        d.number(env, "jobstart_secs", p),
-    ) {
-        (Some(w), Some(s)) => {
-            f.lower_deadline((s + w) as i64);
-            f.note("wall_limit_secs", w as i64);
+    let secs = |key: &str, p: &mut Problems| {
+        let v = d.number(env, key, p)?;
+        p.parse(d.source, key, &v.to_string(), |_| parse::seconds(v))
+    };
+    let wall = secs("wall_limit_secs", p);
+    // Without the start time the limit still bounds what is left from now.
+    let start = secs("jobstart_secs", p).unwrap_or(env.now);
+    if let Some(w) = wall {
+        let sum = format!("{start} + {w}");
+        if let Some(t) = p.parse(d.source, "jobstart_secs + wall_limit_secs", &sum, |_| {
+            parse::deadline(start, w)
+        }) {
+            f.lower_deadline(t);
+            f.note("wall_limit_secs", w);
         }
-        (Some(w), None) => {
-            // Without the start time the limit still bounds what is left from now.
-            f.lower_deadline(env.now + w as i64);
-            f.note("wall_limit_secs", w as i64);
-        }
-        _ => {}
     }
     for key in ["shutdowntime_job", "shutdowntime"] {
-        if let Some(t) = d.number(env, key, p) {
-            f.lower_deadline(t as i64);
-            f.note(key, t as i64);
+        if let Some(t) = secs(key, p) {
+            f.lower_deadline(t);
+            f.note(key, t);
         }
     }
     for key in ["mem_limit_GB", "max_rss_GB"] {
         if let Some(gb) = d.number(env, key, p) {
             if gb > 0.0 {
-                f.lower_memory((gb * GB) as u64);
-                f.note(key, gb);
+                if let Some(b) = p.parse(d.source, key, &gb.to_string(), |_| parse::bytes(gb, GB)) {
+                    f.lower_memory(b);
+                    f.note(key, gb);
+                }
             }
         }
     }
@@ -109,7 +114,9 @@ pub fn read_machine(env: &Env, p: &mut Problems) -> Option<Finding> {
     let d = dir(env, "MACHINEFEATURES", "machinefeatures", p)?;
     let mut f = Finding::new("machinefeatures", false);
     if let Some(t) = d.number(env, "shutdowntime", p) {
-        f.deadline_unix = Some(t as i64);
+        f.deadline_unix = p.parse(d.source, "shutdowntime", &t.to_string(), |_| {
+            parse::seconds(t)
+        });
     }
     for key in ["total_cpu", "hs06"] {
         if let Some(v) = d.number(env, key, p) {

@@ -28,7 +28,10 @@ pub fn read(env: &Env, p: &mut Problems) -> Option<Finding> {
                 if env.is_this_host(pair[0]) {
                     let what = format!("LSB_MCPU_HOSTS count for {}", pair[0]);
                     if let Some(c) = p.parse(NAME, &what, pair[1], parse::count) {
-                        f.cores = Some(f.cores.unwrap_or(0) + c);
+                        match f.cores.unwrap_or(0).checked_add(c) {
+                            Some(sum) => f.cores = Some(sum),
+                            None => p.bad(NAME, "LSB_MCPU_HOSTS", v, "counts more than 2^32 CPUs"),
+                        }
                     }
                 }
             }
@@ -37,13 +40,16 @@ pub fn read(env: &Env, p: &mut Problems) -> Option<Finding> {
             }
         }
     }
-    if f.cores.is_none() {
-        if let Some(v) = env.var("LSB_DJOB_NUMPROC") {
-            if let Some(c) = p.parse(NAME, "LSB_DJOB_NUMPROC", v, parse::count) {
-                f.cores = Some(c);
-                f.note("cores_from", "LSB_DJOB_NUMPROC");
-            }
-        }
+    // Both whole-job counts are checked whether or not they are needed.
+    let numproc = p.first_of(
+        env,
+        NAME,
+        &["LSB_DJOB_NUMPROC", "LSB_MAX_NUM_PROCESSORS"],
+        parse::count,
+    );
+    if let (None, Some((var, c))) = (f.cores, numproc) {
+        f.cores = Some(c);
+        f.note("cores_from", var);
     }
 
     let args = [
@@ -84,9 +90,14 @@ fn parse_bjobs(env: &Env, line: &str, f: &mut Finding, p: &mut Problems) {
                 p.parse(NAME, "bjobs run_time", used, lsf_run_time)
                     .unwrap_or(0)
             };
-            f.lower_deadline(env.now + (limit - used).max(0));
-            f.note("runtimelimit_seconds", limit);
-            f.note("deadline_from", "bjobs");
+            let left = limit.saturating_sub(used).max(0);
+            if let Some(d) = p.parse(NAME, "bjobs runtimelimit", &limit.to_string(), |_| {
+                parse::deadline(env.now, left)
+            }) {
+                f.lower_deadline(d);
+                f.note("runtimelimit_seconds", limit);
+                f.note("deadline_from", "bjobs");
+            }
         }
     }
     if mem != "-" && !mem.is_empty() {
@@ -107,7 +118,7 @@ fn lsf_limit(s: &str) -> Result<i64, String> {
         .ok()
         .filter(|v: &f64| v.is_finite() && *v >= 0.0)
         .ok_or_else(|| "is neither hh:mm:ss nor minutes".to_string())?;
-    Ok((minutes * 60.0) as i64)
+    parse::seconds(minutes * 60.0)
 }
 
 fn lsf_run_time(s: &str) -> Result<i64, String> {
@@ -139,5 +150,5 @@ fn lsf_memory(s: &str) -> Result<u64, String> {
         Some('B') => 1,
         _ => return Err("has an unknown unit (K, M, G, T)".into()),
     };
-    Ok((v * mult as f64) as u64)
+    parse::bytes(v, mult as f64)
 }

@@ -97,6 +97,9 @@ pub fn discover_with(env: &Env) -> SlotReport {
 /// Discovers the slot through `env`, lowered by `overrides`.
 pub fn discover_with_overrides(env: &Env, overrides: &Overrides) -> SlotReport {
     let mut p = Problems::default();
+    for (name, value) in &env.unreadable {
+        p.bad("environment", name, value, "is not UTF-8 text");
+    }
     // Order matters only for ties and for naming the batch system: the innermost system
     // first (an HTCondor glidein inside a Slurm job is an HTCondor job to the payloads).
     let readers: [fn(&Env, &mut Problems) -> Option<Finding>; 8] = [

@@ -2,6 +2,50 @@
 //! sizes in the notations the batch systems document. Pure functions; errors are short phrases
 //! ("is not a whole number") that the caller wraps with the source, variable and value.
 
+/// The last deadline discovery accepts: the end of the year 9999 (a later one is a broken
+/// value, and keeping deadlines far from i64::MAX keeps every later subtraction exact).
+pub const MAX_DEADLINE: i64 = 253_402_300_799;
+
+/// `base + secs` as a deadline (Unix time); an error instead of an overflow or a deadline
+/// past [`MAX_DEADLINE`].
+pub fn deadline(base: i64, secs: i64) -> Result<i64, String> {
+    base.checked_add(secs)
+        .filter(|t| *t <= MAX_DEADLINE)
+        .ok_or_else(|| format!("puts the deadline past the year 9999 ({base} + {secs} s)"))
+}
+
+/// `v * mult` whole bytes; an error when it does not fit in 64 bits (a float cast would
+/// saturate silently).
+pub fn bytes(v: f64, mult: f64) -> Result<u64, String> {
+    let b = (v * mult).floor();
+    if (0.0..18_446_744_073_709_551_616.0).contains(&b) {
+        Ok(b as u64)
+    } else {
+        Err("is more than 2^64 bytes".into())
+    }
+}
+
+/// Whole cores from a decimal count (rounded down); an error beyond 32 bits.
+pub fn cores(v: f64) -> Result<u32, String> {
+    let c = v.floor();
+    if (0.0..=u32::MAX as f64).contains(&c) {
+        Ok(c as u32)
+    } else {
+        Err("is more than 2^32 cores".into())
+    }
+}
+
+/// A Unix time or a number of seconds from a decimal (rounded down); an error when it is
+/// past the year 9999.
+pub fn seconds(v: f64) -> Result<i64, String> {
+    let t = v.floor();
+    if t.is_finite() && t.abs() <= MAX_DEADLINE as f64 {
+        Ok(t as i64)
+    } else {
+        Err("is more seconds than there are until the year 9999".into())
+    }
+}
+
 /// A positive whole number of cores (0 is no allocation, so it is rejected too).
 pub fn count(s: &str) -> Result<u32, String> {
     match s.trim().parse::<u32>() {
@@ -45,11 +89,16 @@ pub fn cpu_list_count(s: &str) -> Result<u32, String> {
                 if b < a {
                     return Err(bad());
                 }
-                n += b - a + 1;
+                n = (b - a)
+                    .checked_add(1)
+                    .and_then(|k| n.checked_add(k))
+                    .ok_or_else(|| "counts more than 2^32 CPUs".to_string())?;
             }
             None => {
                 part.trim().parse::<u32>().map_err(|_| bad())?;
-                n += 1;
+                n = n
+                    .checked_add(1)
+                    .ok_or_else(|| "counts more than 2^32 CPUs".to_string())?;
             }
         }
     }
@@ -80,7 +129,10 @@ pub fn hms(s: &str) -> Result<i64, String> {
                 .filter(|v: &i64| *v >= 0)
                 .ok_or_else(|| "is not [[hours:]minutes:]seconds".to_string())?
         };
-        total = total * 60 + v;
+        total = total
+            .checked_mul(60)
+            .and_then(|t| t.checked_add(v))
+            .ok_or_else(|| "is more seconds than fit in 64 bits".to_string())?;
     }
     Ok(total)
 }
@@ -94,7 +146,14 @@ pub fn slurm_duration(s: &str) -> Result<Option<i64>, String> {
         return Ok(None);
     }
     let err = || "is not a Slurm time ([days-]hours:minutes:seconds or minutes)".to_string();
-    let num = |p: &str| -> Result<i64, String> { p.parse::<i64>().map_err(|_| err()) };
+    // Each field is bounded so the sums below cannot overflow (2^32 days is far beyond any
+    // real limit; a larger value is an error, not a wrapped number).
+    let num = |p: &str| -> Result<i64, String> {
+        p.parse::<i64>()
+            .ok()
+            .filter(|v| (0..1 << 32).contains(v))
+            .ok_or_else(err)
+    };
     let (days, rest) = match t.split_once('-') {
         Some((d, r)) => (Some(num(d)?), r),
         None => (None, t),
@@ -157,7 +216,7 @@ pub fn sge_memory(s: &str) -> Result<Option<u64>, String> {
         .ok()
         .filter(|v: &f64| v.is_finite() && *v > 0.0)
         .ok_or_else(|| "is not a memory size like 2G or 512M".to_string())?;
-    Ok(Some((v * mult as f64) as u64))
+    bytes(v, mult as f64).map(Some)
 }
 
 /// PBS size: an integer with an optional suffix b, kb, mb, gb, tb, pb (powers of 1024) or
@@ -187,7 +246,9 @@ pub fn pbs_size(s: &str) -> Result<u64, String> {
         "p" => 1 << 50,
         _ => return Err("has an unknown unit (use b, kb, mb, gb, tb)".into()),
     };
-    Ok(n.saturating_mul(mult).saturating_mul(word))
+    n.checked_mul(mult)
+        .and_then(|b| b.checked_mul(word))
+        .ok_or_else(|| "is more than 2^64 bytes".to_string())
 }
 
 /// Splits a "Name = value" ClassAd-like or "key=value" line; the value loses surrounding quotes.
@@ -224,6 +285,7 @@ mod tests {
         assert!(cpu_list_count("").is_err());
         assert!(cpu_list_count("3-1").is_err());
         assert!(cpu_list_count("a-b").is_err());
+        assert!(cpu_list_count("0-4294967295").is_err());
     }
 
     #[test]
@@ -237,6 +299,7 @@ mod tests {
         assert!(hms("").is_err());
         assert!(hms("1:2:3:4").is_err());
         assert!(hms("ten").is_err());
+        assert!(hms("9223372036854775807:00:00").is_err());
     }
 
     #[test]
@@ -249,6 +312,7 @@ mod tests {
         assert_eq!(slurm_duration("1-02:03:04"), Ok(Some(86400 + 7384)));
         assert_eq!(slurm_duration("UNLIMITED"), Ok(None));
         assert!(slurm_duration("soon").is_err());
+        assert!(slurm_duration("9223372036854775807-00").is_err());
     }
 
     #[test]
@@ -272,6 +336,7 @@ mod tests {
         assert_eq!(sge_memory("4096"), Ok(Some(4096)));
         assert_eq!(sge_memory("INFINITY"), Ok(None));
         assert!(sge_memory("lots").is_err());
+        assert!(sge_memory("99999999999T").is_err());
     }
 
     #[test]
@@ -283,7 +348,20 @@ mod tests {
         assert_eq!(pbs_size("100b"), Ok(100));
         assert_eq!(pbs_size("2kw"), Ok(2 * 1024 * 8));
         assert!(pbs_size("4xb").is_err());
+        assert!(pbs_size("17179869184gb").is_err());
         assert!(pbs_size("gb").is_err());
+    }
+
+    #[test]
+    fn checked_conversions() {
+        assert_eq!(bytes(1.5, 1024.0), Ok(1536));
+        assert!(bytes(1e30, 1.0).is_err());
+        assert_eq!(cores(2.7), Ok(2));
+        assert!(cores(1e12).is_err());
+        assert_eq!(deadline(10, 5), Ok(15));
+        assert!(deadline(i64::MAX, 1).is_err());
+        assert!(deadline(0, MAX_DEADLINE + 1).is_err());
+        assert!(seconds(1e300).is_err());
     }
 
     #[test]

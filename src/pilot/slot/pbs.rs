@@ -48,28 +48,25 @@ pub fn read(env: &Env, p: &mut Problems) -> Option<Finding> {
             Err(e) => p.say(NAME, format!("PBS_NODEFILE={path}: cannot read: {e}")),
         }
     }
-    for var in ["PBS_NUM_PPN", "NCPUS"] {
-        if f.cores.is_some() {
-            break;
-        }
-        if let Some(v) = env.var(var) {
-            if let Some(c) = p.parse(NAME, var, v, parse::count) {
-                f.cores = Some(c);
-                f.note("cores_from", var);
-            }
-        }
-    }
-    // PBS_NP counts the whole job: it binds this node only when the job has one node.
-    if f.cores.is_none() && env.var("PBS_NUM_NODES").map_or(true, |n| n == "1") {
-        if let Some(v) = env.var("PBS_NP") {
-            if let Some(c) = p.parse(NAME, "PBS_NP", v, parse::count) {
-                f.cores = Some(c);
-                f.note("cores_from", "PBS_NP");
-            }
+    // Every cores variable that is set is checked, used or not. PBS_NCPUS is what some
+    // Torque/OpenPBS wrappers export next to PBS Pro's NCPUS.
+    let ppn = p.first_of(
+        env,
+        NAME,
+        &["PBS_NUM_PPN", "NCPUS", "PBS_NCPUS"],
+        parse::count,
+    );
+    let np = p.first_of(env, NAME, &["PBS_NP"], parse::count);
+    if f.cores.is_none() {
+        // PBS_NP is the whole job's count: this node's only when the job has one node.
+        let one_node = env.var("PBS_NUM_NODES").map_or(true, |n| n == "1");
+        if let Some((var, c)) = ppn.or(np.filter(|_| one_node)) {
+            f.cores = Some(c);
+            f.note("cores_from", var);
         }
     }
+    let walltime = p.first_of(env, NAME, &["PBS_WALLTIME"], parse::int);
 
-    // Wall time from qstat: the limit minus what has been used is what is left now.
     let mut have_deadline = false;
     match env.runner.run("qstat", &["-f", id]) {
         CmdOutcome::Output(out) => {
@@ -82,10 +79,18 @@ pub fn read(env: &Env, p: &mut Problems) -> Option<Finding> {
                     let used = get("resources_used.walltime")
                         .and_then(|u| p.parse(NAME, "qstat resources_used.walltime", u, parse::hms))
                         .unwrap_or(0);
-                    f.lower_deadline(env.now + (limit - used).max(0));
-                    f.note("walltime_seconds", limit);
-                    f.note("deadline_from", "qstat");
-                    have_deadline = true;
+                    let left = limit.saturating_sub(used).max(0);
+                    if let Some(d) = p.parse(
+                        NAME,
+                        "qstat Resource_List.walltime",
+                        &limit.to_string(),
+                        |_| parse::deadline(env.now, left),
+                    ) {
+                        f.lower_deadline(d);
+                        f.note("walltime_seconds", limit);
+                        f.note("deadline_from", "qstat");
+                        have_deadline = true;
+                    }
                 }
             }
             if let Some(mem) = get("Resource_List.mem") {
@@ -108,14 +113,12 @@ pub fn read(env: &Env, p: &mut Problems) -> Option<Finding> {
     }
     // Torque's PBS_WALLTIME is the limit in seconds, counted from the job start; the node
     // file is written when the job starts, so its mtime estimates that start.
-    if !have_deadline {
-        if let Some(v) = env.var("PBS_WALLTIME") {
-            if let Some(w) = p.parse(NAME, "PBS_WALLTIME", v, parse::int) {
-                let start = nodefile_mtime.unwrap_or(env.now).min(env.now);
-                f.lower_deadline(start + w);
-                f.note("walltime_seconds", w);
-                f.note("deadline_from", "PBS_WALLTIME");
-            }
+    if let (false, Some((var, w))) = (have_deadline, walltime) {
+        let start = nodefile_mtime.unwrap_or(env.now).min(env.now);
+        if let Some(d) = p.parse(NAME, var, &w.to_string(), |_| parse::deadline(start, w)) {
+            f.lower_deadline(d);
+            f.note("walltime_seconds", w);
+            f.note("deadline_from", var);
         }
     }
     Some(f)

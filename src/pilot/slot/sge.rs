@@ -38,7 +38,10 @@ pub fn read(env: &Env, p: &mut Problems) -> Option<Finding> {
                         if env.is_this_host(host) {
                             let what = format!("PE_HOSTFILE {path} slots for {host}");
                             if let Some(c) = p.parse(NAME, &what, slots, parse::count) {
-                                f.cores = Some(f.cores.unwrap_or(0) + c);
+                                match f.cores.unwrap_or(0).checked_add(c) {
+                                    Some(sum) => f.cores = Some(sum),
+                                    None => p.bad(NAME, &what, slots, "makes more than 2^32 slots"),
+                                }
                             }
                         }
                     }
@@ -50,13 +53,10 @@ pub fn read(env: &Env, p: &mut Problems) -> Option<Finding> {
             Err(e) => p.say(NAME, format!("PE_HOSTFILE={path}: cannot read: {e}")),
         }
     }
-    if f.cores.is_none() {
-        if let Some(v) = env.var("NSLOTS") {
-            if let Some(c) = p.parse(NAME, "NSLOTS", v, parse::count) {
-                f.cores = Some(c);
-                f.note("cores_from", "NSLOTS");
-            }
-        }
+    // NSLOTS is checked even when the host file gave the count.
+    if let (None, Some((var, c))) = (f.cores, p.first_of(env, NAME, &["NSLOTS"], parse::count)) {
+        f.cores = Some(c);
+        f.note("cores_from", var);
     }
 
     // Limits: the shepherd's config file first (no daemon round trip), then qstat -j.
@@ -91,7 +91,10 @@ pub fn read(env: &Env, p: &mut Problems) -> Option<Finding> {
         // s_rt sends SIGUSR1 before h_rt kills: the pilot must be done by the first of them.
         for key in ["h_rt", "s_rt"] {
             if let Some(v) = kv.get(key).filter(|v| !v.eq_ignore_ascii_case("INFINITY")) {
-                if let Some(secs) = p.parse(NAME, &format!("{key} in {from}"), v, parse::hms) {
+                let what = format!("{key} in {from}");
+                if let Some(secs) = p.parse(NAME, &what, v, |s| {
+                    parse::hms(s).and_then(|secs| parse::deadline(start, secs).map(|_| secs))
+                }) {
                     f.lower_deadline(start + secs);
                     f.note(key, secs);
                 }
@@ -103,8 +106,19 @@ pub fn read(env: &Env, p: &mut Problems) -> Option<Finding> {
                 if let Some(Some(per_slot)) =
                     p.parse(NAME, &format!("{key} in {from}"), v, parse::sge_memory)
                 {
-                    f.lower_memory(per_slot.saturating_mul(f.cores.unwrap_or(1) as u64));
-                    f.note(key, per_slot);
+                    let slots = f.cores.unwrap_or(1);
+                    match per_slot.checked_mul(u64::from(slots)) {
+                        Some(b) => {
+                            f.lower_memory(b);
+                            f.note(key, per_slot);
+                        }
+                        None => p.bad(
+                            NAME,
+                            &format!("{key} in {from}"),
+                            &format!("{v} x {slots} slots"),
+                            "is more than 2^64 bytes",
+                        ),
+                    }
                 }
             }
         }

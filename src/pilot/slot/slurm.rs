@@ -22,64 +22,53 @@ pub fn read(env: &Env, p: &mut Problems) -> Option<Finding> {
     // Cores on this node: SLURM_CPUS_ON_NODE is exactly that; SLURM_JOB_CPUS_PER_NODE lists
     // all nodes, indexed by SLURM_NODEID; SLURM_CPUS_PER_TASK is a last resort (a batch
     // script owns every task's CPUs, so it is only a lower estimate).
-    let mut cores_from = None;
-    if let Some(v) = env.var("SLURM_CPUS_ON_NODE") {
-        if let Some(c) = p.parse(NAME, "SLURM_CPUS_ON_NODE", v, parse::count) {
-            f.cores = Some(c);
-            cores_from = Some("SLURM_CPUS_ON_NODE");
-        }
-    }
-    if f.cores.is_none() {
-        if let Some(v) = env.var("SLURM_JOB_CPUS_PER_NODE") {
-            let index = match env.var("SLURM_NODEID") {
-                Some(n) => p
-                    .parse(NAME, "SLURM_NODEID", n, |s| {
-                        s.parse::<usize>().map_err(|_| "is not a node index".into())
-                    })
-                    .unwrap_or(0),
-                None => 0,
-            };
-            if let Some(c) = p.parse(NAME, "SLURM_JOB_CPUS_PER_NODE", v, |s| {
-                parse::slurm_cpus_per_node(s, index)
-            }) {
-                f.cores = Some(c);
-                cores_from = Some("SLURM_JOB_CPUS_PER_NODE");
-            }
-        }
-    }
-    if f.cores.is_none() {
-        if let Some(v) = env.var("SLURM_CPUS_PER_TASK") {
-            if let Some(c) = p.parse(NAME, "SLURM_CPUS_PER_TASK", v, parse::count) {
-                f.cores = Some(c);
-                cores_from = Some("SLURM_CPUS_PER_TASK");
-            }
-        }
-    }
-    if let Some(from) = cores_from {
+    // Every cores variable that is set is checked (a malformed fallback is reported even when
+    // an earlier one gave the value); the first good one wins.
+    let index = match env.var("SLURM_NODEID") {
+        Some(n) => p
+            .parse(NAME, "SLURM_NODEID", n, |s| {
+                s.parse::<usize>().map_err(|_| "is not a node index".into())
+            })
+            .unwrap_or(0),
+        None => 0,
+    };
+    let on_node = p.first_of(env, NAME, &["SLURM_CPUS_ON_NODE"], parse::count);
+    let per_node = p.first_of(env, NAME, &["SLURM_JOB_CPUS_PER_NODE"], |s| {
+        parse::slurm_cpus_per_node(s, index)
+    });
+    let per_task = p.first_of(env, NAME, &["SLURM_CPUS_PER_TASK"], parse::count);
+    if let Some((from, c)) = on_node.or(per_node).or(per_task) {
+        f.cores = Some(c);
         f.note("cores_from", from);
     }
 
-    // Memory: --mem gives MiB per node; --mem-per-cpu gives MiB per allocated CPU.
-    if let Some(v) = env.var("SLURM_MEM_PER_NODE") {
-        if let Some(mib) = p.parse(NAME, "SLURM_MEM_PER_NODE", v, mebibytes) {
-            f.memory_bytes = Some(mib << 20);
-            f.note("memory_from", "SLURM_MEM_PER_NODE");
-        }
-    }
-    if f.memory_bytes.is_none() {
-        if let Some(v) = env.var("SLURM_MEM_PER_CPU") {
-            if let Some(mib) = p.parse(NAME, "SLURM_MEM_PER_CPU", v, mebibytes) {
-                match f.cores {
-                    Some(c) => {
-                        f.memory_bytes = Some((mib << 20) * c as u64);
-                        f.note("memory_from", "SLURM_MEM_PER_CPU");
-                    }
-                    None => p.say(
-                        NAME,
-                        "SLURM_MEM_PER_CPU is set but the CPU count is unknown; memory ignored",
-                    ),
+    let per_node = p.first_of(env, NAME, &["SLURM_MEM_PER_NODE"], |s| {
+        mebibytes(s).and_then(mib_to_bytes)
+    });
+    let per_cpu = p.first_of(env, NAME, &["SLURM_MEM_PER_CPU"], |s| {
+        mebibytes(s).and_then(mib_to_bytes)
+    });
+    if let Some((from, b)) = per_node {
+        f.memory_bytes = Some(b);
+        f.note("memory_from", from);
+    } else if let Some((from, per_cpu)) = per_cpu {
+        match f.cores {
+            Some(c) => match per_cpu.checked_mul(u64::from(c)) {
+                Some(b) => {
+                    f.memory_bytes = Some(b);
+                    f.note("memory_from", from);
                 }
-            }
+                None => p.bad(
+                    NAME,
+                    from,
+                    &format!("{per_cpu} bytes x {c} CPUs"),
+                    "is more than 2^64 bytes",
+                ),
+            },
+            None => p.say(
+                NAME,
+                "SLURM_MEM_PER_CPU is set but the CPU count is unknown; memory ignored",
+            ),
         }
     }
 
@@ -88,6 +77,12 @@ pub fn read(env: &Env, p: &mut Problems) -> Option<Finding> {
 }
 
 /// Slurm memory variables are MiB, sometimes with an explicit "M" suffix.
+/// MiB as bytes; an error instead of a wrap to a small number (2^44 MiB and more).
+fn mib_to_bytes(mib: u64) -> Result<u64, String> {
+    mib.checked_mul(1 << 20)
+        .ok_or_else(|| "is more than 2^64 bytes".to_string())
+}
+
 fn mebibytes(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let t = t.strip_suffix('M').unwrap_or(t);
@@ -101,7 +96,9 @@ fn mebibytes(s: &str) -> Result<u64, String> {
 /// The end time: SLURM_JOB_END_TIME (Slurm ≥ 23.02), else scontrol, else squeue.
 fn read_deadline(env: &Env, id: &str, f: &mut Finding, p: &mut Problems) {
     if let Some(v) = env.var("SLURM_JOB_END_TIME") {
-        if let Some(t) = p.parse(NAME, "SLURM_JOB_END_TIME", v, parse::int) {
+        if let Some(t) = p.parse(NAME, "SLURM_JOB_END_TIME", v, |s| {
+            parse::int(s).and_then(|t| parse::deadline(0, t))
+        }) {
             f.deadline_unix = Some(t);
             f.note("deadline_from", "SLURM_JOB_END_TIME");
             return;
@@ -149,7 +146,12 @@ fn from_scontrol(env: &Env, out: &str, p: &mut Problems) -> Option<i64> {
     let start = p.parse(NAME, "scontrol StartTime", start, |s| local_time(env, s))?;
     let limit = field("TimeLimit")?;
     let limit = p.parse(NAME, "scontrol TimeLimit", limit, parse::slurm_duration)??;
-    Some(start + limit)
+    p.parse(
+        NAME,
+        "scontrol StartTime + TimeLimit",
+        &format!("{start} + {limit}"),
+        |_| parse::deadline(start, limit),
+    )
 }
 
 /// Slurm prints times as local "YYYY-MM-DDTHH:MM:SS".

@@ -105,6 +105,27 @@ impl Problems {
         self.0.push(format!("{source}: {}", text.as_ref()));
     }
 
+    /// Parses every variable of `vars` that is set with `f`, records each malformed one (a
+    /// fallback variable that is not needed is still checked: an ignored value is always
+    /// reported), and returns the first good value with its variable's name.
+    pub fn first_of<T>(
+        &mut self,
+        env: &super::env::Env,
+        source: &str,
+        vars: &[&'static str],
+        f: impl Fn(&str) -> Result<T, String>,
+    ) -> Option<(&'static str, T)> {
+        let mut first = None;
+        for var in vars {
+            if let Some(v) = env.var(var) {
+                if let Some(t) = self.parse(source, var, v, &f) {
+                    first = first.or(Some((*var, t)));
+                }
+            }
+        }
+        first
+    }
+
     /// Parses `value` with `f`; on error records it and returns None.
     pub fn parse<T>(
         &mut self,

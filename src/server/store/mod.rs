@@ -96,7 +96,8 @@ CREATE TABLE IF NOT EXISTS payloads (
     wall_seconds      REAL,
     reason            TEXT,
     denial_class      TEXT,
-    has_output        INTEGER NOT NULL DEFAULT 0
+    has_output        INTEGER NOT NULL DEFAULT 0,
+    outputs_skipped   TEXT
 );
 CREATE INDEX IF NOT EXISTS payloads_queue ON payloads(state, seq);
 CREATE INDEX IF NOT EXISTS payloads_owner ON payloads(owner_dn, seq);
@@ -108,6 +109,18 @@ CREATE TABLE IF NOT EXISTS commands (
 );
 CREATE INDEX IF NOT EXISTS commands_pending ON commands(payload_id, delivered);
 "#;
+
+/// Columns added after a database may have been created: added in place, empty.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has = |col: &str| -> rusqlite::Result<bool> {
+        let mut st = conn.prepare("SELECT 1 FROM pragma_table_info('payloads') WHERE name = ?1")?;
+        st.exists([col])
+    };
+    if !has("outputs_skipped")? {
+        conn.execute_batch("ALTER TABLE payloads ADD COLUMN outputs_skipped TEXT")?;
+    }
+    Ok(())
+}
 
 /// Timestamps are stored as fixed-width RFC 3339 UTC text so they compare as strings.
 pub(crate) fn ts(t: DateTime<Utc>) -> String {
@@ -135,15 +148,21 @@ impl Store {
         let conn = Connection::open(&path).map_err(open_err)?;
         conn.busy_timeout(Duration::from_secs(10))
             .map_err(open_err)?;
-        // WAL: readers do not block the writer; NORMAL sync is durable across process crashes
-        // and keeps a match well under a millisecond.
+        // WAL: readers do not block the writer. FULL: every commit fsyncs the WAL before it
+        // returns, so a match is on disk before its envelope leaves the server. NORMAL
+        // survives a process crash but not a power loss: the last matches could roll back
+        // and be handed out again, the payload run twice. FULL for the whole connection, not
+        // the match transaction alone: a submission answered 201, a final state and a cancel
+        // are decisions too, and one connection serialises them all anyway. Cost measured in
+        // docs/benchmarks.md (Fetch).
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(open_err)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
+        conn.pragma_update(None, "synchronous", "FULL")
             .map_err(open_err)?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(open_err)?;
         conn.execute_batch(SCHEMA).map_err(open_err)?;
+        migrate(&conn).map_err(open_err)?;
         Ok(Store {
             conn: Mutex::new(conn),
             data_dir: data_dir.to_path_buf(),
@@ -179,7 +198,13 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        // The rename is durable only once the directory is: a power loss must not take back a
+        // file whose row the database already has.
+        match path.parent() {
+            Some(dir) => std::fs::File::open(dir)?.sync_all(),
+            None => Ok(()),
+        }
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

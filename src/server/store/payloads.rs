@@ -55,9 +55,31 @@ fn sat(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// The skipped outputs as stored: JSON text, None when there are none; bounded (a pilot's
+/// list is cut, with a last entry saying so, rather than its final state refused).
+fn skipped_json(list: &[String]) -> Option<String> {
+    use crate::protocol::api::{MAX_OUTPUTS_SKIPPED, MAX_OUTPUT_SKIP_CHARS};
+    if list.is_empty() {
+        return None;
+    }
+    let mut kept: Vec<String> = list
+        .iter()
+        .take(MAX_OUTPUTS_SKIPPED)
+        .map(|s| s.chars().take(MAX_OUTPUT_SKIP_CHARS).collect())
+        .collect();
+    if list.len() > MAX_OUTPUTS_SKIPPED {
+        kept.push(format!(
+            "... and {} more skipped entries not kept by the server",
+            list.len() - MAX_OUTPUTS_SKIPPED
+        ));
+    }
+    serde_json::to_string(&kept).ok()
+}
+
 const VIEW_COLUMNS: &str = "id, owner_dn, vo, state, argv, jobtag, cores, memory_bytes, \
     walltime_seconds, outputs, submitted_at, updated_at, pilot_id, host, batch_job_id, account, \
-    uid, exit_code, signal, cpu_seconds, peak_memory_bytes, reason, denial_class, has_output";
+    uid, exit_code, signal, cpu_seconds, peak_memory_bytes, reason, denial_class, has_output, \
+    outputs_skipped";
 
 /// Raw column values of a view row (converted outside the rusqlite closure).
 struct ViewRow {
@@ -85,6 +107,7 @@ struct ViewRow {
     reason: Option<String>,
     denial_class: Option<String>,
     has_output: bool,
+    outputs_skipped: Option<String>,
 }
 
 fn view_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ViewRow> {
@@ -113,6 +136,7 @@ fn view_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ViewRow> {
         reason: r.get(21)?,
         denial_class: r.get(22)?,
         has_output: r.get(23)?,
+        outputs_skipped: r.get(24)?,
     })
 }
 
@@ -145,6 +169,10 @@ impl ViewRow {
             reason: self.reason,
             denial_class: self.denial_class,
             has_output: self.has_output,
+            outputs_skipped: match &self.outputs_skipped {
+                Some(s) => json("outputs_skipped", s)?,
+                None => Vec::new(),
+            },
         })
     }
 }
@@ -422,7 +450,8 @@ impl Store {
                     cpu_seconds = COALESCE(?7, cpu_seconds),
                     peak_memory_bytes = COALESCE(?8, peak_memory_bytes),
                     wall_seconds = COALESCE(?9, wall_seconds), reason = COALESCE(?10, reason),
-                    denial_class = COALESCE(?11, denial_class), updated_at = ?12
+                    denial_class = COALESCE(?11, denial_class), updated_at = ?12,
+                    outputs_skipped = COALESCE(?13, outputs_skipped)
                  WHERE id = ?1",
                 params![
                     id,
@@ -436,7 +465,8 @@ impl Store {
                     rep.wall_seconds,
                     rep.reason,
                     rep.denial_class,
-                    ts(now)
+                    ts(now),
+                    skipped_json(&rep.outputs_skipped)
                 ],
             )?;
         }
@@ -675,6 +705,33 @@ mod tests {
             free_memory_bytes: 1 << 30,
             seconds_left: 3600,
         }
+    }
+
+    fn synchronous(s: &Store) -> i64 {
+        s.lock()
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap()
+    }
+
+    /// The connection that matches runs with synchronous=FULL (2) in WAL mode, before and
+    /// after a submission and a match went through it: the match is on disk before
+    /// match_one returns (and so before its envelope is signed and sent).
+    #[test]
+    fn matches_are_committed_with_synchronous_full() {
+        let (_d, s) = store();
+        assert_eq!(synchronous(&s), 2);
+        let mode: String = s
+            .lock()
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let id = s
+            .submit(&new_payload(), Some(b"bundle"), Utc::now())
+            .unwrap();
+        assert_eq!(std::fs::read(s.bundle_path(&id)).unwrap(), b"bundle");
+        let m = s.match_one("/CN=p", &mreq(), Utc::now()).unwrap().unwrap();
+        assert_eq!(m.id, id);
+        assert_eq!(synchronous(&s), 2);
     }
 
     #[test]

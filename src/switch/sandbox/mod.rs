@@ -335,7 +335,8 @@ impl Running {
     /// the report. The residue removes itself when dropped.
     pub fn wait_then_clean_later(mut self) -> Result<(Outcome, Residue), SandboxError> {
         let mut end: Option<(Option<i32>, Option<i32>)> = None;
-        let deadline = self.walltime.map(|w| self.started + w);
+        // checked: Instant + a walltime near 2^64 s panics; one that large is no deadline.
+        let deadline = self.walltime.and_then(|w| self.started.checked_add(w));
         let mut kill_at: Option<Instant> = None;
         let mut line = String::new();
         loop {

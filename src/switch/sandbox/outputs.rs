@@ -1,21 +1,38 @@
-//! Copying a finished payload's declared outputs out of its scratch into a tar.gz, as root,
-//! without ever following a symlink (the payload controlled every name in its scratch).
+//! Copying a finished payload's declared outputs (files and directory trees) out of its
+//! scratch into a tar.gz, as root, without ever following a symlink (the payload controlled
+//! every name in its scratch).
 //!
-//! Runs in the helper after every payload process is dead. Only regular files are copied;
-//! everything else is listed as skipped with the reason.
+//! Runs in the helper after every payload process is dead. Regular files and directories are
+//! copied; symlinks (at the top or anywhere inside a tree), FIFOs, sockets, devices, other
+//! filesystems and files not owned by the payload's account are listed as skipped with the
+//! reason. The walk goes by descriptors: each name is looked up once with fstatat
+//! (AT_SYMLINK_NOFOLLOW), opened with openat(O_NOFOLLOW) relative to its directory's
+//! descriptor and checked to be the same inode, so a directory swapped for a symlink during the
+//! copy is refused, never followed. The size limit is over everything copied.
 
+use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+use crate::protocol::api::MAX_OUTPUTS_SKIPPED;
 use crate::util::is_relative_clean_path;
+
+/// Most entries (files and directories) one payload's outputs may hold: each costs a tar
+/// header in memory even when empty.
+const MAX_ENTRIES: usize = 100_000;
+/// Deepest directory nesting copied (each level holds one descriptor during the walk).
+const MAX_DEPTH: usize = 64;
 
 /// Result of collecting outputs.
 pub(crate) struct Collected {
     /// tar.gz of the copied files; `None` when no outputs were declared.
     pub archive: Option<Vec<u8>>,
-    /// "path: reason" for each declared output that was not copied.
+    /// "path: reason" for each declared output, or entry inside a declared directory, that
+    /// was not copied.
     pub skipped: Vec<String>,
 }
 
@@ -28,12 +45,12 @@ fn open_dir(path: &Path) -> io::Result<OwnedFd> {
     Ok(OwnedFd::from(f))
 }
 
-/// Opens `rel` below `dir` refusing symlinks in every component and never leaving `dir`.
-/// openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS) where available (Linux >= 5.6), otherwise a
-/// per-component openat(O_NOFOLLOW) walk.
-fn open_beneath(dir: &OwnedFd, rel: &str) -> io::Result<OwnedFd> {
-    let c = std::ffi::CString::new(rel).map_err(|_| io::ErrorKind::InvalidInput)?;
-    let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
+/// Opens the directory `rel` below `dir` refusing symlinks in every component and never
+/// leaving `dir`. openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS) where available (Linux >=
+/// 5.6), otherwise a per-component openat(O_NOFOLLOW) walk.
+fn open_dir_beneath(dir: &OwnedFd, rel: &str) -> io::Result<OwnedFd> {
+    let c = CString::new(rel).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
     // SAFETY: open_how is plain data; zeroed is a valid value and we set its fields.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     how.flags = flags as u64;
@@ -60,19 +77,12 @@ fn open_beneath(dir: &OwnedFd, rel: &str) -> io::Result<OwnedFd> {
     if err.raw_os_error() != Some(libc::ENOSYS) {
         return Err(err);
     }
-    let comps: Vec<&str> = rel.split('/').collect();
     let mut cur: Option<OwnedFd> = None;
-    for (i, comp) in comps.iter().enumerate() {
-        let last = i + 1 == comps.len();
-        let c = std::ffi::CString::new(*comp).map_err(|_| io::ErrorKind::InvalidInput)?;
+    for comp in rel.split('/') {
+        let c = CString::new(comp).map_err(|_| io::ErrorKind::InvalidInput)?;
         let at = cur.as_ref().map_or(dir.as_raw_fd(), |f| f.as_raw_fd());
-        let fl = if last {
-            flags
-        } else {
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC
-        };
         // SAFETY: openat with a valid dirfd and a NUL-terminated single component.
-        let fd = unsafe { libc::openat(at, c.as_ptr(), fl) };
+        let fd = unsafe { libc::openat(at, c.as_ptr(), flags) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -80,6 +90,42 @@ fn open_beneath(dir: &OwnedFd, rel: &str) -> io::Result<OwnedFd> {
         cur = Some(unsafe { OwnedFd::from_raw_fd(fd) });
     }
     cur.ok_or_else(|| io::ErrorKind::InvalidInput.into())
+}
+
+/// lstat of one name in a directory (never follows a symlink).
+fn lstat_at(dir: &OwnedFd, name: &CStr) -> io::Result<libc::stat> {
+    // SAFETY: stat is plain data, filled by the kernel on success.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid dirfd, a NUL-terminated name, a writable stat buffer.
+    let rc = unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc == 0 {
+        Ok(st)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Opens one name in a directory: O_NOFOLLOW (a symlink put there since the lstat fails
+/// with ELOOP), O_NONBLOCK (a FIFO put there cannot block the helper).
+fn open_at(dir: &OwnedFd, name: &CStr, directory: bool) -> io::Result<OwnedFd> {
+    let mut flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
+    if directory {
+        flags |= libc::O_DIRECTORY;
+    }
+    // SAFETY: openat with a valid dirfd and a NUL-terminated single component.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptor from the kernel, owned only here.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn reason(e: &io::Error) -> String {
@@ -92,9 +138,187 @@ fn reason(e: &io::Error) -> String {
     }
 }
 
-/// Collects `outputs` (relative to `scratch`) up to `limit` bytes in total. Only files owned
-/// by `owner` (the payload's account) are copied: a hard link to someone else's file (possible
-/// where fs.protected_hardlinks is off) must not be read out with root's rights.
+/// What a file type is called in a skip reason.
+fn special(mode: u32) -> &'static str {
+    match mode & libc::S_IFMT {
+        libc::S_IFLNK => "symbolic link, not followed",
+        libc::S_IFIFO => "a FIFO, not copied",
+        libc::S_IFSOCK => "a socket, not copied",
+        libc::S_IFCHR | libc::S_IFBLK => "a device, not copied",
+        _ => "not a regular file or directory",
+    }
+}
+
+/// The names in a directory (without "." and ".."), sorted so the archive's order does not
+/// depend on the filesystem's. Read through a duplicate descriptor: the caller keeps `dir`
+/// for its openat calls.
+fn list(dir: &OwnedFd) -> io::Result<Vec<CString>> {
+    let dup = dir.try_clone()?;
+    // SAFETY: fdopendir gets a valid directory descriptor; on success the DIR owns it (it is
+    // released from `dup` below and closed by closedir), on failure `dup` still owns it.
+    let d = unsafe { libc::fdopendir(dup.as_raw_fd()) };
+    if d.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    std::mem::forget(dup);
+    let mut names = Vec::new();
+    let result = loop {
+        // SAFETY: errno is thread-local; cleared so a NULL from readdir can tell end from error.
+        unsafe { *libc::__errno_location() = 0 };
+        // SAFETY: `d` is a valid open DIR, used by this thread only.
+        let ent = unsafe { libc::readdir(d) };
+        if ent.is_null() {
+            let e = io::Error::last_os_error();
+            break if e.raw_os_error() == Some(0) {
+                Ok(())
+            } else {
+                Err(e)
+            };
+        }
+        // SAFETY: readdir returned a valid entry whose d_name is NUL-terminated; it is copied
+        // before the next readdir call.
+        let name = unsafe { CStr::from_ptr((*ent).d_name.as_ptr()) };
+        if name.to_bytes() != b"." && name.to_bytes() != b".." {
+            names.push(name.to_owned());
+        }
+    };
+    // SAFETY: `d` is open and closed exactly once (closing its descriptor).
+    unsafe { libc::closedir(d) };
+    result?;
+    names.sort();
+    Ok(names)
+}
+
+type Tar = tar::Builder<flate2::write::GzEncoder<Vec<u8>>>;
+
+/// The state of one collection: the archive, the budget, what was skipped.
+struct Walk {
+    tar: Tar,
+    owner: u32,
+    /// The scratch directory's filesystem: nothing on another one (a mount) is copied.
+    dev: u64,
+    limit: u64,
+    used: u64,
+    entries: usize,
+    skipped: Vec<String>,
+    /// Skips beyond [`MAX_OUTPUTS_SKIPPED`], only counted (a tree of a million FIFOs must not
+    /// make a million-line report).
+    more_skipped: usize,
+}
+
+impl Walk {
+    fn skip(&mut self, path: &Path, why: impl std::fmt::Display) {
+        if self.skipped.len() < MAX_OUTPUTS_SKIPPED {
+            self.skipped.push(format!("{}: {why}", path.display()));
+        } else {
+            self.more_skipped += 1;
+        }
+    }
+
+    /// Copies `name` (in the directory `dir`) as `path` in the archive: a regular file, or a
+    /// directory with everything in it.
+    fn entry(&mut self, dir: &OwnedFd, name: &CStr, path: &Path, depth: usize) {
+        let st = match lstat_at(dir, name) {
+            Ok(st) => st,
+            Err(e) => return self.skip(path, reason(&e)),
+        };
+        let kind = st.st_mode & libc::S_IFMT;
+        if kind != libc::S_IFREG && kind != libc::S_IFDIR {
+            return self.skip(path, special(st.st_mode));
+        }
+        if st.st_dev != self.dev {
+            return self.skip(path, "on another filesystem (a mount point), not copied");
+        }
+        if self.entries >= MAX_ENTRIES {
+            return self.skip(path, format!("more than {MAX_ENTRIES} output entries"));
+        }
+        let fd = match open_at(dir, name, kind == libc::S_IFDIR) {
+            Ok(fd) => fd,
+            Err(e) => return self.skip(path, reason(&e)),
+        };
+        let f = File::from(fd);
+        let meta = match f.metadata() {
+            Ok(m) => m,
+            Err(e) => return self.skip(path, e),
+        };
+        // The name may have been replaced between the lstat and the open.
+        if meta.dev() != st.st_dev || meta.ino() != st.st_ino {
+            return self.skip(path, "replaced while being copied, not copied");
+        }
+        self.entries += 1;
+        if meta.is_dir() {
+            self.directory(f, path, &meta, depth);
+        } else {
+            self.file(f, path, &meta);
+        }
+    }
+
+    fn file(&mut self, mut f: File, path: &Path, meta: &std::fs::Metadata) {
+        // A hard link to someone else's file (possible where fs.protected_hardlinks is off)
+        // must not be read out with root's rights.
+        if meta.uid() != self.owner {
+            return self.skip(path, "not owned by the payload's account");
+        }
+        let left = self.limit - self.used;
+        if meta.len() > left {
+            return self.skip(
+                path,
+                format!(
+                    "{} bytes would exceed the output limit of {} bytes ({left} left)",
+                    meta.len(),
+                    self.limit
+                ),
+            );
+        }
+        let mut data = Vec::with_capacity(meta.len() as usize);
+        if let Err(e) = (&mut f).take(meta.len()).read_to_end(&mut data) {
+            return self.skip(path, e);
+        }
+        self.used += data.len() as u64;
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(meta.mtime().max(0) as u64);
+        h.set_entry_type(tar::EntryType::Regular);
+        if let Err(e) = self.tar.append_data(&mut h, path, &data[..]) {
+            self.skip(path, e);
+        }
+    }
+
+    fn directory(&mut self, d: File, path: &Path, meta: &std::fs::Metadata, depth: usize) {
+        if meta.uid() != self.owner {
+            return self.skip(path, "directory not owned by the payload's account");
+        }
+        if depth >= MAX_DEPTH {
+            return self.skip(
+                path,
+                format!("nested more than {MAX_DEPTH} directories deep"),
+            );
+        }
+        let dir = OwnedFd::from(d);
+        // Names first, sorted (the archive's order does not depend on the filesystem's),
+        // read through a duplicate: the walk keeps `dir` for its openat calls.
+        let names = match list(&dir) {
+            Ok(n) => n,
+            Err(e) => return self.skip(path, e),
+        };
+        let mut h = tar::Header::new_gnu();
+        h.set_size(0);
+        h.set_mode(0o755);
+        h.set_mtime(meta.mtime().max(0) as u64);
+        h.set_entry_type(tar::EntryType::Directory);
+        if let Err(e) = self.tar.append_data(&mut h, path, io::empty()) {
+            return self.skip(path, e);
+        }
+        for name in names {
+            let child = path.join(OsStr::from_bytes(name.to_bytes()));
+            self.entry(&dir, &name, &child, depth + 1);
+        }
+    }
+}
+
+/// Collects `outputs` (relative to `scratch`; files or directories) up to `limit` bytes in
+/// total. Only files owned by `owner` (the payload's account) are copied.
 pub(crate) fn collect(scratch: &Path, outputs: &[String], limit: u64, owner: u32) -> Collected {
     if outputs.is_empty() {
         return Collected {
@@ -102,9 +326,12 @@ pub(crate) fn collect(scratch: &Path, outputs: &[String], limit: u64, owner: u32
             skipped: Vec::new(),
         };
     }
-    let mut skipped = Vec::new();
-    let dir = match open_dir(scratch) {
-        Ok(d) => d,
+    let opened = open_dir(scratch).and_then(|d| {
+        let dev = File::from(d.try_clone()?).metadata()?.dev();
+        Ok((d, dev))
+    });
+    let (root, dev) = match opened {
+        Ok(r) => r,
         Err(e) => {
             return Collected {
                 archive: None,
@@ -116,64 +343,45 @@ pub(crate) fn collect(scratch: &Path, outputs: &[String], limit: u64, owner: u32
         }
     };
     let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    let mut tar = tar::Builder::new(gz);
-    let mut used: u64 = 0;
+    let mut w = Walk {
+        tar: tar::Builder::new(gz),
+        owner,
+        dev,
+        limit,
+        used: 0,
+        entries: 0,
+        skipped: Vec::new(),
+        more_skipped: 0,
+    };
     for o in outputs {
         if !is_relative_clean_path(o) {
-            skipped.push(format!("{o}: not a clean relative path"));
+            w.skip(Path::new(o), "not a clean relative path");
             continue;
         }
-        let fd = match open_beneath(&dir, o) {
-            Ok(fd) => fd,
-            Err(e) => {
-                skipped.push(format!("{o}: {}", reason(&e)));
+        let (parent, name) = match o.rsplit_once('/') {
+            Some((p, n)) => (Some(p), n),
+            None => (None, o.as_str()),
+        };
+        let dir = match parent.map(|p| open_dir_beneath(&root, p)) {
+            None => None,
+            Some(Ok(d)) => Some(d),
+            Some(Err(e)) => {
+                w.skip(Path::new(o), reason(&e));
                 continue;
             }
         };
-        let mut f = File::from(fd);
-        let meta = match f.metadata() {
-            Ok(m) => m,
-            Err(e) => {
-                skipped.push(format!("{o}: {e}"));
-                continue;
-            }
+        let Ok(name) = CString::new(name) else {
+            w.skip(Path::new(o), "not a clean relative path");
+            continue;
         };
-        if !meta.is_file() {
-            skipped.push(format!("{o}: not a regular file"));
-            continue;
-        }
-        if std::os::unix::fs::MetadataExt::uid(&meta) != owner {
-            skipped.push(format!("{o}: not owned by the payload's account"));
-            continue;
-        }
-        if used + meta.len() > limit {
-            skipped.push(format!(
-                "{o}: {} bytes would exceed the output limit of {limit} bytes",
-                meta.len()
-            ));
-            continue;
-        }
-        let mut data = Vec::with_capacity(meta.len() as usize);
-        if let Err(e) = (&mut f).take(meta.len()).read_to_end(&mut data) {
-            skipped.push(format!("{o}: {e}"));
-            continue;
-        }
-        used += data.len() as u64;
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_mtime(
-            meta.modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_secs()),
-        );
-        h.set_entry_type(tar::EntryType::Regular);
-        if let Err(e) = tar.append_data(&mut h, o, &data[..]) {
-            skipped.push(format!("{o}: {e}"));
-        }
+        w.entry(dir.as_ref().unwrap_or(&root), &name, Path::new(o), 0);
     }
-    let archive = tar
+    let mut skipped = w.skipped;
+    if w.more_skipped > 0 {
+        skipped.push(format!("... and {} more skipped entries", w.more_skipped));
+    }
+    let archive = w
+        .tar
         .into_inner()
         .and_then(|gz| gz.finish())
         .map_err(|e| skipped.push(format!("output archive: {e}")))
@@ -184,6 +392,15 @@ pub(crate) fn collect(scratch: &Path, outputs: &[String], limit: u64, owner: u32
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn names(c: &Collected) -> Vec<String> {
+        let bytes = c.archive.as_ref().unwrap();
+        let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]));
+        ar.entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect()
+    }
 
     #[test]
     fn skips_symlinks_and_escapes() {
@@ -200,24 +417,55 @@ mod tests {
                 "sub/etc/passwd".into(),
                 "../x".into(),
                 "nope".into(),
-                "sub".into(),
             ],
             1 << 20,
             0,
         );
-        assert_eq!(c.skipped.len(), 5, "{:?}", c.skipped);
-        let bytes = c.archive.unwrap();
-        let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(&bytes[..]));
-        let names: Vec<String> = ar
-            .entries()
-            .unwrap()
-            .map(|e| e.unwrap().path().unwrap().display().to_string())
-            .collect();
-        assert_eq!(names, vec!["ok.txt"]);
+        assert_eq!(c.skipped.len(), 4, "{:?}", c.skipped);
+        assert_eq!(names(&c), vec!["ok.txt"]);
     }
 
     #[test]
-    fn respects_limit() {
+    fn directories_are_walked_without_following_anything() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path().join("res");
+        std::fs::create_dir_all(r.join("deep/er")).unwrap();
+        std::fs::write(r.join("a.txt"), b"a").unwrap();
+        std::fs::write(r.join("deep/er/b.txt"), b"bb").unwrap();
+        std::os::unix::fs::symlink("/etc/shadow", r.join("shadow")).unwrap();
+        std::os::unix::fs::symlink("loop", r.join("loop")).unwrap();
+        std::os::unix::fs::symlink("/etc", r.join("deep/etc")).unwrap();
+        nix::unistd::mkfifo(
+            &r.join("fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        let c = collect(d.path(), &["res".into()], 1 << 20, 0);
+        assert_eq!(
+            names(&c),
+            vec![
+                "res",
+                "res/a.txt",
+                "res/deep",
+                "res/deep/er",
+                "res/deep/er/b.txt"
+            ]
+        );
+        let mut skipped = c.skipped.clone();
+        skipped.sort();
+        assert_eq!(
+            skipped,
+            vec![
+                "res/deep/etc: symbolic link, not followed",
+                "res/fifo: a FIFO, not copied",
+                "res/loop: symbolic link, not followed",
+                "res/shadow: symbolic link, not followed",
+            ]
+        );
+    }
+
+    #[test]
+    fn respects_limit_over_the_whole_tree() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("a"), vec![0u8; 100]).unwrap();
         std::fs::write(d.path().join("b"), vec![0u8; 100]).unwrap();
@@ -225,5 +473,74 @@ mod tests {
         assert_eq!(collect(d.path(), &["a".into()], 150, 4242).skipped.len(), 1);
         assert_eq!(c.skipped.len(), 1);
         assert!(c.skipped[0].starts_with("b:"));
+        // A tree: the limit counts every file in it.
+        std::fs::create_dir(d.path().join("t")).unwrap();
+        for n in ["1", "2", "3"] {
+            std::fs::write(d.path().join("t").join(n), vec![1u8; 60]).unwrap();
+        }
+        let c = collect(d.path(), &["t".into()], 150, 0);
+        assert_eq!(names(&c), vec!["t", "t/1", "t/2"]);
+        assert_eq!(c.skipped.len(), 1, "{:?}", c.skipped);
+        assert!(
+            c.skipped[0].starts_with("t/3: 60 bytes would exceed"),
+            "{:?}",
+            c.skipped
+        );
+        // A huge sparse file is refused by its size, never read.
+        let f = File::create(d.path().join("t/sparse")).unwrap();
+        f.set_len(1 << 40).unwrap();
+        let c = collect(d.path(), &["t/sparse".into()], 1 << 20, 0);
+        assert!(
+            c.skipped[0].contains("1099511627776 bytes would exceed"),
+            "{:?}",
+            c.skipped
+        );
+    }
+
+    /// A payload's process (here a thread) swapping a directory for a symlink to somewhere
+    /// else while the helper copies: the copy never contains what the symlink points to.
+    #[test]
+    fn a_directory_swapped_for_a_symlink_during_the_copy_is_never_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"not yours").unwrap();
+        let res = d.path().join("res");
+        std::fs::create_dir_all(res.join("sub")).unwrap();
+        for i in 0..50 {
+            std::fs::write(res.join("sub").join(format!("f{i}")), b"x").unwrap();
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let swapper = {
+            let (res, outside, stop) = (res.clone(), outside.path().to_path_buf(), stop.clone());
+            std::thread::spawn(move || {
+                let mut swaps = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::fs::rename(res.join("sub"), res.join("real")).unwrap();
+                    std::os::unix::fs::symlink(&outside, res.join("sub")).unwrap();
+                    std::fs::remove_file(res.join("sub")).unwrap();
+                    std::fs::rename(res.join("real"), res.join("sub")).unwrap();
+                    swaps += 1;
+                }
+                swaps
+            })
+        };
+        let uid = nix::unistd::getuid().as_raw();
+        let mut seen_symlink = 0;
+        for _ in 0..300 {
+            let c = collect(d.path(), &["res".into(), "res/sub".into()], 1 << 20, uid);
+            let n = names(&c);
+            assert!(!n.iter().any(|n| n.ends_with("secret")), "{n:?}");
+            if c.skipped
+                .iter()
+                .any(|s| s.contains("symbolic link") || s.contains("replaced"))
+            {
+                seen_symlink += 1;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let swaps = swapper.join().unwrap();
+        assert!(swaps > 0);
+        // The race was really run: some copies met the symlink (and refused it).
+        assert!(seen_symlink > 0, "{swaps} swaps, never met");
     }
 }

@@ -255,6 +255,11 @@ pub async fn run<S: ServerApi, H: HelperApi>(
     loop {
         a.on_tick();
         if let Some(code) = a.finished() {
+            // Everything delivered: the pilot's outbox directory goes (an aborted reporter
+            // may still hold it for a moment; the next pilot then removes it).
+            if let Ok(outbox) = Arc::try_unwrap(a.outbox) {
+                outbox.remove_if_empty();
+            }
             return Outcome {
                 exit_code: code,
                 summary: a.summary,

@@ -337,13 +337,7 @@ pub fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
 impl Stack {
     /// Adds top-level keys to pilot.toml (before its first table).
     pub fn pilot_option(&self, line: &str) {
-        let p = self.vo.join("pilot.toml");
-        let text = std::fs::read_to_string(&p).unwrap();
-        let (head, tail) = match text.find("\n[") {
-            Some(i) => text.split_at(i + 1),
-            None => (text.as_str(), ""),
-        };
-        std::fs::write(&p, format!("{head}{line}\n{tail}")).unwrap();
+        add_top_level_key(&self.vo.join("pilot.toml"), line);
     }
 
     /// Starts the pilot as the pilot account in the background (stopped by pid on drop).
@@ -402,13 +396,7 @@ impl Stack {
     /// Adds top-level keys to server.toml (before its first table); takes effect at the next
     /// (re)start of the server.
     pub fn server_option(&self, line: &str) {
-        let p = self.vo.join("server.toml");
-        let text = std::fs::read_to_string(&p).unwrap();
-        let (head, tail) = match text.find("\n[") {
-            Some(i) => text.split_at(i + 1),
-            None => (text.as_str(), ""),
-        };
-        std::fs::write(&p, format!("{head}{line}\n{tail}")).unwrap();
+        add_top_level_key(&self.vo.join("server.toml"), line);
     }
 
     /// Kills the VO server with SIGKILL (by its pid: no goodbye) and waits for it to be gone.
@@ -489,4 +477,14 @@ pub fn wait_exit(stack: &Stack, p: &mut Proc, limit: Duration) -> std::process::
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Adds a top-level `key = value` line to a TOML file, before its first table.
+fn add_top_level_key(p: &Path, line: &str) {
+    let text = std::fs::read_to_string(p).unwrap();
+    let (head, tail) = match text.find("\n[") {
+        Some(i) => text.split_at(i + 1),
+        None => (text.as_str(), ""),
+    };
+    std::fs::write(p, format!("{head}{line}\n{tail}")).unwrap();
 }

@@ -575,9 +575,12 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
             id.clone(),
             self.back_tx.clone(),
         );
-        let heartbeat = work
-            .heartbeat_seconds
-            .map_or(self.cfg.heartbeat, |s| Duration::from_secs(s.max(1)));
+        // The server's interval is the longest silence it tolerates before it counts a
+        // missed heartbeat; a shorter one of the pilot's own is kept (commands come back
+        // sooner).
+        let heartbeat = work.heartbeat_seconds.map_or(self.cfg.heartbeat, |s| {
+            self.cfg.heartbeat.min(Duration::from_secs(s.max(1)))
+        });
         self.capacity.hold(&id, body.resources);
         self.payloads.insert(
             id.clone(),

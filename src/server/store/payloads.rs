@@ -415,30 +415,7 @@ impl Store {
             }
             commands.clear();
         } else {
-            tx.execute(
-                "UPDATE payloads SET state = ?2,
-                    account = COALESCE(?3, account), uid = COALESCE(?4, uid),
-                    exit_code = COALESCE(?5, exit_code), signal = COALESCE(?6, signal),
-                    cpu_seconds = COALESCE(?7, cpu_seconds),
-                    peak_memory_bytes = COALESCE(?8, peak_memory_bytes),
-                    wall_seconds = COALESCE(?9, wall_seconds), reason = COALESCE(?10, reason),
-                    denial_class = COALESCE(?11, denial_class), updated_at = ?12
-                 WHERE id = ?1",
-                params![
-                    id,
-                    new_state.as_str(),
-                    rep.account,
-                    rep.uid,
-                    rep.exit_code,
-                    rep.signal,
-                    rep.cpu_seconds,
-                    rep.peak_memory_bytes.map(sat),
-                    rep.wall_seconds,
-                    rep.reason,
-                    rep.denial_class,
-                    ts(now)
-                ],
-            )?;
+            write_report(&tx, id, new_state, rep, rep.reason.as_deref(), now)?;
         }
         tx.commit()?;
         Ok(commands)
@@ -590,6 +567,43 @@ pub struct Swept {
     pub lost: usize,
 }
 
+/// Writes a report's state and the fields it carries (a field it leaves out keeps its value);
+/// the state is the pilot's word now, so the sweeper's `lost` mark goes.
+fn write_report(
+    tx: &rusqlite::Transaction<'_>,
+    id: &str,
+    state: PayloadState,
+    rep: &StatusReport,
+    reason: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE payloads SET state = ?2, lost_by_server = 0,
+            account = COALESCE(?3, account), uid = COALESCE(?4, uid),
+            exit_code = COALESCE(?5, exit_code), signal = COALESCE(?6, signal),
+            cpu_seconds = COALESCE(?7, cpu_seconds),
+            peak_memory_bytes = COALESCE(?8, peak_memory_bytes),
+            wall_seconds = COALESCE(?9, wall_seconds), reason = COALESCE(?10, reason),
+            denial_class = COALESCE(?11, denial_class), updated_at = ?12
+         WHERE id = ?1",
+        params![
+            id,
+            state.as_str(),
+            rep.account,
+            rep.uid,
+            rep.exit_code,
+            rep.signal,
+            rep.cpu_seconds,
+            rep.peak_memory_bytes.map(sat),
+            rep.wall_seconds,
+            reason,
+            rep.denial_class,
+            ts(now)
+        ],
+    )?;
+    Ok(())
+}
+
 /// Queues payload `id` again after a hand-off that never started it, or fails it when it was
 /// requeued `limit` times already. Returns true when it was queued.
 fn requeue(
@@ -645,10 +659,10 @@ impl Store {
         if rep.state == Some(state) {
             return Ok(());
         }
-        let by_server: bool = tx.query_row(
-            "SELECT lost_by_server FROM payloads WHERE id = ?1",
+        let (by_server, since): (bool, Option<String>) = tx.query_row(
+            "SELECT lost_by_server, updated_at FROM payloads WHERE id = ?1",
             params![id],
-            |r| r.get(0),
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
         let late = rep.state.filter(|s| s.is_final());
         match late {
@@ -656,29 +670,9 @@ impl Store {
                 let reason = format!(
                     "{} (reported late: the server had marked it lost at {})",
                     rep.reason.as_deref().unwrap_or(s.as_str()),
-                    ts(now)
+                    since.as_deref().unwrap_or("?")
                 );
-                tx.execute(
-                    "UPDATE payloads SET state = ?2, lost_by_server = 0,
-                        account = COALESCE(?3, account), uid = COALESCE(?4, uid),
-                        exit_code = ?5, signal = ?6, cpu_seconds = ?7, peak_memory_bytes = ?8,
-                        wall_seconds = ?9, reason = ?10, denial_class = ?11, updated_at = ?12
-                     WHERE id = ?1",
-                    params![
-                        id,
-                        s.as_str(),
-                        rep.account,
-                        rep.uid,
-                        rep.exit_code,
-                        rep.signal,
-                        rep.cpu_seconds,
-                        rep.peak_memory_bytes.map(sat),
-                        rep.wall_seconds,
-                        reason,
-                        rep.denial_class,
-                        ts(now)
-                    ],
-                )?;
+                write_report(tx, id, s, rep, Some(&reason), now)?;
                 Ok(())
             }
             _ => Err(StoreError::Conflict(format!(

@@ -322,7 +322,13 @@ async fn deliver<S: ServerApi>(
         None
     };
     outbox.remove(id);
-    if let Some(dir) = &entry.dir {
+    // Only a payload directory of this work dir is removed, whatever an entry names.
+    let work_dir = outbox.dir().parent().and_then(|p| p.parent());
+    if let Some(dir) = entry
+        .dir
+        .as_ref()
+        .filter(|d| d.parent() == work_dir && d.file_name().and_then(|n| n.to_str()) == Some(id))
+    {
         if let Err(e) = std::fs::remove_dir_all(dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(payload_id = id, dir = %dir.display(), error = %e, "cannot remove the payload's work directory");

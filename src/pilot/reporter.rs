@@ -289,6 +289,10 @@ async fn deliver<S: ServerApi>(
             // server keeps it; the outputs still belong to the payload.
             tracing::warn!(payload_id = id, state = ?state, %message, "VO server already has a final state for this payload")
         }
+        Err(ClientError::BadAnswer { why, .. }) => {
+            // A 2xx answer whose body the pilot could not read: the server took the report.
+            tracing::warn!(payload_id = id, %why, "VO server took the final report with an unexpected answer")
+        }
         Err(e) => {
             tracing::error!(payload_id = id, state = ?state, error = %e, archive = %outbox.archive_path(id).display(), "VO server refused the final report for good; the outputs stay on this node");
             outbox.remove_entry_only(id);

@@ -59,6 +59,8 @@ struct FakeServer {
     commands: Mutex<HashMap<String, Vec<OperatorCommand>>>,
     /// Reports and uploads fail as with a server that is down (matches still work).
     down: std::sync::atomic::AtomicBool,
+    /// Final reports for these payloads are refused with this HTTP status.
+    refuse_final: Mutex<HashMap<String, u16>>,
 }
 
 impl FakeServer {
@@ -106,6 +108,16 @@ impl ServerApi for FakeServer {
     }
     async fn report(&self, id: String, r: StatusReport) -> Result<StatusAck, ClientError> {
         self.check_up()?;
+        if r.state.is_some_and(PayloadState::is_final) {
+            if let Some(&status) = self.refuse_final.lock().unwrap().get(&id) {
+                return Err(ClientError::Refused {
+                    url: format!("https://127.0.0.1:1/v1/payloads/{id}/status"),
+                    status,
+                    code: "refused".into(),
+                    message: "refused by the test".into(),
+                });
+            }
+        }
         self.reports.lock().unwrap().push((id.clone(), r));
         let commands = self
             .commands
@@ -913,4 +925,35 @@ async fn a_payload_the_server_does_not_know_started_is_stopped_before_requeue_af
     let rep = h.server.final_report("f1");
     assert_eq!(rep.state, Some(PayloadState::Failed));
     assert!(rep.reason.unwrap().contains("requeue_after"));
+}
+
+#[tokio::test]
+async fn refused_final_reports_keep_the_outputs_on_the_node_and_a_409_still_uploads() {
+    let key = VoSigningKey::generate();
+    let works = vec![work(&key, "r403", 1, 60), work(&key, "r409", 1, 60)];
+    let (h, fut) = start(works, Duration::from_millis(50), |_, _| {}, 2);
+    {
+        let mut refuse = h.server.refuse_final.lock().unwrap();
+        refuse.insert("r403".into(), 403);
+        refuse.insert("r409".into(), 409);
+    }
+    let out = fut.await;
+    assert_eq!(out.exit_code, 0, "{:?}", out.summary);
+    assert_eq!(out.summary.upload_errors, 1);
+    let work_dir = h.dir.path().join("work");
+    // 403: the server will never take it: the entry goes, the archive and the payload's
+    // directory stay for the operator; nothing was uploaded.
+    assert_eq!(outbox_files(&work_dir), ["r403.tar.gz"]);
+    assert!(work_dir.join("r403").join("stdout").exists());
+    let uploads: Vec<String> = h
+        .server
+        .uploads
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(p, _)| p.clone())
+        .collect();
+    // 409: a final state is already there; the outputs still belong to the payload.
+    assert_eq!(uploads, ["r409"]);
+    assert!(!work_dir.join("r409").exists());
 }

@@ -1,8 +1,9 @@
 //! Faults between the pilot and the VO server, injected for real (issue 16, items 2 and 3):
 //! the real server killed by pid and restarted on the same port and data dir while payloads
 //! end (30 s and 120 s down); a pilot that must leave before the server is back, and the next
-//! pilot in its work dir delivering what it left; a pilot silenced with SIGSTOP or killed
-//! with SIGKILL, whose payloads the server marks lost after the missed heartbeats.
+//! pilot in its work dir delivering what it left (also after a SIGKILL); a pilot silenced with
+//! SIGSTOP or killed with SIGKILL, whose payloads the server marks lost after the missed
+//! heartbeats.
 //! Runs as root: real accounts, the real helper, real TLS, real SQLite.
 
 mod support;
@@ -269,4 +270,30 @@ fn a_killed_pilots_payload_is_lost_and_stopped_never_requeued() {
     assert!(out.status.success(), "{}", stack.logs());
     assert!(String::from_utf8_lossy(&out.stdout).contains("0 launched"));
     assert_eq!(stack.status("alice", &id)["state"], "lost");
+}
+
+#[test]
+fn a_crashed_pilots_outbox_is_delivered_by_the_next_pilot() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (_accounts, mut stack) = start();
+    let id = submit_short(&stack, 2, "crash");
+    let mut pilot = stack.spawn_pilot(&["--idle-timeout", "2"]);
+    stack.wait_state("alice", &id, "running", Duration::from_secs(60));
+    stack.kill_server();
+    let want = [format!("{id}.json"), format!("{id}.tar.gz")];
+    wait_for(
+        "the final state in the outbox",
+        Duration::from_secs(30),
+        &stack,
+        || outbox_files(&stack) == want,
+    );
+    // The pilot dies with its final state undelivered: no goodbye, no end record.
+    kill(pilot_pid(&pilot), Signal::SIGKILL).unwrap();
+    let _ = wait_exit(&stack, &mut pilot, Duration::from_secs(10));
+    stack.restart_server();
+    let out = stack.run_pilot(&["--idle-timeout", "2"]);
+    assert!(out.status.success(), "{}", stack.logs());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 adopted"));
+    assert_delivered(&stack, &id, "crash");
+    assert!(outbox_files(&stack).is_empty());
 }

@@ -296,6 +296,29 @@ async fn submit_match_verify_report_output() {
         .unwrap();
     assert_eq!(r.status(), 204, "{}", r.text().await.unwrap());
 
+    // The pilot resends from its outbox (it never saw the answers): the same final state is
+    // accepted and changes nothing, the same upload replaces the archive with the same bytes.
+    let r = pilot
+        .post(&status_url)
+        .json(&StatusReport {
+            pilot_id: "pilot-a".into(),
+            state: Some(PayloadState::Done),
+            exit_code: Some(0),
+            cpu_seconds: Some(9.0),
+            ..Default::default()
+        })
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let r = pilot
+        .put(&out_url)
+        .body(archive.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204, "{}", r.text().await.unwrap());
+
     // A late report does not reopen a final state.
     let r = pilot
         .post(&status_url)
@@ -320,6 +343,11 @@ async fn submit_match_verify_report_output() {
         .unwrap();
     assert_eq!(view.state, PayloadState::Done);
     assert_eq!(view.exit_code, Some(0));
+    assert_eq!(
+        view.cpu_seconds,
+        Some(0.25),
+        "the first final report stands"
+    );
     assert_eq!(view.account.as_deref(), Some("mpu-alice"));
     assert_eq!(view.uid, Some(51001));
     assert_eq!(view.pilot_id.as_deref(), Some("pilot-a"));

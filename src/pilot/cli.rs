@@ -17,6 +17,7 @@ use super::agent::{self, AgentSettings};
 use super::client::HttpsServer;
 use super::config::{hostname, PilotConfig};
 use super::helper_client;
+use super::outbox::Outbox;
 use super::slot::{self, Overrides};
 use super::trace::TraceLog;
 use crate::protocol::switch_wire::PilotHello;
@@ -159,6 +160,15 @@ fn run(config: &Path, max_payloads: Option<u32>, idle_timeout: Option<u64>) -> i
             return EXIT_USAGE;
         }
     };
+    // Opened (and locked) before anything is fetched: what the pilot will owe the server
+    // must have a durable place.
+    let outbox = match Outbox::open(&cfg.work_dir, &cfg.pilot_id) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("mupilot: {e} (work_dir in {})", cfg.source.display());
+            return EXIT_USAGE;
+        }
+    };
     let report = slot::discover(&cfg.slot);
     for p in &report.problems {
         tracing::warn!(problem = %p, "slot discovery");
@@ -204,6 +214,9 @@ fn run(config: &Path, max_payloads: Option<u32>, idle_timeout: Option<u64>) -> i
         tick: Duration::from_millis(500),
         max_payloads: cfg.max_payloads,
         drain_file: cfg.drain_file.clone(),
+        upload_reserve: cfg.upload_reserve,
+        outbox_wait: cfg.outbox_wait,
+        patience: Default::default(),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -230,7 +243,7 @@ fn run(config: &Path, max_payloads: Option<u32>, idle_timeout: Option<u64>) -> i
                 Arc::new(helper),
                 helper_rx,
                 control_rx,
-                trace,
+                agent::Ledger { trace, outbox },
             )
             .await,
         )

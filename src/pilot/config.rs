@@ -65,6 +65,10 @@ struct RawConfig {
     #[serde(default)]
     drain_file: Option<PathBuf>,
     #[serde(default)]
+    upload_reserve_seconds: Option<u64>,
+    #[serde(default)]
+    outbox_wait_seconds: Option<u64>,
+    #[serde(default)]
     slot: Overrides,
 }
 
@@ -90,6 +94,12 @@ pub struct PilotConfig {
     pub heartbeat: Duration,
     pub max_payloads: Option<u32>,
     pub drain_file: Option<PathBuf>,
+    /// The end of the slot kept for the last records and leaving: undelivered reports are
+    /// retried until the deadline minus this.
+    pub upload_reserve: Duration,
+    /// With nothing else to do, how long undelivered reports are retried before the pilot
+    /// leaves them in its outbox for the next pilot.
+    pub outbox_wait: Duration,
     pub slot: Overrides,
 }
 
@@ -204,6 +214,8 @@ impl PilotConfig {
             heartbeat: secs("heartbeat_seconds", raw.heartbeat_seconds, 30, 1)?,
             max_payloads: raw.max_payloads,
             drain_file: raw.drain_file.map(abs),
+            upload_reserve: secs("upload_reserve_seconds", raw.upload_reserve_seconds, 30, 0)?,
+            outbox_wait: secs("outbox_wait_seconds", raw.outbox_wait_seconds, 3600, 0)?,
             slot: raw.slot,
         })
     }

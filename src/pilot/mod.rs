@@ -7,7 +7,8 @@
 //! - [`config`]: pilot.toml; [`cli`]: the command line and exit codes;
 //! - [`client`]: the VO server API; [`helper_client`]: the helper socket;
 //! - [`agent`]: the loop; [`fit`]: slot partitioning; [`reporter`]: per-payload reporting;
-//! - [`output`]: the output archive; [`trace`]: the trace log; [`signals`]: signal handling;
+//! - [`outbox`]: what is owed to the server, on disk; [`output`]: the output archive;
+//! - [`trace`]: the trace log; [`signals`]: signal handling;
 //! - [`slot`]: batch slot discovery.
 
 pub mod agent;
@@ -16,6 +17,7 @@ pub mod client;
 pub mod config;
 pub mod fit;
 pub mod helper_client;
+pub mod outbox;
 pub mod output;
 pub mod reporter;
 pub mod signals;

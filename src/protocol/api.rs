@@ -64,6 +64,16 @@ pub struct Work {
     /// base64 of the input bundle, whose SHA-256 the envelope carries.
     #[serde(default)]
     pub bundle: Option<String>,
+    /// How often the server wants a status report for this payload while it runs; after
+    /// `missed_heartbeats` (server.toml) missed ones it marks the payload `lost`. Absent from
+    /// older servers: the pilot then uses its own `heartbeat_seconds`.
+    #[serde(default)]
+    pub heartbeat_seconds: Option<u64>,
+    /// If the server has not heard that the payload started by this time, it queues it
+    /// again; a pilot that started it but could not tell the server kills it before then, so
+    /// it never runs in two places.
+    #[serde(default)]
+    pub requeue_after: Option<DateTime<Utc>>,
 }
 
 /// Lifecycle of a payload as the server records it.

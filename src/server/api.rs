@@ -51,7 +51,13 @@ pub struct AppState {
     pub issuer: String,
     /// The most one payload may ask for (server.toml `[limits]`).
     pub limits: SubmitLimits,
+    /// Asked of pilots in every match answer; the sweeper counts missed ones.
+    pub heartbeat_seconds: u64,
 }
+
+/// A matched payload that is not reported running this long after its envelope expired is
+/// queued again by the sweeper (`Work.requeue_after` tells the pilot when).
+pub const REQUEUE_MARGIN_SECONDS: i64 = 300;
 
 type St = State<Arc<AppState>>;
 
@@ -427,11 +433,15 @@ async fn match_work(
                 }
             },
         };
-        let envelope = state.key.sign(&envelope_body(&state, &m));
+        let body = envelope_body(&state, &m);
+        let requeue_after = body.not_after + Duration::seconds(REQUEUE_MARGIN_SECONDS);
+        let envelope = state.key.sign(&body);
         Ok(Some(Work {
             payload_id: m.id,
             envelope,
             bundle,
+            heartbeat_seconds: Some(state.heartbeat_seconds),
+            requeue_after: Some(requeue_after),
         }))
     })
     .await?;

@@ -103,6 +103,29 @@ struct RawServerConfig {
     member: Vec<MemberSeed>,
     #[serde(default)]
     limits: SubmitLimits,
+    #[serde(default = "default_heartbeat")]
+    heartbeat_seconds: u64,
+    #[serde(default = "default_missed")]
+    missed_heartbeats: u32,
+    #[serde(default = "default_max_requeues")]
+    max_requeues: u32,
+}
+
+/// Default heartbeat interval the server asks of pilots (seconds).
+pub const DEFAULT_HEARTBEAT_SECONDS: u64 = 30;
+/// Default number of missed heartbeats after which a running payload is lost.
+pub const DEFAULT_MISSED_HEARTBEATS: u32 = 3;
+
+fn default_heartbeat() -> u64 {
+    DEFAULT_HEARTBEAT_SECONDS
+}
+
+fn default_missed() -> u32 {
+    DEFAULT_MISSED_HEARTBEATS
+}
+
+fn default_max_requeues() -> u32 {
+    super::store::DEFAULT_REQUEUE_LIMIT
 }
 
 fn default_lifetime() -> u64 {
@@ -129,6 +152,13 @@ pub struct ServerConfig {
     pub members: Vec<MemberSeed>,
     /// The most one payload may ask for (`[limits]`).
     pub limits: SubmitLimits,
+    /// The status interval the server asks of pilots for running payloads; it travels in
+    /// every match answer (`Work.heartbeat_seconds`).
+    pub heartbeat_seconds: u64,
+    /// A running payload whose pilot missed this many heartbeats in a row becomes `lost`.
+    pub missed_heartbeats: u32,
+    /// Hand-offs that may end unstarted before a payload fails instead of being queued again.
+    pub max_requeues: u32,
 }
 
 /// Resolves `p` against `base` unless it is absolute.
@@ -195,6 +225,20 @@ impl ServerConfig {
                 "must be between 60 and 604800 seconds",
             ));
         }
+        if !(1..=3600).contains(&raw.heartbeat_seconds) {
+            return Err(value(
+                "heartbeat_seconds",
+                &raw.heartbeat_seconds.to_string(),
+                "must be between 1 and 3600 seconds",
+            ));
+        }
+        if !(1..=100).contains(&raw.missed_heartbeats) {
+            return Err(value(
+                "missed_heartbeats",
+                &raw.missed_heartbeats.to_string(),
+                "must be between 1 and 100",
+            ));
+        }
         for dn in raw.pilot_dns.iter().chain(&raw.operator_dns) {
             if !dn.starts_with('/') {
                 return Err(value(
@@ -255,6 +299,9 @@ impl ServerConfig {
             envelope_lifetime_seconds: raw.envelope_lifetime_seconds,
             members: raw.member,
             limits: l,
+            heartbeat_seconds: raw.heartbeat_seconds,
+            missed_heartbeats: raw.missed_heartbeats,
+            max_requeues: raw.max_requeues,
         };
         Ok(cfg)
     }

@@ -20,7 +20,7 @@ use tower::ServiceExt;
 
 use super::api::{self, AppState, PeerDn};
 use super::config::{ConfigError, ServerConfig};
-use super::store::{Store, StoreError};
+use super::store::{Store, StoreError, SweepRules, Swept};
 use crate::protocol::envelope::KeyError;
 use crate::protocol::VoSigningKey;
 use crate::tls::TlsError;
@@ -29,12 +29,9 @@ use crate::tls::TlsError;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long open connections get to finish after the shutdown signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often the sweeper looks for payloads whose pilot went away.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
-/// A matched payload is queued again this long after its envelope expired unstarted.
-const REQUEUE_MARGIN_SECONDS: i64 = 300;
-/// A running payload is lost when nothing was heard for its wall time plus this.
-const RUNNING_GRACE_SECONDS: i64 = 1800;
+/// The sweeper looks for payloads whose pilot went away at most this far apart (more often
+/// with a shorter heartbeat: every heartbeat interval).
+const SWEEP_INTERVAL_MAX: Duration = Duration::from_secs(30);
 
 /// Why the server could not start (or stopped with an error).
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +56,7 @@ pub struct Prepared {
     state: Arc<AppState>,
     acceptor: TlsAcceptor,
     listen: SocketAddr,
+    missed_heartbeats: u32,
 }
 
 /// Loads and checks the configuration's files, opens the database, seeds members.
@@ -66,7 +64,9 @@ pub fn prepare(cfg: &ServerConfig) -> Result<Prepared, ServeError> {
     cfg.check_files()?;
     let tls = crate::tls::server_config(&cfg.cert, &cfg.key, &cfg.ca)?;
     let key = VoSigningKey::from_pem_file(&cfg.signing_key)?;
-    let store = Arc::new(Store::open(&cfg.data_dir)?);
+    let mut store = Store::open(&cfg.data_dir)?;
+    store.set_requeue_limit(cfg.max_requeues);
+    let store = Arc::new(store);
     let seeded = store.seed_members(&cfg.vo, &cfg.members, chrono::Utc::now())?;
     if seeded > 0 {
         tracing::info!(
@@ -90,11 +90,13 @@ pub fn prepare(cfg: &ServerConfig) -> Result<Prepared, ServeError> {
         envelope_lifetime: chrono::Duration::seconds(cfg.envelope_lifetime_seconds as i64),
         issuer: format!("mupilot-server@{host}"),
         limits: cfg.limits,
+        heartbeat_seconds: cfg.heartbeat_seconds,
     };
     Ok(Prepared {
         state: Arc::new(state),
         acceptor: TlsAcceptor::from(tls),
         listen: cfg.listen,
+        missed_heartbeats: cfg.missed_heartbeats,
     })
 }
 
@@ -118,7 +120,7 @@ pub async fn serve(p: Prepared, shutdown: impl Future<Output = ()>) -> Result<()
     let _ = std::io::stdout().flush();
     tracing::info!(%addr, vo = %p.state.vo, "mupilot-server listening");
 
-    let sweeper = tokio::spawn(sweep_loop(p.state.clone()));
+    let sweeper = tokio::spawn(sweep_loop(p.state.clone(), p.missed_heartbeats));
     let router = api::router(p.state.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut conns = JoinSet::new();
@@ -159,26 +161,41 @@ pub async fn serve(p: Prepared, shutdown: impl Future<Output = ()>) -> Result<()
     Ok(())
 }
 
-/// Requeues payloads matched to pilots that never started them and marks silent running
-/// payloads lost, so nothing waits forever on a pilot that died.
-async fn sweep_loop(state: Arc<AppState>) {
-    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+/// Requeues payloads matched to pilots that never started them and marks the running
+/// payloads of silent pilots lost (after `missed` heartbeats), so nothing waits forever on a
+/// pilot that died. The first sweep comes only after the silence horizon: a server that was
+/// itself down heard no heartbeats, and pilots need that long to get their outboxes through.
+async fn sweep_loop(state: Arc<AppState>, missed: u32) {
+    let hb = state.heartbeat_seconds.max(1);
+    let silence_secs = hb.saturating_mul(u64::from(missed));
+    let horizon = Duration::from_secs(silence_secs);
+    let period = Duration::from_secs(hb).min(SWEEP_INTERVAL_MAX);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + horizon, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let silence = format!("{silence_secs} s ({missed} missed heartbeats of {hb} s)");
     loop {
         tick.tick().await;
         let store = state.store.clone();
-        let horizon = state.envelope_lifetime + chrono::Duration::seconds(REQUEUE_MARGIN_SECONDS);
+        let matched_horizon =
+            state.envelope_lifetime + chrono::Duration::seconds(api::REQUEUE_MARGIN_SECONDS);
+        let silence = silence.clone();
         let res = tokio::task::spawn_blocking(move || {
             let now = chrono::Utc::now();
-            store.sweep(now - horizon, RUNNING_GRACE_SECONDS, now)
+            let rules = SweepRules {
+                matched_before: now - matched_horizon,
+                silent_before: now - chrono::Duration::seconds(silence_secs as i64),
+                silence,
+            };
+            store.sweep(&rules, now)
         })
         .await;
         match res {
-            Ok(Ok((0, 0))) => {}
-            Ok(Ok((requeued, lost))) => {
+            Ok(Ok(s)) if s == Swept::default() => {}
+            Ok(Ok(s)) => {
                 tracing::warn!(
-                    requeued,
-                    lost,
+                    requeued = s.requeued,
+                    failed = s.failed,
+                    lost = s.lost,
                     "sweeper recovered payloads of silent pilots"
                 )
             }

@@ -53,6 +53,8 @@ pub fn work(key: &VoSigningKey, id: &str, cores: u32) -> Work {
         payload_id: id.into(),
         envelope: key.sign(&body),
         bundle: None,
+        heartbeat_seconds: None,
+        requeue_after: None,
     }
 }
 

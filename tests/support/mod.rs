@@ -337,13 +337,7 @@ pub fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
 impl Stack {
     /// Adds top-level keys to pilot.toml (before its first table).
     pub fn pilot_option(&self, line: &str) {
-        let p = self.vo.join("pilot.toml");
-        let text = std::fs::read_to_string(&p).unwrap();
-        let (head, tail) = match text.find("\n[") {
-            Some(i) => text.split_at(i + 1),
-            None => (text.as_str(), ""),
-        };
-        std::fs::write(&p, format!("{head}{line}\n{tail}")).unwrap();
+        add_top_level_key(&self.vo.join("pilot.toml"), line);
     }
 
     /// Starts the pilot as the pilot account in the background (stopped by pid on drop).
@@ -396,4 +390,101 @@ impl Stack {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+}
+
+impl Stack {
+    /// Adds top-level keys to server.toml (before its first table); takes effect at the next
+    /// (re)start of the server.
+    pub fn server_option(&self, line: &str) {
+        add_top_level_key(&self.vo.join("server.toml"), line);
+    }
+
+    /// Kills the VO server with SIGKILL (by its pid: no goodbye) and waits for it to be gone.
+    pub fn kill_server(&mut self) {
+        let mut p = self.server.take().expect("the server runs");
+        let pid = nix::unistd::Pid::from_raw(p.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+        p.child.wait().unwrap();
+    }
+
+    /// Starts the VO server again on the same port and data directory.
+    pub fn restart_server(&mut self) {
+        let log = self.dir.path().join("server.log");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(bin("mupilot-server"))
+            .arg("serve")
+            .arg("--config")
+            .arg(self.vo.join("server.toml"))
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .expect("spawn");
+        self.server = Some(Proc { child, log });
+        let addr = format!("127.0.0.1:{}", self.port);
+        self.wait_until("server port", || {
+            std::net::TcpStream::connect(&addr).is_ok()
+        });
+    }
+
+    /// Restarts the server so a changed server.toml takes effect.
+    pub fn reconfigure_server(&mut self) {
+        let mut p = self.server.take().expect("the server runs");
+        let pid = nix::unistd::Pid::from_raw(p.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        p.child.wait().unwrap();
+        let addr = format!("127.0.0.1:{}", self.port);
+        self.wait_until("server port closed", || {
+            std::net::TcpStream::connect(&addr).is_err()
+        });
+        self.restart_server();
+    }
+}
+
+/// The pid of the real `mupilot` below a `runuser` started by [`Stack::spawn_pilot`].
+pub fn pilot_pid(p: &Proc) -> nix::unistd::Pid {
+    let runuser = p.child.id();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let children = std::fs::read_to_string(format!("/proc/{runuser}/task/{runuser}/children"))
+            .unwrap_or_default();
+        if let Some(pid) = children.split_whitespace().next() {
+            return nix::unistd::Pid::from_raw(pid.parse().unwrap());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "runuser {runuser} started no pilot"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits for a child to exit; returns its status (panics after `limit`, with the logs).
+pub fn wait_exit(stack: &Stack, p: &mut Proc, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(st) = p.child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process {} did not exit in {limit:?}\n{}",
+            p.child.id(),
+            stack.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Adds a top-level `key = value` line to a TOML file, before its first table.
+fn add_top_level_key(p: &Path, line: &str) {
+    let text = std::fs::read_to_string(p).unwrap();
+    let (head, tail) = match text.find("\n[") {
+        Some(i) => text.split_at(i + 1),
+        None => (text.as_str(), ""),
+    };
+    std::fs::write(p, format!("{head}{line}\n{tail}")).unwrap();
 }

@@ -100,7 +100,7 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
         p.record.account = Some(account.clone());
         p.record.uid = Some(uid);
         p.record.cgroup = Some(cgroup);
-        let _ = p.reporter.send(ReportJob::Status {
+        p.reporter.send(ReportJob::Status {
             report: StatusReport {
                 pilot_id: self.cfg.pilot_id.clone(),
                 state: Some(PayloadState::Running),
@@ -142,7 +142,7 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
         p.record.reason = Some(reason.clone());
         p.record.state = Some("denied".into());
         self.summary.denied += 1;
-        let _ = p.reporter.send(ReportJob::Final {
+        p.reporter.send(ReportJob::Final {
             report: StatusReport {
                 pilot_id: self.cfg.pilot_id.clone(),
                 state: Some(PayloadState::Denied),
@@ -174,6 +174,7 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
             self.summary.failed += 1;
             let why = match (&r.kill_reason, p.term_at.is_some() && stopping) {
                 (Some(k), _) => Some(k.clone()),
+                (None, _) if p.stop_reason.is_some() => p.stop_reason.clone(),
                 (None, true) => Some("pilot stopping".to_string()),
                 (None, false) => None,
             };
@@ -197,7 +198,7 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
             stderr: p.dir.join("stderr"),
             dir: p.dir.clone(),
         };
-        let _ = p.reporter.send(ReportJob::Final {
+        p.reporter.send(ReportJob::Final {
             report: StatusReport {
                 pilot_id: self.cfg.pilot_id.clone(),
                 state: Some(state),
@@ -217,12 +218,15 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
     }
 
     /// The helper is gone, and with it our payloads (it kills them when the pilot's
-    /// connection closes, and we cannot reach them without it).
+    /// connection closes, and we cannot reach them without it). What the helper started, or
+    /// may have started (a launch it got but did not answer), is `lost`: it is over, its end
+    /// unknown. A launch that never reached the helper is handed back unstarted (`queued`),
+    /// and the server queues it again.
     pub(super) fn on_helper_lost(&mut self, why: &str) {
         if self.helper_lost {
             return;
         }
-        tracing::error!(reason = %why, "connection to the helper lost; its payloads are killed; reporting them lost");
+        tracing::error!(reason = %why, "connection to the helper lost; its payloads are killed; reporting them lost, and requeueing those it never got");
         self.helper_lost = true;
         self.summary.end_reason = format!("helper connection lost: {why}");
         let ids: Vec<String> = self
@@ -233,19 +237,43 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
             .collect();
         for id in ids {
             self.capacity.release(&id);
+            let pilot_id = self.cfg.pilot_id.clone();
             let p = self.payloads.get_mut(&id).expect("listed above");
             p.phase = Phase::Ending;
+            if !p.reached_helper {
+                let reason = format!("not started: the helper connection was lost before the launch reached it ({why}); requeue");
+                tracing::warn!(payload_id = %id, "launch never reached the helper; handing it back");
+                p.record.decision = Some("not_launched");
+                p.record.reason = Some(reason.clone());
+                p.record.state = Some("queued".into());
+                self.summary.handed_back += 1;
+                p.reporter.send(ReportJob::Final {
+                    report: StatusReport {
+                        pilot_id,
+                        state: Some(PayloadState::Queued),
+                        reason: Some(reason),
+                        ..Default::default()
+                    },
+                    archive: None,
+                });
+                continue;
+            }
+            let reason = if p.record.account.is_some() {
+                format!("pilot lost its helper connection while the payload ran: {why}")
+            } else {
+                format!("pilot lost its helper connection after sending the launch, before the helper answered; it may have started: {why}")
+            };
             p.record.kill_reason = Some("helper_gone".into());
             p.record.reason = Some(format!("helper connection lost: {why}"));
             p.record.state = Some("lost".into());
             self.summary.lost += 1;
-            let _ = p.reporter.send(ReportJob::Final {
+            p.reporter.send(ReportJob::Final {
                 report: StatusReport {
-                    pilot_id: self.cfg.pilot_id.clone(),
+                    pilot_id,
                     state: Some(PayloadState::Lost),
                     account: p.record.account.clone(),
                     uid: p.record.uid,
-                    reason: Some(format!("pilot lost its helper connection: {why}")),
+                    reason: Some(reason),
                     ..Default::default()
                 },
                 archive: Some(ArchiveSource {
@@ -268,6 +296,23 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
                     self.on_command(&payload_id, c);
                 }
             }
+            Reported::Acked { payload_id } => {
+                if let Some(p) = self.payloads.get_mut(&payload_id) {
+                    p.running_acked = true;
+                }
+            }
+            Reported::Stored { payload_id } => {
+                if let Some(p) = self.payloads.get_mut(&payload_id) {
+                    p.stored = true;
+                }
+            }
+            Reported::Adopted { entry, upload } => self.on_adopted(*entry, upload),
+            Reported::AdoptedAll => {
+                self.adoption = None;
+                if self.payloads.is_empty() {
+                    self.idle_since = Instant::now();
+                }
+            }
             Reported::HeartbeatDone { payload_id } => {
                 if let Some(p) = self.payloads.get_mut(&payload_id) {
                     p.heartbeat_busy = false;
@@ -275,7 +320,9 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
             }
             Reported::Finished { payload_id, upload } => {
                 let Some(p) = self.payloads.remove(&payload_id) else {
-                    return; // not_launched reporters: records already written
+                    // A payload that never reached the helper: its records are written.
+                    self.detached.remove(&payload_id);
+                    return;
                 };
                 if upload.as_deref().is_some_and(|u| u != "ok") {
                     self.summary.upload_errors += 1;
@@ -290,6 +337,47 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
                 }
             }
         }
+    }
+
+    /// An entry of an earlier pilot's outbox was sent: a `delivered` trace record says what
+    /// this pilot sent on whose behalf.
+    fn on_adopted(&mut self, entry: crate::pilot::outbox::Entry, upload: Option<String>) {
+        self.summary.adopted += 1;
+        tracing::info!(payload_id = %entry.payload_id, from_pilot = %entry.report.pilot_id, state = ?entry.report.state, upload = ?upload, "delivered an earlier pilot's outbox entry");
+        let rec = crate::pilot::trace::TraceRecord {
+            time: now_rfc3339(),
+            event: "delivered",
+            pilot_id: self.cfg.pilot_id.clone(),
+            host: self.cfg.host.clone(),
+            server_url: self.cfg.server_url.clone(),
+            batch_system: self.slot.batch_system.clone(),
+            batch_job_id: self.slot.batch_job_id.clone(),
+            slot: crate::pilot::trace::SlotFields {
+                cores: self.slot.cores,
+                memory_bytes: self.slot.memory_bytes,
+                deadline_unix: self.slot.deadline_unix,
+            },
+            payload_id: entry.payload_id.clone(),
+            reason: Some(format!(
+                "sent from the outbox of pilot {} (written {}){}",
+                entry.report.pilot_id,
+                entry.written,
+                entry
+                    .report
+                    .reason
+                    .as_deref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            )),
+            account: entry.report.account.clone(),
+            uid: entry.report.uid,
+            exit_code: entry.report.exit_code,
+            signal: entry.report.signal,
+            upload,
+            state: entry.report.state.map(|s| s.as_str().to_string()),
+            ..Default::default()
+        };
+        self.write_trace(&rec);
     }
 
     pub(super) fn on_command(&mut self, id: &str, c: OperatorCommand) {

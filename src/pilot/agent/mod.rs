@@ -21,7 +21,8 @@ use tokio::sync::mpsc;
 use super::client::{ClientError, ServerApi};
 use super::fit::{seconds_left, Capacity};
 use super::helper_client::{HelperApi, HelperMsg};
-use super::reporter::{self, ReportJob, Reported};
+use super::outbox::Outbox;
+use super::reporter::{self, Patience, ReportJob, Reported, Reporter};
 use super::slot::Slot;
 use super::trace::{peek_body, SlotFields, TraceLog, TraceRecord};
 use crate::protocol::api::{MatchRequest, PayloadState, StatusReport, Work};
@@ -53,6 +54,14 @@ pub struct AgentSettings {
     pub tick: Duration,
     pub max_payloads: Option<u32>,
     pub drain_file: Option<PathBuf>,
+    /// What the pilot keeps of its slot's end for writing its last records and leaving: the
+    /// outbox is retried until the deadline minus this.
+    pub upload_reserve: Duration,
+    /// With nothing else to do, how long the pilot keeps retrying its outbox (the slot's
+    /// deadline minus `upload_reserve` ends it earlier; a stop request after `grace`).
+    pub outbox_wait: Duration,
+    /// Retry schedule of the outbox.
+    pub patience: Patience,
 }
 
 /// Requests from outside the loop (signal handlers, tests).
@@ -75,6 +84,10 @@ pub struct Summary {
     pub lost: u32,
     pub handed_back: u32,
     pub upload_errors: u32,
+    /// Final states (and outputs) left undelivered in the outbox when the pilot left.
+    pub unsent: u32,
+    /// Entries of earlier pilots' outboxes this pilot delivered.
+    pub adopted: u32,
     pub end_reason: String,
 }
 
@@ -82,7 +95,7 @@ impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "ended ({}): {} launched, {} done, {} failed, {} denied, {} cancelled, {} lost, {} handed back, {} upload errors",
+            "ended ({}): {} launched, {} done, {} failed, {} denied, {} cancelled, {} lost, {} handed back, {} upload errors, {} unsent, {} adopted",
             self.end_reason,
             self.launched,
             self.done,
@@ -91,7 +104,9 @@ impl std::fmt::Display for Summary {
             self.cancelled,
             self.lost,
             self.handed_back,
-            self.upload_errors
+            self.upload_errors,
+            self.unsent,
+            self.adopted
         )
     }
 }
@@ -122,9 +137,22 @@ struct Payload {
     term_at: Option<Instant>,
     killed: bool,
     cancelled_by: Option<String>,
-    reporter: mpsc::UnboundedSender<ReportJob>,
+    reporter: Reporter,
     heartbeat_due: Instant,
     heartbeat_busy: bool,
+    /// The heartbeat the server asked for this payload (or the pilot's own).
+    heartbeat: Duration,
+    /// The server knows the payload runs (it took a `running` report).
+    running_acked: bool,
+    /// When the server queues it again unless it hears it started (from the match answer).
+    requeue_after: Option<chrono::DateTime<chrono::Utc>>,
+    /// Why the pilot stopped it, when it was the pilot's own decision.
+    stop_reason: Option<String>,
+    /// The final state is in the outbox.
+    stored: bool,
+    /// The launch request was written to the helper whole (it may have acted on it). A
+    /// payload whose launch never got there is handed back unstarted, not lost.
+    reached_helper: bool,
     dir: PathBuf,
 }
 
@@ -135,6 +163,14 @@ pub struct Agent<S: ServerApi, H: HelperApi> {
     server: Arc<S>,
     helper: Arc<H>,
     trace: TraceLog,
+    outbox: Arc<Outbox>,
+    /// The task sending earlier pilots' outbox entries, while it runs.
+    adoption: Option<tokio::task::AbortHandle>,
+    /// Reporters of payloads that ended before they reached the helper (their records are
+    /// written), until their final report is delivered.
+    detached: BTreeMap<String, tokio::task::AbortHandle>,
+    /// When the pilot leaves even with undelivered reports (set once nothing else is left).
+    leave_at: Option<Instant>,
     capacity: Capacity,
     payloads: BTreeMap<String, Payload>,
     back_tx: mpsc::UnboundedSender<Reported>,
@@ -152,6 +188,13 @@ pub struct Agent<S: ServerApi, H: HelperApi> {
     summary: Summary,
 }
 
+/// What the pilot writes down: the trace log (the VO's record of what ran) and the outbox
+/// (what it still owes the server).
+pub struct Ledger {
+    pub trace: TraceLog,
+    pub outbox: Outbox,
+}
+
 /// Runs the agent until it ends; see [`Outcome`].
 pub async fn run<S: ServerApi, H: HelperApi>(
     cfg: AgentSettings,
@@ -160,9 +203,27 @@ pub async fn run<S: ServerApi, H: HelperApi>(
     helper: Arc<H>,
     mut helper_rx: mpsc::UnboundedReceiver<HelperMsg>,
     mut control_rx: mpsc::UnboundedReceiver<Control>,
-    trace: TraceLog,
+    ledger: Ledger,
 ) -> Outcome {
+    let Ledger { trace, outbox } = ledger;
     let (back_tx, mut back_rx) = mpsc::unbounded_channel();
+    // What earlier pilots in this work dir could not deliver goes first.
+    let adopted = super::outbox::adopt(&cfg.work_dir, &cfg.pilot_id);
+    let mut adoption = None;
+    if !adopted.is_empty() {
+        let n: usize = adopted.iter().map(|o| o.entries().len()).sum();
+        tracing::warn!(
+            entries = n,
+            "sending what earlier pilots left in this work dir's outbox"
+        );
+        adoption = Some(reporter::spawn_adopted(
+            server.clone(),
+            adopted,
+            cfg.pilot_id.clone(),
+            cfg.patience,
+            back_tx.clone(),
+        ));
+    }
     let (match_tx, mut match_rx) = mpsc::unbounded_channel();
     let now = Instant::now();
     let mut a = Agent {
@@ -172,6 +233,10 @@ pub async fn run<S: ServerApi, H: HelperApi>(
         server,
         helper,
         trace,
+        outbox: Arc::new(outbox),
+        adoption,
+        detached: BTreeMap::new(),
+        leave_at: None,
         payloads: BTreeMap::new(),
         back_tx,
         match_tx,
@@ -190,6 +255,11 @@ pub async fn run<S: ServerApi, H: HelperApi>(
     loop {
         a.on_tick();
         if let Some(code) = a.finished() {
+            // Everything delivered: the pilot's outbox directory goes (an aborted reporter
+            // may still hold it for a moment; the next pilot then removes it).
+            if let Ok(outbox) = Arc::try_unwrap(a.outbox) {
+                outbox.remove_if_empty();
+            }
             return Outcome {
                 exit_code: code,
                 summary: a.summary,
@@ -229,8 +299,30 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
 
     /// The exit code once nothing is left to wait for.
     fn finished(&mut self) -> Option<i32> {
-        if !self.payloads.is_empty() || self.match_in_flight {
+        if self.match_in_flight {
             return None;
+        }
+        let would_end = !self.fetching() || self.idle_since.elapsed() >= self.cfg.idle_timeout;
+        if !self.payloads.is_empty() || self.adoption.is_some() || !self.detached.is_empty() {
+            // Only undelivered reports left, and nothing else to do? They are in the outbox:
+            // wait for the server until the pilot must leave, then leave them to the next
+            // pilot in this work dir.
+            let only_outbox = self
+                .payloads
+                .values()
+                .all(|p| p.phase == Phase::Ending && p.stored);
+            if !would_end || !only_outbox {
+                self.leave_at = None;
+                return None;
+            }
+            let leave_at = match self.leave_at {
+                Some(t) => t,
+                None => *self.leave_at.insert(self.outbox_leave_at()),
+            };
+            if Instant::now() < leave_at {
+                return None;
+            }
+            self.leave_with_unsent();
         }
         let (code, why) = if self.helper_lost {
             (1, "helper connection lost")
@@ -258,7 +350,69 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
         if self.summary.end_reason.is_empty() {
             self.summary.end_reason = why.to_string();
         }
-        Some(code)
+        // Final states left in the outbox: the VO's records are incomplete until a later
+        // pilot sends them, which the batch system's exit status should show.
+        Some(if self.summary.unsent > 0 {
+            code.max(1)
+        } else {
+            code
+        })
+    }
+
+    /// When a pilot with nothing left but its outbox leaves: after `outbox_wait` (`grace`
+    /// when it was asked to stop), and never later than the slot's deadline minus
+    /// `upload_reserve`.
+    fn outbox_leave_at(&self) -> Instant {
+        let wait = if self.stopping {
+            self.cfg.grace
+        } else {
+            self.cfg.outbox_wait
+        };
+        let mut at = Instant::now() + wait;
+        if let Some(d) = self.slot.deadline_unix {
+            let left =
+                d - self.cfg.upload_reserve.as_secs() as i64 - chrono::Utc::now().timestamp();
+            at = at.min(Instant::now() + Duration::from_secs(left.max(0) as u64));
+        }
+        at
+    }
+
+    /// Leaves with reports undelivered: each payload's end record says where they are, and a
+    /// later pilot in the same work dir sends them.
+    fn leave_with_unsent(&mut self) {
+        let ids: Vec<String> = self.payloads.keys().cloned().collect();
+        tracing::error!(
+            unsent = ids.len(),
+            outbox = %self.outbox.dir().display(),
+            payloads = ?ids,
+            "leaving with final states the VO server has not taken; they stay in the outbox and the next pilot started in this work dir sends them"
+        );
+        for id in ids {
+            let p = self.payloads.remove(&id).expect("listed above");
+            // Its entry is on disk; the task must let go of the outbox for the next pilot.
+            p.reporter.task.abort();
+            self.summary.unsent += 1;
+            let mut rec = p.record;
+            rec.time = now_rfc3339();
+            rec.event = "end";
+            rec.upload = Some(format!(
+                "unsent: the VO server did not take the final state before the pilot had to leave; kept in {}",
+                self.outbox.dir().display()
+            ));
+            self.write_trace(&rec);
+        }
+        for (id, task) in std::mem::take(&mut self.detached) {
+            tracing::error!(payload_id = %id, "leaving with the report of a payload that never started undelivered; kept in the outbox");
+            task.abort();
+            self.summary.unsent += 1;
+        }
+        if let Some(task) = self.adoption.take() {
+            tracing::error!(outbox = %super::outbox::root(&self.cfg.work_dir).display(), "leaving before earlier pilots' outbox entries were delivered; they stay for the next pilot");
+            task.abort();
+        }
+        if self.summary.end_reason.is_empty() {
+            self.summary.end_reason = "VO server unreachable".into();
+        }
     }
 
     fn maybe_match(&mut self) {
@@ -365,15 +519,19 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
             reason: Some(reason.clone()),
             ..Default::default()
         };
-        let tx = reporter::spawn(
+        let reporter = reporter::spawn(
             self.server.clone(),
+            self.outbox.clone(),
+            self.cfg.patience,
             rec.payload_id.clone(),
             self.back_tx.clone(),
         );
-        let _ = tx.send(ReportJob::Final {
+        reporter.send(ReportJob::Final {
             report,
             archive: None,
         });
+        self.detached
+            .insert(rec.payload_id.clone(), reporter.task.clone());
         rec.time = now_rfc3339();
         rec.event = "end";
         rec.decision = Some("not_launched");
@@ -442,7 +600,19 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
             );
             return self.end_not_launched(rec, PayloadState::Queued, reason);
         }
-        let reporter = reporter::spawn(self.server.clone(), id.clone(), self.back_tx.clone());
+        let reporter = reporter::spawn(
+            self.server.clone(),
+            self.outbox.clone(),
+            self.cfg.patience,
+            id.clone(),
+            self.back_tx.clone(),
+        );
+        // The server's interval is the longest silence it tolerates before it counts a
+        // missed heartbeat; a shorter one of the pilot's own is kept (commands come back
+        // sooner).
+        let heartbeat = work.heartbeat_seconds.map_or(self.cfg.heartbeat, |s| {
+            self.cfg.heartbeat.min(Duration::from_secs(s.max(1)))
+        });
         self.capacity.hold(&id, body.resources);
         self.payloads.insert(
             id.clone(),
@@ -454,8 +624,14 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
                 killed: false,
                 cancelled_by: None,
                 reporter,
-                heartbeat_due: Instant::now() + self.cfg.heartbeat,
+                heartbeat_due: Instant::now() + heartbeat,
                 heartbeat_busy: false,
+                heartbeat,
+                running_acked: false,
+                requeue_after: work.requeue_after,
+                stop_reason: None,
+                stored: false,
+                reached_helper: false,
                 dir,
             },
         );
@@ -466,11 +642,17 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
             memory_bytes = body.resources.memory_bytes,
             "launching through the helper"
         );
-        if let Err(e) = self
+        match self
             .helper
             .launch(&work.envelope, work.bundle.as_deref(), &stdout, &stderr)
         {
-            self.on_helper_lost(&e.to_string());
+            Ok(()) => {
+                if let Some(p) = self.payloads.get_mut(&id) {
+                    p.reached_helper = true;
+                }
+            }
+            // A frame the helper did not get whole is one it cannot act on.
+            Err(e) => self.on_helper_lost(&e.to_string()),
         }
     }
 }

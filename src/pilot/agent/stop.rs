@@ -101,16 +101,25 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
         }
         let mut to_kill = Vec::new();
         let mut to_fail = Vec::new();
+        let mut to_fence = Vec::new();
+        let utc_now = chrono::Utc::now();
         for (id, p) in &mut self.payloads {
             match p.phase {
                 Phase::Running => {
                     if p.term_at.is_some_and(|t| now >= t + self.cfg.grace) && !p.killed {
                         to_kill.push(id.clone());
                     }
+                    if !p.running_acked
+                        && p.term_at.is_none()
+                        && p.requeue_after
+                            .is_some_and(|t| utc_now >= t - fence_margin(self.cfg.grace))
+                    {
+                        to_fence.push(id.clone());
+                    }
                     if now >= p.heartbeat_due && !p.heartbeat_busy {
-                        p.heartbeat_due = now + self.cfg.heartbeat;
+                        p.heartbeat_due = now + p.heartbeat;
                         p.heartbeat_busy = true;
-                        let _ = p.reporter.send(ReportJob::Status {
+                        p.reporter.send(ReportJob::Status {
                             report: StatusReport {
                                 pilot_id: self.cfg.pilot_id.clone(),
                                 state: Some(PayloadState::Running),
@@ -135,6 +144,14 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
         for id in to_fail {
             self.launch_timed_out(&id);
         }
+        for id in to_fence {
+            let reason = "stopped by the pilot: the VO server could not be told that it started before the time it queues unstarted payloads again (requeue_after), so it must not run on here while another pilot may start it".to_string();
+            tracing::error!(payload_id = %id, %reason, "stopping the payload so it never runs twice");
+            if let Some(p) = self.payloads.get_mut(&id) {
+                p.stop_reason = Some(reason.clone());
+            }
+            self.terminate(&id, &reason);
+        }
     }
 
     pub(super) fn launch_timed_out(&mut self, id: &str) {
@@ -153,7 +170,7 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
         p.record.decision = Some("not_launched");
         p.record.reason = Some(reason.clone());
         p.record.state = Some("failed".into());
-        let _ = p.reporter.send(ReportJob::Final {
+        p.reporter.send(ReportJob::Final {
             report: StatusReport {
                 pilot_id,
                 state: Some(PayloadState::Failed),
@@ -164,4 +181,11 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
         });
         // If it starts after all, on_started kills it: the pilot no longer supervises it.
     }
+}
+
+/// How long before the server's `requeue_after` the pilot stops a payload the server does not
+/// know started: the grace time (TERM to KILL) plus a minute for clock skew between the
+/// pilot's node and the server and for the last report.
+fn fence_margin(grace: std::time::Duration) -> chrono::Duration {
+    chrono::Duration::seconds(60 + grace.as_secs() as i64)
 }

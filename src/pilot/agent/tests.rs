@@ -44,6 +44,8 @@ fn work(key: &VoSigningKey, id: &str, cores: u32, wall: u64) -> Work {
         payload_id: id.into(),
         envelope: key.sign(&body),
         bundle: None,
+        heartbeat_seconds: None,
+        requeue_after: None,
     }
 }
 
@@ -55,6 +57,10 @@ struct FakeServer {
     uploads: Mutex<Vec<(String, Vec<u8>)>>,
     /// Commands answered once on the next report for that payload.
     commands: Mutex<HashMap<String, Vec<OperatorCommand>>>,
+    /// Reports and uploads fail as with a server that is down (matches still work).
+    down: std::sync::atomic::AtomicBool,
+    /// Final reports for these payloads are refused with this HTTP status.
+    refuse_final: Mutex<HashMap<String, u16>>,
 }
 
 impl FakeServer {
@@ -79,12 +85,39 @@ impl FakeServer {
     }
 }
 
+impl FakeServer {
+    fn check_up(&self) -> Result<(), ClientError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ClientError::Unreachable {
+                url: "https://127.0.0.1:1".into(),
+                attempts: 1,
+                why: "connection refused".into(),
+            });
+        }
+        Ok(())
+    }
+    fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 impl ServerApi for FakeServer {
     async fn match_work(&self, req: MatchRequest) -> Result<Option<Work>, ClientError> {
         self.matches.lock().unwrap().push(req);
         Ok(self.queue.lock().unwrap().pop_front())
     }
     async fn report(&self, id: String, r: StatusReport) -> Result<StatusAck, ClientError> {
+        self.check_up()?;
+        if r.state.is_some_and(PayloadState::is_final) {
+            if let Some(&status) = self.refuse_final.lock().unwrap().get(&id) {
+                return Err(ClientError::Refused {
+                    url: format!("https://127.0.0.1:1/v1/payloads/{id}/status"),
+                    status,
+                    code: "refused".into(),
+                    message: "refused by the test".into(),
+                });
+            }
+        }
         self.reports.lock().unwrap().push((id.clone(), r));
         let commands = self
             .commands
@@ -95,6 +128,7 @@ impl ServerApi for FakeServer {
         Ok(StatusAck { commands })
     }
     async fn upload(&self, id: String, archive: Vec<u8>) -> Result<(), ClientError> {
+        self.check_up()?;
         self.uploads.lock().unwrap().push((id, archive));
         Ok(())
     }
@@ -111,6 +145,8 @@ struct FakeHelper {
     silent: bool,
     /// Deny with an empty payload id (an envelope the helper could not read).
     deny_anonymous: bool,
+    /// Launch writes fail (the connection broke before the frame went out).
+    fail_launch: bool,
     launches: Mutex<Vec<String>>,
     signals: Mutex<Vec<(String, i32, Instant)>>,
     running: Arc<Mutex<HashSet<String>>>,
@@ -126,6 +162,7 @@ impl FakeHelper {
             ignore_term: false,
             silent: false,
             deny_anonymous: false,
+            fail_launch: false,
             launches: Mutex::new(Vec::new()),
             signals: Mutex::new(Vec::new()),
             running: Default::default(),
@@ -167,6 +204,11 @@ impl HelperApi for FakeHelper {
         use std::io::Write;
         let id = peek_body(envelope).unwrap().payload_id;
         self.launches.lock().unwrap().push(id.clone());
+        if self.fail_launch {
+            return Err(HelperError::Send(
+                crate::protocol::switch_wire::WireError::Closed,
+            ));
+        }
         if self.silent {
             return Ok(());
         }
@@ -251,6 +293,12 @@ fn settings(dir: &std::path::Path) -> AgentSettings {
         tick: Duration::from_millis(10),
         max_payloads: None,
         drain_file: None,
+        upload_reserve: Duration::from_secs(0),
+        outbox_wait: Duration::from_secs(5),
+        patience: crate::pilot::reporter::Patience {
+            first: Duration::from_millis(20),
+            max: Duration::from_millis(100),
+        },
     }
 }
 
@@ -291,7 +339,16 @@ fn start_slot(
     server.queue.lock().unwrap().extend(works);
     std::fs::create_dir_all(&cfg.work_dir).unwrap();
     let trace = TraceLog::open(&cfg.work_dir.join("trace.jsonl")).unwrap();
-    let fut = run(cfg, slot, server.clone(), helper.clone(), hrx, crx, trace);
+    let outbox = Outbox::open(&cfg.work_dir, &cfg.pilot_id).unwrap();
+    let fut = run(
+        cfg,
+        slot,
+        server.clone(),
+        helper.clone(),
+        hrx,
+        crx,
+        Ledger { trace, outbox },
+    );
     (
         Harness {
             server,
@@ -692,4 +749,211 @@ async fn slot_deadline_stops_the_pilot() {
     for m in h.server.matches.lock().unwrap().iter() {
         assert!(m.seconds_left <= 1);
     }
+}
+
+/// Files (not the lock) in every pilot's outbox below `work`.
+fn outbox_files(work: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(crate::pilot::outbox::root(work)) else {
+        return out;
+    };
+    for d in rd.filter_map(Result::ok) {
+        for f in std::fs::read_dir(d.path()).unwrap().filter_map(Result::ok) {
+            let name = f.file_name().to_string_lossy().into_owned();
+            if name != "lock" {
+                out.push(name);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn final_states_wait_in_the_outbox_while_the_server_is_down() {
+    let key = VoSigningKey::generate();
+    let works = vec![work(&key, "o1", 1, 60), work(&key, "o2", 1, 60)];
+    let (h, fut) = start(works, Duration::from_millis(100), |_, _| {}, 2);
+    h.server.set_down(true);
+    let server = h.server.clone();
+    let work_dir = h.dir.path().join("work");
+    let watcher = tokio::spawn(async move {
+        // Both final states and archives reach the disk while the server is down.
+        let want = ["o1.json", "o1.tar.gz", "o2.json", "o2.tar.gz"];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while outbox_files(&work_dir) != want {
+            assert!(Instant::now() < deadline, "{:?}", outbox_files(&work_dir));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        server.set_down(false);
+    });
+    let out = fut.await;
+    watcher.await.unwrap();
+    assert_eq!(out.exit_code, 0, "{:?}", out.summary);
+    assert_eq!((out.summary.done, out.summary.unsent), (2, 0));
+    for id in ["o1", "o2"] {
+        assert_eq!(h.server.final_report(id).state, Some(PayloadState::Done));
+        assert!(h
+            .server
+            .uploads
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(p, _)| p == id));
+        assert!(!h.dir.path().join("work").join(id).exists());
+    }
+    assert!(outbox_files(&h.dir.path().join("work")).is_empty());
+    let recs = trace_records(&h);
+    assert!(recs
+        .iter()
+        .filter(|r| r["event"] == "end")
+        .all(|r| r["upload"] == "ok"));
+}
+
+#[tokio::test]
+async fn a_pilot_leaves_unsent_reports_and_the_next_one_delivers_them() {
+    let key = VoSigningKey::generate();
+    let works = vec![work(&key, "u1", 1, 60)];
+    let (h, fut) = start(
+        works,
+        Duration::from_millis(50),
+        |_, c| c.outbox_wait = Duration::from_millis(300),
+        1,
+    );
+    h.server.set_down(true);
+    let out = fut.await;
+    assert_eq!(out.exit_code, 1, "{:?}", out.summary);
+    assert_eq!(out.summary.unsent, 1);
+    let end = trace_records(&h)
+        .into_iter()
+        .find(|r| r["event"] == "end")
+        .unwrap();
+    assert!(
+        end["upload"].as_str().unwrap().starts_with("unsent:"),
+        "{end}"
+    );
+    let work_dir = h.dir.path().join("work");
+    assert_eq!(outbox_files(&work_dir), ["u1.json", "u1.tar.gz"]);
+    assert!(h.server.reports.lock().unwrap().is_empty());
+
+    // A new pilot in the same work dir, with the server back and no work for it. (The first
+    // pilot's aborted reporter lets go of its outbox once the runtime drops it; a real pilot
+    // is a process that has exited.)
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.server.set_down(false);
+    let (htx, hrx) = mpsc::unbounded_channel();
+    let (_ctx, crx) = mpsc::unbounded_channel();
+    let helper = Arc::new(FakeHelper::new(htx, Duration::from_millis(50)));
+    let mut cfg = settings(h.dir.path());
+    cfg.pilot_id = "plt-pilot-2".into();
+    let trace = TraceLog::open(&work_dir.join("trace.jsonl")).unwrap();
+    let outbox = Outbox::open(&work_dir, &cfg.pilot_id).unwrap();
+    let out = run(
+        cfg,
+        slot(1),
+        h.server.clone(),
+        helper,
+        hrx,
+        crx,
+        Ledger { trace, outbox },
+    )
+    .await;
+    assert_eq!(out.exit_code, 0, "{:?}", out.summary);
+    assert_eq!(out.summary.adopted, 1);
+    // Sent on behalf of the pilot the payload was matched to.
+    let rep = h.server.final_report("u1");
+    assert_eq!(rep.state, Some(PayloadState::Done));
+    assert_eq!(rep.pilot_id, "plt-pilot");
+    assert_eq!(h.server.uploads.lock().unwrap().len(), 1);
+    assert!(outbox_files(&work_dir).is_empty());
+    assert!(!work_dir.join("u1").exists());
+    let delivered = trace_records(&h)
+        .into_iter()
+        .find(|r| r["event"] == "delivered")
+        .expect("a delivered record");
+    assert_eq!(delivered["pilot_id"], "plt-pilot-2");
+    assert_eq!(delivered["upload"], "ok");
+    assert!(delivered["reason"].as_str().unwrap().contains("plt-pilot"));
+}
+
+#[tokio::test]
+async fn a_launch_that_never_reached_the_helper_is_handed_back_not_lost() {
+    let key = VoSigningKey::generate();
+    let works = vec![work(&key, "n1", 1, 60)];
+    let (h, fut) = start(
+        works,
+        Duration::from_secs(60),
+        |hp, _| hp.fail_launch = true,
+        1,
+    );
+    let out = fut.await;
+    assert_eq!(out.exit_code, 1);
+    assert_eq!((out.summary.lost, out.summary.handed_back), (0, 1));
+    let rep = h.server.final_report("n1");
+    assert_eq!(rep.state, Some(PayloadState::Queued));
+    assert!(rep.reason.unwrap().contains("not started"));
+    let end = trace_records(&h)
+        .into_iter()
+        .find(|r| r["event"] == "end")
+        .unwrap();
+    assert_eq!(end["decision"], "not_launched");
+    assert_eq!(end["state"], "queued");
+}
+
+#[tokio::test]
+async fn a_payload_the_server_does_not_know_started_is_stopped_before_requeue_after() {
+    let key = VoSigningKey::generate();
+    let mut w = work(&key, "f1", 1, 60);
+    // The server queues it again in 61 s: the pilot must stop it 60 s (+ grace) before.
+    w.requeue_after = Some(Utc::now() + chrono::Duration::milliseconds(61_000));
+    w.heartbeat_seconds = Some(1);
+    let (h, fut) = start(vec![w], Duration::from_secs(60), |_, _| {}, 1);
+    h.server.set_down(true);
+    let server = h.server.clone();
+    let helper = h.helper.clone();
+    tokio::spawn(async move {
+        while helper.signals.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        server.set_down(false);
+    });
+    let out = fut.await;
+    assert_eq!(out.summary.failed, 1, "{:?}", out.summary);
+    let sig = h.helper.signals.lock().unwrap()[0].clone();
+    assert_eq!((sig.0.as_str(), sig.1), ("f1", SIGTERM));
+    let rep = h.server.final_report("f1");
+    assert_eq!(rep.state, Some(PayloadState::Failed));
+    assert!(rep.reason.unwrap().contains("requeue_after"));
+}
+
+#[tokio::test]
+async fn refused_final_reports_keep_the_outputs_on_the_node_and_a_409_still_uploads() {
+    let key = VoSigningKey::generate();
+    let works = vec![work(&key, "r403", 1, 60), work(&key, "r409", 1, 60)];
+    let (h, fut) = start(works, Duration::from_millis(50), |_, _| {}, 2);
+    {
+        let mut refuse = h.server.refuse_final.lock().unwrap();
+        refuse.insert("r403".into(), 403);
+        refuse.insert("r409".into(), 409);
+    }
+    let out = fut.await;
+    assert_eq!(out.exit_code, 0, "{:?}", out.summary);
+    assert_eq!(out.summary.upload_errors, 1);
+    let work_dir = h.dir.path().join("work");
+    // 403: the server will never take it: the entry goes, the archive and the payload's
+    // directory stay for the operator; nothing was uploaded.
+    assert_eq!(outbox_files(&work_dir), ["r403.tar.gz"]);
+    assert!(work_dir.join("r403").join("stdout").exists());
+    let uploads: Vec<String> = h
+        .server
+        .uploads
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(p, _)| p.clone())
+        .collect();
+    // 409: a final state is already there; the outputs still belong to the payload.
+    assert_eq!(uploads, ["r409"]);
+    assert!(!work_dir.join("r409").exists());
 }

@@ -19,7 +19,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::Connection;
 
 pub use members::{Member, MemberStatus};
-pub use payloads::{Matched, NewPayload};
+pub use payloads::{Matched, NewPayload, SweepRules, Swept};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +56,13 @@ pub enum StoreError {
 pub struct Store {
     conn: Mutex<Connection>,
     data_dir: PathBuf,
+    /// How often a payload may be queued again after a hand-off that never started it;
+    /// the next one fails it (see [`Store::set_requeue_limit`]).
+    requeue_limit: u32,
 }
+
+/// Default for `max_requeues` in server.toml.
+pub const DEFAULT_REQUEUE_LIMIT: u32 = 5;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS members (
@@ -97,7 +103,9 @@ CREATE TABLE IF NOT EXISTS payloads (
     reason            TEXT,
     denial_class      TEXT,
     has_output        INTEGER NOT NULL DEFAULT 0,
-    outputs_skipped   TEXT
+    outputs_skipped   TEXT,
+    requeues          INTEGER NOT NULL DEFAULT 0,
+    lost_by_server    INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS payloads_queue ON payloads(state, seq);
 CREATE INDEX IF NOT EXISTS payloads_owner ON payloads(owner_dn, seq);
@@ -110,14 +118,27 @@ CREATE TABLE IF NOT EXISTS commands (
 CREATE INDEX IF NOT EXISTS commands_pending ON commands(payload_id, delivered);
 "#;
 
-/// Columns added after a database may have been created: added in place, empty.
-fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    let has = |col: &str| -> rusqlite::Result<bool> {
-        let mut st = conn.prepare("SELECT 1 FROM pragma_table_info('payloads') WHERE name = ?1")?;
-        st.exists([col])
-    };
-    if !has("outputs_skipped")? {
-        conn.execute_batch("ALTER TABLE payloads ADD COLUMN outputs_skipped TEXT")?;
+/// Columns added after the first release: (name, declaration). Databases created before
+/// get them with ALTER TABLE at open, so an upgraded server keeps its payloads.
+const ADDED_COLUMNS: &[(&str, &str)] = &[
+    // Hand-offs that ended unstarted (requeued); see Store::set_requeue_limit.
+    ("requeues", "INTEGER NOT NULL DEFAULT 0"),
+    // 1 while `lost` is the sweeper's verdict on a silent pilot (a late final report from
+    // that pilot replaces it); 0 for a pilot's own `lost`.
+    ("lost_by_server", "INTEGER NOT NULL DEFAULT 0"),
+    // The helper's "path: reason" list of outputs it did not collect (JSON array), or NULL.
+    ("outputs_skipped", "TEXT"),
+];
+
+fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
+    let have: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_table_info('payloads')")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for (name, decl) in ADDED_COLUMNS {
+        if !have.iter().any(|h| h == name) {
+            conn.execute_batch(&format!("ALTER TABLE payloads ADD COLUMN {name} {decl}"))?;
+        }
     }
     Ok(())
 }
@@ -162,11 +183,19 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(open_err)?;
         conn.execute_batch(SCHEMA).map_err(open_err)?;
-        migrate(&conn).map_err(open_err)?;
+        add_missing_columns(&conn).map_err(open_err)?;
         Ok(Store {
             conn: Mutex::new(conn),
             data_dir: data_dir.to_path_buf(),
+            requeue_limit: DEFAULT_REQUEUE_LIMIT,
         })
+    }
+
+    /// Sets `max_requeues`: a payload handed back unstarted (by its pilot, or by the sweeper
+    /// for a pilot that never started it) more than this many times fails instead of being
+    /// queued again, so a payload that keeps breaking hand-offs cannot circulate forever.
+    pub fn set_requeue_limit(&mut self, limit: u32) {
+        self.requeue_limit = limit;
     }
 
     fn lock(&self) -> MutexGuard<'_, Connection> {

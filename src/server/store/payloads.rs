@@ -321,54 +321,45 @@ impl Store {
         Ok(())
     }
 
-    /// Recovers payloads whose pilot went away. A payload matched before `matched_before`
-    /// and never reported running is queued again: its envelope has expired by then, so no
-    /// helper will start it from the old envelope, and the next match signs a fresh one. A
-    /// running payload whose last report is older than its wall time plus `running_grace`
-    /// seconds is marked lost. Returns (requeued, lost).
-    pub fn sweep(
-        &self,
-        matched_before: DateTime<Utc>,
-        running_grace: i64,
-        now: DateTime<Utc>,
-    ) -> Result<(usize, usize), StoreError> {
+    /// Recovers payloads whose pilot went away (see [`SweepRules`]):
+    /// - a payload matched before `matched_before` and never reported running is queued
+    ///   again (its envelope has expired by then, so no helper starts it from the old one, and
+    ///   the pilot kills one it started but could not report in time: docs/vo-operator.md),
+    ///   or failed once it was requeued `max_requeues` times;
+    /// - a running payload with no report since `silent_before` (its pilot missed
+    ///   `missed_heartbeats` heartbeats) becomes `lost`, marked as the server's verdict so a
+    ///   late final report from that pilot can still replace it.
+    pub fn sweep(&self, rules: &SweepRules, now: DateTime<Utc>) -> Result<Swept, StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let requeued = tx.execute(
-            "UPDATE payloads SET state = 'queued', pilot_dn = NULL, pilot_id = NULL, host = NULL,
-                batch_job_id = NULL, updated_at = ?2,
-                reason = 'requeued: the pilot it was matched to never reported it running'
-             WHERE state = 'matched' AND updated_at < ?1",
-            params![ts(matched_before), ts(now)],
-        )?;
-        let mut lost = 0;
-        {
-            let mut stmt = tx.prepare(
-                "SELECT id, updated_at, walltime_seconds FROM payloads WHERE state = 'running'",
-            )?;
-            let rows = stmt
-                .query_map([], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, i64>(2)?,
-                    ))
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
-            for (id, updated, wall) in rows {
-                let last = parse_ts(&updated)?;
-                if last + chrono::Duration::seconds(wall.saturating_add(running_grace)) < now {
-                    lost += tx.execute(
-                        "UPDATE payloads SET state = 'lost', updated_at = ?2,
-                            reason = 'lost: no report from its pilot for longer than its wall time'
-                         WHERE id = ?1 AND state = 'running'",
-                        params![id, ts(now)],
-                    )?;
-                }
+        let mut swept = Swept::default();
+        let stale: Vec<(String, i64, Option<String>)> = tx
+            .prepare(
+                "SELECT id, requeues, pilot_id FROM payloads WHERE state = 'matched' AND updated_at < ?1",
+            )?
+            .query_map(params![ts(rules.matched_before)], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        for (id, requeues, pilot) in stale {
+            let why = format!(
+                "pilot {} never reported it running before its envelope expired",
+                pilot.as_deref().unwrap_or("?")
+            );
+            if requeue(&tx, &id, requeues, self.requeue_limit, &why, now)? {
+                swept.requeued += 1;
+            } else {
+                swept.failed += 1;
             }
         }
+        swept.lost = tx.execute(
+            "UPDATE payloads SET state = 'lost', lost_by_server = 1, updated_at = ?2,
+                reason = 'lost: no report from pilot ' || COALESCE(pilot_id, '?') || ' for ' || ?3
+             WHERE state = 'running' AND updated_at < ?1",
+            params![ts(rules.silent_before), ts(now), rules.silence],
+        )?;
         tx.commit()?;
-        Ok((requeued, lost))
+        Ok(swept)
     }
 
     /// Applies a status report from the pilot holding the payload; returns the operator
@@ -404,9 +395,9 @@ impl Store {
             )));
         }
         if state.is_final() {
-            return Err(StoreError::Conflict(format!(
-                "payload {id} is already {state}; a final state is not reopened"
-            )));
+            self.repeated_or_late(&tx, id, state, rep, now)?;
+            tx.commit()?;
+            return Ok(Vec::new());
         }
         let new_state = match rep.state {
             None => state,
@@ -427,48 +418,32 @@ impl Store {
         };
         let mut commands = take_commands(&tx, id)?;
         if new_state == PayloadState::Queued {
-            // Handed back. A cancel that arrived meanwhile takes effect now.
+            // Handed back unstarted. A cancel that arrived meanwhile takes effect now.
             let cancelled_by = commands.iter().find_map(|c| match c {
                 OperatorCommand::Cancel { requester, .. } => Some(requester.clone()),
                 _ => None,
             });
-            let (st, reason) = match cancelled_by {
-                Some(who) => ("cancelled", Some(format!("cancelled by {who}"))),
-                None => ("queued", rep.reason.clone()),
-            };
-            tx.execute(
-                "UPDATE payloads SET state = ?2, reason = ?3, pilot_dn = NULL, pilot_id = NULL,
-                    host = NULL, batch_job_id = NULL, updated_at = ?4 WHERE id = ?1",
-                params![id, st, reason, ts(now)],
-            )?;
+            match cancelled_by {
+                Some(who) => {
+                    tx.execute(
+                        "UPDATE payloads SET state = 'cancelled', reason = ?2, updated_at = ?3
+                         WHERE id = ?1",
+                        params![id, format!("cancelled by {who}"), ts(now)],
+                    )?;
+                }
+                None => {
+                    let requeues: i64 = tx.query_row(
+                        "SELECT requeues FROM payloads WHERE id = ?1",
+                        params![id],
+                        |r| r.get(0),
+                    )?;
+                    let why = rep.reason.as_deref().unwrap_or("handed back by its pilot");
+                    requeue(&tx, id, requeues, self.requeue_limit, why, now)?;
+                }
+            }
             commands.clear();
         } else {
-            tx.execute(
-                "UPDATE payloads SET state = ?2,
-                    account = COALESCE(?3, account), uid = COALESCE(?4, uid),
-                    exit_code = COALESCE(?5, exit_code), signal = COALESCE(?6, signal),
-                    cpu_seconds = COALESCE(?7, cpu_seconds),
-                    peak_memory_bytes = COALESCE(?8, peak_memory_bytes),
-                    wall_seconds = COALESCE(?9, wall_seconds), reason = COALESCE(?10, reason),
-                    denial_class = COALESCE(?11, denial_class), updated_at = ?12,
-                    outputs_skipped = COALESCE(?13, outputs_skipped)
-                 WHERE id = ?1",
-                params![
-                    id,
-                    new_state.as_str(),
-                    rep.account,
-                    rep.uid,
-                    rep.exit_code,
-                    rep.signal,
-                    rep.cpu_seconds,
-                    rep.peak_memory_bytes.map(sat),
-                    rep.wall_seconds,
-                    rep.reason,
-                    rep.denial_class,
-                    ts(now),
-                    skipped_json(&rep.outputs_skipped)
-                ],
-            )?;
+            write_report(&tx, id, new_state, rep, rep.reason.as_deref(), now)?;
         }
         tx.commit()?;
         Ok(commands)
@@ -596,6 +571,149 @@ impl Store {
         drop(stmt);
         drop(conn);
         rows.into_iter().map(ViewRow::into_view).collect()
+    }
+}
+
+/// What the sweeper decides by (server.toml: `heartbeat_seconds`, `missed_heartbeats`,
+/// `envelope_lifetime_seconds`, `max_requeues`).
+#[derive(Debug, Clone)]
+pub struct SweepRules {
+    /// Matched before this and never reported running: requeue (or fail at the limit).
+    pub matched_before: DateTime<Utc>,
+    /// Running with no report since this: lost.
+    pub silent_before: DateTime<Utc>,
+    /// How the silence is described in the reason, e.g. "90 s (3 missed heartbeats of 30 s)".
+    pub silence: String,
+}
+
+/// What one sweep did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Swept {
+    pub requeued: usize,
+    /// Requeued too often: failed instead.
+    pub failed: usize,
+    pub lost: usize,
+}
+
+/// Writes a report's state and the fields it carries (a field it leaves out keeps its value);
+/// the state is the pilot's word now, so the sweeper's `lost` mark goes.
+fn write_report(
+    tx: &rusqlite::Transaction<'_>,
+    id: &str,
+    state: PayloadState,
+    rep: &StatusReport,
+    reason: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE payloads SET state = ?2, lost_by_server = 0,
+            account = COALESCE(?3, account), uid = COALESCE(?4, uid),
+            exit_code = COALESCE(?5, exit_code), signal = COALESCE(?6, signal),
+            cpu_seconds = COALESCE(?7, cpu_seconds),
+            peak_memory_bytes = COALESCE(?8, peak_memory_bytes),
+            wall_seconds = COALESCE(?9, wall_seconds), reason = COALESCE(?10, reason),
+            denial_class = COALESCE(?11, denial_class), updated_at = ?12,
+            outputs_skipped = COALESCE(?13, outputs_skipped)
+         WHERE id = ?1",
+        params![
+            id,
+            state.as_str(),
+            rep.account,
+            rep.uid,
+            rep.exit_code,
+            rep.signal,
+            rep.cpu_seconds,
+            rep.peak_memory_bytes.map(sat),
+            rep.wall_seconds,
+            reason,
+            rep.denial_class,
+            ts(now),
+            skipped_json(&rep.outputs_skipped)
+        ],
+    )?;
+    Ok(())
+}
+
+/// Queues payload `id` again after a hand-off that never started it, or fails it when it was
+/// requeued `limit` times already. Returns true when it was queued.
+fn requeue(
+    tx: &rusqlite::Transaction<'_>,
+    id: &str,
+    requeues: i64,
+    limit: u32,
+    why: &str,
+    now: DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    if requeues >= i64::from(limit) {
+        tx.execute(
+            "UPDATE payloads SET state = 'failed', updated_at = ?2, reason = ?3 WHERE id = ?1",
+            params![
+                id,
+                ts(now),
+                format!(
+                    "not started after {} hand-offs (max_requeues = {limit}); the last: {why}",
+                    requeues + 1
+                )
+            ],
+        )?;
+        return Ok(false);
+    }
+    tx.execute(
+        "UPDATE payloads SET state = 'queued', requeues = requeues + 1, pilot_dn = NULL,
+            pilot_id = NULL, host = NULL, batch_job_id = NULL, updated_at = ?2,
+            reason = ?3 WHERE id = ?1",
+        params![
+            id,
+            ts(now),
+            format!("requeued ({} of {limit}): {why}", requeues + 1)
+        ],
+    )?;
+    Ok(true)
+}
+
+impl Store {
+    /// A report for a payload already in a final state, from the pilot that holds it:
+    /// - the same final state again (the pilot resent it from its outbox because it never saw
+    ///   the answer): accepted and ignored, the first report stands;
+    /// - a final state for a payload the sweeper marked `lost` (its pilot was silent but alive):
+    ///   the late report is the truth and replaces the verdict, once;
+    /// - anything else: 409, the final state is not reopened.
+    fn repeated_or_late(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        id: &str,
+        state: PayloadState,
+        rep: &StatusReport,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        if rep.state == Some(state) {
+            return Ok(());
+        }
+        let (by_server, since): (bool, Option<String>) = tx.query_row(
+            "SELECT lost_by_server, updated_at FROM payloads WHERE id = ?1",
+            params![id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let late = rep.state.filter(|s| s.is_final());
+        match late {
+            Some(s) if state == PayloadState::Lost && by_server => {
+                let reason = format!(
+                    "{} (reported late: the server had marked it lost at {})",
+                    rep.reason.as_deref().unwrap_or(s.as_str()),
+                    since.as_deref().unwrap_or("?")
+                );
+                write_report(tx, id, s, rep, Some(&reason), now)?;
+                Ok(())
+            }
+            _ => Err(StoreError::Conflict(format!(
+                "payload {id} is already {state}; a final state is not reopened{}",
+                if state == PayloadState::Lost && by_server {
+                    " (only the pilot's final report replaces the server's `lost`)"
+                } else {
+                    ""
+                }
+            ))),
+        }
     }
 }
 
@@ -734,6 +852,22 @@ mod tests {
         assert_eq!(synchronous(&s), 2);
     }
 
+    fn rules(matched_before: DateTime<Utc>, silent_before: DateTime<Utc>) -> SweepRules {
+        SweepRules {
+            matched_before,
+            silent_before,
+            silence: "90 s (3 missed heartbeats of 30 s)".into(),
+        }
+    }
+
+    fn report(state: PayloadState) -> StatusReport {
+        StatusReport {
+            pilot_id: "p".into(),
+            state: Some(state),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn sweep_requeues_unstarted_and_loses_silent_running() {
         let (_d, s) = store();
@@ -742,27 +876,122 @@ mod tests {
         let b = s.submit(&new_payload(), None, t0).unwrap();
         assert_eq!(s.match_one("/CN=p", &mreq(), t0).unwrap().unwrap().id, a);
         assert_eq!(s.match_one("/CN=p", &mreq(), t0).unwrap().unwrap().id, b);
-        let running = StatusReport {
-            pilot_id: "p".into(),
-            state: Some(PayloadState::Running),
-            ..Default::default()
-        };
+        let running = report(PayloadState::Running);
         s.apply_status(&b, "/CN=p", &running, t0).unwrap();
         // Nothing is old enough yet.
-        assert_eq!(s.sweep(t0 - Duration::seconds(1), 600, t0).unwrap(), (0, 0));
-        let later = t0 + Duration::seconds(60 + 601);
-        assert_eq!(
-            s.sweep(t0 + Duration::seconds(1), 600, later).unwrap(),
-            (1, 1)
+        let early = t0 - Duration::seconds(1);
+        assert_eq!(s.sweep(&rules(early, early), t0).unwrap(), Swept::default());
+        let later = t0 + Duration::seconds(91);
+        let after = t0 + Duration::seconds(1);
+        let swept = s.sweep(&rules(after, after), later).unwrap();
+        assert_eq!((swept.requeued, swept.failed, swept.lost), (1, 0, 1));
+        let va = s.view(&a).unwrap();
+        assert_eq!(va.state, PayloadState::Queued);
+        assert_eq!(va.pilot_id, None);
+        assert!(va.reason.unwrap().contains("requeued (1 of 5)"));
+        let vb = s.view(&b).unwrap();
+        assert_eq!(vb.state, PayloadState::Lost);
+        assert!(
+            vb.reason.unwrap().contains("3 missed heartbeats"),
+            "lost reason"
         );
-        assert_eq!(s.view(&a).unwrap().state, PayloadState::Queued);
-        assert_eq!(s.view(&a).unwrap().pilot_id, None);
-        assert_eq!(s.view(&b).unwrap().state, PayloadState::Lost);
         // The old holder can no longer report on the requeued payload.
         assert!(matches!(
             s.apply_status(&a, "/CN=p", &running, later),
             Err(StoreError::Forbidden(_))
         ));
+        // A late heartbeat does not reopen the server's `lost`...
+        assert!(matches!(
+            s.apply_status(&b, "/CN=p", &running, later),
+            Err(StoreError::Conflict(_))
+        ));
+        // ...the pilot's late final report replaces it, once.
+        let mut done = report(PayloadState::Done);
+        done.exit_code = Some(0);
+        s.apply_status(&b, "/CN=p", &done, later).unwrap();
+        let vb = s.view(&b).unwrap();
+        assert_eq!(vb.state, PayloadState::Done);
+        assert_eq!(vb.exit_code, Some(0));
+        assert!(vb.reason.unwrap().contains("reported late"));
+        // The same report again (resent from the pilot's outbox) is accepted and changes
+        // nothing; a different final state is refused.
+        s.apply_status(&b, "/CN=p", &done, later).unwrap();
+        assert_eq!(s.view(&b).unwrap().state, PayloadState::Done);
+        assert!(matches!(
+            s.apply_status(&b, "/CN=p", &report(PayloadState::Failed), later),
+            Err(StoreError::Conflict(_))
+        ));
+    }
+
+    #[test]
+    fn a_pilots_own_lost_is_final_and_repeats_are_idempotent() {
+        let (_d, s) = store();
+        let t0 = Utc::now();
+        let a = s.submit(&new_payload(), None, t0).unwrap();
+        s.match_one("/CN=p", &mreq(), t0).unwrap().unwrap();
+        s.apply_status(&a, "/CN=p", &report(PayloadState::Running), t0)
+            .unwrap();
+        s.apply_status(&a, "/CN=p", &report(PayloadState::Lost), t0)
+            .unwrap();
+        s.apply_status(&a, "/CN=p", &report(PayloadState::Lost), t0)
+            .unwrap();
+        assert!(matches!(
+            s.apply_status(&a, "/CN=p", &report(PayloadState::Done), t0),
+            Err(StoreError::Conflict(_))
+        ));
+        assert_eq!(s.view(&a).unwrap().state, PayloadState::Lost);
+    }
+
+    #[test]
+    fn hand_backs_count_and_fail_at_the_limit() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Store::open(d.path()).unwrap();
+        s.set_requeue_limit(2);
+        let seed = MemberSeed {
+            dn: "/CN=a".into(),
+            fqans: vec!["/demo".into()],
+        };
+        s.seed_members("demo", &[seed], Utc::now()).unwrap();
+        let t0 = Utc::now();
+        let a = s.submit(&new_payload(), None, t0).unwrap();
+        let mut back = report(PayloadState::Queued);
+        back.reason = Some("not started: helper connection lost".into());
+        for n in 1..=2 {
+            s.match_one("/CN=p", &mreq(), t0).unwrap().unwrap();
+            s.apply_status(&a, "/CN=p", &back, t0).unwrap();
+            let v = s.view(&a).unwrap();
+            assert_eq!(v.state, PayloadState::Queued);
+            assert!(v.reason.unwrap().contains(&format!("requeued ({n} of 2)")));
+        }
+        // The third hand-off that ends unstarted fails it, with the reason.
+        s.match_one("/CN=p", &mreq(), t0).unwrap().unwrap();
+        s.apply_status(&a, "/CN=p", &back, t0).unwrap();
+        let v = s.view(&a).unwrap();
+        assert_eq!(v.state, PayloadState::Failed);
+        let reason = v.reason.unwrap();
+        assert!(reason.contains("not started after 3 hand-offs"), "{reason}");
+        assert!(reason.contains("helper connection lost"), "{reason}");
+    }
+
+    #[test]
+    fn columns_are_added_to_an_older_database() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let c = rusqlite::Connection::open(d.path().join("mupilot.db")).unwrap();
+            let old = super::super::SCHEMA
+                .replace(",\n    requeues          INTEGER NOT NULL DEFAULT 0", "")
+                .replace(",\n    lost_by_server    INTEGER NOT NULL DEFAULT 0", "");
+            assert!(!old.contains("requeues"));
+            c.execute_batch(&old).unwrap();
+        }
+        let s = Store::open(d.path()).unwrap();
+        let seed = MemberSeed {
+            dn: "/CN=a".into(),
+            fqans: vec![],
+        };
+        s.seed_members("demo", &[seed], Utc::now()).unwrap();
+        let a = s.submit(&new_payload(), None, Utc::now()).unwrap();
+        assert_eq!(s.view(&a).unwrap().state, PayloadState::Queued);
     }
 
     #[test]

@@ -43,6 +43,9 @@ pub struct MatchRequest {
     pub batch_system: Option<String>,
     #[serde(default)]
     pub batch_job_id: Option<String>,
+    /// The node name the site's helper reported in its `welcome` (switch.toml `node_name`,
+    /// the kernel's host name by default): the server signs it into the envelope, and a
+    /// helper on another node refuses that envelope.
     pub host: String,
     pub free_cores: u32,
     pub free_memory_bytes: u64,

@@ -18,13 +18,14 @@ use base64::Engine;
 use chrono::{Duration, Utc};
 use serde::Deserialize;
 
+use super::config::ENVELOPE_SKEW_SECONDS;
 use super::store::{Matched, NewPayload, Store, StoreError};
 use crate::protocol::api::OperatorCommand;
 use crate::protocol::api::{
     ApiError, MatchRequest, MatchResponse, PayloadState, PayloadView, StatusAck, StatusReport,
     SubmitRequest, SubmitResponse, Work,
 };
-use crate::protocol::envelope::{sha256_hex, ENVELOPE_VERSION};
+use crate::protocol::envelope::{sha256_hex, ENVELOPE_VERSION, MAX_NODE_LEN};
 use crate::protocol::{EnvelopeBody, Owner, VoSigningKey};
 
 /// Largest decoded input bundle.
@@ -281,8 +282,12 @@ async fn submit(
     ))
 }
 
-fn envelope_body(st: &AppState, m: &Matched) -> EnvelopeBody {
+/// The envelope of a match, bound to the node and the pilot that asked for it (the helper on
+/// another node, or serving another pilot, refuses it). Its window is `envelope_lifetime`
+/// long and starts a minute before now (clock skew between the server and the nodes).
+fn envelope_body(st: &AppState, m: &Matched, req: &MatchRequest) -> EnvelopeBody {
     let now = Utc::now();
+    let not_before = now - Duration::seconds(ENVELOPE_SKEW_SECONDS as i64);
     let nonce: [u8; 16] = rand::random();
     EnvelopeBody {
         version: ENVELOPE_VERSION,
@@ -299,8 +304,10 @@ fn envelope_body(st: &AppState, m: &Matched) -> EnvelopeBody {
         bundle_sha256: m.bundle_sha256.clone(),
         resources: m.resources,
         outputs: m.outputs.clone(),
-        not_before: now - Duration::seconds(60),
-        not_after: now + st.envelope_lifetime,
+        not_before,
+        not_after: not_before + st.envelope_lifetime,
+        node: req.host.clone(),
+        pilot_id: req.pilot_id.clone(),
         nonce: hex::encode(nonce),
         issuer: st.issuer.clone(),
     }
@@ -317,6 +324,18 @@ async fn match_work(
         return Err(Fail::bad(format!(
             "pilot_id {:?} must be 1-64 characters of [A-Za-z0-9._-]",
             req.pilot_id
+        )));
+    }
+    if req.host.is_empty()
+        || req.host.len() > MAX_NODE_LEN
+        || req
+            .host
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace())
+    {
+        return Err(Fail::bad(format!(
+            "host {:?} must be the node name the site's helper reported in its welcome (1-{MAX_NODE_LEN} characters without spaces): the envelope is bound to it",
+            req.host
         )));
     }
     let dn = peer.0.to_string();
@@ -342,7 +361,7 @@ async fn match_work(
                 }
             },
         };
-        let envelope = state.key.sign(&envelope_body(&state, &m));
+        let envelope = state.key.sign(&envelope_body(&state, &m, &req));
         Ok(Some(Work {
             payload_id: m.id,
             envelope,

@@ -305,7 +305,7 @@ mod tests {
     fn body(dn: &str, vo: &str, fqans: &[&str]) -> EnvelopeBody {
         let now = chrono::Utc::now();
         EnvelopeBody {
-            version: 1,
+            version: crate::protocol::envelope::ENVELOPE_VERSION,
             payload_id: "p".into(),
             owner: Owner {
                 dn: dn.into(),
@@ -325,6 +325,8 @@ mod tests {
             outputs: vec![],
             not_before: now,
             not_after: now,
+            node: "wn01".into(),
+            pilot_id: "pilot-1".into(),
             nonce: "0123456789abcdef".into(),
             issuer: String::new(),
         }

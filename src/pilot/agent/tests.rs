@@ -37,6 +37,8 @@ fn work(key: &VoSigningKey, id: &str, cores: u32, wall: u64) -> Work {
         outputs: vec![],
         not_before: now,
         not_after: now + chrono::Duration::minutes(10),
+        node: "node1".into(),
+        pilot_id: "pilot-1".into(),
         nonce: format!("nonce-{id}-0123456789"),
         issuer: "test".into(),
     };

@@ -512,6 +512,9 @@ fn describe(v: &PayloadView) -> String {
     if let Some(sig) = v.signal {
         s.push_str(&format!("\tsignal={sig}"));
     }
+    if let Some(c) = &v.denial_class {
+        s.push_str(&format!("\tclass={c}"));
+    }
     if let Some(r) = &v.reason {
         s.push_str(&format!("\treason={r}"));
     }

@@ -96,6 +96,8 @@ impl LaunchError {
                 DenialClass::System
             }
             Account(_) => DenialClass::Authorization,
+            Sandbox(SandboxError::Bundle { .. })
+            | SandboxAfterStart(SandboxError::Bundle { .. }) => DenialClass::Caller,
             ReplayCache(_) | Sandbox(_) | Audit(_) | SandboxAfterStart(_) => DenialClass::System,
         }
     }

@@ -665,10 +665,15 @@ async fn anonymous_denial_goes_to_the_waiting_launch() {
         1,
     );
     let out = fut.await;
-    assert_eq!(out.summary.denied, 1);
+    // A caller refusal (an unreadable envelope) is `failed`, not `denied`.
+    assert_eq!(out.summary.failed, 1);
     let r = h.server.final_report("a1");
-    assert_eq!(r.state, Some(PayloadState::Denied));
+    assert_eq!(r.state, Some(PayloadState::Failed));
     assert_eq!(r.denial_class.as_deref(), Some("caller"));
+    let recs = trace_records(&h);
+    assert_eq!(recs[1]["state"], "failed");
+    assert_eq!(recs[1]["denial_class"], "caller");
+    assert_eq!(recs[1]["decision"], "deny");
 }
 
 #[tokio::test]

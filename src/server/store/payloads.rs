@@ -395,6 +395,9 @@ impl Store {
             Some(PayloadState::Running) if state == PayloadState::Running || state == PayloadState::Matched => {
                 PayloadState::Running
             }
+            // `denied` is reserved for local authorization decisions: a refusal of class
+            // caller or system (as an older pilot reports it) is stored as `failed`.
+            Some(PayloadState::Denied) => PayloadState::of_refusal(rep.denial_class.as_deref()),
             Some(s) => s,
         };
         let mut commands = take_commands(&tx, id)?;
@@ -706,6 +709,34 @@ mod tests {
             s.apply_status(&a, "/CN=p", &running, later),
             Err(StoreError::Forbidden(_))
         ));
+    }
+
+    #[test]
+    fn denied_is_kept_for_authorization_refusals_only() {
+        let (_d, s) = store();
+        let now = Utc::now();
+        for (class, expected) in [
+            (Some("authorization"), PayloadState::Denied),
+            (None, PayloadState::Denied),
+            (Some("system"), PayloadState::Failed),
+            (Some("caller"), PayloadState::Failed),
+        ] {
+            let id = s.submit(&new_payload(), None, now).unwrap();
+            assert_eq!(s.match_one("/CN=p", &mreq(), now).unwrap().unwrap().id, id);
+            // As a pilot older than the classes reports every refusal.
+            let rep = StatusReport {
+                pilot_id: "p".into(),
+                state: Some(PayloadState::Denied),
+                reason: Some("why".into()),
+                denial_class: class.map(str::to_string),
+                ..Default::default()
+            };
+            s.apply_status(&id, "/CN=p", &rep, now).unwrap();
+            let v = s.view(&id).unwrap();
+            assert_eq!(v.state, expected, "{class:?}");
+            assert_eq!(v.denial_class.as_deref(), class);
+            assert_eq!(v.reason.as_deref(), Some("why"));
+        }
     }
 
     #[test]

@@ -224,9 +224,14 @@ pub struct PayloadView {
     pub reason: Option<String>,
     #[serde(default)]
     pub denial_class: Option<String>,
-    /// True once the pilot uploaded the output archive (`GET .../output` fetches it).
+    /// True once the pilot uploaded the output archive (`GET .../output` fetches it until
+    /// `files_deleted_at`).
     #[serde(default)]
     pub has_output: bool,
+    /// When the server deleted the payload's input bundle and output archive, its retention
+    /// period (`retention_seconds` in server.toml) after the final state.
+    #[serde(default)]
+    pub files_deleted_at: Option<DateTime<Utc>>,
 }
 
 /// Every error answer has this body, with an HTTP status that fits.

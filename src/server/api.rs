@@ -47,6 +47,8 @@ pub struct AppState {
     pub pilot_dns: HashSet<String>,
     pub operator_dns: HashSet<String>,
     pub envelope_lifetime: Duration,
+    /// A payload's files are deleted this long after its final state.
+    pub retention: Duration,
     /// Written into envelopes as `issuer`.
     pub issuer: String,
 }
@@ -454,6 +456,11 @@ async fn upload(
                 "{dn} does not hold payload {id}; only the pilot it was matched to may upload its output"
             )));
         }
+        if let Some(t) = s.files_deleted_at(&id)? {
+            return Err(StoreError::Conflict(format!(
+                "payload {id}'s files were deleted at {t} after the retention period; an output archive is no longer accepted"
+            )));
+        }
         super::store::write_atomic(&s.output_path(&id), &body)?;
         s.set_has_output(&id, Utc::now())
     })
@@ -488,6 +495,13 @@ async fn download(
     Path(id): Path<String>,
 ) -> Result<Response, Fail> {
     let view = readable(&st, &peer.0, &id).await?;
+    if let Some(t) = view.files_deleted_at {
+        return Err(Fail::new(
+            StatusCode::GONE,
+            "gone",
+            format!("payload {id}'s output archive was deleted at {t}, after the server's retention period (retention_seconds in server.toml)"),
+        ));
+    }
     if !view.has_output {
         return Err(Fail::new(
             StatusCode::NOT_FOUND,

@@ -518,8 +518,13 @@ fn describe(v: &PayloadView) -> String {
     if let Some(r) = &v.reason {
         s.push_str(&format!("\treason={r}"));
     }
-    if v.has_output {
-        s.push_str("\toutput=yes");
+    match (v.has_output, v.files_deleted_at) {
+        (_, Some(t)) => s.push_str(&format!(
+            "\tfiles=deleted {}",
+            t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        )),
+        (true, None) => s.push_str("\toutput=yes"),
+        (false, None) => {}
     }
     s
 }

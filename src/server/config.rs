@@ -71,6 +71,8 @@ struct RawServerConfig {
     operator_dns: Vec<String>,
     #[serde(default = "default_lifetime")]
     envelope_lifetime_seconds: u64,
+    #[serde(default = "default_retention")]
+    retention_seconds: u64,
     #[serde(default)]
     member: Vec<MemberSeed>,
 }
@@ -78,6 +80,13 @@ struct RawServerConfig {
 fn default_lifetime() -> u64 {
     DEFAULT_ENVELOPE_LIFETIME
 }
+fn default_retention() -> u64 {
+    DEFAULT_RETENTION
+}
+
+/// Default time a payload's bundle and output archive are kept after its final state: 30
+/// days, for the owner to fetch the outputs and the VO to look at an incident's inputs.
+pub const DEFAULT_RETENTION: u64 = 30 * 86400;
 
 /// The VO server's configuration, paths resolved against the config file's directory.
 #[derive(Debug, Clone)]
@@ -97,6 +106,8 @@ pub struct ServerConfig {
     pub operator_dns: Vec<String>,
     /// The signed validity window of an envelope (`not_after - not_before`).
     pub envelope_lifetime_seconds: u64,
+    /// How long a payload's bundle and output archive are kept after its final state.
+    pub retention_seconds: u64,
     pub members: Vec<MemberSeed>,
 }
 
@@ -169,6 +180,13 @@ impl ServerConfig {
                 ),
             ));
         }
+        if raw.retention_seconds == 0 || raw.retention_seconds > 10 * 365 * 86400 {
+            return Err(value(
+                "retention_seconds",
+                &raw.retention_seconds.to_string(),
+                &format!("must be between 1 and 315360000 seconds (ten years); the default is {DEFAULT_RETENTION} (30 days)"),
+            ));
+        }
         for dn in raw.pilot_dns.iter().chain(&raw.operator_dns) {
             if !dn.starts_with('/') {
                 return Err(value(
@@ -200,6 +218,7 @@ impl ServerConfig {
             pilot_dns: raw.pilot_dns,
             operator_dns: raw.operator_dns,
             envelope_lifetime_seconds: raw.envelope_lifetime_seconds,
+            retention_seconds: raw.retention_seconds,
             members: raw.member,
         };
         Ok(cfg)
@@ -291,6 +310,7 @@ fqans = ["/demo"]
         assert_eq!(c.cert, Path::new("/etc/mupilot/server.crt"));
         assert_eq!(c.ca, Path::new("/etc/grid-security/certificates"));
         assert_eq!(c.envelope_lifetime_seconds, 600);
+        assert_eq!(c.retention_seconds, 30 * 86400);
         assert_eq!(c.members.len(), 1);
     }
 

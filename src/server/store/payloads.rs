@@ -57,7 +57,7 @@ fn sat(v: u64) -> i64 {
 
 const VIEW_COLUMNS: &str = "id, owner_dn, vo, state, argv, jobtag, cores, memory_bytes, \
     walltime_seconds, outputs, submitted_at, updated_at, pilot_id, host, batch_job_id, account, \
-    uid, exit_code, signal, cpu_seconds, peak_memory_bytes, reason, denial_class, has_output";
+    uid, exit_code, signal, cpu_seconds, peak_memory_bytes, reason, denial_class, has_output, files_deleted_at";
 
 /// Raw column values of a view row (converted outside the rusqlite closure).
 struct ViewRow {
@@ -85,6 +85,7 @@ struct ViewRow {
     reason: Option<String>,
     denial_class: Option<String>,
     has_output: bool,
+    files_deleted_at: Option<String>,
 }
 
 fn view_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ViewRow> {
@@ -113,6 +114,7 @@ fn view_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ViewRow> {
         reason: r.get(21)?,
         denial_class: r.get(22)?,
         has_output: r.get(23)?,
+        files_deleted_at: r.get(24)?,
     })
 }
 
@@ -145,6 +147,7 @@ impl ViewRow {
             reason: self.reason,
             denial_class: self.denial_class,
             has_output: self.has_output,
+            files_deleted_at: self.files_deleted_at.as_deref().map(parse_ts).transpose()?,
         })
     }
 }
@@ -642,7 +645,7 @@ mod tests {
 
     fn store() -> (tempfile::TempDir, Store) {
         let d = tempfile::tempdir().unwrap();
-        let s = Store::open(d.path()).unwrap();
+        let s = Store::open(&d.path().join("data")).unwrap();
         let seed = MemberSeed {
             dn: "/CN=a".into(),
             fqans: vec!["/demo".into()],

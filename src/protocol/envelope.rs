@@ -27,6 +27,14 @@ pub const ENVELOPE_VERSION: u32 = 2;
 /// Longest accepted `node` (a fully qualified host name is at most 253 characters).
 pub const MAX_NODE_LEN: usize = 253;
 
+/// A node name as envelopes, switch.toml `node_name` and match requests carry it: 1-253
+/// characters without whitespace or control characters.
+pub fn is_valid_node_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NODE_LEN
+        && !s.chars().any(|c| c.is_control() || c.is_whitespace())
+}
+
 /// Largest encoded body accepted before any parsing (bytes of base64).
 pub const MAX_BODY_B64: usize = 1 << 20;
 
@@ -473,13 +481,7 @@ fn check_fields(body: &EnvelopeBody) -> Result<(), EnvelopeError> {
             "must be a grid-style DN starting with '/'",
         ));
     }
-    if body.node.is_empty()
-        || body.node.len() > MAX_NODE_LEN
-        || body
-            .node
-            .chars()
-            .any(|c| c.is_control() || c.is_whitespace())
-    {
+    if !is_valid_node_name(&body.node) {
         return Err(field(
             "node",
             "must be 1-253 characters without spaces or control characters",

@@ -25,7 +25,7 @@ use crate::protocol::api::{
     ApiError, MatchRequest, MatchResponse, PayloadState, PayloadView, StatusAck, StatusReport,
     SubmitRequest, SubmitResponse, Work,
 };
-use crate::protocol::envelope::{sha256_hex, ENVELOPE_VERSION, MAX_NODE_LEN};
+use crate::protocol::envelope::{is_valid_node_name, sha256_hex, ENVELOPE_VERSION, MAX_NODE_LEN};
 use crate::protocol::{EnvelopeBody, Owner, VoSigningKey};
 
 /// Largest decoded input bundle.
@@ -328,13 +328,7 @@ async fn match_work(
             req.pilot_id
         )));
     }
-    if req.host.is_empty()
-        || req.host.len() > MAX_NODE_LEN
-        || req
-            .host
-            .chars()
-            .any(|c| c.is_control() || c.is_whitespace())
-    {
+    if !is_valid_node_name(&req.host) {
         return Err(Fail::bad(format!(
             "host {:?} must be the node name the site's helper reported in its welcome (1-{MAX_NODE_LEN} characters without spaces): the envelope is bound to it",
             req.host

@@ -314,12 +314,7 @@ fn validate(raw: RawConfig, base: &Path) -> Result<SwitchConfig, KeyErr> {
         Some(n) => n,
         None => detect_node_name().map_err(|what| bad("node_name", what))?,
     };
-    if node_name.is_empty()
-        || node_name.len() > crate::protocol::envelope::MAX_NODE_LEN
-        || node_name
-            .chars()
-            .any(|c| c.is_control() || c.is_whitespace())
-    {
+    if !crate::protocol::envelope::is_valid_node_name(&node_name) {
         return Err(bad(
             "node_name",
             format!("'{node_name}' is not a node name; use 1-253 characters without spaces, e.g. \"wn042.example.org\""),

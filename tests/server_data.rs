@@ -157,7 +157,15 @@ fn retention_deletes_bundle_and_outputs_and_status_says_when() {
     let demo = Demo::new();
     let cfg = demo.config();
     let text_cfg = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(&cfg, format!("retention_seconds = 2\n{text_cfg}")).unwrap();
+    assert!(
+        text_cfg.contains("retention_seconds = 2592000\n"),
+        "{text_cfg}"
+    );
+    std::fs::write(
+        &cfg,
+        text_cfg.replace("retention_seconds = 2592000\n", "retention_seconds = 2\n"),
+    )
+    .unwrap();
     let srv = demo.serve();
     let rt = rt();
     let id = run_one(&demo, &srv, &rt);

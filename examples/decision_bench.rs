@@ -51,6 +51,8 @@ fn body(dn: String, cores: u32, n: usize) -> EnvelopeBody {
         outputs: vec![],
         not_before: now,
         not_after: now + chrono::Duration::seconds(600),
+        node: "wn01".into(),
+        pilot_id: "bench".into(),
         nonce: format!("{n:032x}"),
         issuer: "bench".into(),
     }

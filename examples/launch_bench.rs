@@ -206,7 +206,7 @@ fn mupilot_path(args: &[String]) -> i32 {
 fn connect(socket: &PathBuf) -> UnixStream {
     let mut stream = UnixStream::connect(socket).expect("connect to the helper");
     let hello = SwitchRequest::Hello(PilotHello {
-        pilot_id: format!("bench-{}", std::process::id()),
+        pilot_id: pilot_id(),
         ..Default::default()
     });
     write_frame(&mut stream, &hello, &[]).unwrap();
@@ -214,7 +214,13 @@ fn connect(socket: &PathBuf) -> UnixStream {
     stream
 }
 
-/// An envelope body as the VO server would sign it, valid for ten minutes.
+/// This process's pilot id (envelopes are bound to it).
+fn pilot_id() -> String {
+    format!("bench-{}", std::process::id())
+}
+
+/// An envelope body as the VO server would sign it, valid for ten minutes, bound to this node
+/// (the helper's default node name, the kernel's host name) and to this pilot.
 fn envelope_body(dn: &str, vo: &str, id: &str, argv: &[&str], walltime: u64) -> EnvelopeBody {
     let now = chrono::Utc::now();
     EnvelopeBody {
@@ -237,7 +243,12 @@ fn envelope_body(dn: &str, vo: &str, id: &str, argv: &[&str], walltime: u64) -> 
         },
         outputs: vec![],
         not_before: now - chrono::Duration::seconds(60),
-        not_after: now + chrono::Duration::seconds(600),
+        not_after: now + chrono::Duration::seconds(540),
+        node: nix::unistd::gethostname()
+            .expect("host name")
+            .into_string()
+            .expect("UTF-8 host name"),
+        pilot_id: pilot_id(),
         nonce: format!("{:032x}", rand::random::<u128>()),
         issuer: "bench".into(),
     }

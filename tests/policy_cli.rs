@@ -196,7 +196,7 @@ fn eval_with_site_and_vo_policies_needs_both() {
 
 fn envelope(dn: &str, fqans: &[&str], jobtag: Option<&str>, cores: u32) -> EnvelopeBody {
     EnvelopeBody {
-        version: 1,
+        version: mupilot::protocol::envelope::ENVELOPE_VERSION,
         payload_id: "p1".into(),
         owner: Owner {
             dn: dn.into(),
@@ -216,6 +216,8 @@ fn envelope(dn: &str, fqans: &[&str], jobtag: Option<&str>, cores: u32) -> Envel
         outputs: vec![],
         not_before: Utc::now(),
         not_after: Utc::now(),
+        node: "wn01".into(),
+        pilot_id: "pilot-1".into(),
         nonce: "n".into(),
         issuer: String::new(),
     }

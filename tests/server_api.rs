@@ -12,7 +12,7 @@ use mupilot::protocol::api::{
     MatchRequest, MatchResponse, OperatorCommand, PayloadState, PayloadView, StatusAck,
     StatusReport, SubmitRequest, SubmitResponse,
 };
-use mupilot::protocol::envelope::sha256_hex;
+use mupilot::protocol::envelope::{sha256_hex, Expect};
 use mupilot::protocol::{Resources, VoVerifyingKey};
 use server_support::{dn, Demo};
 
@@ -200,9 +200,26 @@ async fn submit_match_verify_report_output() {
     let work = m.work.expect("work for the pilot");
     assert_eq!(work.payload_id, id);
     let key = VoVerifyingKey::from_pem_file(&demo.path("vo.pub")).unwrap();
-    let env = work.envelope.verify(&key, Utc::now()).unwrap();
+    let expect = Expect {
+        now: Utc::now(),
+        node: "wn01",
+        pilot_id: "pilot-a",
+        max_validity: chrono::Duration::seconds(600),
+    };
+    let env = work.envelope.verify(&key, &expect).unwrap();
     let b = env.body();
     assert_eq!(b.payload_id, id);
+    // Bound to the node and pilot of the match; valid for the default ten minutes.
+    assert_eq!((b.node.as_str(), b.pilot_id.as_str()), ("wn01", "pilot-a"));
+    assert_eq!((b.not_after - b.not_before).num_seconds(), 600);
+    let elsewhere = work.envelope.verify(
+        &key,
+        &Expect {
+            node: "wn02",
+            ..expect
+        },
+    );
+    assert!(elsewhere.unwrap_err().to_string().contains("'wn01'"));
     assert_eq!(b.owner.dn, dn("alice"));
     assert_eq!(b.owner.vo, "demo");
     assert_eq!(b.owner.fqans, vec!["/demo".to_string()]);
@@ -782,7 +799,17 @@ async fn submissions_that_can_never_run_are_refused_with_the_limit_named() {
     let w = m.work.expect("the big payload is matched");
     assert_eq!(w.payload_id, id);
     let key = VoVerifyingKey::from_pem_file(&demo.path("vo.pub")).unwrap();
-    w.envelope.verify(&key, Utc::now()).unwrap();
+    w.envelope
+        .verify(
+            &key,
+            &Expect {
+                now: Utc::now(),
+                node: "wn01",
+                pilot_id: "srv-lim",
+                max_validity: chrono::Duration::seconds(600),
+            },
+        )
+        .unwrap();
     drop(srv);
 
     // Limits from server.toml are the ones applied and named.

@@ -141,6 +141,12 @@ fn envelope(key: &VoSigningKey, id: &str, dn: &str, fqan: &str, check: &str) -> 
         outputs: vec![],
         not_before: now - CDuration::minutes(1),
         not_after: now + CDuration::minutes(10),
+        // The guide sets no node_name: the helper is the kernel's host name.
+        node: nix::unistd::gethostname()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned(),
+        pilot_id: "site-install".into(),
         nonce: uuid::Uuid::new_v4().simple().to_string(),
         issuer: "site-install-test".into(),
     };

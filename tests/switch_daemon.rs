@@ -272,7 +272,8 @@ fn mapping_to_root_or_to_the_pilot_itself_is_refused() {
     let pilot_gid = gid_of(PILOT).unwrap();
     let body = site.body(DN_PILOTSELF, &["/bin/true"]);
     let frames = vec![
-        serde_json::json!({"type": "hello", "pilot_id": "swd-nonroot"}),
+        // The pilot id the envelope is bound to (Site::body).
+        serde_json::json!({"type": "hello", "pilot_id": "swd-pilot"}),
         serde_json::to_value(SwitchRequest::Launch {
             envelope: site.sign(&body),
             bundle: None,

@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 
 use super::agent::{self, AgentSettings};
 use super::client::HttpsServer;
-use super::config::{hostname, PilotConfig};
+use super::config::PilotConfig;
 use super::helper_client;
 use super::outbox::Outbox;
 use super::slot::{self, Overrides};
@@ -202,7 +202,9 @@ fn run(config: &Path, max_payloads: Option<u32>, idle_timeout: Option<u64>) -> i
     tracing::info!(helper_host = %welcome.host, helper_version = %welcome.helper_version, socket = %cfg.switch_socket.display(), "helper connected");
     let settings = AgentSettings {
         pilot_id: cfg.pilot_id.clone(),
-        host: hostname(),
+        // The helper's node name: the server binds envelopes to it, and the helper refuses
+        // an envelope bound to another node.
+        host: welcome.host.clone(),
         server_url: cfg.server_url.clone(),
         work_dir: cfg.work_dir.clone(),
         poll_interval: cfg.poll_interval,

@@ -49,6 +49,7 @@ pub enum HelperError {
 /// Welcome details from the helper.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Welcome {
+    /// The helper's node name (switch.toml `node_name`): envelopes must be bound to it.
     pub host: String,
     pub helper_version: String,
 }

@@ -43,6 +43,9 @@ pub struct MatchRequest {
     pub batch_system: Option<String>,
     #[serde(default)]
     pub batch_job_id: Option<String>,
+    /// The node name the site's helper reported in its `welcome` (switch.toml `node_name`,
+    /// the kernel's host name by default): the server signs it into the envelope, and a
+    /// helper on another node refuses that envelope.
     pub host: String,
     pub free_cores: u32,
     pub free_memory_bytes: u64,
@@ -88,9 +91,13 @@ pub enum PayloadState {
     Running,
     /// Ended with exit code 0.
     Done,
-    /// Ended with a non-zero exit code or a signal, or could not be started for a system reason.
+    /// Ended with a non-zero exit code or a signal; or the helper refused to start it because
+    /// the request was wrong (`denial_class` `caller`: signature, expiry, node, replay, bundle)
+    /// or because the site could not serve it (`system`: sandbox setup, an exhausted pool
+    /// account pool, a broken site file). The reason says which.
     Failed,
-    /// Refused by an authorization decision (P6): final, never retried elsewhere by the pilot.
+    /// Refused by a local authorization decision (P6; `denial_class` `authorization`: ban,
+    /// policy, no mapping, expired membership): final, never retried elsewhere by the pilot.
     Denied,
     /// Cancelled by its owner or a VO operator.
     Cancelled,
@@ -99,6 +106,17 @@ pub enum PayloadState {
 }
 
 impl PayloadState {
+    /// The final state of a payload the helper refused, by the refusal's class: only a local
+    /// authorization decision is `denied` (P6); a refusal of class `caller` or `system` is
+    /// `failed`, with the class and the reason beside it. A missing or unknown class reads
+    /// as `denied` (the helper said no, for a reason this code does not know).
+    pub fn of_refusal(class: Option<&str>) -> Self {
+        match class {
+            Some("caller") | Some("system") => Self::Failed,
+            _ => Self::Denied,
+        }
+    }
+
     pub fn is_final(self) -> bool {
         !matches!(self, Self::Queued | Self::Matched | Self::Running)
     }
@@ -145,7 +163,9 @@ pub struct StatusReport {
     /// Why it was denied, failed or killed; free text for humans.
     #[serde(default)]
     pub reason: Option<String>,
-    /// For denials: `caller`, `system` or `authorization`.
+    /// For payloads the helper refused: `caller`, `system` or `authorization` (the state is
+    /// `denied` for `authorization` only, `failed` for the others; see
+    /// [`PayloadState::of_refusal`]).
     #[serde(default)]
     pub denial_class: Option<String>,
     /// Declared outputs (or entries inside declared directories) the helper did not copy,
@@ -223,13 +243,18 @@ pub struct PayloadView {
     pub reason: Option<String>,
     #[serde(default)]
     pub denial_class: Option<String>,
-    /// True once the pilot uploaded the output archive (`GET .../output` fetches it).
+    /// True once the pilot uploaded the output archive (`GET .../output` fetches it until
+    /// `files_deleted_at`).
     #[serde(default)]
     pub has_output: bool,
     /// Declared outputs that were not copied, each "path: reason" (symlink, FIFO, over the
     /// size limit, missing, ...).
     #[serde(default)]
     pub outputs_skipped: Vec<String>,
+    /// When the server deleted the payload's input bundle and output archive, its retention
+    /// period (`retention_seconds` in server.toml) after the final state.
+    #[serde(default)]
+    pub files_deleted_at: Option<DateTime<Utc>>,
 }
 
 /// Every error answer has this body, with an HTTP status that fits.

@@ -4,8 +4,9 @@
 //! The signature covers the exact bytes of the JSON body, which travel base64-encoded, so no
 //! canonical JSON form is needed and no re-serialisation can change what was signed. A
 //! [`VerifiedEnvelope`] can only be obtained through [`SignedEnvelope::verify`]: code that
-//! holds one knows the signature, the format version and the validity window were checked.
-//! Replay protection (remembering nonces) is stateful and belongs to the helper.
+//! holds one knows the signature, the format version, the validity window (its length against
+//! the site's maximum, and now inside it) and the binding to this node and this pilot were
+//! checked. Replay protection (remembering nonces) is stateful and belongs to the helper.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -18,8 +19,21 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// The envelope format version this code writes and accepts.
-pub const ENVELOPE_VERSION: u32 = 1;
+/// The envelope format version this code writes and accepts. Version 2 added the binding to
+/// the node and the pilot the payload was matched to (`node`, `pilot_id`); version 1
+/// envelopes are refused (see [`EnvelopeError::Unbound`]).
+pub const ENVELOPE_VERSION: u32 = 2;
+
+/// Longest accepted `node` (a fully qualified host name is at most 253 characters).
+pub const MAX_NODE_LEN: usize = 253;
+
+/// A node name as envelopes, switch.toml `node_name` and match requests carry it: 1-253
+/// characters without whitespace or control characters.
+pub fn is_valid_node_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NODE_LEN
+        && !s.chars().any(|c| c.is_control() || c.is_whitespace())
+}
 
 /// Largest encoded body accepted before any parsing (bytes of base64).
 pub const MAX_BODY_B64: usize = 1 << 20;
@@ -71,6 +85,13 @@ pub struct EnvelopeBody {
     pub outputs: Vec<String>,
     pub not_before: DateTime<Utc>,
     pub not_after: DateTime<Utc>,
+    /// The node the payload was matched for, as its helper names itself (switch.toml
+    /// `node_name`, reported to the pilot in `welcome` and by the pilot in its match request):
+    /// a helper refuses an envelope bound to another node.
+    pub node: String,
+    /// The pilot the payload was matched to: a helper refuses it from a connection whose
+    /// hello names another pilot.
+    pub pilot_id: String,
     /// Random, unique per envelope: the helper refuses a nonce it has seen before.
     pub nonce: String,
     /// The server that signed (informational; the key decides).
@@ -103,10 +124,28 @@ pub enum EnvelopeError {
     BodyJson(serde_json::Error),
     #[error("envelope version {0} is not supported (this helper accepts {ENVELOPE_VERSION})")]
     Version(u32),
+    #[error("envelope version 1 carries no node binding, so it could run on any node that trusts the VO, and is refused; the VO server must be upgraded to sign version {ENVELOPE_VERSION} envelopes bound to the pilot's node")]
+    Unbound,
+    #[error("envelope is valid for {window_seconds} s ({not_before} to {not_after}), more than this site's maximum of {max_seconds} s (max_envelope_validity_seconds in switch.toml); the VO server must sign shorter envelopes (envelope_lifetime_seconds in its server.toml)")]
+    WindowTooLong {
+        window_seconds: i64,
+        max_seconds: i64,
+        not_before: String,
+        not_after: String,
+    },
     #[error("envelope is not valid before {0}")]
     NotYetValid(DateTime<Utc>),
-    #[error("envelope expired at {0}")]
-    Expired(DateTime<Utc>),
+    #[error("envelope is stale: it is {age_seconds} s old (valid from {not_before} to {not_after}) and expired {late_seconds} s ago; a pilot launches right after its match, and a new match signs a fresh envelope")]
+    Expired {
+        age_seconds: i64,
+        late_seconds: i64,
+        not_before: String,
+        not_after: String,
+    },
+    #[error("envelope is bound to node '{envelope}' but this helper is node '{here}' (node_name in switch.toml): an envelope runs only on the node of the pilot it was matched to")]
+    WrongNode { envelope: String, here: String },
+    #[error("envelope was matched to pilot '{envelope}' but this connection's hello names pilot '{hello}': an envelope runs only for the pilot it was matched to")]
+    WrongPilot { envelope: String, hello: String },
     #[error("envelope field '{field}' is invalid: {why}")]
     Field { field: &'static str, why: String },
 }
@@ -293,11 +332,12 @@ impl SignedEnvelope {
         B64.decode(&self.body).map_err(EnvelopeError::BodyEncoding)
     }
 
-    /// Checks the signature with `key`, then the format and the validity window at `now`.
+    /// Checks the signature with `key`, then the format, the validity window and the binding
+    /// to the node and pilot in `expect`.
     pub fn verify(
         &self,
         key: &VoVerifyingKey,
-        now: DateTime<Utc>,
+        expect: &Expect<'_>,
     ) -> Result<VerifiedEnvelope, EnvelopeError> {
         let bytes = key
             .verify_b64(&self.body, &self.signature)
@@ -309,15 +349,31 @@ impl SignedEnvelope {
                     vo: self.claimed_vo().unwrap_or_default(),
                 },
             })?;
+        // The version first: an older body lacks fields and would otherwise read as a
+        // malformed one rather than as an envelope of an older server.
+        #[derive(Deserialize)]
+        struct VersionOnly {
+            version: u32,
+        }
+        let v: VersionOnly = serde_json::from_slice(&bytes).map_err(EnvelopeError::BodyJson)?;
+        match v.version {
+            ENVELOPE_VERSION => {}
+            1 => return Err(EnvelopeError::Unbound),
+            n => return Err(EnvelopeError::Version(n)),
+        }
         let body: EnvelopeBody = serde_json::from_slice(&bytes).map_err(EnvelopeError::BodyJson)?;
-        if body.version != ENVELOPE_VERSION {
-            return Err(EnvelopeError::Version(body.version));
+        check_window(&body, expect)?;
+        if body.node != expect.node {
+            return Err(EnvelopeError::WrongNode {
+                envelope: body.node.clone(),
+                here: expect.node.to_string(),
+            });
         }
-        if now < body.not_before {
-            return Err(EnvelopeError::NotYetValid(body.not_before));
-        }
-        if now > body.not_after {
-            return Err(EnvelopeError::Expired(body.not_after));
+        if body.pilot_id != expect.pilot_id {
+            return Err(EnvelopeError::WrongPilot {
+                envelope: body.pilot_id.clone(),
+                hello: expect.pilot_id.to_string(),
+            });
         }
         check_fields(&body)?;
         Ok(VerifiedEnvelope {
@@ -325,6 +381,45 @@ impl SignedEnvelope {
             body,
         })
     }
+}
+
+/// What the verifying helper requires of an envelope beyond its signature.
+#[derive(Debug, Clone, Copy)]
+pub struct Expect<'a> {
+    pub now: DateTime<Utc>,
+    /// This helper's node name (switch.toml `node_name`).
+    pub node: &'a str,
+    /// The pilot id of the connection's hello.
+    pub pilot_id: &'a str,
+    /// The site's longest accepted validity window (`not_after - not_before`).
+    pub max_validity: chrono::Duration,
+}
+
+/// The window's length against the site's maximum, then `now` inside it.
+fn check_window(body: &EnvelopeBody, expect: &Expect<'_>) -> Result<(), EnvelopeError> {
+    let secs = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    // Whole seconds: the times carry the signer's sub-second clock reading.
+    let window = (body.not_after - body.not_before).num_seconds();
+    if window > expect.max_validity.num_seconds() {
+        return Err(EnvelopeError::WindowTooLong {
+            window_seconds: window,
+            max_seconds: expect.max_validity.num_seconds(),
+            not_before: secs(body.not_before),
+            not_after: secs(body.not_after),
+        });
+    }
+    if expect.now < body.not_before {
+        return Err(EnvelopeError::NotYetValid(body.not_before));
+    }
+    if expect.now > body.not_after {
+        return Err(EnvelopeError::Expired {
+            age_seconds: (expect.now - body.not_before).num_seconds(),
+            late_seconds: (expect.now - body.not_after).num_seconds(),
+            not_before: secs(body.not_before),
+            not_after: secs(body.not_after),
+        });
+    }
+    Ok(())
 }
 
 fn check_fields(body: &EnvelopeBody) -> Result<(), EnvelopeError> {
@@ -386,6 +481,18 @@ fn check_fields(body: &EnvelopeBody) -> Result<(), EnvelopeError> {
             "must be a grid-style DN starting with '/'",
         ));
     }
+    if !is_valid_node_name(&body.node) {
+        return Err(field(
+            "node",
+            "must be 1-253 characters without spaces or control characters",
+        ));
+    }
+    if !crate::util::is_safe_id(&body.pilot_id) {
+        return Err(field(
+            "pilot_id",
+            "must be 1-64 characters of [A-Za-z0-9._-], not starting with '.'",
+        ));
+    }
     if body.nonce.len() < 16 {
         return Err(field("nonce", "must be at least 16 characters"));
     }
@@ -425,6 +532,8 @@ mod tests {
             outputs: vec!["out.txt".into()],
             not_before: now - Duration::minutes(1),
             not_after: now + Duration::minutes(10),
+            node: "wn01.example.org".into(),
+            pilot_id: "pilot-1".into(),
             nonce: "0123456789abcdef0123".into(),
             issuer: "test".into(),
         }
@@ -434,9 +543,18 @@ mod tests {
     fn sign_then_verify_roundtrips() {
         let key = VoSigningKey::generate();
         let env = key.sign(&sample_body());
-        let v = env.verify(&key.verifying_key(), Utc::now()).unwrap();
+        let v = env.verify(&key.verifying_key(), &at(Utc::now())).unwrap();
         assert_eq!(v.body(), &sample_body_eq(v.body()));
         assert_eq!(v.digest(), env.digest().unwrap());
+    }
+
+    fn at(now: DateTime<Utc>) -> Expect<'static> {
+        Expect {
+            now,
+            node: "wn01.example.org",
+            pilot_id: "pilot-1",
+            max_validity: Duration::hours(1),
+        }
     }
 
     fn sample_body_eq(b: &EnvelopeBody) -> EnvelopeBody {
@@ -456,7 +574,7 @@ mod tests {
             signature: env.signature.clone(),
         };
         assert!(matches!(
-            forged.verify(&key.verifying_key(), Utc::now()),
+            forged.verify(&key.verifying_key(), &at(Utc::now())),
             Err(EnvelopeError::BadSignature { .. })
         ));
     }
@@ -466,7 +584,7 @@ mod tests {
         let key = VoSigningKey::generate();
         let other = VoSigningKey::generate();
         let env = key.sign(&sample_body());
-        assert!(env.verify(&other.verifying_key(), Utc::now()).is_err());
+        assert!(env.verify(&other.verifying_key(), &at(Utc::now())).is_err());
     }
 
     #[test]
@@ -475,12 +593,25 @@ mod tests {
         let env = key.sign(&sample_body());
         let late = Utc::now() + Duration::hours(1);
         assert!(matches!(
-            env.verify(&key.verifying_key(), late),
-            Err(EnvelopeError::Expired(_))
+            env.verify(&key.verifying_key(), &at(late)),
+            Err(EnvelopeError::Expired { .. })
         ));
+        let e = env
+            .verify(&key.verifying_key(), &at(late))
+            .unwrap_err()
+            .to_string();
+        // Valid from now-1min; an hour later it is 61 min old and 50 min past its end.
+        assert!(
+            e.contains("stale: it is 3660 s old") || e.contains("stale: it is 3659 s old"),
+            "{e}"
+        );
+        assert!(
+            e.contains("expired 3000 s ago") || e.contains("expired 2999 s ago"),
+            "{e}"
+        );
         let early = Utc::now() - Duration::hours(1);
         assert!(matches!(
-            env.verify(&key.verifying_key(), early),
+            env.verify(&key.verifying_key(), &at(early)),
             Err(EnvelopeError::NotYetValid(_))
         ));
     }
@@ -496,7 +627,7 @@ mod tests {
         std::fs::write(&q, back.verifying_key().to_pem()).unwrap();
         let pubk = VoVerifyingKey::from_pem_file(&q).unwrap();
         let env = key.sign(&sample_body());
-        env.verify(&pubk, Utc::now()).unwrap();
+        env.verify(&pubk, &at(Utc::now())).unwrap();
     }
 
     #[test]
@@ -506,8 +637,72 @@ mod tests {
         b.outputs = vec!["../etc/passwd".into()];
         let err = key
             .sign(&b)
-            .verify(&key.verifying_key(), Utc::now())
+            .verify(&key.verifying_key(), &at(Utc::now()))
             .unwrap_err();
         assert!(err.to_string().contains("outputs"), "{err}");
+    }
+
+    #[test]
+    fn binding_and_window_are_checked_and_named() {
+        let key = VoSigningKey::generate();
+        let env = key.sign(&sample_body());
+        let now = Utc::now();
+        let e = env
+            .verify(
+                &key.verifying_key(),
+                &Expect {
+                    node: "wn02.example.org",
+                    ..at(now)
+                },
+            )
+            .unwrap_err();
+        assert!(matches!(e, EnvelopeError::WrongNode { .. }));
+        let e = e.to_string();
+        assert!(
+            e.contains("'wn01.example.org'") && e.contains("'wn02.example.org'"),
+            "{e}"
+        );
+        let e = env
+            .verify(
+                &key.verifying_key(),
+                &Expect {
+                    pilot_id: "pilot-2",
+                    ..at(now)
+                },
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'pilot-1'") && e.contains("'pilot-2'"), "{e}");
+        // The sample's window is 11 minutes.
+        let e = env
+            .verify(
+                &key.verifying_key(),
+                &Expect {
+                    max_validity: Duration::minutes(5),
+                    ..at(now)
+                },
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("valid for 660 s") && e.contains("maximum of 300 s"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn version_1_is_refused_as_unbound() {
+        let key = VoSigningKey::generate();
+        let mut v = serde_json::to_value(sample_body()).unwrap();
+        let o = v.as_object_mut().unwrap();
+        o.insert("version".into(), 1.into());
+        o.remove("node");
+        o.remove("pilot_id");
+        let (body, signature) = key.sign_json(&v);
+        let e = SignedEnvelope { body, signature }
+            .verify(&key.verifying_key(), &at(Utc::now()))
+            .unwrap_err();
+        assert!(matches!(e, EnvelopeError::Unbound), "{e}");
+        assert!(e.to_string().contains("VO server must be upgraded"), "{e}");
     }
 }

@@ -139,6 +139,8 @@ pub struct ExitReport {
 pub enum SwitchEvent {
     /// Answer to `hello`.
     Welcome {
+        /// The helper's node name (switch.toml `node_name`, the kernel's host name by
+        /// default); envelopes are accepted only when bound to it.
         host: String,
         helper_version: String,
     },

@@ -18,14 +18,16 @@ use base64::Engine;
 use chrono::{Duration, Utc};
 use serde::Deserialize;
 
-use super::config::SubmitLimits;
+use super::config::{SubmitLimits, ENVELOPE_SKEW_SECONDS};
 use super::store::{Matched, Member, NewPayload, Store, StoreError};
 use crate::protocol::api::OperatorCommand;
 use crate::protocol::api::{
     ApiError, MatchRequest, MatchResponse, PayloadState, PayloadView, StatusAck, StatusReport,
     SubmitRequest, SubmitResponse, Work,
 };
-use crate::protocol::envelope::{sha256_hex, ENVELOPE_VERSION, MAX_BODY_B64};
+use crate::protocol::envelope::{
+    is_valid_node_name, sha256_hex, ENVELOPE_VERSION, MAX_BODY_B64, MAX_NODE_LEN,
+};
 use crate::protocol::{EnvelopeBody, Owner, VoSigningKey};
 
 /// Largest decoded input bundle.
@@ -47,6 +49,8 @@ pub struct AppState {
     pub pilot_dns: HashSet<String>,
     pub operator_dns: HashSet<String>,
     pub envelope_lifetime: Duration,
+    /// A payload's files are deleted this long after its final state.
+    pub retention: Duration,
     /// Written into envelopes as `issuer`.
     pub issuer: String,
     /// The most one payload may ask for (server.toml `[limits]`).
@@ -251,6 +255,9 @@ fn envelope_fits(st: &AppState, req: &SubmitRequest, member: &Member) -> Result<
         outputs: req.outputs.clone(),
         not_before: Utc::now(),
         not_after: Utc::now(),
+        // The longest node name and pilot id a match may bind it to.
+        node: "n".repeat(MAX_NODE_LEN),
+        pilot_id: "p".repeat(64),
         nonce: "0".repeat(32),
         issuer: st.issuer.clone(),
     };
@@ -372,8 +379,12 @@ async fn submit(
     ))
 }
 
-fn envelope_body(st: &AppState, m: &Matched) -> EnvelopeBody {
+/// The envelope of a match, bound to the node and the pilot that asked for it (the helper on
+/// another node, or serving another pilot, refuses it). Its window is `envelope_lifetime`
+/// long and starts a minute before now (clock skew between the server and the nodes).
+fn envelope_body(st: &AppState, m: &Matched, req: &MatchRequest) -> EnvelopeBody {
     let now = Utc::now();
+    let not_before = now - Duration::seconds(ENVELOPE_SKEW_SECONDS as i64);
     let nonce: [u8; 16] = rand::random();
     EnvelopeBody {
         version: ENVELOPE_VERSION,
@@ -390,8 +401,10 @@ fn envelope_body(st: &AppState, m: &Matched) -> EnvelopeBody {
         bundle_sha256: m.bundle_sha256.clone(),
         resources: m.resources,
         outputs: m.outputs.clone(),
-        not_before: now - Duration::seconds(60),
-        not_after: now + st.envelope_lifetime,
+        not_before,
+        not_after: not_before + st.envelope_lifetime,
+        node: req.host.clone(),
+        pilot_id: req.pilot_id.clone(),
         nonce: hex::encode(nonce),
         issuer: st.issuer.clone(),
     }
@@ -408,6 +421,12 @@ async fn match_work(
         return Err(Fail::bad(format!(
             "pilot_id {:?} must be 1-64 characters of [A-Za-z0-9._-]",
             req.pilot_id
+        )));
+    }
+    if !is_valid_node_name(&req.host) {
+        return Err(Fail::bad(format!(
+            "host {:?} must be the node name the site's helper reported in its welcome (1-{MAX_NODE_LEN} characters without spaces): the envelope is bound to it",
+            req.host
         )));
     }
     let dn = peer.0.to_string();
@@ -433,7 +452,7 @@ async fn match_work(
                 }
             },
         };
-        let body = envelope_body(&state, &m);
+        let body = envelope_body(&state, &m, &req);
         let requeue_after = body.not_after + Duration::seconds(REQUEUE_MARGIN_SECONDS);
         let envelope = state.key.sign(&body);
         Ok(Some(Work {
@@ -530,6 +549,11 @@ async fn upload(
                 "{dn} does not hold payload {id}; only the pilot it was matched to may upload its output"
             )));
         }
+        if let Some(t) = s.files_deleted_at(&id)? {
+            return Err(StoreError::Conflict(format!(
+                "payload {id}'s files were deleted at {t} after the retention period; an output archive is no longer accepted"
+            )));
+        }
         super::store::write_atomic(&s.output_path(&id), &body)?;
         s.set_has_output(&id, Utc::now())
     })
@@ -564,6 +588,13 @@ async fn download(
     Path(id): Path<String>,
 ) -> Result<Response, Fail> {
     let view = readable(&st, &peer.0, &id).await?;
+    if let Some(t) = view.files_deleted_at {
+        return Err(Fail::new(
+            StatusCode::GONE,
+            "gone",
+            format!("payload {id}'s output archive was deleted at {t}, after the server's retention period (retention_seconds in server.toml)"),
+        ));
+    }
     if !view.has_output {
         return Err(Fail::new(
             StatusCode::NOT_FOUND,

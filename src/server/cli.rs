@@ -521,11 +521,19 @@ fn describe(v: &PayloadView) -> String {
     if let Some(sig) = v.signal {
         s.push_str(&format!("\tsignal={sig}"));
     }
+    if let Some(c) = &v.denial_class {
+        s.push_str(&format!("\tclass={c}"));
+    }
     if let Some(r) = &v.reason {
         s.push_str(&format!("\treason={r}"));
     }
-    if v.has_output {
-        s.push_str("\toutput=yes");
+    match (v.has_output, v.files_deleted_at) {
+        (_, Some(t)) => s.push_str(&format!(
+            "\tfiles=deleted {}",
+            t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        )),
+        (true, None) => s.push_str("\toutput=yes"),
+        (false, None) => {}
     }
     // One line each: the user must see which declared outputs are not in the archive, and why.
     for o in &v.outputs_skipped {

@@ -7,8 +7,17 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-/// Default signed-envelope lifetime (seconds).
+/// Default validity window of a signed envelope (`not_after - not_before`, seconds): ten
+/// minutes. A pilot launches within a second of its match; the window covers the clock skew
+/// between the server and the nodes (its first minute lies before the signing time) and a
+/// helper slow to answer, and nothing more: a pilot that holds an envelope back can run it
+/// only that long after its match (after a cancel, say), and a helper keeps its nonce only
+/// until then.
 pub const DEFAULT_ENVELOPE_LIFETIME: u64 = 600;
+/// How far before its signing time an envelope's window starts (clock skew allowance).
+pub const ENVELOPE_SKEW_SECONDS: u64 = 60;
+/// Longest accepted `envelope_lifetime_seconds`: the helpers' default site maximum.
+pub const MAX_ENVELOPE_LIFETIME: u64 = 3600;
 
 /// A config file could not be used. Every message names the file and says how to fix it.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +108,8 @@ struct RawServerConfig {
     operator_dns: Vec<String>,
     #[serde(default = "default_lifetime")]
     envelope_lifetime_seconds: u64,
+    #[serde(default = "default_retention")]
+    retention_seconds: u64,
     #[serde(default)]
     member: Vec<MemberSeed>,
     #[serde(default)]
@@ -131,6 +142,13 @@ fn default_max_requeues() -> u32 {
 fn default_lifetime() -> u64 {
     DEFAULT_ENVELOPE_LIFETIME
 }
+fn default_retention() -> u64 {
+    DEFAULT_RETENTION
+}
+
+/// Default time a payload's bundle and output archive are kept after its final state: 30
+/// days, for the owner to fetch the outputs and the VO to look at an incident's inputs.
+pub const DEFAULT_RETENTION: u64 = 30 * 86400;
 
 /// The VO server's configuration, paths resolved against the config file's directory.
 #[derive(Debug, Clone)]
@@ -148,7 +166,10 @@ pub struct ServerConfig {
     pub pilot_dns: Vec<String>,
     /// VO operators: may read and cancel any payload.
     pub operator_dns: Vec<String>,
+    /// The signed validity window of an envelope (`not_after - not_before`).
     pub envelope_lifetime_seconds: u64,
+    /// How long a payload's bundle and output archive are kept after its final state.
+    pub retention_seconds: u64,
     pub members: Vec<MemberSeed>,
     /// The most one payload may ask for (`[limits]`).
     pub limits: SubmitLimits,
@@ -218,11 +239,23 @@ impl ServerConfig {
                 "must be 1-64 characters of [A-Za-z0-9._-], e.g. \"demo\"",
             ));
         }
-        if raw.envelope_lifetime_seconds < 60 || raw.envelope_lifetime_seconds > 7 * 86400 {
+        if raw.envelope_lifetime_seconds < 2 * ENVELOPE_SKEW_SECONDS
+            || raw.envelope_lifetime_seconds > MAX_ENVELOPE_LIFETIME
+        {
             return Err(value(
                 "envelope_lifetime_seconds",
                 &raw.envelope_lifetime_seconds.to_string(),
-                "must be between 60 and 604800 seconds",
+                &format!(
+                    "must be between {} and {MAX_ENVELOPE_LIFETIME} seconds (sites refuse envelopes valid longer than their max_envelope_validity_seconds, an hour by default); the default is {DEFAULT_ENVELOPE_LIFETIME}",
+                    2 * ENVELOPE_SKEW_SECONDS
+                ),
+            ));
+        }
+        if raw.retention_seconds == 0 || raw.retention_seconds > 10 * 365 * 86400 {
+            return Err(value(
+                "retention_seconds",
+                &raw.retention_seconds.to_string(),
+                &format!("must be between 1 and 315360000 seconds (ten years); the default is {DEFAULT_RETENTION} (30 days)"),
             ));
         }
         if !(1..=3600).contains(&raw.heartbeat_seconds) {
@@ -297,6 +330,7 @@ impl ServerConfig {
             pilot_dns: raw.pilot_dns,
             operator_dns: raw.operator_dns,
             envelope_lifetime_seconds: raw.envelope_lifetime_seconds,
+            retention_seconds: raw.retention_seconds,
             members: raw.member,
             limits: l,
             heartbeat_seconds: raw.heartbeat_seconds,
@@ -392,6 +426,7 @@ fqans = ["/demo"]
         assert_eq!(c.cert, Path::new("/etc/mupilot/server.crt"));
         assert_eq!(c.ca, Path::new("/etc/grid-security/certificates"));
         assert_eq!(c.envelope_lifetime_seconds, 600);
+        assert_eq!(c.retention_seconds, 30 * 86400);
         assert_eq!(c.members.len(), 1);
     }
 
@@ -405,6 +440,25 @@ fqans = ["/demo"]
         assert!(e.contains("/x/server.toml"), "{e}");
         assert!(e.contains("colour"), "{e}");
         assert!(e.contains("line"), "{e}");
+    }
+
+    #[test]
+    fn envelope_lifetime_is_minutes_at_most_an_hour() {
+        let text = format!("envelope_lifetime_seconds = 86400\n{GOOD}");
+        let e = ServerConfig::parse(Path::new("s.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("envelope_lifetime_seconds") && e.contains("86400") && e.contains("3600"),
+            "{e}"
+        );
+        let text = format!("envelope_lifetime_seconds = 3600\n{GOOD}");
+        assert_eq!(
+            ServerConfig::parse(Path::new("s.toml"), &text)
+                .unwrap()
+                .envelope_lifetime_seconds,
+            3600
+        );
     }
 
     #[test]

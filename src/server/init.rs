@@ -146,7 +146,8 @@ pub fn run(opts: &InitOptions) -> Result<PathBuf, InitError> {
          signing_key = {sk}\n\
          pilot_dns = [{pilot}]\n\
          operator_dns = []\n\
-         envelope_lifetime_seconds = 600\n",
+         envelope_lifetime_seconds = 600\n\
+         retention_seconds = 2592000\n",
         listen = q(&opts.listen),
         cert = qp(&d("server.crt")),
         key = qp(&d("server.key")),

@@ -88,6 +88,7 @@ pub fn prepare(cfg: &ServerConfig) -> Result<Prepared, ServeError> {
         pilot_dns: cfg.pilot_dns.iter().cloned().collect::<HashSet<_>>(),
         operator_dns: cfg.operator_dns.iter().cloned().collect::<HashSet<_>>(),
         envelope_lifetime: chrono::Duration::seconds(cfg.envelope_lifetime_seconds as i64),
+        retention: chrono::Duration::seconds(cfg.retention_seconds as i64),
         issuer: format!("mupilot-server@{host}"),
         limits: cfg.limits,
         heartbeat_seconds: cfg.heartbeat_seconds,
@@ -121,6 +122,7 @@ pub async fn serve(p: Prepared, shutdown: impl Future<Output = ()>) -> Result<()
     tracing::info!(%addr, vo = %p.state.vo, "mupilot-server listening");
 
     let sweeper = tokio::spawn(sweep_loop(p.state.clone(), p.missed_heartbeats));
+    let retention = tokio::spawn(retention_loop(p.state.clone()));
     let router = api::router(p.state.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut conns = JoinSet::new();
@@ -146,6 +148,7 @@ pub async fn serve(p: Prepared, shutdown: impl Future<Output = ()>) -> Result<()
     }
     tracing::info!(open = conns.len(), "shutting down: no new connections");
     sweeper.abort();
+    retention.abort();
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         while conns.join_next().await.is_some() {}
@@ -201,6 +204,34 @@ async fn sweep_loop(state: Arc<AppState>, missed: u32) {
             }
             Ok(Err(e)) => tracing::error!(error = %e, "sweeper failed"),
             Err(e) => tracing::error!(error = %e, "sweeper task failed"),
+        }
+    }
+}
+
+/// Deletes the bundles and output archives of payloads final for longer than the retention
+/// period. Runs every half retention period, between 1 s and 5 minutes, so a file is gone at
+/// most that long after its time.
+async fn retention_loop(state: Arc<AppState>) {
+    let half = (state.retention.num_milliseconds() / 2).clamp(1000, 300_000) as u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(half));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let store = state.store.clone();
+        let retention = state.retention;
+        let res = tokio::task::spawn_blocking(move || {
+            let now = chrono::Utc::now();
+            store.expire_files(now - retention, now)
+        })
+        .await;
+        match res {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(
+                payloads = n,
+                "retention: deleted the bundles and outputs of payloads past their retention period"
+            ),
+            Ok(Err(e)) => tracing::error!(error = %e, "retention failed"),
+            Err(e) => tracing::error!(error = %e, "retention task failed"),
         }
     }
 }

@@ -143,8 +143,9 @@ impl AuditEvent {
 }
 
 impl AuditLog {
-    /// Opens (creating 0600) the audit log and forces its mode to 0600.
-    pub fn open(path: &Path) -> Result<Self, RecordError> {
+    /// Opens (creating 0600) the audit log and forces its mode to 0600. `host` is the
+    /// helper's node name (switch.toml `node_name`), written into every record.
+    pub fn open(path: &Path, host: &str) -> Result<Self, RecordError> {
         use std::os::unix::fs::PermissionsExt;
         // Rotation keeps the chain across files and deletes rotated files after 180 days (P11).
         let w = ChainWriter::open(path, 0o600, FsyncPolicy::Always)?
@@ -162,12 +163,9 @@ impl AuditLog {
                 "audit log ended in a torn record (a crash mid-write); it stays in place and `mupilot-switch audit verify` reports it"
             );
         }
-        let host = nix::unistd::gethostname()
-            .map(|h| h.to_string_lossy().into_owned())
-            .unwrap_or_default();
         let log = AuditLog {
             writer: Arc::new(Mutex::new(Shared { w, retrying: false })),
-            host,
+            host: host.to_string(),
         };
         // A torn tail that could not be removed at open: its note waits in memory.
         log.lock().retry_while_kept(&log.writer);
@@ -337,7 +335,7 @@ mod tests {
     fn records_chain_and_skip_empty_fields() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(&p).unwrap();
+        let log = AuditLog::open(&p, "wn01").unwrap();
         let mut r = log.record(AuditEvent::Denied);
         r.decision = Some("deny");
         r.reason = Some("no mapping".into());

@@ -62,17 +62,19 @@ pub enum AuthzError {
 }
 
 impl AuthzError {
-    /// True when the helper could not decide (a broken file, a failed cleanup), rather than a
-    /// decision saying no: reported as a `system` denial.
+    /// True when the helper could not decide or could not serve a permitted owner (a broken
+    /// file, a failed cleanup, every pool account leased), rather than a decision saying no:
+    /// reported as a `system` refusal. An exhausted pool is the site's capacity, not a
+    /// verdict on the owner (docs/vo-operator.md reserves `denied` for such verdicts).
     pub fn is_system(&self) -> bool {
-        match self {
+        matches!(
+            self,
             AuthzError::BanListUnusable(_)
-            | AuthzError::PolicyUnusable(_)
-            | AuthzError::PoolNotConfigured { .. }
-            | AuthzError::MapFile(_) => true,
-            AuthzError::Lease(e) => !matches!(e, LeaseError::Exhausted { .. }),
-            _ => false,
-        }
+                | AuthzError::PolicyUnusable(_)
+                | AuthzError::PoolNotConfigured { .. }
+                | AuthzError::MapFile(_)
+                | AuthzError::Lease(_)
+        )
     }
 }
 
@@ -305,7 +307,7 @@ mod tests {
     fn body(dn: &str, vo: &str, fqans: &[&str]) -> EnvelopeBody {
         let now = chrono::Utc::now();
         EnvelopeBody {
-            version: 1,
+            version: crate::protocol::envelope::ENVELOPE_VERSION,
             payload_id: "p".into(),
             owner: Owner {
                 dn: dn.into(),
@@ -325,6 +327,8 @@ mod tests {
             outputs: vec![],
             not_before: now,
             not_after: now,
+            node: "wn01".into(),
+            pilot_id: "pilot-1".into(),
             nonce: "0123456789abcdef".into(),
             issuer: String::new(),
         }

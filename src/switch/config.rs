@@ -20,6 +20,12 @@ use crate::protocol::VoVerifyingKey;
 /// Upper bound of `sandbox.warm_stages`: each idle stage is a resident root process.
 const MAX_WARM_STAGES: usize = 16;
 
+/// Default longest envelope validity window (`not_after - not_before`) the site accepts: an
+/// hour, six times the VO server's default of ten minutes.
+pub const DEFAULT_MAX_ENVELOPE_VALIDITY: u64 = 3600;
+/// The largest value `max_envelope_validity_seconds` may take (a day).
+const MAX_ENVELOPE_VALIDITY_LIMIT: u64 = 86400;
+
 /// Where the helper looks for its config when none is given.
 pub const DEFAULT_CONFIG: &str = "/etc/mupilot/switch.toml";
 
@@ -50,6 +56,11 @@ struct RawConfig {
     state_dir: PathBuf,
     #[serde(default = "default_min_uid")]
     min_uid: u32,
+    /// The node name envelopes must be bound to; the kernel's hostname when absent.
+    #[serde(default)]
+    node_name: Option<String>,
+    #[serde(default = "default_max_envelope_validity")]
+    max_envelope_validity_seconds: u64,
     #[serde(default)]
     vo: Vec<RawVo>,
     #[serde(default)]
@@ -125,6 +136,9 @@ fn default_state_dir() -> PathBuf {
 }
 fn default_min_uid() -> u32 {
     1000
+}
+fn default_max_envelope_validity() -> u64 {
+    DEFAULT_MAX_ENVELOPE_VALIDITY
 }
 fn default_tmp_size() -> u64 {
     256 << 20
@@ -214,6 +228,11 @@ pub struct SwitchConfig {
     pub audit_log: PathBuf,
     pub state_dir: PathBuf,
     pub min_uid: u32,
+    /// This node's name: envelopes bound to another node are refused. Also the `host` of
+    /// the audit records and of the pilot's `welcome`.
+    pub node_name: String,
+    /// Longest envelope validity window (`not_after - not_before`) accepted.
+    pub max_envelope_validity_seconds: u64,
     pub vos: Vec<VoConfig>,
     pub authz: AuthzConfig,
     pub sandbox: SandboxSettings,
@@ -303,6 +322,28 @@ fn validate(raw: RawConfig, base: &Path) -> Result<SwitchConfig, KeyErr> {
         return Err(bad(
             "min_uid",
             "0 would allow mapping payloads to root; set it to the lowest uid of the payload accounts (e.g. 1000)".into(),
+        ));
+    }
+
+    let node_name = match raw.node_name {
+        Some(n) => n,
+        None => detect_node_name().map_err(|what| bad("node_name", what))?,
+    };
+    if !crate::protocol::envelope::is_valid_node_name(&node_name) {
+        return Err(bad(
+            "node_name",
+            format!("'{node_name}' is not a node name; use 1-253 characters without spaces, e.g. \"wn042.example.org\""),
+        ));
+    }
+    if raw.max_envelope_validity_seconds < 60
+        || raw.max_envelope_validity_seconds > MAX_ENVELOPE_VALIDITY_LIMIT
+    {
+        return Err(bad(
+            "max_envelope_validity_seconds",
+            format!(
+                "{} is outside 60..{MAX_ENVELOPE_VALIDITY_LIMIT}; the default is {DEFAULT_MAX_ENVELOPE_VALIDITY} (an hour)",
+                raw.max_envelope_validity_seconds
+            ),
         ));
     }
 
@@ -465,6 +506,8 @@ fn validate(raw: RawConfig, base: &Path) -> Result<SwitchConfig, KeyErr> {
         audit_log,
         state_dir,
         min_uid: raw.min_uid,
+        node_name,
+        max_envelope_validity_seconds: raw.max_envelope_validity_seconds,
         vos,
         authz,
         sandbox: SandboxSettings {
@@ -482,6 +525,19 @@ fn validate(raw: RawConfig, base: &Path) -> Result<SwitchConfig, KeyErr> {
             stage_exe: None,
         },
     })
+}
+
+/// The kernel's host name (uname's nodename), the default node name.
+fn detect_node_name() -> Result<String, String> {
+    nix::unistd::gethostname()
+        .map_err(|e| e.to_string())
+        .and_then(|h| {
+            h.into_string()
+                .map_err(|h| format!("'{}' is not UTF-8", h.to_string_lossy()))
+        })
+        .map_err(|e| {
+            format!("not set and the kernel's host name cannot be used ({e}); set node_name in switch.toml")
+        })
 }
 
 /// Checks every `[authz]` file loads now (the helper follows them live afterwards).
@@ -621,6 +677,9 @@ scratch_root = "/var/lib/mupilot-test-swd-unit/scratch"
         assert_eq!(l.sandbox.ipc_fallback, IpcFallback::Loopback);
         assert_eq!(c.min_uid, 1000);
         assert!(c.vo("demo").is_some());
+        let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
+        assert_eq!(c.node_name, host);
+        assert_eq!(c.max_envelope_validity_seconds, 3600);
     }
 
     #[test]
@@ -674,6 +733,27 @@ scratch_root = "/var/lib/mupilot-test-swd-unit/scratch"
             e.contains("key 'sandbox.warm_stages'") && e.contains("64 is more than 16"),
             "{e}"
         );
+        let p = write_setup(dir.path(), &format!("node_name = \"wn 1\"\n{GOOD}"));
+        let e = SwitchConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("key 'node_name'") && e.contains("'wn 1'"), "{e}");
+        let p = write_setup(
+            dir.path(),
+            &format!("node_name = \"wn042.example.org\"\n{GOOD}"),
+        );
+        assert_eq!(
+            SwitchConfig::load(&p).unwrap().node_name,
+            "wn042.example.org"
+        );
+        let p = write_setup(
+            dir.path(),
+            &format!("max_envelope_validity_seconds = 100000\n{GOOD}"),
+        );
+        let e = SwitchConfig::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("key 'max_envelope_validity_seconds'") && e.contains("100000"),
+            "{e}"
+        );
+
         let p = write_setup(dir.path(), &format!("{GOOD}warm_stages = 0\n"));
         assert_eq!(SwitchConfig::load(&p).unwrap().sandbox.warm_stages, 0);
     }

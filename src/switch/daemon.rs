@@ -67,7 +67,7 @@ pub enum DaemonError {
 impl Helper {
     /// Opens the audit log and the replay cache of a validated config.
     pub fn new(cfg: SwitchConfig) -> Result<Self, DaemonError> {
-        let audit = AuditLog::open(&cfg.audit_log)?;
+        let audit = AuditLog::open(&cfg.audit_log, &cfg.node_name)?;
         let replay = ReplayCache::open(&cfg.replay_cache_path())?;
         let authz = build_authorizer(&cfg)?;
         Ok(Helper {

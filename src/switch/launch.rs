@@ -19,7 +19,7 @@ use super::daemon::Helper;
 use super::registry::{Ask, SlotError};
 use super::replay::ReplayError;
 use super::sandbox::{self, Account, Handle, LaunchPlan, Running, SandboxError};
-use crate::protocol::envelope::{sha256_hex, EnvelopeError};
+use crate::protocol::envelope::{sha256_hex, EnvelopeError, Expect};
 use crate::protocol::switch_wire::{DenialClass, PilotHello};
 use crate::protocol::SignedEnvelope;
 use crate::records::RecordError;
@@ -96,6 +96,8 @@ impl LaunchError {
                 DenialClass::System
             }
             Account(_) => DenialClass::Authorization,
+            Sandbox(SandboxError::Bundle { .. })
+            | SandboxAfterStart(SandboxError::Bundle { .. }) => DenialClass::Caller,
             ReplayCache(_) | Sandbox(_) | Audit(_) | SandboxAfterStart(_) => DenialClass::System,
         }
     }
@@ -171,10 +173,22 @@ pub fn launch(
             config: helper.cfg.path.display().to_string(),
         })?;
 
-    // b. Signature, format and validity window.
+    // b. Signature, format, validity window (its length within the site's maximum, now
+    //    inside it) and the binding to this node and this pilot: an envelope runs once, on
+    //    the node of the pilot it was matched to.
     let now = Utc::now();
     let verified = envelope
-        .verify(&vo.key, now)
+        .verify(
+            &vo.key,
+            &Expect {
+                now,
+                node: &helper.cfg.node_name,
+                pilot_id: &caller.hello.pilot_id,
+                max_validity: chrono::Duration::seconds(
+                    helper.cfg.max_envelope_validity_seconds as i64,
+                ),
+            },
+        )
         .map_err(LaunchError::Envelope)?;
     let body = verified.body();
     rec.payload_id = Some(body.payload_id.clone());

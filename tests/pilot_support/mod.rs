@@ -46,6 +46,8 @@ pub fn work(key: &VoSigningKey, id: &str, cores: u32) -> Work {
         outputs: vec!["result.txt".into()],
         not_before: now,
         not_after: now + chrono::Duration::minutes(10),
+        node: "plt-node".into(),
+        pilot_id: "plt-pilot".into(),
         nonce: format!("plt-nonce-{id}-{}", Utc::now().timestamp_micros()),
         issuer: "plt-test".into(),
     };

@@ -81,13 +81,26 @@ pub struct Server {
 
 impl Server {
     pub fn start(config: &Path, log: &Path) -> Server {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--config", config.to_str().unwrap()]);
+        Server::start_command(cmd, log)
+    }
+
+    /// Starts `serve` under the given umask (through sh, which sets it before the exec).
+    pub fn start_with_umask(config: &Path, log: &Path, umask: u32) -> Server {
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(format!(
+                "umask {umask:03o}; exec \"$0\" serve --config \"$1\""
+            ))
+            .arg(BIN)
+            .arg(config);
+        Server::start_command(cmd, log)
+    }
+
+    fn start_command(mut cmd: Command, log: &Path) -> Server {
         let logf = std::fs::File::create(log).unwrap();
-        let mut child = Command::new(BIN)
-            .args(["serve", "--config", config.to_str().unwrap()])
-            .stdout(Stdio::piped())
-            .stderr(logf)
-            .spawn()
-            .unwrap();
+        let mut child = cmd.stdout(Stdio::piped()).stderr(logf).spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {

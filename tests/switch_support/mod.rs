@@ -90,10 +90,27 @@ pub struct Site {
     pub audit: PathBuf,
     pub socket: PathBuf,
     pub gridmap: PathBuf,
+    /// The helper's node name: envelopes from [`Site::body`] are bound to it.
+    pub node: String,
+}
+
+/// The kernel's host name: the helper's node name when switch.toml sets none.
+pub fn hostname() -> String {
+    nix::unistd::gethostname().unwrap().into_string().unwrap()
 }
 
 impl Site {
+    /// A site whose helper detects its node name (the kernel's host name).
     pub fn new() -> Site {
+        Site::build(None)
+    }
+
+    /// A site whose switch.toml sets `node_name = "{node}"`.
+    pub fn with_node(node: &str) -> Site {
+        Site::build(Some(node))
+    }
+
+    fn build(node: Option<&str>) -> Site {
         let dir = tempfile::Builder::new().prefix("swd-").tempdir().unwrap();
         // Other uids (the refused caller, the non-root pilot) must reach the socket and scripts.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -112,10 +129,13 @@ impl Site {
             .tempdir_in("/var/lib")
             .unwrap();
         let config = dir.path().join("switch.toml");
+        let node_line = node
+            .map(|n| format!("node_name = \"{n}\"\n"))
+            .unwrap_or_default();
         std::fs::write(
             &config,
             format!(
-                r#"socket = "run/switch.sock"
+                r#"{node_line}socket = "run/switch.sock"
 allowed_pilots = ["root", "{PILOT}"]
 gridmap = "grid-mapfile"
 audit_log = "log/audit.jsonl"
@@ -139,6 +159,7 @@ scratch_root = "{}"
             key,
             config,
             gridmap,
+            node: node.map(str::to_string).unwrap_or_else(hostname),
         }
     }
 
@@ -169,7 +190,9 @@ scratch_root = "{}"
             },
             outputs: vec![],
             not_before: now - CDuration::minutes(1),
-            not_after: now + CDuration::minutes(10),
+            not_after: now + CDuration::minutes(9),
+            node: self.node.clone(),
+            pilot_id: "swd-pilot".into(),
             nonce: uuid::Uuid::new_v4().simple().to_string(),
             issuer: "swd-test".into(),
         }

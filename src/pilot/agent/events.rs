@@ -134,18 +134,25 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
         let Some(p) = self.payloads.get_mut(&id) else {
             return tracing::error!(payload_id = %id, %reason, "denial for an unknown payload");
         };
-        tracing::warn!(payload_id = %id, class = class.as_str(), %reason, "helper denied the payload; final");
+        // Only a local authorization decision is `denied`; a wrong request (caller) or a
+        // site that could not serve it (system) is `failed`, with the class and reason.
+        let state = PayloadState::of_refusal(Some(class.as_str()));
+        tracing::warn!(payload_id = %id, class = class.as_str(), %state, %reason, "helper refused the payload; final");
         self.capacity.release(&id);
         p.phase = Phase::Ending;
         p.record.decision = Some("deny");
         p.record.denial_class = Some(class.as_str().into());
         p.record.reason = Some(reason.clone());
-        p.record.state = Some("denied".into());
-        self.summary.denied += 1;
+        p.record.state = Some(state.as_str().into());
+        if state == PayloadState::Denied {
+            self.summary.denied += 1;
+        } else {
+            self.summary.failed += 1;
+        }
         p.reporter.send(ReportJob::Final {
             report: StatusReport {
                 pilot_id: self.cfg.pilot_id.clone(),
-                state: Some(PayloadState::Denied),
+                state: Some(state),
                 reason: Some(reason),
                 denial_class: Some(class.as_str().into()),
                 ..Default::default()

@@ -37,6 +37,8 @@ fn work(key: &VoSigningKey, id: &str, cores: u32, wall: u64) -> Work {
         outputs: vec![],
         not_before: now,
         not_after: now + chrono::Duration::minutes(10),
+        node: "node1".into(),
+        pilot_id: "pilot-1".into(),
         nonce: format!("nonce-{id}-0123456789"),
         issuer: "test".into(),
     };
@@ -720,10 +722,15 @@ async fn anonymous_denial_goes_to_the_waiting_launch() {
         1,
     );
     let out = fut.await;
-    assert_eq!(out.summary.denied, 1);
+    // A caller refusal (an unreadable envelope) is `failed`, not `denied`.
+    assert_eq!(out.summary.failed, 1);
     let r = h.server.final_report("a1");
-    assert_eq!(r.state, Some(PayloadState::Denied));
+    assert_eq!(r.state, Some(PayloadState::Failed));
     assert_eq!(r.denial_class.as_deref(), Some("caller"));
+    let recs = trace_records(&h);
+    assert_eq!(recs[1]["state"], "failed");
+    assert_eq!(recs[1]["denial_class"], "caller");
+    assert_eq!(recs[1]["decision"], "deny");
 }
 
 #[tokio::test]

@@ -1,5 +1,7 @@
 //! The server's state in SQLite (`data_dir/mupilot.db`) plus the files beside it
-//! (`bundles/<id>.tar.gz`, `outputs/<id>.tar.gz`).
+//! (`bundles/<id>.tar.gz`, `outputs/<id>.tar.gz`). They hold members' argv, environment,
+//! inputs and outputs: the directories are 0700 and the files 0600 whatever the umask, and
+//! a data directory other users can enter is refused.
 //!
 //! Synchronous by design: one connection behind a mutex, called from the async API through
 //! `spawn_blocking`. Every multi-step change runs in one `BEGIN IMMEDIATE` transaction so a
@@ -9,6 +11,7 @@
 
 mod members;
 mod payloads;
+mod retention;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -31,6 +34,8 @@ pub enum StoreError {
         path: PathBuf,
         source: rusqlite::Error,
     },
+    #[error("data directory {path} is accessible to other users (mode {mode:04o}); it holds the members' commands, environments, inputs and outputs: run `chmod 0700 {path}` (owned by the server's account), then start again")]
+    DataDirOpen { path: PathBuf, mode: u32 },
     #[error("database error: {0}")]
     Db(#[from] rusqlite::Error),
     #[error("cannot write {path}: {source}")]
@@ -105,7 +110,8 @@ CREATE TABLE IF NOT EXISTS payloads (
     has_output        INTEGER NOT NULL DEFAULT 0,
     outputs_skipped   TEXT,
     requeues          INTEGER NOT NULL DEFAULT 0,
-    lost_by_server    INTEGER NOT NULL DEFAULT 0
+    lost_by_server    INTEGER NOT NULL DEFAULT 0,
+    files_deleted_at  TEXT
 );
 CREATE INDEX IF NOT EXISTS payloads_queue ON payloads(state, seq);
 CREATE INDEX IF NOT EXISTS payloads_owner ON payloads(owner_dn, seq);
@@ -128,6 +134,8 @@ const ADDED_COLUMNS: &[(&str, &str)] = &[
     ("lost_by_server", "INTEGER NOT NULL DEFAULT 0"),
     // The helper's "path: reason" list of outputs it did not collect (JSON array), or NULL.
     ("outputs_skipped", "TEXT"),
+    // When retention deleted the payload's bundle and output archive (store/retention.rs).
+    ("files_deleted_at", "TEXT"),
 ];
 
 fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
@@ -155,13 +163,18 @@ pub(crate) fn parse_ts(s: &str) -> Result<DateTime<Utc>, StoreError> {
 }
 
 impl Store {
-    /// Opens (creating if needed) `data_dir/mupilot.db` and the file directories.
+    /// Opens (creating if needed) `data_dir/mupilot.db` and the file directories, all
+    /// private to the server's account; refuses a data directory others can enter.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        for sub in ["", "bundles", "outputs"] {
-            let p = data_dir.join(sub);
-            std::fs::create_dir_all(&p).map_err(|source| StoreError::Io { path: p, source })?;
-        }
+        private_dirs(data_dir)?;
         let path = data_dir.join("mupilot.db");
+        // SQLite creates the -wal and -shm files with the database file's mode, so making
+        // that file 0600 first keeps all three private whatever the umask.
+        for f in ["mupilot.db", "mupilot.db-wal", "mupilot.db-shm"] {
+            let p = data_dir.join(f);
+            let created = f == "mupilot.db";
+            private_file(&p, created).map_err(|source| StoreError::Io { path: p, source })?;
+        }
         let open_err = |source| StoreError::Open {
             path: path.clone(),
             source,
@@ -215,16 +228,78 @@ impl Store {
     }
 }
 
-/// Writes a file completely under a temporary name, syncs it, then renames it into place,
-/// so a reader never sees half a file.
+/// The data directory and its `bundles` and `outputs`: created 0700, an existing data
+/// directory refused when group or others may enter it, the subdirectories set to 0700.
+fn private_dirs(data_dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let io = |p: &Path| {
+        let path = p.to_path_buf();
+        move |source| StoreError::Io { path, source }
+    };
+    match std::fs::metadata(data_dir) {
+        Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+            return Err(StoreError::DataDirOpen {
+                path: data_dir.to_path_buf(),
+                mode: m.permissions().mode() & 0o7777,
+            })
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(data_dir)
+                .map_err(io(data_dir))?;
+            // The umask may have taken bits away from 0700.
+            std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io(data_dir))?;
+        }
+        Err(e) => return Err(io(data_dir)(e)),
+    }
+    for sub in ["bundles", "outputs"] {
+        let p = data_dir.join(sub);
+        match std::fs::DirBuilder::new().mode(0o700).create(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io(&p)(e)),
+        }
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o700)).map_err(io(&p))?;
+    }
+    Ok(())
+}
+
+/// Makes `path` exactly 0600: creates it when `create` (empty), else only when it exists.
+fn private_file(path: &Path, create: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .mode(0o600)
+        .open(path);
+    match f {
+        Ok(f) => f.set_permissions(std::fs::Permissions::from_mode(0o600)),
+        Err(e) if !create && e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes a file completely under a temporary name (0600 whatever the umask), syncs it, then
+/// renames it into place, so a reader never sees half a file.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let err = |source| StoreError::Io {
         path: path.to_path_buf(),
         source,
     };
     let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         f.write_all(data)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;

@@ -79,7 +79,7 @@ fn skipped_json(list: &[String]) -> Option<String> {
 const VIEW_COLUMNS: &str = "id, owner_dn, vo, state, argv, jobtag, cores, memory_bytes, \
     walltime_seconds, outputs, submitted_at, updated_at, pilot_id, host, batch_job_id, account, \
     uid, exit_code, signal, cpu_seconds, peak_memory_bytes, reason, denial_class, has_output, \
-    outputs_skipped";
+    outputs_skipped, files_deleted_at";
 
 /// Raw column values of a view row (converted outside the rusqlite closure).
 struct ViewRow {
@@ -108,6 +108,7 @@ struct ViewRow {
     denial_class: Option<String>,
     has_output: bool,
     outputs_skipped: Option<String>,
+    files_deleted_at: Option<String>,
 }
 
 fn view_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ViewRow> {
@@ -137,6 +138,7 @@ fn view_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ViewRow> {
         denial_class: r.get(22)?,
         has_output: r.get(23)?,
         outputs_skipped: r.get(24)?,
+        files_deleted_at: r.get(25)?,
     })
 }
 
@@ -173,6 +175,7 @@ impl ViewRow {
                 Some(s) => json("outputs_skipped", s)?,
                 None => Vec::new(),
             },
+            files_deleted_at: self.files_deleted_at.as_deref().map(parse_ts).transpose()?,
         })
     }
 }
@@ -414,6 +417,9 @@ impl Store {
             Some(PayloadState::Running) if state == PayloadState::Running || state == PayloadState::Matched => {
                 PayloadState::Running
             }
+            // `denied` is reserved for local authorization decisions: a refusal of class
+            // caller or system (as an older pilot reports it) is stored as `failed`.
+            Some(PayloadState::Denied) => PayloadState::of_refusal(rep.denial_class.as_deref()),
             Some(s) => s,
         };
         let mut commands = take_commands(&tx, id)?;
@@ -787,7 +793,7 @@ mod tests {
 
     fn store() -> (tempfile::TempDir, Store) {
         let d = tempfile::tempdir().unwrap();
-        let s = Store::open(d.path()).unwrap();
+        let s = Store::open(&d.path().join("data")).unwrap();
         let seed = MemberSeed {
             dn: "/CN=a".into(),
             fqans: vec!["/demo".into()],
@@ -992,6 +998,34 @@ mod tests {
         s.seed_members("demo", &[seed], Utc::now()).unwrap();
         let a = s.submit(&new_payload(), None, Utc::now()).unwrap();
         assert_eq!(s.view(&a).unwrap().state, PayloadState::Queued);
+    }
+
+    #[test]
+    fn denied_is_kept_for_authorization_refusals_only() {
+        let (_d, s) = store();
+        let now = Utc::now();
+        for (class, expected) in [
+            (Some("authorization"), PayloadState::Denied),
+            (None, PayloadState::Denied),
+            (Some("system"), PayloadState::Failed),
+            (Some("caller"), PayloadState::Failed),
+        ] {
+            let id = s.submit(&new_payload(), None, now).unwrap();
+            assert_eq!(s.match_one("/CN=p", &mreq(), now).unwrap().unwrap().id, id);
+            // As a pilot older than the classes reports every refusal.
+            let rep = StatusReport {
+                pilot_id: "p".into(),
+                state: Some(PayloadState::Denied),
+                reason: Some("why".into()),
+                denial_class: class.map(str::to_string),
+                ..Default::default()
+            };
+            s.apply_status(&id, "/CN=p", &rep, now).unwrap();
+            let v = s.view(&id).unwrap();
+            assert_eq!(v.state, expected, "{class:?}");
+            assert_eq!(v.denial_class.as_deref(), class);
+            assert_eq!(v.reason.as_deref(), Some("why"));
+        }
     }
 
     #[test]

@@ -152,6 +152,10 @@ pub enum SandboxError {
     Channel(std::io::Error),
     #[error("payload setup failed at step '{step}': {error}")]
     Setup { step: String, error: String },
+    /// The input bundle (whose digest the VO signed) is not a usable tar.gz: the caller's
+    /// fault, not the site's.
+    #[error("the input bundle is not a usable tar.gz archive: {error}")]
+    Bundle { error: String },
     #[error("stage process ended before starting the payload ({status})")]
     StageDied { status: String },
     #[error("cannot send signal {sig} to the payload: {source}")]
@@ -888,6 +892,9 @@ fn wait_started(
             }
             Ok(_) => match serde_json::from_str::<StageEvent>(&l) {
                 Ok(StageEvent::Started { pid, init_pid }) => return Ok((events, pid, init_pid)),
+                Ok(StageEvent::Failed { step, error }) if step == payload::BUNDLE_ARCHIVE_STEP => {
+                    return Err(SandboxError::Bundle { error });
+                }
                 Ok(StageEvent::Failed { step, error }) => {
                     return Err(SandboxError::Setup { step, error });
                 }

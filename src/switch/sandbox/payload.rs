@@ -35,6 +35,9 @@ use super::stage::{StagePlan, GATE_OPEN};
 
 type StepResult<T> = Result<T, (String, String)>;
 
+/// The setup step a bundle that is not a usable tar.gz fails at (see [`SandboxError::Bundle`]).
+pub const BUNDLE_ARCHIVE_STEP: &str = "bundle archive";
+
 /// Stack of the child until its exec: it runs a handful of small frames (no recursion, no
 /// allocation); 64 KiB leaves ample room, with a guard page below.
 const STACK_BYTES: usize = 64 * 1024;
@@ -281,7 +284,9 @@ impl PayloadExec {
                         ))
                         .map_err(|e| ("chdir to scratch".to_owned(), e.to_string()))
                     })
-                    .and_then(|()| unpack(&bytes).map_err(|e| (s.to_owned(), e.to_string())));
+                    .and_then(|()| {
+                        unpack(&bytes).map_err(|e| (unpack_step(&e).to_owned(), e.to_string()))
+                    });
                 let code = match result {
                     Ok(()) => 0,
                     Err((step, e)) => {
@@ -315,6 +320,17 @@ fn exec_failed(errno: i32) -> Failed {
         step: "exec",
         errno,
         detail: "",
+    }
+}
+
+/// The step a failed unpacking is reported as: the archive's own fault (not gzip, not tar, an
+/// entry that cannot be written as the account) is [`BUNDLE_ARCHIVE_STEP`], a caller error;
+/// a full disk or quota, or no memory, is the node's ("unpack bundle"), a system error.
+fn unpack_step(e: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        StorageFull | QuotaExceeded | OutOfMemory => "unpack bundle",
+        _ => BUNDLE_ARCHIVE_STEP,
     }
 }
 

@@ -951,7 +951,7 @@ mod tests {
     #[test]
     fn hand_backs_count_and_fail_at_the_limit() {
         let d = tempfile::tempdir().unwrap();
-        let mut s = Store::open(d.path()).unwrap();
+        let mut s = Store::open(&d.path().join("data")).unwrap();
         s.set_requeue_limit(2);
         let seed = MemberSeed {
             dn: "/CN=a".into(),
@@ -982,15 +982,21 @@ mod tests {
     #[test]
     fn columns_are_added_to_an_older_database() {
         let d = tempfile::tempdir().unwrap();
+        let data = d.path().join("data");
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&data)
+            .unwrap();
         {
-            let c = rusqlite::Connection::open(d.path().join("mupilot.db")).unwrap();
+            let c = rusqlite::Connection::open(data.join("mupilot.db")).unwrap();
             let old = super::super::SCHEMA
                 .replace(",\n    requeues          INTEGER NOT NULL DEFAULT 0", "")
                 .replace(",\n    lost_by_server    INTEGER NOT NULL DEFAULT 0", "");
             assert!(!old.contains("requeues"));
             c.execute_batch(&old).unwrap();
         }
-        let s = Store::open(d.path()).unwrap();
+        let s = Store::open(&data).unwrap();
         let seed = MemberSeed {
             dn: "/CN=a".into(),
             fqans: vec![],

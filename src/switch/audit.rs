@@ -15,6 +15,8 @@ use crate::records::{ChainWriter, FsyncPolicy, PendingSync, RecordError};
 #[serde(rename_all = "snake_case")]
 pub enum AuditEvent {
     RefusedCaller,
+    /// How many more connections of one uid were refused in an interval (`refused_count`).
+    RefusedSummary,
     Denied,
     Start,
     End,
@@ -85,6 +87,8 @@ pub struct AuditRecord {
     pub peak_memory_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kill_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused_count: Option<u64>,
 }
 
 impl AuditRecord {

@@ -285,10 +285,6 @@ impl ReadLimits {
         deadline: None,
         frame_time: None,
     };
-
-    fn timed(&self) -> bool {
-        self.deadline.is_some() || self.frame_time.is_some()
-    }
 }
 
 /// Reads one frame and the descriptors that came with it (no deadline, [`MAX_FRAME`]).
@@ -300,20 +296,21 @@ pub fn read_frame<T: for<'de> Deserialize<'de>>(
 
 /// Reads one frame within `limits`. The body grows as its bytes arrive, so an announced
 /// length costs nothing until the sender really sends that much; a length above
-/// `limits.max_bytes` is refused before any of the body is read.
+/// `limits.max_bytes` is refused before any of the body is read. Deadlines are kept with
+/// poll(2) only when a read would block: a frame that arrived whole costs no extra call.
 pub fn read_frame_limited<T: for<'de> Deserialize<'de>>(
     stream: &mut UnixStream,
     limits: &ReadLimits,
 ) -> Result<(T, Vec<OwnedFd>), WireError> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use nix::sys::socket::{recv, recvmsg, ControlMessageOwned, MsgFlags};
     let mut header = [0u8; 4];
     let mut fds = Vec::new();
     let mut got = 0;
     // Until the first byte: the caller's deadline only; after it, the frame's too.
     let mut until = limits.deadline;
     while got < header.len() {
-        if limits.timed() {
-            arm(stream, until, got > 0)?;
+        if until.is_some() {
+            wait_readable(stream, until, got > 0, limits)?;
         }
         let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS]);
         let mut iov = [io::IoSliceMut::new(&mut header[got..])];
@@ -325,7 +322,6 @@ pub fn read_frame_limited<T: for<'de> Deserialize<'de>>(
         ) {
             Ok(m) => m,
             Err(nix::errno::Errno::EINTR) => continue,
-            Err(nix::errno::Errno::EAGAIN) if limits.timed() => return Err(late(got > 0, limits)),
             Err(e) => return Err(io::Error::from(e).into()),
         };
         let n = msg.bytes;
@@ -356,47 +352,56 @@ pub fn read_frame_limited<T: for<'de> Deserialize<'de>>(
     let mut body = Vec::new();
     let mut chunk = [0u8; 16 << 10];
     while body.len() < len {
-        if limits.timed() {
-            arm(stream, until, true)?;
-        }
         let want = (len - body.len()).min(chunk.len());
-        match stream.read(&mut chunk[..want]) {
+        // Without a deadline a plain blocking read (it keeps any SO_RCVTIMEO the caller set).
+        let flags = if until.is_some() {
+            MsgFlags::MSG_DONTWAIT
+        } else {
+            MsgFlags::empty()
+        };
+        match recv(stream.as_raw_fd(), &mut chunk[..want], flags) {
             Ok(0) => return Err(WireError::Closed),
             Ok(n) => body.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e)
-                if limits.timed()
-                    && matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-            {
-                return Err(late(true, limits))
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::EAGAIN) if until.is_some() => {
+                wait_readable(stream, until, true, limits)?
             }
-            Err(e) => return Err(WireError::Io(e)),
+            Err(e) => return Err(io::Error::from(e).into()),
         }
     }
     Ok((serde_json::from_slice(&body)?, fds))
 }
 
-/// Sets the socket's receive timeout to what is left until `until` (none: block).
-fn arm(stream: &UnixStream, until: Option<Instant>, begun: bool) -> Result<(), WireError> {
-    let left = match until {
-        None => None,
-        Some(t) => {
-            let left = t.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(WireError::Deadline(if begun {
-                    "frame not completed in time".into()
-                } else {
-                    "no frame in time".into()
-                }));
+/// Waits until `stream` has something to read, at most until `until` (none: no limit).
+fn wait_readable(
+    stream: &UnixStream,
+    until: Option<Instant>,
+    begun: bool,
+    limits: &ReadLimits,
+) -> Result<(), WireError> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    loop {
+        let timeout = match until {
+            None => PollTimeout::NONE,
+            Some(t) => {
+                let left = t.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(late(begun, limits));
+                }
+                // Rounded up, so a wait never ends just before the deadline.
+                let ms = left.as_millis().saturating_add(1).min(i32::MAX as u128) as i32;
+                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
             }
-            Some(left)
+        };
+        let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(0) => continue, // the deadline check above ends it
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(io::Error::from(e).into()),
         }
-    };
-    stream.set_read_timeout(left)?;
-    Ok(())
+    }
 }
 
 fn late(begun: bool, limits: &ReadLimits) -> WireError {
@@ -481,6 +486,50 @@ mod tests {
             read_frame::<SwitchRequest>(&mut b),
             Err(WireError::Closed)
         ));
+    }
+
+    #[test]
+    fn limited_reads_refuse_long_frames_and_late_ones() {
+        use std::io::Write;
+        let limits = ReadLimits {
+            max_bytes: MAX_REQUEST_FRAME,
+            deadline: None,
+            frame_time: Some(Duration::from_millis(200)),
+        };
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        a.write_all(&(200u32 << 20).to_be_bytes()).unwrap();
+        assert!(matches!(
+            read_frame_limited::<SwitchRequest>(&mut b, &limits),
+            Err(WireError::TooLarge(209715200, MAX_REQUEST_FRAME))
+        ));
+        // A frame in two parts within the deadline, then one left half-sent.
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let body = serde_json::to_vec(&SwitchRequest::Status).unwrap();
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        a.write_all(&frame[..6]).unwrap();
+        let rest = frame[6..].to_vec();
+        let mut a2 = a.try_clone().unwrap();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            a2.write_all(&rest).unwrap();
+        });
+        let (got, _) = read_frame_limited::<SwitchRequest>(&mut b, &limits).unwrap();
+        assert_eq!(got, SwitchRequest::Status);
+        t.join().unwrap();
+        a.write_all(&frame[..6]).unwrap();
+        let started = Instant::now();
+        let e = read_frame_limited::<SwitchRequest>(&mut b, &limits).unwrap_err();
+        assert!(matches!(e, WireError::Deadline(_)), "{e}");
+        assert!(started.elapsed() >= Duration::from_millis(150));
+        // A deadline before the first byte (hello).
+        let (_a, mut b) = UnixStream::pair().unwrap();
+        let hello = ReadLimits {
+            deadline: Some(Instant::now() + Duration::from_millis(100)),
+            ..limits
+        };
+        let e = read_frame_limited::<SwitchRequest>(&mut b, &hello).unwrap_err();
+        assert!(e.to_string().contains("hello is due"), "{e}");
     }
 
     #[test]

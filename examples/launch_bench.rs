@@ -173,7 +173,7 @@ fn mupilot_path(args: &[String]) -> i32 {
         let t = Instant::now();
         let req = SwitchRequest::Launch {
             envelope,
-            bundle: None,
+            bundle_fd: None,
         };
         write_frame(&mut stream, &req, &[w.as_raw_fd(), w.as_raw_fd()]).unwrap();
         loop {
@@ -280,7 +280,7 @@ fn hold(args: &[String]) -> i32 {
         );
         let req = SwitchRequest::Launch {
             envelope: key.sign(&body),
-            bundle: None,
+            bundle_fd: None,
         };
         write_frame(&mut stream, &req, &[w.as_raw_fd(), w.as_raw_fd()]).unwrap();
     }

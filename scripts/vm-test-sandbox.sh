@@ -4,6 +4,10 @@
 # memory.peak, the no-internal-processes rule (the test starts in a non-root cgroup).
 #
 #   scripts/vm-test-sandbox.sh          build the test binaries, boot one VM, run them all
+#   scripts/vm-test-sandbox.sh NAME...  only these test binaries (e.g. pilot_attacks)
+#
+# pilot_attacks runs the real helper daemon in the guest (the pilot account's attacks, and
+# that payloads land below the connecting pilot's cgroup on v2).
 #
 # Prints each test binary's cargo-test output; exits non-zero when any test failed.
 set -euo pipefail
@@ -12,7 +16,8 @@ cd "$(dirname "$0")/.."
 source scripts/lib/common.sh
 need_root
 
-TESTS=(sandbox_isolation sandbox_env sandbox_orphan sandbox_attacks)
+TESTS=(sandbox_isolation sandbox_env sandbox_orphan sandbox_attacks pilot_attacks)
+[ $# -eq 0 ] || TESTS=("$@")
 log "building the sandbox test binaries"
 # examples/attack is the hostile payload of sandbox_attacks (raw syscalls: the guest has no
 # python or gcc); the tests find it beside their deps directory.

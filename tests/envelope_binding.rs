@@ -235,7 +235,7 @@ impl Vo {
 
 /// Launches and expects the payload to start and exit 0.
 fn runs(c: &mut Client, w: &Work) {
-    match c.launch(&w.envelope, w.bundle.clone()) {
+    match c.launch(&w.envelope, bundle_bytes(&w).as_deref()) {
         SwitchEvent::Started { payload_id, .. } => assert_eq!(payload_id, w.payload_id),
         other => panic!("expected started, got {other:?}"),
     }
@@ -286,7 +286,7 @@ fn an_envelope_runs_only_on_the_node_it_was_matched_for() {
     assert_eq!(w.payload_id, id);
     runs(&mut on_a, &w);
     // ... and node B, whose replay cache never saw the nonce, refuses it, naming both nodes.
-    let (pid, class, reason) = denied(on_b.launch(&w.envelope, w.bundle.clone()));
+    let (pid, class, reason) = denied(on_b.launch(&w.envelope, bundle_bytes(&w).as_deref()));
     assert_eq!(pid, id);
     assert_eq!(class, DenialClass::Caller);
     assert!(
@@ -310,7 +310,7 @@ fn an_envelope_runs_only_on_the_node_it_was_matched_for() {
     let id = vo.submit();
     let w = vo.match_for(NODE_B);
     assert_eq!(w.payload_id, id);
-    let (_, class, reason) = denied(on_a.launch(&w.envelope, w.bundle.clone()));
+    let (_, class, reason) = denied(on_a.launch(&w.envelope, bundle_bytes(&w).as_deref()));
     assert_eq!(class, DenialClass::Caller);
     assert!(
         reason.contains(&format!("'{NODE_B}'")) && reason.contains(&format!("'{node_a}'")),
@@ -403,4 +403,14 @@ fn stale_and_overlong_envelopes_are_refused_with_their_numbers() {
     let w = vo.match_for(&node_a);
     assert_eq!(w.payload_id, id);
     runs(&mut on_a, &w);
+}
+
+/// The bundle of a match answer as the bytes a pilot passes to the helper (a sealed memfd).
+fn bundle_bytes(w: &Work) -> Option<Vec<u8>> {
+    use base64::Engine;
+    w.bundle.as_ref().map(|b| {
+        base64::engine::general_purpose::STANDARD
+            .decode(b)
+            .expect("the server's bundle is base64")
+    })
 }

@@ -245,6 +245,11 @@ fn outputs_skip_symlinks() {
 
 /// A tar.gz with a `../evil` entry, an absolute path, and a symlink to an absolute directory
 /// followed by a file written through it.
+/// A bundle as the helper passes it on: a sealed memfd.
+fn memfd(bytes: &[u8]) -> std::sync::Arc<std::os::fd::OwnedFd> {
+    std::sync::Arc::new(mupilot::protocol::switch_wire::sealed_memfd("test-bundle", bytes).unwrap())
+}
+
 fn hostile_bundle(outside: &std::path::Path) -> Vec<u8> {
     let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     let mut b = tar::Builder::new(gz);
@@ -311,7 +316,7 @@ fn hostile_bundle_stays_in_scratch() {
         &u.account,
         &["sh", "-c", "cat input.txt; ls -A ..; ls -A"],
     );
-    p.bundle = Some(hostile_bundle(&outside));
+    p.bundle = Some(memfd(&hostile_bundle(&outside)));
     let r = mupilot::switch::sandbox::launch(&s, p, None, None);
     let leaked: Vec<_> = std::fs::read_dir(&outside)
         .unwrap()
@@ -367,7 +372,7 @@ fn bundle_paths_are_neutralized() {
             "cat input.txt; find . -type f | sort; stat -c %U input.txt",
         ],
     );
-    p.bundle = Some(b.into_inner().unwrap().finish().unwrap());
+    p.bundle = Some(memfd(&b.into_inner().unwrap().finish().unwrap()));
     let (o, out) = run(&s, p);
     assert_eq!(o.exit_code, Some(0), "{out}");
     assert_eq!(
@@ -726,7 +731,7 @@ fn payload_cgroup_follows_the_pilot() {
         &u.account,
         &["sh", "-c", "cat /proc/self/cgroup; sleep 0.5"],
     );
-    p.pilot_pid = pilot.id() as i32;
+    p.pilot = mupilot::switch::sandbox::cgroup::PilotCgroups::read(pilot.id() as i32).unwrap();
     p.cores = 2;
     let id = p.payload_id.clone();
     let (w, t) = sandbox_support::capture();
@@ -832,7 +837,7 @@ fn cgroup_creation_failure_is_reported_and_withdraws_the_stage() {
     let s = settings(&root.0);
     let p = plan("cgfail", &u.account, &["true"]);
     let located = mupilot::switch::sandbox::cgroup::Cgroup::locate(
-        p.pilot_pid,
+        &p.pilot,
         &format!("mupilot-{}", p.payload_id),
     )
     .unwrap();

@@ -46,7 +46,9 @@ fn start(
     std::path::PathBuf,
 ) {
     let name = format!("mupilot-test-sbx-{tag}-{}", std::process::id());
-    let located = Cgroup::locate(std::process::id() as i32, &name).unwrap();
+    let pilot =
+        mupilot::switch::sandbox::cgroup::PilotCgroups::read(std::process::id() as i32).unwrap();
+    let located = Cgroup::locate(&pilot, &name).unwrap();
     let cg = located.cgroup().clone();
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -71,7 +73,7 @@ fn start(
         "nofile": 64,
         "core_bytes": 0,
         "allow_user_namespaces": true,
-        "bundle_b64": null,
+        "bundle": false,
     });
     let (ours, theirs) = UnixStream::pair().unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_mupilot-switch"))

@@ -152,7 +152,7 @@ fn envelope(key: &VoSigningKey, id: &str, dn: &str, fqan: &str, check: &str) -> 
     };
     serde_json::to_value(SwitchRequest::Launch {
         envelope: key.sign(&body),
-        bundle: None,
+        bundle_fd: None,
     })
     .unwrap()
 }

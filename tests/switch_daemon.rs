@@ -139,7 +139,7 @@ fn bad_envelopes_are_refused_as_caller_errors() {
     // Bundle: wrong digest, missing, unexpected.
     let mut b = site.body(DN_ALICE, &["/bin/true"]);
     b.bundle_sha256 = Some(mupilot::protocol::envelope::sha256_hex(b"the real bundle"));
-    let (_, class, reason) = denied(c.launch(&site.sign(&b), Some(B64.encode(b"another bundle"))));
+    let (_, class, reason) = denied(c.launch(&site.sign(&b), Some(b"another bundle")));
     assert_eq!(class, DenialClass::Caller);
     assert!(
         reason.contains("does not match the envelope's bundle_sha256"),
@@ -153,7 +153,7 @@ fn bad_envelopes_are_refused_as_caller_errors() {
         "{reason}"
     );
     let b = site.body(DN_ALICE, &["/bin/true"]);
-    let (_, class, reason) = denied(c.launch(&site.sign(&b), Some(B64.encode(b"x"))));
+    let (_, class, reason) = denied(c.launch(&site.sign(&b), Some(b"x")));
     assert_eq!(class, DenialClass::Caller);
     assert!(reason.contains("envelope names none"), "{reason}");
 
@@ -171,7 +171,7 @@ fn bad_envelopes_are_refused_as_caller_errors() {
     let ev = c.call(
         &SwitchRequest::Launch {
             envelope: site.sign(&b),
-            bundle: None,
+            bundle_fd: None,
         },
         &[f.as_raw_fd(), sock_a.as_raw_fd()],
     );
@@ -276,7 +276,7 @@ fn mapping_to_root_or_to_the_pilot_itself_is_refused() {
         serde_json::json!({"type": "hello", "pilot_id": "swd-pilot"}),
         serde_json::to_value(SwitchRequest::Launch {
             envelope: site.sign(&body),
-            bundle: None,
+            bundle_fd: None,
         })
         .unwrap(),
     ];
@@ -449,7 +449,7 @@ fn launch_capturing(
     let ev = c.call(
         &SwitchRequest::Launch {
             envelope: site.sign(body),
-            bundle: None,
+            bundle_fd: None,
         },
         &[out.as_file().as_raw_fd(), err.as_file().as_raw_fd()],
     );

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use crate::protocol::command::SignedCommand;
 use crate::protocol::envelope::SignedEnvelope;
 use crate::protocol::switch_wire::{
-    read_frame, write_frame, PilotHello, SwitchEvent, SwitchRequest, WireError,
+    read_frame, sealed_memfd, write_frame, PilotHello, SwitchEvent, SwitchRequest, WireError,
 };
 
 /// How long the helper may take to answer `hello`.
@@ -44,6 +44,8 @@ pub enum HelperError {
     Protocol { socket: PathBuf, what: String },
     #[error("cannot send to the helper: {0}")]
     Send(#[from] WireError),
+    #[error("cannot pass the bundle to the helper: {0}")]
+    Bundle(String),
 }
 
 /// Welcome details from the helper.
@@ -195,11 +197,33 @@ impl HelperApi for HelperConnection {
         stdout: &File,
         stderr: &File,
     ) -> Result<(), HelperError> {
+        // The bundle travels as a sealed memfd: its pages are the pilot's (its batch job pays
+        // for them, P7) and the helper reads it by position, never as JSON.
+        let bundle = match bundle {
+            None => None,
+            Some(b64) => {
+                use base64::Engine;
+                match base64::engine::general_purpose::STANDARD.decode(b64) {
+                    Ok(bytes) => Some(
+                        sealed_memfd("mupilot-bundle", &bytes)
+                            .map_err(|e| HelperError::Bundle(format!("memfd: {e}")))?,
+                    ),
+                    // The server's fault: launched without it, the helper denies the payload
+                    // (bundle missing), which the pilot reports as for any denial.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the server's bundle is not valid base64");
+                        None
+                    }
+                }
+            }
+        };
         let req = SwitchRequest::Launch {
             envelope: envelope.clone(),
-            bundle: bundle.map(str::to_string),
+            bundle_fd: bundle.as_ref().map(|_| 2),
         };
-        self.send(&req, &[stdout.as_raw_fd(), stderr.as_raw_fd()])
+        let mut fds = vec![stdout.as_raw_fd(), stderr.as_raw_fd()];
+        fds.extend(bundle.as_ref().map(|b| b.as_raw_fd()));
+        self.send(&req, &fds)
     }
 
     fn signal(&self, payload_id: &str, signal: i32, reason: &str) -> Result<(), HelperError> {

@@ -1,23 +1,32 @@
 //! The local protocol between a pilot and the helper on `/run/mupilot/switch.sock`.
 //!
 //! A frame is a 4-byte big-endian length followed by that many bytes of JSON. A `launch` frame
-//! carries two file descriptors (SCM_RIGHTS on the frame's first byte): the payload's stdout
+//! carries file descriptors (SCM_RIGHTS on the frame's first byte): the payload's stdout
 //! and stderr, files the pilot opened in its own work directory, so payload output never
-//! passes through the helper and counts against the pilot's batch slot. One connection per
-//! pilot; when it closes, the helper kills that pilot's payloads (P10).
+//! passes through the helper and counts against the pilot's batch slot, and the input bundle
+//! as a sealed memfd (never bytes inside the JSON). One connection per pilot; when it closes,
+//! the helper kills that pilot's payloads (P10).
+//!
+//! The helper reads requests with [`ReadLimits`]: at most [`MAX_REQUEST_FRAME`] bytes, never
+//! allocated from the announced length before the bytes arrive, and within deadlines.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use super::envelope::SignedEnvelope;
 
-/// Largest frame either side accepts (bundles and output archives travel inside frames).
+/// Largest frame a pilot accepts from the helper (output archives travel inside `exited`).
 pub const MAX_FRAME: usize = 256 << 20;
-/// Most descriptors one frame may carry.
-pub const MAX_FDS: usize = 4;
+/// Largest request the helper accepts from a pilot: control frames only (the bundle travels
+/// as a descriptor), so an envelope (at most 1 MiB of base64) is the biggest part.
+pub const MAX_REQUEST_FRAME: usize = 1 << 20;
+/// Most descriptors one frame may carry (launch: stdout, stderr, bundle; stage plan: two
+/// gates, the bundle and two outputs).
+pub const MAX_FDS: usize = 5;
 
 /// What the pilot tells the helper about itself and its slot, once per connection.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -46,12 +55,15 @@ pub struct PilotHello {
 pub enum SwitchRequest {
     /// First frame on a connection.
     Hello(PilotHello),
-    /// Run this payload. Carries two fds (stdout, stderr) or none (output discarded).
+    /// Run this payload. Carries two fds (stdout, stderr) or none (output discarded), plus
+    /// the bundle's when the envelope names a digest.
     Launch {
         envelope: SignedEnvelope,
-        /// base64 of the input bundle, when the envelope names a digest.
+        /// Which of the frame's descriptors (0-based) is the input bundle: a memfd sealed
+        /// against writes, growing and shrinking ([`sealed_memfd`]). The stdout and stderr
+        /// descriptors are the others, in that order.
         #[serde(default)]
-        bundle: Option<String>,
+        bundle_fd: Option<usize>,
     },
     /// Send a signal to a running payload of this pilot (the whole payload cgroup).
     Signal {
@@ -199,8 +211,10 @@ pub enum SwitchEvent {
 pub enum WireError {
     #[error("connection closed")]
     Closed,
-    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME}")]
-    TooLarge(usize),
+    #[error("frame of {0} bytes exceeds the limit of {1} bytes")]
+    TooLarge(usize, usize),
+    #[error("{0}")]
+    Deadline(String),
     #[error("frame is not valid JSON of the expected shape: {0}")]
     Json(#[from] serde_json::Error),
     #[error("socket error: {0}")]
@@ -213,16 +227,27 @@ pub fn write_frame<T: Serialize>(
     msg: &T,
     fds: &[RawFd],
 ) -> Result<(), WireError> {
+    write_frame_to(stream, msg, fds)
+}
+
+/// [`write_frame`] through a shared reference (a socket needs no exclusive access to be
+/// written; the accept loop answers refused callers this way).
+pub fn write_frame_to<T: Serialize>(
+    stream: &UnixStream,
+    msg: &T,
+    fds: &[RawFd],
+) -> Result<(), WireError> {
     let body = serde_json::to_vec(msg)?;
     if body.len() > MAX_FRAME {
-        return Err(WireError::TooLarge(body.len()));
+        return Err(WireError::TooLarge(body.len(), MAX_FRAME));
     }
     let header = (body.len() as u32).to_be_bytes();
     if fds.is_empty() {
         let mut buf = Vec::with_capacity(4 + body.len());
         buf.extend_from_slice(&header);
         buf.extend_from_slice(&body);
-        stream.write_all(&buf)?;
+        let mut w = stream;
+        w.write_all(&buf)?;
     } else {
         use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
         let iov = [io::IoSlice::new(&header)];
@@ -234,23 +259,61 @@ pub fn write_frame<T: Serialize>(
                 Err(e) => return Err(io::Error::from(e).into()),
             }
         };
+        let mut w = stream;
         while sent < header.len() {
-            sent += stream.write(&header[sent..])?;
+            sent += w.write(&header[sent..])?;
         }
-        stream.write_all(&body)?;
+        w.write_all(&body)?;
     }
     Ok(())
 }
 
-/// Reads one frame and the descriptors that came with it.
+/// What a reader accepts: the largest frame and how long the sender may take.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadLimits {
+    pub max_bytes: usize,
+    /// The whole frame must have arrived by then (the helper: hello within N s of connect).
+    pub deadline: Option<Instant>,
+    /// Once its first byte arrived, a frame must be complete within this (a pilot may stay
+    /// idle between frames for its whole life, but never hold a frame half-sent).
+    pub frame_time: Option<Duration>,
+}
+
+impl ReadLimits {
+    /// No deadline, frames up to [`MAX_FRAME`]: a pilot reading the helper's events, a stage
+    /// reading its plan.
+    pub const TRUSTED: ReadLimits = ReadLimits {
+        max_bytes: MAX_FRAME,
+        deadline: None,
+        frame_time: None,
+    };
+}
+
+/// Reads one frame and the descriptors that came with it (no deadline, [`MAX_FRAME`]).
 pub fn read_frame<T: for<'de> Deserialize<'de>>(
     stream: &mut UnixStream,
 ) -> Result<(T, Vec<OwnedFd>), WireError> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    read_frame_limited(stream, &ReadLimits::TRUSTED)
+}
+
+/// Reads one frame within `limits`. The body grows as its bytes arrive, so an announced
+/// length costs nothing until the sender really sends that much; a length above
+/// `limits.max_bytes` is refused before any of the body is read. Deadlines are kept with
+/// poll(2) only when a read would block: a frame that arrived whole costs no extra call.
+pub fn read_frame_limited<T: for<'de> Deserialize<'de>>(
+    stream: &mut UnixStream,
+    limits: &ReadLimits,
+) -> Result<(T, Vec<OwnedFd>), WireError> {
+    use nix::sys::socket::{recv, recvmsg, ControlMessageOwned, MsgFlags};
     let mut header = [0u8; 4];
     let mut fds = Vec::new();
     let mut got = 0;
+    // Until the first byte: the caller's deadline only; after it, the frame's too.
+    let mut until = limits.deadline;
     while got < header.len() {
+        if until.is_some() {
+            wait_readable(stream, until, got > 0, limits)?;
+        }
         let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS]);
         let mut iov = [io::IoSliceMut::new(&mut header[got..])];
         let msg = match recvmsg::<()>(
@@ -276,21 +339,126 @@ pub fn read_frame<T: for<'de> Deserialize<'de>>(
         if n == 0 {
             return Err(WireError::Closed);
         }
+        if got == 0 {
+            if let Some(t) = limits.frame_time {
+                let frame_end = Instant::now() + t;
+                until = Some(until.map_or(frame_end, |u| u.min(frame_end)));
+            }
+        }
         got += n;
     }
     let len = u32::from_be_bytes(header) as usize;
-    if len > MAX_FRAME {
-        return Err(WireError::TooLarge(len));
+    if len > limits.max_bytes {
+        return Err(WireError::TooLarge(len, limits.max_bytes));
     }
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            WireError::Closed
+    let mut body = Vec::new();
+    let mut chunk = [0u8; 16 << 10];
+    while body.len() < len {
+        let want = (len - body.len()).min(chunk.len());
+        // Without a deadline a plain blocking read (it keeps any SO_RCVTIMEO the caller set).
+        let flags = if until.is_some() {
+            MsgFlags::MSG_DONTWAIT
         } else {
-            WireError::Io(e)
+            MsgFlags::empty()
+        };
+        match recv(stream.as_raw_fd(), &mut chunk[..want], flags) {
+            Ok(0) => return Err(WireError::Closed),
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::EAGAIN) if until.is_some() => {
+                wait_readable(stream, until, true, limits)?
+            }
+            Err(e) => return Err(io::Error::from(e).into()),
         }
-    })?;
+    }
     Ok((serde_json::from_slice(&body)?, fds))
+}
+
+/// Waits until `stream` has something to read, at most until `until` (none: no limit).
+fn wait_readable(
+    stream: &UnixStream,
+    until: Option<Instant>,
+    begun: bool,
+    limits: &ReadLimits,
+) -> Result<(), WireError> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    loop {
+        let timeout = match until {
+            None => PollTimeout::NONE,
+            Some(t) => {
+                let left = t.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(late(begun, limits));
+                }
+                // Rounded up, so a wait never ends just before the deadline.
+                let ms = left.as_millis().saturating_add(1).min(i32::MAX as u128) as i32;
+                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+            }
+        };
+        let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(0) => continue, // the deadline check above ends it
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(io::Error::from(e).into()),
+        }
+    }
+}
+
+fn late(begun: bool, limits: &ReadLimits) -> WireError {
+    WireError::Deadline(match (begun, limits.frame_time) {
+        (true, Some(t)) => format!(
+            "a frame was begun but not completed within {} s; send each frame whole",
+            t.as_secs()
+        ),
+        _ => "no complete request arrived in time (hello is due right after connecting)".into(),
+    })
+}
+
+/// Reads a file from its start by position (pread), never through the file offset, which a
+/// descriptor received over SCM_RIGHTS shares with the sender's.
+pub struct ReadAt<'a> {
+    file: &'a std::fs::File,
+    pos: u64,
+}
+
+impl<'a> ReadAt<'a> {
+    pub fn new(file: &'a std::fs::File) -> Self {
+        ReadAt { file, pos: 0 }
+    }
+}
+
+impl Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = std::os::unix::fs::FileExt::read_at(self.file, buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// A memfd holding `bytes`, sealed against writing, growing, shrinking and further seals, so
+/// a receiver can check it once and trust it after. Its pages are charged to the cgroup of
+/// the process that writes them (the pilot's, P7), not to the receiver's.
+pub fn sealed_memfd(name: &str, bytes: &[u8]) -> io::Result<OwnedFd> {
+    let cname = std::ffi::CString::new(name).map_err(io::Error::other)?;
+    // SAFETY: memfd_create with a NUL-terminated name we own and constant flags; the result
+    // is checked and owned below.
+    let fd =
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor memfd_create just returned to us and nobody else holds.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut f = std::fs::File::from(fd);
+    f.write_all(bytes)?;
+    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on a descriptor we own with an integer argument.
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(OwnedFd::from(f))
 }
 
 #[cfg(test)]
@@ -320,6 +488,50 @@ mod tests {
             read_frame::<SwitchRequest>(&mut b),
             Err(WireError::Closed)
         ));
+    }
+
+    #[test]
+    fn limited_reads_refuse_long_frames_and_late_ones() {
+        use std::io::Write;
+        let limits = ReadLimits {
+            max_bytes: MAX_REQUEST_FRAME,
+            deadline: None,
+            frame_time: Some(Duration::from_millis(200)),
+        };
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        a.write_all(&(200u32 << 20).to_be_bytes()).unwrap();
+        assert!(matches!(
+            read_frame_limited::<SwitchRequest>(&mut b, &limits),
+            Err(WireError::TooLarge(209715200, MAX_REQUEST_FRAME))
+        ));
+        // A frame in two parts within the deadline, then one left half-sent.
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let body = serde_json::to_vec(&SwitchRequest::Status).unwrap();
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        a.write_all(&frame[..6]).unwrap();
+        let rest = frame[6..].to_vec();
+        let mut a2 = a.try_clone().unwrap();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            a2.write_all(&rest).unwrap();
+        });
+        let (got, _) = read_frame_limited::<SwitchRequest>(&mut b, &limits).unwrap();
+        assert_eq!(got, SwitchRequest::Status);
+        t.join().unwrap();
+        a.write_all(&frame[..6]).unwrap();
+        let started = Instant::now();
+        let e = read_frame_limited::<SwitchRequest>(&mut b, &limits).unwrap_err();
+        assert!(matches!(e, WireError::Deadline(_)), "{e}");
+        assert!(started.elapsed() >= Duration::from_millis(150));
+        // A deadline before the first byte (hello).
+        let (_a, mut b) = UnixStream::pair().unwrap();
+        let hello = ReadLimits {
+            deadline: Some(Instant::now() + Duration::from_millis(100)),
+            ..limits
+        };
+        let e = read_frame_limited::<SwitchRequest>(&mut b, &hello).unwrap_err();
+        assert!(e.to_string().contains("hello is due"), "{e}");
     }
 
     #[test]

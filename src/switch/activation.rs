@@ -41,11 +41,16 @@ pub enum ListenSource {
 
 /// Takes the systemd-passed socket when this process is the one it was meant for, else binds
 /// `path`.
-pub fn listener(path: &Path) -> Result<(UnixListener, ListenSource), ActivationError> {
+/// The socket `bind` makes is mode 0660 owned by root and `group` (the pilot accounts' group), or 0666 without
+/// a group (the helper then warns: every local uid, payloads included, can connect).
+pub fn listener(
+    path: &Path,
+    group: Option<u32>,
+) -> Result<(UnixListener, ListenSource), ActivationError> {
     if let Some(l) = from_systemd()? {
         return Ok((l, ListenSource::Systemd));
     }
-    Ok((bind(path)?, ListenSource::Path(path.to_path_buf())))
+    Ok((bind(path, group)?, ListenSource::Path(path.to_path_buf())))
 }
 
 fn from_systemd() -> Result<Option<UnixListener>, ActivationError> {
@@ -87,7 +92,7 @@ fn from_systemd() -> Result<Option<UnixListener>, ActivationError> {
     Ok(Some(listener))
 }
 
-fn bind(path: &Path) -> Result<UnixListener, ActivationError> {
+fn bind(path: &Path, group: Option<u32>) -> Result<UnixListener, ActivationError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.exists() {
             std::fs::create_dir_all(dir).map_err(|source| ActivationError::Dir {
@@ -123,7 +128,15 @@ fn bind(path: &Path) -> Result<UnixListener, ActivationError> {
         path: path.to_path_buf(),
         source,
     };
+    // Bound with the umask's mode (the unit's UMask=0077: root only), then opened up.
     let l = UnixListener::bind(path).map_err(bind_err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(bind_err)?;
+    let mode = match group {
+        Some(gid) => {
+            std::os::unix::fs::chown(path, Some(0), Some(gid)).map_err(bind_err)?;
+            0o660
+        }
+        None => 0o666,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(bind_err)?;
     Ok(l)
 }

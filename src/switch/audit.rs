@@ -25,6 +25,8 @@ const RETRY_INTERVAL: Duration = Duration::from_millis(500);
 #[serde(rename_all = "snake_case")]
 pub enum AuditEvent {
     RefusedCaller,
+    /// How many more connections of one uid were refused in an interval (`refused_count`).
+    RefusedSummary,
     Denied,
     Start,
     End,
@@ -95,6 +97,8 @@ pub struct AuditRecord {
     pub peak_memory_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kill_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused_count: Option<u64>,
 }
 
 impl AuditRecord {
@@ -134,7 +138,9 @@ impl AuditEvent {
     /// number, only in the half of the backlog they may use.
     fn keep(self) -> Keep {
         match self {
-            AuditEvent::RefusedCaller | AuditEvent::Denied => Keep::BestEffort,
+            AuditEvent::RefusedCaller | AuditEvent::RefusedSummary | AuditEvent::Denied => {
+                Keep::BestEffort
+            }
             AuditEvent::Start | AuditEvent::End | AuditEvent::Kill | AuditEvent::Signal => {
                 Keep::Essential
             }

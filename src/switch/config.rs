@@ -67,6 +67,83 @@ struct RawConfig {
     sandbox: RawSandbox,
     #[serde(default)]
     authz: RawAuthz,
+    /// Group owning the socket in `serve` mode (0660); absent: 0666 and a warning.
+    #[serde(default)]
+    socket_group: Option<String>,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+/// `[limits]`: what one pilot account can make the helper spend.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default = "default_bundle_max")]
+    bundle_max_bytes: u64,
+    #[serde(default = "default_hello_timeout")]
+    hello_timeout_seconds: u64,
+    #[serde(default = "default_frame_timeout")]
+    frame_timeout_seconds: u64,
+    #[serde(default = "default_conns_per_uid")]
+    max_connections_per_uid: usize,
+    #[serde(default = "default_conns")]
+    max_connections: usize,
+    #[serde(default = "default_refusal_interval")]
+    refusal_audit_interval_seconds: u64,
+    #[serde(default)]
+    peer_pidfd: super::peer::PidfdSource,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            bundle_max_bytes: default_bundle_max(),
+            hello_timeout_seconds: default_hello_timeout(),
+            frame_timeout_seconds: default_frame_timeout(),
+            max_connections_per_uid: default_conns_per_uid(),
+            max_connections: default_conns(),
+            refusal_audit_interval_seconds: default_refusal_interval(),
+            peer_pidfd: Default::default(),
+        }
+    }
+}
+
+fn default_bundle_max() -> u64 {
+    256 << 20
+}
+fn default_hello_timeout() -> u64 {
+    10
+}
+fn default_frame_timeout() -> u64 {
+    10
+}
+fn default_conns_per_uid() -> usize {
+    64
+}
+fn default_conns() -> usize {
+    256
+}
+fn default_refusal_interval() -> u64 {
+    60
+}
+
+/// The validated `[limits]` table.
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    /// Largest input bundle (a sealed memfd) a launch may carry.
+    pub bundle_max_bytes: u64,
+    /// A connection must complete its hello within this after it was accepted.
+    pub hello_timeout: std::time::Duration,
+    /// A request frame, once begun, must be complete within this.
+    pub frame_timeout: std::time::Duration,
+    /// Open connections per uid; more are refused at accept.
+    pub max_connections_per_uid: usize,
+    /// Open connections in all; more are refused at accept.
+    pub max_connections: usize,
+    /// Refused connections are audited in full once per uid per interval, then summarised.
+    pub refusal_audit_interval: std::time::Duration,
+    /// How the caller's process is held (SO_PEERPIDFD or pidfd_open).
+    pub peer_pidfd: super::peer::PidfdSource,
 }
 
 #[derive(Debug, Deserialize)]
@@ -236,6 +313,9 @@ pub struct SwitchConfig {
     pub vos: Vec<VoConfig>,
     pub authz: AuthzConfig,
     pub sandbox: SandboxSettings,
+    /// The group (name, gid) owning the socket in `serve` mode.
+    pub socket_group: Option<(String, u32)>,
+    pub limits: LimitsConfig,
 }
 
 /// A config file that cannot be used. The message names the file, the key, what is wrong and
@@ -498,9 +578,67 @@ fn validate(raw: RawConfig, base: &Path) -> Result<SwitchConfig, KeyErr> {
         }
     }
 
+    let socket_group = match raw.socket_group {
+        None => None,
+        Some(name) => match nix::unistd::Group::from_name(&name) {
+            Ok(Some(g)) => Some((name, g.gid.as_raw())),
+            Ok(None) => {
+                return Err(bad(
+                    "socket_group",
+                    format!("no group named '{name}' exists; create it (groupadd) and add the pilot accounts to it"),
+                ))
+            }
+            Err(e) => {
+                return Err(bad(
+                    "socket_group",
+                    format!("cannot look up group '{name}': {e}; check the group database (nsswitch)"),
+                ))
+            }
+        },
+    };
+    let l = raw.limits;
+    for (key, v) in [
+        ("limits.hello_timeout_seconds", l.hello_timeout_seconds),
+        ("limits.frame_timeout_seconds", l.frame_timeout_seconds),
+        (
+            "limits.refusal_audit_interval_seconds",
+            l.refusal_audit_interval_seconds,
+        ),
+    ] {
+        if !(1..=3600).contains(&v) {
+            return Err(bad(key, format!("{v} is outside 1..=3600 seconds")));
+        }
+    }
+    if l.max_connections_per_uid == 0 || l.max_connections < l.max_connections_per_uid {
+        return Err(bad(
+            "limits.max_connections",
+            format!(
+                "must be at least max_connections_per_uid ({}), which must be at least 1",
+                l.max_connections_per_uid
+            ),
+        ));
+    }
+    if l.bundle_max_bytes == 0 {
+        return Err(bad(
+            "limits.bundle_max_bytes",
+            "must be at least 1 (payloads without a bundle need no limit)".into(),
+        ));
+    }
+    let limits = LimitsConfig {
+        bundle_max_bytes: l.bundle_max_bytes,
+        hello_timeout: std::time::Duration::from_secs(l.hello_timeout_seconds),
+        frame_timeout: std::time::Duration::from_secs(l.frame_timeout_seconds),
+        max_connections_per_uid: l.max_connections_per_uid,
+        max_connections: l.max_connections,
+        refusal_audit_interval: std::time::Duration::from_secs(l.refusal_audit_interval_seconds),
+        peer_pidfd: l.peer_pidfd,
+    };
+
     Ok(SwitchConfig {
         path: PathBuf::new(),
         socket: resolve(base, raw.socket),
+        socket_group,
+        limits,
         allowed_pilots,
         gridmap,
         audit_log,

@@ -1,26 +1,28 @@
-//! One pilot connection: who is calling (SO_PEERCRED, checked against allowed_pilots), the
-//! hello/welcome exchange, then launch, signal and status requests until the pilot hangs up;
-//! then every payload the pilot started is killed (P10). Each payload gets a supervisor thread
+//! One pilot connection, admitted by the accept loop (`admission`; the caller's process held
+//! as a pidfd, `peer`): the hello/welcome exchange (the pilot's cgroups pinned), then launch,
+//! signal and status requests until the pilot hangs up; then every payload the pilot started
+//! is killed (P10). Requests are bounded (`switch_wire::MAX_REQUEST_FRAME`) and timed: hello
+//! within `limits.hello_timeout_seconds` of the accept, every later frame complete within
+//! `limits.frame_timeout_seconds` of its first byte. Each payload gets a supervisor thread
 //! that waits for its end. Every write to the pilot goes through one mutex.
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use nix::sys::socket::{getsockopt, sockopt};
-
+use super::admission::Admitted;
 use super::audit::{AuditEvent, AuditRecord};
 use super::daemon::Helper;
 use super::launch::{self, Caller, Started};
+use super::peer::Peer;
 use super::syslog;
 use crate::protocol::switch_wire::{
-    read_frame, write_frame, ExitReport, SwitchEvent, SwitchRequest, WireError,
+    read_frame_limited, write_frame, ExitReport, ReadLimits, SwitchEvent, SwitchRequest, WireError,
+    MAX_REQUEST_FRAME,
 };
 use crate::protocol::SignedEnvelope;
 
-/// A pilot has this long to say hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// A pilot that does not read its events for this long loses the connection.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -35,16 +37,16 @@ impl Sender {
     }
 }
 
-/// Serves one connection to the end.
-pub fn serve(helper: Arc<Helper>, stream: UnixStream, conn_id: u64) {
-    let creds = match getsockopt(&stream, sockopt::PeerCredentials) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot read peer credentials; closing");
-            return;
-        }
-    };
-    let (uid, pid) = (creds.uid(), creds.pid());
+/// Serves one admitted connection to the end.
+pub fn serve(
+    helper: Arc<Helper>,
+    stream: UnixStream,
+    conn_id: u64,
+    peer: Peer,
+    _admitted: Admitted,
+) {
+    let accepted = Instant::now();
+    let (uid, pid) = (peer.uid, peer.pid);
     let sender = match stream.try_clone() {
         Ok(s) => {
             let _ = s.set_write_timeout(Some(WRITE_TIMEOUT));
@@ -55,22 +57,6 @@ pub fn serve(helper: Arc<Helper>, stream: UnixStream, conn_id: u64) {
             return;
         }
     };
-    // Root may connect for site-admin requests (`audit kill`) even when it is no pilot.
-    if !helper.allowed_uids.contains(&uid) && uid != 0 {
-        let reason = format!(
-            "uid {uid} is not an allowed pilot account of this helper (allowed_pilots in {})",
-            helper.cfg.path.display()
-        );
-        tracing::warn!(uid, pid, "refused caller");
-        let mut rec = helper.audit.record(AuditEvent::RefusedCaller);
-        rec.pilot_uid = Some(uid);
-        rec.pilot_pid = Some(pid);
-        rec.decision = Some("deny");
-        rec.reason = Some(reason.clone());
-        helper.audit.append_or_log(&rec);
-        let _ = sender.send(&SwitchEvent::Error { reason });
-        return;
-    }
     let span = tracing::info_span!("pilot", conn = conn_id, uid, pid);
     let _enter = span.enter();
     let mut conn = Connection {
@@ -82,7 +68,10 @@ pub fn serve(helper: Arc<Helper>, stream: UnixStream, conn_id: u64) {
             uid,
             pid,
             hello: Default::default(),
+            peer: Arc::new(peer),
+            cgroups: None,
         },
+        accepted,
     };
     let _gone = KillOnClose {
         helper: helper.clone(),
@@ -110,6 +99,7 @@ struct Connection {
     stream: UnixStream,
     sender: Sender,
     caller: Caller,
+    accepted: Instant,
 }
 
 impl Connection {
@@ -117,16 +107,25 @@ impl Connection {
         if !self.hello() {
             return;
         }
+        let limits = ReadLimits {
+            max_bytes: MAX_REQUEST_FRAME,
+            deadline: None,
+            frame_time: Some(self.helper.cfg.limits.frame_timeout),
+        };
         loop {
-            match read_frame::<SwitchRequest>(&mut self.stream) {
+            match read_frame_limited::<SwitchRequest>(&mut self.stream, &limits) {
                 Ok((SwitchRequest::Hello(_), _)) => {
                     self.send(SwitchEvent::Error {
                         reason: "hello was already sent on this connection".into(),
                     });
                 }
-                Ok((SwitchRequest::Launch { envelope, bundle }, fds)) => {
-                    self.launch(&envelope, bundle.as_deref(), fds)
-                }
+                Ok((
+                    SwitchRequest::Launch {
+                        envelope,
+                        bundle_fd,
+                    },
+                    fds,
+                )) => self.launch(&envelope, bundle_fd, fds),
                 Ok((
                     SwitchRequest::Signal {
                         payload_id,
@@ -151,6 +150,14 @@ impl Connection {
                     reason: format!("request not understood: {e}"),
                 }),
                 Err(WireError::Closed) => return,
+                // The stream cannot be resynchronised: say why, then close.
+                Err(e @ (WireError::TooLarge(..) | WireError::Deadline(_))) => {
+                    tracing::warn!(error = %e, "closing the connection");
+                    self.send(SwitchEvent::Error {
+                        reason: format!("{e}; closing the connection"),
+                    });
+                    return;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "connection failed");
                     return;
@@ -167,9 +174,12 @@ impl Connection {
 
     /// Reads the mandatory first frame; false when the connection must close.
     fn hello(&mut self) -> bool {
-        let _ = self.stream.set_read_timeout(Some(HELLO_TIMEOUT));
-        let first = read_frame::<SwitchRequest>(&mut self.stream);
-        let _ = self.stream.set_read_timeout(None);
+        let limits = ReadLimits {
+            max_bytes: MAX_REQUEST_FRAME,
+            deadline: Some(self.accepted + self.helper.cfg.limits.hello_timeout),
+            frame_time: None,
+        };
+        let first = read_frame_limited::<SwitchRequest>(&mut self.stream, &limits);
         let reason = match first {
             Ok((SwitchRequest::AdminKill { owner_dn, ban }, _)) if self.caller.uid == 0 => {
                 tracing::warn!(owner = %owner_dn, ban, "site admin kill");
@@ -190,6 +200,18 @@ impl Connection {
                 )
             }
             Ok((SwitchRequest::Hello(h), _)) if crate::util::is_safe_id(&h.pilot_id) => {
+                // The cgroups of the process that connected, read now and pinned: every
+                // payload of this connection goes below them (P7).
+                match self.caller.peer.pin_cgroups() {
+                    Ok(c) => self.caller.cgroups = Some(c),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "hello refused");
+                        self.send(SwitchEvent::Error {
+                            reason: e.to_string(),
+                        });
+                        return false;
+                    }
+                }
                 tracing::info!(pilot_id = %h.pilot_id, batch_job_id = ?h.batch_job_id, "hello");
                 self.caller.hello = h;
                 self.send(SwitchEvent::Welcome {
@@ -225,10 +247,17 @@ impl Connection {
         rec
     }
 
-    fn launch(&self, envelope: &SignedEnvelope, bundle: Option<&str>, fds: Vec<OwnedFd>) {
+    fn launch(&self, envelope: &SignedEnvelope, bundle_fd: Option<usize>, fds: Vec<OwnedFd>) {
         self.helper.stages.wake_next();
         let mut rec = self.record(AuditEvent::Denied);
-        match launch::launch(&self.helper, &self.caller, envelope, bundle, fds, &mut rec) {
+        match launch::launch(
+            &self.helper,
+            &self.caller,
+            envelope,
+            bundle_fd,
+            fds,
+            &mut rec,
+        ) {
             Ok(started) => self.started(started),
             Err(e) => {
                 let class = e.class();

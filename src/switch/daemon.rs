@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use super::accounts::AccountCache;
 use super::activation::{self, ActivationError, ListenSource};
+use super::admission::{Admission, Refusals};
 use super::audit::{AuditEvent, AuditLog};
 use super::authorize::{Authorizer, AuthzSources};
 use super::config::SwitchConfig;
@@ -42,6 +43,10 @@ pub struct Helper {
     pub stages: StagePool,
     /// Accounts looked up recently.
     pub accounts: AccountCache,
+    /// Open connections per uid and in all (`[limits]`).
+    pub admission: Arc<Admission>,
+    /// Refused connections, audited aggregated.
+    pub refusals: Refusals,
     next_conn: AtomicU64,
 }
 
@@ -78,6 +83,11 @@ impl Helper {
             registry: Registry::default(),
             stages: StagePool::new(&cfg.sandbox, cfg.sandbox.warm_stages)?,
             accounts: AccountCache::default(),
+            admission: Admission::new(
+                cfg.limits.max_connections_per_uid,
+                cfg.limits.max_connections,
+            ),
+            refusals: Refusals::new(cfg.limits.refusal_audit_interval),
             next_conn: AtomicU64::new(1),
             cfg,
         })
@@ -232,7 +242,8 @@ fn install_signals() -> Result<OwnedFd, nix::Error> {
 /// Runs the daemon until SIGTERM/SIGINT. Returns the process exit code.
 pub fn serve(cfg: SwitchConfig) -> Result<i32, DaemonError> {
     // The socket first: activation edits the environment, which must happen before threads.
-    let (listener, source) = activation::listener(&cfg.socket)?;
+    let (listener, source) =
+        activation::listener(&cfg.socket, cfg.socket_group.as_ref().map(|g| g.1))?;
     super::syslog::open();
     let helper = match Helper::new(cfg) {
         Ok(h) => Arc::new(h),
@@ -273,6 +284,22 @@ pub fn serve(cfg: SwitchConfig) -> Result<i32, DaemonError> {
         "mupilot-switch ready"
     );
 
+    if helper.cfg.socket_group.is_none() && matches!(source, ListenSource::Path(_)) {
+        tracing::warn!(
+            socket = %helper.cfg.socket.display(),
+            "the socket is 0666: every local uid, payloads included, can connect; set socket_group in {} to the group of the pilot accounts",
+            helper.cfg.path.display()
+        );
+    }
+    // Refusal summaries are written when their interval ends.
+    let h = helper.clone();
+    std::thread::Builder::new()
+        .name("refusals".into())
+        .spawn(move || loop {
+            std::thread::sleep(h.refusals.interval() / 4);
+            h.refusals.flush(&h.audit, false);
+        })
+        .expect("spawning the refusals thread");
     let h = helper.clone();
     std::thread::Builder::new()
         .name("accept".into())
@@ -300,6 +327,7 @@ pub fn serve(cfg: SwitchConfig) -> Result<i32, DaemonError> {
             "some payloads did not finish their teardown in time; their end records may be missing"
         );
     }
+    helper.refusals.flush(&helper.audit, true);
     helper.audit.anchor();
     helper.audit.finish();
     if let ListenSource::Path(p) = &source {
@@ -312,11 +340,14 @@ fn accept_loop(helper: Arc<Helper>, listener: UnixListener) {
     for stream in listener.incoming() {
         match stream {
             Ok(stream) => {
+                let Some((peer, admitted)) = admit(&helper, &stream) else {
+                    continue;
+                };
                 let conn_id = helper.next_conn.fetch_add(1, Ordering::Relaxed);
                 let h = helper.clone();
                 let spawned = std::thread::Builder::new()
                     .name(format!("conn-{conn_id}"))
-                    .spawn(move || super::connection::serve(h, stream, conn_id));
+                    .spawn(move || super::connection::serve(h, stream, conn_id, peer, admitted));
                 if let Err(e) = spawned {
                     tracing::error!(error = %e, "cannot start a connection thread");
                 }
@@ -325,6 +356,59 @@ fn accept_loop(helper: Arc<Helper>, listener: UnixListener) {
                 tracing::error!(error = %e, "accept failed");
                 std::thread::sleep(Duration::from_millis(100));
             }
+        }
+    }
+}
+
+/// Decides, on the accept thread and before any thread or allocation for it, whether a
+/// connection is served: its caller must be an allowed pilot (or root, for admin requests)
+/// with a free place under the connection caps, and its process must be held (pidfd). A
+/// refused caller gets one short error frame, written without blocking, and the audit
+/// record aggregation of [`Refusals`].
+fn admit(
+    helper: &Helper,
+    stream: &std::os::unix::net::UnixStream,
+) -> Option<(super::peer::Peer, super::admission::Admitted)> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    let accepted = super::peer::boot_ticks_now();
+    let creds = match getsockopt(stream, sockopt::PeerCredentials) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read peer credentials; closing");
+            return None;
+        }
+    };
+    let (uid, pid) = (creds.uid(), creds.pid());
+    let refuse = |reason: String| {
+        tracing::debug!(uid, pid, %reason, "refused caller");
+        helper.refusals.refused(&helper.audit, uid, pid, &reason);
+        let _ = stream.set_nonblocking(true);
+        let _ = crate::protocol::switch_wire::write_frame_to(
+            stream,
+            &crate::protocol::switch_wire::SwitchEvent::Error { reason },
+            &[],
+        );
+    };
+    // Root may connect for site-admin requests (`audit kill`) even when it is no pilot.
+    if !helper.allowed_uids.contains(&uid) && uid != 0 {
+        refuse(format!(
+            "uid {uid} is not an allowed pilot account of this helper (allowed_pilots in {})",
+            helper.cfg.path.display()
+        ));
+        return None;
+    }
+    let admitted = match helper.admission.admit(uid) {
+        Ok(a) => a,
+        Err(reason) => {
+            refuse(reason);
+            return None;
+        }
+    };
+    match super::peer::Peer::of(stream, helper.cfg.limits.peer_pidfd, accepted) {
+        Ok(peer) => Some((peer, admitted)),
+        Err(e) => {
+            refuse(e.to_string());
+            None
         }
     }
 }

@@ -7,6 +7,7 @@
 //! Must not write to the pilot's connection: the caller answers (`started` or `denied`).
 
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -16,10 +17,12 @@ use super::accounts::{AccountError, AccountRules};
 use super::audit::{argv_sha256, AuditEvent, AuditRecord};
 use super::authorize::{AuthzError, AuthzRequest};
 use super::daemon::Helper;
+use super::peer::{Peer, PeerError};
 use super::registry::{Ask, SlotError};
 use super::replay::ReplayError;
+use super::sandbox::cgroup::PilotCgroups;
 use super::sandbox::{self, Account, Handle, LaunchPlan, Running, SandboxError};
-use crate::protocol::envelope::{sha256_hex, EnvelopeError, Expect};
+use crate::protocol::envelope::{EnvelopeError, Expect};
 use crate::protocol::switch_wire::{DenialClass, PilotHello};
 use crate::protocol::SignedEnvelope;
 use crate::records::RecordError;
@@ -31,6 +34,10 @@ pub struct Caller {
     pub uid: u32,
     pub pid: i32,
     pub hello: PilotHello,
+    /// The process that connected, held by a pidfd.
+    pub peer: Arc<Peer>,
+    /// Its cgroups, read at hello; payloads go below them. None before hello.
+    pub cgroups: Option<PilotCgroups>,
 }
 
 /// Why a payload was not launched.
@@ -50,8 +57,12 @@ pub enum LaunchError {
     BundleMissing { expected: String },
     #[error("a bundle came with the launch but the envelope names none")]
     BundleUnexpected,
-    #[error("bundle is not valid base64: {0}")]
-    BundleEncoding(String),
+    #[error("bundle descriptor: {0}")]
+    BundleDescriptor(String),
+    #[error("bundle of {size} bytes exceeds this site's limit of {max} bytes (limits.bundle_max_bytes in {config})")]
+    BundleTooLarge { size: u64, max: u64, config: String },
+    #[error("{0}")]
+    Peer(PeerError),
     #[error("bundle sha256 {got} does not match the envelope's bundle_sha256 {expected}")]
     BundleDigest { expected: String, got: String },
     #[error("VO membership of \"{dn}\" in '{vo}' expired at {until}")]
@@ -85,9 +96,12 @@ impl LaunchError {
         use LaunchError::*;
         match self {
             Unreadable(_) | UnknownVo { .. } | Envelope(_) | Replayed { .. } => DenialClass::Caller,
-            BundleMissing { .. } | BundleUnexpected | BundleEncoding(_) | BundleDigest { .. } => {
-                DenialClass::Caller
-            }
+            BundleMissing { .. }
+            | BundleUnexpected
+            | BundleDescriptor(_)
+            | BundleTooLarge { .. }
+            | BundleDigest { .. } => DenialClass::Caller,
+            Peer(_) => DenialClass::Caller,
             Slot(_) | FdCount(_) | OutputFd { .. } => DenialClass::Caller,
             MembershipExpired { .. } => DenialClass::Authorization,
             Authz(e) if e.is_system() => DenialClass::System,
@@ -155,12 +169,32 @@ pub fn launch(
     helper: &Helper,
     caller: &Caller,
     envelope: &SignedEnvelope,
-    bundle_b64: Option<&str>,
-    fds: Vec<OwnedFd>,
+    bundle_fd: Option<usize>,
+    mut fds: Vec<OwnedFd>,
     rec: &mut AuditRecord,
 ) -> Result<Started, LaunchError> {
     rec.payload_id = Some(claimed_payload_id(envelope)).filter(|s| !s.is_empty());
     rec.envelope_sha256 = envelope.digest().ok();
+
+    // 0. The process that connected (and said hello) is still there and still the caller's:
+    //    its cgroups, pinned at hello, are the batch job's the payload goes into (P7).
+    caller
+        .peer
+        .check_still_caller()
+        .map_err(LaunchError::Peer)?;
+    let Some(pilot_cgroups) = caller.cgroups.clone() else {
+        return Err(LaunchError::Peer(PeerError::Gone { pid: caller.pid }));
+    };
+    let bundle_fd = match bundle_fd {
+        None => None,
+        Some(i) if i < fds.len() => Some(fds.remove(i)),
+        Some(i) => {
+            return Err(LaunchError::BundleDescriptor(format!(
+                "bundle_fd {i} names no descriptor of this launch ({} came)",
+                fds.len()
+            )))
+        }
+    };
 
     // a. The VO the envelope claims selects the key; nothing else is read unverified.
     let vo_name = envelope.claimed_vo().map_err(LaunchError::Unreadable)?;
@@ -212,7 +246,7 @@ pub fn launch(
         })?;
 
     // d. The bundle is present exactly when the envelope names one, and matches it.
-    let bundle = match (&body.bundle_sha256, bundle_b64) {
+    let bundle = match (&body.bundle_sha256, bundle_fd) {
         (None, None) => None,
         (None, Some(_)) => return Err(LaunchError::BundleUnexpected),
         (Some(expected), None) => {
@@ -220,18 +254,15 @@ pub fn launch(
                 expected: expected.clone(),
             })
         }
-        (Some(expected), Some(b64)) => {
-            let bytes = B64
-                .decode(b64)
-                .map_err(|e| LaunchError::BundleEncoding(e.to_string()))?;
-            let got = sha256_hex(&bytes);
+        (Some(expected), Some(fd)) => {
+            let got = bundle_digest(&fd, helper)?;
             if &got != expected {
                 return Err(LaunchError::BundleDigest {
                     expected: expected.clone(),
                     got,
                 });
             }
-            Some(bytes)
+            Some(Arc::new(fd))
         }
     };
 
@@ -305,7 +336,7 @@ pub fn launch(
         cores: body.resources.cores,
         memory_bytes: body.resources.memory_bytes,
         walltime_seconds: body.resources.walltime_seconds,
-        pilot_pid: caller.pid,
+        pilot: pilot_cgroups,
         bundle,
         outputs: body.outputs.clone(),
     };
@@ -371,6 +402,50 @@ pub fn launch(
         running,
         record: start,
     })
+}
+
+/// The SHA-256 of a bundle descriptor, after checking it is a memfd sealed against writing,
+/// growing and shrinking (so what the stage unpacks is what was checked here) and within the
+/// site's size limit. Read by position in 64 KiB pieces: the helper holds no copy of it.
+fn bundle_digest(fd: &OwnedFd, helper: &Helper) -> Result<String, LaunchError> {
+    use sha2::Digest;
+    let bad = |what: String| LaunchError::BundleDescriptor(what);
+    let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| bad(format!("fstat: {e}")))?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(bad(
+            "is not a regular file; pass a sealed memfd (memfd_create, F_ADD_SEALS)".into(),
+        ));
+    }
+    // SAFETY: fcntl on a descriptor we own with no pointer argument.
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    let needed = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK;
+    if seals < 0 || seals & needed != needed {
+        return Err(bad(
+            "is not sealed against writing, growing and shrinking, so it could change after the digest check; pass a memfd with F_SEAL_WRITE, F_SEAL_GROW and F_SEAL_SHRINK".into(),
+        ));
+    }
+    let size = st.st_size as u64;
+    let max = helper.cfg.limits.bundle_max_bytes;
+    if size > max {
+        return Err(LaunchError::BundleTooLarge {
+            size,
+            max,
+            config: helper.cfg.path.display().to_string(),
+        });
+    }
+    let file = std::fs::File::from(fd.try_clone().map_err(|e| bad(format!("dup: {e}")))?);
+    let mut hasher = sha2::Sha256::new();
+    let mut reader = crate::protocol::switch_wire::ReadAt::new(&file);
+    let mut buf = [0u8; 64 << 10];
+    loop {
+        match std::io::Read::read(&mut reader, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => hasher.update(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(bad(format!("read: {e}"))),
+        }
+    }
+    Ok(hex::encode(hasher.finalize()))
 }
 
 /// The end record of a payload whose start was recorded but which never started: its sandbox

@@ -12,6 +12,7 @@
 
 pub mod accounts;
 pub mod activation;
+pub mod admission;
 pub mod audit;
 pub mod audit_query;
 pub mod authorize;
@@ -24,6 +25,7 @@ pub mod daemon;
 pub mod gridmap;
 pub mod launch;
 pub mod leases;
+pub mod peer;
 pub mod registry;
 pub mod replay;
 pub mod sandbox;

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
+use mupilot::switch::sandbox::cgroup::PilotCgroups;
 use mupilot::switch::sandbox::{
     self, Account, IpcFallback, LaunchPlan, NetworkMode, Outcome, SandboxSettings,
 };
@@ -200,7 +201,7 @@ pub fn plan(id: &str, account: &Account, argv: &[&str]) -> LaunchPlan {
         cores: 1,
         memory_bytes: 256 << 20,
         walltime_seconds: 60,
-        pilot_pid: std::process::id() as i32,
+        pilot: PilotCgroups::read(std::process::id() as i32).unwrap(),
         bundle: None,
         outputs: Vec::new(),
     }

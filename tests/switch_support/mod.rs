@@ -333,13 +333,18 @@ impl Client {
         self.recv()
     }
 
-    pub fn launch(&mut self, env: &SignedEnvelope, bundle: Option<String>) -> SwitchEvent {
+    /// Launches without output descriptors; a bundle goes as a sealed memfd.
+    pub fn launch(&mut self, env: &SignedEnvelope, bundle: Option<&[u8]>) -> SwitchEvent {
+        use std::os::fd::AsRawFd;
+        let memfd =
+            bundle.map(|b| mupilot::protocol::switch_wire::sealed_memfd("test-bundle", b).unwrap());
+        let fds: Vec<RawFd> = memfd.iter().map(|f| f.as_raw_fd()).collect();
         self.call(
             &SwitchRequest::Launch {
                 envelope: env.clone(),
-                bundle,
+                bundle_fd: memfd.as_ref().map(|_| 0),
             },
-            &[],
+            &fds,
         )
     }
 }

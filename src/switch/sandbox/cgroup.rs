@@ -197,8 +197,29 @@ pub fn own_cgroups() -> Result<Vec<(Vec<String>, String)>, CgroupError> {
 }
 
 /// (hierarchy id line controllers, path) from /proc/<pid>/cgroup.
-fn proc_cgroups(pid: i32) -> Result<Vec<(Vec<String>, String)>, CgroupError> {
-    cgroup_lines(PathBuf::from(format!("/proc/{pid}/cgroup")))
+/// A pilot's cgroups as `/proc/PID/cgroup` listed them when they were read: the helper reads
+/// them once, at hello, through the pilot's pidfd (`switch::peer`), and places every payload of
+/// that connection below them, whatever later happens to the pid.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PilotCgroups {
+    /// The process they were read from (for messages).
+    pub pid: i32,
+    /// (controllers, path) per hierarchy; the v2 line has no controllers.
+    lines: Vec<(Vec<String>, String)>,
+}
+
+impl PilotCgroups {
+    /// Reads `/proc/PID/cgroup` now. (The caller confirms the process still exists after.)
+    pub fn read(pid: i32) -> Result<PilotCgroups, CgroupError> {
+        Ok(PilotCgroups {
+            pid,
+            lines: cgroup_lines(PathBuf::from(format!("/proc/{pid}/cgroup")))?,
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty()
+    }
 }
 
 fn cgroup_lines(path: PathBuf) -> Result<Vec<(Vec<String>, String)>, CgroupError> {
@@ -464,8 +485,8 @@ fn prepare_v2_parent(parent: &Path, mount: &Path) -> Result<(), CgroupError> {
 impl Cgroup {
     /// Creates `<pilot's cgroup>/<name>` with the given limits: [`Cgroup::locate`], then
     /// [`Located::create`].
-    pub fn create(pilot_pid: i32, name: &str, limits: Limits) -> Result<Cgroup, CgroupError> {
-        Self::locate(pilot_pid, name)?.create(limits)
+    pub fn create(pilot: &PilotCgroups, name: &str, limits: Limits) -> Result<Cgroup, CgroupError> {
+        Self::locate(pilot, name)?.create(limits)
     }
 
     /// Finds where `<pilot's cgroup>/<name>` goes, creating no payload cgroup: on v1 in each of
@@ -474,14 +495,14 @@ impl Cgroup {
     /// into the leaf and memory, cpu and pids get enabled for children (after the first
     /// launch of a pilot, two reads). That part reads and writes pids, so it runs here, in the
     /// host's pid namespace.
-    pub fn locate(pilot_pid: i32, name: &str) -> Result<Located, CgroupError> {
+    pub fn locate(pilot: &PilotCgroups, name: &str) -> Result<Located, CgroupError> {
         let mounts = mounts()?;
-        let lines = proc_cgroups(pilot_pid)?;
+        let (lines, pilot_pid) = (&pilot.lines, pilot.pid);
         let v1_memory = mounts
             .iter()
             .any(|m| !m.v2 && m.controllers.iter().any(|c| c == "memory"));
         if v1_memory {
-            let (cgroup, pilots) = Self::locate_v1(&mounts, &lines, pilot_pid, name)?;
+            let (cgroup, pilots) = Self::locate_v1(&mounts, lines, pilot_pid, name)?;
             return Ok(Located {
                 cgroup,
                 mount: PathBuf::new(),

@@ -22,7 +22,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 pub mod cgroup;
@@ -120,11 +119,12 @@ pub struct LaunchPlan {
     pub cores: u32,
     pub memory_bytes: u64,
     pub walltime_seconds: u64,
-    /// The pilot process whose cgroup becomes the parent of the payload's cgroup.
-    pub pilot_pid: i32,
-    /// tar.gz unpacked into scratch as the account, never as root.
-    #[serde(default)]
-    pub bundle: Option<Vec<u8>>,
+    /// The pilot's cgroups (pinned at hello): the payload's cgroup goes below them.
+    pub pilot: cgroup::PilotCgroups,
+    /// tar.gz unpacked into scratch as the account, never as root: a sealed memfd whose
+    /// digest the caller checked ([`crate::protocol::switch_wire::sealed_memfd`]).
+    #[serde(skip)]
+    pub bundle: Option<Arc<OwnedFd>>,
     /// Paths relative to scratch copied out after the end.
     #[serde(default)]
     pub outputs: Vec<String>,
@@ -645,7 +645,7 @@ pub fn begin(
 ) -> Result<Starting, SandboxError> {
     let started = Instant::now();
     validate(settings, &plan)?;
-    let located = Cgroup::locate(plan.pilot_pid, &format!("mupilot-{}", plan.payload_id))?;
+    let located = Cgroup::locate(&plan.pilot, &format!("mupilot-{}", plan.payload_id))?;
     let scratch = make_scratch(settings, &plan)?;
     let stage_plan = StagePlan {
         payload_id: plan.payload_id.clone(),
@@ -658,10 +658,7 @@ pub fn begin(
         nofile: settings.nofile,
         core_bytes: settings.core_bytes,
         allow_user_namespaces: settings.allow_user_namespaces,
-        bundle_b64: plan
-            .bundle
-            .as_ref()
-            .map(|b| base64::engine::general_purpose::STANDARD.encode(b)),
+        bundle: plan.bundle.is_some(),
     };
     let remove_scratch = |e: SandboxError| {
         let _ = std::fs::remove_dir_all(&scratch);
@@ -677,6 +674,7 @@ pub fn begin(
         stages,
         &stage_plan,
         [exec_wait, cgroup_wait],
+        plan.bundle.as_deref(),
         stdout,
         stderr,
     )
@@ -818,13 +816,15 @@ impl Drop for Starting {
     }
 }
 
-/// Takes a stage and sends it the plan, the gates' read ends (exec, cgroup) and the payload's
-/// stdout/stderr in one frame; the stage puts the outputs on its fds 1 and 2 (none: /dev/null
-/// stays there). Our copies close when this returns.
+/// Takes a stage and sends it the plan, the gates' read ends (exec, cgroup), the bundle's
+/// memfd (when the plan has one) and the payload's stdout/stderr in one frame; the stage puts
+/// the outputs on its fds 1 and 2 (none: /dev/null stays there). Our copies close when this
+/// returns.
 fn send_plan(
     stages: &StagePool,
     plan: &StagePlan,
     gates: [OwnedFd; 2],
+    bundle: Option<&OwnedFd>,
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
 ) -> Result<(stages::StageProcess, UnixStream, stages::Launching), SandboxError> {
@@ -852,6 +852,7 @@ fn send_plan(
     ) = stages.take()?;
     let fds: Vec<_> = gates
         .iter()
+        .chain(bundle)
         .chain([&stdout, &stderr].into_iter().flatten())
         .map(|fd| fd.as_raw_fd())
         .collect();

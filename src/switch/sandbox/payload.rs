@@ -24,8 +24,6 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 
-use base64::Engine;
-
 use nix::sched::CloneFlags;
 use nix::sys::signal::{SigSet, SigmaskHow};
 use nix::unistd::Pid;
@@ -261,14 +259,13 @@ impl PayloadExec {
         }))
     }
 
-    /// Unpacks the envelope's bundle (tar.gz, base64) into scratch as the account, in a
-    /// forked process of its own: [`privs::switch_to`], then the archive, never as root. Runs
-    /// after the stage joined the payload cgroup, so the unpacking is the payload's (P7).
-    pub fn unpack_bundle(&self, b64: &str) -> StepResult<()> {
+    /// Unpacks the envelope's bundle (tar.gz, a sealed memfd) into scratch as the account, in
+    /// a forked process of its own: [`privs::switch_to`], then the archive, never as root.
+    /// Runs after the stage joined the payload cgroup, so the unpacking is the payload's (P7).
+    /// The memfd is read by position: its file offset is shared with the pilot's descriptor.
+    pub fn unpack_bundle(&self, bundle: OwnedFd) -> StepResult<()> {
         let s = "unpack bundle";
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .map_err(|e| (s.to_owned(), e.to_string()))?;
+        let bundle = std::fs::File::from(bundle);
         let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| ("pipe".to_owned(), e.to_string()))?;
         // SAFETY: the init is single-threaded, so the child may allocate after fork.
@@ -285,7 +282,8 @@ impl PayloadExec {
                         .map_err(|e| ("chdir to scratch".to_owned(), e.to_string()))
                     })
                     .and_then(|()| {
-                        unpack(&bytes).map_err(|e| (unpack_step(&e).to_owned(), e.to_string()))
+                        unpack(crate::protocol::switch_wire::ReadAt::new(&bundle))
+                            .map_err(|e| (unpack_step(&e).to_owned(), e.to_string()))
                     });
                 let code = match result {
                     Ok(()) => 0,
@@ -337,7 +335,7 @@ fn unpack_step(e: &std::io::Error) -> &'static str {
 /// Archive::unpack uses unpack_in for every entry: `..` entries are skipped, absolute paths
 /// are made relative, and nothing is written through a symlink that leaves the directory.
 /// The caller runs as the account, so the kernel's permission checks apply as well.
-fn unpack(targz: &[u8]) -> std::io::Result<()> {
+fn unpack(targz: impl std::io::Read) -> std::io::Result<()> {
     let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(targz));
     ar.set_preserve_permissions(false);
     ar.set_preserve_ownerships(false);

@@ -60,8 +60,9 @@ pub(crate) struct StagePlan {
     pub nofile: u64,
     pub core_bytes: u64,
     pub allow_user_namespaces: bool,
-    /// tar.gz, base64.
-    pub bundle_b64: Option<String>,
+    /// A bundle (tar.gz) comes as the descriptor after the two gates: a sealed memfd whose
+    /// digest the helper checked.
+    pub bundle: bool,
 }
 
 /// What a stage builds before its plan arrives: the namespaces and mounts that are the same
@@ -351,14 +352,16 @@ fn serve_prepared(mut channel: UnixStream, prepared: StepResult<Host>) -> i32 {
         }
     };
     let (plan, fds) = match received {
-        Ok((plan, fds)) if fds.len() == 2 || fds.len() == 4 => (plan, fds),
+        Ok((plan, fds)) if [2, 4].contains(&(fds.len() - usize::from(plan.bundle).min(fds.len()))) => {
+            (plan, fds)
+        }
         Ok((_, fds)) => {
             return fail(
                 &channel,
                 (
                     "read plan".into(),
                     format!(
-                    "{} descriptors came with the plan; expected the exec and cgroup gates and 0 or 2 outputs",
+                    "{} descriptors came with the plan; expected the exec and cgroup gates, the bundle if any and 0 or 2 outputs",
                     fds.len()
                 ),
                 ),
@@ -613,6 +616,7 @@ fn run(plan: &StagePlan, fds: Vec<OwnedFd>, host: &Host, channel: &UnixStream) -
     let (Some(exec_gate), Some(cgroup_gate)) = (fds.next(), fds.next()) else {
         return Err(("read plan".into(), "no exec and cgroup gates".into()));
     };
+    let bundle = if plan.bundle { fds.next() } else { None };
     for (fd, target) in fds.zip([1, 2]) {
         // SAFETY: dup2 of a descriptor we own onto 1 or 2; no memory is involved. The copy on
         // 1/2 is not close-on-exec (the payload writes there); ours (received close-on-exec)
@@ -649,7 +653,7 @@ fn run(plan: &StagePlan, fds: Vec<OwnedFd>, host: &Host, channel: &UnixStream) -
         )?;
     }
     // 5. The bundle, unpacked as the account in a process of its own.
-    if let Some(b) = &plan.bundle_b64 {
+    if let Some(b) = bundle {
         payload.unpack_bundle(b)?;
     }
     // 6. Start the payload (it waits at the exec gate); back when it exec'd. Every descriptor

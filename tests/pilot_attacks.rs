@@ -363,7 +363,9 @@ fn payloads_land_below_the_connecting_pilots_cgroup() {
     std::fs::File::from(ready_r)
         .read_exact(&mut ready)
         .expect("the child was not welcomed");
-    let body = site.body(DN_ALICE, &["/bin/sh", "-c", "cat /proc/self/cgroup"]);
+    let mut body = site.body(DN_ALICE, &["/bin/sh", "-c", "cat /proc/self/cgroup"]);
+    // Envelopes are bound to the pilot of their match: this one to the child's hello.
+    body.pilot_id = "atk-place".into();
     let out = tempfile::NamedTempFile::new().unwrap();
     let ev = c.call(
         &SwitchRequest::Launch {

@@ -183,6 +183,12 @@ deb_checks() {
     mv /etc/grid-security/grid-mapfile.new /etc/grid-security/grid-mapfile
     check "deb: check-config passes on the installed default config" \
         mupilot-switch check-config --config /etc/mupilot/switch.toml
+    # An upgrade (here: the same version again) keeps the site's edits and the modes.
+    echo '# edited by the site' >>/etc/mupilot/switch.toml
+    chmod 0755 /var/spool/mupilot
+    check "deb: reinstalling keeps the edited conffile" bash -c \
+        "dpkg -i '$SWITCH_DEB' >/dev/null && tail -1 /etc/mupilot/switch.toml | grep -qx '# edited by the site'"
+    check "deb: reinstalling restores the scratch root's mode" mode_owner /var/spool/mupilot 711 root root
 
     # The pilot the VO ships (static if built), as the pilot account; the server by host name.
     local pilot=/usr/bin/mupilot

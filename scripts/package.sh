@@ -66,7 +66,10 @@ cargo generate-rpm --variant server --output "$OUT/"
 
 if [ -z "${NO_STATIC:-}" ]; then
     log "static pilot ($MUSL)"
-    rustup target list --installed | grep -qx "$MUSL" || rustup target add "$MUSL"
+    if ! rustup target list --installed | grep -qx "$MUSL"; then
+        rustup target add "$MUSL" ||
+            die "cannot install the $MUSL standard library (rustup target add $MUSL failed: is the Rust distribution server reachable?); NO_STATIC=1 builds the packages without the static pilot"
+    fi
     # ring and SQLite's C code need a musl C compiler (musl-gcc).
     apt_install musl-tools
     cargo build --locked --release --target "$MUSL" --bin mupilot

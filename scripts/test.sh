@@ -6,6 +6,7 @@
 #
 #   scripts/test.sh            everything
 #   SKIP_VM=1 SKIP_SLURM=1 scripts/test.sh   the host tests only (quicker while developing)
+#   SKIP_PACKAGES=1 scripts/test.sh          without building and testing the packages
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib/demo-env.sh
@@ -77,6 +78,19 @@ if [ -z "${SKIP_VM:-}" ] && [ -x scripts/vm-test-sandbox.sh ]; then
         return $rc
     }
     step "sandbox tests in a cgroup-v2 VM" vm_tests
+fi
+
+if [ -z "${SKIP_PACKAGES:-}" ]; then
+    # Reuses the release build above; the first run on a machine also compiles cargo-deb,
+    # cargo-generate-rpm and the pilot's dependencies for musl.
+    package_tests() {
+        local out=$LOGDIR/packages.log rc=0
+        { scripts/package.sh && scripts/package-test.sh; } 2>&1 | tee "$out" || rc=$?
+        passed=$((passed + $(grep -c '^ok - ' "$out" || true)))
+        failed=$((failed + $(grep -c '^not ok - ' "$out" || true)))
+        return $rc
+    }
+    step "packages (.deb installed and purged, .rpm contents, static pilot)" package_tests
 fi
 
 demo_test() {

@@ -357,14 +357,15 @@ fn run_guide() {
         let m = std::fs::metadata(p).unwrap();
         assert_eq!((m.mode() & 0o7777, m.uid()), (mode, 0), "{p}");
     }
-    // The helper removes a payload's scratch right after it reported the exit (docs/architecture.md,
-    // step 6), so the last one may still be going when the client has read `exited`.
-    let scratch_left = || std::fs::read_dir("/var/spool/mupilot").unwrap().count();
-    let removed_by = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while scratch_left() > 0 && std::time::Instant::now() < removed_by {
-        std::thread::sleep(std::time::Duration::from_millis(20));
+    // The helper reports `exited` first and removes the scratch directory right after
+    // (src/switch/connection.rs: report, then sync and remove), so wait for the removal.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut left = std::fs::read_dir("/var/spool/mupilot").unwrap().count();
+    while left > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        left = std::fs::read_dir("/var/spool/mupilot").unwrap().count();
     }
-    assert_eq!(scratch_left(), 0, "scratch directories are removed");
+    assert_eq!(left, 0, "scratch directories are removed");
     // The installed page is found by name (man-db: scripts/test.sh installs it).
     let man = Command::new("man")
         .args(["-w", "mupilot-switch-check-config"])

@@ -71,7 +71,7 @@ pub fn factory_main() -> i32 {
             return 2;
         }
     };
-    let idle = libc::sched_param { sched_priority: 0 };
+    let idle = super::SCHED_PRIORITY_0;
     // SAFETY: sched_setscheduler on this (single-threaded) process with a sched_param on our
     // stack; no memory is shared.
     unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) };

@@ -35,6 +35,13 @@ mod seccomp;
 mod stage;
 mod stages;
 
+/// The `sched_param` SCHED_OTHER and SCHED_IDLE take (priority 0). All zeroes rather than a
+/// struct literal: musl's `sched_param` has more fields than glibc's, and the static pilot
+/// (docs/vo-framework.md) links this library for musl.
+// SAFETY: sched_param is plain integers (and, on musl, timespecs): all-zero bytes are a valid
+// value, and the one field that matters, sched_priority, is 0.
+const SCHED_PRIORITY_0: libc::sched_param = unsafe { std::mem::zeroed() };
+
 pub use cgroup::{Cgroup, CgroupError};
 pub use scope::{IpcFallback, IpcIsolation};
 use stage::{StageEvent, StagePlan};

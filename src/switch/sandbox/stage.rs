@@ -374,7 +374,7 @@ fn serve_prepared(mut channel: UnixStream, prepared: StepResult<Host>) -> i32 {
     };
     // An idle stage waited under SCHED_IDLE; the payload must not inherit that. (The helper
     // normally reset it already; only a stage still idle needs the call.)
-    let normal = libc::sched_param { sched_priority: 0 };
+    let normal = super::SCHED_PRIORITY_0;
     // SAFETY: sched_getscheduler/sched_setscheduler on this (single-threaded) process with a
     // sched_param on our stack; no memory is shared.
     if unsafe { libc::sched_getscheduler(0) } == libc::SCHED_IDLE
@@ -413,13 +413,13 @@ fn fail(channel: &UnixStream, (step, error): (String, String), code: i32) -> i32
 /// The forked stage resets itself to SCHED_OTHER once its plan came, so a plan that is
 /// already there only costs the wait for an idle CPU once.
 fn become_idle(channel: &UnixStream) {
-    let idle = libc::sched_param { sched_priority: 0 };
+    let idle = super::SCHED_PRIORITY_0;
     // SAFETY: sched_setscheduler on this (single-threaded) process with a sched_param on our
     // stack; no memory is shared.
     unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) };
     let mut fds = [PollFd::new(channel.as_fd(), PollFlags::POLLIN)];
     if matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0) {
-        let normal = libc::sched_param { sched_priority: 0 };
+        let normal = super::SCHED_PRIORITY_0;
         // SAFETY: as above.
         unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &normal) };
     }
@@ -753,7 +753,7 @@ fn linger_until_released(channel: &UnixStream) {
             Err(_) => break,
         }
     }
-    let idle = libc::sched_param { sched_priority: 0 };
+    let idle = super::SCHED_PRIORITY_0;
     // SAFETY: sched_setscheduler on ourselves with a sched_param on our stack.
     unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &idle) };
 }
@@ -899,12 +899,13 @@ fn loopback_up() -> std::io::Result<()> {
     req.name[..2].copy_from_slice(b"lo");
     // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write an ifreq; `req` has the kernel's layout
     // (name[16], short flags, padded to sizeof(struct ifreq)) and lives across both calls.
+    // (`as _`: the request is a c_ulong for glibc, a c_int for musl, which the pilot uses.)
     unsafe {
-        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) < 0 {
             return Err(std::io::Error::last_os_error());
         }
         req.flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &req) < 0 {
             return Err(std::io::Error::last_os_error());
         }
     }

@@ -55,7 +55,7 @@ impl StageProcess {
     /// for an idle CPU. The stage is not reaped yet (our child, or the factory's, which reaps
     /// it only once it exited), so its pid is its own.
     pub fn run_at_normal_priority(&self) {
-        let normal = libc::sched_param { sched_priority: 0 };
+        let normal = super::SCHED_PRIORITY_0;
         // SAFETY: sched_setscheduler with a pid and a sched_param on our stack.
         unsafe { libc::sched_setscheduler(self.id() as i32, libc::SCHED_OTHER, &normal) };
     }

@@ -153,7 +153,7 @@ deb_checks() {
     check "deb: grid-mapfile 0644 root" mode_owner /etc/grid-security/grid-mapfile 644 root root
     check "deb: the socket's group mupilot-pilots" getent group mupilot-pilots
     check "deb: the server's system account" bash -c '[ "$(id -u mupilot-server)" -lt 1000 ]'
-    check "deb: /var/lib/mupilot-server 0750 mupilot-server" mode_owner /var/lib/mupilot-server 750 mupilot-server mupilot-server
+    check "deb: /var/lib/mupilot-server 0700 mupilot-server" mode_owner /var/lib/mupilot-server 700 mupilot-server mupilot-server
     check "deb: /etc/mupilot-server 0750 root:mupilot-server" mode_owner /etc/mupilot-server 750 root mupilot-server
     check "deb: policy examples" test -f /usr/share/doc/mupilot/examples/vo-demo.policy
     check "deb: man finds mupilot-switch-check-config(8)" man -w mupilot-switch-check-config

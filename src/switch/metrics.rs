@@ -185,11 +185,15 @@ impl SwitchMetrics {
 /// No fsync: a file lost in a crash is rewritten at the next interval.
 pub fn write_textfile(path: &Path, text: &str) -> std::io::Result<()> {
     let tmp = tmp_path(path);
+    // Root writes into a directory another account may write to: never open a name that
+    // already exists (a symlink or a hard link planted there would make root write through
+    // it). Whatever sits at the temporary name is unlinked, then the file made with O_EXCL;
+    // if something is planted in between, the open fails and this interval is skipped.
+    let _ = std::fs::remove_file(&tmp);
     let res = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o644)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&tmp)?;
@@ -224,6 +228,22 @@ mod tests {
             tmp_path(Path::new("/x/mupilot.prom")),
             Path::new("/x/.mupilot.prom.tmp")
         );
+    }
+
+    #[test]
+    fn a_planted_link_at_the_temporary_name_is_never_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        let prom = dir.path().join("m.prom");
+        std::os::unix::fs::symlink(&victim, tmp_path(&prom)).unwrap();
+        write_textfile(&prom, "x 1\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        std::fs::hard_link(&victim, tmp_path(&prom)).unwrap();
+        write_textfile(&prom, "x 2\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        assert_eq!(std::fs::read_to_string(&prom).unwrap(), "x 2\n");
+        assert!(!tmp_path(&prom).exists());
     }
 
     #[test]

@@ -57,6 +57,8 @@ pub struct AppState {
     pub limits: SubmitLimits,
     /// Asked of pilots in every match answer; the sweeper counts missed ones.
     pub heartbeat_seconds: u64,
+    /// Counters and latency histograms (served when server.toml sets `metrics_listen`).
+    pub metrics: Arc<super::metrics::Metrics>,
 }
 
 /// A matched payload that is not reported running this long after its envelope expired is
@@ -317,6 +319,18 @@ fn validate(req: &SubmitRequest) -> Result<(), Fail> {
 }
 
 async fn submit(
+    st: St,
+    peer: Extension<PeerDn>,
+    body: Result<Json<SubmitRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<SubmitResponse>), Fail> {
+    let started = std::time::Instant::now();
+    let metrics = st.metrics.clone();
+    let res = submit_inner(st, peer, body).await;
+    metrics.submitted(res.is_ok(), started.elapsed());
+    res
+}
+
+async fn submit_inner(
     State(st): St,
     Extension(peer): Extension<PeerDn>,
     body: Result<Json<SubmitRequest>, JsonRejection>,
@@ -415,8 +429,30 @@ async fn match_work(
     Extension(peer): Extension<PeerDn>,
     body: Result<Json<MatchRequest>, JsonRejection>,
 ) -> Result<Json<MatchResponse>, Fail> {
+    use super::metrics::MatchResult;
+    let started = std::time::Instant::now();
     require_pilot(&st, &peer.0)?;
     let Json(req) = body?;
+    // Counted only for callers allowed to match, with a well-formed request: the pilot id
+    // is theirs to name, and a malformed one is refused below without being remembered.
+    let pilot_id = req.pilot_id.clone();
+    let res = match_inner(&st, &peer, req).await;
+    let result = match &res {
+        Ok(r) if r.work.is_some() => MatchResult::Work,
+        Ok(_) => MatchResult::NoWork,
+        Err(_) => MatchResult::Error,
+    };
+    let vo = matches!(result, MatchResult::Work).then_some(st.vo.as_str());
+    let id = crate::util::is_safe_id(&pilot_id).then_some(pilot_id.as_str());
+    st.metrics.matched(id, vo, result, started.elapsed());
+    res.map(Json)
+}
+
+async fn match_inner(
+    st: &Arc<AppState>,
+    peer: &PeerDn,
+    req: MatchRequest,
+) -> Result<MatchResponse, Fail> {
     if !crate::util::is_safe_id(&req.pilot_id) {
         return Err(Fail::bad(format!(
             "pilot_id {:?} must be 1-64 characters of [A-Za-z0-9._-]",
@@ -431,7 +467,7 @@ async fn match_work(
     }
     let dn = peer.0.to_string();
     let state = st.clone();
-    let found = blocking(&st, move |store| {
+    let found = blocking(st, move |store| {
         let Some(m) = store.match_one(&dn, &req, Utc::now())? else {
             return Ok(None);
         };
@@ -467,7 +503,7 @@ async fn match_work(
     if let Some(w) = &found {
         tracing::info!(payload = %w.payload_id, pilot = %peer.0, "payload matched");
     }
-    Ok(Json(MatchResponse { work: found }))
+    Ok(MatchResponse { work: found })
 }
 
 async fn status(

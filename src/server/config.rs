@@ -120,6 +120,8 @@ struct RawServerConfig {
     missed_heartbeats: u32,
     #[serde(default = "default_max_requeues")]
     max_requeues: u32,
+    #[serde(default)]
+    metrics_listen: Option<String>,
 }
 
 /// Default heartbeat interval the server asks of pilots (seconds).
@@ -180,6 +182,9 @@ pub struct ServerConfig {
     pub missed_heartbeats: u32,
     /// Hand-offs that may end unstarted before a payload fails instead of being queued again.
     pub max_requeues: u32,
+    /// Where `/metrics` is served over plain HTTP (None: no metrics listener). Meant for a
+    /// loopback address a local Prometheus or node agent scrapes.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Resolves `p` against `base` unless it is absolute.
@@ -290,6 +295,26 @@ impl ServerConfig {
                 ));
             }
         }
+        let metrics_listen = match &raw.metrics_listen {
+            None => None,
+            Some(m) => {
+                let addr: SocketAddr = m.parse().map_err(|_| {
+                    value(
+                        "metrics_listen",
+                        m,
+                        "must be an IP address and port, e.g. \"127.0.0.1:9464\"; remove the key to serve no metrics",
+                    )
+                })?;
+                if addr.port() != 0 && addr == listen {
+                    return Err(value(
+                        "metrics_listen",
+                        m,
+                        "is the same address as `listen`; give the metrics listener its own port, e.g. \"127.0.0.1:9464\"",
+                    ));
+                }
+                Some(addr)
+            }
+        };
         let l = raw.limits;
         // Stored as SQLite integers (i64); the walltime also becomes a chrono duration.
         for (key, v, max) in [
@@ -336,6 +361,7 @@ impl ServerConfig {
             heartbeat_seconds: raw.heartbeat_seconds,
             missed_heartbeats: raw.missed_heartbeats,
             max_requeues: raw.max_requeues,
+            metrics_listen,
         };
         Ok(cfg)
     }
@@ -428,6 +454,32 @@ fqans = ["/demo"]
         assert_eq!(c.envelope_lifetime_seconds, 600);
         assert_eq!(c.retention_seconds, 30 * 86400);
         assert_eq!(c.members.len(), 1);
+        assert_eq!(
+            c.metrics_listen, None,
+            "no metrics listener unless asked for"
+        );
+    }
+
+    #[test]
+    fn metrics_listen_is_an_address_of_its_own() {
+        let p = Path::new("/etc/mupilot/server.toml");
+        let top = |line: &str| GOOD.replacen("listen =", &format!("{line}\nlisten ="), 1);
+        let c = ServerConfig::parse(p, &top("metrics_listen = \"127.0.0.1:9464\"")).unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+        let e = ServerConfig::parse(p, &top("metrics_listen = \"127.0.0.1:8443\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("metrics_listen") && e.contains("same address"),
+            "{e}"
+        );
+        let e = ServerConfig::parse(p, &top("metrics_listen = \"9464\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("metrics_listen") && e.contains("\"9464\""),
+            "{e}"
+        );
     }
 
     #[test]

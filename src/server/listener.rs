@@ -49,6 +49,11 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot listen on {addr} for metrics: {source}; choose a free address in `metrics_listen` or remove it")]
+    BindMetrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Everything `serve` needs, loaded and checked before the socket is opened.
@@ -57,6 +62,7 @@ pub struct Prepared {
     acceptor: TlsAcceptor,
     listen: SocketAddr,
     missed_heartbeats: u32,
+    metrics_listen: Option<SocketAddr>,
 }
 
 /// Loads and checks the configuration's files, opens the database, seeds members.
@@ -92,12 +98,14 @@ pub fn prepare(cfg: &ServerConfig) -> Result<Prepared, ServeError> {
         issuer: format!("mupilot-server@{host}"),
         limits: cfg.limits,
         heartbeat_seconds: cfg.heartbeat_seconds,
+        metrics: Arc::new(super::metrics::Metrics::new()),
     };
     Ok(Prepared {
         state: Arc::new(state),
         acceptor: TlsAcceptor::from(tls),
         listen: cfg.listen,
         missed_heartbeats: cfg.missed_heartbeats,
+        metrics_listen: cfg.metrics_listen,
     })
 }
 
@@ -114,12 +122,37 @@ pub async fn serve(p: Prepared, shutdown: impl Future<Output = ()>) -> Result<()
         addr: p.listen,
         source,
     })?;
+    let metrics_listener = match p.metrics_listen {
+        None => None,
+        Some(m) => {
+            let bind_err = |source| ServeError::BindMetrics { addr: m, source };
+            let l = TcpListener::bind(m).await.map_err(bind_err)?;
+            let bound = l.local_addr().map_err(bind_err)?;
+            Some((l, bound))
+        }
+    };
     // Tests and scripts read this line to learn the port when listen ends in :0.
     // A closed stdout must not stop the server (println! would panic).
     use std::io::Write;
     let _ = writeln!(std::io::stdout(), "listening on https://{addr}");
+    if let Some((_, m)) = &metrics_listener {
+        let _ = writeln!(std::io::stdout(), "metrics on http://{m}/metrics");
+    }
     let _ = std::io::stdout().flush();
     tracing::info!(%addr, vo = %p.state.vo, "mupilot-server listening");
+    let (metrics_stop_tx, mut metrics_stop_rx) = tokio::sync::watch::channel(false);
+    let metrics_task = metrics_listener.map(|(l, m)| {
+        tracing::info!(addr = %m, "metrics served on plain HTTP");
+        let stop = async move {
+            let _ = metrics_stop_rx.changed().await;
+        };
+        tokio::spawn(super::metrics::serve(
+            l,
+            p.state.metrics.clone(),
+            p.state.store.clone(),
+            stop,
+        ))
+    });
 
     let sweeper = tokio::spawn(sweep_loop(p.state.clone(), p.missed_heartbeats));
     let retention = tokio::spawn(retention_loop(p.state.clone()));
@@ -149,6 +182,16 @@ pub async fn serve(p: Prepared, shutdown: impl Future<Output = ()>) -> Result<()
     tracing::info!(open = conns.len(), "shutting down: no new connections");
     sweeper.abort();
     retention.abort();
+    let _ = metrics_stop_tx.send(true);
+    if let Some(t) = metrics_task {
+        // A scrape takes milliseconds; never let one hold up the shutdown.
+        if tokio::time::timeout(Duration::from_secs(2), t)
+            .await
+            .is_err()
+        {
+            tracing::warn!("metrics listener did not stop in time");
+        }
+    }
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         while conns.join_next().await.is_some() {}

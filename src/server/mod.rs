@@ -2,7 +2,7 @@
 //! matchmaking, envelope signing, status and operator commands, stored in SQLite.
 //!
 //! Layout: [`config`] (server.toml), [`store`] (SQLite and payload files), [`api`] (axum
-//! routes), [`listener`] (TLS accept loop, peer DN per connection), [`init`]/[`pki`] (demo VO),
+//! routes), [`listener`] (TLS accept loop, peer DN per connection), [`metrics`] (Prometheus endpoint), [`init`]/[`pki`] (demo VO),
 //! [`client`] (submit/status/output/cancel), [`cli`] (the command line).
 
 pub mod api;
@@ -11,5 +11,6 @@ pub mod client;
 pub mod config;
 pub mod init;
 pub mod listener;
+pub mod metrics;
 pub mod pki;
 pub mod store;

@@ -11,7 +11,7 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -124,6 +124,8 @@ pub fn argv_sha256(argv: &[String]) -> String {
 pub struct AuditLog {
     writer: Arc<Mutex<Shared>>,
     host: String,
+    /// Counted as records are written (switch.toml `metrics_textfile`).
+    metrics: Arc<super::metrics::SwitchMetrics>,
 }
 
 /// The writer and whether a retry thread runs for it (both changed only under the lock).
@@ -172,6 +174,7 @@ impl AuditLog {
         let log = AuditLog {
             writer: Arc::new(Mutex::new(Shared { w, retrying: false })),
             host: host.to_string(),
+            metrics: Arc::new(super::metrics::SwitchMetrics::new()),
         };
         // A torn tail that could not be removed at open: its note waits in memory.
         log.lock().retry_while_kept(&log.writer);
@@ -184,6 +187,11 @@ impl AuditLog {
 
     pub fn host(&self) -> &str {
         &self.host
+    }
+
+    /// The counters the records feed (launches, denials, kills, write latency).
+    pub fn metrics(&self) -> &Arc<super::metrics::SwitchMetrics> {
+        &self.metrics
     }
 
     /// A record of `event` with time, host and helper pid filled in.
@@ -200,7 +208,10 @@ impl AuditLog {
     /// Appends `rec` (fsynced when this returns Ok); on an error it is neither written nor
     /// kept.
     pub fn append(&self, rec: &AuditRecord) -> Result<u64, RecordError> {
-        self.lock().w.append(rec)
+        let t = Instant::now();
+        let res = self.lock().w.append(rec);
+        self.metrics.record(rec, res.is_ok(), t.elapsed());
+        res
     }
 
     /// Appends `rec` without waiting for the disk: the caller waits on the returned
@@ -208,19 +219,28 @@ impl AuditLog {
     /// sandbox). Records kept in memory are written first; when the log cannot take them or
     /// `rec`, this fails and `rec` is not kept (a start record: the launch is refused).
     pub fn append_unsynced(&self, rec: &AuditRecord) -> Result<PendingSync, RecordError> {
-        self.lock()
+        // Two vDSO clock reads and three atomic adds: nothing the launch path would notice.
+        let t = Instant::now();
+        let res = self
+            .lock()
             .w
             .append_unsynced(rec)
-            .map(|(_, pending)| pending)
+            .map(|(_, pending)| pending);
+        self.metrics.record(rec, res.is_ok(), t.elapsed());
+        res
     }
 
     /// Appends `rec` without waiting for the disk (end records, synced after the exit was
     /// reported); when the log cannot take it, it is kept in memory (see
     /// [`AuditLog::append_or_log`]) and there is nothing to wait for.
     pub fn append_unsynced_or_keep(&self, rec: &AuditRecord) -> Option<PendingSync> {
+        let t = Instant::now();
         let mut s = self.lock();
         let keep = rec.event.map_or(Keep::Essential, AuditEvent::keep);
-        match s.w.append_or_keep_unsynced(rec, keep) {
+        let res = s.w.append_or_keep_unsynced(rec, keep);
+        self.metrics
+            .record(rec, matches!(res, Ok(Appended::Written(_))), t.elapsed());
+        match res {
             Ok(Appended::Written(_)) => match s.w.pending_sync() {
                 Ok(p) => Some(p),
                 Err(e) => {
@@ -259,9 +279,13 @@ impl AuditLog {
     /// tries every 0.5 s while records wait); the failure is logged. Used for every record
     /// but the start record, which must be on disk before the payload may run.
     pub fn append_or_log(&self, rec: &AuditRecord) {
+        let t = Instant::now();
         let mut s = self.lock();
         let keep = rec.event.map_or(Keep::Essential, AuditEvent::keep);
-        match s.w.append_or_keep(rec, keep) {
+        let res = s.w.append_or_keep(rec, keep);
+        self.metrics
+            .record(rec, matches!(res, Ok(Appended::Written(_))), t.elapsed());
+        match res {
             Ok(Appended::Written(_)) => {}
             other => {
                 s.report(other, rec);

@@ -72,6 +72,15 @@ struct RawConfig {
     socket_group: Option<String>,
     #[serde(default)]
     limits: RawLimits,
+    /// node_exporter textfile (`*.prom`) the helper's counters are written to; absent: none.
+    #[serde(default)]
+    metrics_textfile: Option<PathBuf>,
+    #[serde(default = "default_metrics_interval")]
+    metrics_interval_seconds: u64,
+}
+
+fn default_metrics_interval() -> u64 {
+    15
 }
 
 /// `[limits]`: what one pilot account can make the helper spend.
@@ -316,6 +325,10 @@ pub struct SwitchConfig {
     /// The group (name, gid) owning the socket in `serve` mode.
     pub socket_group: Option<(String, u32)>,
     pub limits: LimitsConfig,
+    /// Where the counters go for node_exporter's textfile collector (None: nowhere).
+    pub metrics_textfile: Option<PathBuf>,
+    /// How often the textfile is rewritten.
+    pub metrics_interval: std::time::Duration,
 }
 
 /// A config file that cannot be used. The message names the file, the key, what is wrong and
@@ -533,6 +546,39 @@ fn validate(raw: RawConfig, base: &Path) -> Result<SwitchConfig, KeyErr> {
     let state_dir = resolve(base, raw.state_dir);
     ensure_private_dir(&state_dir).map_err(|what| bad("state_dir", what))?;
 
+    let metrics_textfile = match raw.metrics_textfile {
+        None => None,
+        Some(p) => {
+            let p = resolve(base, p);
+            let shown = p.display().to_string();
+            if p.extension().and_then(|e| e.to_str()) != Some("prom") {
+                return Err(bad(
+                    "metrics_textfile",
+                    format!("{shown} must end in .prom (node_exporter's textfile collector reads only *.prom), e.g. /var/lib/prometheus/node-exporter/mupilot-switch.prom"),
+                ));
+            }
+            match p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                Some(d) if d.is_dir() => {}
+                _ => {
+                    return Err(bad(
+                        "metrics_textfile",
+                        format!("the directory of {shown} does not exist; name a file in node_exporter's --collector.textfile.directory, or remove the key"),
+                    ))
+                }
+            }
+            Some(p)
+        }
+    };
+    if !(1..=3600).contains(&raw.metrics_interval_seconds) {
+        return Err(bad(
+            "metrics_interval_seconds",
+            format!(
+                "{} must be between 1 and 3600 seconds; the default is 15",
+                raw.metrics_interval_seconds
+            ),
+        ));
+    }
+
     let s = raw.sandbox;
     let scratch_root = resolve(
         base,
@@ -636,6 +682,8 @@ fn validate(raw: RawConfig, base: &Path) -> Result<SwitchConfig, KeyErr> {
 
     Ok(SwitchConfig {
         path: PathBuf::new(),
+        metrics_textfile,
+        metrics_interval: std::time::Duration::from_secs(raw.metrics_interval_seconds),
         socket: resolve(base, raw.socket),
         socket_group,
         limits,

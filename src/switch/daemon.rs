@@ -291,6 +291,19 @@ pub fn serve(cfg: SwitchConfig) -> Result<i32, DaemonError> {
             helper.cfg.path.display()
         );
     }
+    if let Some(path) = helper.cfg.metrics_textfile.clone() {
+        // Off the launch path: the counters are atomics the audit log bumps; only this
+        // thread encodes and writes them, every metrics_interval.
+        let h = helper.clone();
+        write_metrics(&h, &path);
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || loop {
+                std::thread::sleep(h.cfg.metrics_interval);
+                write_metrics(&h, &path);
+            })
+            .expect("spawning the metrics thread");
+    }
     // Refusal summaries are written when their interval ends.
     let h = helper.clone();
     std::thread::Builder::new()
@@ -330,10 +343,25 @@ pub fn serve(cfg: SwitchConfig) -> Result<i32, DaemonError> {
     helper.refusals.flush(&helper.audit, true);
     helper.audit.anchor();
     helper.audit.finish();
+    if let Some(path) = &helper.cfg.metrics_textfile {
+        write_metrics(&helper, path);
+    }
     if let ListenSource::Path(p) = &source {
         let _ = std::fs::remove_file(p);
     }
     Ok(0)
+}
+
+/// Rewrites the metrics textfile; a failure is logged, never fatal (the helper's work does
+/// not depend on its metrics).
+fn write_metrics(helper: &Helper, path: &std::path::Path) {
+    let text = helper
+        .audit
+        .metrics()
+        .render(helper.registry.list(None).len());
+    if let Err(e) = super::metrics::write_textfile(path, &text) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot write the metrics textfile");
+    }
 }
 
 fn accept_loop(helper: Arc<Helper>, listener: UnixListener) {

@@ -7,7 +7,7 @@
 //! state, accept loop, shutdown), [`connection`] (one pilot), [`launch`] (the checks in
 //! order), [`authorize`] (the local decision), [`gridmap`] (the mapping file), [`accounts`]
 //! (account lookup and refusals), [`leases`] (pool accounts), [`replay`] (seen nonces), [`registry`] (running payloads and
-//! slots), [`audit`] and [`syslog`] (records), [`sandbox`] (the payload's isolation), [`check`]
+//! slots), [`audit`] and [`syslog`] (records), [`metrics`] (node_exporter textfile), [`sandbox`] (the payload's isolation), [`check`]
 //! (check-config's site checks).
 
 pub mod accounts;
@@ -25,6 +25,7 @@ pub mod daemon;
 pub mod gridmap;
 pub mod launch;
 pub mod leases;
+pub mod metrics;
 pub mod peer;
 pub mod registry;
 pub mod replay;

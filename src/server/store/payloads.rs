@@ -578,6 +578,32 @@ impl Store {
         drop(conn);
         rows.into_iter().map(ViewRow::into_view).collect()
     }
+
+    /// How many payloads each VO has in each state (`(vo, state, count)`), for the metrics
+    /// endpoint. One grouped scan; states with no payload are absent.
+    pub fn count_by_state(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let conn = self.lock();
+        let mut stmt =
+            conn.prepare("SELECT vo, state, COUNT(*) FROM payloads GROUP BY vo, state")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// The distinct pilot ids holding a matched or running payload (a busy pilot asks for no
+    /// work but is alive), for the metrics endpoint.
+    pub fn busy_pilots(&self) -> Result<Vec<String>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(
+            "SELECT DISTINCT pilot_id FROM payloads
+             WHERE state IN ('matched', 'running') AND pilot_id IS NOT NULL",
+        )?;
+        let rows = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok(rows)
+    }
 }
 
 /// What the sweeper decides by (server.toml: `heartbeat_seconds`, `missed_heartbeats`,

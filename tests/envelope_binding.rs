@@ -235,7 +235,7 @@ impl Vo {
 
 /// Launches and expects the payload to start and exit 0.
 fn runs(c: &mut Client, w: &Work) {
-    match c.launch(&w.envelope, bundle_bytes(&w).as_deref()) {
+    match c.launch(&w.envelope, bundle_bytes(w).as_deref()) {
         SwitchEvent::Started { payload_id, .. } => assert_eq!(payload_id, w.payload_id),
         other => panic!("expected started, got {other:?}"),
     }

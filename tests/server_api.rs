@@ -9,24 +9,12 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use chrono::Utc;
 use mupilot::protocol::api::{
-    MatchRequest, MatchResponse, OperatorCommand, PayloadState, PayloadView, StatusAck,
-    StatusReport, SubmitRequest, SubmitResponse,
+    MatchResponse, OperatorCommand, PayloadState, PayloadView, StatusAck, StatusReport,
+    SubmitRequest, SubmitResponse,
 };
 use mupilot::protocol::envelope::{sha256_hex, Expect};
 use mupilot::protocol::{Resources, VoVerifyingKey};
-use server_support::{dn, Demo};
-
-fn match_req(pilot_id: &str) -> MatchRequest {
-    MatchRequest {
-        pilot_id: pilot_id.into(),
-        batch_system: Some("none".into()),
-        batch_job_id: None,
-        host: "wn01".into(),
-        free_cores: 4,
-        free_memory_bytes: 8 << 30,
-        seconds_left: 86400,
-    }
-}
+use server_support::{dn, match_req, Demo};
 
 fn submit_req(argv: &[&str]) -> SubmitRequest {
     SubmitRequest {

@@ -9,21 +9,9 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 
-use mupilot::protocol::api::{MatchRequest, MatchResponse, SubmitRequest};
+use mupilot::protocol::api::{MatchResponse, SubmitRequest};
 use mupilot::protocol::Resources;
-use server_support::{text, Demo, BIN};
-
-fn match_req(pilot_id: &str) -> MatchRequest {
-    MatchRequest {
-        pilot_id: pilot_id.into(),
-        batch_system: Some("none".into()),
-        batch_job_id: None,
-        host: "wn01".into(),
-        free_cores: 4,
-        free_memory_bytes: 8 << 30,
-        seconds_left: 86400,
-    }
-}
+use server_support::{match_req, text, Demo, BIN};
 
 fn submit_req() -> SubmitRequest {
     SubmitRequest {

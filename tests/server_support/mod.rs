@@ -9,6 +9,19 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_mupilot-server");
 
+/// A pilot's match request for 4 cores, 8 GiB and a day, from node `wn01`.
+pub fn match_req(pilot_id: &str) -> mupilot::protocol::api::MatchRequest {
+    mupilot::protocol::api::MatchRequest {
+        pilot_id: pilot_id.into(),
+        batch_system: Some("none".into()),
+        batch_job_id: None,
+        host: "wn01".into(),
+        free_cores: 4,
+        free_memory_bytes: 8 << 30,
+        seconds_left: 86400,
+    }
+}
+
 pub fn dn(cn: &str) -> String {
     format!("/DC=org/DC=mupilot-demo/CN={cn}")
 }

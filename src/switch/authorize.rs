@@ -377,7 +377,9 @@ mod tests {
                         &p("state"),
                         std::time::Duration::from_secs(60),
                     )
-                    .unwrap(),
+                    .unwrap()
+                    // prod001 is no host account; LCMAPS names its lease by the pool's group.
+                    .with_group_lookup(Box::new(|_| Ok("demo".into()))),
                 ),
             },
             Box::new(NoClean),

@@ -1,24 +1,31 @@
-//! Pool-account leases in a gridmapdir, the layout LCMAPS and the Globus gridmapdir tools use.
+//! Pool-account leases in a gridmapdir, shared with LCMAPS-based services on the same host.
 //!
-//! The directory holds one empty file per pool account (`dteam001`, `dteam002`, ...). A lease
-//! is a hard link to an account's file named by the owner's URL-encoded, lower-cased DN, with
-//! `:` and the URL-encoded, lower-cased groups appended when the mapping depends on groups. An
-//! account whose file has one link is free; two links, leased. The link's mtime is the lease's
-//! last use: a lease unused for longer than the TTL expires, and its account is quarantined —
-//! its processes killed, its files in scratch and the temporary directories removed — before
-//! anyone else gets it. An exhausted pool is a denial, never a wait.
+//! The directory holds one empty file per pool account (`dteam001`, `dteam002`, ...; an account
+//! of pool `dteam` is `dteam` followed by digits only, as LCMAPS's strict prefix match). A lease
+//! is a hard link to an account's file named exactly as LCMAPS names it (see [`lease_name`]): the
+//! lower-cased DN with every byte outside `[a-z0-9]` percent-encoded, then, when the group map
+//! chose the pool (LCMAPS's `voms_poolaccount`), `:` and the pool's unix group. So an owner
+//! mapped by LCMAPS and by the helper holds one lease, whichever mapped first. An account whose
+//! file has one link is free; two links, leased; more, two mappers raced for it and both back
+//! off, as LCMAPS does. The link's mtime is the lease's last use: a lease unused for longer
+//! than the TTL expires, and its account is quarantined — its processes killed, its files in
+//! scratch and the temporary directories removed — before anyone else gets it. An exhausted
+//! pool is a denial, never a wait. Leases named the helper's former way (`-_.~` kept, the FQAN
+//! appended) are still honoured and renamed to LCMAPS's name on their owner's next launch.
 //!
 //! Runs as root inside the helper. All changes happen under one exclusive `flock` on
 //! `<gridmapdir>/.mupilot.lock`, so concurrent launches (threads or processes) never hand the
-//! same account to two owners. The time a lease began, which the directory does not keep, is
-//! kept in `<state_dir>/leases/<account>`.
+//! same account to two owners; LCMAPS does not take that lock, so every link is checked after it
+//! is made (link count and inode), as LCMAPS checks its own. The time a lease began, which the
+//! directory does not keep, is kept in `<state_dir>/leases/<account>`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
@@ -39,6 +46,20 @@ pub enum LeaseError {
         "quarantine of account {account} failed: {why}; it stays quarantined and is not handed out"
     )]
     Cleanup { account: String, why: String },
+    #[error("pool '{prefix}': cannot name leases as LCMAPS does, the primary group of pool account {account} is unknown: {why}; give the pool's accounts their unix group (useradd -g GROUP)")]
+    PoolGroup {
+        prefix: String,
+        account: String,
+        why: String,
+    },
+    #[error("gridmapdir lease {path}: {why}")]
+    Inconsistent { path: PathBuf, why: String },
+    #[error("the owner's lease {lease} holds account {account} outside pool '{prefix}' and payloads of {account} run now; the owner gets pool '{prefix}' when they end")]
+    Moving {
+        lease: String,
+        account: String,
+        prefix: String,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LeaseError + '_ {
@@ -76,21 +97,89 @@ pub trait Quarantine {
     fn clean(&self, account: &str) -> Result<(), String>;
 }
 
+/// The primary unix group name of an account; NSS by default, tests inject their own.
+pub type GroupOf = dyn Fn(&str) -> Result<String, String> + Send + Sync;
+
+/// How long a pool's unix group is reused before it is looked up again.
+const GROUP_TTL: Duration = Duration::from_secs(60);
+
 /// A gridmapdir with a lease lifetime.
 pub struct Gridmapdir {
     dir: PathBuf,
     meta_dir: PathBuf,
     ttl: Duration,
+    group_of: Box<GroupOf>,
+    /// Per pool prefix: its unix group and when it was looked up.
+    groups: Mutex<HashMap<String, (String, Instant)>>,
 }
 
-/// The lease link name for an owner: URL-encoded, lower-cased DN, then `:group` per group.
+/// What the directory holds under a lease name.
+enum Existing {
+    None,
+    /// Linked to this account of the pool.
+    Ours(String),
+    /// A lease whose account file is gone (one link): LCMAPS removes it, so do we.
+    Solitary,
+    /// Linked to a file that is no account of this pool (the inode).
+    Elsewhere(u64),
+}
+
+/// The outcome of linking a lease name to an account file.
+enum Linked {
+    Done,
+    /// Another mapper linked the same account in the same instant; both back off.
+    Raced,
+    /// The lease name appeared meanwhile (LCMAPS mapped the same owner).
+    NameTaken,
+}
+
+/// The primary group of `account` through NSS (getpwnam, getgrgid).
+pub fn nss_primary_group(account: &str) -> Result<String, String> {
+    let user = nix::unistd::User::from_name(account)
+        .map_err(|e| format!("cannot look up account {account}: {e}"))?
+        .ok_or_else(|| format!("account {account} does not exist"))?;
+    let group = nix::unistd::Group::from_gid(user.gid)
+        .map_err(|e| format!("cannot look up gid {}: {e}", user.gid))?
+        .ok_or_else(|| format!("gid {} of account {account} has no group entry", user.gid))?;
+    Ok(group.name)
+}
+
+/// LCMAPS's lease name: `lcmaps_encode(dn)`, then `:` and each unix group name verbatim (LCMAPS
+/// appends the names of the primary and then the secondary groups its `voms_localgroup` step
+/// mapped; `poolaccount`, mapping by DN, appends none).
 pub fn lease_name(dn: &str, groups: &[String]) -> String {
-    let mut name = url_encode(&dn.to_lowercase());
+    let mut name = lcmaps_encode(dn);
     for g in groups {
+        name.push(':');
+        name.push_str(g);
+    }
+    name
+}
+
+/// The name the helper gave leases before it named them as LCMAPS does: URL-encoded, lower-cased
+/// DN keeping `-_.~`, then `:` and each URL-encoded, lower-cased FQAN. Still honoured.
+pub fn former_lease_name(dn: &str, fqans: &[String]) -> String {
+    let mut name = url_encode(&dn.to_lowercase());
+    for g in fqans {
         name.push(':');
         name.push_str(&url_encode(&g.to_lowercase()));
     }
     name
+}
+
+/// LCMAPS's `urlencode` (lcmaps_gridmapdir.c): ASCII letters and digits lower-cased, every other
+/// byte as `%xx`. (LCMAPS formats a byte above 0x7f through a signed `char`, which garbles it;
+/// it never meets one, as OpenSSL's one-line DN escapes such bytes as `\xHH`.)
+pub fn lcmaps_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3 / 2);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() {
+            out.push(b.to_ascii_lowercase() as char);
+        } else {
+            out.push_str(&format!("%{b:02x}"));
+        }
+    }
+    out
 }
 
 fn url_encode(s: &str) -> String {
@@ -123,6 +212,13 @@ fn url_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Whether `name` is an account of pool `prefix`: the prefix and one or more digits, as LCMAPS's
+/// default `-strict_poolprefix_match yes` (so pool `dteam` never takes `dteamsgm001`).
+pub fn is_pool_account(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix)
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Lease links start with '%' (an encoded '/'); account files do not, and our lock is a dotfile.
 fn is_lease_name(name: &str) -> bool {
     name.starts_with('%')
@@ -151,7 +247,15 @@ impl Gridmapdir {
             dir: dir.to_path_buf(),
             meta_dir,
             ttl,
+            group_of: Box::new(nss_primary_group),
+            groups: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Replaces how a pool account's primary group is found (NSS by default).
+    pub fn with_group_lookup(mut self, group_of: Box<GroupOf>) -> Gridmapdir {
+        self.group_of = group_of;
+        self
     }
 
     fn lock(&self) -> Result<DirLock, LeaseError> {
@@ -172,13 +276,19 @@ impl Gridmapdir {
         }
     }
 
-    /// Pool accounts with `prefix`, sorted, with their inode and link count.
+    /// Pool accounts of `prefix` (every account file when empty), sorted, with their inode and
+    /// link count. Skips what LCMAPS skips: leases, dotfiles, `root`, backups (`~`).
     fn accounts(&self, prefix: &str) -> Result<Vec<(String, u64, u64)>, LeaseError> {
         let mut v = Vec::new();
         for e in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
             let e = e.map_err(io_err(&self.dir))?;
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') || is_lease_name(&name) || !name.starts_with(prefix) {
+            if name.starts_with('.')
+                || is_lease_name(&name)
+                || name == "root"
+                || name.contains('~')
+                || !(prefix.is_empty() || is_pool_account(&name, prefix))
+            {
                 continue;
             }
             let m = e.path().symlink_metadata().map_err(io_err(&e.path()))?;
@@ -208,19 +318,112 @@ impl Gridmapdir {
         Ok(map)
     }
 
+    /// The unix group LCMAPS names a lease of pool `prefix` by: the primary group of the pool's
+    /// first account (a pool's accounts share one, as the site's groupmapfile maps the FQAN to
+    /// it). Looked up before the directory lock is taken (NSS may be slow), cached a minute.
+    fn pool_group(&self, prefix: &str) -> Result<String, LeaseError> {
+        if let Some((g, at)) = self
+            .groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(prefix)
+        {
+            if at.elapsed() < GROUP_TTL {
+                return Ok(g.clone());
+            }
+        }
+        let Some((first, _, _)) = self.accounts(prefix)?.into_iter().next() else {
+            return Err(LeaseError::EmptyPool {
+                prefix: prefix.to_string(),
+                dir: self.dir.clone(),
+            });
+        };
+        let group = (self.group_of)(&first).map_err(|why| LeaseError::PoolGroup {
+            prefix: prefix.to_string(),
+            account: first,
+            why,
+        })?;
+        self.groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(prefix.to_string(), (group.clone(), Instant::now()));
+        Ok(group)
+    }
+
+    /// What `link` is, judged as LCMAPS's `get_pool_mapping` judges an existing lease.
+    fn existing(
+        &self,
+        link: &Path,
+        accounts: &[(String, u64, u64)],
+    ) -> Result<Existing, LeaseError> {
+        let m = match link.symlink_metadata() {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Existing::None),
+            Err(e) => return Err(io_err(link)(e)),
+        };
+        let inconsistent = |why: String| LeaseError::Inconsistent {
+            path: link.to_path_buf(),
+            why,
+        };
+        if !m.is_file() {
+            return Err(inconsistent(
+                "is not a regular file; remove it (leases are hard links to account files)".into(),
+            ));
+        }
+        match m.nlink() {
+            1 => Ok(Existing::Solitary),
+            2 => Ok(
+                match accounts.iter().find(|(_, ino, _)| *ino == m.ino()) {
+                    Some((account, _, _)) => Existing::Ours(account.clone()),
+                    None => Existing::Elsewhere(m.ino()),
+                },
+            ),
+            n => Err(inconsistent(format!(
+                "has {n} links: two owners hold one account file; remove the lease that is not the account's owner's"
+            ))),
+        }
+    }
+
+    /// Links the lease name `link` to `account`'s file (inode `ino`) and checks the result as
+    /// LCMAPS's `create_link` does: two links to the account's inode, else back off.
+    fn link_checked(&self, account: &str, ino: u64, link: &Path) -> Result<Linked, LeaseError> {
+        let target = self.dir.join(account);
+        match fs::hard_link(&target, link) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(Linked::NameTaken),
+            Err(e) => return Err(io_err(link)(e)),
+        }
+        let m = link.symlink_metadata().map_err(io_err(link))?;
+        if m.ino() == ino && m.nlink() == 2 {
+            return Ok(Linked::Done);
+        }
+        // LCMAPS linked another owner to the same account in the same instant (it does not
+        // take our lock); it backs off on seeing three links, and so do we.
+        fs::remove_file(link).map_err(io_err(link))?;
+        Ok(Linked::Raced)
+    }
+
     /// Gives the owner an account of the pool `prefix` (its own again while its lease lives).
-    /// `in_use(account)` says whether payloads of that account run now: such a lease never
-    /// expires under them.
+    /// `fqans` are the FQANs that chose the pool through the group map (empty when the
+    /// grid-mapfile mapped the DN): they make the lease LCMAPS's `voms_poolaccount` kind, named
+    /// with the pool's unix group. `in_use(account)` says whether payloads of that account run
+    /// now: such a lease never expires under them.
     pub fn acquire(
         &self,
         dn: &str,
-        groups: &[String],
+        fqans: &[String],
         prefix: &str,
         in_use: &dyn Fn(&str) -> bool,
         quarantine: &dyn Quarantine,
     ) -> Result<String, LeaseError> {
+        let groups = if fqans.is_empty() {
+            Vec::new()
+        } else {
+            vec![self.pool_group(prefix)?]
+        };
+        let name = lease_name(dn, &groups);
+        let former = former_lease_name(dn, fqans);
         let _lock = self.lock()?;
-        let name = lease_name(dn, groups);
         let link = self.dir.join(&name);
         let accounts = self.accounts(prefix)?;
         if accounts.is_empty() {
@@ -229,28 +432,33 @@ impl Gridmapdir {
                 dir: self.dir.clone(),
             });
         }
-        if let Ok(m) = link.symlink_metadata() {
-            if let Some((account, _, _)) = accounts.iter().find(|(_, ino, _)| *ino == m.ino()) {
+        match self.existing(&link, &accounts)? {
+            Existing::Ours(account) => {
                 touch(&link)?;
-                return Ok(account.clone());
+                return Ok(account);
             }
-            // A link into another pool (or a stale one): leave it; this pool gets its own.
+            Existing::Solitary => fs::remove_file(&link).map_err(io_err(&link))?,
+            Existing::Elsewhere(ino) => {
+                self.release_elsewhere(&name, ino, prefix, in_use, quarantine)?
+            }
+            Existing::None => {}
+        }
+        if former != name {
+            let old = self.dir.join(&former);
+            if let Existing::Ours(account) = self.existing(&old, &accounts)? {
+                return self.migrate(&old, &link, account, &accounts);
+            }
         }
         self.reclaim_expired(prefix, in_use, quarantine)?;
         let accounts = self.accounts(prefix)?;
-        for (account, _, nlink) in &accounts {
+        for (account, ino, nlink) in &accounts {
             if *nlink != 1 || self.meta_dir.join(format!("{account}.quarantine")).exists() {
                 continue;
             }
-            let target = self.dir.join(account);
-            match fs::hard_link(&target, &link) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    // Our own name linked to another pool's account; replace it.
-                    fs::remove_file(&link).map_err(io_err(&link))?;
-                    fs::hard_link(&target, &link).map_err(io_err(&link))?;
-                }
-                Err(e) => return Err(io_err(&link)(e)),
+            match self.link_checked(account, *ino, &link)? {
+                Linked::Done => {}
+                Linked::Raced => continue,
+                Linked::NameTaken => return self.taken_meanwhile(&link, &accounts),
             }
             touch(&link)?;
             let meta = self.meta_dir.join(account);
@@ -263,6 +471,89 @@ impl Gridmapdir {
             size: accounts.len(),
             dir: self.dir.clone(),
         })
+    }
+
+    /// The owner's lease name appeared while we linked: LCMAPS mapped the same owner in the same
+    /// instant. Its account is the owner's, if it is one of this pool.
+    fn taken_meanwhile(
+        &self,
+        link: &Path,
+        accounts: &[(String, u64, u64)],
+    ) -> Result<String, LeaseError> {
+        match self.existing(link, accounts)? {
+            Existing::Ours(account) => {
+                touch(link)?;
+                Ok(account)
+            }
+            _ => Err(LeaseError::Inconsistent {
+                path: link.to_path_buf(),
+                why: "was created by another mapper while this one leased an account; retry the launch".into(),
+            }),
+        }
+    }
+
+    /// An owner's lease of the helper's former naming keeps its account: the account file gets
+    /// the LCMAPS name as its lease and loses the former one (briefly three links, never fewer
+    /// than two, so no mapper sees the account free). The lease's time of last use is kept.
+    fn migrate(
+        &self,
+        old: &Path,
+        link: &Path,
+        account: String,
+        accounts: &[(String, u64, u64)],
+    ) -> Result<String, LeaseError> {
+        match fs::hard_link(old, link) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                // LCMAPS leased the owner an account meanwhile; the former lease expires.
+                return self.taken_meanwhile(link, accounts);
+            }
+            Err(e) => return Err(io_err(link)(e)),
+        }
+        fs::remove_file(old).map_err(io_err(old))?;
+        touch(link)?;
+        let meta = self.meta_dir.join(&account);
+        if let Some(mut record) = fs::read(&meta)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        {
+            record["owner"] =
+                serde_json::Value::from(link.file_name().map(|n| n.to_string_lossy().into_owned()));
+            fs::write(&meta, record.to_string()).map_err(io_err(&meta))?;
+        }
+        Ok(account)
+    }
+
+    /// The owner's lease holds an account outside pool `prefix` (the site moved the owner to
+    /// another pool). LCMAPS refuses such a lease unless told to override it, and then drops it
+    /// without cleanup; the helper drops it after quarantining that account, as an expired
+    /// lease, unless payloads of the account run now.
+    fn release_elsewhere(
+        &self,
+        name: &str,
+        ino: u64,
+        prefix: &str,
+        in_use: &dyn Fn(&str) -> bool,
+        quarantine: &dyn Quarantine,
+    ) -> Result<(), LeaseError> {
+        let link = self.dir.join(name);
+        let held = self
+            .accounts("")?
+            .into_iter()
+            .find(|(_, i, _)| *i == ino)
+            .map(|(account, _, _)| account);
+        let Some(account) = held else {
+            // Linked to no account file of the directory: it holds nothing.
+            return fs::remove_file(&link).map_err(io_err(&link));
+        };
+        if in_use(&account) {
+            return Err(LeaseError::Moving {
+                lease: name.to_string(),
+                account,
+                prefix: prefix.to_string(),
+            });
+        }
+        self.retire(&account, Some(name), quarantine)
     }
 
     /// Marks a lease as used now (called when a payload of the account ends).
@@ -301,21 +592,34 @@ impl Gridmapdir {
             if !expired && !marker.exists() {
                 continue;
             }
-            // Quarantine first, so a failed cleanup keeps the account out of circulation.
-            fs::write(&marker, b"").map_err(io_err(&marker))?;
-            if let Some((name, _)) = lease {
-                let p = self.dir.join(name);
-                fs::remove_file(&p).map_err(io_err(&p))?;
-            }
-            quarantine
-                .clean(&account)
-                .map_err(|why| LeaseError::Cleanup {
-                    account: account.clone(),
-                    why,
-                })?;
-            let _ = fs::remove_file(self.meta_dir.join(&account));
-            fs::remove_file(&marker).map_err(io_err(&marker))?;
+            self.retire(&account, lease.map(|(name, _)| name.as_str()), quarantine)?;
         }
+        Ok(())
+    }
+
+    /// Takes an account out of circulation and back: quarantine marker, lease link removed,
+    /// processes killed and files removed, marker removed. A failed cleanup leaves the marker,
+    /// so the account is not handed out and the next acquire retries.
+    fn retire(
+        &self,
+        account: &str,
+        lease: Option<&str>,
+        quarantine: &dyn Quarantine,
+    ) -> Result<(), LeaseError> {
+        let marker = self.meta_dir.join(format!("{account}.quarantine"));
+        fs::write(&marker, b"").map_err(io_err(&marker))?;
+        if let Some(name) = lease {
+            let p = self.dir.join(name);
+            fs::remove_file(&p).map_err(io_err(&p))?;
+        }
+        quarantine
+            .clean(account)
+            .map_err(|why| LeaseError::Cleanup {
+                account: account.to_string(),
+                why,
+            })?;
+        let _ = fs::remove_file(self.meta_dir.join(account));
+        fs::remove_file(&marker).map_err(io_err(&marker))?;
         Ok(())
     }
 
@@ -500,16 +804,40 @@ mod tests {
     }
 
     #[test]
-    fn names_are_gridmapdir_compatible() {
+    fn names_are_lcmaps_names() {
+        // The name LCMAPS 1.6.6 + lcmaps-plugins-voms 1.7.1 gave this owner (issue 17, and
+        // tests/lcmaps_compat.rs against LCMAPS itself).
         assert_eq!(
-            lease_name("/DC=org/CN=Alice Smith", &[]),
+            lease_name("/DC=org/DC=mupilot-demo/CN=dave", &["lcmdemo".into()]),
+            "%2fdc%3dorg%2fdc%3dmupilot%2ddemo%2fcn%3ddave:lcmdemo"
+        );
+        // poolaccount (by DN): no groups; every byte outside [a-z0-9] encoded, `-_.~` too.
+        assert_eq!(
+            lease_name("/DC=org/CN=Alice Smith-x_y.z~", &[]),
+            "%2fdc%3dorg%2fcn%3dalice%20smith%2dx%5fy%2ez%7e"
+        );
+        // Group names follow verbatim, primary first.
+        assert_eq!(
+            lease_name("/CN=a", &["g_1".into(), "g-2".into()]),
+            "%2fcn%3da:g_1:g-2"
+        );
+        assert_eq!(
+            former_lease_name("/DC=org/CN=Alice Smith", &[]),
             "%2fdc%3dorg%2fcn%3dalice%20smith"
         );
         assert_eq!(
-            lease_name("/CN=a", &["/demo/Role=prod".into()]),
-            "%2fcn%3da:%2fdemo%2frole%3dprod"
+            former_lease_name("/CN=a-b", &["/demo/Role=prod".into()]),
+            "%2fcn%3da-b:%2fdemo%2frole%3dprod"
         );
         assert_eq!(decode_lease_name("%2fcn%3da:%2fdemo"), "/cn=a /demo");
+        assert_eq!(
+            decode_lease_name("%2fcn%3da%2db:lcmdemo"),
+            "/cn=a-b lcmdemo"
+        );
+        assert!(is_pool_account("dteam001", "dteam"));
+        assert!(!is_pool_account("dteamsgm001", "dteam"));
+        assert!(!is_pool_account("dteam", "dteam"));
+        assert!(!is_pool_account("dteam01~", "dteam"));
     }
 
     #[test]
@@ -564,5 +892,136 @@ mod tests {
         // Still quarantined: a later acquire retries cleanup before handing it out.
         let b = g.acquire("/CN=b", &[], "pool", &|_| false, &q).unwrap();
         assert_eq!(b, "pool001");
+    }
+
+    fn grouped(n: usize) -> (tempfile::TempDir, Gridmapdir) {
+        let (t, g) = pool(n, Duration::from_secs(3600));
+        (t, g.with_group_lookup(Box::new(|_| Ok("lcmdemo".into()))))
+    }
+
+    fn links(g: &Gridmapdir, account: &str) -> u64 {
+        g.dir.join(account).symlink_metadata().unwrap().nlink()
+    }
+
+    #[test]
+    fn fqan_pool_leases_carry_the_pools_group() {
+        let (_t, g) = grouped(2);
+        let q = Recorder(Mutex::new(vec![]));
+        let fq = vec!["/demo/Role=prod".to_string()];
+        let a = g.acquire(
+            "/DC=org/DC=mupilot-demo/CN=dave",
+            &fq,
+            "pool",
+            &|_| false,
+            &q,
+        );
+        assert_eq!(a.unwrap(), "pool001");
+        let name = g
+            .dir
+            .join("%2fdc%3dorg%2fdc%3dmupilot%2ddemo%2fcn%3ddave:lcmdemo");
+        assert_eq!(name.symlink_metadata().unwrap().nlink(), 2);
+        // By DN the same owner holds another lease, as LCMAPS's poolaccount would.
+        let b = g.acquire(
+            "/DC=org/DC=mupilot-demo/CN=dave",
+            &[],
+            "pool",
+            &|_| false,
+            &q,
+        );
+        assert_eq!(b.unwrap(), "pool002");
+    }
+
+    #[test]
+    fn unknown_pool_group_is_a_clear_error() {
+        let (_t, g) = pool(1, Duration::from_secs(60));
+        let q = Recorder(Mutex::new(vec![]));
+        let e = g
+            .acquire("/CN=a", &["/demo".into()], "pool", &|_| false, &q)
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("primary group of pool account pool001"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn former_lease_is_honoured_and_renamed() {
+        let (_t, g) = grouped(3);
+        let q = Recorder(Mutex::new(vec![]));
+        let fq = vec!["/demo/Role=prod".to_string()];
+        let former = g.dir.join(former_lease_name("/CN=a-b", &fq));
+        fs::hard_link(g.dir.join("pool002"), &former).unwrap();
+        let a = g.acquire("/CN=a-b", &fq, "pool", &|_| false, &q).unwrap();
+        assert_eq!(a, "pool002");
+        assert!(!former.exists());
+        assert_eq!(links(&g, "pool002"), 2);
+        assert!(g.dir.join("%2fcn%3da%2db:lcmdemo").exists());
+        // A DN-mapped former lease too.
+        let former = g.dir.join(former_lease_name("/CN=x.y", &[]));
+        fs::hard_link(g.dir.join("pool003"), &former).unwrap();
+        assert_eq!(
+            g.acquire("/CN=x.y", &[], "pool", &|_| false, &q).unwrap(),
+            "pool003"
+        );
+        assert!(g.dir.join("%2fcn%3dx%2ey").exists() && !former.exists());
+    }
+
+    #[test]
+    fn accounts_leased_under_other_names_are_never_taken() {
+        let (_t, g) = grouped(3);
+        let q = Recorder(Mutex::new(vec![]));
+        // LCMAPS leased pool001 to someone else; a former-style lease holds pool002.
+        fs::hard_link(g.dir.join("pool001"), g.dir.join("%2fcn%3dother:lcmdemo")).unwrap();
+        fs::hard_link(g.dir.join("pool002"), g.dir.join("%2fcn%3dold-style")).unwrap();
+        let a = g.acquire("/CN=a", &["/demo".into()], "pool", &|_| false, &q);
+        assert_eq!(a.unwrap(), "pool003");
+        let e = g.acquire("/CN=b", &[], "pool", &|_| false, &q).unwrap_err();
+        assert!(matches!(e, LeaseError::Exhausted { size: 3, .. }), "{e}");
+        assert!(q.0.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn pool_prefix_is_strict_and_solitary_leases_go() {
+        let (_t, g) = pool(1, Duration::from_secs(60));
+        for f in ["poolsgm001", "pool", "pool002~", "root"] {
+            File::create(g.dir.join(f)).unwrap();
+        }
+        // A lease whose account file went away (one link) is removed, as LCMAPS does.
+        File::create(g.dir.join("%2fcn%3da")).unwrap();
+        let q = Recorder(Mutex::new(vec![]));
+        assert_eq!(
+            g.acquire("/CN=a", &[], "pool", &|_| false, &q).unwrap(),
+            "pool001"
+        );
+        assert_eq!(links(&g, "pool001"), 2);
+        let e = g.acquire("/CN=b", &[], "pool", &|_| false, &q).unwrap_err();
+        assert!(matches!(e, LeaseError::Exhausted { size: 1, .. }), "{e}");
+        assert_eq!(links(&g, "poolsgm001"), 1);
+    }
+
+    #[test]
+    fn a_lease_in_another_pool_is_quarantined_before_the_owner_moves() {
+        let (_t, g) = pool(1, Duration::from_secs(60));
+        File::create(g.dir.join("other001")).unwrap();
+        let q = Recorder(Mutex::new(vec![]));
+        g.acquire("/CN=a", &[], "other", &|_| false, &q).unwrap();
+        let e = g.acquire("/CN=a", &[], "pool", &|a| a == "other001", &q);
+        assert!(matches!(e, Err(LeaseError::Moving { .. })), "{e:?}");
+        assert_eq!(links(&g, "other001"), 2);
+        let a = g.acquire("/CN=a", &[], "pool", &|_| false, &q).unwrap();
+        assert_eq!(a, "pool001");
+        assert_eq!(links(&g, "other001"), 1);
+        assert_eq!(q.0.lock().unwrap().as_slice(), ["other001".to_string()]);
+    }
+
+    #[test]
+    fn a_lease_with_three_links_is_refused() {
+        let (_t, g) = pool(1, Duration::from_secs(60));
+        let q = Recorder(Mutex::new(vec![]));
+        g.acquire("/CN=a", &[], "pool", &|_| false, &q).unwrap();
+        fs::hard_link(g.dir.join("pool001"), g.dir.join("%2fcn%3db")).unwrap();
+        let e = g.acquire("/CN=a", &[], "pool", &|_| false, &q).unwrap_err();
+        assert!(e.to_string().contains("has 3 links"), "{e}");
     }
 }

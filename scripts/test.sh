@@ -15,6 +15,8 @@ need_root
 
 log "installing test prerequisites"
 apt_install jq python3 iproute2 procps util-linux passwd man-db
+# LCMAPS itself, for tests/lcmaps_compat.rs (one gridmapdir lease per person, whoever maps).
+apt_install liblcmaps0 lcmaps-plugins-verify-proxy lcmaps-plugins-voms lcmaps-plugins-basic-poolaccount voms-clients openssl
 
 LOGDIR=$(mktemp -d /tmp/mupilot-test.XXXXXX)
 passed=0

@@ -1,0 +1,197 @@
+//! One lease per person, whoever maps (issue 17 item 6): the helper's pool leases against
+//! LCMAPS itself (Debian's liblcmaps0 and plugins, through `lcmaps_return_account_from_pem`)
+//! in one gridmapdir, with real pool accounts and real VOMS proxies. The same owner gets the
+//! same account from either, in both orders; neither takes an account the other leased; a
+//! lease of the helper's former naming keeps its account. Runs as root.
+
+mod lcmaps_support;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use lcmaps_support::{Lcmaps, PoolAccounts, DN_BASE};
+use mupilot::switch::leases::{
+    former_lease_name, lcmaps_encode, lease_name, Gridmapdir, KillAndClean, LeaseError,
+};
+
+/// The tests create accounts with fixed names.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const FQANS: [&str; 2] = ["/demo/Role=prod", "/demo"];
+
+fn dn(cn: &str) -> String {
+    format!("{DN_BASE}/CN={cn}")
+}
+
+/// The helper's lease code on the same gridmapdir, with its real quarantine and NSS lookups.
+fn helper(lc: &Lcmaps, state: &Path) -> Gridmapdir {
+    Gridmapdir::new(&lc.gridmapdir(), state, Duration::from_secs(3600)).unwrap()
+}
+
+fn acquire(g: &Gridmapdir, cn: &str, fqans: &[&str], pool: &str) -> Result<String, LeaseError> {
+    let fqans: Vec<String> = fqans.iter().map(|f| f.to_string()).collect();
+    let quarantine = KillAndClean { roots: Vec::new() };
+    g.acquire(&dn(cn), &fqans, pool, &|_| false, &quarantine)
+}
+
+fn links(lc: &Lcmaps, name: &str) -> u64 {
+    lc.gridmapdir()
+        .join(name)
+        .symlink_metadata()
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+        .nlink()
+}
+
+/// Every lease in the directory, as (name, account).
+fn leases(lc: &Lcmaps) -> Vec<(String, String)> {
+    let mut by_ino = std::collections::HashMap::new();
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(lc.gridmapdir()).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ino = e.metadata().unwrap().ino();
+        if name.starts_with('%') {
+            names.push((name, ino));
+        } else if !name.starts_with('.') {
+            by_ino.insert(ino, name);
+        }
+    }
+    let mut v: Vec<(String, String)> = names
+        .into_iter()
+        .map(|(n, ino)| (n, by_ino.get(&ino).cloned().unwrap_or_default()))
+        .collect();
+    v.sort();
+    v
+}
+
+/// The first account of `pool` no lease holds.
+fn free_account(lc: &Lcmaps, pool: &PoolAccounts) -> String {
+    pool.names
+        .iter()
+        .find(|a| links(lc, a) == 1)
+        .expect("a free account")
+        .clone()
+}
+
+#[test]
+fn voms_pool_accounts_one_lease_per_owner_with_lcmaps() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let pool = PoolAccounts::create("mpt-lcv", "mpt-lcv-g", 4);
+    let lc = Lcmaps::new(
+        "\"/demo/Role=prod\" .mpt-lcv\n",
+        // The first FQAN's group is the primary group, the pool accounts' own; the second's
+        // is a secondary group, which -do_not_use_secondary_gids leaves out of the lease.
+        "\"/demo/Role=prod\" mpt-lcv-g\n\"/demo\" users\n",
+        "",
+    );
+    lc.add_pool(&pool);
+    let state = tempfile::tempdir().unwrap();
+    let g = helper(&lc, state.path());
+    let prod = &FQANS[..1];
+
+    // LCMAPS first: the helper finds LCMAPS's lease, by LCMAPS's name.
+    let dave = lc.proxy("dave", &FQANS);
+    let (a, lease) = lc.map("voms", &dave).unwrap();
+    assert_eq!(
+        lease,
+        "%2fdc%3dorg%2fdc%3dmupilot%2ddemo%2fcn%3ddave:mpt-lcv-g"
+    );
+    assert_eq!(lease, lease_name(&dn("dave"), &["mpt-lcv-g".to_string()]));
+    assert_eq!(acquire(&g, "dave", prod, "mpt-lcv").unwrap(), a);
+    assert_eq!(lc.map("voms", &dave).unwrap().0, a);
+
+    // The helper first: LCMAPS finds the helper's lease.
+    let b = acquire(&g, "erin", prod, "mpt-lcv").unwrap();
+    assert_ne!(b, a);
+    let erin = lc.proxy("erin", &FQANS);
+    assert_eq!(
+        lc.map("voms", &erin).unwrap(),
+        (b.clone(), lease_name(&dn("erin"), &["mpt-lcv-g".into()]))
+    );
+
+    // A lease of the helper's former naming keeps its account for its owner, under
+    // LCMAPS's name from then on, and LCMAPS then finds it too.
+    let c = free_account(&lc, &pool);
+    let former = former_lease_name(&dn("frank"), &[FQANS[0].to_string()]);
+    assert_eq!(
+        former,
+        "%2fdc%3dorg%2fdc%3dmupilot-demo%2fcn%3dfrank:%2fdemo%2frole%3dprod"
+    );
+    std::fs::hard_link(lc.gridmapdir().join(&c), lc.gridmapdir().join(&former)).unwrap();
+    assert_eq!(acquire(&g, "frank", prod, "mpt-lcv").unwrap(), c);
+    assert!(!lc.gridmapdir().join(&former).exists());
+    let frank = lc.proxy("frank", &FQANS);
+    assert_eq!(lc.map("voms", &frank).unwrap().0, c);
+
+    // The last account is held by a former-style lease: LCMAPS does not take it for a new
+    // owner, nor does the helper; both say the pool is full.
+    let d = free_account(&lc, &pool);
+    let gina_former = former_lease_name(&dn("gina"), &[FQANS[0].to_string()]);
+    std::fs::hard_link(lc.gridmapdir().join(&d), lc.gridmapdir().join(&gina_former)).unwrap();
+    let before = leases(&lc);
+    let hank = lc.proxy("hank", &FQANS);
+    let refused = lc.map("voms", &hank).unwrap_err();
+    assert!(
+        refused.contains("no pool-entry available for pool-name mpt-lcv"),
+        "{refused}"
+    );
+    let e = acquire(&g, "ivan", prod, "mpt-lcv").unwrap_err();
+    assert!(matches!(e, LeaseError::Exhausted { size: 4, .. }), "{e}");
+    assert_eq!(leases(&lc), before);
+    // Four owners, four accounts, each with exactly its one lease.
+    let held: std::collections::BTreeSet<String> = before.iter().map(|(_, a)| a.clone()).collect();
+    assert_eq!(held.len(), 4, "{before:?}");
+    for account in &pool.names {
+        assert_eq!(links(&lc, account), 2, "{account}: {before:?}");
+    }
+    // Its owner still gets it from the helper.
+    assert_eq!(acquire(&g, "gina", prod, "mpt-lcv").unwrap(), d);
+    assert_eq!(
+        leases(&lc).len(),
+        4,
+        "the former lease was renamed, not doubled"
+    );
+}
+
+#[test]
+fn dn_pool_accounts_one_lease_per_owner_with_lcmaps() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let pool = PoolAccounts::create("mpt-lcd", "mpt-lcd-g", 2);
+    let lc = Lcmaps::new(
+        "",
+        "",
+        &format!(
+            "\"{}\" .mpt-lcd\n\"{}\" .mpt-lcd\n\"{}\" .mpt-lcd\n",
+            dn("dave"),
+            dn("erin"),
+            dn("frank")
+        ),
+    );
+    lc.add_pool(&pool);
+    let state = tempfile::tempdir().unwrap();
+    let g = helper(&lc, state.path());
+
+    // LCMAPS first (poolaccount: the lease is the encoded DN alone).
+    let dave = lc.proxy("dave", &[]);
+    let (a, lease) = lc.map("dn", &dave).unwrap();
+    assert_eq!(lease, "%2fdc%3dorg%2fdc%3dmupilot%2ddemo%2fcn%3ddave");
+    assert_eq!(lease, lcmaps_encode(&dn("dave")));
+    assert_eq!(acquire(&g, "dave", &[], "mpt-lcd").unwrap(), a);
+
+    // The helper first.
+    let b = acquire(&g, "erin", &[], "mpt-lcd").unwrap();
+    assert_ne!(a, b);
+    let erin = lc.proxy("erin", &[]);
+    assert_eq!(lc.map("dn", &erin).unwrap().0, b);
+
+    // Full: LCMAPS refuses a third owner rather than take either account.
+    let frank = lc.proxy("frank", &[]);
+    let refused = lc.map("dn", &frank).unwrap_err();
+    assert!(refused.contains("no pool-entry available"), "{refused}");
+    assert_eq!(leases(&lc).len(), 2);
+    for account in &pool.names {
+        assert_eq!(links(&lc, account), 2);
+    }
+}

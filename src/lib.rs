@@ -10,6 +10,8 @@
 //! fine-grained authorization language). [`tls`] is used by the pilot and the server only: the
 //! helper never reaches it, so the `mupilot-switch` binary links no TLS or HTTP code.
 
+#[cfg(feature = "grid")]
+pub mod grid;
 pub mod pilot;
 pub mod policy;
 pub mod protocol;

@@ -43,7 +43,7 @@ pub struct VerifiedCredential {
     pub owner_dn: String,
     /// The CA that issued it.
     pub issuer_dn: String,
-    /// Proxy serial numbers (hex), newest first.
+    /// Proxy serial numbers (lower-case hex without leading zeros), newest first.
     pub proxy_serials: Vec<String>,
     /// The earliest not-after of the chain and the AC: the credential is unusable after it.
     pub not_after: DateTime<Utc>,
@@ -174,6 +174,10 @@ impl Verifier {
                         .to_bn()
                         .ok()
                         .and_then(|b| b.to_hex_str().ok().map(|s| s.to_lowercase()))
+                        .map(|s| match s.trim_start_matches('0') {
+                            "" => "0".to_string(),
+                            t => t.to_string(),
+                        })
                         .unwrap_or_default()
                 })
                 .collect(),

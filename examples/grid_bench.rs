@@ -21,7 +21,9 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 fn main() {
     let mut args = std::env::args().skip(1);
     let root = PathBuf::from(args.next().expect("usage: grid_bench PKI [N]"));
-    let n: usize = args.next().map_or(2000, |s| s.parse().expect("N is a number"));
+    let n: usize = args
+        .next()
+        .map_or(2000, |s| s.parse().expect("N is a number"));
     let cfg = GridConfig {
         cert_dir: root.join("certificates"),
         vomsdir: root.join("vomsdir"),
@@ -35,7 +37,8 @@ fn main() {
     for _ in 0..50 {
         let v = Verifier::new(cfg.clone());
         let t = Instant::now();
-        v.verify(&pem, &claim, now).expect("the good proxy verifies");
+        v.verify(&pem, &claim, now)
+            .expect("the good proxy verifies");
         load.push(t.elapsed().as_secs_f64() * 1e6);
     }
     let v = Verifier::new(cfg);
@@ -43,13 +46,15 @@ fn main() {
     for _ in 0..n {
         v.clear_cache();
         let t = Instant::now();
-        v.verify(&pem, &claim, now).expect("the good proxy verifies");
+        v.verify(&pem, &claim, now)
+            .expect("the good proxy verifies");
         cold.push(t.elapsed().as_secs_f64() * 1e6);
     }
     let mut cached = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
-        v.verify(&pem, &claim, now).expect("the good proxy verifies");
+        v.verify(&pem, &claim, now)
+            .expect("the good proxy verifies");
         cached.push(t.elapsed().as_secs_f64() * 1e6);
     }
     println!(

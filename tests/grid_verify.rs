@@ -451,10 +451,30 @@ fn check_proxy_command() {
         text.contains("refused: certificate revoked: /DC=org/DC=mupilot-test/CN=Mallory"),
         "{text}"
     );
+    let dirs = |cmd: &mut Command| {
+        cmd.arg("--cert-dir")
+            .arg(root.join("certificates"))
+            .arg("--vomsdir")
+            .arg(root.join("vomsdir"));
+    };
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mupilot-switch"));
+    cmd.args(["check-proxy", "/nonexistent/proxy.pem"]);
+    dirs(&mut cmd);
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/proxy.pem"));
+    // A site without a CA directory is told which key and what to install.
     let out = Command::new(env!("CARGO_BIN_EXE_mupilot-switch"))
-        .args(["check-proxy", "/nonexistent/proxy.pem"])
+        .arg("check-proxy")
+        .arg(root.join("proxies/good.pem"))
+        .args(["--cert-dir", "/nonexistent/certificates", "--vomsdir"])
+        .arg(root.join("vomsdir"))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/proxy.pem"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("grid.cert_dir = /nonexistent/certificates") && err.contains("IGTF"),
+        "{err}"
+    );
 }

@@ -54,7 +54,11 @@ fn helper_binary_links_no_http_tls_or_server_code() {
 #[test]
 fn helper_calls_no_openssl_tls_function() {
     let out = Command::new("nm")
-        .args(["-D", "--undefined-only", env!("CARGO_BIN_EXE_mupilot-switch")])
+        .args([
+            "-D",
+            "--undefined-only",
+            env!("CARGO_BIN_EXE_mupilot-switch"),
+        ])
         .output()
         .expect("nm (binutils) is installed");
     assert!(out.status.success());

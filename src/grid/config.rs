@@ -154,6 +154,29 @@ mod tests {
     }
 
     #[test]
+    fn problems_name_key_value_and_fix() {
+        let d = tempfile::tempdir().unwrap();
+        let c = GridConfig {
+            cert_dir: d.path().into(),
+            vomsdir: d.path().into(),
+            ..GridConfig::default()
+        };
+        assert!(c.problems().is_empty());
+        let c = GridConfig {
+            max_chain_length: 0,
+            vomsdir: d.path().join("missing"),
+            ..c
+        };
+        let p = c.problems();
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].contains("grid.max_chain_length = 0"), "{p:?}");
+        assert!(
+            p[1].contains("grid.vomsdir") && p[1].contains("missing") && p[1].contains(".lsc"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
     fn fqan_modes() {
         let ac = vec![
             "/atlas/Role=NULL/Capability=NULL".to_string(),

@@ -31,17 +31,25 @@ pub enum LscError {
 
 const NEXT_CHAIN: &str = "------NEXT CHAIN------";
 
-/// The path of `host`'s file for `vo`; `None` when `vo` or `host` could climb out of the
-/// vomsdir (they come from the AC, which is not verified yet when the file is looked up).
+fn safe_name(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+}
+
+/// `vo`'s directory in the vomsdir; `None` when the name could climb out of it (it comes from
+/// the AC, which is not verified yet when the directory is looked up).
+pub fn vo_dir(vomsdir: &Path, vo: &str) -> Option<PathBuf> {
+    safe_name(vo).then(|| vomsdir.join(vo))
+}
+
+/// The path of `host`'s file for `vo`; `None` when `vo` or `host` is not a plain file name.
 pub fn path_for(vomsdir: &Path, vo: &str, host: &str) -> Option<PathBuf> {
-    let safe = |s: &str| {
-        !s.is_empty()
-            && s != "."
-            && s != ".."
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
-    };
-    (safe(vo) && safe(host)).then(|| vomsdir.join(vo).join(format!("{host}.lsc")))
+    vo_dir(vomsdir, vo)
+        .filter(|_| safe_name(host))
+        .map(|d| d.join(format!("{host}.lsc")))
 }
 
 /// Parses the text of an `.lsc` file.

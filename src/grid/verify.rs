@@ -106,6 +106,8 @@ impl Verifier {
         now: DateTime<Utc>,
     ) -> Result<Arc<VerifiedCredential>, CredentialRefusal> {
         let key = digest(chain_pem);
+        // One lock around lookup and cold verification: a cold one takes about a millisecond,
+        // and two launches with the same new credential then verify it once.
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let max_age = Duration::from_secs(self.cfg.ca_reload_seconds);
         if st.trust.as_ref().map_or(true, |t| t.is_stale(max_age)) {

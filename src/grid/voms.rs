@@ -373,10 +373,7 @@ fn carried_certs(exts: Option<&Extensions>) -> Result<Vec<X509>, CredentialRefus
 /// The old way: the VOMS server's certificate itself as a file in `vomsdir/<VO>/` or the
 /// vomsdir, found by subject.
 fn vomsdir_cert(vomsdir: &std::path::Path, vo: &str, issuer: &X509Name) -> Option<X509> {
-    let dirs = [
-        lsc::path_for(vomsdir, vo, "x").and_then(|p| p.parent().map(|d| d.to_path_buf())),
-        Some(vomsdir.to_path_buf()),
-    ];
+    let dirs = [lsc::vo_dir(vomsdir, vo), Some(vomsdir.to_path_buf())];
     for dir in dirs.into_iter().flatten() {
         let Ok(rd) = std::fs::read_dir(&dir) else {
             continue;

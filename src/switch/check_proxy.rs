@@ -52,6 +52,13 @@ pub fn main(args: &CheckProxyArgs) -> i32 {
     if let Some(d) = &args.vomsdir {
         cfg.vomsdir = d.clone();
     }
+    let problems = cfg.problems();
+    for p in &problems {
+        eprintln!("mupilot-switch: {p}");
+    }
+    if !problems.is_empty() {
+        return EXIT_USAGE;
+    }
     let pem = match std::fs::read(&args.file) {
         Ok(p) => p,
         Err(e) => {

@@ -228,6 +228,53 @@ fn tampered_ac() {
 }
 
 #[test]
+fn expired_ac_in_a_valid_proxy() {
+    let e = refusal(config(pki()), "ac-expired");
+    assert!(
+        e.starts_with("AC expired at 20") && e.ends_with("VO atlas"),
+        "{e}"
+    );
+    assert!(openssl_verify(pki(), "ac-expired"));
+}
+
+#[test]
+fn ac_taken_from_another_users_proxy() {
+    // Alice's genuine AC inside a proxy Bob signed: every signature holds, the holder does not.
+    let v = Verifier::new(config(pki()));
+    let e = v
+        .verify(
+            &proxy(pki(), "stolen-ac"),
+            &Claim::owner("/DC=org/DC=mupilot-test/CN=Bob", "atlas"),
+            Utc::now(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "AC holder /DC=org/DC=mupilot-test/CN=Alice serial 1001 is not the proxy's end-entity \
+         certificate /DC=org/DC=mupilot-test/CN=Bob serial 1003"
+    );
+    assert!(openssl_verify(pki(), "stolen-ac"));
+}
+
+#[test]
+fn not_yet_valid_at_the_given_time() {
+    let v = Verifier::new(config(pki()));
+    let e = v
+        .verify(
+            &proxy(pki(), "good"),
+            &Claim::owner(ALICE, "atlas"),
+            Utc::now() - Duration::days(1),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with(&format!("certificate not valid before 20")) && e.ends_with(ALICE),
+        "{e}"
+    );
+}
+
+#[test]
 fn dn_mismatch_with_the_envelope() {
     let v = Verifier::new(config(pki()));
     let e = v

@@ -11,8 +11,10 @@
 # OUT/pki              keys and certificates behind them (Other CA is not in the CA directory)
 # OUT/proxies/*.pem    good, expired, unknown-ca, revoked, rogue-signer, other-vo, tampered-ac,
 #                      limited, chain4 (four proxies), pathlen (three under a path length of
-#                      one), long-lived (96 h), no-ac, badname, rewrapped (tampered-ac's control)
-# Subjects: /DC=org/DC=mupilot-test/CN=Alice (good), CN=Mallory (revoked), CN=Eve (Other CA).
+#                      one), long-lived (96 h), no-ac, badname, rewrapped (tampered-ac's control),
+#                      ac-expired (proxy valid, AC not), stolen-ac (Alice's AC in Bob's proxy)
+# Subjects: /DC=org/DC=mupilot-test/CN=Alice (good), CN=Bob, CN=Mallory (revoked),
+# /DC=org/DC=elsewhere/CN=Eve (Other CA).
 set -eu
 OUT=${1:?usage: make-fixtures.sh OUT}
 command -v voms-proxy-fake >/dev/null || { echo "voms-proxy-fake not found: apt-get install voms-clients" >&2; exit 2; }
@@ -46,6 +48,7 @@ ca testca "$DCS/CN=Test CA"
 ca otherca "/DC=org/DC=elsewhere/CN=Other CA"
 ee alice "$DCS/CN=Alice" 0x1001 testca
 ee mallory "$DCS/CN=Mallory" 0x1002 testca
+ee bob "$DCS/CN=Bob" 0x1003 testca
 ee eve "/DC=org/DC=elsewhere/CN=Eve" 0x3001 otherca
 ee voms "$DCS/CN=voms.example" 0x2001 testca
 ee rogue "$DCS/CN=voms-rogue.example" 0x2002 testca
@@ -80,6 +83,7 @@ fake rogue-signer alice rogue atlas -hours 12
 fake other-vo alice voms cms -hours 12
 fake limited alice voms atlas -hours 12 -limited
 fake long-lived alice voms atlas -hours 96 -vomslife 96
+fake ac-expired alice voms atlas -hours 12 -vomslife 1 -pastac 7200
 voms-proxy-fake -q -rfc -cert alice.pem -key alice.key -certdir ../certificates -out "$P/no-ac.pem" -hours 12 2>/dev/null
 
 # proxy NAME ISSUER-FILE SUBJECT EXTFILE: a proxy signed with the key in ISSUER-FILE; the new file
@@ -128,4 +132,7 @@ proxy tampered-ac alice-full.pem "$DCS/CN=Alice/CN=424242" tampered.ext
 achex=$(xxd -p ac.der | tr -d '\n')
 { cat proxy.ext; echo "1.3.6.1.4.1.8005.100.100.5=DER:$achex"; } > rewrapped.ext
 proxy rewrapped alice-full.pem "$DCS/CN=Alice/CN=424243" rewrapped.ext
+# ...and in a proxy of Bob's: an AC taken from someone else's proxy.
+cat bob.pem bob.key > bob-full.pem
+proxy stolen-ac bob-full.pem "$DCS/CN=Bob/CN=424244" rewrapped.ext
 chmod 600 "$P"/*.pem

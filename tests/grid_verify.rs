@@ -269,7 +269,7 @@ fn not_yet_valid_at_the_given_time() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.starts_with(&format!("certificate not valid before 20")) && e.ends_with(ALICE),
+        e.starts_with("certificate not valid before 20") && e.ends_with(ALICE),
         "{e}"
     );
 }

@@ -12,6 +12,7 @@
 //! and holds no private key (a proxy file's key is skipped unread). It links the system's
 //! OpenSSL (feature `grid`), which the static musl pilot is built without.
 
+pub mod ac;
 pub mod cache;
 pub mod config;
 pub mod dn;

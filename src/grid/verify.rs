@@ -11,11 +11,12 @@ use std::time::{Duration, SystemTime};
 use chrono::{DateTime, Utc};
 use openssl::x509::X509;
 
+use super::ac::OID_VOMS_ACS;
 use super::cache::{digest, DigestCache, CAPACITY};
 use super::dn::grid_dn;
 use super::proxy::{self, Cert};
 use super::trust::TrustStore;
-use super::voms::{self, short_fqan, OID_VOMS_ACS};
+use super::voms::{self, short_fqan};
 use super::{CredentialRefusal, GridConfig};
 
 /// What the envelope says about the credential's owner. `None` skips that comparison

@@ -440,6 +440,67 @@ fn new_crl_and_removed_lsc_take_effect_despite_the_cache() {
 }
 
 #[test]
+fn an_expired_or_missing_crl_refuses_every_chain_of_its_ca() {
+    let d = pki_copy();
+    let root = d.path();
+    let crl = std::fs::read_dir(root.join("certificates"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "r0"))
+        .unwrap();
+    let out = Command::new("openssl")
+        .args([
+            "ca",
+            "-config",
+            "ca.cnf",
+            "-keyfile",
+            "testca.key",
+            "-cert",
+            "testca.pem",
+        ])
+        .args([
+            "-gencrl",
+            "-crl_lastupdate",
+            "20200101000000Z",
+            "-crl_nextupdate",
+            "20200102000000Z",
+        ])
+        .args(["-out", "old.crl"])
+        .current_dir(root.join("pki"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::rename(root.join("pki/old.crl"), &crl).unwrap();
+    let good = proxy(root, "good");
+    let v = Verifier::new(config(root));
+    let e = v
+        .verify(&good, &Claim::owner(ALICE, "atlas"), Utc::now())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with(&format!(
+            "no usable CRL of /DC=org/DC=mupilot-test/CN=Test CA for {ALICE}: CRL has expired"
+        )),
+        "{e}"
+    );
+    assert!(!openssl_verify(root, "good"));
+    std::fs::remove_file(&crl).unwrap();
+    let e = v
+        .verify(&good, &Claim::owner(ALICE, "atlas"), Utc::now())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("unable to get certificate CRL") && e.contains("fetch-crl"),
+        "{e}"
+    );
+}
+
+#[test]
 fn check_proxy_command() {
     let root = pki();
     let run = |name: &str, owner: &str| {

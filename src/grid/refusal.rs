@@ -48,6 +48,13 @@ pub enum CredentialRefusal {
         issuer: String,
         cert_dir: PathBuf,
     },
+    #[error("no usable CRL of {issuer} for {dn}: {reason} (CA directory {}; fetch-crl keeps CRLs current)", cert_dir.display())]
+    Crl {
+        dn: String,
+        issuer: String,
+        reason: String,
+        cert_dir: PathBuf,
+    },
     #[error("chain verification failed at {dn}: {reason} (CA directory {})", cert_dir.display())]
     Chain {
         dn: String,

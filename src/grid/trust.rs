@@ -131,6 +131,9 @@ fn failure(err: X509VerifyResult, subject: String, issuer: String) -> ChainFailu
 /// OpenSSL's verification error codes the refusal tells apart.
 pub const X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT: i32 = 2;
 pub const X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY: i32 = 20;
+pub const X509_V_ERR_UNABLE_TO_GET_CRL: i32 = 3;
+pub const X509_V_ERR_CRL_NOT_YET_VALID: i32 = 11;
+pub const X509_V_ERR_CRL_HAS_EXPIRED: i32 = 12;
 pub const X509_V_ERR_CERT_REVOKED: i32 = 23;
 
 impl ChainFailure {
@@ -147,6 +150,14 @@ impl ChainFailure {
             X509_V_ERR_CERT_REVOKED => CredentialRefusal::Revoked {
                 dn: self.subject,
                 issuer: self.issuer,
+                cert_dir: dir.into(),
+            },
+            X509_V_ERR_UNABLE_TO_GET_CRL
+            | X509_V_ERR_CRL_NOT_YET_VALID
+            | X509_V_ERR_CRL_HAS_EXPIRED => CredentialRefusal::Crl {
+                dn: self.subject,
+                issuer: self.issuer,
+                reason: self.reason,
                 cert_dir: dir.into(),
             },
             _ => CredentialRefusal::Chain {

@@ -214,3 +214,12 @@ fn check_claim(cred: &VerifiedCredential, claim: &Claim<'_>) -> Result<(), Crede
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn one_verifier_serves_every_connection_thread() {
+        fn shared<T: Send + Sync>() {}
+        shared::<super::Verifier>();
+    }
+}

@@ -6,13 +6,15 @@
 #   2. decision latency (authorization + mapping) with 10,000 policy lines and 10,000 bans;
 #   3. supervision: payloads/s through pilot + helper + server; CPU and memory while payloads sleep;
 #   4. fetch: matches/s from the server over mTLS with keep-alive, 1 and 16 pilots;
-#   5. records: append rate, verify rate, `audit who` over 1,000,000 records.
-# Sections 2-5 are scripts/bench.d/*.sh, sourced in order with this script's variables.
+#   5. records: append rate, verify rate, `audit who` over 1,000,000 records;
+#   6. grid: verifying an owner's X.509 proxy and VOMS AC, cold and cached.
+# Sections 2-6 are scripts/bench.d/*.sh, sourced in order with this script's variables.
 # Prints a markdown table and writes it, with the machine's description, to docs/benchmarks.md.
 #
-#   scripts/bench.sh [--rounds R] [--per-round N] [--launch-only]
+#   scripts/bench.sh [--rounds R] [--per-round N] [--launch-only] [--only PART]
 #     (default 6 rounds of 50 = 300 launches each; --launch-only runs section 1 alone and prints
-#     its table without rewriting docs/benchmarks.md, for iterating on the launch path)
+#     its table without rewriting docs/benchmarks.md, for iterating on the launch path;
+#     --only PART runs scripts/bench.d/*-PART.sh alone, e.g. --only grid, and prints its table)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib/demo-env.sh
@@ -22,12 +24,14 @@ need_root
 ROUNDS=6
 PER_ROUND=50
 LAUNCH_ONLY=0
+ONLY=
 while [ $# -gt 0 ]; do
     case $1 in
     --rounds) ROUNDS=$2; shift 2 ;;
     --per-round) PER_ROUND=$2; shift 2 ;;
     --launch-only) LAUNCH_ONLY=1; shift ;;
-    *) die "unknown argument $1 (use --rounds R --per-round N --launch-only)" ;;
+    --only) ONLY=$2; shift 2 ;;
+    *) die "unknown argument $1 (use --rounds R --per-round N --launch-only --only PART)" ;;
     esac
 done
 
@@ -36,6 +40,14 @@ log "building (release)"
 cargo build --release --locked -q --bins --examples
 BIN=$PWD/target/release
 LB=$BIN/examples/launch_bench
+
+if [ -n "$ONLY" ]; then
+    parts=(scripts/bench.d/*-"$ONLY".sh)
+    [ -e "${parts[0]}" ] || die "no part scripts/bench.d/*-$ONLY.sh (parts: $(cd scripts/bench.d && ls ./*.sh | sed 's/^..[0-9]*-//; s/\.sh$//' | tr '\n' ' '))"
+    # shellcheck disable=SC1090
+    source "${parts[0]}"
+    exit 0
+fi
 
 WORK=$(mktemp -d /var/lib/mupilot-bench.XXXXXX)
 chmod 0755 "$WORK"

@@ -38,6 +38,8 @@ cargo_tool() { # subcommand crate version
 cargo_tool deb cargo-deb "$CARGO_DEB_VERSION"
 cargo_tool generate-rpm cargo-generate-rpm "$CARGO_GENERATE_RPM_VERSION"
 apt_install binutils
+# The helper verifies grid proxies with the system's OpenSSL (feature grid, src/grid).
+apt_install libssl-dev pkg-config
 
 log "building (release)"
 cargo build --locked --release --bins
@@ -70,9 +72,10 @@ if [ -z "${NO_STATIC:-}" ]; then
         rustup target add "$MUSL" ||
             die "cannot install the $MUSL standard library (rustup target add $MUSL failed: is the Rust distribution server reachable?); NO_STATIC=1 builds the packages without the static pilot"
     fi
-    # ring and SQLite's C code need a musl C compiler (musl-gcc).
+    # ring and SQLite's C code need a musl C compiler (musl-gcc). Without the default feature
+    # grid: the pilot never verifies grid credentials and must not link OpenSSL.
     apt_install musl-tools
-    cargo build --locked --release --target "$MUSL" --bin mupilot
+    cargo build --locked --release --target "$MUSL" --no-default-features --bin mupilot
     static=$OUT/mupilot-$version-x86_64-linux-static
     strip -o "$static" "target/$MUSL/release/mupilot"
     # No interpreter, no shared library: what makes it run on any x86_64 EL8/EL9/Debian node.

@@ -15,6 +15,9 @@ need_root
 
 log "installing test prerequisites"
 apt_install jq python3 iproute2 procps util-linux passwd man-db
+# grid credentials: OpenSSL to build src/grid; voms-proxy-fake/voms-proxy-info, openssl and xxd
+# for tests/grid_support/make-fixtures.sh and the independent judges in tests/grid_verify.rs.
+apt_install libssl-dev pkg-config openssl voms-clients xxd
 # LCMAPS itself, for tests/lcmaps_compat.rs (one gridmapdir lease per person, whoever maps).
 apt_install liblcmaps0 lcmaps-plugins-verify-proxy lcmaps-plugins-voms lcmaps-plugins-basic-poolaccount voms-clients openssl
 

@@ -9,7 +9,11 @@
 //! JSON-lines log behind both the pilot's trace and the helper's audit), [`policy`] (the
 //! fine-grained authorization language). [`tls`] is used by the pilot and the server only: the
 //! helper never reaches it, so the `mupilot-switch` binary links no TLS or HTTP code.
+//! [`grid`] (feature `grid`, on by default) verifies X.509 proxies and VOMS attributes with
+//! OpenSSL's certificate code for the helper; the static pilot is built without it.
 
+#[cfg(feature = "grid")]
+pub mod grid;
 pub mod pilot;
 pub mod policy;
 pub mod protocol;

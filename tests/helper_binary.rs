@@ -46,3 +46,35 @@ fn helper_binary_links_no_http_tls_or_server_code() {
         "the check must see rustls in the server binary"
     );
 }
+
+/// The helper verifies grid proxies with OpenSSL's certificate code (src/grid), which
+/// openssl-sys links together with libssl; it must call no TLS function of it: the only libssl
+/// symbol it may import is the library's initialiser.
+#[cfg(feature = "grid")]
+#[test]
+fn helper_calls_no_openssl_tls_function() {
+    let out = Command::new("nm")
+        .args([
+            "-D",
+            "--undefined-only",
+            env!("CARGO_BIN_EXE_mupilot-switch"),
+        ])
+        .output()
+        .expect("nm (binutils) is installed");
+    assert!(out.status.success());
+    let imports = String::from_utf8_lossy(&out.stdout);
+    let tls: Vec<&str> = imports
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .map(|s| s.split('@').next().unwrap_or(s))
+        .filter(|s| {
+            (s.starts_with("SSL_") || s.starts_with("TLS") || s.starts_with("DTLS"))
+                || (s.contains("_ssl") && *s != "OPENSSL_init_ssl")
+        })
+        .collect();
+    assert_eq!(tls, Vec::<&str>::new());
+    assert!(
+        imports.contains("X509_verify_cert"),
+        "the check must see the OpenSSL imports at all"
+    );
+}

@@ -1,5 +1,5 @@
 //! The `mupilot-switch` command line: `serve`, `check-config`, `policy check|eval`,
-//! `audit who|list|verify|kill`, `leases`. Parses arguments, sets up logging, maps results to exit codes; the work
+//! `audit who|list|verify|kill`, `leases`, `check-proxy`. Parses arguments, sets up logging, maps results to exit codes; the work
 //! happens in the modules it calls.
 //!
 //! Exit codes: 0 ok; 1 runtime failure (or a broken audit chain); 2 usage or configuration
@@ -30,7 +30,7 @@ normally socket-activated by systemd (mupilot-switch.socket). Pilots connect to 
 the helper verifies each payload envelope, decides locally whether it may run, maps its owner to a \
 local account, runs it in a sandbox under that account and writes a hash-chained audit log.",
     after_help = "Exit codes: 0 ok, 1 runtime failure (audit verify: chain broken), 2 usage or \
-configuration error, 3 denied (policy eval).\nSee docs/site-admin.md for switch.toml."
+configuration error, 3 denied (policy eval, check-proxy).\nSee docs/site-admin.md for switch.toml."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -65,6 +65,10 @@ enum Command {
         #[command(subcommand)]
         command: super::audit_query::AuditCommand,
     },
+    /// Verify an X.509 proxy with its VOMS attributes against the CA directory and vomsdir, as
+    /// the helper does before a launch; print what was verified or the refusal (exit 0 / 3).
+    #[cfg(feature = "grid")]
+    CheckProxy(super::check_proxy::CheckProxyArgs),
     /// List pool accounts and their leases (account, owner, since, last used, state).
     Leases {
         #[arg(long, short, default_value = DEFAULT_CONFIG, value_name = "FILE")]
@@ -122,6 +126,8 @@ pub fn main() -> i32 {
         } => crate::policy::cli::eval_main(&policies, &request),
         Command::Audit { config, command } => audit(config, &command),
         Command::Leases { config, json } => leases(&config, json),
+        #[cfg(feature = "grid")]
+        Command::CheckProxy(args) => super::check_proxy::main(&args),
     }
 }
 

@@ -17,6 +17,8 @@ pub mod audit;
 pub mod audit_query;
 pub mod authorize;
 pub mod check;
+#[cfg(feature = "grid")]
+pub mod check_proxy;
 pub mod cli;
 pub mod command;
 pub mod config;

@@ -1,0 +1,28 @@
+//! Grid credentials the site verifies itself: X.509 proxy chains (RFC 3820) against the site's CA
+//! directory and the VOMS attribute certificate inside them against its vomsdir.
+//!
+//! One entry point, [`Verifier::verify`]: a PEM chain (proxy first, as a proxy file holds it), the
+//! owner DN and VO the envelope claims, and the time; out comes a [`VerifiedCredential`] (the
+//! end-entity DN, proxy serials, not-after, limited flag, VO and FQANs from the verified AC) or a
+//! [`CredentialRefusal`] whose message names what failed and the value. Verified results are
+//! cached by the chain's SHA-256 until the credential's not-after or a change of the CA
+//! directory or vomsdir ([`cache`]).
+//!
+//! This module reads files and does cryptography only: it starts no process, opens no socket
+//! and holds no private key (a proxy file's key is skipped unread). It links the system's
+//! OpenSSL (feature `grid`), which the static musl pilot is built without.
+
+pub mod ac;
+pub mod cache;
+pub mod config;
+pub mod dn;
+pub mod lsc;
+pub mod proxy;
+pub mod refusal;
+pub mod trust;
+pub mod verify;
+pub mod voms;
+
+pub use config::{EnvelopeFqans, GridConfig, LimitedProxies};
+pub use refusal::CredentialRefusal;
+pub use verify::{Claim, VerifiedCredential, Verifier};

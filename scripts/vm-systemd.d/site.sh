@@ -124,12 +124,24 @@ ca = "/etc/mupilot/pilot-demo/certificates"
 work_dir = "$(getent passwd mupilot | cut -d: -f6)/work"
 EOF
 
-# Payloads: alice's and bob's report who and where they run; carol has no mapping; bob's long
-# one is running when the helper is stopped.
+# The pilot runs in the environment Slurm gives a batch job (job 4711, 2 cores, 1 GiB, an hour
+# left): it reads its slot and batch job id from there, as in production, and the records carry
+# them (tests/records_incident.rs tells its walkthrough with this run's records).
+mkdir -p /etc/systemd/system/mupilot-pilot@demo.service.d
+cat >/etc/systemd/system/mupilot-pilot@demo.service.d/slurm-job.conf <<EOF
+[Service]
+Environment=SLURM_JOB_ID=4711 SLURM_CPUS_ON_NODE=2 SLURM_MEM_PER_NODE=1024 SLURM_JOB_END_TIME=$(($(date +%s) + 3600))
+EOF
+systemctl daemon-reload
+
+# Payloads: alice's and bob's report who and where they run, with an input bundle; carol has
+# no mapping; bob's long one is running when the helper is stopped.
+mkdir -p bundle
+echo "input of the systemd VM test" >bundle/input.txt
 # shellcheck disable=SC2016 # expanded by the payload's shell
-show='echo "user=$(id -un) uid=$(id -u) cgroup=$(cat /proc/self/cgroup)"'
-submit alice alice --jobtag systemd-vm --cores 1 --memory 256M --walltime 120 -- sh -c "$show"
-submit bob bob --jobtag systemd-vm --cores 1 --memory 256M --walltime 120 -- sh -c "$show"
+show='echo "user=$(id -un) uid=$(id -u) cgroup=$(cat /proc/self/cgroup)"; cat input.txt'
+submit alice alice --jobtag systemd-vm --cores 1 --memory 256M --walltime 120 --bundle bundle -- sh -c "$show"
+submit bob bob --jobtag systemd-vm --cores 1 --memory 256M --walltime 120 --bundle bundle -- sh -c "$show"
 submit carol carol --jobtag systemd-vm --cores 1 --memory 256M --walltime 120 -- sh -c 'echo carol must never run'
 
 fact service-before-pilot systemctl is-active mupilot-switch.service

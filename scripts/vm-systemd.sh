@@ -270,20 +270,6 @@ build_run_disk() {
     mkfs.ext4 -q -F -L mupilot-run -d "$d" "$WORK/run.ext4" "${mb}M" >/dev/null || fail "mkfs.ext4 -d of the run disk failed"
 }
 
-console_filter() {
-    local live=()
-    awk -W version 2>&1 | grep -q mawk && live=(-W interactive)
-    awk "${live[@]}" -v tok="$TOKEN" -v verbose="$VERBOSE" '
-        { sub(/\r+$/, "") }
-        index($0, "MUPILOT-VM-START-" tok) { on = 1; if (verbose) print; fflush(); next }
-        (i = index($0, "MUPILOT-VM-EXIT-" tok "=")) {
-            if (i > 1) print substr($0, 1, i - 1)
-            on = 0; if (verbose) print substr($0, i); fflush(); next
-        }
-        on || verbose || /^vm-(run|initrd): / { print; fflush() }
-    '
-}
-
 run_vm() {
     local console=$WORK/console.log t0 deadline
     : >"$console"
@@ -300,7 +286,7 @@ run_vm() {
         -serial "file:$console" -monitor none \
         </dev/null >"$WORK/qemu.out" 2>&1 &
     QPID=$!
-    tail -n +1 -s 0.2 -f --pid="$QPID" "$console" | console_filter &
+    tail -n +1 -s 0.2 -f --pid="$QPID" "$console" | console_filter 'vm-(run|initrd): ' &
     local tailpid=$! outcome=finished
     deadline=$(($(date +%s) + TIMEOUT))
     while kill -0 "$QPID" 2>/dev/null; do
@@ -328,7 +314,7 @@ run_vm() {
         { echo "----- qemu output -----"; cat "$WORK/qemu.out"; echo "----- console log -----"; tr -d '\r' <"$console"; } >&2
         exit 125
     fi
-    BOOT_US=$(tr -d '\r' <"$console" | sed -n 's/^vm-run: multi-user.target reached after \([0-9]*\) us$/\1/p' | tail -n 1)
+    BOOT_US=$(tr -d '\r' <"$console" | sed -n 's/.*vm-run: multi-user.target reached after \([0-9]*\) us$/\1/p' | tail -n 1)
 }
 
 copy_out() {

@@ -219,7 +219,7 @@ fi
 check "docs/site-admin.md shows this run's systemd-analyze security report" bash -c \
     "diff -u <($(declare -f sec_doc); sec_doc) <($(declare -f sec_real); O='$O'; sec_real) >&2"
 
-boot=$(sed -n 's/^vm-run: multi-user.target reached after \([0-9]*\) us$/\1/p' "$WORK/console" | tail -n 1)
+boot=$(sed -n 's/.*vm-run: multi-user.target reached after \([0-9]*\) us$/\1/p' "$WORK/console" | tail -n 1)
 [ -z "$boot" ] || log "multi-user.target reached $(awk -v u="$boot" 'BEGIN { printf "%.1f", u / 1e6 }') s after the kernel started"
 if [ -n "${KEEP_OUT:-}" ]; then
     rm -rf "$KEEP_OUT"

@@ -293,24 +293,6 @@ EOF
     chmod 0755 "$ROOT/init"
 }
 
-# console_filter: stream the console, printing the command's output (between the markers) and
-# init errors; everything when --verbose.
-console_filter() {
-    local live=()
-    # mawk (Debian's default awk) reads pipes in blocks unless told otherwise: output would arrive
-    # only when the guest ends.
-    awk -W version 2>&1 | grep -q mawk && live=(-W interactive)
-    awk "${live[@]}" -v tok="$TOKEN" -v verbose="$VERBOSE" '
-        { sub(/\r+$/, "") }
-        index($0, "MUPILOT-VM-START-" tok) { on = 1; if (verbose) print; fflush(); next }
-        (i = index($0, "MUPILOT-VM-EXIT-" tok "=")) {
-            if (i > 1) print substr($0, 1, i - 1)
-            on = 0; if (verbose) print substr($0, i); fflush(); next
-        }
-        on || verbose || /^vm-init: / { print; fflush() }
-    '
-}
-
 # boot ACCEL START_DEADLINE: run the VM once with ACCEL (kvm or tcg). Sets BOOT_RC (the guest
 # command's status) and ELAPSED. Returns 0 when the guest reported a status, 2 when
 # START_DEADLINE (seconds, 0 = none) passed without the start marker (a KVM that does not work),
@@ -329,7 +311,7 @@ boot() {
         </dev/null >"$WORK/qemu.out" 2>&1 &
     qpid=$!
     QPID=$qpid
-    tail -n +1 -s 0.2 -f --pid="$qpid" "$console" | console_filter &
+    tail -n +1 -s 0.2 -f --pid="$qpid" "$console" | console_filter '^vm-init: ' &
     local tailpid=$! outcome=running now deadline started=0
     deadline=$(($(date +%s) + TIMEOUT))
     [ "$start_deadline" -gt 0 ] && start_deadline=$(($(date +%s) + start_deadline))

@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # The QEMU and the Debian kernel the project's VMs boot (scripts/vm-test.sh, scripts/vm-systemd.sh).
-# Holds: finding or unpacking qemu-system-x86_64, fetching and caching linux-image-amd64's kernel.
-# Must not: build guests or boot them. Callers set CACHE and define fail (exit 125 on error);
+# Holds: finding or unpacking qemu-system-x86_64, fetching and caching linux-image-amd64's kernel,
+# and the filter both read the guest's serial console with. Must not: build guests or boot them. Callers set CACHE and define fail (exit 125 on error);
 # lib/common.sh gives log, warn and apt_install.
 # shellcheck disable=SC2034 # QEMU, KERNEL, KVER and KROOT are for the callers
 
@@ -142,4 +142,23 @@ extract_vmlinux() {
     done
     rm -f "$dir/vmlinux.tmp"
     warn "could not extract an ELF vmlinux from the bzImage; booting the bzImage (slower under TCG)"
+}
+
+# console_filter PATTERN: stream the console, printing the command's output (between the
+# MUPILOT-VM-START-$TOKEN and MUPILOT-VM-EXIT-$TOKEN= markers) and lines matching the awk regex
+# PATTERN (the guest's own error lines); everything when VERBOSE=1.
+console_filter() {
+    local live=()
+    # mawk (Debian's default awk) reads pipes in blocks unless told otherwise: output would arrive
+    # only when the guest ends.
+    awk -W version 2>&1 | grep -q mawk && live=(-W interactive)
+    awk "${live[@]}" -v tok="$TOKEN" -v verbose="$VERBOSE" -v pat="$1" '
+        { sub(/\r+$/, "") }
+        index($0, "MUPILOT-VM-START-" tok) { on = 1; if (verbose) print; fflush(); next }
+        (i = index($0, "MUPILOT-VM-EXIT-" tok "=")) {
+            if (i > 1) print substr($0, 1, i - 1)
+            on = 0; if (verbose) print substr($0, i); fflush(); next
+        }
+        on || verbose || $0 ~ pat { print; fflush() }
+    '
 }

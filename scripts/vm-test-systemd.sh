@@ -104,6 +104,9 @@ check "the guide's block has dpkg -i, check-config and systemctl enable --now" b
 # Socket activation.
 check "mupilot-switch.socket is enabled and listening" bash -c "$(declare -f is); O='$O'; is socket-active active && is socket-enabled enabled"
 check "the helper does not run before a pilot connects" bash -c "$(declare -f is); O='$O'; is service-before inactive && is service-before-pilot inactive"
+check "a local account outside mupilot-pilots gets EACCES at connect (and starts nothing)" bash -c "
+    $(declare -f has); O='$O'
+    [ \"\$(cat '$O/user-connect.rc')\" != 0 ] && has user-connect 'Permission denied'"
 check "the first pilot connection started the helper" is service-after-pilot active
 check "the helper started after the pilot (socket activation)" bash -c "
     s=\$(sed -n 's/^ExecMainStartTimestampMonotonic=//p' '$O/activation')

@@ -144,6 +144,9 @@ submit alice alice --jobtag systemd-vm --cores 1 --memory 256M --walltime 120 --
 submit bob bob --jobtag systemd-vm --cores 1 --memory 256M --walltime 120 --bundle bundle -- sh -c "$show"
 submit carol carol --jobtag systemd-vm --cores 1 --memory 256M --walltime 120 -- sh -c 'echo carol must never run'
 
+# A local account outside mupilot-pilots (here a payload account) cannot connect, so it cannot
+# start the helper either: the kernel refuses the connect on the socket's mode.
+fact user-connect runuser -u mpu-alice -- mupilot-switch audit kill --owner /DC=org/DC=x/CN=y
 fact service-before-pilot systemctl is-active mupilot-switch.service
 fact pilot-start systemctl start mupilot-pilot@demo.service
 poll 60 systemctl is-active mupilot-switch.service || trouble "the helper never became active"

@@ -186,6 +186,18 @@ check "the pilot noticed the helper's stop and ended" has journal-pilot 'ended \
 check "no other unit failed in the guest" bash -c "! grep -v 'mupilot-pilot@demo.service' '$O/failed' | grep -q . || { cat '$O/failed' >&2; false; }"
 [ -n "$bob_uid" ] || echo "  (no start record for mpu-bob)" >&2
 
+# A configuration the helper refuses: no endless restart loop.
+check "a refused configuration: the helper fails at its start limit ($(cat "$O/broken-seconds" 2>/dev/null || echo ?) s), not looping" bash -c "
+    $(declare -f has); O='$O'
+    has broken-service '^ActiveState=failed$' && has broken-service '^NRestarts=4$' &&
+    [ \"\$(cat '$O/broken-seconds')\" -lt 60 ]"
+check "a refused configuration: the socket fails with it and is gone (pilots get an error at once)" bash -c "
+    $(declare -f has rc); O='$O'
+    has broken-socket '^Result=service-start-limit-hit$' && has broken-socket '^ActiveState=failed$' &&
+    rc broken-socket-file 2"
+check "reset-failed and start bring the socket back once the configuration is fixed" bash -c "
+    $(declare -f is rc); O='$O'; rc recovered-start 0 && is recovered-socket active"
+
 # The records tests/records_incident.rs tells docs/incident-response.md's walkthrough with are
 # a real run's: this run's must have their shape (the fields of each kind of record it uses, and
 # which are empty), or the walkthrough no longer shows what the product writes.

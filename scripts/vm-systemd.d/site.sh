@@ -190,4 +190,22 @@ cp ~mupilot/work/trace.jsonl "$OUT/trace.jsonl" 2>/dev/null
 fact journal-switch journalctl --no-pager -o short-monotonic -u mupilot-switch.service -u mupilot-switch.socket
 fact journal-pilot journalctl --no-pager -o short-monotonic -u mupilot-pilot@demo.service
 fact failed systemctl --failed --no-legend
+
+# A configuration check-config refuses (Debian 12's kernel and ipc_fallback = "refuse"): the
+# service fails after its start limit instead of restarting for ever, the socket fails with it,
+# and the guide's recovery brings the socket back once the configuration is fixed.
+sed -i 's/^ipc_fallback = "loopback"$/ipc_fallback = "refuse"/' /etc/mupilot/switch.toml
+t0=$(date +%s)
+systemctl start mupilot-switch.service >/dev/null 2>&1
+# shellcheck disable=SC2016 # expanded by that bash
+poll 90 bash -c '[ "$(systemctl show -P Result mupilot-switch.socket)" = service-start-limit-hit ]' ||
+    trouble "the helper did not hit its start limit"
+echo $(($(date +%s) - t0)) >"$OUT/broken-seconds"
+fact broken-service systemctl show -p Result -p NRestarts -p ActiveState mupilot-switch.service
+fact broken-socket systemctl show -p Result -p ActiveState mupilot-switch.socket
+fact broken-socket-file ls -l /run/mupilot/switch.sock
+sed -i 's/^ipc_fallback = "refuse"$/ipc_fallback = "loopback"/' /etc/mupilot/switch.toml
+systemctl reset-failed mupilot-switch.service mupilot-switch.socket
+fact recovered-start systemctl start mupilot-switch.socket
+fact recovered-socket systemctl is-active mupilot-switch.socket
 note "done"

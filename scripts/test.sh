@@ -7,6 +7,7 @@
 #   scripts/test.sh            everything
 #   SKIP_VM=1 SKIP_SLURM=1 scripts/test.sh   the host tests only (quicker while developing)
 #   SKIP_PACKAGES=1 scripts/test.sh          without building and testing the packages
+#   SKIP_SYSTEMD=1 scripts/test.sh           without the packages under systemd (Debian 12 VM)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib/demo-env.sh
@@ -96,6 +97,20 @@ if [ -z "${SKIP_PACKAGES:-}" ]; then
         return $rc
     }
     step "packages (.deb installed and purged, .rpm contents, static pilot)" package_tests
+fi
+
+if [ -z "${SKIP_PACKAGES:-}" ] && [ -z "${SKIP_VM:-}" ] && [ -z "${SKIP_SYSTEMD:-}" ]; then
+    # The .deb files of the packages step, installed under a real systemd (Debian 12 in QEMU,
+    # cgroup v2) by following docs/site-admin.md; the first run builds the root filesystem
+    # image (debootstrap, about a minute) and caches it.
+    systemd_tests() {
+        local out=$LOGDIR/systemd.log rc=0
+        scripts/vm-test-systemd.sh 2>&1 | tee "$out" || rc=$?
+        passed=$((passed + $(grep -c '^ok - ' "$out" || true)))
+        failed=$((failed + $(grep -c '^not ok - ' "$out" || true)))
+        return $rc
+    }
+    step "site package under systemd (Debian 12 VM: socket activation, hardening, stop)" systemd_tests
 fi
 
 demo_test() {

@@ -4,6 +4,16 @@
 //! mapped from the temporary directory to the documented ones). `audit kill` talks to a
 //! stand-in for the helper's admin side on a temporary socket (the daemon side is tested with
 //! the daemon). Set RECORDS_DOC_PRINT=1 to print the actual outputs instead of failing.
+//!
+//! The records are not written by hand: every one is a record of a real run, the one
+//! scripts/vm-test-systemd.sh makes (the .deb installed under systemd on Debian 12, a pilot in a
+//! Slurm job's environment, real payloads as real accounts), kept in tests/data/incident/. Each
+//! walkthrough record is the real record of the same kind with the story's values (times, ids,
+//! host, pilot, accounts, usage, digests) put in the fields the real record has; every other
+//! field keeps what the real helper or pilot wrote, the real payload id inside it replaced by the
+//! story's. A field the product adds, drops or renames thus reaches the document (and fails this
+//! test until the document shows it); scripts/vm-test-systemd.sh fails when a new real run's
+//! records no longer have the shape of the ones kept here (UPDATE_RECORDS=1 replaces them).
 
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -12,9 +22,11 @@ use clap::Parser;
 use mupilot::protocol::switch_wire::{read_frame, write_frame, SwitchEvent, SwitchRequest};
 use mupilot::records::cli::{self, Out};
 use mupilot::records::{anchor, Anchor, ChainWriter, FsyncPolicy};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 const DOC: &str = "docs/incident-response.md";
+const REAL_AUDIT: &str = "tests/data/incident/audit.jsonl";
+const REAL_TRACE: &str = "tests/data/incident/trace.jsonl";
 const AUDIT_LOG: &str = "/var/log/mupilot/audit.jsonl";
 const TRACE_LOG: &str = "/tmp/mupilot-wn17-4711/trace.jsonl";
 const SOCKET: &str = "/run/mupilot/switch.sock";
@@ -23,6 +35,9 @@ const BOB: &str = "/DC=org/DC=mupilot-demo/CN=bob";
 const CAROL: &str = "/DC=org/DC=mupilot-demo/CN=carol";
 const PILOT_DN: &str = "/DC=org/DC=mupilot-demo/CN=pilot";
 const HOST: &str = "wn17.example.org";
+/// The story's pilot: Slurm job 4711's cgroup (Slurm's cgroup v2 layout), where the helper puts
+/// payload cgroups.
+const PILOT_CGROUP: &str = "/sys/fs/cgroup/system.slice/slurmstepd.scope/job_4711/step_batch/user";
 
 fn sha(s: &str) -> String {
     use sha2::Digest;
@@ -69,127 +84,174 @@ const PAYLOADS: &[P] = &[
     },
 ];
 
-fn cgroup(p: &P) -> String {
-    format!(
-        "/sys/fs/cgroup/memory/slurm/uid_990/job_4711/payload-{}",
-        p.id
-    )
+const CAROL_P: P = P {
+    id: "p-0100",
+    owner: CAROL,
+    account: "",
+    uid: 0,
+    start: "2026-11-23T03:07:30.000000Z",
+    end: None,
+    cpu: 0.0,
+};
+
+/// The records of the real run, in order.
+fn real(path: &str) -> Vec<Map<String, Value>> {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+        .unwrap_or_else(|e| panic!("{path}: {e} (scripts/vm-test-systemd.sh writes it)"));
+    text.lines()
+        .map(|l| match serde_json::from_str(l) {
+            Ok(Value::Object(m)) => m,
+            _ => panic!("{path}: not a JSON object: {l}"),
+        })
+        .collect()
 }
 
-fn audit_start(p: &P) -> Value {
-    json!({
-        "time": p.start, "event": "start", "host": HOST, "helper_pid": 812, "pilot_uid": 990,
-        "pilot_pid": 20417, "pilot_id": "wn17-4711", "batch_job_id": "4711", "pilot_dn": PILOT_DN,
-        "payload_id": p.id, "owner_dn": p.owner, "vo": "demo", "fqans": ["/demo"],
-        "jobtag": "analysis", "decision": "permit", "account": p.account, "uid": p.uid, "gid": p.uid,
-        "cgroup": cgroup(p), "scratch": format!("/var/lib/mupilot/scratch/{}", p.id),
+/// The first real record for which `pick` holds.
+fn template(
+    records: &[Map<String, Value>],
+    what: &str,
+    pick: impl Fn(&Map<String, Value>) -> bool,
+) -> Map<String, Value> {
+    records
+        .iter()
+        .find(|r| pick(r))
+        .unwrap_or_else(|| panic!("the real run has no {what} record"))
+        .clone()
+}
+
+fn is(r: &Map<String, Value>, key: &str, v: &str) -> bool {
+    r.get(key).and_then(Value::as_str) == Some(v)
+}
+
+/// The real record `t` told as the story's: `story` values in the fields `t` has (and has a
+/// value in), every other field as the real run wrote it with its payload id (and the pilot's
+/// cgroup) replaced.
+fn restage(t: &Map<String, Value>, story: &Value) -> Value {
+    let story = story.as_object().unwrap();
+    let real_id = t
+        .get("payload_id")
+        .and_then(Value::as_str)
+        .unwrap_or("\u{0}");
+    let story_id = story["payload_id"].as_str().unwrap();
+    let mut out = Map::new();
+    for (k, v) in t {
+        if k == "seq" || k == "prev" {
+            continue; // the writer chains them anew
+        }
+        let v = match (story.get(k), v) {
+            // A field the real record leaves empty (the pilot's start record, written before
+            // the helper answered, has no account yet) stays empty.
+            (Some(_), Value::Null) => Value::Null,
+            (Some(s), _) => s.clone(),
+            (None, Value::String(s)) => {
+                let s = s.replace(real_id, story_id);
+                Value::String(match (k.as_str(), s.rfind('/')) {
+                    ("cgroup", Some(i)) => format!("{PILOT_CGROUP}{}", &s[i..]),
+                    _ => s,
+                })
+            }
+            (None, v) => v.clone(),
+        };
+        out.insert(k.clone(), v);
+    }
+    Value::Object(out)
+}
+
+/// The story's values of one payload, for both logs.
+fn story(p: &P, time: &str) -> Value {
+    let mut v = json!({
+        "time": time, "host": HOST, "helper_pid": 812, "pilot_uid": 990, "pilot_pid": 20417,
+        "pilot_id": "wn17-4711", "batch_job_id": "4711", "pilot_dn": PILOT_DN, "batch_system": "slurm",
+        "server_url": "https://vo.example.org:8443",
+        "slot": {"cores": 8, "memory_bytes": 17179869184u64, "deadline_unix": 1795415400},
+        "payload_id": p.id, "owner_dn": p.owner, "vo": "demo", "fqans": ["/demo"], "jobtag": "analysis",
         "argv_sha256": sha(&format!("argv {}", p.id)), "bundle_sha256": sha(&format!("bundle {}", p.id)),
-        "envelope_sha256": sha(&format!("envelope {}", p.id)), "start": p.start,
-    })
-}
-
-fn audit_end(p: &P) -> Value {
-    json!({
-        "time": p.end.unwrap(), "event": "end", "host": HOST, "helper_pid": 812, "pilot_id": "wn17-4711",
-        "batch_job_id": "4711", "payload_id": p.id, "owner_dn": p.owner, "vo": "demo",
-        "account": p.account, "uid": p.uid, "gid": p.uid, "start": p.start, "end": p.end.unwrap(),
-        "exit_code": 0, "signal": null, "cpu_seconds": p.cpu, "peak_memory_bytes": 1073741824u64,
-        "kill_reason": null,
-    })
-}
-
-fn carol_denied() -> Value {
-    json!({
-        "time": "2026-11-23T03:07:30.000000Z", "event": "denied", "host": HOST, "helper_pid": 812,
-        "pilot_uid": 990, "pilot_pid": 20417, "pilot_id": "wn17-4711", "batch_job_id": "4711",
-        "pilot_dn": PILOT_DN, "payload_id": "p-0100", "owner_dn": CAROL, "vo": "demo", "fqans": ["/demo"],
-        "jobtag": "analysis", "decision": "deny", "denial_class": "authorization",
-        "reason": "no grid-mapfile entry for the owner",
-        "envelope_sha256": sha("envelope p-0100"),
-    })
+        "envelope_sha256": sha(&format!("envelope {}", p.id)), "match_time": p.start,
+    });
+    let m = v.as_object_mut().unwrap();
+    if !p.account.is_empty() {
+        m.insert("account".into(), p.account.into());
+        m.insert("uid".into(), p.uid.into());
+        m.insert("gid".into(), p.uid.into());
+        m.insert("start".into(), p.start.into());
+    }
+    if let Some(end) = p.end {
+        m.insert("end".into(), end.into());
+        m.insert("cpu_seconds".into(), p.cpu.into());
+        m.insert("peak_memory_bytes".into(), 1073741824u64.into());
+        let wall = (mupilot::records::parse_record_time(end).unwrap()
+            - mupilot::records::parse_record_time(p.start).unwrap())
+        .num_seconds() as f64;
+        m.insert("wall_seconds".into(), wall.into());
+    }
+    v
 }
 
 /// The helper's audit log of the walkthrough; returns the anchor the helper sent to syslog.
 fn build_audit(path: &Path) -> Anchor {
+    let real = real(REAL_AUDIT);
+    let start = |owner: &str| {
+        template(&real, &format!("audit start of {owner}"), |r| {
+            is(r, "event", "start") && is(r, "owner_dn", owner)
+        })
+    };
+    let end = |owner: &str| {
+        template(&real, &format!("audit end (exit code 0) of {owner}"), |r| {
+            is(r, "event", "end")
+                && is(r, "owner_dn", owner)
+                && r.get("exit_code") == Some(&json!(0))
+        })
+    };
+    let denied = template(&real, "audit denied (authorization) of carol", |r| {
+        is(r, "event", "denied")
+            && is(r, "owner_dn", CAROL)
+            && is(r, "denial_class", "authorization")
+    });
     let mut w = ChainWriter::open(path, 0o600, FsyncPolicy::Always).unwrap();
     let [bob, a1, a2] = [&PAYLOADS[0], &PAYLOADS[1], &PAYLOADS[2]];
-    w.append(&audit_start(bob)).unwrap();
-    w.append(&audit_start(a1)).unwrap();
-    w.append(&carol_denied()).unwrap();
-    w.append(&audit_end(a1)).unwrap();
-    w.append(&audit_start(a2)).unwrap();
-    w.append(&audit_end(bob)).unwrap();
+    let mut put = |t: &Map<String, Value>, p: &P, time: &str| {
+        w.append(&restage(t, &story(p, time))).unwrap();
+    };
+    put(&start(BOB), bob, bob.start);
+    put(&start(ALICE), a1, a1.start);
+    put(&denied, &CAROL_P, CAROL_P.start);
+    put(&end(ALICE), a1, a1.end.unwrap());
+    put(&start(ALICE), a2, a2.start);
+    put(&end(BOB), bob, bob.end.unwrap());
     anchor::anchor_at(&mut w, HOST, "2026-11-23T04:00:00.000000Z")
         .unwrap()
         .unwrap()
 }
 
-fn trace_common(p: &P) -> serde_json::Map<String, Value> {
-    let v = json!({
-        "pilot_id": "wn17-4711", "host": HOST, "server_url": "https://vo.example.org:8443",
-        "batch_system": "slurm", "batch_job_id": "4711",
-        "slot": {"cores": 8, "memory_bytes": 17179869184u64, "deadline_unix": 1795415400},
-        "payload_id": p.id, "owner_dn": p.owner, "vo": "demo", "fqans": ["/demo"], "jobtag": "analysis",
-        "envelope_sha256": sha(&format!("envelope {}", p.id)), "bundle_sha256": sha(&format!("bundle {}", p.id)),
-    });
-    v.as_object().unwrap().clone()
-}
-
-/// The pilot's trace log of the walkthrough.
+/// The pilot's trace log of the walkthrough: a start record when the pilot matched a payload,
+/// an end record when the helper reported its end or refusal.
 fn build_trace(path: &Path) {
+    let real = real(REAL_TRACE);
+    let start = |owner: &str| {
+        template(&real, &format!("trace start of {owner}"), |r| {
+            is(r, "event", "start") && is(r, "owner_dn", owner)
+        })
+    };
+    let end = |owner: &str| {
+        template(&real, &format!("trace end (done) of {owner}"), |r| {
+            is(r, "event", "end") && is(r, "owner_dn", owner) && is(r, "state", "done")
+        })
+    };
+    let denied = template(&real, "trace end (denied) of carol", |r| {
+        is(r, "event", "end") && is(r, "owner_dn", CAROL) && is(r, "decision", "deny")
+    });
     let mut w = ChainWriter::open(path, 0o600, FsyncPolicy::Always).unwrap();
-    let start = |p: &P| {
-        let mut m = trace_common(p);
-        m.insert("time".into(), p.start.into());
-        m.insert("event".into(), "start".into());
-        m.insert("match_time".into(), p.start.into());
-        m.insert("decision".into(), "permit".into());
-        m.insert("account".into(), p.account.into());
-        m.insert("uid".into(), p.uid.into());
-        m.insert("cgroup".into(), cgroup(p).into());
-        Value::Object(m)
-    };
-    let end = |p: &P| {
-        let mut m = trace_common(p);
-        m.insert("time".into(), p.end.unwrap().into());
-        m.insert("event".into(), "end".into());
-        m.insert("account".into(), p.account.into());
-        m.insert("uid".into(), p.uid.into());
-        m.insert("exit_code".into(), 0.into());
-        m.insert("cpu_seconds".into(), p.cpu.into());
-        m.insert("peak_memory_bytes".into(), 1073741824u64.into());
-        let wall = (mupilot::records::parse_record_time(p.end.unwrap()).unwrap()
-            - mupilot::records::parse_record_time(p.start).unwrap())
-        .num_seconds() as f64;
-        m.insert("wall_seconds".into(), wall.into());
-        m.insert("upload".into(), "ok".into());
-        Value::Object(m)
-    };
     let [bob, a1, a2] = [&PAYLOADS[0], &PAYLOADS[1], &PAYLOADS[2]];
-    w.append(&start(bob)).unwrap();
-    w.append(&start(a1)).unwrap();
-    let carol = P {
-        id: "p-0100",
-        owner: CAROL,
-        account: "",
-        uid: 0,
-        start: "",
-        end: None,
-        cpu: 0.0,
+    let mut put = |t: &Map<String, Value>, p: &P, time: &str| {
+        w.append(&restage(t, &story(p, time))).unwrap();
     };
-    let mut m = trace_common(&carol);
-    m.insert("time".into(), "2026-11-23T03:07:30.000000Z".into());
-    m.insert("event".into(), "end".into());
-    m.insert("decision".into(), "deny".into());
-    m.insert("denial_class".into(), "authorization".into());
-    m.insert(
-        "reason".into(),
-        "no grid-mapfile entry for the owner".into(),
-    );
-    w.append(&Value::Object(m)).unwrap();
-    w.append(&end(a1)).unwrap();
-    w.append(&start(a2)).unwrap();
-    w.append(&end(bob)).unwrap();
+    put(&start(BOB), bob, bob.start);
+    put(&start(ALICE), a1, a1.start);
+    put(&start(CAROL), &CAROL_P, CAROL_P.start);
+    put(&denied, &CAROL_P, CAROL_P.start);
+    put(&end(ALICE), a1, a1.end.unwrap());
+    put(&start(ALICE), a2, a2.start);
+    put(&end(BOB), bob, bob.end.unwrap());
 }
 
 /// Splits a shell command line: words separated by spaces, double quotes group.
@@ -283,16 +345,36 @@ fn incident_response_walkthrough_runs_as_documented() {
     let sock: PathBuf = dir.path().join("rec-switch.sock");
     let anchor = build_audit(&audit_log);
     build_trace(&trace_log);
-    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(DOC)).unwrap();
+    let doc_path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DOC);
+    let mut doc = std::fs::read_to_string(&doc_path).unwrap();
+    let print = std::env::var_os("RECORDS_DOC_PRINT").is_some();
+    let write = std::env::var_os("RECORDS_DOC_WRITE").is_some();
+    let anchor_msg = anchor::anchor_message(Path::new(AUDIT_LOG), &anchor);
+    if write {
+        // The document's anchor becomes this chain's, in the journal line and in the commands.
+        if let Some(old) = doc.lines().find_map(anchor::parse_anchor_line) {
+            doc = doc.replace(
+                &format!("--anchor {}:{}", old.seq, old.hash),
+                &format!("--anchor {}:{}", anchor.seq, anchor.hash),
+            );
+        }
+        doc = doc
+            .lines()
+            .map(|l| match l.find("mupilot log anchor ") {
+                Some(i) => format!("{}{anchor_msg}\n", &l[..i]),
+                None => format!("{l}\n"),
+            })
+            .collect();
+    }
     let examples = examples(&doc);
     assert!(examples.len() >= 8, "the walkthrough lost its examples");
-    let print = std::env::var_os("RECORDS_DOC_PRINT").is_some();
     let map = |s: &str| {
         s.replace(&audit_log.display().to_string(), AUDIT_LOG)
             .replace(&trace_log.display().to_string(), TRACE_LOG)
             .replace(&sock.display().to_string(), SOCKET)
     };
     let mut ran = 0;
+    let mut outputs = Vec::new();
     for (cmd, want) in &examples {
         let words = shell_words(cmd);
         let (mut o, mut e) = (Vec::new(), Vec::new());
@@ -323,12 +405,16 @@ fn incident_response_walkthrough_runs_as_documented() {
                     Pilot::try_parse_from(&words).unwrap_or_else(|e| panic!("{cmd}: {e}"));
                 cli::trace_main(&c, &trace_log, &mut io)
             }
-            "journalctl" if print => continue,
             "journalctl" => {
                 // What the helper sent to syslog when it anchored the chain.
-                let msg = anchor::anchor_message(Path::new(AUDIT_LOG), &anchor);
-                assert!(want.trim_end().ends_with(&msg), "{cmd}: expected {msg}");
-                assert_eq!(anchor::parse_anchor_line(want), Some(anchor.clone()));
+                outputs.push(want.clone());
+                if !print {
+                    assert!(
+                        want.trim_end().ends_with(&anchor_msg),
+                        "{cmd}: expected {anchor_msg}"
+                    );
+                    assert_eq!(anchor::parse_anchor_line(want), Some(anchor.clone()));
+                }
                 continue;
             }
             other => panic!("the walkthrough shows a command the test cannot run: {other}"),
@@ -342,12 +428,46 @@ fn incident_response_walkthrough_runs_as_documented() {
         };
         if print {
             println!("$ {cmd}\n{got}[exit {code}]\n");
-            continue;
+        } else if !write {
+            assert_eq!(
+                &got, want,
+                "output of `{cmd}` differs from {DOC} (RECORDS_DOC_WRITE=1 rewrites its examples)"
+            );
         }
-        assert_eq!(&got, want, "output of `{cmd}` differs from {DOC}");
         assert_eq!(code, want_code, "exit code of `{cmd}`");
+        outputs.push(got);
     }
     assert!(ran >= 8);
+    if write {
+        std::fs::write(&doc_path, with_outputs(&doc, &outputs)).unwrap();
+        return;
+    }
     // The anchor the walkthrough verifies against is the one in the document.
     assert!(doc.contains(&format!("--anchor {}:{}", anchor.seq, anchor.hash)) || print);
+}
+
+/// The document with each example's output replaced by `outputs` (in the order of [`examples`]).
+fn with_outputs(doc: &str, outputs: &[String]) -> String {
+    let mut out = String::new();
+    let mut next = outputs.iter();
+    let (mut in_block, mut skipping) = (false, false);
+    for line in doc.lines() {
+        if !in_block {
+            in_block = line.trim() == "```console";
+        } else if line.trim() == "```" {
+            in_block = false;
+            skipping = false;
+        } else if line.starts_with("$ ") {
+            out.push_str(line);
+            out.push('\n');
+            out.push_str(next.next().expect("an output per example"));
+            skipping = true;
+            continue;
+        }
+        if !skipping || !in_block {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }

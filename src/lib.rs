@@ -10,6 +10,7 @@
 //! fine-grained authorization language). [`tls`] is used by the pilot and the server only: the
 //! helper never reaches it, so the `mupilot-switch` binary links no TLS or HTTP code.
 
+pub mod cgroups;
 pub mod pilot;
 pub mod policy;
 pub mod protocol;

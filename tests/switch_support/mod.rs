@@ -4,6 +4,10 @@
 //! python client run as another uid.
 #![allow(dead_code)]
 
+#[path = "../common/mod.rs"]
+pub mod common;
+pub use common::uid_of;
+
 use std::collections::BTreeMap;
 use std::os::fd::RawFd;
 use std::os::unix::fs::PermissionsExt;
@@ -64,13 +68,6 @@ impl Drop for Users {
             }
         }
     }
-}
-
-pub fn uid_of(name: &str) -> Option<u32> {
-    nix::unistd::User::from_name(name)
-        .ok()
-        .flatten()
-        .map(|u| u.uid.as_raw())
 }
 
 pub fn gid_of(name: &str) -> Option<u32> {

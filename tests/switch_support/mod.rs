@@ -6,6 +6,7 @@
 
 #[path = "../common/mod.rs"]
 pub mod common;
+#[allow(unused_imports)]
 pub use common::uid_of;
 
 use std::collections::BTreeMap;
@@ -44,13 +45,7 @@ impl Users {
         let mut n = USERS.lock().unwrap_or_else(|p| p.into_inner());
         if *n == 0 {
             for u in [ACCT, PILOT] {
-                if uid_of(u).is_none() {
-                    let st = Command::new("useradd")
-                        .args(["-M", "-N", "-s", "/usr/sbin/nologin", u])
-                        .status()
-                        .unwrap();
-                    assert!(st.success(), "useradd {u}");
-                }
+                common::ensure_account(u);
             }
         }
         *n += 1;
@@ -64,7 +59,7 @@ impl Drop for Users {
         *n -= 1;
         if *n == 0 {
             for u in [ACCT, PILOT] {
-                let _ = Command::new("userdel").arg(u).status();
+                common::delete_account(u);
             }
         }
     }

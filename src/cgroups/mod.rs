@@ -142,6 +142,12 @@ impl Host {
                 joins,
             });
         }
+        if !mounts.iter().any(|m| m.v2 && m.has("memory")) {
+            return Err(CgroupError::NoHierarchy(format!(
+                "no memory controller in {}",
+                self.mounts.path().display()
+            )));
+        }
         Ok(Located {
             cgroup: Cgroup::V2(v2::locate(&mounts, &pilot.lines, pilot.pid, name)?),
             joins: Vec::new(),

@@ -356,7 +356,12 @@ fn v2_in_the_root_cgroup_and_without_a_unified_line() {
     let f = Fake::new();
     let (host, pilot) = f.host("0::/\n");
     let e = host.locate(&pilot, "p").unwrap_err();
-    assert!(e.to_string().contains("no usable cgroup hierarchy"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("no usable cgroup hierarchy: no memory controller in"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("proc/self/mountinfo"), "{e}");
 }
 
 #[test]

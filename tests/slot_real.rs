@@ -170,6 +170,24 @@ fn env_of(pid: u32, root: &Path) -> Env {
     }
 }
 
+/// Discovery for process `pid` (through [`env_of`]) finds the test's 256 MiB and 1.5 CPUs
+/// (one whole core) in `memory_file` and `cores_file`, on cgroup `version`.
+fn assert_found(pid: u32, memory_file: &str, cores_file: &str, version: &str) {
+    let root = tempfile::Builder::new()
+        .prefix("mupilot-test-slt-")
+        .tempdir()
+        .unwrap();
+    let r = discover_with(&env_of(pid, root.path()));
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    assert_eq!(r.slot.memory_bytes, 268_435_456, "{:?}", r.sources);
+    assert_eq!(r.chosen["memory_bytes"], "cgroup");
+    assert_eq!(r.sources["cgroup"]["memory_file"], memory_file);
+    assert_eq!(r.slot.cores, 1);
+    assert_eq!(r.chosen["cores"], "cgroup");
+    assert_eq!(r.sources["cgroup"]["cores_file"], cores_file);
+    assert_eq!(r.sources["cgroup"]["version"], version);
+}
+
 /// v1, per-controller hierarchies: a memory limit on the parent of the process's memory
 /// cgroup and a CPU quota of 1.5 cores on its cpu cgroup. v2:
 /// `real_cgroup_v2_parent_memory_max_and_cpu_max`.
@@ -194,26 +212,12 @@ fn real_cgroup_v1_parent_memory_limit_and_cpu_quota() {
             std::fs::write(mem_leaf.join("cgroup.procs"), pid.to_string()).unwrap();
             cpu.add(pid);
 
-            let root = tempfile::Builder::new()
-                .prefix("mupilot-test-slt-")
-                .tempdir()
-                .unwrap();
-            let r = discover_with(&env_of(pid, root.path()));
-            assert!(r.problems.is_empty(), "{:?}", r.problems);
-            assert_eq!(r.slot.memory_bytes, 268_435_456, "{:?}", r.sources);
-            assert_eq!(r.chosen["memory_bytes"], "cgroup");
-            assert_eq!(
-                r.sources["cgroup"]["memory_file"],
-                format!("/sys/fs/cgroup/memory/{name}/memory.limit_in_bytes")
+            assert_found(
+                pid,
+                &format!("/sys/fs/cgroup/memory/{name}/memory.limit_in_bytes"),
+                &format!("/sys/fs/cgroup/cpu/{name}/cpu.cfs_quota_us"),
+                "v1+v2",
             );
-            // 1.5 CPUs of quota is one whole core.
-            assert_eq!(r.slot.cores, 1);
-            assert_eq!(r.chosen["cores"], "cgroup");
-            assert_eq!(
-                r.sources["cgroup"]["cores_file"],
-                format!("/sys/fs/cgroup/cpu/{name}/cpu.cfs_quota_us")
-            );
-            assert_eq!(r.sources["cgroup"]["version"], "v1+v2");
             drop(child);
             let dirs = [mem.0.clone(), cpu.0.clone()];
             drop((mem, cpu));
@@ -241,25 +245,12 @@ fn real_cgroup_v2_parent_memory_max_and_cpu_max() {
             let pid = child.0.id();
             std::fs::write(leaf.join("cgroup.procs"), pid.to_string()).unwrap();
 
-            let root = tempfile::Builder::new()
-                .prefix("mupilot-test-slt-")
-                .tempdir()
-                .unwrap();
-            let r = discover_with(&env_of(pid, root.path()));
-            assert!(r.problems.is_empty(), "{:?}", r.problems);
-            assert_eq!(r.slot.memory_bytes, 268_435_456, "{:?}", r.sources);
-            assert_eq!(r.chosen["memory_bytes"], "cgroup");
-            assert_eq!(
-                r.sources["cgroup"]["memory_file"],
-                format!("/sys/fs/cgroup/{name}/memory.max")
+            assert_found(
+                pid,
+                &format!("/sys/fs/cgroup/{name}/memory.max"),
+                &format!("/sys/fs/cgroup/{name}/cpu.max"),
+                "v2",
             );
-            assert_eq!(r.slot.cores, 1);
-            assert_eq!(r.chosen["cores"], "cgroup");
-            assert_eq!(
-                r.sources["cgroup"]["cores_file"],
-                format!("/sys/fs/cgroup/{name}/cpu.max")
-            );
-            assert_eq!(r.sources["cgroup"]["version"], "v2");
             drop(child);
             let dir = parent.0.clone();
             drop(parent);

@@ -149,22 +149,22 @@ pub fn uid_of(name: &str) -> Option<u32> {
 /// removing one of that name a failed run may have left.
 pub fn create_account(name: &str) {
     delete_account(name);
-    let st = Command::new("useradd")
-        .args(["-M", "-N", "-s", "/usr/sbin/nologin", name])
-        .status()
-        .expect("useradd runs");
-    assert!(st.success(), "useradd {name} failed");
+    useradd(name);
 }
 
 /// Creates the account unless it exists.
 pub fn ensure_account(name: &str) {
     if uid_of(name).is_none() {
-        let st = Command::new("useradd")
-            .args(["-M", "-N", "-s", "/usr/sbin/nologin", name])
-            .status()
-            .expect("useradd runs");
-        assert!(st.success(), "useradd {name} failed");
+        useradd(name);
     }
+}
+
+fn useradd(name: &str) {
+    let st = Command::new("useradd")
+        .args(["-M", "-N", "-s", "/usr/sbin/nologin", name])
+        .status()
+        .expect("useradd runs");
+    assert!(st.success(), "useradd {name} failed");
 }
 
 /// Removes an account (and nothing else); a missing one is fine.

@@ -374,3 +374,59 @@ fn a_plan_carries_the_located_cgroup_unchanged() {
     assert_eq!(back.cgroup(), located.cgroup());
     assert_eq!(back.join_files(&[]), located.join_files(&[]));
 }
+
+#[test]
+fn usage_and_leaving_read_and_write_each_layouts_files() {
+    let mut f = Fake::new();
+    v1_host(&mut f);
+    let (host, pilot) = f.host(V1_PILOT);
+    let located = host.locate(&pilot, "p").unwrap();
+    let Cgroup::V1(c) = located.cgroup().clone() else {
+        panic!()
+    };
+    mkdirs(&c.dirs());
+    fs::write(c.cpuacct.join("cpuacct.usage"), "2500000000\n").unwrap();
+    fs::write(c.memory.join("memory.max_usage_in_bytes"), "1048576\n").unwrap();
+    fs::write(
+        c.memory.join("memory.oom_control"),
+        "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n",
+    )
+    .unwrap();
+    let u = located.cgroup().usage();
+    assert_eq!(
+        (u.cpu_seconds, u.peak_memory_bytes, u.oom_killed),
+        (2.5, 1 << 20, true)
+    );
+    fs::write(c.freezer.join("cgroup.procs"), "7\n8\n").unwrap();
+    fs::write(c.memory.join("cgroup.procs"), "8\n9\n").unwrap();
+    assert_eq!(located.cgroup().pids(), [7, 8, 9]);
+    // Leaving writes "0" to each parent's tasks: the pilot's cgroups.
+    located.leave();
+    assert_eq!(
+        fs::read_to_string(f.cg("memory/job/step/tasks")).unwrap(),
+        "0"
+    );
+    assert_eq!(fs::read_to_string(f.cg("freezer/job/tasks")).unwrap(), "0");
+
+    let mut f = Fake::new();
+    let mount = f.v2("cpu memory pids\n");
+    fs::write(mount.join("cgroup.subtree_control"), "cpu memory pids\n").unwrap();
+    let (host, pilot) = f.host("0::/\n");
+    let located = host.locate(&pilot, "p").unwrap();
+    let dir = mount.join("p");
+    mkdirs(&[&dir]);
+    fs::write(
+        dir.join("cpu.stat"),
+        "usage_usec 1500000\nuser_usec 1000000\n",
+    )
+    .unwrap();
+    fs::write(dir.join("memory.peak"), "4096\n").unwrap();
+    fs::write(dir.join("memory.events"), "low 0\noom 1\noom_kill 0\n").unwrap();
+    let u = located.cgroup().usage();
+    assert_eq!(
+        (u.cpu_seconds, u.peak_memory_bytes, u.oom_killed),
+        (1.5, 4096, false)
+    );
+    located.leave();
+    assert_eq!(fs::read_to_string(mount.join("cgroup.procs")).unwrap(), "0");
+}

@@ -7,8 +7,10 @@
 //!
 //! Shared pieces: [`protocol`] (wire types and envelope signing), [`records`] (the hash-chained
 //! JSON-lines log behind both the pilot's trace and the helper's audit), [`policy`] (the
-//! fine-grained authorization language). [`tls`] is used by the pilot and the server only: the
-//! helper never reaches it, so the `mupilot-switch` binary links no TLS or HTTP code.
+//! fine-grained authorization language), [`cgroups`] (cgroup v1 and v2: the helper's payload
+//! cgroups and the limits the pilot's slot discovery reads). [`tls`] is used by the pilot and
+//! the server only: the helper never reaches it, so the `mupilot-switch` binary links no TLS or
+//! HTTP code.
 
 pub mod cgroups;
 pub mod pilot;

@@ -7,7 +7,8 @@
 #   scripts/vm-test-sandbox.sh NAME...  only these test binaries (e.g. pilot_attacks)
 #
 # pilot_attacks runs the real helper daemon in the guest (the pilot account's attacks, and
-# that payloads land below the connecting pilot's cgroup on v2).
+# that payloads land below the connecting pilot's cgroup on v2); slot_real reads a real v2
+# cgroup's limits as the pilot's slot discovery does.
 #
 # Prints each test binary's cargo-test output; exits non-zero when any test failed.
 set -euo pipefail
@@ -16,7 +17,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib/common.sh
 need_root
 
-TESTS=(sandbox_isolation sandbox_env sandbox_orphan sandbox_attacks pilot_attacks)
+TESTS=(sandbox_isolation sandbox_env sandbox_orphan sandbox_attacks pilot_attacks slot_real)
 [ $# -eq 0 ] || TESTS=("$@")
 log "building the sandbox test binaries"
 # examples/attack is the hostile payload of sandbox_attacks (raw syscalls: the guest has no
@@ -52,7 +53,7 @@ script='rc=0'
 for b in "${BINARIES[@]}"; do
     # One test at a time: the tests share accounts and the VM has little memory.
     case $b in
-    */deps/mupilot-*) filter=sandbox ;; # the lib's sandbox unit tests (cgroup v1/v2 parsing)
+    */deps/mupilot-*) filter='sandbox cgroups' ;; # the lib's sandbox and cgroups unit tests
     *) filter= ;;
     esac
     script+="; echo '=== $(basename "$b")'; $b --test-threads=1 $filter || rc=1"

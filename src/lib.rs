@@ -7,11 +7,13 @@
 //!
 //! Shared pieces: [`protocol`] (wire types and envelope signing), [`records`] (the hash-chained
 //! JSON-lines log behind both the pilot's trace and the helper's audit), [`policy`] (the
-//! fine-grained authorization language). [`tls`] is used by the pilot and the server only: the
-//! helper never reaches it, so the `mupilot-switch` binary links no TLS or HTTP code.
-//! [`grid`] (feature `grid`, on by default) verifies X.509 proxies and VOMS attributes with
-//! OpenSSL's certificate code for the helper; the static pilot is built without it.
+//! fine-grained authorization language), [`cgroups`] (cgroup v1 and v2: the helper's payload
+//! cgroups and the limits the pilot's slot discovery reads). [`tls`] is used by the pilot and
+//! the server only: the helper never reaches it, so the `mupilot-switch` binary links no TLS or
+//! HTTP code. [`grid`] (feature `grid`, on by default) verifies X.509 proxies and VOMS
+//! attributes with OpenSSL's certificate code for the helper; the static pilot is built without it.
 
+pub mod cgroups;
 #[cfg(feature = "grid")]
 pub mod grid;
 pub mod pilot;

@@ -31,22 +31,14 @@ struct Account;
 
 impl Account {
     fn create() -> Account {
-        let _ = Command::new("userdel")
-            .arg(ACCT)
-            .stderr(std::process::Stdio::null())
-            .status();
-        let st = Command::new("useradd")
-            .args(["-M", "-N", "-s", "/usr/sbin/nologin", ACCT])
-            .status()
-            .unwrap();
-        assert!(st.success(), "useradd {ACCT}");
+        switch_support::common::create_account(ACCT);
         Account
     }
 }
 
 impl Drop for Account {
     fn drop(&mut self) {
-        let _ = Command::new("userdel").arg(ACCT).status();
+        switch_support::common::delete_account(ACCT);
     }
 }
 

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use mupilot::protocol::switch_wire::{
     sealed_memfd, DenialClass, PilotHello, SwitchEvent, SwitchRequest,
 };
+use switch_support::common::{layout, memory_root, Layout, TestCgroup};
 use switch_support::*;
 
 /// A site whose switch.toml gets `top` keys (before the tables) and a `[limits]` table.
@@ -135,59 +136,6 @@ fn pilot_ids() -> (u32, u32) {
     (uid_of(PILOT).unwrap(), gid_of(PILOT).unwrap())
 }
 
-/// The root of the memory hierarchy: v1 /sys/fs/cgroup/memory, v2 /sys/fs/cgroup.
-fn memory_root() -> PathBuf {
-    let v1 = PathBuf::from("/sys/fs/cgroup/memory");
-    if v1.join("memory.limit_in_bytes").exists() {
-        v1
-    } else {
-        PathBuf::from("/sys/fs/cgroup")
-    }
-}
-
-fn v2() -> bool {
-    memory_root() == Path::new("/sys/fs/cgroup")
-}
-
-/// A cgroup of this test at the memory hierarchy's root, removed (with what the helper made
-/// below it) on drop.
-struct TestCgroup(PathBuf);
-
-impl TestCgroup {
-    fn new(tag: &str) -> TestCgroup {
-        let p = memory_root().join(format!("mpt-atk-{tag}-{}", std::process::id()));
-        let _ = std::fs::create_dir(&p);
-        TestCgroup(p)
-    }
-
-    fn add(&self, pid: libc::pid_t) {
-        std::fs::write(self.0.join("cgroup.procs"), pid.to_string()).unwrap();
-    }
-
-    fn children(&self) -> Vec<String> {
-        std::fs::read_dir(&self.0)
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .filter(|e| e.path().is_dir())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect()
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        for _ in 0..100 {
-            for c in self.children() {
-                let _ = std::fs::remove_dir(self.0.join(c));
-            }
-            if std::fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
 /// Makes the next process this test spawns get `pid` (through ns_last_pid) and starts it:
 /// `sleep 60` as the pilot account. Retries while other processes take the pid first.
 fn sleeper_with_pid(pid: libc::pid_t) -> std::process::Child {
@@ -227,9 +175,9 @@ fn pid_reuse_is_refused(peer_pidfd: &str) {
     let child = fork_as(uid, gid, &[], || connect_and_hello(fd, &addr, &frame));
     assert_eq!(wait_pid(child), 0, "the connecting child failed");
     // Its pid goes to a process of the pilot's uid in another cgroup.
-    let other = TestCgroup::new(&format!("reuse-{peer_pidfd}"));
+    let other = TestCgroup::new(&memory_root(), &format!("mpt-atk-reuse-{peer_pidfd}"));
     let mut victim = sleeper_with_pid(child);
-    other.add(child);
+    other.add(child as u32);
     let mut c = Client {
         stream: UnixStream::from(sock),
     };
@@ -354,8 +302,8 @@ fn payloads_land_below_the_connecting_pilots_cgroup() {
     drop(go_r);
     drop(ready_w);
     drop(hold_r);
-    let pilot_cg = TestCgroup::new("place");
-    pilot_cg.add(child);
+    let pilot_cg = TestCgroup::new(&memory_root(), "mpt-atk-place");
+    pilot_cg.add(child as u32);
     let mut go = std::fs::File::from(go_w);
     go.write_all(b"x").unwrap();
     let mut c = Client {
@@ -395,7 +343,7 @@ fn payloads_land_below_the_connecting_pilots_cgroup() {
     }
     let seen = std::fs::read_to_string(out.path()).unwrap();
     let rel = pilot_cg.0.strip_prefix(memory_root()).unwrap().join(&name);
-    let line = if v2() {
+    let line = if layout() == Layout::V2 {
         format!("0::/{}", rel.display())
     } else {
         format!("memory:/{}", rel.display())

@@ -3,6 +3,7 @@
 
 mod sandbox_support;
 
+use sandbox_support::common::{memory_root, on_layout, Layout, TestCgroup};
 use sandbox_support::{landlock_scopes, plan, run, settings, ScratchRoot, TestUser};
 
 #[test]
@@ -697,71 +698,132 @@ fn duplicate_payload_id_is_refused() {
 /// A separate "pilot" process in its own CPU-limited cgroup and its own cpuset and devices
 /// cgroups (as a batch system pins a job): the payload's cgroup goes below the pilot's (not
 /// the helper's), its CPU quota never exceeds the pilot's, and it runs in the pilot's very
-/// cpuset and devices cgroups, so the job's CPU pinning and device rules hold (v1 only).
+/// cpuset and devices cgroups, so the job's CPU pinning and device rules hold. v1 only (its
+/// per-controller hierarchies); `payload_cgroup_follows_the_pilot_v2` is the same on v2.
 #[test]
-fn payload_cgroup_follows_the_pilot() {
-    let own = sandbox_support::own_memory_cgroup();
-    if !own.starts_with("/sys/fs/cgroup/memory") {
-        // v2: covered by cgroup_below_own_and_removed and the unit test of the v2 layout.
-        return;
-    }
-    let u = TestUser::get("mpt-sbx-a");
-    let root = ScratchRoot::new("pilotcg");
-    let s = settings(&root.0);
-    let mut pilot = std::process::Command::new("sleep")
-        .arg("60")
-        .spawn()
-        .unwrap();
-    let job_name = format!("mupilot-test-sbx-job-{}", std::process::id());
-    let job = |h: &str| std::path::PathBuf::from(format!("/sys/fs/cgroup/{h}/{job_name}"));
-    std::fs::create_dir(job("cpu")).unwrap();
-    std::fs::write(job("cpu").join("cpu.cfs_quota_us"), "50000").unwrap();
-    // A v1 cpuset cgroup starts empty: the job gets the root's CPUs and memory nodes.
-    std::fs::create_dir(job("cpuset")).unwrap();
-    for f in ["cpuset.cpus", "cpuset.mems"] {
-        let all = std::fs::read_to_string(format!("/sys/fs/cgroup/cpuset/{f}")).unwrap();
-        std::fs::write(job("cpuset").join(f), all.trim()).unwrap();
-    }
-    std::fs::create_dir(job("devices")).unwrap();
-    for h in ["cpu", "cpuset", "devices"] {
-        std::fs::write(job(h).join("cgroup.procs"), pilot.id().to_string()).unwrap();
-    }
-    let mut p = plan(
-        "pilotcg",
-        &u.account,
-        &["sh", "-c", "cat /proc/self/cgroup; sleep 0.5"],
-    );
-    p.pilot = mupilot::switch::sandbox::cgroup::PilotCgroups::read(pilot.id() as i32).unwrap();
-    p.cores = 2;
-    let id = p.payload_id.clone();
-    let (w, t) = sandbox_support::capture();
-    let r = mupilot::switch::sandbox::launch(&s, p, Some(w), None);
-    let quota = std::fs::read_to_string(job("cpu").join(format!("mupilot-{id}/cpu.cfs_quota_us")));
-    let o = r.map(|r| r.wait().unwrap());
-    let out = t.join().unwrap();
-    pilot.kill().unwrap();
-    pilot.wait().unwrap();
-    let gone = !job("cpu").join(format!("mupilot-{id}")).exists();
-    for h in ["cpu", "cpuset", "devices"] {
-        std::fs::remove_dir(job(h)).unwrap();
-    }
-    assert_eq!(o.unwrap().exit_code, Some(0), "{out}");
-    assert_eq!(
-        quota.unwrap().trim(),
-        "50000",
-        "clamped to the pilot's 0.5 core"
-    );
-    assert!(gone);
-    let line = |h: &str| {
-        out.lines()
-            .find(|l| l.split(':').nth(1) == Some(h))
-            .and_then(|l| l.split(':').nth(2))
-            .unwrap_or_default()
-            .to_owned()
-    };
-    assert_eq!(line("cpu"), format!("/{job_name}/mupilot-{id}"), "{out}");
-    assert_eq!(line("cpuset"), format!("/{job_name}"), "{out}");
-    assert_eq!(line("devices"), format!("/{job_name}"), "{out}");
+fn payload_cgroup_follows_the_pilot_v1() {
+    on_layout(Layout::V1, "payload_cgroup_follows_the_pilot_v2", || {
+        let u = TestUser::get("mpt-sbx-a");
+        let root = ScratchRoot::new("pilotcg");
+        let s = settings(&root.0);
+        let mut pilot = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let job_name = format!("mupilot-test-sbx-job-{}", std::process::id());
+        let job = |h: &str| std::path::PathBuf::from(format!("/sys/fs/cgroup/{h}/{job_name}"));
+        std::fs::create_dir(job("cpu")).unwrap();
+        std::fs::write(job("cpu").join("cpu.cfs_quota_us"), "50000").unwrap();
+        // A v1 cpuset cgroup starts empty: the job gets the root's CPUs and memory nodes.
+        std::fs::create_dir(job("cpuset")).unwrap();
+        for f in ["cpuset.cpus", "cpuset.mems"] {
+            let all = std::fs::read_to_string(format!("/sys/fs/cgroup/cpuset/{f}")).unwrap();
+            std::fs::write(job("cpuset").join(f), all.trim()).unwrap();
+        }
+        std::fs::create_dir(job("devices")).unwrap();
+        for h in ["cpu", "cpuset", "devices"] {
+            std::fs::write(job(h).join("cgroup.procs"), pilot.id().to_string()).unwrap();
+        }
+        let mut p = plan(
+            "pilotcg",
+            &u.account,
+            &["sh", "-c", "cat /proc/self/cgroup; sleep 0.5"],
+        );
+        p.pilot = mupilot::switch::sandbox::cgroup::PilotCgroups::read(pilot.id() as i32).unwrap();
+        p.cores = 2;
+        let id = p.payload_id.clone();
+        let (w, t) = sandbox_support::capture();
+        let r = mupilot::switch::sandbox::launch(&s, p, Some(w), None);
+        let quota =
+            std::fs::read_to_string(job("cpu").join(format!("mupilot-{id}/cpu.cfs_quota_us")));
+        let o = r.map(|r| r.wait().unwrap());
+        let out = t.join().unwrap();
+        pilot.kill().unwrap();
+        pilot.wait().unwrap();
+        let gone = !job("cpu").join(format!("mupilot-{id}")).exists();
+        for h in ["cpu", "cpuset", "devices"] {
+            std::fs::remove_dir(job(h)).unwrap();
+        }
+        assert_eq!(o.unwrap().exit_code, Some(0), "{out}");
+        assert_eq!(
+            quota.unwrap().trim(),
+            "50000",
+            "clamped to the pilot's 0.5 core"
+        );
+        assert!(gone);
+        let line = |h: &str| {
+            out.lines()
+                .find(|l| l.split(':').nth(1) == Some(h))
+                .and_then(|l| l.split(':').nth(2))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert_eq!(line("cpu"), format!("/{job_name}/mupilot-{id}"), "{out}");
+        assert_eq!(line("cpuset"), format!("/{job_name}"), "{out}");
+        assert_eq!(line("devices"), format!("/{job_name}"), "{out}");
+    });
+}
+
+/// v2: a separate "pilot" process alone in a CPU-limited job cgroup (as a batch system or
+/// systemd puts a job): the pilot moves into the job's `pilot` leaf, the payload's cgroup is
+/// the leaf's sibling below the job (so the job's limit binds it; v2 takes a child quota above
+/// the parent's and the kernel applies the parent's), the job's limit is left as it was, and
+/// the payload cgroup is gone afterwards. v1: `payload_cgroup_follows_the_pilot_v1`.
+#[test]
+fn payload_cgroup_follows_the_pilot_v2() {
+    on_layout(Layout::V2, "payload_cgroup_follows_the_pilot_v1", || {
+        let u = TestUser::get("mpt-sbx-a");
+        let root = ScratchRoot::new("pilotcg2");
+        let s = settings(&root.0);
+        let job = TestCgroup::new(&memory_root(), "mupilot-test-sbx-job");
+        job.write("cpu.max", "50000 100000");
+        let mut pilot = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        job.add(pilot.id());
+        let mut p = plan(
+            "pilotcg2",
+            &u.account,
+            &["sh", "-c", "cat /proc/self/cgroup; sleep 0.5"],
+        );
+        p.pilot = mupilot::switch::sandbox::cgroup::PilotCgroups::read(pilot.id() as i32).unwrap();
+        p.cores = 2;
+        let id = p.payload_id.clone();
+        let (w, t) = sandbox_support::capture();
+        let r = mupilot::switch::sandbox::launch(&s, p, Some(w), None);
+        let payload_dir = job.0.join(format!("mupilot-{id}"));
+        let quota = std::fs::read_to_string(payload_dir.join("cpu.max"));
+        let o = r.map(|r| r.wait().unwrap());
+        let out = t.join().unwrap();
+        let pilot_cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", pilot.id()));
+        pilot.kill().unwrap();
+        pilot.wait().unwrap();
+        let job_name = job.0.file_name().unwrap().to_string_lossy().into_owned();
+        assert_eq!(o.unwrap().exit_code, Some(0), "{out}");
+        assert!(
+            out.lines()
+                .any(|l| l == format!("0::/{job_name}/mupilot-{id}")),
+            "{out}"
+        );
+        assert_eq!(
+            pilot_cgroup.unwrap().trim(),
+            format!("0::/{job_name}/pilot")
+        );
+        assert_eq!(
+            quota.unwrap().trim(),
+            "200000 100000",
+            "the payload's own 2 cores"
+        );
+        assert_eq!(
+            std::fs::read_to_string(job.0.join("cpu.max"))
+                .unwrap()
+                .trim(),
+            "50000 100000",
+            "the job's 0.5 core, which binds the payload, unchanged"
+        );
+        assert!(!payload_dir.exists(), "payload cgroup removed");
+    });
 }
 
 /// Where fs.protected_hardlinks is off a payload could hard-link a root file into its scratch;

@@ -1,10 +1,15 @@
 //! Slot discovery against the live system (run as root): the host's values and the real cgroup
 //! of this test process; a real cgroup v1 hierarchy created for the test (memory limit on a
-//! parent, CPU quota) with a real process in it; and `mupilot limits` run in-process.
-//! Every cgroup created is named mupilot-test-slt-<pid>-… and removed, even on failure.
+//! parent, CPU quota) with a real process in it, and its cgroup v2 counterpart (run in the VM);
+//! and `mupilot limits` run in-process. Every cgroup created is named mupilot-test-slt-<pid>
+//! and removed, even on failure.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+
+use common::{on_layout, Layout, TestCgroup};
 
 use mupilot::pilot::slot::{discover, discover_with, limits_main, Env, Overrides, SystemRunner};
 
@@ -135,92 +140,121 @@ fn limits_main_prints_in_process() {
     }
 }
 
-/// Removes the test's cgroups and stops its process, whatever happened in the test.
-struct Cleanup {
-    child: Option<Child>,
-    dirs: Vec<PathBuf>,
-}
+/// The test's process, killed (by pid) and reaped when dropped, whatever happened in the test:
+/// declared after the cgroups it is in, so it is gone before they are removed.
+struct Killed(Child);
 
-impl Drop for Cleanup {
+impl Drop for Killed {
     fn drop(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for d in &self.dirs {
-            // rmdir can see EBUSY for a moment after the last task leaves.
-            for _ in 0..50 {
-                if !d.exists() || std::fs::remove_dir(d).is_ok() {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
-#[test]
-fn real_cgroup_v1_parent_memory_limit_and_cpu_quota() {
-    let mem_root = Path::new("/sys/fs/cgroup/memory");
-    let cpu_root = Path::new("/sys/fs/cgroup/cpu");
-    assert!(
-        mem_root.is_dir() && cpu_root.is_dir(),
-        "this machine is cgroup v1"
-    );
-    let name = format!("mupilot-test-slt-{}", std::process::id());
-    let mem_parent = mem_root.join(&name);
-    let mem_leaf = mem_parent.join("payloadish");
-    let cpu_dir = cpu_root.join(&name);
-    let mut guard = Cleanup {
-        child: None,
-        dirs: vec![mem_leaf.clone(), mem_parent.clone(), cpu_dir.clone()],
-    };
-    std::fs::create_dir(&mem_parent).unwrap();
-    std::fs::create_dir(&mem_leaf).unwrap();
-    std::fs::create_dir(&cpu_dir).unwrap();
-    std::fs::write(mem_parent.join("memory.limit_in_bytes"), "268435456").unwrap();
-    std::fs::write(cpu_dir.join("cpu.cfs_period_us"), "100000").unwrap();
-    std::fs::write(cpu_dir.join("cpu.cfs_quota_us"), "150000").unwrap();
-
-    // A real process in the leaf (memory) and the quota cgroup (cpu).
-    let child = Command::new("sleep").arg("60").spawn().unwrap();
-    let pid = child.id();
-    guard.child = Some(child);
-    std::fs::write(mem_leaf.join("cgroup.procs"), pid.to_string()).unwrap();
-    std::fs::write(cpu_dir.join("cgroup.procs"), pid.to_string()).unwrap();
-
-    // A root whose /proc/self is that process and whose /sys is the real one: discovery then
-    // reads the kernel's own files for a process really inside these cgroups.
-    let root = tempfile::Builder::new()
-        .prefix("mupilot-test-slt-")
-        .tempdir()
-        .unwrap();
-    std::fs::create_dir(root.path().join("proc")).unwrap();
-    std::os::unix::fs::symlink(format!("/proc/{pid}"), root.path().join("proc/self")).unwrap();
-    std::os::unix::fs::symlink("/proc/meminfo", root.path().join("proc/meminfo")).unwrap();
-    std::os::unix::fs::symlink("/sys", root.path().join("sys")).unwrap();
-    let env = Env {
+/// An Env whose /proc/self is process `pid` and whose /sys is the real one: discovery then
+/// reads the kernel's own files for a process really inside the test's cgroups.
+fn env_of(pid: u32, root: &Path) -> Env {
+    std::fs::create_dir(root.join("proc")).unwrap();
+    std::os::unix::fs::symlink(format!("/proc/{pid}"), root.join("proc/self")).unwrap();
+    std::os::unix::fs::symlink("/proc/meminfo", root.join("proc/meminfo")).unwrap();
+    std::os::unix::fs::symlink("/sys", root.join("sys")).unwrap();
+    Env {
         vars: Default::default(),
         unreadable: Default::default(),
-        root: root.path().to_path_buf(),
+        root: root.to_path_buf(),
         runner: Box::new(SystemRunner),
         now: chrono::Utc::now().timestamp(),
         hostname: "localhost".into(),
         host_cores: Some(affinity_cores()),
         local_offset: None,
-    };
-    let r = discover_with(&env);
+    }
+}
+
+/// Discovery for process `pid` (through [`env_of`]) finds the test's 256 MiB and 1.5 CPUs
+/// (one whole core) in `memory_file` and `cores_file`, on cgroup `version`.
+fn assert_found(pid: u32, memory_file: &str, cores_file: &str, version: &str) {
+    let root = tempfile::Builder::new()
+        .prefix("mupilot-test-slt-")
+        .tempdir()
+        .unwrap();
+    let r = discover_with(&env_of(pid, root.path()));
     assert!(r.problems.is_empty(), "{:?}", r.problems);
     assert_eq!(r.slot.memory_bytes, 268_435_456, "{:?}", r.sources);
     assert_eq!(r.chosen["memory_bytes"], "cgroup");
-    assert_eq!(
-        r.sources["cgroup"]["memory_file"],
-        format!("/sys/fs/cgroup/memory/{name}/memory.limit_in_bytes")
-    );
-    // 1.5 CPUs of quota is one whole core.
+    assert_eq!(r.sources["cgroup"]["memory_file"], memory_file);
     assert_eq!(r.slot.cores, 1);
     assert_eq!(r.chosen["cores"], "cgroup");
-    assert_eq!(r.sources["cgroup"]["version"], "v1+v2");
-    drop(guard);
-    assert!(!mem_parent.exists() && !cpu_dir.exists());
+    assert_eq!(r.sources["cgroup"]["cores_file"], cores_file);
+    assert_eq!(r.sources["cgroup"]["version"], version);
+}
+
+/// v1, per-controller hierarchies: a memory limit on the parent of the process's memory
+/// cgroup and a CPU quota of 1.5 cores on its cpu cgroup. v2:
+/// `real_cgroup_v2_parent_memory_max_and_cpu_max`.
+#[test]
+fn real_cgroup_v1_parent_memory_limit_and_cpu_quota() {
+    on_layout(
+        Layout::V1,
+        "real_cgroup_v2_parent_memory_max_and_cpu_max",
+        || {
+            let mem = TestCgroup::new(Path::new("/sys/fs/cgroup/memory"), "mupilot-test-slt");
+            let cpu = TestCgroup::new(Path::new("/sys/fs/cgroup/cpu"), "mupilot-test-slt");
+            let name = mem.0.file_name().unwrap().to_string_lossy().into_owned();
+            let mem_leaf = mem.0.join("payloadish");
+            std::fs::create_dir(&mem_leaf).unwrap();
+            mem.write("memory.limit_in_bytes", "268435456");
+            cpu.write("cpu.cfs_period_us", "100000");
+            cpu.write("cpu.cfs_quota_us", "150000");
+
+            // A real process in the leaf (memory) and the quota cgroup (cpu).
+            let child = Killed(Command::new("sleep").arg("60").spawn().unwrap());
+            let pid = child.0.id();
+            std::fs::write(mem_leaf.join("cgroup.procs"), pid.to_string()).unwrap();
+            cpu.add(pid);
+
+            assert_found(
+                pid,
+                &format!("/sys/fs/cgroup/memory/{name}/memory.limit_in_bytes"),
+                &format!("/sys/fs/cgroup/cpu/{name}/cpu.cfs_quota_us"),
+                "v1+v2",
+            );
+            drop(child);
+            let dirs = [mem.0.clone(), cpu.0.clone()];
+            drop((mem, cpu));
+            assert!(dirs.iter().all(|d| !d.exists()));
+        },
+    );
+}
+
+/// v2, the unified hierarchy: `memory.max` and a `cpu.max` of 1.5 cores on the parent of the
+/// process's cgroup. v1: `real_cgroup_v1_parent_memory_limit_and_cpu_quota`.
+#[test]
+fn real_cgroup_v2_parent_memory_max_and_cpu_max() {
+    on_layout(
+        Layout::V2,
+        "real_cgroup_v1_parent_memory_limit_and_cpu_quota",
+        || {
+            let parent = TestCgroup::new(Path::new("/sys/fs/cgroup"), "mupilot-test-slt");
+            let name = parent.0.file_name().unwrap().to_string_lossy().into_owned();
+            parent.write("cgroup.subtree_control", "+memory +cpu");
+            parent.write("memory.max", "268435456");
+            parent.write("cpu.max", "150000 100000");
+            let leaf = parent.0.join("payloadish");
+            std::fs::create_dir(&leaf).unwrap();
+            let child = Killed(Command::new("sleep").arg("60").spawn().unwrap());
+            let pid = child.0.id();
+            std::fs::write(leaf.join("cgroup.procs"), pid.to_string()).unwrap();
+
+            assert_found(
+                pid,
+                &format!("/sys/fs/cgroup/{name}/memory.max"),
+                &format!("/sys/fs/cgroup/{name}/cpu.max"),
+                "v2",
+            );
+            drop(child);
+            let dir = parent.0.clone();
+            drop(parent);
+            assert!(!dir.exists());
+        },
+    );
 }

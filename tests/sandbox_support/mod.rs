@@ -5,6 +5,9 @@
 //! user of them in this test binary is done, so a test binary can run twice in a row.
 #![allow(dead_code)]
 
+#[path = "../common/mod.rs"]
+pub mod common;
+
 use std::collections::HashMap;
 use std::io::Read;
 use std::os::fd::OwnedFd;
@@ -229,19 +232,5 @@ pub fn run(settings: &SandboxSettings, plan: LaunchPlan) -> (Outcome, String) {
 
 /// This process's cgroup directory in the memory hierarchy (v1) or the unified one (v2).
 pub fn own_memory_cgroup() -> PathBuf {
-    let text = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-    let v1 = text.lines().find_map(|l| {
-        let mut it = l.splitn(3, ':');
-        it.next();
-        let c = it.next()?;
-        let p = it.next()?;
-        c.split(',').any(|c| c == "memory").then(|| p.to_owned())
-    });
-    match v1 {
-        Some(p) => PathBuf::from("/sys/fs/cgroup/memory").join(p.trim_start_matches('/')),
-        None => {
-            let p = text.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
-            PathBuf::from("/sys/fs/cgroup").join(p.trim_start_matches('/'))
-        }
-    }
+    common::memory_cgroup_of("self")
 }

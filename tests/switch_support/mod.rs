@@ -4,6 +4,11 @@
 //! python client run as another uid.
 #![allow(dead_code)]
 
+#[path = "../common/mod.rs"]
+pub mod common;
+#[allow(unused_imports)]
+pub use common::uid_of;
+
 use std::collections::BTreeMap;
 use std::os::fd::RawFd;
 use std::os::unix::fs::PermissionsExt;
@@ -40,13 +45,7 @@ impl Users {
         let mut n = USERS.lock().unwrap_or_else(|p| p.into_inner());
         if *n == 0 {
             for u in [ACCT, PILOT] {
-                if uid_of(u).is_none() {
-                    let st = Command::new("useradd")
-                        .args(["-M", "-N", "-s", "/usr/sbin/nologin", u])
-                        .status()
-                        .unwrap();
-                    assert!(st.success(), "useradd {u}");
-                }
+                common::ensure_account(u);
             }
         }
         *n += 1;
@@ -60,17 +59,10 @@ impl Drop for Users {
         *n -= 1;
         if *n == 0 {
             for u in [ACCT, PILOT] {
-                let _ = Command::new("userdel").arg(u).status();
+                common::delete_account(u);
             }
         }
     }
-}
-
-pub fn uid_of(name: &str) -> Option<u32> {
-    nix::unistd::User::from_name(name)
-        .ok()
-        .flatten()
-        .map(|u| u.uid.as_raw())
 }
 
 pub fn gid_of(name: &str) -> Option<u32> {

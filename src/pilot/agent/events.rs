@@ -2,7 +2,7 @@
 //! reporter results and to operator commands. State changes only; no I/O but helper signals
 //! and reporter queues.
 
-use std::time::Instant;
+use tokio::time::Instant;
 
 use super::{Agent, Phase, SIGKILL};
 use crate::pilot::client::ServerApi;

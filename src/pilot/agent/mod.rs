@@ -14,7 +14,11 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock (the monotonic clock, unless a test paused it): the agent's tests run on
+// paused time, so every wait of the loop is exact and instant there.
+use tokio::time::Instant;
 
 use tokio::sync::mpsc;
 

@@ -1,7 +1,7 @@
 //! Stopping: graceful stop and drain requests, SIGTERM then SIGKILL through the helper, and
 //! the periodic checks (drain file, slot deadline, grace time, heartbeats, launch timeouts).
 
-use std::time::Instant;
+use tokio::time::Instant;
 
 use super::{Agent, Control, Phase, SIGKILL, SIGTERM};
 use crate::pilot::client::ServerApi;

@@ -1,4 +1,9 @@
-//! Agent loop tests against in-memory fakes of the VO server and the helper.
+//! Agent loop tests against in-memory fakes of the VO server and the helper, on paused tokio
+//! time (`start_paused`): the runtime advances its clock to the next timer whenever every task
+//! waits, so the agent's ticks, grace times, timeouts and the fakes' payload run times take no
+//! real time, bounds on them are exact, and a loaded machine cannot make a test late. Two tests
+//! stay on the real clock because their subject is a Unix time (the slot's deadline, the
+//! server's `requeue_after`), which tokio's clock does not move.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
@@ -246,9 +251,10 @@ impl HelperApi for FakeHelper {
             cgroup: "/mupilot-test-plt/payload".into(),
             scratch: "/tmp/x".into(),
         }));
+        // On the test's (paused) clock, like the agent's own waits.
         let (tx, running, d) = (self.tx.clone(), self.running.clone(), self.run_for);
-        std::thread::spawn(move || {
-            std::thread::sleep(d);
+        tokio::runtime::Handle::current().spawn(async move {
+            tokio::time::sleep(d).await;
             FakeHelper::exit(&tx, &running, &id, Some(0), None);
         });
         Ok(())
@@ -369,7 +375,7 @@ fn trace_records(h: &Harness) -> Vec<serde_json::Value> {
     crate::records::read_records(&p).unwrap()
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn runs_payloads_side_by_side_then_idles_out() {
     let key = VoSigningKey::generate();
     let works = (1..=3)
@@ -412,7 +418,7 @@ async fn runs_payloads_side_by_side_then_idles_out() {
     assert!(!h.dir.path().join("work/p1").exists());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn payload_that_does_not_fit_is_handed_back() {
     let key = VoSigningKey::generate();
     let works = vec![work(&key, "big", 2, 60)];
@@ -429,7 +435,7 @@ async fn payload_that_does_not_fit_is_handed_back() {
     assert_eq!(recs[1]["decision"], "not_launched");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn walltime_beyond_the_deadline_is_handed_back() {
     let key = VoSigningKey::generate();
     let works = vec![work(&key, "long", 1, 3600)];
@@ -446,7 +452,7 @@ async fn walltime_beyond_the_deadline_is_handed_back() {
     assert!(h.helper.launches.lock().unwrap().is_empty());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn denial_is_reported_final_and_never_retried() {
     let key = VoSigningKey::generate();
     let works = vec![work(&key, "carol1", 1, 60)];
@@ -476,20 +482,24 @@ async fn denial_is_reported_final_and_never_retried() {
     assert_eq!(recs[1]["denial_class"], "authorization");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn idle_timeout_ends_the_pilot() {
     let (h, fut) = start(vec![], Duration::from_millis(50), |_, _| {}, 1);
     let t0 = Instant::now();
     let out = fut.await;
-    assert!(t0.elapsed() >= Duration::from_millis(300));
-    assert!(t0.elapsed() < Duration::from_secs(3));
+    // Paused time: the idle timeout (300 ms) to the tick (10 ms) that notices it.
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took <= Duration::from_millis(320),
+        "{took:?}"
+    );
     assert_eq!(out.exit_code, 0);
     assert_eq!(out.summary.end_reason, "idle timeout");
     // It polled repeatedly in the meantime.
     assert!(h.server.matches.lock().unwrap().len() >= 3);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn max_payloads_stops_fetching() {
     let key = VoSigningKey::generate();
     let works = (1..=3)
@@ -509,7 +519,7 @@ async fn max_payloads_stops_fetching() {
     assert_eq!(h.server.matches.lock().unwrap().len(), 2);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn graceful_stop_sends_term_then_kill() {
     let key = VoSigningKey::generate();
     let works = vec![work(&key, "stubborn", 1, 60)];
@@ -533,7 +543,12 @@ async fn graceful_stop_sends_term_then_kill() {
     let sigs = h.helper.signals.lock().unwrap().clone();
     let nums: Vec<i32> = sigs.iter().map(|s| s.1).collect();
     assert_eq!(nums, vec![SIGTERM, SIGKILL]);
-    assert!(sigs[1].2 - sigs[0].2 >= Duration::from_millis(300));
+    // The grace time (300 ms) to the tick (10 ms) that notices it.
+    let grace = sigs[1].2 - sigs[0].2;
+    assert!(
+        grace >= Duration::from_millis(300) && grace <= Duration::from_millis(320),
+        "{grace:?}"
+    );
     let r = h.server.final_report("stubborn");
     assert_eq!(r.state, Some(PayloadState::Failed));
     assert_eq!(r.signal, Some(SIGKILL));
@@ -542,7 +557,7 @@ async fn graceful_stop_sends_term_then_kill() {
     assert_eq!(recs[1]["signal"], SIGKILL);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn drain_file_finishes_running_work_and_fetches_no_more() {
     let key = VoSigningKey::generate();
     let works = (1..=3)
@@ -567,7 +582,9 @@ async fn drain_file_finishes_running_work_and_fetches_no_more() {
     });
     let t0 = Instant::now();
     let out = fut.await;
-    assert!(t0.elapsed() < Duration::from_secs(10));
+    // The running payload's 300 ms, then the tick that sees the drain file: no more.
+    let took = t0.elapsed();
+    assert!(took <= Duration::from_millis(350), "{took:?}");
     assert_eq!(out.exit_code, 0);
     assert!(
         out.summary.end_reason.contains("drain"),
@@ -580,7 +597,7 @@ async fn drain_file_finishes_running_work_and_fetches_no_more() {
     assert_eq!(h.server.queue.lock().unwrap().len(), 2);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn operator_cancel_is_relayed_and_reported() {
     let key = VoSigningKey::generate();
     let works = vec![work(&key, "c1", 1, 60)];
@@ -608,7 +625,7 @@ async fn operator_cancel_is_relayed_and_reported() {
     assert!(r.reason.unwrap().contains("alice"));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn helper_loss_reports_payloads_lost_and_fails() {
     let key = VoSigningKey::generate();
     let works = vec![work(&key, "l1", 1, 60)];
@@ -633,7 +650,7 @@ async fn helper_loss_reports_payloads_lost_and_fails() {
     assert_eq!(h.server.matches.lock().unwrap().len(), 1);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn heartbeats_report_running() {
     let key = VoSigningKey::generate();
     let works = vec![work(&key, "hb", 1, 60)];
@@ -649,7 +666,7 @@ async fn heartbeats_report_running() {
     assert!(running >= 3, "{running} running reports");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn second_stop_kills_at_once() {
     let key = VoSigningKey::generate();
     let works = vec![work(&key, "s2", 1, 60)];
@@ -674,7 +691,9 @@ async fn second_stop_kills_at_once() {
     });
     let t0 = Instant::now();
     let out = fut.await;
-    assert!(t0.elapsed() < Duration::from_secs(10));
+    // Killed at the second stop (50 ms after the first), not after the 30 s grace.
+    let took = t0.elapsed();
+    assert!(took <= Duration::from_millis(100), "{took:?}");
     assert_eq!(out.exit_code, 0);
     let nums: Vec<i32> = h
         .helper
@@ -687,7 +706,7 @@ async fn second_stop_kills_at_once() {
     assert_eq!(nums, vec![SIGTERM, SIGKILL]);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn unanswered_launch_times_out_as_failed() {
     let key = VoSigningKey::generate();
     let works = vec![work(&key, "t1", 1, 60)];
@@ -711,7 +730,7 @@ async fn unanswered_launch_times_out_as_failed() {
     assert_eq!(recs[1]["decision"], "not_launched");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn anonymous_denial_goes_to_the_waiting_launch() {
     let key = VoSigningKey::generate();
     let works = vec![work(&key, "a1", 1, 60)];
@@ -733,6 +752,7 @@ async fn anonymous_denial_goes_to_the_waiting_launch() {
     assert_eq!(recs[1]["decision"], "deny");
 }
 
+// Real time: the deadline is a Unix time (see the module's comment).
 #[tokio::test]
 async fn slot_deadline_stops_the_pilot() {
     let mut s = slot(1);
@@ -776,7 +796,7 @@ fn outbox_files(work: &std::path::Path) -> Vec<String> {
     out
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn final_states_wait_in_the_outbox_while_the_server_is_down() {
     let key = VoSigningKey::generate();
     let works = vec![work(&key, "o1", 1, 60), work(&key, "o2", 1, 60)];
@@ -818,7 +838,7 @@ async fn final_states_wait_in_the_outbox_while_the_server_is_down() {
         .all(|r| r["upload"] == "ok"));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_pilot_leaves_unsent_reports_and_the_next_one_delivers_them() {
     let key = VoSigningKey::generate();
     let works = vec![work(&key, "u1", 1, 60)];
@@ -884,7 +904,7 @@ async fn a_pilot_leaves_unsent_reports_and_the_next_one_delivers_them() {
     assert!(delivered["reason"].as_str().unwrap().contains("plt-pilot"));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_launch_that_never_reached_the_helper_is_handed_back_not_lost() {
     let key = VoSigningKey::generate();
     let works = vec![work(&key, "n1", 1, 60)];
@@ -908,6 +928,7 @@ async fn a_launch_that_never_reached_the_helper_is_handed_back_not_lost() {
     assert_eq!(end["state"], "queued");
 }
 
+// Real time: the deadline is a Unix time (see the module's comment).
 #[tokio::test]
 async fn a_payload_the_server_does_not_know_started_is_stopped_before_requeue_after() {
     let key = VoSigningKey::generate();
@@ -934,7 +955,7 @@ async fn a_payload_the_server_does_not_know_started_is_stopped_before_requeue_af
     assert!(rep.reason.unwrap().contains("requeue_after"));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn refused_final_reports_keep_the_outputs_on_the_node_and_a_409_still_uploads() {
     let key = VoSigningKey::generate();
     let works = vec![work(&key, "r403", 1, 60), work(&key, "r409", 1, 60)];

@@ -14,7 +14,6 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
@@ -26,7 +25,6 @@ use serde::{Deserialize, Serialize};
 
 pub mod cgroup;
 mod factory;
-mod handoff;
 mod outputs;
 mod payload;
 mod privs;
@@ -34,6 +32,7 @@ pub mod scope;
 mod seccomp;
 mod stage;
 mod stages;
+mod wire;
 
 /// The `sched_param` SCHED_OTHER and SCHED_IDLE take (priority 0). All zeroes rather than a
 /// struct literal: musl's `sched_param` has more fields than glibc's, and the static pilot
@@ -44,8 +43,8 @@ const SCHED_PRIORITY_0: libc::sched_param = unsafe { std::mem::zeroed() };
 
 pub use cgroup::{Cgroup, CgroupError};
 pub use scope::{IpcFallback, IpcIsolation};
-use stage::{StageEvent, StagePlan};
 pub use stages::StagePool;
+use wire::{Events, Fault, FromStage, Plan, ToStage};
 
 /// The local account a payload runs as, resolved by the mapping step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,7 +189,7 @@ pub struct Outcome {
 #[derive(Debug)]
 struct HandleInner {
     pid: i32,
-    init_pid: i32,
+    stage_pid: i32,
     cgroup: Cgroup,
     scratch: PathBuf,
     kill_reason: Mutex<Option<String>>,
@@ -220,7 +219,7 @@ impl Handle {
     pub fn signal(&self, sig: i32) -> Result<(), SandboxError> {
         self.inner
             .cgroup
-            .signal(sig, &[self.inner.init_pid])
+            .signal(sig, &[self.inner.stage_pid])
             .map_err(|source| SandboxError::Signal { sig, source })
     }
     /// Kills every process of the payload; `reason` ends up in the outcome's kill_reason
@@ -262,7 +261,7 @@ pub struct Running {
     /// payload process before the report) lingers until the residue closes the channel, then
     /// ends on its own.
     stage: Option<stages::StageProcess>,
-    events: BufReader<UnixStream>,
+    events: Events,
     started: Instant,
     walltime: Option<Duration>,
     outputs: Vec<String>,
@@ -331,7 +330,7 @@ impl Running {
     /// `started`, in one write, when the payload ended first): [`Running::wait`] then does not
     /// wait for it.
     pub fn has_ended(&self) -> bool {
-        !self.events.buffer().is_empty()
+        self.events.has_message()
     }
 
     /// Whether the end copies files out of the scratch directory (the plan named outputs).
@@ -349,7 +348,6 @@ impl Running {
         // checked: Instant + a walltime near 2^64 s panics; one that large is no deadline.
         let deadline = self.walltime.and_then(|w| self.started.checked_add(w));
         let mut kill_at: Option<Instant> = None;
-        let mut line = String::new();
         loop {
             let next = kill_at.or(deadline);
             let timeout = next.map(|t| {
@@ -357,22 +355,16 @@ impl Running {
                     .max(Duration::from_millis(1))
             });
             self.events
-                .get_ref()
+                .channel()
                 .set_read_timeout(timeout)
                 .map_err(SandboxError::Channel)?;
-            match self.events.read_line(&mut line) {
-                Ok(0) => break,
-                Ok(_) => {
-                    if let Ok(StageEvent::Exit { code, signal }) = serde_json::from_str(&line) {
-                        end = Some((code, signal));
-                        break;
-                    }
-                    line.clear();
+            match self.events.next() {
+                Ok(FromStage::Exited { code, signal }) => {
+                    end = Some((code, signal));
+                    break;
                 }
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        || e.kind() == std::io::ErrorKind::TimedOut =>
-                {
+                Ok(_) => {}
+                Err(e) if e.timed_out() => {
                     if kill_at.is_none() {
                         self.handle.set_reason("walltime");
                         let _ = self.handle.signal(libc::SIGTERM);
@@ -382,7 +374,6 @@ impl Running {
                         kill_at = Some(Instant::now() + WALLTIME_GRACE);
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => break,
             }
         }
@@ -390,9 +381,9 @@ impl Running {
         // With an exit report the stage has killed and reaped everything else of the payload
         // and is exiting itself: it is the one process the cgroup may still show. Without one
         // the stage died or was killed: make sure it (and with it its namespace) is gone.
-        let init_pid = self.handle.inner.init_pid;
+        let stage_pid = self.handle.inner.stage_pid;
         let exiting: &[i32] = if end.is_some() {
-            std::slice::from_ref(&init_pid)
+            std::slice::from_ref(&stage_pid)
         } else {
             if let Some(mut stage) = self.stage.take() {
                 let _ = stage.wait();
@@ -419,7 +410,7 @@ impl Running {
             handle: Some(h.clone()),
             // Our end of the channel stays open until the residue is removed: the stage
             // lingers until it closes, so its teardown comes after the report.
-            channel: self.events.get_ref().try_clone().ok(),
+            channel: self.events.channel().try_clone().ok(),
             stage: self.stage.take(),
         };
         let (exit_code, signal) = end.unwrap_or((None, Some(libc::SIGKILL)));
@@ -654,7 +645,7 @@ pub fn begin(
     validate(settings, &plan)?;
     let located = Cgroup::locate(&plan.pilot, &format!("mupilot-{}", plan.payload_id))?;
     let scratch = make_scratch(settings, &plan)?;
-    let stage_plan = StagePlan {
+    let stage_plan = Plan {
         payload_id: plan.payload_id.clone(),
         account: plan.account.clone(),
         argv: plan.argv.clone(),
@@ -679,7 +670,7 @@ pub fn begin(
     let (cgroup_wait, cgroup_open) = gate().map_err(remove_scratch)?;
     let (stage, channel, launching) = send_plan(
         stages,
-        &stage_plan,
+        stage_plan,
         [exec_wait, cgroup_wait],
         plan.bundle.as_deref(),
         stdout,
@@ -755,25 +746,25 @@ impl Starting {
         if let Some(located) = &self.located {
             located.clone().create(self.limits)?;
         }
-        if let Some(mut gate) = self.cgroup_gate.take() {
+        if let Some(gate) = self.cgroup_gate.take() {
             // A stage that died meanwhile has closed its end; `release` reports it.
-            let _ = gate.write_all(&[stage::GATE_OPEN]);
+            wire::open_gate(gate);
         }
         Ok(())
     }
 
     /// Opens the exec gate and waits until the stage reports the payload exec'd.
     pub fn release(mut self) -> Result<Running, SandboxError> {
-        if let Some(mut gate) = self.exec_gate.take() {
+        if let Some(gate) = self.exec_gate.take() {
             // A stage that died meanwhile has closed its end; the wait below reports it.
-            let _ = gate.write_all(&[stage::GATE_OPEN]);
+            wire::open_gate(gate);
         }
         let (Some(mut stage), Some(channel)) = (self.stage.take(), self.channel.take()) else {
             return Err(SandboxError::StageDied {
                 status: "released twice".into(),
             });
         };
-        let (events, pid, init_pid) = match wait_started(&mut stage, channel) {
+        let (events, pid, stage_pid) = match wait_started(&mut stage, channel) {
             Ok(s) => s,
             Err(e) => {
                 self.stage = Some(stage);
@@ -794,7 +785,7 @@ impl Starting {
             handle: Handle {
                 inner: Arc::new(HandleInner {
                     pid,
-                    init_pid,
+                    stage_pid,
                     cgroup,
                     scratch: std::mem::take(&mut self.scratch),
                     kill_reason: Mutex::new(None),
@@ -829,7 +820,7 @@ impl Drop for Starting {
 /// returns.
 fn send_plan(
     stages: &StagePool,
-    plan: &StagePlan,
+    plan: Plan,
     gates: [OwnedFd; 2],
     bundle: Option<&OwnedFd>,
     stdout: Option<OwnedFd>,
@@ -853,7 +844,7 @@ fn send_plan(
     let (
         stages::IdleStage {
             process: mut child,
-            mut channel,
+            channel,
         },
         launching,
     ) = stages.take()?;
@@ -867,49 +858,43 @@ fn send_plan(
     // that reaches its own switch to SCHED_IDLE only after this finds the plan there and
     // undoes it; a stage still idle when its plan came resets itself.)
     child.run_at_normal_priority();
-    if let Err(e) = crate::protocol::switch_wire::write_frame(&mut channel, plan, &fds) {
+    if let Err(e) = wire::send(&channel, &ToStage::Plan(Box::new(plan)), &fds) {
         let _ = child.kill();
         let _ = child.wait();
-        let e = match e {
-            crate::protocol::switch_wire::WireError::Io(io) => io,
-            other => std::io::Error::other(other.to_string()),
-        };
-        return Err(SandboxError::Channel(e));
+        return Err(SandboxError::Channel(e.into_io()));
     }
     Ok((child, channel, launching))
 }
 
-/// Waits for the stage's "started" (the payload exec'd) or "failed".
+/// Waits for the stage's `started` (the payload exec'd) or `failed`.
 fn wait_started(
     child: &mut stages::StageProcess,
     channel: UnixStream,
-) -> Result<(BufReader<UnixStream>, i32, i32), SandboxError> {
+) -> Result<(Events, i32, i32), SandboxError> {
     channel
         .set_read_timeout(Some(START_TIMEOUT))
         .map_err(SandboxError::Channel)?;
-    let mut events = BufReader::new(channel);
+    let mut events = Events::new(channel);
     loop {
-        let mut l = String::new();
-        match events.read_line(&mut l) {
-            Ok(0) => {
-                let status = child
-                    .wait()
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|e| e.to_string());
+        match events.next() {
+            Ok(FromStage::Started { pid, stage_pid }) => return Ok((events, pid, stage_pid)),
+            Ok(FromStage::Failed {
+                error,
+                fault: Fault::Bundle,
+                ..
+            }) => return Err(SandboxError::Bundle { error }),
+            Ok(FromStage::Failed {
+                step,
+                error,
+                fault: Fault::Node,
+            }) => return Err(SandboxError::Setup { step, error }),
+            // An exit before `started` cannot happen (the stage reports started first).
+            Ok(FromStage::Exited { .. }) => {}
+            Err(wire::WireError::Closed | wire::WireError::Truncated { .. }) => {
+                let status = child.wait().unwrap_or_else(|e| e.to_string());
                 return Err(SandboxError::StageDied { status });
             }
-            Ok(_) => match serde_json::from_str::<StageEvent>(&l) {
-                Ok(StageEvent::Started { pid, init_pid }) => return Ok((events, pid, init_pid)),
-                Ok(StageEvent::Failed { step, error }) if step == payload::BUNDLE_ARCHIVE_STEP => {
-                    return Err(SandboxError::Bundle { error });
-                }
-                Ok(StageEvent::Failed { step, error }) => {
-                    return Err(SandboxError::Setup { step, error });
-                }
-                // An exit before "started" cannot happen (the stage reports started first).
-                _ => {}
-            },
-            Err(e) => return Err(SandboxError::Channel(e)),
+            Err(e) => return Err(SandboxError::Channel(e.into_io())),
         }
     }
 }

@@ -29,7 +29,7 @@ use nix::sys::signal::{SigSet, SigmaskHow};
 use nix::unistd::Pid;
 
 use super::privs::{self, Failed, Identity};
-use super::stage::{StagePlan, GATE_OPEN};
+use super::wire::{Plan, GATE_OPEN};
 
 type StepResult<T> = Result<T, (String, String)>;
 
@@ -67,7 +67,7 @@ impl PayloadExec {
     /// Lays out the plan for the child. Fails on what the helper's validation should have
     /// caught (a NUL byte, root as the account), naming the step.
     pub fn new(
-        plan: &StagePlan,
+        plan: &Plan,
         exec_gate: OwnedFd,
         landlock: Option<RawFd>,
     ) -> StepResult<PayloadExec> {

@@ -26,11 +26,11 @@
 //! thread. Nothing here talks to the network or reads credentials.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use nix::mount::{mount, MsFlags};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -38,140 +38,10 @@ use nix::sched::{unshare, CloneFlags};
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
-use serde::{Deserialize, Serialize};
 
-use super::cgroup::Located;
 use super::payload::PayloadExec;
-use super::{Account, NetworkMode};
-
-/// Everything the stage needs; no credentials, no secrets (the bundle is the payload's input).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct StagePlan {
-    pub payload_id: String,
-    pub account: Account,
-    pub argv: Vec<String>,
-    /// The payload's complete environment, computed by the helper.
-    pub env: Vec<(String, String)>,
-    /// Where the payload cgroup goes (below the pilot's); the helper creates it while the stage
-    /// builds the scratch view, the stage joins it (`Located::join_files`).
-    pub cgroup: Located,
-    pub scratch_root: PathBuf,
-    pub scratch: PathBuf,
-    pub nofile: u64,
-    pub core_bytes: u64,
-    pub allow_user_namespaces: bool,
-    /// A bundle (tar.gz) comes as the descriptor after the two gates: a sealed memfd whose
-    /// digest the helper checked.
-    pub bundle: bool,
-}
-
-/// What a stage builds before its plan arrives: the namespaces and mounts that are the same
-/// for every payload of this helper (site settings), and the Landlock ruleset. Passed as
-/// arguments (`stage --network MODE --landlock yes|no --tmp-size-bytes N [--idle]`), so an
-/// idle stage can do this work while nothing waits for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Preparation {
-    /// The network the payloads get: the site's, or loopback where the kernel cannot scope
-    /// abstract sockets and the site chose that fallback (scope.rs).
-    pub network: NetworkMode,
-    /// Each payload becomes its own Landlock domain scoping abstract unix sockets and signals
-    /// (scope.rs): the stage makes the ruleset before the plan, the payload's process enforces it.
-    pub landlock: bool,
-    /// Size of each private tmpfs (/tmp, /var/tmp, /dev/shm, /run/lock).
-    pub tmp_size_bytes: u64,
-}
-
-impl Preparation {
-    /// The stage's arguments after `stage`.
-    pub fn args(&self) -> [String; 6] {
-        [
-            "--network".into(),
-            self.network.as_str().into(),
-            "--landlock".into(),
-            if self.landlock { "yes" } else { "no" }.into(),
-            "--tmp-size-bytes".into(),
-            self.tmp_size_bytes.to_string(),
-        ]
-    }
-
-    /// Parses the arguments after `stage`; also says whether `--idle` was given.
-    pub(crate) fn parse(args: &[String]) -> Result<(Self, bool), String> {
-        let mut network = None;
-        let mut landlock = None;
-        let mut tmp_size_bytes = None;
-        let mut idle = false;
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            let mut value = || {
-                it.next()
-                    .ok_or_else(|| format!("stage argument {a} needs a value"))
-            };
-            match a.as_str() {
-                "--network" => {
-                    network = Some(match value()?.as_str() {
-                        "host" => NetworkMode::Host,
-                        "none" => NetworkMode::None,
-                        "loopback" => NetworkMode::Loopback,
-                        other => {
-                            return Err(format!(
-                                "stage argument --network {other:?}: use host, none or loopback"
-                            ))
-                        }
-                    })
-                }
-                "--landlock" => {
-                    landlock = Some(match value()?.as_str() {
-                        "yes" => true,
-                        "no" => false,
-                        other => {
-                            return Err(format!("stage argument --landlock {other:?}: use yes or no"))
-                        }
-                    })
-                }
-                "--tmp-size-bytes" => {
-                    let v = value()?;
-                    tmp_size_bytes = Some(v.parse().map_err(|e| {
-                        format!("stage argument --tmp-size-bytes {v:?}: {e} (use a byte count)")
-                    })?)
-                }
-                "--idle" => idle = true,
-                other => {
-                    return Err(format!(
-                        "unknown stage argument {other:?} (the helper passes --network, --landlock, --tmp-size-bytes and --idle)"
-                    ))
-                }
-            }
-        }
-        match (network, landlock, tmp_size_bytes) {
-            (Some(network), Some(landlock), Some(tmp_size_bytes)) => Ok((
-                Preparation {
-                    network,
-                    landlock,
-                    tmp_size_bytes,
-                },
-                idle,
-            )),
-            _ => Err(
-                "the stage needs --network MODE, --landlock yes|no and --tmp-size-bytes N".into(),
-            ),
-        }
-    }
-}
-
-/// One JSON line from the stage to the helper.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "event", rename_all = "snake_case")]
-pub(crate) enum StageEvent {
-    /// The payload was exec'd. `pid` is its host pid, `init_pid` the host pid of the init.
-    Started { pid: i32, init_pid: i32 },
-    /// A setup step failed; the payload did not run.
-    Failed { step: String, error: String },
-    /// The payload's main process ended.
-    Exit {
-        code: Option<i32>,
-        signal: Option<i32>,
-    },
-}
+use super::wire::{self, Fault, FromStage, Plan, Preparation, ToStage};
+use super::NetworkMode;
 
 type StepResult<T> = Result<T, (String, String)>;
 
@@ -179,26 +49,16 @@ fn step<T, E: std::fmt::Display>(name: &str, r: Result<T, E>) -> StepResult<T> {
     r.map_err(|e| (name.to_owned(), e.to_string()))
 }
 
-fn send(out: impl Write, ev: &StageEvent) {
-    send_all(out, std::slice::from_ref(ev));
-}
-
-/// Events as JSON lines, in one write.
-fn send_all(mut out: impl Write, events: &[StageEvent]) {
-    let mut lines = Vec::new();
-    for ev in events {
-        if serde_json::to_writer(&mut lines, ev).is_ok() {
-            lines.push(b'\n');
-        }
-    }
-    // The helper gone means nobody listens; the cgroup kill cleans up after us.
-    let _ = out.write_all(&lines);
+/// Sends messages to the helper in one write. The helper gone means nobody listens; the
+/// cgroup kill cleans up after us.
+fn send(channel: &UnixStream, msgs: &[FromStage]) {
+    let _ = wire::send_all(channel, msgs);
 }
 
 /// Entry point of `mupilot-switch stage`, the exec'd stage (when no stage factory runs): forks
 /// one stage ([`fork_stage`]) and waits for it; the stage dies with this process. Exit code 0
 /// when the stage carried out its plan (the payload's own status travels as a
-/// [`StageEvent::Exit`] line), 1 on a setup failure, 2 when no plan could be read.
+/// [`FromStage::Exited`] line), 1 on a setup failure, 2 when no plan could be read.
 ///
 /// With `--idle` it drops to SCHED_IDLE first (the stage inherits it and builds its
 /// [`Preparation`] there); the stage returns to normal priority once its plan came.
@@ -342,12 +202,12 @@ fn serve_prepared(mut channel: UnixStream, prepared: StepResult<Host>) -> i32 {
     // stage keeps the /dev/null it has on 1 and 2).
     // "null" frames before it are wake-ups (`StagePool::wake_next`): the plan is coming.
     let received = loop {
-        match crate::protocol::switch_wire::read_frame::<Option<StagePlan>>(&mut channel) {
-            Ok((None, _)) => {
-                super::handoff::spin_until_readable(channel.as_fd());
+        match wire::recv::<ToStage>(&mut channel) {
+            Ok((ToStage::Wake, _)) => {
+                wire::spin_until_readable(channel.as_fd());
                 continue;
             }
-            Ok((Some(plan), fds)) => break Ok((plan, fds)),
+            Ok((ToStage::Plan(plan), fds)) => break Ok((plan, fds)),
             Err(e) => break Err(e),
         }
     };
@@ -369,7 +229,7 @@ fn serve_prepared(mut channel: UnixStream, prepared: StepResult<Host>) -> i32 {
             )
         }
         // The helper closed the channel without a plan (an idle stage no longer needed).
-        Err(crate::protocol::switch_wire::WireError::Closed) => return 2,
+        Err(wire::WireError::Closed) => return 2,
         Err(e) => return fail(&channel, ("read plan".into(), e.to_string()), 2),
     };
     // An idle stage waited under SCHED_IDLE; the payload must not inherit that. (The helper
@@ -401,7 +261,12 @@ fn serve_prepared(mut channel: UnixStream, prepared: StepResult<Host>) -> i32 {
 
 /// Reports a failed step to the helper; returns `code`.
 fn fail(channel: &UnixStream, (step, error): (String, String), code: i32) -> i32 {
-    send(channel, &StageEvent::Failed { step, error });
+    let fault = if step == super::payload::BUNDLE_ARCHIVE_STEP {
+        Fault::Bundle
+    } else {
+        Fault::Node
+    };
+    send(channel, &[FromStage::Failed { step, error, fault }]);
     code
 }
 
@@ -575,28 +440,9 @@ fn prepare(prep: &Preparation) -> StepResult<Host> {
     Ok(host)
 }
 
-/// The byte that opens a gate: the read end of a pipe whose write end only the helper holds.
-/// The *cgroup gate* opens once the payload cgroup exists with its limits (the stage joins it
-/// after); the *exec gate* once the start record is on disk (the payload execs after). Closing
-/// a gate without the byte withdraws the launch.
-pub(crate) const GATE_OPEN: u8 = b'g';
-
 /// Blocks until `gate` opens; an error when the launch was withdrawn instead.
 fn pass(gate: &mut File, what: &str) -> StepResult<()> {
-    let mut b = [0u8; 1];
-    loop {
-        match gate.read(&mut b) {
-            Ok(1) if b[0] == GATE_OPEN => return Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err((format!("wait for {what}"), e.to_string())),
-            _ => {
-                return Err((
-                    format!("wait for {what}"),
-                    "the launch was withdrawn".into(),
-                ))
-            }
-        }
-    }
+    wire::pass_gate(gate).map_err(|e| (format!("wait for {what}"), e.to_string()))
 }
 
 /// Whether the helper's end of `channel` is closed (the helper died, or released the stage).
@@ -611,7 +457,7 @@ fn helper_gone(channel: &UnixStream) -> bool {
 /// started (it passes the exec gate once the start record is on disk); `started` reported;
 /// then supervision until the payload's main process exits ([`supervise`]). Returns the
 /// stage's exit code.
-fn run(plan: &StagePlan, fds: Vec<OwnedFd>, host: &Host, channel: &UnixStream) -> StepResult<i32> {
+fn run(plan: &Plan, fds: Vec<OwnedFd>, host: &Host, channel: &UnixStream) -> StepResult<i32> {
     let mut fds = fds.into_iter();
     let (Some(exec_gate), Some(cgroup_gate)) = (fds.next(), fds.next()) else {
         return Err(("read plan".into(), "no exec and cgroup gates".into()));
@@ -644,7 +490,7 @@ fn run(plan: &StagePlan, fds: Vec<OwnedFd>, host: &Host, channel: &UnixStream) -
     //    payload and everything it starts are accounted and limited from their first
     //    instruction (P7). (Joined by the stage itself: only the calling thread's own move,
     //    pid 0 into `tasks`, skips the kernel's thread-group lock and its RCU grace period.)
-    super::handoff::spin_until_readable(cgroup_gate.as_fd());
+    wire::spin_until_readable(cgroup_gate.as_fd());
     pass(&mut File::from(cgroup_gate), "the payload cgroup")?;
     for f in plan.cgroup.join_files(&host.cgroups) {
         step(
@@ -662,26 +508,26 @@ fn run(plan: &StagePlan, fds: Vec<OwnedFd>, host: &Host, channel: &UnixStream) -
     let pid = payload.spawn()?;
     // 7. `started`, with the host's pids (nothing is reaped before this).
     let (stage_pid, host_pid) = host_pids(&host.proc)?;
-    let started = StageEvent::Started {
+    let started = FromStage::Started {
         pid: host_pid,
-        init_pid: stage_pid,
+        stage_pid,
     };
     // A short payload has often ended by now (the stage gets the CPU back only after it): its
     // exit then goes out with `started`, in one write, one wake-up of the helper.
     if let Some(exit) = reap(pid) {
         end_namespace();
-        send_all(channel, &[started, exit]);
+        send(channel, &[started, exit]);
         linger_until_released(channel);
         return Ok(0);
     }
-    send(channel, &started);
+    send(channel, &[started]);
     // 8. Act as init until the main process exits.
     supervise(plan, host, channel, pid)
 }
 
 /// Reaps every child that has ended, without blocking; the main process's `exit` once it is
 /// among them.
-fn reap(payload: Pid) -> Option<StageEvent> {
+fn reap(payload: Pid) -> Option<FromStage> {
     loop {
         let (code, signal) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(p, c)) if p == payload => (Some(c), None),
@@ -689,7 +535,7 @@ fn reap(payload: Pid) -> Option<StageEvent> {
             Ok(WaitStatus::StillAlive) | Err(_) => return None,
             Ok(_) => continue,
         };
-        return Some(StageEvent::Exit { code, signal });
+        return Some(FromStage::Exited { code, signal });
     }
 }
 
@@ -698,7 +544,7 @@ fn reap(payload: Pid) -> Option<StageEvent> {
 /// and the stage lingers until released ([`linger_until_released`]). When the helper's end
 /// closes before, the helper died: the payload ends now (P10) and the stage cleans up
 /// ([`orphan_cleanup`]).
-fn supervise(plan: &StagePlan, host: &Host, channel: &UnixStream, payload: Pid) -> StepResult<i32> {
+fn supervise(plan: &Plan, host: &Host, channel: &UnixStream, payload: Pid) -> StepResult<i32> {
     let signals = &host.signals;
     loop {
         let (signal_ready, helper_hup) = {
@@ -733,7 +579,7 @@ fn supervise(plan: &StagePlan, host: &Host, channel: &UnixStream, payload: Pid) 
         }
         if let Some(exit) = reap(payload) {
             end_namespace();
-            send(channel, &exit);
+            send(channel, &[exit]);
             linger_until_released(channel);
             return Ok(0);
         }
@@ -762,7 +608,7 @@ fn linger_until_released(channel: &UnixStream) {
 /// the stage removes what the helper would have: the cgroup directories (after moving itself
 /// out, [`Located::leave`]), and the scratch directory, seen from the host's mount namespace
 /// (in ours the scratch root is our tmpfs).
-fn orphan_cleanup(plan: &StagePlan, host: &Host) {
+fn orphan_cleanup(plan: &Plan, host: &Host) {
     plan.cgroup.leave();
     plan.cgroup.cgroup().remove();
     if nix::sched::setns(host.mount_ns.as_fd(), CloneFlags::CLONE_NEWNS).is_ok() {
@@ -835,7 +681,7 @@ fn end_namespace() {
     }
 }
 
-fn hide_scratch_root(plan: &StagePlan) -> StepResult<()> {
+fn hide_scratch_root(plan: &Plan) -> StepResult<()> {
     let s = "hide scratch root";
     let own = step(
         s,
@@ -946,42 +792,4 @@ fn fds_from_3(cloexec: bool) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn preparation_travels_as_arguments() {
-        for network in [NetworkMode::Host, NetworkMode::None, NetworkMode::Loopback] {
-            for landlock in [true, false] {
-                let prep = Preparation {
-                    network,
-                    landlock,
-                    tmp_size_bytes: 1 << 20,
-                };
-                let mut args: Vec<String> = prep.args().to_vec();
-                assert_eq!(Preparation::parse(&args), Ok((prep, false)));
-                args.push("--idle".into());
-                assert_eq!(Preparation::parse(&args), Ok((prep, true)));
-            }
-        }
-    }
-
-    #[test]
-    fn bad_stage_arguments_are_named() {
-        let parse = |a: &[&str]| {
-            Preparation::parse(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap_err()
-        };
-        assert!(parse(&["--network", "wifi", "--tmp-size-bytes", "1"]).contains("\"wifi\""));
-        assert!(parse(&["--network", "host", "--tmp-size-bytes", "lots"]).contains("\"lots\""));
-        assert!(parse(&["--landlock", "maybe"]).contains("\"maybe\""));
-        assert!(
-            parse(&["--network", "host", "--tmp-size-bytes", "1"]).contains("--landlock yes|no")
-        );
-        assert!(parse(&["--network"]).contains("--network needs a value"));
-        assert!(parse(&["--frobnicate"]).contains("\"--frobnicate\""));
-        assert!(parse(&[]).contains("needs --network"));
-    }
 }

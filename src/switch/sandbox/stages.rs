@@ -26,9 +26,8 @@ use std::os::fd::{AsFd, AsRawFd};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
-use super::factory;
 use super::scope;
-use super::stage::Preparation;
+use super::wire::{self, FromFactory, Preparation, ToFactory, ToStage};
 use super::{SandboxError, SandboxSettings};
 
 /// How long the refill thread waits after a failed spawn before it tries again; launches
@@ -167,15 +166,12 @@ impl Factory {
 
     /// One freshly forked stage, or why there is none.
     fn fork(&mut self) -> Result<IdleStage, String> {
-        use std::io::Write;
-        self.channel
-            .write_all(&[factory::FORK_ONE])
+        wire::send(&self.channel, &ToFactory::ForkOne, &[])
             .map_err(|e| format!("cannot ask the stage factory: {e}"))?;
-        let (reply, fds) =
-            crate::protocol::switch_wire::read_frame::<factory::FactoryReply>(&mut self.channel)
-                .map_err(|e| format!("no answer from the stage factory: {e}"))?;
+        let (reply, fds) = wire::recv::<FromFactory>(&mut self.channel)
+            .map_err(|e| format!("no answer from the stage factory: {e}"))?;
         match reply {
-            factory::FactoryReply::Forked { pid } => {
+            FromFactory::Forked { pid } => {
                 let mut fds = fds.into_iter();
                 let (Some(channel), Some(pidfd), Ok(pid)) =
                     (fds.next(), fds.next(), u32::try_from(pid))
@@ -189,7 +185,7 @@ impl Factory {
                     channel: UnixStream::from(channel),
                 })
             }
-            factory::FactoryReply::Failed { error } => Err(error),
+            FromFactory::Failed { error } => Err(error),
         }
     }
 }
@@ -312,7 +308,7 @@ impl StagePool {
     }
 
     /// Wakes the idle stage the next [`StagePool::take`] will hand out, without giving it
-    /// anything (an empty frame it reads and waits on). Called when a launch request arrives,
+    /// anything ([`ToStage::Wake`]: it reads it and spins for the plan). Called when a launch request arrives,
     /// before its checks: an idle CPU takes long to wake (a halted virtual CPU most of all),
     /// and this way the stage's CPU is awake by the time its plan is ready. The stage stays
     /// idle and clean; a request that is then denied only cost that wake-up.
@@ -322,8 +318,7 @@ impl StagePool {
             // At normal priority: under SCHED_IDLE the wake-up waits for a CPU nothing else
             // wants, and the launch comes right after.
             s.process.run_at_normal_priority();
-            // "null": the stage reads it as "no plan yet" (stage.rs).
-            let _ = crate::protocol::switch_wire::write_frame(&mut s.channel, &None::<()>, &[]);
+            let _ = wire::send(&s.channel, &ToStage::Wake, &[]);
         }
     }
 

@@ -43,11 +43,11 @@ pub fn factory_main() -> i32 {
     };
     let own_pid_ns = match stage::open_own_pid_ns() {
         Ok(fd) => fd,
-        Err((step, e)) => {
+        Err(e) => {
             let _ = wire::send(
                 &channel,
                 &FromFactory::Failed {
-                    error: format!("{step}: {e}"),
+                    error: e.to_string(),
                 },
                 &[],
             );
@@ -119,8 +119,7 @@ pub fn factory_main() -> i32 {
 /// of its own. Returns the stage's pid, the helper's end and a pidfd.
 fn fork_stage(prep: &Preparation, own_pid_ns: &OwnedFd) -> Result<(Pid, OwnedFd, OwnedFd), String> {
     let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair for a stage: {e}"))?;
-    let child = stage::fork_stage(&theirs, prep, own_pid_ns, false)
-        .map_err(|(step, e)| format!("{step}: {e}"))?;
+    let child = stage::fork_stage(&theirs, prep, own_pid_ns, false).map_err(|e| e.to_string())?;
     drop(theirs);
     let pidfd = pidfd_open(child).map_err(|e| {
         let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);

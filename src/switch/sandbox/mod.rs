@@ -32,6 +32,7 @@ pub mod scope;
 mod seccomp;
 mod stage;
 mod stages;
+mod step;
 mod wire;
 
 /// The `sched_param` SCHED_OTHER and SCHED_IDLE take (priority 0). All zeroes rather than a

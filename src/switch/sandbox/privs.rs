@@ -10,9 +10,10 @@
 //!   stage's memory until its exec (payload.rs), so this code must not touch the heap or any
 //!   lock, and it reports a failure as a [`Failed`] of static parts.
 
+use super::step::StageError;
 use super::Account;
 
-type StepResult<T> = Result<T, (String, String)>;
+type StepResult<T> = Result<T, StageError>;
 
 /// A failed step of code that cannot allocate: its name, the errno (0 for a failed check)
 /// and, for a check, what was found. Turned into a message by [`Failed::describe`].
@@ -77,8 +78,8 @@ pub(crate) struct Identity {
 impl Identity {
     pub fn of(account: &Account) -> StepResult<Identity> {
         if account.uid == 0 || account.gid == 0 {
-            return Err((
-                "identity switch".into(),
+            return Err(StageError::new(
+                "identity switch",
                 format!(
                     "refusing to run a payload as uid {} gid {} (root)",
                     account.uid, account.gid
@@ -90,9 +91,9 @@ impl Identity {
         groups.sort_unstable();
         groups.dedup();
         if groups.contains(&0) {
-            return Err((
-                "setgroups".into(),
-                "supplementary group 0 (root) is not allowed for payloads".into(),
+            return Err(StageError::new(
+                "setgroups",
+                "supplementary group 0 (root) is not allowed for payloads",
             ));
         }
         Ok(Identity {
@@ -116,7 +117,7 @@ pub(crate) fn limit_future_execs() -> StepResult<()> {
         | libc::SECBIT_KEEP_CAPS_LOCKED;
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_SECUREBITS, bits as libc::c_ulong, 0, 0, 0) } != 0 {
-        return Err(Failed::os("set securebits").describe());
+        return Err(Failed::os("set securebits").into());
     }
     // Every capability the kernel knows (EINVAL marks the end).
     for cap in 0..64 {
@@ -125,15 +126,15 @@ pub(crate) fn limit_future_execs() -> StepResult<()> {
             if nix::errno::Errno::last_raw() == libc::EINVAL {
                 break;
             }
-            return Err(Failed::os("drop bounding set").describe());
+            return Err(Failed::os("drop bounding set").into());
         }
     }
     let s = "verify bounding set";
     let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(|e| (s.to_owned(), format!("/proc/self/status: {e}")))?;
+        .map_err(|e| StageError::new(s, format!("/proc/self/status: {e}")))?;
     match status.lines().find_map(|l| l.strip_prefix("CapBnd:")) {
         Some(v) if u64::from_str_radix(v.trim(), 16) == Ok(0) => Ok(()),
-        v => Err((s.into(), format!("CapBnd is {v:?}, expected 0"))),
+        v => Err(StageError::new(s, format!("CapBnd is {v:?}, expected 0"))),
     }
 }
 
@@ -305,9 +306,9 @@ mod tests {
     fn root_and_group_zero_are_refused_before_any_process_exists() {
         assert!(Identity::of(&account(0, 100, &[])).is_err());
         assert!(Identity::of(&account(100, 0, &[])).is_err());
-        let (step, msg) = Identity::of(&account(100, 100, &[5, 0])).unwrap_err();
-        assert_eq!(step, "setgroups");
-        assert!(msg.contains("group 0"), "{msg}");
+        let e = Identity::of(&account(100, 100, &[5, 0])).unwrap_err();
+        assert_eq!(e.step, "setgroups");
+        assert!(e.source.to_string().contains("group 0"), "{e}");
     }
 
     #[test]

@@ -40,14 +40,11 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 
 use super::payload::PayloadExec;
-use super::wire::{self, Fault, FromStage, Plan, Preparation, ToStage};
+use super::step::{step, StageError};
+use super::wire::{self, FromStage, Plan, Preparation, ToStage};
 use super::NetworkMode;
 
-type StepResult<T> = Result<T, (String, String)>;
-
-fn step<T, E: std::fmt::Display>(name: &str, r: Result<T, E>) -> StepResult<T> {
-    r.map_err(|e| (name.to_owned(), e.to_string()))
-}
+type StepResult<T> = Result<T, StageError>;
 
 /// Sends messages to the helper in one write. The helper gone means nobody listens; the
 /// cgroup kill cleans up after us.
@@ -69,7 +66,7 @@ pub fn stage_main() -> i32 {
     let args: Vec<String> = std::env::args().skip(2).collect();
     let (prep, idle) = match Preparation::parse(&args) {
         Ok(p) => p,
-        Err(e) => return serve_failed(channel, ("read stage arguments".to_owned(), e)),
+        Err(e) => return serve_failed(channel, StageError::new("read stage arguments", e)),
     };
     if idle {
         become_idle(&channel);
@@ -179,7 +176,7 @@ pub(crate) fn fork_stage(
                 // A caller that cannot return to its own pid namespace must not fork again.
                 let _ = kill(child, Signal::SIGKILL);
                 let _ = waitpid(child, None);
-                return Err(("return to the own pid namespace".into(), e.to_string()));
+                return Err(StageError::new("return to the own pid namespace", e));
             }
             Ok(child)
         }
@@ -193,7 +190,7 @@ fn serve(channel: UnixStream, prep: &Preparation) -> i32 {
 }
 
 /// A stage that cannot prepare: it still waits for its plan, and answers it with `failed`.
-fn serve_failed(channel: UnixStream, error: (String, String)) -> i32 {
+fn serve_failed(channel: UnixStream, error: StageError) -> i32 {
     serve_prepared(channel, Err(error))
 }
 
@@ -218,8 +215,8 @@ fn serve_prepared(mut channel: UnixStream, prepared: StepResult<Host>) -> i32 {
         Ok((_, fds)) => {
             return fail(
                 &channel,
-                (
-                    "read plan".into(),
+                StageError::new(
+                    "read plan",
                     format!(
                     "{} descriptors came with the plan; expected the exec and cgroup gates, the bundle if any and 0 or 2 outputs",
                     fds.len()
@@ -230,7 +227,7 @@ fn serve_prepared(mut channel: UnixStream, prepared: StepResult<Host>) -> i32 {
         }
         // The helper closed the channel without a plan (an idle stage no longer needed).
         Err(wire::WireError::Closed) => return 2,
-        Err(e) => return fail(&channel, ("read plan".into(), e.to_string()), 2),
+        Err(e) => return fail(&channel, StageError::new("read plan", e.to_string()), 2),
     };
     // An idle stage waited under SCHED_IDLE; the payload must not inherit that. (The helper
     // normally reset it already; only a stage still idle needs the call.)
@@ -240,8 +237,8 @@ fn serve_prepared(mut channel: UnixStream, prepared: StepResult<Host>) -> i32 {
     if unsafe { libc::sched_getscheduler(0) } == libc::SCHED_IDLE
         && unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &normal) } != 0
     {
-        let e = std::io::Error::last_os_error().to_string();
-        return fail(&channel, ("reset scheduling policy".into(), e), 1);
+        let e = std::io::Error::last_os_error();
+        return fail(&channel, StageError::new("reset scheduling policy", e), 1);
     }
     let host = match prepared {
         Ok(host) => host,
@@ -259,14 +256,9 @@ fn serve_prepared(mut channel: UnixStream, prepared: StepResult<Host>) -> i32 {
     }
 }
 
-/// Reports a failed step to the helper; returns `code`.
-fn fail(channel: &UnixStream, (step, error): (String, String), code: i32) -> i32 {
-    let fault = if step == super::payload::BUNDLE_ARCHIVE_STEP {
-        Fault::Bundle
-    } else {
-        Fault::Node
-    };
-    send(channel, &[FromStage::Failed { step, error, fault }]);
+/// Reports a failed step to the helper (as text from here on); returns `code`.
+fn fail(channel: &UnixStream, error: StageError, code: i32) -> i32 {
+    send(channel, &[error.to_message()]);
     code
 }
 
@@ -333,7 +325,7 @@ fn supervised_signals() -> SigSet {
 fn prepare(prep: &Preparation) -> StepResult<Host> {
     let open = |path: &str, flags: nix::fcntl::OFlag| {
         let fd = step(
-            &format!("open {path}"),
+            format!("open {path}"),
             nix::fcntl::open(
                 path,
                 flags | nix::fcntl::OFlag::O_CLOEXEC,
@@ -341,7 +333,7 @@ fn prepare(prep: &Preparation) -> StepResult<Host> {
             ),
         )?;
         // SAFETY: `fd` was just opened and is owned here only.
-        Ok::<_, (String, String)>(unsafe { OwnedFd::from_raw_fd(fd) })
+        Ok::<_, StageError>(unsafe { OwnedFd::from_raw_fd(fd) })
     };
     // What any later exec may gain (securebits, bounding set): nothing. Done here, off the
     // launch path; the stage keeps its own capabilities.
@@ -399,7 +391,7 @@ fn prepare(prep: &Preparation) -> StepResult<Host> {
             || std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o002 != 0);
         if shared && Path::new(dir).is_dir() {
             step(
-                &format!("mount tmpfs on {dir}"),
+                format!("mount tmpfs on {dir}"),
                 mount(
                     Some("tmpfs"),
                     dir,
@@ -442,7 +434,7 @@ fn prepare(prep: &Preparation) -> StepResult<Host> {
 
 /// Blocks until `gate` opens; an error when the launch was withdrawn instead.
 fn pass(gate: &mut File, what: &str) -> StepResult<()> {
-    wire::pass_gate(gate).map_err(|e| (format!("wait for {what}"), e.to_string()))
+    step(format!("wait for {what}"), wire::pass_gate(gate))
 }
 
 /// Whether the helper's end of `channel` is closed (the helper died, or released the stage).
@@ -460,7 +452,7 @@ fn helper_gone(channel: &UnixStream) -> bool {
 fn run(plan: &Plan, fds: Vec<OwnedFd>, host: &Host, channel: &UnixStream) -> StepResult<i32> {
     let mut fds = fds.into_iter();
     let (Some(exec_gate), Some(cgroup_gate)) = (fds.next(), fds.next()) else {
-        return Err(("read plan".into(), "no exec and cgroup gates".into()));
+        return Err(StageError::new("read plan", "no exec and cgroup gates"));
     };
     let bundle = if plan.bundle { fds.next() } else { None };
     for (fd, target) in fds.zip([1, 2]) {
@@ -468,9 +460,9 @@ fn run(plan: &Plan, fds: Vec<OwnedFd>, host: &Host, channel: &UnixStream) -> Ste
         // 1/2 is not close-on-exec (the payload writes there); ours (received close-on-exec)
         // closes at the end of this loop iteration.
         if unsafe { libc::dup2(fd.as_raw_fd(), target) } < 0 {
-            return Err((
-                "put the payload's outputs on fds 1 and 2".into(),
-                std::io::Error::last_os_error().to_string(),
+            return Err(StageError::new(
+                "put the payload's outputs on fds 1 and 2",
+                std::io::Error::last_os_error(),
             ));
         }
     }
@@ -494,7 +486,7 @@ fn run(plan: &Plan, fds: Vec<OwnedFd>, host: &Host, channel: &UnixStream) -> Ste
     pass(&mut File::from(cgroup_gate), "the payload cgroup")?;
     for f in plan.cgroup.join_files(&host.cgroups) {
         step(
-            &format!("join cgroup {}", f.display()),
+            format!("join cgroup {}", f.display()),
             std::fs::write(f, "0"),
         )?;
     }
@@ -554,7 +546,7 @@ fn supervise(plan: &Plan, host: &Host, channel: &UnixStream, payload: Pid) -> St
             ];
             match poll(&mut fds, PollTimeout::NONE) {
                 Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(("wait for the payload".into(), e.to_string())),
+                Err(e) => return Err(StageError::new("wait for the payload", e)),
                 Ok(_) => {}
             }
             let any = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
@@ -623,33 +615,28 @@ fn orphan_cleanup(plan: &Plan, host: &Host) {
 fn host_pids(proc: &OwnedFd) -> StepResult<(i32, i32)> {
     let s = "read host pids";
     let own = nix::fcntl::readlinkat(Some(proc.as_raw_fd()), "self")
-        .map_err(|e| (s.to_owned(), format!("/proc/self: {e}")))?;
+        .map_err(|e| StageError::new(s, format!("/proc/self: {e}")))?;
     let own: i32 = own
         .to_str()
         .and_then(|p| p.parse().ok())
-        .ok_or_else(|| (s.to_owned(), format!("/proc/self is {own:?}")))?;
+        .ok_or_else(|| StageError::new(s, format!("/proc/self is {own:?}")))?;
     let fd = nix::fcntl::openat(
         Some(proc.as_raw_fd()),
         "thread-self/children",
         nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
         nix::sys::stat::Mode::empty(),
     )
-    .map_err(|e| (s.to_owned(), format!("/proc/thread-self/children: {e}")))?;
+    .map_err(|e| StageError::new(s, format!("/proc/thread-self/children: {e}")))?;
     // SAFETY: `fd` was just opened and is owned here only.
     let mut f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
     let mut children = String::new();
     f.read_to_string(&mut children)
-        .map_err(|e| (s.to_owned(), format!("/proc/thread-self/children: {e}")))?;
+        .map_err(|e| StageError::new(s, format!("/proc/thread-self/children: {e}")))?;
     let child = children
         .split_whitespace()
         .next()
         .and_then(|p| p.parse().ok())
-        .ok_or_else(|| {
-            (
-                s.to_owned(),
-                format!("the stage has no child ({children:?})"),
-            )
-        })?;
+        .ok_or_else(|| StageError::new(s, format!("the stage has no child ({children:?})")))?;
     Ok((own, child))
 }
 

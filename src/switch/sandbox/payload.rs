@@ -135,7 +135,7 @@ impl PayloadExec {
         .map_err(|e| StageError::new("block signals", e))?;
         let child = Box::new(|| {
             let Err(f) = self.child();
-            // SAFETY: `slot` points at `failed` in the suspended init's frame, which outlives
+            // SAFETY: `slot` points at `failed` in the suspended stage's frame, which outlives
             // the child (CLONE_VFORK: the stage resumes only after this process exec'd or exited).
             unsafe { std::ptr::write_volatile(slot, Some(f)) };
             // SAFETY: _exit ends this process at once (exit_group of its own thread group,
@@ -266,7 +266,7 @@ impl PayloadExec {
         let bundle = std::fs::File::from(bundle);
         let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| StageError::new("pipe", e))?;
-        // SAFETY: the init is single-threaded, so the child may allocate after fork.
+        // SAFETY: the stage is single-threaded, so the child may allocate after fork.
         match step(s, unsafe { nix::unistd::fork() })? {
             nix::unistd::ForkResult::Child => {
                 drop(rd);
@@ -291,7 +291,7 @@ impl PayloadExec {
                         1
                     }
                 };
-                // SAFETY: _exit skips the atexit handlers and buffers copied from the init.
+                // SAFETY: _exit skips the atexit handlers and buffers copied from the stage.
                 unsafe { libc::_exit(code) }
             }
             nix::unistd::ForkResult::Parent { child } => {

@@ -16,7 +16,7 @@
 //! factory reaps it); the helper follows it through the pidfd. The factory exits when the
 //! helper's end closes; idle stages exit when theirs closes.
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -130,13 +130,12 @@ fn fork_stage(prep: &Preparation, own_pid_ns: &OwnedFd) -> Result<(Pid, OwnedFd,
 }
 
 /// pidfd_open(2) of our own child: it cannot be reaped (so its pid cannot be reused) before we
-/// wait for it, so the pidfd refers to exactly this process.
+/// wait for it, so the pidfd refers to exactly this process. (pidfds are close-on-exec.)
 fn pidfd_open(pid: Pid) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags, no pointer; the result is checked.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor owned only here. (pidfds are close-on-exec.)
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    let pid = rustix::process::Pid::from_raw(pid.as_raw())
+        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ESRCH))?;
+    Ok(rustix::process::pidfd_open(
+        pid,
+        rustix::process::PidfdFlags::empty(),
+    )?)
 }

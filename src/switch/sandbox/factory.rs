@@ -1,7 +1,7 @@
 //! The stage factory (`mupilot-switch stage-factory`): one process, exec'd once by the helper,
-//! that forks the helper's idle stages. A stage forked from it starts in a few hundred
-//! microseconds of CPU instead of an exec of the helper binary (loading, relocating and
-//! initialising 23 MB again for every payload), and it never competes with a launch: the
+//! that forks the helper's idle stages. A fork of it costs far less CPU than an exec of the
+//! helper binary (loading, relocating and initialising it again for every payload;
+//! docs/benchmarks.md), and it never competes with a launch: the
 //! factory runs under SCHED_IDLE, and its stages inherit that until the helper takes one.
 //!
 //! The factory is what an exec'd stage is before its plan: a fresh, single-threaded root

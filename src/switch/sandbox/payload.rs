@@ -2,8 +2,8 @@
 //! clone(CLONE_VM | CLONE_VFORK), as posix_spawn does, instead of fork. The child borrows the
 //! stage's memory until its exec, so
 //! there is no page-table copy on the way in and no address space to tear down in the exec
-//! (a fork of the stage copies the helper binary's mappings, and the exec then unmaps them:
-//! most of a millisecond per launch here). The stage is suspended by the kernel meanwhile and
+//! (a fork of the stage copies the helper binary's mappings, and the exec then unmaps them;
+//! docs/benchmarks.md has the cost). The stage is suspended by the kernel meanwhile and
 //! resumes once the exec succeeded or the child gave up.
 //!
 //! The price is discipline in the child: it shares the stage's heap, so it must not allocate,

@@ -328,8 +328,8 @@ pub(crate) fn pass_gate(gate: &mut std::fs::File) -> Result<(), GateError> {
 
 /// How long a waiter polls before it sleeps. Each launch passes a few bytes between the helper
 /// and a stage that are due within a fraction of a millisecond (the plan after a wake-up, the
-/// cgroup gate); a process that sleeps in the read is woken on another CPU, which costs
-/// 0.05-0.25 ms on a virtual machine (scripts/bench-analysis.md), more than the wait itself.
+/// cgroup gate); a process that sleeps in the read is woken on another CPU, which on a virtual
+/// machine costs more than the wait itself (docs/benchmarks.md, the wake-up analysis).
 /// So the stage keeps its CPU for this long first. (Not the helper while it waits for
 /// `started`: its thread would hold the CPU the stage and the payload need.) Bounded per
 /// launch, and the poll yields between tries.

@@ -4,7 +4,10 @@
 
 use std::path::Path;
 
-use mupilot::policy::{Action, Attr, Bans, DnBans, FqanBans, PolicyStack, Request, VoBans};
+use mupilot::policy::{
+    Action, Attr, BanDenial, Bans, DenyClass, DnBans, FqanBans, PolicyStack, Request, Verdict,
+    VoBans,
+};
 
 fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
@@ -105,9 +108,9 @@ fn check_names_the_file_and_line() {
     let d = bans
         .check("/DC=org/CN=mallory", &none, "demo")
         .expect("banned DN");
-    assert!(!d.system);
+    assert!(matches!(d, BanDenial::Banned { .. }), "{d:?}");
     assert_eq!(
-        d.reason,
+        d.reason(),
         format!("DN '/DC=org/CN=mallory' is banned at {}:2", dn.display())
     );
     let d = bans
@@ -118,7 +121,7 @@ fn check_names_the_file_and_line() {
         )
         .expect("banned group");
     assert_eq!(
-        d.reason,
+        d.reason(),
         format!(
             "FQAN '/demo/suspended/Role=NULL' is banned by '/demo/suspended' at {}:1",
             fq.display()
@@ -128,7 +131,7 @@ fn check_names_the_file_and_line() {
         .check("/DC=org/CN=alice", &none, "retired")
         .expect("banned VO");
     assert_eq!(
-        d.reason,
+        d.reason(),
         format!("VO 'retired' is banned at {}:1", vo.display())
     );
 }
@@ -145,7 +148,7 @@ fn a_changed_ban_list_takes_effect_without_restart() {
     let d = bans
         .check("/DC=org/CN=bbbbb", &[], "demo")
         .expect("new ban seen at once");
-    assert!(d.reason.ends_with("ban_users.db:1"), "{}", d.reason);
+    assert!(d.reason().ends_with("ban_users.db:1"), "{}", d.reason());
     assert!(
         bans.check("/DC=org/CN=aaaaa", &[], "demo").is_none(),
         "old ban lifted"
@@ -170,17 +173,17 @@ fn a_broken_or_missing_ban_list_refuses_everything_until_fixed() {
         let d = bans
             .check("/DC=org/CN=alice", &[], "demo")
             .expect("fail closed");
-        assert!(d.system);
+        assert!(matches!(d, BanDenial::Unusable { .. }), "{d:?}");
         assert!(
-            d.reason.contains("does not load after its last change"),
+            d.reason().contains("does not load after its last change"),
             "{}",
-            d.reason
+            d.reason()
         );
         assert!(
-            d.reason
+            d.reason()
                 .contains("ban_users.db:2:1: DN is not in double quotes"),
             "{}",
-            d.reason
+            d.reason()
         );
     }
     write(&dn, "\"/DC=org/CN=mallory\"\n\"/DC=org/CN=quoted\"\n");
@@ -193,7 +196,10 @@ fn a_broken_or_missing_ban_list_refuses_everything_until_fixed() {
     let d = bans
         .check("/DC=org/CN=alice", &[], "demo")
         .expect("missing file refuses");
-    assert!(d.system && d.reason.contains("cannot read"), "{}", d.reason);
+    assert!(
+        matches!(d, BanDenial::Unusable { .. }) && d.reason().contains("cannot read"),
+        "{d}"
+    );
     // A list that does not load at startup is a configuration error.
     assert!(Bans::new().with_dn_file(&dn).is_err());
 }
@@ -205,14 +211,14 @@ fn a_changed_policy_file_takes_effect_and_a_broken_one_denies() {
     write(&site, "/DC=org:\n&(action = start)(count <= 4)\n");
     let stack = PolicyStack::new().with_file("site", &site).unwrap();
     let r = Request::new("/DC=org/CN=alice", Action::Start).with(Attr::Count, 8);
-    assert!(!stack.decide(&r).permit);
+    assert!(!stack.decide(&r).is_permit());
     write(&site, "/DC=org:\n&(action = start)(count <= 8)\n");
     let d = stack.decide(&r);
-    assert!(d.permit, "{d:?}");
+    assert!(d.is_permit(), "{d:?}");
     write(&site, "/DC=org:\n&(action = start)(count <= eight)\n");
     let d = stack.decide(&r);
-    assert!(!d.permit && d.system, "{d:?}");
+    assert_eq!(d.verdict, Verdict::Deny(DenyClass::Unusable), "{d:?}");
     assert!(d.reason.contains("site.policy:2:"), "{}", d.reason);
     write(&site, "/DC=org:\n&(action = start)(count <= 16)\n");
-    assert!(stack.decide(&r).permit);
+    assert!(stack.decide(&r).is_permit());
 }

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use chrono::Utc;
 use mupilot::policy::cli::{check, check_main, eval, eval_main};
-use mupilot::policy::{combine, Action, Attr, Decision, Policy, PolicyStack, Request};
+use mupilot::policy::{
+    combine, Action, Attr, Decision, DenyClass, Policy, PolicyStack, Request, Verdict,
+};
 use mupilot::protocol::envelope::{EnvelopeBody, Owner, Resources};
 
 fn tempdir() -> tempfile::TempDir {
@@ -239,7 +241,7 @@ fn site_and_vo_stack_with_envelope_requests() {
         vec!["/cvmfs/demo/bin".to_string()]
     );
     let d = stack.decide(&r);
-    assert!(d.permit, "{d:?}");
+    assert!(d.is_permit(), "{d:?}");
     assert_eq!(
         d.matched.len(),
         4,
@@ -250,28 +252,26 @@ fn site_and_vo_stack_with_envelope_requests() {
     // The VO requires the production group for jobtag prod; the site does not care.
     let prod = Request::for_launch(&envelope(bob, &["/demo"], Some("prod"), 2));
     let d = stack.decide(&prod);
-    assert!(!d.permit);
+    assert!(!d.is_permit());
     assert!(
         d.reason
             .starts_with("denied by vo demo policy: requirement"),
         "{}",
         d.reason
     );
-    assert!(
-        stack
-            .decide(&Request::for_launch(&envelope(
-                bob,
-                &["/demo", "/demo/prod"],
-                Some("prod"),
-                2
-            )))
-            .permit
-    );
+    assert!(stack
+        .decide(&Request::for_launch(&envelope(
+            bob,
+            &["/demo", "/demo/prod"],
+            Some("prod"),
+            2
+        )))
+        .is_permit());
 
     // The site reserves the express queue.
     let d = stack.decide(&r.clone().with(Attr::Queue, "express"));
     assert!(
-        !d.permit && d.reason.starts_with("denied by site policy"),
+        !d.is_permit() && d.reason.starts_with("denied by site policy"),
         "{}",
         d.reason
     );
@@ -285,8 +285,8 @@ fn site_and_vo_stack_with_envelope_requests() {
         r
     };
     // The site only lets owners manage their payloads; the VO's delegation alone is not enough.
-    assert!(!stack.decide(&cancel(alice, Some("prod"))).permit);
-    assert!(stack.decide(&cancel(bob, None)).permit);
+    assert!(!stack.decide(&cancel(alice, Some("prod"))).is_permit());
+    assert!(stack.decide(&cancel(bob, None)).is_permit());
     let site_with_ops = Policy::parse(
         "site-ops.policy",
         "/DC=org/DC=mupilot-demo:\n&(action = cancel signal information)\n",
@@ -296,30 +296,26 @@ fn site_and_vo_stack_with_envelope_requests() {
     let delegated = PolicyStack::new()
         .with_policy("site", site_with_ops)
         .with_policy("vo demo", vo);
-    assert!(delegated.decide(&cancel(alice, Some("prod"))).permit);
-    assert!(!delegated.decide(&cancel(alice, None)).permit);
+    assert!(delegated.decide(&cancel(alice, Some("prod"))).is_permit());
+    assert!(!delegated.decide(&cancel(alice, None)).is_permit());
 
     // An empty stack never permits.
-    assert!(!PolicyStack::new().decide(&r).permit);
+    assert!(!PolicyStack::new().decide(&r).is_permit());
 }
 
 #[test]
 fn combine_requires_every_source() {
-    let permit = Decision {
-        permit: true,
-        reason: "ok".into(),
-        matched: vec!["a:1".into()],
-        system: false,
-    };
+    let permit = Decision::permit("ok", vec!["a:1".into()]);
     let deny = Decision::deny("no");
-    assert!(combine(&[("site", permit.clone()), ("vo", permit.clone())]).permit);
+    assert!(combine(&[("site", permit.clone()), ("vo", permit.clone())]).is_permit());
     let d = combine(&[("site", permit.clone()), ("vo", deny)]);
-    assert!(!d.permit);
+    assert!(!d.is_permit());
     assert_eq!(d.reason, "denied by vo policy: no");
-    assert!(!combine(&[]).permit);
+    assert!(!combine(&[]).is_permit());
     let broken = combine(&[
         ("site", Decision::unusable("site.policy broken")),
         ("vo", permit),
     ]);
-    assert!(!broken.permit && broken.system);
+    assert_eq!(broken.verdict, Verdict::Deny(DenyClass::Unusable));
+    assert_eq!(d.verdict, Verdict::Deny(DenyClass::Policy));
 }

@@ -36,7 +36,7 @@ fn loc(line: u32) -> String {
 #[test]
 fn paper_member_may_start_test1_with_ads_and_count_3() {
     let d = paper().decide(&start(BO, "test1", "/sandbox/test", Some("ADS"), 3));
-    assert!(d.permit, "{d:?}");
+    assert!(d.is_permit(), "{d:?}");
     // The granting set (line 8) and the satisfied requirement (line 5).
     assert_eq!(d.matched, vec![loc(8), loc(5)]);
 }
@@ -44,24 +44,21 @@ fn paper_member_may_start_test1_with_ads_and_count_3() {
 #[test]
 fn paper_member_may_start_test2_only_with_nfc() {
     let p = paper();
-    assert!(
-        p.decide(&start(BO, "test2", "/sandbox/test", Some("NFC"), 1))
-            .permit
-    );
-    assert!(
-        !p.decide(&start(BO, "test2", "/sandbox/test", Some("ADS"), 1))
-            .permit
-    );
-    assert!(
-        !p.decide(&start(BO, "test1", "/sandbox/test", Some("NFC"), 1))
-            .permit
-    );
+    assert!(p
+        .decide(&start(BO, "test2", "/sandbox/test", Some("NFC"), 1))
+        .is_permit());
+    assert!(!p
+        .decide(&start(BO, "test2", "/sandbox/test", Some("ADS"), 1))
+        .is_permit());
+    assert!(!p
+        .decide(&start(BO, "test1", "/sandbox/test", Some("NFC"), 1))
+        .is_permit());
 }
 
 #[test]
 fn paper_member_may_not_use_count_4() {
     let d = paper().decide(&start(BO, "test1", "/sandbox/test", Some("ADS"), 4));
-    assert!(!d.permit);
+    assert!(!d.is_permit());
     assert!(
         d.reason.contains("(count < 4) fails (count = 4)"),
         "{}",
@@ -74,23 +71,22 @@ fn paper_member_may_not_use_count_4() {
 fn paper_member_may_not_start_another_executable_or_directory() {
     let p = paper();
     let d = p.decide(&start(BO, "rm", "/sandbox/test", Some("ADS"), 1));
-    assert!(!d.permit);
+    assert!(!d.is_permit());
     assert!(
         d.reason
             .contains("(executable = test1) fails (executable = rm)"),
         "{}",
         d.reason
     );
-    assert!(
-        !p.decide(&start(BO, "test1", "/usr/bin", Some("ADS"), 1))
-            .permit
-    );
+    assert!(!p
+        .decide(&start(BO, "test1", "/usr/bin", Some("ADS"), 1))
+        .is_permit());
 }
 
 #[test]
 fn paper_start_without_jobtag_fails_the_group_requirement() {
     let d = paper().decide(&start(BO, "test1", "/sandbox/test", None, 3));
-    assert!(!d.permit);
+    assert!(!d.is_permit());
     assert!(
         d.reason
             .starts_with("requirement for '/O=Grid/O=Globus/OU=mcs.anl.gov'"),
@@ -105,11 +101,9 @@ fn paper_start_without_jobtag_fails_the_group_requirement() {
     );
     assert_eq!(d.matched, vec![loc(5)]);
     // An empty jobtag is no jobtag.
-    assert!(
-        !paper()
-            .decide(&start(BO, "test1", "/sandbox/test", Some(""), 3))
-            .permit
-    );
+    assert!(!paper()
+        .decide(&start(BO, "test1", "/sandbox/test", Some(""), 3))
+        .is_permit());
 }
 
 #[test]
@@ -120,7 +114,7 @@ fn paper_requirement_applies_only_to_start() {
             .owned_by(BO)
             .with(Attr::Jobtag, "ADS"),
     );
-    assert!(!d.permit);
+    assert!(!d.is_permit());
     assert!(d.reason.contains("no grant set"), "{}", d.reason);
 }
 
@@ -131,13 +125,13 @@ fn paper_manager_may_cancel_nfc_jobs_of_others_but_not_ads() {
         .owned_by(BO)
         .with(Attr::Jobtag, "NFC");
     let d = p.decide(&nfc);
-    assert!(d.permit, "{d:?}");
+    assert!(d.is_permit(), "{d:?}");
     assert_eq!(d.matched, vec![loc(13)]);
     let ads = Request::new(KATE, Action::Cancel)
         .owned_by(BO)
         .with(Attr::Jobtag, "ADS");
     let d = p.decide(&ads);
-    assert!(!d.permit);
+    assert!(!d.is_permit());
     assert!(
         d.reason.contains("(jobtag = NFC) fails (jobtag = ADS)"),
         "{}",
@@ -147,20 +141,18 @@ fn paper_manager_may_cancel_nfc_jobs_of_others_but_not_ads() {
     let sig = Request::new(KATE, Action::Signal)
         .owned_by(BO)
         .with(Attr::Jobtag, "NFC");
-    assert!(!p.decide(&sig).permit);
+    assert!(!p.decide(&sig).is_permit());
 }
 
 #[test]
 fn paper_manager_may_start_transp() {
     let p = paper();
-    assert!(
-        p.decide(&start(KATE, "TRANSP", "/sandbox/test", Some("NFC"), 64))
-            .permit
-    );
-    assert!(
-        !p.decide(&start(KATE, "test1", "/sandbox/test", Some("NFC"), 1))
-            .permit
-    );
+    assert!(p
+        .decide(&start(KATE, "TRANSP", "/sandbox/test", Some("NFC"), 64))
+        .is_permit());
+    assert!(!p
+        .decide(&start(KATE, "test1", "/sandbox/test", Some("NFC"), 1))
+        .is_permit());
 }
 
 #[test]
@@ -169,46 +161,42 @@ fn paper_identities_are_prefixes_at_component_boundaries() {
     // Another member of the group: covered by the requirement, granted nothing.
     let other = "/O=Grid/O=Globus/OU=mcs.anl.gov/CN=Somebody Else";
     let d = p.decide(&start(other, "test1", "/sandbox/test", Some("ADS"), 1));
-    assert!(!d.permit);
+    assert!(!d.is_permit());
     assert!(d.reason.contains("default deny"), "{}", d.reason);
     // A longer CN is another person; a proxy of Bo Liu (/CN=...) is Bo Liu.
-    assert!(
-        !p.decide(&start(
+    assert!(!p
+        .decide(&start(
             &format!("{BO}2"),
             "test1",
             "/sandbox/test",
             Some("ADS"),
             1
         ))
-        .permit
-    );
-    assert!(
-        p.decide(&start(
+        .is_permit());
+    assert!(p
+        .decide(&start(
             &format!("{BO}/CN=123456"),
             "test1",
             "/sandbox/test",
             Some("ADS"),
             1
         ))
-        .permit
-    );
+        .is_permit());
     // A look-alike organisation is not under the requirement's prefix.
     let p2 = Policy::parse(
         "t",
         "&/O=Grid/OU=mcs.anl.gov:\n(action = start)(jobtag != NULL)\n/:\n&(action = start)\n",
     )
     .unwrap();
-    assert!(
-        p2.decide(&Request::new(
+    assert!(p2
+        .decide(&Request::new(
             "/O=Grid/OU=mcs.anl.gov.evil/CN=x",
             Action::Start
         ))
-        .permit
-    );
-    assert!(
-        !p2.decide(&Request::new("/O=Grid/OU=mcs.anl.gov/CN=x", Action::Start))
-            .permit
-    );
+        .is_permit());
+    assert!(!p2
+        .decide(&Request::new("/O=Grid/OU=mcs.anl.gov/CN=x", Action::Start))
+        .is_permit());
 }
 
 fn decide(policy: &str, r: &Request) -> Decision {
@@ -230,31 +218,29 @@ fn null_self_lists_numbers_and_multivalued_attributes() {
         .with(Attr::Walltime, 3599)
         .add(Attr::Fqan, "/vo")
         .add(Attr::Fqan, "/vo/prod");
-    assert!(decide(p, &ok).permit);
+    assert!(decide(p, &ok).is_permit());
     assert!(
-        !decide(p, &ok.clone().with(Attr::Queue, "long")).permit,
+        !decide(p, &ok.clone().with(Attr::Queue, "long")).is_permit(),
         "(queue = NULL) means absent"
     );
-    assert!(!decide(p, &ok.clone().with(Attr::Executable, "bash")).permit);
-    assert!(!decide(p, &ok.clone().with(Attr::Memory, (2u64 << 30) + 1)).permit);
-    assert!(!decide(p, &ok.clone().with(Attr::Walltime, 3600)).permit);
-    assert!(!decide(p, &ok.clone().with(Attr::Fqan, "/vo")).permit);
+    assert!(!decide(p, &ok.clone().with(Attr::Executable, "bash")).is_permit());
+    assert!(!decide(p, &ok.clone().with(Attr::Memory, (2u64 << 30) + 1)).is_permit());
+    assert!(!decide(p, &ok.clone().with(Attr::Walltime, 3600)).is_permit());
+    assert!(!decide(p, &ok.clone().with(Attr::Fqan, "/vo")).is_permit());
     // SELF: the owner may cancel, somebody else may not.
     let mine = Request::new(me, Action::Cancel).owned_by(me);
-    assert!(decide(p, &mine).permit);
-    assert!(
-        !decide(
-            p,
-            &Request::new(me, Action::Cancel).owned_by("/DC=org/CN=other")
-        )
-        .permit
-    );
+    assert!(decide(p, &mine).is_permit());
+    assert!(!decide(
+        p,
+        &Request::new(me, Action::Cancel).owned_by("/DC=org/CN=other")
+    )
+    .is_permit());
     // A management request without a known owner does not satisfy SELF.
-    assert!(!decide(p, &Request::new(me, Action::Signal)).permit);
+    assert!(!decide(p, &Request::new(me, Action::Signal)).is_permit());
     // != SELF, != value on an absent attribute holds.
     let info = Request::new(me, Action::Information).owned_by("/DC=org/CN=other");
-    assert!(decide(p, &info).permit);
-    assert!(!decide(p, &info.clone().with(Attr::Queue, "express")).permit);
+    assert!(decide(p, &info).is_permit());
+    assert!(!decide(p, &info.clone().with(Attr::Queue, "express")).is_permit());
 }
 
 #[test]
@@ -265,22 +251,20 @@ fn requirement_sets_are_alternatives_for_the_action_they_name() {
              /DC=org:\n\
              &(count >= 1)\n";
     let r = Request::new("/DC=org/CN=a", Action::Start).with(Attr::Count, 2);
-    assert!(decide(p, &r).permit, "no jobtag: first alternative");
-    assert!(!decide(p, &r.clone().with(Attr::Jobtag, "prod")).permit);
-    assert!(
-        decide(
-            p,
-            &r.clone()
-                .with(Attr::Jobtag, "prod")
-                .add(Attr::Fqan, "/vo/prod")
-        )
-        .permit
-    );
+    assert!(decide(p, &r).is_permit(), "no jobtag: first alternative");
+    assert!(!decide(p, &r.clone().with(Attr::Jobtag, "prod")).is_permit());
+    assert!(decide(
+        p,
+        &r.clone()
+            .with(Attr::Jobtag, "prod")
+            .add(Attr::Fqan, "/vo/prod")
+    )
+    .is_permit());
     // The requirement does not apply to cancel; the grant (no action assertion) covers it.
     let c = Request::new("/DC=org/CN=a", Action::Cancel)
         .with(Attr::Count, 1)
         .with(Attr::Jobtag, "prod");
-    assert!(decide(p, &c).permit);
+    assert!(decide(p, &c).is_permit());
 }
 
 #[test]
@@ -298,10 +282,10 @@ fn syntax_variants_are_accepted() {
     let r = Request::new("/DC=org/CN=host:8443", Action::Start)
         .with(Attr::Executable, "my prog")
         .add(Attr::Fqan, "/vo");
-    assert!(pol.decide(&r).permit);
+    assert!(pol.decide(&r).is_permit());
     let b = Request::new("/DC=org/CN=b", Action::Start).with(Attr::Count, 2);
-    assert!(pol.decide(&b).permit);
-    assert!(!pol.decide(&b.clone().with(Attr::Count, 3)).permit);
+    assert!(pol.decide(&b).is_permit());
+    assert!(!pol.decide(&b.clone().with(Attr::Count, 3)).is_permit());
 }
 
 /// One malformed policy per error kind: (text, kind code, line, column).

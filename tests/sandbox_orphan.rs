@@ -4,7 +4,7 @@
 
 mod sandbox_support;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
@@ -63,6 +63,7 @@ fn start(
         .unwrap();
     std::os::unix::fs::chown(&scratch, Some(u.account.uid), Some(u.account.gid)).unwrap();
     let plan = serde_json::json!({
+        "msg": "plan",
         "payload_id": name,
         "account": u.account,
         "argv": ["sleep", "77"],
@@ -97,9 +98,13 @@ fn start(
     let (exec_wait, exec_open) = nix::unistd::pipe().unwrap();
     let (cgroup_wait, cgroup_open) = nix::unistd::pipe().unwrap();
     let mut channel = ours.try_clone().unwrap();
-    // A wake-up first ("null"), as the helper sends one when a launch request arrives.
-    mupilot::protocol::switch_wire::write_frame(&mut channel, &serde_json::Value::Null, &[])
-        .unwrap();
+    // A wake-up first, as the helper sends one when a launch request arrives.
+    mupilot::protocol::switch_wire::write_frame(
+        &mut channel,
+        &serde_json::json!({"msg": "wake"}),
+        &[],
+    )
+    .unwrap();
     mupilot::protocol::switch_wire::write_frame(
         &mut channel,
         &plan,
@@ -116,10 +121,10 @@ fn start(
         .unwrap();
     std::fs::File::from(cgroup_open).write_all(b"g").unwrap();
     std::fs::File::from(exec_open).write_all(b"g").unwrap();
-    let mut line = String::new();
-    BufReader::new(&ours).read_line(&mut line).unwrap();
-    let ev: serde_json::Value = serde_json::from_str(&line).unwrap();
-    assert_eq!(ev["event"], "started", "{line}");
+    // The stage answers in the same framing (src/switch/sandbox/wire.rs).
+    let (ev, _) =
+        mupilot::protocol::switch_wire::read_frame::<serde_json::Value>(&mut channel).unwrap();
+    assert_eq!(ev["msg"], "started", "{ev}");
     let pid = ev["pid"].as_i64().unwrap() as i32;
     // `started` may come while the exec is still setting up the new image's arguments.
     assert!(

@@ -235,18 +235,27 @@ impl<const KIND: u8> Load for BanList<KIND> {
     }
 }
 
-/// Why a request is refused by the ban lists.
+/// Why a request is refused by the ban lists; the reason names the list file and line (or
+/// the unusable file).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BanDenial {
-    /// Names the list file and line (or the unusable file).
-    pub reason: String,
-    /// True when a list could not be used (fail closed), rather than a listed entry.
-    pub system: bool,
+pub enum BanDenial {
+    /// A listed entry bans the DN, an FQAN or the VO.
+    Banned { reason: String },
+    /// A list could not be used (fail closed): a system denial.
+    Unusable { reason: String },
+}
+
+impl BanDenial {
+    pub fn reason(&self) -> &str {
+        match self {
+            BanDenial::Banned { reason } | BanDenial::Unusable { reason } => reason,
+        }
+    }
 }
 
 impl fmt::Display for BanDenial {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.reason)
+        f.write_str(self.reason())
     }
 }
 
@@ -290,9 +299,8 @@ impl Bans {
                 let current = match list.get() {
                     Ok(c) => c,
                     Err(e) => {
-                        return Some(BanDenial {
+                        return Some(BanDenial::Unusable {
                             reason: e.to_string(),
-                            system: true,
                         })
                     }
                 };
@@ -307,10 +315,7 @@ impl Bans {
                                 current.file()
                             )
                         };
-                        return Some(BanDenial {
-                            reason,
-                            system: false,
-                        });
+                        return Some(BanDenial::Banned { reason });
                     }
                 }
             }

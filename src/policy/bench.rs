@@ -130,11 +130,11 @@ pub fn run(
             .add(Attr::Fqan, "/bench");
         let t = Instant::now();
         let permitted = ban_lists.check(&request.identity, &[], "bench").is_none()
-            && stack.decide(&request).permit;
+            && stack.decide(&request).is_permit();
         times.push(t.elapsed());
         permits += permitted as usize;
         let t = Instant::now();
-        let again = fixed.decide(&request).permit;
+        let again = fixed.decide(&request).is_permit();
         fixed_times.push(t.elapsed());
         debug_assert_eq!(again, permitted);
     }

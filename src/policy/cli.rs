@@ -127,7 +127,7 @@ pub fn eval(
         .collect();
     let decision = combine(&labelled);
     let _ = writeln!(out, "{}", decision.to_json());
-    if decision.permit {
+    if decision.is_permit() {
         EXIT_OK
     } else {
         EXIT_DENY

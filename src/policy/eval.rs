@@ -13,37 +13,64 @@ use super::ast::{Assertion, AssertionSet, Attr, Op, Operand, StatementKind};
 use super::index::Policy;
 use super::request::Request;
 
+/// What a decision says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Permit,
+    Deny(DenyClass),
+}
+
+/// Why a deny is a deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyClass {
+    /// What a policy says (or that none grants).
+    Policy,
+    /// A source could not be loaded (a broken or unreadable file), so it fails closed: the
+    /// helper reports it as a system denial.
+    Unusable,
+}
+
 /// The answer to a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
-    pub permit: bool,
+    pub verdict: Verdict,
     /// Why, for the audit log, the pilot and the VO server.
     pub reason: String,
     /// "file:line" of the sets that decided: on permit the granting set and every satisfied
     /// requirement set; on deny the failing requirement or the grant sets that were tried.
     pub matched: Vec<String>,
-    /// True when the deny comes from a source that could not be loaded (a broken or unreadable
-    /// file) rather than from what a policy says: the helper reports it as a system denial.
-    pub system: bool,
 }
 
 impl Decision {
+    /// A permit, with the sets that granted it.
+    pub fn permit(reason: impl Into<String>, matched: Vec<String>) -> Self {
+        Decision {
+            verdict: Verdict::Permit,
+            reason: reason.into(),
+            matched,
+        }
+    }
+
     /// A deny with no location.
     pub fn deny(reason: impl Into<String>) -> Self {
         Decision {
-            permit: false,
+            verdict: Verdict::Deny(DenyClass::Policy),
             reason: reason.into(),
             matched: Vec::new(),
-            system: false,
         }
     }
 
     /// A deny because a source is unusable (fail closed).
     pub fn unusable(reason: impl Into<String>) -> Self {
         Decision {
-            system: true,
+            verdict: Verdict::Deny(DenyClass::Unusable),
             ..Decision::deny(reason)
         }
+    }
+
+    /// Whether the request is permitted.
+    pub fn is_permit(&self) -> bool {
+        self.verdict == Verdict::Permit
     }
 
     /// The decision as the JSON line `policy eval` prints:
@@ -56,7 +83,7 @@ impl Decision {
             matched: &'a [String],
         }
         let wire = Wire {
-            decision: if self.permit { "permit" } else { "deny" },
+            decision: if self.is_permit() { "permit" } else { "deny" },
             reason: &self.reason,
             matched: &self.matched,
         };
@@ -98,7 +125,7 @@ impl Policy {
                         .map(|a| explain(a, request))
                         .unwrap_or_default();
                     return Decision {
-                        permit: false,
+                        verdict: Verdict::Deny(DenyClass::Policy),
                         reason: format!(
                             "requirement for '{}' at {} not satisfied: {}",
                             s.identity,
@@ -109,7 +136,6 @@ impl Policy {
                             .iter()
                             .map(|set| self.location(set.pos.line))
                             .collect(),
-                        system: false,
                     };
                 }
             }
@@ -123,15 +149,10 @@ impl Policy {
                     None => {
                         let here = self.location(set.pos.line);
                         matched.insert(0, here.clone());
-                        return Decision {
-                            permit: true,
-                            reason: format!(
-                                "{} granted by {} ('{}')",
-                                request.action, here, s.identity
-                            ),
+                        return Decision::permit(
+                            format!("{} granted by {} ('{}')", request.action, here, s.identity),
                             matched,
-                            system: false,
-                        };
+                        );
                     }
                     Some(a) => {
                         tried.push(self.location(set.pos.line));
@@ -163,10 +184,9 @@ impl Policy {
             r
         };
         Decision {
-            permit: false,
+            verdict: Verdict::Deny(DenyClass::Policy),
             reason,
             matched: tried,
-            system: false,
         }
     }
 }
@@ -258,12 +278,11 @@ pub fn combine(parts: &[(&str, Decision)]) -> Decision {
     if parts.is_empty() {
         return Decision::deny("no policy source is configured (default deny)");
     }
-    if let Some((label, d)) = parts.iter().find(|(_, d)| !d.permit) {
+    if let Some((label, d)) = parts.iter().find(|(_, d)| !d.is_permit()) {
         return Decision {
-            permit: false,
+            verdict: d.verdict,
             reason: format!("denied by {label} policy: {}", d.reason),
             matched: d.matched.clone(),
-            system: d.system,
         };
     }
     let reason = match parts {
@@ -274,13 +293,11 @@ pub fn combine(parts: &[(&str, Decision)]) -> Decision {
             .collect::<Vec<_>>()
             .join("; "),
     };
-    Decision {
-        permit: true,
+    Decision::permit(
         reason,
-        matched: parts
+        parts
             .iter()
             .flat_map(|(_, d)| d.matched.iter().cloned())
             .collect(),
-        system: false,
-    }
+    )
 }

@@ -24,7 +24,7 @@ pub mod stack;
 pub use ast::{Action, Attr, Op};
 pub use bans::{BanDenial, BanParseError, Bans, DnBans, FqanBans, VoBans};
 pub use error::{ParseError, ParseErrorKind, PolicyError, RequestError};
-pub use eval::{combine, Decision};
+pub use eval::{combine, Decision, DenyClass, Verdict};
 pub use index::Policy;
 pub use reload::{Load, ReloadError, Reloading};
 pub use request::Request;

@@ -112,7 +112,7 @@ const CACHE_TTL: Duration = Duration::from_secs(60);
 const ACCOUNT_FILES: [&str; 2] = ["/etc/passwd", "/etc/group"];
 
 /// Accounts looked up recently. getpwnam + getgrouplist walk every NSS module (files, systemd,
-/// sss, ldap) on each call, 0.2 ms per launch on a plain node; a pilot starts many payloads of
+/// sss, ldap) on each call (measured in docs/benchmarks.md); a pilot starts many payloads of
 /// few accounts. Entries live [`CACHE_TTL`], and all go when /etc/passwd or /etc/group change;
 /// only successful lookups are kept, and [`AccountRules`] are checked on every use.
 #[derive(Default)]

@@ -16,7 +16,10 @@ use std::path::PathBuf;
 
 use super::gridmap::{Gridmap, Mapping};
 use super::leases::{Gridmapdir, LeaseError, Quarantine};
-use crate::policy::{Action, Attr, Bans, PolicyStack, ReloadError, Reloading, Request};
+use crate::policy::{
+    Action, Attr, BanDenial, Bans, Decision, DenyClass, PolicyStack, ReloadError, Reloading,
+    Request, Verdict,
+};
 use crate::protocol::command::CommandBody;
 use crate::protocol::EnvelopeBody;
 
@@ -147,14 +150,7 @@ impl Authorizer {
         }
         self.check_bans(&owner.dn, &owner.fqans, &owner.vo)?;
         if let Some(stack) = self.policies.get(&owner.vo) {
-            let d = stack.decide(&Request::for_launch(req.body));
-            if !d.permit {
-                return Err(if d.system {
-                    AuthzError::PolicyUnusable(d.reason)
-                } else {
-                    AuthzError::PolicyDenied(d.reason)
-                });
-            }
+            policy_outcome(stack.decide(&Request::for_launch(req.body)))?;
         }
         self.map(&owner.dn, &owner.fqans, in_use)
     }
@@ -186,21 +182,14 @@ impl Authorizer {
         for f in &cmd.requester_fqans {
             r = r.add(Attr::Fqan, f);
         }
-        let d = stack.decide(&r);
-        if d.permit {
-            Ok(())
-        } else if d.system {
-            Err(AuthzError::PolicyUnusable(d.reason))
-        } else {
-            Err(AuthzError::PolicyDenied(d.reason))
-        }
+        policy_outcome(stack.decide(&r))
     }
 
     fn check_bans(&self, dn: &str, fqans: &[String], vo: &str) -> Result<(), AuthzError> {
         match self.bans.check(dn, fqans, vo) {
             None => Ok(()),
-            Some(b) if b.system => Err(AuthzError::BanListUnusable(b.reason)),
-            Some(b) => Err(AuthzError::Banned(b.reason)),
+            Some(BanDenial::Unusable { reason }) => Err(AuthzError::BanListUnusable(reason)),
+            Some(BanDenial::Banned { reason }) => Err(AuthzError::Banned(reason)),
         }
     }
 
@@ -290,6 +279,16 @@ fn lookup_fqan(map: &Gridmap, fqan: &str) -> Option<(Mapping, usize)> {
                 .is_some_and(|prefix| prefix.ends_with('/') && fqan.starts_with(prefix))
     })?;
     Some((Mapping::from_account(&e.accounts[0]), e.line))
+}
+
+/// A policy decision as the helper's result: a deny from what a policy says, or from a source
+/// that cannot be used (a system denial).
+fn policy_outcome(d: Decision) -> Result<(), AuthzError> {
+    match d.verdict {
+        Verdict::Permit => Ok(()),
+        Verdict::Deny(DenyClass::Policy) => Err(AuthzError::PolicyDenied(d.reason)),
+        Verdict::Deny(DenyClass::Unusable) => Err(AuthzError::PolicyUnusable(d.reason)),
+    }
 }
 
 #[cfg(test)]

@@ -3,8 +3,8 @@
 //! signal and status requests until the pilot hangs up; then every payload the pilot started
 //! is killed (P10). Requests are bounded (`switch_wire::MAX_REQUEST_FRAME`) and timed: hello
 //! within `limits.hello_timeout_seconds` of the accept, every later frame complete within
-//! `limits.frame_timeout_seconds` of its first byte. Each payload gets a supervisor thread
-//! that waits for its end. Every write to the pilot goes through one mutex.
+//! `limits.frame_timeout_seconds` of its first byte. Each payload gets a waiter thread
+//! that waits for its end and reports it (report.rs). Every write to the pilot goes through one mutex.
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
@@ -16,9 +16,9 @@ use super::audit::{AuditEvent, AuditRecord};
 use super::daemon::Helper;
 use super::launch::{self, Caller, Started};
 use super::peer::Peer;
-use super::syslog;
+use super::report::{report_end, report_started};
 use crate::protocol::switch_wire::{
-    read_frame_limited, write_frame, ExitReport, ReadLimits, SwitchEvent, SwitchRequest, WireError,
+    read_frame_limited, write_frame, ReadLimits, SwitchEvent, SwitchRequest, WireError,
     MAX_REQUEST_FRAME,
 };
 use crate::protocol::SignedEnvelope;
@@ -26,12 +26,13 @@ use crate::protocol::SignedEnvelope;
 /// A pilot that does not read its events for this long loses the connection.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The write side of a connection, shared by the connection thread and supervisors.
+/// The write side of a connection, shared by the connection thread and the payloads' waiter
+/// threads.
 #[derive(Clone)]
-struct Sender(Arc<Mutex<UnixStream>>);
+pub(super) struct Sender(Arc<Mutex<UnixStream>>);
 
 impl Sender {
-    fn send(&self, ev: &SwitchEvent) -> Result<(), WireError> {
+    pub(super) fn send(&self, ev: &SwitchEvent) -> Result<(), WireError> {
         let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
         write_frame(&mut s, ev, &[])
     }
@@ -281,7 +282,7 @@ impl Connection {
         }
     }
 
-    /// Hands a started payload to a supervisor thread of its own, which reports `started`
+    /// Hands a started payload to a waiter thread of its own, which reports `started`
     /// and then its end: one thread sends both, so `exited` can never overtake `started`, and
     /// the thread is ready for the end as early as possible.
     ///
@@ -317,8 +318,8 @@ impl Connection {
                 ));
             });
         if let Err(e) = spawned {
-            // Without a supervisor nobody would record the end: stop it now.
-            tracing::error!(error = %e, "cannot start a supervisor thread; killing the payload");
+            // Without a waiter nobody would record the end: stop it now.
+            tracing::error!(error = %e, "cannot start a waiter thread; killing the payload");
             handle.kill("helper_error");
         }
     }
@@ -366,152 +367,4 @@ impl Connection {
             Err(e) => self.send(answer(false, Some(e.to_string()))),
         }
     }
-}
-
-/// The syslog line and the `started` event of a payload that runs; `caller` is the pilot's
-/// (uid, pid).
-fn report_started(sender: &Sender, s: &Started, (pilot_uid, pilot_pid): (u32, i32)) {
-    let Started {
-        payload_id,
-        account,
-        handle,
-        record,
-        ..
-    } = s;
-    syslog::line(
-        true,
-        &format!(
-            "start payload={payload_id} owner={} account={} uid={} pilot_uid={pilot_uid} pilot_pid={pilot_pid}",
-            syslog::quote(record.owner_dn.as_deref().unwrap_or("")),
-            account.name,
-            account.uid,
-        ),
-    );
-    tracing::info!(%payload_id, account = %account.name, uid = account.uid, pid = handle.pid(), "started");
-    let ev = SwitchEvent::Started {
-        payload_id: payload_id.clone(),
-        account: account.name.clone(),
-        uid: account.uid,
-        gid: account.gid,
-        pid: handle.pid(),
-        cgroup: handle.cgroup(),
-        scratch: handle.scratch().display().to_string(),
-    };
-    if let Err(e) = sender.send(&ev) {
-        tracing::warn!(error = %e, "cannot send event to the pilot");
-    }
-}
-
-/// Waits for one payload to end, records it, tells the pilot (if it is still there); what
-/// is left to do after that is the returned [`Reported`]'s, done when it is dropped.
-fn report_end(
-    helper: Arc<Helper>,
-    sender: &Sender,
-    payload_id: String,
-    running: super::sandbox::Running,
-    start: AuditRecord,
-) -> Reported {
-    // The scratch directory and the empty cgroup are removed after the exit is reported.
-    let (result, residue) = match running.wait_then_clean_later() {
-        Ok((o, r)) => (Ok(o), Some(r)),
-        Err(e) => (Err(e), None),
-    };
-    let mut rec = start.follow_up(AuditEvent::End);
-    rec.end = Some(rec.time.clone());
-    let report = match result {
-        Ok(o) => {
-            use base64::Engine;
-            rec.exit_code = o.exit_code;
-            rec.signal = o.signal;
-            rec.cpu_seconds = Some(o.cpu_seconds);
-            rec.peak_memory_bytes = Some(o.peak_memory_bytes);
-            rec.kill_reason = o.kill_reason.clone();
-            ExitReport {
-                exit_code: o.exit_code,
-                signal: o.signal,
-                cpu_seconds: o.cpu_seconds,
-                peak_memory_bytes: o.peak_memory_bytes,
-                wall_seconds: o.wall_seconds,
-                kill_reason: o.kill_reason,
-                outputs: o
-                    .outputs
-                    .map(|b| base64::engine::general_purpose::STANDARD.encode(b)),
-                outputs_skipped: o.outputs_skipped,
-            }
-        }
-        Err(e) => {
-            tracing::error!(%payload_id, error = %e, "payload supervision failed");
-            rec.reason = Some(format!("sandbox: {e}"));
-            rec.kill_reason = Some("helper_error".into());
-            ExitReport {
-                kill_reason: Some("helper_error".into()),
-                ..Default::default()
-            }
-        }
-    };
-    // Written now, on disk right after the report below: a crash in between leaves the start
-    // without an end, which the next helper records as `lost` (never a silent gap).
-    // A log that cannot take it (a full disk) keeps it in memory until it can.
-    let end_synced = helper.audit.append_unsynced_or_keep(&rec);
-    syslog::line(
-        false,
-        &format!(
-            "end payload={payload_id} account={} uid={} exit_code={} signal={} kill_reason={}",
-            rec.account.as_deref().unwrap_or(""),
-            rec.uid.unwrap_or(0),
-            opt(rec.exit_code),
-            opt(rec.signal),
-            rec.kill_reason.as_deref().unwrap_or("-"),
-        ),
-    );
-    tracing::info!(%payload_id, exit_code = ?report.exit_code, signal = ?report.signal, "ended");
-    // The end record is written; no process of the payload is left: report, then make the
-    // record durable and remove what remains ([`Reported`]). The registry entry goes last,
-    // so shutdown waits for the removal too.
-    helper.registry.ended(&payload_id);
-    if let Err(e) = sender.send(&SwitchEvent::Exited {
-        payload_id: payload_id.clone(),
-        report,
-    }) {
-        tracing::info!(error = %e, "pilot did not receive the exit event");
-    }
-    Reported {
-        helper,
-        payload_id,
-        end_synced,
-        residue,
-        account: rec.account,
-    }
-}
-
-/// A payload whose end is recorded and reported: its end record is still to be made durable,
-/// its emptied scratch directory and cgroup removed, its registry entry dropped and its pool
-/// lease renewed. Done when dropped, on whichever thread drops it.
-struct Reported {
-    helper: Arc<Helper>,
-    payload_id: String,
-    end_synced: Option<crate::records::PendingSync>,
-    residue: Option<super::sandbox::Residue>,
-    account: Option<String>,
-}
-
-impl Drop for Reported {
-    fn drop(&mut self) {
-        let (helper, payload_id) = (&self.helper, &self.payload_id);
-        if let Some(Err(e)) = self.end_synced.take().map(|p| p.wait()) {
-            tracing::error!(%payload_id, error = %e, "cannot sync the end record to disk");
-        }
-        drop(self.residue.take());
-        helper.registry.remove(payload_id);
-        // A pool lease lives from its last use: the end of a payload is a use.
-        if let (Some(pool), Some(account)) = (helper.authz.pool(), self.account.as_deref()) {
-            if let Err(e) = pool.touch_account(account) {
-                tracing::warn!(%payload_id, account, error = %e, "cannot renew the pool lease");
-            }
-        }
-    }
-}
-
-fn opt(v: Option<i32>) -> String {
-    v.map_or_else(|| "-".into(), |v| v.to_string())
 }

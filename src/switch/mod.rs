@@ -4,7 +4,7 @@
 //! `crate::server` or `crate::pilot`.
 //!
 //! Rooms: [`config`] (switch.toml), [`activation`] (the listening socket), [`daemon`] (shared
-//! state, accept loop, shutdown), [`connection`] (one pilot), [`launch`] (the checks in
+//! state, accept loop, shutdown), [`connection`] (one pilot), `report` (a payload's start and end, told), [`launch`] (the checks in
 //! order), [`authorize`] (the local decision), [`gridmap`] (the mapping file), [`accounts`]
 //! (account lookup and refusals), [`leases`] (pool accounts), [`replay`] (seen nonces), [`registry`] (running payloads and
 //! slots), [`audit`] and [`syslog`] (records), [`metrics`] (node_exporter textfile), [`sandbox`] (the payload's isolation), [`check`]
@@ -31,5 +31,6 @@ pub mod metrics;
 pub mod peer;
 pub mod registry;
 pub mod replay;
+mod report;
 pub mod sandbox;
 pub mod syslog;

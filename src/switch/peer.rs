@@ -115,7 +115,8 @@ impl Peer {
     /// True while the process exists (running or not yet reaped): its pid is still its own.
     pub fn alive(&self) -> bool {
         // SAFETY: pidfd_send_signal with signal 0 (a permission and existence check only) on
-        // a pidfd we own, no siginfo; nothing is delivered.
+        // a pidfd we own, no siginfo; nothing is delivered. (Raw: rustix's Signal cannot be
+        // 0.)
         let r = unsafe {
             libc::syscall(
                 libc::SYS_pidfd_send_signal,
@@ -222,13 +223,12 @@ fn peer_pidfd(stream: &UnixStream) -> std::io::Result<OwnedFd> {
 }
 
 fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags, no pointer; the result is checked.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a descriptor the kernel just returned to us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    let pid = rustix::process::Pid::from_raw(pid)
+        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ESRCH))?;
+    Ok(rustix::process::pidfd_open(
+        pid,
+        rustix::process::PidfdFlags::empty(),
+    )?)
 }
 
 /// Field 22 of /proc/PID/stat: when the process started, in clock ticks since boot.

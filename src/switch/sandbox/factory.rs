@@ -1,7 +1,7 @@
 //! The stage factory (`mupilot-switch stage-factory`): one process, exec'd once by the helper,
-//! that forks the helper's idle stages. A stage forked from it starts in a few hundred
-//! microseconds of CPU instead of an exec of the helper binary (loading, relocating and
-//! initialising 23 MB again for every payload), and it never competes with a launch: the
+//! that forks the helper's idle stages. A fork of it costs far less CPU than an exec of the
+//! helper binary (loading, relocating and initialising it again for every payload;
+//! docs/benchmarks.md), and it never competes with a launch: the
 //! factory runs under SCHED_IDLE, and its stages inherit that until the helper takes one.
 //!
 //! The factory is what an exec'd stage is before its plan: a fresh, single-threaded root
@@ -10,34 +10,21 @@
 //! configuration beyond its arguments and holds no credential, so each fork of it is as clean
 //! as a new exec.
 //!
-//! Protocol on the socketpair: the helper writes one byte ([`FORK_ONE`]); the factory forks a
-//! stage and answers with one frame ([`FactoryReply`]) carrying the helper's end of the
+//! Protocol on the socketpair (wire.rs): the helper sends [`ToFactory::ForkOne`]; the factory
+//! forks a stage and answers with one [`FromFactory`] carrying the helper's end of the
 //! stage's own socketpair and a pidfd of the stage. The stage is the factory's child (the
 //! factory reaps it); the helper follows it through the pidfd. The factory exits when the
 //! helper's end closes; idle stages exit when theirs closes.
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
-use serde::{Deserialize, Serialize};
 
-use super::stage::{self, Preparation};
-
-/// The request byte: fork one stage.
-pub(crate) const FORK_ONE: u8 = b'f';
-
-/// The factory's answer to [`FORK_ONE`].
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "reply", rename_all = "snake_case")]
-pub(crate) enum FactoryReply {
-    /// A stage runs as `pid`; the frame carries its channel and a pidfd of it.
-    Forked { pid: i32 },
-    /// No stage: the fork or the pidfd failed (a kernel before 5.3 has no pidfd_open).
-    Failed { error: String },
-}
+use super::stage;
+use super::wire::{self, FromFactory, Preparation, ToFactory};
 
 /// Entry point of `mupilot-switch stage-factory --network MODE --tmp-size-bytes N`. Exit code
 /// 0 when the helper closed the channel, 2 when the start failed.
@@ -50,21 +37,17 @@ pub fn factory_main() -> i32 {
     let prep = match Preparation::parse(&args) {
         Ok((prep, _)) => prep,
         Err(e) => {
-            let _ = crate::protocol::switch_wire::write_frame(
-                &mut channel,
-                &FactoryReply::Failed { error: e },
-                &[],
-            );
+            let _ = wire::send(&channel, &FromFactory::Failed { error: e }, &[]);
             return 2;
         }
     };
     let own_pid_ns = match stage::open_own_pid_ns() {
         Ok(fd) => fd,
-        Err((step, e)) => {
-            let _ = crate::protocol::switch_wire::write_frame(
-                &mut channel,
-                &FactoryReply::Failed {
-                    error: format!("{step}: {e}"),
+        Err(e) => {
+            let _ = wire::send(
+                &channel,
+                &FromFactory::Failed {
+                    error: e.to_string(),
                 },
                 &[],
             );
@@ -102,19 +85,17 @@ pub fn factory_main() -> i32 {
         if !request {
             continue;
         }
-        let mut b = [0u8; 1];
-        match std::io::Read::read(&mut channel, &mut b) {
-            Ok(1) if b[0] == FORK_ONE => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            // EOF: the helper is gone or no longer wants stages. Stages already forked end
-            // on their own when their channels close.
-            _ => return 0,
+        match wire::recv::<ToFactory>(&mut channel) {
+            Ok((ToFactory::ForkOne, _)) => {}
+            // Closed: the helper is gone or no longer wants stages. Stages already forked end
+            // on their own when their channels close. Anything else: not our helper.
+            Err(_) => return 0,
         }
         match fork_stage(&prep, &own_pid_ns) {
             Ok((pid, ours, pidfd)) => {
-                let sent = crate::protocol::switch_wire::write_frame(
-                    &mut channel,
-                    &FactoryReply::Forked { pid: pid.as_raw() },
+                let sent = wire::send(
+                    &channel,
+                    &FromFactory::Forked { pid: pid.as_raw() },
                     &[ours.as_raw_fd(), pidfd.as_raw_fd()],
                 );
                 children.push((pid, pidfd));
@@ -125,8 +106,8 @@ pub fn factory_main() -> i32 {
                 }
             }
             Err(error) => {
-                let reply = FactoryReply::Failed { error };
-                if crate::protocol::switch_wire::write_frame(&mut channel, &reply, &[]).is_err() {
+                let reply = FromFactory::Failed { error };
+                if wire::send(&channel, &reply, &[]).is_err() {
                     return 2;
                 }
             }
@@ -138,8 +119,7 @@ pub fn factory_main() -> i32 {
 /// of its own. Returns the stage's pid, the helper's end and a pidfd.
 fn fork_stage(prep: &Preparation, own_pid_ns: &OwnedFd) -> Result<(Pid, OwnedFd, OwnedFd), String> {
     let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair for a stage: {e}"))?;
-    let child = stage::fork_stage(&theirs, prep, own_pid_ns, false)
-        .map_err(|(step, e)| format!("{step}: {e}"))?;
+    let child = stage::fork_stage(&theirs, prep, own_pid_ns, false).map_err(|e| e.to_string())?;
     drop(theirs);
     let pidfd = pidfd_open(child).map_err(|e| {
         let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
@@ -150,13 +130,12 @@ fn fork_stage(prep: &Preparation, own_pid_ns: &OwnedFd) -> Result<(Pid, OwnedFd,
 }
 
 /// pidfd_open(2) of our own child: it cannot be reaped (so its pid cannot be reused) before we
-/// wait for it, so the pidfd refers to exactly this process.
+/// wait for it, so the pidfd refers to exactly this process. (pidfds are close-on-exec.)
 fn pidfd_open(pid: Pid) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags, no pointer; the result is checked.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor owned only here. (pidfds are close-on-exec.)
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    let pid = rustix::process::Pid::from_raw(pid.as_raw())
+        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ESRCH))?;
+    Ok(rustix::process::pidfd_open(
+        pid,
+        rustix::process::PidfdFlags::empty(),
+    )?)
 }

@@ -2,8 +2,8 @@
 //! clone(CLONE_VM | CLONE_VFORK), as posix_spawn does, instead of fork. The child borrows the
 //! stage's memory until its exec, so
 //! there is no page-table copy on the way in and no address space to tear down in the exec
-//! (a fork of the stage copies the helper binary's mappings, and the exec then unmaps them:
-//! most of a millisecond per launch here). The stage is suspended by the kernel meanwhile and
+//! (a fork of the stage copies the helper binary's mappings, and the exec then unmaps them;
+//! docs/benchmarks.md has the cost). The stage is suspended by the kernel meanwhile and
 //! resumes once the exec succeeded or the child gave up.
 //!
 //! The price is discipline in the child: it shares the stage's heap, so it must not allocate,
@@ -29,12 +29,10 @@ use nix::sys::signal::{SigSet, SigmaskHow};
 use nix::unistd::Pid;
 
 use super::privs::{self, Failed, Identity};
-use super::stage::{StagePlan, GATE_OPEN};
+use super::step::{step, Cause, StageError, BUNDLE_ARCHIVE_STEP};
+use super::wire::{Plan, GATE_OPEN};
 
-type StepResult<T> = Result<T, (String, String)>;
-
-/// The setup step a bundle that is not a usable tar.gz fails at (see [`SandboxError::Bundle`]).
-pub const BUNDLE_ARCHIVE_STEP: &str = "bundle archive";
+type StepResult<T> = Result<T, StageError>;
 
 /// Stack of the child until its exec: it runs a handful of small frames (no recursion, no
 /// allocation); 64 KiB leaves ample room, with a guard page below.
@@ -67,12 +65,12 @@ impl PayloadExec {
     /// Lays out the plan for the child. Fails on what the helper's validation should have
     /// caught (a NUL byte, root as the account), naming the step.
     pub fn new(
-        plan: &StagePlan,
+        plan: &Plan,
         exec_gate: OwnedFd,
         landlock: Option<RawFd>,
     ) -> StepResult<PayloadExec> {
         let identity = Identity::of(&plan.account)?;
-        let c = |v: &str| CString::new(v).map_err(|e| ("exec".to_owned(), e.to_string()));
+        let c = |v: &str| step("exec", CString::new(v).map_err(|e| e.to_string()));
         let argv: Vec<CString> = plan.argv.iter().map(|a| c(a)).collect::<Result<_, _>>()?;
         let envp: Vec<CString> = plan
             .env
@@ -110,7 +108,7 @@ impl PayloadExec {
             path_var,
             candidates,
             scratch: CString::new(plan.scratch.as_os_str().as_encoded_bytes())
-                .map_err(|e| ("chdir to scratch".to_owned(), e.to_string()))?,
+                .map_err(|e| StageError::new("chdir to scratch", e.to_string()))?,
             nofile: limit(plan.nofile),
             core: limit(plan.core_bytes),
             deny_user_namespaces: !plan.allow_user_namespaces,
@@ -122,7 +120,7 @@ impl PayloadExec {
     /// Starts the payload's process and returns once it exec'd (its pid), or the step that
     /// failed (the child is reaped then). Call from the single-threaded stage only.
     pub fn spawn(&self) -> StepResult<Pid> {
-        let mut stack = Stack::new(STACK_BYTES).map_err(|e| ("spawn payload".to_owned(), e))?;
+        let mut stack = step("spawn payload", Stack::new(STACK_BYTES))?;
         let mut failed: Option<Failed> = None;
         let slot: *mut Option<Failed> = &mut failed;
         // Every signal blocked while the child shares our memory: no handler of ours may run
@@ -134,10 +132,10 @@ impl PayloadExec {
             Some(&SigSet::all()),
             Some(&mut old),
         )
-        .map_err(|e| ("block signals".to_owned(), e.to_string()))?;
+        .map_err(|e| StageError::new("block signals", e))?;
         let child = Box::new(|| {
             let Err(f) = self.child();
-            // SAFETY: `slot` points at `failed` in the suspended init's frame, which outlives
+            // SAFETY: `slot` points at `failed` in the suspended stage's frame, which outlives
             // the child (CLONE_VFORK: the stage resumes only after this process exec'd or exited).
             unsafe { std::ptr::write_volatile(slot, Some(f)) };
             // SAFETY: _exit ends this process at once (exit_group of its own thread group,
@@ -157,7 +155,7 @@ impl PayloadExec {
             )
         };
         let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
-        let pid = spawned.map_err(|e| ("spawn payload".to_owned(), e.to_string()))?;
+        let pid = step("spawn payload", spawned)?;
         // SAFETY: the child has exec'd or exited (CLONE_VFORK); nothing writes `failed` now.
         match unsafe { std::ptr::read_volatile(slot) } {
             None => Ok(pid),
@@ -169,10 +167,10 @@ impl PayloadExec {
     }
 
     /// The failed step as a message; a program that was not found names the PATH searched.
-    fn describe(&self, f: Failed) -> (String, String) {
+    fn describe(&self, f: Failed) -> StageError {
         let (step, msg) = f.describe();
         if step != "exec" {
-            return (step, msg);
+            return StageError::new(step, Cause::Detail(msg));
         }
         let msg = if f.errno == libc::ENOENT && !self.program.contains('/') {
             format!(
@@ -182,7 +180,7 @@ impl PayloadExec {
         } else {
             format!("exec failed: {msg}: {}", self.program)
         };
-        (step, msg)
+        StageError::new(step, Cause::Detail(msg))
     }
 
     /// The child, on the borrowed stack. Returns only on failure.
@@ -267,9 +265,9 @@ impl PayloadExec {
         let s = "unpack bundle";
         let bundle = std::fs::File::from(bundle);
         let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .map_err(|e| ("pipe".to_owned(), e.to_string()))?;
-        // SAFETY: the init is single-threaded, so the child may allocate after fork.
-        match unsafe { nix::unistd::fork() }.map_err(|e| (s.to_owned(), e.to_string()))? {
+            .map_err(|e| StageError::new("pipe", e))?;
+        // SAFETY: the stage is single-threaded, so the child may allocate after fork.
+        match step(s, unsafe { nix::unistd::fork() })? {
             nix::unistd::ForkResult::Child => {
                 drop(rd);
                 let result = privs::switch_to(&self.identity)
@@ -293,7 +291,7 @@ impl PayloadExec {
                         1
                     }
                 };
-                // SAFETY: _exit skips the atexit handlers and buffers copied from the init.
+                // SAFETY: _exit skips the atexit handlers and buffers copied from the stage.
                 unsafe { libc::_exit(code) }
             }
             nix::unistd::ForkResult::Parent { child } => {
@@ -303,10 +301,19 @@ impl PayloadExec {
                 let status = nix::sys::wait::waitpid(child, None);
                 match (status, msg.split_once('\n')) {
                     (Ok(nix::sys::wait::WaitStatus::Exited(_, 0)), _) => Ok(()),
-                    (_, Some((step, e))) => Err((step.to_owned(), e.to_owned())),
-                    (status, None) => {
-                        Err((s.to_owned(), format!("the unpacker ended: {status:?}")))
-                    }
+                    // The unpacker's report crossed a pipe: text, classified by its step.
+                    (_, Some((step, e))) if step == BUNDLE_ARCHIVE_STEP => Err(StageError::new(
+                        BUNDLE_ARCHIVE_STEP,
+                        Cause::Bundle(e.to_owned()),
+                    )),
+                    (_, Some((step, e))) => Err(StageError::new(
+                        step.to_owned(),
+                        Cause::Detail(e.to_owned()),
+                    )),
+                    (status, None) => Err(StageError::new(
+                        s,
+                        format!("the unpacker ended: {status:?}"),
+                    )),
                 }
             }
         }

@@ -6,13 +6,17 @@
 //!   capabilities. Inherited by every process the stage starts.
 //! - [`switch_to`], in the payload process (and the bundle unpacker): groups, gid, uid, a
 //!   fresh session keyring, every remaining capability set cleared and read back, then
-//!   no_new_privs. Raw system calls only, no allocation: the payload process shares the
-//!   stage's memory until its exec (payload.rs), so this code must not touch the heap or any
-//!   lock, and it reports a failure as a [`Failed`] of static parts.
+//!   no_new_privs. System calls only (rustix's raw, per-thread ones where it has them), no
+//!   allocation: the payload process shares the stage's memory until its exec (payload.rs),
+//!   so this code must not touch the heap or any lock, and it reports a failure as a
+//!   [`Failed`] of static parts.
 
+use rustix::thread::{CapabilitySet, CapabilitySets, Gid, Uid};
+
+use super::step::StageError;
 use super::Account;
 
-type StepResult<T> = Result<T, (String, String)>;
+type StepResult<T> = Result<T, StageError>;
 
 /// A failed step of code that cannot allocate: its name, the errno (0 for a failed check)
 /// and, for a check, what was found. Turned into a message by [`Failed::describe`].
@@ -29,6 +33,15 @@ impl Failed {
         Failed {
             step,
             errno: nix::errno::Errno::last_raw(),
+            detail: "",
+        }
+    }
+
+    /// The step failed with `errno` (a rustix call's error, which leaves errno alone).
+    pub fn errno(step: &'static str, e: rustix::io::Errno) -> Failed {
+        Failed {
+            step,
+            errno: e.raw_os_error(),
             detail: "",
         }
     }
@@ -72,13 +85,15 @@ pub(crate) struct Identity {
     gid: libc::gid_t,
     /// The supplementary groups and the primary gid, sorted, without duplicates.
     groups: Vec<libc::gid_t>,
+    /// The same, typed for rustix, laid out here because the switch cannot allocate.
+    ids: (Uid, Gid, Vec<Gid>),
 }
 
 impl Identity {
     pub fn of(account: &Account) -> StepResult<Identity> {
         if account.uid == 0 || account.gid == 0 {
-            return Err((
-                "identity switch".into(),
+            return Err(StageError::new(
+                "identity switch",
                 format!(
                     "refusing to run a payload as uid {} gid {} (root)",
                     account.uid, account.gid
@@ -90,15 +105,23 @@ impl Identity {
         groups.sort_unstable();
         groups.dedup();
         if groups.contains(&0) {
-            return Err((
-                "setgroups".into(),
-                "supplementary group 0 (root) is not allowed for payloads".into(),
+            return Err(StageError::new(
+                "setgroups",
+                "supplementary group 0 (root) is not allowed for payloads",
             ));
         }
+        // Unchecked: a uid or gid of -1 ("leave unchanged" to setres[ug]id) is not refused
+        // here but by `verify`, which finds the id unchanged.
+        let ids = (
+            Uid::from_raw_unchecked(account.uid),
+            Gid::from_raw_unchecked(account.gid),
+            groups.iter().map(|g| Gid::from_raw_unchecked(*g)).collect(),
+        );
         Ok(Identity {
             uid: account.uid,
             gid: account.gid,
             groups,
+            ids,
         })
     }
 }
@@ -116,7 +139,7 @@ pub(crate) fn limit_future_execs() -> StepResult<()> {
         | libc::SECBIT_KEEP_CAPS_LOCKED;
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_SECUREBITS, bits as libc::c_ulong, 0, 0, 0) } != 0 {
-        return Err(Failed::os("set securebits").describe());
+        return Err(Failed::os("set securebits").into());
     }
     // Every capability the kernel knows (EINVAL marks the end).
     for cap in 0..64 {
@@ -125,58 +148,36 @@ pub(crate) fn limit_future_execs() -> StepResult<()> {
             if nix::errno::Errno::last_raw() == libc::EINVAL {
                 break;
             }
-            return Err(Failed::os("drop bounding set").describe());
+            return Err(Failed::os("drop bounding set").into());
         }
     }
     let s = "verify bounding set";
     let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(|e| (s.to_owned(), format!("/proc/self/status: {e}")))?;
+        .map_err(|e| StageError::new(s, format!("/proc/self/status: {e}")))?;
     match status.lines().find_map(|l| l.strip_prefix("CapBnd:")) {
         Some(v) if u64::from_str_radix(v.trim(), 16) == Ok(0) => Ok(()),
-        v => Err((s.into(), format!("CapBnd is {v:?}, expected 0"))),
+        v => Err(StageError::new(s, format!("CapBnd is {v:?}, expected 0"))),
     }
 }
 
-/// `struct __user_cap_header_struct` (linux/capability.h).
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: libc::c_int,
-}
-
-/// `struct __user_cap_data_struct`; version 3 takes two (64 capability bits).
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-const CAP_VERSION_3: u32 = 0x2008_0522;
-
 /// Switches the calling process to `id` and drops every privilege it still has, then reads
-/// the result back. Raw system calls on data prepared beforehand: no allocation, no lock, no
-/// libc wrapper that coordinates threads (glibc's setuid family signals every thread of the
+/// the result back. Per-thread system calls on data prepared beforehand (rustix's, raw): no
+/// allocation, no lock, no libc wrapper that coordinates threads (glibc's setuid family signals every thread of the
 /// process; the payload process shares the stage's memory, not its threads).
 ///
 /// Order: groups, gid, uid (the setuid fixup clears permitted and effective, as securebits
 /// leave it on); a fresh session keyring, created as the account; ambient, inheritable,
 /// permitted and effective cleared; ids, groups and capabilities read back; no_new_privs.
 pub(crate) fn switch_to(id: &Identity) -> Result<(), Failed> {
-    // SAFETY (all calls below): system calls with integer arguments, or pointers to data that
-    // lives in this frame or in `id` for the duration of the call.
+    let (uid, gid, groups) = &id.ids;
+    rustix::thread::set_thread_groups(groups).map_err(|e| Failed::errno("setgroups", e))?;
+    rustix::thread::set_thread_res_gid(*gid, *gid, *gid)
+        .map_err(|e| Failed::errno("setresgid", e))?;
+    rustix::thread::set_thread_res_uid(*uid, *uid, *uid)
+        .map_err(|e| Failed::errno("setresuid", e))?;
+    fresh_session_keyring()?;
+    // SAFETY: prctl with integer arguments only.
     unsafe {
-        if libc::syscall(libc::SYS_setgroups, id.groups.len(), id.groups.as_ptr()) != 0 {
-            return Err(Failed::os("setgroups"));
-        }
-        if libc::syscall(libc::SYS_setresgid, id.gid, id.gid, id.gid) != 0 {
-            return Err(Failed::os("setresgid"));
-        }
-        if libc::syscall(libc::SYS_setresuid, id.uid, id.uid, id.uid) != 0 {
-            return Err(Failed::os("setresuid"));
-        }
-        fresh_session_keyring()?;
         if libc::prctl(
             libc::PR_CAP_AMBIENT,
             libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
@@ -187,18 +188,18 @@ pub(crate) fn switch_to(id: &Identity) -> Result<(), Failed> {
         {
             return Err(Failed::os("clear ambient capabilities"));
         }
-        let mut header = CapHeader {
-            version: CAP_VERSION_3,
-            pid: 0,
-        };
-        let data = [CapData::default(); 2];
-        if libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) != 0 {
-            return Err(Failed::os("clear capabilities"));
-        }
-        verify(id)?;
-        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-            return Err(Failed::os("set no_new_privs"));
-        }
+    }
+    let none = CapabilitySets {
+        effective: CapabilitySet::empty(),
+        permitted: CapabilitySet::empty(),
+        inheritable: CapabilitySet::empty(),
+    };
+    rustix::thread::set_capabilities(None, none)
+        .map_err(|e| Failed::errno("clear capabilities", e))?;
+    verify(id)?;
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(Failed::os("set no_new_privs"));
     }
     Ok(())
 }
@@ -212,7 +213,8 @@ fn verify(id: &Identity) -> Result<(), Failed> {
     let s = "verify dropped privileges";
     let (mut r, mut e, mut sv) = (0, 0, 0);
     // SAFETY: getresuid/getresgid write three ids to our locals; getgroups writes at most
-    // `buf.len()` gids into `buf`, capget two CapData into `data`; all on this stack.
+    // `buf.len()` gids into `buf`; all on this stack. (rustix has no getresuid, and its
+    // getgroups allocates.)
     unsafe {
         if libc::syscall(libc::SYS_getresuid, &mut r, &mut e, &mut sv) != 0 {
             return Err(Failed::os(s));
@@ -245,23 +247,13 @@ fn verify(id: &Identity) -> Result<(), Failed> {
                 return Err(Failed::check(s, "the groups differ from the account's"));
             }
         }
-        let mut header = CapHeader {
-            version: CAP_VERSION_3,
-            pid: 0,
-        };
-        let mut data = [CapData::default(); 2];
-        if libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) != 0 {
-            return Err(Failed::os(s));
-        }
-        if data
-            .iter()
-            .any(|d| d.effective | d.permitted | d.inheritable != 0)
-        {
-            return Err(Failed::check(
-                s,
-                "a capability is still set after clearing them",
-            ));
-        }
+    }
+    let caps = rustix::thread::capabilities(None).map_err(|e| Failed::errno(s, e))?;
+    if !(caps.effective | caps.permitted | caps.inheritable).is_empty() {
+        return Err(Failed::check(
+            s,
+            "a capability is still set after clearing them",
+        ));
     }
     Ok(())
 }
@@ -305,9 +297,9 @@ mod tests {
     fn root_and_group_zero_are_refused_before_any_process_exists() {
         assert!(Identity::of(&account(0, 100, &[])).is_err());
         assert!(Identity::of(&account(100, 0, &[])).is_err());
-        let (step, msg) = Identity::of(&account(100, 100, &[5, 0])).unwrap_err();
-        assert_eq!(step, "setgroups");
-        assert!(msg.contains("group 0"), "{msg}");
+        let e = Identity::of(&account(100, 100, &[5, 0])).unwrap_err();
+        assert_eq!(e.step, "setgroups");
+        assert!(e.source.to_string().contains("group 0"), "{e}");
     }
 
     #[test]

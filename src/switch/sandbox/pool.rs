@@ -22,13 +22,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
-use super::factory;
 use super::scope;
-use super::stage::Preparation;
+use super::wire::{self, FromFactory, Preparation, ToFactory, ToStage};
 use super::{SandboxError, SandboxSettings};
 
 /// How long the refill thread waits after a failed spawn before it tries again; launches
@@ -65,22 +64,9 @@ impl StageProcess {
         match self {
             StageProcess::Spawned(c) => c.kill(),
             StageProcess::Forked { pidfd, .. } => {
-                // SAFETY: pidfd_send_signal with a pidfd we own, a signal number and no
-                // siginfo (null), as documented for a plain kill.
-                let r = unsafe {
-                    libc::syscall(
-                        libc::SYS_pidfd_send_signal,
-                        pidfd.as_raw_fd(),
-                        libc::SIGKILL,
-                        std::ptr::null::<libc::siginfo_t>(),
-                        0u32,
-                    )
-                };
-                let e = std::io::Error::last_os_error();
-                match r {
-                    0 => Ok(()),
-                    _ if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
-                    _ => Err(e),
+                match rustix::process::pidfd_send_signal(pidfd, rustix::process::Signal::KILL) {
+                    Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
+                    Err(e) => Err(e.into()),
                 }
             }
         }
@@ -167,15 +153,12 @@ impl Factory {
 
     /// One freshly forked stage, or why there is none.
     fn fork(&mut self) -> Result<IdleStage, String> {
-        use std::io::Write;
-        self.channel
-            .write_all(&[factory::FORK_ONE])
+        wire::send(&self.channel, &ToFactory::ForkOne, &[])
             .map_err(|e| format!("cannot ask the stage factory: {e}"))?;
-        let (reply, fds) =
-            crate::protocol::switch_wire::read_frame::<factory::FactoryReply>(&mut self.channel)
-                .map_err(|e| format!("no answer from the stage factory: {e}"))?;
+        let (reply, fds) = wire::recv::<FromFactory>(&mut self.channel)
+            .map_err(|e| format!("no answer from the stage factory: {e}"))?;
         match reply {
-            factory::FactoryReply::Forked { pid } => {
+            FromFactory::Forked { pid } => {
                 let mut fds = fds.into_iter();
                 let (Some(channel), Some(pidfd), Ok(pid)) =
                     (fds.next(), fds.next(), u32::try_from(pid))
@@ -189,7 +172,7 @@ impl Factory {
                     channel: UnixStream::from(channel),
                 })
             }
-            factory::FactoryReply::Failed { error } => Err(error),
+            FromFactory::Failed { error } => Err(error),
         }
     }
 }
@@ -312,7 +295,7 @@ impl StagePool {
     }
 
     /// Wakes the idle stage the next [`StagePool::take`] will hand out, without giving it
-    /// anything (an empty frame it reads and waits on). Called when a launch request arrives,
+    /// anything ([`ToStage::Wake`]: it reads it and spins for the plan). Called when a launch request arrives,
     /// before its checks: an idle CPU takes long to wake (a halted virtual CPU most of all),
     /// and this way the stage's CPU is awake by the time its plan is ready. The stage stays
     /// idle and clean; a request that is then denied only cost that wake-up.
@@ -322,8 +305,7 @@ impl StagePool {
             // At normal priority: under SCHED_IDLE the wake-up waits for a CPU nothing else
             // wants, and the launch comes right after.
             s.process.run_at_normal_priority();
-            // "null": the stage reads it as "no plan yet" (stage.rs).
-            let _ = crate::protocol::switch_wire::write_frame(&mut s.channel, &None::<()>, &[]);
+            let _ = wire::send(&s.channel, &ToStage::Wake, &[]);
         }
     }
 
@@ -384,27 +366,35 @@ impl Drop for StagePool {
     }
 }
 
-/// A stage forked by the factory (started on first use), or None when the factory cannot be
-/// used (a kernel without pidfd_open, say): then the caller execs one, and so does every later
-/// refill.
-fn factory_fork(factory: &mut Option<Option<Factory>>, shared: &Shared) -> Option<IdleStage> {
-    let f = match factory {
-        Some(None) => return None,
-        Some(Some(f)) => f,
-        None => match Factory::start(&shared.exe, &shared.prep) {
-            Ok(f) => factory.insert(Some(f)).as_mut()?,
+/// The refill thread's stage factory: not started yet (it starts on first use), running, or
+/// unusable (it failed once: a kernel without pidfd_open, say; from then on stages are
+/// exec'd, warned once).
+enum FactoryState {
+    NotStarted,
+    Running(Factory),
+    Unusable,
+}
+
+/// A stage forked by the factory, or None when the factory cannot be used: then the caller
+/// execs one, and so does every later refill.
+fn factory_fork(factory: &mut FactoryState, shared: &Shared) -> Option<IdleStage> {
+    if let FactoryState::NotStarted = factory {
+        *factory = match Factory::start(&shared.exe, &shared.prep) {
+            Ok(f) => FactoryState::Running(f),
             Err(e) => {
                 tracing::warn!(error = %e, "no stage factory; idle stages are exec'd one by one");
-                *factory = Some(None);
-                return None;
+                FactoryState::Unusable
             }
-        },
+        };
+    }
+    let FactoryState::Running(f) = factory else {
+        return None;
     };
     match f.fork() {
         Ok(s) => Some(s),
         Err(error) => {
             tracing::warn!(%error, "the stage factory failed; idle stages are exec'd one by one from now on");
-            *factory = Some(None);
+            *factory = FactoryState::Unusable;
             None
         }
     }
@@ -415,8 +405,7 @@ fn factory_fork(factory: &mut Option<Option<Factory>>, shared: &Shared) -> Optio
 /// under SCHED_IDLE right after its exec and builds its preparation there (stage.rs,
 /// `become_idle`); the helper sets a stage it takes back to SCHED_OTHER.
 fn refill(shared: &Shared) {
-    // Some(None): the factory failed once; from then on stages are exec'd (warned once).
-    let mut factory: Option<Option<Factory>> = None;
+    let mut factory = FactoryState::NotStarted;
     let wanted =
         |st: &State| st.idle.len() < shared.warm && (st.launching == 0 || st.idle.is_empty());
     loop {

@@ -69,13 +69,8 @@ pub async fn gate(State(st): State<Arc<AppState>>, mut req: Request, next: Next)
     let target = Target::parse(req.method(), req.uri().path());
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
-    let admitted = admit(
-        c,
-        &conn.peer,
-        req.headers().get(ON_BEHALF_OF),
-        &target,
-        started,
-    );
+    let on_behalf = req.headers().get(ON_BEHALF_OF).cloned();
+    let admitted = admit(c, &conn.peer, on_behalf.as_ref(), &target, started);
     let (caller, resp) = match admitted {
         Ok(caller) => {
             if let Some(cl) = &caller {
@@ -94,10 +89,11 @@ pub async fn gate(State(st): State<Arc<AppState>>, mut req: Request, next: Next)
         client_port: conn.remote.port(),
         dn: conn.peer.dn.to_string(),
         kind: conn.peer.kind.as_str(),
-        on_behalf_of: caller
-            .as_ref()
-            .and_then(|c| c.on_behalf_of())
-            .map(str::to_string),
+        // The member a portal acted for, or, on a refusal, whom the header named.
+        on_behalf_of: match caller.as_ref() {
+            Some(c) => c.on_behalf_of().map(str::to_string),
+            None => on_behalf.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+        },
         responsible: caller
             .as_ref()
             .and_then(|c| c.responsible())

@@ -18,7 +18,7 @@ use super::config::{PortalAction, PortalSettings, Rate};
 pub const ROBOT_POLICY_OID: &str = "1.2.840.113612.5.2.3.3.1";
 
 /// The request header in which a portal names the member it acts for (the member's DN, UTF-8).
-pub const ON_BEHALF_OF: &str = "mupilot-on-behalf-of";
+pub const ON_BEHALF_OF: &str = "Mupilot-On-Behalf-Of";
 
 /// Whether the DER certificate carries the IGTF robot policy OID.
 pub fn has_robot_policy(der: &[u8]) -> bool {

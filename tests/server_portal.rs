@@ -446,6 +446,17 @@ async fn submissions_over_the_rate_get_429_with_retry_after_and_pass_again_after
             dn("alice"),
         ),
     );
+    // Metrics on, to see the refusals counted.
+    let maddr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let toml = std::fs::read_to_string(demo.config()).unwrap();
+    std::fs::write(
+        demo.config(),
+        format!("metrics_listen = \"{maddr}\"\n{toml}"),
+    )
+    .unwrap();
     let srv = demo.serve();
     let alice = demo.client("alice");
     for _ in 0..2 {
@@ -508,6 +519,16 @@ async fn submissions_over_the_rate_get_429_with_retry_after_and_pass_again_after
     assert!(limited
         .iter()
         .all(|r| r["error"] == "rate_limited" && r["retry_after"].as_u64().is_some()));
+    let scrape = reqwest::get(format!("http://{maddr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        scrape.contains("mupilot_server_gate_refusals_total{result=\"rate_limited\"} 4"),
+        "{scrape}"
+    );
 }
 
 /// `curl` with a client certificate: it reports the local (client) port it used.

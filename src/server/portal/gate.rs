@@ -78,7 +78,11 @@ pub async fn gate(State(st): State<Arc<AppState>>, mut req: Request, next: Next)
             }
             (caller, next.run(req).await)
         }
-        Err(refused) => (None, refused.into_response()),
+        Err(refused) => {
+            let resp = refused.into_response();
+            st.metrics.gate_refused(resp.status().as_u16());
+            (None, resp)
+        }
     };
     let error = resp.extensions().get::<ErrorOf>();
     let rec = RequestRecord {

@@ -658,3 +658,55 @@ async fn the_request_log_names_the_address_and_port_a_payload_came_from_and_show
     );
     assert!(report.contains("chain NOT intact"), "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_right_after_submitting_is_still_recorded() {
+    use tokio::io::AsyncWriteExt;
+    let demo = Demo::new();
+    let srv = demo.serve();
+    let cfg = mupilot::tls::client_config(
+        &demo.path("alice.crt"),
+        &demo.path("alice.key"),
+        &demo.path("certificates"),
+    )
+    .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    let addr: std::net::SocketAddr = srv.url.trim_start_matches("https://").parse().unwrap();
+    let body = serde_json::to_string(&req("hang-up")).unwrap();
+    let request = format!(
+        "POST /v1/payloads HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // Thirty clients send a submission and close at once, never reading the answer.
+    for _ in 0..30 {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = connector.connect(name, tcp).await.unwrap();
+        tls.write_all(request.as_bytes()).await.unwrap();
+        tls.flush().await.unwrap();
+        drop(tls);
+    }
+    // Whatever the server queued has its submit record, with the id it got.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let queued: Vec<PayloadView> = demo
+        .client("alice")
+        .get(srv.url("/v1/payloads"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let recorded: std::collections::HashSet<String> = requests(&demo, &["--action", "submit"])
+        .iter()
+        .filter(|r| r["status"] == 201)
+        .map(|r| r["payload_id"].as_str().unwrap().to_string())
+        .collect();
+    let ids: std::collections::HashSet<String> =
+        queued.iter().map(|v| v.payload_id.clone()).collect();
+    assert_eq!(ids, recorded, "every queued payload has its submit record");
+    println!(
+        "srv hang-up: {} of 30 submissions queued, each recorded",
+        ids.len()
+    );
+}

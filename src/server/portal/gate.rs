@@ -57,8 +57,18 @@ pub struct Controls {
     pub server: Arc<str>,
 }
 
-/// The middleware (see the module documentation).
-pub async fn gate(State(st): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+/// The middleware (see the module documentation). The request runs in a task of its own:
+/// a client that closes its connection mid-request drops only the wait for the answer, never
+/// the handler's work nor the record of it (else a submission could be made unrecorded by
+/// disconnecting right after sending it).
+pub async fn gate(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    match tokio::spawn(gated(st, req, next)).await {
+        Ok(resp) => resp,
+        Err(e) => Fail::internal(format!("the request's task failed: {e}")).into_response(),
+    }
+}
+
+async fn gated(st: Arc<AppState>, mut req: Request, next: Next) -> Response {
     let arrived = crate::records::now_rfc3339();
     let started = Instant::now();
     let Some(conn) = req.extensions().get::<ConnInfo>().cloned() else {
@@ -96,7 +106,7 @@ pub async fn gate(State(st): State<Arc<AppState>>, mut req: Request, next: Next)
         // The member a portal acted for, or, on a refusal, whom the header named.
         on_behalf_of: match caller.as_ref() {
             Some(c) => c.on_behalf_of().map(str::to_string),
-            None => on_behalf.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+            None => on_behalf.map(|v| truncate(&String::from_utf8_lossy(v.as_bytes()), 1024)),
         },
         responsible: caller
             .as_ref()

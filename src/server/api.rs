@@ -1,6 +1,9 @@
 //! The HTTPS JSON API (`/v1/...`) as an axum router: who may call what, input validation,
 //! envelope signing. The caller's identity is the [`PeerDn`] the listener put into the
-//! request's extensions from the verified client certificate; nothing else is trusted.
+//! request's extensions from the verified client certificate (pilot requests), and for member
+//! requests the [`Caller`] the portal gate derived from it (a portal acting for the member it
+//! names, a robot, a person); nothing else is trusted. Every route passes the gate
+//! (`portal::gate`): identity, rate limits and the request log.
 //! Database work runs on blocking threads through [`Store`].
 
 use std::collections::HashSet;

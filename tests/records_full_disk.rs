@@ -4,6 +4,7 @@
 //! cut), records that could not be written wait in memory and are written in order when space
 //! returns, and verification stays intact: a full disk is never tampering.
 
+mod server_support;
 mod support;
 mod switch_support;
 
@@ -572,5 +573,160 @@ fn helper_stopped_while_the_disk_is_full_logs_its_records_and_the_next_one_close
     }
     let (code, text) = cli(&["audit", "verify", "--log", site.audit.to_str().unwrap()]);
     assert_eq!(code, 0, "{text}");
+    drop(disk);
+}
+
+/// One request to the server: its status (also pushed to `sent`), Retry-After and body.
+async fn server_request(
+    sent: &mut Vec<u64>,
+    r: reqwest::RequestBuilder,
+) -> (u16, Option<String>, Value) {
+    let resp = r.send().await.unwrap();
+    let status = resp.status().as_u16();
+    sent.push(u64::from(status));
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    let body = resp.json::<Value>().await.unwrap_or(Value::Null);
+    (status, retry, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_on_a_full_request_log_disk_refuses_new_work_serves_reports_and_loses_no_record() {
+    use mupilot::protocol::api::{PayloadState, StatusReport};
+    let demo = server_support::Demo::new();
+    let disk = SmallDisk::mount(&demo.tmp.path().join("disk"), None);
+    let log = disk.dir.join("requests.jsonl");
+    let cfg = demo.config();
+    let mut toml = std::fs::read_to_string(&cfg).unwrap();
+    toml.push_str(&format!("\n[request_log]\npath = \"{}\"\n", log.display()));
+    std::fs::write(&cfg, toml).unwrap();
+    let mut srv = demo.serve();
+    let (alice, pilot) = (demo.client("alice"), demo.client("pilot"));
+    let submit_url = srv.url("/v1/payloads");
+    let sub = json!({"argv": ["/bin/true"], "resources": {"cores": 1, "memory_bytes": 67108864, "walltime_seconds": 60}});
+    let mut sent = Vec::new();
+    // A payload out at a pilot, running, before the disk fills.
+    let (st, _, body) = server_request(&mut sent, alice.post(&submit_url).json(&sub)).await;
+    assert_eq!(st, 201, "{body}");
+    let (st, _, work) = server_request(
+        &mut sent,
+        pilot
+            .post(srv.url("/v1/match"))
+            .json(&server_support::match_req("pl-1")),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let running = work["work"]["payload_id"].as_str().unwrap().to_string();
+    let report = |state| StatusReport {
+        pilot_id: "pl-1".into(),
+        state: Some(state),
+        ..Default::default()
+    };
+    let status_url = srv.url(&format!("/v1/payloads/{running}/status"));
+    let (st, _, _) = server_request(
+        &mut sent,
+        pilot.post(&status_url).json(&report(PayloadState::Running)),
+    )
+    .await;
+    assert_eq!(st, 200);
+
+    disk.fill();
+    // Submissions go on while records still fit the file's last page; the one whose record
+    // the file cannot take is accepted (it is queued: its record waits in memory), and from
+    // then on new work is refused with 503 and Retry-After.
+    let mut accepted = 0;
+    let (retry, body) = loop {
+        let (st, retry, body) = server_request(&mut sent, alice.post(&submit_url).json(&sub)).await;
+        match st {
+            201 => accepted += 1,
+            503 => break (retry, body),
+            other => panic!("submission answered {other}: {body}"),
+        }
+        assert!(accepted < 200, "the request log never filled the disk");
+    };
+    assert_eq!(retry.as_deref(), Some("5"));
+    assert_eq!(body["error"], "unavailable");
+    assert!(
+        body["message"].as_str().unwrap().contains("request log"),
+        "{body}"
+    );
+    let (st, _, _) = server_request(
+        &mut sent,
+        pilot
+            .post(srv.url("/v1/match"))
+            .json(&server_support::match_req("pl-2")),
+    )
+    .await;
+    assert_eq!(st, 503, "no work leaves while it cannot be recorded");
+    // Reports on work already out and reads are served: refusing a heartbeat would turn a
+    // running payload lost.
+    for _ in 0..3 {
+        let (st, _, _) = server_request(
+            &mut sent,
+            pilot.post(&status_url).json(&report(PayloadState::Running)),
+        )
+        .await;
+        assert_eq!(st, 200);
+    }
+    let (st, _, _) = server_request(
+        &mut sent,
+        alice.get(srv.url(&format!("/v1/payloads/{running}"))),
+    )
+    .await;
+    assert_eq!(st, 200);
+    // No fragment in the file meanwhile, and the chain so far is intact.
+    assert!(ends_with_newline(&log));
+    let r = verify_file(&log).unwrap();
+    assert_eq!((r.first_break, r.torn_tail), (None, None));
+    let before = r.records;
+
+    disk.free();
+    // The retry thread writes the backlog within 0.5 s; then submissions are accepted again.
+    let t = Instant::now();
+    loop {
+        let (st, _, body) = server_request(&mut sent, alice.post(&submit_url).json(&sub)).await;
+        if st == 201 {
+            break;
+        }
+        assert_eq!(st, 503, "{body}");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "not accepted 5 s after space returned"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let recovered_ms = t.elapsed().as_millis();
+    println!(
+        "srv full disk: {accepted} submissions fitted after dd, accepted again {recovered_ms} ms after rm, {} requests",
+        sent.len()
+    );
+    assert_eq!(srv.stop(), Some(0));
+
+    // Every request made has exactly one record, in order, after a write_failed record
+    // saying how many waited in memory; the chain is intact.
+    let recs = read_records(&log).unwrap();
+    let requests: Vec<&Value> = recs.iter().filter(|r| r["event"] == "request").collect();
+    let statuses: Vec<u64> = requests
+        .iter()
+        .map(|r| r["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        statuses, sent,
+        "one record per request, in order, with its status"
+    );
+    assert!(recs.len() as u64 > before);
+    let wf: Vec<&Value> = recs
+        .iter()
+        .filter(|r| r["event"] == "write_failed")
+        .collect();
+    assert_eq!(wf.len(), 1, "{recs:?}");
+    // The submission whose record failed, the refused submission and match, three reports
+    // and a read at least.
+    assert!(wf[0]["kept"].as_u64().unwrap() >= 7, "{}", wf[0]);
+    assert_eq!(wf[0]["dropped"], 0);
+    let out = demo.run(&["requests", "verify", "--log", log.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", server_support::text(&out));
     drop(disk);
 }

@@ -1,6 +1,9 @@
 //! The HTTPS JSON API (`/v1/...`) as an axum router: who may call what, input validation,
 //! envelope signing. The caller's identity is the [`PeerDn`] the listener put into the
-//! request's extensions from the verified client certificate; nothing else is trusted.
+//! request's extensions from the verified client certificate (pilot requests), and for member
+//! requests the [`Caller`] the portal gate derived from it (a portal acting for the member it
+//! names, a robot, a person); nothing else is trusted. Every route passes the gate
+//! (`portal::gate`): identity, rate limits and the request log.
 //! Database work runs on blocking threads through [`Store`].
 
 use std::collections::HashSet;
@@ -19,6 +22,8 @@ use chrono::{Duration, Utc};
 use serde::Deserialize;
 
 use super::config::{SubmitLimits, ENVELOPE_SKEW_SECONDS};
+use super::portal::gate::{Controls, ErrorOf, PayloadOf};
+use super::portal::identity::Caller;
 use super::store::{Matched, Member, NewPayload, Store, StoreError};
 use crate::protocol::api::OperatorCommand;
 use crate::protocol::api::{
@@ -47,7 +52,6 @@ pub struct AppState {
     pub key: VoSigningKey,
     pub vo: String,
     pub pilot_dns: HashSet<String>,
-    pub operator_dns: HashSet<String>,
     pub envelope_lifetime: Duration,
     /// A payload's files are deleted this long after its final state.
     pub retention: Duration,
@@ -59,6 +63,8 @@ pub struct AppState {
     pub heartbeat_seconds: u64,
     /// Counters and latency histograms (served when server.toml sets `metrics_listen`).
     pub metrics: Arc<super::metrics::Metrics>,
+    /// Portals, robots, rate limits and the request log.
+    pub portal: Controls,
 }
 
 /// A matched payload that is not reported running this long after its envelope expired is
@@ -67,22 +73,30 @@ pub const REQUEUE_MARGIN_SECONDS: i64 = 300;
 
 type St = State<Arc<AppState>>;
 
-/// An error answer: HTTP status plus an [`ApiError`] body.
+/// An error answer: HTTP status plus an [`ApiError`] body (and `Retry-After` when the
+/// client should come back later).
 #[derive(Debug)]
 pub struct Fail {
     status: StatusCode,
     body: ApiError,
+    retry_after: Option<u64>,
 }
 
 impl Fail {
-    fn new(status: StatusCode, error: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, error: &str, message: impl Into<String>) -> Self {
         Fail {
             status,
             body: ApiError {
                 error: error.to_string(),
                 message: message.into(),
             },
+            retry_after: None,
         }
+    }
+    /// Asks the client to retry after `seconds` (429, 503).
+    pub(crate) fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
     }
     fn bad(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
@@ -94,14 +108,24 @@ impl Fail {
     fn over_limit(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, "over_limit", message)
     }
-    fn internal(message: impl Into<String>) -> Self {
+    pub(crate) fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }
 }
 
 impl IntoResponse for Fail {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body)).into_response()
+        // The request log records the code and message of every refusal.
+        let of = ErrorOf {
+            code: self.body.error.clone(),
+            message: self.body.message.clone(),
+        };
+        let mut resp = (self.status, Extension(of), Json(self.body)).into_response();
+        if let Some(s) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(s));
+        }
+        resp
     }
 }
 
@@ -173,6 +197,12 @@ pub fn router(state: Arc<AppState>) -> Router {
                 "no such endpoint; the API lives under /v1/ (see docs/protocol.md)",
             )
         })
+        // Every request, routed or not, passes the portal gate (identity, rate limits, the
+        // request log).
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            super::portal::gate::gate,
+        ))
         .with_state(state)
 }
 
@@ -320,19 +350,37 @@ fn validate(req: &SubmitRequest) -> Result<(), Fail> {
 
 async fn submit(
     st: St,
-    peer: Extension<PeerDn>,
+    caller: Extension<Caller>,
     body: Result<Json<SubmitRequest>, JsonRejection>,
-) -> Result<(StatusCode, Json<SubmitResponse>), Fail> {
+) -> Result<(StatusCode, Extension<PayloadOf>, Json<SubmitResponse>), Fail> {
     let started = std::time::Instant::now();
     let metrics = st.metrics.clone();
-    let res = submit_inner(st, peer, body).await;
+    let res = submit_inner(st, caller, body).await;
     metrics.submitted(res.is_ok(), started.elapsed());
-    res
+    res.map(|(code, body)| (code, Extension(PayloadOf(body.payload_id.clone())), body))
+}
+
+/// The active member `dn` (a submission's owner, or the person answering for a robot), or a
+/// refusal saying who is not one and how that is fixed.
+async fn active_member(st: &AppState, dn: &str, role: String) -> Result<Member, Fail> {
+    let now = Utc::now();
+    let who = dn.to_string();
+    let active = blocking(st, move |store| {
+        Ok(store.member(&who)?.filter(|m| m.is_active(now)))
+    })
+    .await?;
+    active.ok_or_else(|| {
+        StoreError::Forbidden(format!(
+            "{role}{dn} is not an active member of VO {} (unregistered, suspended, removed or past renewal); ask a VO operator to run `mupilot-server member add` or `member renew`",
+            st.vo
+        ))
+        .into()
+    })
 }
 
 async fn submit_inner(
     State(st): St,
-    Extension(peer): Extension<PeerDn>,
+    Extension(caller): Extension<Caller>,
     body: Result<Json<SubmitRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<SubmitResponse>), Fail> {
     let Json(req) = body?;
@@ -354,20 +402,22 @@ async fn submit_inner(
             )
         }
     };
-    let dn = peer.0.to_string();
+    let dn = caller.acting_dn().to_string();
     let now = Utc::now();
-    let who = dn.clone();
-    let active = blocking(&st, move |store| {
-        Ok(store.member(&who)?.filter(|m| m.is_active(now)))
-    })
-    .await?;
-    let Some(member) = active else {
-        return Err(StoreError::Forbidden(format!(
-            "{dn} is not an active member of VO {} (unregistered, suspended, removed or past renewal); ask a VO operator to run `mupilot-server member add` or `member renew`",
-            st.vo
-        ))
-        .into());
+    // A portal submits only for active members; a robot only while it and the person
+    // responsible for it are active members.
+    let role = match &caller {
+        Caller::Portal { dn: portal, .. } => format!("portal {portal} acts for "),
+        _ => String::new(),
     };
+    let member = active_member(&st, &dn, role).await?;
+    if let Caller::Robot {
+        dn: robot,
+        responsible,
+    } = &caller
+    {
+        active_member(&st, responsible, format!("robot {robot} answers to ")).await?;
+    }
     envelope_fits(&st, &req, &member)?;
     let id = blocking(&st, move |store| {
         let p = NewPayload {
@@ -383,7 +433,13 @@ async fn submit_inner(
         store.submit(&p, bundle.as_deref(), now)
     })
     .await?;
-    tracing::info!(payload = %id, owner = %peer.0, "payload submitted");
+    tracing::info!(
+        payload = %id,
+        owner = %caller.acting_dn(),
+        certificate = %caller.certificate_dn(),
+        responsible = ?caller.responsible(),
+        "payload submitted"
+    );
     Ok((
         StatusCode::CREATED,
         Json(SubmitResponse {
@@ -428,7 +484,7 @@ async fn match_work(
     State(st): St,
     Extension(peer): Extension<PeerDn>,
     body: Result<Json<MatchRequest>, JsonRejection>,
-) -> Result<Json<MatchResponse>, Fail> {
+) -> Result<(Option<Extension<PayloadOf>>, Json<MatchResponse>), Fail> {
     use super::metrics::MatchResult;
     let started = std::time::Instant::now();
     require_pilot(&st, &peer.0)?;
@@ -445,7 +501,13 @@ async fn match_work(
     let vo = matches!(result, MatchResult::Work).then_some(st.vo.as_str());
     let id = crate::util::is_safe_id(&pilot_id).then_some(pilot_id.as_str());
     st.metrics.matched(id, vo, result, started.elapsed());
-    res.map(Json)
+    res.map(|r| {
+        let of = r
+            .work
+            .as_ref()
+            .map(|w| Extension(PayloadOf(w.payload_id.clone())));
+        (of, Json(r))
+    })
 }
 
 async fn match_inner(
@@ -597,12 +659,13 @@ async fn upload(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Loads a payload and checks that the caller is its owner or a VO operator.
-async fn readable(st: &AppState, dn: &str, id: &str) -> Result<PayloadView, Fail> {
+/// Loads a payload and checks that the caller acts as its owner or is a VO operator.
+async fn readable(st: &AppState, caller: &Caller, id: &str) -> Result<PayloadView, Fail> {
     check_id(id)?;
     let pid = id.to_string();
     let view = blocking(st, move |s| s.view(&pid)).await?;
-    if view.owner_dn != dn && !st.operator_dns.contains(dn) {
+    let dn = caller.acting_dn();
+    if view.owner_dn != dn && !caller.is_operator() {
         return Err(Fail::forbidden(format!(
             "{dn} may not read payload {id}: only its owner or a VO operator may"
         )));
@@ -612,18 +675,18 @@ async fn readable(st: &AppState, dn: &str, id: &str) -> Result<PayloadView, Fail
 
 async fn view(
     State(st): St,
-    Extension(peer): Extension<PeerDn>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<PayloadView>, Fail> {
-    Ok(Json(readable(&st, &peer.0, &id).await?))
+    Ok(Json(readable(&st, &caller, &id).await?))
 }
 
 async fn download(
     State(st): St,
-    Extension(peer): Extension<PeerDn>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, Fail> {
-    let view = readable(&st, &peer.0, &id).await?;
+    let view = readable(&st, &caller, &id).await?;
     if let Some(t) = view.files_deleted_at {
         return Err(Fail::new(
             StatusCode::GONE,
@@ -653,7 +716,7 @@ struct ListQuery {
 
 async fn list(
     State(st): St,
-    Extension(peer): Extension<PeerDn>,
+    Extension(caller): Extension<Caller>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Vec<PayloadView>>, Fail> {
     let state = match q.state.as_deref() {
@@ -667,10 +730,10 @@ async fn list(
                 })?,
         ),
     };
-    let owner = if st.operator_dns.contains(&*peer.0) {
+    let owner = if caller.is_operator() {
         None
     } else {
-        Some(peer.0.to_string())
+        Some(caller.acting_dn().to_string())
     };
     Ok(Json(
         blocking(&st, move |s| s.list(owner.as_deref(), state)).await?,
@@ -686,38 +749,38 @@ pub struct SignalRequest {
 
 async fn signal(
     State(st): St,
-    Extension(peer): Extension<PeerDn>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     body: Result<Json<SignalRequest>, JsonRejection>,
 ) -> Result<Json<PayloadView>, Fail> {
     check_id(&id)?;
     let Json(req) = body?;
-    let dn = peer.0.to_string();
-    let op = st.operator_dns.contains(&dn);
+    let dn = caller.acting_dn().to_string();
+    let op = caller.is_operator();
     let pid = id.clone();
     let view = blocking(&st, move |s| {
         s.queue_signal(&pid, &dn, op, req.signal)?;
         s.view(&pid)
     })
     .await?;
-    tracing::info!(payload = %id, requester = %peer.0, signal = req.signal, "signal requested");
+    tracing::info!(payload = %id, requester = %caller.acting_dn(), certificate = %caller.certificate_dn(), signal = req.signal, "signal requested");
     Ok(Json(view))
 }
 
 async fn cancel(
     State(st): St,
-    Extension(peer): Extension<PeerDn>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<PayloadView>, Fail> {
     check_id(&id)?;
-    let dn = peer.0.to_string();
-    let op = st.operator_dns.contains(&dn);
+    let dn = caller.acting_dn().to_string();
+    let op = caller.is_operator();
     let pid = id.clone();
     let view = blocking(&st, move |s| {
         s.cancel(&pid, &dn, op, Utc::now())?;
         s.view(&pid)
     })
     .await?;
-    tracing::info!(payload = %id, requester = %peer.0, state = %view.state, "cancel requested");
+    tracing::info!(payload = %id, requester = %caller.acting_dn(), certificate = %caller.certificate_dn(), state = %view.state, "cancel requested");
     Ok(Json(view))
 }

@@ -103,6 +103,12 @@ enum Command {
         #[arg(long, value_name = "N")]
         signal: i32,
     },
+    /// Query the request log: which address and port submitted a payload, what a DN did or
+    /// had done for it, what came from an address; `requests verify` checks its chain.
+    #[command(
+        after_help = "Exit codes: 0 found (verify: intact), 1 nothing matched (verify: not intact), 2 could not run."
+    )]
+    Requests(super::portal::query::RequestsArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -161,6 +167,10 @@ struct ConnArgs {
     /// CA file or hashed CA directory [default: /etc/grid-security/certificates].
     #[arg(long, value_name = "FILE|DIR")]
     ca: Option<PathBuf>,
+    /// Act for this member (a portal's certificate only): the member's DN, sent in the
+    /// Mupilot-On-Behalf-Of header.
+    #[arg(long, value_name = "DN")]
+    on_behalf_of: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -192,6 +202,15 @@ struct SubmitArgs {
 }
 
 impl ConnArgs {
+    /// The client these flags describe, acting for `--on-behalf-of` when given.
+    fn client(&self) -> Result<Client, ClientError> {
+        let c = Client::new(&self.resolve()?)?;
+        match &self.on_behalf_of {
+            Some(dn) => c.on_behalf_of(dn),
+            None => Ok(c),
+        }
+    }
+
     fn resolve(&self) -> Result<ClientConfig, ClientError> {
         let base = match &self.config {
             Some(p) => Some(ClientConfig::load(p)?),
@@ -288,6 +307,9 @@ pub fn main() -> i32 {
             }
         }
         Command::Serve { config } => serve(&config),
+        Command::Requests(args) => {
+            crate::records::cli::with_stdio(|io| super::portal::query::main(&args, io))
+        }
         Command::Member { cmd } => member(cmd),
         Command::Submit(args) => run_client(|| submit(args)),
         Command::Status {
@@ -297,7 +319,7 @@ pub fn main() -> i32 {
             wait,
         } => run_client(|| status(conn, id, json, wait)),
         Command::Output { conn, id, to } => run_client(|| async move {
-            let c = Client::new(&conn.resolve()?)?;
+            let c = conn.client()?;
             let data = c.output(&id).await?;
             let dest = to.clone();
             tokio::task::spawn_blocking(move || client::unpack(&data, &dest))
@@ -307,7 +329,7 @@ pub fn main() -> i32 {
             Ok(EXIT_OK)
         }),
         Command::Cancel { conn, id } => run_client(|| async move {
-            let c = Client::new(&conn.resolve()?)?;
+            let c = conn.client()?;
             let v = c.cancel(&id).await?;
             if v.state == PayloadState::Cancelled {
                 println!("{id} cancelled");
@@ -317,7 +339,7 @@ pub fn main() -> i32 {
             Ok(EXIT_OK)
         }),
         Command::Signal { conn, id, signal } => run_client(|| async move {
-            let c = Client::new(&conn.resolve()?)?;
+            let c = conn.client()?;
             let v = c.signal(&id, signal).await?;
             println!("{id} is {}: signal {signal} sent to its pilot", v.state);
             Ok(EXIT_OK)
@@ -504,7 +526,7 @@ async fn submit(args: SubmitArgs) -> Result<i32, ClientError> {
         outputs: args.outputs,
         bundle,
     };
-    let c = Client::new(&args.conn.resolve()?)?;
+    let c = args.conn.client()?;
     let resp = c.submit(&req).await?;
     println!("{}", resp.payload_id);
     Ok(EXIT_OK)
@@ -548,7 +570,7 @@ async fn status(
     json: bool,
     wait: Option<u64>,
 ) -> Result<i32, ClientError> {
-    let c = Client::new(&conn.resolve()?)?;
+    let c = conn.client()?;
     let deadline = wait.map(|w| std::time::Instant::now() + std::time::Duration::from_secs(w));
     let view = loop {
         let v = c.view(&id).await?;

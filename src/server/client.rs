@@ -48,6 +48,8 @@ impl ClientError {
 pub struct Client {
     http: reqwest::Client,
     base: String,
+    /// The member a portal acts for (the `Mupilot-On-Behalf-Of` header of every request).
+    on_behalf_of: Option<reqwest::header::HeaderValue>,
 }
 
 impl Client {
@@ -63,7 +65,25 @@ impl Client {
         Ok(Client {
             http,
             base: cfg.server_url.trim_end_matches('/').to_string(),
+            on_behalf_of: None,
         })
+    }
+
+    /// Sends every request on behalf of the member `dn` (for a portal's certificate).
+    pub fn on_behalf_of(mut self, dn: &str) -> Result<Self, ClientError> {
+        if !dn.starts_with('/') {
+            return Err(ClientError::Usage(format!(
+                "--on-behalf-of {dn:?}: give the member's grid-style DN, e.g. \"/DC=org/DC=example/CN=alice\""
+            )));
+        }
+        // From bytes: a DN may hold UTF-8 beyond ASCII.
+        let v = reqwest::header::HeaderValue::from_bytes(dn.as_bytes()).map_err(|_| {
+            ClientError::Usage(format!(
+                "--on-behalf-of {dn:?}: a DN without control characters"
+            ))
+        })?;
+        self.on_behalf_of = Some(v);
+        Ok(self)
     }
 
     fn url(&self, path: &str) -> String {
@@ -75,6 +95,10 @@ impl Client {
         req: reqwest::RequestBuilder,
         url: &str,
     ) -> Result<reqwest::Response, ClientError> {
+        let req = match &self.on_behalf_of {
+            Some(v) => req.header(crate::server::portal::identity::ON_BEHALF_OF, v.clone()),
+            None => req,
+        };
         let resp = req.send().await.map_err(|source| ClientError::Http {
             url: url.to_string(),
             source,

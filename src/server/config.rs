@@ -122,6 +122,14 @@ struct RawServerConfig {
     max_requeues: u32,
     #[serde(default)]
     metrics_listen: Option<String>,
+    #[serde(default)]
+    portal: Vec<super::portal::config::PortalEntry>,
+    #[serde(default)]
+    robot: Vec<super::portal::config::RobotEntry>,
+    #[serde(default)]
+    rate_limits: super::portal::config::RateLimits,
+    #[serde(default)]
+    request_log: super::portal::config::RequestLogConfig,
 }
 
 /// Default heartbeat interval the server asks of pilots (seconds).
@@ -185,6 +193,9 @@ pub struct ServerConfig {
     /// Where `/metrics` is served over plain HTTP (None: no metrics listener). Meant for a
     /// loopback address a local Prometheus or node agent scrapes.
     pub metrics_listen: Option<SocketAddr>,
+    /// Portals, robots, submission rate limits and the request log (`[[portal]]`,
+    /// `[[robot]]`, `[rate_limits]`, `[request_log]`).
+    pub portal: super::portal::config::PortalSettings,
 }
 
 /// Resolves `p` against `base` unless it is absolute.
@@ -343,13 +354,25 @@ impl ServerConfig {
             }
         }
         let base = base_dir(path);
+        let data_dir = resolve(&base, &raw.data_dir);
+        let portal = super::portal::config::PortalSettings::check(
+            path,
+            &base,
+            &data_dir,
+            super::portal::config::RawSections {
+                portals: raw.portal,
+                robots: raw.robot,
+                rate_limits: raw.rate_limits,
+                request_log: raw.request_log,
+            },
+        )?;
         let cfg = ServerConfig {
             path: path.to_path_buf(),
             listen,
             cert: resolve(&base, &raw.cert),
             key: resolve(&base, &raw.key),
             ca: resolve(&base, &raw.ca),
-            data_dir: resolve(&base, &raw.data_dir),
+            data_dir,
             vo: raw.vo,
             signing_key: resolve(&base, &raw.signing_key),
             pilot_dns: raw.pilot_dns,
@@ -362,6 +385,7 @@ impl ServerConfig {
             missed_heartbeats: raw.missed_heartbeats,
             max_requeues: raw.max_requeues,
             metrics_listen,
+            portal,
         };
         Ok(cfg)
     }

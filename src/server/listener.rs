@@ -1,8 +1,10 @@
-//! Starts the server: loads TLS material, the signing key and the store, then runs the TLS
-//! accept loop. Each connection must present a client certificate from the configured CA
-//! (the handshake fails otherwise); its subject DN is read once per connection and attached
-//! to every request as [`PeerDn`]. HTTP/1.1 and HTTP/2 (ALPN) with keep-alive.
-//! Stops accepting on the shutdown signal and lets open connections finish their requests.
+//! Starts the server: loads TLS material, the signing key, the store and the request log,
+//! then runs the TLS accept loop. Each connection must present a client certificate from the
+//! configured CA (the handshake fails otherwise); its subject DN is read and classified
+//! (portal, robot, pilot, ...) once per connection and attached to every request with the
+//! client's address and port ([`PeerDn`], [`ConnInfo`]). HTTP/1.1 and HTTP/2 (ALPN) with
+//! keep-alive. Stops accepting on the shutdown signal, lets open connections finish their
+//! requests, then writes what the request log still holds and anchors its chain head.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -20,6 +22,10 @@ use tower::ServiceExt;
 
 use super::api::{self, AppState, PeerDn};
 use super::config::{ConfigError, ServerConfig};
+use super::portal::gate::{ConnInfo, Controls};
+use super::portal::identity::Identities;
+use super::portal::ratelimit::RateLimiter;
+use super::portal::requestlog::RequestLog;
 use super::store::{Store, StoreError, SweepRules, Swept};
 use crate::protocol::envelope::KeyError;
 use crate::protocol::VoSigningKey;
@@ -32,6 +38,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// The sweeper looks for payloads whose pilot went away at most this far apart (more often
 /// with a shorter heartbeat: every heartbeat interval).
 const SWEEP_INTERVAL_MAX: Duration = Duration::from_secs(30);
+/// How often the request log's chain head goes to syslog (as the helper's audit log).
+const ANCHOR_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// Why the server could not start (or stopped with an error).
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +57,8 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("request_log: {0}; fix [request_log] path in server.toml (its directory must exist and be writable by the server's account)")]
+    RequestLog(#[from] crate::records::RecordError),
     #[error("cannot listen on {addr} for metrics: {source}; choose a free address in `metrics_listen` or remove it")]
     BindMetrics {
         addr: SocketAddr,
@@ -87,18 +97,26 @@ pub fn prepare(cfg: &ServerConfig) -> Result<Prepared, ServeError> {
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "localhost".into());
+    let issuer = format!("mupilot-server@{host}");
+    let p = &cfg.portal;
+    let portal = Controls {
+        identities: Identities::new(&cfg.vo, p, &cfg.pilot_dns, &cfg.operator_dns),
+        limiter: RateLimiter::new(),
+        log: RequestLog::open(&p.request_log, p.request_log_retention, &host)?,
+        server: Arc::from(issuer.as_str()),
+    };
     let state = AppState {
         store,
         key,
         vo: cfg.vo.clone(),
         pilot_dns: cfg.pilot_dns.iter().cloned().collect::<HashSet<_>>(),
-        operator_dns: cfg.operator_dns.iter().cloned().collect::<HashSet<_>>(),
         envelope_lifetime: chrono::Duration::seconds(cfg.envelope_lifetime_seconds as i64),
         retention: chrono::Duration::seconds(cfg.retention_seconds as i64),
-        issuer: format!("mupilot-server@{host}"),
+        issuer,
         limits: cfg.limits,
         heartbeat_seconds: cfg.heartbeat_seconds,
         metrics: Arc::new(super::metrics::Metrics::new()),
+        portal,
     };
     Ok(Prepared {
         state: Arc::new(state),
@@ -156,6 +174,7 @@ pub async fn serve(p: Prepared, shutdown: impl Future<Output = ()>) -> Result<()
 
     let sweeper = tokio::spawn(sweep_loop(p.state.clone(), p.missed_heartbeats));
     let retention = tokio::spawn(retention_loop(p.state.clone()));
+    let anchors = tokio::spawn(anchor_loop(p.state.clone()));
     let router = api::router(p.state.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut conns = JoinSet::new();
@@ -174,7 +193,8 @@ pub async fn serve(p: Prepared, shutdown: impl Future<Output = ()>) -> Result<()
                     }
                 };
                 let _ = tcp.set_nodelay(true);
-                conns.spawn(connection(tcp, remote, p.acceptor.clone(), router.clone(), stop_rx.clone()));
+                let state = p.state.clone();
+                conns.spawn(connection(tcp, remote, p.acceptor.clone(), router.clone(), state, stop_rx.clone()));
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
@@ -182,6 +202,7 @@ pub async fn serve(p: Prepared, shutdown: impl Future<Output = ()>) -> Result<()
     tracing::info!(open = conns.len(), "shutting down: no new connections");
     sweeper.abort();
     retention.abort();
+    anchors.abort();
     let _ = metrics_stop_tx.send(true);
     if let Some(t) = metrics_task {
         // A scrape takes milliseconds; never let one hold up the shutdown.
@@ -204,7 +225,29 @@ pub async fn serve(p: Prepared, shutdown: impl Future<Output = ()>) -> Result<()
         );
         conns.shutdown().await;
     }
+    // Every answered request is recorded; what waits for a full disk is written now or
+    // logged whole, and the head goes to syslog.
+    let state = p.state.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        state.portal.log.finish();
+        state.portal.log.anchor();
+    })
+    .await;
     Ok(())
+}
+
+/// Sends the request log's chain head to syslog every [`ANCHOR_INTERVAL`].
+async fn anchor_loop(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + ANCHOR_INTERVAL,
+        ANCHOR_INTERVAL,
+    );
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let state = state.clone();
+        let _ = tokio::task::spawn_blocking(move || state.portal.log.anchor()).await;
+    }
 }
 
 /// Requeues payloads matched to pilots that never started them and marks the running
@@ -284,6 +327,7 @@ async fn connection(
     remote: SocketAddr,
     acceptor: TlsAcceptor,
     router: axum::Router,
+    state: Arc<AppState>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -297,23 +341,28 @@ async fn connection(
             return;
         }
     };
-    let dn = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(|c| crate::tls::subject_dn(c));
-    let Some(dn) = dn else {
+    let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+    let classified = cert.and_then(|c| {
+        let dn = crate::tls::subject_dn(c)?;
+        Some(state.portal.identities.classify(&dn, c))
+    });
+    let Some(classified) = classified else {
         // Cannot happen with a verifier that requires a certificate; refuse rather than guess.
         tracing::warn!(%remote, "client certificate without a readable subject; closing");
         return;
     };
-    let peer = PeerDn(Arc::from(dn));
+    let peer = PeerDn(classified.dn.clone());
+    let conn = ConnInfo {
+        remote,
+        peer: Arc::new(classified),
+    };
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         let router = router.clone();
         let peer = peer.clone();
+        let conn = conn.clone();
         async move {
             req.extensions_mut().insert(peer.clone());
+            req.extensions_mut().insert(conn);
             let method = req.method().clone();
             let path = req.uri().path().to_string();
             let started = std::time::Instant::now();
@@ -324,6 +373,7 @@ async fn connection(
             tracing::info!(
                 %method,
                 %path,
+                %remote,
                 dn = %peer.0,
                 status = resp.status().as_u16(),
                 micros = started.elapsed().as_micros() as u64,

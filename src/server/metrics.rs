@@ -78,6 +78,7 @@ pub struct Metrics {
     submit_seconds: Histogram,
     match_seconds: Histogram,
     pilots_seen_gauge: Gauge,
+    gate_refusals: Family<Outcome, Counter>,
     /// pilot id -> last match request.
     pilots_seen: Mutex<HashMap<String, Instant>>,
     /// One scrape at a time: the payload gauges are cleared and refilled per scrape.
@@ -141,7 +142,14 @@ impl Metrics {
             "Distinct pilot ids that asked for work in the last 10 minutes or hold a matched or running payload",
             pilots_seen_gauge.clone(),
         );
+        let gate_refusals = Family::<Outcome, Counter>::default();
+        registry.register(
+            "gate_refusals",
+            "Requests refused before their handler (rate_limited, unavailable: the request log cannot be written, not_authorized, bad_request)",
+            gate_refusals.clone(),
+        );
         Metrics {
+            gate_refusals,
             registry,
             payloads,
             matches,
@@ -153,6 +161,17 @@ impl Metrics {
             pilots_seen: Mutex::new(HashMap::new()),
             scrape: Mutex::new(()),
         }
+    }
+
+    /// The portal gate refused a request with `status` (429, 503, 403, 400).
+    pub fn gate_refused(&self, status: u16) {
+        let result = match status {
+            429 => "rate_limited",
+            503 => "unavailable",
+            403 => "not_authorized",
+            _ => "bad_request",
+        };
+        self.gate_refusals.get_or_create(&Outcome { result }).inc();
     }
 
     /// A submission was answered after `elapsed`.

@@ -2,7 +2,8 @@
 //! matchmaking, envelope signing, status and operator commands, stored in SQLite.
 //!
 //! Layout: [`config`] (server.toml), [`store`] (SQLite and payload files), [`api`] (axum
-//! routes), [`listener`] (TLS accept loop, peer DN per connection), [`metrics`] (Prometheus endpoint), [`init`]/[`pki`] (demo VO),
+//! routes), [`listener`] (TLS accept loop, peer DN per connection), [`portal`] (portals,
+//! robots, rate limits, the request log), [`metrics`] (Prometheus endpoint), [`init`]/[`pki`] (demo VO),
 //! [`client`] (submit/status/output/cancel), [`cli`] (the command line).
 
 pub mod api;
@@ -13,4 +14,5 @@ pub mod init;
 pub mod listener;
 pub mod metrics;
 pub mod pki;
+pub mod portal;
 pub mod store;

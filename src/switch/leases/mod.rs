@@ -9,8 +9,12 @@
 //! file has one link is free; two links, leased; more, two mappers raced for it and both back
 //! off, as LCMAPS does. The link's mtime is the lease's last use: a lease unused for longer
 //! than the TTL expires, and its account is quarantined — its processes killed, its files in
-//! scratch and the temporary directories removed — before anyone else gets it. An exhausted
-//! pool is a denial, never a wait. Leases named the helper's former way (`-_.~` kept, the FQAN
+//! scratch and the temporary directories removed — before anyone else gets it; but an account
+//! in use never expires and is never handed to a new owner: payloads of it run, or any process
+//! runs under its uid (real, effective or saved; see [`procs`]), such as a job another
+//! LCMAPS-based service started. While an expired account is checked and cleaned, its lease is
+//! held under [`hold_name`], a second link no owner's name matches, so LCMAPS neither reuses the
+//! lease nor hands the account out meanwhile. An exhausted pool is a denial, never a wait. Leases named the helper's former way (`-_.~` kept, the FQAN
 //! appended) are still honoured and renamed to LCMAPS's name on their owner's next launch.
 //!
 //! Runs as root inside the helper. All changes happen under one exclusive `flock` on
@@ -19,7 +23,7 @@
 //! is made (link count and inode), as LCMAPS checks its own. The time a lease began, which the
 //! directory does not keep, is kept in `<state_dir>/leases/<account>`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -30,20 +34,29 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 
 mod names;
+mod procs;
 mod quarantine;
 
 use names::is_lease_name;
 pub use names::{decode_lease_name, former_lease_name, is_pool_account, lcmaps_encode, lease_name};
+pub use procs::{busy_accounts, live_uids};
 pub use quarantine::{kill_uid, KillAndClean, Quarantine};
 
 /// Errors of the lease layer; each names the pool or the file.
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
-    #[error("pool '{prefix}' is exhausted: all {size} accounts are leased to other owners (gridmapdir {dir}); add accounts to the pool or shorten lease_ttl")]
+    #[error("pool '{prefix}' is exhausted: all {size} accounts are leased to other owners or run processes ({busy} of them without a lease but with processes; gridmapdir {dir}); add accounts to the pool or shorten lease_ttl")]
     Exhausted {
         prefix: String,
         size: usize,
+        busy: usize,
         dir: PathBuf,
+    },
+    #[error("pool '{prefix}': cannot tell whether accounts {accounts:?} run processes: {why}; their leases are neither expired nor handed out")]
+    ProcessScan {
+        prefix: String,
+        accounts: Vec<String>,
+        why: String,
     },
     #[error("pool '{prefix}' has no accounts in gridmapdir {dir}: create one empty file per pool account there (e.g. {prefix}001)")]
     EmptyPool { prefix: String, dir: PathBuf },
@@ -61,7 +74,7 @@ pub enum LeaseError {
     },
     #[error("gridmapdir lease {path}: {why}")]
     Inconsistent { path: PathBuf, why: String },
-    #[error("the owner's lease {lease} holds account {account} outside pool '{prefix}' and payloads of {account} run now; the owner gets pool '{prefix}' when they end")]
+    #[error("the owner's lease {lease} holds account {account} outside pool '{prefix}' and payloads or processes of {account} run now; the owner gets pool '{prefix}' when they end")]
     Moving {
         lease: String,
         account: String,
@@ -102,6 +115,16 @@ pub struct LeaseInfo {
 /// The primary unix group name of an account; NSS by default, tests inject their own.
 pub type GroupOf = dyn Fn(&str) -> Result<String, String> + Send + Sync;
 
+/// Which of the given accounts run processes ([`busy_accounts`] by default).
+pub type BusyOf = dyn Fn(&[String]) -> Result<HashSet<String>, String> + Send + Sync;
+
+/// The name an account's lease is held under while the account is checked for processes and
+/// quarantined: a second link to the account file (so LCMAPS, counting links, sees it leased)
+/// that is no owner's lease name (encoded DNs start with `%2f`), so no mapper reuses it.
+pub fn hold_name(account: &str) -> String {
+    format!("%mupilot-hold:{account}")
+}
+
 /// How long a pool's unix group is reused before it is looked up again.
 const GROUP_TTL: Duration = Duration::from_secs(60);
 
@@ -111,6 +134,7 @@ pub struct Gridmapdir {
     meta_dir: PathBuf,
     ttl: Duration,
     group_of: Box<GroupOf>,
+    busy_of: Box<BusyOf>,
     /// Per pool prefix: its unix group and when it was looked up.
     groups: Mutex<HashMap<String, (String, Instant)>>,
 }
@@ -170,6 +194,7 @@ impl Gridmapdir {
             meta_dir,
             ttl,
             group_of: Box::new(nss_primary_group),
+            busy_of: Box::new(busy_accounts),
             groups: Mutex::new(HashMap::new()),
         })
     }
@@ -178,6 +203,24 @@ impl Gridmapdir {
     pub fn with_group_lookup(mut self, group_of: Box<GroupOf>) -> Gridmapdir {
         self.group_of = group_of;
         self
+    }
+
+    /// Replaces how accounts with live processes are found (`/proc` by default).
+    pub fn with_busy_lookup(mut self, busy_of: Box<BusyOf>) -> Gridmapdir {
+        self.busy_of = busy_of;
+        self
+    }
+
+    /// The accounts among `accounts` that run processes.
+    fn busy(&self, prefix: &str, accounts: &[String]) -> Result<HashSet<String>, LeaseError> {
+        if accounts.is_empty() {
+            return Ok(HashSet::new());
+        }
+        (self.busy_of)(accounts).map_err(|why| LeaseError::ProcessScan {
+            prefix: prefix.to_string(),
+            accounts: accounts.to_vec(),
+            why,
+        })
     }
 
     fn lock(&self) -> Result<DirLock, LeaseError> {
@@ -373,8 +416,18 @@ impl Gridmapdir {
         }
         self.reclaim_expired(prefix, in_use, quarantine)?;
         let accounts = self.accounts(prefix)?;
-        for (account, ino, nlink) in &accounts {
-            if *nlink != 1 || self.meta_dir.join(format!("{account}.quarantine")).exists() {
+        let free: Vec<String> = accounts
+            .iter()
+            .filter(|(account, _, nlink)| {
+                *nlink == 1 && !self.meta_dir.join(format!("{account}.quarantine")).exists()
+            })
+            .map(|(account, _, _)| account.clone())
+            .collect();
+        // A free account whose processes run (a lease removed by hand or by a cleanup script
+        // while its job runs) is nobody's to take: its processes are another owner's.
+        let busy = self.busy(prefix, &free)?;
+        for (account, ino, _) in &accounts {
+            if !free.contains(account) || busy.contains(account) {
                 continue;
             }
             match self.link_checked(account, *ino, &link)? {
@@ -391,6 +444,7 @@ impl Gridmapdir {
         Err(LeaseError::Exhausted {
             prefix: prefix.to_string(),
             size: accounts.len(),
+            busy: busy.len(),
             dir: self.dir.clone(),
         })
     }
@@ -468,14 +522,21 @@ impl Gridmapdir {
             // Linked to no account file of the directory: it holds nothing.
             return fs::remove_file(&link).map_err(io_err(&link));
         };
+        let moving = || LeaseError::Moving {
+            lease: name.to_string(),
+            account: account.clone(),
+            prefix: prefix.to_string(),
+        };
         if in_use(&account) {
-            return Err(LeaseError::Moving {
-                lease: name.to_string(),
-                account,
-                prefix: prefix.to_string(),
-            });
+            return Err(moving());
         }
-        self.retire(&account, Some(name), quarantine)
+        let lease = vec![(account.clone(), name.to_string())];
+        let kept = self.expire(prefix, lease, false, quarantine)?;
+        if kept.is_empty() {
+            Ok(())
+        } else {
+            Err(moving())
+        }
     }
 
     /// Marks a lease as used now (called when a payload of the account ends).
@@ -500,28 +561,109 @@ impl Gridmapdir {
     ) -> Result<(), LeaseError> {
         let now = SystemTime::now();
         let leases = self.leases()?;
+        let mut expired = Vec::new();
         for (account, ino, nlink) in self.accounts(prefix)? {
-            let marker = self.meta_dir.join(format!("{account}.quarantine"));
             let lease = leases.get(&ino);
-            let expired = match lease {
-                Some((_, mtime)) => {
-                    nlink >= 2
-                        && now.duration_since(*mtime).unwrap_or_default() > self.ttl
-                        && !in_use(&account)
-                }
-                None => false,
-            };
-            if !expired && !marker.exists() {
+            if self.meta_dir.join(format!("{account}.quarantine")).exists() {
+                // An earlier quarantine did not finish: its lease is already held.
+                self.retire(&account, lease.map(|(name, _)| name.as_str()), quarantine)?;
                 continue;
             }
-            self.retire(&account, lease.map(|(name, _)| name.as_str()), quarantine)?;
+            if let Some((name, mtime)) = lease {
+                if nlink >= 2
+                    && now.duration_since(*mtime).unwrap_or_default() > self.ttl
+                    && !in_use(&account)
+                {
+                    expired.push((account, name.clone()));
+                }
+            }
+        }
+        self.expire(prefix, expired, true, quarantine)?;
+        Ok(())
+    }
+
+    /// Expires the given (account, lease name) pairs unless the account turns out to be in use:
+    /// each lease is first held under [`hold_name`] (from then on no mapper can reuse it or take
+    /// the account), then `/proc` is read once; an account with a live process, or whose lease
+    /// LCMAPS touched just before it was held (it mapped the owner, a job may be starting;
+    /// checked when `recent_use_counts`), gets its lease back, touched (checked again a TTL
+    /// later); the others are retired. Returns the accounts kept.
+    fn expire(
+        &self,
+        prefix: &str,
+        expired: Vec<(String, String)>,
+        recent_use_counts: bool,
+        quarantine: &dyn Quarantine,
+    ) -> Result<Vec<String>, LeaseError> {
+        if expired.is_empty() {
+            return Ok(Vec::new());
+        }
+        for (account, name) in &expired {
+            self.hold(account, name)?;
+        }
+        let accounts: Vec<String> = expired.iter().map(|(a, _)| a.clone()).collect();
+        let busy = match self.busy(prefix, &accounts) {
+            Ok(busy) => busy,
+            Err(e) => {
+                for (account, name) in &expired {
+                    self.unhold(account, name)?;
+                }
+                return Err(e);
+            }
+        };
+        let now = SystemTime::now();
+        let mut kept = Vec::new();
+        for (account, name) in expired {
+            let held = self.dir.join(hold_name(&account));
+            let touched = recent_use_counts
+                && held
+                    .symlink_metadata()
+                    .and_then(|m| m.modified())
+                    .map(|t| now.duration_since(t).unwrap_or_default() <= self.ttl)
+                    .map_err(io_err(&held))?;
+            if busy.contains(&account) || touched {
+                self.unhold(&account, &name)?;
+                kept.push(account);
+            } else {
+                self.retire(&account, Some(&hold_name(&account)), quarantine)?;
+            }
+        }
+        Ok(kept)
+    }
+
+    /// Renames the lease `name` of `account` to its hold name (one rename: the account file
+    /// keeps its two links throughout).
+    fn hold(&self, account: &str, name: &str) -> Result<(), LeaseError> {
+        let held = self.dir.join(hold_name(account));
+        if name != hold_name(account) {
+            fs::rename(self.dir.join(name), &held).map_err(io_err(&held))?;
         }
         Ok(())
     }
 
-    /// Takes an account out of circulation and back: quarantine marker, lease link removed,
-    /// processes killed and files removed, marker removed. A failed cleanup leaves the marker,
-    /// so the account is not handed out and the next acquire retries.
+    /// Gives a held lease its name back, touched. When the name was taken meanwhile (LCMAPS
+    /// leased the owner another account), or is unknown (an earlier hold), the account stays
+    /// held: still leased to nobody new, and checked again a TTL later.
+    fn unhold(&self, account: &str, name: &str) -> Result<(), LeaseError> {
+        let held = self.dir.join(hold_name(account));
+        let link = self.dir.join(name);
+        if name != hold_name(account) {
+            match fs::hard_link(&held, &link) {
+                Ok(()) => {
+                    fs::remove_file(&held).map_err(io_err(&held))?;
+                    return touch(&link);
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_err(&link)(e)),
+            }
+        }
+        touch(&held)
+    }
+
+    /// Takes an account out of circulation and back: quarantine marker, lease held (so LCMAPS
+    /// sees the account leased while it is cleaned), processes killed and files removed, hold
+    /// link and marker removed. A failed cleanup leaves the marker and the hold, so the account
+    /// is handed out by neither mapper and the next acquire retries.
     fn retire(
         &self,
         account: &str,
@@ -531,8 +673,7 @@ impl Gridmapdir {
         let marker = self.meta_dir.join(format!("{account}.quarantine"));
         fs::write(&marker, b"").map_err(io_err(&marker))?;
         if let Some(name) = lease {
-            let p = self.dir.join(name);
-            fs::remove_file(&p).map_err(io_err(&p))?;
+            self.hold(account, name)?;
         }
         quarantine
             .clean(account)
@@ -540,6 +681,12 @@ impl Gridmapdir {
                 account: account.to_string(),
                 why,
             })?;
+        let held = self.dir.join(hold_name(account));
+        match fs::remove_file(&held) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&held)(e)),
+        }
         let _ = fs::remove_file(self.meta_dir.join(account));
         fs::remove_file(&marker).map_err(io_err(&marker))?;
         Ok(())

@@ -308,3 +308,78 @@ fn an_account_with_a_live_process_keeps_its_lease_past_the_ttl() {
     let refused = lc.map("voms", &dave).unwrap_err();
     assert!(refused.contains("no pool-entry available"), "{refused}");
 }
+
+/// Unix groups removed on drop.
+struct Groups(Vec<String>);
+
+impl Groups {
+    fn create(names: &[&str]) -> Groups {
+        for g in names {
+            let _ = std::process::Command::new("groupdel").arg(g).output();
+            let st = std::process::Command::new("groupadd")
+                .arg(g)
+                .status()
+                .unwrap();
+            assert!(st.success(), "groupadd {g}");
+        }
+        Groups(names.iter().map(|g| g.to_string()).collect())
+    }
+}
+
+impl Drop for Groups {
+    fn drop(&mut self) {
+        for g in &self.0 {
+            let _ = std::process::Command::new("groupdel").arg(g).status();
+        }
+    }
+}
+
+#[test]
+fn secondary_groups_name_leases_as_lcmaps_default_does() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // Created in this order, so mpt-lcs-z has the lower gid: LCMAPS sorts secondaries by gid.
+    let _groups = Groups::create(&["mpt-lcs-z", "mpt-lcs-a"]);
+    let pool = PoolAccounts::create("mpt-lcs", "mpt-lcs-g", 3);
+    let groupmap = "\"/demo/Role=prod\" mpt-lcs-g\n\"/demo/sub\" mpt-lcs-a\n\"/demo\" mpt-lcs-z\n";
+    let lc = Lcmaps::new("\"/demo/Role=prod\" .mpt-lcs\n", groupmap, "").with_secondary_gids();
+    lc.add_pool(&pool);
+    let state = tempfile::tempdir().unwrap();
+    let g = Gridmapdir::new(&lc.gridmapdir(), state.path(), Duration::from_secs(3600))
+        .unwrap()
+        .with_groupmapfile(&lc.path("groupmapfile"));
+    let owner: Vec<String> = ["/demo/Role=prod", "/demo/sub", "/demo"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let acquire_all = |cn: &str| {
+        let q = KillAndClean { roots: Vec::new() };
+        g.acquire_for(&dn(cn), &owner[..1], &owner, "mpt-lcs", &|_| false, &q)
+    };
+    let fqans: Vec<&str> = owner.iter().map(|s| s.as_str()).collect();
+
+    // LCMAPS first: primary group, then the secondaries by gid.
+    let dave = lc.proxy("dave", &fqans);
+    let (a, lease) = lc.map("voms", &dave).unwrap();
+    assert_eq!(
+        lease,
+        format!(
+            "{}:mpt-lcs-g:mpt-lcs-z:mpt-lcs-a",
+            lcmaps_encode(&dn("dave"))
+        )
+    );
+    assert_eq!(acquire_all("dave").unwrap(), a);
+    assert_eq!(leases(&lc).len(), 1);
+
+    // The helper first: LCMAPS finds the helper's lease.
+    let b = acquire_all("erin").unwrap();
+    assert_ne!(a, b);
+    let erin = lc.proxy("erin", &fqans);
+    assert_eq!(lc.map("voms", &erin).unwrap().0, b);
+    assert_eq!(leases(&lc).len(), 2);
+
+    // Without the groupmapfile the helper would name the lease by the pool's group alone,
+    // and so take a second account for dave: the setting is what makes them agree.
+    let plain = helper(&lc, state.path());
+    let c = acquire(&plain, "dave", &FQANS[..1], "mpt-lcs").unwrap();
+    assert_ne!(c, a);
+}

@@ -180,6 +180,7 @@ struct RawAuthz {
     gridmapdir: Option<PathBuf>,
     #[serde(default = "default_lease_ttl")]
     lease_ttl_seconds: u64,
+    lcmaps_groupmapfile: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -269,6 +270,7 @@ impl Default for RawAuthz {
             groupmap: None,
             gridmapdir: None,
             lease_ttl_seconds: default_lease_ttl(),
+            lcmaps_groupmapfile: None,
         }
     }
 }
@@ -293,6 +295,9 @@ pub struct AuthzConfig {
     pub groupmap: Option<PathBuf>,
     pub gridmapdir: Option<PathBuf>,
     pub lease_ttl_seconds: u64,
+    /// The site's LCMAPS groupmapfile: pool leases carry its groups as LCMAPS's default
+    /// (secondary gids on) names them.
+    pub lcmaps_groupmapfile: Option<PathBuf>,
 }
 
 /// A pilot account allowed to call the helper.
@@ -782,6 +787,17 @@ fn validate_authz(a: RawAuthz, base: &Path) -> Result<AuthzConfig, KeyErr> {
             ));
         }
         cfg.gridmapdir = Some(p);
+    }
+    if let Some(p) = a.lcmaps_groupmapfile.map(|p| resolve(base, p)) {
+        if cfg.gridmapdir.is_none() {
+            return Err(bad(
+                "authz.lcmaps_groupmapfile",
+                "names pool leases, but authz.gridmapdir is not set; set it or remove this".into(),
+            ));
+        }
+        crate::switch::leases::Groupmapfile::load(&p)
+            .map_err(|e| bad("authz.lcmaps_groupmapfile", e.to_string()))?;
+        cfg.lcmaps_groupmapfile = Some(p);
     }
     if cfg.lease_ttl_seconds == 0 {
         return Err(bad(

@@ -33,10 +33,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
+mod groupmapfile;
 mod names;
 mod procs;
 mod quarantine;
 
+pub use groupmapfile::{Groupmapfile, GroupmapfileError};
 use names::is_lease_name;
 pub use names::{decode_lease_name, former_lease_name, is_pool_account, lcmaps_encode, lease_name};
 pub use procs::{busy_accounts, live_uids};
@@ -72,6 +74,8 @@ pub enum LeaseError {
         account: String,
         why: String,
     },
+    #[error(transparent)]
+    Groupmapfile(#[from] GroupmapfileError),
     #[error("gridmapdir lease {path}: {why}")]
     Inconsistent { path: PathBuf, why: String },
     #[error("the owner's lease {lease} holds account {account} outside pool '{prefix}' and payloads or processes of {account} run now; the owner gets pool '{prefix}' when they end")]
@@ -137,6 +141,10 @@ pub struct Gridmapdir {
     busy_of: Box<BusyOf>,
     /// Per pool prefix: its unix group and when it was looked up.
     groups: Mutex<HashMap<String, (String, Instant)>>,
+    /// The site's LCMAPS groupmapfile, when leases are named with secondary groups.
+    groupmapfile: Option<PathBuf>,
+    /// The groupmapfile as parsed, and when it was read.
+    groupmap: Mutex<Option<(std::sync::Arc<Groupmapfile>, Instant)>>,
 }
 
 /// What the directory holds under a lease name.
@@ -196,6 +204,8 @@ impl Gridmapdir {
             group_of: Box::new(nss_primary_group),
             busy_of: Box::new(busy_accounts),
             groups: Mutex::new(HashMap::new()),
+            groupmapfile: None,
+            groupmap: Mutex::new(None),
         })
     }
 
@@ -203,6 +213,43 @@ impl Gridmapdir {
     pub fn with_group_lookup(mut self, group_of: Box<GroupOf>) -> Gridmapdir {
         self.group_of = group_of;
         self
+    }
+
+    /// Names leases of FQAN-mapped owners as LCMAPS's default configuration does: with the
+    /// groups the site's LCMAPS groupmapfile maps the owner's FQANs to (primary, then secondary;
+    /// see [`Groupmapfile`]) instead of the pool's own group alone (which agrees with LCMAPS run
+    /// with `-do_not_use_secondary_gids`). The file is read again a minute after it was read.
+    pub fn with_groupmapfile(mut self, path: &Path) -> Gridmapdir {
+        self.groupmapfile = Some(path.to_path_buf());
+        self
+    }
+
+    /// The group names of the lease of an owner with `owner_fqans` whose FQAN chose pool `prefix`.
+    fn lease_groups(
+        &self,
+        prefix: &str,
+        owner_fqans: &[String],
+    ) -> Result<Vec<String>, LeaseError> {
+        let Some(path) = &self.groupmapfile else {
+            return Ok(vec![self.pool_group(prefix)?]);
+        };
+        let cached = self
+            .groupmap
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .filter(|(_, at)| at.elapsed() < GROUP_TTL)
+            .map(|(g, _)| g.clone());
+        let map = match cached {
+            Some(map) => map,
+            None => {
+                let map = std::sync::Arc::new(Groupmapfile::load(path)?);
+                *self.groupmap.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((map.clone(), Instant::now()));
+                map
+            }
+        };
+        Ok(map.lease_groups(owner_fqans)?)
     }
 
     /// Replaces how accounts with live processes are found (`/proc` by default).
@@ -381,10 +428,25 @@ impl Gridmapdir {
         in_use: &dyn Fn(&str) -> bool,
         quarantine: &dyn Quarantine,
     ) -> Result<String, LeaseError> {
+        self.acquire_for(dn, fqans, fqans, prefix, in_use, quarantine)
+    }
+
+    /// [`Gridmapdir::acquire`] for an owner whose FQANs (all of them, most significant first)
+    /// are `owner_fqans`, of which `fqans` chose the pool: with a groupmapfile, LCMAPS names the
+    /// lease by the groups of all the owner's FQANs.
+    pub fn acquire_for(
+        &self,
+        dn: &str,
+        fqans: &[String],
+        owner_fqans: &[String],
+        prefix: &str,
+        in_use: &dyn Fn(&str) -> bool,
+        quarantine: &dyn Quarantine,
+    ) -> Result<String, LeaseError> {
         let groups = if fqans.is_empty() {
             Vec::new()
         } else {
-            vec![self.pool_group(prefix)?]
+            self.lease_groups(prefix, owner_fqans)?
         };
         let name = lease_name(dn, &groups);
         let former = former_lease_name(dn, fqans);

@@ -383,3 +383,35 @@ fn secondary_groups_name_leases_as_lcmaps_default_does() {
     let c = acquire(&plain, "dave", &FQANS[..1], "mpt-lcs").unwrap();
     assert_ne!(c, a);
 }
+
+#[test]
+fn non_ascii_dns_get_the_lease_lcmaps_gives_them() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let pool = PoolAccounts::create("mpt-lcu", "mpt-lcu-g", 2);
+    // LCMAPS sees OpenSSL's one-line DN: the UTF-8 bytes as \xHH; its grid-mapfile says so.
+    let lc = Lcmaps::new(
+        "",
+        "",
+        &format!(
+            "\"{DN_BASE}/CN=Jos\\xC3\\xA9 M\\xC3\\xBCller\" .mpt-lcu\n\"{DN_BASE}/CN=Zo\\xC3\\xAB\" .mpt-lcu\n"
+        ),
+    );
+    lc.add_pool(&pool);
+    let state = tempfile::tempdir().unwrap();
+    let g = helper(&lc, state.path());
+
+    // LCMAPS first; the helper, given the DN in UTF-8, finds the same lease.
+    let jose = lc.proxy("José Müller", &[]);
+    let (a, lease) = lc.map("dn", &jose).unwrap();
+    assert_eq!(
+        lease,
+        "%2fdc%3dorg%2fdc%3dmupilot%2ddemo%2fcn%3djos%5cxc3%5cxa9%20m%5cxc3%5cxbcller"
+    );
+    assert_eq!(acquire(&g, "José Müller", &[], "mpt-lcu").unwrap(), a);
+    // The helper first, for a UTF-8 DN; LCMAPS finds the helper's lease.
+    let b = acquire(&g, "Zoë", &[], "mpt-lcu").unwrap();
+    assert_ne!(a, b);
+    let zoe = lc.proxy("Zoë", &[]);
+    assert_eq!(lc.map("dn", &zoe).unwrap().0, b);
+    assert_eq!(leases(&lc).len(), 2);
+}

@@ -237,7 +237,7 @@ verifyproxy -> poolaccount
             .arg(&key)
             .arg("-out")
             .arg(&csr)
-            .args(["-subj", dn]));
+            .args(["-utf8", "-subj", dn]));
         run(Command::new("openssl")
             .args(["x509", "-req", "-days", "2", "-CAcreateserial", "-in"])
             .arg(&csr)

@@ -791,16 +791,20 @@ impl Gridmapdir {
 }
 
 fn touch(path: &Path) -> Result<(), LeaseError> {
-    let now = nix::sys::time::TimeSpec::from(
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
+    set_last_use(path, SystemTime::now())
+}
+
+/// Sets a lease's time of last use (its mtime, as LCMAPS keeps it), not following symlinks.
+fn set_last_use(path: &Path, at: SystemTime) -> Result<(), LeaseError> {
+    let at = nix::sys::time::TimeSpec::from(
+        at.duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default(),
     );
     nix::sys::stat::utimensat(
         None,
         path,
-        &now,
-        &now,
+        &at,
+        &at,
         nix::sys::stat::UtimensatFlags::NoFollowSymlink,
     )
     .map_err(|e| io_err(path)(e.into()))

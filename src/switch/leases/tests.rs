@@ -211,19 +211,7 @@ fn a_lease_with_three_links_is_refused() {
 
 /// Sets a lease's time of last use `secs` seconds into the past.
 fn age(path: &Path, secs: u64) {
-    let then = nix::sys::time::TimeSpec::from(
-        (SystemTime::now() - Duration::from_secs(secs))
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap(),
-    );
-    nix::sys::stat::utimensat(
-        None,
-        path,
-        &then,
-        &then,
-        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-    )
-    .unwrap();
+    set_last_use(path, SystemTime::now() - Duration::from_secs(secs)).unwrap();
 }
 
 fn busy_when(

@@ -203,7 +203,7 @@ impl Authorizer {
         let gm = self.gridmap.get()?;
         let gm_file = self.gridmap.path().display().to_string();
         if let Some((mapping, line)) = gm.lookup(dn) {
-            return self.resolve(mapping, dn, &[], &gm_file, line, in_use);
+            return self.resolve(mapping, dn, None, &gm_file, line, in_use);
         }
         let mut groups = String::new();
         if let Some(groupmap) = &self.groupmap {
@@ -211,14 +211,7 @@ impl Authorizer {
             let file = groupmap.path().display().to_string();
             for fqan in fqans {
                 if let Some((mapping, line)) = lookup_fqan(&map, fqan) {
-                    return self.resolve(
-                        mapping,
-                        dn,
-                        std::slice::from_ref(fqan),
-                        &file,
-                        line,
-                        in_use,
-                    );
+                    return self.resolve(mapping, dn, Some((fqan, fqans)), &file, line, in_use);
                 }
             }
             groups = format!(", nor for its FQANs {fqans:?} in {file}");
@@ -234,7 +227,7 @@ impl Authorizer {
         &self,
         mapping: Mapping,
         dn: &str,
-        groups: &[String],
+        by_fqan: Option<(&String, &[String])>,
         file: &str,
         line: usize,
         in_use: &dyn Fn(&str) -> bool,
@@ -249,7 +242,7 @@ impl Authorizer {
             Mapping::Pool(prefix) => {
                 let Some(pool) = &self.pool else {
                     return Err(AuthzError::PoolNotConfigured {
-                        who: match groups.first() {
+                        who: match by_fqan.map(|(chosen, _)| chosen) {
                             Some(g) => format!("FQAN \"{g}\""),
                             None => format!("DN \"{dn}\""),
                         },
@@ -258,7 +251,14 @@ impl Authorizer {
                         line,
                     });
                 };
-                let account = pool.acquire(dn, groups, &prefix, in_use, &*self.quarantine)?;
+                // The FQAN that chose the pool, and all the owner's (LCMAPS names the lease by
+                // the groups of all of them when the site's groupmapfile is configured).
+                let (chosen, all) = match by_fqan {
+                    Some((chosen, all)) => (std::slice::from_ref(chosen), all),
+                    None => (&[][..], &[][..]),
+                };
+                let account =
+                    pool.acquire_for(dn, chosen, all, &prefix, in_use, &*self.quarantine)?;
                 Ok(Permit {
                     account,
                     mapped_by: format!("{mapped_by}, pool '.{prefix}' lease"),

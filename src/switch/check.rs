@@ -244,7 +244,7 @@ fn pools(cfg: &SwitchConfig) -> Vec<Problem> {
                     key,
                     &path,
                     format!(
-                        "{at}, but {} holds {files} file(s) named {prefix}* and none is an existing account",
+                        "{at}, but {} holds {files} file(s) named {prefix} and digits (as leasing counts them) and none is an existing account",
                         dir.display()
                     ),
                     format!("useradd {prefix}001 && touch {}/{prefix}001 (one account and one empty file per pool member)", dir.display()),
@@ -255,14 +255,15 @@ fn pools(cfg: &SwitchConfig) -> Vec<Problem> {
     out
 }
 
-/// How many account files of `prefix` the gridmapdir holds, and how many name an account.
+/// How many account files of pool `prefix` (the prefix and digits, as leasing counts them) the
+/// gridmapdir holds, and how many name an account.
 fn pool_accounts(dir: &Path, prefix: &str) -> (usize, usize) {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return (0, 0);
     };
     let names: Vec<String> = rd
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.starts_with(prefix) && !n.starts_with('.') && !n.starts_with('%'))
+        .filter(|n| crate::switch::leases::is_pool_account(n, prefix))
         .collect();
     let usable = names
         .iter()
@@ -422,19 +423,47 @@ mod tests {
 
         let gmd = dir.path().join("gmd");
         std::fs::create_dir(&gmd).unwrap();
-        std::fs::write(gmd.join("nobod-missing"), "").unwrap();
+        std::fs::write(gmd.join("nobod777"), "").unwrap();
+        // `nobody` exists on every host but is no account of pool `nobod` (prefix and digits
+        // only, as leasing counts them): the pool is still empty.
+        std::fs::write(gmd.join("nobody"), "").unwrap();
         let c = config(dir.path(), &map, "gridmapdir = \"gmd\"", &s);
         let p = problems(&c);
         assert_eq!(p.len(), 1, "{p:?}");
         assert!(
-            p[0].what
-                .contains("holds 1 file(s) named nobod* and none is an existing account"),
+            p[0].what.contains(
+                "holds 1 file(s) named nobod and digits (as leasing counts them) and none is an existing account"
+            ),
             "{p:?}"
         );
         assert!(p[0].fix.contains("useradd nobod001"), "{p:?}");
 
-        // `nobody` exists on every host: the pool has an account.
-        std::fs::write(gmd.join("nobody"), "").unwrap();
+        // A real account of the pool: no problem.
+        let map = format!("{MAP}\"/DC=org/CN=p\" .mptchk\n");
+        let _ = std::process::Command::new("userdel")
+            .arg("mptchk001")
+            .output();
+        let st = std::process::Command::new("useradd")
+            .args([
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                "mptchk001",
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success(), "useradd mptchk001 (the test runs as root)");
+        struct Gone;
+        impl Drop for Gone {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("userdel")
+                    .arg("mptchk001")
+                    .status();
+            }
+        }
+        let _gone = Gone;
+        std::fs::write(gmd.join("mptchk001"), "").unwrap();
+        let c = config(dir.path(), &map, "gridmapdir = \"gmd\"", &s);
         assert_eq!(problems(&c), vec![]);
 
         // The group map is checked the same way.

@@ -179,11 +179,17 @@ pub fn build_authorizer(cfg: &SwitchConfig) -> Result<Authorizer, DaemonError> {
         }
     }
     let pool = match &a.gridmapdir {
-        Some(dir) => Some(Gridmapdir::new(
-            dir,
-            &cfg.state_dir,
-            Duration::from_secs(a.lease_ttl_seconds),
-        )?),
+        Some(dir) => {
+            let g = Gridmapdir::new(
+                dir,
+                &cfg.state_dir,
+                Duration::from_secs(a.lease_ttl_seconds),
+            )?;
+            Some(match &a.lcmaps_groupmapfile {
+                Some(file) => g.with_groupmapfile(file),
+                None => g,
+            })
+        }
         None => None,
     };
     // An expired pool account is cleaned where payloads and others could have left files.

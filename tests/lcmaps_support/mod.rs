@@ -175,6 +175,16 @@ verifyproxy -> poolaccount
         l
     }
 
+    /// LCMAPS's default lcmaps.db: `voms_poolaccount` without `-do_not_use_secondary_gids`, so
+    /// the lease carries the primary and then the secondary groups voms_localgroup mapped.
+    pub fn with_secondary_gids(self) -> Lcmaps {
+        let db = std::fs::read_to_string(self.path("lcmaps.db")).unwrap();
+        let db = db.replace("                  \"-do_not_use_secondary_gids\"\n", "");
+        assert!(!db.contains("secondary"), "{db}");
+        std::fs::write(self.path("lcmaps.db"), db).unwrap();
+        self
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -227,7 +237,7 @@ verifyproxy -> poolaccount
             .arg(&key)
             .arg("-out")
             .arg(&csr)
-            .args(["-subj", dn]));
+            .args(["-utf8", "-subj", dn]));
         run(Command::new("openssl")
             .args(["x509", "-req", "-days", "2", "-CAcreateserial", "-in"])
             .arg(&csr)

@@ -179,6 +179,7 @@ struct RawAuthz {
     gridmapdir: Option<PathBuf>,
     #[serde(default = "default_lease_ttl")]
     lease_ttl_seconds: u64,
+    lcmaps_groupmapfile: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -268,6 +269,7 @@ impl Default for RawAuthz {
             groupmap: None,
             gridmapdir: None,
             lease_ttl_seconds: default_lease_ttl(),
+            lcmaps_groupmapfile: None,
         }
     }
 }
@@ -292,6 +294,9 @@ pub struct AuthzConfig {
     pub groupmap: Option<PathBuf>,
     pub gridmapdir: Option<PathBuf>,
     pub lease_ttl_seconds: u64,
+    /// The site's LCMAPS groupmapfile: pool leases carry its groups as LCMAPS's default
+    /// (secondary gids on) names them.
+    pub lcmaps_groupmapfile: Option<PathBuf>,
 }
 
 /// A pilot account allowed to call the helper.

@@ -395,6 +395,17 @@ fn validate_authz(a: RawAuthz, base: &Path) -> Result<AuthzConfig, KeyErr> {
         }
         cfg.gridmapdir = Some(p);
     }
+    if let Some(p) = a.lcmaps_groupmapfile.map(|p| resolve(base, p)) {
+        if cfg.gridmapdir.is_none() {
+            return Err(bad(
+                "authz.lcmaps_groupmapfile",
+                "names pool leases, but authz.gridmapdir is not set; set it or remove this".into(),
+            ));
+        }
+        crate::switch::leases::Groupmapfile::load(&p)
+            .map_err(|e| bad("authz.lcmaps_groupmapfile", e.to_string()))?;
+        cfg.lcmaps_groupmapfile = Some(p);
+    }
     if cfg.lease_ttl_seconds == 0 {
         return Err(bad(
             "authz.lease_ttl_seconds",

@@ -9,8 +9,12 @@
 //! file has one link is free; two links, leased; more, two mappers raced for it and both back
 //! off, as LCMAPS does. The link's mtime is the lease's last use: a lease unused for longer
 //! than the TTL expires, and its account is quarantined — its processes killed, its files in
-//! scratch and the temporary directories removed — before anyone else gets it. An exhausted
-//! pool is a denial, never a wait. Leases named the helper's former way (`-_.~` kept, the FQAN
+//! scratch and the temporary directories removed — before anyone else gets it; but an account
+//! in use never expires and is never handed to a new owner: payloads of it run, or any process
+//! runs under its uid (real, effective or saved; see [`procs`]), such as a job another
+//! LCMAPS-based service started. While an expired account is checked and cleaned, its lease is
+//! held under [`hold_name`], a second link no owner's name matches, so LCMAPS neither reuses the
+//! lease nor hands the account out meanwhile. An exhausted pool is a denial, never a wait. Leases named the helper's former way (`-_.~` kept, the FQAN
 //! appended) are still honoured and renamed to LCMAPS's name on their owner's next launch.
 //!
 //! Runs as root inside the helper. All changes happen under one exclusive `flock` on
@@ -19,7 +23,7 @@
 //! is made (link count and inode), as LCMAPS checks its own. The time a lease began, which the
 //! directory does not keep, is kept in `<state_dir>/leases/<account>`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -29,21 +33,32 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
+mod groupmapfile;
 mod names;
+mod procs;
 mod quarantine;
 
+pub use groupmapfile::{Groupmapfile, GroupmapfileError};
 use names::is_lease_name;
 pub use names::{decode_lease_name, former_lease_name, is_pool_account, lcmaps_encode, lease_name};
+pub use procs::{busy_accounts, live_uids};
 pub use quarantine::{kill_uid, KillAndClean, Quarantine};
 
 /// Errors of the lease layer; each names the pool or the file.
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
-    #[error("pool '{prefix}' is exhausted: all {size} accounts are leased to other owners (gridmapdir {dir}); add accounts to the pool or shorten lease_ttl")]
+    #[error("pool '{prefix}' is exhausted: all {size} accounts are leased to other owners or run processes ({busy} of them without a lease but with processes; gridmapdir {dir}); add accounts to the pool or shorten lease_ttl")]
     Exhausted {
         prefix: String,
         size: usize,
+        busy: usize,
         dir: PathBuf,
+    },
+    #[error("pool '{prefix}': cannot tell whether accounts {accounts:?} run processes: {why}; their leases are neither expired nor handed out")]
+    ProcessScan {
+        prefix: String,
+        accounts: Vec<String>,
+        why: String,
     },
     #[error("pool '{prefix}' has no accounts in gridmapdir {dir}: create one empty file per pool account there (e.g. {prefix}001)")]
     EmptyPool { prefix: String, dir: PathBuf },
@@ -59,9 +74,11 @@ pub enum LeaseError {
         account: String,
         why: String,
     },
+    #[error(transparent)]
+    Groupmapfile(#[from] GroupmapfileError),
     #[error("gridmapdir lease {path}: {why}")]
     Inconsistent { path: PathBuf, why: String },
-    #[error("the owner's lease {lease} holds account {account} outside pool '{prefix}' and payloads of {account} run now; the owner gets pool '{prefix}' when they end")]
+    #[error("the owner's lease {lease} holds account {account} outside pool '{prefix}' and payloads or processes of {account} run now; the owner gets pool '{prefix}' when they end")]
     Moving {
         lease: String,
         account: String,
@@ -102,6 +119,16 @@ pub struct LeaseInfo {
 /// The primary unix group name of an account; NSS by default, tests inject their own.
 pub type GroupOf = dyn Fn(&str) -> Result<String, String> + Send + Sync;
 
+/// Which of the given accounts run processes ([`busy_accounts`] by default).
+pub type BusyOf = dyn Fn(&[String]) -> Result<HashSet<String>, String> + Send + Sync;
+
+/// The name an account's lease is held under while the account is checked for processes and
+/// quarantined: a second link to the account file (so LCMAPS, counting links, sees it leased)
+/// that is no owner's lease name (encoded DNs start with `%2f`), so no mapper reuses it.
+pub fn hold_name(account: &str) -> String {
+    format!("%mupilot-hold:{account}")
+}
+
 /// How long a pool's unix group is reused before it is looked up again.
 const GROUP_TTL: Duration = Duration::from_secs(60);
 
@@ -111,8 +138,13 @@ pub struct Gridmapdir {
     meta_dir: PathBuf,
     ttl: Duration,
     group_of: Box<GroupOf>,
+    busy_of: Box<BusyOf>,
     /// Per pool prefix: its unix group and when it was looked up.
     groups: Mutex<HashMap<String, (String, Instant)>>,
+    /// The site's LCMAPS groupmapfile, when leases are named with secondary groups.
+    groupmapfile: Option<PathBuf>,
+    /// The groupmapfile as parsed, and when it was read.
+    groupmap: Mutex<Option<(std::sync::Arc<Groupmapfile>, Instant)>>,
 }
 
 /// What the directory holds under a lease name.
@@ -170,7 +202,10 @@ impl Gridmapdir {
             meta_dir,
             ttl,
             group_of: Box::new(nss_primary_group),
+            busy_of: Box::new(busy_accounts),
             groups: Mutex::new(HashMap::new()),
+            groupmapfile: None,
+            groupmap: Mutex::new(None),
         })
     }
 
@@ -178,6 +213,61 @@ impl Gridmapdir {
     pub fn with_group_lookup(mut self, group_of: Box<GroupOf>) -> Gridmapdir {
         self.group_of = group_of;
         self
+    }
+
+    /// Names leases of FQAN-mapped owners as LCMAPS's default configuration does: with the
+    /// groups the site's LCMAPS groupmapfile maps the owner's FQANs to (primary, then secondary;
+    /// see [`Groupmapfile`]) instead of the pool's own group alone (which agrees with LCMAPS run
+    /// with `-do_not_use_secondary_gids`). The file is read again a minute after it was read.
+    pub fn with_groupmapfile(mut self, path: &Path) -> Gridmapdir {
+        self.groupmapfile = Some(path.to_path_buf());
+        self
+    }
+
+    /// The group names of the lease of an owner with `owner_fqans` whose FQAN chose pool `prefix`.
+    fn lease_groups(
+        &self,
+        prefix: &str,
+        owner_fqans: &[String],
+    ) -> Result<Vec<String>, LeaseError> {
+        let Some(path) = &self.groupmapfile else {
+            return Ok(vec![self.pool_group(prefix)?]);
+        };
+        let cached = self
+            .groupmap
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .filter(|(_, at)| at.elapsed() < GROUP_TTL)
+            .map(|(g, _)| g.clone());
+        let map = match cached {
+            Some(map) => map,
+            None => {
+                let map = std::sync::Arc::new(Groupmapfile::load(path)?);
+                *self.groupmap.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((map.clone(), Instant::now()));
+                map
+            }
+        };
+        Ok(map.lease_groups(owner_fqans)?)
+    }
+
+    /// Replaces how accounts with live processes are found (`/proc` by default).
+    pub fn with_busy_lookup(mut self, busy_of: Box<BusyOf>) -> Gridmapdir {
+        self.busy_of = busy_of;
+        self
+    }
+
+    /// The accounts among `accounts` that run processes.
+    fn busy(&self, prefix: &str, accounts: &[String]) -> Result<HashSet<String>, LeaseError> {
+        if accounts.is_empty() {
+            return Ok(HashSet::new());
+        }
+        (self.busy_of)(accounts).map_err(|why| LeaseError::ProcessScan {
+            prefix: prefix.to_string(),
+            accounts: accounts.to_vec(),
+            why,
+        })
     }
 
     fn lock(&self) -> Result<DirLock, LeaseError> {
@@ -338,10 +428,25 @@ impl Gridmapdir {
         in_use: &dyn Fn(&str) -> bool,
         quarantine: &dyn Quarantine,
     ) -> Result<String, LeaseError> {
+        self.acquire_for(dn, fqans, fqans, prefix, in_use, quarantine)
+    }
+
+    /// [`Gridmapdir::acquire`] for an owner whose FQANs (all of them, most significant first)
+    /// are `owner_fqans`, of which `fqans` chose the pool: with a groupmapfile, LCMAPS names the
+    /// lease by the groups of all the owner's FQANs.
+    pub fn acquire_for(
+        &self,
+        dn: &str,
+        fqans: &[String],
+        owner_fqans: &[String],
+        prefix: &str,
+        in_use: &dyn Fn(&str) -> bool,
+        quarantine: &dyn Quarantine,
+    ) -> Result<String, LeaseError> {
         let groups = if fqans.is_empty() {
             Vec::new()
         } else {
-            vec![self.pool_group(prefix)?]
+            self.lease_groups(prefix, owner_fqans)?
         };
         let name = lease_name(dn, &groups);
         let former = former_lease_name(dn, fqans);
@@ -373,8 +478,18 @@ impl Gridmapdir {
         }
         self.reclaim_expired(prefix, in_use, quarantine)?;
         let accounts = self.accounts(prefix)?;
-        for (account, ino, nlink) in &accounts {
-            if *nlink != 1 || self.meta_dir.join(format!("{account}.quarantine")).exists() {
+        let free: Vec<String> = accounts
+            .iter()
+            .filter(|(account, _, nlink)| {
+                *nlink == 1 && !self.meta_dir.join(format!("{account}.quarantine")).exists()
+            })
+            .map(|(account, _, _)| account.clone())
+            .collect();
+        // A free account whose processes run (a lease removed by hand or by a cleanup script
+        // while its job runs) is nobody's to take: its processes are another owner's.
+        let busy = self.busy(prefix, &free)?;
+        for (account, ino, _) in &accounts {
+            if !free.contains(account) || busy.contains(account) {
                 continue;
             }
             match self.link_checked(account, *ino, &link)? {
@@ -391,6 +506,7 @@ impl Gridmapdir {
         Err(LeaseError::Exhausted {
             prefix: prefix.to_string(),
             size: accounts.len(),
+            busy: busy.len(),
             dir: self.dir.clone(),
         })
     }
@@ -468,14 +584,21 @@ impl Gridmapdir {
             // Linked to no account file of the directory: it holds nothing.
             return fs::remove_file(&link).map_err(io_err(&link));
         };
+        let moving = || LeaseError::Moving {
+            lease: name.to_string(),
+            account: account.clone(),
+            prefix: prefix.to_string(),
+        };
         if in_use(&account) {
-            return Err(LeaseError::Moving {
-                lease: name.to_string(),
-                account,
-                prefix: prefix.to_string(),
-            });
+            return Err(moving());
         }
-        self.retire(&account, Some(name), quarantine)
+        let lease = vec![(account.clone(), name.to_string())];
+        let kept = self.expire(prefix, lease, false, quarantine)?;
+        if kept.is_empty() {
+            Ok(())
+        } else {
+            Err(moving())
+        }
     }
 
     /// Marks a lease as used now (called when a payload of the account ends).
@@ -500,28 +623,109 @@ impl Gridmapdir {
     ) -> Result<(), LeaseError> {
         let now = SystemTime::now();
         let leases = self.leases()?;
+        let mut expired = Vec::new();
         for (account, ino, nlink) in self.accounts(prefix)? {
-            let marker = self.meta_dir.join(format!("{account}.quarantine"));
             let lease = leases.get(&ino);
-            let expired = match lease {
-                Some((_, mtime)) => {
-                    nlink >= 2
-                        && now.duration_since(*mtime).unwrap_or_default() > self.ttl
-                        && !in_use(&account)
-                }
-                None => false,
-            };
-            if !expired && !marker.exists() {
+            if self.meta_dir.join(format!("{account}.quarantine")).exists() {
+                // An earlier quarantine did not finish: its lease is already held.
+                self.retire(&account, lease.map(|(name, _)| name.as_str()), quarantine)?;
                 continue;
             }
-            self.retire(&account, lease.map(|(name, _)| name.as_str()), quarantine)?;
+            if let Some((name, mtime)) = lease {
+                if nlink >= 2
+                    && now.duration_since(*mtime).unwrap_or_default() > self.ttl
+                    && !in_use(&account)
+                {
+                    expired.push((account, name.clone()));
+                }
+            }
+        }
+        self.expire(prefix, expired, true, quarantine)?;
+        Ok(())
+    }
+
+    /// Expires the given (account, lease name) pairs unless the account turns out to be in use:
+    /// each lease is first held under [`hold_name`] (from then on no mapper can reuse it or take
+    /// the account), then `/proc` is read once; an account with a live process, or whose lease
+    /// LCMAPS touched just before it was held (it mapped the owner, a job may be starting;
+    /// checked when `recent_use_counts`), gets its lease back, touched (checked again a TTL
+    /// later); the others are retired. Returns the accounts kept.
+    fn expire(
+        &self,
+        prefix: &str,
+        expired: Vec<(String, String)>,
+        recent_use_counts: bool,
+        quarantine: &dyn Quarantine,
+    ) -> Result<Vec<String>, LeaseError> {
+        if expired.is_empty() {
+            return Ok(Vec::new());
+        }
+        for (account, name) in &expired {
+            self.hold(account, name)?;
+        }
+        let accounts: Vec<String> = expired.iter().map(|(a, _)| a.clone()).collect();
+        let busy = match self.busy(prefix, &accounts) {
+            Ok(busy) => busy,
+            Err(e) => {
+                for (account, name) in &expired {
+                    self.unhold(account, name)?;
+                }
+                return Err(e);
+            }
+        };
+        let now = SystemTime::now();
+        let mut kept = Vec::new();
+        for (account, name) in expired {
+            let held = self.dir.join(hold_name(&account));
+            let touched = recent_use_counts
+                && held
+                    .symlink_metadata()
+                    .and_then(|m| m.modified())
+                    .map(|t| now.duration_since(t).unwrap_or_default() <= self.ttl)
+                    .map_err(io_err(&held))?;
+            if busy.contains(&account) || touched {
+                self.unhold(&account, &name)?;
+                kept.push(account);
+            } else {
+                self.retire(&account, Some(&hold_name(&account)), quarantine)?;
+            }
+        }
+        Ok(kept)
+    }
+
+    /// Renames the lease `name` of `account` to its hold name (one rename: the account file
+    /// keeps its two links throughout).
+    fn hold(&self, account: &str, name: &str) -> Result<(), LeaseError> {
+        let held = self.dir.join(hold_name(account));
+        if name != hold_name(account) {
+            fs::rename(self.dir.join(name), &held).map_err(io_err(&held))?;
         }
         Ok(())
     }
 
-    /// Takes an account out of circulation and back: quarantine marker, lease link removed,
-    /// processes killed and files removed, marker removed. A failed cleanup leaves the marker,
-    /// so the account is not handed out and the next acquire retries.
+    /// Gives a held lease its name back, touched. When the name was taken meanwhile (LCMAPS
+    /// leased the owner another account), or is unknown (an earlier hold), the account stays
+    /// held: still leased to nobody new, and checked again a TTL later.
+    fn unhold(&self, account: &str, name: &str) -> Result<(), LeaseError> {
+        let held = self.dir.join(hold_name(account));
+        let link = self.dir.join(name);
+        if name != hold_name(account) {
+            match fs::hard_link(&held, &link) {
+                Ok(()) => {
+                    fs::remove_file(&held).map_err(io_err(&held))?;
+                    return touch(&link);
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_err(&link)(e)),
+            }
+        }
+        touch(&held)
+    }
+
+    /// Takes an account out of circulation and back: quarantine marker, lease held (so LCMAPS
+    /// sees the account leased while it is cleaned), processes killed and files removed, hold
+    /// link and marker removed. A failed cleanup leaves the marker and the hold, so the account
+    /// is handed out by neither mapper and the next acquire retries.
     fn retire(
         &self,
         account: &str,
@@ -531,8 +735,7 @@ impl Gridmapdir {
         let marker = self.meta_dir.join(format!("{account}.quarantine"));
         fs::write(&marker, b"").map_err(io_err(&marker))?;
         if let Some(name) = lease {
-            let p = self.dir.join(name);
-            fs::remove_file(&p).map_err(io_err(&p))?;
+            self.hold(account, name)?;
         }
         quarantine
             .clean(account)
@@ -540,6 +743,12 @@ impl Gridmapdir {
                 account: account.to_string(),
                 why,
             })?;
+        let held = self.dir.join(hold_name(account));
+        match fs::remove_file(&held) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&held)(e)),
+        }
         let _ = fs::remove_file(self.meta_dir.join(account));
         fs::remove_file(&marker).map_err(io_err(&marker))?;
         Ok(())
@@ -582,16 +791,20 @@ impl Gridmapdir {
 }
 
 fn touch(path: &Path) -> Result<(), LeaseError> {
-    let now = nix::sys::time::TimeSpec::from(
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
+    set_last_use(path, SystemTime::now())
+}
+
+/// Sets a lease's time of last use (its mtime, as LCMAPS keeps it), not following symlinks.
+fn set_last_use(path: &Path, at: SystemTime) -> Result<(), LeaseError> {
+    let at = nix::sys::time::TimeSpec::from(
+        at.duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default(),
     );
     nix::sys::stat::utimensat(
         None,
         path,
-        &now,
-        &now,
+        &at,
+        &at,
         nix::sys::stat::UtimensatFlags::NoFollowSymlink,
     )
     .map_err(|e| io_err(path)(e.into()))

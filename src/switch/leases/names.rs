@@ -6,7 +6,7 @@
 /// appends the names of the primary and then the secondary groups its `voms_localgroup` step
 /// mapped; `poolaccount`, mapping by DN, appends none).
 pub fn lease_name(dn: &str, groups: &[String]) -> String {
-    let mut name = lcmaps_encode(dn);
+    let mut name = lcmaps_encode(&openssl_oneline(dn));
     for g in groups {
         name.push(':');
         name.push_str(g);
@@ -23,6 +23,24 @@ pub fn former_lease_name(dn: &str, fqans: &[String]) -> String {
         name.push_str(&url_encode(&g.to_lowercase()));
     }
     name
+}
+
+/// The DN as LCMAPS sees it: OpenSSL's `X509_NAME_oneline` writes every byte of an attribute
+/// value outside `' '..='~'` as `\xHH` (upper-case hex), so a UTF-8 `/CN=José` reaches LCMAPS
+/// as `/CN=Jos\xC3\xA9`. A DN already in that form (or pure ASCII) is unchanged.
+pub fn openssl_oneline(dn: &str) -> std::borrow::Cow<'_, str> {
+    if dn.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+        return std::borrow::Cow::Borrowed(dn);
+    }
+    let mut out = String::with_capacity(dn.len() * 2);
+    for b in dn.bytes() {
+        if (b' '..=b'~').contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("\\x{b:02X}"));
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// LCMAPS's `urlencode` (lcmaps_gridmapdir.c): ASCII letters and digits lower-cased, every other
@@ -124,6 +142,16 @@ mod tests {
         assert_eq!(
             decode_lease_name("%2fcn%3da%2db:lcmdemo"),
             "/cn=a-b lcmdemo"
+        );
+        // Non-ASCII: as OpenSSL's one-line form, which LCMAPS encodes (checked against LCMAPS
+        // in tests/lcmaps_compat.rs); the one-line form itself gives the same name.
+        assert_eq!(
+            lease_name("/DC=org/CN=José Müller", &[]),
+            "%2fdc%3dorg%2fcn%3djos%5cxc3%5cxa9%20m%5cxc3%5cxbcller"
+        );
+        assert_eq!(
+            lease_name("/DC=org/CN=Jos\\xC3\\xA9 M\\xC3\\xBCller", &[]),
+            lease_name("/DC=org/CN=José Müller", &[])
         );
         assert!(is_pool_account("dteam001", "dteam"));
         assert!(!is_pool_account("dteamsgm001", "dteam"));

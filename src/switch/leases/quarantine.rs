@@ -40,7 +40,7 @@ impl Quarantine for KillAndClean {
 /// Kills every process whose real, effective or saved uid is `uid`, until none is left.
 pub fn kill_uid(uid: u32) -> Result<(), String> {
     for _round in 0..50 {
-        let pids = pids_of_uid(uid);
+        let pids = super::procs::pids_of_uid(uid);
         if pids.is_empty() {
             return Ok(());
         }
@@ -53,29 +53,6 @@ pub fn kill_uid(uid: u32) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Err(format!("processes of uid {uid} survive SIGKILL"))
-}
-
-fn pids_of_uid(uid: u32) -> Vec<i32> {
-    let Ok(rd) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    rd.filter_map(Result::ok)
-        .filter_map(|e| {
-            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-            let status = fs::read_to_string(e.path().join("status")).ok()?;
-            let line = status.lines().find(|l| l.starts_with("Uid:"))?;
-            let hit = line
-                .split_whitespace()
-                .skip(1)
-                .take(3)
-                .any(|u| u.parse() == Ok(uid));
-            // Zombies hold no resources and cannot be killed again; skip them.
-            let zombie = status
-                .lines()
-                .any(|l| l.starts_with("State:") && l.contains('Z'));
-            (hit && !zombie).then_some(pid)
-        })
-        .collect()
 }
 
 /// Removes every entry below `dir` owned by `uid`, without following symlinks or crossing

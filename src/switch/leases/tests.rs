@@ -2,6 +2,7 @@
 //! recorded and pool groups are injected).
 
 use super::*;
+use std::path::Path;
 use std::sync::Mutex;
 
 struct Recorder(Mutex<Vec<String>>);
@@ -206,4 +207,154 @@ fn a_lease_with_three_links_is_refused() {
     fs::hard_link(g.dir.join("pool001"), g.dir.join("%2fcn%3db")).unwrap();
     let e = g.acquire("/CN=a", &[], "pool", &|_| false, &q).unwrap_err();
     assert!(e.to_string().contains("has 3 links"), "{e}");
+}
+
+/// Sets a lease's time of last use `secs` seconds into the past.
+fn age(path: &Path, secs: u64) {
+    set_last_use(path, SystemTime::now() - Duration::from_secs(secs)).unwrap();
+}
+
+fn busy_when(
+    flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    account: &'static str,
+) -> Box<BusyOf> {
+    Box::new(move |accounts: &[String]| {
+        Ok(accounts
+            .iter()
+            .filter(|a| flag.load(std::sync::atomic::Ordering::SeqCst) && a.as_str() == account)
+            .cloned()
+            .collect())
+    })
+}
+
+#[test]
+fn an_expired_lease_with_processes_is_kept_touched_and_recycled_when_they_end() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let running = std::sync::Arc::new(AtomicBool::new(false));
+    let (_t, g) = pool(1, Duration::from_secs(60));
+    let g = g.with_busy_lookup(busy_when(running.clone(), "pool001"));
+    let q = Recorder(Mutex::new(vec![]));
+    assert_eq!(
+        g.acquire("/CN=a", &[], "pool", &|_| false, &q).unwrap(),
+        "pool001"
+    );
+    running.store(true, Ordering::SeqCst);
+    let lease = g.dir.join("%2fcn%3da");
+    age(&lease, 3600);
+    // Processes of pool001 run (another service's job): its lease outlives the TTL.
+    let e = g.acquire("/CN=b", &[], "pool", &|_| false, &q).unwrap_err();
+    assert!(matches!(e, LeaseError::Exhausted { size: 1, .. }), "{e}");
+    assert!(q.0.lock().unwrap().is_empty(), "nothing was killed");
+    assert_eq!(links(&g, "pool001"), 2);
+    assert!(!g.dir.join(hold_name("pool001")).exists());
+    let used = lease.symlink_metadata().unwrap().modified().unwrap();
+    assert!(SystemTime::now().duration_since(used).unwrap_or_default() < Duration::from_secs(60));
+    assert_eq!(g.list().unwrap()[0].state, LeaseState::Leased);
+    // Its owner still has it.
+    assert_eq!(
+        g.acquire("/CN=a", &[], "pool", &|_| false, &q).unwrap(),
+        "pool001"
+    );
+    // The processes end: a TTL after the last check the lease expires and is recycled.
+    running.store(false, Ordering::SeqCst);
+    age(&lease, 3600);
+    assert_eq!(
+        g.acquire("/CN=b", &[], "pool", &|_| false, &q).unwrap(),
+        "pool001"
+    );
+    assert_eq!(q.0.lock().unwrap().as_slice(), ["pool001".to_string()]);
+    assert!(!lease.exists() && g.dir.join("%2fcn%3db").exists());
+}
+
+#[test]
+fn a_free_account_with_processes_is_not_handed_out() {
+    let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (_t, g) = pool(2, Duration::from_secs(60));
+    let g = g.with_busy_lookup(busy_when(running, "pool001"));
+    let q = Recorder(Mutex::new(vec![]));
+    // Someone removed pool001's lease while its job runs: it is skipped, not cleaned.
+    assert_eq!(
+        g.acquire("/CN=a", &[], "pool", &|_| false, &q).unwrap(),
+        "pool002"
+    );
+    let e = g.acquire("/CN=b", &[], "pool", &|_| false, &q).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            LeaseError::Exhausted {
+                size: 2,
+                busy: 1,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .contains("1 of them without a lease but with processes"),
+        "{e}"
+    );
+    assert!(q.0.lock().unwrap().is_empty());
+}
+
+#[test]
+fn the_lease_is_held_while_the_account_is_cleaned() {
+    // During the cleanup the account file keeps two links (LCMAPS sees it leased) and the
+    // owner's lease name is gone (nobody reuses it).
+    struct Check(PathBuf, Mutex<Vec<(u64, bool, bool)>>);
+    impl Quarantine for Check {
+        fn clean(&self, account: &str) -> Result<(), String> {
+            let nlink = self.0.join(account).symlink_metadata().unwrap().nlink();
+            let held = self.0.join(hold_name(account)).exists();
+            let named = self.0.join("%2fcn%3da").exists();
+            self.1.lock().unwrap().push((nlink, held, named));
+            Ok(())
+        }
+    }
+    let (_t, g) = pool(1, Duration::from_secs(60));
+    let q = Check(g.dir.clone(), Mutex::new(vec![]));
+    g.acquire("/CN=a", &[], "pool", &|_| false, &q).unwrap();
+    age(&g.dir.join("%2fcn%3da"), 3600);
+    g.acquire("/CN=b", &[], "pool", &|_| false, &q).unwrap();
+    assert_eq!(q.1.lock().unwrap().as_slice(), [(2, true, false)]);
+    assert!(!g.dir.join(hold_name("pool001")).exists());
+    assert_eq!(links(&g, "pool001"), 2);
+}
+
+#[test]
+fn a_failed_cleanup_keeps_the_hold_and_a_blind_scan_expires_nothing() {
+    struct Fails;
+    impl Quarantine for Fails {
+        fn clean(&self, _: &str) -> Result<(), String> {
+            Err("cannot".into())
+        }
+    }
+    let (_t, g) = pool(1, Duration::from_secs(60));
+    let q = Recorder(Mutex::new(vec![]));
+    g.acquire("/CN=a", &[], "pool", &|_| false, &q).unwrap();
+    age(&g.dir.join("%2fcn%3da"), 3600);
+    assert!(matches!(
+        g.acquire("/CN=b", &[], "pool", &|_| false, &Fails),
+        Err(LeaseError::Cleanup { .. })
+    ));
+    // LCMAPS, counting links, does not hand the account out either.
+    assert_eq!(links(&g, "pool001"), 2);
+    assert!(g.dir.join(hold_name("pool001")).exists());
+    assert_eq!(
+        g.acquire("/CN=b", &[], "pool", &|_| false, &q).unwrap(),
+        "pool001"
+    );
+    assert!(!g.dir.join(hold_name("pool001")).exists());
+
+    // When /proc cannot be read, nothing expires and the lease keeps its name.
+    let (_t, g) = pool(1, Duration::from_secs(60));
+    let g = g.with_busy_lookup(Box::new(|_| Err("no /proc".into())));
+    g.acquire("/CN=a", &[], "pool", &|_| false, &q).unwrap_err();
+    fs::hard_link(g.dir.join("pool001"), g.dir.join("%2fcn%3da")).unwrap();
+    age(&g.dir.join("%2fcn%3da"), 3600);
+    let e = g.acquire("/CN=b", &[], "pool", &|_| false, &q).unwrap_err();
+    assert!(matches!(e, LeaseError::ProcessScan { .. }), "{e}");
+    assert!(e.to_string().contains("no /proc"), "{e}");
+    assert!(g.dir.join("%2fcn%3da").exists());
+    assert!(!g.dir.join(hold_name("pool001")).exists());
 }

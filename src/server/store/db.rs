@@ -366,19 +366,35 @@ pub struct PgManager {
     pub config: postgres::Config,
 }
 
+/// A failed connection attempt, displayed with the server's message (r2d2 keeps only the
+/// text of the last one).
+#[derive(Debug)]
+pub struct ConnectError(pub postgres::Error);
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&super::pg_detail(&self.0))
+    }
+}
+
+impl StdError for ConnectError {}
+
 impl r2d2::ManageConnection for PgManager {
     type Connection = PgConn;
-    type Error = postgres::Error;
+    type Error = ConnectError;
 
-    fn connect(&self) -> Result<PgConn, postgres::Error> {
+    fn connect(&self) -> Result<PgConn, ConnectError> {
         Ok(PgConn {
-            client: self.config.connect(postgres::NoTls)?,
+            client: self.config.connect(postgres::NoTls).map_err(ConnectError)?,
             statements: HashMap::new(),
         })
     }
 
-    fn is_valid(&self, conn: &mut PgConn) -> Result<(), postgres::Error> {
-        conn.client.simple_query("").map(|_| ())
+    fn is_valid(&self, conn: &mut PgConn) -> Result<(), ConnectError> {
+        conn.client
+            .simple_query("")
+            .map(|_| ())
+            .map_err(ConnectError)
     }
 
     fn has_broken(&self, conn: &mut PgConn) -> bool {

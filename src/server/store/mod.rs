@@ -104,8 +104,23 @@ pub struct Store {
 
 enum Backend {
     Sqlite(Mutex<Connection>),
-    /// The pool and `user@host:port/dbname` for messages.
-    Postgres(r2d2::Pool<PgManager>, String),
+    /// The pool (None only while the store is dropped) and `user@host:port/dbname`.
+    Postgres(Option<r2d2::Pool<PgManager>>, String),
+}
+
+impl Drop for Store {
+    /// The sync `postgres` client closes its connection by blocking on its own runtime, which
+    /// panics inside a tokio runtime (the server drops its state there at shutdown): the
+    /// pool is dropped on a plain thread instead.
+    fn drop(&mut self) {
+        if let Backend::Postgres(pool, _) = &mut self.backend {
+            if let Some(pool) = pool.take() {
+                if tokio::runtime::Handle::try_current().is_ok() {
+                    let _ = std::thread::spawn(move || drop(pool)).join();
+                }
+            }
+        }
+    }
 }
 
 /// Which database the store uses (`[database]` in server.toml).
@@ -158,9 +173,15 @@ mod pg_schema {
 
 /// A PostgreSQL error with its server-side message (the `Display` of `postgres::Error` alone
 /// says only "db error").
-fn pg_detail(e: &postgres::Error) -> String {
+pub(crate) fn pg_detail(e: &postgres::Error) -> String {
     match e.as_db_error() {
-        Some(d) => format!("{} ({}): {}", d.message(), d.code().code(), e),
+        Some(d) => format!(
+            "{} {}: {} (SQLSTATE {})",
+            e,
+            d.severity(),
+            d.message(),
+            d.code().code()
+        ),
         None => e.to_string(),
     }
 }
@@ -222,7 +243,7 @@ impl Store {
         private_dirs(data_dir)?;
         let backend = match db {
             Database::Sqlite => Backend::Sqlite(Mutex::new(open_sqlite(data_dir)?)),
-            Database::Postgres(pg) => Backend::Postgres(open_postgres(pg)?, pg.target()),
+            Database::Postgres(pg) => Backend::Postgres(Some(open_postgres(pg)?), pg.target()),
         };
         Ok(Store {
             backend,
@@ -275,7 +296,7 @@ impl Store {
             Backend::Postgres(pool, target) => {
                 let mut attempt = 0;
                 loop {
-                    let mut conn = pg(pool, target)?;
+                    let mut conn = pg(pool.as_ref().expect("the pool lives until drop"), target)?;
                     let PgConn { client, statements } = &mut *conn;
                     let res = (|| {
                         let mut tx = client.transaction()?;
@@ -303,7 +324,7 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(c) => f(&mut db::Sqlite(&lock(c))),
             Backend::Postgres(pool, target) => {
-                let mut conn = pg(pool, target)?;
+                let mut conn = pg(pool.as_ref().expect("the pool lives until drop"), target)?;
                 let PgConn { client, statements } = &mut *conn;
                 f(&mut db::Pg { client, statements })
             }

@@ -8,7 +8,7 @@
 //! advanced past the envelope lifetime, as a surviving instance's sweeper would) and then
 //! finished.
 
-mod pg_support;
+use server_support::pg_support;
 mod server_support;
 
 use std::collections::{HashMap, HashSet};

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of mupilot on this machine, as root: unit and integration tests against real
-# accounts, cgroups (this host's hierarchy), namespaces, TLS and SQLite; the Slurm tests under
+# accounts, cgroups (this host's hierarchy), namespaces, TLS, SQLite and PostgreSQL (private
+# clusters the tests start from Debian's postgresql binaries); the Slurm tests under
 # a real one-node Slurm started here; the sandbox tests again inside a cgroup-v2 VM; and the
 # demo. Installs what it needs, so a fresh machine passes. `.ci/run` calls this script.
 #
@@ -15,6 +16,9 @@ need_root
 
 log "installing test prerequisites"
 apt_install jq python3 iproute2 procps util-linux passwd man-db
+# initdb and postgres for tests/pg_support (each test starts its own cluster; the package's
+# own cluster service is not used).
+apt_install postgresql
 
 LOGDIR=$(mktemp -d /tmp/mupilot-test.XXXXXX)
 passed=0
@@ -55,6 +59,16 @@ host_tests() {
     return $rc
 }
 step "unit and integration tests (host, cgroup v1)" host_tests
+
+# The server's API tests again with every demo VO on its own PostgreSQL cluster.
+pg_server_tests() {
+    local out=$LOGDIR/server-postgresql.log rc=0
+    MUPILOT_TEST_ENGINE=postgresql cargo test --locked --no-fail-fast \
+        --test server_api --test server_matching --test server_metrics 2>&1 | tee "$out" || rc=$?
+    count_cargo "$out"
+    return $rc
+}
+step "server tests on PostgreSQL" pg_server_tests
 
 if [ -z "${SKIP_SLURM:-}" ] && [ -x scripts/slurm.sh ]; then
     slurm_tests() {

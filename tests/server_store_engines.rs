@@ -399,8 +399,11 @@ fn concurrent_sweeps_and_retention(env: &Env) {
         .all(|v| !s.bundle_path(&v.payload_id).exists()));
 }
 
+/// A named scenario.
+type Scenario = (&'static str, fn(&Env));
+
 fn every_scenario(cluster: Option<&PgCluster>, engine: Engine) {
-    let scenarios: [(&str, fn(&Env)); 6] = [
+    let scenarios: [Scenario; 6] = [
         ("lifecycle", lifecycle),
         ("sweeps_and_requeues", sweeps_and_requeues),
         ("commands", commands),

@@ -162,7 +162,7 @@ const PG_RETRIES: u32 = 5;
 
 /// Key of the advisory lock instances take while migrating, so two instances started at
 /// once do not both create the tables ("mupilot" in ASCII).
-const MIGRATION_LOCK: i64 = 0x6d75_7069_6c6f_74;
+const MIGRATION_LOCK: i64 = 0x006d_7570_696c_6f74;
 
 mod sqlite_schema {
     refinery::embed_migrations!("src/server/store/migrations/sqlite");

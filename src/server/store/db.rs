@@ -120,6 +120,14 @@ impl Row {
         self.opt_text(i)?.ok_or_else(|| self.bad(i, "text"))
     }
 
+    /// A text column, left in the row.
+    pub fn peek_text(&self, i: usize) -> Result<&str, StoreError> {
+        match self.0.get(i) {
+            Some(Value::Text(s)) => Ok(s),
+            _ => Err(self.bad(i, "text")),
+        }
+    }
+
     pub fn opt_text(&mut self, i: usize) -> Result<Option<String>, StoreError> {
         match self.0.get_mut(i) {
             Some(Value::Text(s)) => Ok(Some(std::mem::take(s))),

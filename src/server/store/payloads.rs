@@ -76,6 +76,35 @@ fn skipped_json(list: &[String]) -> Option<String> {
     serde_json::to_string(&kept).ok()
 }
 
+/// A queued payload that fits the request (?1 cores, ?2 memory, ?3 wall time) of an active
+/// member at ?4 (`p` payloads, `m` members).
+const MATCHABLE: &str = "p.state = 'queued' AND p.cores <= ?1 AND p.memory_bytes <= ?2 \
+    AND p.walltime_seconds <= ?3 AND m.status = 'registered' AND m.renewal_due > ?4";
+
+/// What a match returns, in [`matched_from`]'s order.
+const MATCHED_COLUMNS: &str = "p.id, p.owner_dn, m.vo, m.fqans, m.renewal_due, p.jobtag, \
+    p.argv, p.env, p.bundle_sha256, p.cores, p.memory_bytes, p.walltime_seconds, p.outputs";
+
+fn matched_from(mut r: Row) -> Result<Matched, StoreError> {
+    Ok(Matched {
+        id: r.text(0)?,
+        owner_dn: r.text(1)?,
+        vo: r.text(2)?,
+        fqans: json("member fqans", &r.text(3)?)?,
+        membership_valid_until: parse_ts(&r.text(4)?)?,
+        jobtag: r.opt_text(5)?,
+        argv: json("argv", &r.text(6)?)?,
+        env: json("env", &r.text(7)?)?,
+        bundle_sha256: r.opt_text(8)?,
+        resources: Resources {
+            cores: r.int(9)? as u32,
+            memory_bytes: r.int(10)? as u64,
+            walltime_seconds: r.int(11)? as u64,
+        },
+        outputs: json("outputs", &r.text(12)?)?,
+    })
+}
+
 const VIEW_COLUMNS: &str = "id, owner_dn, vo, state, argv, jobtag, cores, memory_bytes, \
     walltime_seconds, outputs, submitted_at, updated_at, pilot_id, host, batch_job_id, account, \
     uid, exit_code, signal, cpu_seconds, peak_memory_bytes, reason, denial_class, has_output, \
@@ -159,47 +188,65 @@ impl Store {
     }
 
     /// Picks the oldest queued payload that fits and whose owner is still an active member,
-    /// and marks it matched to this pilot, in one transaction. On PostgreSQL the candidate
-    /// row is claimed with `FOR UPDATE SKIP LOCKED`: an instance matching at the same moment
-    /// takes the next payload instead of waiting for this one or taking it too.
+    /// and marks it matched to this pilot, atomically. SQLite: a SELECT and a guarded UPDATE
+    /// in one `BEGIN IMMEDIATE` transaction. PostgreSQL: one statement (one round trip, its
+    /// own transaction) whose candidate row is claimed with `FOR UPDATE SKIP LOCKED`: an
+    /// instance matching at the same moment takes the next payload instead of waiting for
+    /// this one or taking it too.
     pub fn match_one(
         &self,
         pilot_dn: &str,
         req: &MatchRequest,
         now: DateTime<Utc>,
     ) -> Result<Option<Matched>, StoreError> {
+        let params = vals![
+            req.free_cores,
+            sat(req.free_memory_bytes),
+            sat(req.seconds_left),
+            ts(now),
+            pilot_dn,
+            &req.pilot_id,
+            &req.host,
+            &req.batch_job_id,
+        ];
+        if self.engine() == super::Engine::Postgres {
+            let claim = super::Engine::Postgres.claim("p");
+            let row = self.conn(|c| {
+                c.query_opt(
+                    &format!(
+                        "WITH candidate AS (
+                            SELECT p.seq FROM payloads p JOIN members m ON m.dn = p.owner_dn
+                            WHERE {MATCHABLE} ORDER BY p.seq LIMIT 1{claim})
+                         UPDATE payloads p SET state = 'matched', pilot_dn = ?5, pilot_id = ?6,
+                            host = ?7, batch_job_id = ?8, updated_at = ?4
+                         FROM candidate, members m
+                         WHERE p.seq = candidate.seq AND m.dn = p.owner_dn
+                         RETURNING {MATCHED_COLUMNS}"
+                    ),
+                    params,
+                )
+            })?;
+            return row.map(matched_from).transpose();
+        }
         self.tx(|c| {
-            let claim = c.engine().claim("p");
             let row = c.query_opt(
                 &format!(
-                    "SELECT p.id, p.owner_dn, m.vo, m.fqans, m.renewal_due, p.jobtag, p.argv,
-                        p.env, p.bundle_sha256, p.cores, p.memory_bytes, p.walltime_seconds,
-                        p.outputs
-                     FROM payloads p JOIN members m ON m.dn = p.owner_dn
-                     WHERE p.state = 'queued' AND p.cores <= ?1 AND p.memory_bytes <= ?2
-                       AND p.walltime_seconds <= ?3 AND m.status = 'registered'
-                       AND m.renewal_due > ?4
-                     ORDER BY p.seq LIMIT 1{claim}"
+                    "SELECT {MATCHED_COLUMNS} FROM payloads p JOIN members m ON m.dn = p.owner_dn
+                     WHERE {MATCHABLE} ORDER BY p.seq LIMIT 1"
                 ),
-                vals![
-                    req.free_cores,
-                    sat(req.free_memory_bytes),
-                    sat(req.seconds_left),
-                    ts(now)
-                ],
+                &params[..4],
             )?;
-            let Some(mut r) = row else {
+            let Some(r) = row else {
                 return Ok(None);
             };
-            let id = r.text(0)?;
             // The state guard makes the claim safe even against another process on the same
-            // SQLite file; on PostgreSQL the row is locked by this transaction already.
+            // SQLite file.
             let changed = c.execute(
                 "UPDATE payloads SET state = 'matched', pilot_dn = ?2, pilot_id = ?3, host = ?4,
                     batch_job_id = ?5, updated_at = ?6
                  WHERE id = ?1 AND state = 'queued'",
                 vals![
-                    &id,
+                    r.peek_text(0)?,
                     pilot_dn,
                     &req.pilot_id,
                     &req.host,
@@ -210,23 +257,7 @@ impl Store {
             if changed != 1 {
                 return Ok(None);
             }
-            Ok(Some(Matched {
-                owner_dn: r.text(1)?,
-                vo: r.text(2)?,
-                fqans: json("member fqans", &r.text(3)?)?,
-                membership_valid_until: parse_ts(&r.text(4)?)?,
-                jobtag: r.opt_text(5)?,
-                argv: json("argv", &r.text(6)?)?,
-                env: json("env", &r.text(7)?)?,
-                bundle_sha256: r.opt_text(8)?,
-                resources: Resources {
-                    cores: r.int(9)? as u32,
-                    memory_bytes: r.int(10)? as u64,
-                    walltime_seconds: r.int(11)? as u64,
-                },
-                outputs: json("outputs", &r.text(12)?)?,
-                id,
-            }))
+            matched_from(r).map(Some)
         })
     }
 

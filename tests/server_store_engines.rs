@@ -504,3 +504,44 @@ fn instances_migrate_once_and_errors_name_the_database() {
         "{e}"
     );
 }
+
+/// Connections PostgreSQL closes (a restart, an operator's pg_terminate_backend) fail one
+/// call each at most, are dropped from the pool, and the store goes on with new ones.
+#[test]
+fn connections_the_database_closed_are_replaced() {
+    let cluster = PgCluster::start();
+    let env = Env::new(Some(&cluster));
+    let s = env.open();
+    let id = s.submit(&new_payload(), None, Utc::now()).unwrap();
+    let killed: i64 = {
+        let mut admin = cluster.admin("postgres").unwrap();
+        let rows = admin
+            .query(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1",
+                &[&pg_support::ROLE],
+            )
+            .unwrap();
+        rows[0].get(0)
+    };
+    assert!(killed >= 1, "the store's connections were open");
+    let mut failures = 0;
+    loop {
+        match s.view(&id) {
+            Ok(v) => {
+                assert_eq!(v.state, PayloadState::Queued);
+                break;
+            }
+            Err(e) => {
+                failures += 1;
+                assert!(
+                    failures <= killed,
+                    "more failures than closed connections: {e}"
+                );
+            }
+        }
+    }
+    assert!(s
+        .match_one("/CN=p", &mreq("p"), Utc::now())
+        .unwrap()
+        .is_some());
+}

@@ -460,6 +460,10 @@ fn open_postgres(pg: &PgSettings) -> Result<r2d2::Pool<PgManager>, StoreError> {
     let pool = r2d2::Pool::builder()
         .max_size(pg.pool_size.max(1))
         .min_idle(Some(1))
+        // No test query before each use (a round trip per store call, as much as a match
+        // itself): a connection PostgreSQL closed fails its next statement, which is
+        // answered as an error once, and r2d2 then drops it (PgManager::has_broken).
+        .test_on_check_out(false)
         .connection_timeout(Duration::from_secs(10))
         .build(PgManager { config })
         .map_err(|source| StoreError::PgConnect {

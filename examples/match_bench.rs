@@ -8,6 +8,11 @@
 //!
 //! `match_bench fill URL VO_DIR N [WALLTIME_SECONDS] -- ARGV...`: only submits N payloads
 //! running ARGV (one core, 64 MiB, 60 s of wall time unless given), as alice.
+//!
+//! `match_bench spread VO_DIR N PILOTS URL...`: N matches of already queued payloads from
+//! PILOTS pilots at once, pilot i on URL i mod (number of URLs) (several server instances on
+//! one database), each request timed. Prints `rate MATCHES_PER_S`, `p50 MS` and `p99 MS`;
+//! fails if a match came back empty or a payload was handed out twice.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -105,8 +110,23 @@ async fn main() {
         .await;
         return;
     }
+    if args.first().map(String::as_str) == Some("spread") {
+        let [_, dir, n, pilots, urls @ ..] = args.as_slice() else {
+            eprintln!("usage: match_bench spread VO_DIR N PILOTS URL...");
+            std::process::exit(2);
+        };
+        assert!(!urls.is_empty(), "at least one URL");
+        spread(
+            Path::new(dir),
+            n.parse().expect("N"),
+            pilots.parse().expect("PILOTS"),
+            urls,
+        )
+        .await;
+        return;
+    }
     if args.len() != 4 {
-        eprintln!("usage: match_bench URL VO_DIR N_ONE N_MANY | fill URL VO_DIR N [WALLTIME_SECONDS] -- ARGV...");
+        eprintln!("usage: match_bench URL VO_DIR N_ONE N_MANY | fill URL VO_DIR N [WALLTIME_SECONDS] -- ARGV... | spread VO_DIR N PILOTS URL...");
         std::process::exit(2);
     }
     let base = args[0].trim_end_matches('/').to_string();
@@ -163,4 +183,46 @@ async fn main() {
     }
     println!("one {one:.0}");
     println!("many {many:.0}");
+}
+
+/// `spread`: see the module comment.
+async fn spread(dir: &Path, n: usize, pilots: usize, urls: &[String]) {
+    let per = n / pilots;
+    let mut clients = Vec::new();
+    for i in 0..pilots {
+        let c = client(dir, "pilot");
+        let url = format!("{}/v1/match", urls[i % urls.len()].trim_end_matches('/'));
+        // Warm the connection: the handshake is not a match.
+        let _ = c.post(&url).json(&req("warm")).send().await;
+        clients.push((c, url));
+    }
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, (c, url)) in clients.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::with_capacity(per);
+            for _ in 0..per {
+                let t = Instant::now();
+                let id = one_match(&c, &url, &format!("spread-{i}")).await;
+                got.push((id, t.elapsed().as_secs_f64() * 1000.0));
+            }
+            got
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let rate = all.len() as f64 / t.elapsed().as_secs_f64();
+    let unique: std::collections::HashSet<_> = all.iter().map(|(id, _)| id).collect();
+    if unique.len() != all.len() {
+        eprintln!("a payload was matched twice");
+        std::process::exit(1);
+    }
+    let mut ms: Vec<f64> = all.iter().map(|(_, m)| *m).collect();
+    ms.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| ms[((ms.len() as f64 * p) as usize).min(ms.len() - 1)];
+    println!("rate {rate:.0}");
+    println!("p50 {:.2}", pct(0.50));
+    println!("p99 {:.2}", pct(0.99));
 }

@@ -7,13 +7,16 @@
 #   3. supervision: payloads/s through pilot + helper + server; CPU and memory while payloads sleep;
 #   4. fetch: matches/s from the server over mTLS with keep-alive, 1 and 16 pilots;
 #   5. records: append rate, verify rate, `audit who` over 1,000,000 records;
-#   6. grid: verifying an owner's X.509 proxy and VOMS AC, cold and cached.
-# Sections 2-6 are scripts/bench.d/*.sh, sourced in order with this script's variables.
+#   6. grid: verifying an owner's X.509 proxy and VOMS AC, cold and cached;
+#   7. PostgreSQL: matches/s and match p99 with 100,000 queued, 1 SQLite instance and 1 and 3
+#      PostgreSQL instances on one database.
+# Sections 2-7 are scripts/bench.d/*.sh, sourced in order with this script's variables.
 # Prints a markdown table and writes it, with the machine's description, to docs/benchmarks.md.
 #
-#   scripts/bench.sh [--rounds R] [--per-round N] [--launch-only] [--only PART]
+#   scripts/bench.sh [--rounds R] [--per-round N] [--launch-only | --postgres-only | --only PART]
 #     (default 6 rounds of 50 = 300 launches each; --launch-only runs section 1 alone and prints
 #     its table without rewriting docs/benchmarks.md, for iterating on the launch path;
+#     --postgres-only likewise runs section 7 alone: scripts/bench.d/60-postgres.sh;
 #     --only PART runs scripts/bench.d/*-PART.sh alone, e.g. --only grid, and prints its table)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,15 +28,35 @@ ROUNDS=6
 PER_ROUND=50
 LAUNCH_ONLY=0
 ONLY=
+POSTGRES_ONLY=0
 while [ $# -gt 0 ]; do
     case $1 in
     --rounds) ROUNDS=$2; shift 2 ;;
     --per-round) PER_ROUND=$2; shift 2 ;;
     --launch-only) LAUNCH_ONLY=1; shift ;;
+    --postgres-only) POSTGRES_ONLY=1; shift ;;
     --only) ONLY=$2; shift 2 ;;
-    *) die "unknown argument $1 (use --rounds R --per-round N --launch-only --only PART)" ;;
+    *) die "unknown argument $1 (use --rounds R --per-round N --launch-only --postgres-only --only PART)" ;;
     esac
 done
+
+if [ "$POSTGRES_ONLY" = 1 ]; then
+    log "building (release): mupilot-server, match_bench"
+    cargo build --release --locked -q --bin mupilot-server --example match_bench
+    BIN=$PWD/target/release
+    WORK=$(mktemp -d /var/lib/mupilot-bench.XXXXXX)
+    chmod 0755 "$WORK"
+    EXTRA_PIDS=()
+    # shellcheck disable=SC2317 # called by the trap
+    pg_cleanup() {
+        for p in "${EXTRA_PIDS[@]}"; do stop_pid "$p"; done
+        rm -rf "$WORK"
+    }
+    trap pg_cleanup EXIT
+    # shellcheck source=scripts/bench.d/60-postgres.sh
+    source scripts/bench.d/60-postgres.sh
+    exit 0
+fi
 
 apt_install bubblewrap sudo util-linux jq
 log "building (release)"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of mupilot on this machine, as root: unit and integration tests against real
-# accounts, cgroups (this host's hierarchy), namespaces, TLS and SQLite; the Slurm tests under
+# accounts, cgroups (this host's hierarchy), namespaces, TLS, SQLite and PostgreSQL (private
+# clusters the tests start from Debian's postgresql binaries); the Slurm tests under
 # a real one-node Slurm started here; the sandbox tests again inside a cgroup-v2 VM; and the
 # demo. Installs what it needs, so a fresh machine passes. `.ci/run` calls this script.
 #
@@ -21,6 +22,9 @@ apt_install jq python3 iproute2 procps util-linux passwd man-db
 apt_install libssl-dev pkg-config openssl voms-clients xxd
 # LCMAPS itself, for tests/lcmaps_compat.rs (one gridmapdir lease per person, whoever maps).
 apt_install liblcmaps0 lcmaps-plugins-verify-proxy lcmaps-plugins-voms lcmaps-plugins-basic-poolaccount voms-clients openssl
+# initdb and postgres for tests/pg_support (each test starts its own cluster; the package's
+# own cluster service is not used).
+apt_install postgresql
 
 LOGDIR=$(mktemp -d /tmp/mupilot-test.XXXXXX)
 passed=0
@@ -71,6 +75,16 @@ host_tests() {
     return $rc
 }
 step "unit and integration tests (host, cgroup v1)" host_tests
+
+# The server's API tests again with every demo VO on its own PostgreSQL cluster.
+pg_server_tests() {
+    local out=$LOGDIR/server-postgresql.log rc=0
+    MUPILOT_TEST_ENGINE=postgresql cargo test --locked --no-fail-fast \
+        --test server_api --test server_matching --test server_metrics 2>&1 | tee "$out" || rc=$?
+    count_cargo "$out"
+    return $rc
+}
+step "server tests on PostgreSQL" pg_server_tests
 
 if [ -z "${SKIP_SLURM:-}" ] && [ -x scripts/slurm.sh ]; then
     slurm_tests() {

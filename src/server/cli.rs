@@ -431,7 +431,7 @@ fn member(cmd: MemberCmd) -> i32 {
             return EXIT_USAGE;
         }
     };
-    let store = match Store::open(&cfg.data_dir) {
+    let store = match Store::open_with(&cfg.data_dir, &cfg.database) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("mupilot-server member: {e}");

@@ -130,7 +130,27 @@ struct RawServerConfig {
     rate_limits: super::portal::config::RateLimits,
     #[serde(default)]
     request_log: super::portal::config::RequestLogConfig,
+    database: Option<RawDatabase>,
 }
+
+/// `[database]`: absent, or `engine = "sqlite"`, for `data_dir/mupilot.db`;
+/// `engine = "postgresql"` with where the database is (docs/vo-operator.md "PostgreSQL").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    engine: String,
+    host: Option<String>,
+    port: Option<u16>,
+    dbname: Option<String>,
+    user: Option<String>,
+    password_file: Option<PathBuf>,
+    /// Accepted only to refuse it with a message saying where the password goes.
+    password: Option<toml::Value>,
+    pool_size: Option<u32>,
+}
+
+/// Default `[database] host` for PostgreSQL: the Debian/EL socket directory.
+pub const DEFAULT_PG_HOST: &str = "/var/run/postgresql";
 
 /// Default heartbeat interval the server asks of pilots (seconds).
 pub const DEFAULT_HEARTBEAT_SECONDS: u64 = 30;
@@ -196,6 +216,8 @@ pub struct ServerConfig {
     /// Portals, robots, submission rate limits and the request log (`[[portal]]`,
     /// `[[robot]]`, `[rate_limits]`, `[request_log]`).
     pub portal: super::portal::config::PortalSettings,
+    /// The store's database (`[database]`; SQLite in `data_dir` when absent).
+    pub database: crate::server::store::Database,
 }
 
 /// Resolves `p` against `base` unless it is absolute.
@@ -218,6 +240,76 @@ fn base_dir(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
+    }
+}
+
+/// Checks `[database]` and resolves its password file against the config's directory.
+fn parse_database(
+    d: RawDatabase,
+    base: &Path,
+    value: &dyn Fn(&'static str, &str, &str) -> ConfigError,
+) -> Result<crate::server::store::Database, ConfigError> {
+    use crate::server::store::{Database, PgSettings, DEFAULT_POOL_SIZE};
+    if d.password.is_some() {
+        return Err(value(
+            "database.password",
+            "(not shown)",
+            "a password is not written in server.toml; put it on the first line of a file only the server's account can read (chmod 0600) and name that file with `password_file`",
+        ));
+    }
+    match d.engine.as_str() {
+        "sqlite" => {
+            let pg_keys = [
+                ("database.host", d.host.is_some()),
+                ("database.port", d.port.is_some()),
+                ("database.dbname", d.dbname.is_some()),
+                ("database.user", d.user.is_some()),
+                ("database.password_file", d.password_file.is_some()),
+                ("database.pool_size", d.pool_size.is_some()),
+            ];
+            if let Some((key, _)) = pg_keys.iter().find(|(_, set)| *set) {
+                return Err(value(
+                    key,
+                    "(set)",
+                    "applies to engine = \"postgresql\" only; remove it or set engine = \"postgresql\"",
+                ));
+            }
+            Ok(Database::Sqlite)
+        }
+        "postgresql" => {
+            let required = |key: &'static str, v: Option<String>| {
+                v.filter(|v| !v.is_empty()).ok_or_else(|| {
+                    value(
+                        key,
+                        "",
+                        "is required with engine = \"postgresql\" (the database and the role the server connects as)",
+                    )
+                })
+            };
+            let pool_size = d.pool_size.unwrap_or(DEFAULT_POOL_SIZE);
+            if !(1..=256).contains(&pool_size) {
+                return Err(value(
+                    "database.pool_size",
+                    &pool_size.to_string(),
+                    &format!(
+                        "must be between 1 and 256 connections; the default is {DEFAULT_POOL_SIZE}"
+                    ),
+                ));
+            }
+            Ok(Database::Postgres(PgSettings {
+                host: d.host.unwrap_or_else(|| DEFAULT_PG_HOST.to_string()),
+                port: d.port.unwrap_or(5432),
+                dbname: required("database.dbname", d.dbname)?,
+                user: required("database.user", d.user)?,
+                password_file: d.password_file.map(|f| resolve(base, &f)),
+                pool_size,
+            }))
+        }
+        other => Err(value(
+            "database.engine",
+            other,
+            "must be \"sqlite\" (the default: data_dir/mupilot.db) or \"postgresql\"",
+        )),
     }
 }
 
@@ -366,6 +458,10 @@ impl ServerConfig {
                 request_log: raw.request_log,
             },
         )?;
+        let database = match raw.database {
+            None => crate::server::store::Database::Sqlite,
+            Some(d) => parse_database(d, &base, &value)?,
+        };
         let cfg = ServerConfig {
             path: path.to_path_buf(),
             listen,
@@ -386,6 +482,7 @@ impl ServerConfig {
             max_requeues: raw.max_requeues,
             metrics_listen,
             portal,
+            database,
         };
         Ok(cfg)
     }
@@ -482,6 +579,58 @@ fqans = ["/demo"]
             c.metrics_listen, None,
             "no metrics listener unless asked for"
         );
+    }
+
+    #[test]
+    fn database_section_selects_the_engine() {
+        use crate::server::store::{Database, PgSettings};
+        let p = Path::new("/etc/mupilot/server.toml");
+        let c = ServerConfig::parse(p, GOOD).unwrap();
+        assert_eq!(c.database, Database::Sqlite);
+        let with = |body: &str| format!("{GOOD}\n[database]\n{body}\n");
+        let c = ServerConfig::parse(
+            p,
+            &with("engine = \"postgresql\"\ndbname = \"mupilot\"\nuser = \"mupilot\"\npassword_file = \"db-password\""),
+        )
+        .unwrap();
+        assert_eq!(
+            c.database,
+            Database::Postgres(PgSettings {
+                host: "/var/run/postgresql".into(),
+                port: 5432,
+                dbname: "mupilot".into(),
+                user: "mupilot".into(),
+                password_file: Some("/etc/mupilot/db-password".into()),
+                pool_size: 16,
+            })
+        );
+        for (body, key, hint) in [
+            ("engine = \"mysql\"", "database.engine", "postgresql"),
+            (
+                "engine = \"postgresql\"\nuser = \"u\"",
+                "database.dbname",
+                "required",
+            ),
+            (
+                "engine = \"postgresql\"\ndbname = \"d\"\nuser = \"u\"\npassword = \"s3cret\"",
+                "database.password",
+                "password_file",
+            ),
+            (
+                "engine = \"sqlite\"\nhost = \"db\"",
+                "database.host",
+                "postgresql",
+            ),
+            (
+                "engine = \"postgresql\"\ndbname = \"d\"\nuser = \"u\"\npool_size = 0",
+                "database.pool_size",
+                "between 1 and 256",
+            ),
+        ] {
+            let e = ServerConfig::parse(p, &with(body)).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(hint), "{body}: {e}");
+            assert!(!e.contains("s3cret"), "the password is not echoed: {e}");
+        }
     }
 
     #[test]

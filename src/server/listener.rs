@@ -80,7 +80,7 @@ pub fn prepare(cfg: &ServerConfig) -> Result<Prepared, ServeError> {
     cfg.check_files()?;
     let tls = crate::tls::server_config(&cfg.cert, &cfg.key, &cfg.ca)?;
     let key = VoSigningKey::from_pem_file(&cfg.signing_key)?;
-    let mut store = Store::open(&cfg.data_dir)?;
+    let mut store = Store::open_with(&cfg.data_dir, &cfg.database)?;
     store.set_requeue_limit(cfg.max_requeues);
     let store = Arc::new(store);
     let seeded = store.seed_members(&cfg.vo, &cfg.members, chrono::Utc::now())?;

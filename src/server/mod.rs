@@ -1,7 +1,7 @@
 //! The reference VO server (`mupilot-server`): submission API, membership registry (P3),
-//! matchmaking, envelope signing, status and operator commands, stored in SQLite.
+//! matchmaking, envelope signing, status and operator commands, stored in SQLite or PostgreSQL.
 //!
-//! Layout: [`config`] (server.toml), [`store`] (SQLite and payload files), [`api`] (axum
+//! Layout: [`config`] (server.toml), [`store`] (SQLite or PostgreSQL, and payload files), [`api`] (axum
 //! routes), [`listener`] (TLS accept loop, peer DN per connection), [`portal`] (portals,
 //! robots, rate limits, the request log), [`metrics`] (Prometheus endpoint), [`init`]/[`pki`] (demo VO),
 //! [`client`] (submit/status/output/cancel), [`cli`] (the command line).

@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "../pg_support/mod.rs"]
+pub mod pg_support;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_mupilot-server");
 
 /// A pilot's match request for 4 cores, 8 GiB and a day, from node `wn01`.
@@ -26,10 +29,13 @@ pub fn dn(cn: &str) -> String {
     format!("/DC=org/DC=mupilot-demo/CN={cn}")
 }
 
-/// A demo VO written by `mupilot-server init` into a fresh temporary directory.
+/// A demo VO written by `mupilot-server init` into a fresh temporary directory. With
+/// `MUPILOT_TEST_ENGINE=postgresql` its server.toml gets a `[database]` on a private
+/// PostgreSQL cluster of its own (scripts/test.sh runs the API tests that way too).
 pub struct Demo {
     pub tmp: tempfile::TempDir,
     pub dir: PathBuf,
+    pub pg: Option<pg_support::PgCluster>,
 }
 
 impl Demo {
@@ -44,7 +50,26 @@ impl Demo {
             .output()
             .unwrap();
         assert!(out.status.success(), "init failed: {}", text(&out));
-        Demo { tmp, dir }
+        let pg = match std::env::var("MUPILOT_TEST_ENGINE").as_deref() {
+            Ok("postgresql") => {
+                // On a plain thread: the sync client cannot run inside a test's runtime.
+                let (c, db) = std::thread::spawn(|| {
+                    let c = pg_support::PgCluster::start_with(&["fsync=off"]);
+                    let db = c.create_db();
+                    (c, db)
+                })
+                .join()
+                .unwrap();
+                let config = dir.join("server.toml");
+                let mut toml = std::fs::read_to_string(&config).unwrap();
+                toml.push_str(&c.toml(&db, true));
+                std::fs::write(&config, toml).unwrap();
+                Some(c)
+            }
+            Ok("sqlite") | Err(_) => None,
+            Ok(other) => panic!("MUPILOT_TEST_ENGINE={other:?}: use sqlite or postgresql"),
+        };
+        Demo { tmp, dir, pg }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -139,6 +164,20 @@ impl Server {
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.url)
+    }
+
+    /// The server process's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGKILL by pid (a crash: no shutdown), then reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+            child.wait().unwrap();
+        }
     }
 
     /// Sends SIGTERM and waits; returns the exit code.

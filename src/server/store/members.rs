@@ -3,9 +3,9 @@
 //! `renewal_due` is what envelopes carry as `membership_valid_until`.
 
 use chrono::{DateTime, Months, Utc};
-use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
+use super::db::{vals, Conn, Row};
 use super::{parse_ts, ts, Store, StoreError};
 use crate::server::config::MemberSeed;
 
@@ -62,31 +62,27 @@ fn due(from: DateTime<Utc>) -> DateTime<Utc> {
         .expect("a date twelve months ahead is representable")
 }
 
-fn row_to_member(
-    row: &rusqlite::Row<'_>,
-) -> rusqlite::Result<(String, String, String, String, String, String)> {
-    Ok((
-        row.get(0)?,
-        row.get(1)?,
-        row.get(2)?,
-        row.get(3)?,
-        row.get(4)?,
-        row.get(5)?,
-    ))
-}
-
-fn member_from(
-    (dn, vo, fqans, status, reg, due): (String, String, String, String, String, String),
-) -> Result<Member, StoreError> {
+fn member_from(mut r: Row) -> Result<Member, StoreError> {
+    let dn = r.text(0)?;
+    let fqans = r.text(2)?;
     Ok(Member {
         fqans: serde_json::from_str(&fqans)
             .map_err(|e| StoreError::Corrupt(format!("fqans of {dn}: {e}")))?,
-        status: MemberStatus::parse(&status)?,
-        registered_at: parse_ts(&reg)?,
-        renewal_due: parse_ts(&due)?,
+        status: MemberStatus::parse(&r.text(3)?)?,
+        registered_at: parse_ts(&r.text(4)?)?,
+        renewal_due: parse_ts(&r.text(5)?)?,
+        vo: r.text(1)?,
         dn,
-        vo,
     })
+}
+
+fn member_in(c: &mut dyn Conn, dn: &str) -> Result<Option<Member>, StoreError> {
+    c.query_opt(
+        &format!("SELECT {COLUMNS} FROM members WHERE dn = ?1"),
+        vals![dn],
+    )?
+    .map(member_from)
+    .transpose()
 }
 
 const COLUMNS: &str = "dn, vo, fqans, status, registered_at, renewal_due";
@@ -100,17 +96,18 @@ impl Store {
         seeds: &[MemberSeed],
         now: DateTime<Utc>,
     ) -> Result<usize, StoreError> {
-        let conn = self.lock();
-        let mut n = 0;
-        for s in seeds {
-            let fqans = serde_json::to_string(&s.fqans).expect("strings serialise");
-            n += conn.execute(
-                "INSERT OR IGNORE INTO members (dn, vo, fqans, status, registered_at, renewal_due)
-                 VALUES (?1, ?2, ?3, 'registered', ?4, ?5)",
-                params![s.dn, vo, fqans, ts(now), ts(due(now))],
-            )?;
-        }
-        Ok(n)
+        self.tx(|c| {
+            let mut n = 0;
+            for s in seeds {
+                let fqans = serde_json::to_string(&s.fqans).expect("strings serialise");
+                n += c.execute(
+                    "INSERT INTO members (dn, vo, fqans, status, registered_at, renewal_due)
+                     VALUES (?1, ?2, ?3, 'registered', ?4, ?5) ON CONFLICT (dn) DO NOTHING",
+                    vals![&s.dn, vo, fqans, ts(now), ts(due(now))],
+                )?;
+            }
+            Ok(n as usize)
+        })
     }
 
     /// Registers a DN, or registers it again if it was suspended or removed (new dates).
@@ -127,68 +124,72 @@ impl Store {
             )));
         }
         let fq = serde_json::to_string(fqans).expect("strings serialise");
-        self.lock().execute(
-            "INSERT INTO members (dn, vo, fqans, status, registered_at, renewal_due)
-             VALUES (?1, ?2, ?3, 'registered', ?4, ?5)
-             ON CONFLICT(dn) DO UPDATE SET vo = ?2, fqans = ?3, status = 'registered',
-                registered_at = ?4, renewal_due = ?5",
-            params![dn, vo, fq, ts(now), ts(due(now))],
-        )?;
-        self.member(dn)?
-            .ok_or_else(|| StoreError::NoMember(dn.into()))
+        self.tx(|c| {
+            c.execute(
+                "INSERT INTO members (dn, vo, fqans, status, registered_at, renewal_due)
+                 VALUES (?1, ?2, ?3, 'registered', ?4, ?5)
+                 ON CONFLICT (dn) DO UPDATE SET vo = ?2, fqans = ?3, status = 'registered',
+                    registered_at = ?4, renewal_due = ?5",
+                vals![dn, vo, &fq, ts(now), ts(due(now))],
+            )?;
+            member_in(c, dn)?.ok_or_else(|| StoreError::NoMember(dn.into()))
+        })
     }
 
     /// Sets a member's status (suspend, remove).
     pub fn set_member_status(&self, dn: &str, status: MemberStatus) -> Result<Member, StoreError> {
-        let n = self.lock().execute(
-            "UPDATE members SET status = ?2 WHERE dn = ?1",
-            params![dn, status.as_str()],
-        )?;
-        if n == 0 {
-            return Err(StoreError::NoMember(dn.into()));
-        }
-        self.member(dn)?
-            .ok_or_else(|| StoreError::NoMember(dn.into()))
+        self.tx(|c| {
+            let n = c.execute(
+                "UPDATE members SET status = ?2 WHERE dn = ?1",
+                vals![dn, status.as_str()],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NoMember(dn.into()));
+            }
+            member_in(c, dn)?.ok_or_else(|| StoreError::NoMember(dn.into()))
+        })
     }
 
     /// Renews a registered or suspended member for another twelve months from `now`.
     pub fn renew_member(&self, dn: &str, now: DateTime<Utc>) -> Result<Member, StoreError> {
-        let m = self
-            .member(dn)?
-            .ok_or_else(|| StoreError::NoMember(dn.into()))?;
-        if m.status == MemberStatus::Removed {
-            return Err(StoreError::Conflict(format!(
-                "member {dn} was removed; register it again with `mupilot-server member add`"
-            )));
-        }
-        self.lock().execute(
-            "UPDATE members SET renewal_due = ?2 WHERE dn = ?1",
-            params![dn, ts(due(now))],
-        )?;
-        self.member(dn)?
-            .ok_or_else(|| StoreError::NoMember(dn.into()))
+        self.tx(|c| {
+            let lock = c.engine().lock_row();
+            let m = c
+                .query_opt(
+                    &format!("SELECT {COLUMNS} FROM members WHERE dn = ?1{lock}"),
+                    vals![dn],
+                )?
+                .map(member_from)
+                .transpose()?
+                .ok_or_else(|| StoreError::NoMember(dn.into()))?;
+            if m.status == MemberStatus::Removed {
+                return Err(StoreError::Conflict(format!(
+                    "member {dn} was removed; register it again with `mupilot-server member add`"
+                )));
+            }
+            c.execute(
+                "UPDATE members SET renewal_due = ?2 WHERE dn = ?1",
+                vals![dn, ts(due(now))],
+            )?;
+            member_in(c, dn)?.ok_or_else(|| StoreError::NoMember(dn.into()))
+        })
     }
 
     /// One member, if registered at all.
     pub fn member(&self, dn: &str) -> Result<Option<Member>, StoreError> {
-        let row = self
-            .lock()
-            .query_row(
-                &format!("SELECT {COLUMNS} FROM members WHERE dn = ?1"),
-                params![dn],
-                row_to_member,
-            )
-            .optional()?;
-        row.map(member_from).transpose()
+        self.conn(|c| member_in(c, dn))
     }
 
     /// Every member, ordered by DN.
     pub fn members(&self) -> Result<Vec<Member>, StoreError> {
-        let conn = self.lock();
-        let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM members ORDER BY dn"))?;
-        let rows = stmt
-            .query_map([], row_to_member)?
-            .collect::<Result<Vec<_>, _>>()?;
-        rows.into_iter().map(member_from).collect()
+        self.conn(|c| {
+            c.query(
+                &format!("SELECT {COLUMNS} FROM members ORDER BY dn"),
+                vals![],
+            )?
+            .into_iter()
+            .map(member_from)
+            .collect()
+        })
     }
 }

@@ -1,14 +1,37 @@
-//! The server's state in SQLite (`data_dir/mupilot.db`) plus the files beside it
-//! (`bundles/<id>.tar.gz`, `outputs/<id>.tar.gz`). They hold members' argv, environment,
-//! inputs and outputs: the directories are 0700 and the files 0600 whatever the umask, and
-//! a data directory other users can enter is refused.
+//! The server's state in a database — SQLite (`data_dir/mupilot.db`, the embedded default) or
+//! PostgreSQL (`[database]` in server.toml, shared by several server instances) — plus the
+//! files beside it (`bundles/<id>.tar.gz`, `outputs/<id>.tar.gz`). They hold members' argv,
+//! environment, inputs and outputs: the directories are 0700 and the files 0600 whatever the
+//! umask, and a data directory other users can enter is refused.
 //!
-//! Synchronous by design: one connection behind a mutex, called from the async API through
-//! `spawn_blocking`. Every multi-step change runs in one `BEGIN IMMEDIATE` transaction so a
-//! payload goes to exactly one pilot. No HTTP or TLS knowledge here; authorization checks that
-//! need the row (owner, holding pilot) happen inside the transaction and come back as
-//! [`StoreError::Forbidden`].
+//! Synchronous by design: SQLite is one connection behind a mutex, PostgreSQL a small r2d2
+//! pool of sync `postgres` clients; the async API calls in through `spawn_blocking`. Every
+//! multi-step change runs in one transaction ([`Store::tx`]): `BEGIN IMMEDIATE` on SQLite
+//! (the whole file is held); on PostgreSQL the rows it changes are locked as it reads them
+//! (`FOR UPDATE`, and `FOR UPDATE … SKIP LOCKED` where several instances claim from the
+//! queue), so a payload goes to exactly one pilot whichever instance answers. No HTTP or TLS
+//! knowledge here; authorization checks that need the row (owner, holding pilot) happen
+//! inside the transaction and come back as [`StoreError::Forbidden`].
+//!
+//! ## Adding a table or a query (both engines)
+//! 1. Schema: add `V<n+1>__<what>.sql` to BOTH `migrations/sqlite/` and
+//!    `migrations/postgres/`, same number and name (one version sequence; a unit test checks
+//!    the two lists match). Integers are `INTEGER` / `BIGINT`, reals `REAL` / `DOUBLE
+//!    PRECISION`, timestamps `TEXT` / `TEXT COLLATE "C"` ([`ts`]), identity columns
+//!    `INTEGER PRIMARY KEY AUTOINCREMENT` / `BIGINT GENERATED ALWAYS AS IDENTITY`. Never edit
+//!    a released migration: databases in the field have run it.
+//! 2. Queries: write the SQL once, with `?1, ?2, …` placeholders, in portable SQL (upserts as
+//!    `ON CONFLICT … DO …`, `CAST(?1 AS TEXT) IS NULL` for an optional filter), and run it
+//!    through [`db::Conn`] inside [`Store::tx`] (several statements) or [`Store::conn`] (one):
+//!    `c.query(sql, vals![a, b])`, then `row.text(0)?`, `row.opt_int(1)?`, ….
+//! 3. A read that decides a later write in the same transaction ends with
+//!    `c.engine().lock_row()`; a claim from a queue several instances take from ends with
+//!    `c.engine().claim("alias")`. The statement must also carry its guard (`AND state =
+//!    'queued'`) so a repeat is harmless.
+//! 4. Test it on both: tests/server_store_engines.rs runs each scenario on SQLite and on a
+//!    private PostgreSQL cluster (tests/pg_support).
 
+mod db;
 mod members;
 mod payloads;
 mod retention;
@@ -21,6 +44,8 @@ use std::time::Duration;
 use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::Connection;
 
+pub use db::Engine;
+use db::{Conn, PgConn, PgManager};
 pub use members::{Member, MemberStatus};
 pub use payloads::{Matched, NewPayload, SweepRules, Swept};
 
@@ -38,6 +63,17 @@ pub enum StoreError {
     DataDirOpen { path: PathBuf, mode: u32 },
     #[error("database error: {0}")]
     Db(#[from] rusqlite::Error),
+    #[error("PostgreSQL error: {}", pg_detail(.0))]
+    Pg(#[from] postgres::Error),
+    #[error("cannot connect to PostgreSQL at {target}: {source}; check [database] in server.toml (host, port, dbname, user, password_file) and that the server is running")]
+    PgConnect { target: String, source: r2d2::Error },
+    #[error("cannot read the database password file {path}: {why}")]
+    PasswordFile { path: PathBuf, why: String },
+    #[error("schema migration failed on {engine:?}: {source}; the database is left at the last version that applied (see `refinery_schema_history`)")]
+    Migrate {
+        engine: Engine,
+        source: refinery::Error,
+    },
     #[error("cannot write {path}: {source}")]
     Io {
         path: PathBuf,
@@ -59,76 +95,104 @@ pub enum StoreError {
 
 /// The database and the payload files.
 pub struct Store {
-    conn: Mutex<Connection>,
+    backend: Backend,
     data_dir: PathBuf,
     /// How often a payload may be queued again after a hand-off that never started it;
     /// the next one fails it (see [`Store::set_requeue_limit`]).
     requeue_limit: u32,
 }
 
+enum Backend {
+    Sqlite(Mutex<Connection>),
+    /// The pool (None only while the store is dropped) and `user@host:port/dbname`.
+    Postgres(Option<r2d2::Pool<PgManager>>, String),
+}
+
+impl Drop for Store {
+    /// The sync `postgres` client closes its connection by blocking on its own runtime, which
+    /// panics inside a tokio runtime (the server drops its state there at shutdown): the
+    /// pool is dropped on a plain thread instead.
+    fn drop(&mut self) {
+        if let Backend::Postgres(pool, _) = &mut self.backend {
+            if let Some(pool) = pool.take() {
+                if tokio::runtime::Handle::try_current().is_ok() {
+                    let _ = std::thread::spawn(move || drop(pool)).join();
+                }
+            }
+        }
+    }
+}
+
+/// Which database the store uses (`[database]` in server.toml).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Database {
+    /// `data_dir/mupilot.db`.
+    #[default]
+    Sqlite,
+    Postgres(PgSettings),
+}
+
+/// Where the PostgreSQL database is and who the server is there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgSettings {
+    /// A host name or address, or the directory of a Unix socket (starts with `/`).
+    pub host: String,
+    pub port: u16,
+    pub dbname: String,
+    pub user: String,
+    /// A file holding the password (first line); None for peer or trust authentication.
+    pub password_file: Option<PathBuf>,
+    /// Connections this instance keeps open at most.
+    pub pool_size: u32,
+}
+
+/// Default `pool_size`: the blocking threads that use the store at once on a busy instance.
+pub const DEFAULT_POOL_SIZE: u32 = 16;
+
+impl PgSettings {
+    /// `user@host:port/dbname`, for messages (no password).
+    pub fn target(&self) -> String {
+        format!("{}@{}:{}/{}", self.user, self.host, self.port, self.dbname)
+    }
+}
+
+/// How many times a PostgreSQL transaction that lost a deadlock or a serialization conflict
+/// to another instance is run again before its error is returned.
+const PG_RETRIES: u32 = 5;
+
+/// Key of the advisory lock instances take while migrating, so two instances started at
+/// once do not both create the tables ("mupilot" in ASCII).
+const MIGRATION_LOCK: i64 = 0x006d_7570_696c_6f74;
+
+mod sqlite_schema {
+    refinery::embed_migrations!("src/server/store/migrations/sqlite");
+}
+mod pg_schema {
+    refinery::embed_migrations!("src/server/store/migrations/postgres");
+}
+
+/// A PostgreSQL error with its server-side message (the `Display` of `postgres::Error` alone
+/// says only "db error").
+pub(crate) fn pg_detail(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!(
+            "{} {}: {} (SQLSTATE {})",
+            e,
+            d.severity(),
+            d.message(),
+            d.code().code()
+        ),
+        None => e.to_string(),
+    }
+}
+
 /// Default for `max_requeues` in server.toml.
 pub const DEFAULT_REQUEUE_LIMIT: u32 = 5;
 
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS members (
-    dn            TEXT PRIMARY KEY,
-    vo            TEXT NOT NULL,
-    fqans         TEXT NOT NULL,
-    status        TEXT NOT NULL,
-    registered_at TEXT NOT NULL,
-    renewal_due   TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS payloads (
-    seq               INTEGER PRIMARY KEY AUTOINCREMENT,
-    id                TEXT NOT NULL UNIQUE,
-    owner_dn          TEXT NOT NULL,
-    vo                TEXT NOT NULL,
-    state             TEXT NOT NULL,
-    argv              TEXT NOT NULL,
-    env               TEXT NOT NULL,
-    jobtag            TEXT,
-    cores             INTEGER NOT NULL,
-    memory_bytes      INTEGER NOT NULL,
-    walltime_seconds  INTEGER NOT NULL,
-    outputs           TEXT NOT NULL,
-    bundle_sha256     TEXT,
-    submitted_at      TEXT NOT NULL,
-    updated_at        TEXT,
-    pilot_dn          TEXT,
-    pilot_id          TEXT,
-    host              TEXT,
-    batch_job_id      TEXT,
-    account           TEXT,
-    uid               INTEGER,
-    exit_code         INTEGER,
-    signal            INTEGER,
-    cpu_seconds       REAL,
-    peak_memory_bytes INTEGER,
-    wall_seconds      REAL,
-    reason            TEXT,
-    denial_class      TEXT,
-    has_output        INTEGER NOT NULL DEFAULT 0,
-    outputs_skipped   TEXT,
-    requeues          INTEGER NOT NULL DEFAULT 0,
-    lost_by_server    INTEGER NOT NULL DEFAULT 0,
-    files_deleted_at  TEXT
-);
-CREATE INDEX IF NOT EXISTS payloads_queue ON payloads(state, seq);
-CREATE INDEX IF NOT EXISTS payloads_owner ON payloads(owner_dn, seq);
--- Covers the metrics scrape's GROUP BY vo, state: an index scan, not a table scan (1M rows:
--- 62 ms instead of 566 ms, with the store's lock held).
-CREATE INDEX IF NOT EXISTS payloads_vo_state ON payloads(vo, state);
-CREATE TABLE IF NOT EXISTS commands (
-    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
-    payload_id TEXT NOT NULL,
-    command    TEXT NOT NULL,
-    delivered  INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS commands_pending ON commands(payload_id, delivered);
-"#;
-
-/// Columns added after the first release: (name, declaration). Databases created before
-/// get them with ALTER TABLE at open, so an upgraded server keeps its payloads.
+/// Columns added before schema migrations existed: (name, declaration). A SQLite database
+/// made by those releases gets them with ALTER TABLE before the first migration runs (V1
+/// then finds today's tables and only records itself), so an upgraded server keeps its
+/// payloads. New columns go in a migration instead.
 const ADDED_COLUMNS: &[(&str, &str)] = &[
     // Hand-offs that ended unstarted (requeued); see Store::set_requeue_limit.
     ("requeues", "INTEGER NOT NULL DEFAULT 0"),
@@ -169,39 +233,20 @@ impl Store {
     /// Opens (creating if needed) `data_dir/mupilot.db` and the file directories, all
     /// private to the server's account; refuses a data directory others can enter.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(data_dir, &Database::Sqlite)
+    }
+
+    /// Opens the configured database (migrated to the current schema) and the file
+    /// directories under `data_dir`. With PostgreSQL, `data_dir` holds only the bundles and
+    /// outputs, and must be the same (shared) directory for every instance.
+    pub fn open_with(data_dir: &Path, db: &Database) -> Result<Self, StoreError> {
         private_dirs(data_dir)?;
-        let path = data_dir.join("mupilot.db");
-        // SQLite creates the -wal and -shm files with the database file's mode, so making
-        // that file 0600 first keeps all three private whatever the umask.
-        for f in ["mupilot.db", "mupilot.db-wal", "mupilot.db-shm"] {
-            let p = data_dir.join(f);
-            let created = f == "mupilot.db";
-            private_file(&p, created).map_err(|source| StoreError::Io { path: p, source })?;
-        }
-        let open_err = |source| StoreError::Open {
-            path: path.clone(),
-            source,
+        let backend = match db {
+            Database::Sqlite => Backend::Sqlite(Mutex::new(open_sqlite(data_dir)?)),
+            Database::Postgres(pg) => Backend::Postgres(Some(open_postgres(pg)?), pg.target()),
         };
-        let conn = Connection::open(&path).map_err(open_err)?;
-        conn.busy_timeout(Duration::from_secs(10))
-            .map_err(open_err)?;
-        // WAL: readers do not block the writer. FULL: every commit fsyncs the WAL before it
-        // returns, so a match is on disk before its envelope leaves the server. NORMAL
-        // survives a process crash but not a power loss: the last matches could roll back
-        // and be handed out again, the payload run twice. FULL for the whole connection, not
-        // the match transaction alone: a submission answered 201, a final state and a cancel
-        // are decisions too, and one connection serialises them all anyway. Cost measured in
-        // docs/benchmarks.md (Fetch).
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(open_err)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(open_err)?;
-        conn.pragma_update(None, "foreign_keys", "ON")
-            .map_err(open_err)?;
-        conn.execute_batch(SCHEMA).map_err(open_err)?;
-        add_missing_columns(&conn).map_err(open_err)?;
         Ok(Store {
-            conn: Mutex::new(conn),
+            backend,
             data_dir: data_dir.to_path_buf(),
             requeue_limit: DEFAULT_REQUEUE_LIMIT,
         })
@@ -214,10 +259,76 @@ impl Store {
         self.requeue_limit = limit;
     }
 
-    fn lock(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave a half-done change: SQLite rolls back
-        // an open transaction when it is dropped.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    /// Which engine this store runs on.
+    pub fn engine(&self) -> Engine {
+        match self.backend {
+            Backend::Sqlite(_) => Engine::Sqlite,
+            Backend::Postgres(..) => Engine::Postgres,
+        }
+    }
+
+    /// The SQLite connection (tests of SQLite settings); None on PostgreSQL.
+    #[cfg(test)]
+    fn sqlite(&self) -> Option<MutexGuard<'_, Connection>> {
+        match &self.backend {
+            Backend::Sqlite(c) => Some(lock(c)),
+            Backend::Postgres(..) => None,
+        }
+    }
+
+    /// Runs `f` in one transaction, committed when it returns Ok and rolled back when it
+    /// returns an error. On PostgreSQL a transaction another instance's transaction
+    /// deadlocked with is run again (so `f` may run more than once: no side effects outside
+    /// the database in it).
+    pub(crate) fn tx<T>(
+        &self,
+        mut f: impl FnMut(&mut dyn Conn) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(c) => {
+                let mut conn = lock(c);
+                let tx =
+                    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let out = f(&mut db::Sqlite(&tx))?;
+                tx.commit()?;
+                Ok(out)
+            }
+            Backend::Postgres(pool, target) => {
+                let mut attempt = 0;
+                loop {
+                    let mut conn = pg(pool.as_ref().expect("the pool lives until drop"), target)?;
+                    let PgConn { client, statements } = &mut *conn;
+                    let res = (|| {
+                        let mut tx = client.transaction()?;
+                        let out = f(&mut db::Pg {
+                            client: &mut tx,
+                            statements: &mut *statements,
+                        })?;
+                        tx.commit()?;
+                        Ok(out)
+                    })();
+                    match res {
+                        Err(e) if attempt < PG_RETRIES && db::is_retryable(&e) => attempt += 1,
+                        res => return res,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs `f` on a connection outside a transaction: for reads and single statements.
+    pub(crate) fn conn<T>(
+        &self,
+        f: impl FnOnce(&mut dyn Conn) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(c) => f(&mut db::Sqlite(&lock(c))),
+            Backend::Postgres(pool, target) => {
+                let mut conn = pg(pool.as_ref().expect("the pool lives until drop"), target)?;
+                let PgConn { client, statements } = &mut *conn;
+                f(&mut db::Pg { client, statements })
+            }
+        }
     }
 
     /// Where a payload's input bundle is kept.
@@ -229,6 +340,153 @@ impl Store {
     pub fn output_path(&self, id: &str) -> PathBuf {
         self.data_dir.join("outputs").join(format!("{id}.tar.gz"))
     }
+}
+
+fn lock(c: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+    // A panic while holding the lock cannot leave a half-done change: SQLite rolls back an
+    // open transaction when it is dropped.
+    c.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn pg(
+    pool: &r2d2::Pool<PgManager>,
+    target: &str,
+) -> Result<r2d2::PooledConnection<PgManager>, StoreError> {
+    pool.get().map_err(|source| StoreError::PgConnect {
+        target: target.to_string(),
+        source,
+    })
+}
+
+/// `data_dir/mupilot.db`, private, WAL, synchronous=FULL, migrated.
+fn open_sqlite(data_dir: &Path) -> Result<Connection, StoreError> {
+    let path = data_dir.join("mupilot.db");
+    // SQLite creates the -wal and -shm files with the database file's mode, so making
+    // that file 0600 first keeps all three private whatever the umask.
+    for f in ["mupilot.db", "mupilot.db-wal", "mupilot.db-shm"] {
+        let p = data_dir.join(f);
+        let created = f == "mupilot.db";
+        private_file(&p, created).map_err(|source| StoreError::Io { path: p, source })?;
+    }
+    let open_err = |source| StoreError::Open {
+        path: path.clone(),
+        source,
+    };
+    let mut conn = Connection::open(&path).map_err(open_err)?;
+    conn.busy_timeout(Duration::from_secs(10))
+        .map_err(open_err)?;
+    // WAL: readers do not block the writer. FULL: every commit fsyncs the WAL before it
+    // returns, so a match is on disk before its envelope leaves the server. NORMAL
+    // survives a process crash but not a power loss: the last matches could roll back
+    // and be handed out again, the payload run twice. FULL for the whole connection, not
+    // the match transaction alone: a submission answered 201, a final state and a cancel
+    // are decisions too, and one connection serialises them all anyway. Cost measured in
+    // docs/benchmarks.md (Fetch).
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(open_err)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(open_err)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(open_err)?;
+    // A database made before migrations: bring it to V1's shape first (V1 then only records
+    // itself).
+    let table = |name: &str| -> rusqlite::Result<bool> {
+        conn.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [name],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n > 0)
+    };
+    if table("payloads").map_err(open_err)? && !table(MIGRATIONS_TABLE).map_err(open_err)? {
+        add_missing_columns(&conn).map_err(open_err)?;
+    }
+    sqlite_schema::migrations::runner()
+        .set_migration_table_name(MIGRATIONS_TABLE)
+        .run(&mut conn)
+        .map_err(|source| StoreError::Migrate {
+            engine: Engine::Sqlite,
+            source,
+        })?;
+    Ok(conn)
+}
+
+/// Where refinery records the versions applied (both engines).
+pub const MIGRATIONS_TABLE: &str = "refinery_schema_history";
+
+/// Reads the password file: its first line. Refused when other users may read it.
+fn read_password(path: &Path) -> Result<String, StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |why: String| StoreError::PasswordFile {
+        path: path.to_path_buf(),
+        why,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| {
+        err(format!(
+            "{e}; create it (one line, the password) readable only by the server's account"
+        ))
+    })?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o007 != 0 {
+        return Err(err(format!(
+            "other users may read it (mode {mode:04o}); run `chmod 0600 {}`",
+            path.display()
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let pw = text.lines().next().unwrap_or("").to_string();
+    if pw.is_empty() {
+        return Err(err(
+            "its first line is empty; write the password on it".into()
+        ));
+    }
+    Ok(pw)
+}
+
+/// A pool of connections to the configured database, migrated to the current schema under an
+/// advisory lock (instances started together migrate one after the other).
+fn open_postgres(pg: &PgSettings) -> Result<r2d2::Pool<PgManager>, StoreError> {
+    let mut config = postgres::Config::new();
+    config
+        .host(&pg.host)
+        .port(pg.port)
+        .dbname(&pg.dbname)
+        .user(&pg.user)
+        .application_name("mupilot-server")
+        .connect_timeout(Duration::from_secs(10));
+    if let Some(f) = &pg.password_file {
+        config.password(read_password(f)?);
+    }
+    let pool = r2d2::Pool::builder()
+        .max_size(pg.pool_size.max(1))
+        .min_idle(Some(1))
+        // No test query before each use (a round trip per store call, as much as a match
+        // itself): a connection PostgreSQL closed fails its next statement, which is
+        // answered as an error once, and r2d2 then drops it (PgManager::has_broken).
+        .test_on_check_out(false)
+        .connection_timeout(Duration::from_secs(10))
+        .build(PgManager { config })
+        .map_err(|source| StoreError::PgConnect {
+            target: pg.target(),
+            source,
+        })?;
+    let mut conn = pool.get().map_err(|source| StoreError::PgConnect {
+        target: pg.target(),
+        source,
+    })?;
+    let client = &mut conn.client;
+    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])?;
+    let res = pg_schema::migrations::runner()
+        .set_migration_table_name(MIGRATIONS_TABLE)
+        .run(client)
+        .map_err(|source| StoreError::Migrate {
+            engine: Engine::Postgres,
+            source,
+        });
+    client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])?;
+    res?;
+    drop(conn);
+    Ok(pool)
 }
 
 /// The data directory and its `bundles` and `outputs`: created 0700, an existing data
@@ -317,4 +575,23 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
         let _ = std::fs::remove_file(&tmp);
     }
     result.map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One version sequence: every migration exists for both engines, same number and name.
+    #[test]
+    fn both_engines_have_one_version_sequence() {
+        let list = |r: refinery::Runner| -> Vec<(i64, String)> {
+            r.get_migrations()
+                .iter()
+                .map(|m| (i64::from(m.version()), m.name().to_string()))
+                .collect()
+        };
+        let sqlite = list(sqlite_schema::migrations::runner());
+        assert!(!sqlite.is_empty());
+        assert_eq!(sqlite, list(pg_schema::migrations::runner()));
+    }
 }

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use rusqlite::{params, OptionalExtension, TransactionBehavior};
 
+use super::db::{vals, Conn, Row};
 use super::{parse_ts, ts, Store, StoreError};
 use crate::protocol::api::{
     MatchRequest, OperatorCommand, PayloadState, PayloadView, StatusReport,
@@ -50,7 +50,7 @@ fn json<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T, StoreE
     serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }
 
-/// SQLite integers are i64; saturate the (unsigned) request values.
+/// Stored integers are i64; saturate the (unsigned) request values.
 fn sat(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -76,108 +76,74 @@ fn skipped_json(list: &[String]) -> Option<String> {
     serde_json::to_string(&kept).ok()
 }
 
+/// A queued payload that fits the request (?1 cores, ?2 memory, ?3 wall time) of an active
+/// member at ?4 (`p` payloads, `m` members).
+const MATCHABLE: &str = "p.state = 'queued' AND p.cores <= ?1 AND p.memory_bytes <= ?2 \
+    AND p.walltime_seconds <= ?3 AND m.status = 'registered' AND m.renewal_due > ?4";
+
+/// What a match returns, in [`matched_from`]'s order.
+const MATCHED_COLUMNS: &str = "p.id, p.owner_dn, m.vo, m.fqans, m.renewal_due, p.jobtag, \
+    p.argv, p.env, p.bundle_sha256, p.cores, p.memory_bytes, p.walltime_seconds, p.outputs";
+
+fn matched_from(mut r: Row) -> Result<Matched, StoreError> {
+    Ok(Matched {
+        id: r.text(0)?,
+        owner_dn: r.text(1)?,
+        vo: r.text(2)?,
+        fqans: json("member fqans", &r.text(3)?)?,
+        membership_valid_until: parse_ts(&r.text(4)?)?,
+        jobtag: r.opt_text(5)?,
+        argv: json("argv", &r.text(6)?)?,
+        env: json("env", &r.text(7)?)?,
+        bundle_sha256: r.opt_text(8)?,
+        resources: Resources {
+            cores: r.int(9)? as u32,
+            memory_bytes: r.int(10)? as u64,
+            walltime_seconds: r.int(11)? as u64,
+        },
+        outputs: json("outputs", &r.text(12)?)?,
+    })
+}
+
 const VIEW_COLUMNS: &str = "id, owner_dn, vo, state, argv, jobtag, cores, memory_bytes, \
     walltime_seconds, outputs, submitted_at, updated_at, pilot_id, host, batch_job_id, account, \
     uid, exit_code, signal, cpu_seconds, peak_memory_bytes, reason, denial_class, has_output, \
     outputs_skipped, files_deleted_at";
 
-/// Raw column values of a view row (converted outside the rusqlite closure).
-struct ViewRow {
-    id: String,
-    owner_dn: String,
-    vo: String,
-    state: String,
-    argv: String,
-    jobtag: Option<String>,
-    cores: i64,
-    memory_bytes: i64,
-    walltime_seconds: i64,
-    outputs: String,
-    submitted_at: String,
-    updated_at: Option<String>,
-    pilot_id: Option<String>,
-    host: Option<String>,
-    batch_job_id: Option<String>,
-    account: Option<String>,
-    uid: Option<i64>,
-    exit_code: Option<i32>,
-    signal: Option<i32>,
-    cpu_seconds: Option<f64>,
-    peak_memory_bytes: Option<i64>,
-    reason: Option<String>,
-    denial_class: Option<String>,
-    has_output: bool,
-    outputs_skipped: Option<String>,
-    files_deleted_at: Option<String>,
-}
-
-fn view_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ViewRow> {
-    Ok(ViewRow {
-        id: r.get(0)?,
-        owner_dn: r.get(1)?,
-        vo: r.get(2)?,
-        state: r.get(3)?,
-        argv: r.get(4)?,
-        jobtag: r.get(5)?,
-        cores: r.get(6)?,
-        memory_bytes: r.get(7)?,
-        walltime_seconds: r.get(8)?,
-        outputs: r.get(9)?,
-        submitted_at: r.get(10)?,
-        updated_at: r.get(11)?,
-        pilot_id: r.get(12)?,
-        host: r.get(13)?,
-        batch_job_id: r.get(14)?,
-        account: r.get(15)?,
-        uid: r.get(16)?,
-        exit_code: r.get(17)?,
-        signal: r.get(18)?,
-        cpu_seconds: r.get(19)?,
-        peak_memory_bytes: r.get(20)?,
-        reason: r.get(21)?,
-        denial_class: r.get(22)?,
-        has_output: r.get(23)?,
-        outputs_skipped: r.get(24)?,
-        files_deleted_at: r.get(25)?,
+fn into_view(mut r: Row) -> Result<PayloadView, StoreError> {
+    Ok(PayloadView {
+        payload_id: r.text(0)?,
+        owner_dn: r.text(1)?,
+        vo: r.text(2)?,
+        state: parse_state(&r.text(3)?)?,
+        argv: json("argv", &r.text(4)?)?,
+        jobtag: r.opt_text(5)?,
+        resources: Resources {
+            cores: r.int(6)? as u32,
+            memory_bytes: r.int(7)? as u64,
+            walltime_seconds: r.int(8)? as u64,
+        },
+        outputs: json("outputs", &r.text(9)?)?,
+        submitted_at: parse_ts(&r.text(10)?)?,
+        updated_at: r.opt_text(11)?.as_deref().map(parse_ts).transpose()?,
+        pilot_id: r.opt_text(12)?,
+        host: r.opt_text(13)?,
+        batch_job_id: r.opt_text(14)?,
+        account: r.opt_text(15)?,
+        uid: r.opt_int(16)?.map(|u| u as u32),
+        exit_code: r.opt_int(17)?.map(|v| v as i32),
+        signal: r.opt_int(18)?.map(|v| v as i32),
+        cpu_seconds: r.opt_real(19)?,
+        peak_memory_bytes: r.opt_int(20)?.map(|m| m as u64),
+        reason: r.opt_text(21)?,
+        denial_class: r.opt_text(22)?,
+        has_output: r.flag(23)?,
+        outputs_skipped: match r.opt_text(24)? {
+            Some(s) => json("outputs_skipped", &s)?,
+            None => Vec::new(),
+        },
+        files_deleted_at: r.opt_text(25)?.as_deref().map(parse_ts).transpose()?,
     })
-}
-
-impl ViewRow {
-    fn into_view(self) -> Result<PayloadView, StoreError> {
-        Ok(PayloadView {
-            state: parse_state(&self.state)?,
-            argv: json("argv", &self.argv)?,
-            resources: Resources {
-                cores: self.cores as u32,
-                memory_bytes: self.memory_bytes as u64,
-                walltime_seconds: self.walltime_seconds as u64,
-            },
-            outputs: json("outputs", &self.outputs)?,
-            submitted_at: parse_ts(&self.submitted_at)?,
-            updated_at: self.updated_at.as_deref().map(parse_ts).transpose()?,
-            payload_id: self.id,
-            owner_dn: self.owner_dn,
-            vo: self.vo,
-            jobtag: self.jobtag,
-            pilot_id: self.pilot_id,
-            host: self.host,
-            batch_job_id: self.batch_job_id,
-            account: self.account,
-            uid: self.uid.map(|u| u as u32),
-            exit_code: self.exit_code,
-            signal: self.signal,
-            cpu_seconds: self.cpu_seconds,
-            peak_memory_bytes: self.peak_memory_bytes.map(|m| m as u64),
-            reason: self.reason,
-            denial_class: self.denial_class,
-            has_output: self.has_output,
-            outputs_skipped: match &self.outputs_skipped {
-                Some(s) => json("outputs_skipped", s)?,
-                None => Vec::new(),
-            },
-            files_deleted_at: self.files_deleted_at.as_deref().map(parse_ts).transpose()?,
-        })
-    }
 }
 
 impl Store {
@@ -192,120 +158,107 @@ impl Store {
         if let Some(b) = bundle {
             super::write_atomic(&self.bundle_path(&id), b)?;
         }
-        let res = self.lock().execute(
-            "INSERT INTO payloads (id, owner_dn, vo, state, argv, env, jobtag, cores, memory_bytes,
-                walltime_seconds, outputs, bundle_sha256, submitted_at, updated_at)
-             VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
-            params![
-                id,
-                p.owner_dn,
-                p.vo,
-                serde_json::to_string(&p.argv).expect("strings serialise"),
-                serde_json::to_string(&p.env).expect("strings serialise"),
-                p.jobtag,
-                p.resources.cores,
-                sat(p.resources.memory_bytes),
-                sat(p.resources.walltime_seconds),
-                serde_json::to_string(&p.outputs).expect("strings serialise"),
-                p.bundle_sha256,
-                ts(now),
-            ],
-        );
+        let res = self.conn(|c| {
+            c.execute(
+                "INSERT INTO payloads (id, owner_dn, vo, state, argv, env, jobtag, cores,
+                    memory_bytes, walltime_seconds, outputs, bundle_sha256, submitted_at,
+                    updated_at)
+                 VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
+                vals![
+                    &id,
+                    &p.owner_dn,
+                    &p.vo,
+                    serde_json::to_string(&p.argv).expect("strings serialise"),
+                    serde_json::to_string(&p.env).expect("strings serialise"),
+                    &p.jobtag,
+                    p.resources.cores,
+                    sat(p.resources.memory_bytes),
+                    sat(p.resources.walltime_seconds),
+                    serde_json::to_string(&p.outputs).expect("strings serialise"),
+                    &p.bundle_sha256,
+                    ts(now),
+                ],
+            )
+        });
         if let Err(e) = res {
             let _ = std::fs::remove_file(self.bundle_path(&id));
-            return Err(e.into());
+            return Err(e);
         }
         Ok(id)
     }
 
     /// Picks the oldest queued payload that fits and whose owner is still an active member,
-    /// and marks it matched to this pilot, in one immediate transaction.
+    /// and marks it matched to this pilot, atomically. SQLite: a SELECT and a guarded UPDATE
+    /// in one `BEGIN IMMEDIATE` transaction. PostgreSQL: one statement (one round trip, its
+    /// own transaction) whose candidate row is claimed with `FOR UPDATE SKIP LOCKED`: an
+    /// instance matching at the same moment takes the next payload instead of waiting for
+    /// this one or taking it too.
     pub fn match_one(
         &self,
         pilot_dn: &str,
         req: &MatchRequest,
         now: DateTime<Utc>,
     ) -> Result<Option<Matched>, StoreError> {
-        let mut conn = self.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let row = tx
-            .prepare_cached(
-                "SELECT p.id, p.owner_dn, m.vo, m.fqans, m.renewal_due, p.jobtag, p.argv, p.env,
-                        p.bundle_sha256, p.cores, p.memory_bytes, p.walltime_seconds, p.outputs
-                 FROM payloads p JOIN members m ON m.dn = p.owner_dn
-                 WHERE p.state = 'queued' AND p.cores <= ?1 AND p.memory_bytes <= ?2
-                   AND p.walltime_seconds <= ?3 AND m.status = 'registered'
-                   AND m.renewal_due > ?4
-                 ORDER BY p.seq LIMIT 1",
-            )?
-            .query_row(
-                params![
-                    req.free_cores,
-                    sat(req.free_memory_bytes),
-                    sat(req.seconds_left),
-                    ts(now)
-                ],
-                |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, String>(4)?,
-                        r.get::<_, Option<String>>(5)?,
-                        r.get::<_, String>(6)?,
-                        r.get::<_, String>(7)?,
-                        r.get::<_, Option<String>>(8)?,
-                        r.get::<_, i64>(9)?,
-                        r.get::<_, i64>(10)?,
-                        r.get::<_, i64>(11)?,
-                        r.get::<_, String>(12)?,
-                    ))
-                },
-            )
-            .optional()?;
-        let Some((id, owner_dn, vo, fqans, due, jobtag, argv, env, sha, cores, mem, wall, outputs)) =
-            row
-        else {
-            return Ok(None);
-        };
-        // The state guard makes the claim safe even against another process on the same file.
-        let changed = tx
-            .prepare_cached(
+        let params = vals![
+            req.free_cores,
+            sat(req.free_memory_bytes),
+            sat(req.seconds_left),
+            ts(now),
+            pilot_dn,
+            &req.pilot_id,
+            &req.host,
+            &req.batch_job_id,
+        ];
+        if self.engine() == super::Engine::Postgres {
+            let claim = super::Engine::Postgres.claim("p");
+            let row = self.conn(|c| {
+                c.query_opt(
+                    &format!(
+                        "WITH candidate AS (
+                            SELECT p.seq FROM payloads p JOIN members m ON m.dn = p.owner_dn
+                            WHERE {MATCHABLE} ORDER BY p.seq LIMIT 1{claim})
+                         UPDATE payloads p SET state = 'matched', pilot_dn = ?5, pilot_id = ?6,
+                            host = ?7, batch_job_id = ?8, updated_at = ?4
+                         FROM candidate, members m
+                         WHERE p.seq = candidate.seq AND m.dn = p.owner_dn
+                         RETURNING {MATCHED_COLUMNS}"
+                    ),
+                    params,
+                )
+            })?;
+            return row.map(matched_from).transpose();
+        }
+        self.tx(|c| {
+            let row = c.query_opt(
+                &format!(
+                    "SELECT {MATCHED_COLUMNS} FROM payloads p JOIN members m ON m.dn = p.owner_dn
+                     WHERE {MATCHABLE} ORDER BY p.seq LIMIT 1"
+                ),
+                &params[..4],
+            )?;
+            let Some(r) = row else {
+                return Ok(None);
+            };
+            // The state guard makes the claim safe even against another process on the same
+            // SQLite file.
+            let changed = c.execute(
                 "UPDATE payloads SET state = 'matched', pilot_dn = ?2, pilot_id = ?3, host = ?4,
                     batch_job_id = ?5, updated_at = ?6
                  WHERE id = ?1 AND state = 'queued'",
-            )?
-            .execute(params![
-                id,
-                pilot_dn,
-                req.pilot_id,
-                req.host,
-                req.batch_job_id,
-                ts(now)
-            ])?;
-        if changed != 1 {
-            return Ok(None);
-        }
-        let matched = Matched {
-            fqans: json("member fqans", &fqans)?,
-            membership_valid_until: parse_ts(&due)?,
-            argv: json("argv", &argv)?,
-            env: json("env", &env)?,
-            outputs: json("outputs", &outputs)?,
-            resources: Resources {
-                cores: cores as u32,
-                memory_bytes: mem as u64,
-                walltime_seconds: wall as u64,
-            },
-            id,
-            owner_dn,
-            vo,
-            jobtag,
-            bundle_sha256: sha,
-        };
-        tx.commit()?;
-        Ok(Some(matched))
+                vals![
+                    r.peek_text(0)?,
+                    pilot_dn,
+                    &req.pilot_id,
+                    &req.host,
+                    &req.batch_job_id,
+                    ts(now)
+                ],
+            )?;
+            if changed != 1 {
+                return Ok(None);
+            }
+            matched_from(r).map(Some)
+        })
     }
 
     /// Undoes a match whose envelope could not be built or sent (e.g. the bundle file is
@@ -316,11 +269,13 @@ impl Store {
         reason: &str,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        self.lock().execute(
-            "UPDATE payloads SET state = 'failed', reason = ?2, updated_at = ?3
-             WHERE id = ?1 AND state = 'matched'",
-            params![id, reason, ts(now)],
-        )?;
+        self.conn(|c| {
+            c.execute(
+                "UPDATE payloads SET state = 'failed', reason = ?2, updated_at = ?3
+                 WHERE id = ?1 AND state = 'matched'",
+                vals![id, reason, ts(now)],
+            )
+        })?;
         Ok(())
     }
 
@@ -332,37 +287,42 @@ impl Store {
     /// - a running payload with no report since `silent_before` (its pilot missed
     ///   `missed_heartbeats` heartbeats) becomes `lost`, marked as the server's verdict so a
     ///   late final report from that pilot can still replace it.
+    ///
+    /// Several instances may sweep at once: the stale rows are claimed (skipped when another
+    /// sweep or a report holds them) and every change is guarded by the state it found, so
+    /// each payload is requeued or lost once.
     pub fn sweep(&self, rules: &SweepRules, now: DateTime<Utc>) -> Result<Swept, StoreError> {
-        let mut conn = self.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut swept = Swept::default();
-        let stale: Vec<(String, i64, Option<String>)> = tx
-            .prepare(
-                "SELECT id, requeues, pilot_id FROM payloads WHERE state = 'matched' AND updated_at < ?1",
-            )?
-            .query_map(params![ts(rules.matched_before)], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })?
-            .collect::<Result<_, _>>()?;
-        for (id, requeues, pilot) in stale {
-            let why = format!(
-                "pilot {} never reported it running before its envelope expired",
-                pilot.as_deref().unwrap_or("?")
-            );
-            if requeue(&tx, &id, requeues, self.requeue_limit, &why, now)? {
-                swept.requeued += 1;
-            } else {
-                swept.failed += 1;
+        self.tx(|c| {
+            let mut swept = Swept::default();
+            let claim = c.engine().claim("payloads");
+            let stale = c.query(
+                &format!(
+                    "SELECT id, requeues, pilot_id FROM payloads
+                     WHERE state = 'matched' AND updated_at < ?1{claim}"
+                ),
+                vals![ts(rules.matched_before)],
+            )?;
+            for mut r in stale {
+                let (id, requeues, pilot) = (r.text(0)?, r.int(1)?, r.opt_text(2)?);
+                let why = format!(
+                    "pilot {} never reported it running before its envelope expired",
+                    pilot.as_deref().unwrap_or("?")
+                );
+                match requeue(c, &id, requeues, self.requeue_limit, &why, now)? {
+                    Some(true) => swept.requeued += 1,
+                    Some(false) => swept.failed += 1,
+                    None => {}
+                }
             }
-        }
-        swept.lost = tx.execute(
-            "UPDATE payloads SET state = 'lost', lost_by_server = 1, updated_at = ?2,
-                reason = 'lost: no report from pilot ' || COALESCE(pilot_id, '?') || ' for ' || ?3
-             WHERE state = 'running' AND updated_at < ?1",
-            params![ts(rules.silent_before), ts(now), rules.silence],
-        )?;
-        tx.commit()?;
-        Ok(swept)
+            swept.lost = c.execute(
+                "UPDATE payloads SET state = 'lost', lost_by_server = 1, updated_at = ?2,
+                    reason = 'lost: no report from pilot ' || COALESCE(pilot_id, '?') || ' for '
+                        || CAST(?3 AS TEXT)
+                 WHERE state = 'running' AND updated_at < ?1",
+                vals![ts(rules.silent_before), ts(now), &rules.silence],
+            )? as usize;
+            Ok(swept)
+        })
     }
 
     /// Applies a status report from the pilot holding the payload; returns the operator
@@ -374,85 +334,79 @@ impl Store {
         rep: &StatusReport,
         now: DateTime<Utc>,
     ) -> Result<Vec<OperatorCommand>, StoreError> {
-        let mut conn = self.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let (state, holder_dn, holder_id) = tx
-            .query_row(
-                "SELECT state, pilot_dn, pilot_id FROM payloads WHERE id = ?1",
-                params![id],
-                |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, Option<String>>(1)?,
-                        r.get::<_, Option<String>>(2)?,
+        self.tx(|c| {
+            let lock = c.engine().lock_row();
+            let mut r = c
+                .query_opt(
+                    &format!("SELECT state, pilot_dn, pilot_id FROM payloads WHERE id = ?1{lock}"),
+                    vals![id],
+                )?
+                .ok_or_else(|| StoreError::NotFound(id.into()))?;
+            let state = parse_state(&r.text(0)?)?;
+            let (holder_dn, holder_id) = (r.opt_text(1)?, r.opt_text(2)?);
+            if holder_dn.as_deref() != Some(pilot_dn)
+                || holder_id.as_deref() != Some(&rep.pilot_id)
+            {
+                return Err(StoreError::Forbidden(format!(
+                    "payload {id} is not held by pilot {:?} ({pilot_dn}); only the pilot it was matched to may report on it",
+                    rep.pilot_id
+                )));
+            }
+            if state.is_final() {
+                repeated_or_late(c, id, state, rep, now)?;
+                return Ok(Vec::new());
+            }
+            let new_state = match rep.state {
+                None => state,
+                Some(PayloadState::Matched) => {
+                    return Err(StoreError::Invalid(
+                        "a pilot cannot report state `matched`; report running, a final state, or queued to hand it back".into(),
                     ))
-                },
-            )
-            .optional()?
-            .ok_or_else(|| StoreError::NotFound(id.into()))?;
-        let state = parse_state(&state)?;
-        if holder_dn.as_deref() != Some(pilot_dn) || holder_id.as_deref() != Some(&rep.pilot_id) {
-            return Err(StoreError::Forbidden(format!(
-                "payload {id} is not held by pilot {:?} ({pilot_dn}); only the pilot it was matched to may report on it",
-                rep.pilot_id
-            )));
-        }
-        if state.is_final() {
-            self.repeated_or_late(&tx, id, state, rep, now)?;
-            tx.commit()?;
-            return Ok(Vec::new());
-        }
-        let new_state = match rep.state {
-            None => state,
-            Some(PayloadState::Matched) => {
-                return Err(StoreError::Invalid(
-                    "a pilot cannot report state `matched`; report running, a final state, or queued to hand it back".into(),
-                ))
-            }
-            Some(PayloadState::Queued) if state != PayloadState::Matched => {
-                return Err(StoreError::Conflict(format!(
-                    "payload {id} is {state}; only a matched payload that has not started can be handed back"
-                )))
-            }
-            Some(PayloadState::Running) if state == PayloadState::Running || state == PayloadState::Matched => {
-                PayloadState::Running
-            }
-            // `denied` is reserved for local authorization decisions: a refusal of class
-            // caller or system (as an older pilot reports it) is stored as `failed`.
-            Some(PayloadState::Denied) => PayloadState::of_refusal(rep.denial_class.as_deref()),
-            Some(s) => s,
-        };
-        let mut commands = take_commands(&tx, id)?;
-        if new_state == PayloadState::Queued {
-            // Handed back unstarted. A cancel that arrived meanwhile takes effect now.
-            let cancelled_by = commands.iter().find_map(|c| match c {
-                OperatorCommand::Cancel { requester, .. } => Some(requester.clone()),
-                _ => None,
-            });
-            match cancelled_by {
-                Some(who) => {
-                    tx.execute(
-                        "UPDATE payloads SET state = 'cancelled', reason = ?2, updated_at = ?3
-                         WHERE id = ?1",
-                        params![id, format!("cancelled by {who}"), ts(now)],
-                    )?;
                 }
-                None => {
-                    let requeues: i64 = tx.query_row(
-                        "SELECT requeues FROM payloads WHERE id = ?1",
-                        params![id],
-                        |r| r.get(0),
-                    )?;
-                    let why = rep.reason.as_deref().unwrap_or("handed back by its pilot");
-                    requeue(&tx, id, requeues, self.requeue_limit, why, now)?;
+                Some(PayloadState::Queued) if state != PayloadState::Matched => {
+                    return Err(StoreError::Conflict(format!(
+                        "payload {id} is {state}; only a matched payload that has not started can be handed back"
+                    )))
                 }
+                Some(PayloadState::Running)
+                    if state == PayloadState::Running || state == PayloadState::Matched =>
+                {
+                    PayloadState::Running
+                }
+                // `denied` is reserved for local authorization decisions: a refusal of class
+                // caller or system (as an older pilot reports it) is stored as `failed`.
+                Some(PayloadState::Denied) => PayloadState::of_refusal(rep.denial_class.as_deref()),
+                Some(s) => s,
+            };
+            let mut commands = take_commands(c, id)?;
+            if new_state == PayloadState::Queued {
+                // Handed back unstarted. A cancel that arrived meanwhile takes effect now.
+                let cancelled_by = commands.iter().find_map(|c| match c {
+                    OperatorCommand::Cancel { requester, .. } => Some(requester.clone()),
+                    _ => None,
+                });
+                match cancelled_by {
+                    Some(who) => {
+                        c.execute(
+                            "UPDATE payloads SET state = 'cancelled', reason = ?2, updated_at = ?3
+                             WHERE id = ?1",
+                            vals![id, format!("cancelled by {who}"), ts(now)],
+                        )?;
+                    }
+                    None => {
+                        let requeues = c
+                            .query_one("SELECT requeues FROM payloads WHERE id = ?1", vals![id])?
+                            .int(0)?;
+                        let why = rep.reason.as_deref().unwrap_or("handed back by its pilot");
+                        requeue(c, id, requeues, self.requeue_limit, why, now)?;
+                    }
+                }
+                commands.clear();
+            } else {
+                write_report(c, id, new_state, rep, rep.reason.as_deref(), now)?;
             }
-            commands.clear();
-        } else {
-            write_report(&tx, id, new_state, rep, rep.reason.as_deref(), now)?;
-        }
-        tx.commit()?;
-        Ok(commands)
+            Ok(commands)
+        })
     }
 
     /// Cancels on behalf of `requester`: a queued payload at once; a matched or running one
@@ -464,33 +418,32 @@ impl Store {
         is_operator: bool,
         now: DateTime<Utc>,
     ) -> Result<PayloadState, StoreError> {
-        let mut conn = self.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let state = managed_state(&tx, id, requester, is_operator, "cancel")?;
-        let after = match state {
-            PayloadState::Queued => {
-                tx.execute(
-                    "UPDATE payloads SET state = 'cancelled', reason = ?2, updated_at = ?3 WHERE id = ?1",
-                    params![id, format!("cancelled by {requester}"), ts(now)],
-                )?;
-                PayloadState::Cancelled
-            }
-            PayloadState::Matched | PayloadState::Running => {
-                let cmd = OperatorCommand::Cancel {
-                    requester: requester.to_string(),
-                    signed: None,
-                };
-                queue_command(&tx, id, &cmd)?;
-                state
-            }
-            s => {
-                return Err(StoreError::Conflict(format!(
-                    "payload {id} is already {s}; there is nothing to cancel"
-                )))
-            }
-        };
-        tx.commit()?;
-        Ok(after)
+        self.tx(|c| {
+            let state = managed_state(c, id, requester, is_operator, "cancel")?;
+            Ok(match state {
+                PayloadState::Queued => {
+                    c.execute(
+                        "UPDATE payloads SET state = 'cancelled', reason = ?2, updated_at = ?3
+                         WHERE id = ?1",
+                        vals![id, format!("cancelled by {requester}"), ts(now)],
+                    )?;
+                    PayloadState::Cancelled
+                }
+                PayloadState::Matched | PayloadState::Running => {
+                    let cmd = OperatorCommand::Cancel {
+                        requester: requester.to_string(),
+                        signed: None,
+                    };
+                    queue_command(c, id, &cmd)?;
+                    state
+                }
+                s => {
+                    return Err(StoreError::Conflict(format!(
+                        "payload {id} is already {s}; there is nothing to cancel"
+                    )))
+                }
+            })
+        })
     }
 
     /// Queues a signal for a matched or running payload on behalf of `requester` (its owner or
@@ -507,57 +460,52 @@ impl Store {
                 "signal {signal} is not a signal number (1-64)"
             )));
         }
-        let mut conn = self.lock();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let state = managed_state(&tx, id, requester, is_operator, "signal")?;
-        if !matches!(state, PayloadState::Matched | PayloadState::Running) {
-            return Err(StoreError::Conflict(format!(
-                "payload {id} is {state}; only a matched or running payload can be signalled"
-            )));
-        }
-        let cmd = OperatorCommand::Signal {
-            requester: requester.to_string(),
-            signal,
-            signed: None,
-        };
-        queue_command(&tx, id, &cmd)?;
-        tx.commit()?;
-        Ok(state)
+        self.tx(|c| {
+            let state = managed_state(c, id, requester, is_operator, "signal")?;
+            if !matches!(state, PayloadState::Matched | PayloadState::Running) {
+                return Err(StoreError::Conflict(format!(
+                    "payload {id} is {state}; only a matched or running payload can be signalled"
+                )));
+            }
+            let cmd = OperatorCommand::Signal {
+                requester: requester.to_string(),
+                signal,
+                signed: None,
+            };
+            queue_command(c, id, &cmd)?;
+            Ok(state)
+        })
     }
 
     /// The DN of the pilot that holds (or last held) a payload.
     pub fn holder(&self, id: &str) -> Result<Option<String>, StoreError> {
-        self.lock()
-            .query_row(
-                "SELECT pilot_dn FROM payloads WHERE id = ?1",
-                params![id],
-                |r| r.get::<_, Option<String>>(0),
-            )
-            .optional()?
-            .ok_or_else(|| StoreError::NotFound(id.into()))
+        self.conn(|c| {
+            c.query_opt("SELECT pilot_dn FROM payloads WHERE id = ?1", vals![id])?
+                .ok_or_else(|| StoreError::NotFound(id.into()))?
+                .opt_text(0)
+        })
     }
 
     /// Records that the output archive is stored.
     pub fn set_has_output(&self, id: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
-        self.lock().execute(
-            "UPDATE payloads SET has_output = 1, updated_at = ?2 WHERE id = ?1",
-            params![id, ts(now)],
-        )?;
+        self.conn(|c| {
+            c.execute(
+                "UPDATE payloads SET has_output = 1, updated_at = ?2 WHERE id = ?1",
+                vals![id, ts(now)],
+            )
+        })?;
         Ok(())
     }
 
     /// One payload as its owner sees it.
     pub fn view(&self, id: &str) -> Result<PayloadView, StoreError> {
-        let row = self
-            .lock()
-            .query_row(
+        let row = self.conn(|c| {
+            c.query_opt(
                 &format!("SELECT {VIEW_COLUMNS} FROM payloads WHERE id = ?1"),
-                params![id],
-                view_row,
+                vals![id],
             )
-            .optional()?
-            .ok_or_else(|| StoreError::NotFound(id.into()))?;
-        row.into_view()
+        })?;
+        into_view(row.ok_or_else(|| StoreError::NotFound(id.into()))?)
     }
 
     /// Payloads of one owner (or of everyone), optionally in one state, oldest first.
@@ -566,43 +514,47 @@ impl Store {
         owner: Option<&str>,
         state: Option<PayloadState>,
     ) -> Result<Vec<PayloadView>, StoreError> {
-        let conn = self.lock();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {VIEW_COLUMNS} FROM payloads
-             WHERE (?1 IS NULL OR owner_dn = ?1) AND (?2 IS NULL OR state = ?2) ORDER BY seq"
-        ))?;
-        let rows = stmt
-            .query_map(params![owner, state.map(|s| s.as_str())], view_row)?
-            .collect::<Result<Vec<_>, _>>()?;
-        drop(stmt);
-        drop(conn);
-        rows.into_iter().map(ViewRow::into_view).collect()
+        let rows = self.conn(|c| {
+            c.query(
+                &format!(
+                    "SELECT {VIEW_COLUMNS} FROM payloads
+                     WHERE (CAST(?1 AS TEXT) IS NULL OR owner_dn = ?1)
+                       AND (CAST(?2 AS TEXT) IS NULL OR state = ?2)
+                     ORDER BY seq"
+                ),
+                vals![owner, state.map(|s| s.as_str())],
+            )
+        })?;
+        rows.into_iter().map(into_view).collect()
     }
 
     /// How many payloads each VO has in each state (`(vo, state, count)`), for the metrics
     /// endpoint. One grouped scan; states with no payload are absent.
     pub fn count_by_state(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
-        let conn = self.lock();
-        let mut stmt =
-            conn.prepare("SELECT vo, state, COUNT(*) FROM payloads GROUP BY vo, state")?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
+        self.conn(|c| {
+            c.query(
+                "SELECT vo, state, COUNT(*) FROM payloads GROUP BY vo, state",
+                vals![],
+            )?
+            .into_iter()
+            .map(|mut r| Ok((r.text(0)?, r.text(1)?, r.int(2)?)))
+            .collect()
+        })
     }
 
     /// The distinct pilot ids holding a matched or running payload (a busy pilot asks for no
     /// work but is alive), for the metrics endpoint.
     pub fn busy_pilots(&self) -> Result<Vec<String>, StoreError> {
-        let conn = self.lock();
-        let mut stmt = conn.prepare(
-            "SELECT DISTINCT pilot_id FROM payloads
-             WHERE state IN ('matched', 'running') AND pilot_id IS NOT NULL",
-        )?;
-        let rows = stmt
-            .query_map([], |r| r.get(0))?
-            .collect::<Result<Vec<String>, _>>()?;
-        Ok(rows)
+        self.conn(|c| {
+            c.query(
+                "SELECT DISTINCT pilot_id FROM payloads
+                 WHERE state IN ('matched', 'running') AND pilot_id IS NOT NULL",
+                vals![],
+            )?
+            .into_iter()
+            .map(|mut r| r.text(0))
+            .collect()
+        })
     }
 }
 
@@ -630,14 +582,14 @@ pub struct Swept {
 /// Writes a report's state and the fields it carries (a field it leaves out keeps its value);
 /// the state is the pilot's word now, so the sweeper's `lost` mark goes.
 fn write_report(
-    tx: &rusqlite::Transaction<'_>,
+    c: &mut dyn Conn,
     id: &str,
     state: PayloadState,
     rep: &StatusReport,
     reason: Option<&str>,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    tx.execute(
+    c.execute(
         "UPDATE payloads SET state = ?2, lost_by_server = 0,
             account = COALESCE(?3, account), uid = COALESCE(?4, uid),
             exit_code = COALESCE(?5, exit_code), signal = COALESCE(?6, signal),
@@ -647,10 +599,10 @@ fn write_report(
             denial_class = COALESCE(?11, denial_class), updated_at = ?12,
             outputs_skipped = COALESCE(?13, outputs_skipped)
          WHERE id = ?1",
-        params![
+        vals![
             id,
             state.as_str(),
-            rep.account,
+            &rep.account,
             rep.uid,
             rep.exit_code,
             rep.signal,
@@ -658,7 +610,7 @@ fn write_report(
             rep.peak_memory_bytes.map(sat),
             rep.wall_seconds,
             reason,
-            rep.denial_class,
+            &rep.denial_class,
             ts(now),
             skipped_json(&rep.outputs_skipped)
         ],
@@ -666,20 +618,23 @@ fn write_report(
     Ok(())
 }
 
-/// Queues payload `id` again after a hand-off that never started it, or fails it when it was
-/// requeued `limit` times already. Returns true when it was queued.
+/// Queues matched payload `id` again after a hand-off that never started it, or fails it when
+/// it was requeued `limit` times already. Returns Some(true) when it was queued, Some(false)
+/// when failed, None when it was no longer matched (another instance's sweep or report got
+/// there first).
 fn requeue(
-    tx: &rusqlite::Transaction<'_>,
+    c: &mut dyn Conn,
     id: &str,
     requeues: i64,
     limit: u32,
     why: &str,
     now: DateTime<Utc>,
-) -> Result<bool, StoreError> {
+) -> Result<Option<bool>, StoreError> {
     if requeues >= i64::from(limit) {
-        tx.execute(
-            "UPDATE payloads SET state = 'failed', updated_at = ?2, reason = ?3 WHERE id = ?1",
-            params![
+        let n = c.execute(
+            "UPDATE payloads SET state = 'failed', updated_at = ?2, reason = ?3
+             WHERE id = ?1 AND state = 'matched'",
+            vals![
                 id,
                 ts(now),
                 format!(
@@ -688,124 +643,109 @@ fn requeue(
                 )
             ],
         )?;
-        return Ok(false);
+        return Ok((n == 1).then_some(false));
     }
-    tx.execute(
+    let n = c.execute(
         "UPDATE payloads SET state = 'queued', requeues = requeues + 1, pilot_dn = NULL,
             pilot_id = NULL, host = NULL, batch_job_id = NULL, updated_at = ?2,
-            reason = ?3 WHERE id = ?1",
-        params![
+            reason = ?3 WHERE id = ?1 AND state = 'matched'",
+        vals![
             id,
             ts(now),
             format!("requeued ({} of {limit}): {why}", requeues + 1)
         ],
     )?;
-    Ok(true)
+    Ok((n == 1).then_some(true))
 }
 
-impl Store {
-    /// A report for a payload already in a final state, from the pilot that holds it:
-    /// - the same final state again (the pilot resent it from its outbox because it never saw
-    ///   the answer): accepted and ignored, the first report stands;
-    /// - a final state for a payload the sweeper marked `lost` (its pilot was silent but alive):
-    ///   the late report is the truth and replaces the verdict, once;
-    /// - anything else: 409, the final state is not reopened.
-    fn repeated_or_late(
-        &self,
-        tx: &rusqlite::Transaction<'_>,
-        id: &str,
-        state: PayloadState,
-        rep: &StatusReport,
-        now: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        if rep.state == Some(state) {
-            return Ok(());
+/// A report for a payload already in a final state, from the pilot that holds it:
+/// - the same final state again (the pilot resent it from its outbox because it never saw
+///   the answer): accepted and ignored, the first report stands;
+/// - a final state for a payload the sweeper marked `lost` (its pilot was silent but alive):
+///   the late report is the truth and replaces the verdict, once;
+/// - anything else: 409, the final state is not reopened.
+fn repeated_or_late(
+    c: &mut dyn Conn,
+    id: &str,
+    state: PayloadState,
+    rep: &StatusReport,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    if rep.state == Some(state) {
+        return Ok(());
+    }
+    let mut r = c.query_one(
+        "SELECT lost_by_server, updated_at FROM payloads WHERE id = ?1",
+        vals![id],
+    )?;
+    let (by_server, since) = (r.flag(0)?, r.opt_text(1)?);
+    let late = rep.state.filter(|s| s.is_final());
+    match late {
+        Some(s) if state == PayloadState::Lost && by_server => {
+            let reason = format!(
+                "{} (reported late: the server had marked it lost at {})",
+                rep.reason.as_deref().unwrap_or(s.as_str()),
+                since.as_deref().unwrap_or("?")
+            );
+            write_report(c, id, s, rep, Some(&reason), now)?;
+            Ok(())
         }
-        let (by_server, since): (bool, Option<String>) = tx.query_row(
-            "SELECT lost_by_server, updated_at FROM payloads WHERE id = ?1",
-            params![id],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        let late = rep.state.filter(|s| s.is_final());
-        match late {
-            Some(s) if state == PayloadState::Lost && by_server => {
-                let reason = format!(
-                    "{} (reported late: the server had marked it lost at {})",
-                    rep.reason.as_deref().unwrap_or(s.as_str()),
-                    since.as_deref().unwrap_or("?")
-                );
-                write_report(tx, id, s, rep, Some(&reason), now)?;
-                Ok(())
+        _ => Err(StoreError::Conflict(format!(
+            "payload {id} is already {state}; a final state is not reopened{}",
+            if state == PayloadState::Lost && by_server {
+                " (only the pilot's final report replaces the server's `lost`)"
+            } else {
+                ""
             }
-            _ => Err(StoreError::Conflict(format!(
-                "payload {id} is already {state}; a final state is not reopened{}",
-                if state == PayloadState::Lost && by_server {
-                    " (only the pilot's final report replaces the server's `lost`)"
-                } else {
-                    ""
-                }
-            ))),
-        }
+        ))),
     }
 }
 
-/// The state of payload `id`, once `requester` is known to be its owner or a VO operator (the
-/// only ones who may `verb` it).
+/// The state of payload `id` (its row locked for the transaction), once `requester` is known
+/// to be its owner or a VO operator (the only ones who may `verb` it).
 fn managed_state(
-    tx: &rusqlite::Transaction<'_>,
+    c: &mut dyn Conn,
     id: &str,
     requester: &str,
     is_operator: bool,
     verb: &str,
 ) -> Result<PayloadState, StoreError> {
-    let (owner, state) = tx
-        .query_row(
-            "SELECT owner_dn, state FROM payloads WHERE id = ?1",
-            params![id],
-            |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
-        )
-        .optional()?
+    let lock = c.engine().lock_row();
+    let mut r = c
+        .query_opt(
+            &format!("SELECT owner_dn, state FROM payloads WHERE id = ?1{lock}"),
+            vals![id],
+        )?
         .ok_or_else(|| StoreError::NotFound(id.into()))?;
-    if owner != requester && !is_operator {
+    if r.text(0)? != requester && !is_operator {
         return Err(StoreError::Forbidden(format!(
             "{requester} may not {verb} payload {id}: only its owner or a VO operator may"
         )));
     }
-    parse_state(&state)
+    parse_state(&r.text(1)?)
 }
 
 /// Stores an operator command for the pilot holding `id` (stored unsigned; the API signs each
 /// command as it delivers it).
-fn queue_command(
-    tx: &rusqlite::Transaction<'_>,
-    id: &str,
-    cmd: &OperatorCommand,
-) -> Result<(), StoreError> {
-    tx.execute(
+fn queue_command(c: &mut dyn Conn, id: &str, cmd: &OperatorCommand) -> Result<(), StoreError> {
+    c.execute(
         "INSERT INTO commands (payload_id, command) VALUES (?1, ?2)",
-        params![id, serde_json::to_string(cmd).expect("commands serialise")],
+        vals![id, serde_json::to_string(cmd).expect("commands serialise")],
     )?;
     Ok(())
 }
 
-fn take_commands(
-    tx: &rusqlite::Transaction<'_>,
-    id: &str,
-) -> Result<Vec<OperatorCommand>, StoreError> {
-    let mut stmt = tx.prepare_cached(
+fn take_commands(c: &mut dyn Conn, id: &str) -> Result<Vec<OperatorCommand>, StoreError> {
+    let rows = c.query(
         "SELECT seq, command FROM commands WHERE payload_id = ?1 AND delivered = 0 ORDER BY seq",
+        vals![id],
     )?;
-    let rows = stmt
-        .query_map(params![id], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
     let mut out = Vec::with_capacity(rows.len());
-    for (seq, text) in rows {
-        out.push(json("operator command", &text)?);
-        tx.execute(
+    for mut r in rows {
+        out.push(json("operator command", &r.text(1)?)?);
+        c.execute(
             "UPDATE commands SET delivered = 1 WHERE seq = ?1",
-            params![seq],
+            vals![r.int(0)?],
         )?;
     }
     Ok(out)
@@ -858,7 +798,8 @@ mod tests {
     }
 
     fn synchronous(s: &Store) -> i64 {
-        s.lock()
+        s.sqlite()
+            .unwrap()
             .pragma_query_value(None, "synchronous", |r| r.get(0))
             .unwrap()
     }
@@ -871,7 +812,8 @@ mod tests {
         let (_d, s) = store();
         assert_eq!(synchronous(&s), 2);
         let mode: String = s
-            .lock()
+            .sqlite()
+            .unwrap()
             .pragma_query_value(None, "journal_mode", |r| r.get(0))
             .unwrap();
         assert_eq!(mode, "wal");
@@ -1005,31 +947,67 @@ mod tests {
         assert!(reason.contains("helper connection lost"), "{reason}");
     }
 
+    /// A database made by the releases before migrations (their schema, without the columns
+    /// added since, or complete) upgrades in place: its rows are kept, it is recorded at the
+    /// current version, and a second open changes nothing.
     #[test]
-    fn columns_are_added_to_an_older_database() {
-        let d = tempfile::tempdir().unwrap();
-        let data = d.path().join("data");
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&data)
-            .unwrap();
-        {
-            let c = rusqlite::Connection::open(data.join("mupilot.db")).unwrap();
-            let old = super::super::SCHEMA
-                .replace(",\n    requeues          INTEGER NOT NULL DEFAULT 0", "")
-                .replace(",\n    lost_by_server    INTEGER NOT NULL DEFAULT 0", "");
-            assert!(!old.contains("requeues"));
-            c.execute_batch(&old).unwrap();
+    fn databases_made_before_migrations_upgrade_in_place() {
+        // The releases' SCHEMA constant, byte for byte (it became migrations/sqlite/V1).
+        let released = include_str!("migrations/sqlite/V1__initial.sql");
+        let older = released
+            .replace(",\n    requeues          INTEGER NOT NULL DEFAULT 0", "")
+            .replace(",\n    lost_by_server    INTEGER NOT NULL DEFAULT 0", "");
+        assert!(!older.contains("requeues"));
+        for schema in [released.to_string(), older] {
+            let d = tempfile::tempdir().unwrap();
+            let data = d.path().join("data");
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&data)
+                .unwrap();
+            let now = ts(Utc::now());
+            {
+                let c = rusqlite::Connection::open(data.join("mupilot.db")).unwrap();
+                c.execute_batch(&schema).unwrap();
+                c.execute(
+                    "INSERT INTO members VALUES ('/CN=a', 'demo', '[]', 'registered', ?1, '2999-01-01T00:00:00.000000Z')",
+                    [&now],
+                )
+                .unwrap();
+                c.execute(
+                    "INSERT INTO payloads (id, owner_dn, vo, state, argv, env, cores, memory_bytes,
+                        walltime_seconds, outputs, submitted_at, updated_at)
+                     VALUES ('p-old', '/CN=a', 'demo', 'queued', '[\"/bin/true\"]', '{}', 1, 1, 1,
+                        '[]', ?1, ?1)",
+                    [&now],
+                )
+                .unwrap();
+            }
+            for _ in 0..2 {
+                let s = Store::open(&data).unwrap();
+                let versions: Vec<i64> = s
+                    .sqlite()
+                    .unwrap()
+                    .prepare("SELECT version FROM refinery_schema_history ORDER BY version")
+                    .unwrap()
+                    .query_map([], |r| r.get(0))
+                    .unwrap()
+                    .collect::<Result<_, _>>()
+                    .unwrap();
+                assert_eq!(versions, vec![1]);
+                assert_eq!(s.view("p-old").unwrap().state, PayloadState::Queued);
+                let m = s.match_one("/CN=p", &mreq(), Utc::now()).unwrap();
+                if let Some(m) = m {
+                    assert_eq!(m.id, "p-old");
+                    let mut back = report(PayloadState::Queued);
+                    back.reason = Some("handed back".into());
+                    s.apply_status("p-old", "/CN=p", &back, Utc::now()).unwrap();
+                }
+                let a = s.submit(&new_payload(), None, Utc::now()).unwrap();
+                assert_eq!(s.view(&a).unwrap().state, PayloadState::Queued);
+            }
         }
-        let s = Store::open(&data).unwrap();
-        let seed = MemberSeed {
-            dn: "/CN=a".into(),
-            fqans: vec![],
-        };
-        s.seed_members("demo", &[seed], Utc::now()).unwrap();
-        let a = s.submit(&new_payload(), None, Utc::now()).unwrap();
-        assert_eq!(s.view(&a).unwrap().state, PayloadState::Queued);
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! calls [`Store::expire_files`] is the listener's.
 
 use chrono::{DateTime, Utc};
-use rusqlite::params;
 
+use super::db::vals;
 use super::{ts, Store, StoreError};
 
 /// How many payloads one call expires at most (the job runs again soon).
@@ -21,19 +21,20 @@ impl Store {
         before: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> Result<usize, StoreError> {
-        let ids: Vec<String> = {
-            let conn = self.lock();
-            let mut stmt = conn.prepare_cached(
+        // Several instances may run this at once: they may pick the same payloads, and then
+        // both delete (a file already gone is fine) and the guarded UPDATE counts it once.
+        let ids: Vec<String> = self.conn(|c| {
+            c.query(
                 "SELECT id FROM payloads
                  WHERE state NOT IN ('queued', 'matched', 'running')
                    AND files_deleted_at IS NULL AND updated_at < ?1
                  ORDER BY seq LIMIT ?2",
-            )?;
-            let rows = stmt
-                .query_map(params![ts(before), BATCH], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            rows
-        };
+                vals![ts(before), BATCH],
+            )?
+            .into_iter()
+            .map(|mut r| r.text(0))
+            .collect()
+        })?;
         let mut done = 0;
         let mut first_err = None;
         for id in ids {
@@ -51,11 +52,13 @@ impl Store {
             if ok {
                 // The row is final, so nothing else changes it but an upload of a late output
                 // archive, which the API refuses once this is set.
-                done += self.lock().execute(
-                    "UPDATE payloads SET files_deleted_at = ?2
-                     WHERE id = ?1 AND files_deleted_at IS NULL",
-                    params![id, ts(now)],
-                )?;
+                done += self.conn(|c| {
+                    c.execute(
+                        "UPDATE payloads SET files_deleted_at = ?2
+                         WHERE id = ?1 AND files_deleted_at IS NULL",
+                        vals![&id, ts(now)],
+                    )
+                })? as usize;
             }
         }
         match first_err {
@@ -70,15 +73,14 @@ impl Store {
 
     /// When the payload's files were deleted by retention, if they were.
     pub fn files_deleted_at(&self, id: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
-        use rusqlite::OptionalExtension;
-        let t: Option<Option<String>> = self
-            .lock()
-            .query_row(
+        let t = self.conn(|c| {
+            c.query_opt(
                 "SELECT files_deleted_at FROM payloads WHERE id = ?1",
-                params![id],
-                |r| r.get(0),
-            )
-            .optional()?;
+                vals![id],
+            )?
+            .map(|mut r| r.opt_text(0))
+            .transpose()
+        })?;
         match t {
             None => Err(StoreError::NotFound(id.into())),
             Some(t) => t.as_deref().map(super::parse_ts).transpose(),

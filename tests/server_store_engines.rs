@@ -1,0 +1,547 @@
+//! The store's behaviour on both engines: every scenario runs on SQLite and on a private
+//! PostgreSQL cluster (tests/pg_support), each on a fresh database, through the public `Store`
+//! API the server uses. The concurrent scenarios open two stores on one database (two
+//! instances) and race them: matches, sweeps and retention from both at once, and every
+//! payload is claimed, requeued or expired exactly once.
+
+mod pg_support;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use chrono::{Duration, Utc};
+use mupilot::protocol::api::{MatchRequest, OperatorCommand, PayloadState, StatusReport};
+use mupilot::protocol::Resources;
+use mupilot::server::config::MemberSeed;
+use mupilot::server::store::{
+    Database, Engine, MemberStatus, NewPayload, Store, StoreError, SweepRules,
+};
+use pg_support::PgCluster;
+
+/// One scenario's database and data directory.
+struct Env {
+    _tmp: tempfile::TempDir,
+    data: PathBuf,
+    db: Database,
+}
+
+impl Env {
+    fn new(cluster: Option<&PgCluster>) -> Env {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let db = match cluster {
+            None => Database::Sqlite,
+            Some(c) => c.database(&c.create_db()),
+        };
+        Env {
+            _tmp: tmp,
+            data,
+            db,
+        }
+    }
+
+    /// A store as one server instance opens it (members seeded).
+    fn open(&self) -> Store {
+        let s = Store::open_with(&self.data, &self.db).unwrap();
+        s.seed_members(
+            "demo",
+            &[MemberSeed {
+                dn: "/CN=a".into(),
+                fqans: vec!["/demo".into()],
+            }],
+            Utc::now(),
+        )
+        .unwrap();
+        s
+    }
+}
+
+fn new_payload() -> NewPayload {
+    NewPayload {
+        owner_dn: "/CN=a".into(),
+        vo: "demo".into(),
+        argv: vec!["/bin/true".into()],
+        env: [("K".to_string(), "v".to_string())].into(),
+        jobtag: Some("tag".into()),
+        resources: Resources {
+            cores: 1,
+            memory_bytes: 64 << 20,
+            walltime_seconds: 60,
+        },
+        outputs: vec!["out.txt".into()],
+        bundle_sha256: None,
+    }
+}
+
+fn mreq(pilot: &str) -> MatchRequest {
+    MatchRequest {
+        pilot_id: pilot.into(),
+        batch_system: None,
+        batch_job_id: Some("42".into()),
+        host: "wn".into(),
+        free_cores: 1,
+        free_memory_bytes: 1 << 30,
+        seconds_left: 3600,
+    }
+}
+
+fn report(pilot: &str, state: PayloadState) -> StatusReport {
+    StatusReport {
+        pilot_id: pilot.into(),
+        state: Some(state),
+        ..Default::default()
+    }
+}
+
+fn rules(before: chrono::DateTime<Utc>) -> SweepRules {
+    SweepRules {
+        matched_before: before,
+        silent_before: before,
+        silence: "90 s (3 missed heartbeats of 30 s)".into(),
+    }
+}
+
+/// Submit, match, run, finish: every field a report carries comes back from view and list.
+fn lifecycle(env: &Env) {
+    let s = env.open();
+    let t0 = Utc::now();
+    let a = s.submit(&new_payload(), None, t0).unwrap();
+    let b = s.submit(&new_payload(), None, t0).unwrap();
+    // Does not fit: waits.
+    let mut big = new_payload();
+    big.resources.cores = 64;
+    let c = s.submit(&big, None, t0).unwrap();
+    let m = s.match_one("/CN=p", &mreq("p1"), t0).unwrap().unwrap();
+    assert_eq!(m.id, a, "oldest first");
+    assert_eq!(m.fqans, vec!["/demo".to_string()]);
+    assert_eq!(m.env.get("K").map(String::as_str), Some("v"));
+    assert_eq!(m.jobtag.as_deref(), Some("tag"));
+    assert_eq!(s.holder(&a).unwrap().as_deref(), Some("/CN=p"));
+    let mut run = report("p1", PayloadState::Running);
+    run.account = Some("demo001".into());
+    run.uid = Some(5001);
+    s.apply_status(&a, "/CN=p", &run, t0).unwrap();
+    assert_eq!(s.busy_pilots().unwrap(), vec!["p1".to_string()]);
+    let mut done = report("p1", PayloadState::Done);
+    done.exit_code = Some(3);
+    done.signal = Some(9);
+    done.cpu_seconds = Some(1.5);
+    done.peak_memory_bytes = Some(1 << 40);
+    done.wall_seconds = Some(2.25);
+    done.outputs_skipped = vec!["big.dat: too large".into()];
+    s.apply_status(&a, "/CN=p", &done, t0).unwrap();
+    let v = s.view(&a).unwrap();
+    assert_eq!(v.state, PayloadState::Done);
+    assert_eq!(v.account.as_deref(), Some("demo001"));
+    assert_eq!(v.uid, Some(5001));
+    assert_eq!((v.exit_code, v.signal), (Some(3), Some(9)));
+    assert_eq!(v.cpu_seconds, Some(1.5));
+    assert_eq!(v.peak_memory_bytes, Some(1 << 40));
+    assert_eq!(v.outputs_skipped, vec!["big.dat: too large".to_string()]);
+    assert_eq!(v.batch_job_id.as_deref(), Some("42"));
+    assert!(!v.has_output);
+    s.set_has_output(&a, t0).unwrap();
+    assert!(s.view(&a).unwrap().has_output);
+    let queued = s.list(Some("/CN=a"), Some(PayloadState::Queued)).unwrap();
+    let ids: Vec<_> = queued.iter().map(|v| v.payload_id.clone()).collect();
+    assert_eq!(ids, vec![b.clone(), c.clone()]);
+    assert_eq!(s.list(None, None).unwrap().len(), 3);
+    assert!(s.list(Some("/CN=nobody"), None).unwrap().is_empty());
+    let mut counts = s.count_by_state().unwrap();
+    counts.sort();
+    assert_eq!(
+        counts,
+        vec![
+            ("demo".into(), "done".into(), 1),
+            ("demo".into(), "queued".into(), 2)
+        ]
+    );
+    assert!(matches!(s.view("p-none"), Err(StoreError::NotFound(_))));
+    // Someone else's pilot may not report on it.
+    assert!(matches!(
+        s.apply_status(&a, "/CN=other", &done, t0),
+        Err(StoreError::Forbidden(_))
+    ));
+}
+
+/// Unstarted matches are requeued, silent running payloads lost, the limit fails them; a late
+/// final report replaces the server's `lost`.
+fn sweeps_and_requeues(env: &Env) {
+    let mut s = env.open();
+    s.set_requeue_limit(1);
+    let t0 = Utc::now();
+    let a = s.submit(&new_payload(), None, t0).unwrap();
+    let b = s.submit(&new_payload(), None, t0).unwrap();
+    s.match_one("/CN=p", &mreq("p"), t0).unwrap().unwrap();
+    s.match_one("/CN=p", &mreq("p"), t0).unwrap().unwrap();
+    s.apply_status(&b, "/CN=p", &report("p", PayloadState::Running), t0)
+        .unwrap();
+    let later = t0 + Duration::seconds(100);
+    let swept = s.sweep(&rules(t0 + Duration::seconds(1)), later).unwrap();
+    assert_eq!((swept.requeued, swept.failed, swept.lost), (1, 0, 1));
+    assert_eq!(s.view(&a).unwrap().state, PayloadState::Queued);
+    let vb = s.view(&b).unwrap();
+    assert_eq!(vb.state, PayloadState::Lost);
+    assert!(vb.reason.unwrap().contains("3 missed heartbeats"));
+    let mut done = report("p", PayloadState::Done);
+    done.exit_code = Some(0);
+    s.apply_status(&b, "/CN=p", &done, later).unwrap();
+    let vb = s.view(&b).unwrap();
+    assert_eq!(vb.state, PayloadState::Done);
+    assert!(vb.reason.unwrap().contains("reported late"));
+    assert!(matches!(
+        s.apply_status(&b, "/CN=p", &report("p", PayloadState::Failed), later),
+        Err(StoreError::Conflict(_))
+    ));
+    // Second unstarted hand-off of `a` is over the limit of 1: failed.
+    s.match_one("/CN=p", &mreq("p"), later).unwrap().unwrap();
+    let mut back = report("p", PayloadState::Queued);
+    back.reason = Some("helper connection lost".into());
+    s.apply_status(&a, "/CN=p", &back, later).unwrap();
+    let va = s.view(&a).unwrap();
+    assert_eq!(va.state, PayloadState::Failed);
+    assert!(va.reason.unwrap().contains("not started after 2 hand-offs"));
+}
+
+/// Cancel and signal: queued at once, matched through commands delivered once; a hand-back
+/// with a pending cancel ends cancelled.
+fn commands(env: &Env) {
+    let s = env.open();
+    let t0 = Utc::now();
+    let q = s.submit(&new_payload(), None, t0).unwrap();
+    assert!(matches!(
+        s.cancel(&q, "/CN=mallory", false, t0),
+        Err(StoreError::Forbidden(_))
+    ));
+    assert_eq!(
+        s.cancel(&q, "/CN=a", false, t0).unwrap(),
+        PayloadState::Cancelled
+    );
+    assert!(matches!(
+        s.cancel(&q, "/CN=a", false, t0),
+        Err(StoreError::Conflict(_))
+    ));
+    let m = s.submit(&new_payload(), None, t0).unwrap();
+    s.match_one("/CN=p", &mreq("p"), t0).unwrap().unwrap();
+    assert_eq!(
+        s.queue_signal(&m, "/CN=op", true, 15).unwrap(),
+        PayloadState::Matched
+    );
+    assert!(matches!(
+        s.queue_signal(&m, "/CN=a", false, 99),
+        Err(StoreError::Invalid(_))
+    ));
+    let cmds = s
+        .apply_status(&m, "/CN=p", &report("p", PayloadState::Running), t0)
+        .unwrap();
+    assert!(matches!(
+        cmds.as_slice(),
+        [OperatorCommand::Signal { signal: 15, .. }]
+    ));
+    let cmds = s
+        .apply_status(&m, "/CN=p", &report("p", PayloadState::Running), t0)
+        .unwrap();
+    assert!(cmds.is_empty(), "delivered once");
+    let h = s.submit(&new_payload(), None, t0).unwrap();
+    s.match_one("/CN=p", &mreq("p"), t0).unwrap().unwrap();
+    assert_eq!(
+        s.cancel(&h, "/CN=a", false, t0).unwrap(),
+        PayloadState::Matched
+    );
+    s.apply_status(&h, "/CN=p", &report("p", PayloadState::Queued), t0)
+        .unwrap();
+    let v = s.view(&h).unwrap();
+    assert_eq!(v.state, PayloadState::Cancelled);
+    assert_eq!(v.reason.as_deref(), Some("cancelled by /CN=a"));
+}
+
+/// The registry: seeds once, add/suspend/renew/remove, and only active members are matched.
+fn members(env: &Env) {
+    let s = env.open();
+    let now = Utc::now();
+    assert_eq!(
+        s.seed_members(
+            "demo",
+            &[MemberSeed {
+                dn: "/CN=a".into(),
+                fqans: vec![]
+            }],
+            now
+        )
+        .unwrap(),
+        0,
+        "already seeded"
+    );
+    let b = s
+        .add_member("/CN=B", "demo", &["/demo/role=x".into()], now)
+        .unwrap();
+    assert_eq!(b.fqans, vec!["/demo/role=x".to_string()]);
+    assert!(matches!(
+        s.add_member("CN=bad", "demo", &[], now),
+        Err(StoreError::Invalid(_))
+    ));
+    let dns: Vec<_> = s.members().unwrap().into_iter().map(|m| m.dn).collect();
+    assert_eq!(
+        dns,
+        vec!["/CN=B".to_string(), "/CN=a".to_string()],
+        "byte order"
+    );
+    s.submit(&new_payload(), None, now).unwrap();
+    s.set_member_status("/CN=a", MemberStatus::Suspended)
+        .unwrap();
+    assert!(s.match_one("/CN=p", &mreq("p"), now).unwrap().is_none());
+    s.add_member("/CN=a", "demo", &[], now).unwrap();
+    assert!(s.match_one("/CN=p", &mreq("p"), now).unwrap().is_some());
+    let far = now + Duration::days(800);
+    let renewed = s.renew_member("/CN=B", far).unwrap();
+    assert!(renewed.renewal_due > far);
+    s.set_member_status("/CN=B", MemberStatus::Removed).unwrap();
+    assert!(matches!(
+        s.renew_member("/CN=B", now),
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        s.set_member_status("/CN=nobody", MemberStatus::Suspended),
+        Err(StoreError::NoMember(_))
+    ));
+}
+
+/// Runs `f(store, i)` on `threads` threads, half of them on each of two stores (two
+/// instances on one database); returns what they returned.
+fn on_two_instances<T: Send + 'static>(
+    env: &Env,
+    threads: usize,
+    f: impl Fn(&Store, usize) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    let stores = [Arc::new(env.open()), Arc::new(env.open())];
+    let f = Arc::new(f);
+    let barrier = Arc::new(std::sync::Barrier::new(threads));
+    let handles: Vec<_> = (0..threads)
+        .map(|i| {
+            let (s, f, barrier) = (stores[i % 2].clone(), f.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                f(&s, i)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// 8 threads on two instances match 400 payloads: each exactly once, none left.
+fn concurrent_matches(env: &Env) {
+    let s = env.open();
+    let n = 400;
+    let t0 = Utc::now();
+    let mut submitted = HashSet::new();
+    for _ in 0..n {
+        submitted.insert(s.submit(&new_payload(), None, t0).unwrap());
+    }
+    let got = on_two_instances(env, 8, |s, i| {
+        let mut mine = Vec::new();
+        while let Some(m) = s
+            .match_one("/CN=p", &mreq(&format!("p{i}")), Utc::now())
+            .unwrap()
+        {
+            mine.push(m.id);
+        }
+        mine
+    });
+    let all: Vec<String> = got.into_iter().flatten().collect();
+    let unique: HashSet<String> = all.iter().cloned().collect();
+    assert_eq!(all.len(), n, "every payload matched once, none twice");
+    assert_eq!(unique, submitted);
+}
+
+/// Sweeps and retention from two instances at once: each stale payload is requeued once,
+/// each expired payload's files counted once.
+fn concurrent_sweeps_and_retention(env: &Env) {
+    let s = env.open();
+    let n = 200;
+    let t0 = Utc::now();
+    for _ in 0..n {
+        s.submit(&new_payload(), Some(b"bundle"), t0).unwrap();
+        s.match_one("/CN=p", &mreq("p"), t0).unwrap().unwrap();
+    }
+    let later = t0 + Duration::seconds(100);
+    let swept = on_two_instances(env, 4, move |s, _| {
+        s.sweep(&rules(t0 + Duration::seconds(1)), later).unwrap()
+    });
+    let requeued: usize = swept.iter().map(|w| w.requeued).sum();
+    assert_eq!(requeued, n);
+    let queued = s.list(None, Some(PayloadState::Queued)).unwrap();
+    assert_eq!(queued.len(), n);
+    assert!(queued
+        .iter()
+        .all(|v| v.reason.as_deref().unwrap().contains("requeued (1 of")));
+    // Finish them all, then expire from both instances at once.
+    for v in &queued {
+        let m = s.match_one("/CN=p", &mreq("q"), later).unwrap().unwrap();
+        assert_eq!(m.id, v.payload_id);
+        s.apply_status(&m.id, "/CN=p", &report("q", PayloadState::Failed), later)
+            .unwrap();
+    }
+    let end = later + Duration::seconds(10);
+    let expired = on_two_instances(env, 4, move |s, _| {
+        let mut total = 0;
+        loop {
+            let k = s.expire_files(end, end).unwrap();
+            if k == 0 {
+                break total;
+            }
+            total += k;
+        }
+    });
+    assert_eq!(expired.iter().sum::<usize>(), n);
+    assert!(queued
+        .iter()
+        .all(|v| !s.bundle_path(&v.payload_id).exists()));
+}
+
+/// A named scenario.
+type Scenario = (&'static str, fn(&Env));
+
+fn every_scenario(cluster: Option<&PgCluster>, engine: Engine) {
+    let scenarios: [Scenario; 6] = [
+        ("lifecycle", lifecycle),
+        ("sweeps_and_requeues", sweeps_and_requeues),
+        ("commands", commands),
+        ("members", members),
+        ("concurrent_matches", concurrent_matches),
+        (
+            "concurrent_sweeps_and_retention",
+            concurrent_sweeps_and_retention,
+        ),
+    ];
+    for (name, f) in scenarios {
+        let env = Env::new(cluster);
+        assert_eq!(env.open().engine(), engine);
+        eprintln!("scenario {name} on {engine:?}");
+        f(&env);
+    }
+}
+
+#[test]
+fn every_scenario_on_sqlite() {
+    every_scenario(None, Engine::Sqlite);
+}
+
+#[test]
+fn every_scenario_on_postgresql() {
+    let cluster = PgCluster::start();
+    every_scenario(Some(&cluster), Engine::Postgres);
+}
+
+/// Two instances starting on an empty database at once both come up (one migrates, the other
+/// waits on the advisory lock and finds the schema current); the schema history has one row
+/// per version; a wrong password and an unreachable server are named errors.
+#[test]
+fn instances_migrate_once_and_errors_name_the_database() {
+    let cluster = PgCluster::start();
+    let db = cluster.create_db();
+    let database = Arc::new(cluster.database(&db));
+    let handles: Vec<_> = (0..3)
+        .map(|_| {
+            let database = database.clone();
+            std::thread::spawn(move || {
+                let d = tempfile::tempdir().unwrap();
+                Store::open_with(&d.path().join("data"), &database).map(|_| ())
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap().unwrap();
+    }
+    let versions: Vec<i32> = cluster
+        .admin(&db)
+        .unwrap()
+        .query(
+            "SELECT version FROM refinery_schema_history ORDER BY version",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, vec![1]);
+
+    let d = tempfile::tempdir().unwrap();
+    let bad_pw = d.path().join("wrong");
+    std::fs::write(&bad_pw, "not-the-password\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&bad_pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut settings = cluster.settings(&db);
+    settings.password_file = Some(bad_pw.clone());
+    let e = Store::open_with(
+        &d.path().join("data"),
+        &Database::Postgres(settings.clone()),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.contains("127.0.0.1") && e.contains(&db) && e.contains("authentication"),
+        "{e}"
+    );
+    std::fs::set_permissions(&bad_pw, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = Store::open_with(
+        &d.path().join("data"),
+        &Database::Postgres(settings.clone()),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("chmod 0600") && e.contains("wrong"), "{e}");
+    settings.password_file = Some(cluster.password_file.clone());
+    settings.port = 1;
+    let e = Store::open_with(&d.path().join("data"), &Database::Postgres(settings))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("cannot connect to PostgreSQL") && e.contains(":1/"),
+        "{e}"
+    );
+}
+
+/// Connections PostgreSQL closes (a restart, an operator's pg_terminate_backend) fail one
+/// call each at most, are dropped from the pool, and the store goes on with new ones.
+#[test]
+fn connections_the_database_closed_are_replaced() {
+    let cluster = PgCluster::start();
+    let env = Env::new(Some(&cluster));
+    let s = env.open();
+    let id = s.submit(&new_payload(), None, Utc::now()).unwrap();
+    let killed: i64 = {
+        let mut admin = cluster.admin("postgres").unwrap();
+        let rows = admin
+            .query(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1",
+                &[&pg_support::ROLE],
+            )
+            .unwrap();
+        rows[0].get(0)
+    };
+    assert!(killed >= 1, "the store's connections were open");
+    let mut failures = 0;
+    loop {
+        match s.view(&id) {
+            Ok(v) => {
+                assert_eq!(v.state, PayloadState::Queued);
+                break;
+            }
+            Err(e) => {
+                failures += 1;
+                assert!(
+                    failures <= killed,
+                    "more failures than closed connections: {e}"
+                );
+            }
+        }
+    }
+    assert!(s
+        .match_one("/CN=p", &mreq("p"), Utc::now())
+        .unwrap()
+        .is_some());
+}

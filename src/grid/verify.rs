@@ -111,7 +111,7 @@ impl Verifier {
         // and two launches with the same new credential then verify it once.
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let max_age = Duration::from_secs(self.cfg.ca_reload_seconds);
-        if st.trust.as_ref().map_or(true, |t| t.is_stale(max_age)) {
+        if st.trust.as_ref().is_none_or(|t| t.is_stale(max_age)) {
             st.trust = Some(TrustStore::load(&self.cfg.cert_dir)?);
             st.cache.clear();
         }

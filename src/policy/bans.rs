@@ -196,7 +196,7 @@ impl<const KIND: u8> BanList<KIND> {
                 let mut best: Option<(&str, u32)> = None;
                 let mut consider = |key: &str| {
                     if let Some((k, &l)) = self.entries.get_key_value(key) {
-                        if identity_covers(k, value) && best.map_or(true, |(_, bl)| l < bl) {
+                        if identity_covers(k, value) && best.is_none_or(|(_, bl)| l < bl) {
                             best = Some((k.as_str(), l));
                         }
                     }

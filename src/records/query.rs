@@ -286,7 +286,7 @@ impl Holding {
     }
 
     fn held_at(&self, at: DateTime<Utc>) -> bool {
-        self.start_t <= at && self.end_t.map_or(true, |e| e >= at)
+        self.start_t <= at && self.end_t.is_none_or(|e| e >= at)
     }
 }
 

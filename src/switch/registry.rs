@@ -191,7 +191,7 @@ impl Registry {
     pub fn list(&self, conn_id: Option<u64>) -> Vec<(String, Entry)> {
         self.lock()
             .iter()
-            .filter(|(_, e)| conn_id.map_or(true, |c| e.conn_id == c))
+            .filter(|(_, e)| conn_id.is_none_or(|c| e.conn_id == c))
             .map(|(k, e)| (k.clone(), e.clone()))
             .collect()
     }

@@ -139,7 +139,7 @@ pub fn write_audit_log(path: &Path, records: u64, fsync: FsyncPolicy) -> Vec<Pay
 pub fn truth_who(payloads: &[Payload], uid: u32, at: DateTime<Utc>) -> Vec<String> {
     let mut v: Vec<String> = payloads
         .iter()
-        .filter(|p| p.uid == uid && p.start <= at && p.end.map_or(true, |e| e >= at))
+        .filter(|p| p.uid == uid && p.start <= at && p.end.is_none_or(|e| e >= at))
         .map(|p| p.id.clone())
         .collect();
     v.sort();

@@ -290,7 +290,7 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
             && !self.draining
             && !self.helper_lost
             && !self.trace_failed
-            && self.cfg.max_payloads.map_or(true, |m| self.launches < m)
+            && self.cfg.max_payloads.is_none_or(|m| self.launches < m)
     }
 
     fn seconds_left(&self) -> u64 {

@@ -108,7 +108,7 @@ fn read_file(env: &Env, file: &str, p: &mut Problems) -> Option<String> {
 /// Lowers the cores to what `quota` allows, noting the file when it binds most.
 fn lower_cores(quota: limits::CpuQuota, file: String, f: &mut Finding) {
     let c = quota.cores();
-    if f.cores.map_or(true, |x| c < x) {
+    if f.cores.is_none_or(|x| c < x) {
         f.note("cores_file", file);
     }
     f.lower_cores(c);
@@ -171,7 +171,7 @@ fn cpuset(env: &Env, mount: &str, path: &str, names: &[&str], f: &mut Finding, p
                 continue;
             }
             if let Some(c) = p.parse(NAME, &file, &v, parse::cpu_list_count) {
-                if f.cores.map_or(true, |x| c < x) {
+                if f.cores.is_none_or(|x| c < x) {
                     f.note("cores_file", file);
                 }
                 f.lower_cores(c);
@@ -188,7 +188,7 @@ fn memory_limit(env: &Env, file: &str, f: &mut Finding, p: &mut Problems) {
     if let Some(Some(b)) = p.parse(NAME, file, &v, |s| {
         limits::memory_limit(s).map_err(String::from)
     }) {
-        if f.memory_bytes.map_or(true, |x| b < x) {
+        if f.memory_bytes.is_none_or(|x| b < x) {
             f.note("memory_file", file.to_string());
         }
         f.lower_memory(b);

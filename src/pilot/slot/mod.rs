@@ -170,7 +170,7 @@ fn combine(found: Vec<Finding>, problems: Vec<String>) -> SlotReport {
         let mut best: Option<(&str, i128)> = None;
         for (name, v) in vals {
             if let Some(v) = v {
-                if best.map_or(true, |(_, b)| v < b) {
+                if best.is_none_or(|(_, b)| v < b) {
                     best = Some((name, v));
                 }
             }

@@ -59,7 +59,7 @@ pub fn read(env: &Env, p: &mut Problems) -> Option<Finding> {
     let np = p.first_of(env, NAME, &["PBS_NP"], parse::count);
     if f.cores.is_none() {
         // PBS_NP is the whole job's count: this node's only when the job has one node.
-        let one_node = env.var("PBS_NUM_NODES").map_or(true, |n| n == "1");
+        let one_node = env.var("PBS_NUM_NODES").is_none_or(|n| n == "1");
         if let Some((var, c)) = ppn.or(np.filter(|_| one_node)) {
             f.cores = Some(c);
             f.note("cores_from", var);

@@ -68,7 +68,7 @@ impl RateLimiter {
             };
             if level < 1.0 {
                 let wait = Duration::from_secs_f64((1.0 - level) / rate);
-                if worst.map_or(true, |(w, _)| wait > w) {
+                if worst.is_none_or(|(w, _)| wait > w) {
                     worst = Some((wait, c));
                 }
             }

@@ -9,7 +9,7 @@ fn plan() -> Plan {
     // A place as `Cgroup::locate` finds it on a v2 node (locate itself reads this host's
     // mount table).
     let cgroup = serde_json::from_str(
-        r#"{"cgroup":{"V2":{"dir":"/sys/fs/cgroup/job/mupilot-p-1"}},"mount":"/sys/fs/cgroup"}"#,
+        r#"{"cgroup":{"V2":{"dir":"/sys/fs/cgroup/job/mupilot-p-1","mount":"/sys/fs/cgroup"}},"joins":[]}"#,
     )
     .unwrap();
     Plan {

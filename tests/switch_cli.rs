@@ -254,7 +254,7 @@ fn check_config_names_each_site_problem_with_its_fix() {
     let (code, out) = check(&site, &with_dir);
     assert_eq!(code, 2, "{out}");
     assert!(
-        out.contains("holds 0 file(s) named mpt-swd-nopool*")
+        out.contains("holds 0 file(s) named mpt-swd-nopool and digits (as leasing counts them)")
             && out.contains("useradd mpt-swd-nopool001"),
         "{out}"
     );

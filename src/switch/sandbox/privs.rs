@@ -100,6 +100,17 @@ impl Identity {
                 ),
             ));
         }
+        // -1 is "leave unchanged" to setres[ug]id and setgroups' callers: the switch would
+        // keep root's id. Refused here by name rather than by the read-back after the switch.
+        if account.uid == libc::uid_t::MAX || account.gid == libc::gid_t::MAX {
+            return Err(StageError::new(
+                "identity switch",
+                format!(
+                    "refusing uid {} gid {}: 4294967295 (-1) means \"leave unchanged\" to the kernel and is no account; fix the account's entry in the passwd/group database",
+                    account.uid, account.gid
+                ),
+            ));
+        }
         let mut groups: Vec<libc::gid_t> = account.groups.clone();
         groups.push(account.gid);
         groups.sort_unstable();
@@ -110,8 +121,13 @@ impl Identity {
                 "supplementary group 0 (root) is not allowed for payloads",
             ));
         }
-        // Unchecked: a uid or gid of -1 ("leave unchanged" to setres[ug]id) is not refused
-        // here but by `verify`, which finds the id unchanged.
+        if groups.contains(&libc::gid_t::MAX) {
+            return Err(StageError::new(
+                "setgroups",
+                "supplementary group 4294967295 (-1) is no group; fix the account's groups",
+            ));
+        }
+        // Unchecked is sound: 0 and -1 are refused above, every other value is a valid id.
         let ids = (
             Uid::from_raw_unchecked(account.uid),
             Gid::from_raw_unchecked(account.gid),
@@ -300,6 +316,18 @@ mod tests {
         let e = Identity::of(&account(100, 100, &[5, 0])).unwrap_err();
         assert_eq!(e.step, "setgroups");
         assert!(e.source.to_string().contains("group 0"), "{e}");
+    }
+
+    #[test]
+    fn the_kernels_leave_unchanged_id_is_refused_before_any_process_exists() {
+        for (uid, gid, groups) in [
+            (u32::MAX, 100, vec![]),
+            (100, u32::MAX, vec![]),
+            (100, 100, vec![u32::MAX]),
+        ] {
+            let e = Identity::of(&account(uid, gid, &groups)).unwrap_err();
+            assert!(e.source.to_string().contains("4294967295 (-1)"), "{e}");
+        }
     }
 
     #[test]

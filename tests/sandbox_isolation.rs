@@ -706,30 +706,46 @@ fn payload_cgroup_follows_the_pilot_v1() {
         let u = TestUser::get("mpt-sbx-a");
         let root = ScratchRoot::new("pilotcg");
         let s = settings(&root.0);
-        let mut pilot = std::process::Command::new("sleep")
-            .arg("60")
-            .spawn()
-            .unwrap();
+        // The job's cgroups are removed on drop, also when an assertion fails; the pilot
+        // (declared after them, so dropped first) is killed before that.
+        let hierarchies = ["cpu", "cpuset", "devices"];
         let job_name = format!("mupilot-test-sbx-job-{}", std::process::id());
-        let job = |h: &str| std::path::PathBuf::from(format!("/sys/fs/cgroup/{h}/{job_name}"));
-        std::fs::create_dir(job("cpu")).unwrap();
+        let jobs: Vec<TestCgroup> = hierarchies
+            .iter()
+            .map(|h| {
+                TestCgroup::new(
+                    std::path::Path::new(&format!("/sys/fs/cgroup/{h}")),
+                    "mupilot-test-sbx-job",
+                )
+            })
+            .collect();
+        let job = |h: &str| {
+            jobs[hierarchies.iter().position(|x| *x == h).unwrap()]
+                .0
+                .clone()
+        };
+        let pilot = KillOnDrop(
+            std::process::Command::new("sleep")
+                .arg("60")
+                .spawn()
+                .unwrap(),
+        );
         std::fs::write(job("cpu").join("cpu.cfs_quota_us"), "50000").unwrap();
         // A v1 cpuset cgroup starts empty: the job gets the root's CPUs and memory nodes.
-        std::fs::create_dir(job("cpuset")).unwrap();
         for f in ["cpuset.cpus", "cpuset.mems"] {
             let all = std::fs::read_to_string(format!("/sys/fs/cgroup/cpuset/{f}")).unwrap();
             std::fs::write(job("cpuset").join(f), all.trim()).unwrap();
         }
-        std::fs::create_dir(job("devices")).unwrap();
         for h in ["cpu", "cpuset", "devices"] {
-            std::fs::write(job(h).join("cgroup.procs"), pilot.id().to_string()).unwrap();
+            std::fs::write(job(h).join("cgroup.procs"), pilot.0.id().to_string()).unwrap();
         }
         let mut p = plan(
             "pilotcg",
             &u.account,
             &["sh", "-c", "cat /proc/self/cgroup; sleep 0.5"],
         );
-        p.pilot = mupilot::switch::sandbox::cgroup::PilotCgroups::read(pilot.id() as i32).unwrap();
+        p.pilot =
+            mupilot::switch::sandbox::cgroup::PilotCgroups::read(pilot.0.id() as i32).unwrap();
         p.cores = 2;
         let id = p.payload_id.clone();
         let (w, t) = sandbox_support::capture();
@@ -738,12 +754,8 @@ fn payload_cgroup_follows_the_pilot_v1() {
             std::fs::read_to_string(job("cpu").join(format!("mupilot-{id}/cpu.cfs_quota_us")));
         let o = r.map(|r| r.wait().unwrap());
         let out = t.join().unwrap();
-        pilot.kill().unwrap();
-        pilot.wait().unwrap();
+        drop(pilot);
         let gone = !job("cpu").join(format!("mupilot-{id}")).exists();
-        for h in ["cpu", "cpuset", "devices"] {
-            std::fs::remove_dir(job(h)).unwrap();
-        }
         assert_eq!(o.unwrap().exit_code, Some(0), "{out}");
         assert_eq!(
             quota.unwrap().trim(),
@@ -913,4 +925,14 @@ fn cgroup_creation_failure_is_reported_and_withdraws_the_stage() {
     assert!(e.contains(&leftover.display().to_string()), "{e}");
     assert!(!root.0.join(&p.payload_id).exists(), "scratch removed");
     let _ = std::fs::remove_dir(&leftover);
+}
+
+/// A child process killed and reaped when the test ends, also by a failed assertion.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -49,16 +49,6 @@ KEEP=0
 QPID=""
 WORK=""
 
-usage() {
-    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}" >&2
-    exit 125
-}
-
-fail() {
-    printf '[%s] error: %s\n' "$MUPILOT_LOG_TAG" "$*" >&2
-    exit 125
-}
-
 parse_args() {
     while [ $# -gt 0 ]; do
         case $1 in

@@ -54,16 +54,6 @@ HOST_TOOLS=(/usr/sbin/useradd /usr/sbin/userdel /usr/sbin/usermod /usr/sbin/grou
     /usr/bin/getent /usr/bin/id /usr/bin/setpriv /usr/bin/dash /usr/bin/bash /usr/bin/env)
 GUEST_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
-usage() {
-    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}" >&2
-    exit 125
-}
-
-fail() {
-    printf '[%s] error: %s\n' "$MUPILOT_LOG_TAG" "$*" >&2
-    exit 125
-}
-
 parse_args() {
     while [ $# -gt 0 ]; do
         case $1 in

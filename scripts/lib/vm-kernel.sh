@@ -1,9 +1,21 @@
 # shellcheck shell=bash
 # The QEMU and the Debian kernel the project's VMs boot (scripts/vm-test.sh, scripts/vm-systemd.sh).
 # Holds: finding or unpacking qemu-system-x86_64, fetching and caching linux-image-amd64's kernel,
-# and the filter both read the guest's serial console with. Must not: build guests or boot them. Callers set CACHE and define fail (exit 125 on error);
-# lib/common.sh gives log, warn and apt_install.
+# and the filter both read the guest's serial console with. Must not: build guests or boot them. Callers set CACHE and MUPILOT_LOG_TAG;
+# lib/common.sh gives log, warn and apt_install. Also usage (the calling script's header
+# comment) and fail, both exiting 125 (the VM scripts' "could not run").
 # shellcheck disable=SC2034 # QEMU, KERNEL, KVER and KROOT are for the callers
+
+# usage: the calling script's header comment (its lines after the shebang), then exit 125.
+usage() {
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2
+    exit 125
+}
+
+fail() {
+    printf '[%s] error: %s\n' "$MUPILOT_LOG_TAG" "$*" >&2
+    exit 125
+}
 
 # ensure_qemu: sets QEMU (the command, as an array). The host's qemu-system-x86_64 when it has
 # one; else Debian's qemu-system-x86, installed when that removes nothing; else the same

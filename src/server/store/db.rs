@@ -325,6 +325,43 @@ fn pg_row(r: &postgres::Row) -> Result<Row, StoreError> {
 pub struct PgConn {
     pub client: postgres::Client,
     pub statements: HashMap<String, postgres::Statement>,
+    /// Set when a statement failed in a way that ends the session (the server terminated
+    /// it, or the socket broke). The client notices the closed socket only a moment later,
+    /// so without this a dead connection could go back to the pool and fail a second caller.
+    pub broken: bool,
+}
+
+impl PgConn {
+    /// Runs `f` on this connection and remembers whether its error ended the session.
+    pub fn run<T>(
+        &mut self,
+        f: impl FnOnce(
+            &mut postgres::Client,
+            &mut HashMap<String, postgres::Statement>,
+        ) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let res = f(&mut self.client, &mut self.statements);
+        if let Err(e) = &res {
+            self.broken |= ends_session(e);
+        }
+        res
+    }
+}
+
+/// Errors after which the connection is of no further use: no SQLSTATE at all (I/O, a closed
+/// socket), class 08 (connection exception) or 57P01..57P03 (administrator shutdown, crash
+/// shutdown, cannot connect now: `pg_terminate_backend` and server restarts).
+pub fn ends_session(e: &StoreError) -> bool {
+    match e {
+        StoreError::Pg(e) => match e.code() {
+            None => e.as_db_error().is_none(),
+            Some(c) => {
+                let c = c.code();
+                c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03")
+            }
+        },
+        _ => false,
+    }
 }
 
 /// The client or a transaction of one [`PgConn`], with that connection's statement cache.
@@ -395,6 +432,7 @@ impl r2d2::ManageConnection for PgManager {
         Ok(PgConn {
             client: self.config.connect(postgres::NoTls).map_err(ConnectError)?,
             statements: HashMap::new(),
+            broken: false,
         })
     }
 
@@ -406,7 +444,7 @@ impl r2d2::ManageConnection for PgManager {
     }
 
     fn has_broken(&self, conn: &mut PgConn) -> bool {
-        conn.client.is_closed()
+        conn.broken || conn.client.is_closed()
     }
 }
 

@@ -45,7 +45,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::Connection;
 
 pub use db::Engine;
-use db::{Conn, PgConn, PgManager};
+use db::{Conn, PgManager};
 pub use members::{Member, MemberStatus};
 pub use payloads::{Matched, NewPayload, SweepRules, Swept};
 
@@ -297,8 +297,7 @@ impl Store {
                 let mut attempt = 0;
                 loop {
                     let mut conn = pg(pool.as_ref().expect("the pool lives until drop"), target)?;
-                    let PgConn { client, statements } = &mut *conn;
-                    let res = (|| {
+                    let res = conn.run(|client, statements| {
                         let mut tx = client.transaction()?;
                         let out = f(&mut db::Pg {
                             client: &mut tx,
@@ -306,7 +305,7 @@ impl Store {
                         })?;
                         tx.commit()?;
                         Ok(out)
-                    })();
+                    });
                     match res {
                         Err(e) if attempt < PG_RETRIES && db::is_retryable(&e) => attempt += 1,
                         res => return res,
@@ -325,8 +324,7 @@ impl Store {
             Backend::Sqlite(c) => f(&mut db::Sqlite(&lock(c))),
             Backend::Postgres(pool, target) => {
                 let mut conn = pg(pool.as_ref().expect("the pool lives until drop"), target)?;
-                let PgConn { client, statements } = &mut *conn;
-                f(&mut db::Pg { client, statements })
+                conn.run(|client, statements| f(&mut db::Pg { client, statements }))
             }
         }
     }

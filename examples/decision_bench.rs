@@ -55,6 +55,7 @@ fn body(dn: String, cores: u32, n: usize) -> EnvelopeBody {
         pilot_id: "bench".into(),
         nonce: format!("{n:032x}"),
         issuer: "bench".into(),
+        credential: None,
     }
 }
 

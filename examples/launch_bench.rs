@@ -251,6 +251,7 @@ fn envelope_body(dn: &str, vo: &str, id: &str, argv: &[&str], walltime: u64) -> 
         pilot_id: pilot_id(),
         nonce: format!("{:032x}", rand::random::<u128>()),
         issuer: "bench".into(),
+        credential: None,
     }
 }
 

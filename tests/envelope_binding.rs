@@ -217,6 +217,7 @@ impl Vo {
             pilot_id: PILOT_ID.into(),
             nonce: uuid::Uuid::new_v4().simple().to_string(),
             issuer: "nb-test".into(),
+            credential: None,
         }
     }
 

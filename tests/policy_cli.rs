@@ -222,6 +222,7 @@ fn envelope(dn: &str, fqans: &[&str], jobtag: Option<&str>, cores: u32) -> Envel
         pilot_id: "pilot-1".into(),
         nonce: "n".into(),
         issuer: String::new(),
+        credential: None,
     }
 }
 

@@ -149,6 +149,7 @@ fn envelope(key: &VoSigningKey, id: &str, dn: &str, fqan: &str, check: &str) -> 
         pilot_id: "site-install".into(),
         nonce: uuid::Uuid::new_v4().simple().to_string(),
         issuer: "site-install-test".into(),
+        credential: None,
     };
     serde_json::to_value(SwitchRequest::Launch {
         envelope: key.sign(&body),

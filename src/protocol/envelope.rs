@@ -97,6 +97,10 @@ pub struct EnvelopeBody {
     /// The server that signed (informational; the key decides).
     #[serde(default)]
     pub issuer: String,
+    /// Set when the owner delegated an X.509 proxy to the VO server: the payload runs only
+    /// with a worker-node proxy the helper verified (see `protocol::delegation`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<super::delegation::DelegatedCredential>,
 }
 
 /// An envelope as it travels: the body's bytes (base64) and the signature over them.
@@ -536,6 +540,7 @@ mod tests {
             pilot_id: "pilot-1".into(),
             nonce: "0123456789abcdef0123".into(),
             issuer: "test".into(),
+            credential: None,
         }
     }
 

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod command;
+pub mod delegation;
 pub mod envelope;
 pub mod switch_wire;
 

@@ -292,6 +292,7 @@ fn envelope_fits(st: &AppState, req: &SubmitRequest, member: &Member) -> Result<
         pilot_id: "p".repeat(64),
         nonce: "0".repeat(32),
         issuer: st.issuer.clone(),
+        credential: None,
     };
     let json = serde_json::to_vec(&body).map_err(|e| Fail::internal(e.to_string()))?;
     let b64 = json.len().div_ceil(3) * 4;
@@ -477,6 +478,7 @@ fn envelope_body(st: &AppState, m: &Matched, req: &MatchRequest) -> EnvelopeBody
         pilot_id: req.pilot_id.clone(),
         nonce: hex::encode(nonce),
         issuer: st.issuer.clone(),
+        credential: None,
     }
 }
 

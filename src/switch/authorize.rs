@@ -330,6 +330,7 @@ mod tests {
             pilot_id: "pilot-1".into(),
             nonce: "0123456789abcdef".into(),
             issuer: String::new(),
+            credential: None,
         }
     }
 

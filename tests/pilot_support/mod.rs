@@ -50,6 +50,7 @@ pub fn work(key: &VoSigningKey, id: &str, cores: u32) -> Work {
         pilot_id: "plt-pilot".into(),
         nonce: format!("plt-nonce-{id}-{}", Utc::now().timestamp_micros()),
         issuer: "plt-test".into(),
+        credential: None,
     };
     Work {
         payload_id: id.into(),

@@ -187,6 +187,7 @@ scratch_root = "{}"
             pilot_id: "swd-pilot".into(),
             nonce: uuid::Uuid::new_v4().simple().to_string(),
             issuer: "swd-test".into(),
+            credential: None,
         }
     }
 

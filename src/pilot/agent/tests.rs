@@ -46,6 +46,7 @@ fn work(key: &VoSigningKey, id: &str, cores: u32, wall: u64) -> Work {
         pilot_id: "pilot-1".into(),
         nonce: format!("nonce-{id}-0123456789"),
         issuer: "test".into(),
+        credential: None,
     };
     Work {
         payload_id: id.into(),

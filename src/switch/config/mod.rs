@@ -76,6 +76,10 @@ struct RawConfig {
     metrics_textfile: Option<PathBuf>,
     #[serde(default = "default_metrics_interval")]
     metrics_interval_seconds: u64,
+    /// `[grid]`: the CA directory, vomsdir and proxy policy for owner credentials.
+    #[cfg(feature = "grid")]
+    #[serde(default)]
+    grid: Option<crate::grid::GridConfig>,
 }
 
 fn default_metrics_interval() -> u64 {
@@ -329,6 +333,10 @@ pub struct SwitchConfig {
     /// The group (name, gid) owning the socket in `serve` mode.
     pub socket_group: Option<(String, u32)>,
     pub limits: LimitsConfig,
+    /// `[grid]`: how owners' X.509 proxies are verified (paths resolved against the file).
+    /// Absent: the site verifies no grid credentials, and a payload that needs one is refused.
+    #[cfg(feature = "grid")]
+    pub grid: Option<crate::grid::GridConfig>,
     /// Where the counters go for node_exporter's textfile collector (None: nowhere).
     pub metrics_textfile: Option<PathBuf>,
     /// How often the textfile is rewritten.

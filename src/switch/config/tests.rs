@@ -130,3 +130,25 @@ fn bad_values_name_the_key() {
     let p = write_setup(dir.path(), &format!("{GOOD}warm_stages = 0\n"));
     assert_eq!(SwitchConfig::load(&p).unwrap().sandbox.warm_stages, 0);
 }
+
+#[cfg(feature = "grid")]
+#[test]
+fn grid_table_is_optional_and_its_paths_resolve() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = SwitchConfig::load(&write_setup(dir.path(), GOOD)).unwrap();
+    assert!(c.grid.is_none(), "no [grid] table: no grid credentials");
+
+    std::fs::create_dir_all(dir.path().join("certificates")).unwrap();
+    std::fs::create_dir_all(dir.path().join("vomsdir")).unwrap();
+    let body = format!("{GOOD}[grid]\ncert_dir = \"certificates\"\nvomsdir = \"vomsdir\"\n");
+    let c = SwitchConfig::load(&write_setup(dir.path(), &body)).unwrap();
+    let g = c.grid.expect("[grid] loaded");
+    assert_eq!(g.cert_dir, dir.path().join("certificates"));
+    assert_eq!(g.vomsdir, dir.path().join("vomsdir"));
+
+    let body = format!("{GOOD}[grid]\ncert_dir = \"missing\"\nvomsdir = \"vomsdir\"\n");
+    let e = SwitchConfig::load(&write_setup(dir.path(), &body))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("grid.cert_dir") && e.contains("missing"), "{e}");
+}

@@ -282,6 +282,18 @@ pub(super) fn validate(raw: RawConfig, base: &Path) -> Result<SwitchConfig, KeyE
             "must be at least 1 (payloads without a bundle need no limit)".into(),
         ));
     }
+    #[cfg(feature = "grid")]
+    let grid = match raw.grid {
+        None => None,
+        Some(mut g) => {
+            g.cert_dir = resolve(base, g.cert_dir);
+            g.vomsdir = resolve(base, g.vomsdir);
+            if let Some(p) = g.problems().into_iter().next() {
+                return Err(bad("grid", p));
+            }
+            Some(g)
+        }
+    };
     let limits = LimitsConfig {
         bundle_max_bytes: l.bundle_max_bytes,
         hello_timeout: std::time::Duration::from_secs(l.hello_timeout_seconds),
@@ -299,6 +311,8 @@ pub(super) fn validate(raw: RawConfig, base: &Path) -> Result<SwitchConfig, KeyE
         socket: resolve(base, raw.socket),
         socket_group,
         limits,
+        #[cfg(feature = "grid")]
+        grid,
         allowed_pilots,
         gridmap,
         audit_log,

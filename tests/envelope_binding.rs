@@ -355,6 +355,7 @@ fn stale_and_overlong_envelopes_are_refused_with_their_numbers() {
             bundle: None,
             heartbeat_seconds: None,
             requeue_after: None,
+            live_usage: false,
         },
     );
 
@@ -388,6 +389,7 @@ fn stale_and_overlong_envelopes_are_refused_with_their_numbers() {
             bundle: None,
             heartbeat_seconds: None,
             requeue_after: None,
+            live_usage: false,
         },
     );
 

@@ -78,6 +78,15 @@ pub(super) fn number(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// A number file the kernel may not offer (`memory.peak` before 5.19): None when absent;
+/// 0 when present but unreadable (the cgroup is going).
+pub(super) fn number_if_present(path: &Path) -> Option<u64> {
+    match fs::read_to_string(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        r => Some(r.ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)),
+    }
+}
+
 /// The value of `key` in a "key value" lines file (`cpu.stat`, `memory.events`); 0 when absent.
 pub(super) fn keyed(path: &Path, key: &str) -> u64 {
     fs::read_to_string(path)

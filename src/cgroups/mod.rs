@@ -82,6 +82,22 @@ pub struct Usage {
     pub oom_killed: bool,
 }
 
+/// What a running payload uses now, read from its cgroup for the pilot's heartbeats and the
+/// VO's `information` requests (docs/protocol.md): the CPU time of all its processes so far,
+/// the memory charged to it now, and the most ever charged to it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LiveUsage {
+    /// v1 `cpuacct.usage` (ns), v2 `cpu.stat` `usage_usec`.
+    pub cpu_seconds: f64,
+    /// v1 `memory.usage_in_bytes`, v2 `memory.current` (page cache included, as the limit
+    /// counts it).
+    pub memory_bytes: u64,
+    /// v1 `memory.max_usage_in_bytes`, v2 `memory.peak`; None on v2 kernels before 5.19,
+    /// which have no `memory.peak`: the kernel keeps no peak there, and a maximum of the
+    /// samples the helper happened to take would understate it, so none is claimed.
+    pub peak_memory_bytes: Option<u64>,
+}
+
 /// The CPU period of payload cgroups: the kernel's default for a new cgroup (100 ms).
 pub const CPU_PERIOD_US: u64 = 100_000;
 
@@ -385,6 +401,16 @@ impl Cgroup {
         match self {
             Cgroup::V1(c) => c.usage(),
             Cgroup::V2(c) => c.usage(),
+        }
+    }
+
+    /// What the payload uses now: three reads of cgroupfs files (v1 and v2 alike), no
+    /// process is touched. A file that cannot be read counts as 0 (the payload may be
+    /// ending and its cgroup going).
+    pub fn live_usage(&self) -> LiveUsage {
+        match self {
+            Cgroup::V1(c) => c.live_usage(),
+            Cgroup::V2(c) => c.live_usage(),
         }
     }
 

@@ -397,6 +397,12 @@ fn usage_and_leaving_read_and_write_each_layouts_files() {
         (u.cpu_seconds, u.peak_memory_bytes, u.oom_killed),
         (2.5, 1 << 20, true)
     );
+    fs::write(c.memory.join("memory.usage_in_bytes"), "524288\n").unwrap();
+    let live = located.cgroup().live_usage();
+    assert_eq!(
+        (live.cpu_seconds, live.memory_bytes, live.peak_memory_bytes),
+        (2.5, 1 << 19, Some(1 << 20))
+    );
     fs::write(c.freezer.join("cgroup.procs"), "7\n8\n").unwrap();
     fs::write(c.memory.join("cgroup.procs"), "8\n9\n").unwrap();
     assert_eq!(located.cgroup().pids(), [7, 8, 9]);
@@ -427,6 +433,15 @@ fn usage_and_leaving_read_and_write_each_layouts_files() {
         (u.cpu_seconds, u.peak_memory_bytes, u.oom_killed),
         (1.5, 4096, false)
     );
+    fs::write(dir.join("memory.current"), "2048\n").unwrap();
+    let live = located.cgroup().live_usage();
+    assert_eq!(
+        (live.cpu_seconds, live.memory_bytes, live.peak_memory_bytes),
+        (1.5, 2048, Some(4096))
+    );
+    // A kernel before 5.19 has no memory.peak: no peak is claimed (not 0, not a sample).
+    fs::remove_file(dir.join("memory.peak")).unwrap();
+    assert_eq!(located.cgroup().live_usage().peak_memory_bytes, None);
     located.leave();
     assert_eq!(fs::read_to_string(mount.join("cgroup.procs")).unwrap(), "0");
 }

@@ -16,7 +16,7 @@ use super::files::{keyed, mkdir_new, number, pids_in, read, write, write_if_pres
 use super::limits::{self, CpuQuota};
 use super::membership::Membership;
 use super::mounts::Mount;
-use super::{CgroupError, Limits, Usage, CPU_PERIOD_US};
+use super::{CgroupError, Limits, LiveUsage, Usage, CPU_PERIOD_US};
 
 /// The v1 controllers every payload cgroup is created in.
 pub const CONTROLLERS: [&str; 5] = ["memory", "cpu", "cpuacct", "pids", "freezer"];
@@ -218,6 +218,14 @@ impl V1Cgroup {
             cpu_seconds: number(&self.cpuacct.join("cpuacct.usage")) as f64 / 1e9,
             peak_memory_bytes: number(&self.memory.join("memory.max_usage_in_bytes")),
             oom_killed: keyed(&self.memory.join("memory.oom_control"), "oom_kill") > 0,
+        }
+    }
+
+    pub fn live_usage(&self) -> LiveUsage {
+        LiveUsage {
+            cpu_seconds: number(&self.cpuacct.join("cpuacct.usage")) as f64 / 1e9,
+            memory_bytes: number(&self.memory.join("memory.usage_in_bytes")),
+            peak_memory_bytes: Some(number(&self.memory.join("memory.max_usage_in_bytes"))),
         }
     }
 }

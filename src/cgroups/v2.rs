@@ -12,10 +12,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::files::{keyed, mkdir, number, pids_in, read, write, write_if_present};
+use super::files::{
+    keyed, mkdir, number, number_if_present, pids_in, read, write, write_if_present,
+};
 use super::membership::Membership;
 use super::mounts::Mount;
-use super::{CgroupError, Limits, Usage, CPU_PERIOD_US};
+use super::{CgroupError, Limits, LiveUsage, Usage, CPU_PERIOD_US};
 
 /// v2 controllers enabled for the payload cgroups.
 pub const CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
@@ -163,6 +165,15 @@ impl V2Cgroup {
             cpu_seconds: keyed(&self.dir.join("cpu.stat"), "usage_usec") as f64 / 1e6,
             peak_memory_bytes: number(&self.dir.join("memory.peak")),
             oom_killed: keyed(&self.dir.join("memory.events"), "oom_kill") > 0,
+        }
+    }
+
+    /// `memory.peak` exists from Linux 5.19 on; before, the peak is None (see [`LiveUsage`]).
+    pub fn live_usage(&self) -> LiveUsage {
+        LiveUsage {
+            cpu_seconds: keyed(&self.dir.join("cpu.stat"), "usage_usec") as f64 / 1e6,
+            memory_bytes: number(&self.dir.join("memory.current")),
+            peak_memory_bytes: number_if_present(&self.dir.join("memory.peak")),
         }
     }
 

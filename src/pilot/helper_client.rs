@@ -72,6 +72,9 @@ pub trait HelperApi: Send + Sync + 'static {
     /// Relays an operator command signed by the VO server; the helper authorizes the
     /// requester named in it and answers `command_done`.
     fn command(&self, command: &SignedCommand) -> Result<(), HelperError>;
+    /// Asks for this pilot's running payloads with their usage so far; the helper answers
+    /// `running` (one request per heartbeat round, for all payloads).
+    fn status(&self) -> Result<(), HelperError>;
 }
 
 /// The real connection to `mupilot-switch`.
@@ -244,5 +247,9 @@ impl HelperApi for HelperConnection {
             },
             &[],
         )
+    }
+
+    fn status(&self) -> Result<(), HelperError> {
+        self.send(&SwitchRequest::Status, &[])
     }
 }

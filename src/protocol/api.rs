@@ -77,6 +77,11 @@ pub struct Work {
     /// it never runs in two places.
     #[serde(default)]
     pub requeue_after: Option<DateTime<Utc>>,
+    /// The server stores live usage and information answers: the pilot may put
+    /// `memory_bytes` and `information` into its status reports for this payload. Absent
+    /// (false) from older servers, which refuse those fields.
+    #[serde(default)]
+    pub live_usage: bool,
 }
 
 /// Lifecycle of a payload as the server records it.
@@ -172,6 +177,57 @@ pub struct StatusReport {
     /// each "path: reason". Left out when empty, so older servers accept the report.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outputs_skipped: Vec<String>,
+    /// In a heartbeat: memory charged to the payload's cgroup now (`cpu_seconds` and
+    /// `peak_memory_bytes` carry the rest of the usage so far). Sent only to servers that
+    /// announce `live_usage` in the match answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// The helper's answer to an `information` request, relayed at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub information: Option<InformationAnswer>,
+}
+
+/// The site helper's answer to an `information` request, as the pilot relays it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InformationAnswer {
+    /// The request it answers (the signed command's nonce).
+    pub request_id: String,
+    /// False when the helper refused (its policies, the signature) or the payload was not
+    /// running there.
+    pub ok: bool,
+    /// The helper's words: "information", or why not.
+    pub reason: String,
+    /// What the helper disclosed (docs/security-model.md, "What the VO learns about a
+    /// running payload").
+    #[serde(default)]
+    pub payload: Option<super::switch_wire::RunningPayload>,
+}
+
+/// `POST /v1/payloads/{id}/information` and `GET .../information/{request_id}`: a request for
+/// the site helper's view of a running payload, and its answer once the pilot relayed it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InformationView {
+    pub request_id: String,
+    pub payload_id: String,
+    pub requester: String,
+    pub requested_at: DateTime<Utc>,
+    /// The payload's state now, and its pilot and node.
+    pub state: PayloadState,
+    #[serde(default)]
+    pub pilot_id: Option<String>,
+    #[serde(default)]
+    pub host: Option<String>,
+    /// When the server last heard from the pilot about this payload.
+    #[serde(default)]
+    pub updated_at: Option<DateTime<Utc>>,
+    /// The server's heartbeat interval: the pilot picks the request up with its next
+    /// heartbeat, so an answer is due within about this long.
+    pub heartbeat_seconds: u64,
+    #[serde(default)]
+    pub answered_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub answer: Option<InformationAnswer>,
 }
 
 /// Most `outputs_skipped` entries a server keeps (and a helper reports, the last one saying
@@ -203,6 +259,18 @@ pub enum OperatorCommand {
         #[serde(default)]
         signed: Option<super::command::SignedCommand>,
     },
+    /// Ask the site's helper what it sees of the payload; the pilot relays the answer in a
+    /// status report (`information`) under `request_id`, which is also the signed command's
+    /// nonce.
+    Information {
+        requester: String,
+        request_id: String,
+        #[serde(default)]
+        signed: Option<super::command::SignedCommand>,
+    },
+    /// A command of a newer server: the pilot ignores it rather than fail the whole answer.
+    #[serde(other)]
+    Unknown,
 }
 
 /// `GET /v1/payloads/{id}`: what the owner sees.
@@ -239,6 +307,13 @@ pub struct PayloadView {
     pub cpu_seconds: Option<f64>,
     #[serde(default)]
     pub peak_memory_bytes: Option<u64>,
+    /// Memory charged to the payload now, from its last heartbeat (while it runs; after the
+    /// end the last value heard).
+    #[serde(default)]
+    pub memory_bytes_now: Option<u64>,
+    /// When the usage above was last reported (a heartbeat or the final report).
+    #[serde(default)]
+    pub usage_at: Option<DateTime<Utc>>,
     #[serde(default)]
     pub reason: Option<String>,
     #[serde(default)]

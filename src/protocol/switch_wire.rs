@@ -72,7 +72,8 @@ pub enum SwitchRequest {
         #[serde(default)]
         reason: Option<String>,
     },
-    /// List this pilot's running payloads.
+    /// List this pilot's running payloads with their usage so far (the pilot asks once per
+    /// heartbeat round for all of them; the helper answers about this connection's only).
     Status,
     /// Relay an operator command (cancel, signal, information) signed by the VO server for one
     /// of this pilot's payloads; the helper authorizes the requester named in it.
@@ -111,7 +112,8 @@ impl DenialClass {
     }
 }
 
-/// One running payload, as `status` reports it.
+/// One running payload, as `status` and `information` report it. The fields after `cgroup`
+/// are absent from helpers before live usage (and `processes` from `status` answers).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunningPayload {
     pub payload_id: String,
@@ -119,6 +121,43 @@ pub struct RunningPayload {
     pub uid: u32,
     pub pid: i32,
     pub cgroup: String,
+    /// When the helper wrote its start record (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// Read from its cgroup as the helper answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<PayloadUsage>,
+    /// What the envelope reserved for it: cores and memory limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cores: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_bytes: Option<u64>,
+    /// How many processes its cgroup holds (`information` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processes: Option<u32>,
+}
+
+/// A running payload's resource use so far, from its cgroup (`cgroups::LiveUsage`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct PayloadUsage {
+    /// CPU time of all its processes so far.
+    pub cpu_seconds: f64,
+    /// Memory charged to its cgroup now.
+    pub memory_bytes: u64,
+    /// The most memory ever charged to it; absent on cgroup v2 kernels before 5.19, which
+    /// keep no peak (`memory.peak`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_memory_bytes: Option<u64>,
+}
+
+impl From<crate::cgroups::LiveUsage> for PayloadUsage {
+    fn from(u: crate::cgroups::LiveUsage) -> Self {
+        PayloadUsage {
+            cpu_seconds: u.cpu_seconds,
+            memory_bytes: u.memory_bytes,
+            peak_memory_bytes: u.peak_memory_bytes,
+        }
+    }
 }
 
 /// How a payload ended, with what it used.
@@ -199,6 +238,10 @@ pub enum SwitchEvent {
         /// For `information`: the payload's state so far.
         #[serde(default)]
         information: Option<RunningPayload>,
+        /// The command's nonce, so the pilot can tell which request this answers (absent
+        /// when the helper could not read the command, and from older helpers).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nonce: Option<String>,
     },
     /// Answer to `admin_kill`: the payload ids that were killed (empty: none was running).
     Killed { payloads: Vec<String> },

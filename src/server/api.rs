@@ -27,8 +27,8 @@ use super::portal::identity::Caller;
 use super::store::{Matched, Member, NewPayload, Store, StoreError};
 use crate::protocol::api::OperatorCommand;
 use crate::protocol::api::{
-    ApiError, MatchRequest, MatchResponse, PayloadState, PayloadView, StatusAck, StatusReport,
-    SubmitRequest, SubmitResponse, Work,
+    ApiError, InformationView, MatchRequest, MatchResponse, PayloadState, PayloadView, StatusAck,
+    StatusReport, SubmitRequest, SubmitResponse, Work,
 };
 use crate::protocol::envelope::{
     is_valid_node_name, sha256_hex, ENVELOPE_VERSION, MAX_BODY_B64, MAX_NODE_LEN,
@@ -190,6 +190,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/payloads/:id/cancel", post(cancel))
         .route("/v1/payloads/:id/signal", post(signal))
+        .route("/v1/payloads/:id/information", post(information))
+        .route(
+            "/v1/payloads/:id/information/:request_id",
+            get(information_answer),
+        )
         .fallback(|| async {
             Fail::new(
                 StatusCode::NOT_FOUND,
@@ -561,6 +566,7 @@ async fn match_inner(
             bundle,
             heartbeat_seconds: Some(state.heartbeat_seconds),
             requeue_after: Some(requeue_after),
+            live_usage: true,
         }))
     })
     .await?;
@@ -598,13 +604,29 @@ const COMMAND_LIFETIME: chrono::Duration = chrono::Duration::minutes(10);
 
 /// Signs an operator command as it is delivered, so the site's helper can authorize the
 /// requester it names with its own policies, and the pilot cannot alter it.
+/// An information request's nonce is its request id, which the helper's answer names.
 fn sign_command(st: &AppState, payload_id: &str, c: OperatorCommand) -> OperatorCommand {
     use crate::protocol::command::{CommandAction, CommandBody, SignedCommand};
-    let (action, requester, signal) = match &c {
-        OperatorCommand::Cancel { requester, .. } => (CommandAction::Cancel, requester, None),
+    let fresh = || format!("{:032x}", rand::random::<u128>());
+    let (action, requester, signal, nonce) = match &c {
+        OperatorCommand::Cancel { requester, .. } => {
+            (CommandAction::Cancel, requester, None, fresh())
+        }
         OperatorCommand::Signal {
             requester, signal, ..
-        } => (CommandAction::Signal, requester, Some(*signal)),
+        } => (CommandAction::Signal, requester, Some(*signal), fresh()),
+        OperatorCommand::Information {
+            requester,
+            request_id,
+            ..
+        } => (
+            CommandAction::Information,
+            requester,
+            None,
+            request_id.clone(),
+        ),
+        // Never stored by this server: nothing to sign.
+        OperatorCommand::Unknown => return c,
     };
     let body = CommandBody {
         version: 1,
@@ -614,7 +636,7 @@ fn sign_command(st: &AppState, payload_id: &str, c: OperatorCommand) -> Operator
         requester_fqans: Vec::new(),
         signal,
         not_after: Utc::now() + COMMAND_LIFETIME,
-        nonce: format!("{:032x}", rand::random::<u128>()),
+        nonce,
     };
     let signed = Some(SignedCommand::sign(&st.key, &st.vo, &body));
     match c {
@@ -626,6 +648,16 @@ fn sign_command(st: &AppState, payload_id: &str, c: OperatorCommand) -> Operator
             signal,
             signed,
         },
+        OperatorCommand::Information {
+            requester,
+            request_id,
+            ..
+        } => OperatorCommand::Information {
+            requester,
+            request_id,
+            signed,
+        },
+        OperatorCommand::Unknown => OperatorCommand::Unknown,
     }
 }
 
@@ -785,4 +817,49 @@ async fn cancel(
     .await?;
     tracing::info!(payload = %id, requester = %caller.acting_dn(), certificate = %caller.certificate_dn(), state = %view.state, "cancel requested");
     Ok(Json(view))
+}
+
+/// `POST /v1/payloads/{id}/information`: asks the site's helper, through the payload's pilot,
+/// what it sees of the running payload (owner or VO operator, as cancel and signal; the helper
+/// authorizes the requester again). Answers the request at once; the answer arrives with the
+/// pilot's next heartbeat at `GET .../information/{request_id}`.
+async fn information(
+    State(st): St,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<InformationView>), Fail> {
+    check_id(&id)?;
+    let dn = caller.acting_dn().to_string();
+    let op = caller.is_operator();
+    let pid = id.clone();
+    let hb = st.heartbeat_seconds;
+    let view = blocking(&st, move |s| {
+        let rid = s.request_information(&pid, &dn, op, Utc::now())?;
+        s.information(&pid, &rid, &dn, op, hb)
+    })
+    .await?;
+    tracing::info!(payload = %id, requester = %caller.acting_dn(), certificate = %caller.certificate_dn(), request = %view.request_id, "information requested");
+    Ok((StatusCode::ACCEPTED, Json(view)))
+}
+
+/// `GET /v1/payloads/{id}/information/{request_id}`: the request and its answer so far.
+async fn information_answer(
+    State(st): St,
+    Extension(caller): Extension<Caller>,
+    Path((id, request_id)): Path<(String, String)>,
+) -> Result<Json<InformationView>, Fail> {
+    check_id(&id)?;
+    if request_id.len() > 64 || !request_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Fail::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{request_id:?} is not an information request id"),
+        ));
+    }
+    let dn = caller.acting_dn().to_string();
+    let op = caller.is_operator();
+    let hb = st.heartbeat_seconds;
+    Ok(Json(
+        blocking(&st, move |s| s.information(&id, &request_id, &dn, op, hb)).await?,
+    ))
 }

@@ -1,5 +1,6 @@
 //! The `mupilot-server` command line: `init`, `serve`, `member ...` (registry administration
-//! on the server's database) and the client commands `submit`, `status`, `output`, `cancel`.
+//! on the server's database) and the client commands `submit`, `status`, `output`, `cancel`,
+//! `signal`, `info`.
 //!
 //! Exit codes: 0 ok; 1 runtime or server error; 2 usage or configuration error;
 //! 3 the payload ended unsuccessfully (failed, denied, cancelled, lost) for `status --wait`.
@@ -13,7 +14,7 @@ use super::client::{self, Client, ClientError};
 use super::config::{ClientConfig, ServerConfig};
 use super::init::{self, InitOptions};
 use super::store::{MemberStatus, Store};
-use crate::protocol::api::{PayloadState, PayloadView, SubmitRequest};
+use crate::protocol::api::{InformationView, PayloadState, PayloadView, SubmitRequest};
 use crate::protocol::Resources;
 
 /// Exit code: success.
@@ -102,6 +103,24 @@ enum Command {
         /// Signal number (e.g. 10 for SIGUSR1, 15 for SIGTERM).
         #[arg(long, value_name = "N")]
         signal: i32,
+    },
+    /// Ask the site's helper what it sees of a running payload (owner or VO operator; the
+    /// site authorizes the request with its own policies): state, account, start time, usage,
+    /// cgroup. The request reaches the pilot with its next heartbeat; waits for the answer.
+    #[command(
+        after_help = "Exit codes: 0 answered, 1 no answer in time, the pilot gone, or the site refused, 2 usage error."
+    )]
+    Info {
+        #[command(flatten)]
+        conn: ConnArgs,
+        id: String,
+        /// Print the request and answer as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Wait at most SECONDS for the answer [default: twice the server's heartbeat
+        /// interval plus 10 s].
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<u64>,
     },
     /// Query the request log: which address and port submitted a payload, what a DN did or
     /// had done for it, what came from an address; `requests verify` checks its chain.
@@ -338,6 +357,12 @@ pub fn main() -> i32 {
             }
             Ok(EXIT_OK)
         }),
+        Command::Info {
+            conn,
+            id,
+            json,
+            wait,
+        } => run_client(|| info(conn, id, json, wait)),
         Command::Signal { conn, id, signal } => run_client(|| async move {
             let c = conn.client()?;
             let v = c.signal(&id, signal).await?;
@@ -557,6 +582,9 @@ fn describe(v: &PayloadView) -> String {
         (true, None) => s.push_str("\toutput=yes"),
         (false, None) => {}
     }
+    if let Some(u) = usage_text(v) {
+        s.push_str(&format!("\t{u}"));
+    }
     // One line each: the user must see which declared outputs are not in the archive, and why.
     for o in &v.outputs_skipped {
         s.push_str(&format!("\n  output skipped: {o}"));
@@ -599,5 +627,138 @@ async fn status(
     Ok(match wait {
         Some(_) if view.state != PayloadState::Done => EXIT_PAYLOAD,
         _ => EXIT_OK,
+    })
+}
+
+/// Bytes as MiB with one decimal (usage lines are read by people; `--json` has the bytes).
+fn mib(bytes: u64) -> String {
+    format!("{:.1}MiB", bytes as f64 / f64::from(1u32 << 20))
+}
+
+/// The usage part of a status line: `cpu=12.3s mem=100.0MiB peak=120.0MiB usage_at=T`
+/// (while the payload runs, from its last heartbeat; after its end the final CPU and peak
+/// and the last memory heard), or None when no usage was reported.
+fn usage_text(v: &PayloadView) -> Option<String> {
+    let at = v.usage_at?;
+    let mut parts = Vec::new();
+    if let Some(c) = v.cpu_seconds {
+        parts.push(format!("cpu={c:.2}s"));
+    }
+    if let Some(m) = v.memory_bytes_now {
+        parts.push(format!("mem={}", mib(m)));
+    }
+    if let Some(p) = v.peak_memory_bytes {
+        parts.push(format!("peak={}", mib(p)));
+    }
+    parts.push(format!(
+        "usage_at={}",
+        at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    ));
+    Some(parts.join("\t"))
+}
+
+/// The lines `info` prints for an answer.
+fn describe_information(v: &InformationView) -> String {
+    let Some(a) = &v.answer else {
+        return format!("{}\t{}\tno answer yet", v.payload_id, v.state);
+    };
+    if !a.ok {
+        return format!(
+            "{}\trefused by the site's helper: {}",
+            v.payload_id, a.reason
+        );
+    }
+    let mut s = format!("{}\t{}", v.payload_id, v.state);
+    let mut line = |k: &str, val: String| s.push_str(&format!("\n  {k}: {val}"));
+    line("pilot", v.pilot_id.clone().unwrap_or_default());
+    line("node", v.host.clone().unwrap_or_default());
+    if let Some(p) = &a.payload {
+        line("account", format!("{} (uid {})", p.account, p.uid));
+        if let Some(t) = &p.started_at {
+            line("started", t.clone());
+        }
+        if let Some(u) = &p.usage {
+            line("cpu", format!("{:.2} s", u.cpu_seconds));
+            line("memory", mib(u.memory_bytes));
+            line(
+                "peak memory",
+                u.peak_memory_bytes
+                    .map(mib)
+                    .unwrap_or_else(|| "not kept by this kernel (cgroup v2 before 5.19)".into()),
+            );
+        }
+        if let (Some(c), Some(m)) = (p.cores, p.memory_limit_bytes) {
+            line("limits", format!("{c} cores, {}", mib(m)));
+        }
+        if let Some(n) = p.processes {
+            line("processes", n.to_string());
+        }
+        line("main pid", p.pid.to_string());
+        line("cgroup", p.cgroup.clone());
+    }
+    if let Some(t) = v.answered_at {
+        line(
+            "answered",
+            t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        );
+    }
+    s
+}
+
+/// `info ID`: makes the request, then waits for the pilot to relay the helper's answer. The
+/// wait ends early when the payload ends or is lost (its pilot is gone: nobody will answer).
+async fn info(
+    conn: ConnArgs,
+    id: String,
+    json: bool,
+    wait: Option<u64>,
+) -> Result<i32, ClientError> {
+    let c = conn.client()?;
+    let first = c.request_information(&id).await?;
+    let wait = wait.unwrap_or(2 * first.heartbeat_seconds + 10);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait);
+    let mut v = first;
+    while v.answer.is_none() {
+        if v.state.is_final() {
+            let gone = if v.state == PayloadState::Lost {
+                format!(
+                    "its pilot {} on {} is gone",
+                    v.pilot_id.as_deref().unwrap_or("?"),
+                    v.host.as_deref().unwrap_or("?")
+                )
+            } else {
+                "it ended".to_string()
+            };
+            return Err(ClientError::Timeout(format!(
+                "payload {id} is now {} and the request was not answered: {gone}; `mupilot-server status {id}` shows the last values reported",
+                v.state
+            )));
+        }
+        if std::time::Instant::now() >= deadline {
+            let last = v
+                .updated_at
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                .unwrap_or_else(|| "never".into());
+            return Err(ClientError::Timeout(format!(
+                "no answer from pilot {} on {} within {wait} s (heartbeats every {} s; its last report: {last}); the pilot may be gone or stopped (the server marks its payloads lost after missed heartbeats), or older than this server; ask again later or wait longer with --wait",
+                v.pilot_id.as_deref().unwrap_or("?"),
+                v.host.as_deref().unwrap_or("?"),
+                v.heartbeat_seconds
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        v = c.information(&id, &v.request_id).await?;
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).expect("answers serialise")
+        );
+    } else {
+        println!("{}", describe_information(&v));
+    }
+    Ok(match &v.answer {
+        Some(a) if a.ok => EXIT_OK,
+        _ => EXIT_RUNTIME,
     })
 }

@@ -1,9 +1,9 @@
-//! The client side of the VO server API used by `mupilot-server submit|status|output|cancel`:
+//! The client side of the VO server API used by `mupilot-server submit|status|output|cancel|info`:
 //! an mTLS HTTPS client, input bundle packing and output unpacking. No server state here.
 
 use std::path::Path;
 
-use crate::protocol::api::{ApiError, PayloadView, SubmitRequest, SubmitResponse};
+use crate::protocol::api::{ApiError, InformationView, PayloadView, SubmitRequest, SubmitResponse};
 
 use super::config::{ClientConfig, ConfigError};
 
@@ -167,6 +167,25 @@ impl Client {
             &url,
         )
         .await
+    }
+
+    /// `POST /v1/payloads/{id}/information`: a new request to the payload's site helper.
+    pub async fn request_information(&self, id: &str) -> Result<InformationView, ClientError> {
+        let url = self.url(&format!("/v1/payloads/{}/information", checked(id)?));
+        self.json(self.http.post(&url), &url).await
+    }
+
+    /// `GET /v1/payloads/{id}/information/{request_id}`: the request and its answer so far.
+    pub async fn information(
+        &self,
+        id: &str,
+        request_id: &str,
+    ) -> Result<InformationView, ClientError> {
+        let url = self.url(&format!(
+            "/v1/payloads/{}/information/{request_id}",
+            checked(id)?
+        ));
+        self.json(self.http.get(&url), &url).await
     }
 
     /// `POST /v1/payloads/{id}/cancel`.

@@ -35,6 +35,7 @@ pub fn run(helper: &Arc<Helper>, conn_id: u64, signed: &SignedCommand) -> Switch
             ok,
             reason,
             information,
+            nonce: Some(body.nonce.clone()),
         };
     let Some(entry) = helper.registry.get(conn_id, &body.payload_id) else {
         return done(
@@ -156,13 +157,15 @@ fn verify(helper: &Helper, signed: &SignedCommand) -> Result<CommandBody, String
     Ok(body)
 }
 
+/// The answer to an authorized `information` request: what `status` tells the pilot, plus the
+/// number of processes. What is left out on purpose (the payload's command lines,
+/// environment, files, other payloads on the node, the site's policy and mapping details) is
+/// listed in docs/security-model.md, "What the VO learns about a running payload".
 fn information(payload_id: &str, entry: &Entry) -> Option<RunningPayload> {
-    let handle = entry.handle.as_ref()?;
-    Some(RunningPayload {
-        payload_id: payload_id.to_string(),
-        account: entry.account.name.clone(),
-        uid: entry.account.uid,
-        pid: handle.pid(),
-        cgroup: handle.cgroup(),
-    })
+    let mut view = super::registry::running_view(payload_id.to_string(), entry)?;
+    view.processes = entry
+        .handle
+        .as_ref()
+        .map(|h| u32::try_from(h.processes()).unwrap_or(u32::MAX));
+    Some(view)
 }

@@ -196,21 +196,14 @@ impl Registry {
             .collect()
     }
 
-    /// The `status` view of a connection's payloads.
+    /// The `status` view of a connection's payloads, with each one's usage read from its
+    /// cgroup now (after the table's lock is released: the reads never hold up a launch).
+    /// Only this connection's payloads: a pilot learns nothing of another pilot's.
     pub fn status(&self, conn_id: u64) -> Vec<RunningPayload> {
         let mut v: Vec<RunningPayload> = self
             .list(Some(conn_id))
             .into_iter()
-            .filter_map(|(id, e)| {
-                let h = e.handle?;
-                Some(RunningPayload {
-                    payload_id: id,
-                    account: e.account.name.clone(),
-                    uid: e.account.uid,
-                    pid: h.pid(),
-                    cgroup: h.cgroup(),
-                })
-            })
+            .filter_map(|(id, e)| running_view(id, &e))
             .collect();
         v.sort_by(|a, b| a.payload_id.cmp(&b.payload_id));
         v
@@ -225,6 +218,28 @@ impl Registry {
             .unwrap_or_else(|p| p.into_inner());
         map.is_empty()
     }
+}
+
+/// What the helper tells the pilot (and through it the VO) about one running payload: its
+/// account, main pid, cgroup, start time, reservation and usage; None while it is starting
+/// or after it ended. (docs/security-model.md, "What the VO learns about a running payload".)
+pub fn running_view(payload_id: String, e: &Entry) -> Option<RunningPayload> {
+    if e.ended {
+        return None;
+    }
+    let h = e.handle.as_ref()?;
+    Some(RunningPayload {
+        payload_id,
+        account: e.account.name.clone(),
+        uid: e.account.uid,
+        pid: h.pid(),
+        cgroup: h.cgroup(),
+        started_at: Some(e.record.time.clone()).filter(|t| !t.is_empty()),
+        usage: Some(h.live_usage().into()),
+        cores: Some(e.cores),
+        memory_limit_bytes: Some(e.memory_bytes),
+        processes: None,
+    })
 }
 
 #[cfg(test)]

@@ -58,6 +58,7 @@ pub fn work(key: &VoSigningKey, id: &str, cores: u32) -> Work {
         bundle: None,
         heartbeat_seconds: None,
         requeue_after: None,
+        live_usage: false,
     }
 }
 

@@ -8,9 +8,9 @@ use super::{Agent, Phase, SIGKILL};
 use crate::pilot::client::ServerApi;
 use crate::pilot::helper_client::HelperApi;
 use crate::pilot::reporter::{ArchiveSource, ReportJob, Reported};
-use crate::protocol::api::{OperatorCommand, PayloadState, StatusReport};
+use crate::protocol::api::{InformationAnswer, OperatorCommand, PayloadState, StatusReport};
 use crate::protocol::command::{CommandAction, CommandBody, SignedCommand};
-use crate::protocol::switch_wire::{DenialClass, ExitReport, SwitchEvent};
+use crate::protocol::switch_wire::{DenialClass, ExitReport, RunningPayload, SwitchEvent};
 use crate::records::now_rfc3339;
 
 impl<S: ServerApi, H: HelperApi> Agent<S, H> {
@@ -48,12 +48,94 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
                 requester,
                 ok,
                 reason,
-                ..
-            } => self.on_command_done(payload_id, action, requester, ok, reason),
-            SwitchEvent::Welcome { .. }
-            | SwitchEvent::Running { .. }
-            | SwitchEvent::Killed { .. } => {}
+                information,
+                nonce,
+            } => {
+                if action == CommandAction::Information {
+                    self.on_information(payload_id, ok, reason, information, nonce);
+                } else {
+                    self.on_command_done(payload_id, action, requester, ok, reason);
+                }
+            }
+            SwitchEvent::Running { payloads } => self.on_usage(payloads),
+            SwitchEvent::Welcome { .. } | SwitchEvent::Killed { .. } => {}
         }
+    }
+
+    /// The helper's answer to `status`: each payload's usage so far. The heartbeats that
+    /// waited for it go now.
+    fn on_usage(&mut self, payloads: Vec<RunningPayload>) {
+        for r in payloads {
+            if let (Some(p), Some(u)) = (self.payloads.get_mut(&r.payload_id), r.usage) {
+                p.usage = Some(u);
+            }
+        }
+        if self.usage_asked.take().is_some() {
+            self.send_heartbeats(Instant::now(), true);
+        }
+    }
+
+    /// The helper's answer to a relayed `information` request goes to the server at once, in
+    /// a running report (with the usage it carries), under the request's id.
+    fn on_information(
+        &mut self,
+        payload_id: String,
+        ok: bool,
+        reason: String,
+        information: Option<RunningPayload>,
+        nonce: Option<String>,
+    ) {
+        let Some(p) = self.payloads.get_mut(&payload_id) else {
+            return;
+        };
+        let request_id = match nonce {
+            Some(n) => {
+                p.info_pending.retain(|r| *r != n);
+                n
+            }
+            None if !p.info_pending.is_empty() => p.info_pending.remove(0),
+            None => return,
+        };
+        tracing::info!(%payload_id, %request_id, ok, %reason, "relaying the helper's information answer");
+        if let Some(u) = information.as_ref().and_then(|i| i.usage) {
+            p.usage = Some(u);
+        }
+        self.report_information(&payload_id, request_id, ok, reason, information);
+    }
+
+    /// Sends an information answer for `id` in a running report.
+    fn report_information(
+        &mut self,
+        id: &str,
+        request_id: String,
+        ok: bool,
+        reason: String,
+        payload: Option<RunningPayload>,
+    ) {
+        let Some(p) = self.payloads.get(id) else {
+            return;
+        };
+        if !p.server_live {
+            return;
+        }
+        let mut report = StatusReport {
+            pilot_id: self.cfg.pilot_id.clone(),
+            state: (p.phase == Phase::Running).then_some(PayloadState::Running),
+            account: p.record.account.clone(),
+            uid: p.record.uid,
+            information: Some(InformationAnswer {
+                request_id,
+                ok,
+                reason,
+                payload,
+            }),
+            ..Default::default()
+        };
+        super::stop::add_usage(&mut report, p.usage, p.server_live);
+        p.reporter.send(ReportJob::Status {
+            report,
+            heartbeat: false,
+        });
     }
 
     fn on_command_done(
@@ -219,6 +301,8 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
                 reason: reason.or(r.kill_reason),
                 denial_class: None,
                 outputs_skipped: r.outputs_skipped.clone(),
+                memory_bytes: None,
+                information: None,
             },
             archive: Some(archive),
         });
@@ -415,6 +499,25 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
                 if let Err(e) = self.helper.command(&signed) {
                     self.on_helper_lost(&e.to_string());
                 }
+            }
+            OperatorCommand::Information {
+                requester,
+                request_id,
+                signed,
+            } => {
+                let Some(signed) = signed.filter(|_| p.phase == Phase::Running) else {
+                    tracing::warn!(payload_id = %id, %requester, "information request for a payload not running here yet (or unsigned); answered as such");
+                    let why = "the pilot has not seen the payload start yet; ask again".into();
+                    return self.report_information(id, request_id, false, why, None);
+                };
+                tracing::info!(payload_id = %id, %requester, "relaying a signed information request");
+                p.info_pending.push(request_id);
+                if let Err(e) = self.helper.command(&signed) {
+                    self.on_helper_lost(&e.to_string());
+                }
+            }
+            OperatorCommand::Unknown => {
+                tracing::warn!(payload_id = %id, "the VO server sent a command this pilot does not know; ignored");
             }
             OperatorCommand::Cancel {
                 requester,

@@ -30,10 +30,16 @@ use super::reporter::{self, Patience, ReportJob, Reported, Reporter};
 use super::slot::Slot;
 use super::trace::{peek_body, SlotFields, TraceLog, TraceRecord};
 use crate::protocol::api::{MatchRequest, PayloadState, StatusReport, Work};
+use crate::protocol::switch_wire::PayloadUsage;
 use crate::records::now_rfc3339;
 
 mod events;
 mod stop;
+
+/// How long due heartbeats wait for the helper's usage answer before they go without it (the
+/// helper answers `status` in well under a millisecond; a busy one must not delay a
+/// heartbeat the server counts).
+pub const USAGE_WAIT: Duration = Duration::from_secs(1);
 
 /// SIGTERM and SIGKILL numbers as the helper expects them.
 pub const SIGTERM: i32 = libc::SIGTERM;
@@ -148,6 +154,12 @@ struct Payload {
     heartbeat: Duration,
     /// The server knows the payload runs (it took a `running` report).
     running_acked: bool,
+    /// Its usage as the helper last reported it (`status`), sent with each heartbeat.
+    usage: Option<PayloadUsage>,
+    /// The server takes live usage and information answers (the match answer said so).
+    server_live: bool,
+    /// Information requests relayed to the helper and not answered yet (their ids).
+    info_pending: Vec<String>,
     /// When the server queues it again unless it hears it started (from the match answer).
     requeue_after: Option<chrono::DateTime<chrono::Utc>>,
     /// Why the pilot stopped it, when it was the pilot's own decision.
@@ -180,6 +192,9 @@ pub struct Agent<S: ServerApi, H: HelperApi> {
     back_tx: mpsc::UnboundedSender<Reported>,
     match_tx: mpsc::UnboundedSender<Result<Option<Work>, ClientError>>,
     match_in_flight: bool,
+    /// When the pilot asked the helper for its payloads' usage and has no answer yet: due
+    /// heartbeats wait for it (at most [`USAGE_WAIT`]).
+    usage_asked: Option<Instant>,
     /// The in-flight match, aborted on a stop so a hanging server cannot delay it.
     match_task: Option<tokio::task::JoinHandle<()>>,
     next_match: Instant,
@@ -245,6 +260,7 @@ pub async fn run<S: ServerApi, H: HelperApi>(
         back_tx,
         match_tx,
         match_in_flight: false,
+        usage_asked: None,
         match_task: None,
         next_match: now,
         idle_since: now,
@@ -632,6 +648,9 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
                 heartbeat_busy: false,
                 heartbeat,
                 running_acked: false,
+                usage: None,
+                server_live: work.live_usage,
+                info_pending: Vec::new(),
                 requeue_after: work.requeue_after,
                 stop_reason: None,
                 stored: false,

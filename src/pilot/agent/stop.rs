@@ -3,11 +3,12 @@
 
 use tokio::time::Instant;
 
-use super::{Agent, Control, Phase, SIGKILL, SIGTERM};
+use super::{Agent, Control, Phase, SIGKILL, SIGTERM, USAGE_WAIT};
 use crate::pilot::client::ServerApi;
 use crate::pilot::helper_client::HelperApi;
 use crate::pilot::reporter::ReportJob;
 use crate::protocol::api::{PayloadState, StatusReport};
+use crate::protocol::switch_wire::PayloadUsage;
 
 impl<S: ServerApi, H: HelperApi> Agent<S, H> {
     /// SIGTERM now; the tick sends SIGKILL after the grace time.
@@ -103,6 +104,7 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
         let mut to_fail = Vec::new();
         let mut to_fence = Vec::new();
         let utc_now = chrono::Utc::now();
+        let mut heartbeat_due = false;
         for (id, p) in &mut self.payloads {
             match p.phase {
                 Phase::Running => {
@@ -117,18 +119,7 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
                         to_fence.push(id.clone());
                     }
                     if now >= p.heartbeat_due && !p.heartbeat_busy {
-                        p.heartbeat_due = now + p.heartbeat;
-                        p.heartbeat_busy = true;
-                        p.reporter.send(ReportJob::Status {
-                            report: StatusReport {
-                                pilot_id: self.cfg.pilot_id.clone(),
-                                state: Some(PayloadState::Running),
-                                account: p.record.account.clone(),
-                                uid: p.record.uid,
-                                ..Default::default()
-                            },
-                            heartbeat: true,
-                        });
+                        heartbeat_due = true;
                     }
                 }
                 Phase::Launching if now >= p.launched_at + self.cfg.launch_timeout => {
@@ -136,6 +127,9 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
                 }
                 _ => {}
             }
+        }
+        if heartbeat_due {
+            self.heartbeat_round(now);
         }
         for id in to_kill {
             tracing::warn!(payload_id = %id, "grace time over: SIGKILL");
@@ -151,6 +145,56 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
                 p.stop_reason = Some(reason.clone());
             }
             self.terminate(&id, &reason);
+        }
+    }
+
+    /// A heartbeat is due: first ask the helper once for every payload's usage (the
+    /// heartbeats go out with its `running` answer, [`Agent::send_heartbeats`]); if it has
+    /// not answered within [`USAGE_WAIT`], they go with the usage last heard.
+    fn heartbeat_round(&mut self, now: Instant) {
+        match self.usage_asked {
+            None => {
+                self.usage_asked = Some(now);
+                if let Err(e) = self.helper.status() {
+                    self.on_helper_lost(&e.to_string());
+                }
+            }
+            Some(asked) if now >= asked + USAGE_WAIT => {
+                tracing::warn!("the helper did not report usage in time; heartbeats go with the last usage heard");
+                self.usage_asked = None;
+                self.send_heartbeats(now, false);
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// Sends the heartbeat of every running payload that is due, with its usage; with
+    /// `early`, also of those due within half their interval, so the heartbeats of payloads
+    /// started at different times fall into one round (one usage request per round). A
+    /// heartbeat earlier than asked is harmless: the server wants one *at least* that often.
+    pub(super) fn send_heartbeats(&mut self, now: Instant, early: bool) {
+        for p in self.payloads.values_mut() {
+            if p.phase != Phase::Running || p.heartbeat_busy {
+                continue;
+            }
+            let due = now >= p.heartbeat_due || (early && now + p.heartbeat / 2 >= p.heartbeat_due);
+            if !due {
+                continue;
+            }
+            p.heartbeat_due = now + p.heartbeat;
+            p.heartbeat_busy = true;
+            let mut report = StatusReport {
+                pilot_id: self.cfg.pilot_id.clone(),
+                state: Some(PayloadState::Running),
+                account: p.record.account.clone(),
+                uid: p.record.uid,
+                ..Default::default()
+            };
+            add_usage(&mut report, p.usage, p.server_live);
+            p.reporter.send(ReportJob::Status {
+                report,
+                heartbeat: true,
+            });
         }
     }
 
@@ -188,4 +232,18 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
 /// pilot's node and the server and for the last report.
 fn fence_margin(grace: std::time::Duration) -> chrono::Duration {
     chrono::Duration::seconds(60 + grace.as_secs() as i64)
+}
+
+/// Puts a payload's usage so far into a running report: CPU seconds and peak memory (fields
+/// every server takes), and the current memory only for a server that announced
+/// `live_usage` (older ones refuse the field).
+pub(super) fn add_usage(report: &mut StatusReport, usage: Option<PayloadUsage>, server_live: bool) {
+    let Some(u) = usage else {
+        return;
+    };
+    report.cpu_seconds = Some(u.cpu_seconds);
+    report.peak_memory_bytes = u.peak_memory_bytes;
+    if server_live {
+        report.memory_bytes = Some(u.memory_bytes);
+    }
 }

@@ -17,7 +17,9 @@ use crate::protocol::api::StatusAck;
 use crate::protocol::envelope::{
     EnvelopeBody, Owner, Resources, SignedEnvelope, VoSigningKey, ENVELOPE_VERSION,
 };
-use crate::protocol::switch_wire::{DenialClass, ExitReport, SwitchEvent};
+use crate::protocol::switch_wire::{
+    DenialClass, ExitReport, PayloadUsage, RunningPayload, SwitchEvent,
+};
 
 fn work(key: &VoSigningKey, id: &str, cores: u32, wall: u64) -> Work {
     let now = Utc::now();
@@ -54,6 +56,7 @@ fn work(key: &VoSigningKey, id: &str, cores: u32, wall: u64) -> Work {
         bundle: None,
         heartbeat_seconds: None,
         requeue_after: None,
+        live_usage: false,
     }
 }
 
@@ -159,6 +162,10 @@ struct FakeHelper {
     signals: Mutex<Vec<(String, i32, Instant)>>,
     running: Arc<Mutex<HashSet<String>>>,
     max_running: Arc<Mutex<usize>>,
+    /// `status` requests so far.
+    usage_requests: std::sync::atomic::AtomicU64,
+    /// Never answer `status` (a helper too busy to report usage).
+    mute_status: bool,
 }
 
 impl FakeHelper {
@@ -175,6 +182,8 @@ impl FakeHelper {
             signals: Mutex::new(Vec::new()),
             running: Default::default(),
             max_running: Default::default(),
+            usage_requests: Default::default(),
+            mute_status: false,
         }
     }
 
@@ -265,6 +274,41 @@ impl HelperApi for FakeHelper {
         &self,
         _command: &crate::protocol::command::SignedCommand,
     ) -> Result<(), HelperError> {
+        Ok(())
+    }
+
+    /// Answers with every running payload, its CPU seconds rising by one per request.
+    fn status(&self) -> Result<(), HelperError> {
+        let n = self
+            .usage_requests
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        let mut ids: Vec<String> = self.running.lock().unwrap().iter().cloned().collect();
+        ids.sort();
+        let payloads = ids
+            .into_iter()
+            .map(|id| RunningPayload {
+                payload_id: id,
+                account: "mpu-alice".into(),
+                uid: 51000,
+                pid: 4242,
+                cgroup: "/mupilot-test-plt/payload".into(),
+                started_at: None,
+                usage: Some(PayloadUsage {
+                    cpu_seconds: n as f64,
+                    memory_bytes: n << 20,
+                    peak_memory_bytes: Some((n + 1) << 20),
+                }),
+                cores: Some(1),
+                memory_limit_bytes: Some(1 << 30),
+                processes: None,
+            })
+            .collect();
+        if !self.mute_status {
+            let _ = self
+                .tx
+                .send(HelperMsg::Event(SwitchEvent::Running { payloads }));
+        }
         Ok(())
     }
 
@@ -665,6 +709,70 @@ async fn heartbeats_report_running() {
         .filter(|s| **s == PayloadState::Running)
         .count();
     assert!(running >= 3, "{running} running reports");
+}
+
+/// Heartbeats carry the usage the helper reported, asked once per round for all payloads;
+/// the current memory only for a server that announced `live_usage`.
+#[tokio::test(start_paused = true)]
+async fn heartbeats_carry_the_helpers_usage_asked_once_per_round() {
+    let key = VoSigningKey::generate();
+    let mut a = work(&key, "u1", 1, 60);
+    a.live_usage = true;
+    let b = work(&key, "u2", 1, 60);
+    let (h, fut) = start(vec![a, b], Duration::from_millis(600), |_, _| {}, 2);
+    let out = fut.await;
+    assert_eq!(out.summary.done, 2);
+    let reports = h.server.reports.lock().unwrap().clone();
+    let beats = |id: &str| -> Vec<StatusReport> {
+        reports
+            .iter()
+            .filter(|(p, r)| p == id && r.state == Some(PayloadState::Running))
+            .filter(|(_, r)| r.cpu_seconds.is_some())
+            .map(|(_, r)| r.clone())
+            .collect()
+    };
+    let (u1, u2) = (beats("u1"), beats("u2"));
+    assert!(u1.len() >= 3 && u2.len() >= 3, "{u1:?}\n{u2:?}");
+    let cpu: Vec<f64> = u1.iter().map(|r| r.cpu_seconds.unwrap()).collect();
+    assert!(cpu.windows(2).all(|w| w[0] < w[1]), "rising: {cpu:?}");
+    assert!(u1
+        .iter()
+        .all(|r| r.memory_bytes.is_some() && r.peak_memory_bytes.is_some()));
+    // An older server refuses fields it does not know: no current memory for it.
+    assert!(u2
+        .iter()
+        .all(|r| r.memory_bytes.is_none() && r.peak_memory_bytes.is_some()));
+    // One request per round serves both payloads' heartbeats.
+    let asked = h
+        .helper
+        .usage_requests
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        asked as usize <= u1.len().max(u2.len()) + 1,
+        "{asked} usage requests for {} + {} heartbeats",
+        u1.len(),
+        u2.len()
+    );
+}
+
+/// A helper that does not answer `status` delays no heartbeat beyond [`USAGE_WAIT`]: they go
+/// without usage.
+#[tokio::test(start_paused = true)]
+async fn heartbeats_go_without_usage_when_the_helper_does_not_report_it() {
+    let key = VoSigningKey::generate();
+    let mut w = work(&key, "u3", 1, 60);
+    w.live_usage = true;
+    let (h, fut) = start(vec![w], USAGE_WAIT * 4, |hp, _| hp.mute_status = true, 1);
+    let out = fut.await;
+    assert_eq!(out.summary.done, 1);
+    let reports = h.server.reports.lock().unwrap().clone();
+    let beats: Vec<&StatusReport> = reports
+        .iter()
+        .filter(|(p, r)| p == "u3" && r.state == Some(PayloadState::Running))
+        .map(|(_, r)| r)
+        .collect();
+    assert!(beats.len() >= 3, "{} running reports", beats.len());
+    assert!(beats.iter().all(|r| r.cpu_seconds.is_none()));
 }
 
 #[tokio::test(start_paused = true)]

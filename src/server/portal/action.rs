@@ -20,6 +20,9 @@ pub enum Action {
     Cancel,
     /// `POST /v1/payloads/{id}/signal`.
     Signal,
+    /// `POST /v1/payloads/{id}/information` (ask the site's helper; `GET
+    /// .../information/{request}` reads the answer and is a `view`).
+    Information,
     /// `POST /v1/match` (pilots).
     Match,
     /// `POST /v1/payloads/{id}/status` (pilots).
@@ -40,6 +43,7 @@ impl Action {
             Action::Download => "download",
             Action::Cancel => "cancel",
             Action::Signal => "signal",
+            Action::Information => "information",
             Action::Match => "match",
             Action::Status => "status",
             Action::Upload => "upload",
@@ -57,6 +61,7 @@ impl Action {
                 | Action::Download
                 | Action::Cancel
                 | Action::Signal
+                | Action::Information
         )
     }
 
@@ -105,6 +110,8 @@ impl Target {
             (&Method::POST, ["payloads", id, "cancel"]) => (Action::Cancel, Some(*id)),
             (&Method::POST, ["payloads", id, "signal"]) => (Action::Signal, Some(*id)),
             (&Method::POST, ["payloads", id, "status"]) => (Action::Status, Some(*id)),
+            (&Method::POST, ["payloads", id, "information"]) => (Action::Information, Some(*id)),
+            (&Method::GET, ["payloads", id, "information", _]) => (Action::View, Some(*id)),
             _ => return other,
         };
         // Only a well-formed id is recorded as one (the handler refuses the others).
@@ -151,7 +158,15 @@ mod tests {
         );
         assert_eq!(
             t(Method::POST, "/v1/payloads/p-1/status"),
-            (Action::Status, id)
+            (Action::Status, id.clone())
+        );
+        assert_eq!(
+            t(Method::POST, "/v1/payloads/p-1/information"),
+            (Action::Information, id.clone())
+        );
+        assert_eq!(
+            t(Method::GET, "/v1/payloads/p-1/information/00ff"),
+            (Action::View, id.clone())
         );
         assert_eq!(t(Method::DELETE, "/v1/payloads").0, Action::Other);
         assert_eq!(t(Method::GET, "/v2/payloads").0, Action::Other);

@@ -265,7 +265,7 @@ impl Identities {
         if !action.is_member_action() {
             if on_behalf.is_some() {
                 return Err(Refusal::bad(format!(
-                    "the {ON_BEHALF_OF} header applies to member requests (submit, list, view, download, cancel, signal), not to {}",
+                    "the {ON_BEHALF_OF} header applies to member requests (submit, list, view, download, cancel, signal, information), not to {}",
                     action.as_str()
                 )));
             }

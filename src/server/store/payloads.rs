@@ -8,7 +8,8 @@ use chrono::{DateTime, Utc};
 use super::db::{vals, Conn, Row};
 use super::{parse_ts, ts, Store, StoreError};
 use crate::protocol::api::{
-    MatchRequest, OperatorCommand, PayloadState, PayloadView, StatusReport,
+    InformationAnswer, InformationView, MatchRequest, OperatorCommand, PayloadState, PayloadView,
+    StatusReport,
 };
 use crate::protocol::Resources;
 
@@ -108,7 +109,7 @@ fn matched_from(mut r: Row) -> Result<Matched, StoreError> {
 const VIEW_COLUMNS: &str = "id, owner_dn, vo, state, argv, jobtag, cores, memory_bytes, \
     walltime_seconds, outputs, submitted_at, updated_at, pilot_id, host, batch_job_id, account, \
     uid, exit_code, signal, cpu_seconds, peak_memory_bytes, reason, denial_class, has_output, \
-    outputs_skipped, files_deleted_at";
+    outputs_skipped, files_deleted_at, memory_bytes_now, usage_at";
 
 fn into_view(mut r: Row) -> Result<PayloadView, StoreError> {
     Ok(PayloadView {
@@ -143,6 +144,8 @@ fn into_view(mut r: Row) -> Result<PayloadView, StoreError> {
             None => Vec::new(),
         },
         files_deleted_at: r.opt_text(25)?.as_deref().map(parse_ts).transpose()?,
+        memory_bytes_now: r.opt_int(26)?.map(|m| m as u64),
+        usage_at: r.opt_text(27)?.as_deref().map(parse_ts).transpose()?,
     })
 }
 
@@ -352,6 +355,9 @@ impl Store {
                     rep.pilot_id
                 )));
             }
+            if let Some(a) = &rep.information {
+                store_answer(c, id, a, now)?;
+            }
             if state.is_final() {
                 repeated_or_late(c, id, state, rep, now)?;
                 return Ok(Vec::new());
@@ -477,6 +483,96 @@ impl Store {
         })
     }
 
+    /// Asks the site's helper, through the pilot holding running payload `id`, what it sees
+    /// of it, on behalf of `requester` (its owner or a VO operator, as for cancel and
+    /// signal; the helper authorizes the requester again with the site's policies). Returns
+    /// the request's id: the pilot picks the request up with its next heartbeat and relays
+    /// the answer under it.
+    pub fn request_information(
+        &self,
+        id: &str,
+        requester: &str,
+        is_operator: bool,
+        now: DateTime<Utc>,
+    ) -> Result<String, StoreError> {
+        self.tx(|c| {
+            let state = managed_state(c, id, requester, is_operator, "ask about")?;
+            match state {
+                PayloadState::Running => {}
+                PayloadState::Queued | PayloadState::Matched => {
+                    return Err(StoreError::Conflict(format!(
+                        "payload {id} is {state}: it has not started at a site yet, so no helper can be asked; try again once it runs"
+                    )))
+                }
+                s => {
+                    return Err(StoreError::Conflict(format!(
+                        "payload {id} is {s}: no pilot holds it any more, so no helper can be asked; `mupilot-server status {id}` shows the last values reported"
+                    )))
+                }
+            }
+            let request_id = format!("{:032x}", rand::random::<u128>());
+            c.execute(
+                "INSERT INTO information (request_id, payload_id, requester_dn, requested_at)
+                 VALUES (?1, ?2, ?3, ?4)",
+                vals![&request_id, id, requester, ts(now)],
+            )?;
+            let cmd = OperatorCommand::Information {
+                requester: requester.to_string(),
+                request_id: request_id.clone(),
+                signed: None,
+            };
+            queue_command(c, id, &cmd)?;
+            Ok(request_id)
+        })
+    }
+
+    /// An information request of payload `id` and its answer so far, with the payload's
+    /// state, pilot and last report. Readable by the requester, the owner or an operator.
+    pub fn information(
+        &self,
+        id: &str,
+        request_id: &str,
+        reader: &str,
+        is_operator: bool,
+        heartbeat_seconds: u64,
+    ) -> Result<InformationView, StoreError> {
+        self.conn(|c| {
+            let mut r = c
+                .query_opt(
+                    "SELECT i.requester_dn, i.requested_at, i.answered_at, i.answer, p.state,
+                            p.pilot_id, p.host, p.updated_at, p.owner_dn
+                     FROM information i JOIN payloads p ON p.id = i.payload_id
+                     WHERE i.request_id = ?1 AND i.payload_id = ?2",
+                    vals![request_id, id],
+                )?
+                .ok_or_else(|| {
+                    StoreError::NotFound(format!("{id} has no information request {request_id}"))
+                })?;
+            let requester = r.text(0)?;
+            if reader != requester && reader != r.peek_text(8)? && !is_operator {
+                return Err(StoreError::Forbidden(format!(
+                    "{reader} may not read information request {request_id}: only its requester, the payload's owner or a VO operator may"
+                )));
+            }
+            Ok(InformationView {
+                request_id: request_id.to_string(),
+                payload_id: id.to_string(),
+                requester,
+                requested_at: parse_ts(&r.text(1)?)?,
+                answered_at: r.opt_text(2)?.as_deref().map(parse_ts).transpose()?,
+                answer: r
+                    .opt_text(3)?
+                    .map(|a| json("information answer", &a))
+                    .transpose()?,
+                state: parse_state(&r.text(4)?)?,
+                pilot_id: r.opt_text(5)?,
+                host: r.opt_text(6)?,
+                updated_at: r.opt_text(7)?.as_deref().map(parse_ts).transpose()?,
+                heartbeat_seconds,
+            })
+        })
+    }
+
     /// The DN of the pilot that holds (or last held) a payload.
     pub fn holder(&self, id: &str) -> Result<Option<String>, StoreError> {
         self.conn(|c| {
@@ -597,7 +693,9 @@ fn write_report(
             peak_memory_bytes = COALESCE(?8, peak_memory_bytes),
             wall_seconds = COALESCE(?9, wall_seconds), reason = COALESCE(?10, reason),
             denial_class = COALESCE(?11, denial_class), updated_at = ?12,
-            outputs_skipped = COALESCE(?13, outputs_skipped)
+            outputs_skipped = COALESCE(?13, outputs_skipped),
+            memory_bytes_now = COALESCE(?14, memory_bytes_now),
+            usage_at = COALESCE(?15, usage_at)
          WHERE id = ?1",
         vals![
             id,
@@ -612,9 +710,46 @@ fn write_report(
             reason,
             &rep.denial_class,
             ts(now),
-            skipped_json(&rep.outputs_skipped)
+            skipped_json(&rep.outputs_skipped),
+            rep.memory_bytes.map(sat),
+            (rep.cpu_seconds.is_some() || rep.memory_bytes.is_some()).then(|| ts(now))
         ],
     )?;
+    Ok(())
+}
+
+/// Keeps the helper's answer to an information request of payload `id` (the first answer
+/// stands; an answer for a request the server never made is refused).
+fn store_answer(
+    c: &mut dyn Conn,
+    id: &str,
+    a: &InformationAnswer,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let n = c.execute(
+        "UPDATE information SET answered_at = ?3, answer = ?4
+         WHERE request_id = ?1 AND payload_id = ?2 AND answered_at IS NULL",
+        vals![
+            &a.request_id,
+            id,
+            ts(now),
+            serde_json::to_string(a).expect("answers serialise")
+        ],
+    )?;
+    if n == 0 {
+        let known = c
+            .query_opt(
+                "SELECT 1 FROM information WHERE request_id = ?1 AND payload_id = ?2",
+                vals![&a.request_id, id],
+            )?
+            .is_some();
+        if !known {
+            return Err(StoreError::Invalid(format!(
+                "information answer for request {:?}, which the server never made for payload {id}",
+                a.request_id
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -842,6 +977,79 @@ mod tests {
         }
     }
 
+    /// Heartbeats keep the usage (the last one heard stays after the end, the final report's
+    /// CPU and peak replace theirs); an information request is queued as a command once the
+    /// payload runs, its answer kept once, readable by the requester, the owner and
+    /// operators only.
+    #[test]
+    fn heartbeats_keep_usage_and_information_answers_are_kept_for_their_readers() {
+        use crate::protocol::api::InformationAnswer;
+        let (_d, s) = store();
+        let now = Utc::now();
+        let id = s.submit(&new_payload(), None, now).unwrap();
+        let e = s.request_information(&id, "/CN=a", false, now).unwrap_err();
+        assert!(e.to_string().contains("has not started"), "{e}");
+        s.match_one("/CN=p", &mreq(), now).unwrap().unwrap();
+        let mut beat = report(PayloadState::Running);
+        beat.cpu_seconds = Some(1.5);
+        beat.memory_bytes = Some(10 << 20);
+        beat.peak_memory_bytes = Some(12 << 20);
+        s.apply_status(&id, "/CN=p", &beat, now).unwrap();
+        let v = s.view(&id).unwrap();
+        assert_eq!(
+            (v.cpu_seconds, v.memory_bytes_now, v.peak_memory_bytes),
+            (Some(1.5), Some(10 << 20), Some(12 << 20))
+        );
+        assert!(v.usage_at.is_some());
+        // Only the owner or an operator may ask.
+        let e = s.request_information(&id, "/CN=b", false, now).unwrap_err();
+        assert!(matches!(e, StoreError::Forbidden(_)), "{e}");
+        let rid = s.request_information(&id, "/CN=op", true, now).unwrap();
+        let cmds = s.apply_status(&id, "/CN=p", &beat, now).unwrap();
+        assert!(
+            matches!(&cmds[..], [OperatorCommand::Information { request_id, .. }] if *request_id == rid)
+        );
+        assert!(s
+            .information(&id, &rid, "/CN=op", true, 30)
+            .unwrap()
+            .answer
+            .is_none());
+        // An answer to a request never made is refused; the real one is kept once.
+        let mut answer = InformationAnswer {
+            request_id: "ff".into(),
+            ok: true,
+            reason: "information".into(),
+            payload: None,
+        };
+        let mut rep = report(PayloadState::Running);
+        rep.information = Some(answer.clone());
+        assert!(s.apply_status(&id, "/CN=p", &rep, now).is_err());
+        answer.request_id = rid.clone();
+        rep.information = Some(answer.clone());
+        s.apply_status(&id, "/CN=p", &rep, now).unwrap();
+        let mut later = answer.clone();
+        later.reason = "again".into();
+        rep.information = Some(later);
+        s.apply_status(&id, "/CN=p", &rep, now).unwrap();
+        let got = s.information(&id, &rid, "/CN=a", false, 30).unwrap();
+        assert_eq!(got.answer, Some(answer));
+        assert_eq!(got.requester, "/CN=op");
+        let e = s.information(&id, &rid, "/CN=b", false, 30).unwrap_err();
+        assert!(matches!(e, StoreError::Forbidden(_)), "{e}");
+        // The end: final CPU and peak, the last memory heard stays.
+        let mut end = report(PayloadState::Done);
+        end.cpu_seconds = Some(2.0);
+        end.peak_memory_bytes = Some(13 << 20);
+        s.apply_status(&id, "/CN=p", &end, now).unwrap();
+        let v = s.view(&id).unwrap();
+        assert_eq!(
+            (v.cpu_seconds, v.memory_bytes_now, v.peak_memory_bytes),
+            (Some(2.0), Some(10 << 20), Some(13 << 20))
+        );
+        let e = s.request_information(&id, "/CN=a", false, now).unwrap_err();
+        assert!(e.to_string().contains("no pilot holds it"), "{e}");
+    }
+
     #[test]
     fn sweep_requeues_unstarted_and_loses_silent_running() {
         let (_d, s) = store();
@@ -995,7 +1203,9 @@ mod tests {
                     .unwrap()
                     .collect::<Result<_, _>>()
                     .unwrap();
-                assert_eq!(versions, vec![1]);
+                // Recorded at version 1, then every later migration once.
+                assert_eq!(versions.first(), Some(&1), "{versions:?}");
+                assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
                 assert_eq!(s.view("p-old").unwrap().state, PayloadState::Queued);
                 let m = s.match_one("/CN=p", &mreq(), Utc::now()).unwrap();
                 if let Some(m) = m {

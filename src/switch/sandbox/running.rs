@@ -37,6 +37,17 @@ impl Handle {
     pub fn cgroup(&self) -> String {
         self.inner.cgroup.display()
     }
+    /// What the payload uses now, from its cgroup (three file reads; see
+    /// [`crate::cgroups::LiveUsage`]).
+    pub fn live_usage(&self) -> crate::cgroups::LiveUsage {
+        self.inner.cgroup.live_usage()
+    }
+    /// How many processes the payload's cgroup holds now (its stage, pid 1 of its
+    /// namespace, not counted).
+    pub fn processes(&self) -> usize {
+        let pids = self.inner.cgroup.pids();
+        pids.iter().filter(|p| **p != self.inner.stage_pid).count()
+    }
     /// The payload's scratch directory on the host.
     pub fn scratch(&self) -> PathBuf {
         self.inner.scratch.clone()

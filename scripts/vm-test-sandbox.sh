@@ -8,7 +8,8 @@
 #
 # pilot_attacks runs the real helper daemon in the guest (the pilot account's attacks, and
 # that payloads land below the connecting pilot's cgroup on v2); slot_real reads a real v2
-# cgroup's limits as the pilot's slot discovery does.
+# cgroup's limits as the pilot's slot discovery does; switch_usage reads a running payload's
+# CPU and memory (memory.peak included) from its v2 cgroup through the real helper.
 #
 # Prints each test binary's cargo-test output; exits non-zero when any test failed.
 set -euo pipefail
@@ -17,7 +18,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib/common.sh
 need_root
 
-TESTS=(sandbox_isolation sandbox_env sandbox_orphan sandbox_attacks pilot_attacks slot_real)
+TESTS=(sandbox_isolation sandbox_env sandbox_orphan sandbox_attacks pilot_attacks slot_real switch_usage)
 [ $# -eq 0 ] || TESTS=("$@")
 log "building the sandbox test binaries"
 # examples/attack is the hostile payload of sandbox_attacks (raw syscalls: the guest has no

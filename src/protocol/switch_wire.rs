@@ -235,9 +235,9 @@ pub enum SwitchEvent {
         ok: bool,
         /// Why not, or what was done.
         reason: String,
-        /// For `information`: the payload's state so far.
+        /// For `information`: the payload's state so far (boxed: the other events stay small).
         #[serde(default)]
-        information: Option<RunningPayload>,
+        information: Option<Box<RunningPayload>>,
         /// The command's nonce, so the pilot can tell which request this answers (absent
         /// when the helper could not read the command, and from older helpers).
         #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -34,7 +34,7 @@ pub fn run(helper: &Arc<Helper>, conn_id: u64, signed: &SignedCommand) -> Switch
             requester: body.requester_dn.clone(),
             ok,
             reason,
-            information,
+            information: information.map(Box::new),
             nonce: Some(body.nonce.clone()),
         };
     let Some(entry) = helper.registry.get(conn_id, &body.payload_id) else {

@@ -52,7 +52,7 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
                 nonce,
             } => {
                 if action == CommandAction::Information {
-                    self.on_information(payload_id, ok, reason, information, nonce);
+                    self.on_information(payload_id, ok, reason, information.map(|i| *i), nonce);
                 } else {
                     self.on_command_done(payload_id, action, requester, ok, reason);
                 }

@@ -2,7 +2,7 @@
 //! v2 in the VM through scripts/vm-test-sandbox.sh): a payload burning CPU and holding memory
 //! shows rising numbers in the `running` answer to `status`, read from its own cgroup; another
 //! pilot's connection sees none of it; an `information` request the site permits carries the
-//! same usage and the process count. And what one `status` request costs with 8 payloads
+//! same usage and the process count, and another VO's is refused. And what one `status` request costs with 8 payloads
 //! running (printed; docs/benchmarks.md).
 
 mod switch_support;
@@ -11,13 +11,20 @@ use std::time::{Duration, Instant};
 
 use mupilot::protocol::command::{CommandAction, CommandBody, SignedCommand};
 use mupilot::protocol::switch_wire::{PayloadUsage, RunningPayload, SwitchEvent, SwitchRequest};
+use mupilot::protocol::VoSigningKey;
 use switch_support::common::{layout, Layout};
 use switch_support::*;
 
+/// The second VO this site trusts (its key signs nothing of the first VO's payloads).
+const VO2: &str = "swdvo2";
+
 /// A site whose payloads may have a loopback-only network namespace on kernels without
-/// Landlock scoping (the VM's), and whose policy lets owners ask for information.
-fn site() -> Site {
+/// Landlock scoping (the VM's), whose policy lets owners ask for information, and which trusts
+/// a second VO ([`VO2`], key returned).
+fn site() -> (Site, VoSigningKey) {
     let site = Site::new();
+    let key2 = VoSigningKey::generate();
+    std::fs::write(site.path("vo2.pub"), key2.verifying_key().to_pem()).unwrap();
     std::fs::write(
         site.path("site.policy"),
         "/DC=org/DC=mupilot-test:\n&(action = start)\n&(action = cancel information)(jobowner = SELF)\n",
@@ -25,13 +32,18 @@ fn site() -> Site {
     .unwrap();
     let text = std::fs::read_to_string(&site.config)
         .unwrap()
-        .replace("[sandbox]\n", "[sandbox]\nipc_fallback = \"loopback\"\n");
+        .replace(
+            "[sandbox]\n",
+            &format!(
+                "[[vo]]\nname = \"{VO2}\"\npublic_key = \"vo2.pub\"\n[sandbox]\nipc_fallback = \"loopback\"\n"
+            ),
+        );
     std::fs::write(
         &site.config,
         format!("{text}[authz]\nsite_policy = \"site.policy\"\n"),
     )
     .unwrap();
-    site
+    (site, key2)
 }
 
 fn status(c: &mut Client) -> Vec<RunningPayload> {
@@ -71,7 +83,7 @@ fn wait_usage(
 #[test]
 fn status_reports_rising_usage_of_this_connections_payloads_only() {
     let _u = Users::acquire();
-    let site = site();
+    let (site, key2) = site();
     let _d = site.start();
     let mut c = Client::hello(&site.socket, Client::default_hello());
     // 40 MB held in a shell variable, then a busy loop.
@@ -146,10 +158,10 @@ fn status_reports_rising_usage_of_this_connections_payloads_only() {
     // The owner's information request (signed by the VO, permitted by the site's policy):
     // state so far, usage, processes, cgroup; its nonce names the request.
     let nonce = uuid::Uuid::new_v4().simple().to_string();
-    let command = |nonce: &str| {
+    let command_of = |key: &VoSigningKey, vo: &str, nonce: &str| {
         SignedCommand::sign(
-            &site.key,
-            VO,
+            key,
+            vo,
             &CommandBody {
                 version: 1,
                 payload_id: id.clone(),
@@ -162,6 +174,22 @@ fn status_reports_rising_usage_of_this_connections_payloads_only() {
             },
         )
     };
+    let command = |nonce: &str| command_of(&site.key, VO, nonce);
+    // Another VO the site trusts cannot ask about this VO's payload.
+    match c.call(
+        &SwitchRequest::Command {
+            command: command_of(&key2, VO2, &format!("{nonce}-0")),
+        },
+        &[],
+    ) {
+        SwitchEvent::CommandDone { ok, reason, .. } => {
+            assert!(
+                !ok && reason.contains(&format!("belongs to VO '{VO}'")),
+                "{reason}"
+            )
+        }
+        ev => panic!("{ev:?}"),
+    }
     // From the other pilot's connection the payload is not there.
     match other.call(
         &SwitchRequest::Command {
@@ -205,7 +233,7 @@ fn status_reports_rising_usage_of_this_connections_payloads_only() {
 #[test]
 fn one_usage_request_for_8_running_payloads_is_cheap() {
     let _u = Users::acquire();
-    let site = site();
+    let (site, _) = site();
     let _d = site.start();
     let mut c = Client::hello(&site.socket, Client::default_hello());
     let timed = |c: &mut Client, n: usize| -> (Duration, Duration, Duration) {

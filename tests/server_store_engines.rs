@@ -256,6 +256,56 @@ fn commands(env: &Env) {
     assert_eq!(v.reason.as_deref(), Some("cancelled by /CN=a"));
 }
 
+/// Live usage and information requests: heartbeats keep the usage, a request becomes a
+/// command for the pilot, its answer is kept once and read by the requester, owner, operators.
+fn usage_and_information(env: &Env) {
+    use mupilot::protocol::api::InformationAnswer;
+    let s = env.open();
+    let t0 = Utc::now();
+    let id = s.submit(&new_payload(), None, t0).unwrap();
+    s.match_one("/CN=p", &mreq("p"), t0).unwrap().unwrap();
+    assert!(matches!(
+        s.request_information(&id, "/CN=a", false, t0),
+        Err(StoreError::Conflict(_))
+    ));
+    let mut beat = report("p", PayloadState::Running);
+    beat.cpu_seconds = Some(3.25);
+    beat.memory_bytes = Some(7 << 20);
+    beat.peak_memory_bytes = Some(9 << 20);
+    s.apply_status(&id, "/CN=p", &beat, t0).unwrap();
+    let v = s.view(&id).unwrap();
+    assert_eq!(
+        (v.cpu_seconds, v.memory_bytes_now, v.peak_memory_bytes),
+        (Some(3.25), Some(7 << 20), Some(9 << 20))
+    );
+    assert!(v.usage_at.is_some());
+    assert!(matches!(
+        s.request_information(&id, "/CN=mallory", false, t0),
+        Err(StoreError::Forbidden(_))
+    ));
+    let rid = s.request_information(&id, "/CN=a", false, t0).unwrap();
+    let cmds = s.apply_status(&id, "/CN=p", &beat, t0).unwrap();
+    assert!(
+        matches!(cmds.as_slice(), [OperatorCommand::Information { request_id, .. }] if *request_id == rid)
+    );
+    let answer = InformationAnswer {
+        request_id: rid.clone(),
+        ok: true,
+        reason: "information".into(),
+        payload: None,
+    };
+    let mut rep = report("p", PayloadState::Running);
+    rep.information = Some(answer.clone());
+    s.apply_status(&id, "/CN=p", &rep, t0).unwrap();
+    let got = s.information(&id, &rid, "/CN=op", true, 30).unwrap();
+    assert_eq!(got.answer, Some(answer));
+    assert_eq!(got.state, PayloadState::Running);
+    assert!(matches!(
+        s.information(&id, &rid, "/CN=mallory", false, 30),
+        Err(StoreError::Forbidden(_))
+    ));
+}
+
 /// The registry: seeds once, add/suspend/renew/remove, and only active members are matched.
 fn members(env: &Env) {
     let s = env.open();
@@ -403,10 +453,11 @@ fn concurrent_sweeps_and_retention(env: &Env) {
 type Scenario = (&'static str, fn(&Env));
 
 fn every_scenario(cluster: Option<&PgCluster>, engine: Engine) {
-    let scenarios: [Scenario; 6] = [
+    let scenarios: [Scenario; 7] = [
         ("lifecycle", lifecycle),
         ("sweeps_and_requeues", sweeps_and_requeues),
         ("commands", commands),
+        ("usage_and_information", usage_and_information),
         ("members", members),
         ("concurrent_matches", concurrent_matches),
         (
@@ -464,7 +515,9 @@ fn instances_migrate_once_and_errors_name_the_database() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, vec![1]);
+    // One row per version, from 1 on (whatever the number of migrations).
+    assert_eq!(versions.first(), Some(&1), "{versions:?}");
+    assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
 
     let d = tempfile::tempdir().unwrap();
     let bad_pw = d.path().join("wrong");

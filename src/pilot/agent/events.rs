@@ -52,7 +52,10 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
             } => self.on_command_done(payload_id, action, requester, ok, reason),
             SwitchEvent::Welcome { .. }
             | SwitchEvent::Running { .. }
-            | SwitchEvent::Killed { .. } => {}
+            | SwitchEvent::Killed { .. }
+            | SwitchEvent::ProxyCsr { .. }
+            | SwitchEvent::ProxyDelivered { .. }
+            | SwitchEvent::ProxyRefused { .. } => {}
         }
     }
 

@@ -50,12 +50,21 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
                 reason,
                 ..
             } => self.on_command_done(payload_id, action, requester, ok, reason),
+            SwitchEvent::ProxyCsr {
+                payload_id,
+                csr_pem,
+            } => self.on_proxy_csr(payload_id, csr_pem),
+            SwitchEvent::ProxyDelivered {
+                payload_id,
+                serial,
+                not_after,
+            } => self.on_proxy_delivered(payload_id, serial, not_after),
+            SwitchEvent::ProxyRefused { payload_id, reason } => {
+                self.on_proxy_refused(payload_id, reason)
+            }
             SwitchEvent::Welcome { .. }
             | SwitchEvent::Running { .. }
-            | SwitchEvent::Killed { .. }
-            | SwitchEvent::ProxyCsr { .. }
-            | SwitchEvent::ProxyDelivered { .. }
-            | SwitchEvent::ProxyRefused { .. } => {}
+            | SwitchEvent::Killed { .. } => {}
         }
     }
 

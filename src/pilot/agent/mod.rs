@@ -33,6 +33,7 @@ use crate::protocol::api::{MatchRequest, PayloadState, StatusReport, Work};
 use crate::records::now_rfc3339;
 
 mod events;
+mod proxy;
 mod stop;
 
 /// SIGTERM and SIGKILL numbers as the helper expects them.
@@ -66,6 +67,9 @@ pub struct AgentSettings {
     pub outbox_wait: Duration,
     /// Retry schedule of the outbox.
     pub patience: Patience,
+    /// How long before a payload's delegated proxy expires it is renewed (at most half its
+    /// life).
+    pub proxy_renew_margin: Duration,
 }
 
 /// Requests from outside the loop (signal handlers, tests).
@@ -158,6 +162,8 @@ struct Payload {
     /// payload whose launch never got there is handed back unstarted, not lost.
     reached_helper: bool,
     dir: PathBuf,
+    /// The payload's delegated proxy (envelopes with `credential` only).
+    proxy: Option<proxy::ProxyState>,
 }
 
 /// The loop and its state.
@@ -179,6 +185,8 @@ pub struct Agent<S: ServerApi, H: HelperApi> {
     payloads: BTreeMap<String, Payload>,
     back_tx: mpsc::UnboundedSender<Reported>,
     match_tx: mpsc::UnboundedSender<Result<Option<Work>, ClientError>>,
+    /// The VO server's answers to proxy CSRs.
+    proxy_tx: mpsc::UnboundedSender<proxy::Issued>,
     match_in_flight: bool,
     /// The in-flight match, aborted on a stop so a hanging server cannot delay it.
     match_task: Option<tokio::task::JoinHandle<()>>,
@@ -229,6 +237,7 @@ pub async fn run<S: ServerApi, H: HelperApi>(
         ));
     }
     let (match_tx, mut match_rx) = mpsc::unbounded_channel();
+    let (proxy_tx, mut proxy_rx) = mpsc::unbounded_channel();
     let now = Instant::now();
     let mut a = Agent {
         capacity: Capacity::new(slot.cores, slot.memory_bytes),
@@ -244,6 +253,7 @@ pub async fn run<S: ServerApi, H: HelperApi>(
         payloads: BTreeMap::new(),
         back_tx,
         match_tx,
+        proxy_tx,
         match_in_flight: false,
         match_task: None,
         next_match: now,
@@ -279,6 +289,7 @@ pub async fn run<S: ServerApi, H: HelperApi>(
             Some(c) = control_rx.recv() => a.on_control(c),
             Some(r) = back_rx.recv() => a.on_reported(r),
             Some(m) = match_rx.recv() => a.on_matched(m),
+            Some(i) = proxy_rx.recv() => a.on_proxy_issued(i),
             _ = tokio::time::sleep(a.cfg.tick) => {}
         }
     }
@@ -637,6 +648,7 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
                 stored: false,
                 reached_helper: false,
                 dir,
+                proxy: None,
             },
         );
         self.launches += 1;
@@ -646,6 +658,25 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
             memory_bytes = body.resources.memory_bytes,
             "launching through the helper"
         );
+        if body.credential.is_some() {
+            // The helper makes the payload's key; its CSR goes to the server, the chain comes
+            // back with the launch (agent/proxy.rs). Until then the launch waits here.
+            if let Some(p) = self.payloads.get_mut(&id) {
+                p.proxy = Some(proxy::ProxyState {
+                    launch: Some(proxy::PendingLaunch {
+                        envelope: work.envelope.clone(),
+                        bundle: work.bundle.clone(),
+                        stdout,
+                        stderr,
+                    }),
+                    ..Default::default()
+                });
+            }
+            if let Err(e) = self.helper.proxy_request(&work.envelope) {
+                self.on_helper_lost(&e.to_string());
+            }
+            return;
+        }
         match self
             .helper
             .launch(&work.envelope, work.bundle.as_deref(), &stdout, &stderr)

@@ -79,21 +79,28 @@ impl WorkerKey {
                 dn: super::dn::grid_dn(first.subject_name()),
             });
         }
-        let key_pem = self
+        let pems = certs
+            .iter()
+            .map(|c| c.to_pem())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CredentialRefusal::Unreadable(e.to_string()))?;
+        let mut key_pem = self
             .key
             .rsa()
             .and_then(|r| r.private_key_to_pem())
             .map_err(|e| CredentialRefusal::Site(format!("cannot encode the proxy key: {e}")))?;
-        let mut out = Vec::with_capacity(chain_pem.len() + key_pem.len());
-        for (i, c) in certs.iter().enumerate() {
-            let pem = c
-                .to_pem()
-                .map_err(|e| CredentialRefusal::Unreadable(e.to_string()))?;
-            out.extend_from_slice(&pem);
+        // Sized exactly, so no copy of the key is left behind by a reallocation; the key's
+        // own encoding is zeroed once copied (the caller zeroes the file it got).
+        let len = key_pem.len() + pems.iter().map(Vec::len).sum::<usize>();
+        let mut out = Vec::with_capacity(len);
+        for (i, pem) in pems.iter().enumerate() {
+            out.extend_from_slice(pem);
             if i == 0 {
                 out.extend_from_slice(&key_pem);
             }
         }
+        key_pem.iter_mut().for_each(|b| *b = 0);
+        std::hint::black_box(&key_pem);
         Ok(out)
     }
 }

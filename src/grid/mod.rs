@@ -8,9 +8,10 @@
 //! cached by the chain's SHA-256 until the credential's not-after or a change of the CA
 //! directory or vomsdir ([`cache`]).
 //!
-//! This module reads files and does cryptography only: it starts no process, opens no socket
-//! and holds no private key (a proxy file's key is skipped unread). It links the system's
-//! OpenSSL (feature `grid`), which the static musl pilot is built without.
+//! This module reads files and does cryptography only: it starts no process and opens no
+//! socket. The verifier holds no private key (a proxy file's key is skipped unread); the one
+//! private key here is the payload's, made on the worker node ([`worker_key`]). It links the
+//! system's OpenSSL (feature `grid`), which the static musl pilot is built without.
 
 pub mod ac;
 pub mod cache;
@@ -22,6 +23,7 @@ pub mod refusal;
 pub mod trust;
 pub mod verify;
 pub mod voms;
+pub mod worker_key;
 
 pub use config::{EnvelopeFqans, GridConfig, LimitedProxies};
 pub use refusal::CredentialRefusal;

@@ -109,6 +109,8 @@ pub enum CredentialRefusal {
     FqanOutsideVo { fqan: String, vo: String },
     #[error("envelope FQAN {fqan} not in the verified AC ({}); envelope_fqans = \"must_agree\"", verified.join(", "))]
     FqanDisagrees { fqan: String, verified: Vec<String> },
+    #[error("the issued proxy {dn} is not for the key this node made for the payload (a chain for another request, or replayed)")]
+    NotOurKey { dn: String },
     #[error("site trust store unusable: {0}")]
     Site(String),
 }

@@ -218,6 +218,7 @@ fn run(config: &Path, max_payloads: Option<u32>, idle_timeout: Option<u64>) -> i
         drain_file: cfg.drain_file.clone(),
         upload_reserve: cfg.upload_reserve,
         outbox_wait: cfg.outbox_wait,
+        proxy_renew_margin: cfg.proxy_renew_margin,
         patience: Default::default(),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::protocol::api::{ApiError, MatchRequest, MatchResponse, StatusAck, StatusReport, Work};
+use crate::protocol::delegation::{IssuedProxy, ProxyCsr};
 
 /// Errors talking to the VO server.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -58,6 +59,12 @@ pub trait ServerApi: Send + Sync + 'static {
         payload_id: String,
         archive: Vec<u8>,
     ) -> impl Future<Output = Result<(), ClientError>> + Send;
+    /// `POST /v1/payloads/{id}/proxy`: a proxy for the key the helper made (its CSR).
+    fn issue_proxy(
+        &self,
+        payload_id: String,
+        csr: ProxyCsr,
+    ) -> impl Future<Output = Result<IssuedProxy, ClientError>> + Send;
 }
 
 /// Retry schedule for transient failures.
@@ -219,5 +226,15 @@ impl ServerApi for HttpsServer {
         })
         .await?;
         Ok(())
+    }
+
+    async fn issue_proxy(
+        &self,
+        payload_id: String,
+        csr: ProxyCsr,
+    ) -> Result<IssuedProxy, ClientError> {
+        let url = format!("{}/v1/payloads/{payload_id}/proxy", self.base);
+        let body = self.send(&url, || self.http.post(&url).json(&csr)).await?;
+        Self::json(&url, &body)
     }
 }

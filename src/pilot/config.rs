@@ -69,6 +69,8 @@ struct RawConfig {
     #[serde(default)]
     outbox_wait_seconds: Option<u64>,
     #[serde(default)]
+    proxy_renew_margin_seconds: Option<u64>,
+    #[serde(default)]
     slot: Overrides,
 }
 
@@ -100,6 +102,8 @@ pub struct PilotConfig {
     /// With nothing else to do, how long undelivered reports are retried before the pilot
     /// leaves them in its outbox for the next pilot.
     pub outbox_wait: Duration,
+    /// How long before a payload's delegated proxy expires the pilot renews it.
+    pub proxy_renew_margin: Duration,
     pub slot: Overrides,
 }
 
@@ -216,6 +220,12 @@ impl PilotConfig {
             drain_file: raw.drain_file.map(abs),
             upload_reserve: secs("upload_reserve_seconds", raw.upload_reserve_seconds, 30, 0)?,
             outbox_wait: secs("outbox_wait_seconds", raw.outbox_wait_seconds, 3600, 0)?,
+            proxy_renew_margin: secs(
+                "proxy_renew_margin_seconds",
+                raw.proxy_renew_margin_seconds,
+                3600,
+                60,
+            )?,
             slot: raw.slot,
         })
     }

@@ -75,6 +75,22 @@ pub trait HelperApi: Send + Sync + 'static {
     /// Asks for this pilot's running payloads with their usage so far; the helper answers
     /// `running` (one request per heartbeat round, for all payloads).
     fn status(&self) -> Result<(), HelperError>;
+    /// For an envelope with `credential`: asks the helper for the CSR of the payload's key
+    /// (`proxy_csr`, or `denied`).
+    fn proxy_request(&self, envelope: &SignedEnvelope) -> Result<(), HelperError>;
+    /// [`HelperApi::launch`] with the chain the VO server issued for that CSR.
+    fn launch_with_proxy(
+        &self,
+        envelope: &SignedEnvelope,
+        bundle: Option<&str>,
+        stdout: &File,
+        stderr: &File,
+        chain_pem: &str,
+    ) -> Result<(), HelperError>;
+    /// Asks for a CSR to renew a running payload's proxy (`proxy_csr` or `proxy_refused`).
+    fn proxy_renew(&self, payload_id: &str) -> Result<(), HelperError>;
+    /// Hands the renewed chain to the helper (`proxy_delivered` or `proxy_refused`).
+    fn proxy_renewed(&self, payload_id: &str, chain_pem: &str) -> Result<(), HelperError>;
 }
 
 /// The real connection to `mupilot-switch`.
@@ -192,13 +208,15 @@ impl Drop for HelperConnection {
     }
 }
 
-impl HelperApi for HelperConnection {
-    fn launch(
+impl HelperConnection {
+    /// `launch`, or `launch_with_proxy` with a chain.
+    fn launch_frame(
         &self,
         envelope: &SignedEnvelope,
         bundle: Option<&str>,
         stdout: &File,
         stderr: &File,
+        chain_pem: Option<&str>,
     ) -> Result<(), HelperError> {
         // The bundle travels as a sealed memfd: its pages are the pilot's (its batch job pays
         // for them, P7) and the helper reads it by position, never as JSON.
@@ -220,13 +238,66 @@ impl HelperApi for HelperConnection {
                 }
             }
         };
-        let req = SwitchRequest::Launch {
-            envelope: envelope.clone(),
-            bundle_fd: bundle.as_ref().map(|_| 2),
+        let bundle_fd = bundle.as_ref().map(|_| 2);
+        let req = match chain_pem {
+            None => SwitchRequest::Launch {
+                envelope: envelope.clone(),
+                bundle_fd,
+            },
+            Some(chain) => SwitchRequest::LaunchWithProxy {
+                envelope: envelope.clone(),
+                bundle_fd,
+                chain_pem: chain.to_string(),
+            },
         };
         let mut fds = vec![stdout.as_raw_fd(), stderr.as_raw_fd()];
         fds.extend(bundle.as_ref().map(|b| b.as_raw_fd()));
         self.send(&req, &fds)
+    }
+}
+
+impl HelperApi for HelperConnection {
+    fn launch(
+        &self,
+        envelope: &SignedEnvelope,
+        bundle: Option<&str>,
+        stdout: &File,
+        stderr: &File,
+    ) -> Result<(), HelperError> {
+        self.launch_frame(envelope, bundle, stdout, stderr, None)
+    }
+
+    fn launch_with_proxy(
+        &self,
+        envelope: &SignedEnvelope,
+        bundle: Option<&str>,
+        stdout: &File,
+        stderr: &File,
+        chain_pem: &str,
+    ) -> Result<(), HelperError> {
+        self.launch_frame(envelope, bundle, stdout, stderr, Some(chain_pem))
+    }
+
+    fn proxy_request(&self, envelope: &SignedEnvelope) -> Result<(), HelperError> {
+        let req = SwitchRequest::ProxyRequest {
+            envelope: envelope.clone(),
+        };
+        self.send(&req, &[])
+    }
+
+    fn proxy_renew(&self, payload_id: &str) -> Result<(), HelperError> {
+        let req = SwitchRequest::ProxyRenew {
+            payload_id: payload_id.to_string(),
+        };
+        self.send(&req, &[])
+    }
+
+    fn proxy_renewed(&self, payload_id: &str, chain_pem: &str) -> Result<(), HelperError> {
+        let req = SwitchRequest::ProxyRenewed {
+            payload_id: payload_id.to_string(),
+            chain_pem: chain_pem.to_string(),
+        };
+        self.send(&req, &[])
     }
 
     fn signal(&self, payload_id: &str, signal: i32, reason: &str) -> Result<(), HelperError> {

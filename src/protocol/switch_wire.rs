@@ -80,6 +80,28 @@ pub enum SwitchRequest {
     Command {
         command: super::command::SignedCommand,
     },
+    /// The envelope carries `credential` (the owner delegated a proxy to the VO server): the
+    /// helper verifies the envelope as for a launch, without spending its nonce, makes the
+    /// payload's key pair (kept for this connection only, never shown to the pilot) and
+    /// answers `proxy_csr`, or `denied` (final, as for a launch).
+    ProxyRequest { envelope: SignedEnvelope },
+    /// `launch` for an envelope with `credential`: `chain_pem` is what the VO server issued
+    /// for the `proxy_csr` of this envelope (`protocol::delegation::IssuedProxy`).
+    LaunchWithProxy {
+        envelope: SignedEnvelope,
+        #[serde(default)]
+        bundle_fd: Option<usize>,
+        chain_pem: String,
+    },
+    /// A fresh key and CSR to renew the proxy of a running payload of this pilot: answered
+    /// `proxy_csr` or `proxy_refused`.
+    ProxyRenew { payload_id: String },
+    /// The chain the VO server issued for the renewal CSR: the helper verifies it and replaces
+    /// the payload's proxy file; answered `proxy_delivered` or `proxy_refused`.
+    ProxyRenewed {
+        payload_id: String,
+        chain_pem: String,
+    },
     /// Site admin (peer uid 0 only, sent as the first frame instead of `hello`): kill every
     /// running payload of `owner_dn` on this node, and with `ban` refuse that DN from now on.
     /// Answered by `killed` (or `error`).
@@ -243,6 +265,19 @@ pub enum SwitchEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         nonce: Option<String>,
     },
+    /// Answer to `proxy_request` and `proxy_renew`: the PEM certificate request for the
+    /// payload's new key, to relay to `POST /v1/payloads/{id}/proxy`.
+    ProxyCsr { payload_id: String, csr_pem: String },
+    /// Answer to `proxy_renewed`: the payload's proxy file now holds the new proxy.
+    ProxyDelivered {
+        payload_id: String,
+        /// The new proxy's serial (lower-case hex) and the credential's not-after.
+        serial: String,
+        not_after: String,
+    },
+    /// Answer to `proxy_renew` or `proxy_renewed`: no renewal, and why. The payload keeps
+    /// running with the proxy it has.
+    ProxyRefused { payload_id: String, reason: String },
     /// Answer to `admin_kill`: the payload ids that were killed (empty: none was running).
     Killed { payloads: Vec<String> },
     /// The request could not be understood; the connection stays usable.

@@ -32,6 +32,10 @@ pub enum AuditEvent {
     End,
     Kill,
     Signal,
+    /// A running payload's proxy was replaced by a renewed one (`proxy_serial`, `fqans`).
+    ProxyRenewed,
+    /// A renewal of a payload's proxy was refused (`reason`); the payload keeps its proxy.
+    ProxyRefused,
 }
 
 /// One audit record. Fields that do not apply are left out.
@@ -99,6 +103,12 @@ pub struct AuditRecord {
     pub kill_reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refused_count: Option<u64>,
+    /// The payload's delivered proxy (start and proxy_renewed records): its serial (hex) and
+    /// the credential's not-after; `fqans` are then the verified ones.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_serial: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_not_after: Option<String>,
 }
 
 impl AuditRecord {
@@ -140,12 +150,15 @@ impl AuditEvent {
     /// number, only in the half of the backlog they may use.
     fn keep(self) -> Keep {
         match self {
-            AuditEvent::RefusedCaller | AuditEvent::RefusedSummary | AuditEvent::Denied => {
-                Keep::BestEffort
-            }
-            AuditEvent::Start | AuditEvent::End | AuditEvent::Kill | AuditEvent::Signal => {
-                Keep::Essential
-            }
+            AuditEvent::RefusedCaller
+            | AuditEvent::RefusedSummary
+            | AuditEvent::Denied
+            | AuditEvent::ProxyRefused => Keep::BestEffort,
+            AuditEvent::Start
+            | AuditEvent::End
+            | AuditEvent::Kill
+            | AuditEvent::Signal
+            | AuditEvent::ProxyRenewed => Keep::Essential,
         }
     }
 }

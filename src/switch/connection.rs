@@ -73,6 +73,8 @@ pub fn serve(
             cgroups: None,
         },
         accepted,
+        #[cfg(feature = "grid")]
+        keys: Default::default(),
     };
     let _gone = KillOnClose {
         helper: helper.clone(),
@@ -101,6 +103,10 @@ struct Connection {
     sender: Sender,
     caller: Caller,
     accepted: Instant,
+    /// Keys made for this pilot's payloads' proxies, waiting for their chains; dropped with
+    /// the connection.
+    #[cfg(feature = "grid")]
+    keys: super::proxy::keys::PendingKeys,
 }
 
 impl Connection {
@@ -126,7 +132,24 @@ impl Connection {
                         bundle_fd,
                     },
                     fds,
-                )) => self.launch(&envelope, bundle_fd, fds),
+                )) => self.launch(&envelope, bundle_fd, fds, None),
+                Ok((
+                    SwitchRequest::LaunchWithProxy {
+                        envelope,
+                        bundle_fd,
+                        chain_pem,
+                    },
+                    fds,
+                )) => self.launch(&envelope, bundle_fd, fds, Some(&chain_pem)),
+                Ok((SwitchRequest::ProxyRequest { envelope }, _)) => self.proxy_request(&envelope),
+                Ok((SwitchRequest::ProxyRenew { payload_id }, _)) => self.proxy_renew(&payload_id),
+                Ok((
+                    SwitchRequest::ProxyRenewed {
+                        payload_id,
+                        chain_pem,
+                    },
+                    _,
+                )) => self.proxy_renewed(&payload_id, &chain_pem),
                 Ok((
                     SwitchRequest::Signal {
                         payload_id,
@@ -248,38 +271,170 @@ impl Connection {
         rec
     }
 
-    fn launch(&self, envelope: &SignedEnvelope, bundle_fd: Option<usize>, fds: Vec<OwnedFd>) {
+    fn launch(
+        &mut self,
+        envelope: &SignedEnvelope,
+        bundle_fd: Option<usize>,
+        fds: Vec<OwnedFd>,
+        chain_pem: Option<&str>,
+    ) {
         self.helper.stages.wake_next();
         let mut rec = self.record(AuditEvent::Denied);
+        // The key made for this very envelope (by its payload id and digest), used once.
+        let proxy = chain_pem.map(|chain_pem| super::proxy::LaunchProxy {
+            key: self.take_key(envelope),
+            chain_pem,
+        });
         match launch::launch(
             &self.helper,
             &self.caller,
             envelope,
             bundle_fd,
             fds,
+            proxy,
             &mut rec,
         ) {
             Ok(started) => self.started(started),
-            Err(e) => {
-                let class = e.class();
-                let reason = e.to_string();
-                let payload_id = rec.payload_id.clone().unwrap_or_default();
-                tracing::info!(%payload_id, class = class.as_str(), %reason, "denied");
-                rec.time = crate::records::now_rfc3339();
-                rec.event = Some(AuditEvent::Denied);
-                rec.decision = Some("deny");
-                rec.denial_class = Some(class.as_str());
-                rec.reason = Some(reason.clone());
-                if !e.recorded_as_end() {
-                    self.helper.audit.append_or_log(&rec);
-                }
-                self.send(SwitchEvent::Denied {
-                    payload_id,
-                    class,
-                    reason,
+            Err(e) => self.deny(rec, e),
+        }
+    }
+
+    #[cfg(feature = "grid")]
+    fn take_key(&mut self, envelope: &SignedEnvelope) -> Option<super::proxy::PendingKey> {
+        let digest = envelope.digest().ok()?;
+        self.keys.take(
+            &launch::claimed_payload_id(envelope),
+            &super::proxy::keys::Purpose::Launch(digest),
+        )
+    }
+
+    #[cfg(not(feature = "grid"))]
+    fn take_key(&mut self, _envelope: &SignedEnvelope) -> Option<super::proxy::PendingKey> {
+        None
+    }
+
+    /// Records and answers a denial of a launch or proxy request.
+    fn deny(&self, mut rec: AuditRecord, e: launch::LaunchError) {
+        let class = e.class();
+        let reason = e.to_string();
+        let payload_id = rec.payload_id.clone().unwrap_or_default();
+        tracing::info!(%payload_id, class = class.as_str(), %reason, "denied");
+        rec.time = crate::records::now_rfc3339();
+        rec.event = Some(AuditEvent::Denied);
+        rec.decision = Some("deny");
+        rec.denial_class = Some(class.as_str());
+        rec.reason = Some(reason.clone());
+        if !e.recorded_as_end() {
+            self.helper.audit.append_or_log(&rec);
+        }
+        self.send(SwitchEvent::Denied {
+            payload_id,
+            class,
+            reason,
+        });
+    }
+
+    /// `proxy_request`: a CSR for a key made for the envelope's payload, or a denial.
+    fn proxy_request(&mut self, envelope: &SignedEnvelope) {
+        let mut rec = self.record(AuditEvent::Denied);
+        #[cfg(feature = "grid")]
+        let result = launch::proxy_csr(
+            &self.helper,
+            &self.caller,
+            envelope,
+            &mut self.keys,
+            &mut rec,
+        );
+        #[cfg(not(feature = "grid"))]
+        let result: Result<(String, String), _> = {
+            rec.payload_id = Some(launch::claimed_payload_id(envelope)).filter(|s| !s.is_empty());
+            Err(launch::LaunchError::Proxy(
+                super::proxy::ProxyError::NotBuilt,
+            ))
+        };
+        match result {
+            Ok((payload_id, csr_pem)) => self.send(SwitchEvent::ProxyCsr {
+                payload_id,
+                csr_pem,
+            }),
+            Err(e) => self.deny(rec, e),
+        }
+    }
+
+    /// `proxy_renew`: a CSR for a new key of a running payload of this pilot.
+    fn proxy_renew(&mut self, payload_id: &str) {
+        #[cfg(feature = "grid")]
+        let result = super::proxy::renew::csr(
+            &self.helper,
+            self.caller.conn_id,
+            &mut self.keys,
+            payload_id,
+        );
+        #[cfg(not(feature = "grid"))]
+        let result: Result<String, _> = Err(super::proxy::ProxyError::NotBuilt);
+        match result {
+            Ok(csr_pem) => self.send(SwitchEvent::ProxyCsr {
+                payload_id: payload_id.to_string(),
+                csr_pem,
+            }),
+            Err(e) => self.proxy_refused(payload_id, e),
+        }
+    }
+
+    /// `proxy_renewed`: the new chain verified and delivered (a `proxy_renewed` record), or
+    /// refused (a `proxy_refused` record); the payload keeps running either way.
+    fn proxy_renewed(&mut self, payload_id: &str, chain_pem: &str) {
+        #[cfg(feature = "grid")]
+        let result = super::proxy::renew::renewed(
+            &self.helper,
+            self.caller.conn_id,
+            &mut self.keys,
+            payload_id,
+            chain_pem,
+        );
+        #[cfg(not(feature = "grid"))]
+        let result: Result<(super::proxy::Delivery, super::registry::Entry), _> = {
+            let _ = chain_pem;
+            Err(super::proxy::ProxyError::NotBuilt)
+        };
+        match result {
+            Ok((d, entry)) => {
+                let mut rec = entry.record.follow_up(AuditEvent::ProxyRenewed);
+                rec.proxy_serial = Some(d.serial.clone());
+                rec.proxy_not_after = Some(d.not_after.clone());
+                rec.fqans = Some(d.fqans.clone());
+                self.helper.audit.append_or_log(&rec);
+                tracing::info!(payload_id, serial = %d.serial, "proxy renewed");
+                self.send(SwitchEvent::ProxyDelivered {
+                    payload_id: payload_id.to_string(),
+                    serial: d.serial.clone(),
+                    not_after: d.not_after.clone(),
                 });
             }
+            Err(e) => self.proxy_refused(payload_id, e),
         }
+    }
+
+    fn proxy_refused(&self, payload_id: &str, e: super::proxy::ProxyError) {
+        let reason = e.to_string();
+        tracing::info!(payload_id, %reason, "proxy renewal refused");
+        // About this pilot's own payload when it is one; otherwise only the claim.
+        let mut rec = match self.helper.registry.get(self.caller.conn_id, payload_id) {
+            Some(entry) => entry.record.follow_up(AuditEvent::ProxyRefused),
+            None => {
+                let mut r = self.record(AuditEvent::ProxyRefused);
+                r.payload_id = Some(payload_id.to_string()).filter(|p| crate::util::is_safe_id(p));
+                r
+            }
+        };
+        rec.decision = Some("deny");
+        rec.denial_class = Some(e.class().as_str());
+        rec.reason = Some(reason.clone());
+        self.helper.audit.append_or_log(&rec);
+        self.send(SwitchEvent::ProxyRefused {
+            payload_id: payload_id.to_string(),
+            reason,
+        });
     }
 
     /// Hands a started payload to a waiter thread of its own, which reports `started`

@@ -47,6 +47,9 @@ pub struct Helper {
     pub admission: Arc<Admission>,
     /// Refused connections, audited aggregated.
     pub refusals: Refusals,
+    /// Verifies owners' proxies (switch.toml `[grid]`); None: the site verifies none.
+    #[cfg(feature = "grid")]
+    pub verifier: Option<crate::grid::Verifier>,
     next_conn: AtomicU64,
 }
 
@@ -88,6 +91,8 @@ impl Helper {
                 cfg.limits.max_connections,
             ),
             refusals: Refusals::new(cfg.limits.refusal_audit_interval),
+            #[cfg(feature = "grid")]
+            verifier: cfg.grid.clone().map(crate::grid::Verifier::new),
             next_conn: AtomicU64::new(1),
             cfg,
         })

@@ -18,11 +18,12 @@ use super::audit::{argv_sha256, AuditEvent, AuditRecord};
 use super::authorize::{AuthzError, AuthzRequest};
 use super::daemon::Helper;
 use super::peer::{Peer, PeerError};
+use super::proxy::{LaunchProxy, ProxyError};
 use super::registry::{Ask, SlotError};
 use super::replay::ReplayError;
 use super::sandbox::cgroup::PilotCgroups;
 use super::sandbox::{self, Account, Handle, LaunchPlan, Running, SandboxError};
-use crate::protocol::envelope::{EnvelopeError, Expect};
+use crate::protocol::envelope::{EnvelopeBody, EnvelopeError, Expect, Owner, VerifiedEnvelope};
 use crate::protocol::switch_wire::{DenialClass, PilotHello};
 use crate::protocol::SignedEnvelope;
 use crate::records::RecordError;
@@ -88,6 +89,9 @@ pub enum LaunchError {
     /// The sandbox failed after the start record was written (an end record closes it).
     #[error("sandbox: {0}")]
     SandboxAfterStart(SandboxError),
+    /// The owner's delegated proxy: missing, refused, or not deliverable.
+    #[error("{0}")]
+    Proxy(ProxyError),
 }
 
 impl LaunchError {
@@ -113,6 +117,7 @@ impl LaunchError {
             Sandbox(SandboxError::Bundle { .. })
             | SandboxAfterStart(SandboxError::Bundle { .. }) => DenialClass::Caller,
             ReplayCache(_) | Sandbox(_) | Audit(_) | SandboxAfterStart(_) => DenialClass::System,
+            Proxy(e) => e.class(),
         }
     }
 
@@ -171,6 +176,7 @@ pub fn launch(
     envelope: &SignedEnvelope,
     bundle_fd: Option<usize>,
     mut fds: Vec<OwnedFd>,
+    proxy: Option<LaunchProxy<'_>>,
     rec: &mut AuditRecord,
 ) -> Result<Started, LaunchError> {
     rec.payload_id = Some(claimed_payload_id(envelope)).filter(|s| !s.is_empty());
@@ -196,42 +202,9 @@ pub fn launch(
         }
     };
 
-    // a. The VO the envelope claims selects the key; nothing else is read unverified.
-    let vo_name = envelope.claimed_vo().map_err(LaunchError::Unreadable)?;
-    rec.vo = Some(vo_name.clone());
-    let vo = helper
-        .cfg
-        .vo(&vo_name)
-        .ok_or_else(|| LaunchError::UnknownVo {
-            vo: vo_name.clone(),
-            config: helper.cfg.path.display().to_string(),
-        })?;
-
-    // b. Signature, format, validity window (its length within the site's maximum, now
-    //    inside it) and the binding to this node and this pilot: an envelope runs once, on
-    //    the node of the pilot it was matched to.
     let now = Utc::now();
-    let verified = envelope
-        .verify(
-            &vo.key,
-            &Expect {
-                now,
-                node: &helper.cfg.node_name,
-                pilot_id: &caller.hello.pilot_id,
-                max_validity: chrono::Duration::seconds(
-                    helper.cfg.max_envelope_validity_seconds as i64,
-                ),
-            },
-        )
-        .map_err(LaunchError::Envelope)?;
+    let verified = verify_envelope(helper, caller, envelope, rec, now)?;
     let body = verified.body();
-    rec.payload_id = Some(body.payload_id.clone());
-    rec.owner_dn = Some(body.owner.dn.clone());
-    rec.fqans = Some(body.owner.fqans.clone());
-    rec.jobtag = body.jobtag.clone();
-    rec.argv_sha256 = Some(argv_sha256(&body.argv));
-    rec.bundle_sha256 = body.bundle_sha256.clone();
-    rec.envelope_sha256 = Some(verified.digest().to_string());
 
     // c. Replay: the nonce is consumed now, whatever happens next (a denial is final). It is
     //    on disk before the payload may run (step j).
@@ -266,6 +239,30 @@ pub fn launch(
         }
     };
 
+    // d2. The owner's proxy (issue 17): an envelope with `credential` runs only with a proxy
+    //     for the key this helper made for it, verified against `[grid]` for the envelope's
+    //     owner DN and VO; its FQANs are the ones the decision below sees. Nothing for an
+    //     envelope without one.
+    let delivery =
+        super::proxy::for_launch(helper, body, proxy, now).map_err(LaunchError::Proxy)?;
+    let decided_body;
+    let decided = match &delivery {
+        None => body,
+        Some(d) => {
+            rec.fqans = Some(d.fqans.clone());
+            rec.proxy_serial = Some(d.serial.clone());
+            rec.proxy_not_after = Some(d.not_after.clone());
+            decided_body = EnvelopeBody {
+                owner: Owner {
+                    fqans: d.fqans.clone(),
+                    ..body.owner.clone()
+                },
+                ..body.clone()
+            };
+            &decided_body
+        }
+    };
+
     // e. Membership (P3): the VO vouches for it until this time only.
     if body.owner.membership_valid_until < now {
         return Err(LaunchError::MembershipExpired {
@@ -280,7 +277,7 @@ pub fn launch(
         .authz
         .decide(
             &AuthzRequest {
-                body,
+                body: decided,
                 pilot_uid: caller.uid,
                 pilot_dn: caller.hello.pilot_dn.as_deref(),
             },
@@ -332,7 +329,10 @@ pub fn launch(
         payload_id: body.payload_id.clone(),
         account: account.clone(),
         argv: body.argv.clone(),
-        env: body.env.clone(),
+        env: match &delivery {
+            None => body.env.clone(),
+            Some(d) => body.env.clone().into_iter().chain(d.env.clone()).collect(),
+        },
         cores: body.resources.cores,
         memory_bytes: body.resources.memory_bytes,
         walltime_seconds: body.resources.walltime_seconds,
@@ -342,6 +342,13 @@ pub fn launch(
     };
     let mut starting = sandbox::begin(&helper.cfg.sandbox, &helper.stages, plan, stdout, stderr)
         .map_err(LaunchError::Sandbox)?;
+    // The proxy goes into the new scratch before the stage may go on (it unpacks the bundle
+    // after the cgroup gate, below): the payload never starts without it. The start record
+    // is its delivery record (proxy_serial, proxy_not_after, the verified fqans).
+    if let Some(d) = &delivery {
+        super::proxy::deliver(starting.scratch(), account.uid, account.gid, &d.file)
+            .map_err(LaunchError::Proxy)?;
+    }
 
     // j. While the stage builds the scratch view: the nonce goes to disk (on the sync
     //    thread) while the payload cgroup is created here; then the start record is written
@@ -402,6 +409,94 @@ pub fn launch(
         running,
         record: start,
     })
+}
+
+/// `proxy_request`: the envelope checked as for a launch (steps a and b, and the replay check
+/// without spending the nonce), then a key made for the payload and kept in `keys`. Returns
+/// the payload id and the CSR.
+#[cfg(feature = "grid")]
+pub fn proxy_csr(
+    helper: &Helper,
+    caller: &Caller,
+    envelope: &SignedEnvelope,
+    keys: &mut super::proxy::keys::PendingKeys,
+    rec: &mut AuditRecord,
+) -> Result<(String, String), LaunchError> {
+    rec.payload_id = Some(claimed_payload_id(envelope)).filter(|s| !s.is_empty());
+    let verified = verify_envelope(helper, caller, envelope, rec, Utc::now())?;
+    let body = verified.body();
+    let seen = helper
+        .replay
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(&body.owner.vo, &body.nonce);
+    if seen {
+        return Err(LaunchError::Replayed {
+            nonce: body.nonce.clone(),
+        });
+    }
+    if body.credential.is_none() {
+        return Err(LaunchError::Proxy(ProxyError::NotDelegated));
+    }
+    if helper.verifier.is_none() {
+        return Err(LaunchError::Proxy(ProxyError::NoGrid {
+            config: helper.cfg.path.display().to_string(),
+        }));
+    }
+    let purpose = super::proxy::keys::Purpose::Launch(verified.digest().to_string());
+    let csr = keys
+        .request(&body.payload_id, purpose)
+        .map_err(LaunchError::Proxy)?;
+    Ok((body.payload_id.clone(), csr))
+}
+
+/// Steps a and b of a launch, also the first of `proxy_request`: the VO the envelope claims
+/// selects the key (nothing else is read unverified), then signature, format, validity window
+/// and the binding to this node and this pilot. Fills `rec` with what the envelope says.
+fn verify_envelope(
+    helper: &Helper,
+    caller: &Caller,
+    envelope: &SignedEnvelope,
+    rec: &mut AuditRecord,
+    now: chrono::DateTime<Utc>,
+) -> Result<VerifiedEnvelope, LaunchError> {
+    // a. The VO the envelope claims selects the key; nothing else is read unverified.
+    let vo_name = envelope.claimed_vo().map_err(LaunchError::Unreadable)?;
+    rec.vo = Some(vo_name.clone());
+    let vo = helper
+        .cfg
+        .vo(&vo_name)
+        .ok_or_else(|| LaunchError::UnknownVo {
+            vo: vo_name.clone(),
+            config: helper.cfg.path.display().to_string(),
+        })?;
+
+    // b. Signature, format, validity window (its length within the site's maximum, now
+    //    inside it) and the binding to this node and this pilot: an envelope runs once, on
+    //    the node of the pilot it was matched to.
+    let verified = envelope
+        .verify(
+            &vo.key,
+            &Expect {
+                now,
+                node: &helper.cfg.node_name,
+                pilot_id: &caller.hello.pilot_id,
+                max_validity: chrono::Duration::seconds(
+                    helper.cfg.max_envelope_validity_seconds as i64,
+                ),
+            },
+        )
+        .map_err(LaunchError::Envelope)?;
+    let body = verified.body();
+    rec.payload_id = Some(body.payload_id.clone());
+    rec.owner_dn = Some(body.owner.dn.clone());
+    rec.fqans = Some(body.owner.fqans.clone());
+    rec.jobtag = body.jobtag.clone();
+    rec.argv_sha256 = Some(argv_sha256(&body.argv));
+    rec.bundle_sha256 = body.bundle_sha256.clone();
+    rec.envelope_sha256 = Some(verified.digest().to_string());
+
+    Ok(verified)
 }
 
 /// The SHA-256 of a bundle descriptor, after checking it is a memfd sealed against writing,

@@ -152,6 +152,11 @@ impl ReplayCache {
     }
 
     /// Number of live entries.
+    /// Whether `nonce` of `vo` was used already (a launch's check without spending it).
+    pub fn contains(&self, vo: &str, nonce: &str) -> bool {
+        self.seen.contains_key(&key(vo, nonce))
+    }
+
     pub fn len(&self) -> usize {
         self.seen.len()
     }

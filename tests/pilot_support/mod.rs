@@ -238,6 +238,12 @@ fn serve(listener: UnixListener, mode: HelperMode, log: Arc<Mutex<HelperLog>>) {
             }
             SwitchRequest::Hello(_) => panic!("second hello"),
             SwitchRequest::AdminKill { .. } => panic!("a pilot never sends admin requests"),
+            SwitchRequest::ProxyRequest { .. }
+            | SwitchRequest::LaunchWithProxy { .. }
+            | SwitchRequest::ProxyRenew { .. }
+            | SwitchRequest::ProxyRenewed { .. } => {
+                panic!("no payload of these tests carries a delegated credential: {req:?}")
+            }
             SwitchRequest::Command { .. } => {
                 panic!("the VO server double sends no signed commands")
             }

@@ -58,6 +58,18 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
                 }
             }
             SwitchEvent::Running { payloads } => self.on_usage(payloads),
+            SwitchEvent::ProxyCsr {
+                payload_id,
+                csr_pem,
+            } => self.on_proxy_csr(payload_id, csr_pem),
+            SwitchEvent::ProxyDelivered {
+                payload_id,
+                serial,
+                not_after,
+            } => self.on_proxy_delivered(payload_id, serial, not_after),
+            SwitchEvent::ProxyRefused { payload_id, reason } => {
+                self.on_proxy_refused(payload_id, reason)
+            }
             SwitchEvent::Welcome { .. } | SwitchEvent::Killed { .. } => {}
         }
     }

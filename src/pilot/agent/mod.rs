@@ -34,6 +34,7 @@ use crate::protocol::switch_wire::PayloadUsage;
 use crate::records::now_rfc3339;
 
 mod events;
+mod proxy;
 mod stop;
 
 /// How long due heartbeats wait for the helper's usage answer before they go without it (the
@@ -72,6 +73,9 @@ pub struct AgentSettings {
     pub outbox_wait: Duration,
     /// Retry schedule of the outbox.
     pub patience: Patience,
+    /// How long before a payload's delegated proxy expires it is renewed (at most half its
+    /// life).
+    pub proxy_renew_margin: Duration,
 }
 
 /// Requests from outside the loop (signal handlers, tests).
@@ -170,6 +174,8 @@ struct Payload {
     /// payload whose launch never got there is handed back unstarted, not lost.
     reached_helper: bool,
     dir: PathBuf,
+    /// The payload's delegated proxy (envelopes with `credential` only).
+    proxy: Option<proxy::ProxyState>,
 }
 
 /// The loop and its state.
@@ -191,6 +197,8 @@ pub struct Agent<S: ServerApi, H: HelperApi> {
     payloads: BTreeMap<String, Payload>,
     back_tx: mpsc::UnboundedSender<Reported>,
     match_tx: mpsc::UnboundedSender<Result<Option<Work>, ClientError>>,
+    /// The VO server's answers to proxy CSRs.
+    proxy_tx: mpsc::UnboundedSender<proxy::Issued>,
     match_in_flight: bool,
     /// When the pilot asked the helper for its payloads' usage and has no answer yet: due
     /// heartbeats wait for it (at most [`USAGE_WAIT`]).
@@ -244,6 +252,7 @@ pub async fn run<S: ServerApi, H: HelperApi>(
         ));
     }
     let (match_tx, mut match_rx) = mpsc::unbounded_channel();
+    let (proxy_tx, mut proxy_rx) = mpsc::unbounded_channel();
     let now = Instant::now();
     let mut a = Agent {
         capacity: Capacity::new(slot.cores, slot.memory_bytes),
@@ -259,6 +268,7 @@ pub async fn run<S: ServerApi, H: HelperApi>(
         payloads: BTreeMap::new(),
         back_tx,
         match_tx,
+        proxy_tx,
         match_in_flight: false,
         usage_asked: None,
         match_task: None,
@@ -295,6 +305,7 @@ pub async fn run<S: ServerApi, H: HelperApi>(
             Some(c) = control_rx.recv() => a.on_control(c),
             Some(r) = back_rx.recv() => a.on_reported(r),
             Some(m) = match_rx.recv() => a.on_matched(m),
+            Some(i) = proxy_rx.recv() => a.on_proxy_issued(i),
             _ = tokio::time::sleep(a.cfg.tick) => {}
         }
     }
@@ -656,6 +667,7 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
                 stored: false,
                 reached_helper: false,
                 dir,
+                proxy: None,
             },
         );
         self.launches += 1;
@@ -665,6 +677,25 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
             memory_bytes = body.resources.memory_bytes,
             "launching through the helper"
         );
+        if body.credential.is_some() {
+            // The helper makes the payload's key; its CSR goes to the server, the chain comes
+            // back with the launch (agent/proxy.rs). Until then the launch waits here.
+            if let Some(p) = self.payloads.get_mut(&id) {
+                p.proxy = Some(proxy::ProxyState {
+                    launch: Some(proxy::PendingLaunch {
+                        envelope: work.envelope.clone(),
+                        bundle: work.bundle.clone(),
+                        stdout,
+                        stderr,
+                    }),
+                    ..Default::default()
+                });
+            }
+            if let Err(e) = self.helper.proxy_request(&work.envelope) {
+                self.on_helper_lost(&e.to_string());
+            }
+            return;
+        }
         match self
             .helper
             .launch(&work.envelope, work.bundle.as_deref(), &stdout, &stderr)

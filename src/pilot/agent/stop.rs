@@ -83,6 +83,7 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
 
     pub(super) fn on_tick(&mut self) {
         self.retry_trace();
+        self.renew_proxies();
         let now = Instant::now();
         if !self.draining {
             if let Some(f) = &self.cfg.drain_file {

@@ -72,6 +72,10 @@ struct FakeServer {
     down: std::sync::atomic::AtomicBool,
     /// Final reports for these payloads are refused with this HTTP status.
     refuse_final: Mutex<HashMap<String, u16>>,
+    /// CSRs the pilot relayed, by payload.
+    csrs: Mutex<Vec<(String, String)>>,
+    /// Proxies for these payloads are refused (403).
+    refuse_proxy: Mutex<HashSet<String>>,
 }
 
 impl FakeServer {
@@ -143,6 +147,29 @@ impl ServerApi for FakeServer {
         self.uploads.lock().unwrap().push((id, archive));
         Ok(())
     }
+    async fn issue_proxy(
+        &self,
+        id: String,
+        csr: crate::protocol::delegation::ProxyCsr,
+    ) -> Result<crate::protocol::delegation::IssuedProxy, ClientError> {
+        self.csrs
+            .lock()
+            .unwrap()
+            .push((id.clone(), csr.csr_pem.clone()));
+        if self.refuse_proxy.lock().unwrap().contains(&id) {
+            return Err(ClientError::Refused {
+                url: format!("https://127.0.0.1:1/v1/payloads/{id}/proxy"),
+                status: 403,
+                code: "no_credential".into(),
+                message: "the owner's delegated credential expired".into(),
+            });
+        }
+        // Expiring now: the pilot renews it at its next tick.
+        Ok(crate::protocol::delegation::IssuedProxy {
+            chain_pem: format!("chain for {}", csr.csr_pem),
+            not_after: Utc::now(),
+        })
+    }
 }
 
 /// A helper that starts payloads (or denies listed ones), ends them after `run_for`, and
@@ -166,6 +193,8 @@ struct FakeHelper {
     usage_requests: std::sync::atomic::AtomicU64,
     /// Never answer `status` (a helper too busy to report usage).
     mute_status: bool,
+    /// Proxy requests in order: ("request"|"launch"|"renew"|"renewed", payload, chain).
+    proxy_calls: Mutex<Vec<(&'static str, String, String)>>,
 }
 
 impl FakeHelper {
@@ -184,6 +213,7 @@ impl FakeHelper {
             max_running: Default::default(),
             usage_requests: Default::default(),
             mute_status: false,
+            proxy_calls: Default::default(),
         }
     }
 
@@ -312,6 +342,60 @@ impl HelperApi for FakeHelper {
         Ok(())
     }
 
+    fn proxy_request(&self, envelope: &SignedEnvelope) -> Result<(), HelperError> {
+        let id = peek_body(envelope).unwrap().payload_id;
+        self.proxy_calls
+            .lock()
+            .unwrap()
+            .push(("request", id.clone(), String::new()));
+        let _ = self.tx.send(HelperMsg::Event(SwitchEvent::ProxyCsr {
+            csr_pem: format!("csr-{id}-1"),
+            payload_id: id,
+        }));
+        Ok(())
+    }
+
+    fn launch_with_proxy(
+        &self,
+        envelope: &SignedEnvelope,
+        bundle: Option<&str>,
+        stdout: &File,
+        stderr: &File,
+        chain_pem: &str,
+    ) -> Result<(), HelperError> {
+        let id = peek_body(envelope).unwrap().payload_id;
+        self.proxy_calls
+            .lock()
+            .unwrap()
+            .push(("launch", id, chain_pem.into()));
+        self.launch(envelope, bundle, stdout, stderr)
+    }
+
+    fn proxy_renew(&self, id: &str) -> Result<(), HelperError> {
+        self.proxy_calls
+            .lock()
+            .unwrap()
+            .push(("renew", id.into(), String::new()));
+        let _ = self.tx.send(HelperMsg::Event(SwitchEvent::ProxyCsr {
+            payload_id: id.into(),
+            csr_pem: format!("csr-{id}-2"),
+        }));
+        Ok(())
+    }
+
+    fn proxy_renewed(&self, id: &str, chain_pem: &str) -> Result<(), HelperError> {
+        self.proxy_calls
+            .lock()
+            .unwrap()
+            .push(("renewed", id.into(), chain_pem.into()));
+        let _ = self.tx.send(HelperMsg::Event(SwitchEvent::ProxyDelivered {
+            payload_id: id.into(),
+            serial: "5b02".into(),
+            not_after: (Utc::now() + chrono::Duration::hours(12)).to_rfc3339(),
+        }));
+        Ok(())
+    }
+
     fn signal(&self, id: &str, signal: i32, _reason: &str) -> Result<(), HelperError> {
         self.signals
             .lock()
@@ -348,6 +432,7 @@ fn settings(dir: &std::path::Path) -> AgentSettings {
         drain_file: None,
         upload_reserve: Duration::from_secs(0),
         outbox_wait: Duration::from_secs(5),
+        proxy_renew_margin: Duration::from_secs(3600),
         patience: crate::pilot::reporter::Patience {
             first: Duration::from_millis(20),
             max: Duration::from_millis(100),
@@ -1093,4 +1178,81 @@ async fn refused_final_reports_keep_the_outputs_on_the_node_and_a_409_still_uplo
     // 409: a final state is already there; the outputs still belong to the payload.
     assert_eq!(uploads, ["r409"]);
     assert!(!work_dir.join("r409").exists());
+}
+
+fn delegated_work(key: &VoSigningKey, id: &str) -> Work {
+    let mut w = work(key, id, 1, 60);
+    let mut body = peek_body(&w.envelope).unwrap();
+    body.credential = Some(crate::protocol::delegation::DelegatedCredential {
+        kind: crate::protocol::delegation::CredentialKind::X509Proxy,
+        not_after: Utc::now() + chrono::Duration::days(1),
+    });
+    w.envelope = key.sign(&body);
+    w
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delegated_payload_launches_with_the_servers_chain_and_is_renewed() {
+    let key = VoSigningKey::generate();
+    let (h, fut) = start(
+        vec![delegated_work(&key, "d1"), work(&key, "p1", 1, 60)],
+        Duration::from_millis(500),
+        |_, _| {},
+        2,
+    );
+    let out = fut.await;
+    assert_eq!(out.summary.done, 2, "{:?}", out.summary);
+    let calls = h.helper.proxy_calls.lock().unwrap().clone();
+    let calls: Vec<(&str, &str, &str)> = calls
+        .iter()
+        .map(|(k, id, c)| (*k, id.as_str(), c.as_str()))
+        .collect();
+    // CSR -> server -> chain with the launch; then, the proxy expiring, the same for a
+    // renewal, once (the renewed proxy is good for hours). The plain payload needs none.
+    assert_eq!(
+        calls,
+        [
+            ("request", "d1", ""),
+            ("launch", "d1", "chain for csr-d1-1"),
+            ("renew", "d1", ""),
+            ("renewed", "d1", "chain for csr-d1-2"),
+        ]
+    );
+    let csrs = h.server.csrs.lock().unwrap().clone();
+    assert_eq!(
+        csrs,
+        [
+            ("d1".to_string(), "csr-d1-1".to_string()),
+            ("d1".to_string(), "csr-d1-2".to_string())
+        ]
+    );
+    assert_eq!(h.server.states("d1").last(), Some(&PayloadState::Done));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_payload_whose_proxy_the_server_refuses_fails_without_a_launch() {
+    let key = VoSigningKey::generate();
+    let (h, fut) = start(
+        vec![delegated_work(&key, "d2")],
+        Duration::from_millis(100),
+        |_, _| {},
+        1,
+    );
+    h.server.refuse_proxy.lock().unwrap().insert("d2".into());
+    let out = fut.await;
+    assert_eq!(out.summary.failed, 1, "{:?}", out.summary);
+    assert!(
+        h.helper.launches.lock().unwrap().is_empty(),
+        "launched without its proxy"
+    );
+    let f = h.server.final_report("d2");
+    assert_eq!(f.state, Some(PayloadState::Failed));
+    let reason = f.reason.unwrap();
+    assert!(
+        reason.contains("issued no proxy") && reason.contains("delegated credential expired"),
+        "{reason}"
+    );
+    let recs = trace_records(&h);
+    let end = recs.iter().find(|r| r["event"] == "end").unwrap();
+    assert_eq!(end["decision"], "not_launched");
 }

@@ -1,0 +1,234 @@
+//! The pilot's relay of a payload's delegated proxy (issue 17 item 3): for an envelope with
+//! `credential`, the helper's CSR goes to the VO server (`POST /v1/payloads/{id}/proxy`) and
+//! the issued chain back to the helper with the launch; before the proxy expires the same for
+//! a renewal. The pilot never sees a private key: only the CSR and the chain pass through it.
+//!
+//! A launch whose proxy the server will not issue ends `failed` with the server's reason
+//! (the helper never runs a payload with `credential` without its proxy); a renewal that
+//! fails is retried until the proxy expires, the payload running on meanwhile.
+
+use std::fs::File;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::{Agent, Phase};
+use crate::pilot::client::{ClientError, ServerApi};
+use crate::pilot::helper_client::HelperApi;
+use crate::pilot::reporter::ReportJob;
+use crate::protocol::api::{PayloadState, StatusReport};
+use crate::protocol::delegation::{IssuedProxy, ProxyCsr};
+use crate::protocol::envelope::SignedEnvelope;
+
+/// How long after a failed renewal the pilot asks again.
+const RENEW_RETRY: Duration = Duration::from_secs(60);
+
+/// The server's answer to a CSR, for the loop.
+pub(super) type Issued = (String, Result<IssuedProxy, ClientError>);
+
+/// A launch waiting for its proxy: what `launch_with_proxy` will send.
+pub(super) struct PendingLaunch {
+    pub envelope: SignedEnvelope,
+    pub bundle: Option<String>,
+    pub stdout: File,
+    pub stderr: File,
+}
+
+/// A payload's delegated proxy, as the pilot follows it.
+#[derive(Default)]
+pub(super) struct ProxyState {
+    /// Until the launch went out with its chain.
+    pub launch: Option<PendingLaunch>,
+    /// The delivered proxy's not-after.
+    pub not_after: Option<DateTime<Utc>>,
+    /// When to ask for a renewal.
+    pub renew_at: Option<DateTime<Utc>>,
+    /// A renewal is under way (CSR asked, server asked, or chain handed over).
+    pub renewing: bool,
+}
+
+/// When to renew a proxy that expires at `not_after`: `margin` before, but never in the
+/// first half of its life (a short proxy is not renewed in a loop).
+fn renew_at(now: DateTime<Utc>, not_after: DateTime<Utc>, margin: Duration) -> DateTime<Utc> {
+    let life = (not_after - now).max(chrono::Duration::zero());
+    let margin = chrono::Duration::from_std(margin)
+        .unwrap_or(chrono::Duration::MAX)
+        .min(life / 2);
+    not_after - margin
+}
+
+impl<S: ServerApi, H: HelperApi> Agent<S, H> {
+    /// A CSR from the helper: for a launch waiting for its proxy, or a renewal.
+    pub(super) fn on_proxy_csr(&mut self, id: String, csr_pem: String) {
+        let Some(p) = self.payloads.get(&id) else {
+            return tracing::warn!(payload_id = %id, "proxy CSR for an unknown payload");
+        };
+        let wanted = match (&p.phase, &p.proxy) {
+            (Phase::Launching, Some(s)) => s.launch.is_some(),
+            (Phase::Running, Some(s)) => s.renewing,
+            _ => false,
+        };
+        if !wanted {
+            return tracing::warn!(payload_id = %id, "proxy CSR nobody asked for; ignored");
+        }
+        tracing::info!(payload_id = %id, "asking the VO server for the payload's proxy");
+        let server = self.server.clone();
+        let tx = self.proxy_tx.clone();
+        tokio::spawn(async move {
+            let r = server.issue_proxy(id.clone(), ProxyCsr { csr_pem }).await;
+            let _ = tx.send((id, r));
+        });
+    }
+
+    /// The server's answer: the launch goes out with the chain, or a renewal is handed over.
+    pub(super) fn on_proxy_issued(&mut self, (id, result): Issued) {
+        let Some(p) = self.payloads.get_mut(&id) else {
+            return;
+        };
+        let Some(state) = p.proxy.as_mut() else {
+            return;
+        };
+        match (p.phase, result) {
+            (Phase::Launching, Ok(issued)) => {
+                let Some(l) = state.launch.take() else { return };
+                state.not_after = Some(issued.not_after);
+                state.renew_at = Some(renew_at(
+                    Utc::now(),
+                    issued.not_after,
+                    self.cfg.proxy_renew_margin,
+                ));
+                let sent = self.helper.launch_with_proxy(
+                    &l.envelope,
+                    l.bundle.as_deref(),
+                    &l.stdout,
+                    &l.stderr,
+                    &issued.chain_pem,
+                );
+                match sent {
+                    Ok(()) => p.reached_helper = true,
+                    Err(e) => self.on_helper_lost(&e.to_string()),
+                }
+            }
+            (Phase::Launching, Err(e)) => {
+                let reason = format!("the VO server issued no proxy for the payload: {e}");
+                self.proxy_launch_failed(&id, reason);
+            }
+            (Phase::Running, Ok(issued)) => {
+                if let Err(e) = self.helper.proxy_renewed(&id, &issued.chain_pem) {
+                    self.on_helper_lost(&e.to_string());
+                }
+            }
+            (Phase::Running, Err(e)) => {
+                tracing::warn!(payload_id = %id, error = %e, "renewing the payload's proxy failed at the VO server; retrying");
+                self.renewal_failed(&id);
+            }
+            (Phase::Ending, _) => {}
+        }
+    }
+
+    /// The helper replaced the payload's proxy file.
+    pub(super) fn on_proxy_delivered(&mut self, id: String, serial: String, not_after: String) {
+        let margin = self.cfg.proxy_renew_margin;
+        let Some(s) = self.payloads.get_mut(&id).and_then(|p| p.proxy.as_mut()) else {
+            return;
+        };
+        s.renewing = false;
+        match DateTime::parse_from_rfc3339(&not_after) {
+            Ok(t) => {
+                let t = t.with_timezone(&Utc);
+                s.not_after = Some(t);
+                s.renew_at = Some(renew_at(Utc::now(), t, margin));
+            }
+            Err(e) => {
+                tracing::warn!(payload_id = %id, %not_after, error = %e, "helper sent an unreadable not-after")
+            }
+        }
+        tracing::info!(payload_id = %id, %serial, %not_after, "payload's proxy renewed");
+    }
+
+    /// The helper refused a renewal: the payload keeps its proxy; try again later.
+    pub(super) fn on_proxy_refused(&mut self, id: String, reason: String) {
+        tracing::warn!(payload_id = %id, %reason, "helper refused to renew the payload's proxy");
+        self.renewal_failed(&id);
+    }
+
+    fn renewal_failed(&mut self, id: &str) {
+        if let Some(s) = self.payloads.get_mut(id).and_then(|p| p.proxy.as_mut()) {
+            s.renewing = false;
+            let retry = Utc::now() + chrono::Duration::from_std(RENEW_RETRY).unwrap_or_default();
+            // Not past the expiry: a proxy that expired cannot be renewed from the worker node.
+            if s.not_after.is_some_and(|t| retry < t) {
+                s.renew_at = Some(retry);
+            } else {
+                s.renew_at = None;
+                tracing::error!(payload_id = %id, "the payload's proxy expires before another renewal could be tried");
+            }
+        }
+    }
+
+    /// From the tick: asks the helper for renewal CSRs of running payloads whose time came.
+    pub(super) fn renew_proxies(&mut self) {
+        let now = Utc::now();
+        let due: Vec<String> = self
+            .payloads
+            .iter()
+            .filter(|(_, p)| p.phase == Phase::Running)
+            .filter_map(|(id, p)| {
+                let s = p.proxy.as_ref()?;
+                (!s.renewing && s.renew_at.is_some_and(|t| now >= t)).then(|| id.clone())
+            })
+            .collect();
+        for id in due {
+            if let Some(s) = self.payloads.get_mut(&id).and_then(|p| p.proxy.as_mut()) {
+                s.renewing = true;
+            }
+            tracing::info!(payload_id = %id, "renewing the payload's proxy");
+            if let Err(e) = self.helper.proxy_renew(&id) {
+                return self.on_helper_lost(&e.to_string());
+            }
+        }
+    }
+
+    /// The launch cannot get its proxy: it ends `failed`, never having reached the helper.
+    fn proxy_launch_failed(&mut self, id: &str, reason: String) {
+        tracing::error!(payload_id = %id, %reason, "payload not launched");
+        self.capacity.release(id);
+        self.summary.failed += 1;
+        let pilot_id = self.cfg.pilot_id.clone();
+        let Some(p) = self.payloads.get_mut(id) else {
+            return;
+        };
+        p.phase = Phase::Ending;
+        p.proxy = None;
+        p.record.decision = Some("not_launched");
+        p.record.reason = Some(reason.clone());
+        p.record.state = Some("failed".into());
+        p.reporter.send(ReportJob::Final {
+            report: StatusReport {
+                pilot_id,
+                state: Some(PayloadState::Failed),
+                reason: Some(reason),
+                ..Default::default()
+            },
+            archive: None,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_time_keeps_half_the_life() {
+        let now = Utc::now();
+        let h = chrono::Duration::hours;
+        let m = Duration::from_secs(3600);
+        assert_eq!(renew_at(now, now + h(12), m), now + h(11));
+        assert_eq!(
+            renew_at(now, now + h(1), m),
+            now + chrono::Duration::minutes(30)
+        );
+        assert_eq!(renew_at(now, now - h(1), m), now - h(1));
+    }
+}

@@ -65,6 +65,8 @@ pub struct AppState {
     pub metrics: Arc<super::metrics::Metrics>,
     /// Portals, robots, rate limits and the request log.
     pub portal: Controls,
+    /// The membership registry's policy and audit log (`[membership]`).
+    pub registry: Arc<super::membership::Registry>,
 }
 
 /// A matched payload that is not reported running this long after its envelope expired is
@@ -190,6 +192,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/payloads/:id/cancel", post(cancel))
         .route("/v1/payloads/:id/signal", post(signal))
+        .merge(super::membership::api::routes())
         .fallback(|| async {
             Fail::new(
                 StatusCode::NOT_FOUND,

@@ -109,6 +109,13 @@ enum Command {
         after_help = "Exit codes: 0 found (verify: intact), 1 nothing matched (verify: not intact), 2 could not run."
     )]
     Requests(super::portal::query::RequestsArgs),
+    /// The membership registry (reference 002) over the API: register, renew, ask for
+    /// changes, decide requests (VO managers), suspend, reinstate, remove; and on the
+    /// server's own files: the audit log and the purge of ended memberships' personal data.
+    Membership {
+        #[command(subcommand)]
+        cmd: super::membership::cli::MembershipCmd,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -151,7 +158,7 @@ enum MemberCmd {
 
 /// Where the client connects and with which identity: flags, or a client toml.
 #[derive(Args, Debug, Clone)]
-struct ConnArgs {
+pub(crate) struct ConnArgs {
     /// Client toml with server_url, cert, key, ca (flags override it).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -203,7 +210,7 @@ struct SubmitArgs {
 
 impl ConnArgs {
     /// The client these flags describe, acting for `--on-behalf-of` when given.
-    fn client(&self) -> Result<Client, ClientError> {
+    pub(crate) fn client(&self) -> Result<Client, ClientError> {
         let c = Client::new(&self.resolve()?)?;
         match &self.on_behalf_of {
             Some(dn) => c.on_behalf_of(dn),
@@ -311,6 +318,7 @@ pub fn main() -> i32 {
             crate::records::cli::with_stdio(|io| super::portal::query::main(&args, io))
         }
         Command::Member { cmd } => member(cmd),
+        Command::Membership { cmd } => super::membership::cli::main(cmd),
         Command::Submit(args) => run_client(|| submit(args)),
         Command::Status {
             conn,
@@ -354,7 +362,7 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("a tokio runtime can be built")
 }
 
-fn run_client<F, Fut>(f: F) -> i32
+pub(crate) fn run_client<F, Fut>(f: F) -> i32
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<i32, ClientError>>,

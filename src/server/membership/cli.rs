@@ -345,7 +345,7 @@ async fn client(cmd: MembershipCmd) -> Result<i32, ClientError> {
         MembershipCmd::Renew { conn, data } => {
             let (registration, accept) = data.parts()?;
             let body = NewRequest::Renewal {
-                registration,
+                registration: Box::new(registration),
                 accept,
             };
             let c: ChangeView = conn

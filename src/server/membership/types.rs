@@ -137,7 +137,7 @@ pub enum NewRequest {
     Attributes { fqans: Vec<String> },
     /// The caller renews: data re-confirmed (or updated) and the current AUPs accepted.
     Renewal {
-        registration: Registration,
+        registration: Box<Registration>,
         accept: AupAcceptance,
     },
     /// A security officer or operations asks for `dn`'s suspension.

@@ -433,7 +433,30 @@ impl Store {
     /// removed or refused (`ended_at`), or lapsed without renewal (`renewal_due`). The member
     /// row, its registration data, the requests about it and the notifications about it go;
     /// returns how many members were purged.
+    ///
+    /// On SQLite the deletion is made with `secure_delete` (the freed cells are overwritten
+    /// with zeros, not left in free pages) and the WAL is checkpointed and truncated after
+    /// it, so the deleted bytes are in no file of the database. On PostgreSQL the rows are
+    /// gone for every reader at commit; their dead tuples are reclaimed by autovacuum.
     pub fn purge_membership(&self, cutoff: DateTime<Utc>) -> Result<usize, StoreError> {
+        let sqlite = match &self.backend {
+            super::Backend::Sqlite(c) => Some(c),
+            super::Backend::Postgres(..) => None,
+        };
+        if let Some(c) = sqlite {
+            super::lock(c).pragma_update(None, "secure_delete", "ON")?;
+        }
+        let n = self.purge_rows(cutoff);
+        if let Some(c) = sqlite {
+            let conn = super::lock(c);
+            let restored = conn.pragma_update(None, "secure_delete", "OFF");
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+            restored?;
+        }
+        n
+    }
+
+    fn purge_rows(&self, cutoff: DateTime<Utc>) -> Result<usize, StoreError> {
         self.tx(|c| {
             let ended = c.query(
                 "SELECT dn FROM members

@@ -12,7 +12,8 @@ use clap::{Args, Parser, Subcommand};
 use super::client::{self, Client, ClientError};
 use super::config::{ClientConfig, ServerConfig};
 use super::init::{self, InitOptions};
-use super::store::{MemberStatus, Store};
+use super::membership::types::RequestKind;
+use super::store::Store;
 use crate::protocol::api::{PayloadState, PayloadView, SubmitRequest};
 use crate::protocol::Resources;
 
@@ -447,6 +448,9 @@ fn member(cmd: MemberCmd) -> i32 {
         }
     };
     let now = chrono::Utc::now();
+    let registry = super::membership::Registry::new(&cfg.vo, &cfg.membership);
+    // The server's own account on the server's host: the registry's operator of last resort.
+    let actor = format!("mupilot-server member (uid {})", nix::unistd::getuid());
     let result = match cmd {
         MemberCmd::Add { dn, fqans, .. } => {
             let fqans = if fqans.is_empty() {
@@ -454,7 +458,9 @@ fn member(cmd: MemberCmd) -> i32 {
             } else {
                 fqans
             };
-            store.add_member(&dn, &cfg.vo, &fqans, now).map(|m| vec![m])
+            store
+                .add_member(&dn, &cfg.vo, &fqans, now)
+                .and_then(|m| local_record(&registry, "add", &actor, &m).map(|()| vec![m]))
         }
         MemberCmd::List { json, .. } => match store.members() {
             Ok(list) if json => {
@@ -466,13 +472,28 @@ fn member(cmd: MemberCmd) -> i32 {
             }
             other => other,
         },
-        MemberCmd::Suspend { dn, .. } => store
-            .set_member_status(&dn, MemberStatus::Suspended)
-            .map(|m| vec![m]),
-        MemberCmd::Remove { dn, .. } => store
-            .set_member_status(&dn, MemberStatus::Removed)
-            .map(|m| vec![m]),
-        MemberCmd::Renew { dn, .. } => store.renew_member(&dn, now).map(|m| vec![m]),
+        // Suspension and removal as the registry makes them (reference 002): a request
+        // record, the member's queued payloads cancelled and running ones sent a cancel,
+        // the audit log.
+        MemberCmd::Suspend { dn, .. } => local_change(
+            &store,
+            &registry,
+            &actor,
+            RequestKind::Suspension,
+            &dn,
+            "suspended with `mupilot-server member suspend` on the server",
+        ),
+        MemberCmd::Remove { dn, .. } => local_change(
+            &store,
+            &registry,
+            &actor,
+            RequestKind::Removal,
+            &dn,
+            "removed with `mupilot-server member remove` on the server",
+        ),
+        MemberCmd::Renew { dn, .. } => store
+            .renew_member(&dn, now)
+            .and_then(|m| local_record(&registry, "renew", &actor, &m).map(|()| vec![m])),
     };
     match result {
         Ok(members) => {
@@ -499,6 +520,55 @@ fn member(cmd: MemberCmd) -> i32 {
             }
         }
     }
+}
+
+/// Audits a registry change made with `member add|renew` on the server's host.
+fn local_record(
+    registry: &super::membership::Registry,
+    action: &'static str,
+    actor: &str,
+    m: &super::store::Member,
+) -> Result<(), super::store::StoreError> {
+    let mut rec = super::membership::audit::AuditRecord::new(action, actor, "done");
+    rec.subject_dn = Some(m.dn.clone());
+    rec.details = serde_json::json!({ "fqans": m.fqans, "renewal_due": m.renewal_due });
+    registry.record(&rec)
+}
+
+/// A suspension or removal made with `member suspend|remove` on the server's host.
+fn local_change(
+    store: &Store,
+    registry: &super::membership::Registry,
+    actor: &str,
+    kind: RequestKind,
+    dn: &str,
+    reason: &str,
+) -> Result<Vec<super::store::Member>, super::store::StoreError> {
+    let filed = super::store::FiledRequest {
+        kind,
+        subject_dn: dn.to_string(),
+        requester_dn: actor.to_string(),
+        details: serde_json::json!({ "reason": reason, "requester_role": "vo_operator" }),
+    };
+    let (req, effect) = store.file_and_decide(
+        &filed,
+        actor,
+        "VO operator on the server's host",
+        chrono::Utc::now(),
+    )?;
+    let action = if kind == RequestKind::Suspension {
+        "suspend"
+    } else {
+        "remove"
+    };
+    registry.record_request(store, action, actor, &req, Some(&effect))?;
+    for id in &effect.cancelled {
+        println!("payload {id} cancelled (was queued)");
+    }
+    for id in &effect.cancelling {
+        println!("payload {id}: cancel queued for its pilot");
+    }
+    Ok(effect.member.into_iter().collect())
 }
 
 async fn submit(args: SubmitArgs) -> Result<i32, ClientError> {

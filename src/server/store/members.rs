@@ -200,7 +200,9 @@ impl Store {
         })
     }
 
-    /// Sets a member's status (suspend, remove).
+    /// Sets a member's status, nothing else. Suspensions and removals go through the
+    /// registry ([`Store::file_and_decide`], [`Store::decide`]), which also stop the member's
+    /// payloads and keep the request record.
     pub fn set_member_status(&self, dn: &str, status: MemberStatus) -> Result<Member, StoreError> {
         self.tx(|c| {
             let n = c.execute(

@@ -238,6 +238,17 @@ fn print_json<T: serde::Serialize>(v: &T) {
     );
 }
 
+/// A list as JSON, or one line per item.
+fn print_list<T: serde::Serialize>(list: &[T], json: bool, line: fn(&T) -> String) {
+    if json {
+        print_json(&list);
+    } else {
+        for item in list {
+            println!("{}", line(item));
+        }
+    }
+}
+
 fn request_line(r: &RequestView) -> String {
     let mut s = format!(
         "{}\t{}\t{}\t{}\trequested by {} at {}",
@@ -307,6 +318,17 @@ fn path_segment(id: &str) -> Result<&str, ClientError> {
     }
 }
 
+/// Posts a change and prints what it did.
+async fn post_change<B: serde::Serialize>(
+    conn: &ConnArgs,
+    path: &str,
+    body: &B,
+) -> Result<(), ClientError> {
+    let c: ChangeView = conn.client()?.post_json(path, body).await?;
+    print_change(&c);
+    Ok(())
+}
+
 /// Runs one `membership` command; returns the exit code.
 pub(crate) fn main(cmd: MembershipCmd) -> i32 {
     match cmd {
@@ -336,11 +358,7 @@ async fn client(cmd: MembershipCmd) -> Result<i32, ClientError> {
                 accept,
                 fqans,
             };
-            let c: ChangeView = conn
-                .client()?
-                .post_json("/v1/membership/register", &body)
-                .await?;
-            print_change(&c);
+            post_change(&conn, "/v1/membership/register", &body).await?;
         }
         MembershipCmd::Renew { conn, data } => {
             let (registration, accept) = data.parts()?;
@@ -348,38 +366,31 @@ async fn client(cmd: MembershipCmd) -> Result<i32, ClientError> {
                 registration: Box::new(registration),
                 accept,
             };
-            let c: ChangeView = conn
-                .client()?
-                .post_json("/v1/membership/requests", &body)
-                .await?;
-            print_change(&c);
+            post_change(&conn, "/v1/membership/requests", &body).await?;
         }
         MembershipCmd::Change { conn, fqans } => {
-            let c: ChangeView = conn
-                .client()?
-                .post_json("/v1/membership/requests", &NewRequest::Attributes { fqans })
-                .await?;
-            print_change(&c);
+            post_change(
+                &conn,
+                "/v1/membership/requests",
+                &NewRequest::Attributes { fqans },
+            )
+            .await?;
         }
         MembershipCmd::RequestSuspension { conn, dn, reason } => {
-            let c: ChangeView = conn
-                .client()?
-                .post_json(
-                    "/v1/membership/requests",
-                    &NewRequest::Suspension { dn, reason },
-                )
-                .await?;
-            print_change(&c);
+            post_change(
+                &conn,
+                "/v1/membership/requests",
+                &NewRequest::Suspension { dn, reason },
+            )
+            .await?;
         }
         MembershipCmd::RequestRemoval { conn, dn, reason } => {
-            let c: ChangeView = conn
-                .client()?
-                .post_json(
-                    "/v1/membership/requests",
-                    &NewRequest::Removal { dn, reason },
-                )
-                .await?;
-            print_change(&c);
+            post_change(
+                &conn,
+                "/v1/membership/requests",
+                &NewRequest::Removal { dn, reason },
+            )
+            .await?;
         }
         MembershipCmd::Show { conn, json } => {
             let me: MeView = conn.client()?.get_json("/v1/membership/me").await?;
@@ -398,32 +409,16 @@ async fn client(cmd: MembershipCmd) -> Result<i32, ClientError> {
             }
         }
         MembershipCmd::List { conn, dn, json } => {
-            let path = match &dn {
-                Some(d) => format!("/v1/membership/members?dn={}", url_encode(d)),
-                None => "/v1/membership/members".to_string(),
-            };
+            let query = dn.map(|d| format!("?dn={}", url_encode(&d)));
+            let path = format!("/v1/membership/members{}", query.unwrap_or_default());
             let list: Vec<MemberView> = conn.client()?.get_json(&path).await?;
-            if json {
-                print_json(&list);
-            } else {
-                for m in &list {
-                    println!("{}", member_line(m));
-                }
-            }
+            print_list(&list, json, member_line);
         }
         MembershipCmd::Requests { conn, state, json } => {
-            let path = match &state {
-                Some(s) => format!("/v1/membership/requests?state={}", url_encode(s)),
-                None => "/v1/membership/requests".to_string(),
-            };
+            let query = state.map(|s| format!("?state={}", url_encode(&s)));
+            let path = format!("/v1/membership/requests{}", query.unwrap_or_default());
             let list: Vec<RequestView> = conn.client()?.get_json(&path).await?;
-            if json {
-                print_json(&list);
-            } else {
-                for r in &list {
-                    println!("{}", request_line(r));
-                }
-            }
+            print_list(&list, json, request_line);
         }
         MembershipCmd::Approve {
             conn,
@@ -432,11 +427,7 @@ async fn client(cmd: MembershipCmd) -> Result<i32, ClientError> {
             note,
         } => {
             let path = format!("/v1/membership/requests/{}/approve", path_segment(&id)?);
-            let c: ChangeView = conn
-                .client()?
-                .post_json(&path, &Decision { verification, note })
-                .await?;
-            print_change(&c);
+            post_change(&conn, &path, &Decision { verification, note }).await?;
         }
         MembershipCmd::Reject {
             conn,
@@ -445,11 +436,7 @@ async fn client(cmd: MembershipCmd) -> Result<i32, ClientError> {
             note,
         } => {
             let path = format!("/v1/membership/requests/{}/reject", path_segment(&id)?);
-            let c: ChangeView = conn
-                .client()?
-                .post_json(&path, &Decision { verification, note })
-                .await?;
-            print_change(&c);
+            post_change(&conn, &path, &Decision { verification, note }).await?;
         }
         MembershipCmd::Suspend {
             conn,
@@ -464,32 +451,27 @@ async fn client(cmd: MembershipCmd) -> Result<i32, ClientError> {
                 verification,
                 reported_by,
             };
-            let c: ChangeView = conn
-                .client()?
-                .post_json("/v1/membership/suspend", &body)
-                .await?;
-            print_change(&c);
+            post_change(&conn, "/v1/membership/suspend", &body).await?;
         }
         MembershipCmd::Reinstate {
             conn,
             dn,
             verification,
         } => {
-            let c: ChangeView = conn
-                .client()?
-                .post_json(
-                    "/v1/membership/reinstate",
-                    &ReinstateRequest { dn, verification },
-                )
-                .await?;
-            print_change(&c);
+            post_change(
+                &conn,
+                "/v1/membership/reinstate",
+                &ReinstateRequest { dn, verification },
+            )
+            .await?;
         }
         MembershipCmd::Remove { conn, dn, reason } => {
-            let c: ChangeView = conn
-                .client()?
-                .post_json("/v1/membership/remove", &RemoveRequest { dn, reason })
-                .await?;
-            print_change(&c);
+            post_change(
+                &conn,
+                "/v1/membership/remove",
+                &RemoveRequest { dn, reason },
+            )
+            .await?;
         }
         MembershipCmd::Notifications { conn, json } => {
             let list: Vec<Notification> = conn

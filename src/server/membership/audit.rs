@@ -108,13 +108,56 @@ impl AuditLog {
         let mut w =
             ChainWriter::open(&self.path, 0o600, FsyncPolicy::Always)?.with_rotation(policy);
         w.append(rec)?;
-        w.sync()
+        w.sync()?;
+        // Root running `member ...` or `membership purge` on the server's host must not leave
+        // files the server's account cannot open (its next change would fail to be audited).
+        for p in [&lock_path, &self.path] {
+            owned_like_directory(p).map_err(|source| RecordError::Open {
+                path: p.to_path_buf(),
+                source,
+            })?;
+        }
+        Ok(())
     }
+}
+
+/// As root, gives `path` the owner of its directory when they differ (a file root created in
+/// the server account's data directory); otherwise does nothing.
+fn owned_like_directory(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let dir = std::fs::metadata(path.parent().unwrap_or(Path::new(".")))?;
+    let file = std::fs::metadata(path)?;
+    if (file.uid(), file.gid()) != (dir.uid(), dir.gid()) {
+        std::os::unix::fs::chown(path, Some(dir.uid()), Some(dir.gid()))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Root's files in a directory another account owns are handed to that account.
+    #[test]
+    fn files_root_creates_belong_to_the_directory_owner() {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            panic!("runs as root (scripts/test.sh does): it checks root's chown");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+        let p = dir.path().join("membership-audit.jsonl");
+        AuditLog::new(&p, 365)
+            .append(&AuditRecord::new("purge", "root", "done"))
+            .unwrap();
+        for f in [p.clone(), p.with_extension("lock")] {
+            let m = std::fs::metadata(&f).unwrap();
+            assert_eq!((m.uid(), m.gid()), (65534, 65534), "{}", f.display());
+        }
+    }
 
     /// Two writers (as `serve` and `membership purge` are) append in turn without forking
     /// the chain.

@@ -100,7 +100,8 @@ async fn only_pilot_dns_may_match_and_only_members_submit() {
     assert_eq!(body.error, "not_authorized");
     assert!(body.message.contains(&dn("pilot")), "{}", body.message);
 
-    // A suspended member may not submit, and their queued payload is not matched.
+    // A suspended member may not submit, and their queued payload is cancelled (reference
+    // 002: a suspension stops the member's work), so it is never matched.
     let bob = demo.client("bob");
     let queued = submit(&bob, &srv.url("/v1/payloads"), &submit_req(&["/bin/true"])).await;
     let cfg = demo.config();
@@ -112,6 +113,11 @@ async fn only_pilot_dns_may_match_and_only_members_submit() {
         &dn("bob"),
     ]);
     assert!(out.status.success(), "{}", server_support::text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("payload {queued} cancelled")),
+        "{}",
+        server_support::text(&out)
+    );
     let r = bob
         .post(srv.url("/v1/payloads"))
         .json(&submit_req(&["/bin/true"]))
@@ -129,7 +135,7 @@ async fn only_pilot_dns_may_match_and_only_members_submit() {
         .await
         .unwrap();
     assert!(m.work.is_none(), "suspended member's payload was matched");
-    // Registered again: the payload is matched.
+    // Registered again: a new payload is matched.
     let out = demo.run(&[
         "member",
         "add",
@@ -138,6 +144,7 @@ async fn only_pilot_dns_may_match_and_only_members_submit() {
         &dn("bob"),
     ]);
     assert!(out.status.success(), "{}", server_support::text(&out));
+    let again = submit(&bob, &srv.url("/v1/payloads"), &submit_req(&["/bin/true"])).await;
     let m: MatchResponse = pilot
         .post(srv.url("/v1/match"))
         .json(&match_req("p1"))
@@ -147,7 +154,7 @@ async fn only_pilot_dns_may_match_and_only_members_submit() {
         .json()
         .await
         .unwrap();
-    assert_eq!(m.work.unwrap().payload_id, queued);
+    assert_eq!(m.work.unwrap().payload_id, again);
 }
 
 #[tokio::test]

@@ -65,6 +65,8 @@ pub struct AppState {
     pub metrics: Arc<super::metrics::Metrics>,
     /// Portals, robots, rate limits and the request log.
     pub portal: Controls,
+    /// The membership registry's policy and audit log (`[membership]`).
+    pub registry: Arc<super::membership::Registry>,
 }
 
 /// A matched payload that is not reported running this long after its envelope expired is
@@ -195,6 +197,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/payloads/:id/information/:request_id",
             get(information_answer),
         )
+        .merge(super::membership::api::routes())
         .fallback(|| async {
             Fail::new(
                 StatusCode::NOT_FOUND,

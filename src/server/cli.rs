@@ -13,7 +13,8 @@ use clap::{Args, Parser, Subcommand};
 use super::client::{self, Client, ClientError};
 use super::config::{ClientConfig, ServerConfig};
 use super::init::{self, InitOptions};
-use super::store::{MemberStatus, Store};
+use super::membership::types::RequestKind;
+use super::store::Store;
 use crate::protocol::api::{InformationView, PayloadState, PayloadView, SubmitRequest};
 use crate::protocol::Resources;
 
@@ -128,6 +129,13 @@ enum Command {
         after_help = "Exit codes: 0 found (verify: intact), 1 nothing matched (verify: not intact), 2 could not run."
     )]
     Requests(super::portal::query::RequestsArgs),
+    /// The membership registry (reference 002) over the API: register, renew, ask for
+    /// changes, decide requests (VO managers), suspend, reinstate, remove; and on the
+    /// server's own files: the audit log and the purge of ended memberships' personal data.
+    Membership {
+        #[command(subcommand)]
+        cmd: super::membership::cli::MembershipCmd,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -170,7 +178,7 @@ enum MemberCmd {
 
 /// Where the client connects and with which identity: flags, or a client toml.
 #[derive(Args, Debug, Clone)]
-struct ConnArgs {
+pub(crate) struct ConnArgs {
     /// Client toml with server_url, cert, key, ca (flags override it).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -222,7 +230,7 @@ struct SubmitArgs {
 
 impl ConnArgs {
     /// The client these flags describe, acting for `--on-behalf-of` when given.
-    fn client(&self) -> Result<Client, ClientError> {
+    pub(crate) fn client(&self) -> Result<Client, ClientError> {
         let c = Client::new(&self.resolve()?)?;
         match &self.on_behalf_of {
             Some(dn) => c.on_behalf_of(dn),
@@ -330,6 +338,7 @@ pub fn main() -> i32 {
             crate::records::cli::with_stdio(|io| super::portal::query::main(&args, io))
         }
         Command::Member { cmd } => member(cmd),
+        Command::Membership { cmd } => super::membership::cli::main(cmd),
         Command::Submit(args) => run_client(|| submit(args)),
         Command::Status {
             conn,
@@ -379,7 +388,7 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("a tokio runtime can be built")
 }
 
-fn run_client<F, Fut>(f: F) -> i32
+pub(crate) fn run_client<F, Fut>(f: F) -> i32
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<i32, ClientError>>,
@@ -464,6 +473,9 @@ fn member(cmd: MemberCmd) -> i32 {
         }
     };
     let now = chrono::Utc::now();
+    let registry = super::membership::Registry::new(&cfg.vo, &cfg.membership);
+    // The server's own account on the server's host: the registry's operator of last resort.
+    let actor = format!("mupilot-server member (uid {})", nix::unistd::getuid());
     let result = match cmd {
         MemberCmd::Add { dn, fqans, .. } => {
             let fqans = if fqans.is_empty() {
@@ -471,7 +483,9 @@ fn member(cmd: MemberCmd) -> i32 {
             } else {
                 fqans
             };
-            store.add_member(&dn, &cfg.vo, &fqans, now).map(|m| vec![m])
+            store
+                .add_member(&dn, &cfg.vo, &fqans, now)
+                .and_then(|m| local_record(&registry, "add", &actor, &m).map(|()| vec![m]))
         }
         MemberCmd::List { json, .. } => match store.members() {
             Ok(list) if json => {
@@ -483,13 +497,28 @@ fn member(cmd: MemberCmd) -> i32 {
             }
             other => other,
         },
-        MemberCmd::Suspend { dn, .. } => store
-            .set_member_status(&dn, MemberStatus::Suspended)
-            .map(|m| vec![m]),
-        MemberCmd::Remove { dn, .. } => store
-            .set_member_status(&dn, MemberStatus::Removed)
-            .map(|m| vec![m]),
-        MemberCmd::Renew { dn, .. } => store.renew_member(&dn, now).map(|m| vec![m]),
+        // Suspension and removal as the registry makes them (reference 002): a request
+        // record, the member's queued payloads cancelled and running ones sent a cancel,
+        // the audit log.
+        MemberCmd::Suspend { dn, .. } => local_change(
+            &store,
+            &registry,
+            &actor,
+            RequestKind::Suspension,
+            &dn,
+            "suspended with `mupilot-server member suspend` on the server",
+        ),
+        MemberCmd::Remove { dn, .. } => local_change(
+            &store,
+            &registry,
+            &actor,
+            RequestKind::Removal,
+            &dn,
+            "removed with `mupilot-server member remove` on the server",
+        ),
+        MemberCmd::Renew { dn, .. } => store
+            .renew_member(&dn, now)
+            .and_then(|m| local_record(&registry, "renew", &actor, &m).map(|()| vec![m])),
     };
     match result {
         Ok(members) => {
@@ -516,6 +545,55 @@ fn member(cmd: MemberCmd) -> i32 {
             }
         }
     }
+}
+
+/// Audits a registry change made with `member add|renew` on the server's host.
+fn local_record(
+    registry: &super::membership::Registry,
+    action: &'static str,
+    actor: &str,
+    m: &super::store::Member,
+) -> Result<(), super::store::StoreError> {
+    let mut rec = super::membership::audit::AuditRecord::new(action, actor, "done");
+    rec.subject_dn = Some(m.dn.clone());
+    rec.details = serde_json::json!({ "fqans": m.fqans, "renewal_due": m.renewal_due });
+    registry.record(&rec)
+}
+
+/// A suspension or removal made with `member suspend|remove` on the server's host.
+fn local_change(
+    store: &Store,
+    registry: &super::membership::Registry,
+    actor: &str,
+    kind: RequestKind,
+    dn: &str,
+    reason: &str,
+) -> Result<Vec<super::store::Member>, super::store::StoreError> {
+    let filed = super::store::FiledRequest {
+        kind,
+        subject_dn: dn.to_string(),
+        requester_dn: actor.to_string(),
+        details: serde_json::json!({ "reason": reason, "requester_role": "vo_operator" }),
+    };
+    let (req, effect) = store.file_and_decide(
+        &filed,
+        actor,
+        "VO operator on the server's host",
+        chrono::Utc::now(),
+    )?;
+    let action = if kind == RequestKind::Suspension {
+        "suspend"
+    } else {
+        "remove"
+    };
+    registry.record_request(store, action, actor, &req, Some(&effect))?;
+    for id in &effect.cancelled {
+        println!("payload {id} cancelled (was queued)");
+    }
+    for id in &effect.cancelling {
+        println!("payload {id}: cancel queued for its pilot");
+    }
+    Ok(effect.member.into_iter().collect())
 }
 
 async fn submit(args: SubmitArgs) -> Result<i32, ClientError> {

@@ -134,6 +134,25 @@ impl Client {
             })
     }
 
+    /// `GET` of a JSON resource under the server's base URL (the membership API).
+    pub async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<T, ClientError> {
+        let url = self.url(path);
+        self.json(self.http.get(&url), &url).await
+    }
+
+    /// `POST` of a JSON body under the server's base URL (the membership API).
+    pub async fn post_json<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let url = self.url(path);
+        self.json(self.http.post(&url).json(body), &url).await
+    }
+
     /// `POST /v1/payloads`.
     pub async fn submit(&self, req: &SubmitRequest) -> Result<SubmitResponse, ClientError> {
         let url = self.url("/v1/payloads");

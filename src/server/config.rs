@@ -131,6 +131,8 @@ struct RawServerConfig {
     #[serde(default)]
     request_log: super::portal::config::RequestLogConfig,
     database: Option<RawDatabase>,
+    #[serde(default)]
+    membership: crate::server::membership::config::RawMembership,
 }
 
 /// `[database]`: absent, or `engine = "sqlite"`, for `data_dir/mupilot.db`;
@@ -218,6 +220,8 @@ pub struct ServerConfig {
     pub portal: super::portal::config::PortalSettings,
     /// The store's database (`[database]`; SQLite in `data_dir` when absent).
     pub database: crate::server::store::Database,
+    /// The membership registry's policy settings (`[membership]`).
+    pub membership: crate::server::membership::config::MembershipSettings,
 }
 
 /// Resolves `p` against `base` unless it is absolute.
@@ -462,6 +466,13 @@ impl ServerConfig {
             None => crate::server::store::Database::Sqlite,
             Some(d) => parse_database(d, &base, &value)?,
         };
+        let membership = crate::server::membership::config::MembershipSettings::check(
+            path,
+            &base,
+            &data_dir,
+            &raw.vo,
+            raw.membership,
+        )?;
         let cfg = ServerConfig {
             path: path.to_path_buf(),
             listen,
@@ -483,6 +494,7 @@ impl ServerConfig {
             metrics_listen,
             portal,
             database,
+            membership,
         };
         Ok(cfg)
     }

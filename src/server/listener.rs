@@ -117,6 +117,7 @@ pub fn prepare(cfg: &ServerConfig) -> Result<Prepared, ServeError> {
         heartbeat_seconds: cfg.heartbeat_seconds,
         metrics: Arc::new(super::metrics::Metrics::new()),
         portal,
+        registry: Arc::new(super::membership::Registry::new(&cfg.vo, &cfg.membership)),
     };
     Ok(Prepared {
         state: Arc::new(state),
@@ -175,6 +176,7 @@ pub async fn serve(p: Prepared, shutdown: impl Future<Output = ()>) -> Result<()
     let sweeper = tokio::spawn(sweep_loop(p.state.clone(), p.missed_heartbeats));
     let retention = tokio::spawn(retention_loop(p.state.clone()));
     let anchors = tokio::spawn(anchor_loop(p.state.clone()));
+    let purge = tokio::spawn(membership_purge_loop(p.state.clone()));
     let router = api::router(p.state.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut conns = JoinSet::new();
@@ -203,6 +205,7 @@ pub async fn serve(p: Prepared, shutdown: impl Future<Output = ()>) -> Result<()
     sweeper.abort();
     retention.abort();
     anchors.abort();
+    purge.abort();
     let _ = metrics_stop_tx.send(true);
     if let Some(t) = metrics_task {
         // A scrape takes milliseconds; never let one hold up the shutdown.
@@ -290,6 +293,32 @@ async fn sweep_loop(state: Arc<AppState>, missed: u32) {
             }
             Ok(Err(e)) => tracing::error!(error = %e, "sweeper failed"),
             Err(e) => tracing::error!(error = %e, "sweeper task failed"),
+        }
+    }
+}
+
+/// Deletes the registry data of memberships ended longer ago than the membership retention
+/// period (reference 002: personal data no longer than a year), every
+/// `purge_interval_seconds`, the first time at start.
+async fn membership_purge_loop(state: Arc<AppState>) {
+    let every = state.registry.settings.purge_interval_seconds;
+    let mut tick = tokio::time::interval(Duration::from_secs(every));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let actor = state.issuer.clone();
+    loop {
+        tick.tick().await;
+        let (store, reg, actor) = (state.store.clone(), state.registry.clone(), actor.clone());
+        let res =
+            tokio::task::spawn_blocking(move || reg.purge(&store, &actor, chrono::Utc::now()))
+                .await;
+        match res {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(
+                members = n,
+                "membership purge: deleted the registry data of memberships past the retention period"
+            ),
+            Ok(Err(e)) => tracing::error!(error = %e, "membership purge failed"),
+            Err(e) => tracing::error!(error = %e, "membership purge task failed"),
         }
     }
 }

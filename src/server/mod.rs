@@ -2,7 +2,8 @@
 //! matchmaking, envelope signing, status and operator commands, stored in SQLite or PostgreSQL.
 //!
 //! Layout: [`config`] (server.toml), [`store`] (SQLite or PostgreSQL, and payload files), [`api`] (axum
-//! routes), [`listener`] (TLS accept loop, peer DN per connection), [`portal`] (portals,
+//! routes), [`membership`] (the registry of reference 002: registration, requests, audit),
+//! [`listener`] (TLS accept loop, peer DN per connection), [`portal`] (portals,
 //! robots, rate limits, the request log), [`metrics`] (Prometheus endpoint), [`init`]/[`pki`] (demo VO),
 //! [`client`] (submit/status/output/cancel), [`cli`] (the command line).
 
@@ -12,6 +13,7 @@ pub mod client;
 pub mod config;
 pub mod init;
 pub mod listener;
+pub mod membership;
 pub mod metrics;
 pub mod pki;
 pub mod portal;

@@ -29,6 +29,10 @@ pub enum Action {
     Status,
     /// `PUT /v1/payloads/{id}/output` (pilots).
     Upload,
+    /// A change to the membership registry: `POST /v1/membership/...`.
+    Membership,
+    /// A read of the membership registry: `GET /v1/membership/...`.
+    MembershipRead,
     /// Anything else (answered 404 or 405 by the router).
     Other,
 }
@@ -47,6 +51,8 @@ impl Action {
             Action::Match => "match",
             Action::Status => "status",
             Action::Upload => "upload",
+            Action::Membership => "membership",
+            Action::MembershipRead => "membership_read",
             Action::Other => "other",
         }
     }
@@ -71,14 +77,17 @@ impl Action {
     pub fn needs_log(self) -> bool {
         matches!(
             self,
-            Action::Submit | Action::Cancel | Action::Signal | Action::Match
+            Action::Submit | Action::Cancel | Action::Signal | Action::Match | Action::Membership
         )
     }
 
     /// Actions whose record is on disk before the answer leaves (a member's request that
     /// changes the queue); the others reach the disk within the log's sync interval.
     pub fn synced(self) -> bool {
-        matches!(self, Action::Submit | Action::Cancel | Action::Signal)
+        matches!(
+            self,
+            Action::Submit | Action::Cancel | Action::Signal | Action::Membership
+        )
     }
 }
 
@@ -112,6 +121,8 @@ impl Target {
             (&Method::POST, ["payloads", id, "status"]) => (Action::Status, Some(*id)),
             (&Method::POST, ["payloads", id, "information"]) => (Action::Information, Some(*id)),
             (&Method::GET, ["payloads", id, "information", _]) => (Action::View, Some(*id)),
+            (&Method::POST, ["membership", ..]) => (Action::Membership, None),
+            (&Method::GET, ["membership", ..]) => (Action::MembershipRead, None),
             _ => return other,
         };
         // Only a well-formed id is recorded as one (the handler refuses the others).
@@ -167,6 +178,14 @@ mod tests {
         assert_eq!(
             t(Method::GET, "/v1/payloads/p-1/information/00ff"),
             (Action::View, id.clone())
+        );
+        assert_eq!(
+            t(Method::POST, "/v1/membership/requests/r-1/approve"),
+            (Action::Membership, None)
+        );
+        assert_eq!(
+            t(Method::GET, "/v1/membership/me"),
+            (Action::MembershipRead, None)
         );
         assert_eq!(t(Method::DELETE, "/v1/payloads").0, Action::Other);
         assert_eq!(t(Method::GET, "/v2/payloads").0, Action::Other);

@@ -151,7 +151,10 @@ async fn gated(st: Arc<AppState>, mut req: Request, next: Next) -> Response {
 }
 
 fn is_read(a: Action) -> bool {
-    matches!(a, Action::List | Action::View | Action::Download)
+    matches!(
+        a,
+        Action::List | Action::View | Action::Download | Action::MembershipRead
+    )
 }
 
 /// The checks before the handler: identity and portal rules, the request log's health for

@@ -41,7 +41,8 @@ pub struct ListArgs {
     /// Requests from this client address: an IP, or IP:PORT ([IPv6]:PORT)
     #[arg(long, value_name = "ADDR")]
     pub client: Option<String>,
-    /// Only this action: submit, list, view, download, cancel, signal, match, status, upload, other
+    /// Only this action: submit, list, view, download, cancel, signal, match, status, upload,
+    /// membership, membership_read, other
     #[arg(long, value_name = "ACTION")]
     pub action: Option<String>,
     /// Only requests at or after this time: RFC 3339, "YYYY-MM-DD HH:MM[:SS]" in UTC, or "now"
@@ -205,8 +206,19 @@ fn user_time(s: &Option<String>, flag: &str) -> Result<Option<DateTime<Utc>>, St
         .map_err(|e| format!("{flag}: {e}"))
 }
 
-const ACTIONS: [&str; 10] = [
-    "submit", "list", "view", "download", "cancel", "signal", "match", "status", "upload", "other",
+const ACTIONS: [&str; 12] = [
+    "submit",
+    "list",
+    "view",
+    "download",
+    "cancel",
+    "signal",
+    "match",
+    "status",
+    "upload",
+    "membership",
+    "membership_read",
+    "other",
 ];
 
 fn needle(key: &str, value: &str) -> Vec<u8> {

@@ -1,6 +1,7 @@
 //! The membership registry (P3): who may submit, in which VO, with which FQANs, until when.
 //! A member is active while `status = registered` and `renewal_due` lies in the future;
-//! `renewal_due` is what envelopes carry as `membership_valid_until`.
+//! `renewal_due` is what envelopes carry as `membership_valid_until`. A registration waits as
+//! `pending` until a VO manager approves it (store/registry.rs holds the requests).
 
 use chrono::{DateTime, Months, Utc};
 use serde::Serialize;
@@ -8,6 +9,7 @@ use serde::Serialize;
 use super::db::{vals, Conn, Row};
 use super::{parse_ts, ts, Store, StoreError};
 use crate::server::config::MemberSeed;
+use crate::server::membership::types::{EntityKind, Registration};
 
 /// How long a registration or renewal lasts.
 pub const MEMBERSHIP_MONTHS: u32 = 12;
@@ -16,21 +18,25 @@ pub const MEMBERSHIP_MONTHS: u32 = 12;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MemberStatus {
+    /// Registered by the member, not yet approved: not active.
+    Pending,
     Registered,
     Suspended,
     Removed,
 }
 
 impl MemberStatus {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
+            Self::Pending => "pending",
             Self::Registered => "registered",
             Self::Suspended => "suspended",
             Self::Removed => "removed",
         }
     }
-    fn parse(s: &str) -> Result<Self, StoreError> {
+    pub(crate) fn parse(s: &str) -> Result<Self, StoreError> {
         Ok(match s {
+            "pending" => Self::Pending,
             "registered" => Self::Registered,
             "suspended" => Self::Suspended,
             "removed" => Self::Removed,
@@ -48,6 +54,30 @@ pub struct Member {
     pub status: MemberStatus,
     pub registered_at: DateTime<Utc>,
     pub renewal_due: DateTime<Utc>,
+    /// `person`, `host`, `service` or `robot`.
+    pub kind: EntityKind,
+    /// The personal registration data; None for members seeded from server.toml or added by
+    /// `member add` before they registered, and after the retention purge.
+    pub registration: Option<Registration>,
+    /// The AUP versions last accepted, and when.
+    pub grid_aup_version: Option<String>,
+    pub vo_aup_version: Option<String>,
+    pub aup_accepted_at: Option<DateTime<Utc>>,
+    /// When the membership ended (removed, or the registration refused).
+    pub ended_at: Option<DateTime<Utc>>,
+    /// Why and at whose request the member is suspended.
+    pub suspension: Option<Suspension>,
+}
+
+/// The record of a suspension, kept on the member while it lasts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Suspension {
+    pub reason: String,
+    /// Who asked for it (a security officer, operations, or the manager who acted at once).
+    pub requesters: Vec<String>,
+    pub by: String,
+    pub at: DateTime<Utc>,
+    pub request_id: String,
 }
 
 impl Member {
@@ -55,17 +85,50 @@ impl Member {
     pub fn is_active(&self, now: DateTime<Utc>) -> bool {
         self.status == MemberStatus::Registered && self.renewal_due > now
     }
+
+    /// The state listings show: `active`, `expired` (renewal lapsed), `pending`,
+    /// `suspended` or `removed`.
+    pub fn state(&self, now: DateTime<Utc>) -> &'static str {
+        match self.status {
+            MemberStatus::Registered if self.renewal_due > now => "active",
+            MemberStatus::Registered => "expired",
+            s => s.as_str(),
+        }
+    }
 }
 
-fn due(from: DateTime<Utc>) -> DateTime<Utc> {
+pub(crate) fn due(from: DateTime<Utc>) -> DateTime<Utc> {
     from.checked_add_months(Months::new(MEMBERSHIP_MONTHS))
         .expect("a date twelve months ahead is representable")
 }
 
-fn member_from(mut r: Row) -> Result<Member, StoreError> {
+fn opt_json<T: serde::de::DeserializeOwned>(
+    dn: &str,
+    what: &str,
+    v: Option<String>,
+) -> Result<Option<T>, StoreError> {
+    v.map(|t| {
+        serde_json::from_str(&t).map_err(|e| StoreError::Corrupt(format!("{what} of {dn}: {e}")))
+    })
+    .transpose()
+}
+
+pub(crate) fn member_from(mut r: Row) -> Result<Member, StoreError> {
     let dn = r.text(0)?;
     let fqans = r.text(2)?;
+    let kind = r.text(6)?;
+    let registration = opt_json(&dn, "registration", r.opt_text(7)?)?;
+    let suspension = opt_json(&dn, "suspension", r.opt_text(12)?)?;
+    let opt_ts = |v: Option<String>| v.as_deref().map(parse_ts).transpose();
     Ok(Member {
+        kind: EntityKind::parse(&kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("member kind {kind:?}")))?,
+        registration,
+        grid_aup_version: r.opt_text(8)?,
+        vo_aup_version: r.opt_text(9)?,
+        aup_accepted_at: opt_ts(r.opt_text(10)?)?,
+        ended_at: opt_ts(r.opt_text(11)?)?,
+        suspension,
         fqans: serde_json::from_str(&fqans)
             .map_err(|e| StoreError::Corrupt(format!("fqans of {dn}: {e}")))?,
         status: MemberStatus::parse(&r.text(3)?)?,
@@ -76,7 +139,7 @@ fn member_from(mut r: Row) -> Result<Member, StoreError> {
     })
 }
 
-fn member_in(c: &mut dyn Conn, dn: &str) -> Result<Option<Member>, StoreError> {
+pub(crate) fn member_in(c: &mut dyn Conn, dn: &str) -> Result<Option<Member>, StoreError> {
     c.query_opt(
         &format!("SELECT {COLUMNS} FROM members WHERE dn = ?1"),
         vals![dn],
@@ -85,7 +148,8 @@ fn member_in(c: &mut dyn Conn, dn: &str) -> Result<Option<Member>, StoreError> {
     .transpose()
 }
 
-const COLUMNS: &str = "dn, vo, fqans, status, registered_at, renewal_due";
+pub(crate) const COLUMNS: &str = "dn, vo, fqans, status, registered_at, renewal_due, kind, \
+    registration, grid_aup_version, vo_aup_version, aup_accepted_at, ended_at, suspension";
 
 impl Store {
     /// Inserts the `[[member]]` seeds that are not in the registry yet (existing entries,
@@ -129,14 +193,16 @@ impl Store {
                 "INSERT INTO members (dn, vo, fqans, status, registered_at, renewal_due)
                  VALUES (?1, ?2, ?3, 'registered', ?4, ?5)
                  ON CONFLICT (dn) DO UPDATE SET vo = ?2, fqans = ?3, status = 'registered',
-                    registered_at = ?4, renewal_due = ?5",
+                    registered_at = ?4, renewal_due = ?5, ended_at = NULL, suspension = NULL",
                 vals![dn, vo, &fq, ts(now), ts(due(now))],
             )?;
             member_in(c, dn)?.ok_or_else(|| StoreError::NoMember(dn.into()))
         })
     }
 
-    /// Sets a member's status (suspend, remove).
+    /// Sets a member's status, nothing else. Suspensions and removals go through the
+    /// registry ([`Store::file_and_decide`], [`Store::decide`]), which also stop the member's
+    /// payloads and keep the request record.
     pub fn set_member_status(&self, dn: &str, status: MemberStatus) -> Result<Member, StoreError> {
         self.tx(|c| {
             let n = c.execute(

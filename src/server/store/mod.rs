@@ -34,6 +34,7 @@
 mod db;
 mod members;
 mod payloads;
+mod registry;
 mod retention;
 
 use std::io::Write;
@@ -46,8 +47,9 @@ use rusqlite::Connection;
 
 pub use db::Engine;
 use db::{Conn, PgManager};
-pub use members::{Member, MemberStatus};
+pub use members::{Member, MemberStatus, Suspension};
 pub use payloads::{Matched, NewPayload, SweepRules, Swept};
+pub use registry::{Effect, FiledRequest, NewRegistration};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -221,6 +223,11 @@ fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
 /// Timestamps are stored as fixed-width RFC 3339 UTC text so they compare as strings.
 pub(crate) fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// A timestamp as the store writes it (for records that quote one).
+pub fn ts_text(t: DateTime<Utc>) -> String {
+    ts(t)
 }
 
 pub(crate) fn parse_ts(s: &str) -> Result<DateTime<Utc>, StoreError> {

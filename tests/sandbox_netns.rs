@@ -9,55 +9,13 @@
 mod sandbox_support;
 
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use mupilot::switch::sandbox::{self, scope, IpcFallback, NetworkMode, Running, SandboxSettings};
 use sandbox_support::{
-    landlock_scopes, plan, run, settings, SandboxProgram, ScratchRoot, TestUser,
+    landlock_scopes, plan, run, settings, SandboxProgram, ScratchRoot, TestUser, Tun,
 };
-
-/// /dev/net/tun as the kernel and udev make it (0666): pasta opens it as the payload's account.
-/// Some hosts (this development machine) have it 0600; the tests set 0666 while they run and
-/// put the old mode back after the last one.
-struct Tun;
-
-static TUN_USERS: Mutex<(usize, u32)> = Mutex::new((0, 0));
-
-impl Tun {
-    fn get() -> Tun {
-        let mut g = TUN_USERS.lock().unwrap_or_else(|p| p.into_inner());
-        if g.0 == 0 {
-            let mode = std::fs::metadata("/dev/net/tun")
-                .expect("/dev/net/tun (modprobe tun)")
-                .permissions()
-                .mode()
-                & 0o7777;
-            g.1 = mode;
-            if mode != 0o666 {
-                set_tun_mode(0o666);
-            }
-        }
-        g.0 += 1;
-        Tun
-    }
-}
-
-impl Drop for Tun {
-    fn drop(&mut self) {
-        let mut g = TUN_USERS.lock().unwrap_or_else(|p| p.into_inner());
-        g.0 -= 1;
-        if g.0 == 0 && g.1 != 0o666 {
-            set_tun_mode(g.1);
-        }
-    }
-}
-
-fn set_tun_mode(mode: u32) {
-    std::fs::set_permissions("/dev/net/tun", std::fs::Permissions::from_mode(mode)).unwrap();
-}
 
 fn pasta_settings(root: &Path) -> SandboxSettings {
     SandboxSettings {

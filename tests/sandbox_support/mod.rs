@@ -194,7 +194,7 @@ impl Drop for SandboxProgram {
     }
 }
 
-/// /dev/net/tun as the kernel and udev make it (0666): pasta opens it as the payload's account.
+/// /dev/net/tun as udev makes it (0666; devtmpfs alone makes it 0600): pasta opens it as the payload's account.
 /// Some hosts (this development machine) have it 0600; the tests set 0666 while they run and
 /// put the old mode back after the last one.
 pub struct Tun;

@@ -66,7 +66,7 @@ pub enum NetError {
     },
     #[error(
         "{path} has mode {mode:04o}: pasta runs as the payload's account and must open it; \
-         the kernel and udev create it 0666 (chmod 0666 {path})"
+         udev makes it 0666 (its 50-udev-default.rules; without udev: chmod 0666 {path})"
     )]
     TunMode { path: &'static str, mode: u32 },
 }

@@ -297,6 +297,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn refusals_name_the_file_and_the_fix() {
+        let e = NetError::TunMode {
+            path: TUN,
+            mode: 0o600,
+        }
+        .to_string();
+        assert!(e.contains("/dev/net/tun has mode 0600"), "{e}");
+        assert!(e.contains("chmod 0666 /dev/net/tun"), "{e}");
+        let e = NetError::NoPasta {
+            paths: PASTA_PATHS.join(", "),
+        }
+        .to_string();
+        assert!(
+            e.contains("/usr/bin/pasta") && e.contains("install the passt package"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn pasta_runs_as_the_account_on_the_given_namespace_with_nothing_inbound() {
         let a: Vec<String> = args(Path::new("/usr/bin/pasta"), 5001, 5002, 7)
             .into_iter()

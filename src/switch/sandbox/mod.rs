@@ -102,11 +102,6 @@ impl NetworkMode {
             NetworkMode::Pasta => "pasta",
         }
     }
-
-    /// Whether payloads get a network namespace of their own (abstract sockets stay in it).
-    pub fn is_private(self) -> bool {
-        self != NetworkMode::Host
-    }
 }
 
 /// Site settings for every sandbox (from switch.toml).

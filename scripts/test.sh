@@ -25,6 +25,8 @@ apt_install liblcmaps0 lcmaps-plugins-verify-proxy lcmaps-plugins-voms lcmaps-pl
 # initdb and postgres for tests/pg_support (each test starts its own cluster; the package's
 # own cluster service is not used).
 apt_install postgresql
+# pasta connects each payload's network namespace in the ipc_fallback (tests/sandbox_netns.rs).
+apt_install passt
 
 LOGDIR=$(mktemp -d /tmp/mupilot-test.XXXXXX)
 passed=0

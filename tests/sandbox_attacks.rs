@@ -384,17 +384,18 @@ fn signals_cannot_leave_the_payload() {
 
 #[test]
 fn network_host_is_scoped_or_refused_by_default() {
-    // The site default, ipc_fallback = "refuse": on a kernel with Landlock ABI >= 6 a payload
-    // keeps the host's network but cannot reach an abstract socket outside its domain (here
-    // one of the pilot's: this test process); without it the sandbox refuses to run payloads
-    // at all rather than share abstract sockets, and says why.
+    // ipc_fallback = "refuse": on a kernel with Landlock ABI >= 6 a payload keeps the host's
+    // network but cannot reach an abstract socket outside its domain (here one of the
+    // pilot's: this test process); without it the sandbox refuses to run payloads at all
+    // rather than share abstract sockets, and says why. (The site default is "pasta", a
+    // namespace per payload with the node's network: tests/sandbox_netns.rs.)
     let a = TestUser::get("mpt-atk-a");
     let root = ScratchRoot::new("atk-refuse");
     let mut s = settings(&root.0);
     s.ipc_fallback = IpcFallback::Refuse;
     assert_eq!(
         IpcFallback::default(),
-        IpcFallback::Refuse,
+        IpcFallback::Pasta,
         "the site default"
     );
     let atk = attack("network_host_is_scoped_or_refused_by_default");

@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mupilot::switch::sandbox::cgroup::{Cgroup, Limits};
-use sandbox_support::{ScratchRoot, TestUser};
+use sandbox_support::{ScratchRoot, TestUser, Tun};
 
 fn alive(pid: i32, cmdline: &[u8]) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
@@ -38,6 +38,7 @@ fn start(
     tag: &str,
     u: &TestUser,
     root: &ScratchRoot,
+    network: &str,
 ) -> (
     UnixStream,
     std::process::Child,
@@ -81,7 +82,7 @@ fn start(
         .args([
             "stage",
             "--network",
-            "host",
+            network,
             "--landlock",
             "no",
             "--tmp-size-bytes",
@@ -138,7 +139,7 @@ fn start(
 fn helper_gone_kills_and_cleans_up() {
     let u = TestUser::get("mpt-sbx-a");
     let root = ScratchRoot::new("orphan");
-    let (sock, mut child, pid, cg, scratch) = start("orphan", &u, &root);
+    let (sock, mut child, pid, cg, scratch) = start("orphan", &u, &root, "host");
     drop(sock);
     let st = child.wait().unwrap();
     assert!(st.success(), "{st}");
@@ -154,7 +155,7 @@ fn helper_gone_kills_and_cleans_up() {
 fn stage_killed_takes_the_payload_along() {
     let u = TestUser::get("mpt-sbx-a");
     let root = ScratchRoot::new("stagekill");
-    let (_sock, mut child, pid, cg, scratch) = start("stagekill", &u, &root);
+    let (_sock, mut child, pid, cg, scratch) = start("stagekill", &u, &root, "host");
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(
@@ -165,4 +166,56 @@ fn stage_killed_takes_the_payload_along() {
     // The helper would clean up after a lost stage; here the test does.
     let _ = std::fs::remove_dir_all(&scratch);
     assert!(cg.remove());
+}
+
+/// Processes (host pids) whose real uid is `uid`, with their names.
+fn processes_of(uid: u32) -> Vec<(i32, String)> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let st = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let real: u32 = st
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            let name = st.lines().find_map(|l| l.strip_prefix("Name:"))?.trim();
+            (real == uid).then(|| (pid, name.to_owned()))
+        })
+        .collect()
+}
+
+#[test]
+fn helper_gone_takes_the_payloads_pasta_along() {
+    // network = "pasta": pasta runs in the payload's cgroup and pid namespace as its account;
+    // when the helper dies the stage's kill(-1) ends it with the payload, and nothing of the
+    // account is left on the node (pasta would otherwise keep the namespace alive).
+    let _tun = Tun::get();
+    let u = TestUser::get("mpt-sbx-net-orphan");
+    let root = ScratchRoot::new("orphan-pasta");
+    let (sock, mut child, pid, cg, scratch) = start("orphan-pasta", &u, &root, "pasta");
+    let before = processes_of(u.account.uid);
+    assert!(
+        before
+            .iter()
+            .any(|(_, n)| n.starts_with("pasta") || n.starts_with("passt")),
+        "pasta runs as the account: {before:?}"
+    );
+    drop(sock);
+    let st = child.wait().unwrap();
+    assert!(st.success(), "{st}");
+    assert!(!alive(pid, b"sleep\x0077\x00"), "payload killed");
+    assert!(
+        wait_until(|| processes_of(u.account.uid).is_empty()),
+        "left behind: {:?}",
+        processes_of(u.account.uid)
+    );
+    assert!(!scratch.exists(), "scratch removed");
+    assert!(
+        wait_until(|| cg.procs_files().iter().all(|f| !f.exists())),
+        "cgroup removed"
+    );
 }

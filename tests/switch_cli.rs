@@ -14,8 +14,8 @@ fn check_config_accepts_a_good_file_and_names_bad_keys() {
     let site = Site::new();
     let cfg = site.config.to_str().unwrap();
     let (code, out) = cli(&["check-config", "--config", cfg]);
-    // The default network = "host" with ipc_fallback = "refuse": usable where the kernel scopes
-    // payloads with Landlock (ABI >= 6), refused with the reason elsewhere.
+    // The default network = "host" with ipc_fallback = "pasta": scoped where the kernel scopes
+    // payloads with Landlock (ABI >= 6), a namespace per payload connected by pasta elsewhere.
     let scoped = mupilot::switch::sandbox::scope::kernel_abi() >= 6;
     if scoped {
         assert_eq!(code, 0, "{out}");
@@ -28,9 +28,9 @@ fn check_config_accepts_a_good_file_and_names_bad_keys() {
             "{out}"
         );
     } else {
-        assert_eq!(code, 2, "{out}");
+        assert_eq!(code, 0, "{out}");
         assert!(
-            out.contains("key 'sandbox.ipc_fallback'") && out.contains("Landlock ABI"),
+            out.contains("ipc isolation  network namespace per payload (pasta; Landlock ABI "),
             "{out}"
         );
     }

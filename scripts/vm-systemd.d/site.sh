@@ -78,8 +78,10 @@ cat >editor.sh <<'EOF'
 for f in "$@"; do
     case $f in
     */switch.toml)
-        # Debian 12's kernel has no Landlock ABI 6: choose ipc_fallback, as check-config asks.
-        sed 's/^# ipc_fallback = "refuse"$/ipc_fallback = "loopback"/' "$f" >"$f.new"
+        # Debian 12's kernel has no Landlock ABI 6. The default fallback, "pasta", connects
+        # each payload's namespace to the node's network, but this guest has no network device
+        # for it to connect to (and no udev to make /dev/net/tun 0666): choose "loopback".
+        sed 's/^# ipc_fallback = "pasta"$/ipc_fallback = "loopback"/' "$f" >"$f.new"
         mv "$f.new" "$f"
         ;;
     */grid-mapfile)

@@ -11,6 +11,7 @@ pub mod common;
 use std::collections::HashMap;
 use std::io::Read;
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
@@ -143,7 +144,6 @@ pub struct SandboxProgram {
 
 impl SandboxProgram {
     pub fn copy(built: &Path, name: &str) -> SandboxProgram {
-        use std::os::unix::fs::PermissionsExt;
         assert!(
             built.is_file(),
             "{} is missing: build it first (cargo test and cargo build --all-targets build the \
@@ -192,6 +192,46 @@ impl Drop for SandboxProgram {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// /dev/net/tun as udev makes it (0666; devtmpfs alone makes it 0600): pasta opens it as the payload's account.
+/// Some hosts (this development machine) have it 0600; the tests set 0666 while they run and
+/// put the old mode back after the last one.
+pub struct Tun;
+
+static TUN_USERS: Mutex<(usize, u32)> = Mutex::new((0, 0));
+
+impl Tun {
+    pub fn get() -> Tun {
+        let mut g = TUN_USERS.lock().unwrap_or_else(|p| p.into_inner());
+        if g.0 == 0 {
+            let mode = std::fs::metadata("/dev/net/tun")
+                .expect("/dev/net/tun (modprobe tun)")
+                .permissions()
+                .mode()
+                & 0o7777;
+            g.1 = mode;
+            if mode != 0o666 {
+                set_tun_mode(0o666);
+            }
+        }
+        g.0 += 1;
+        Tun
+    }
+}
+
+impl Drop for Tun {
+    fn drop(&mut self) {
+        let mut g = TUN_USERS.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 -= 1;
+        if g.0 == 0 && g.1 != 0o666 {
+            set_tun_mode(g.1);
+        }
+    }
+}
+
+fn set_tun_mode(mode: u32) {
+    std::fs::set_permissions("/dev/net/tun", std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
 /// A plan for `argv` as `account`, 1 core, 256 MiB, 60 s, in this test process's cgroup.

@@ -44,10 +44,22 @@ fn good_config_resolves_relative_paths() {
     let e = SwitchConfig::load(&p).unwrap_err().to_string();
     assert!(e.contains("key 'sandbox.scratch_root'"), "{e}");
     assert_eq!(c.sandbox.network, NetworkMode::None);
-    assert_eq!(c.sandbox.ipc_fallback, IpcFallback::Refuse, "the default");
-    let p = write_setup(dir.path(), &format!("{GOOD}ipc_fallback = \"loopback\"\n"));
+    assert_eq!(c.sandbox.ipc_fallback, IpcFallback::Pasta, "the default");
+    for (text, want) in [
+        ("loopback", IpcFallback::Loopback),
+        ("refuse", IpcFallback::Refuse),
+        ("pasta", IpcFallback::Pasta),
+    ] {
+        let p = write_setup(dir.path(), &format!("{GOOD}ipc_fallback = \"{text}\"\n"));
+        let l = SwitchConfig::load(&p).unwrap();
+        assert_eq!(l.sandbox.ipc_fallback, want);
+    }
+    let p = write_setup(
+        dir.path(),
+        &GOOD.replace("network = \"none\"", "network = \"pasta\""),
+    );
     let l = SwitchConfig::load(&p).unwrap();
-    assert_eq!(l.sandbox.ipc_fallback, IpcFallback::Loopback);
+    assert_eq!(l.sandbox.network, NetworkMode::Pasta);
     assert_eq!(c.min_uid, 1000);
     assert!(c.vo("demo").is_some());
     let host = nix::unistd::gethostname().unwrap().into_string().unwrap();

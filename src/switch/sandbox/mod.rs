@@ -39,6 +39,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod cgroup;
 mod factory;
+mod net;
 mod outputs;
 mod payload;
 mod pool;
@@ -86,6 +87,9 @@ pub enum NetworkMode {
     None,
     /// A new network namespace with only `lo` up.
     Loopback,
+    /// A new network namespace with `lo` and a tap device that `pasta` (passt) connects to
+    /// the host's network as ordinary sockets of the payload's account (`net.rs`).
+    Pasta,
 }
 
 impl NetworkMode {
@@ -95,6 +99,7 @@ impl NetworkMode {
             NetworkMode::Host => "host",
             NetworkMode::None => "none",
             NetworkMode::Loopback => "loopback",
+            NetworkMode::Pasta => "pasta",
         }
     }
 }
@@ -110,7 +115,8 @@ pub struct SandboxSettings {
     pub pids_max: u64,
     pub network: NetworkMode,
     /// What `network = "host"` means on a kernel that cannot scope abstract sockets and
-    /// signals with Landlock (ABI < 6): refuse to start, or a loopback-only namespace.
+    /// signals with Landlock (ABI < 6): a namespace per payload connected by pasta (the
+    /// default), a loopback-only namespace, or refuse to start.
     pub ipc_fallback: IpcFallback,
     /// Names of the helper's environment variables passed through to payloads.
     pub env_allowlist: Vec<String>,

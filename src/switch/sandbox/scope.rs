@@ -7,9 +7,10 @@
 //! must not allocate, payload.rs) only makes one system call:
 //!
 //! 1. The helper, once at start ([`resolve`]): probes the kernel and decides, with the site's
-//!    `sandbox.ipc_fallback`, what a kernel without scoping means: refuse to start, or run
-//!    `network = "host"` payloads in a private network namespace with only `lo` (abstract
-//!    sockets belong to the network namespace). Never silently unscoped.
+//!    `sandbox.ipc_fallback`, what a kernel without scoping means: run `network = "host"`
+//!    payloads in a private network namespace that pasta connects to the host's network (the
+//!    default, net.rs), or in one with only `lo`, or refuse to start (abstract sockets belong
+//!    to the network namespace). Never silently unscoped.
 //! 2. The stage, before its plan (idle time, [`ruleset`]): creates the ruleset (a descriptor,
 //!    close-on-exec) with the `landlock` crate; a failure there fails the launch.
 //! 3. The payload's process, after no_new_privs and before its exec ([`restrict_self`]):
@@ -33,12 +34,15 @@ pub const SCOPE_ABI: i32 = 6;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum IpcFallback {
-    /// The helper does not start and says why: the site chooses between a newer kernel and
-    /// payloads without the host's network.
+    /// Payloads get a private network namespace each, connected to the host's network by
+    /// `pasta` running as the payload's account, as `network = "pasta"` (net.rs).
     #[default]
-    Refuse,
+    Pasta,
     /// Payloads get a private network namespace with only `lo` up, as `network = "loopback"`.
     Loopback,
+    /// The helper does not start and says why: the site chooses between a newer kernel and
+    /// payloads in a namespace of their own.
+    Refuse,
 }
 
 /// How payloads of this helper are kept apart beyond namespaces: decided once by [`resolve`].
@@ -86,9 +90,21 @@ pub fn kernel_abi() -> i32 {
     i32::try_from(v).unwrap_or(0).max(0)
 }
 
-/// Decides with the running kernel; see [`decide`].
+/// Decides with the running kernel; see [`decide`]. A pasta network also needs pasta and a
+/// usable /dev/net/tun on this node ([`super::net::check`]).
 pub fn resolve(network: NetworkMode, fallback: IpcFallback) -> Result<IpcIsolation, String> {
     let isolation = decide(kernel_abi(), network, fallback)?;
+    if isolation.network == NetworkMode::Pasta {
+        super::net::check().map_err(|e| match network {
+            NetworkMode::Pasta => e.to_string(),
+            _ => format!(
+                "this kernel cannot scope payloads' abstract sockets (Landlock ABI {}), so \
+                 ipc_fallback = \"pasta\" gives each payload a network namespace of its own, \
+                 but {e}; or choose ipc_fallback = \"loopback\" (no network beyond the node)",
+                isolation.abi
+            ),
+        })?;
+    }
     if isolation.landlock {
         // The probe that counts: the stage will make exactly this ruleset.
         ruleset()
@@ -113,13 +129,16 @@ pub fn decide(
                 "this kernel cannot keep payloads' abstract unix sockets and signals apart with \
                  network = \"host\" (Landlock ABI {abi}{}; scoping needs ABI {SCOPE_ABI}, Linux 6.12, \
                  with landlock in the boot parameter lsm=). Choose one in switch.toml [sandbox]: \
-                 ipc_fallback = \"loopback\" (payloads get a private network namespace with only \
-                 lo: no network beyond the node), network = \"loopback\" or \"none\", or boot a \
-                 kernel with Landlock ABI {SCOPE_ABI}",
+                 ipc_fallback = \"pasta\" (the default: a network namespace per payload connected \
+                 to the node's network by pasta, package passt), ipc_fallback = \"loopback\" \
+                 (payloads get a private network namespace with only lo: no network beyond the \
+                 node), network = \"loopback\" or \"none\", or boot a kernel with Landlock ABI \
+                 {SCOPE_ABI}",
                 if abi == 0 { ": Landlock not enabled" } else { "" }
             ))
         }
         (false, NetworkMode::Host, IpcFallback::Loopback) => NetworkMode::Loopback,
+        (false, NetworkMode::Host, IpcFallback::Pasta) => NetworkMode::Pasta,
         (_, n, _) => n,
     };
     Ok(IpcIsolation {
@@ -159,8 +178,17 @@ mod tests {
     #[test]
     fn scoping_kernels_keep_the_sites_network() {
         for abi in [6, 7, 9] {
-            for n in [NetworkMode::Host, NetworkMode::None, NetworkMode::Loopback] {
-                for f in [IpcFallback::Refuse, IpcFallback::Loopback] {
+            for n in [
+                NetworkMode::Host,
+                NetworkMode::None,
+                NetworkMode::Loopback,
+                NetworkMode::Pasta,
+            ] {
+                for f in [
+                    IpcFallback::Refuse,
+                    IpcFallback::Loopback,
+                    IpcFallback::Pasta,
+                ] {
                     let i = decide(abi, n, f).unwrap();
                     assert!(i.landlock);
                     assert_eq!(i.network, n);
@@ -176,10 +204,15 @@ mod tests {
             assert!(e.contains(&format!("Landlock ABI {abi}")), "{e}");
             assert!(e.contains("ipc_fallback = \"loopback\""), "{e}");
             assert_eq!(abi == 0, e.contains("not enabled"), "{e}");
+            assert!(e.contains("ipc_fallback = \"pasta\""), "{e}");
             let i = decide(abi, NetworkMode::Host, IpcFallback::Loopback).unwrap();
             assert_eq!((i.network, i.landlock), (NetworkMode::Loopback, false));
+            // The default: a namespace of its own, with the network through pasta.
+            assert_eq!(IpcFallback::default(), IpcFallback::Pasta);
+            let i = decide(abi, NetworkMode::Host, IpcFallback::default()).unwrap();
+            assert_eq!((i.network, i.landlock), (NetworkMode::Pasta, false));
             // A network namespace of their own already keeps abstract sockets apart.
-            for n in [NetworkMode::None, NetworkMode::Loopback] {
+            for n in [NetworkMode::None, NetworkMode::Loopback, NetworkMode::Pasta] {
                 let i = decide(abi, n, IpcFallback::Refuse).unwrap();
                 assert_eq!((i.network, i.landlock), (n, false));
             }

@@ -398,9 +398,10 @@ impl Preparation {
                         "host" => NetworkMode::Host,
                         "none" => NetworkMode::None,
                         "loopback" => NetworkMode::Loopback,
+                        "pasta" => NetworkMode::Pasta,
                         other => {
                             return Err(format!(
-                                "stage argument --network {other:?}: use host, none or loopback"
+                                "stage argument --network {other:?}: use host, none, loopback or pasta"
                             ))
                         }
                     })

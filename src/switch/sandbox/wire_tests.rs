@@ -270,7 +270,12 @@ fn the_spin_ends_when_bytes_are_there_and_gives_up_after_the_budget_when_not() {
 
 #[test]
 fn preparation_travels_as_arguments() {
-    for network in [NetworkMode::Host, NetworkMode::None, NetworkMode::Loopback] {
+    for network in [
+        NetworkMode::Host,
+        NetworkMode::None,
+        NetworkMode::Loopback,
+        NetworkMode::Pasta,
+    ] {
         for landlock in [true, false] {
             let prep = Preparation {
                 network,

@@ -15,6 +15,7 @@ use nix::mount::{mount, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::signal::{SigSet, Signal};
 
+use super::super::net::Launcher;
 use super::super::step::{step, StageError};
 use super::super::wire::Preparation;
 use super::super::NetworkMode;
@@ -34,6 +35,9 @@ pub(super) struct Host {
     /// The Landlock ruleset the payload's process restricts itself with (scope.rs), made
     /// before the plan so that process only makes the one system call; close-on-exec.
     pub(super) landlock: Option<OwnedFd>,
+    /// `network = "pasta"`: the payload's network namespace (close-on-exec) and the launcher
+    /// that connects it once the plan names the account (net.rs); taken by `run`.
+    pub(super) pasta: std::cell::Cell<Option<(OwnedFd, Launcher)>>,
 }
 
 /// The signals the stage forwards to the payload, and SIGCHLD; blocked from the start (so the
@@ -58,7 +62,8 @@ fn supervised_signals() -> SigSet {
 /// stage's cgroups kept ([`Host`]); new mount, IPC, UTS (and, unless `network = "host"`, network) namespaces; `/`
 /// recursively slave; private tmpfs on /tmp, /var/tmp, /dev/shm and /run/lock; the IPC
 /// namespace's own /dev/mqueue; a /proc of the pid namespace; `lo` up for `network =
-/// "loopback"`; the supervised signals blocked, into a signalfd. What depends on the payload (the scratch
+/// "loopback"` and `"pasta"` (whose namespace it keeps for the helper); the supervised
+/// signals blocked, into a signalfd. What depends on the payload (the scratch
 /// view, the hostname, the cgroup) comes after the plan.
 pub(super) fn prepare(prep: &Preparation) -> StepResult<Host> {
     let open = |path: &str, flags: nix::fcntl::OFlag| {
@@ -72,6 +77,12 @@ pub(super) fn prepare(prep: &Preparation) -> StepResult<Host> {
         )?;
         // SAFETY: `fd` was just opened and is owned here only.
         Ok::<_, StageError>(unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    // `network = "pasta"`: pasta's launcher first, while this process is still in the host's
+    // network and mount namespaces and its execs still get root's capabilities (net.rs).
+    let launcher = match prep.network {
+        NetworkMode::Pasta => Some(Launcher::fork()?),
+        _ => None,
     };
     // What any later exec may gain (securebits, bounding set): nothing. Done here, off the
     // launch path; the stage keeps its own capabilities.
@@ -105,6 +116,7 @@ pub(super) fn prepare(prep: &Preparation) -> StepResult<Host> {
             )?),
             false => None,
         },
+        pasta: std::cell::Cell::new(None),
     };
     let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
     if prep.network != NetworkMode::Host {
@@ -167,8 +179,12 @@ pub(super) fn prepare(prep: &Preparation) -> StepResult<Host> {
             None::<&str>,
         ),
     )?;
-    if prep.network == NetworkMode::Loopback {
+    if matches!(prep.network, NetworkMode::Loopback | NetworkMode::Pasta) {
         step("bring lo up", loopback_up())?;
+    }
+    if let Some(launcher) = launcher {
+        let netns = open("/proc/self/ns/net", nix::fcntl::OFlag::O_RDONLY)?;
+        host.pasta.set(Some((netns, launcher)));
     }
     Ok(host)
 }

@@ -37,6 +37,7 @@ pub(super) fn run(
         return Err(StageError::new("read plan", "no exec and cgroup gates"));
     };
     let bundle = if plan.bundle { fds.next() } else { None };
+
     for (fd, target) in fds.zip([1, 2]) {
         // SAFETY: dup2 of a descriptor we own onto 1 or 2; no memory is involved. The copy on
         // 1/2 is not close-on-exec (the payload writes there); ours (received close-on-exec)
@@ -72,6 +73,16 @@ pub(super) fn run(
             std::fs::write(f, "0"),
         )?;
     }
+    // 4b. `network = "pasta"`: pasta connects the namespace, as the account, in the cgroup
+    //     (net.rs); the payload starts only once it is connected.
+    if let Some((netns, launcher)) = host.pasta.take() {
+        launcher.connect(
+            &netns,
+            plan.account.uid,
+            plan.account.gid,
+            plan.cgroup.join_files(&host.cgroups),
+        )?;
+    }
     // 5. The bundle, unpacked as the account in a process of its own.
     if let Some(b) = bundle {
         payload.unpack_bundle(b)?;
@@ -81,7 +92,7 @@ pub(super) fn run(
     step("close inherited fds", fds_from_3(true))?;
     let pid = payload.spawn()?;
     // 7. `started`, with the host's pids (nothing is reaped before this).
-    let (stage_pid, host_pid) = host_pids(&host.proc)?;
+    let (stage_pid, host_pid) = host_pids(&host.proc, pid)?;
     let started = FromStage::Started {
         pid: host_pid,
         stage_pid,
@@ -99,11 +110,12 @@ pub(super) fn run(
     supervise(plan, host, channel, pid)
 }
 
-/// The host pids of the stage (the caller) and of its only child, the payload, read through
-/// the host's /proc (the path /proc is the payload's): `self` and `thread-self/children`
-/// there resolve in the host's pid namespace. Called before anything is reaped, so the child
-/// is listed even if it already exited.
-fn host_pids(proc: &OwnedFd) -> StepResult<(i32, i32)> {
+/// The host pids of the stage (the caller) and of the payload's process `payload` (its pid in
+/// our namespace), read through the host's /proc (the path /proc is the payload's): `self`,
+/// `thread-self/children` and each child's `NSpid` there resolve in the host's pid namespace.
+/// Called before anything is reaped, so the payload is listed even if it already exited; the
+/// stage's other child, if any, is pasta's daemon (net.rs).
+fn host_pids(proc: &OwnedFd, payload: nix::unistd::Pid) -> StepResult<(i32, i32)> {
     let s = "read host pids";
     let own = nix::fcntl::readlinkat(Some(proc.as_raw_fd()), "self")
         .map_err(|e| StageError::new(s, format!("/proc/self: {e}")))?;
@@ -111,23 +123,44 @@ fn host_pids(proc: &OwnedFd) -> StepResult<(i32, i32)> {
         .to_str()
         .and_then(|p| p.parse().ok())
         .ok_or_else(|| StageError::new(s, format!("/proc/self is {own:?}")))?;
-    let fd = nix::fcntl::openat(
-        Some(proc.as_raw_fd()),
-        "thread-self/children",
-        nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    )
-    .map_err(|e| StageError::new(s, format!("/proc/thread-self/children: {e}")))?;
-    // SAFETY: `fd` was just opened and is owned here only.
-    let mut f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    let mut children = String::new();
-    f.read_to_string(&mut children)
-        .map_err(|e| StageError::new(s, format!("/proc/thread-self/children: {e}")))?;
-    let child = children
+    let read = |path: &str| -> StepResult<String> {
+        let fd = nix::fcntl::openat(
+            Some(proc.as_raw_fd()),
+            path,
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| StageError::new(s, format!("/proc/{path}: {e}")))?;
+        // SAFETY: `fd` was just opened and is owned here only.
+        let mut f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        let mut text = String::new();
+        f.read_to_string(&mut text)
+            .map_err(|e| StageError::new(s, format!("/proc/{path}: {e}")))?;
+        Ok(text)
+    };
+    let children = read("thread-self/children")?;
+    let children: Vec<i32> = children
         .split_whitespace()
-        .next()
-        .and_then(|p| p.parse().ok())
-        .ok_or_else(|| StageError::new(s, format!("the stage has no child ({children:?})")))?;
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let child = match children[..] {
+        [only] => Some(only),
+        _ => children.iter().copied().find(|c| {
+            read(&format!("{c}/status")).is_ok_and(|st| {
+                st.lines()
+                    .find_map(|l| l.strip_prefix("NSpid:"))
+                    .and_then(|ids| ids.split_whitespace().last())
+                    .and_then(|p| p.parse::<i32>().ok())
+                    == Some(payload.as_raw())
+            })
+        }),
+    };
+    let child = child.ok_or_else(|| {
+        StageError::new(
+            s,
+            format!("no child of the stage is the payload ({children:?})"),
+        )
+    })?;
     Ok((own, child))
 }
 

@@ -26,6 +26,10 @@ pub enum Action {
     Status,
     /// `PUT /v1/payloads/{id}/output` (pilots).
     Upload,
+    /// `POST /v1/delegations`, `PUT /v1/delegations/{id}`: a member delegates a proxy.
+    Delegate,
+    /// `POST /v1/payloads/{id}/proxy` (pilots): a proxy for the worker node's key.
+    Proxy,
     /// Anything else (answered 404 or 405 by the router).
     Other,
 }
@@ -43,6 +47,8 @@ impl Action {
             Action::Match => "match",
             Action::Status => "status",
             Action::Upload => "upload",
+            Action::Delegate => "delegate",
+            Action::Proxy => "proxy",
             Action::Other => "other",
         }
     }
@@ -57,6 +63,7 @@ impl Action {
                 | Action::Download
                 | Action::Cancel
                 | Action::Signal
+                | Action::Delegate
         )
     }
 
@@ -66,7 +73,12 @@ impl Action {
     pub fn needs_log(self) -> bool {
         matches!(
             self,
-            Action::Submit | Action::Cancel | Action::Signal | Action::Match
+            Action::Submit
+                | Action::Cancel
+                | Action::Signal
+                | Action::Match
+                | Action::Delegate
+                | Action::Proxy
         )
     }
 
@@ -105,6 +117,10 @@ impl Target {
             (&Method::POST, ["payloads", id, "cancel"]) => (Action::Cancel, Some(*id)),
             (&Method::POST, ["payloads", id, "signal"]) => (Action::Signal, Some(*id)),
             (&Method::POST, ["payloads", id, "status"]) => (Action::Status, Some(*id)),
+            (&Method::POST, ["payloads", id, "proxy"]) => (Action::Proxy, Some(*id)),
+            (&Method::POST, ["delegations"]) | (&Method::PUT, ["delegations", _]) => {
+                (Action::Delegate, None)
+            }
             _ => return other,
         };
         // Only a well-formed id is recorded as one (the handler refuses the others).
@@ -152,6 +168,15 @@ mod tests {
         assert_eq!(
             t(Method::POST, "/v1/payloads/p-1/status"),
             (Action::Status, id)
+        );
+        assert_eq!(
+            t(Method::POST, "/v1/payloads/p-1/proxy"),
+            (Action::Proxy, Some("p-1".to_string()))
+        );
+        assert_eq!(t(Method::POST, "/v1/delegations"), (Action::Delegate, None));
+        assert_eq!(
+            t(Method::PUT, "/v1/delegations/d-1"),
+            (Action::Delegate, None)
         );
         assert_eq!(t(Method::DELETE, "/v1/payloads").0, Action::Other);
         assert_eq!(t(Method::GET, "/v2/payloads").0, Action::Other);

@@ -205,8 +205,9 @@ fn user_time(s: &Option<String>, flag: &str) -> Result<Option<DateTime<Utc>>, St
         .map_err(|e| format!("{flag}: {e}"))
 }
 
-const ACTIONS: [&str; 10] = [
-    "submit", "list", "view", "download", "cancel", "signal", "match", "status", "upload", "other",
+const ACTIONS: [&str; 12] = [
+    "submit", "list", "view", "download", "cancel", "signal", "match", "status", "upload",
+    "delegate", "proxy", "other",
 ];
 
 fn needle(key: &str, value: &str) -> Vec<u8> {

@@ -424,6 +424,20 @@ async fn delegations_are_refused_for_another_dn_another_key_too_long_or_no_room(
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("-path-length"), "{}", text(&o));
 
+    // Bob's first request still waits; seven more may, the ninth is refused.
+    for _ in 0..7 {
+        create(bob.clone()).await;
+    }
+    let r = bob
+        .post(vo.srv.url("/v1/delegations"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    let body = r.text().await.unwrap();
+    assert!(body.contains("at most 8"), "{body}");
+
     // X509_USER_PROXY is the default proxy file.
     let mut cmd = std::process::Command::new(BIN);
     cmd.args([

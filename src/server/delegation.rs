@@ -28,6 +28,9 @@ use crate::protocol::delegation::{
 
 /// How long the server waits for the member's chain after making a key for it.
 pub const UPLOAD_WINDOW: Duration = Duration::minutes(10);
+/// Requests one member may have waiting for their chain at once: each costs the server an RSA
+/// key generation and a key file, so they are bounded.
+pub const MAX_PENDING: i64 = 8;
 
 type St = State<Arc<AppState>>;
 
@@ -64,6 +67,19 @@ async fn create(
 ) -> Result<(StatusCode, Json<DelegationCreated>), Fail> {
     let dn = caller.acting_dn().to_string();
     active_member(&st, &dn, String::new()).await?;
+    let (owner, now) = (dn.clone(), Utc::now());
+    let pending = blocking(&st, move |s| s.pending_delegations(&owner, now)).await?;
+    if pending >= MAX_PENDING {
+        return Err(Fail::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "{dn} has {pending} delegations waiting for their chain (at most {MAX_PENDING}); upload them (PUT /v1/delegations/{{id}}) or let them lapse ({} s)",
+                UPLOAD_WINDOW.num_seconds()
+            ),
+        )
+        .retry_after(UPLOAD_WINDOW.num_seconds() as u64));
+    }
     // RSA key generation takes tens of milliseconds: off the async threads.
     let kr = tokio::task::spawn_blocking(new_key_request)
         .await

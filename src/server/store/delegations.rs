@@ -118,6 +118,22 @@ impl Store {
         Ok(())
     }
 
+    /// How many of `owner_dn`'s delegations still wait for their chain at `now`.
+    pub fn pending_delegations(
+        &self,
+        owner_dn: &str,
+        now: DateTime<Utc>,
+    ) -> Result<i64, StoreError> {
+        self.conn(|c| {
+            c.query_one(
+                "SELECT count(*) FROM delegations
+                 WHERE owner_dn = ?1 AND chain_pem IS NULL AND not_after >= ?2",
+                vals![owner_dn, ts(now)],
+            )?
+            .int(0)
+        })
+    }
+
     /// One delegation, if it exists.
     pub fn delegation(&self, id: &str) -> Result<Option<Delegation>, StoreError> {
         self.conn(|c| delegation_in(c, id))
@@ -309,6 +325,7 @@ mod tests {
             .complete_delegation("d-1", "/CN=a", "CHAIN", true, &signing("d-1", now), now)
             .unwrap();
         assert_eq!(got.chain_pem.as_deref(), Some("CHAIN"));
+        assert_eq!(s.pending_delegations("/CN=a", now).unwrap(), 0);
         assert!(got.limited);
         assert_eq!(
             got.not_after.timestamp(),
@@ -323,6 +340,12 @@ mod tests {
         // A lapsed request cannot be completed.
         s.create_delegation("d-2", "/CN=a", b"KEY", now - Duration::seconds(1), now)
             .unwrap();
+        assert_eq!(s.pending_delegations("/CN=a", now).unwrap(), 0);
+        assert_eq!(
+            s.pending_delegations("/CN=a", now - Duration::seconds(2))
+                .unwrap(),
+            1
+        );
         let e = s
             .complete_delegation("d-2", "/CN=a", "CHAIN", false, &signing("d-2", now), now)
             .unwrap_err();

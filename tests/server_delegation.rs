@@ -33,7 +33,8 @@ fn root() -> &'static Path {
 
 /// The demo VO named `atlas` (the VO of the fixtures' ACs), trusting the grid test CA, with
 /// Alice and Bob of the grid PKI as members, carol's demo certificate as a second pilot,
-/// worker proxies of 2 h, and retention every second.
+/// worker proxies of 2 h, and retention every second. SQLite, or PostgreSQL with
+/// `MUPILOT_TEST_ENGINE=postgresql`.
 struct Vo {
     demo: Demo,
     srv: Server,
@@ -42,24 +43,8 @@ struct Vo {
 impl Vo {
     fn new() -> Vo {
         let root = root();
-        let tmp = tempfile::Builder::new()
-            .prefix("srv-deleg-")
-            .tempdir()
-            .unwrap();
-        let dir = tmp.path().join("vo");
-        let out = std::process::Command::new(BIN)
-            .args([
-                "init",
-                dir.to_str().unwrap(),
-                "--vo",
-                "atlas",
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", text(&out));
-        let demo = Demo { tmp, dir, pg: None };
+        // MUPILOT_TEST_ENGINE=postgresql runs it on a private PostgreSQL cluster.
+        let demo = Demo::with_init_args(&["--vo", "atlas"]);
         std::fs::copy(
             root.join("pki/testca.pem"),
             demo.path("certificates/grid-test-ca.pem"),
@@ -129,9 +114,17 @@ impl Vo {
         self.demo.path("server-data")
     }
 
-    /// The server's store, opened beside the running server (SQLite, WAL).
-    fn store(&self) -> Store {
-        Store::open(&self.data()).unwrap()
+    /// Runs `f` on the server's store, opened beside the running server (SQLite in WAL mode,
+    /// or the same PostgreSQL database), on a plain thread: the sync PostgreSQL client cannot
+    /// run inside the test's runtime.
+    fn store<T: Send>(&self, f: impl FnOnce(&Store) -> T + Send) -> T {
+        let cfg = mupilot::server::config::ServerConfig::load(&self.demo.config()).unwrap();
+        let data = self.data();
+        std::thread::scope(|sc| {
+            sc.spawn(move || f(&Store::open_with(&data, &cfg.database).unwrap()))
+                .join()
+                .unwrap()
+        })
     }
 
     /// The verified body of a match's envelope.
@@ -190,12 +183,14 @@ async fn a_delegated_payload_gets_a_worker_proxy_every_judge_accepts() {
         "submit",
         &["--proxy", &vo.proxy_path("delegable"), "--", "/bin/true"],
     ));
-    let store = vo.store();
-    let did = store.proxy_holder(&id).unwrap().delegation_id.unwrap();
-    let d = store.delegation(&did).unwrap().unwrap();
+    let (did, d, key) = vo.store(|s| {
+        let did = s.proxy_holder(&id).unwrap().delegation_id.unwrap();
+        let d = s.delegation(&did).unwrap().unwrap();
+        let key = s.delegation_key_path(&did);
+        (did, d, key)
+    });
     assert_eq!(d.owner_dn, ALICE);
     // The key is a private file beside the database, not in it.
-    let key = store.delegation_key_path(&did);
     assert_eq!((mode(&key), mode(key.parent().unwrap())), (0o600, 0o700));
     assert!(!d.chain_pem.as_deref().unwrap().contains("PRIVATE KEY"));
 
@@ -235,7 +230,7 @@ async fn a_delegated_payload_gets_a_worker_proxy_every_judge_accepts() {
     assert_eq!(v.proxy_serials.len(), 3);
 
     // Both signings are on record: the member's and the server's.
-    let s = store.signings(&did).unwrap();
+    let s = vo.store(|s| s.signings(&did).unwrap());
     assert_eq!(s.len(), 2, "{s:?}");
     assert_eq!(
         (s[0].payload_id.as_deref(), s[0].signer_dn.as_str()),
@@ -479,9 +474,9 @@ async fn expired_and_removed_members_delegations_are_deleted() {
     ));
     let work = vo.matched(&pilot).await;
     assert_eq!(work.payload_id, id);
-    let key = vo.store().delegation_key_path(&did);
+    let key = vo.store(|s| s.delegation_key_path(&did));
     assert!(key.exists());
-    let not_after = vo.store().delegation(&did).unwrap().unwrap().not_after;
+    let not_after = vo.store(|s| s.delegation(&did).unwrap().unwrap().not_after);
     let wait = (not_after - Utc::now()).num_milliseconds().max(0) as u64 + 1500;
     tokio::time::sleep(StdDuration::from_millis(wait)).await;
 
@@ -498,7 +493,7 @@ async fn expired_and_removed_members_delegations_are_deleted() {
         tokio::time::sleep(StdDuration::from_millis(200)).await;
     }
     assert!(!key.exists(), "retention left {}", key.display());
-    assert!(vo.store().delegation(&did).unwrap().is_none());
+    assert!(vo.store(|s| s.delegation(&did).unwrap().is_none()));
     let o = vo.cli(
         "alice",
         "submit",
@@ -513,7 +508,7 @@ async fn expired_and_removed_members_delegations_are_deleted() {
         "delegate",
         &["--proxy", &vo.proxy_path("delegable")],
     ));
-    let key = vo.store().delegation_key_path(&did);
+    let key = vo.store(|s| s.delegation_key_path(&did));
     assert!(key.exists());
     let o = vo.demo.run(&[
         "member",
@@ -524,5 +519,5 @@ async fn expired_and_removed_members_delegations_are_deleted() {
     ]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(!key.exists());
-    assert!(vo.store().delegation(&did).unwrap().is_none());
+    assert!(vo.store(|s| s.delegation(&did).unwrap().is_none()));
 }

@@ -238,23 +238,7 @@ impl Credential {
         let subject_key = request_key(csr_pem)?;
         // The credential's own proxy rules and validity at `now` (limits are the receiver's).
         let shape = proxy::check(&self.certs, &permissive(), now)?;
-        // A constraint on proxy i (0 = the signing one) counts the proxies below it, which
-        // become i + 1; the new proxy inherits the tightest remaining allowance.
-        let mut own_path_len: Option<u64> = None;
-        for (i, c) in self.certs[..shape.proxies].iter().enumerate() {
-            if let Some(allowed) = ProxyCertInfo::of(c)?.and_then(|p| p.path_len) {
-                let below = i as u64 + 1;
-                if below > allowed {
-                    return Err(DelegationError::PathLength {
-                        dn: c.dn(),
-                        allowed,
-                        below,
-                    });
-                }
-                let left = allowed - below;
-                own_path_len = Some(own_path_len.map_or(left, |l| l.min(left)));
-            }
-        }
+        let own_path_len = room_for_one_more(&self.certs[..shape.proxies])?;
         let limited = order.limited || shape.limited;
         let issuer = &self.certs[0].x509;
 
@@ -318,6 +302,28 @@ impl Credential {
             limited,
         })
     }
+}
+
+/// Whether the path lengths of `proxies` (newest first) allow one more proxy below the first,
+/// and if so the tightest allowance left, which that new proxy carries as its own. A
+/// constraint on proxy i counts the proxies below it, which become i + 1.
+fn room_for_one_more(proxies: &[Cert]) -> Result<Option<u64>, DelegationError> {
+    let mut left_min: Option<u64> = None;
+    for (i, c) in proxies.iter().enumerate() {
+        if let Some(allowed) = ProxyCertInfo::of(c)?.and_then(|p| p.path_len) {
+            let below = i as u64 + 1;
+            if below > allowed {
+                return Err(DelegationError::PathLength {
+                    dn: c.dn(),
+                    allowed,
+                    below,
+                });
+            }
+            let left = allowed - below;
+            left_min = Some(left_min.map_or(left, |l| l.min(left)));
+        }
+    }
+    Ok(left_min)
 }
 
 /// The chain's proxy rules without the site limits, which the verifying side applies.
@@ -434,19 +440,8 @@ pub fn check_delegated<T: openssl::pkey::HasPublic>(
             seconds,
         });
     }
-    // The worker node's proxy will sit below every proxy here: one more than now.
-    for (i, c) in certs[..shape.proxies].iter().enumerate() {
-        if let Some(allowed) = ProxyCertInfo::of(c)?.and_then(|p| p.path_len) {
-            let below = i as u64 + 1;
-            if below > allowed {
-                return Err(DelegationError::PathLength {
-                    dn: c.dn(),
-                    allowed,
-                    below,
-                });
-            }
-        }
-    }
+    // The worker node's proxy will sit below every proxy here.
+    room_for_one_more(&certs[..shape.proxies])?;
     let serial = first
         .x509
         .serial_number()

@@ -361,9 +361,49 @@ mod tests {
         // The signing record stays.
         assert_eq!(s.signings("d-1").unwrap().len(), 1);
 
+        // A payload queued with a delegation that expires before a match fails at the next
+        // sweep; one whose delegation holds stays queued.
+        s.create_delegation("d-4", "/CN=a", b"KEY", now + Duration::minutes(5), now)
+            .unwrap();
+        let sig = Signing {
+            not_after: now + Duration::seconds(30),
+            ..signing("d-4", now)
+        };
+        s.complete_delegation("d-4", "/CN=a", "CHAIN", false, &sig, now)
+            .unwrap();
+        let p = crate::server::store::NewPayload {
+            owner_dn: "/CN=a".into(),
+            vo: "demo".into(),
+            argv: vec!["/bin/true".into()],
+            env: Default::default(),
+            jobtag: None,
+            resources: crate::protocol::Resources {
+                cores: 1,
+                memory_bytes: 64 << 20,
+                walltime_seconds: 60,
+            },
+            outputs: vec![],
+            bundle_sha256: None,
+            delegation_id: Some("d-4".into()),
+        };
+        let id = s.submit(&p, None, now).unwrap();
+        let rules = crate::server::store::SweepRules {
+            matched_before: now - Duration::hours(1),
+            silent_before: now - Duration::hours(1),
+            silence: "1 h".into(),
+        };
+        assert_eq!(s.sweep(&rules, now).unwrap().failed, 0);
+        let later = now + Duration::seconds(31);
+        assert_eq!(s.sweep(&rules, later).unwrap().failed, 1);
+        let v = s.view(&id).unwrap();
+        assert_eq!(v.state, crate::protocol::api::PayloadState::Failed);
+        assert!(v.reason.unwrap().contains("delegated credential expired"));
+
         s.create_delegation("d-3", "/CN=a", b"KEY", now + Duration::hours(1), now)
             .unwrap();
-        assert_eq!(s.delete_delegations_of("/CN=a").unwrap(), 1);
+        // Removing the member takes both it and the expired d-4 retention has not reached.
+        assert_eq!(s.delete_delegations_of("/CN=a").unwrap(), 2);
         assert!(!s.delegation_key_path("d-3").exists());
+        assert!(!s.delegation_key_path("d-4").exists());
     }
 }

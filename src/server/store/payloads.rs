@@ -298,7 +298,8 @@ impl Store {
     ///   or failed once it was requeued `max_requeues` times;
     /// - a running payload with no report since `silent_before` (its pilot missed
     ///   `missed_heartbeats` heartbeats) becomes `lost`, marked as the server's verdict so a
-    ///   late final report from that pilot can still replace it.
+    ///   late final report from that pilot can still replace it;
+    /// - a queued payload whose delegated credential expired or was deleted fails.
     ///
     /// Several instances may sweep at once: the stale rows are claimed (skipped when another
     /// sweep or a report holds them) and every change is guarded by the state it found, so
@@ -326,6 +327,16 @@ impl Store {
                     None => {}
                 }
             }
+            // A queued payload whose delegated credential expired (or was deleted) can never
+            // get a worker-node proxy: it fails instead of waiting forever.
+            swept.failed += c.execute(
+                "UPDATE payloads SET state = 'failed', updated_at = ?1,
+                    reason = 'not started: its delegated credential expired before a pilot took it; delegate anew (mupilot-server delegate) and submit again'
+                 WHERE state = 'queued' AND delegation_id IS NOT NULL
+                   AND NOT EXISTS (SELECT 1 FROM delegations d WHERE d.id = payloads.delegation_id
+                        AND d.chain_pem IS NOT NULL AND d.not_after > ?1)",
+                vals![ts(now)],
+            )? as usize;
             swept.lost = c.execute(
                 "UPDATE payloads SET state = 'lost', lost_by_server = 1, updated_at = ?2,
                     reason = 'lost: no report from pilot ' || COALESCE(pilot_id, '?') || ' for '
@@ -586,7 +597,7 @@ pub struct SweepRules {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Swept {
     pub requeued: usize,
-    /// Requeued too often: failed instead.
+    /// Requeued too often, or queued with an expired delegation: failed instead.
     pub failed: usize,
     pub lost: usize,
 }

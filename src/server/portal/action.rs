@@ -67,18 +67,14 @@ impl Action {
         )
     }
 
-    /// Actions that put work into the VO's queue, change it, or hand it to a pilot: refused
-    /// while the request log cannot record them. Reads, and the pilots' reports on work
-    /// already out, are served (their records wait in memory).
+    /// Actions that put work into the VO's queue, change it, hand it to a pilot, or store a
+    /// member's credential: refused while the request log cannot record them. Reads, and the
+    /// pilots' requests on work already out (reports, outputs, a worker-node proxy, whose
+    /// signing the database records anyway), are served (their records wait in memory).
     pub fn needs_log(self) -> bool {
         matches!(
             self,
-            Action::Submit
-                | Action::Cancel
-                | Action::Signal
-                | Action::Match
-                | Action::Delegate
-                | Action::Proxy
+            Action::Submit | Action::Cancel | Action::Signal | Action::Match | Action::Delegate
         )
     }
 

@@ -55,6 +55,7 @@ async fn fill(dir: &Path, url: &str, n: usize, walltime_seconds: u64, argv: &[St
         },
         outputs: vec![],
         bundle: None,
+        delegation: None,
     };
     let sem = Arc::new(tokio::sync::Semaphore::new(16));
     let mut tasks = Vec::new();

@@ -145,6 +145,7 @@ impl Vo {
             },
             outputs: vec![],
             bundle: None,
+            delegation: None,
         };
         let url = self.server.url("/v1/payloads");
         self.rt.block_on(async {

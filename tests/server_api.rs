@@ -28,6 +28,7 @@ fn submit_req(argv: &[&str]) -> SubmitRequest {
         },
         outputs: vec!["out.txt".into()],
         bundle: None,
+        delegation: None,
     }
 }
 

@@ -36,6 +36,7 @@ async fn fill(demo: &Demo, url: &str, n: usize) {
         },
         outputs: vec![],
         bundle: None,
+        delegation: None,
     };
     let sem = Arc::new(tokio::sync::Semaphore::new(16));
     let mut tasks = Vec::new();

@@ -83,6 +83,7 @@ fn job(tag: &str) -> Value {
         },
         outputs: vec![],
         bundle: None,
+        delegation: None,
     })
     .unwrap()
 }

@@ -25,6 +25,7 @@ fn submit_req() -> SubmitRequest {
         },
         outputs: vec![],
         bundle: None,
+        delegation: None,
     }
 }
 

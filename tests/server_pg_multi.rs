@@ -136,6 +136,7 @@ async fn three_instances_64_pilots_10000_payloads_one_killed() {
         },
         outputs: vec![],
         bundle: None,
+        delegation: None,
     };
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();

@@ -137,6 +137,7 @@ fn req(tag: &str) -> SubmitRequest {
         },
         outputs: vec![],
         bundle: None,
+        delegation: None,
     }
 }
 

@@ -71,6 +71,7 @@ fn new_payload() -> NewPayload {
         },
         outputs: vec!["out.txt".into()],
         bundle_sha256: None,
+        delegation_id: None,
     }
 }
 

@@ -16,6 +16,7 @@
 pub mod ac;
 pub mod cache;
 pub mod config;
+pub mod delegation;
 pub mod dn;
 pub mod lsc;
 pub mod proxy;

@@ -52,18 +52,31 @@ struct LenientTbs<'a> {
     extensions: Option<Vec<Extension>>,
 }
 
+/// RFC 3820 ProxyCertInfo; [`super::delegation`] encodes it for the proxies it signs.
 #[derive(Sequence)]
-struct ProxyCertInfo<'a> {
+pub(super) struct ProxyCertInfo<'a> {
     #[asn1(optional = "true")]
-    path_len: Option<u64>,
-    policy: ProxyPolicy<'a>,
+    pub(super) path_len: Option<u64>,
+    pub(super) policy: ProxyPolicy<'a>,
 }
 
 #[derive(Sequence)]
-struct ProxyPolicy<'a> {
-    language: ObjectIdentifier,
+pub(super) struct ProxyPolicy<'a> {
+    pub(super) language: ObjectIdentifier,
     #[asn1(optional = "true")]
-    _policy: Option<OctetStringRef<'a>>,
+    pub(super) _policy: Option<OctetStringRef<'a>>,
+}
+
+impl<'a> ProxyCertInfo<'a> {
+    /// The ProxyCertInfo of `c`, if it is a proxy.
+    pub(super) fn of(c: &'a Cert) -> Result<Option<Self>, CredentialRefusal> {
+        let Some(raw) = c.extension(&OID_PROXY_CERT_INFO) else {
+            return Ok(None);
+        };
+        ProxyCertInfo::from_der(raw)
+            .map(Some)
+            .map_err(|e| CredentialRefusal::Unreadable(format!("ProxyCertInfo of {}: {e}", c.dn())))
+    }
 }
 
 /// One certificate of the chain with its extensions.
@@ -156,12 +169,9 @@ pub fn check(
 ) -> Result<Shape, CredentialRefusal> {
     let mut infos = Vec::new();
     for c in chain {
-        let Some(raw) = c.extension(&OID_PROXY_CERT_INFO) else {
+        let Some(pci) = ProxyCertInfo::of(c)? else {
             break;
         };
-        let pci = ProxyCertInfo::from_der(raw).map_err(|e| {
-            CredentialRefusal::Unreadable(format!("ProxyCertInfo of {}: {e}", c.dn()))
-        })?;
         infos.push((pci.path_len, pci.policy.language));
     }
     let proxies = infos.len();

@@ -26,6 +26,10 @@ pub struct SubmitRequest {
     /// base64 of a tar.gz unpacked into the payload's scratch directory before it starts.
     #[serde(default)]
     pub bundle: Option<String>,
+    /// A delegation of the submitter's (`POST /v1/delegations`) the payload runs with: its
+    /// envelope then carries a `credential` and the worker node obtains a proxy from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegation: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -30,6 +30,7 @@ use crate::protocol::api::{
     ApiError, InformationView, MatchRequest, MatchResponse, PayloadState, PayloadView, StatusAck,
     StatusReport, SubmitRequest, SubmitResponse, Work,
 };
+use crate::protocol::delegation::{CredentialKind, DelegatedCredential};
 use crate::protocol::envelope::{
     is_valid_node_name, sha256_hex, ENVELOPE_VERSION, MAX_BODY_B64, MAX_NODE_LEN,
 };
@@ -61,6 +62,8 @@ pub struct AppState {
     pub limits: SubmitLimits,
     /// Asked of pilots in every match answer; the sweeper counts missed ones.
     pub heartbeat_seconds: u64,
+    /// Validity of a proxy signed for a worker node (server.toml `worker_proxy_seconds`).
+    pub worker_proxy: Duration,
     /// Counters and latency histograms (served when server.toml sets `metrics_listen`).
     pub metrics: Arc<super::metrics::Metrics>,
     /// Portals, robots, rate limits and the request log.
@@ -160,7 +163,7 @@ impl From<JsonRejection> for Fail {
 }
 
 /// Runs store work on a blocking thread.
-async fn blocking<T, F>(st: &AppState, f: F) -> Result<T, Fail>
+pub(crate) async fn blocking<T, F>(st: &AppState, f: F) -> Result<T, Fail>
 where
     T: Send + 'static,
     F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
@@ -174,47 +177,50 @@ where
 
 /// The API router.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route(
-            "/v1/payloads",
-            post(submit)
-                .get(list)
-                .layer(DefaultBodyLimit::max(MAX_SUBMIT_BODY)),
+    let r = Router::new();
+    // Delegated X.509 credentials need OpenSSL (feature `grid`).
+    #[cfg(feature = "grid")]
+    let r = r.merge(super::delegation::routes());
+    r.route(
+        "/v1/payloads",
+        post(submit)
+            .get(list)
+            .layer(DefaultBodyLimit::max(MAX_SUBMIT_BODY)),
+    )
+    .route("/v1/match", post(match_work))
+    .route("/v1/payloads/:id", get(view))
+    .route("/v1/payloads/:id/status", post(status))
+    .route(
+        "/v1/payloads/:id/output",
+        get(download)
+            .put(upload)
+            .layer(DefaultBodyLimit::max(MAX_OUTPUT_BYTES)),
+    )
+    .route("/v1/payloads/:id/cancel", post(cancel))
+    .route("/v1/payloads/:id/signal", post(signal))
+    .route("/v1/payloads/:id/information", post(information))
+    .route(
+        "/v1/payloads/:id/information/:request_id",
+        get(information_answer),
+    )
+    .merge(super::membership::api::routes())
+    .fallback(|| async {
+        Fail::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such endpoint; the API lives under /v1/ (see docs/protocol.md)",
         )
-        .route("/v1/match", post(match_work))
-        .route("/v1/payloads/:id", get(view))
-        .route("/v1/payloads/:id/status", post(status))
-        .route(
-            "/v1/payloads/:id/output",
-            get(download)
-                .put(upload)
-                .layer(DefaultBodyLimit::max(MAX_OUTPUT_BYTES)),
-        )
-        .route("/v1/payloads/:id/cancel", post(cancel))
-        .route("/v1/payloads/:id/signal", post(signal))
-        .route("/v1/payloads/:id/information", post(information))
-        .route(
-            "/v1/payloads/:id/information/:request_id",
-            get(information_answer),
-        )
-        .merge(super::membership::api::routes())
-        .fallback(|| async {
-            Fail::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                "no such endpoint; the API lives under /v1/ (see docs/protocol.md)",
-            )
-        })
-        // Every request, routed or not, passes the portal gate (identity, rate limits, the
-        // request log).
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            super::portal::gate::gate,
-        ))
-        .with_state(state)
+    })
+    // Every request, routed or not, passes the portal gate (identity, rate limits, the
+    // request log).
+    .layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        super::portal::gate::gate,
+    ))
+    .with_state(state)
 }
 
-fn check_id(id: &str) -> Result<(), Fail> {
+pub(crate) fn check_id(id: &str) -> Result<(), Fail> {
     if crate::util::is_safe_id(id) {
         Ok(())
     } else {
@@ -226,7 +232,7 @@ fn check_id(id: &str) -> Result<(), Fail> {
     }
 }
 
-fn require_pilot(st: &AppState, dn: &str) -> Result<(), Fail> {
+pub(crate) fn require_pilot(st: &AppState, dn: &str) -> Result<(), Fail> {
     if st.pilot_dns.contains(dn) {
         Ok(())
     } else {
@@ -300,7 +306,10 @@ fn envelope_fits(st: &AppState, req: &SubmitRequest, member: &Member) -> Result<
         pilot_id: "p".repeat(64),
         nonce: "0".repeat(32),
         issuer: st.issuer.clone(),
-        credential: None,
+        credential: req.delegation.as_ref().map(|_| DelegatedCredential {
+            kind: CredentialKind::X509Proxy,
+            not_after: Utc::now(),
+        }),
     };
     let json = serde_json::to_vec(&body).map_err(|e| Fail::internal(e.to_string()))?;
     let b64 = json.len().div_ceil(3) * 4;
@@ -371,7 +380,7 @@ async fn submit(
 
 /// The active member `dn` (a submission's owner, or the person answering for a robot), or a
 /// refusal saying who is not one and how that is fixed.
-async fn active_member(st: &AppState, dn: &str, role: String) -> Result<Member, Fail> {
+pub(crate) async fn active_member(st: &AppState, dn: &str, role: String) -> Result<Member, Fail> {
     let now = Utc::now();
     let who = dn.to_string();
     let active = blocking(st, move |store| {
@@ -428,6 +437,9 @@ async fn submit_inner(
         active_member(&st, responsible, format!("robot {robot} answers to ")).await?;
     }
     envelope_fits(&st, &req, &member)?;
+    if let Some(d) = &req.delegation {
+        usable_delegation(&st, d, &dn, now).await?;
+    }
     let id = blocking(&st, move |store| {
         let p = NewPayload {
             owner_dn: dn,
@@ -438,6 +450,7 @@ async fn submit_inner(
             resources: req.resources,
             outputs: req.outputs,
             bundle_sha256: bundle.as_deref().map(sha256_hex),
+            delegation_id: req.delegation,
         };
         store.submit(&p, bundle.as_deref(), now)
     })
@@ -456,6 +469,36 @@ async fn submit_inner(
             state: PayloadState::Queued,
         }),
     ))
+}
+
+/// Refuses a submission naming a delegation that is not the submitter's, holds no chain yet,
+/// or has expired.
+async fn usable_delegation(
+    st: &AppState,
+    id: &str,
+    dn: &str,
+    now: chrono::DateTime<Utc>,
+) -> Result<(), Fail> {
+    let did = id.to_string();
+    let d = blocking(st, move |s| s.delegation(&did)).await?;
+    let fix =
+        "delegate a proxy with `mupilot-server delegate --proxy FILE` (or submit with --proxy)";
+    match d {
+        None => Err(Fail::bad(format!(
+            "delegation {id} does not exist (expired ones are deleted); {fix}"
+        ))),
+        Some(d) if d.owner_dn != dn => Err(Fail::forbidden(format!(
+            "delegation {id} is not {dn}'s; a payload runs only with its owner's credential"
+        ))),
+        Some(d) if d.chain_pem.is_none() => Err(Fail::bad(format!(
+            "delegation {id} holds no credential yet: upload the signed chain (PUT /v1/delegations/{id}) first"
+        ))),
+        Some(d) if d.not_after <= now => Err(Fail::bad(format!(
+            "delegation {id} expired at {}; {fix}",
+            d.not_after
+        ))),
+        Some(_) => Ok(()),
+    }
 }
 
 /// The envelope of a match, bound to the node and the pilot that asked for it (the helper on
@@ -486,7 +529,13 @@ fn envelope_body(st: &AppState, m: &Matched, req: &MatchRequest) -> EnvelopeBody
         pilot_id: req.pilot_id.clone(),
         nonce: hex::encode(nonce),
         issuer: st.issuer.clone(),
-        credential: None,
+        credential: m
+            .delegation
+            .as_ref()
+            .map(|(_, not_after)| DelegatedCredential {
+                kind: CredentialKind::X509Proxy,
+                not_after: *not_after,
+            }),
     }
 }
 

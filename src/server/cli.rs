@@ -1,6 +1,6 @@
 //! The `mupilot-server` command line: `init`, `serve`, `member ...` (registry administration
 //! on the server's database) and the client commands `submit`, `status`, `output`, `cancel`,
-//! `signal`, `info`.
+//! `signal`, `info`, `delegate`.
 //!
 //! Exit codes: 0 ok; 1 runtime or server error; 2 usage or configuration error;
 //! 3 the payload ended unsuccessfully (failed, denied, cancelled, lost) for `status --wait`.
@@ -68,6 +68,9 @@ enum Command {
     },
     /// Submit a payload; prints its id.
     Submit(SubmitArgs),
+    /// Delegate your X.509 proxy to the VO server without sending its private key (the
+    /// server makes the key, the proxy for it is signed here); prints the delegation id.
+    Delegate(DelegateArgs),
     /// Show a payload's state; with --wait, wait until it ends.
     Status {
         #[command(flatten)]
@@ -223,9 +226,77 @@ struct SubmitArgs {
     /// Environment variable K=V for the payload (repeatable).
     #[arg(long = "env", value_name = "K=V")]
     env: Vec<String>,
+    /// Run with a proxy delegated from this proxy file (without FILE: $X509_USER_PROXY, else
+    /// /tmp/x509up_u<uid>); the worker node gets a proxy of its own from it.
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "", conflicts_with = "delegation")]
+    proxy: Option<PathBuf>,
+    /// Run with an existing delegation (`mupilot-server delegate` prints its id).
+    #[arg(long, value_name = "ID")]
+    delegation: Option<String>,
+    /// Validity asked for the delegated proxy with --proxy (cut to your proxy's; at most
+    /// 1000000, the portal policy's bound on a stored credential).
+    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_DELEGATION_SECONDS)]
+    lifetime: i64,
     /// The command and its arguments (after --).
     #[arg(last = true, required = true, value_name = "ARGV")]
     argv: Vec<String>,
+}
+
+/// Default validity asked for a delegated proxy: four days, inside the 1,000,000 s bound.
+pub const DEFAULT_DELEGATION_SECONDS: i64 = 4 * 86400;
+
+#[derive(Args, Debug)]
+struct DelegateArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// Your proxy file (from voms-proxy-init) [default: $X509_USER_PROXY, else
+    /// /tmp/x509up_u<uid>]. Its private key stays on this host.
+    #[arg(long, value_name = "FILE")]
+    proxy: Option<PathBuf>,
+    /// Validity asked for the delegated proxy (cut to your proxy's; at most 1000000, the
+    /// portal policy's bound on a stored credential).
+    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_DELEGATION_SECONDS)]
+    lifetime: i64,
+    /// Delegate a limited proxy.
+    #[arg(long)]
+    limited: bool,
+}
+
+/// `--proxy` as given, else `$X509_USER_PROXY`, else `/tmp/x509up_u<uid>` (grid tools' order).
+fn proxy_path(given: Option<&PathBuf>) -> PathBuf {
+    match given {
+        Some(p) if !p.as_os_str().is_empty() => p.clone(),
+        _ => match std::env::var_os("X509_USER_PROXY") {
+            Some(p) if !p.is_empty() => PathBuf::from(p),
+            _ => PathBuf::from(format!("/tmp/x509up_u{}", nix::unistd::getuid())),
+        },
+    }
+}
+
+/// Delegates the proxy at `path` (feature `grid`).
+async fn delegate_proxy(
+    c: &Client,
+    path: &std::path::Path,
+    lifetime: i64,
+    limited: bool,
+) -> Result<crate::protocol::delegation::DelegationView, ClientError> {
+    if lifetime <= 0 {
+        return Err(ClientError::Usage(format!(
+            "--lifetime {lifetime}: give the seconds the delegated proxy should be valid, e.g. 86400"
+        )));
+    }
+    #[cfg(feature = "grid")]
+    {
+        c.delegate(path, chrono::Duration::seconds(lifetime), limited)
+            .await
+    }
+    #[cfg(not(feature = "grid"))]
+    {
+        let _ = (c, path, limited);
+        Err(ClientError::Usage(
+            "this mupilot-server was built without the `grid` feature (OpenSSL); delegation needs it".into(),
+        ))
+    }
 }
 
 impl ConnArgs {
@@ -340,6 +411,20 @@ pub fn main() -> i32 {
         Command::Member { cmd } => member(cmd),
         Command::Membership { cmd } => super::membership::cli::main(cmd),
         Command::Submit(args) => run_client(|| submit(args)),
+        Command::Delegate(args) => run_client(|| async move {
+            let c = args.conn.client()?;
+            let path = proxy_path(args.proxy.as_ref());
+            let v = delegate_proxy(&c, &path, args.lifetime, args.limited).await?;
+            println!("{}", v.delegation_id);
+            eprintln!(
+                "delegated {} (serial {}) valid until {}{}",
+                v.subject,
+                v.serial,
+                v.not_after.format("%Y-%m-%dT%H:%M:%SZ"),
+                if v.limited { ", limited" } else { "" }
+            );
+            Ok(EXIT_OK)
+        }),
         Command::Status {
             conn,
             id,
@@ -617,7 +702,7 @@ async fn submit(args: SubmitArgs) -> Result<i32, ClientError> {
         }
         None => None,
     };
-    let req = SubmitRequest {
+    let mut req = SubmitRequest {
         argv: args.argv,
         env,
         jobtag: args.jobtag,
@@ -628,8 +713,14 @@ async fn submit(args: SubmitArgs) -> Result<i32, ClientError> {
         },
         outputs: args.outputs,
         bundle,
+        delegation: args.delegation,
     };
     let c = args.conn.client()?;
+    if let Some(p) = &args.proxy {
+        let path = proxy_path(Some(p));
+        let v = delegate_proxy(&c, &path, args.lifetime, false).await?;
+        req.delegation = Some(v.delegation_id);
+    }
     let resp = c.submit(&req).await?;
     println!("{}", resp.payload_id);
     Ok(EXIT_OK)

@@ -32,13 +32,15 @@ pub enum ClientError {
     },
     #[error("{0}")]
     Timeout(String),
+    #[error("proxy {path}: {message}")]
+    Proxy { path: String, message: String },
 }
 
 impl ClientError {
     /// 2 for usage and configuration errors, 1 for everything at run time.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Self::Usage(_) | Self::Config(_) | Self::Tls(_) => 2,
+            Self::Usage(_) | Self::Config(_) | Self::Tls(_) | Self::Proxy { .. } => 2,
             _ => 1,
         }
     }
@@ -157,6 +159,46 @@ impl Client {
     pub async fn submit(&self, req: &SubmitRequest) -> Result<SubmitResponse, ClientError> {
         let url = self.url("/v1/payloads");
         self.json(self.http.post(&url).json(req), &url).await
+    }
+
+    /// Delegates the proxy in `proxy_file` to the server without sending its key: the
+    /// server makes a key and a request (`POST /v1/delegations`), a proxy valid `lifetime`
+    /// (cut to the user's proxy) is signed for it here with the user's proxy, and the chain
+    /// is uploaded (`PUT /v1/delegations/{id}`).
+    #[cfg(feature = "grid")]
+    pub async fn delegate(
+        &self,
+        proxy_file: &Path,
+        lifetime: chrono::Duration,
+        limited: bool,
+    ) -> Result<crate::protocol::delegation::DelegationView, ClientError> {
+        use crate::grid::delegation::{Credential, ProxyOrder};
+        use crate::protocol::delegation::{DelegationCreated, DelegationUpload};
+        let path = proxy_file.display().to_string();
+        let pem = std::fs::read(proxy_file).map_err(|source| ClientError::Io {
+            what: "cannot read proxy",
+            path: path.clone(),
+            source,
+        })?;
+        let bad = |e: &dyn std::fmt::Display| ClientError::Proxy {
+            path: path.clone(),
+            message: e.to_string(),
+        };
+        let user = Credential::from_proxy_pem(&pem).map_err(|e| bad(&e))?;
+        let url = self.url("/v1/delegations");
+        let created: DelegationCreated = self.json(self.http.post(&url), &url).await?;
+        let order = ProxyOrder { lifetime, limited };
+        let issued = user
+            .sign_proxy(created.csr_pem.as_bytes(), &order, chrono::Utc::now())
+            .map_err(|e| bad(&e))?;
+        let url = self.url(&format!(
+            "/v1/delegations/{}",
+            checked(&created.delegation_id)?
+        ));
+        let up = DelegationUpload {
+            chain_pem: issued.chain_pem,
+        };
+        self.json(self.http.put(&url).json(&up), &url).await
     }
 
     /// `GET /v1/payloads/{id}`.

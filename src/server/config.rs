@@ -116,6 +116,8 @@ struct RawServerConfig {
     limits: SubmitLimits,
     #[serde(default = "default_heartbeat")]
     heartbeat_seconds: u64,
+    #[serde(default = "default_worker_proxy")]
+    worker_proxy_seconds: u64,
     #[serde(default = "default_missed")]
     missed_heartbeats: u32,
     #[serde(default = "default_max_requeues")]
@@ -177,6 +179,13 @@ fn default_lifetime() -> u64 {
 fn default_retention() -> u64 {
     DEFAULT_RETENTION
 }
+fn default_worker_proxy() -> u64 {
+    DEFAULT_WORKER_PROXY
+}
+
+/// Default validity of a proxy the server signs for a worker node (`worker_proxy_seconds`):
+/// 12 h, as grid sites' defaults; cut to the delegation's own notAfter.
+pub const DEFAULT_WORKER_PROXY: u64 = 12 * 3600;
 
 /// Default time a payload's bundle and output archive are kept after its final state: 30
 /// days, for the owner to fetch the outputs and the VO to look at an incident's inputs.
@@ -208,6 +217,9 @@ pub struct ServerConfig {
     /// The status interval the server asks of pilots for running payloads; it travels in
     /// every match answer (`Work.heartbeat_seconds`).
     pub heartbeat_seconds: u64,
+    /// Validity of a proxy signed for a worker node's request (`POST /v1/payloads/{id}/proxy`),
+    /// cut to the delegation's notAfter.
+    pub worker_proxy_seconds: u64,
     /// A running payload whose pilot missed this many heartbeats in a row becomes `lost`.
     pub missed_heartbeats: u32,
     /// Hand-offs that may end unstarted before a payload fails instead of being queued again.
@@ -370,6 +382,13 @@ impl ServerConfig {
                 &format!("must be between 1 and 315360000 seconds (ten years); the default is {DEFAULT_RETENTION} (30 days)"),
             ));
         }
+        if !(60..=1_000_000).contains(&raw.worker_proxy_seconds) {
+            return Err(value(
+                "worker_proxy_seconds",
+                &raw.worker_proxy_seconds.to_string(),
+                &format!("must be between 60 and 1000000 seconds (the portal policy's bound on a stored credential); the default is {DEFAULT_WORKER_PROXY} (12 h)"),
+            ));
+        }
         if !(1..=3600).contains(&raw.heartbeat_seconds) {
             return Err(value(
                 "heartbeat_seconds",
@@ -489,6 +508,7 @@ impl ServerConfig {
             members: raw.member,
             limits: l,
             heartbeat_seconds: raw.heartbeat_seconds,
+            worker_proxy_seconds: raw.worker_proxy_seconds,
             missed_heartbeats: raw.missed_heartbeats,
             max_requeues: raw.max_requeues,
             metrics_listen,

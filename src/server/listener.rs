@@ -115,6 +115,7 @@ pub fn prepare(cfg: &ServerConfig) -> Result<Prepared, ServeError> {
         issuer,
         limits: cfg.limits,
         heartbeat_seconds: cfg.heartbeat_seconds,
+        worker_proxy: chrono::Duration::seconds(cfg.worker_proxy_seconds as i64),
         metrics: Arc::new(super::metrics::Metrics::new()),
         portal,
         registry: Arc::new(super::membership::Registry::new(&cfg.vo, &cfg.membership)),
@@ -336,6 +337,15 @@ async fn retention_loop(state: Arc<AppState>) {
         let retention = state.retention;
         let res = tokio::task::spawn_blocking(move || {
             let now = chrono::Utc::now();
+            // Delegated credentials go when they expire, whatever the retention period.
+            match store.expire_delegations(now) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    delegations = n,
+                    "retention: deleted expired delegated credentials and their keys"
+                ),
+                Err(e) => tracing::error!(error = %e, "retention of delegations failed"),
+            }
             store.expire_files(now - retention, now)
         })
         .await;

@@ -5,12 +5,15 @@
 //! routes), [`membership`] (the registry of reference 002: registration, requests, audit),
 //! [`listener`] (TLS accept loop, peer DN per connection), [`portal`] (portals,
 //! robots, rate limits, the request log), [`metrics`] (Prometheus endpoint), [`init`]/[`pki`] (demo VO),
-//! [`client`] (submit/status/output/cancel), [`cli`] (the command line).
+//! [`client`] (submit/status/output/cancel, delegate), [`cli`] (the command line), `delegation`
+//! (feature `grid`: delegated X.509 proxies, and proxies signed for worker nodes).
 
 pub mod api;
 pub mod cli;
 pub mod client;
 pub mod config;
+#[cfg(feature = "grid")]
+pub mod delegation;
 pub mod init;
 pub mod listener;
 pub mod membership;

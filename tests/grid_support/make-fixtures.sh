@@ -13,6 +13,8 @@
 #                      limited, chain4 (four proxies), pathlen (three under a path length of
 #                      one), long-lived (96 h), no-ac, badname, rewrapped (tampered-ac's control),
 #                      ac-expired (proxy valid, AC not), stolen-ac (Alice's AC in Bob's proxy)
+#                      delegable, delegable-long (300 h), delegable-limited, delegable-bob
+#                      (path length 10: room for delegations to the VO server and worker node)
 # Subjects: /DC=org/DC=mupilot-test/CN=Alice (good), CN=Bob, CN=Mallory (revoked),
 # /DC=org/DC=elsewhere/CN=Eve (Other CA).
 set -eu
@@ -135,4 +137,12 @@ proxy rewrapped alice-full.pem "$DCS/CN=Alice/CN=424243" rewrapped.ext
 # ...and in a proxy of Bob's: an AC taken from someone else's proxy.
 cat bob.pem bob.key > bob-full.pem
 proxy stolen-ac bob-full.pem "$DCS/CN=Bob/CN=424244" rewrapped.ext
+
+# For tests/grid_delegation.rs and tests/server_delegation.rs: user proxies that leave room for
+# two more delegations (to the VO server, then to the worker node); one valid longer than a
+# stored credential may be (1,000,000 s), one limited, one of Bob's.
+fake delegable alice voms atlas -hours 24 -path-length 10
+fake delegable-long alice voms atlas -hours 300 -vomslife 300 -path-length 10
+fake delegable-limited alice voms atlas -hours 24 -path-length 10 -limited
+fake delegable-bob bob voms atlas -hours 24 -path-length 10
 chmod 600 "$P"/*.pem

@@ -40,6 +40,11 @@ pub struct Demo {
 
 impl Demo {
     pub fn new() -> Demo {
+        Demo::with_init_args(&[])
+    }
+
+    /// As [`Demo::new`], with more arguments for `init` (e.g. `--vo atlas`).
+    pub fn with_init_args(extra: &[&str]) -> Demo {
         let tmp = tempfile::Builder::new()
             .prefix("srv-test-")
             .tempdir()
@@ -47,6 +52,7 @@ impl Demo {
         let dir = tmp.path().join("vo");
         let out = Command::new(BIN)
             .args(["init", dir.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+            .args(extra)
             .output()
             .unwrap();
         assert!(out.status.success(), "init failed: {}", text(&out));

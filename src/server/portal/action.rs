@@ -33,6 +33,10 @@ pub enum Action {
     Membership,
     /// A read of the membership registry: `GET /v1/membership/...`.
     MembershipRead,
+    /// `POST /v1/delegations`, `PUT /v1/delegations/{id}`: a member delegates a proxy.
+    Delegate,
+    /// `POST /v1/payloads/{id}/proxy` (pilots): a proxy for the worker node's key.
+    Proxy,
     /// Anything else (answered 404 or 405 by the router).
     Other,
 }
@@ -53,6 +57,8 @@ impl Action {
             Action::Upload => "upload",
             Action::Membership => "membership",
             Action::MembershipRead => "membership_read",
+            Action::Delegate => "delegate",
+            Action::Proxy => "proxy",
             Action::Other => "other",
         }
     }
@@ -68,16 +74,19 @@ impl Action {
                 | Action::Cancel
                 | Action::Signal
                 | Action::Information
+                | Action::Delegate
         )
     }
 
-    /// Actions that put work into the VO's queue, change it, or hand it to a pilot: refused
-    /// while the request log cannot record them. Reads, and the pilots' reports on work
-    /// already out, are served (their records wait in memory).
+    /// Actions that put work into the VO's queue, change it, hand it to a pilot, or store a
+    /// member's credential: refused while the request log cannot record them. Reads, and the
+    /// pilots' requests on work already out (reports, outputs, a worker-node proxy, whose
+    /// signing the database records anyway), are served (their records wait in memory).
     pub fn needs_log(self) -> bool {
         matches!(
             self,
             Action::Submit | Action::Cancel | Action::Signal | Action::Match | Action::Membership
+            | Action::Delegate
         )
     }
 
@@ -123,6 +132,10 @@ impl Target {
             (&Method::GET, ["payloads", id, "information", _]) => (Action::View, Some(*id)),
             (&Method::POST, ["membership", ..]) => (Action::Membership, None),
             (&Method::GET, ["membership", ..]) => (Action::MembershipRead, None),
+            (&Method::POST, ["payloads", id, "proxy"]) => (Action::Proxy, Some(*id)),
+            (&Method::POST, ["delegations"]) | (&Method::PUT, ["delegations", _]) => {
+                (Action::Delegate, None)
+            }
             _ => return other,
         };
         // Only a well-formed id is recorded as one (the handler refuses the others).
@@ -186,6 +199,15 @@ mod tests {
         assert_eq!(
             t(Method::GET, "/v1/membership/me"),
             (Action::MembershipRead, None)
+        );
+        assert_eq!(
+            t(Method::POST, "/v1/payloads/p-1/proxy"),
+            (Action::Proxy, Some("p-1".to_string()))
+        );
+        assert_eq!(t(Method::POST, "/v1/delegations"), (Action::Delegate, None));
+        assert_eq!(
+            t(Method::PUT, "/v1/delegations/d-1"),
+            (Action::Delegate, None)
         );
         assert_eq!(t(Method::DELETE, "/v1/payloads").0, Action::Other);
         assert_eq!(t(Method::GET, "/v2/payloads").0, Action::Other);

@@ -281,7 +281,7 @@ impl Identities {
             };
             let member = parse_dn_header(raw)?;
             let needed = match action {
-                Action::Submit => PortalAction::Submit,
+                Action::Submit | Action::Delegate => PortalAction::Submit,
                 Action::Cancel => PortalAction::Cancel,
                 Action::Signal => PortalAction::Signal,
                 _ => PortalAction::Read,

@@ -206,18 +206,21 @@ fn user_time(s: &Option<String>, flag: &str) -> Result<Option<DateTime<Utc>>, St
         .map_err(|e| format!("{flag}: {e}"))
 }
 
-const ACTIONS: [&str; 12] = [
+const ACTIONS: [&str; 15] = [
     "submit",
     "list",
     "view",
     "download",
     "cancel",
     "signal",
+    "information",
     "match",
     "status",
     "upload",
     "membership",
     "membership_read",
+    "delegate",
+    "proxy",
     "other",
 ];
 

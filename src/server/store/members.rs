@@ -203,8 +203,9 @@ impl Store {
     /// Sets a member's status, nothing else. Suspensions and removals go through the
     /// registry ([`Store::file_and_decide`], [`Store::decide`]), which also stop the member's
     /// payloads and keep the request record.
+    /// A removed member's delegated credentials are deleted with their keys.
     pub fn set_member_status(&self, dn: &str, status: MemberStatus) -> Result<Member, StoreError> {
-        self.tx(|c| {
+        let m = self.tx(|c| {
             let n = c.execute(
                 "UPDATE members SET status = ?2 WHERE dn = ?1",
                 vals![dn, status.as_str()],
@@ -213,7 +214,11 @@ impl Store {
                 return Err(StoreError::NoMember(dn.into()));
             }
             member_in(c, dn)?.ok_or_else(|| StoreError::NoMember(dn.into()))
-        })
+        })?;
+        if status == MemberStatus::Removed {
+            self.delete_delegations_of(dn)?;
+        }
+        Ok(m)
     }
 
     /// Renews a registered or suspended member for another twelve months from `now`.

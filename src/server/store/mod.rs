@@ -32,6 +32,7 @@
 //!    private PostgreSQL cluster (tests/pg_support).
 
 mod db;
+mod delegations;
 mod members;
 mod payloads;
 mod registry;
@@ -47,6 +48,7 @@ use rusqlite::Connection;
 
 pub use db::Engine;
 use db::{Conn, PgManager};
+pub use delegations::{Delegation, ProxyHolder, Signing};
 pub use members::{Member, MemberStatus, Suspension};
 pub use payloads::{Matched, NewPayload, SweepRules, Swept};
 pub use registry::{Effect, FiledRequest, NewRegistration};
@@ -494,7 +496,7 @@ fn open_postgres(pg: &PgSettings) -> Result<r2d2::Pool<PgManager>, StoreError> {
     Ok(pool)
 }
 
-/// The data directory and its `bundles` and `outputs`: created 0700, an existing data
+/// The data directory and its `bundles`, `outputs` and `delegations`: created 0700, an existing data
 /// directory refused when group or others may enter it, the subdirectories set to 0700.
 fn private_dirs(data_dir: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -522,7 +524,7 @@ fn private_dirs(data_dir: &Path) -> Result<(), StoreError> {
         }
         Err(e) => return Err(io(data_dir)(e)),
     }
-    for sub in ["bundles", "outputs"] {
+    for sub in ["bundles", "outputs", "delegations"] {
         let p = data_dir.join(sub);
         match std::fs::DirBuilder::new().mode(0o700).create(&p) {
             Ok(()) => {}

@@ -24,6 +24,8 @@ pub struct NewPayload {
     pub resources: Resources,
     pub outputs: Vec<String>,
     pub bundle_sha256: Option<String>,
+    /// The owner's delegated credential the payload runs with (checked by the API).
+    pub delegation_id: Option<String>,
 }
 
 /// What a match hands to the envelope signer.
@@ -40,6 +42,8 @@ pub struct Matched {
     pub bundle_sha256: Option<String>,
     pub resources: Resources,
     pub outputs: Vec<String>,
+    /// The delegation and its notAfter, when the payload runs with one.
+    pub delegation: Option<(String, DateTime<Utc>)>,
 }
 
 fn parse_state(s: &str) -> Result<PayloadState, StoreError> {
@@ -80,11 +84,14 @@ fn skipped_json(list: &[String]) -> Option<String> {
 /// A queued payload that fits the request (?1 cores, ?2 memory, ?3 wall time) of an active
 /// member at ?4 (`p` payloads, `m` members).
 const MATCHABLE: &str = "p.state = 'queued' AND p.cores <= ?1 AND p.memory_bytes <= ?2 \
-    AND p.walltime_seconds <= ?3 AND m.status = 'registered' AND m.renewal_due > ?4";
+    AND p.walltime_seconds <= ?3 AND m.status = 'registered' AND m.renewal_due > ?4 \
+    AND (p.delegation_id IS NULL OR EXISTS (SELECT 1 FROM delegations d \
+        WHERE d.id = p.delegation_id AND d.chain_pem IS NOT NULL AND d.not_after > ?4))";
 
 /// What a match returns, in [`matched_from`]'s order.
 const MATCHED_COLUMNS: &str = "p.id, p.owner_dn, m.vo, m.fqans, m.renewal_due, p.jobtag, \
-    p.argv, p.env, p.bundle_sha256, p.cores, p.memory_bytes, p.walltime_seconds, p.outputs";
+    p.argv, p.env, p.bundle_sha256, p.cores, p.memory_bytes, p.walltime_seconds, p.outputs, \
+    p.delegation_id, (SELECT d.not_after FROM delegations d WHERE d.id = p.delegation_id)";
 
 fn matched_from(mut r: Row) -> Result<Matched, StoreError> {
     Ok(Matched {
@@ -103,6 +110,10 @@ fn matched_from(mut r: Row) -> Result<Matched, StoreError> {
             walltime_seconds: r.int(11)? as u64,
         },
         outputs: json("outputs", &r.text(12)?)?,
+        delegation: match (r.opt_text(13)?, r.opt_text(14)?) {
+            (Some(id), Some(t)) => Some((id, parse_ts(&t)?)),
+            _ => None,
+        },
     })
 }
 
@@ -165,8 +176,8 @@ impl Store {
             c.execute(
                 "INSERT INTO payloads (id, owner_dn, vo, state, argv, env, jobtag, cores,
                     memory_bytes, walltime_seconds, outputs, bundle_sha256, submitted_at,
-                    updated_at)
-                 VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
+                    updated_at, delegation_id)
+                 VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12, ?13)",
                 vals![
                     &id,
                     &p.owner_dn,
@@ -180,6 +191,7 @@ impl Store {
                     serde_json::to_string(&p.outputs).expect("strings serialise"),
                     &p.bundle_sha256,
                     ts(now),
+                    &p.delegation_id,
                 ],
             )
         });
@@ -289,7 +301,8 @@ impl Store {
     ///   or failed once it was requeued `max_requeues` times;
     /// - a running payload with no report since `silent_before` (its pilot missed
     ///   `missed_heartbeats` heartbeats) becomes `lost`, marked as the server's verdict so a
-    ///   late final report from that pilot can still replace it.
+    ///   late final report from that pilot can still replace it;
+    /// - a queued payload whose delegated credential expired or was deleted fails.
     ///
     /// Several instances may sweep at once: the stale rows are claimed (skipped when another
     /// sweep or a report holds them) and every change is guarded by the state it found, so
@@ -317,6 +330,16 @@ impl Store {
                     None => {}
                 }
             }
+            // A queued payload whose delegated credential expired (or was deleted) can never
+            // get a worker-node proxy: it fails instead of waiting forever.
+            swept.failed += c.execute(
+                "UPDATE payloads SET state = 'failed', updated_at = ?1,
+                    reason = 'not started: its delegated credential expired before a pilot took it; delegate anew (mupilot-server delegate) and submit again'
+                 WHERE state = 'queued' AND delegation_id IS NOT NULL
+                   AND NOT EXISTS (SELECT 1 FROM delegations d WHERE d.id = payloads.delegation_id
+                        AND d.chain_pem IS NOT NULL AND d.not_after > ?1)",
+                vals![ts(now)],
+            )? as usize;
             swept.lost = c.execute(
                 "UPDATE payloads SET state = 'lost', lost_by_server = 1, updated_at = ?2,
                     reason = 'lost: no report from pilot ' || COALESCE(pilot_id, '?') || ' for '
@@ -670,7 +693,7 @@ pub struct SweepRules {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Swept {
     pub requeued: usize,
-    /// Requeued too often: failed instead.
+    /// Requeued too often, or queued with an expired delegation: failed instead.
     pub failed: usize,
     pub lost: usize,
 }
@@ -921,6 +944,7 @@ mod tests {
             },
             outputs: vec![],
             bundle_sha256: None,
+            delegation_id: None,
         }
     }
 
@@ -1160,8 +1184,8 @@ mod tests {
     }
 
     /// A database made by the releases before migrations (their schema, without the columns
-    /// added since, or complete) upgrades in place: its rows are kept, it is recorded at the
-    /// current version, and a second open changes nothing.
+    /// added since, or complete) upgrades in place: its rows are kept, it is recorded at V1 and
+    /// brought to the current version, and a second open changes nothing.
     #[test]
     fn databases_made_before_migrations_upgrade_in_place() {
         // The releases' SCHEMA constant, byte for byte (it became migrations/sqlite/V1).

@@ -291,7 +291,7 @@ impl Store {
         note: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<(RequestView, Effect), StoreError> {
-        self.tx(|c| {
+        let out = self.tx(|c| {
             let req = request_in(c, id, true)?;
             if req.state != "pending" {
                 return Err(StoreError::Conflict(format!(
@@ -327,7 +327,9 @@ impl Store {
                 effect.member = member_in(c, &req.subject_dn)?;
             }
             Ok((request_in(c, id, false)?, effect))
-        })
+        })?;
+        self.end_credentials(&out.1)?;
+        Ok(out)
     }
 
     /// Files a request and approves it in one transaction: what a VO manager does at once
@@ -339,7 +341,7 @@ impl Store {
         verification: &str,
         now: DateTime<Utc>,
     ) -> Result<(RequestView, Effect), StoreError> {
-        self.tx(|c| {
+        let out = self.tx(|c| {
             let m = locked_member(c, &f.subject_dn)?;
             let self_removal = f.kind == RequestKind::Removal && approver == f.subject_dn;
             if approver == f.subject_dn && !self_removal {
@@ -373,7 +375,20 @@ impl Store {
             let mut effect = Effect::default();
             apply(c, &req, approver, now, &mut effect)?;
             Ok((req, effect))
-        })
+        })?;
+        self.end_credentials(&out.1)?;
+        Ok(out)
+    }
+
+    /// A removed member's delegated credentials go with the membership, keys first (outside
+    /// the transaction: the key files are not the database's).
+    fn end_credentials(&self, effect: &Effect) -> Result<(), StoreError> {
+        match &effect.member {
+            Some(m) if m.status == MemberStatus::Removed => {
+                self.delete_delegations_of(&m.dn).map(|_| ())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// One request.

@@ -111,6 +111,7 @@ mod tests {
             },
             outputs: vec![],
             bundle_sha256: Some("00".repeat(32)),
+            delegation_id: None,
         }
     }
 

@@ -85,8 +85,12 @@ impl Action {
     pub fn needs_log(self) -> bool {
         matches!(
             self,
-            Action::Submit | Action::Cancel | Action::Signal | Action::Match | Action::Membership
-            | Action::Delegate
+            Action::Submit
+                | Action::Cancel
+                | Action::Signal
+                | Action::Match
+                | Action::Membership
+                | Action::Delegate
         )
     }
 

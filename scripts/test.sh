@@ -82,7 +82,8 @@ step "unit and integration tests (host, cgroup v1)" host_tests
 pg_server_tests() {
     local out=$LOGDIR/server-postgresql.log rc=0
     MUPILOT_TEST_ENGINE=postgresql cargo test --locked --no-fail-fast \
-        --test server_api --test server_matching --test server_metrics 2>&1 | tee "$out" || rc=$?
+        --test server_api --test server_matching --test server_metrics \
+        --test server_membership --test server_delegation 2>&1 | tee "$out" || rc=$?
     count_cargo "$out"
     return $rc
 }

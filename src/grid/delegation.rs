@@ -163,7 +163,7 @@ pub struct Issued {
     /// The new proxy, then the signing credential's certificates (PEM).
     pub chain_pem: String,
     pub not_after: DateTime<Utc>,
-    /// The new proxy's serial (lower-case hex) and subject (grid form).
+    /// The new proxy's serial (lower-case hex, no leading zeros) and subject (grid form).
     pub serial: String,
     pub subject: String,
     /// Whether the new proxy is limited.
@@ -294,10 +294,7 @@ impl Credential {
         Ok(Issued {
             chain_pem,
             not_after,
-            serial: serial
-                .to_hex_str()
-                .map_err(ossl("print the serial"))?
-                .to_lowercase(),
+            serial: super::verify::serial_hex(&serial).map_err(ossl("print the serial"))?,
             subject: grid_dn(&name),
             limited,
         })
@@ -384,7 +381,7 @@ fn pci_der(path_len: Option<u64>, limited: bool) -> Result<Vec<u8>, DelegationEr
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delegated {
     pub owner_dn: String,
-    /// The delegated proxy's serial (lower-case hex) and subject.
+    /// The delegated proxy's serial (lower-case hex, no leading zeros) and subject.
     pub serial: String,
     pub subject: String,
     /// The earliest notAfter of the chain.
@@ -446,7 +443,7 @@ pub fn check_delegated<T: openssl::pkey::HasPublic>(
         .x509
         .serial_number()
         .to_bn()
-        .and_then(|b| b.to_hex_str().map(|s| s.to_lowercase()))
+        .and_then(|b| super::verify::serial_hex(&b))
         .map_err(ossl("read the serial"))?;
     Ok(Delegated {
         owner_dn,

@@ -176,11 +176,7 @@ impl Verifier {
                         .serial_number()
                         .to_bn()
                         .ok()
-                        .and_then(|b| b.to_hex_str().ok().map(|s| s.to_lowercase()))
-                        .map(|s| match s.trim_start_matches('0') {
-                            "" => "0".to_string(),
-                            t => t.to_string(),
-                        })
+                        .and_then(|b| serial_hex(&b).ok())
                         .unwrap_or_default()
                 })
                 .collect(),
@@ -221,5 +217,27 @@ mod tests {
     fn one_verifier_serves_every_connection_thread() {
         fn shared<T: Send + Sync>() {}
         shared::<super::Verifier>();
+    }
+}
+
+/// A certificate serial as every record and answer names it: lower-case hex without leading
+/// zeros (OpenSSL prints whole bytes, so a serial whose first nibble is 0 would otherwise have
+/// two spellings).
+pub(crate) fn serial_hex(b: &openssl::bn::BigNumRef) -> Result<String, openssl::error::ErrorStack> {
+    let s = b.to_hex_str()?.to_lowercase();
+    Ok(match s.trim_start_matches('0') {
+        "" => "0".to_string(),
+        t => t.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod serial_tests {
+    #[test]
+    fn serials_have_one_spelling() {
+        let b = openssl::bn::BigNum::from_hex_str("081FBC031D4730B0").unwrap();
+        assert_eq!(super::serial_hex(&b).unwrap(), "81fbc031d4730b0");
+        let z = openssl::bn::BigNum::from_u32(0).unwrap();
+        assert_eq!(super::serial_hex(&z).unwrap(), "0");
     }
 }

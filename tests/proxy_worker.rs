@@ -7,6 +7,8 @@
 
 #![cfg(feature = "grid")]
 
+#[path = "grid_support/mod.rs"]
+mod grid_support;
 #[path = "switch_support/mod.rs"]
 mod switch_support;
 
@@ -23,24 +25,14 @@ use mupilot::protocol::switch_wire::{DenialClass, SwitchEvent, SwitchRequest};
 use mupilot::protocol::SignedEnvelope;
 use switch_support::*;
 
-const ALICE: &str = "/DC=org/DC=mupilot-test/CN=Alice";
-const BOB: &str = "/DC=org/DC=mupilot-test/CN=Bob";
+use grid_support::{ALICE, BOB};
 
 /// The grid PKI (CA directory with CRL, vomsdir, voms-proxy-fake proxies), made once per run
 /// under cargo's target tmpdir, readable by the payload's account (not under the private /tmp).
 fn pki() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("proxy-worker-pki");
-        let _ = std::fs::remove_dir_all(&dir);
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/grid_support/make-fixtures.sh");
-        let out = Command::new("sh").arg(&script).arg(&dir).output().unwrap();
-        assert!(
-            out.status.success(),
-            "make-fixtures.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let dir = grid_support::make("proxy-worker-pki");
         let st = Command::new("chmod")
             .args(["-R", "a+rX"])
             .arg(dir.join("certificates"))

@@ -15,19 +15,22 @@ pub const BOB: &str = "/DC=org/DC=mupilot-test/CN=Bob";
 /// binaries running at once apart).
 pub fn pki(name: &str) -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
-        let _ = std::fs::remove_dir_all(&dir);
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/grid_support/make-fixtures.sh");
-        let out = Command::new("sh").arg(&script).arg(&dir).output().unwrap();
-        assert!(
-            out.status.success(),
-            "make-fixtures.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        dir
-    })
+    DIR.get_or_init(|| make(name))
+}
+
+/// Makes the PKI afresh in `<target tmpdir>/<name>` and returns its path (kept there for
+/// inspection after a failure, replaced by the next run).
+pub fn make(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/grid_support/make-fixtures.sh");
+    let out = Command::new("sh").arg(&script).arg(&dir).output().unwrap();
+    assert!(
+        out.status.success(),
+        "make-fixtures.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
 }
 
 pub fn proxy(root: &Path, name: &str) -> Vec<u8> {

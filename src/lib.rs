@@ -13,14 +13,23 @@
 //! HTTP code. [`grid`] (feature `grid`, on by default) verifies X.509 proxies and VOMS
 //! attributes with OpenSSL's certificate code for the helper; the static pilot is built without it.
 
+// One feature per program (Cargo.toml): a module only one program uses is compiled only with
+// that program's feature, so the helper built alone has no `pilot`, `server` or `tls` module to
+// reach, and no HTTP, TLS or SQL crate to link (docs/architecture.md).
+#[cfg(any(feature = "pilot", feature = "switch"))]
 pub mod cgroups;
 #[cfg(feature = "grid")]
 pub mod grid;
+#[cfg(feature = "pilot")]
 pub mod pilot;
+#[cfg(feature = "switch")]
 pub mod policy;
 pub mod protocol;
 pub mod records;
+#[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "switch")]
 pub mod switch;
+#[cfg(feature = "tls")]
 pub mod tls;
 pub mod util;

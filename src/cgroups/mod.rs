@@ -319,6 +319,7 @@ impl Cgroup {
     }
 
     /// Sends `sig` to every process in the cgroup except those in `skip`.
+    #[allow(unsafe_code)] // kill(2) with a raw signal number
     pub fn signal(&self, sig: i32, skip: &[i32]) -> io::Result<()> {
         for pid in self.pids() {
             if skip.contains(&pid) {

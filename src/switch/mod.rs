@@ -10,7 +10,10 @@
 //! slots), [`audit`] and [`syslog`] (records), [`metrics`] (node_exporter textfile), [`sandbox`] (the payload's isolation), [`check`]
 //! (check-config's site checks).
 
+// The modules with `allow(unsafe_code)` make system calls without a safe binding, each block
+// with its SAFETY comment; every other module here is under the crate's `deny(unsafe_code)`.
 pub mod accounts;
+#[allow(unsafe_code)] // the socket systemd passes, taken by its number (sd_listen_fds)
 pub mod activation;
 pub mod admission;
 pub mod audit;
@@ -23,14 +26,20 @@ pub mod cli;
 pub mod command;
 pub mod config;
 pub mod connection;
+#[allow(unsafe_code)] // the shutdown signal handler and its self-pipe
 pub mod daemon;
 pub mod gridmap;
+#[allow(unsafe_code)] // F_GET_SEALS on the bundle's memfd
 pub mod launch;
+#[allow(unsafe_code)] // fnmatch(3), as LCMAPS matches the groupmapfile's patterns
 pub mod leases;
 pub mod metrics;
+#[allow(unsafe_code)] // SO_PEERPIDFD, pidfd_open, clock_gettime, sysconf
 pub mod peer;
 pub mod registry;
 pub mod replay;
 mod report;
+#[allow(unsafe_code)] // namespaces, clone, identity switch, seccomp: the privileged path
 pub mod sandbox;
+#[allow(unsafe_code)] // openlog(3), syslog(3)
 pub mod syslog;

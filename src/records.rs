@@ -9,7 +9,8 @@
 //!
 //! Rooms: `chain` (the writer, fsync batching, rotation), `verify` (chain and anchor checks),
 //! `rotate` (file naming, retention), `anchor` (chain head to syslog), `query` (fast
-//! who/list/open-starts over a log or a rotated set), `cli` (the `audit`/`trace` commands),
+//! who/list/open-starts over a log or a rotated set), `cli` (`list`, `export`, `verify`: the
+//! commands every program's log has),
 //! `lost` (closing starts that never got an end), `admin` (the root client that asks the
 //! running helper to kill an owner's payloads).
 //! Nothing here reaches TLS, HTTP or async code: the helper links all of it.

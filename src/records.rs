@@ -11,15 +11,13 @@
 //! `rotate` (file naming, retention), `anchor` (chain head to syslog), `query` (fast
 //! who/list/open-starts over a log or a rotated set), `cli` (`list`, `export`, `verify`: the
 //! commands every program's log has),
-//! `lost` (closing starts that never got an end), `admin` (the root client that asks the
-//! running helper to kill an owner's payloads).
+//! `lost` (closing starts that never got an end).
 //! Nothing here reaches TLS, HTTP or async code: the helper links all of it.
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-pub mod admin;
 pub mod anchor;
 mod chain;
 pub mod cli;

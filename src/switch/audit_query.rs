@@ -187,8 +187,7 @@ fn write_holders(
 /// `audit kill`: asks the running helper to kill the owner's payloads (and ban the owner).
 pub fn kill_main(args: &KillArgs, default_socket: &Path, io: &mut Out) -> i32 {
     let socket = args.socket.as_deref().unwrap_or(default_socket);
-    match crate::records::admin::admin_kill(socket, &args.owner, args.ban, Duration::from_secs(60))
-    {
+    match super::admin_client::admin_kill(socket, &args.owner, args.ban, Duration::from_secs(60)) {
         Ok(killed) => {
             if killed.is_empty() {
                 let _ = writeln!(io.out, "no running payload of {} on this node", args.owner);

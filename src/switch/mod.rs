@@ -8,13 +8,15 @@
 //! order), [`authorize`] (the local decision), [`gridmap`] (the mapping file), [`accounts`]
 //! (account lookup and refusals), [`leases`] (pool accounts), [`replay`] (seen nonces), [`registry`] (running payloads and
 //! slots), [`audit`] and [`syslog`] (records), [`metrics`] (node_exporter textfile), [`sandbox`] (the payload's isolation), [`check`]
-//! (check-config's site checks).
+//! (check-config's site checks), [`audit_query`] and [`admin_client`] (`mupilot-switch audit`,
+//! and the root client `audit kill` uses to reach the running helper).
 
 // The modules with `allow(unsafe_code)` make system calls without a safe binding, each block
 // with its SAFETY comment; every other module here is under the crate's `deny(unsafe_code)`.
 pub mod accounts;
 #[allow(unsafe_code)] // the socket systemd passes, taken by its number (sd_listen_fds)
 pub mod activation;
+pub mod admin_client;
 pub mod admission;
 pub mod audit;
 pub mod audit_query;

@@ -22,7 +22,7 @@ pub mod request;
 pub mod stack;
 
 pub use ast::{Action, Attr, Op};
-pub use bans::{BanDenial, BanParseError, Bans, DnBans, FqanBans, VoBans};
+pub use bans::{BanDenial, BanParseError, BanWriteError, Bans, DnBans, FqanBans, VoBans};
 pub use error::{ParseError, ParseErrorKind, PolicyError, RequestError};
 pub use eval::{combine, Decision, DenyClass, Verdict};
 pub use index::Policy;

@@ -11,7 +11,8 @@
 //! `rotate` (file naming, retention), `anchor` (chain head to syslog), `query` (fast
 //! who/list/open-starts over a log or a rotated set), `cli` (`list`, `export`, `verify`: the
 //! commands every program's log has),
-//! `lost` (closing starts that never got an end).
+//! `lost` (closing starts that never got an end), `schema` (the event kinds and field names
+//! writers and readers share).
 //! Nothing here reaches TLS, HTTP or async code: the helper links all of it.
 
 use std::fs::File;
@@ -24,6 +25,7 @@ pub mod cli;
 pub mod lost;
 pub mod query;
 pub mod rotate;
+pub mod schema;
 mod verify;
 
 pub use chain::{

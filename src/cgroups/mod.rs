@@ -16,9 +16,9 @@
 
 pub mod limits;
 pub mod membership;
-pub mod mounts;
-pub mod v1;
-pub mod v2;
+pub(crate) mod mounts;
+pub(crate) mod v1;
+pub(crate) mod v2;
 
 mod files;
 

@@ -12,16 +12,16 @@
 //! and holds no private key (a proxy file's key is skipped unread). It links the system's
 //! OpenSSL (feature `grid`), which the static musl pilot is built without.
 
-pub mod ac;
-pub mod cache;
-pub mod config;
-pub mod dn;
-pub mod lsc;
-pub mod proxy;
-pub mod refusal;
-pub mod trust;
-pub mod verify;
-pub mod voms;
+pub(crate) mod ac;
+pub(crate) mod cache;
+pub(crate) mod config;
+pub(crate) mod dn;
+pub(crate) mod lsc;
+pub(crate) mod proxy;
+pub(crate) mod refusal;
+pub(crate) mod trust;
+pub(crate) mod verify;
+pub(crate) mod voms;
 
 pub use config::{EnvelopeFqans, GridConfig, LimitedProxies};
 pub use refusal::CredentialRefusal;

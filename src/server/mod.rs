@@ -6,13 +6,13 @@
 //! robots, rate limits, the request log), [`metrics`] (Prometheus endpoint), [`init`]/[`pki`] (demo VO),
 //! [`client`] (submit/status/output/cancel), [`cli`] (the command line).
 
-pub mod api;
+pub(crate) mod api;
 pub mod cli;
-pub mod client;
+pub(crate) mod client;
 pub mod config;
-pub mod init;
-pub mod listener;
-pub mod metrics;
-pub mod pki;
-pub mod portal;
+pub(crate) mod init;
+pub(crate) mod listener;
+pub(crate) mod metrics;
+pub(crate) mod pki;
+pub(crate) mod portal;
 pub mod store;

@@ -152,13 +152,9 @@ impl ReplayCache {
     }
 
     /// Number of live entries.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.seen.len()
-    }
-
-    /// True when nothing is remembered.
-    pub fn is_empty(&self) -> bool {
-        self.seen.is_empty()
     }
 
     fn prune(&mut self, now: i64) -> Result<(), ReplayError> {

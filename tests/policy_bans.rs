@@ -190,6 +190,21 @@ fn an_appended_dn_is_read_back_by_the_parser_and_banned_at_once() {
         "file untouched"
     );
 
+    // A list an editor left without a final newline: the entry gets a line of its own.
+    write(&dn, "\"/DC=org/CN=Mallory\"");
+    append_dn(&dn, eve).unwrap();
+    let text = std::fs::read_to_string(&dn).unwrap();
+    assert_eq!(text, format!("\"/DC=org/CN=Mallory\"\n\"{eve}\"\n"));
+    let d = bans.check(eve, &[], "demo").expect("still a valid list");
+    assert!(d.reason().ends_with("ban_users.db:2"), "{}", d.reason());
+    // An empty list takes the entry as its first line.
+    write(&dn, "");
+    append_dn(&dn, eve).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&dn).unwrap(),
+        format!("\"{eve}\"\n")
+    );
+
     let missing = dir.path().join("none.db");
     let e = append_dn(&missing, eve).unwrap_err();
     assert!(e.to_string().contains("none.db"), "{e}");

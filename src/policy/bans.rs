@@ -346,18 +346,29 @@ pub enum BanWriteError {
 }
 
 /// Appends `dn` to the DN ban list at `path` as one line `"DN"` (the format [`DnBans`] parses),
-/// with one `write(2)` on an `O_APPEND` descriptor; the file must exist. [`Bans`] follows the
-/// file, so the ban applies to the next request without a restart.
+/// with one `write(2)` on an `O_APPEND` descriptor; the file must exist. A list whose last line
+/// has no newline (an editor that leaves none) gets one first: glued to that line, the entry
+/// would make the list malformed, and a malformed list refuses every request. [`Bans`] follows
+/// the file, so the ban applies to the next request without a restart.
 pub fn append_dn(path: &Path, dn: &str) -> Result<(), BanWriteError> {
     if dn.contains('"') || dn.contains('\n') {
         return Err(BanWriteError::Unquotable { dn: dn.to_string() });
     }
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(path)
-        .and_then(|mut f| f.write_all(format!("\"{dn}\"\n").as_bytes()))
-        .map_err(|source| BanWriteError::Write {
-            path: path.to_path_buf(),
-            source,
-        })
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(path)?;
+        let len = f.metadata()?.len();
+        let mut last = [b'\n'];
+        if len > 0 {
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut last, len - 1)?;
+        }
+        let sep = if last[0] == b'\n' { "" } else { "\n" };
+        f.write_all(format!("{sep}\"{dn}\"\n").as_bytes())
+    };
+    write().map_err(|source| BanWriteError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
 }

@@ -19,13 +19,21 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
+// anchor: syslog(3) has no safe binding (the record layer's one unsafe block).
 pub mod anchor;
+#[forbid(unsafe_code)]
 mod chain;
+#[forbid(unsafe_code)]
 pub mod cli;
+#[forbid(unsafe_code)]
 pub mod lost;
+#[forbid(unsafe_code)]
 pub mod query;
+#[forbid(unsafe_code)]
 pub mod rotate;
+#[forbid(unsafe_code)]
 pub mod schema;
+#[forbid(unsafe_code)]
 mod verify;
 
 pub use chain::{

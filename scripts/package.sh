@@ -72,10 +72,10 @@ if [ -z "${NO_STATIC:-}" ]; then
         rustup target add "$MUSL" ||
             die "cannot install the $MUSL standard library (rustup target add $MUSL failed: is the Rust distribution server reachable?); NO_STATIC=1 builds the packages without the static pilot"
     fi
-    # ring and SQLite's C code need a musl C compiler (musl-gcc). Without the default feature
-    # grid: the pilot never verifies grid credentials and must not link OpenSSL.
+    # ring's C code needs a musl C compiler (musl-gcc). With the pilot's feature alone: no grid
+    # (the pilot never verifies grid credentials and must not link OpenSSL), no SQL, no sandbox.
     apt_install musl-tools
-    cargo build --locked --release --target "$MUSL" --no-default-features --bin mupilot
+    cargo build --locked --release --target "$MUSL" --no-default-features --features pilot --bin mupilot
     static=$OUT/mupilot-$version-x86_64-linux-static
     strip -o "$static" "target/$MUSL/release/mupilot"
     # No interpreter, no shared library: what makes it run on any x86_64 EL8/EL9/Debian node.

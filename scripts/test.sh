@@ -68,6 +68,17 @@ log "building"
 cargo build --locked --all-targets
 cargo build --locked --release
 
+# Each program compiled with its own cargo feature alone (docs/architecture.md "Boundaries the
+# build enforces"): the helper has no HTTP, TLS or SQL crate to use, so code in src/switch that
+# names one (or reaches crate::tls, crate::pilot, crate::server) fails here.
+own_features() {
+    cargo check --locked --no-default-features --features switch,grid --bin mupilot-switch &&
+        cargo check --locked --no-default-features --features switch --bin mupilot-switch &&
+        cargo check --locked --no-default-features --features pilot --bin mupilot &&
+        cargo check --locked --no-default-features --features server --bin mupilot-server
+}
+step "each program with only its own features" own_features
+
 host_tests() {
     local out=$LOGDIR/cargo-test.log rc=0
     # --no-fail-fast: every test binary runs, so the count below is the whole suite's even

@@ -5,6 +5,7 @@
 /// Rust ignores SIGPIPE, so the write would fail with EPIPE and `println!` would panic with a
 /// backtrace. Daemons (`serve`, `run`) keep ignoring it: a peer that closes a socket must be
 /// an error there, never the end of the process.
+#[allow(unsafe_code)] // signal(2)
 pub fn exit_quietly_on_broken_pipe() {
     // SAFETY: signal(2) with SIG_DFL only resets a disposition; called at the start of main,
     // before any other thread exists or any handler for SIGPIPE was installed.

@@ -1,6 +1,10 @@
 //! The privileged helper links no HTTP, TLS, server or SQL code (ARCHITECTURE: "the helper
-//! must stay small"). Checked on the built binaries' symbol tables; the server binary is the
-//! control that shows the check can see those crates at all.
+//! must stay small"). The build enforces it (features per program, tests/build_boundaries.rs);
+//! this checks what that leaves to the linker: the helper as `cargo build` makes it, with every
+//! program's feature on in the library, keeps none of those crates' symbols, and of the OpenSSL
+//! that grid verification links it imports no TLS function (no feature can separate libssl from
+//! libcrypto). Checked on the built binaries' symbol tables; the server binary is the control
+//! that shows the check can see those crates at all.
 
 use std::process::Command;
 

@@ -55,6 +55,7 @@ fn hello_frame(pilot_id: &str) -> Vec<u8> {
 }
 
 fn sockaddr(path: &Path) -> (libc::sockaddr_un, libc::socklen_t) {
+    // SAFETY: sockaddr_un is plain old data; all zeroes is a valid (empty) address.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
     let bytes = path.as_os_str().as_encoded_bytes();
@@ -168,6 +169,7 @@ fn pid_reuse_is_refused(peer_pidfd: &str) {
     let frame = hello_frame("atk-reuse");
     // The socket is made here and shared with the child, which connects it as the pilot,
     // says hello and exits; this process keeps the connection.
+    // SAFETY: socket(2) with integer arguments; the result is checked before use.
     let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     assert!(fd >= 0);
     // SAFETY: a descriptor socket() just returned to us.
@@ -224,6 +226,7 @@ fn hello_from_a_process_that_is_gone_is_refused() {
     let _d = site.start();
     let (uid, gid) = pilot_ids();
     let addr = sockaddr(&site.socket);
+    // SAFETY: socket(2) with integer arguments; the result is checked before use.
     let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     assert!(fd >= 0);
     // SAFETY: a descriptor socket() just returned to us.
@@ -264,6 +267,7 @@ fn payloads_land_below_the_connecting_pilots_cgroup() {
     let (uid, gid) = pilot_ids();
     let addr = sockaddr(&site.socket);
     let frame = hello_frame("atk-place");
+    // SAFETY: socket(2) with integer arguments; the result is checked before use.
     let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     assert!(fd >= 0);
     // SAFETY: a descriptor socket() just returned to us.
@@ -822,6 +826,7 @@ fn outside_the_socket_group_connect_is_eacces_and_a_pilot_in_it_is_served() {
     let (uid, gid) = pilot_ids();
     let addr = sockaddr(&site.socket);
     let frame = hello_frame("atk-group");
+    // SAFETY: socket(2) with integer arguments; the result is checked before use.
     let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     assert!(fd >= 0);
     // SAFETY: a descriptor socket() just returned to us.

@@ -4,9 +4,10 @@
 
 use std::path::Path;
 
+use mupilot::policy::bans::append_dn;
 use mupilot::policy::{
-    Action, Attr, BanDenial, Bans, DenyClass, DnBans, FqanBans, PolicyStack, Request, Verdict,
-    VoBans,
+    Action, Attr, BanDenial, BanWriteError, Bans, DenyClass, DnBans, FqanBans, PolicyStack,
+    Request, Verdict, VoBans,
 };
 
 fn tempdir() -> tempfile::TempDir {
@@ -158,6 +159,56 @@ fn a_changed_ban_list_takes_effect_without_restart() {
     write(&tmp, "# lifted\n");
     std::fs::rename(&tmp, &dn).unwrap();
     assert!(bans.check("/DC=org/CN=bbbbb", &[], "demo").is_none());
+}
+
+/// The writer `audit kill --ban` uses writes what the parser reads back, into a list the
+/// helper follows; a DN it could not write as one entry is refused and the file left as it was.
+#[test]
+fn an_appended_dn_is_read_back_by_the_parser_and_banned_at_once() {
+    let dir = tempdir();
+    let dn = dir.path().join("ban_users.db");
+    write(&dn, "# site bans\n\"/DC=org/CN=Mallory\"\n");
+    let bans = Bans::new().with_dn_file(&dn).unwrap();
+    let eve = "/DC=org/DC=example/CN=Eve Smith/CN=12345";
+    assert!(bans.check(eve, &[], "demo").is_none());
+    append_dn(&dn, eve).unwrap();
+    let d = bans.check(eve, &[], "demo").expect("banned at once");
+    assert!(d.reason().ends_with("ban_users.db:3"), "{}", d.reason());
+    let text = std::fs::read_to_string(&dn).unwrap();
+    let list = DnBans::parse("ban_users.db", &text).unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list.find(eve), Some((eve, 3)));
+
+    for bad in ["/CN=a\"b", "/CN=a\n\"/CN=b"] {
+        let e = append_dn(&dn, bad).unwrap_err();
+        assert!(matches!(e, BanWriteError::Unquotable { .. }), "{e}");
+        assert!(e.to_string().contains("quotes and newlines"), "{e}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(&dn).unwrap(),
+        text,
+        "file untouched"
+    );
+
+    // A list an editor left without a final newline: the entry gets a line of its own.
+    write(&dn, "\"/DC=org/CN=Mallory\"");
+    append_dn(&dn, eve).unwrap();
+    let text = std::fs::read_to_string(&dn).unwrap();
+    assert_eq!(text, format!("\"/DC=org/CN=Mallory\"\n\"{eve}\"\n"));
+    let d = bans.check(eve, &[], "demo").expect("still a valid list");
+    assert!(d.reason().ends_with("ban_users.db:2"), "{}", d.reason());
+    // An empty list takes the entry as its first line.
+    write(&dn, "");
+    append_dn(&dn, eve).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&dn).unwrap(),
+        format!("\"{eve}\"\n")
+    );
+
+    let missing = dir.path().join("none.db");
+    let e = append_dn(&missing, eve).unwrap_err();
+    assert!(e.to_string().contains("none.db"), "{e}");
+    assert!(!missing.exists(), "the writer never creates a list");
 }
 
 #[test]

@@ -19,9 +19,11 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
+use mupilot::pilot::trace_query as trace;
 use mupilot::protocol::switch_wire::{read_frame, write_frame, SwitchEvent, SwitchRequest};
-use mupilot::records::cli::{self, Out};
+use mupilot::records::cli::Out;
 use mupilot::records::{anchor, Anchor, ChainWriter, FsyncPolicy};
+use mupilot::switch::audit_query as audit;
 use serde_json::{json, Map, Value};
 
 const DOC: &str = "docs/incident-response.md";
@@ -314,14 +316,14 @@ fn examples(doc: &str) -> Vec<(String, String)> {
 #[command(name = "mupilot-switch")]
 enum Switch {
     #[command(subcommand)]
-    Audit(cli::AuditCommand),
+    Audit(audit::AuditCommand),
 }
 
 #[derive(Parser)]
 #[command(name = "mupilot")]
 enum Pilot {
     #[command(subcommand)]
-    Trace(cli::TraceCommand),
+    Trace(trace::TraceCommand),
 }
 
 fn fake_helper(sock: &Path) -> std::thread::JoinHandle<SwitchRequest> {
@@ -386,8 +388,8 @@ fn incident_response_walkthrough_runs_as_documented() {
             "mupilot-switch" => {
                 let Switch::Audit(c) =
                     Switch::try_parse_from(&words).unwrap_or_else(|e| panic!("{cmd}: {e}"));
-                let helper = matches!(c, cli::AuditCommand::Kill(_)).then(|| fake_helper(&sock));
-                let code = cli::audit_main(&c, &audit_log, &sock, &mut io);
+                let helper = matches!(c, audit::AuditCommand::Kill(_)).then(|| fake_helper(&sock));
+                let code = audit::audit_main(&c, &audit_log, &sock, &mut io);
                 if let Some(h) = helper {
                     assert_eq!(
                         h.join().unwrap(),
@@ -403,7 +405,7 @@ fn incident_response_walkthrough_runs_as_documented() {
             "mupilot" => {
                 let Pilot::Trace(c) =
                     Pilot::try_parse_from(&words).unwrap_or_else(|e| panic!("{cmd}: {e}"));
-                cli::trace_main(&c, &trace_log, &mut io)
+                trace::trace_main(&c, &trace_log, &mut io)
             }
             "journalctl" => {
                 // What the helper sent to syslog when it anchored the chain.

@@ -9,9 +9,11 @@ use std::path::{Path, PathBuf};
 
 use chrono::Duration;
 use mupilot::protocol::switch_wire::{read_frame, write_frame, SwitchEvent, SwitchRequest};
-use mupilot::records::cli::{self, Out};
+use mupilot::records::cli::Out;
 use mupilot::records::query::{self, Filter, Subject};
-use mupilot::records::{admin, ChainWriter, FsyncPolicy};
+use mupilot::records::{ChainWriter, FsyncPolicy};
+use mupilot::switch::admin_client as admin;
+use mupilot::switch::audit_query as audit;
 use records_support::{fmt, t, truth_who, write_audit_log, Payload};
 use serde_json::json;
 
@@ -341,7 +343,7 @@ fn command_functions_print_and_exit_as_documented() {
     #[derive(Parser)]
     struct Audit {
         #[command(subcommand)]
-        cmd: cli::AuditCommand,
+        cmd: audit::AuditCommand,
     }
     let dir = tempfile::tempdir().unwrap();
     let (files, truth) = generated(dir.path(), 2_000);
@@ -350,7 +352,7 @@ fn command_functions_print_and_exit_as_documented() {
     let audit = |args: &[&str]| {
         let a =
             Audit::try_parse_from(std::iter::once("audit").chain(args.iter().copied())).unwrap();
-        run(|io| cli::audit_main(&a.cmd, log, &sock, io))
+        run(|io| audit::audit_main(&a.cmd, log, &sock, io))
     };
     let p = &truth[5];
     let at = fmt(p.start + Duration::seconds(1));
@@ -401,7 +403,7 @@ fn command_functions_print_and_exit_as_documented() {
 
     let (code, _, err) = run(|io| {
         let a = Audit::try_parse_from(["audit", "list"]).unwrap();
-        cli::audit_main(&a.cmd, &dir.path().join("missing.jsonl"), &sock, io)
+        audit::audit_main(&a.cmd, &dir.path().join("missing.jsonl"), &sock, io)
     });
     assert_eq!(code, 2);
     assert!(

@@ -5,6 +5,8 @@
 //! such stages ahead of time; both are dispatched before anything else runs (no threads, no
 //! logging setup), so the privileged steps happen in a process that never had a second thread.
 
+#![deny(unsafe_code)]
+
 fn main() {
     match std::env::args_os()
         .nth(1)
@@ -20,6 +22,7 @@ fn main() {
     // the helper 12 MiB instead of 9 (docs/benchmarks.md). Those threads mostly wait on
     // sockets; two arenas serve them without contention.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)] // mallopt(3): libc has no safe binding
     // SAFETY: mallopt only sets a tunable of glibc's allocator, before any thread exists.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);

@@ -16,9 +16,9 @@
 
 pub mod limits;
 pub mod membership;
-pub mod mounts;
-pub mod v1;
-pub mod v2;
+pub(crate) mod mounts;
+pub(crate) mod v1;
+pub(crate) mod v2;
 
 mod files;
 
@@ -335,6 +335,7 @@ impl Cgroup {
     }
 
     /// Sends `sig` to every process in the cgroup except those in `skip`.
+    #[allow(unsafe_code)] // kill(2) with a raw signal number
     pub fn signal(&self, sig: i32, skip: &[i32]) -> io::Result<()> {
         for pid in self.pids() {
             if skip.contains(&pid) {

@@ -13,18 +13,19 @@
 //! private key here is the payload's, made on the worker node ([`worker_key`]). It links the
 //! system's OpenSSL (feature `grid`), which the static musl pilot is built without.
 
-pub mod ac;
-pub mod cache;
-pub mod config;
+pub(crate) mod ac;
+pub(crate) mod cache;
+pub(crate) mod config;
 pub mod delegation;
-pub mod dn;
-pub mod lsc;
-pub mod proxy;
-pub mod refusal;
-pub mod trust;
-pub mod verify;
-pub mod voms;
-pub mod worker_key;
+pub(crate) mod dn;
+pub(crate) mod lsc;
+pub(crate) mod proxy;
+pub(crate) mod refusal;
+pub(crate) mod trust;
+pub(crate) mod verify;
+pub(crate) mod voms;
+#[cfg(feature = "switch")]
+pub(crate) mod worker_key;
 
 pub use config::{EnvelopeFqans, GridConfig, LimitedProxies};
 pub use refusal::CredentialRefusal;

@@ -3,18 +3,14 @@
 //! this key, and the proxy file (proxy, key, chain) a payload reads through `X509_USER_PROXY`.
 //!
 //! Holds a private key only in memory, for one pending request; writes no file and opens no
-//! socket (delivery is `switch::proxy`'s work). The key and request generation is meant to
-//! be shared with the server's delegation code (issue 17 item 1), which may replace it.
+//! socket (delivery is `switch::proxy`'s work). The key and request are made as the server's
+//! delegation makes its own ([`super::delegation::new_key_request`]).
 
-use openssl::hash::MessageDigest;
 use openssl::pkey::{PKey, Private};
-use openssl::rsa::Rsa;
-use openssl::x509::{X509NameBuilder, X509Req, X509};
+use openssl::x509::X509;
 
+use super::delegation::new_key_request;
 use super::CredentialRefusal;
-
-/// RSA, as grid middleware (Globus GSI, dCache, XRootD) expects of proxy keys.
-const KEY_BITS: u32 = 2048;
 
 /// A key pair made for one proxy, and the request for it.
 pub struct WorkerKey {
@@ -27,24 +23,15 @@ pub struct WorkerKey {
 #[error("cannot make the payload's proxy key: {0}")]
 pub struct KeyError(String);
 
-fn ssl(e: openssl::error::ErrorStack) -> KeyError {
-    KeyError(e.to_string())
-}
-
 impl WorkerKey {
     /// A fresh RSA key and a PKCS#10 request for it. The request's subject is a placeholder:
     /// the signer names the proxy after its own subject (RFC 3820 3.4), not after the request.
     pub fn generate() -> Result<WorkerKey, KeyError> {
-        let key = PKey::from_rsa(Rsa::generate(KEY_BITS).map_err(ssl)?).map_err(ssl)?;
-        let mut name = X509NameBuilder::new().map_err(ssl)?;
-        name.append_entry_by_text("CN", "proxy").map_err(ssl)?;
-        let mut req = X509Req::builder().map_err(ssl)?;
-        req.set_subject_name(&name.build()).map_err(ssl)?;
-        req.set_pubkey(&key).map_err(ssl)?;
-        req.sign(&key, MessageDigest::sha256()).map_err(ssl)?;
-        let pem = req.build().to_pem().map_err(ssl)?;
-        let csr_pem = String::from_utf8(pem).map_err(|e| KeyError(e.to_string()))?;
-        Ok(WorkerKey { key, csr_pem })
+        let made = new_key_request().map_err(|e| KeyError(e.to_string()))?;
+        Ok(WorkerKey {
+            key: made.key,
+            csr_pem: made.csr_pem,
+        })
     }
 
     /// The same key again (tests that need many pending keys without making each).
@@ -108,6 +95,8 @@ impl WorkerKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use openssl::hash::MessageDigest;
+    use openssl::x509::{X509NameBuilder, X509Req};
 
     #[test]
     fn request_is_for_the_key_and_a_chain_for_another_key_is_refused() {

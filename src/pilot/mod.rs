@@ -11,16 +11,16 @@
 //! - [`trace`]: the trace log; [`signals`]: signal handling;
 //! - [`slot`]: batch slot discovery.
 
-pub mod agent;
+pub(crate) mod agent;
 pub mod cli;
 pub mod client;
-pub mod config;
-pub mod fit;
+pub(crate) mod config;
+pub(crate) mod fit;
 pub mod helper_client;
-pub mod outbox;
-pub mod output;
-pub mod reporter;
-pub mod signals;
+pub(crate) mod outbox;
+pub(crate) mod output;
+pub(crate) mod reporter;
+pub(crate) mod signals;
 pub mod slot;
 pub mod trace;
 pub mod trace_query;

@@ -135,11 +135,6 @@ impl Outbox {
         write_durably(&self.dir, &self.entry_path(&entry.payload_id), &bytes)
     }
 
-    /// The entry of `id`, if any.
-    pub fn get(&self, id: &str) -> Option<Entry> {
-        read_entry(&self.entry_path(id))
-    }
-
     /// Forgets `id`: the entry first (then a crash leaves at most an archive nobody names,
     /// removed with the directory), then the archive. Not fsynced: an entry that comes back
     /// after a crash is sent again, and the server takes a repeat as a no-op.

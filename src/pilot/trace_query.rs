@@ -1,15 +1,40 @@
 //! `mupilot trace ...`: the VO operator's view of this pilot's trace log (list, show one
 //! payload, verify the chain, export records as a JSON array for incident response).
 //!
-//! Thin on purpose: the queries live in `crate::records` (shared with the helper's audit).
+//! The queries live in `crate::records` (shared with the helper's audit), and so do the `list`,
+//! `export` and `verify` commands; `show` and the `trace` command set are the pilot's own.
 //! What it adds is finding the log when no pilot.toml is given: `$MUPILOT_WORK/trace.jsonl`,
 //! else the default work directories of the calling account (`$TMPDIR/mupilot-<pilot_id>`).
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::records::cli::{self, with_stdio, Out};
-pub use crate::records::cli::{ListArgs, ShowArgs, TraceCommand, VerifyArgs};
+use clap::{Args, Subcommand};
+
+use crate::records::cli::{self, fail, select, with_stdio, LogArg, Out};
+pub use crate::records::cli::{ListArgs, VerifyArgs};
+
+/// `mupilot trace show`.
+#[derive(Debug, Clone, Args)]
+pub struct ShowArgs {
+    /// Payload id
+    pub id: String,
+    #[command(flatten)]
+    pub log: LogArg,
+}
+
+/// `mupilot trace <command>`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum TraceCommand {
+    /// List trace records by owner, time and payload
+    List(ListArgs),
+    /// Every record of one payload
+    Show(ShowArgs),
+    /// Verify the trace log's hash chain
+    Verify(VerifyArgs),
+    /// Print matching records as one JSON array (for the VO's incident response)
+    Export(ListArgs),
+}
 
 /// Names the pilot's work directory: pilot.toml's `work_dir` default, and where the trace
 /// commands look first without `--config`.
@@ -81,7 +106,7 @@ pub fn run_found(cmd: &TraceCommand) -> i32 {
                 .filter(|l| {
                     let mut sink = std::io::sink();
                     let mut sink2 = std::io::sink();
-                    cli::show_main(
+                    show_main(
                         a,
                         l,
                         &mut Out {
@@ -99,7 +124,7 @@ pub fn run_found(cmd: &TraceCommand) -> i32 {
                 if holding.len() > 1 {
                     println!("== {}", l.display());
                 }
-                show_main(a, l);
+                with_stdio(|io| show_main(a, l, io));
             }
             0
         }
@@ -123,25 +148,42 @@ fn join(logs: &[PathBuf]) -> String {
 
 /// Runs `mupilot trace <cmd>`; `trace_log` is pilot.toml's trace log (work_dir/trace.jsonl).
 pub fn run(cmd: &TraceCommand, trace_log: &Path) -> i32 {
-    with_stdio(|io| cli::trace_main(cmd, trace_log, io))
+    with_stdio(|io| trace_main(cmd, trace_log, io))
 }
 
-/// `trace list [--owner DN] [--since T] [--until T] [--payload ID] [--json] [--log FILE]`.
-pub fn list_main(args: &ListArgs, trace_log: &Path) -> i32 {
-    with_stdio(|io| cli::list_main(args, trace_log, io))
+/// Runs one `trace` command. `default_log` is the pilot's trace log.
+pub fn trace_main(cmd: &TraceCommand, default_log: &Path, io: &mut Out) -> i32 {
+    match cmd {
+        TraceCommand::List(a) => cli::list_main(a, default_log, io),
+        TraceCommand::Show(a) => show_main(a, default_log, io),
+        TraceCommand::Verify(a) => cli::verify_main(a, default_log, io),
+        TraceCommand::Export(a) => cli::export_main(a, default_log, io),
+    }
 }
 
-/// `trace show ID [--log FILE]`.
-pub fn show_main(args: &ShowArgs, trace_log: &Path) -> i32 {
-    with_stdio(|io| cli::show_main(args, trace_log, io))
-}
-
-/// `trace verify [--anchor SEQ:HASH]... [--json] [--log FILE]`.
-pub fn verify_main(args: &VerifyArgs, trace_log: &Path) -> i32 {
-    with_stdio(|io| cli::verify_main(args, trace_log, io))
-}
-
-/// `trace export [--owner DN] [--since T] [--until T] [--payload ID] [--log FILE]`: a JSON array.
-pub fn export_main(args: &ListArgs, trace_log: &Path) -> i32 {
-    with_stdio(|io| cli::export_main(args, trace_log, io))
+/// `trace show ID`: every record of one payload, as indented JSON.
+pub fn show_main(args: &ShowArgs, default_log: &Path, io: &mut Out) -> i32 {
+    let list = ListArgs {
+        owner: None,
+        since: None,
+        until: None,
+        payload: Some(args.id.clone()),
+        json: true,
+        log: args.log.clone(),
+    };
+    let lines = match select(&list, default_log) {
+        Ok(l) => l,
+        Err(e) => return fail(io, e),
+    };
+    if lines.is_empty() {
+        let _ = writeln!(io.out, "no records of payload {}", args.id);
+        return 1;
+    }
+    for l in &lines {
+        let pretty = serde_json::from_str::<serde_json::Value>(l)
+            .map(|v| serde_json::to_string_pretty(&v).expect("serialises"))
+            .unwrap_or_else(|_| l.clone());
+        let _ = writeln!(io.out, "{pretty}");
+    }
+    0
 }

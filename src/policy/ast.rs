@@ -42,22 +42,6 @@ pub enum Attr {
     Walltime,
 }
 
-/// Every attribute, in a fixed order (the index of an attribute in request storage).
-pub const ALL_ATTRS: [Attr; 12] = [
-    Attr::Action,
-    Attr::Executable,
-    Attr::Directory,
-    Attr::Jobtag,
-    Attr::Count,
-    Attr::Jobowner,
-    Attr::Queue,
-    Attr::Vo,
-    Attr::Fqan,
-    Attr::Cores,
-    Attr::Memory,
-    Attr::Walltime,
-];
-
 /// The attribute names accepted, for hints.
 pub const ATTR_NAMES: &str =
     "action, executable, directory, jobtag, count, jobowner, queue, vo, fqan (or group), cores, memory, walltime";
@@ -101,7 +85,7 @@ impl Attr {
         }
     }
 
-    /// Position in [`ALL_ATTRS`].
+    /// Position in a request's attribute storage (the declaration order).
     pub fn index(self) -> usize {
         self as usize
     }

@@ -7,10 +7,14 @@
 //! - DN list: `"/DC=org/DC=example/CN=Mallory"` — the DN in double quotes, compared exactly;
 //! - FQAN list: `/vo/group` or `"/vo/group/Role=x"` — bans that FQAN and everything below it;
 //! - VO list: `demo` or `"demo"` (a leading `/` is ignored).
+//!
+//! The one writer of these files is here too, beside the parser whose format it must keep:
+//! [`append_dn`] adds a DN to a DN list (`mupilot-switch audit kill --ban`).
 
 use std::collections::HashMap;
 use std::fmt;
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use super::ast::identity_covers;
 use super::reload::{Load, ReloadError, Reloading};
@@ -326,4 +330,45 @@ impl Bans {
             .or_else(|| hit(&self.fqan, &fqans))
             .or_else(|| hit(&self.vo, &[vo]))
     }
+}
+
+/// Why a DN could not be added to a DN ban list.
+#[derive(Debug, thiserror::Error)]
+pub enum BanWriteError {
+    /// The DN cannot be written as one quoted entry the parser reads back as itself.
+    #[error("cannot ban {dn:?}: quotes and newlines are not allowed in a DN")]
+    Unquotable { dn: String },
+    #[error("cannot add the ban to {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Appends `dn` to the DN ban list at `path` as one line `"DN"` (the format [`DnBans`] parses),
+/// with one `write(2)` on an `O_APPEND` descriptor; the file must exist. A list whose last line
+/// has no newline (an editor that leaves none) gets one first: glued to that line, the entry
+/// would make the list malformed, and a malformed list refuses every request. [`Bans`] follows
+/// the file, so the ban applies to the next request without a restart.
+pub fn append_dn(path: &Path, dn: &str) -> Result<(), BanWriteError> {
+    if dn.contains('"') || dn.contains('\n') {
+        return Err(BanWriteError::Unquotable { dn: dn.to_string() });
+    }
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(path)?;
+        let len = f.metadata()?.len();
+        let mut last = [b'\n'];
+        if len > 0 {
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut last, len - 1)?;
+        }
+        let sep = if last[0] == b'\n' { "" } else { "\n" };
+        f.write_all(format!("{sep}\"{dn}\"\n").as_bytes())
+    };
+    write().map_err(|source| BanWriteError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
 }

@@ -9,20 +9,20 @@
 //! ([`Policy`], identity index), `request`, `eval` (decisions and combination), `stack` (site +
 //! VO sources), `bans`, `reload` (follow a file, fail closed), `cli`, `bench`.
 
-pub mod ast;
+pub(crate) mod ast;
 pub mod bans;
 pub mod bench;
 pub mod cli;
-pub mod error;
-pub mod eval;
-pub mod index;
-pub mod parser;
-pub mod reload;
-pub mod request;
+pub(crate) mod error;
+pub(crate) mod eval;
+pub(crate) mod index;
+pub(crate) mod parser;
+pub(crate) mod reload;
+pub(crate) mod request;
 pub mod stack;
 
 pub use ast::{Action, Attr, Op};
-pub use bans::{BanDenial, BanParseError, Bans, DnBans, FqanBans, VoBans};
+pub use bans::{BanDenial, BanParseError, BanWriteError, Bans, DnBans, FqanBans, VoBans};
 pub use error::{ParseError, ParseErrorKind, PolicyError, RequestError};
 pub use eval::{combine, Decision, DenyClass, Verdict};
 pub use index::Policy;

@@ -172,6 +172,7 @@ pub struct PayloadUsage {
     pub peak_memory_bytes: Option<u64>,
 }
 
+#[cfg(feature = "switch")]
 impl From<crate::cgroups::LiveUsage> for PayloadUsage {
     fn from(u: crate::cgroups::LiveUsage) -> Self {
         PayloadUsage {
@@ -378,6 +379,7 @@ pub fn read_frame<T: for<'de> Deserialize<'de>>(
 /// length costs nothing until the sender really sends that much; a length above
 /// `limits.max_bytes` is refused before any of the body is read. Deadlines are kept with
 /// poll(2) only when a read would block: a frame that arrived whole costs no extra call.
+#[allow(unsafe_code)] // owning the descriptors SCM_RIGHTS installed
 pub fn read_frame_limited<T: for<'de> Deserialize<'de>>(
     stream: &mut UnixStream,
     limits: &ReadLimits,
@@ -518,6 +520,7 @@ impl Read for ReadAt<'_> {
 /// A memfd holding `bytes`, sealed against writing, growing, shrinking and further seals, so
 /// a receiver can check it once and trust it after. Its pages are charged to the cgroup of
 /// the process that writes them (the pilot's, P7), not to the receiver's.
+#[allow(unsafe_code)] // memfd_create(2) and F_ADD_SEALS
 pub fn sealed_memfd(name: &str, bytes: &[u8]) -> io::Result<OwnedFd> {
     let cname = std::ffi::CString::new(name).map_err(io::Error::other)?;
     // SAFETY: memfd_create with a NUL-terminated name we own and constant flags; the result

@@ -88,6 +88,7 @@ pub fn anchor_at(
 
 /// Writes one message to syslog at LOG_AUTHPRIV | LOG_INFO (root-readable on most systems,
 /// kept by journald).
+#[allow(unsafe_code)] // syslog(3): libc has no safe binding
 pub fn syslog_authpriv(message: &str) {
     let Ok(msg) = CString::new(message.replace('\0', " ")) else {
         return;

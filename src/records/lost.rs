@@ -6,28 +6,8 @@
 
 use super::query::open_starts;
 use super::rotate::chain_files;
+use super::schema::{Event, LOST_COPIES};
 use super::{Appended, ChainWriter, Keep, RecordError};
-
-/// The fields a `lost` record copies from the open `start` record it closes.
-const LOST_COPIES: &[&str] = &[
-    "host",
-    "pilot_uid",
-    "pilot_pid",
-    "pilot_id",
-    "batch_job_id",
-    "pilot_dn",
-    "payload_id",
-    "owner_dn",
-    "vo",
-    "fqans",
-    "jobtag",
-    "account",
-    "uid",
-    "gid",
-    "cgroup",
-    "scratch",
-    "start",
-];
 
 /// The `lost` record that closes an open start found by [`open_starts`]: the payload's end
 /// was never recorded (the helper or the machine stopped while it ran). `reason` says what
@@ -36,7 +16,7 @@ pub fn lost_record(start: &serde_json::Value, reason: &str) -> serde_json::Value
     let now = super::now_rfc3339();
     let mut m = serde_json::Map::new();
     m.insert("time".into(), now.clone().into());
-    m.insert("event".into(), "lost".into());
+    m.insert("event".into(), Event::Lost.name().into());
     for k in LOST_COPIES {
         if let Some(v) = start.get(*k) {
             m.insert((*k).into(), v.clone());

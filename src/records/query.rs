@@ -17,6 +17,7 @@ use memchr::memmem::Finder;
 use serde::{Deserialize, Serialize};
 
 pub use super::lost::lost_record;
+use super::schema::{needle, Event};
 use super::{parse_record_time, RecordError};
 
 const CHUNK: usize = 16 << 20;
@@ -192,7 +193,7 @@ impl RecordView<'_> {
         parse_record_time(self.time.as_deref()?)
     }
     fn is_end(&self) -> bool {
-        matches!(self.event(), "end" | "lost")
+        Event::from_name(self.event()).is_some_and(Event::closes_payload)
     }
 }
 
@@ -351,7 +352,7 @@ pub fn who(
             if !subject.matches(&v) {
                 return;
             }
-            if v.event() == "start" {
+            if v.event() == Event::Start.name() {
                 spans.start(&v, pos);
             } else if v.is_end() {
                 spans.end(&v);
@@ -406,8 +407,8 @@ pub fn list_lines(paths: &[PathBuf], filter: &Filter) -> Result<Vec<String>, Rec
         needles.push(field_needle("payload_id", &id.as_str().into()));
     } else if let Some(dn) = &filter.owner_dn {
         needles.push(field_needle("owner_dn", &dn.as_str().into()));
-        for ev in ["end", "lost", "kill", "signal"] {
-            needles.push(field_needle("event", &ev.into()));
+        for ev in [Event::End, Event::Lost, Event::Kill, Event::Signal] {
+            needles.push(field_needle("event", &ev.name().into()));
         }
     }
     let mut owner_payloads: HashSet<String> = HashSet::new();
@@ -420,10 +421,10 @@ pub fn list_lines(paths: &[PathBuf], filter: &Filter) -> Result<Vec<String>, Rec
         // Cheap rejection of the many end/kill lines of other owners before parsing.
         if let Some(n) = &owner_needle {
             if memchr::memmem::find(line, n).is_none() {
-                if memchr::memmem::find(line, b"\"owner_dn\":").is_some() {
+                if memchr::memmem::find(line, needle::OWNER_DN).is_some() {
                     return;
                 }
-                match raw_str_field(line, b"\"payload_id\":\"") {
+                match raw_str_field(line, needle::PAYLOAD_ID_STR) {
                     Some(id) if !owner_payloads.contains(id) => return,
                     _ => {}
                 }
@@ -472,9 +473,9 @@ pub fn list(paths: &[PathBuf], filter: &Filter) -> Result<Vec<serde_json::Value>
 /// `start` records with no later `end` or `lost` record of the same payload id: the payloads
 /// a crashed helper (or pilot) left without an end. Used at startup to write `lost` records.
 pub fn open_starts(paths: &[PathBuf]) -> Result<Vec<serde_json::Value>, RecordError> {
-    let needles: Vec<Vec<u8>> = ["start", "end", "lost"]
+    let needles: Vec<Vec<u8>> = [Event::Start, Event::End, Event::Lost]
         .iter()
-        .map(|e| field_needle("event", &(*e).into()))
+        .map(|e| field_needle("event", &e.name().into()))
         .collect();
     // Only positions are kept while scanning (half the log are starts); the few open ones
     // are read back at the end.
@@ -506,19 +507,19 @@ pub fn open_starts(paths: &[PathBuf]) -> Result<Vec<serde_json::Value>, RecordEr
 /// quotes can only be a key, never the inside of a string value.
 fn event_and_id(line: &[u8]) -> Option<(bool, Cow<'_, str>)> {
     let has = |n: &[u8]| memchr::memmem::find(line, n).is_some();
-    let is_start = has(b"\"event\":\"start\"");
-    if !is_start && !has(b"\"event\":\"end\"") && !has(b"\"event\":\"lost\"") {
+    let is_start = has(needle::START);
+    if !is_start && !has(needle::END) && !has(needle::LOST) {
         return None;
     }
-    if let Some(id) = raw_str_field(line, b"\"payload_id\":\"") {
+    if let Some(id) = raw_str_field(line, needle::PAYLOAD_ID_STR) {
         return Some((is_start, Cow::Borrowed(id)));
     }
     // Escapes in the id, or no id where expected: parse properly.
     let v: RecordView = serde_json::from_slice(line).ok()?;
     let id = v.payload_id?.into_owned();
-    match v.event.as_deref() {
-        Some("start") => Some((true, Cow::Owned(id))),
-        Some("end" | "lost") => Some((false, Cow::Owned(id))),
+    match v.event.as_deref().and_then(Event::from_name) {
+        Some(Event::Start) => Some((true, Cow::Owned(id))),
+        Some(e) if e.closes_payload() => Some((false, Cow::Owned(id))),
         _ => None,
     }
 }

@@ -347,7 +347,7 @@ pub fn verify_files(
     Ok(report)
 }
 
-const RETENTION_EVENT: &[u8] = b"\"event\":\"retention\"";
+const RETENTION_EVENT: &[u8] = super::schema::needle::RETENTION;
 
 /// `first_seq` of a `retention` record (written when rotation deleted old files).
 fn retention_first_seq(line: &[u8]) -> Option<u64> {

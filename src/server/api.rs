@@ -63,6 +63,7 @@ pub struct AppState {
     /// Asked of pilots in every match answer; the sweeper counts missed ones.
     pub heartbeat_seconds: u64,
     /// Validity of a proxy signed for a worker node (server.toml `worker_proxy_seconds`).
+    #[cfg_attr(not(feature = "grid"), allow(dead_code))]
     pub worker_proxy: Duration,
     /// Counters and latency histograms (served when server.toml sets `metrics_listen`).
     pub metrics: Arc<super::metrics::Metrics>,

@@ -558,7 +558,7 @@ fn member(cmd: MemberCmd) -> i32 {
         }
     };
     let now = chrono::Utc::now();
-    let registry = super::membership::Registry::new(&cfg.vo, &cfg.membership);
+    let registry = super::membership::Registry::new(&cfg.membership);
     // The server's own account on the server's host: the registry's operator of last resort.
     let actor = format!("mupilot-server member (uid {})", nix::unistd::getuid());
     let result = match cmd {

@@ -32,6 +32,7 @@ pub enum ClientError {
     },
     #[error("{0}")]
     Timeout(String),
+    #[cfg_attr(not(feature = "grid"), allow(dead_code))]
     #[error("proxy {path}: {message}")]
     Proxy { path: String, message: String },
 }

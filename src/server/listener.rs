@@ -118,7 +118,7 @@ pub fn prepare(cfg: &ServerConfig) -> Result<Prepared, ServeError> {
         worker_proxy: chrono::Duration::seconds(cfg.worker_proxy_seconds as i64),
         metrics: Arc::new(super::metrics::Metrics::new()),
         portal,
-        registry: Arc::new(super::membership::Registry::new(&cfg.vo, &cfg.membership)),
+        registry: Arc::new(super::membership::Registry::new(&cfg.membership)),
     };
     Ok(Prepared {
         state: Arc::new(state),

@@ -8,16 +8,16 @@
 //! [`client`] (submit/status/output/cancel, delegate), [`cli`] (the command line), `delegation`
 //! (feature `grid`: delegated X.509 proxies, and proxies signed for worker nodes).
 
-pub mod api;
+pub(crate) mod api;
 pub mod cli;
-pub mod client;
+pub(crate) mod client;
 pub mod config;
 #[cfg(feature = "grid")]
-pub mod delegation;
-pub mod init;
-pub mod listener;
-pub mod membership;
-pub mod metrics;
-pub mod pki;
-pub mod portal;
+pub(crate) mod delegation;
+pub(crate) mod init;
+pub(crate) mod listener;
+pub(crate) mod membership;
+pub(crate) mod metrics;
+pub(crate) mod pki;
+pub(crate) mod portal;
 pub mod store;

@@ -45,8 +45,9 @@ pub struct AccountRules<'a> {
     pub pilot_uids: &'a BTreeSet<u32>,
 }
 
-/// Looks `name` up and checks it against `rules`.
-pub fn resolve(name: &str, rules: &AccountRules<'_>) -> Result<Account, AccountError> {
+/// Looks `name` up and checks it against `rules` (uncached; the helper uses [`AccountCache`]).
+#[cfg(test)]
+fn resolve(name: &str, rules: &AccountRules<'_>) -> Result<Account, AccountError> {
     let account = lookup(name)?;
     check(&account, rules)?;
     Ok(account)

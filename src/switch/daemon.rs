@@ -114,17 +114,7 @@ impl Helper {
                     self.cfg.path.display()
                 ));
             };
-            if owner_dn.contains('"') || owner_dn.contains('\n') {
-                return Err(format!(
-                    "cannot ban {owner_dn:?}: quotes and newlines are not allowed in a DN"
-                ));
-            }
-            use std::io::Write;
-            std::fs::OpenOptions::new()
-                .append(true)
-                .open(list)
-                .and_then(|mut f| f.write_all(format!("\"{owner_dn}\"\n").as_bytes()))
-                .map_err(|e| format!("cannot add the ban to {}: {e}", list.display()))?;
+            crate::policy::bans::append_dn(list, owner_dn).map_err(|e| e.to_string())?;
         }
         let entries = self.registry.of_owner(owner_dn);
         let ids: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();

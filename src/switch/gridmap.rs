@@ -40,7 +40,6 @@ pub struct Entry {
 /// A parsed grid-mapfile.
 #[derive(Debug, Clone, Default)]
 pub struct Gridmap {
-    pub path: PathBuf,
     pub entries: Vec<Entry>,
 }
 
@@ -105,10 +104,7 @@ impl Gridmap {
             }
             entries.push(Entry { dn, accounts, line });
         }
-        Ok(Gridmap {
-            path: path.to_path_buf(),
-            entries,
-        })
+        Ok(Gridmap { entries })
     }
 
     /// The mapping of `dn` (first matching line wins), with its line number.

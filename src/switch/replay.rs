@@ -151,19 +151,16 @@ impl ReplayCache {
         Ok(Some(PendingSync::new(file, path)))
     }
 
-    /// Number of live entries.
     /// Whether `nonce` of `vo` was used already (a launch's check without spending it).
+    #[cfg(feature = "grid")]
     pub fn contains(&self, vo: &str, nonce: &str) -> bool {
         self.seen.contains_key(&key(vo, nonce))
     }
 
+    /// Number of live entries.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.seen.len()
-    }
-
-    /// True when nothing is remembered.
-    pub fn is_empty(&self) -> bool {
-        self.seen.is_empty()
     }
 
     fn prune(&mut self, now: i64) -> Result<(), ReplayError> {

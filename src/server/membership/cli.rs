@@ -532,7 +532,7 @@ fn purge(config: &std::path::Path) -> i32 {
             return EXIT_RUNTIME;
         }
     };
-    let reg = super::Registry::new(&cfg.vo, &cfg.membership);
+    let reg = super::Registry::new(&cfg.membership);
     let actor = format!(
         "mupilot-server membership purge (uid {})",
         nix::unistd::getuid()

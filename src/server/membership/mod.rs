@@ -12,8 +12,6 @@ pub mod config;
 pub mod notify;
 pub mod types;
 
-use std::sync::Arc;
-
 use chrono::{DateTime, Utc};
 
 use self::audit::{AuditLog, AuditRecord};
@@ -23,7 +21,6 @@ use super::store::{Effect, Store, StoreError};
 
 /// The registry's policy and its audit log, shared by the API handlers and the purge job.
 pub struct Registry {
-    pub vo: String,
     pub settings: MembershipSettings,
     pub audit: AuditLog,
 }
@@ -38,9 +35,8 @@ pub enum Role {
 }
 
 impl Registry {
-    pub fn new(vo: &str, settings: &MembershipSettings) -> Self {
+    pub fn new(settings: &MembershipSettings) -> Self {
         Registry {
-            vo: vo.to_string(),
             audit: AuditLog::new(&settings.audit_log, settings.retention_days),
             settings: settings.clone(),
         }
@@ -190,6 +186,3 @@ impl Registry {
         Ok(n)
     }
 }
-
-/// Shared form of the registry for the server's state.
-pub type SharedRegistry = Arc<Registry>;

@@ -101,15 +101,6 @@ impl RateLimiter {
         }
         Ok(())
     }
-
-    /// Buckets held (for tests and metrics).
-    pub fn len(&self) -> usize {
-        self.buckets.lock().map(|m| m.len()).unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 #[cfg(test)]

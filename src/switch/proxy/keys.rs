@@ -79,14 +79,6 @@ impl PendingKeys {
             _ => None,
         }
     }
-
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
 }
 
 /// Checks an issued chain: for `key` first (a chain for another request, or an old one

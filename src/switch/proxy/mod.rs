@@ -8,6 +8,11 @@
 //! the issued chain. Every refusal is a [`ProxyError`] naming what failed; launches without
 //! `credential` do not enter this module beyond one `Option` test.
 
+// Built without grid support, this module only refuses delegated launches; the rest is unused.
+#![cfg_attr(not(feature = "grid"), allow(dead_code, unused_imports))]
+
+// setfsuid/setfsgid for writing as the account; descriptors from open(2) taken into OwnedFd.
+#[allow(unsafe_code)]
 pub mod deliver;
 #[cfg(feature = "grid")]
 pub mod keys;
@@ -17,11 +22,12 @@ pub mod renew;
 use crate::protocol::switch_wire::DenialClass;
 use crate::protocol::EnvelopeBody;
 
-pub use deliver::{deliver, proxy_path, PROXY_FILE};
+pub use deliver::{deliver, proxy_path};
 
 /// Why a payload's proxy was not accepted, made or delivered.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
+    #[cfg(not(feature = "grid"))]
     #[error("the envelope carries a delegated credential, but this helper was built without grid support (cargo feature \"grid\"); install the packaged mupilot-switch")]
     NotBuilt,
     #[error("the envelope carries a delegated credential, but this site verifies no grid credentials: add a [grid] table (cert_dir, vomsdir) to {config}")]
@@ -71,8 +77,9 @@ impl ProxyError {
     /// Who is to blame, as for a launch denial.
     pub fn class(&self) -> DenialClass {
         match self {
-            ProxyError::NotBuilt
-            | ProxyError::NoGrid { .. }
+            #[cfg(not(feature = "grid"))]
+            ProxyError::NotBuilt => DenialClass::System,
+            ProxyError::NoGrid { .. }
             | ProxyError::Key(_)
             | ProxyError::SiteTrust(_)
             | ProxyError::Deliver { .. } => DenialClass::System,

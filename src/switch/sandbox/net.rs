@@ -227,10 +227,9 @@ fn launcher_main(mut channel: UnixStream, exe: &Path) -> i32 {
     }
     // Rust ignores SIGPIPE and an ignored signal stays ignored across exec; pasta refuses to
     // start unless SIGPIPE was at its default ("Couldn't install signal handlers").
+    let default = nix::sys::signal::SigHandler::SigDfl;
     // SAFETY: restoring a default disposition installs no handler of ours.
-    if let Err(e) =
-        unsafe { nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) }
-    {
+    if let Err(e) = unsafe { nix::sys::signal::signal(Signal::SIGPIPE, default) } {
         return fail("reset SIGPIPE", &e);
     }
     // pasta (as packaged in Debian 12) drops to the account before it enters the namespace

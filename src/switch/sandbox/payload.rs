@@ -187,7 +187,7 @@ impl PayloadExec {
     ///
     /// Must not allocate, lock, panic or unwind (see the module comment).
     fn child(&self) -> Result<std::convert::Infallible, Failed> {
-        // SAFETY (all calls below): system calls with integer arguments, or pointers into
+        // SAFETY: (all calls below) system calls with integer arguments, or pointers into
         // `self`, which the suspended stage keeps alive until this process exec'd or exited.
         unsafe {
             if libc::setsid() < 0 {

@@ -238,6 +238,7 @@ fn serve_prepared(mut channel: UnixStream, prepared: StepResult<Host>) -> i32 {
     // SAFETY: sched_getscheduler/sched_setscheduler on this (single-threaded) process with a
     // sched_param on our stack; no memory is shared.
     if unsafe { libc::sched_getscheduler(0) } == libc::SCHED_IDLE
+        // SAFETY: as for sched_getscheduler just above.
         && unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &normal) } != 0
     {
         let e = std::io::Error::last_os_error();

@@ -5,7 +5,8 @@
 //!
 //! A launch whose proxy the server will not issue ends `failed` with the server's reason
 //! (the helper never runs a payload with `credential` without its proxy); a renewal that
-//! fails is retried until the proxy expires, the payload running on meanwhile.
+//! fails is retried until the proxy expires, the payload running on meanwhile: every minute,
+//! or sooner when less is left, so a short proxy gets several tries before it expires.
 
 use std::fs::File;
 use std::time::Duration;
@@ -20,8 +21,10 @@ use crate::protocol::api::{PayloadState, StatusReport};
 use crate::protocol::delegation::{IssuedProxy, ProxyCsr};
 use crate::protocol::envelope::SignedEnvelope;
 
-/// How long after a failed renewal the pilot asks again.
+/// How long after a failed renewal the pilot asks again, at most ...
 const RENEW_RETRY: Duration = Duration::from_secs(60);
+/// ... and at least (a server that is down is not asked in a tight loop).
+const RENEW_RETRY_MIN: Duration = Duration::from_secs(5);
 
 /// The server's answer to a CSR, for the loop.
 pub(super) type Issued = (String, Result<IssuedProxy, ClientError>);
@@ -55,6 +58,17 @@ fn renew_at(now: DateTime<Utc>, not_after: DateTime<Utc>, margin: Duration) -> D
         .unwrap_or(chrono::Duration::MAX)
         .min(life / 2);
     not_after - margin
+}
+
+/// When to try again after a renewal failed at `now` for a proxy that expires at
+/// `not_after`: a quarter of what is left, between [`RENEW_RETRY_MIN`] and [`RENEW_RETRY`];
+/// `None` when that would be at or past the expiry. A fixed minute would give a proxy renewed
+/// at half of a short life (`worker_proxy_seconds` of a few minutes) no second try at all.
+fn retry_at(now: DateTime<Utc>, not_after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let left = (not_after - now).to_std().ok()?;
+    let wait = (left / 4).clamp(RENEW_RETRY_MIN, RENEW_RETRY);
+    let at = now + chrono::Duration::from_std(wait).ok()?;
+    (at < not_after).then_some(at)
 }
 
 impl<S: ServerApi, H: HelperApi> Agent<S, H> {
@@ -155,13 +169,15 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
     fn renewal_failed(&mut self, id: &str) {
         if let Some(s) = self.payloads.get_mut(id).and_then(|p| p.proxy.as_mut()) {
             s.renewing = false;
-            let retry = Utc::now() + chrono::Duration::from_std(RENEW_RETRY).unwrap_or_default();
             // Not past the expiry: a proxy that expired cannot be renewed from the worker node.
-            if s.not_after.is_some_and(|t| retry < t) {
-                s.renew_at = Some(retry);
-            } else {
-                s.renew_at = None;
-                tracing::error!(payload_id = %id, "the payload's proxy expires before another renewal could be tried");
+            s.renew_at = s.not_after.and_then(|t| retry_at(Utc::now(), t));
+            match s.renew_at {
+                Some(at) => {
+                    tracing::info!(payload_id = %id, retry_at = %at.to_rfc3339(), "renewal of the payload's proxy will be tried again")
+                }
+                None => {
+                    tracing::error!(payload_id = %id, "the payload's proxy expires before another renewal could be tried")
+                }
             }
         }
     }
@@ -230,5 +246,22 @@ mod tests {
             now + chrono::Duration::minutes(30)
         );
         assert_eq!(renew_at(now, now - h(1), m), now - h(1));
+    }
+
+    #[test]
+    fn a_failed_renewal_is_retried_before_the_proxy_expires() {
+        let now = Utc::now();
+        let s = chrono::Duration::seconds;
+        // A 12 h proxy renewed an hour before its end: every minute, as before.
+        assert_eq!(retry_at(now, now + s(3600)), Some(now + s(60)));
+        // The shortest worker proxy (60 s), renewed at half its life: a quarter of what is
+        // left, then never closer than 5 s apart, and never at or past the expiry.
+        assert_eq!(
+            retry_at(now, now + s(30)),
+            Some(now + chrono::Duration::milliseconds(7500))
+        );
+        assert_eq!(retry_at(now, now + s(8)), Some(now + s(5)));
+        assert_eq!(retry_at(now, now + s(5)), None);
+        assert_eq!(retry_at(now, now - s(1)), None);
     }
 }

@@ -13,9 +13,8 @@
 mod grid_support;
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -35,18 +34,7 @@ const SHORTEST_PROXY: u64 = 60;
 /// The grid PKI of make-fixtures.sh (CA directory with CRL, vomsdir, voms-proxy-fake proxies
 /// with path length 10), readable by the payload's account for `voms-proxy-info`.
 fn pki() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = grid_support::make("e2e-proxy-pki");
-        let st = Command::new("chmod")
-            .args(["-R", "a+rX"])
-            .arg(dir.join("certificates"))
-            .arg(dir.join("vomsdir"))
-            .status()
-            .unwrap();
-        assert!(st.success());
-        dir
-    })
+    grid_support::payload_pki("e2e-proxy-pki")
 }
 
 fn proxy(name: &str) -> String {
@@ -573,20 +561,18 @@ fn a_member_suspended_while_the_payload_runs_gets_no_new_proxy_and_is_cancelled(
 
     let runuser = Pid::from_raw(pilot.child.id() as i32);
     let stopped = Stopped::stop(pilot_pid(&pilot), Some(runuser));
-    let vo = &stack.vo;
-    let out = Command::new(bin("mupilot-server"))
-        .args(["membership", "suspend", ALICE])
-        .args(["--reason", "credential reported compromised"])
-        .args(["--verification", "reviewed with the security officer"])
-        .args(["--server", &stack.url()])
-        .arg("--cert")
-        .arg(vo.join("bob.crt"))
-        .arg("--key")
-        .arg(vo.join("bob.key"))
-        .arg("--ca")
-        .arg(vo.join("certificates"))
-        .output()
-        .unwrap();
+    let out = stack.client_args(
+        "bob",
+        &[
+            "membership",
+            "suspend",
+            ALICE,
+            "--reason",
+            "credential reported compromised",
+            "--verification",
+            "reviewed with the security officer",
+        ],
+    );
     // A renewal as the pilot would ask for it: refused, naming why.
     let (status, body) = ask_proxy(stack, &id);
     drop(stopped);

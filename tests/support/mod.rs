@@ -385,6 +385,16 @@ impl Stack {
             .expect("client runs")
     }
 
+    /// Runs `mupilot-server ARGS` as `user` with the connection arguments last, for nested
+    /// subcommands (`membership suspend DN ...`).
+    pub fn client_args(&self, user: &str, args: &[&str]) -> Output {
+        Command::new(bin("mupilot-server"))
+            .args(args)
+            .args(self.user_args(user))
+            .output()
+            .expect("client runs")
+    }
+
     /// Waits until the payload reaches `state` as its owner sees it.
     pub fn wait_state(
         &self,

@@ -4,7 +4,8 @@
 //! a renewal. The pilot never sees a private key: only the CSR and the chain pass through it.
 //!
 //! A launch whose proxy the server will not issue ends `failed` with the server's reason
-//! (the helper never runs a payload with `credential` without its proxy); a renewal that
+//! (the helper never runs a payload with `credential` without its proxy), or is handed back
+//! to the queue when the server could not be reached at all; a renewal that
 //! fails is retried until the proxy expires, the payload running on meanwhile: every minute,
 //! or sooner when less is left, so a short proxy gets several tries before it expires.
 
@@ -123,9 +124,20 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
                     Err(e) => self.on_helper_lost(&e.to_string()),
                 }
             }
+            // The server could not be reached (after the client's retries): the payload never
+            // reached the helper, so it goes back to the queue for a later match rather than
+            // failing for an outage. A refusal (expired delegation, owner no longer a member)
+            // is final.
+            (Phase::Launching, Err(e)) if e.is_transient() => {
+                let reason = format!(
+                    "handed back by pilot {}: the VO server could not be reached for the payload's proxy: {e}",
+                    self.cfg.pilot_id
+                );
+                self.proxy_launch_failed(&id, PayloadState::Queued, reason);
+            }
             (Phase::Launching, Err(e)) => {
                 let reason = format!("the VO server issued no proxy for the payload: {e}");
-                self.proxy_launch_failed(&id, reason);
+                self.proxy_launch_failed(&id, PayloadState::Failed, reason);
             }
             (Phase::Running, Ok(issued)) => {
                 if let Err(e) = self.helper.proxy_renewed(&id, &issued.chain_pem) {
@@ -205,11 +217,16 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
         }
     }
 
-    /// The launch cannot get its proxy: it ends `failed`, never having reached the helper.
-    fn proxy_launch_failed(&mut self, id: &str, reason: String) {
+    /// The launch cannot get its proxy: it ends `failed`, or is handed back (`queued`), never
+    /// having reached the helper.
+    fn proxy_launch_failed(&mut self, id: &str, state: PayloadState, reason: String) {
         tracing::error!(payload_id = %id, %reason, "payload not launched");
         self.capacity.release(id);
-        self.summary.failed += 1;
+        if state == PayloadState::Queued {
+            self.summary.handed_back += 1;
+        } else {
+            self.summary.failed += 1;
+        }
         let pilot_id = self.cfg.pilot_id.clone();
         let Some(p) = self.payloads.get_mut(id) else {
             return;
@@ -218,11 +235,11 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
         p.proxy = None;
         p.record.decision = Some("not_launched");
         p.record.reason = Some(reason.clone());
-        p.record.state = Some("failed".into());
+        p.record.state = Some(state.as_str().into());
         p.reporter.send(ReportJob::Final {
             report: StatusReport {
                 pilot_id,
-                state: Some(PayloadState::Failed),
+                state: Some(state),
                 reason: Some(reason),
                 ..Default::default()
             },

@@ -5,8 +5,9 @@
 //! accounts, gridmap, cgroups) verifies it against the site's CA directory and vomsdir and
 //! writes it into the payload's scratch; the payload reads it with `voms-proxy-info`. Then
 //! renewal through the server while the payload runs, and the faults of that path: the
-//! server down at renewal time, the delegation expired or the member removed before the
-//! pilot asks, the member suspended while the payload runs. Needs Debian's voms-clients.
+//! server down at renewal time and at launch, the delegation expired or the member removed
+//! before the pilot asks, the member suspended while the payload runs. Needs Debian's
+//! voms-clients.
 
 #![cfg(feature = "grid")]
 
@@ -445,6 +446,67 @@ fn with_the_server_down_at_renewal_time_the_payload_keeps_its_proxy_and_the_pilo
         stack.logs()
     );
     assert_renewed(stack, &id);
+}
+
+/// The VO server is down when the pilot asks for a matched payload's first proxy (the helper
+/// SIGSTOPped until the server is killed): the payload was never launched, so the pilot hands
+/// it back to the queue instead of failing it for an outage; once the server is back the
+/// hand-back arrives, the payload is matched again and runs with its proxy. Nothing lost,
+/// nothing run twice.
+#[test]
+fn with_the_server_down_at_launch_the_payload_is_handed_back_and_runs_later() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut g = grid(12 * 3600);
+    let mut pilot = g.stack.spawn_pilot(&["--idle-timeout", "3"]);
+    let stack = &g.stack;
+    wait_for(stack, "the pilot's hello", Duration::from_secs(20), || {
+        pilot_log(stack).contains("helper connected")
+    });
+    let helper = Pid::from_raw(stack.switch.as_ref().unwrap().child.id() as i32);
+    let stopped = Stopped::stop(helper, None);
+    let id = submit(
+        stack,
+        "grid-alice",
+        &["--proxy", &proxy("delegable")],
+        "voms-proxy-info -all",
+    );
+    stack.wait_state("grid-alice", &id, "matched", Duration::from_secs(10));
+    g.stack.kill_server();
+    drop(stopped);
+    let stack = &g.stack;
+    wait_for(stack, "the hand-back", Duration::from_secs(30), || {
+        pilot_log(stack).contains("could not be reached for the payload's proxy")
+    });
+    assert!(audit_of(stack, &id).iter().all(|r| r["event"] != "start"));
+    g.stack.restart_server();
+    let stack = &g.stack;
+    let st = support::wait_exit(stack, &mut pilot, Duration::from_secs(60));
+    assert!(st.success(), "pilot: {st:?}\n{}", stack.logs());
+
+    let st = stack.status("grid-alice", &id);
+    assert_eq!(st["state"], "done", "{st}\n{}", stack.logs());
+    let text = stdout_of(stack, "grid-alice", &id);
+    assert_eq!(ac_holder(&text), ALICE, "{text}");
+    // Once handed back (not launched, queued), once run: one start in the audit log.
+    let trace: Vec<_> = Stack::records(&stack.trace_log())
+        .into_iter()
+        .filter(|r| r["payload_id"] == id.as_str() && r["event"] == "end")
+        .collect();
+    assert_eq!(trace.len(), 2, "{trace:#?}");
+    assert_eq!(
+        (&trace[0]["decision"], &trace[0]["state"]),
+        (
+            &serde_json::json!("not_launched"),
+            &serde_json::json!("queued")
+        ),
+        "{trace:#?}"
+    );
+    assert_eq!(trace[1]["state"], "done", "{trace:#?}");
+    let starts = audit_of(stack, &id)
+        .iter()
+        .filter(|r| r["event"] == "start")
+        .count();
+    assert_eq!(starts, 1);
 }
 
 /// While the helper is stopped (SIGSTOP by pid) the pilot has matched the payload and waits

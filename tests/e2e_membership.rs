@@ -5,10 +5,9 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{bin, processes_of, Accounts, Stack, SERIAL};
+use support::{processes_of, Accounts, Stack, SERIAL};
 
 const DC: &str = "/DC=org/DC=mupilot-demo/CN=";
 
@@ -47,26 +46,19 @@ fn suspension_cancels_a_running_payload_through_the_helper() {
         "the payload runs as mpt-ms-a"
     );
 
-    let vo = &stack.vo;
-    let out = Command::new(bin("mupilot-server"))
-        .args(["membership", "suspend", &format!("{DC}alice")])
-        .args([
+    let alice = format!("{DC}alice");
+    let out = stack.client_args(
+        "bob",
+        &[
+            "membership",
+            "suspend",
+            &alice,
             "--reason",
             "compromised credential reported by Grid security",
-        ])
-        .args([
             "--verification",
             "evidence reviewed with the security officer",
-        ])
-        .args(["--server", &stack.url()])
-        .arg("--cert")
-        .arg(vo.join("bob.crt"))
-        .arg("--key")
-        .arg(vo.join("bob.key"))
-        .arg("--ca")
-        .arg(vo.join("certificates"))
-        .output()
-        .unwrap();
+        ],
+    );
     assert!(
         out.status.success(),
         "{}\n{}",

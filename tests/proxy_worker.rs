@@ -15,7 +15,6 @@ mod switch_support;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use chrono::{Duration as CDuration, Utc};
@@ -30,18 +29,7 @@ use grid_support::{ALICE, BOB};
 /// The grid PKI (CA directory with CRL, vomsdir, voms-proxy-fake proxies), made once per run
 /// under cargo's target tmpdir, readable by the payload's account (not under the private /tmp).
 fn pki() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = grid_support::make("proxy-worker-pki");
-        let st = Command::new("chmod")
-            .args(["-R", "a+rX"])
-            .arg(dir.join("certificates"))
-            .arg(dir.join("vomsdir"))
-            .status()
-            .unwrap();
-        assert!(st.success());
-        dir
-    })
+    grid_support::payload_pki("proxy-worker-pki")
 }
 
 /// A site whose switch.toml has a `[grid]` table (unless `grid` is false), maps Alice and Bob

@@ -29,7 +29,7 @@ pub enum ConfigError {
         path: PathBuf,
         key: &'static str,
         value: String,
-        why: &'static str,
+        why: String,
     },
 }
 
@@ -131,11 +131,11 @@ impl PilotConfig {
             // the keys that are accepted).
             message: format!("{e}\n"),
         })?;
-        let bad = |key, value: String, why| ConfigError::Value {
+        let bad = |key, value: String, why: &str| ConfigError::Value {
             path: path.to_path_buf(),
             key,
             value,
-            why,
+            why: why.to_string(),
         };
         let server_url = raw.server_url.trim_end_matches('/').to_string();
         if !server_url.starts_with("https://") || server_url.len() <= "https://".len() {
@@ -171,7 +171,7 @@ impl PilotConfig {
         let secs = |key, v: Option<u64>, default: u64, min: u64| {
             let s = v.unwrap_or(default);
             if s < min {
-                Err(bad(key, s.to_string(), "must be at least 1"))
+                Err(bad(key, s.to_string(), &format!("must be at least {min}")))
             } else {
                 Ok(Duration::from_secs(s))
             }
@@ -325,6 +325,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("poll_interval_seconds"), "{err}");
+        // The message names the key's own minimum.
+        let err = parse(&format!("{MIN}proxy_renew_margin_seconds = 30\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("proxy_renew_margin_seconds") && err.contains("at least 60"),
+            "{err}"
+        );
     }
 
     #[test]

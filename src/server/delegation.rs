@@ -2,8 +2,9 @@
 //! crossing the network (`POST /v1/delegations`: the server makes a key and a request;
 //! `PUT /v1/delegations/{id}`: the member's chain for it, checked), and the matched pilot
 //! obtains a proxy for the worker node's key (`POST /v1/payloads/{id}/proxy`), signed with
-//! that credential. Keys are made and used here with src/grid/delegation.rs; rows and key
-//! files are the store's. Every signing is recorded (serial, subject, notAfter).
+//! that credential while its owner is an active member. Keys are made and used here with
+//! src/grid/delegation.rs; rows and key files are the store's. Every signing is recorded
+//! (serial, subject, notAfter).
 
 use std::sync::Arc;
 
@@ -215,6 +216,15 @@ async fn issue(
             ),
         ));
     }
+    // A member suspended, removed or past renewal gets no fresh credential: the suspension
+    // or removal cancels the payload, and until the cancel has reached the node the VO does
+    // not extend the proxy of someone it no longer vouches for (P3).
+    active_member(
+        &st,
+        &holder.owner_dn,
+        format!("the owner of payload {id}, "),
+    )
+    .await?;
     let now = Utc::now();
     let Some((d, key)) = delegation.filter(|(d, _)| d.not_after > now) else {
         return Err(gone(format!(

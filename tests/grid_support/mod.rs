@@ -33,6 +33,24 @@ pub fn make(name: &str) -> PathBuf {
     dir
 }
 
+/// As [`pki`], with the CA directory and vomsdir readable by every account, for payloads
+/// that read them (`voms-proxy-info` as the payload's account; under cargo's target tmpdir,
+/// not under the payloads' private /tmp).
+pub fn payload_pki(name: &str) -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = make(name);
+        let st = Command::new("chmod")
+            .args(["-R", "a+rX"])
+            .arg(dir.join("certificates"))
+            .arg(dir.join("vomsdir"))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        dir
+    })
+}
+
 pub fn proxy(root: &Path, name: &str) -> Vec<u8> {
     std::fs::read(root.join("proxies").join(format!("{name}.pem"))).unwrap()
 }

@@ -116,6 +116,23 @@ fn run_ok(cmd: &mut Command) -> Output {
 impl Stack {
     /// `gridmap` lines replace the grid-mapfile init wrote (`("alice", "mpt-e2e-a")`).
     pub fn start(pilot_account: &str, gridmap: &[(&str, &str)]) -> Stack {
+        let lines: Vec<(String, &str)> = gridmap
+            .iter()
+            .map(|(user, account)| (format!("/DC=org/DC=mupilot-demo/CN={user}"), *account))
+            .collect();
+        let lines: Vec<(&str, &str)> = lines.iter().map(|(d, a)| (d.as_str(), *a)).collect();
+        Stack::start_with(pilot_account, &lines, &[], |_| {})
+    }
+
+    /// As [`Stack::start`] with whole DNs in `gridmap`, more arguments for `init` (e.g.
+    /// `--vo atlas`), and `prepare` run on the VO directory before the server and the helper
+    /// start (to edit server.toml, switch.toml, pilot.toml or add CA files).
+    pub fn start_with(
+        pilot_account: &str,
+        gridmap: &[(&str, &str)],
+        init_args: &[&str],
+        prepare: impl FnOnce(&Path),
+    ) -> Stack {
         let dir = tempfile::Builder::new()
             .prefix("mupilot-e2e")
             // Not below /tmp: payloads get a private /tmp, so scratch must live elsewhere.
@@ -132,13 +149,12 @@ impl Stack {
             Command::new(bin("mupilot-server"))
                 .arg("init")
                 .arg(&vo)
-                .args(["--listen", &format!("127.0.0.1:{port}")]),
+                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .args(init_args),
         );
         let mut map = String::new();
-        for (user, account) in gridmap {
-            map.push_str(&format!(
-                "\"/DC=org/DC=mupilot-demo/CN={user}\" {account}\n"
-            ));
+        for (dn, account) in gridmap {
+            map.push_str(&format!("\"{dn}\" {account}\n"));
         }
         std::fs::write(vo.join("grid-mapfile"), map).unwrap();
         let switch_toml = std::fs::read_to_string(vo.join("switch.toml")).unwrap();
@@ -154,6 +170,7 @@ impl Stack {
         let work = vo.join("pilot-work");
         std::fs::create_dir_all(&work).unwrap();
         nix::unistd::chown(&work, Some(uid.into()), None).unwrap();
+        prepare(&vo);
 
         let mut stack = Stack {
             dir,
@@ -368,6 +385,16 @@ impl Stack {
             .expect("client runs")
     }
 
+    /// Runs `mupilot-server ARGS` as `user` with the connection arguments last, for nested
+    /// subcommands (`membership suspend DN ...`).
+    pub fn client_args(&self, user: &str, args: &[&str]) -> Output {
+        Command::new(bin("mupilot-server"))
+            .args(args)
+            .args(self.user_args(user))
+            .output()
+            .expect("client runs")
+    }
+
     /// Waits until the payload reaches `state` as its owner sees it.
     pub fn wait_state(
         &self,
@@ -480,7 +507,7 @@ pub fn wait_exit(stack: &Stack, p: &mut Proc, limit: Duration) -> std::process::
 }
 
 /// Adds a top-level `key = value` line to a TOML file, before its first table.
-fn add_top_level_key(p: &Path, line: &str) {
+pub fn add_top_level_key(p: &Path, line: &str) {
     let text = std::fs::read_to_string(p).unwrap();
     let (head, tail) = match text.find("\n[") {
         Some(i) => text.split_at(i + 1),

@@ -4,8 +4,10 @@
 //! a renewal. The pilot never sees a private key: only the CSR and the chain pass through it.
 //!
 //! A launch whose proxy the server will not issue ends `failed` with the server's reason
-//! (the helper never runs a payload with `credential` without its proxy); a renewal that
-//! fails is retried until the proxy expires, the payload running on meanwhile.
+//! (the helper never runs a payload with `credential` without its proxy), or is handed back
+//! to the queue when the server could not be reached at all; a renewal that
+//! fails is retried until the proxy expires, the payload running on meanwhile: every minute,
+//! or sooner when less is left, so a short proxy gets several tries before it expires.
 
 use std::fs::File;
 use std::time::Duration;
@@ -20,8 +22,10 @@ use crate::protocol::api::{PayloadState, StatusReport};
 use crate::protocol::delegation::{IssuedProxy, ProxyCsr};
 use crate::protocol::envelope::SignedEnvelope;
 
-/// How long after a failed renewal the pilot asks again.
+/// How long after a failed renewal the pilot asks again, at most ...
 const RENEW_RETRY: Duration = Duration::from_secs(60);
+/// ... and at least (a server that is down is not asked in a tight loop).
+const RENEW_RETRY_MIN: Duration = Duration::from_secs(5);
 
 /// The server's answer to a CSR, for the loop.
 pub(super) type Issued = (String, Result<IssuedProxy, ClientError>);
@@ -55,6 +59,17 @@ fn renew_at(now: DateTime<Utc>, not_after: DateTime<Utc>, margin: Duration) -> D
         .unwrap_or(chrono::Duration::MAX)
         .min(life / 2);
     not_after - margin
+}
+
+/// When to try again after a renewal failed at `now` for a proxy that expires at
+/// `not_after`: a quarter of what is left, between [`RENEW_RETRY_MIN`] and [`RENEW_RETRY`];
+/// `None` when that would be at or past the expiry. A fixed minute would give a proxy renewed
+/// at half of a short life (`worker_proxy_seconds` of a few minutes) no second try at all.
+fn retry_at(now: DateTime<Utc>, not_after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let left = (not_after - now).to_std().ok()?;
+    let wait = (left / 4).clamp(RENEW_RETRY_MIN, RENEW_RETRY);
+    let at = now + chrono::Duration::from_std(wait).ok()?;
+    (at < not_after).then_some(at)
 }
 
 impl<S: ServerApi, H: HelperApi> Agent<S, H> {
@@ -109,9 +124,20 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
                     Err(e) => self.on_helper_lost(&e.to_string()),
                 }
             }
+            // The server could not be reached (after the client's retries): the payload never
+            // reached the helper, so it goes back to the queue for a later match rather than
+            // failing for an outage. A refusal (expired delegation, owner no longer a member)
+            // is final.
+            (Phase::Launching, Err(e)) if e.is_transient() => {
+                let reason = format!(
+                    "handed back by pilot {}: the VO server could not be reached for the payload's proxy: {e}",
+                    self.cfg.pilot_id
+                );
+                self.proxy_launch_failed(&id, PayloadState::Queued, reason);
+            }
             (Phase::Launching, Err(e)) => {
                 let reason = format!("the VO server issued no proxy for the payload: {e}");
-                self.proxy_launch_failed(&id, reason);
+                self.proxy_launch_failed(&id, PayloadState::Failed, reason);
             }
             (Phase::Running, Ok(issued)) => {
                 if let Err(e) = self.helper.proxy_renewed(&id, &issued.chain_pem) {
@@ -155,13 +181,15 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
     fn renewal_failed(&mut self, id: &str) {
         if let Some(s) = self.payloads.get_mut(id).and_then(|p| p.proxy.as_mut()) {
             s.renewing = false;
-            let retry = Utc::now() + chrono::Duration::from_std(RENEW_RETRY).unwrap_or_default();
             // Not past the expiry: a proxy that expired cannot be renewed from the worker node.
-            if s.not_after.is_some_and(|t| retry < t) {
-                s.renew_at = Some(retry);
-            } else {
-                s.renew_at = None;
-                tracing::error!(payload_id = %id, "the payload's proxy expires before another renewal could be tried");
+            s.renew_at = s.not_after.and_then(|t| retry_at(Utc::now(), t));
+            match s.renew_at {
+                Some(at) => {
+                    tracing::info!(payload_id = %id, retry_at = %at.to_rfc3339(), "renewal of the payload's proxy will be tried again")
+                }
+                None => {
+                    tracing::error!(payload_id = %id, "the payload's proxy expires before another renewal could be tried")
+                }
             }
         }
     }
@@ -189,11 +217,16 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
         }
     }
 
-    /// The launch cannot get its proxy: it ends `failed`, never having reached the helper.
-    fn proxy_launch_failed(&mut self, id: &str, reason: String) {
+    /// The launch cannot get its proxy: it ends `failed`, or is handed back (`queued`), never
+    /// having reached the helper.
+    fn proxy_launch_failed(&mut self, id: &str, state: PayloadState, reason: String) {
         tracing::error!(payload_id = %id, %reason, "payload not launched");
         self.capacity.release(id);
-        self.summary.failed += 1;
+        if state == PayloadState::Queued {
+            self.summary.handed_back += 1;
+        } else {
+            self.summary.failed += 1;
+        }
         let pilot_id = self.cfg.pilot_id.clone();
         let Some(p) = self.payloads.get_mut(id) else {
             return;
@@ -202,11 +235,11 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
         p.proxy = None;
         p.record.decision = Some("not_launched");
         p.record.reason = Some(reason.clone());
-        p.record.state = Some("failed".into());
+        p.record.state = Some(state.as_str().into());
         p.reporter.send(ReportJob::Final {
             report: StatusReport {
                 pilot_id,
-                state: Some(PayloadState::Failed),
+                state: Some(state),
                 reason: Some(reason),
                 ..Default::default()
             },
@@ -230,5 +263,22 @@ mod tests {
             now + chrono::Duration::minutes(30)
         );
         assert_eq!(renew_at(now, now - h(1), m), now - h(1));
+    }
+
+    #[test]
+    fn a_failed_renewal_is_retried_before_the_proxy_expires() {
+        let now = Utc::now();
+        let s = chrono::Duration::seconds;
+        // A 12 h proxy renewed an hour before its end: every minute, as before.
+        assert_eq!(retry_at(now, now + s(3600)), Some(now + s(60)));
+        // The shortest worker proxy (60 s), renewed at half its life: a quarter of what is
+        // left, then never closer than 5 s apart, and never at or past the expiry.
+        assert_eq!(
+            retry_at(now, now + s(30)),
+            Some(now + chrono::Duration::milliseconds(7500))
+        );
+        assert_eq!(retry_at(now, now + s(8)), Some(now + s(5)));
+        assert_eq!(retry_at(now, now + s(5)), None);
+        assert_eq!(retry_at(now, now - s(1)), None);
     }
 }

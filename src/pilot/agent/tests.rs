@@ -76,6 +76,8 @@ struct FakeServer {
     csrs: Mutex<Vec<(String, String)>>,
     /// Proxies for these payloads are refused (403).
     refuse_proxy: Mutex<HashSet<String>>,
+    /// For these payloads the server cannot be reached when their proxy is asked for.
+    unreachable_proxy: Mutex<HashSet<String>>,
 }
 
 impl FakeServer {
@@ -156,6 +158,13 @@ impl ServerApi for FakeServer {
             .lock()
             .unwrap()
             .push((id.clone(), csr.csr_pem.clone()));
+        if self.unreachable_proxy.lock().unwrap().contains(&id) {
+            return Err(ClientError::Unreachable {
+                url: format!("https://127.0.0.1:1/v1/payloads/{id}/proxy"),
+                attempts: 5,
+                why: "connection refused".into(),
+            });
+        }
         if self.refuse_proxy.lock().unwrap().contains(&id) {
             return Err(ClientError::Refused {
                 url: format!("https://127.0.0.1:1/v1/payloads/{id}/proxy"),
@@ -1255,4 +1264,48 @@ async fn a_payload_whose_proxy_the_server_refuses_fails_without_a_launch() {
     let recs = trace_records(&h);
     let end = recs.iter().find(|r| r["event"] == "end").unwrap();
     assert_eq!(end["decision"], "not_launched");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_payload_whose_proxy_the_server_cannot_be_asked_for_is_handed_back() {
+    let key = VoSigningKey::generate();
+    let (h, fut) = start(
+        vec![delegated_work(&key, "d3")],
+        Duration::from_millis(100),
+        |_, _| {},
+        1,
+    );
+    h.server
+        .unreachable_proxy
+        .lock()
+        .unwrap()
+        .insert("d3".into());
+    let out = fut.await;
+    assert_eq!(
+        (out.summary.handed_back, out.summary.failed),
+        (1, 0),
+        "{:?}",
+        out.summary
+    );
+    assert!(
+        h.helper.launches.lock().unwrap().is_empty(),
+        "launched without its proxy"
+    );
+    // Back to the queue for a later match, not failed for an outage.
+    let f = h.server.final_report("d3");
+    assert_eq!(f.state, Some(PayloadState::Queued));
+    let reason = f.reason.unwrap();
+    assert!(
+        reason.contains("handed back") && reason.contains("could not be reached"),
+        "{reason}"
+    );
+    let recs = trace_records(&h);
+    let end = recs.iter().find(|r| r["event"] == "end").unwrap();
+    assert_eq!(
+        (&end["decision"], &end["state"]),
+        (
+            &serde_json::json!("not_launched"),
+            &serde_json::json!("queued")
+        )
+    );
 }

@@ -44,6 +44,7 @@ pub struct Signing {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxyHolder {
     pub state: String,
+    pub owner_dn: String,
     pub pilot_dn: Option<String>,
     pub delegation_id: Option<String>,
 }
@@ -221,19 +222,20 @@ impl Store {
         })
     }
 
-    /// The payload's state, holding pilot and delegation.
+    /// The payload's state, owner, holding pilot and delegation.
     pub fn proxy_holder(&self, id: &str) -> Result<ProxyHolder, StoreError> {
         self.conn(|c| {
             let mut r = c
                 .query_opt(
-                    "SELECT state, pilot_dn, delegation_id FROM payloads WHERE id = ?1",
+                    "SELECT state, owner_dn, pilot_dn, delegation_id FROM payloads WHERE id = ?1",
                     vals![id],
                 )?
                 .ok_or_else(|| StoreError::NotFound(id.into()))?;
             Ok(ProxyHolder {
                 state: r.text(0)?,
-                pilot_dn: r.opt_text(1)?,
-                delegation_id: r.opt_text(2)?,
+                owner_dn: r.text(1)?,
+                pilot_dn: r.opt_text(2)?,
+                delegation_id: r.opt_text(3)?,
             })
         })
     }

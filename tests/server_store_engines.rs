@@ -705,3 +705,49 @@ fn a_match_does_not_read_the_matched_history() {
         );
     }
 }
+
+/// A serving instance opens its whole pool before it answers anything (no connection, each a
+/// backend and a SCRAM exchange, is made inside a request), and keeps it; a one-shot command
+/// (`member`, `membership purge`) opens one connection.
+#[test]
+fn an_instance_opens_its_pool_at_start_and_a_command_one_connection() {
+    let cluster = PgCluster::start();
+    let env = Env::new(Some(&cluster));
+    let Database::Postgres(settings) = &env.db else {
+        unreachable!("a PostgreSQL environment")
+    };
+    let db = settings.dbname.clone();
+    let mut admin = cluster.admin(&db).unwrap();
+    let mut connections = || -> i64 {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND usename = $2",
+                &[&db, &pg_support::ROLE],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let serving = Store::open_with(&env.data, &env.db).unwrap();
+    assert_eq!(connections(), i64::from(settings.pool_size));
+    for _ in 0..50 {
+        serving.submit(&new_payload(), None, Utc::now()).unwrap();
+    }
+    assert_eq!(
+        connections(),
+        i64::from(settings.pool_size),
+        "kept, not grown"
+    );
+    drop(serving);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while connections() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool's connections closed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let command = Store::open_with(&env.data, &env.db.for_command()).unwrap();
+    assert_eq!(connections(), 1);
+    assert_eq!(command.engine(), Engine::Postgres);
+    drop(command);
+}

@@ -136,6 +136,20 @@ pub enum Database {
     Postgres(PgSettings),
 }
 
+impl Database {
+    /// The same database for a one-shot command (`member`, `membership purge`): one
+    /// connection, where a serving instance opens its whole pool at start.
+    pub fn for_command(&self) -> Database {
+        match self {
+            Database::Postgres(pg) => Database::Postgres(PgSettings {
+                pool_size: 1,
+                ..pg.clone()
+            }),
+            Database::Sqlite => Database::Sqlite,
+        }
+    }
+}
+
 /// Where the PostgreSQL database is and who the server is there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PgSettings {

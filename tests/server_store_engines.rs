@@ -609,3 +609,145 @@ fn connections_the_database_closed_are_replaced() {
         .unwrap()
         .is_some());
 }
+
+/// A match reads the head of the queue, not the table's history. The statistics are taken
+/// while every row is queued (as after a burst of submissions, when the bench and a busy VO
+/// match), then 2,000 payloads are matched; the plans of 20 further matches on one connection
+/// (the 6th and later run PostgreSQL's cached generic plan), logged by auto_explain with
+/// ANALYZE and BUFFERS, must touch a few pages and filter out no matched row. Without the
+/// partial index `payloads_queued` (migration V5) the generic plan walked payloads_pkey and
+/// filtered every matched row: 2,000 rows and 381 pages per match here.
+#[test]
+fn a_match_does_not_read_the_matched_history() {
+    let cluster = PgCluster::start();
+    let env = Env::new(Some(&cluster));
+    let Database::Postgres(settings) = &env.db else {
+        unreachable!("a PostgreSQL environment")
+    };
+    let db = settings.dbname.clone();
+    let s = env.open();
+    s.submit(&new_payload(), None, Utc::now()).unwrap();
+    let mut admin = cluster.admin(&db).unwrap();
+    let cols = "owner_dn, vo, state, argv, env, jobtag, cores, memory_bytes, walltime_seconds, \
+        outputs, bundle_sha256, submitted_at, updated_at";
+    admin
+        .batch_execute(&format!(
+            "INSERT INTO payloads (id, {cols})
+                SELECT 'p-history-' || i, {cols}
+                FROM generate_series(1, 2099) AS i, (SELECT * FROM payloads LIMIT 1) AS t;
+             ANALYZE payloads"
+        ))
+        .unwrap();
+    for i in 0..2000 {
+        assert!(
+            s.match_one("/CN=p", &mreq("p"), Utc::now())
+                .unwrap()
+                .is_some(),
+            "match {i}"
+        );
+    }
+    drop(s);
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {db} SET session_preload_libraries = 'auto_explain';
+             ALTER DATABASE {db} SET auto_explain.log_min_duration = 0;
+             ALTER DATABASE {db} SET auto_explain.log_analyze = on;
+             ALTER DATABASE {db} SET auto_explain.log_buffers = on;
+             ALTER DATABASE {db} SET auto_explain.log_format = 'json'"
+        ))
+        .unwrap();
+    let mut one = settings.clone();
+    one.pool_size = 1;
+    let s = Store::open_with(&env.data, &Database::Postgres(one)).unwrap();
+    for _ in 0..20 {
+        assert!(s
+            .match_one("/CN=p", &mreq("p"), Utc::now())
+            .unwrap()
+            .is_some());
+    }
+    drop(s);
+
+    // auto_explain's entries: "LOG:  duration: … ms  plan:" and the plan as JSON after it.
+    let log = cluster.log();
+    let plans: Vec<serde_json::Value> = log
+        .split("plan:")
+        .skip(1)
+        .filter_map(|rest| {
+            serde_json::Deserializer::from_str(rest)
+                .into_iter::<serde_json::Value>()
+                .next()?
+                .ok()
+        })
+        .filter(|p| {
+            p["Query Text"]
+                .as_str()
+                .is_some_and(|q| q.contains("WITH candidate AS"))
+        })
+        .collect();
+    assert_eq!(plans.len(), 20, "20 match plans logged; log:\n{log}");
+    fn most_filtered(node: &serde_json::Value) -> u64 {
+        let own = node["Rows Removed by Filter"].as_u64().unwrap_or(0);
+        node["Plans"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(most_filtered)
+            .fold(own, u64::max)
+    }
+    for p in &plans {
+        let plan = &p["Plan"];
+        let pages = plan["Shared Hit Blocks"].as_u64().unwrap()
+            + plan["Shared Read Blocks"].as_u64().unwrap();
+        let filtered = most_filtered(plan);
+        assert!(
+            pages <= 100 && filtered <= 20,
+            "a match read {pages} pages and filtered out {filtered} rows:\n{p:#}"
+        );
+    }
+}
+
+/// A serving instance opens its whole pool before it answers anything (no connection, each a
+/// backend and a SCRAM exchange, is made inside a request), and keeps it; a one-shot command
+/// (`member`, `membership purge`) opens one connection.
+#[test]
+fn an_instance_opens_its_pool_at_start_and_a_command_one_connection() {
+    let cluster = PgCluster::start();
+    let env = Env::new(Some(&cluster));
+    let Database::Postgres(settings) = &env.db else {
+        unreachable!("a PostgreSQL environment")
+    };
+    let db = settings.dbname.clone();
+    let mut admin = cluster.admin(&db).unwrap();
+    let mut connections = || -> i64 {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND usename = $2",
+                &[&db, &pg_support::ROLE],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let serving = Store::open_with(&env.data, &env.db).unwrap();
+    assert_eq!(connections(), i64::from(settings.pool_size));
+    for _ in 0..50 {
+        serving.submit(&new_payload(), None, Utc::now()).unwrap();
+    }
+    assert_eq!(
+        connections(),
+        i64::from(settings.pool_size),
+        "kept, not grown"
+    );
+    drop(serving);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while connections() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool's connections closed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let command = Store::open_with(&env.data, &env.db.for_command()).unwrap();
+    assert_eq!(connections(), 1);
+    assert_eq!(command.engine(), Engine::Postgres);
+    drop(command);
+}

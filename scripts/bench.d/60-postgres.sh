@@ -1,7 +1,8 @@
 # Section 5 of scripts/bench.sh (sourced; alone with `scripts/bench.sh --postgres-only`):
 # matches per second and match latency (client-side, p50/p99) with 100,000 queued payloads,
 # for 1 SQLite instance and for 1 and 3 PostgreSQL instances on one database (a private
-# cluster started here as the postgres account, defaults: fsync on, synchronous_commit on).
+# cluster started here as the postgres account, defaults: fsync on, synchronous_commit on),
+# and, for comparison only, 1 instance with synchronous_commit off (what the WAL flush costs).
 # 16 pilots match at once over mTLS keep-alive connections (spread over the instances).
 # The queue is filled with one real submission over HTTPS copied in SQL to 100,000 rows
 # (100,000 fsynced HTTPS submissions would take minutes and measure submission instead).
@@ -110,6 +111,12 @@ for i in 1 2; do
 done
 measure postgresql_3 "$WORK/pgvo" "${PG_URLS[@]}"
 for p in "${PG_INSTANCE_PIDS[@]}"; do stop_pid "$p"; done
+# For comparison only, never a VO's setting: the same single instance without waiting for the
+# WAL flush at commit (docs/vo-operator.md "Tuning": a crash could then hand a payload out twice).
+psql_admin -d mupilot -c "ALTER DATABASE mupilot SET synchronous_commit = off" >/dev/null
+start_instance "$WORK/pgvo" pg-async
+measure postgresql_1_async "$WORK/pgvo" "$INSTANCE_URL"
+stop_pid "$INSTANCE_PID"
 # SIGINT: PostgreSQL's fast shutdown.
 kill -INT "$PG_PID" 2>/dev/null || true
 wait_for "! kill -0 $PG_PID" 30 || stop_pid "$PG_PID"
@@ -122,6 +129,7 @@ echo "|---|---:|---:|---:|---:|---:|---:|"
 echo "| SQLite (synchronous=FULL) | 1 | $PG_PILOTS | $PG_MATCHES | ${PG_RATE[sqlite_1]} | ${PG_P50[sqlite_1]} | ${PG_P99[sqlite_1]} |"
 echo "| PostgreSQL $("$PGBIN/postgres" --version | awk '{ print $3 }') (fsync, synchronous_commit on) | 1 | $PG_PILOTS | $PG_MATCHES | ${PG_RATE[postgresql_1]} | ${PG_P50[postgresql_1]} | ${PG_P99[postgresql_1]} |"
 echo "| PostgreSQL, one database | 3 | $PG_PILOTS | $PG_MATCHES | ${PG_RATE[postgresql_3]} | ${PG_P50[postgresql_3]} | ${PG_P99[postgresql_3]} |"
+echo "| PostgreSQL, synchronous_commit off (comparison only: not durable) | 1 | $PG_PILOTS | $PG_MATCHES | ${PG_RATE[postgresql_1_async]} | ${PG_P50[postgresql_1_async]} | ${PG_P99[postgresql_1_async]} |"
 echo
 echo "Target: match p99 < 20 ms. Latency is the client's (mTLS request on a warm keep-alive" \
     "connection, answer with the signed envelope); all instances, the database and the pilots" \

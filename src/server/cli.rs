@@ -550,7 +550,7 @@ fn member(cmd: MemberCmd) -> i32 {
             return EXIT_USAGE;
         }
     };
-    let store = match Store::open_with(&cfg.data_dir, &cfg.database) {
+    let store = match Store::open_with(&cfg.data_dir, &cfg.database.for_command()) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("mupilot-server member: {e}");

@@ -525,13 +525,14 @@ fn purge(config: &std::path::Path) -> i32 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let store = match crate::server::store::Store::open_with(&cfg.data_dir, &cfg.database) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("mupilot-server membership purge: {e}");
-            return EXIT_RUNTIME;
-        }
-    };
+    let store =
+        match crate::server::store::Store::open_with(&cfg.data_dir, &cfg.database.for_command()) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("mupilot-server membership purge: {e}");
+                return EXIT_RUNTIME;
+            }
+        };
     let reg = super::Registry::new(&cfg.membership);
     let actor = format!(
         "mupilot-server membership purge (uid {})",

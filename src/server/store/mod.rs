@@ -69,7 +69,7 @@ pub enum StoreError {
     Db(#[from] rusqlite::Error),
     #[error("PostgreSQL error: {}", pg_detail(.0))]
     Pg(#[from] postgres::Error),
-    #[error("cannot connect to PostgreSQL at {target}: {source}; check [database] in server.toml (host, port, dbname, user, password_file) and that the server is running")]
+    #[error("cannot connect to PostgreSQL at {target}: {source}; check [database] in server.toml (host, port, dbname, user, password_file), that the server is running and that its max_connections leaves room for pool_size connections per instance")]
     PgConnect { target: String, source: r2d2::Error },
     #[error("cannot read the database password file {path}: {why}")]
     PasswordFile { path: PathBuf, why: String },
@@ -136,6 +136,20 @@ pub enum Database {
     Postgres(PgSettings),
 }
 
+impl Database {
+    /// The same database for a one-shot command (`member`, `membership purge`): one
+    /// connection, where a serving instance opens its whole pool at start.
+    pub fn for_command(&self) -> Database {
+        match self {
+            Database::Postgres(pg) => Database::Postgres(PgSettings {
+                pool_size: 1,
+                ..pg.clone()
+            }),
+            Database::Sqlite => Database::Sqlite,
+        }
+    }
+}
+
 /// Where the PostgreSQL database is and who the server is there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PgSettings {
@@ -146,7 +160,8 @@ pub struct PgSettings {
     pub user: String,
     /// A file holding the password (first line); None for peer or trust authentication.
     pub password_file: Option<PathBuf>,
-    /// Connections this instance keeps open at most.
+    /// Connections this instance opens at start and keeps open (PostgreSQL's max_connections
+    /// must leave room for pool_size per instance).
     pub pool_size: u32,
 }
 
@@ -464,9 +479,17 @@ fn open_postgres(pg: &PgSettings) -> Result<r2d2::Pool<PgManager>, StoreError> {
     if let Some(f) = &pg.password_file {
         config.password(read_password(f)?);
     }
+    let size = pg.pool_size.max(1);
     let pool = r2d2::Pool::builder()
-        .max_size(pg.pool_size.max(1))
-        .min_idle(Some(1))
+        // A fixed pool, opened here (build() waits for it): a connection costs a backend
+        // process and a SCRAM exchange, 20 ms on a loaded host, which a pool that grows on
+        // demand charges to the first requests of a burst, and one that shrinks when idle (or
+        // renews every connection on a timer, all at once) charges again later. A connection
+        // that breaks is dropped (PgManager::has_broken) and replaced in the background.
+        .max_size(size)
+        .min_idle(Some(size))
+        .idle_timeout(None)
+        .max_lifetime(None)
         // No test query before each use (a round trip per store call, as much as a match
         // itself): a connection PostgreSQL closed fails its next statement, which is
         // answered as an error once, and r2d2 then drops it (PgManager::has_broken).

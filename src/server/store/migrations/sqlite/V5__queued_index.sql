@@ -1,0 +1,5 @@
+-- Nothing to change on SQLite: its planner takes payloads_queue (state, seq) for the match
+-- (`SEARCH p USING INDEX payloads_queue (state=?)`, in seq order), which reads only queued
+-- rows; a partial index would be one more index to write per submission and match, unused.
+-- This file keeps the one version sequence with postgres/V5__queued_index.sql, which adds the
+-- partial index PostgreSQL needs to plan the same walk.

@@ -248,3 +248,116 @@ fn retention_deletes_bundle_and_outputs_and_status_says_when() {
     assert!(line.contains("\tdone"), "{}", text(&out));
     assert!(line.contains("files=deleted 20"), "{}", text(&out));
 }
+
+/// Runs SQL on the demo's database, SQLite or (MUPILOT_TEST_ENGINE=postgresql) PostgreSQL:
+/// how the test ages rows (the server writes its own clock's times).
+fn sql(demo: &Demo, stmt: &str) {
+    let cfg = mupilot::server::config::ServerConfig::load(&demo.config()).unwrap();
+    match (&demo.pg, &cfg.database) {
+        (Some(pg), mupilot::server::store::Database::Postgres(s)) => {
+            pg.admin(&s.dbname).unwrap().batch_execute(stmt).unwrap();
+        }
+        _ => rusqlite::Connection::open(cfg.data_dir.join("mupilot.db"))
+            .unwrap()
+            .execute_batch(stmt)
+            .unwrap(),
+    }
+}
+
+/// Record retention through the real server: a finished payload whose record is older than
+/// `record_retention_days` is deleted by `serve`'s periodic job at start, another by
+/// `membership purge`; a queued payload as old, and a finished one within the period, stay.
+#[test]
+fn records_past_record_retention_days_are_deleted_and_the_rest_stay() {
+    let demo = Demo::new();
+    let cfg = demo.config();
+    let text_cfg = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text_cfg.replace("retention_seconds = 2592000\n", "retention_seconds = 1\n"),
+    )
+    .unwrap();
+    let rt = rt();
+    let alice = demo.client("alice");
+    let (old, cli_old, recent, queued) = {
+        let srv = demo.serve();
+        let old = run_one(&demo, &srv, &rt);
+        let cli_old = run_one(&demo, &srv, &rt);
+        let recent = run_one(&demo, &srv, &rt);
+        let queued: String = rt.block_on(async {
+            let body = serde_json::json!({
+                "argv": ["/bin/true"],
+                "resources": {"cores": 64, "memory_bytes": 64 << 20, "walltime_seconds": 60},
+            });
+            let r = alice
+                .post(srv.url("/v1/payloads"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            r.json::<serde_json::Value>().await.unwrap()["payload_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        });
+        // Records go only once their files are gone: wait for the file retention.
+        let outputs = demo.path("server-data").join("outputs");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while [&old, &cli_old, &recent]
+            .iter()
+            .any(|id| outputs.join(format!("{id}.tar.gz")).exists())
+        {
+            assert!(Instant::now() < deadline, "files not deleted");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        (old, cli_old, recent, queued)
+    };
+    // 181 days ago, past the default 180.
+    let aged = mupilot::server::store::ts_text(chrono::Utc::now() - chrono::Duration::days(181));
+    sql(
+        &demo,
+        &format!(
+            "UPDATE payloads SET updated_at = '{aged}', submitted_at = '{aged}'
+             WHERE id IN ('{old}', '{queued}')"
+        ),
+    );
+    let srv = demo.serve();
+    let status = |id: &str| -> u16 {
+        rt.block_on(async {
+            alice
+                .get(srv.url(&format!("/v1/payloads/{id}")))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while status(&old) != 404 {
+        assert!(
+            Instant::now() < deadline,
+            "serve did not delete {old}'s record"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for kept in [&cli_old, &recent, &queued] {
+        assert_eq!(status(kept), 200, "{kept}");
+    }
+    sql(
+        &demo,
+        &format!("UPDATE payloads SET updated_at = '{aged}' WHERE id = '{cli_old}'"),
+    );
+    let out = demo.run(&["membership", "purge", "--config", cfg.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("deleted the records of 1 payloads finished more than 180 days ago"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(status(&cli_old), 404);
+    for kept in [&recent, &queued] {
+        assert_eq!(status(kept), 200, "{kept}");
+    }
+}

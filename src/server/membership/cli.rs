@@ -193,7 +193,7 @@ pub(crate) struct RegistrationArgs {
 }
 
 impl RegistrationArgs {
-    fn parts(&self) -> Result<(Registration, AupAcceptance), ClientError> {
+    pub(crate) fn parts(&self) -> Result<(Registration, AupAcceptance), ClientError> {
         let responsible = match &self.responsible {
             None => None,
             Some(r) => {
@@ -537,11 +537,24 @@ fn purge(config: &std::path::Path) -> i32 {
         "mupilot-server membership purge (uid {})",
         nix::unistd::getuid()
     );
-    match reg.purge(&store, &actor, chrono::Utc::now()) {
-        Ok(n) => {
+    let now = chrono::Utc::now();
+    let days = cfg.membership.retention_days;
+    match reg.purge(&store, &actor, now) {
+        Ok(n) => println!(
+            "purged the registry data of {} memberships that ended more than {days} days ago, {} requests decided and {} notifications written before then",
+            n.members, n.requests, n.notifications
+        ),
+        Err(e) => {
+            eprintln!("mupilot-server membership purge: {e}");
+            return EXIT_RUNTIME;
+        }
+    }
+    let keep = cfg.record_retention_days;
+    match store.expire_records(now - chrono::Duration::days(i64::from(keep))) {
+        Ok(r) => {
             println!(
-                "purged the registry data of {n} memberships that ended more than {} days ago",
-                cfg.membership.retention_days
+                "deleted the records of {} payloads finished more than {keep} days ago ({} commands, {} information requests) and {} records of proxies expired before then",
+                r.payloads, r.commands, r.information, r.proxy_signings
             );
             EXIT_OK
         }

@@ -136,13 +136,15 @@ async fn only_pilot_dns_may_match_and_only_members_submit() {
         .await
         .unwrap();
     assert!(m.work.is_none(), "suspended member's payload was matched");
-    // Registered again: a new payload is matched.
+    // Reinstated: a new payload is matched.
     let out = demo.run(&[
         "member",
-        "add",
+        "reinstate",
         "--config",
         cfg.to_str().unwrap(),
         &dn("bob"),
+        "--verification",
+        "cleared by the security officer",
     ]);
     assert!(out.status.success(), "{}", server_support::text(&out));
     let again = submit(&bob, &srv.url("/v1/payloads"), &submit_req(&["/bin/true"])).await;

@@ -143,14 +143,34 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum MemberCmd {
-    /// Register a DN (or register it again after suspension or removal) for 12 months.
+    /// Register a DN by hand (or again after its removal) for 12 months: its registration
+    /// data and the AUP versions it accepted, recorded as a membership request the operator
+    /// approved, saying what was verified.
     Add {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
         dn: String,
+        /// person, host, service or robot.
+        #[arg(long, default_value = "person")]
+        kind: String,
+        #[command(flatten)]
+        data: Box<super::membership::cli::RegistrationArgs>,
+        /// The checks made and people consulted, e.g. "identity checked in person; institute
+        /// representative consulted".
+        #[arg(long, required = true)]
+        verification: String,
         /// FQAN (repeatable); default "/<vo>".
         #[arg(long = "fqan")]
         fqans: Vec<String>,
+    },
+    /// Reinstate a suspended member; those who asked for the suspension are notified.
+    Reinstate {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        dn: String,
+        /// The checks made and people consulted before reinstating.
+        #[arg(long, required = true)]
+        verification: String,
     },
     /// List the registry.
     List {
@@ -538,6 +558,7 @@ fn serve(config: &std::path::Path) -> i32 {
 fn member(cmd: MemberCmd) -> i32 {
     let config = match &cmd {
         MemberCmd::Add { config, .. }
+        | MemberCmd::Reinstate { config, .. }
         | MemberCmd::List { config, .. }
         | MemberCmd::Suspend { config, .. }
         | MemberCmd::Remove { config, .. }
@@ -562,16 +583,31 @@ fn member(cmd: MemberCmd) -> i32 {
     // The server's own account on the server's host: the registry's operator of last resort.
     let actor = format!("mupilot-server member (uid {})", nix::unistd::getuid());
     let result = match cmd {
-        MemberCmd::Add { dn, fqans, .. } => {
-            let fqans = if fqans.is_empty() {
-                vec![format!("/{}", cfg.vo)]
-            } else {
-                fqans
-            };
-            store
-                .add_member(&dn, &cfg.vo, &fqans, now)
-                .and_then(|m| local_record(&registry, "add", &actor, &m).map(|()| vec![m]))
-        }
+        MemberCmd::Add {
+            dn,
+            kind,
+            data,
+            verification,
+            fqans,
+            ..
+        } => match add_request(&registry, &dn, &kind, &data, fqans) {
+            Ok(r) => local_add(&store, &registry, &actor, &r, &verification),
+            Err(why) => {
+                eprintln!("mupilot-server member add: {why}");
+                return EXIT_USAGE;
+            }
+        },
+        MemberCmd::Reinstate {
+            dn, verification, ..
+        } => local_change(
+            &store,
+            &registry,
+            &actor,
+            RequestKind::Reinstatement,
+            &dn,
+            "reinstated with `mupilot-server member reinstate` on the server",
+            &verification,
+        ),
         MemberCmd::List { json, .. } => match store.members() {
             Ok(list) if json => {
                 println!(
@@ -592,6 +628,7 @@ fn member(cmd: MemberCmd) -> i32 {
             RequestKind::Suspension,
             &dn,
             "suspended with `mupilot-server member suspend` on the server",
+            OPERATOR_VERIFICATION,
         ),
         MemberCmd::Remove { dn, .. } => local_change(
             &store,
@@ -600,6 +637,7 @@ fn member(cmd: MemberCmd) -> i32 {
             RequestKind::Removal,
             &dn,
             "removed with `mupilot-server member remove` on the server",
+            OPERATOR_VERIFICATION,
         ),
         MemberCmd::Renew { dn, .. } => store
             .renew_member(&dn, now)
@@ -645,7 +683,77 @@ fn local_record(
     registry.record(&rec)
 }
 
-/// A suspension or removal made with `member suspend|remove` on the server's host.
+/// The verification step of a suspension or removal made on the server's host: the
+/// operator acts on the VO's behalf with the server's own account.
+const OPERATOR_VERIFICATION: &str = "VO operator on the server's host";
+
+/// The registration `member add` asks for, checked as a member's own `register` is.
+fn add_request(
+    registry: &super::membership::Registry,
+    dn: &str,
+    kind: &str,
+    data: &super::membership::cli::RegistrationArgs,
+    fqans: Vec<String>,
+) -> Result<super::store::NewRegistration, String> {
+    use super::membership::types::{EntityKind, RegisterRequest};
+    let kind = EntityKind::parse(kind)
+        .ok_or_else(|| format!("--kind {kind:?}: must be person, host, service or robot"))?;
+    let (registration, accept) = data.parts().map_err(|e| e.to_string())?;
+    let req = RegisterRequest {
+        kind,
+        registration,
+        accept,
+        fqans,
+    };
+    registry.new_registration(dn, req).map_err(|e| {
+        // Name the flag the field came from.
+        let flag = e
+            .field
+            .trim_start_matches("registration.person.")
+            .replace("registration.responsible", "responsible")
+            .replace("accept.grid_aup", "accept_grid_aup")
+            .replace("accept.vo_aup", "accept_vo_aup")
+            .replace('_', "-");
+        format!("--{flag}: {}", e.why)
+    })
+}
+
+/// `member add`: the registration and its approval by the operator, two request records
+/// as a member's own registration and a manager's approval make them, each in the audit log.
+/// A DN already in the registry is refused (a suspended one is reinstated with `member
+/// reinstate`, an active one renewed); a removed one registers anew.
+fn local_add(
+    store: &Store,
+    registry: &super::membership::Registry,
+    actor: &str,
+    r: &super::store::NewRegistration,
+    verification: &str,
+) -> Result<Vec<super::store::Member>, super::store::StoreError> {
+    super::membership::types::check_text(
+        "--verification",
+        verification,
+        super::membership::types::MAX_NOTE,
+    )
+    .map_err(|e| super::store::StoreError::Invalid(e.to_string()))?;
+    if let Some(m) = store.member(&r.dn)? {
+        if m.status == super::store::MemberStatus::Suspended {
+            return Err(super::store::StoreError::Conflict(format!(
+                "{} is suspended; reinstate it with `mupilot-server member reinstate --verification TEXT` (those who asked for the suspension are notified)",
+                r.dn
+            )));
+        }
+    }
+    let now = chrono::Utc::now();
+    let filed = store.register(r, now)?;
+    registry.record_request(store, "register", actor, &filed, None)?;
+    let (req, effect) = store.decide(&filed.id, actor, true, verification, None, now)?;
+    registry.record_request(store, "approve", actor, &req, Some(&effect))?;
+    println!("request {} approved by {actor}: {verification}", req.id);
+    Ok(effect.member.into_iter().collect())
+}
+
+/// A suspension, removal or reinstatement made with `member suspend|remove|reinstate` on
+/// the server's host.
 fn local_change(
     store: &Store,
     registry: &super::membership::Registry,
@@ -653,6 +761,7 @@ fn local_change(
     kind: RequestKind,
     dn: &str,
     reason: &str,
+    verification: &str,
 ) -> Result<Vec<super::store::Member>, super::store::StoreError> {
     let filed = super::store::FiledRequest {
         kind,
@@ -660,16 +769,11 @@ fn local_change(
         requester_dn: actor.to_string(),
         details: serde_json::json!({ "reason": reason, "requester_role": "vo_operator" }),
     };
-    let (req, effect) = store.file_and_decide(
-        &filed,
-        actor,
-        "VO operator on the server's host",
-        chrono::Utc::now(),
-    )?;
-    let action = if kind == RequestKind::Suspension {
-        "suspend"
-    } else {
-        "remove"
+    let (req, effect) = store.file_and_decide(&filed, actor, verification, chrono::Utc::now())?;
+    let action = match kind {
+        RequestKind::Suspension => "suspend",
+        RequestKind::Reinstatement => "reinstate",
+        _ => "remove",
     };
     registry.record_request(store, action, actor, &req, Some(&effect))?;
     for id in &effect.cancelled {

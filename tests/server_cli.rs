@@ -7,7 +7,7 @@ mod server_support;
 use std::os::unix::fs::PermissionsExt;
 
 use mupilot::protocol::api::{MatchRequest, MatchResponse, PayloadState, StatusReport};
-use server_support::{dn, text, Demo};
+use server_support::{dn, tar_gz, text, Demo};
 
 #[test]
 fn init_writes_a_loadable_demo_vo() {
@@ -282,17 +282,6 @@ fn member_subcommands_edit_the_registry() {
         !audit.contains("dave@example.edu"),
         "no personal data in the audit log: {audit}"
     );
-}
-
-fn tar_gz(name: &str, content: &[u8]) -> Vec<u8> {
-    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    let mut t = tar::Builder::new(gz);
-    let mut h = tar::Header::new_gnu();
-    h.set_size(content.len() as u64);
-    h.set_mode(0o644);
-    h.set_cksum();
-    t.append_data(&mut h, name, content).unwrap();
-    t.into_inner().unwrap().finish().unwrap()
 }
 
 /// Plays the pilot: match one payload, report `final_state`, upload an archive.

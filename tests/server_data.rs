@@ -96,6 +96,35 @@ fn run_one(demo: &Demo, srv: &Server, rt: &tokio::runtime::Runtime) -> String {
     })
 }
 
+/// Alice submits a payload no pilot of these tests fits (64 cores): it stays queued.
+fn submit_unmatchable(
+    demo: &Demo,
+    srv: &Server,
+    rt: &tokio::runtime::Runtime,
+    bundle: Option<&[u8]>,
+) -> String {
+    let mut body = serde_json::json!({
+        "argv": ["/bin/true"],
+        "resources": {"cores": 64, "memory_bytes": 64 << 20, "walltime_seconds": 60},
+    });
+    if let Some(b) = bundle {
+        body["bundle"] = base64::engine::general_purpose::STANDARD.encode(b).into();
+    }
+    let alice = demo.client("alice");
+    rt.block_on(async {
+        let r = alice
+            .post(srv.url("/v1/payloads"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        r.json::<serde_json::Value>().await.unwrap()["payload_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    })
+}
+
 #[test]
 fn files_are_private_under_umask_000() {
     let demo = Demo::new();
@@ -174,23 +203,7 @@ fn retention_deletes_bundle_and_outputs_and_status_says_when() {
     let output = data.join("outputs").join(format!("{id}.tar.gz"));
     // A payload still queued keeps its bundle.
     let alice = demo.client("alice");
-    let queued: String = rt.block_on(async {
-        let body = serde_json::json!({
-            "argv": ["/bin/true"],
-            "resources": {"cores": 64, "memory_bytes": 64 << 20, "walltime_seconds": 60},
-            "bundle": base64::engine::general_purpose::STANDARD.encode(b"queued input"),
-        });
-        let r = alice
-            .post(srv.url("/v1/payloads"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        r.json::<serde_json::Value>().await.unwrap()["payload_id"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    });
+    let queued = submit_unmatchable(&demo, &srv, &rt, Some(b"queued input"));
     let view = |id: &str| -> PayloadView {
         rt.block_on(async {
             alice
@@ -249,21 +262,6 @@ fn retention_deletes_bundle_and_outputs_and_status_says_when() {
     assert!(line.contains("files=deleted 20"), "{}", text(&out));
 }
 
-/// Runs SQL on the demo's database, SQLite or (MUPILOT_TEST_ENGINE=postgresql) PostgreSQL:
-/// how the test ages rows (the server writes its own clock's times).
-fn sql(demo: &Demo, stmt: &str) {
-    let cfg = mupilot::server::config::ServerConfig::load(&demo.config()).unwrap();
-    match (&demo.pg, &cfg.database) {
-        (Some(pg), mupilot::server::store::Database::Postgres(s)) => {
-            pg.admin(&s.dbname).unwrap().batch_execute(stmt).unwrap();
-        }
-        _ => rusqlite::Connection::open(cfg.data_dir.join("mupilot.db"))
-            .unwrap()
-            .execute_batch(stmt)
-            .unwrap(),
-    }
-}
-
 /// Record retention through the real server: a finished payload whose record is older than
 /// `record_retention_days` is deleted by `serve`'s periodic job at start, another by
 /// `membership purge`; a queued payload as old, and a finished one within the period, stay.
@@ -284,22 +282,7 @@ fn records_past_record_retention_days_are_deleted_and_the_rest_stay() {
         let old = run_one(&demo, &srv, &rt);
         let cli_old = run_one(&demo, &srv, &rt);
         let recent = run_one(&demo, &srv, &rt);
-        let queued: String = rt.block_on(async {
-            let body = serde_json::json!({
-                "argv": ["/bin/true"],
-                "resources": {"cores": 64, "memory_bytes": 64 << 20, "walltime_seconds": 60},
-            });
-            let r = alice
-                .post(srv.url("/v1/payloads"))
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            r.json::<serde_json::Value>().await.unwrap()["payload_id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        });
+        let queued = submit_unmatchable(&demo, &srv, &rt, None);
         // Records go only once their files are gone: wait for the file retention.
         let outputs = demo.path("server-data").join("outputs");
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -314,13 +297,10 @@ fn records_past_record_retention_days_are_deleted_and_the_rest_stay() {
     };
     // 181 days ago, past the default 180.
     let aged = mupilot::server::store::ts_text(chrono::Utc::now() - chrono::Duration::days(181));
-    sql(
-        &demo,
-        &format!(
-            "UPDATE payloads SET updated_at = '{aged}', submitted_at = '{aged}'
-             WHERE id IN ('{old}', '{queued}')"
-        ),
-    );
+    demo.sql(&format!(
+        "UPDATE payloads SET updated_at = '{aged}', submitted_at = '{aged}'
+         WHERE id IN ('{old}', '{queued}')"
+    ));
     let srv = demo.serve();
     let status = |id: &str| -> u16 {
         rt.block_on(async {
@@ -344,10 +324,9 @@ fn records_past_record_retention_days_are_deleted_and_the_rest_stay() {
     for kept in [&cli_old, &recent, &queued] {
         assert_eq!(status(kept), 200, "{kept}");
     }
-    sql(
-        &demo,
-        &format!("UPDATE payloads SET updated_at = '{aged}' WHERE id = '{cli_old}'"),
-    );
+    demo.sql(&format!(
+        "UPDATE payloads SET updated_at = '{aged}' WHERE id = '{cli_old}'"
+    ));
     let out = demo.run(&["membership", "purge", "--config", cfg.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(

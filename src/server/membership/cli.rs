@@ -76,23 +76,12 @@ pub(crate) enum MembershipCmd {
     /// Approve a request (VO managers), saying what was verified.
     Approve {
         #[command(flatten)]
-        conn: ConnArgs,
-        id: String,
-        /// The checks made and people consulted, e.g. "institute representative consulted".
-        #[arg(long, required = true)]
-        verification: String,
-        #[arg(long)]
-        note: Option<String>,
+        decision: DecisionArgs,
     },
     /// Reject a request (VO managers), saying what was verified.
     Reject {
         #[command(flatten)]
-        conn: ConnArgs,
-        id: String,
-        #[arg(long, required = true)]
-        verification: String,
-        #[arg(long)]
-        note: Option<String>,
+        decision: DecisionArgs,
     },
     /// Ask for a member's suspension (Grid security officer, Grid operations).
     RequestSuspension {
@@ -164,6 +153,34 @@ pub(crate) enum MembershipCmd {
         #[arg(long)]
         verify: bool,
     },
+}
+
+/// A manager's decision on a request: `approve` and `reject`.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct DecisionArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    id: String,
+    /// The checks made and people consulted, e.g. "institute representative consulted".
+    #[arg(long, required = true)]
+    verification: String,
+    #[arg(long)]
+    note: Option<String>,
+}
+
+impl DecisionArgs {
+    /// Posts the decision (`approve` or `reject`) and prints what it did.
+    async fn post(self, outcome: &str) -> Result<(), ClientError> {
+        let path = format!(
+            "/v1/membership/requests/{}/{outcome}",
+            path_segment(&self.id)?
+        );
+        let body = Decision {
+            verification: self.verification,
+            note: self.note,
+        };
+        post_change(&self.conn, &path, &body).await
+    }
 }
 
 /// The registration data flags of `register` and `renew`.
@@ -420,24 +437,8 @@ async fn client(cmd: MembershipCmd) -> Result<i32, ClientError> {
             let list: Vec<RequestView> = conn.client()?.get_json(&path).await?;
             print_list(&list, json, request_line);
         }
-        MembershipCmd::Approve {
-            conn,
-            id,
-            verification,
-            note,
-        } => {
-            let path = format!("/v1/membership/requests/{}/approve", path_segment(&id)?);
-            post_change(&conn, &path, &Decision { verification, note }).await?;
-        }
-        MembershipCmd::Reject {
-            conn,
-            id,
-            verification,
-            note,
-        } => {
-            let path = format!("/v1/membership/requests/{}/reject", path_segment(&id)?);
-            post_change(&conn, &path, &Decision { verification, note }).await?;
-        }
+        MembershipCmd::Approve { decision } => decision.post("approve").await?,
+        MembershipCmd::Reject { decision } => decision.post("reject").await?,
         MembershipCmd::Suspend {
             conn,
             dn,

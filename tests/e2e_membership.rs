@@ -5,10 +5,9 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{bin, processes_of, Accounts, Stack, SERIAL};
+use support::{processes_of, Accounts, Stack, SERIAL};
 
 const DC: &str = "/DC=org/DC=mupilot-demo/CN=";
 
@@ -47,26 +46,17 @@ fn suspension_cancels_a_running_payload_through_the_helper() {
         "the payload runs as mpt-ms-a"
     );
 
-    let vo = &stack.vo;
-    let out = Command::new(bin("mupilot-server"))
-        .args(["membership", "suspend", &format!("{DC}alice")])
-        .args([
+    let out = stack.client_in(
+        "bob",
+        &["membership", "suspend"],
+        &[
+            &format!("{DC}alice"),
             "--reason",
             "compromised credential reported by Grid security",
-        ])
-        .args([
             "--verification",
             "evidence reviewed with the security officer",
-        ])
-        .args(["--server", &stack.url()])
-        .arg("--cert")
-        .arg(vo.join("bob.crt"))
-        .arg("--key")
-        .arg(vo.join("bob.key"))
-        .arg("--ca")
-        .arg(vo.join("certificates"))
-        .output()
-        .unwrap();
+        ],
+    );
     assert!(
         out.status.success(),
         "{}\n{}",
@@ -92,15 +82,10 @@ fn suspension_cancels_a_running_payload_through_the_helper() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // The helper authorized the cancel as an operator command from the manager.
-    let audit = Stack::records(&stack.audit_log());
     assert!(
-        audit.iter().any(|r| r["payload_id"] == id.as_str()
-            && r["decision"] == "permit"
-            && r["reason"]
-                .as_str()
-                .unwrap_or("")
-                .contains("operator command")),
-        "no operator command record for {id}: {audit:#?}"
+        stack.helper_permitted(&id, "operator command"),
+        "no operator command record for {id}: {:#?}",
+        Stack::records(&stack.audit_log())
     );
     // A suspended member submits nothing more.
     let out = stack.client("alice", "submit", &["--", "/bin/true"]);

@@ -7,25 +7,12 @@ mod server_support;
 use std::sync::Arc;
 use std::time::Instant;
 
-use mupilot::protocol::api::{MatchResponse, SubmitRequest};
-use mupilot::protocol::Resources;
-use server_support::{match_req_8, Demo};
+use mupilot::protocol::api::MatchResponse;
+use server_support::{match_req_8, small_job, Demo};
 
 async fn fill(demo: &Demo, url: &str, n: usize) {
     let alice = demo.client("alice");
-    let sub = SubmitRequest {
-        argv: vec!["/bin/true".into()],
-        env: Default::default(),
-        jobtag: None,
-        resources: Resources {
-            cores: 1,
-            memory_bytes: 64 << 20,
-            walltime_seconds: 60,
-        },
-        outputs: vec![],
-        bundle: None,
-        delegation: None,
-    };
+    let sub = small_job(&["/bin/true"], None);
     let sem = Arc::new(tokio::sync::Semaphore::new(16));
     let mut tasks = Vec::new();
     for _ in 0..n {

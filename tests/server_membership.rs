@@ -11,11 +11,9 @@ use std::path::Path;
 
 use mupilot::protocol::api::{
     MatchResponse, OperatorCommand, PayloadState, PayloadView, StatusAck, StatusReport,
-    SubmitRequest,
 };
-use mupilot::protocol::Resources;
 use serde_json::{json, Value};
-use server_support::{dn, match_req, text, Demo, Server};
+use server_support::{dn, match_req, small_job, text, Demo, Server};
 
 /// Drops carol's `[[member]]` seed: she registers herself.
 fn unseed_carol(demo: &Demo) {
@@ -63,21 +61,17 @@ async fn get(c: &reqwest::Client, server: &Server, path: &str) -> (u16, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
+/// The path that decides the request a change answer (`{"request": {"id": ...}}`) filed:
+/// `outcome` is `approve` or `reject`.
+fn decide_path(filed: &Value, outcome: &str) -> String {
+    format!(
+        "/v1/membership/requests/{}/{outcome}",
+        filed["request"]["id"].as_str().unwrap()
+    )
+}
+
 fn job(tag: &str) -> Value {
-    serde_json::to_value(SubmitRequest {
-        argv: vec!["/bin/sleep".into(), "60".into()],
-        env: Default::default(),
-        jobtag: Some(tag.into()),
-        resources: Resources {
-            cores: 1,
-            memory_bytes: 64 << 20,
-            walltime_seconds: 60,
-        },
-        outputs: vec![],
-        bundle: None,
-        delegation: None,
-    })
-    .unwrap()
+    serde_json::to_value(small_job(&["/bin/sleep", "60"], Some(tag))).unwrap()
 }
 
 fn audit(demo: &Demo, args: &[&str]) -> (std::process::Output, Vec<Value>) {
@@ -247,10 +241,7 @@ async fn registration_approval_renewal_removal_and_purge() {
     )
     .await;
     assert_eq!(st, 400, "{e}");
-    let path = format!(
-        "/v1/membership/requests/{}/approve",
-        ch["request"]["id"].as_str().unwrap()
-    );
+    let path = decide_path(&ch, "approve");
     let (st, d) = post(&bob, &server, &path, &approve).await;
     assert_eq!(st, 200, "{d}");
     let (st, list) = get(&carol, &server, "/v1/membership/members").await;
@@ -276,10 +267,7 @@ async fn registration_approval_renewal_removal_and_purge() {
     )
     .await;
     assert_eq!(st, 201, "{ren}");
-    let path = format!(
-        "/v1/membership/requests/{}/approve",
-        ren["request"]["id"].as_str().unwrap()
-    );
+    let path = decide_path(&ren, "approve");
     let (st, e) = post(&carol, &server, &path, &approve).await;
     assert_eq!(st, 403, "{e}");
     assert!(e["message"].as_str().unwrap().contains("themself"), "{e}");
@@ -494,10 +482,7 @@ async fn suspension_stops_payloads_and_reinstatement_notifies_the_requester() {
     let (st, e) = post(
         &alice,
         &server,
-        &format!(
-            "/v1/membership/requests/{}/approve",
-            filed["request"]["id"].as_str().unwrap()
-        ),
+        &decide_path(&filed, "approve"),
         &json!({ "verification": "self-approved" }),
     )
     .await;
@@ -506,10 +491,7 @@ async fn suspension_stops_payloads_and_reinstatement_notifies_the_requester() {
     let (st, d) = post(
         &bob,
         &server,
-        &format!(
-            "/v1/membership/requests/{}/approve",
-            filed["request"]["id"].as_str().unwrap()
-        ),
+        &decide_path(&filed, "approve"),
         &json!({ "verification": "evidence from Grid security operations reviewed" }),
     )
     .await;

@@ -16,11 +16,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mupilot::protocol::api::{MatchResponse, PayloadState, StatusReport, SubmitRequest};
-use mupilot::protocol::Resources;
+use mupilot::protocol::api::{MatchResponse, PayloadState, StatusReport};
 use mupilot::server::store::{Store, SweepRules};
 use pg_support::PgCluster;
-use server_support::{match_req_8, Demo, Server};
+use server_support::{match_req_8, small_job, Demo, Server};
 
 const PAYLOADS: usize = 10_000;
 const PILOTS: usize = 64;
@@ -111,19 +110,7 @@ async fn three_instances_64_pilots_10000_payloads_one_killed() {
 
     // 10,000 submissions over HTTPS, spread over the instances.
     let alice = demo.client("alice");
-    let sub = SubmitRequest {
-        argv: vec!["/bin/true".into()],
-        env: Default::default(),
-        jobtag: None,
-        resources: Resources {
-            cores: 1,
-            memory_bytes: 64 << 20,
-            walltime_seconds: 60,
-        },
-        outputs: vec![],
-        bundle: None,
-        delegation: None,
-    };
+    let sub = small_job(&["/bin/true"], None);
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for w in 0..32 {

@@ -10,9 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use mupilot::protocol::api::{ApiError, PayloadView, SubmitRequest, SubmitResponse};
-use mupilot::protocol::Resources;
 use serde_json::Value;
-use server_support::{dn, text, Demo, Server};
+use server_support::{dn, small_job, text, Demo, Server};
 
 const ROBOT_OID: &str = "1.2.840.113612.5.2.3.3.1";
 const ON_BEHALF: &str = "Mupilot-On-Behalf-Of";
@@ -118,19 +117,7 @@ fn member(name: &str) -> String {
 }
 
 fn req(tag: &str) -> SubmitRequest {
-    SubmitRequest {
-        argv: vec!["/bin/true".into()],
-        env: Default::default(),
-        jobtag: Some(tag.into()),
-        resources: Resources {
-            cores: 1,
-            memory_bytes: 64 << 20,
-            walltime_seconds: 60,
-        },
-        outputs: vec![],
-        bundle: None,
-        delegation: None,
-    }
+    small_job(&["/bin/true"], Some(tag))
 }
 
 /// POST /v1/payloads, optionally on behalf of `member`: status, body, Retry-After.

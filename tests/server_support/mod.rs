@@ -39,6 +39,23 @@ pub fn match_req_8(pilot_id: &str) -> mupilot::protocol::api::MatchRequest {
     }
 }
 
+/// A small payload: `argv` with 1 core, 64 MiB and a minute, no outputs, no bundle.
+pub fn small_job(argv: &[&str], jobtag: Option<&str>) -> mupilot::protocol::api::SubmitRequest {
+    mupilot::protocol::api::SubmitRequest {
+        argv: argv.iter().map(|a| a.to_string()).collect(),
+        env: Default::default(),
+        jobtag: jobtag.map(str::to_string),
+        resources: mupilot::protocol::Resources {
+            cores: 1,
+            memory_bytes: 64 << 20,
+            walltime_seconds: 60,
+        },
+        outputs: vec![],
+        bundle: None,
+        delegation: None,
+    }
+}
+
 /// A tar.gz holding one file `name` (mode 0644) with `content`: an input bundle or an
 /// output archive.
 pub fn tar_gz(name: &str, content: &[u8]) -> Vec<u8> {

@@ -221,13 +221,36 @@ fn member_subcommands_edit_the_registry() {
         "security officer cleared the account",
     ]);
     assert!(out.status.success(), "{}", text(&out));
+    // Renewal (reference 002 4.4): the data re-confirmed and the current AUPs accepted again,
+    // decided by the operator; without them, refused.
+    let renew = |extra: &[&str]| {
+        let mut args = vec!["member", "renew", "--config", c, &dave];
+        args.extend_from_slice(extra);
+        demo.run(&args)
+    };
+    let out = renew(&[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let out = renew(&old_aup);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--accept-vo-aup"));
+    let mut again = DAVE.to_vec();
+    again.extend(["--verification", "continued membership confirmed"]);
+    let out = renew(&again);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("approved"));
     let out = demo.run(&["member", "suspend", "--config", c, &dave]);
     assert!(out.status.success(), "{}", text(&out));
-    let out = demo.run(&["member", "renew", "--config", c, &dave]);
-    assert!(out.status.success(), "{}", text(&out));
+    let out = renew(&again);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a suspended member renews after reinstatement: {}",
+        text(&out)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("member reinstate"));
     let out = demo.run(&["member", "remove", "--config", c, &dave]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("removed"));
-    let out = demo.run(&["member", "renew", "--config", c, &dave]);
+    let out = renew(&again);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let out = demo.run(&["member", "suspend", "--config", c, &dn("nobody")]);
     assert_eq!(out.status.code(), Some(2));
@@ -268,7 +291,14 @@ fn member_subcommands_edit_the_registry() {
     let out = demo.run(&["membership", "audit", "--config", c, "--dn", &dave]);
     assert!(out.status.success(), "{}", text(&out));
     let audit = String::from_utf8_lossy(&out.stdout);
-    for action in ["register", "approve", "suspend", "reinstate", "remove"] {
+    for action in [
+        "register",
+        "approve",
+        "request",
+        "suspend",
+        "reinstate",
+        "remove",
+    ] {
         assert!(
             audit.contains(&format!("\"action\":\"{action}\"")),
             "{action} missing in the audit log:\n{audit}"

@@ -373,11 +373,25 @@ fn members(env: &Env) {
         .unwrap();
     assert!(s.match_one("/CN=p", &mreq("p"), now).unwrap().is_some());
     let far = now + Duration::days(800);
-    let renewed = s.renew_member("/CN=B", far).unwrap();
+    let renewal = FiledRequest {
+        kind: RequestKind::Renewal,
+        subject_dn: "/CN=B".into(),
+        requester_dn: "/CN=B".into(),
+        details: serde_json::json!({
+            "registration": b.registration,
+            "grid_aup": "1",
+            "vo_aup": "1",
+        }),
+    };
+    let filed = s.file_request(&renewal, far).unwrap();
+    let (_, effect) = s
+        .decide(&filed.id, "/CN=operator", true, "data confirmed", None, far)
+        .unwrap();
+    let renewed = effect.member.unwrap();
     assert!(renewed.renewal_due > far);
     s.set_member_status("/CN=B", MemberStatus::Removed).unwrap();
     assert!(matches!(
-        s.renew_member("/CN=B", now),
+        s.file_request(&renewal, now),
         Err(StoreError::Conflict(_))
     ));
     assert!(matches!(

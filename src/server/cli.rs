@@ -191,11 +191,17 @@ enum MemberCmd {
         config: PathBuf,
         dn: String,
     },
-    /// Renew a membership for 12 months from now.
+    /// Renew a registered member for 12 months from now: its data re-confirmed, the current
+    /// AUPs accepted again, recorded as a renewal request the operator approved.
     Renew {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
         dn: String,
+        #[command(flatten)]
+        data: Box<super::membership::cli::RegistrationArgs>,
+        /// The checks made, e.g. "continued membership confirmed with the institute".
+        #[arg(long, required = true)]
+        verification: String,
     },
 }
 
@@ -578,7 +584,6 @@ fn member(cmd: MemberCmd) -> i32 {
             return EXIT_RUNTIME;
         }
     };
-    let now = chrono::Utc::now();
     let registry = super::membership::Registry::new(&cfg.vo, &cfg.membership);
     // The server's own account on the server's host: the registry's operator of last resort.
     let actor = format!("mupilot-server member (uid {})", nix::unistd::getuid());
@@ -639,9 +644,19 @@ fn member(cmd: MemberCmd) -> i32 {
             "removed with `mupilot-server member remove` on the server",
             OPERATOR_VERIFICATION,
         ),
-        MemberCmd::Renew { dn, .. } => store
-            .renew_member(&dn, now)
-            .and_then(|m| local_record(&registry, "renew", &actor, &m).map(|()| vec![m])),
+        MemberCmd::Renew {
+            dn,
+            data,
+            verification,
+            ..
+        } => match renewal_request(&store, &registry, &dn, &data) {
+            Ok(Ok(filed)) => local_decide(&store, &registry, &actor, &filed, &verification),
+            Ok(Err(why)) => {
+                eprintln!("mupilot-server member renew: {why}");
+                return EXIT_USAGE;
+            }
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(members) => {
@@ -670,19 +685,6 @@ fn member(cmd: MemberCmd) -> i32 {
     }
 }
 
-/// Audits a registry change made with `member add|renew` on the server's host.
-fn local_record(
-    registry: &super::membership::Registry,
-    action: &'static str,
-    actor: &str,
-    m: &super::store::Member,
-) -> Result<(), super::store::StoreError> {
-    let mut rec = super::membership::audit::AuditRecord::new(action, actor, "done");
-    rec.subject_dn = Some(m.dn.clone());
-    rec.details = serde_json::json!({ "fqans": m.fqans, "renewal_due": m.renewal_due });
-    registry.record(&rec)
-}
-
 /// The verification step of a suspension or removal made on the server's host: the
 /// operator acts on the VO's behalf with the server's own account.
 const OPERATOR_VERIFICATION: &str = "VO operator on the server's host";
@@ -705,17 +707,88 @@ fn add_request(
         accept,
         fqans,
     };
-    registry.new_registration(dn, req).map_err(|e| {
-        // Name the flag the field came from.
-        let flag = e
-            .field
-            .trim_start_matches("registration.person.")
-            .replace("registration.responsible", "responsible")
-            .replace("accept.grid_aup", "accept_grid_aup")
-            .replace("accept.vo_aup", "accept_vo_aup")
-            .replace('_', "-");
-        format!("--{flag}: {}", e.why)
-    })
+    registry.new_registration(dn, req).map_err(flag_error)
+}
+
+/// A refused registration field, named by the command-line flag it came from.
+fn flag_error(e: super::membership::types::FieldError) -> String {
+    let flag = e
+        .field
+        .trim_start_matches("registration.person.")
+        .replace("registration.responsible", "responsible")
+        .replace("accept.grid_aup", "accept_grid_aup")
+        .replace("accept.vo_aup", "accept_vo_aup")
+        .replace('_', "-");
+    format!("--{flag}: {}", e.why)
+}
+
+/// The renewal `member renew` files for a registered member (reference 002 4.4): the data
+/// re-confirmed for its kind and the current AUP versions accepted again. The outer error is
+/// the registry's (no such member, not registered), the inner a refused flag.
+fn renewal_request(
+    store: &Store,
+    registry: &super::membership::Registry,
+    dn: &str,
+    data: &super::membership::cli::RegistrationArgs,
+) -> Result<Result<super::store::FiledRequest, String>, super::store::StoreError> {
+    let m = store
+        .member(dn)?
+        .ok_or_else(|| super::store::StoreError::NoMember(dn.into()))?;
+    if m.status != super::store::MemberStatus::Registered {
+        return Err(super::store::StoreError::Conflict(format!(
+            "{dn} is {}: only a registered member renews (a suspended one is reinstated first with `member reinstate`, a removed one registers again with `member add`)",
+            m.state(chrono::Utc::now())
+        )));
+    }
+    let (registration, accept) = match data.parts() {
+        Ok(p) => p,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    let s = &registry.settings;
+    if let Err(e) = registration
+        .check(m.kind)
+        .and_then(|()| accept.check(&s.grid_aup_version, &s.vo_aup_version))
+    {
+        return Ok(Err(flag_error(e)));
+    }
+    Ok(Ok(super::store::FiledRequest {
+        kind: RequestKind::Renewal,
+        subject_dn: dn.to_string(),
+        requester_dn: dn.to_string(),
+        details: serde_json::json!({
+            "registration": registration,
+            "grid_aup": accept.grid_aup,
+            "vo_aup": accept.vo_aup,
+        }),
+    }))
+}
+
+/// Files `filed` and approves it as the operator, each step in the audit log, as a member's
+/// request and a manager's approval are.
+fn local_decide(
+    store: &Store,
+    registry: &super::membership::Registry,
+    actor: &str,
+    filed: &super::store::FiledRequest,
+    verification: &str,
+) -> Result<Vec<super::store::Member>, super::store::StoreError> {
+    check_verification(verification)?;
+    let now = chrono::Utc::now();
+    let req = store.file_request(filed, now)?;
+    registry.record_request(store, "request", actor, &req, None)?;
+    let (req, effect) = store.decide(&req.id, actor, true, verification, None, now)?;
+    registry.record_request(store, "approve", actor, &req, Some(&effect))?;
+    println!("request {} approved by {actor}: {verification}", req.id);
+    Ok(effect.member.into_iter().collect())
+}
+
+fn check_verification(verification: &str) -> Result<(), super::store::StoreError> {
+    super::membership::types::check_text(
+        "--verification",
+        verification,
+        super::membership::types::MAX_NOTE,
+    )
+    .map_err(|e| super::store::StoreError::Invalid(e.to_string()))
 }
 
 /// `member add`: the registration and its approval by the operator, two request records
@@ -729,12 +802,7 @@ fn local_add(
     r: &super::store::NewRegistration,
     verification: &str,
 ) -> Result<Vec<super::store::Member>, super::store::StoreError> {
-    super::membership::types::check_text(
-        "--verification",
-        verification,
-        super::membership::types::MAX_NOTE,
-    )
-    .map_err(|e| super::store::StoreError::Invalid(e.to_string()))?;
+    check_verification(verification)?;
     if let Some(m) = store.member(&r.dn)? {
         if m.status == super::store::MemberStatus::Suspended {
             return Err(super::store::StoreError::Conflict(format!(

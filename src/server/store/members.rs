@@ -195,8 +195,11 @@ impl Store {
         Ok(m)
     }
 
-    /// Renews a registered or suspended member for another twelve months from `now`.
-    pub fn renew_member(&self, dn: &str, now: DateTime<Utc>) -> Result<Member, StoreError> {
+    /// Renews a registered or suspended member for another twelve months from `now`, with
+    /// nothing re-confirmed: only the store's own unit tests use it. Renewals go through the
+    /// registry (a `renewal` request, approved), which records the data and AUPs.
+    #[cfg(test)]
+    pub(crate) fn renew_member(&self, dn: &str, now: DateTime<Utc>) -> Result<Member, StoreError> {
         self.tx(|c| {
             let lock = c.engine().lock_row();
             let m = c

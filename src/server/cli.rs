@@ -776,7 +776,19 @@ fn local_decide(
     let now = chrono::Utc::now();
     let req = store.file_request(filed, now)?;
     registry.record_request(store, "request", actor, &req, None)?;
-    let (req, effect) = store.decide(&req.id, actor, true, verification, None, now)?;
+    approve_filed(store, registry, actor, &req.id, verification, now)
+}
+
+/// Approves a request the operator just filed, as a manager's approval does, and audits it.
+fn approve_filed(
+    store: &Store,
+    registry: &super::membership::Registry,
+    actor: &str,
+    id: &str,
+    verification: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<super::store::Member>, super::store::StoreError> {
+    let (req, effect) = store.decide(id, actor, true, verification, None, now)?;
     registry.record_request(store, "approve", actor, &req, Some(&effect))?;
     println!("request {} approved by {actor}: {verification}", req.id);
     Ok(effect.member.into_iter().collect())
@@ -814,10 +826,7 @@ fn local_add(
     let now = chrono::Utc::now();
     let filed = store.register(r, now)?;
     registry.record_request(store, "register", actor, &filed, None)?;
-    let (req, effect) = store.decide(&filed.id, actor, true, verification, None, now)?;
-    registry.record_request(store, "approve", actor, &req, Some(&effect))?;
-    println!("request {} approved by {actor}: {verification}", req.id);
-    Ok(effect.member.into_iter().collect())
+    approve_filed(store, registry, actor, &filed.id, verification, now)
 }
 
 /// A suspension, removal or reinstatement made with `member suspend|remove|reinstate` on

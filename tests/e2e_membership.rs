@@ -46,13 +46,11 @@ fn suspension_cancels_a_running_payload_through_the_helper() {
         "the payload runs as mpt-ms-a"
     );
 
-    let alice = format!("{DC}alice");
-    let out = stack.client_args(
+    let out = stack.client_in(
         "bob",
+        &["membership", "suspend"],
         &[
-            "membership",
-            "suspend",
-            &alice,
+            &format!("{DC}alice"),
             "--reason",
             "compromised credential reported by Grid security",
             "--verification",
@@ -84,15 +82,10 @@ fn suspension_cancels_a_running_payload_through_the_helper() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // The helper authorized the cancel as an operator command from the manager.
-    let audit = Stack::records(&stack.audit_log());
     assert!(
-        audit.iter().any(|r| r["payload_id"] == id.as_str()
-            && r["decision"] == "permit"
-            && r["reason"]
-                .as_str()
-                .unwrap_or("")
-                .contains("operator command")),
-        "no operator command record for {id}: {audit:#?}"
+        stack.helper_permitted(&id, "operator command"),
+        "no operator command record for {id}: {:#?}",
+        Stack::records(&stack.audit_log())
     );
     // A suspended member submits nothing more.
     let out = stack.client("alice", "submit", &["--", "/bin/true"]);

@@ -623,11 +623,10 @@ fn a_member_suspended_while_the_payload_runs_gets_no_new_proxy_and_is_cancelled(
 
     let runuser = Pid::from_raw(pilot.child.id() as i32);
     let stopped = Stopped::stop(pilot_pid(&pilot), Some(runuser));
-    let out = stack.client_args(
+    let out = stack.client_in(
         "bob",
+        &["membership", "suspend"],
         &[
-            "membership",
-            "suspend",
             ALICE,
             "--reason",
             "credential reported compromised",

@@ -134,13 +134,7 @@ fn status_shows_rising_usage_and_info_reaches_the_helper_for_the_owner_only() {
         assert!(text(&out).contains(key), "{key}: {}", text(&out));
     }
     // The helper authorized it as an operator command naming alice.
-    let audit = Stack::records(&stack.audit_log());
-    assert!(audit.iter().any(|r| r["payload_id"] == id.as_str()
-        && r["decision"] == "permit"
-        && r["reason"]
-            .as_str()
-            .unwrap_or("")
-            .contains("operator command information")));
+    assert!(stack.helper_permitted(&id, "operator command information"));
 
     // After the end: the final CPU and peak, and the last memory heard, stay.
     let done = stack.wait_state("alice", &id, "done", Duration::from_secs(60));

@@ -12,11 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use chrono::{Duration, Utc};
-use mupilot::protocol::api::{MatchRequest, MatchResponse, SubmitRequest, SubmitResponse, Work};
+use mupilot::protocol::api::{MatchRequest, MatchResponse, SubmitResponse, Work};
 use mupilot::protocol::envelope::{EnvelopeBody, Owner, Resources, ENVELOPE_VERSION};
 use mupilot::protocol::switch_wire::{DenialClass, PilotHello, SwitchEvent};
 use mupilot::protocol::VoSigningKey;
-use server_support::{dn, Demo};
+use server_support::{dn, small_job, Demo};
 use switch_support::{denied, hostname, Client, Daemon};
 
 const ACCT: &str = "mpt-nb-a";
@@ -134,19 +134,7 @@ impl Vo {
 
     fn submit(&self) -> String {
         let alice = self.demo.client("alice");
-        let req = SubmitRequest {
-            argv: vec!["/bin/sh".into(), "-c".into(), "id -u".into()],
-            env: Default::default(),
-            jobtag: None,
-            resources: Resources {
-                cores: 1,
-                memory_bytes: 64 << 20,
-                walltime_seconds: 60,
-            },
-            outputs: vec![],
-            bundle: None,
-            delegation: None,
-        };
+        let req = small_job(&["/bin/sh", "-c", "id -u"], None);
         let url = self.server.url("/v1/payloads");
         self.rt.block_on(async {
             let r = alice.post(url).json(&req).send().await.unwrap();

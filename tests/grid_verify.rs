@@ -6,32 +6,19 @@
 
 #![cfg(feature = "grid")]
 
-use std::path::{Path, PathBuf};
+#[path = "grid_support/mod.rs"]
+mod grid_support;
+
+use std::path::Path;
 use std::process::Command;
-use std::sync::OnceLock;
 
 use chrono::{Duration, Utc};
+use grid_support::{proxy, ALICE};
 use mupilot::grid::{Claim, CredentialRefusal, GridConfig, LimitedProxies, Verifier};
 
-const ALICE: &str = "/DC=org/DC=mupilot-test/CN=Alice";
-
-/// The PKI, made afresh once per test run under cargo's target tmpdir (kept there for
-/// inspection after a failure, replaced by the next run).
+/// The PKI of make-fixtures.sh, made afresh once per test run (grid_support).
 fn pki() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("grid-pki");
-        let _ = std::fs::remove_dir_all(&dir);
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/grid_support/make-fixtures.sh");
-        let out = Command::new("sh").arg(&script).arg(&dir).output().unwrap();
-        assert!(
-            out.status.success(),
-            "make-fixtures.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        dir
-    })
+    grid_support::pki("grid-pki")
 }
 
 /// A private copy of the PKI, for tests that change the CA directory or vomsdir.
@@ -47,17 +34,14 @@ fn pki_copy() -> tempfile::TempDir {
     d
 }
 
+/// The site's view of the PKI with this verifier's defaults: limited proxies refused, and a
+/// 48 h lifetime limit the fixtures' 12 h proxies stay under.
 fn config(root: &Path) -> GridConfig {
     GridConfig {
-        cert_dir: root.join("certificates"),
-        vomsdir: root.join("vomsdir"),
         max_proxy_lifetime_seconds: 48 * 3600,
-        ..GridConfig::default()
+        limited_proxies: GridConfig::default().limited_proxies,
+        ..grid_support::config(root)
     }
-}
-
-fn proxy(root: &Path, name: &str) -> Vec<u8> {
-    std::fs::read(root.join("proxies").join(format!("{name}.pem"))).unwrap()
 }
 
 fn refusal(cfg: GridConfig, name: &str) -> String {
@@ -72,18 +56,10 @@ fn refusal(cfg: GridConfig, name: &str) -> String {
     }
 }
 
+/// Whether `openssl verify -allow_proxy_certs` accepts the fixture proxy `name`.
 fn openssl_verify(root: &Path, name: &str) -> bool {
     let p = root.join("proxies").join(format!("{name}.pem"));
-    Command::new("openssl")
-        .args(["verify", "-allow_proxy_certs", "-crl_check_all", "-CApath"])
-        .arg(root.join("certificates"))
-        .arg("-untrusted")
-        .arg(&p)
-        .arg(&p)
-        .output()
-        .unwrap()
-        .status
-        .success()
+    grid_support::openssl_verify(root, &p).is_ok()
 }
 
 #[test]
@@ -112,24 +88,8 @@ fn good_proxy_is_accepted_and_the_ecosystem_agrees() {
 
     // openssl verify accepts the chain; voms-proxy-info reads the same VO and FQANs.
     assert!(openssl_verify(root, "good"));
-    let out = Command::new("voms-proxy-info")
-        .args(["-all", "-file"])
-        .arg(root.join("proxies/good.pem"))
-        .env("X509_CERT_DIR", root.join("certificates"))
-        .env("X509_VOMS_DIR", root.join("vomsdir"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let attrs: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("attribute : "))
-        .collect();
-    assert_eq!(attrs, c.fqans, "{text}");
+    let text = grid_support::voms_proxy_info(root, &root.join("proxies/good.pem"));
+    assert_eq!(grid_support::fqans(&text), c.fqans, "{text}");
     assert!(text.contains(&format!("identity  : {ALICE}")), "{text}");
     assert!(text.contains("VO        : atlas"), "{text}");
     let serial = text

@@ -14,7 +14,7 @@ use mupilot::protocol::api::{
 };
 use mupilot::protocol::envelope::{sha256_hex, Expect};
 use mupilot::protocol::{Resources, VoVerifyingKey};
-use server_support::{dn, match_req, Demo};
+use server_support::{dn, match_req, tar_gz, Demo};
 
 fn submit_req(argv: &[&str]) -> SubmitRequest {
     SubmitRequest {
@@ -36,17 +36,6 @@ async fn submit(c: &reqwest::Client, url: &str, req: &SubmitRequest) -> String {
     let r = c.post(url).json(req).send().await.unwrap();
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
     r.json::<SubmitResponse>().await.unwrap().payload_id
-}
-
-fn tar_gz(name: &str, content: &[u8]) -> Vec<u8> {
-    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    let mut t = tar::Builder::new(gz);
-    let mut h = tar::Header::new_gnu();
-    h.set_size(content.len() as u64);
-    h.set_mode(0o644);
-    h.set_cksum();
-    t.append_data(&mut h, name, content).unwrap();
-    t.into_inner().unwrap().finish().unwrap()
 }
 
 #[tokio::test]
@@ -136,13 +125,15 @@ async fn only_pilot_dns_may_match_and_only_members_submit() {
         .await
         .unwrap();
     assert!(m.work.is_none(), "suspended member's payload was matched");
-    // Registered again: a new payload is matched.
+    // Reinstated: a new payload is matched.
     let out = demo.run(&[
         "member",
-        "add",
+        "reinstate",
         "--config",
         cfg.to_str().unwrap(),
         &dn("bob"),
+        "--verification",
+        "cleared by the security officer",
     ]);
     assert!(out.status.success(), "{}", server_support::text(&out));
     let again = submit(&bob, &srv.url("/v1/payloads"), &submit_req(&["/bin/true"])).await;

@@ -7,7 +7,7 @@ mod server_support;
 use std::os::unix::fs::PermissionsExt;
 
 use mupilot::protocol::api::{MatchRequest, MatchResponse, PayloadState, StatusReport};
-use server_support::{dn, text, Demo};
+use server_support::{dn, tar_gz, text, Demo};
 
 #[test]
 fn init_writes_a_loadable_demo_vo() {
@@ -137,29 +137,120 @@ fn bad_config_names_key_and_file() {
     assert_eq!(out.status.code(), Some(2), "usage error exits 2");
 }
 
+/// The registration data and AUP versions `member add` records for a person.
+const DAVE: [&str; 12] = [
+    "--family-name",
+    "Example",
+    "--given-name",
+    "Dave",
+    "--institute",
+    "Example University",
+    "--email",
+    "dave@example.edu",
+    "--accept-grid-aup",
+    "1",
+    "--accept-vo-aup",
+    "1",
+];
+
 #[test]
 fn member_subcommands_edit_the_registry() {
     let demo = Demo::new();
     let cfg = demo.config();
     let c = cfg.to_str().unwrap();
     let dave = dn("dave");
+    let add = |extra: &[&str]| {
+        let mut args = vec!["member", "add", "--config", c, &dave];
+        args.extend_from_slice(extra);
+        demo.run(&args)
+    };
+    // Without the registration data, the accepted AUPs or what was verified: refused, and
+    // nothing is written.
+    let out = add(&["--fqan", "/demo/prod"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--family-name"));
+    let out = add(&DAVE);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--verification"));
+    let mut old_aup = DAVE.to_vec();
+    old_aup[11] = "0.9";
+    old_aup.extend(["--verification", "checked"]);
+    let out = add(&old_aup);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--accept-vo-aup")
+            && err.contains("\"0.9\"")
+            && err.contains("vo_aup_version"),
+        "{err}"
+    );
+    let mut robot = DAVE.to_vec();
+    robot.extend(["--kind", "robot", "--verification", "checked"]);
+    let out = add(&robot);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--responsible"));
+    let out = demo.run(&["member", "list", "--config", c, "--json"]);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(&dave));
+
+    let mut ok = DAVE.to_vec();
+    ok.extend([
+        "--fqan",
+        "/demo/prod",
+        "--verification",
+        "identity checked in person; institute representative consulted",
+    ]);
+    let out = add(&ok);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("registered"));
+    // Added again while registered: refused (renew instead).
+    let out = add(&ok);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let out = demo.run(&["member", "suspend", "--config", c, &dave]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("suspended"));
+    // A suspended member is reinstated (its suspension's requesters notified), not re-added.
+    let out = add(&ok);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("member reinstate"));
     let out = demo.run(&[
         "member",
-        "add",
+        "reinstate",
         "--config",
         c,
         &dave,
-        "--fqan",
-        "/demo/prod",
+        "--verification",
+        "security officer cleared the account",
     ]);
     assert!(out.status.success(), "{}", text(&out));
-    let out = demo.run(&["member", "suspend", "--config", c, &dave]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("suspended"));
-    let out = demo.run(&["member", "renew", "--config", c, &dave]);
+    // Renewal (reference 002 4.4): the data re-confirmed and the current AUPs accepted again,
+    // decided by the operator; without them, refused.
+    let renew = |extra: &[&str]| {
+        let mut args = vec!["member", "renew", "--config", c, &dave];
+        args.extend_from_slice(extra);
+        demo.run(&args)
+    };
+    let out = renew(&[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let out = renew(&old_aup);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--accept-vo-aup"));
+    let mut again = DAVE.to_vec();
+    again.extend(["--verification", "continued membership confirmed"]);
+    let out = renew(&again);
     assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("approved"));
+    let out = demo.run(&["member", "suspend", "--config", c, &dave]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = renew(&again);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a suspended member renews after reinstatement: {}",
+        text(&out)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("member reinstate"));
     let out = demo.run(&["member", "remove", "--config", c, &dave]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("removed"));
-    let out = demo.run(&["member", "renew", "--config", c, &dave]);
+    let out = renew(&again);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let out = demo.run(&["member", "suspend", "--config", c, &dn("nobody")]);
     assert_eq!(out.status.code(), Some(2));
@@ -174,17 +265,53 @@ fn member_subcommands_edit_the_registry() {
         .unwrap();
     assert_eq!(d["status"], "removed");
     assert_eq!(d["fqans"][0], "/demo/prod");
-}
-
-fn tar_gz(name: &str, content: &[u8]) -> Vec<u8> {
-    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    let mut t = tar::Builder::new(gz);
-    let mut h = tar::Header::new_gnu();
-    h.set_size(content.len() as u64);
-    h.set_mode(0o644);
-    h.set_cksum();
-    t.append_data(&mut h, name, content).unwrap();
-    t.into_inner().unwrap().finish().unwrap()
+    // What the registry requires was recorded: the data, the AUP versions accepted, and the
+    // registration as a request the operator approved naming what was verified.
+    assert_eq!(d["registration"]["person"]["email"], "dave@example.edu");
+    assert_eq!(
+        (d["grid_aup_version"].as_str(), d["vo_aup_version"].as_str()),
+        (Some("1"), Some("1"))
+    );
+    let cfg = mupilot::server::config::ServerConfig::load(&cfg).unwrap();
+    let store = mupilot::server::store::Store::open_with(&cfg.data_dir, &cfg.database).unwrap();
+    let reqs = store.membership_requests(Some(&dave), None).unwrap();
+    let reg = reqs
+        .iter()
+        .find(|r| r.kind.as_str() == "membership")
+        .unwrap();
+    assert_eq!(reg.state, "approved");
+    let by = reg.decided_by.as_deref().unwrap();
+    assert!(by.starts_with("mupilot-server member (uid "), "{by}");
+    assert!(reg
+        .verification
+        .as_deref()
+        .unwrap()
+        .contains("institute representative consulted"));
+    drop(store);
+    let out = demo.run(&["membership", "audit", "--config", c, "--dn", &dave]);
+    assert!(out.status.success(), "{}", text(&out));
+    let audit = String::from_utf8_lossy(&out.stdout);
+    for action in [
+        "register",
+        "approve",
+        "request",
+        "suspend",
+        "reinstate",
+        "remove",
+    ] {
+        assert!(
+            audit.contains(&format!("\"action\":\"{action}\"")),
+            "{action} missing in the audit log:\n{audit}"
+        );
+    }
+    assert!(
+        audit.contains("institute representative consulted"),
+        "{audit}"
+    );
+    assert!(
+        !audit.contains("dave@example.edu"),
+        "no personal data in the audit log: {audit}"
+    );
 }
 
 /// Plays the pilot: match one payload, report `final_state`, upload an archive.

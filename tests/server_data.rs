@@ -96,6 +96,35 @@ fn run_one(demo: &Demo, srv: &Server, rt: &tokio::runtime::Runtime) -> String {
     })
 }
 
+/// Alice submits a payload no pilot of these tests fits (64 cores): it stays queued.
+fn submit_unmatchable(
+    demo: &Demo,
+    srv: &Server,
+    rt: &tokio::runtime::Runtime,
+    bundle: Option<&[u8]>,
+) -> String {
+    let mut body = serde_json::json!({
+        "argv": ["/bin/true"],
+        "resources": {"cores": 64, "memory_bytes": 64 << 20, "walltime_seconds": 60},
+    });
+    if let Some(b) = bundle {
+        body["bundle"] = base64::engine::general_purpose::STANDARD.encode(b).into();
+    }
+    let alice = demo.client("alice");
+    rt.block_on(async {
+        let r = alice
+            .post(srv.url("/v1/payloads"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        r.json::<serde_json::Value>().await.unwrap()["payload_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    })
+}
+
 #[test]
 fn files_are_private_under_umask_000() {
     let demo = Demo::new();
@@ -174,23 +203,7 @@ fn retention_deletes_bundle_and_outputs_and_status_says_when() {
     let output = data.join("outputs").join(format!("{id}.tar.gz"));
     // A payload still queued keeps its bundle.
     let alice = demo.client("alice");
-    let queued: String = rt.block_on(async {
-        let body = serde_json::json!({
-            "argv": ["/bin/true"],
-            "resources": {"cores": 64, "memory_bytes": 64 << 20, "walltime_seconds": 60},
-            "bundle": base64::engine::general_purpose::STANDARD.encode(b"queued input"),
-        });
-        let r = alice
-            .post(srv.url("/v1/payloads"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        r.json::<serde_json::Value>().await.unwrap()["payload_id"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    });
+    let queued = submit_unmatchable(&demo, &srv, &rt, Some(b"queued input"));
     let view = |id: &str| -> PayloadView {
         rt.block_on(async {
             alice
@@ -247,4 +260,83 @@ fn retention_deletes_bundle_and_outputs_and_status_says_when() {
     let line = String::from_utf8_lossy(&out.stdout);
     assert!(line.contains("\tdone"), "{}", text(&out));
     assert!(line.contains("files=deleted 20"), "{}", text(&out));
+}
+
+/// Record retention through the real server: a finished payload whose record is older than
+/// `record_retention_days` is deleted by `serve`'s periodic job at start, another by
+/// `membership purge`; a queued payload as old, and a finished one within the period, stay.
+#[test]
+fn records_past_record_retention_days_are_deleted_and_the_rest_stay() {
+    let demo = Demo::new();
+    let cfg = demo.config();
+    let text_cfg = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text_cfg.replace("retention_seconds = 2592000\n", "retention_seconds = 1\n"),
+    )
+    .unwrap();
+    let rt = rt();
+    let alice = demo.client("alice");
+    let (old, cli_old, recent, queued) = {
+        let srv = demo.serve();
+        let old = run_one(&demo, &srv, &rt);
+        let cli_old = run_one(&demo, &srv, &rt);
+        let recent = run_one(&demo, &srv, &rt);
+        let queued = submit_unmatchable(&demo, &srv, &rt, None);
+        // Records go only once their files are gone: wait for the file retention.
+        let outputs = demo.path("server-data").join("outputs");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while [&old, &cli_old, &recent]
+            .iter()
+            .any(|id| outputs.join(format!("{id}.tar.gz")).exists())
+        {
+            assert!(Instant::now() < deadline, "files not deleted");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        (old, cli_old, recent, queued)
+    };
+    // 181 days ago, past the default 180.
+    let aged = mupilot::server::store::ts_text(chrono::Utc::now() - chrono::Duration::days(181));
+    demo.sql(&format!(
+        "UPDATE payloads SET updated_at = '{aged}', submitted_at = '{aged}'
+         WHERE id IN ('{old}', '{queued}')"
+    ));
+    let srv = demo.serve();
+    let status = |id: &str| -> u16 {
+        rt.block_on(async {
+            alice
+                .get(srv.url(&format!("/v1/payloads/{id}")))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while status(&old) != 404 {
+        assert!(
+            Instant::now() < deadline,
+            "serve did not delete {old}'s record"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for kept in [&cli_old, &recent, &queued] {
+        assert_eq!(status(kept), 200, "{kept}");
+    }
+    demo.sql(&format!(
+        "UPDATE payloads SET updated_at = '{aged}' WHERE id = '{cli_old}'"
+    ));
+    let out = demo.run(&["membership", "purge", "--config", cfg.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("deleted the records of 1 payloads finished more than 180 days ago"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(status(&cli_old), 404);
+    for kept in [&recent, &queued] {
+        assert_eq!(status(kept), 200, "{kept}");
+    }
 }

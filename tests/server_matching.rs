@@ -7,37 +7,12 @@ mod server_support;
 use std::sync::Arc;
 use std::time::Instant;
 
-use mupilot::protocol::api::{MatchRequest, MatchResponse, SubmitRequest};
-use mupilot::protocol::Resources;
-use server_support::Demo;
-
-fn req(pilot: &str) -> MatchRequest {
-    MatchRequest {
-        pilot_id: pilot.into(),
-        batch_system: None,
-        batch_job_id: None,
-        host: "wn".into(),
-        free_cores: 8,
-        free_memory_bytes: 16 << 30,
-        seconds_left: 86400,
-    }
-}
+use mupilot::protocol::api::MatchResponse;
+use server_support::{match_req_8, small_job, Demo};
 
 async fn fill(demo: &Demo, url: &str, n: usize) {
     let alice = demo.client("alice");
-    let sub = SubmitRequest {
-        argv: vec!["/bin/true".into()],
-        env: Default::default(),
-        jobtag: None,
-        resources: Resources {
-            cores: 1,
-            memory_bytes: 64 << 20,
-            walltime_seconds: 60,
-        },
-        outputs: vec![],
-        bundle: None,
-        delegation: None,
-    };
+    let sub = small_job(&["/bin/true"], None);
     let sem = Arc::new(tokio::sync::Semaphore::new(16));
     let mut tasks = Vec::new();
     for _ in 0..n {
@@ -64,12 +39,17 @@ async fn sequential_and_concurrent_matches_never_hand_out_a_payload_twice() {
     let pilot = demo.client("pilot");
     let url = srv.url("/v1/match");
     // Warm the connection so the handshake is not counted.
-    let _ = pilot.post(&url).json(&req("warm")).send().await.unwrap();
+    let _ = pilot
+        .post(&url)
+        .json(&match_req_8("warm"))
+        .send()
+        .await
+        .unwrap();
     let t = Instant::now();
     for _ in 0..n_one - 1 {
         let m: MatchResponse = pilot
             .post(&url)
-            .json(&req("one"))
+            .json(&match_req_8("one"))
             .send()
             .await
             .unwrap()
@@ -91,7 +71,7 @@ async fn sequential_and_concurrent_matches_never_hand_out_a_payload_twice() {
             for _ in 0..per {
                 let m: MatchResponse = c
                     .post(&url)
-                    .json(&req(&format!("many-{i}")))
+                    .json(&match_req_8(&format!("many-{i}")))
                     .send()
                     .await
                     .unwrap()

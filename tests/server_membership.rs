@@ -11,19 +11,9 @@ use std::path::Path;
 
 use mupilot::protocol::api::{
     MatchResponse, OperatorCommand, PayloadState, PayloadView, StatusAck, StatusReport,
-    SubmitRequest,
 };
-use mupilot::protocol::Resources;
 use serde_json::{json, Value};
-use server_support::{dn, match_req, text, Demo, Server};
-
-/// Appends to the demo's server.toml.
-fn configure(demo: &Demo, tables: &str) {
-    let p = demo.config();
-    let mut s = std::fs::read_to_string(&p).unwrap();
-    s.push_str(tables);
-    std::fs::write(&p, s).unwrap();
-}
+use server_support::{dn, match_req, small_job, text, Demo, Server};
 
 /// Drops carol's `[[member]]` seed: she registers herself.
 fn unseed_carol(demo: &Demo) {
@@ -71,77 +61,17 @@ async fn get(c: &reqwest::Client, server: &Server, path: &str) -> (u16, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
+/// The path that decides the request a change answer (`{"request": {"id": ...}}`) filed:
+/// `outcome` is `approve` or `reject`.
+fn decide_path(filed: &Value, outcome: &str) -> String {
+    format!(
+        "/v1/membership/requests/{}/{outcome}",
+        filed["request"]["id"].as_str().unwrap()
+    )
+}
+
 fn job(tag: &str) -> Value {
-    serde_json::to_value(SubmitRequest {
-        argv: vec!["/bin/sleep".into(), "60".into()],
-        env: Default::default(),
-        jobtag: Some(tag.into()),
-        resources: Resources {
-            cores: 1,
-            memory_bytes: 64 << 20,
-            walltime_seconds: 60,
-        },
-        outputs: vec![],
-        bundle: None,
-        delegation: None,
-    })
-    .unwrap()
-}
-
-/// The `[database]` dbname of a PostgreSQL demo.
-fn pg_dbname(demo: &Demo) -> String {
-    let t: toml::Value = std::fs::read_to_string(demo.config())
-        .unwrap()
-        .parse()
-        .unwrap();
-    t["database"]["dbname"].as_str().unwrap().to_string()
-}
-
-/// Runs one SQL statement on the demo's database (SQLite file or PostgreSQL), returning the
-/// first column of each row as text.
-fn sql(demo: &Demo, stmt: &str) -> Vec<String> {
-    match &demo.pg {
-        None => {
-            let c =
-                rusqlite::Connection::open(demo.path("server-data").join("mupilot.db")).unwrap();
-            let mut st = c.prepare(stmt).unwrap();
-            let n = st.column_count();
-            let rows = st
-                .query_map([], |r| {
-                    if n == 0 {
-                        return Ok(String::new());
-                    }
-                    let v: rusqlite::types::Value = r.get(0)?;
-                    Ok(format!("{v:?}"))
-                })
-                .unwrap()
-                .collect::<Result<Vec<_>, _>>()
-                .unwrap();
-            rows
-        }
-        Some(pg) => {
-            let db = pg_dbname(demo);
-            let stmt = stmt.to_string();
-            // The sync client cannot run inside the test's runtime: a plain thread.
-            std::thread::scope(|s| {
-                s.spawn(|| {
-                    let mut c = pg.admin(&db).unwrap();
-                    c.simple_query(&stmt)
-                        .unwrap()
-                        .into_iter()
-                        .filter_map(|m| match m {
-                            postgres::SimpleQueryMessage::Row(r) => {
-                                Some(r.get(0).unwrap_or("NULL").to_string())
-                            }
-                            _ => None,
-                        })
-                        .collect()
-                })
-                .join()
-                .unwrap()
-            })
-        }
-    }
+    serde_json::to_value(small_job(&["/bin/sleep", "60"], Some(tag))).unwrap()
 }
 
 fn audit(demo: &Demo, args: &[&str]) -> (std::process::Output, Vec<Value>) {
@@ -169,9 +99,7 @@ fn file_holds(path: &Path, needle: &str) -> bool {
 async fn registration_approval_renewal_removal_and_purge() {
     let demo = Demo::new();
     unseed_carol(&demo);
-    configure(
-        &demo,
-        &format!(
+    demo.configure(&format!(
             "\n[membership]\ngrid_aup_version = \"3.1\"\nvo_aup_version = \"7\"\nmanager_dns = [\"{}\"]\nmanager_fqans = [\"/demo/Role=VO-Admin\"]\npersonal_data_retention_days = 1\n",
             dn("bob")
         ),
@@ -313,10 +241,7 @@ async fn registration_approval_renewal_removal_and_purge() {
     )
     .await;
     assert_eq!(st, 400, "{e}");
-    let path = format!(
-        "/v1/membership/requests/{}/approve",
-        ch["request"]["id"].as_str().unwrap()
-    );
+    let path = decide_path(&ch, "approve");
     let (st, d) = post(&bob, &server, &path, &approve).await;
     assert_eq!(st, 200, "{d}");
     let (st, list) = get(&carol, &server, "/v1/membership/members").await;
@@ -342,10 +267,7 @@ async fn registration_approval_renewal_removal_and_purge() {
     )
     .await;
     assert_eq!(st, 201, "{ren}");
-    let path = format!(
-        "/v1/membership/requests/{}/approve",
-        ren["request"]["id"].as_str().unwrap()
-    );
+    let path = decide_path(&ren, "approve");
     let (st, e) = post(&carol, &server, &path, &approve).await;
     assert_eq!(st, 403, "{e}");
     assert!(e["message"].as_str().unwrap().contains("themself"), "{e}");
@@ -439,17 +361,15 @@ async fn registration_approval_renewal_removal_and_purge() {
          SELECT count(*) FROM membership_requests WHERE subject_dn = '{0}'",
         dn("carol")
     );
-    assert!(sql(&demo, &carol_rows)
+    assert!(demo
+        .sql(&carol_rows)
         .iter()
         .all(|n| n != "0" && n != "Integer(0)"));
     // Ended two days ago (retention: one day): purged, and read back from the database.
-    sql(
-        &demo,
-        &format!(
-            "UPDATE members SET ended_at = '2000-01-01T00:00:00.000000Z' WHERE dn = '{}'",
-            dn("carol")
-        ),
-    );
+    demo.sql(&format!(
+        "UPDATE members SET ended_at = '2000-01-01T00:00:00.000000Z' WHERE dn = '{}'",
+        dn("carol")
+    ));
     let out = purge();
     assert!(out.status.success(), "{}", text(&out));
     assert!(
@@ -457,11 +377,10 @@ async fn registration_approval_renewal_removal_and_purge() {
         "{}",
         text(&out)
     );
-    for n in sql(&demo, &carol_rows) {
+    for n in demo.sql(&carol_rows) {
         assert!(n == "0" || n == "Integer(0)", "{n}");
     }
-    let left = sql(
-        &demo,
+    let left = demo.sql(
         "SELECT count(*) FROM membership_requests WHERE details LIKE '%unique-mail%' \
          UNION ALL SELECT count(*) FROM members WHERE registration LIKE '%unique-mail%'",
     );
@@ -500,9 +419,7 @@ async fn suspension_stops_payloads_and_reinstatement_notifies_the_requester() {
     std::fs::write(&hook, format!("#!/bin/sh\ncat > {}\n", hook_out.display())).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
-    configure(
-        &demo,
-        &format!(
+    demo.configure(&format!(
             "\n[membership]\nmanager_dns = [\"{}\"]\nsecurity_officer_dns = [\"{}\"]\nnotify_command = [\"{}\"]\n",
             dn("bob"),
             dn("alice"),
@@ -565,10 +482,7 @@ async fn suspension_stops_payloads_and_reinstatement_notifies_the_requester() {
     let (st, e) = post(
         &alice,
         &server,
-        &format!(
-            "/v1/membership/requests/{}/approve",
-            filed["request"]["id"].as_str().unwrap()
-        ),
+        &decide_path(&filed, "approve"),
         &json!({ "verification": "self-approved" }),
     )
     .await;
@@ -577,10 +491,7 @@ async fn suspension_stops_payloads_and_reinstatement_notifies_the_requester() {
     let (st, d) = post(
         &bob,
         &server,
-        &format!(
-            "/v1/membership/requests/{}/approve",
-            filed["request"]["id"].as_str().unwrap()
-        ),
+        &decide_path(&filed, "approve"),
         &json!({ "verification": "evidence from Grid security operations reviewed" }),
     )
     .await;

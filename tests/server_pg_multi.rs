@@ -16,29 +16,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mupilot::protocol::api::{
-    MatchRequest, MatchResponse, PayloadState, StatusReport, SubmitRequest,
-};
-use mupilot::protocol::Resources;
+use mupilot::protocol::api::{MatchResponse, PayloadState, StatusReport};
 use mupilot::server::store::{Store, SweepRules};
 use pg_support::PgCluster;
-use server_support::{Demo, Server};
+use server_support::{match_req_8, small_job, Demo, Server};
 
 const PAYLOADS: usize = 10_000;
 const PILOTS: usize = 64;
 const INSTANCES: usize = 3;
-
-fn req(pilot: &str) -> MatchRequest {
-    MatchRequest {
-        pilot_id: pilot.into(),
-        batch_system: None,
-        batch_job_id: None,
-        host: "wn".into(),
-        free_cores: 8,
-        free_memory_bytes: 16 << 30,
-        seconds_left: 86400,
-    }
-}
 
 fn report(pilot: &str, state: PayloadState) -> StatusReport {
     StatusReport {
@@ -125,19 +110,7 @@ async fn three_instances_64_pilots_10000_payloads_one_killed() {
 
     // 10,000 submissions over HTTPS, spread over the instances.
     let alice = demo.client("alice");
-    let sub = SubmitRequest {
-        argv: vec!["/bin/true".into()],
-        env: Default::default(),
-        jobtag: None,
-        resources: Resources {
-            cores: 1,
-            memory_bytes: 64 << 20,
-            walltime_seconds: 60,
-        },
-        outputs: vec![],
-        bundle: None,
-        delegation: None,
-    };
+    let sub = small_job(&["/bin/true"], None);
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for w in 0..32 {
@@ -170,7 +143,7 @@ async fn three_instances_64_pilots_10000_payloads_one_killed() {
             let deadline = Instant::now() + Duration::from_secs(170);
             while done.load(Ordering::Relaxed) < PAYLOADS {
                 assert!(Instant::now() < deadline, "pilots did not finish");
-                let (st, body) = post(&c, &inst, &mut start, "/v1/match", &req(&id)).await;
+                let (st, body) = post(&c, &inst, &mut start, "/v1/match", &match_req_8(&id)).await;
                 assert_eq!(st, 200, "{body}");
                 let m: MatchResponse = serde_json::from_str(&body).unwrap();
                 let Some(work) = m.work else {

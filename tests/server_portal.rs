@@ -10,9 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use mupilot::protocol::api::{ApiError, PayloadView, SubmitRequest, SubmitResponse};
-use mupilot::protocol::Resources;
 use serde_json::Value;
-use server_support::{dn, text, Demo, Server};
+use server_support::{dn, small_job, text, Demo, Server};
 
 const ROBOT_OID: &str = "1.2.840.113612.5.2.3.3.1";
 const ON_BEHALF: &str = "Mupilot-On-Behalf-Of";
@@ -113,32 +112,12 @@ fn openssl_ca_key(dir: &Path) {
     std::fs::write(dir.join("ca-v1.key"), pem).unwrap();
 }
 
-/// Appends tables to the demo's server.toml.
-fn configure(demo: &Demo, tables: &str) {
-    let p = demo.config();
-    let mut s = std::fs::read_to_string(&p).unwrap();
-    s.push_str(tables);
-    std::fs::write(&p, s).unwrap();
-}
-
 fn member(name: &str) -> String {
     format!("\n[[member]]\ndn = \"{}\"\nfqans = [\"/demo\"]\n", dn(name))
 }
 
 fn req(tag: &str) -> SubmitRequest {
-    SubmitRequest {
-        argv: vec!["/bin/true".into()],
-        env: Default::default(),
-        jobtag: Some(tag.into()),
-        resources: Resources {
-            cores: 1,
-            memory_bytes: 64 << 20,
-            walltime_seconds: 60,
-        },
-        outputs: vec![],
-        bundle: None,
-        delegation: None,
-    }
+    small_job(&["/bin/true"], Some(tag))
 }
 
 /// POST /v1/payloads, optionally on behalf of `member`: status, body, Retry-After.
@@ -202,9 +181,7 @@ async fn robots_are_known_by_the_policy_oid_or_the_list_and_answer_to_their_resp
         dn("Robot - monitoring - bob"),
         dn("Robot - unknown"),
     );
-    configure(
-        &demo,
-        &format!(
+    demo.configure(&format!(
             "{}{}{}\n[[robot]]\ndn = \"{oid_dn}\"\nresponsible = \"{}\"\n\n[[robot]]\ndn = \"{listed_dn}\"\nresponsible = \"{}\"\n",
             member("Robot - nightly build - alice"),
             member("Robot - monitoring - bob"),
@@ -299,9 +276,7 @@ async fn portals_act_only_for_active_members_they_name_and_only_as_configured() 
     issue(&demo, "portal", "portal.example.org", None);
     let portal_dn = dn("portal.example.org");
     let manager = dn("Portal Manager");
-    configure(
-        &demo,
-        &format!(
+    demo.configure(&format!(
             "\n[[portal]]\ndn = \"{portal_dn}\"\nresponsible = \"{manager}\"\ncontact = \"portal-admin@example.org\"\nrate = {{ per_minute = 600, burst = 100 }}\n"
         ),
     );
@@ -436,9 +411,7 @@ async fn submissions_over_the_rate_get_429_with_retry_after_and_pass_again_after
     let demo = Demo::new();
     issue(&demo, "portal", "portal.example.org", None);
     issue(&demo, "robot", "Robot - bulk - alice", Some(ROBOT_OID));
-    configure(
-        &demo,
-        &format!(
+    demo.configure(&format!(
             "{}\n[rate_limits]\nuser = {{ per_minute = 60, burst = 2 }}\n\n[[portal]]\ndn = \"{}\"\nresponsible = \"{}\"\nrate = {{ per_minute = 60, burst = 3 }}\n\n[[robot]]\ndn = \"{}\"\nresponsible = \"{}\"\nrate = {{ per_minute = 6, burst = 1 }}\n",
             member("Robot - bulk - alice"),
             dn("portal.example.org"),
@@ -567,9 +540,7 @@ fn curl_submit(demo: &Demo, srv: &Server, cert: &str, member: &str) -> (String, 
 async fn the_request_log_names_the_address_and_port_a_payload_came_from_and_shows_tampering() {
     let demo = Demo::new();
     issue(&demo, "portal", "portal.example.org", None);
-    configure(
-        &demo,
-        &format!(
+    demo.configure(&format!(
             "\n[[portal]]\ndn = \"{}\"\nresponsible = \"{}\"\nrate = {{ per_minute = 600, burst = 100 }}\n",
             dn("portal.example.org"),
             dn("Portal Manager")

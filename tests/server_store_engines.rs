@@ -14,8 +14,10 @@ use chrono::{Duration, Utc};
 use mupilot::protocol::api::{MatchRequest, OperatorCommand, PayloadState, StatusReport};
 use mupilot::protocol::Resources;
 use mupilot::server::config::MemberSeed;
+use mupilot::server::membership::types::{EntityKind, Person, Registration, RequestKind};
 use mupilot::server::store::{
-    Database, Engine, MemberStatus, NewPayload, Store, StoreError, SweepRules,
+    Database, Engine, FiledRequest, Member, MemberStatus, NewPayload, NewRegistration, Signing,
+    Store, StoreError, SweepRules,
 };
 use pg_support::PgCluster;
 
@@ -307,6 +309,36 @@ fn usage_and_information(env: &Env) {
     ));
 }
 
+/// The operator's `member add`: a registration with its data and AUP versions, approved at
+/// once by the operator (two request records, as a member's registration and a manager's
+/// approval make them).
+fn register_and_approve(s: &Store, dn: &str, fqans: &[&str], now: chrono::DateTime<Utc>) -> Member {
+    let r = NewRegistration {
+        dn: dn.into(),
+        vo: "demo".into(),
+        kind: EntityKind::Person,
+        registration: Registration {
+            person: Person {
+                family_name: "Doe".into(),
+                given_name: "Bea".into(),
+                institute: "Example University".into(),
+                email: "bea@example.edu".into(),
+                phone: None,
+            },
+            responsible: None,
+        },
+        grid_aup_version: "1".into(),
+        vo_aup_version: "1".into(),
+        fqans: fqans.iter().map(|f| f.to_string()).collect(),
+    };
+    let req = s.register(&r, now).unwrap();
+    let (req, effect) = s
+        .decide(&req.id, "/CN=operator", true, "identity checked", None, now)
+        .unwrap();
+    assert_eq!(req.state, "approved");
+    effect.member.unwrap()
+}
+
 /// The registry: seeds once, add/suspend/renew/remove, and only active members are matched.
 fn members(env: &Env) {
     let s = env.open();
@@ -324,14 +356,9 @@ fn members(env: &Env) {
         0,
         "already seeded"
     );
-    let b = s
-        .add_member("/CN=B", "demo", &["/demo/role=x".into()], now)
-        .unwrap();
+    let b = register_and_approve(&s, "/CN=B", &["/demo/role=x"], now);
     assert_eq!(b.fqans, vec!["/demo/role=x".to_string()]);
-    assert!(matches!(
-        s.add_member("CN=bad", "demo", &[], now),
-        Err(StoreError::Invalid(_))
-    ));
+    assert!(b.is_active(now) && b.registration.is_some() && b.vo_aup_version.is_some());
     let dns: Vec<_> = s.members().unwrap().into_iter().map(|m| m.dn).collect();
     assert_eq!(
         dns,
@@ -342,20 +369,163 @@ fn members(env: &Env) {
     s.set_member_status("/CN=a", MemberStatus::Suspended)
         .unwrap();
     assert!(s.match_one("/CN=p", &mreq("p"), now).unwrap().is_none());
-    s.add_member("/CN=a", "demo", &[], now).unwrap();
+    s.set_member_status("/CN=a", MemberStatus::Registered)
+        .unwrap();
     assert!(s.match_one("/CN=p", &mreq("p"), now).unwrap().is_some());
     let far = now + Duration::days(800);
-    let renewed = s.renew_member("/CN=B", far).unwrap();
+    let renewal = FiledRequest {
+        kind: RequestKind::Renewal,
+        subject_dn: "/CN=B".into(),
+        requester_dn: "/CN=B".into(),
+        details: serde_json::json!({
+            "registration": b.registration,
+            "grid_aup": "1",
+            "vo_aup": "1",
+        }),
+    };
+    let filed = s.file_request(&renewal, far).unwrap();
+    let (_, effect) = s
+        .decide(&filed.id, "/CN=operator", true, "data confirmed", None, far)
+        .unwrap();
+    let renewed = effect.member.unwrap();
     assert!(renewed.renewal_due > far);
     s.set_member_status("/CN=B", MemberStatus::Removed).unwrap();
     assert!(matches!(
-        s.renew_member("/CN=B", now),
+        s.file_request(&renewal, now),
         Err(StoreError::Conflict(_))
     ));
     assert!(matches!(
         s.set_member_status("/CN=nobody", MemberStatus::Suspended),
         Err(StoreError::NoMember(_))
     ));
+}
+
+/// Retention of records: a finished payload past the period goes with its commands and
+/// `information` requests; a recent one, one whose files are still kept, a running and a queued
+/// one stay whatever their age. Issued proxies' records go by notAfter. The registry's decided
+/// requests and notifications of a member who stays go by age; a pending request stays.
+fn record_retention(env: &Env) {
+    let s = env.open();
+    let t0 = Utc::now();
+    let day = Duration::days(1);
+    let finish = |at: chrono::DateTime<Utc>| {
+        let id = s.submit(&new_payload(), Some(b"bundle"), at).unwrap();
+        s.match_one("/CN=p", &mreq("p"), at).unwrap().unwrap();
+        s.apply_status(&id, "/CN=p", &report("p", PayloadState::Running), at)
+            .unwrap();
+        id
+    };
+    // Old: ran with a signal and an information request (each a command), then ended.
+    let old = finish(t0);
+    s.queue_signal(&old, "/CN=a", false, 10).unwrap();
+    s.request_information(&old, "/CN=a", false, t0).unwrap();
+    s.apply_status(&old, "/CN=p", &report("p", PayloadState::Running), t0)
+        .unwrap();
+    s.apply_status(&old, "/CN=p", &report("p", PayloadState::Done), t0)
+        .unwrap();
+    let files_kept = finish(t0);
+    s.apply_status(
+        &files_kept,
+        "/CN=p",
+        &report("p", PayloadState::Failed),
+        t0 + Duration::seconds(10),
+    )
+    .unwrap();
+    let running = finish(t0);
+    let recent = finish(t0);
+    s.apply_status(
+        &recent,
+        "/CN=p",
+        &report("p", PayloadState::Done),
+        t0 + day * 100,
+    )
+    .unwrap();
+    let queued = s.submit(&new_payload(), None, t0).unwrap();
+    // Files of payloads final before t0 + 5 s go (old's); files_kept keeps its files.
+    let cut = t0 + Duration::seconds(5);
+    assert_eq!(s.expire_files(cut, cut).unwrap(), 1);
+    let signing = |id: &str, not_after| Signing {
+        delegation_id: id.into(),
+        payload_id: None,
+        signer_dn: "/CN=a".into(),
+        serial: "1".into(),
+        subject: "/CN=a/CN=123".into(),
+        not_after,
+        signed_at: t0,
+    };
+    s.record_signing(&signing("d-old", t0 + day)).unwrap();
+    s.record_signing(&signing("d-new", t0 + day * 60)).unwrap();
+
+    // 30 days on: only old goes (files_kept is as old, but its files are still kept).
+    let r = s.expire_records(t0 + day * 30).unwrap();
+    assert_eq!(
+        (r.payloads, r.commands, r.information, r.proxy_signings),
+        (1, 2, 1, 1),
+        "{r:?}"
+    );
+    assert!(matches!(s.view(&old), Err(StoreError::NotFound(_))));
+    for kept in [&files_kept, &running, &queued, &recent] {
+        s.view(kept).unwrap();
+    }
+    assert!(s.signings("d-old").unwrap().is_empty());
+    assert_eq!(s.signings("d-new").unwrap().len(), 1);
+    assert_eq!(
+        s.expire_records(t0 + day * 30).unwrap(),
+        Default::default(),
+        "a second run finds nothing"
+    );
+    // Much later, files expired: files_kept and recent go too; running and queued never do.
+    let later = t0 + day * 100 + Duration::seconds(1);
+    assert_eq!(s.expire_files(later, later).unwrap(), 2);
+    let r = s.expire_records(t0 + day * 400).unwrap();
+    assert_eq!((r.payloads, r.proxy_signings), (2, 1), "{r:?}");
+    for gone in [&files_kept, &recent] {
+        assert!(matches!(s.view(gone), Err(StoreError::NotFound(_))));
+    }
+    s.view(&running).unwrap();
+    s.view(&queued).unwrap();
+
+    // The registry: a member who stays keeps a pending request; decided ones and
+    // notifications go once older than the cutoff.
+    register_and_approve(&s, "/CN=stays", &["/demo"], t0);
+    let suspend = FiledRequest {
+        kind: RequestKind::Suspension,
+        subject_dn: "/CN=stays".into(),
+        requester_dn: "/CN=officer".into(),
+        details: serde_json::json!({ "reason": "incident" }),
+    };
+    s.file_and_decide(&suspend, "/CN=manager", "officer confirmed", t0)
+        .unwrap();
+    let reinstate = FiledRequest {
+        kind: RequestKind::Reinstatement,
+        subject_dn: "/CN=stays".into(),
+        requester_dn: "/CN=manager".into(),
+        details: serde_json::json!({}),
+    };
+    let (_, effect) = s
+        .file_and_decide(&reinstate, "/CN=manager", "cleared", t0)
+        .unwrap();
+    assert_eq!(effect.notifications.len(), 1);
+    let change = FiledRequest {
+        kind: RequestKind::Attributes,
+        subject_dn: "/CN=stays".into(),
+        requester_dn: "/CN=stays".into(),
+        details: serde_json::json!({ "fqans": ["/demo", "/demo/prod"] }),
+    };
+    let pending = s.file_request(&change, t0).unwrap();
+    let p = s.purge_membership(t0 - day).unwrap();
+    assert_eq!((p.members, p.requests, p.notifications), (0, 0, 0), "{p:?}");
+    let p = s.purge_membership(t0 + day).unwrap();
+    assert_eq!(
+        (p.members, p.requests, p.notifications),
+        (0, 3, 1),
+        "membership, suspension, reinstatement; one notification: {p:?}"
+    );
+    assert!(s.membership_notifications().unwrap().is_empty());
+    let left = s.membership_requests(Some("/CN=stays"), None).unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].id, pending.id);
+    assert!(s.member("/CN=stays").unwrap().unwrap().is_active(t0 + day));
 }
 
 /// Runs `f(store, i)` on `threads` threads, half of them on each of two stores (two
@@ -454,12 +624,13 @@ fn concurrent_sweeps_and_retention(env: &Env) {
 type Scenario = (&'static str, fn(&Env));
 
 fn every_scenario(cluster: Option<&PgCluster>, engine: Engine) {
-    let scenarios: [Scenario; 7] = [
+    let scenarios: [Scenario; 8] = [
         ("lifecycle", lifecycle),
         ("sweeps_and_requeues", sweeps_and_requeues),
         ("commands", commands),
         ("usage_and_information", usage_and_information),
         ("members", members),
+        ("record_retention", record_retention),
         ("concurrent_matches", concurrent_matches),
         (
             "concurrent_sweeps_and_retention",

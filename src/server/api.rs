@@ -56,6 +56,8 @@ pub struct AppState {
     pub envelope_lifetime: Duration,
     /// A payload's files are deleted this long after its final state.
     pub retention: Duration,
+    /// How long finished payloads' records and issued proxies' records are kept.
+    pub record_retention: Duration,
     /// Written into envelopes as `issuer`.
     pub issuer: String,
     /// The most one payload may ask for (server.toml `[limits]`).

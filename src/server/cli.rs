@@ -143,14 +143,34 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum MemberCmd {
-    /// Register a DN (or register it again after suspension or removal) for 12 months.
+    /// Register a DN by hand (or again after its removal) for 12 months: its registration
+    /// data and the AUP versions it accepted, recorded as a membership request the operator
+    /// approved, saying what was verified.
     Add {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
         dn: String,
+        /// person, host, service or robot.
+        #[arg(long, default_value = "person")]
+        kind: String,
+        #[command(flatten)]
+        data: Box<super::membership::cli::RegistrationArgs>,
+        /// The checks made and people consulted, e.g. "identity checked in person; institute
+        /// representative consulted".
+        #[arg(long, required = true)]
+        verification: String,
         /// FQAN (repeatable); default "/<vo>".
         #[arg(long = "fqan")]
         fqans: Vec<String>,
+    },
+    /// Reinstate a suspended member; those who asked for the suspension are notified.
+    Reinstate {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        dn: String,
+        /// The checks made and people consulted before reinstating.
+        #[arg(long, required = true)]
+        verification: String,
     },
     /// List the registry.
     List {
@@ -171,11 +191,17 @@ enum MemberCmd {
         config: PathBuf,
         dn: String,
     },
-    /// Renew a membership for 12 months from now.
+    /// Renew a registered member for 12 months from now: its data re-confirmed, the current
+    /// AUPs accepted again, recorded as a renewal request the operator approved.
     Renew {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
         dn: String,
+        #[command(flatten)]
+        data: Box<super::membership::cli::RegistrationArgs>,
+        /// The checks made, e.g. "continued membership confirmed with the institute".
+        #[arg(long, required = true)]
+        verification: String,
     },
 }
 
@@ -538,6 +564,7 @@ fn serve(config: &std::path::Path) -> i32 {
 fn member(cmd: MemberCmd) -> i32 {
     let config = match &cmd {
         MemberCmd::Add { config, .. }
+        | MemberCmd::Reinstate { config, .. }
         | MemberCmd::List { config, .. }
         | MemberCmd::Suspend { config, .. }
         | MemberCmd::Remove { config, .. }
@@ -557,21 +584,35 @@ fn member(cmd: MemberCmd) -> i32 {
             return EXIT_RUNTIME;
         }
     };
-    let now = chrono::Utc::now();
-    let registry = super::membership::Registry::new(&cfg.membership);
+    let registry = super::membership::Registry::new(&cfg.vo, &cfg.membership);
     // The server's own account on the server's host: the registry's operator of last resort.
     let actor = format!("mupilot-server member (uid {})", nix::unistd::getuid());
     let result = match cmd {
-        MemberCmd::Add { dn, fqans, .. } => {
-            let fqans = if fqans.is_empty() {
-                vec![format!("/{}", cfg.vo)]
-            } else {
-                fqans
-            };
-            store
-                .add_member(&dn, &cfg.vo, &fqans, now)
-                .and_then(|m| local_record(&registry, "add", &actor, &m).map(|()| vec![m]))
-        }
+        MemberCmd::Add {
+            dn,
+            kind,
+            data,
+            verification,
+            fqans,
+            ..
+        } => match add_request(&registry, &dn, &kind, &data, fqans) {
+            Ok(r) => local_add(&store, &registry, &actor, &r, &verification),
+            Err(why) => {
+                eprintln!("mupilot-server member add: {why}");
+                return EXIT_USAGE;
+            }
+        },
+        MemberCmd::Reinstate {
+            dn, verification, ..
+        } => local_change(
+            &store,
+            &registry,
+            &actor,
+            RequestKind::Reinstatement,
+            &dn,
+            "reinstated with `mupilot-server member reinstate` on the server",
+            &verification,
+        ),
         MemberCmd::List { json, .. } => match store.members() {
             Ok(list) if json => {
                 println!(
@@ -592,6 +633,7 @@ fn member(cmd: MemberCmd) -> i32 {
             RequestKind::Suspension,
             &dn,
             "suspended with `mupilot-server member suspend` on the server",
+            OPERATOR_VERIFICATION,
         ),
         MemberCmd::Remove { dn, .. } => local_change(
             &store,
@@ -600,10 +642,21 @@ fn member(cmd: MemberCmd) -> i32 {
             RequestKind::Removal,
             &dn,
             "removed with `mupilot-server member remove` on the server",
+            OPERATOR_VERIFICATION,
         ),
-        MemberCmd::Renew { dn, .. } => store
-            .renew_member(&dn, now)
-            .and_then(|m| local_record(&registry, "renew", &actor, &m).map(|()| vec![m])),
+        MemberCmd::Renew {
+            dn,
+            data,
+            verification,
+            ..
+        } => match renewal_request(&store, &registry, &dn, &data) {
+            Ok(Ok(filed)) => local_decide(&store, &registry, &actor, &filed, &verification),
+            Ok(Err(why)) => {
+                eprintln!("mupilot-server member renew: {why}");
+                return EXIT_USAGE;
+            }
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(members) => {
@@ -632,20 +685,152 @@ fn member(cmd: MemberCmd) -> i32 {
     }
 }
 
-/// Audits a registry change made with `member add|renew` on the server's host.
-fn local_record(
+/// The verification step of a suspension or removal made on the server's host: the
+/// operator acts on the VO's behalf with the server's own account.
+const OPERATOR_VERIFICATION: &str = "VO operator on the server's host";
+
+/// The registration `member add` asks for, checked as a member's own `register` is.
+fn add_request(
     registry: &super::membership::Registry,
-    action: &'static str,
-    actor: &str,
-    m: &super::store::Member,
-) -> Result<(), super::store::StoreError> {
-    let mut rec = super::membership::audit::AuditRecord::new(action, actor, "done");
-    rec.subject_dn = Some(m.dn.clone());
-    rec.details = serde_json::json!({ "fqans": m.fqans, "renewal_due": m.renewal_due });
-    registry.record(&rec)
+    dn: &str,
+    kind: &str,
+    data: &super::membership::cli::RegistrationArgs,
+    fqans: Vec<String>,
+) -> Result<super::store::NewRegistration, String> {
+    use super::membership::types::{EntityKind, RegisterRequest};
+    let kind = EntityKind::parse(kind)
+        .ok_or_else(|| format!("--kind {kind:?}: must be person, host, service or robot"))?;
+    let (registration, accept) = data.parts().map_err(|e| e.to_string())?;
+    let req = RegisterRequest {
+        kind,
+        registration,
+        accept,
+        fqans,
+    };
+    registry.new_registration(dn, req).map_err(flag_error)
 }
 
-/// A suspension or removal made with `member suspend|remove` on the server's host.
+/// A refused registration field, named by the command-line flag it came from.
+fn flag_error(e: super::membership::types::FieldError) -> String {
+    let flag = e
+        .field
+        .trim_start_matches("registration.person.")
+        .replace("registration.responsible", "responsible")
+        .replace("accept.grid_aup", "accept_grid_aup")
+        .replace("accept.vo_aup", "accept_vo_aup")
+        .replace('_', "-");
+    format!("--{flag}: {}", e.why)
+}
+
+/// The renewal `member renew` files for a registered member (reference 002 4.4): the data
+/// re-confirmed for its kind and the current AUP versions accepted again. The outer error is
+/// the registry's (no such member, not registered), the inner a refused flag.
+fn renewal_request(
+    store: &Store,
+    registry: &super::membership::Registry,
+    dn: &str,
+    data: &super::membership::cli::RegistrationArgs,
+) -> Result<Result<super::store::FiledRequest, String>, super::store::StoreError> {
+    let m = store
+        .member(dn)?
+        .ok_or_else(|| super::store::StoreError::NoMember(dn.into()))?;
+    if m.status != super::store::MemberStatus::Registered {
+        return Err(super::store::StoreError::Conflict(format!(
+            "{dn} is {}: only a registered member renews (a suspended one is reinstated first with `member reinstate`, a removed one registers again with `member add`)",
+            m.state(chrono::Utc::now())
+        )));
+    }
+    let (registration, accept) = match data.parts() {
+        Ok(p) => p,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    let s = &registry.settings;
+    if let Err(e) = registration
+        .check(m.kind)
+        .and_then(|()| accept.check(&s.grid_aup_version, &s.vo_aup_version))
+    {
+        return Ok(Err(flag_error(e)));
+    }
+    Ok(Ok(super::store::FiledRequest {
+        kind: RequestKind::Renewal,
+        subject_dn: dn.to_string(),
+        requester_dn: dn.to_string(),
+        details: serde_json::json!({
+            "registration": registration,
+            "grid_aup": accept.grid_aup,
+            "vo_aup": accept.vo_aup,
+        }),
+    }))
+}
+
+/// Files `filed` and approves it as the operator, each step in the audit log, as a member's
+/// request and a manager's approval are.
+fn local_decide(
+    store: &Store,
+    registry: &super::membership::Registry,
+    actor: &str,
+    filed: &super::store::FiledRequest,
+    verification: &str,
+) -> Result<Vec<super::store::Member>, super::store::StoreError> {
+    check_verification(verification)?;
+    let now = chrono::Utc::now();
+    let req = store.file_request(filed, now)?;
+    registry.record_request(store, "request", actor, &req, None)?;
+    approve_filed(store, registry, actor, &req.id, verification, now)
+}
+
+/// Approves a request the operator just filed, as a manager's approval does, and audits it.
+fn approve_filed(
+    store: &Store,
+    registry: &super::membership::Registry,
+    actor: &str,
+    id: &str,
+    verification: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<super::store::Member>, super::store::StoreError> {
+    let (req, effect) = store.decide(id, actor, true, verification, None, now)?;
+    registry.record_request(store, "approve", actor, &req, Some(&effect))?;
+    println!("request {} approved by {actor}: {verification}", req.id);
+    Ok(effect.member.into_iter().collect())
+}
+
+fn check_verification(verification: &str) -> Result<(), super::store::StoreError> {
+    super::membership::types::check_text(
+        "--verification",
+        verification,
+        super::membership::types::MAX_NOTE,
+    )
+    .map_err(|e| super::store::StoreError::Invalid(e.to_string()))
+}
+
+/// `member add`: the registration and its approval by the operator, two request records
+/// as a member's own registration and a manager's approval make them, each in the audit log.
+/// A DN already in the registry is refused (a suspended one is reinstated with `member
+/// reinstate`, an active one renewed); a removed one registers anew.
+fn local_add(
+    store: &Store,
+    registry: &super::membership::Registry,
+    actor: &str,
+    r: &super::store::NewRegistration,
+    verification: &str,
+) -> Result<Vec<super::store::Member>, super::store::StoreError> {
+    check_verification(verification)?;
+    if let Some(m) = store.member(&r.dn)? {
+        if m.status == super::store::MemberStatus::Suspended {
+            return Err(super::store::StoreError::Conflict(format!(
+                "{} is suspended; reinstate it with `mupilot-server member reinstate --verification TEXT` (those who asked for the suspension are notified)",
+                r.dn
+            )));
+        }
+    }
+    let now = chrono::Utc::now();
+    let filed = store.register(r, now)?;
+    registry.record_request(store, "register", actor, &filed, None)?;
+    approve_filed(store, registry, actor, &filed.id, verification, now)
+}
+
+/// A suspension, removal or reinstatement made with `member suspend|remove|reinstate` on
+/// the server's host.
 fn local_change(
     store: &Store,
     registry: &super::membership::Registry,
@@ -653,6 +838,7 @@ fn local_change(
     kind: RequestKind,
     dn: &str,
     reason: &str,
+    verification: &str,
 ) -> Result<Vec<super::store::Member>, super::store::StoreError> {
     let filed = super::store::FiledRequest {
         kind,
@@ -660,16 +846,11 @@ fn local_change(
         requester_dn: actor.to_string(),
         details: serde_json::json!({ "reason": reason, "requester_role": "vo_operator" }),
     };
-    let (req, effect) = store.file_and_decide(
-        &filed,
-        actor,
-        "VO operator on the server's host",
-        chrono::Utc::now(),
-    )?;
-    let action = if kind == RequestKind::Suspension {
-        "suspend"
-    } else {
-        "remove"
+    let (req, effect) = store.file_and_decide(&filed, actor, verification, chrono::Utc::now())?;
+    let action = match kind {
+        RequestKind::Suspension => "suspend",
+        RequestKind::Reinstatement => "reinstate",
+        _ => "remove",
     };
     registry.record_request(store, action, actor, &req, Some(&effect))?;
     for id in &effect.cancelled {

@@ -19,6 +19,53 @@ pub const ENVELOPE_SKEW_SECONDS: u64 = 60;
 /// Longest accepted `envelope_lifetime_seconds`: the helpers' default site maximum.
 pub const MAX_ENVELOPE_LIFETIME: u64 = 3600;
 
+/// Reference 002 (VO membership management policy) 4.7: audit logs containing personal
+/// registration data are kept no longer than one year. Every retention of personal data in
+/// `server.toml` (DNs, names, addresses, commands of a member) is bounded by it.
+pub const MAX_PERSONAL_DATA_DAYS: u32 = 365;
+/// The minimum the traceability and logging policy sets for audit logs, to which reference 001
+/// (VO portal policy, general conditions: "audit logs ... as defined in the Traceability and
+/// Logging Policy") and reference 002 4.7 ("a minimum period consistent with" it) defer:
+/// 180 days. Records incident response needs (who ran what, from where, which proxy was
+/// issued) are kept at least this long.
+pub const MIN_AUDIT_DAYS: u32 = 180;
+/// Where [`MAX_PERSONAL_DATA_DAYS`] comes from, for messages.
+pub const MAX_PERSONAL_DATA_REF: &str =
+    "reference 002, VO membership management policy 4.7: personal data no longer than one year";
+/// Where [`MIN_AUDIT_DAYS`] comes from, for messages.
+pub const MIN_AUDIT_REF: &str = "the traceability and logging policy's 180 days, which reference 001 (VO portal policy, general conditions) and reference 002 4.7 require of audit logs";
+
+/// Checks a retention setting in days against the policies: `min..=max`, saying which
+/// reference sets each bound. `min_ref` is None when the policies set no minimum.
+pub(crate) fn check_days(
+    path: &Path,
+    key: &'static str,
+    days: u32,
+    min: u32,
+    min_ref: Option<&str>,
+    default: u32,
+) -> Result<(), ConfigError> {
+    if (min..=MAX_PERSONAL_DATA_DAYS).contains(&days) {
+        return Ok(());
+    }
+    let why = if days > MAX_PERSONAL_DATA_DAYS {
+        format!("is above the limit of {MAX_PERSONAL_DATA_DAYS} days ({MAX_PERSONAL_DATA_REF})")
+    } else {
+        match min_ref {
+            Some(r) => format!("is below the minimum of {min} days ({r})"),
+            None => format!("is below the minimum of {min} day"),
+        }
+    };
+    Err(ConfigError::Value {
+        path: path.to_path_buf(),
+        key,
+        value: days.to_string(),
+        why: format!(
+            "{why}; set it between {min} and {MAX_PERSONAL_DATA_DAYS} (the default is {default})"
+        ),
+    })
+}
+
 /// A config file could not be used. Every message names the file and says how to fix it.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -110,6 +157,8 @@ struct RawServerConfig {
     envelope_lifetime_seconds: u64,
     #[serde(default = "default_retention")]
     retention_seconds: u64,
+    #[serde(default = "default_record_retention")]
+    record_retention_days: u32,
     #[serde(default)]
     member: Vec<MemberSeed>,
     #[serde(default)]
@@ -179,6 +228,9 @@ fn default_lifetime() -> u64 {
 fn default_retention() -> u64 {
     DEFAULT_RETENTION
 }
+fn default_record_retention() -> u32 {
+    DEFAULT_RECORD_RETENTION_DAYS
+}
 fn default_worker_proxy() -> u64 {
     DEFAULT_WORKER_PROXY
 }
@@ -190,6 +242,12 @@ pub const DEFAULT_WORKER_PROXY: u64 = 12 * 3600;
 /// Default time a payload's bundle and output archive are kept after its final state: 30
 /// days, for the owner to fetch the outputs and the VO to look at an incident's inputs.
 pub const DEFAULT_RETENTION: u64 = 30 * 86400;
+
+/// Default time the records of a finished payload (its row, operator commands and
+/// `information` answers) and of an issued proxy are kept: the policies' minimum for audit
+/// records ([`MIN_AUDIT_DAYS`]), so they answer "who ran what, where" during an incident for
+/// that long and personal data is not kept longer than it must.
+pub const DEFAULT_RECORD_RETENTION_DAYS: u32 = MIN_AUDIT_DAYS;
 
 /// The VO server's configuration, paths resolved against the config file's directory.
 #[derive(Debug, Clone)]
@@ -211,6 +269,10 @@ pub struct ServerConfig {
     pub envelope_lifetime_seconds: u64,
     /// How long a payload's bundle and output archive are kept after its final state.
     pub retention_seconds: u64,
+    /// How long a finished payload's row (with its commands and `information` answers) and
+    /// an issued proxy's record are kept after the payload's last change or the proxy's
+    /// notAfter.
+    pub record_retention_days: u32,
     pub members: Vec<MemberSeed>,
     /// The most one payload may ask for (`[limits]`).
     pub limits: SubmitLimits,
@@ -375,11 +437,22 @@ impl ServerConfig {
                 ),
             ));
         }
-        if raw.retention_seconds == 0 || raw.retention_seconds > 10 * 365 * 86400 {
+        check_days(
+            path,
+            "record_retention_days",
+            raw.record_retention_days,
+            MIN_AUDIT_DAYS,
+            Some(MIN_AUDIT_REF),
+            DEFAULT_RECORD_RETENTION_DAYS,
+        )?;
+        // Bundles and outputs hold a member's commands, environment and data: personal data,
+        // kept no longer than the payload's own record (which outlives them, bounded by a year).
+        let files_max = u64::from(raw.record_retention_days) * 86400;
+        if raw.retention_seconds == 0 || raw.retention_seconds > files_max {
             return Err(value(
                 "retention_seconds",
                 &raw.retention_seconds.to_string(),
-                &format!("must be between 1 and 315360000 seconds (ten years); the default is {DEFAULT_RETENTION} (30 days)"),
+                &format!("must be between 1 and {files_max} seconds: a payload's bundle and outputs are kept no longer than its record (record_retention_days = {}; at most {MAX_PERSONAL_DATA_DAYS} days, {MAX_PERSONAL_DATA_REF}); the default is {DEFAULT_RETENTION} (30 days)", raw.record_retention_days),
             ));
         }
         if !(60..=1_000_000).contains(&raw.worker_proxy_seconds) {
@@ -505,6 +578,7 @@ impl ServerConfig {
             operator_dns: raw.operator_dns,
             envelope_lifetime_seconds: raw.envelope_lifetime_seconds,
             retention_seconds: raw.retention_seconds,
+            record_retention_days: raw.record_retention_days,
             members: raw.member,
             limits: l,
             heartbeat_seconds: raw.heartbeat_seconds,
@@ -715,6 +789,81 @@ fqans = ["/demo"]
                 .unwrap()
                 .envelope_lifetime_seconds,
             3600
+        );
+    }
+
+    #[test]
+    fn retention_settings_outside_the_policies_are_refused_naming_the_limit_and_reference() {
+        let p = Path::new("/etc/mupilot/server.toml");
+        let top = |line: &str| format!("{line}\n{GOOD}");
+        let c = ServerConfig::parse(p, GOOD).unwrap();
+        assert_eq!(c.record_retention_days, 180);
+        assert_eq!(c.membership.audit_log_retention_days, 365);
+        for (text, key, value, limit, reference) in [
+            (
+                top("record_retention_days = 400"),
+                "record_retention_days",
+                "400",
+                "365",
+                "reference 002",
+            ),
+            (
+                top("record_retention_days = 90"),
+                "record_retention_days",
+                "90",
+                "180",
+                "traceability and logging",
+            ),
+            (
+                top("retention_seconds = 31622400"),
+                "retention_seconds",
+                "31622400",
+                "15552000",
+                "reference 002",
+            ),
+            (
+                format!("{GOOD}\n[request_log]\nretention_days = 400\n"),
+                "request_log.retention_days",
+                "400",
+                "365",
+                "reference 002",
+            ),
+            (
+                format!("{GOOD}\n[request_log]\nretention_days = 30\n"),
+                "request_log.retention_days",
+                "30",
+                "180",
+                "reference 001",
+            ),
+            (
+                format!("{GOOD}\n[membership]\npersonal_data_retention_days = 730\n"),
+                "membership.personal_data_retention_days",
+                "730",
+                "365",
+                "one year",
+            ),
+            (
+                format!("{GOOD}\n[membership]\naudit_log_retention_days = 7\n"),
+                "membership.audit_log_retention_days",
+                "7",
+                "180",
+                "traceability and logging",
+            ),
+        ] {
+            let e = ServerConfig::parse(p, &text).unwrap_err().to_string();
+            for part in ["/etc/mupilot/server.toml", key, value, limit, reference] {
+                assert!(e.contains(part), "{key}: `{part}` missing in: {e}");
+            }
+        }
+        // Within the limits: accepted.
+        let c = ServerConfig::parse(
+            p,
+            &top("record_retention_days = 365\nretention_seconds = 31536000"),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.record_retention_days, c.retention_seconds),
+            (365, 31536000)
         );
     }
 

@@ -112,13 +112,14 @@ pub fn prepare(cfg: &ServerConfig) -> Result<Prepared, ServeError> {
         pilot_dns: cfg.pilot_dns.iter().cloned().collect::<HashSet<_>>(),
         envelope_lifetime: chrono::Duration::seconds(cfg.envelope_lifetime_seconds as i64),
         retention: chrono::Duration::seconds(cfg.retention_seconds as i64),
+        record_retention: chrono::Duration::days(i64::from(cfg.record_retention_days)),
         issuer,
         limits: cfg.limits,
         heartbeat_seconds: cfg.heartbeat_seconds,
         worker_proxy: chrono::Duration::seconds(cfg.worker_proxy_seconds as i64),
         metrics: Arc::new(super::metrics::Metrics::new()),
         portal,
-        registry: Arc::new(super::membership::Registry::new(&cfg.membership)),
+        registry: Arc::new(super::membership::Registry::new(&cfg.vo, &cfg.membership)),
     };
     Ok(Prepared {
         state: Arc::new(state),
@@ -299,8 +300,9 @@ async fn sweep_loop(state: Arc<AppState>, missed: u32) {
 }
 
 /// Deletes the registry data of memberships ended longer ago than the membership retention
-/// period (reference 002: personal data no longer than a year), every
-/// `purge_interval_seconds`, the first time at start.
+/// period (reference 002: personal data no longer than a year), then the records of payloads
+/// and issued proxies older than `record_retention_days`, every `purge_interval_seconds`, the
+/// first time at start.
 async fn membership_purge_loop(state: Arc<AppState>) {
     let every = state.registry.settings.purge_interval_seconds;
     let mut tick = tokio::time::interval(Duration::from_secs(every));
@@ -313,13 +315,31 @@ async fn membership_purge_loop(state: Arc<AppState>) {
             tokio::task::spawn_blocking(move || reg.purge(&store, &actor, chrono::Utc::now()))
                 .await;
         match res {
-            Ok(Ok(0)) => {}
+            Ok(Ok(n)) if n == Default::default() => {}
             Ok(Ok(n)) => tracing::info!(
-                members = n,
+                members = n.members,
+                requests = n.requests,
+                notifications = n.notifications,
                 "membership purge: deleted the registry data of memberships past the retention period"
             ),
             Ok(Err(e)) => tracing::error!(error = %e, "membership purge failed"),
             Err(e) => tracing::error!(error = %e, "membership purge task failed"),
+        }
+        let (store, keep) = (state.store.clone(), state.record_retention);
+        let res =
+            tokio::task::spawn_blocking(move || store.expire_records(chrono::Utc::now() - keep))
+                .await;
+        match res {
+            Ok(Ok(r)) if r == Default::default() => {}
+            Ok(Ok(r)) => tracing::info!(
+                payloads = r.payloads,
+                commands = r.commands,
+                information = r.information,
+                proxy_signings = r.proxy_signings,
+                "retention: deleted the records of payloads and issued proxies past record_retention_days"
+            ),
+            Ok(Err(e)) => tracing::error!(error = %e, "retention of records failed"),
+            Err(e) => tracing::error!(error = %e, "retention of records task failed"),
         }
     }
 }

@@ -16,7 +16,7 @@ pub mod config;
 pub(crate) mod delegation;
 pub(crate) mod init;
 pub(crate) mod listener;
-pub(crate) mod membership;
+pub mod membership;
 pub(crate) mod metrics;
 pub(crate) mod pki;
 pub(crate) mod portal;

@@ -25,6 +25,50 @@ pub fn match_req(pilot_id: &str) -> mupilot::protocol::api::MatchRequest {
     }
 }
 
+/// A pilot's match request for 8 cores, 16 GiB and a day, from node `wn`: room for many
+/// small payloads (the matching and multi-instance tests).
+pub fn match_req_8(pilot_id: &str) -> mupilot::protocol::api::MatchRequest {
+    mupilot::protocol::api::MatchRequest {
+        pilot_id: pilot_id.into(),
+        batch_system: None,
+        batch_job_id: None,
+        host: "wn".into(),
+        free_cores: 8,
+        free_memory_bytes: 16 << 30,
+        seconds_left: 86400,
+    }
+}
+
+/// A small payload: `argv` with 1 core, 64 MiB and a minute, no outputs, no bundle.
+pub fn small_job(argv: &[&str], jobtag: Option<&str>) -> mupilot::protocol::api::SubmitRequest {
+    mupilot::protocol::api::SubmitRequest {
+        argv: argv.iter().map(|a| a.to_string()).collect(),
+        env: Default::default(),
+        jobtag: jobtag.map(str::to_string),
+        resources: mupilot::protocol::Resources {
+            cores: 1,
+            memory_bytes: 64 << 20,
+            walltime_seconds: 60,
+        },
+        outputs: vec![],
+        bundle: None,
+        delegation: None,
+    }
+}
+
+/// A tar.gz holding one file `name` (mode 0644) with `content`: an input bundle or an
+/// output archive.
+pub fn tar_gz(name: &str, content: &[u8]) -> Vec<u8> {
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let mut t = tar::Builder::new(gz);
+    let mut h = tar::Header::new_gnu();
+    h.set_size(content.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    t.append_data(&mut h, name, content).unwrap();
+    t.into_inner().unwrap().finish().unwrap()
+}
+
 pub fn dn(cn: &str) -> String {
     format!("/DC=org/DC=mupilot-demo/CN={cn}")
 }
@@ -104,6 +148,70 @@ impl Demo {
     /// Runs the binary with arguments; returns its output.
     pub fn run(&self, args: &[&str]) -> Output {
         Command::new(BIN).args(args).output().unwrap()
+    }
+
+    /// Appends tables to the demo's server.toml.
+    pub fn configure(&self, tables: &str) {
+        let p = self.config();
+        let mut s = std::fs::read_to_string(&p).unwrap();
+        s.push_str(tables);
+        std::fs::write(&p, s).unwrap();
+    }
+
+    /// The `[database]` dbname of a PostgreSQL demo.
+    fn pg_dbname(&self) -> String {
+        let t: toml::Value = std::fs::read_to_string(self.config())
+            .unwrap()
+            .parse()
+            .unwrap();
+        t["database"]["dbname"].as_str().unwrap().to_string()
+    }
+
+    /// Runs one SQL statement on the demo's database (SQLite file or PostgreSQL), returning
+    /// the first column of each row as text.
+    pub fn sql(&self, stmt: &str) -> Vec<String> {
+        match &self.pg {
+            None => {
+                let c = rusqlite::Connection::open(self.path("server-data").join("mupilot.db"))
+                    .unwrap();
+                let mut st = c.prepare(stmt).unwrap();
+                let n = st.column_count();
+                let rows = st
+                    .query_map([], |r| {
+                        if n == 0 {
+                            return Ok(String::new());
+                        }
+                        let v: rusqlite::types::Value = r.get(0)?;
+                        Ok(format!("{v:?}"))
+                    })
+                    .unwrap()
+                    .collect::<Result<Vec<_>, _>>()
+                    .unwrap();
+                rows
+            }
+            Some(pg) => {
+                let db = self.pg_dbname();
+                let stmt = stmt.to_string();
+                // The sync client cannot run inside the test's runtime: a plain thread.
+                std::thread::scope(|s| {
+                    s.spawn(|| {
+                        let mut c = pg.admin(&db).unwrap();
+                        c.simple_query(&stmt)
+                            .unwrap()
+                            .into_iter()
+                            .filter_map(|m| match m {
+                                postgres::SimpleQueryMessage::Row(r) => {
+                                    Some(r.get(0).unwrap_or("NULL").to_string())
+                                }
+                                _ => None,
+                            })
+                            .collect()
+                    })
+                    .join()
+                    .unwrap()
+                })
+            }
+        }
     }
 }
 

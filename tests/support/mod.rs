@@ -321,6 +321,17 @@ impl Stack {
     pub fn records(path: &Path) -> Vec<serde_json::Value> {
         mupilot::records::read_records(path).unwrap()
     }
+
+    /// Whether the helper's audit log has a `permit` for payload `id` whose reason contains
+    /// `what` (e.g. "operator command", "operator command information"): an operator command
+    /// the helper authorized.
+    pub fn helper_permitted(&self, id: &str, what: &str) -> bool {
+        Stack::records(&self.audit_log()).iter().any(|r| {
+            r["payload_id"] == id
+                && r["decision"] == "permit"
+                && r["reason"].as_str().unwrap_or("").contains(what)
+        })
+    }
 }
 
 /// Pids of live processes owned by `uid` (zombies included: they are gone soon after).
@@ -377,20 +388,15 @@ impl Stack {
 
     /// Runs a client subcommand of mupilot-server as `user` (cancel, signal, ...).
     pub fn client(&self, user: &str, sub: &str, args: &[&str]) -> Output {
-        Command::new(bin("mupilot-server"))
-            .arg(sub)
-            .args(self.user_args(user))
-            .args(args)
-            .output()
-            .expect("client runs")
+        self.client_in(user, &[sub], args)
     }
 
-    /// Runs `mupilot-server ARGS` as `user` with the connection arguments last, for nested
-    /// subcommands (`membership suspend DN ...`).
-    pub fn client_args(&self, user: &str, args: &[&str]) -> Output {
+    /// As [`Stack::client`] for a nested subcommand, e.g. `["membership", "suspend"]`.
+    pub fn client_in(&self, user: &str, sub: &[&str], args: &[&str]) -> Output {
         Command::new(bin("mupilot-server"))
-            .args(args)
+            .args(sub)
             .args(self.user_args(user))
+            .args(args)
             .output()
             .expect("client runs")
     }

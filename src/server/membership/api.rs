@@ -22,7 +22,7 @@ use super::{Registry, Role};
 use crate::server::api::{AppState, Fail};
 use crate::server::portal::gate::ConnInfo;
 use crate::server::portal::identity::PeerKind;
-use crate::server::store::{FiledRequest, Member, NewRegistration, Store, StoreError};
+use crate::server::store::{FiledRequest, Member, Store, StoreError};
 
 type St = State<Arc<AppState>>;
 type Body<T> = Result<Json<T>, JsonRejection>;
@@ -145,26 +145,7 @@ async fn register(
             ),
         }));
     }
-    let s = &st.registry.settings;
-    req.registration.check(req.kind).map_err(bad)?;
-    req.accept
-        .check(&s.grid_aup_version, &s.vo_aup_version)
-        .map_err(bad)?;
-    let fqans = if req.fqans.is_empty() {
-        vec![format!("/{}", st.vo)]
-    } else {
-        req.fqans
-    };
-    check_fqans(&st.vo, &fqans).map_err(bad)?;
-    let r = NewRegistration {
-        dn: dn.clone(),
-        vo: st.vo.clone(),
-        kind: req.kind,
-        registration: req.registration,
-        grid_aup_version: req.accept.grid_aup,
-        vo_aup_version: req.accept.vo_aup,
-        fqans,
-    };
+    let r = st.registry.new_registration(&dn, req).map_err(bad)?;
     let view = blocking(&st, move |store, reg| {
         let v = store.register(&r, Utc::now())?;
         reg.record_request(store, "register", &dn, &v, None)?;

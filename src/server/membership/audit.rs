@@ -1,7 +1,7 @@
 //! The audit log of membership transactions (reference 002 4.7): one hash-chained JSON-lines
 //! record per request filed, decided, carried out or purged, written with the same
 //! [`ChainWriter`] as the request log and the helper's audit log (mode 0600, rotated weekly,
-//! rotated files deleted after `personal_data_retention_days`, at most a year: the records
+//! rotated files deleted after `audit_log_retention_days`, 180 days to a year: the records
 //! name DNs). Records carry DNs, kinds, outcomes and verification notes, never the
 //! registration data itself (names, addresses, phone numbers live only in the database,
 //! where the purge reaches them).

@@ -76,23 +76,12 @@ pub(crate) enum MembershipCmd {
     /// Approve a request (VO managers), saying what was verified.
     Approve {
         #[command(flatten)]
-        conn: ConnArgs,
-        id: String,
-        /// The checks made and people consulted, e.g. "institute representative consulted".
-        #[arg(long, required = true)]
-        verification: String,
-        #[arg(long)]
-        note: Option<String>,
+        decision: DecisionArgs,
     },
     /// Reject a request (VO managers), saying what was verified.
     Reject {
         #[command(flatten)]
-        conn: ConnArgs,
-        id: String,
-        #[arg(long, required = true)]
-        verification: String,
-        #[arg(long)]
-        note: Option<String>,
+        decision: DecisionArgs,
     },
     /// Ask for a member's suspension (Grid security officer, Grid operations).
     RequestSuspension {
@@ -166,6 +155,34 @@ pub(crate) enum MembershipCmd {
     },
 }
 
+/// A manager's decision on a request: `approve` and `reject`.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct DecisionArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    id: String,
+    /// The checks made and people consulted, e.g. "institute representative consulted".
+    #[arg(long, required = true)]
+    verification: String,
+    #[arg(long)]
+    note: Option<String>,
+}
+
+impl DecisionArgs {
+    /// Posts the decision (`approve` or `reject`) and prints what it did.
+    async fn post(self, outcome: &str) -> Result<(), ClientError> {
+        let path = format!(
+            "/v1/membership/requests/{}/{outcome}",
+            path_segment(&self.id)?
+        );
+        let body = Decision {
+            verification: self.verification,
+            note: self.note,
+        };
+        post_change(&self.conn, &path, &body).await
+    }
+}
+
 /// The registration data flags of `register` and `renew`.
 #[derive(Args, Debug, Clone)]
 pub(crate) struct RegistrationArgs {
@@ -193,7 +210,7 @@ pub(crate) struct RegistrationArgs {
 }
 
 impl RegistrationArgs {
-    fn parts(&self) -> Result<(Registration, AupAcceptance), ClientError> {
+    pub(crate) fn parts(&self) -> Result<(Registration, AupAcceptance), ClientError> {
         let responsible = match &self.responsible {
             None => None,
             Some(r) => {
@@ -420,24 +437,8 @@ async fn client(cmd: MembershipCmd) -> Result<i32, ClientError> {
             let list: Vec<RequestView> = conn.client()?.get_json(&path).await?;
             print_list(&list, json, request_line);
         }
-        MembershipCmd::Approve {
-            conn,
-            id,
-            verification,
-            note,
-        } => {
-            let path = format!("/v1/membership/requests/{}/approve", path_segment(&id)?);
-            post_change(&conn, &path, &Decision { verification, note }).await?;
-        }
-        MembershipCmd::Reject {
-            conn,
-            id,
-            verification,
-            note,
-        } => {
-            let path = format!("/v1/membership/requests/{}/reject", path_segment(&id)?);
-            post_change(&conn, &path, &Decision { verification, note }).await?;
-        }
+        MembershipCmd::Approve { decision } => decision.post("approve").await?,
+        MembershipCmd::Reject { decision } => decision.post("reject").await?,
         MembershipCmd::Suspend {
             conn,
             dn,
@@ -533,16 +534,29 @@ fn purge(config: &std::path::Path) -> i32 {
                 return EXIT_RUNTIME;
             }
         };
-    let reg = super::Registry::new(&cfg.membership);
+    let reg = super::Registry::new(&cfg.vo, &cfg.membership);
     let actor = format!(
         "mupilot-server membership purge (uid {})",
         nix::unistd::getuid()
     );
-    match reg.purge(&store, &actor, chrono::Utc::now()) {
-        Ok(n) => {
+    let now = chrono::Utc::now();
+    let days = cfg.membership.retention_days;
+    match reg.purge(&store, &actor, now) {
+        Ok(n) => println!(
+            "purged the registry data of {} memberships that ended more than {days} days ago, {} requests decided and {} notifications written before then",
+            n.members, n.requests, n.notifications
+        ),
+        Err(e) => {
+            eprintln!("mupilot-server membership purge: {e}");
+            return EXIT_RUNTIME;
+        }
+    }
+    let keep = cfg.record_retention_days;
+    match store.expire_records(now - chrono::Duration::days(i64::from(keep))) {
+        Ok(r) => {
             println!(
-                "purged the registry data of {n} memberships that ended more than {} days ago",
-                cfg.membership.retention_days
+                "deleted the records of {} payloads finished more than {keep} days ago ({} commands, {} information requests) and {} records of proxies expired before then",
+                r.payloads, r.commands, r.information, r.proxy_signings
             );
             EXIT_OK
         }

@@ -10,7 +10,7 @@ use crate::server::config::{resolve, ConfigError};
 
 /// The longest personal registration data may be kept after a membership ends (reference
 /// 002: audit logs with personal data no longer than one year).
-pub const MAX_RETENTION_DAYS: u32 = 365;
+pub const MAX_RETENTION_DAYS: u32 = crate::server::config::MAX_PERSONAL_DATA_DAYS;
 
 /// `[membership]` as written.
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -28,6 +28,7 @@ pub struct RawMembership {
     operations_dns: Vec<String>,
     audit_log: Option<PathBuf>,
     personal_data_retention_days: Option<u32>,
+    audit_log_retention_days: Option<u32>,
     purge_interval_seconds: Option<u64>,
     notify_command: Option<Vec<String>>,
 }
@@ -46,7 +47,12 @@ pub struct MembershipSettings {
     pub operations_dns: Vec<String>,
     /// The hash-chained audit log of membership transactions.
     pub audit_log: PathBuf,
+    /// How long personal registration data, decided requests and notifications outlive
+    /// the membership or their decision (`personal_data_retention_days`).
     pub retention_days: u32,
+    /// How long a rotated audit log file is kept (`audit_log_retention_days`): at least the
+    /// traceability policy's minimum, at most a year.
+    pub audit_log_retention_days: u32,
     pub purge_interval_seconds: u64,
     /// Run with one notification (JSON) on stdin, e.g. a mail hook.
     pub notify_command: Option<Vec<String>>,
@@ -105,13 +111,24 @@ impl MembershipSettings {
         let retention_days = raw
             .personal_data_retention_days
             .unwrap_or(MAX_RETENTION_DAYS);
-        if !(1..=MAX_RETENTION_DAYS).contains(&retention_days) {
-            return Err(value(
-                "membership.personal_data_retention_days",
-                &retention_days.to_string(),
-                format!("must be between 1 and {MAX_RETENTION_DAYS}: personal registration data is kept no longer than a year after a membership ends"),
-            ));
-        }
+        // The registry's own data has no minimum: the audit log keeps the transactions.
+        crate::server::config::check_days(
+            path,
+            "membership.personal_data_retention_days",
+            retention_days,
+            1,
+            None,
+            MAX_RETENTION_DAYS,
+        )?;
+        let audit_log_retention_days = raw.audit_log_retention_days.unwrap_or(MAX_RETENTION_DAYS);
+        crate::server::config::check_days(
+            path,
+            "membership.audit_log_retention_days",
+            audit_log_retention_days,
+            crate::server::config::MIN_AUDIT_DAYS,
+            Some(crate::server::config::MIN_AUDIT_REF),
+            MAX_RETENTION_DAYS,
+        )?;
         let purge_interval_seconds = raw.purge_interval_seconds.unwrap_or(3600);
         if !(1..=86400).contains(&purge_interval_seconds) {
             return Err(value(
@@ -141,6 +158,7 @@ impl MembershipSettings {
                 .map(|p| resolve(base, &p))
                 .unwrap_or_else(|| data_dir.join("membership-audit.jsonl")),
             retention_days,
+            audit_log_retention_days,
             purge_interval_seconds,
             notify_command: raw.notify_command,
         })

@@ -5,11 +5,11 @@
 //! `store/registry.rs`; the wire types and their checks in [`types`]. Nothing here decides
 //! payload matching: that stays the store's `status = 'registered' AND renewal_due > now`.
 
-pub mod api;
-pub mod audit;
-pub mod cli;
-pub mod config;
-pub mod notify;
+pub(crate) mod api;
+pub(crate) mod audit;
+pub(crate) mod cli;
+pub(crate) mod config;
+pub(crate) mod notify;
 pub mod types;
 
 use chrono::{DateTime, Utc};
@@ -21,6 +21,8 @@ use super::store::{Effect, Store, StoreError};
 
 /// The registry's policy and its audit log, shared by the API handlers and the purge job.
 pub struct Registry {
+    /// The VO's name (server.toml `vo`): the root group a new member's FQANs start from.
+    pub vo: String,
     pub settings: MembershipSettings,
     pub audit: AuditLog,
 }
@@ -35,11 +37,43 @@ pub enum Role {
 }
 
 impl Registry {
-    pub fn new(settings: &MembershipSettings) -> Self {
+    pub fn new(vo: &str, settings: &MembershipSettings) -> Self {
         Registry {
-            audit: AuditLog::new(&settings.audit_log, settings.retention_days),
+            vo: vo.to_string(),
+            audit: AuditLog::new(&settings.audit_log, settings.audit_log_retention_days),
             settings: settings.clone(),
         }
+    }
+
+    /// Checks a registration of `dn`, by the API's `register` (the certificate's owner) and by
+    /// the operator's `member add` alike: the data its kind requires, the AUP versions
+    /// accepted being the current ones, FQANs of this VO (default: the VO's root group).
+    pub fn new_registration(
+        &self,
+        dn: &str,
+        req: types::RegisterRequest,
+    ) -> Result<super::store::NewRegistration, types::FieldError> {
+        types::check_dn("dn", dn)?;
+        req.registration.check(req.kind)?;
+        req.accept.check(
+            &self.settings.grid_aup_version,
+            &self.settings.vo_aup_version,
+        )?;
+        let fqans = if req.fqans.is_empty() {
+            vec![format!("/{}", self.vo)]
+        } else {
+            req.fqans
+        };
+        types::check_fqans(&self.vo, &fqans)?;
+        Ok(super::store::NewRegistration {
+            dn: dn.to_string(),
+            vo: self.vo.clone(),
+            kind: req.kind,
+            registration: req.registration,
+            grid_aup_version: req.accept.grid_aup,
+            vo_aup_version: req.accept.vo_aup,
+            fqans,
+        })
     }
 
     /// `dn`'s role: a VO manager by `manager_dns`, or by holding one of `manager_fqans` as
@@ -168,18 +202,21 @@ impl Registry {
     }
 
     /// Deletes the registry data of memberships that ended more than the retention period
-    /// before `now`, and records the run (a count, no DNs).
+    /// before `now` (and requests decided, notifications written, that long ago), and
+    /// records the run (counts, no DNs).
     pub fn purge(
         &self,
         store: &Store,
         actor: &str,
         now: DateTime<Utc>,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<super::store::MembershipPurged, StoreError> {
         let cutoff = now - chrono::Duration::days(i64::from(self.settings.retention_days));
         let n = store.purge_membership(cutoff)?;
         let mut rec = AuditRecord::new("purge", actor, "done");
         rec.details = serde_json::json!({
-            "members_purged": n,
+            "members_purged": n.members,
+            "requests_purged": n.requests,
+            "notifications_purged": n.notifications,
             "ended_before": super::store::ts_text(cutoff),
         });
         self.record(&rec)?;

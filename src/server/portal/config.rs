@@ -95,8 +95,9 @@ pub struct RequestLogConfig {
 }
 
 /// Rotated request log files are deleted this many days after their rotation by default:
-/// the 180 days the traceability and logging policy asks of audit logs.
-pub const DEFAULT_REQUEST_LOG_RETENTION_DAYS: u32 = 180;
+/// the 180 days the traceability and logging policy asks of audit logs (also the least
+/// accepted; a year is the most, see [`crate::server::config::check_days`]).
+pub const DEFAULT_REQUEST_LOG_RETENTION_DAYS: u32 = crate::server::config::MIN_AUDIT_DAYS;
 
 /// The portal controls of one server, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,14 +216,16 @@ impl PortalSettings {
             .request_log
             .retention_days
             .unwrap_or(DEFAULT_REQUEST_LOG_RETENTION_DAYS);
-        if !(1..=3650).contains(&days) {
-            return Err(value_error(
-                path,
-                "request_log.retention_days",
-                &days.to_string(),
-                &format!("must be between 1 and 3650 days; the default is {DEFAULT_REQUEST_LOG_RETENTION_DAYS}"),
-            ));
-        }
+        // The request log is the portal policy's audit log (kept at least the traceability
+        // policy's minimum) and holds DNs and client addresses (personal data: at most a year).
+        crate::server::config::check_days(
+            path,
+            "request_log.retention_days",
+            days,
+            crate::server::config::MIN_AUDIT_DAYS,
+            Some(crate::server::config::MIN_AUDIT_REF),
+            DEFAULT_REQUEST_LOG_RETENTION_DAYS,
+        )?;
         let request_log = match &raw.request_log.path {
             Some(p) => resolve(base, p),
             None => data_dir.join("requests.jsonl"),
@@ -275,7 +278,7 @@ signing_key = "vo.key"
 user = { per_minute = 30, burst = 10 }
 [request_log]
 path = "/var/log/mupilot/requests.jsonl"
-retention_days = 400
+retention_days = 365
 [[portal]]
 dn = "/DC=org/CN=portal.example.org"
 responsible = "/DC=org/CN=Portal Manager"
@@ -293,7 +296,7 @@ responsible = "/DC=org/CN=Alice"
         );
         assert_eq!(c.portal.robots[0].rate, None);
         assert_eq!(c.portal.rate_limits.user.unwrap().burst, 10);
-        assert_eq!(c.portal.request_log_retention.as_secs(), 400 * 86400);
+        assert_eq!(c.portal.request_log_retention.as_secs(), 365 * 86400);
     }
 
     #[test]

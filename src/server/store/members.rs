@@ -56,8 +56,8 @@ pub struct Member {
     pub renewal_due: DateTime<Utc>,
     /// `person`, `host`, `service` or `robot`.
     pub kind: EntityKind,
-    /// The personal registration data; None for members seeded from server.toml or added by
-    /// `member add` before they registered, and after the retention purge.
+    /// The personal registration data; None for members seeded from server.toml, and after
+    /// the retention purge.
     pub registration: Option<Registration>,
     /// The AUP versions last accepted, and when.
     pub grid_aup_version: Option<String>,
@@ -174,32 +174,6 @@ impl Store {
         })
     }
 
-    /// Registers a DN, or registers it again if it was suspended or removed (new dates).
-    pub fn add_member(
-        &self,
-        dn: &str,
-        vo: &str,
-        fqans: &[String],
-        now: DateTime<Utc>,
-    ) -> Result<Member, StoreError> {
-        if !dn.starts_with('/') {
-            return Err(StoreError::Invalid(format!(
-                "DN {dn:?} is not grid style; write it like /DC=org/DC=example/CN=name"
-            )));
-        }
-        let fq = serde_json::to_string(fqans).expect("strings serialise");
-        self.tx(|c| {
-            c.execute(
-                "INSERT INTO members (dn, vo, fqans, status, registered_at, renewal_due)
-                 VALUES (?1, ?2, ?3, 'registered', ?4, ?5)
-                 ON CONFLICT (dn) DO UPDATE SET vo = ?2, fqans = ?3, status = 'registered',
-                    registered_at = ?4, renewal_due = ?5, ended_at = NULL, suspension = NULL",
-                vals![dn, vo, &fq, ts(now), ts(due(now))],
-            )?;
-            member_in(c, dn)?.ok_or_else(|| StoreError::NoMember(dn.into()))
-        })
-    }
-
     /// Sets a member's status, nothing else. Suspensions and removals go through the
     /// registry ([`Store::file_and_decide`], [`Store::decide`]), which also stop the member's
     /// payloads and keep the request record.
@@ -221,8 +195,11 @@ impl Store {
         Ok(m)
     }
 
-    /// Renews a registered or suspended member for another twelve months from `now`.
-    pub fn renew_member(&self, dn: &str, now: DateTime<Utc>) -> Result<Member, StoreError> {
+    /// Renews a registered or suspended member for another twelve months from `now`, with
+    /// nothing re-confirmed: only the store's own unit tests use it. Renewals go through the
+    /// registry (a `renewal` request, approved), which records the data and AUPs.
+    #[cfg(test)]
+    pub(crate) fn renew_member(&self, dn: &str, now: DateTime<Utc>) -> Result<Member, StoreError> {
         self.tx(|c| {
             let lock = c.engine().lock_row();
             let m = c
@@ -235,7 +212,7 @@ impl Store {
                 .ok_or_else(|| StoreError::NoMember(dn.into()))?;
             if m.status == MemberStatus::Removed {
                 return Err(StoreError::Conflict(format!(
-                    "member {dn} was removed; register it again with `mupilot-server member add`"
+                    "member {dn} was removed; register it again (`mupilot-server membership register`, or `mupilot-server member add` with its registration data)"
                 )));
             }
             c.execute(

@@ -51,7 +51,8 @@ use db::{Conn, PgManager};
 pub use delegations::{Delegation, ProxyHolder, Signing};
 pub use members::{Member, MemberStatus, Suspension};
 pub use payloads::{Matched, NewPayload, SweepRules, Swept};
-pub use registry::{Effect, FiledRequest, NewRegistration};
+pub use registry::{Effect, FiledRequest, MembershipPurged, NewRegistration};
+pub use retention::RecordsExpired;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]

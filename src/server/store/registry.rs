@@ -37,6 +37,17 @@ pub struct NewRegistration {
     pub fqans: Vec<String>,
 }
 
+/// What one run of [`Store::purge_membership`] deleted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct MembershipPurged {
+    /// Members whose membership ended before the cutoff (their entry and registration data).
+    pub members: usize,
+    /// Requests: all of a purged member's, and others decided before the cutoff.
+    pub requests: usize,
+    /// Notifications: all about a purged member, and others written before the cutoff.
+    pub notifications: usize,
+}
+
 /// What an approval did besides deciding the request.
 #[derive(Debug, Clone, Default)]
 pub struct Effect {
@@ -447,13 +458,13 @@ impl Store {
     /// Deletes every trace in the registry of memberships that ended before `cutoff`:
     /// removed or refused (`ended_at`), or lapsed without renewal (`renewal_due`). The member
     /// row, its registration data, the requests about it and the notifications about it go;
-    /// returns how many members were purged.
+    /// so do other members' requests decided, and notifications written, before `cutoff`.
     ///
     /// On SQLite the deletion is made with `secure_delete` (the freed cells are overwritten
     /// with zeros, not left in free pages) and the WAL is checkpointed and truncated after
     /// it, so the deleted bytes are in no file of the database. On PostgreSQL the rows are
     /// gone for every reader at commit; their dead tuples are reclaimed by autovacuum.
-    pub fn purge_membership(&self, cutoff: DateTime<Utc>) -> Result<usize, StoreError> {
+    pub fn purge_membership(&self, cutoff: DateTime<Utc>) -> Result<MembershipPurged, StoreError> {
         let sqlite = match &self.backend {
             super::Backend::Sqlite(c) => Some(c),
             super::Backend::Postgres(..) => None,
@@ -471,7 +482,7 @@ impl Store {
         n
     }
 
-    fn purge_rows(&self, cutoff: DateTime<Utc>) -> Result<usize, StoreError> {
+    fn purge_rows(&self, cutoff: DateTime<Utc>) -> Result<MembershipPurged, StoreError> {
         self.tx(|c| {
             let ended = c.query(
                 "SELECT dn FROM members
@@ -479,20 +490,32 @@ impl Store {
                     OR (status = 'registered' AND renewal_due < ?1)",
                 vals![ts(cutoff)],
             )?;
-            let mut n = 0;
+            let mut out = MembershipPurged::default();
             for mut r in ended {
                 let dn = r.text(0)?;
-                c.execute(
+                out.requests += c.execute(
                     "DELETE FROM membership_requests WHERE subject_dn = ?1",
                     vals![&dn],
-                )?;
-                c.execute(
+                )? as usize;
+                out.notifications += c.execute(
                     "DELETE FROM membership_notifications WHERE subject_dn = ?1",
                     vals![&dn],
-                )?;
-                n += c.execute("DELETE FROM members WHERE dn = ?1", vals![&dn])?;
+                )? as usize;
+                out.members += c.execute("DELETE FROM members WHERE dn = ?1", vals![&dn])? as usize;
             }
-            Ok(n as usize)
+            // Members who stay accumulate requests (renewals carry re-confirmed personal data)
+            // and notifications: once decided (or written) longer ago than the retention
+            // period they go too. The audit log keeps the transactions; a pending request
+            // stays until decided.
+            out.requests += c.execute(
+                "DELETE FROM membership_requests WHERE state <> 'pending' AND decided_at < ?1",
+                vals![ts(cutoff)],
+            )? as usize;
+            out.notifications += c.execute(
+                "DELETE FROM membership_notifications WHERE created_at < ?1",
+                vals![ts(cutoff)],
+            )? as usize;
+            Ok(out)
         })
     }
 }

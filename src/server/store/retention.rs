@@ -1,15 +1,28 @@
-//! Retention of payload files: a payload's input bundle and output archive are deleted a
+//! Retention in the store: a payload's input bundle and output archive are deleted a
 //! configured time after it reached its final state, and the row keeps when
-//! (`files_deleted_at`), so its status still says what happened to them. No HTTP here; the periodic job that
-//! calls [`Store::expire_files`] is the listener's.
+//! (`files_deleted_at`), so its status still says what happened to them; later the records
+//! themselves go ([`Store::expire_records`]): a finished payload's row with its operator
+//! commands and `information` answers, and the record of each proxy issued, once older than
+//! `record_retention_days` (the policies' 180 days to a year). No HTTP here; the periodic jobs
+//! that call these are the listener's, and `membership purge` runs them by hand.
 
 use chrono::{DateTime, Utc};
 
 use super::db::vals;
 use super::{ts, Store, StoreError};
 
-/// How many payloads one call expires at most (the job runs again soon).
+/// How many payloads one call expires at most (the job runs again soon); records are
+/// deleted in transactions of this many payloads.
 const BATCH: i64 = 500;
+
+/// What one run of [`Store::expire_records`] deleted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RecordsExpired {
+    pub payloads: usize,
+    pub commands: usize,
+    pub information: usize,
+    pub proxy_signings: usize,
+}
 
 impl Store {
     /// Deletes the bundle and output archive of payloads in a final state whose last change
@@ -69,6 +82,59 @@ impl Store {
             }
             None => Ok(done),
         }
+    }
+
+    /// Deletes the records older than `before`: payloads in a final state whose files are
+    /// already deleted and whose last change is older (with their operator commands and
+    /// `information` requests and answers), and the records of proxies whose notAfter is
+    /// older. Payloads not final, or final but with their files still kept, stay whatever
+    /// their age. Runs in batches until nothing is left; safe to run from several instances
+    /// at once (each row is deleted and counted once).
+    pub fn expire_records(&self, before: DateTime<Utc>) -> Result<RecordsExpired, StoreError> {
+        let mut out = RecordsExpired::default();
+        loop {
+            let n = self.tx(|c| {
+                let lock = c.engine().lock_row();
+                let ids: Vec<String> = c
+                    .query(
+                        &format!(
+                            "SELECT id FROM payloads
+                             WHERE state NOT IN ('queued', 'matched', 'running')
+                               AND files_deleted_at IS NOT NULL AND updated_at < ?1
+                             ORDER BY seq LIMIT ?2{lock}"
+                        ),
+                        vals![ts(before), BATCH],
+                    )?
+                    .into_iter()
+                    .map(|mut r| r.text(0))
+                    .collect::<Result<_, _>>()?;
+                let mut batch = RecordsExpired::default();
+                for id in &ids {
+                    batch.information += c
+                        .execute("DELETE FROM information WHERE payload_id = ?1", vals![id])?
+                        as usize;
+                    batch.commands += c
+                        .execute("DELETE FROM commands WHERE payload_id = ?1", vals![id])?
+                        as usize;
+                    batch.payloads +=
+                        c.execute("DELETE FROM payloads WHERE id = ?1", vals![id])? as usize;
+                }
+                Ok((ids.len(), batch))
+            })?;
+            out.payloads += n.1.payloads;
+            out.commands += n.1.commands;
+            out.information += n.1.information;
+            if n.0 < BATCH as usize {
+                break;
+            }
+        }
+        out.proxy_signings = self.conn(|c| {
+            c.execute(
+                "DELETE FROM proxy_signings WHERE not_after < ?1",
+                vals![ts(before)],
+            )
+        })? as usize;
+        Ok(out)
     }
 
     /// When the payload's files were deleted by retention, if they were.

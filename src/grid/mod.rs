@@ -17,6 +17,7 @@ pub mod cache;
 pub mod config;
 pub mod dn;
 pub mod lsc;
+pub mod possession;
 pub mod proxy;
 pub mod refusal;
 pub mod trust;

@@ -47,6 +47,9 @@ pub struct Helper {
     pub admission: Arc<Admission>,
     /// Refused connections, audited aggregated.
     pub refusals: Refusals,
+    /// The `[grid]` verifier (owners' proxies), when the site configured one.
+    #[cfg(feature = "grid")]
+    pub grid: Option<crate::grid::Verifier>,
     next_conn: AtomicU64,
 }
 
@@ -88,6 +91,8 @@ impl Helper {
                 cfg.limits.max_connections,
             ),
             refusals: Refusals::new(cfg.limits.refusal_audit_interval),
+            #[cfg(feature = "grid")]
+            grid: cfg.grid.clone().map(crate::grid::Verifier::new),
             next_conn: AtomicU64::new(1),
             cfg,
         })

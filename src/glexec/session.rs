@@ -15,7 +15,7 @@ use super::stdio::{self, Stream};
 use super::{exit_code_of, Invocation, EXIT_AUTHZ, EXIT_CLIENT, EXIT_SYSTEM};
 use crate::protocol::switch_wire::{
     read_frame, write_frame, DenialClass, ExitReport, GlexecRequest, PilotHello, SwitchEvent,
-    SwitchRequest, WireError,
+    SwitchRequest, WireError, MAX_REQUEST_FRAME,
 };
 
 /// The signals forwarded to the command.
@@ -124,6 +124,16 @@ pub fn run(inv: &Invocation) -> i32 {
         stdout_fd: i1,
         stderr_fd: i2,
     });
+    // The helper reads at most MAX_REQUEST_FRAME: say so here rather than be cut off there.
+    let size = serde_json::to_vec(&req).map_or(0, |b| b.len());
+    if size > MAX_REQUEST_FRAME {
+        return fail(
+            EXIT_CLIENT,
+            format!(
+                "the command and the environment come to {size} bytes, more than the helper accepts ({MAX_REQUEST_FRAME}); pass large data in files (GLEXEC_ENV included)"
+            ),
+        );
+    }
     if let Err(e) = write_frame(&mut sock, &req, &fds) {
         return fail(EXIT_SYSTEM, format!("cannot send the request: {e}"));
     }

@@ -637,7 +637,7 @@ fn terminals_and_sockets_reach_the_command_as_pipes() {
                 "readlink /proc/self/fd/0 /proc/self/fd/1; echo done",
             ],
         )
-        .stdin(Stdio::from(std::os::fd::OwnedFd::from(pty.slave)))
+        .stdin(Stdio::from(pty.slave))
         .stdout(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
         .stderr(Stdio::piped())
         .spawn()

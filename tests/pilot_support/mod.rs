@@ -237,6 +237,7 @@ fn serve(listener: UnixListener, mode: HelperMode, log: Arc<Mutex<HelperLog>>) {
             }
             SwitchRequest::Hello(_) => panic!("second hello"),
             SwitchRequest::AdminKill { .. } => panic!("a pilot never sends admin requests"),
+            SwitchRequest::Glexec(_) => panic!("the pilot never sends glexec requests"),
             SwitchRequest::Command { .. } => {
                 panic!("the VO server double sends no signed commands")
             }

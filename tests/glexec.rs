@@ -7,6 +7,7 @@
 
 #![cfg(feature = "grid")]
 
+mod grid_support;
 mod switch_support;
 
 use std::io::{BufRead, Read, Write};
@@ -55,23 +56,11 @@ impl Drop for Users {
     }
 }
 
-/// The PKI of tests/grid_support/make-fixtures.sh, made once per run.
+/// The PKI of tests/grid_support/make-fixtures.sh, made once per run. The helper (root)
+/// reads it; the accounts need not.
 fn pki() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("glexec-pki");
-        let _ = std::fs::remove_dir_all(&dir);
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/grid_support/make-fixtures.sh");
-        let out = Command::new("sh").arg(&script).arg(&dir).output().unwrap();
-        assert!(
-            out.status.success(),
-            "make-fixtures.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // The helper (root) reads it; the accounts need not.
-        dir
-    })
+    DIR.get_or_init(|| grid_support::make("glexec-pki"))
 }
 
 fn ids(name: &str) -> (u32, u32) {

@@ -1,9 +1,11 @@
 //! mupilot: a multi-user pilot job system for grid and HPC worker nodes.
 //!
-//! One library, three thin binaries:
+//! One library, four thin binaries:
 //! - `mupilot` (the pilot agent, [`pilot`]) runs as the VO's pilot account inside a batch slot;
 //! - `mupilot-switch` (the site's identity-switching helper, [`switch`]) runs as root;
-//! - `mupilot-server` (the reference VO server, [`server`]) runs as a VO service account.
+//! - `mupilot-server` (the reference VO server, [`server`]) runs as a VO service account;
+//! - `mupilot-glexec` ([`glexec`]), a gLExec-compatible client of the helper for frameworks
+//!   that call `glexec`; runs as the pilot account, no setuid bit.
 //!
 //! Shared pieces: [`protocol`] (wire types and envelope signing), [`records`] (the hash-chained
 //! JSON-lines log behind both the pilot's trace and the helper's audit), [`policy`] (the
@@ -14,6 +16,7 @@
 //! attributes with OpenSSL's certificate code for the helper; the static pilot is built without it.
 
 pub mod cgroups;
+pub mod glexec;
 #[cfg(feature = "grid")]
 pub mod grid;
 pub mod pilot;

@@ -13,25 +13,14 @@ use std::sync::OnceLock;
 use chrono::{Duration, Utc};
 use mupilot::grid::{Claim, CredentialRefusal, GridConfig, LimitedProxies, Verifier};
 
+mod grid_support;
+
 const ALICE: &str = "/DC=org/DC=mupilot-test/CN=Alice";
 
-/// The PKI, made afresh once per test run under cargo's target tmpdir (kept there for
-/// inspection after a failure, replaced by the next run).
+/// The PKI, made afresh once per test run (tests/grid_support).
 fn pki() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("grid-pki");
-        let _ = std::fs::remove_dir_all(&dir);
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/grid_support/make-fixtures.sh");
-        let out = Command::new("sh").arg(&script).arg(&dir).output().unwrap();
-        assert!(
-            out.status.success(),
-            "make-fixtures.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        dir
-    })
+    DIR.get_or_init(|| grid_support::make("grid-pki"))
 }
 
 /// A private copy of the PKI, for tests that change the CA directory or vomsdir.

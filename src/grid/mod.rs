@@ -19,6 +19,7 @@ pub mod config;
 pub mod delegation;
 pub mod dn;
 pub mod lsc;
+pub mod possession;
 pub mod proxy;
 pub mod refusal;
 pub mod trust;

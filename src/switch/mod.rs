@@ -6,7 +6,7 @@
 //! Rooms: [`config`] (switch.toml), [`activation`] (the listening socket), [`daemon`] (shared
 //! state, accept loop, shutdown), [`connection`] (one pilot), `report` (a payload's start and end, told), [`launch`] (the checks in
 //! order), [`authorize`] (the local decision), [`gridmap`] (the mapping file), [`accounts`]
-//! (account lookup and refusals), [`leases`] (pool accounts), [`replay`] (seen nonces), [`proxy`] (the payload's delegated proxy), [`registry`] (running payloads and
+//! (account lookup and refusals), [`leases`] (pool accounts), [`glexec`] (the gLExec-compatible entry), [`replay`] (seen nonces), [`proxy`] (the payload's delegated proxy), [`registry`] (running payloads and
 //! slots), [`audit`] and [`syslog`] (records), [`metrics`] (node_exporter textfile), [`sandbox`] (the payload's isolation), [`check`]
 //! (check-config's site checks).
 
@@ -24,6 +24,7 @@ pub mod command;
 pub mod config;
 pub mod connection;
 pub mod daemon;
+pub mod glexec;
 pub mod gridmap;
 pub mod launch;
 pub mod leases;

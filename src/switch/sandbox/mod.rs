@@ -158,6 +158,15 @@ pub struct LaunchPlan {
     /// Paths relative to scratch copied out after the end.
     #[serde(default)]
     pub outputs: Vec<String>,
+    /// The payload's stdin (a pipe or regular file the caller opened for reading); None:
+    /// /dev/null. Only the gLExec entry passes one.
+    #[serde(skip)]
+    pub stdin: Option<Arc<OwnedFd>>,
+    /// An owner's proxy (certificates and key, PEM) the helper verified: written into the
+    /// scratch directory as `x509up_u<uid>` (0600, the account's) before the stage starts,
+    /// `X509_USER_PROXY` naming it.
+    #[serde(skip)]
+    pub proxy_pem: Option<Arc<Vec<u8>>>,
 }
 
 /// Errors of the sandbox layer; each names the path or step that failed.

@@ -1,0 +1,648 @@
+//! `mupilot-glexec` against the real `mupilot-switch` daemon, as root: real accounts
+//! (`mpt-glx-a` the proxy owner's, `mpt-glx-p` the pilot, `mpt-glx-o` a pilot not allowed to
+//! use the entry), real proxies with VOMS ACs from voms-proxy-fake (tests/grid_support), the
+//! client run as the pilot account with setpriv. Each of gLExec's exit codes, stdout/stderr
+//! and stdin pass-through, exit status and signal propagation, forwarded signals, a killed
+//! client, terminals and sockets as stdio, and the audit records.
+
+#![cfg(feature = "grid")]
+
+mod grid_support;
+mod switch_support;
+
+use std::io::{BufRead, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use switch_support::{common, Site};
+
+const ALICE: &str = "/DC=org/DC=mupilot-test/CN=Alice";
+const ACCT: &str = "mpt-glx-a";
+const PILOT: &str = "mpt-glx-p";
+const OTHER: &str = "mpt-glx-o";
+const CLIENT: &str = env!("CARGO_BIN_EXE_mupilot-glexec");
+
+static USERS: Mutex<usize> = Mutex::new(0);
+
+/// Holds the test accounts; the last holder removes them.
+struct Users;
+
+impl Users {
+    fn acquire() -> Users {
+        let mut n = USERS.lock().unwrap_or_else(|p| p.into_inner());
+        if *n == 0 {
+            for u in [ACCT, PILOT, OTHER] {
+                common::ensure_account(u);
+            }
+        }
+        *n += 1;
+        Users
+    }
+}
+
+impl Drop for Users {
+    fn drop(&mut self) {
+        let mut n = USERS.lock().unwrap_or_else(|p| p.into_inner());
+        *n -= 1;
+        if *n == 0 {
+            for u in [ACCT, PILOT, OTHER] {
+                common::delete_account(u);
+            }
+        }
+    }
+}
+
+/// The PKI of tests/grid_support/make-fixtures.sh, made once per run. The helper (root)
+/// reads it; the accounts need not.
+fn pki() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| grid_support::make("glexec-pki"))
+}
+
+fn ids(name: &str) -> (u32, u32) {
+    let u = nix::unistd::User::from_name(name).unwrap().unwrap();
+    (u.uid.as_raw(), u.gid.as_raw())
+}
+
+/// A site with `[grid]` (unless `grid` is false) and the given `[glexec]` table, Alice mapped
+/// to `mpt-glx-a`, and the pilot's proxy directory (0700, the pilot's).
+struct GSite {
+    site: Site,
+    proxies: PathBuf,
+    bans: PathBuf,
+}
+
+impl GSite {
+    fn new(glexec: &str, grid: bool) -> GSite {
+        let site = Site::new();
+        std::fs::write(&site.gridmap, format!("\"{ALICE}\" {ACCT}\n")).unwrap();
+        let bans = site.path("ban_users.db");
+        std::fs::write(&bans, "# LCAS ban list\n").unwrap();
+        let grid_table = if grid {
+            format!(
+                "[grid]\ncert_dir = \"{0}/certificates\"\nvomsdir = \"{0}/vomsdir\"\nmax_proxy_lifetime_seconds = 172800\n",
+                pki().display()
+            )
+        } else {
+            String::new()
+        };
+        std::fs::write(
+            &site.config,
+            format!(
+                r#"socket = "run/switch.sock"
+allowed_pilots = ["{PILOT}", "{OTHER}"]
+gridmap = "grid-mapfile"
+audit_log = "log/audit.jsonl"
+state_dir = "state"
+min_uid = 1000
+[[vo]]
+name = "atlas"
+public_key = "vo.pub"
+[[vo]]
+name = "cms"
+public_key = "vo.pub"
+[sandbox]
+scratch_root = "{}"
+[authz]
+ban_users = ["ban_users.db"]
+{grid_table}
+{glexec}
+"#,
+                site.scratch.path().join("scratch").display()
+            ),
+        )
+        .unwrap();
+        let proxies = site.path("proxies");
+        std::fs::create_dir(&proxies).unwrap();
+        let (uid, gid) = ids(PILOT);
+        std::os::unix::fs::chown(&proxies, Some(uid), Some(gid)).unwrap();
+        std::fs::set_permissions(&proxies, std::fs::Permissions::from_mode(0o700)).unwrap();
+        GSite {
+            site,
+            proxies,
+            bans,
+        }
+    }
+
+    fn enabled() -> GSite {
+        GSite::new(
+            &format!("[glexec]\nenabled = true\nvos = [\"atlas\"]\npilots = [\"{PILOT}\"]\npreserve_env = [\"DIRAC_SITE\"]"),
+            true,
+        )
+    }
+
+    /// Writes `bytes` as the pilot's proxy file `name` (0600 unless `mode`).
+    fn proxy_bytes(&self, name: &str, bytes: &[u8], mode: u32) -> PathBuf {
+        let p = self.proxies.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let (uid, gid) = ids(PILOT);
+        std::os::unix::fs::chown(&p, Some(uid), Some(gid)).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+
+    /// A fixture proxy, as the pilot's.
+    fn proxy(&self, fixture: &str) -> PathBuf {
+        let bytes = std::fs::read(pki().join("proxies").join(format!("{fixture}.pem"))).unwrap();
+        self.proxy_bytes(&format!("{fixture}.pem"), &bytes, 0o600)
+    }
+
+    /// `mupilot-glexec ARGV` as `user` with a clean environment plus `env`.
+    fn command(&self, user: &str, env: &[(&str, &str)], argv: &[&str]) -> Command {
+        let (uid, gid) = ids(user);
+        let mut c = Command::new("setpriv");
+        c.arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={gid}"))
+            .arg("--clear-groups")
+            .arg(CLIENT)
+            .args(argv)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("MUPILOT_SWITCH_SOCKET", &self.site.socket)
+            .envs(env.iter().copied());
+        c
+    }
+
+    fn run(&self, env: &[(&str, &str)], argv: &[&str], stdin: &[u8]) -> Output {
+        self.run_as(PILOT, env, argv, stdin)
+    }
+
+    fn run_as(&self, user: &str, env: &[(&str, &str)], argv: &[&str], stdin: &[u8]) -> Output {
+        let mut child = self
+            .command(user, env, argv)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut w = child.stdin.take().unwrap();
+        let input = stdin.to_vec();
+        let t = std::thread::spawn(move || {
+            let _ = w.write_all(&input);
+        });
+        let out = child.wait_with_output().unwrap();
+        t.join().unwrap();
+        out
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn code(out: &Output) -> i32 {
+    out.status.code().unwrap_or_else(|| {
+        panic!(
+            "killed by {:?}; stderr: {}",
+            out.status.signal(),
+            text(&out.stderr)
+        )
+    })
+}
+
+/// The good proxy with its private key block removed.
+fn without_key(pem: &[u8]) -> Vec<u8> {
+    let t = text(pem);
+    let mut out = String::new();
+    let mut in_key = false;
+    for line in t.lines() {
+        if line.contains("BEGIN") && line.contains("PRIVATE KEY") {
+            in_key = true;
+        }
+        if !in_key {
+            out.push_str(line);
+            out.push('\n');
+        }
+        if line.contains("END") && line.contains("PRIVATE KEY") {
+            in_key = false;
+        }
+    }
+    out.into_bytes()
+}
+
+fn as_refs<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    v.iter().map(|(k, s)| (*k, s.as_str())).collect()
+}
+
+/// The private key block of a proxy file.
+fn key_of(pem: &[u8]) -> String {
+    let t = text(pem);
+    let mut out = String::new();
+    let mut in_key = false;
+    for line in t.lines() {
+        if line.contains("BEGIN") && line.contains("PRIVATE KEY") {
+            in_key = true;
+        }
+        if in_key {
+            out.push_str(line);
+            out.push('\n');
+        }
+        if line.contains("END") && line.contains("PRIVATE KEY") {
+            break;
+        }
+    }
+    assert!(!out.is_empty(), "a key block");
+    out
+}
+
+#[test]
+fn runs_as_the_proxys_owner_with_its_stdio_status_and_proxy() {
+    let _u = Users::acquire();
+    let gs = GSite::enabled();
+    let _d = gs.site.start();
+    let good = gs.proxy("good");
+    let cert = good.to_str().unwrap();
+    let env = [
+        ("GLEXEC_CLIENT_CERT", cert),
+        ("GLEXEC_ENV", "wrapped-by-the-framework"),
+        ("DIRAC_SITE", "LCG.Test.org"),
+        ("PILOT_SECRET", "never-in-the-payload"),
+    ];
+    let script = r#"id -un; id -u; cat; echo "to stderr" >&2
+echo "env:$GLEXEC_ENV:$DIRAC_SITE:${PILOT_SECRET:-unset}:$X509_CERT_DIR"
+stat -c "proxy:%a:%U" "$X509_USER_PROXY"; sha256sum < "$X509_USER_PROXY"
+exit 7"#;
+    let out = gs.run(&env, &["/bin/sh", "-c", script], b"from stdin\n");
+    assert_eq!(code(&out), 7, "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], ACCT, "{stdout}");
+    assert_eq!(lines[1], ids(ACCT).0.to_string());
+    assert_eq!(lines[2], "from stdin");
+    assert_eq!(
+        lines[3],
+        format!(
+            "env:wrapped-by-the-framework:LCG.Test.org:unset:{}/certificates",
+            pki().display()
+        )
+    );
+    assert_eq!(lines[4], format!("proxy:600:{ACCT}"));
+    let digest = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(std::fs::read(&good).unwrap()))
+    };
+    assert!(lines[5].starts_with(&digest), "{stdout}");
+    assert_eq!(text(&out.stderr), "to stderr\n");
+
+    // The command's own 201-204 become 204; other codes pass through.
+    for (c, want) in [
+        (0, 0),
+        (1, 1),
+        (126, 126),
+        (201, 204),
+        (203, 204),
+        (204, 204),
+    ] {
+        let out = gs.run(&env, &["/bin/sh", "-c", &format!("exit {c}")], b"");
+        assert_eq!(code(&out), want, "exit {c}: {}", text(&out.stderr));
+    }
+    // Killed by a signal: the client ends with the same signal.
+    let out = gs.run(&env, &["/bin/sh", "-c", "kill -USR1 $$"], b"");
+    assert_eq!(out.status.signal(), Some(libc::SIGUSR1), "{:?}", out.status);
+
+    // The audit log: start and end, via glexec, the verified owner, FQANs and proxy digest.
+    let recs = gs.site.records();
+    let starts: Vec<_> = recs
+        .iter()
+        .filter(|r| r["via"] == "glexec" && r["event"] == "start")
+        .collect();
+    assert_eq!(starts.len(), 8, "{recs:#?}");
+    let first = starts[0];
+    assert_eq!(first["owner_dn"], ALICE);
+    assert_eq!(first["vo"], "atlas");
+    assert_eq!(first["account"], ACCT);
+    assert_eq!(first["proxy_sha256"], digest.as_str());
+    assert!(
+        first["fqans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "/atlas"),
+        "{first}"
+    );
+    assert_eq!(first["pilot_uid"], ids(PILOT).0);
+    let id = first["payload_id"].as_str().unwrap();
+    assert!(id.starts_with("glexec-"), "{id}");
+    let end = recs
+        .iter()
+        .find(|r| r["payload_id"] == id && r["event"] == "end")
+        .expect("an end record");
+    assert_eq!(end["exit_code"], 7);
+    assert_eq!(end["via"], "glexec");
+}
+
+#[test]
+fn each_refusal_has_glexecs_exit_code_and_a_reason() {
+    let _u = Users::acquire();
+    let gs = GSite::enabled();
+    let _d = gs.site.start();
+    let good = gs.proxy("good");
+    let good_bytes = std::fs::read(&good).unwrap();
+    let run = |env: &[(&str, &str)], argv: &[&str]| gs.run(env, argv, b"");
+    let expect = |out: Output, want: i32, says: &str| {
+        let err = text(&out.stderr);
+        assert_eq!(code(&out), want, "{says}: {err}");
+        assert!(err.contains(says), "wanted {says:?} in: {err}");
+        assert!(out.stdout.is_empty(), "nothing ran: {}", text(&out.stdout));
+    };
+    let cert = |p: &Path| p.to_str().unwrap().to_string();
+    let with = |p: &Path| vec![("GLEXEC_CLIENT_CERT", cert(p))];
+
+    // 201: the caller must change something.
+    expect(run(&[], &["/bin/true"]), 201, "set GLEXEC_CLIENT_CERT");
+    let nokey = gs.proxy_bytes("nokey.pem", &without_key(&good_bytes), 0o600);
+    expect(
+        run(&as_refs(&with(&nokey)), &["/bin/true"]),
+        201,
+        "holds no private key",
+    );
+    // The good proxy's chain with the key of another proxy of the same person.
+    let other = std::fs::read(pki().join("proxies/other-vo.pem")).unwrap();
+    let mixed = text(&without_key(&good_bytes)) + &key_of(&other);
+    let mixed = gs.proxy_bytes("mixed.pem", mixed.as_bytes(), 0o600);
+    expect(
+        run(&as_refs(&with(&mixed)), &["/bin/true"]),
+        201,
+        "does not belong to the proxy certificate",
+    );
+    let open = gs.proxy_bytes("open.pem", &good_bytes, 0o644);
+    expect(
+        run(&as_refs(&with(&open)), &["/bin/true"]),
+        201,
+        "chmod 600",
+    );
+    expect(
+        run(&as_refs(&with(&good)), &["/nonexistent/program"]),
+        201,
+        "exec failed: ENOENT",
+    );
+    // A command the target account cannot read (the pilot's own 0700 script), in a directory
+    // it can traverse outside /tmp (the command has a private /tmp).
+    let bin = tempfile::Builder::new()
+        .prefix("mupilot-test-glx-")
+        .tempdir_in("/var/lib")
+        .unwrap();
+    std::fs::set_permissions(bin.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let secret = bin.path().join("script.sh");
+    std::fs::write(&secret, "#!/bin/sh\necho ran\n").unwrap();
+    let (uid, gid) = ids(PILOT);
+    std::os::unix::fs::chown(&secret, Some(uid), Some(gid)).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o700)).unwrap();
+    expect(
+        run(&as_refs(&with(&good)), &[secret.to_str().unwrap()]),
+        201,
+        "exec failed: EACCES",
+    );
+    // An environment beyond what the helper reads (11 variables of 100 kB: one variable may
+    // not exceed 128 KiB in an execve).
+    let big = "x".repeat(100_000);
+    const BIG: [&str; 11] = [
+        "GLEXEC_B0",
+        "GLEXEC_B1",
+        "GLEXEC_B2",
+        "GLEXEC_B3",
+        "GLEXEC_B4",
+        "GLEXEC_B5",
+        "GLEXEC_B6",
+        "GLEXEC_B7",
+        "GLEXEC_B8",
+        "GLEXEC_B9",
+        "GLEXEC_B10",
+    ];
+    let good_env = with(&good);
+    let mut e = as_refs(&good_env);
+    e.extend(BIG.iter().map(|k| (*k, big.as_str())));
+    expect(run(&e, &["/bin/true"]), 201, "more than the helper accepts");
+
+    // 203: a local authorization decision.
+    for (fixture, says) in [
+        ("other-vo", "the gLExec entry serves only atlas"),
+        ("limited", "limited proxy refused"),
+        ("expired", "expired at"),
+        ("unknown-ca", "not in the CA directory"),
+        ("rogue-signer", "not in vomsdir/atlas"),
+    ] {
+        let p = gs.proxy(fixture);
+        expect(run(&as_refs(&with(&p)), &["/bin/true"]), 203, says);
+    }
+    // A source proxy of another VO than the client certificate's.
+    let cms = gs.proxy("other-vo");
+    let mut e = as_refs(&good_env);
+    let cms_s = cert(&cms);
+    e.push(("GLEXEC_SOURCE_PROXY", &cms_s));
+    expect(run(&e, &["/bin/true"]), 203, "GLEXEC_SOURCE_PROXY refused");
+    // A pilot account the entry does not serve.
+    let other_dir = gs.site.path("other");
+    std::fs::create_dir(&other_dir).unwrap();
+    let (ouid, ogid) = ids(OTHER);
+    std::os::unix::fs::chown(&other_dir, Some(ouid), Some(ogid)).unwrap();
+    let op = other_dir.join("good.pem");
+    std::fs::write(&op, &good_bytes).unwrap();
+    std::os::unix::fs::chown(&op, Some(ouid), Some(ogid)).unwrap();
+    std::fs::set_permissions(&op, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = gs.run_as(OTHER, &as_refs(&with(&op)), &["/bin/true"], b"");
+    expect(out, 203, "may not use the gLExec entry");
+    // A banned DN (the ban list is followed live).
+    std::fs::write(&gs.bans, format!("\"{ALICE}\"\n")).unwrap();
+    expect(run(&as_refs(&with(&good)), &["/bin/true"]), 203, "banned");
+    std::fs::write(&gs.bans, "").unwrap();
+    let ok = run(&as_refs(&with(&good)), &["/bin/true"]);
+    assert_eq!(code(&ok), 0, "{}", text(&ok.stderr));
+
+    // 202: the site's side.
+    let mut c = gs.command(PILOT, &as_refs(&with(&good)), &["/bin/true"]);
+    c.env("MUPILOT_SWITCH_SOCKET", "/nonexistent/switch.sock");
+    expect(c.output().unwrap(), 202, "cannot reach the site's helper");
+
+    // Every refusal the helper made is a denial record of the glexec entry, with its class.
+    let recs = gs.site.records();
+    let denials: Vec<_> = recs
+        .iter()
+        .filter(|r| r["via"] == "glexec" && r["event"] == "denied")
+        .collect();
+    // nokey, mixed, open, five refused proxies, the source proxy, the pilot, the ban (no
+    // certificate and the oversized request never reached the helper).
+    assert_eq!(denials.len(), 11, "{denials:#?}");
+    // A command that cannot be exec'd had its start record; an end record closes it.
+    let setup_failed = recs
+        .iter()
+        .filter(|r| {
+            r["via"] == "glexec" && r["event"] == "end" && r["kill_reason"] == "setup_failed"
+        })
+        .count();
+    assert_eq!(setup_failed, 2, "{recs:#?}");
+    assert!(denials.iter().any(|r| r["denial_class"] == "authorization"
+        && r["reason"].as_str().unwrap().contains("banned")));
+    assert!(recs.iter().all(|r| r["account"] != PILOT));
+}
+
+#[test]
+fn a_site_without_the_entry_or_without_grid_says_so_with_202() {
+    let _u = Users::acquire();
+    for (glexec, grid, says) in [
+        ("", true, "not enabled on this site"),
+        (
+            "[glexec]\nenabled = false\nvos = [\"atlas\"]",
+            true,
+            "not enabled on this site",
+        ),
+        (
+            "[glexec]\nenabled = true\nvos = [\"atlas\"]",
+            false,
+            "needs the site's [grid] table",
+        ),
+    ] {
+        let gs = GSite::new(glexec, grid);
+        let _d = gs.site.start();
+        let good = gs.proxy("good");
+        let out = gs.run(
+            &[("GLEXEC_CLIENT_CERT", good.to_str().unwrap())],
+            &["/bin/true"],
+            b"",
+        );
+        assert_eq!(code(&out), 202, "{}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(says), "{}", text(&out.stderr));
+    }
+}
+
+/// Reads the child's stdout until `line` appears.
+fn wait_for_line(child: &mut Child, line: &str) -> String {
+    let out = child.stdout.as_mut().unwrap();
+    let mut r = std::io::BufReader::new(out);
+    let mut seen = String::new();
+    loop {
+        let mut l = String::new();
+        let n = r.read_line(&mut l).unwrap();
+        assert!(n > 0, "stdout ended before {line:?}: {seen}");
+        seen.push_str(&l);
+        if l.trim_end() == line {
+            return seen;
+        }
+    }
+}
+
+fn account_processes(user: &str) -> Vec<String> {
+    let out = Command::new("pgrep").args(["-u", user]).output().unwrap();
+    text(&out.stdout).lines().map(str::to_string).collect()
+}
+
+#[test]
+fn signals_are_forwarded_and_a_killed_client_leaves_nothing() {
+    let _u = Users::acquire();
+    let gs = GSite::enabled();
+    let _d = gs.site.start();
+    let good = gs.proxy("good");
+    let env = [("GLEXEC_CLIENT_CERT", good.to_str().unwrap())];
+
+    // SIGTERM to the client reaches the command, which handles it.
+    let mut child = gs
+        .command(
+            PILOT,
+            &env,
+            &[
+                "/bin/sh",
+                "-c",
+                "trap 'echo got TERM; exit 3' TERM; echo ready; while :; do sleep 0.1; done",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_line(&mut child, "ready");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let mut rest = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut rest)
+        .unwrap();
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(3), "{st:?}");
+    assert!(rest.contains("got TERM"), "{rest}");
+
+    // The client killed outright: the helper kills the command.
+    let mut child = gs
+        .command(
+            PILOT,
+            &env,
+            &["/bin/sh", "-c", "echo ready; exec sleep 300"],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_line(&mut child, "ready");
+    assert!(!account_processes(ACCT).is_empty(), "the command runs");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !account_processes(ACCT).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "{:?} still run",
+            account_processes(ACCT)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let recs = gs.site.records();
+        if recs.iter().any(|r| {
+            r["via"] == "glexec" && r["event"] == "end" && r["kill_reason"] == "pilot_gone"
+        }) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no end record: {recs:#?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn terminals_and_sockets_reach_the_command_as_pipes() {
+    let _u = Users::acquire();
+    let gs = GSite::enabled();
+    let _d = gs.site.start();
+    let good = gs.proxy("good");
+    let env = [("GLEXEC_CLIENT_CERT", good.to_str().unwrap())];
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mut child = gs
+        .command(
+            PILOT,
+            &env,
+            &[
+                "/bin/sh",
+                "-c",
+                "readlink /proc/self/fd/0 /proc/self/fd/1; echo done",
+            ],
+        )
+        .stdin(Stdio::from(pty.slave))
+        .stdout(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let st = child.wait().unwrap();
+    let mut got = String::new();
+    ours.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = ours.read_to_string(&mut got);
+    assert_eq!(st.code(), Some(0), "{got}");
+    let lines: Vec<&str> = got.lines().collect();
+    assert_eq!(lines.len(), 3, "{got}");
+    assert!(
+        lines[0].starts_with("pipe:["),
+        "stdin was a terminal: {got}"
+    );
+    assert!(lines[1].starts_with("pipe:["), "stdout was a socket: {got}");
+    assert_eq!(lines[2], "done");
+    drop(pty.master);
+}

@@ -15,43 +15,42 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use switch_support::{common, Site};
 
 const ALICE: &str = "/DC=org/DC=mupilot-test/CN=Alice";
+const BOB: &str = "/DC=org/DC=mupilot-test/CN=Bob";
 const ACCT: &str = "mpt-glx-a";
 const PILOT: &str = "mpt-glx-p";
 const OTHER: &str = "mpt-glx-o";
+/// The pool of one account of the lease test (`.mpt-glxq` in the grid-mapfile).
+const POOL_ACCT: &str = "mpt-glxq01";
 const CLIENT: &str = env!("CARGO_BIN_EXE_mupilot-glexec");
 
-static USERS: Mutex<usize> = Mutex::new(0);
+static USERS: Mutex<()> = Mutex::new(());
 
-/// Holds the test accounts; the last holder removes them.
-struct Users;
+/// The test accounts, for one test at a time: tests check that no process of an account is
+/// left, which another test's commands would make untrue. Removed again when dropped.
+struct Users(#[allow(dead_code)] std::sync::MutexGuard<'static, ()>);
 
 impl Users {
     fn acquire() -> Users {
-        let mut n = USERS.lock().unwrap_or_else(|p| p.into_inner());
-        if *n == 0 {
-            for u in [ACCT, PILOT, OTHER] {
-                common::ensure_account(u);
-            }
+        let guard = USERS.lock().unwrap_or_else(|p| p.into_inner());
+        for u in [ACCT, PILOT, OTHER, POOL_ACCT] {
+            common::ensure_account(u);
         }
-        *n += 1;
-        Users
+        Users(guard)
     }
 }
 
 impl Drop for Users {
     fn drop(&mut self) {
-        let mut n = USERS.lock().unwrap_or_else(|p| p.into_inner());
-        *n -= 1;
-        if *n == 0 {
-            for u in [ACCT, PILOT, OTHER] {
-                common::delete_account(u);
-            }
+        for u in [ACCT, PILOT, OTHER, POOL_ACCT] {
+            common::delete_account(u);
         }
     }
 }
@@ -78,6 +77,11 @@ struct GSite {
 
 impl GSite {
     fn new(glexec: &str, grid: bool) -> GSite {
+        GSite::build(glexec, grid, "")
+    }
+
+    /// As [`GSite::new`], with `authz` lines added to the `[authz]` table.
+    fn build(glexec: &str, grid: bool, authz: &str) -> GSite {
         let site = Site::new();
         std::fs::write(&site.gridmap, format!("\"{ALICE}\" {ACCT}\n")).unwrap();
         let bans = site.path("ban_users.db");
@@ -109,6 +113,7 @@ public_key = "vo.pub"
 scratch_root = "{}"
 [authz]
 ban_users = ["ban_users.db"]
+{authz}
 {grid_table}
 {glexec}
 "#,
@@ -129,9 +134,15 @@ ban_users = ["ban_users.db"]
     }
 
     fn enabled() -> GSite {
-        GSite::new(
+        GSite::enabled_with("")
+    }
+
+    /// The entry enabled for atlas and the pilot, with `authz` lines in `[authz]`.
+    fn enabled_with(authz: &str) -> GSite {
+        GSite::build(
             &format!("[glexec]\nenabled = true\nvos = [\"atlas\"]\npilots = [\"{PILOT}\"]\npreserve_env = [\"DIRAC_SITE\"]"),
             true,
+            authz,
         )
     }
 
@@ -509,25 +520,187 @@ fn a_site_without_the_entry_or_without_grid_says_so_with_202() {
     }
 }
 
-/// Reads the child's stdout until `line` appears.
-fn wait_for_line(child: &mut Child, line: &str) -> String {
-    let out = child.stdout.as_mut().unwrap();
-    let mut r = std::io::BufReader::new(out);
-    let mut seen = String::new();
-    loop {
-        let mut l = String::new();
-        let n = r.read_line(&mut l).unwrap();
-        assert!(n > 0, "stdout ended before {line:?}: {seen}");
-        seen.push_str(&l);
-        if l.trim_end() == line {
-            return seen;
+/// A running `mupilot-glexec` whose stdout a thread reads into lines, so every wait has a
+/// deadline: a test fails, it never hangs. Killed (SIGKILL) and reaped when dropped, so a
+/// failing test leaves no client behind (and with it no command: the helper kills that when
+/// the connection closes).
+struct Client {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: String,
+    stderr: PathBuf,
+}
+
+impl Client {
+    fn spawn(gs: &GSite, env: &[(&str, &str)], argv: &[&str]) -> Client {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let stderr = gs
+            .site
+            .path(&format!("client-{}.err", N.fetch_add(1, Ordering::Relaxed)));
+        let mut child = gs
+            .command(PILOT, env, argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines() {
+                if l.ok().and_then(|l| tx.send(l).ok()).is_none() {
+                    break;
+                }
+            }
+        });
+        Client {
+            child,
+            lines,
+            seen: String::new(),
+            stderr,
         }
+    }
+
+    fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+
+    fn signal(&self, s: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(self.pid(), s).unwrap();
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits up to `within` for `line` on the command's stdout.
+    fn expect_line(&mut self, line: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            match self
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(l) => {
+                    self.seen.push_str(&l);
+                    self.seen.push('\n');
+                    if l == line {
+                        return;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+                    "no {line:?} within {within:?}; stdout: {:?}; stderr: {}",
+                    self.seen,
+                    self.stderr()
+                ),
+                Err(mpsc::RecvTimeoutError::Disconnected) => panic!(
+                    "stdout ended before {line:?}: {:?}; stderr: {}",
+                    self.seen,
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    /// The client's exit status within `within`, and the rest of the command's stdout.
+    fn finish(&mut self, within: Duration) -> (std::process::ExitStatus, String) {
+        let deadline = Instant::now() + within;
+        let status = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mupilot-glexec still runs after {within:?}; stdout: {:?}; stderr: {}",
+                self.seen,
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // The pipe ends once the command's processes are gone too.
+        while let Ok(l) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.seen.push_str(&l);
+            self.seen.push('\n');
+        }
+        (status, self.seen.clone())
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The client's blocked signals (SigBlk of /proc/PID/status) once it is `mupilot-glexec`
+/// (not yet setpriv), waiting up to 10 s.
+fn blocked_signals(pid: nix::unistd::Pid) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim_end() == "mupilot-glexec" {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            let blk = status
+                .lines()
+                .find_map(|l| l.strip_prefix("SigBlk:"))
+                .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+                .unwrap();
+            if blk != 0 {
+                return blk;
+            }
+        }
+        assert!(Instant::now() < deadline, "{pid} never blocked its signals");
+        std::thread::sleep(Duration::from_micros(200));
     }
 }
 
 fn account_processes(user: &str) -> Vec<String> {
     let out = Command::new("pgrep").args(["-u", user]).output().unwrap();
     text(&out.stdout).lines().map(str::to_string).collect()
+}
+
+/// Waits up to 10 s for no process of `user` to be left.
+fn no_processes_left(user: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !account_processes(user).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "{:?} of {user} still run",
+            account_processes(user)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The cgroup directories named for a payload, in every hierarchy (v1 has one per controller).
+fn cgroups_of(payload_id: &str) -> Vec<String> {
+    let out = Command::new("find")
+        .args(["/sys/fs/cgroup", "-maxdepth", "12", "-type", "d", "-name"])
+        .arg(format!("mupilot-{payload_id}"))
+        .output()
+        .unwrap();
+    text(&out.stdout).lines().map(str::to_string).collect()
+}
+
+/// The glexec record of `event` (waiting up to 10 s for it), the last one when several.
+fn record(gs: &GSite, event: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let recs = gs.site.records();
+        if let Some(r) = recs
+            .iter()
+            .rev()
+            .find(|r| r["via"] == "glexec" && r["event"] == event && pred(r))
+        {
+            return r.clone();
+        }
+        assert!(Instant::now() < deadline, "no {event} record: {recs:#?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
@@ -539,72 +712,146 @@ fn signals_are_forwarded_and_a_killed_client_leaves_nothing() {
     let env = [("GLEXEC_CLIENT_CERT", good.to_str().unwrap())];
 
     // SIGTERM to the client reaches the command, which handles it.
-    let mut child = gs
-        .command(
-            PILOT,
-            &env,
-            &[
-                "/bin/sh",
-                "-c",
-                "trap 'echo got TERM; exit 3' TERM; echo ready; while :; do sleep 0.1; done",
-            ],
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_line(&mut child, "ready");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let mut rest = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut rest)
-        .unwrap();
-    let st = child.wait().unwrap();
-    assert_eq!(st.code(), Some(3), "{st:?}");
-    assert!(rest.contains("got TERM"), "{rest}");
+    let mut client = Client::spawn(
+        &gs,
+        &env,
+        &[
+            "/bin/sh",
+            "-c",
+            "trap 'echo got TERM; exit 3' TERM; echo ready; while :; do sleep 0.1; done",
+        ],
+    );
+    client.expect_line("ready", Duration::from_secs(20));
+    client.signal(nix::sys::signal::Signal::SIGTERM);
+    let (st, out) = client.finish(Duration::from_secs(20));
+    assert_eq!(st.code(), Some(3), "{st:?} {}", client.stderr());
+    assert!(out.contains("got TERM"), "{out}");
 
     // The client killed outright: the helper kills the command.
-    let mut child = gs
-        .command(
-            PILOT,
-            &env,
-            &["/bin/sh", "-c", "echo ready; exec sleep 300"],
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_line(&mut child, "ready");
+    let mut client = Client::spawn(&gs, &env, &["/bin/sh", "-c", "echo ready; exec sleep 300"]);
+    client.expect_line("ready", Duration::from_secs(20));
     assert!(!account_processes(ACCT).is_empty(), "the command runs");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    client.signal(nix::sys::signal::Signal::SIGKILL);
+    client.finish(Duration::from_secs(10));
+    no_processes_left(ACCT);
+    let end = record(&gs, "end", |r| r["kill_reason"] == "pilot_gone");
+    let id = end["payload_id"].as_str().unwrap();
+    let start = record(&gs, "start", |r| r["payload_id"] == id);
+    let scratch = start["scratch"].as_str().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !account_processes(ACCT).is_empty() {
+    while Path::new(scratch).exists() || !cgroups_of(id).is_empty() {
         assert!(
             Instant::now() < deadline,
-            "{:?} still run",
-            account_processes(ACCT)
+            "left behind: scratch {scratch} ({}), cgroups {:?}",
+            Path::new(scratch).exists(),
+            cgroups_of(id)
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A SIGTERM that reaches the client before the helper said `started` (the caller's batch
+/// system does not wait for that) is kept until the command runs, then forwarded: the
+/// command ends by it and so does the client. Before the fix it stayed queued for good and
+/// the command ran on.
+#[test]
+fn a_sigterm_before_the_command_runs_reaches_it_once_it_does() {
+    let _u = Users::acquire();
+    let gs = GSite::enabled();
+    let _d = gs.site.start();
+    let good = gs.proxy("good");
+    let env = [("GLEXEC_CLIENT_CERT", good.to_str().unwrap())];
+    for round in 0..3 {
+        let mut client = Client::spawn(&gs, &env, &["/bin/sh", "-c", "exec sleep 300"]);
+        // As soon as the client holds TERM blocked (its first step), before it even connects.
+        let blocked = blocked_signals(client.pid());
+        assert_ne!(blocked & (1 << (libc::SIGTERM - 1)), 0, "{blocked:x}");
+        let sent = chrono::Utc::now();
+        client.signal(nix::sys::signal::Signal::SIGTERM);
+        let (st, _) = client.finish(Duration::from_secs(20));
+        assert_eq!(
+            st.signal(),
+            Some(libc::SIGTERM),
+            "round {round}: {st:?}; stderr: {}",
+            client.stderr()
+        );
+        // The signal came before the command existed: its start record is later.
+        let start = record(&gs, "start", |_| true);
+        let started: chrono::DateTime<chrono::Utc> =
+            start["time"].as_str().unwrap().parse().unwrap();
+        assert!(
+            started > sent,
+            "round {round}: started {started}, sent {sent}"
+        );
+        let end = record(&gs, "end", |r| r["payload_id"] == start["payload_id"]);
+        assert_eq!(end["signal"], libc::SIGTERM, "{end}");
+        no_processes_left(ACCT);
+    }
+}
+
+/// A killed client in a pool of one account: the helper ends the command and frees the
+/// account, so once the lease's TTL passed it goes to the next owner (Bob); while the command
+/// ran, Bob was refused (the pool exhausted: 202). Nothing of the payload is left.
+#[test]
+fn a_killed_client_leaves_no_process_cgroup_scratch_or_busy_account() {
+    let _u = Users::acquire();
+    let gs = GSite::enabled_with("gridmapdir = \"gridmapdir\"\nlease_ttl_seconds = 1");
+    std::fs::write(
+        &gs.site.gridmap,
+        format!("\"{ALICE}\" .mpt-glxq\n\"{BOB}\" .mpt-glxq\n"),
+    )
+    .unwrap();
+    let gmd = gs.site.path("gridmapdir");
+    std::fs::create_dir(&gmd).unwrap();
+    std::fs::write(gmd.join(POOL_ACCT), b"").unwrap();
+    let _d = gs.site.start();
+    let alice = gs.proxy("good");
+    let bob = gs.proxy("delegable-bob");
+
+    let mut client = Client::spawn(
+        &gs,
+        &[("GLEXEC_CLIENT_CERT", alice.to_str().unwrap())],
+        &["/bin/sh", "-c", "id -un; echo ready; exec sleep 300"],
+    );
+    client.expect_line(POOL_ACCT, Duration::from_secs(20));
+    client.expect_line("ready", Duration::from_secs(20));
+    let start = record(&gs, "start", |r| r["owner_dn"] == ALICE);
+    let id = start["payload_id"].as_str().unwrap().to_string();
+    let scratch = start["scratch"].as_str().unwrap().to_string();
+    assert!(!cgroups_of(&id).is_empty(), "the payload's cgroups exist");
+    // Control: the one account is Alice's while her command runs.
+    let refused = gs.run(
+        &[("GLEXEC_CLIENT_CERT", bob.to_str().unwrap())],
+        &["/bin/true"],
+        b"",
+    );
+    assert_eq!(code(&refused), 202, "{}", text(&refused.stderr));
+
+    client.signal(nix::sys::signal::Signal::SIGKILL);
+    client.finish(Duration::from_secs(10));
+    no_processes_left(POOL_ACCT);
+    record(&gs, "end", |r| {
+        r["payload_id"] == id.as_str() && r["kill_reason"] == "pilot_gone"
+    });
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let recs = gs.site.records();
-        if recs.iter().any(|r| {
-            r["via"] == "glexec" && r["event"] == "end" && r["kill_reason"] == "pilot_gone"
-        }) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no end record: {recs:#?}");
+    while Path::new(&scratch).exists() || !cgroups_of(&id).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "left behind: scratch {scratch} ({}), cgroups {:?}",
+            Path::new(&scratch).exists(),
+            cgroups_of(&id)
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The account is free: after the lease's TTL it goes to Bob.
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = gs.run(
+        &[("GLEXEC_CLIENT_CERT", bob.to_str().unwrap())],
+        &["id", "-un"],
+        b"",
+    );
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), POOL_ACCT);
 }
 
 #[test]

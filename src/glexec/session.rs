@@ -188,11 +188,14 @@ fn say_hello(sock: &mut UnixStream, hello: PilotHello) -> Result<(), i32> {
     }
 }
 
-/// Events until the command's end, signals forwarded once it runs.
+/// Events until the command's end. A signal that comes before the helper said `started`
+/// (the command may already print, since its stdout is the caller's) is queued, one of each
+/// kind as the kernel keeps them, and forwarded as soon as `started` is read: in the same
+/// turn of the loop, since nothing else may wake it before the command ends.
 fn converse(sock: &mut UnixStream, signals: &SignalFd) -> Outcome {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let mut payload_id: Option<String> = None;
-    let mut pending: Vec<i32> = Vec::new();
+    let mut pending = Pending::default();
     loop {
         let (sock_ready, sig_ready) = {
             let mut p = [
@@ -212,8 +215,45 @@ fn converse(sock: &mut UnixStream, signals: &SignalFd) -> Outcome {
                 pending.push(info.ssi_signo as i32);
             }
         }
+        if sock_ready {
+            match read_frame::<SwitchEvent>(sock) {
+                Ok((SwitchEvent::Started { payload_id: id, .. }, _)) => payload_id = Some(id),
+                Ok((SwitchEvent::Exited { report, .. }, _)) => return exited(&report),
+                Ok((SwitchEvent::Denied { class, reason, .. }, _)) => {
+                    let code = match class {
+                        DenialClass::Caller => EXIT_CLIENT,
+                        DenialClass::System => EXIT_SYSTEM,
+                        DenialClass::Authorization => EXIT_AUTHZ,
+                    };
+                    return Outcome::Code(fail(
+                        code,
+                        format!("{} refused: {reason}", class.as_str()),
+                    ));
+                }
+                Ok((SwitchEvent::Signalled { ok: false, reason, .. }, _)) => {
+                    eprintln!(
+                        "mupilot-glexec: a forwarded signal was not delivered: {}",
+                        reason.unwrap_or_default()
+                    );
+                }
+                Ok((SwitchEvent::Error { reason }, _)) => {
+                    return Outcome::Code(fail(EXIT_SYSTEM, format!("the helper: {reason}")))
+                }
+                Ok(_) => {}
+                Err(WireError::Closed) => {
+                    return Outcome::Code(fail(
+                        EXIT_SYSTEM,
+                        "the helper closed the connection before the command ended (it was stopped); the command was killed",
+                    ))
+                }
+                Err(e) => {
+                    return Outcome::Code(fail(EXIT_SYSTEM, format!("helper connection: {e}")))
+                }
+            }
+        }
+        // After the event: a signal queued before `started` leaves in this very turn.
         if let Some(id) = &payload_id {
-            for signal in pending.drain(..) {
+            for signal in pending.take() {
                 let req = SwitchRequest::Signal {
                     payload_id: id.clone(),
                     signal,
@@ -227,38 +267,23 @@ fn converse(sock: &mut UnixStream, signals: &SignalFd) -> Outcome {
                 }
             }
         }
-        if !sock_ready {
-            continue;
+    }
+}
+
+/// Signals waiting for the command to run, in the order they came, each kind once (as the
+/// kernel keeps standard signals pending): a flood before `started` costs nothing.
+#[derive(Debug, Default)]
+struct Pending(Vec<i32>);
+
+impl Pending {
+    fn push(&mut self, signal: i32) {
+        if !self.0.contains(&signal) {
+            self.0.push(signal);
         }
-        match read_frame::<SwitchEvent>(sock) {
-            Ok((SwitchEvent::Started { payload_id: id, .. }, _)) => payload_id = Some(id),
-            Ok((SwitchEvent::Exited { report, .. }, _)) => return exited(&report),
-            Ok((SwitchEvent::Denied { class, reason, .. }, _)) => {
-                let code = match class {
-                    DenialClass::Caller => EXIT_CLIENT,
-                    DenialClass::System => EXIT_SYSTEM,
-                    DenialClass::Authorization => EXIT_AUTHZ,
-                };
-                return Outcome::Code(fail(code, format!("{} refused: {reason}", class.as_str())));
-            }
-            Ok((SwitchEvent::Signalled { ok: false, reason, .. }, _)) => {
-                eprintln!(
-                    "mupilot-glexec: a forwarded signal was not delivered: {}",
-                    reason.unwrap_or_default()
-                );
-            }
-            Ok((SwitchEvent::Error { reason }, _)) => {
-                return Outcome::Code(fail(EXIT_SYSTEM, format!("the helper: {reason}")))
-            }
-            Ok(_) => {}
-            Err(WireError::Closed) => {
-                return Outcome::Code(fail(
-                    EXIT_SYSTEM,
-                    "the helper closed the connection before the command ended (it was stopped); the command was killed",
-                ))
-            }
-            Err(e) => return Outcome::Code(fail(EXIT_SYSTEM, format!("helper connection: {e}"))),
-        }
+    }
+
+    fn take(&mut self) -> Vec<i32> {
+        std::mem::take(&mut self.0)
     }
 }
 
@@ -294,4 +319,19 @@ fn die_of(sig: i32) -> i32 {
         let _ = nix::sys::signal::raise(s);
     }
     128 + sig
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queued_signals_keep_their_order_and_each_kind_once() {
+        let mut p = Pending::default();
+        for s in [15, 10, 15, 15, 2, 10] {
+            p.push(s);
+        }
+        assert_eq!(p.take(), [15, 10, 2]);
+        assert!(p.take().is_empty());
+    }
 }

@@ -275,7 +275,7 @@ fn runs_as_the_proxys_owner_with_its_stdio_status_and_proxy() {
     ];
     let script = r#"id -un; id -u; cat; echo "to stderr" >&2
 echo "env:$GLEXEC_ENV:$DIRAC_SITE:${PILOT_SECRET:-unset}:$X509_CERT_DIR"
-stat -c "proxy:%a:%U" "$X509_USER_PROXY"; sha256sum < "$X509_USER_PROXY"
+stat -c "proxy:%a:%U:%n" "$X509_USER_PROXY" | sed "s|:$HOME/|:scratch/|"; sha256sum < "$X509_USER_PROXY"
 exit 7"#;
     let out = gs.run(&env, &["/bin/sh", "-c", script], b"from stdin\n");
     assert_eq!(code(&out), 7, "stderr: {}", text(&out.stderr));
@@ -291,7 +291,8 @@ exit 7"#;
             pki().display()
         )
     );
-    assert_eq!(lines[4], format!("proxy:600:{ACCT}"));
+    // One writer and one name for every delivered proxy (proxy::deliver): x509up in scratch.
+    assert_eq!(lines[4], format!("proxy:600:{ACCT}:scratch/x509up"));
     let digest = {
         use sha2::Digest;
         hex::encode(sha2::Sha256::digest(std::fs::read(&good).unwrap()))
@@ -327,6 +328,14 @@ exit 7"#;
     assert_eq!(first["vo"], "atlas");
     assert_eq!(first["account"], ACCT);
     assert_eq!(first["proxy_sha256"], digest.as_str());
+    // The start record is the proxy's delivery record, as for a delegated proxy.
+    assert!(
+        first["proxy_serial"]
+            .as_str()
+            .is_some_and(|s| !s.is_empty()),
+        "{first}"
+    );
+    assert!(first["proxy_not_after"].is_string(), "{first}");
     assert!(
         first["fqans"]
             .as_array()

@@ -44,7 +44,7 @@ pub fn command() -> clap::Command {
             "ENVIRONMENT:\n  \
              GLEXEC_CLIENT_CERT   the proxy file (certificate chain and private key, owned by the caller, mode 0600) naming the user; X509_USER_PROXY when unset\n  \
              GLEXEC_SOURCE_PROXY  the proxy delivered to the command (default: GLEXEC_CLIENT_CERT); same owner and VO, with its key\n  \
-             GLEXEC_TARGET_PROXY  ignored: the proxy lands in the command's scratch directory as x509up_u<uid>, named by X509_USER_PROXY\n  \
+             GLEXEC_TARGET_PROXY  ignored: the proxy lands in the command's scratch directory as x509up (0600, the account's), named by X509_USER_PROXY\n  \
              GLEXEC_*, TZ         passed to the command (GLEXEC_ENV carries a wrapped environment), with the site's glexec.preserve_env\n  \
              MUPILOT_SWITCH_SOCKET  the helper's socket (default /run/mupilot/switch.sock)\n\n\
              EXIT STATUS:\n  \

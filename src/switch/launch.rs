@@ -249,9 +249,7 @@ pub fn launch(
     let decided = match &delivery {
         None => body,
         Some(d) => {
-            rec.fqans = Some(d.fqans.clone());
-            rec.proxy_serial = Some(d.serial.clone());
-            rec.proxy_not_after = Some(d.not_after.clone());
+            d.note(rec);
             decided_body = EnvelopeBody {
                 owner: Owner {
                     fqans: d.fqans.clone(),
@@ -283,7 +281,6 @@ pub fn launch(
             bundle,
             stdio: [None, stdout, stderr],
             nonce: Some(nonce_synced),
-            proxy_pem: None,
             delivery,
         },
         now,
@@ -301,11 +298,10 @@ pub(super) struct Verified<'a> {
     pub stdio: [Option<OwnedFd>; 3],
     /// The replay-cache entry to make durable before the payload may exec (envelopes only).
     pub nonce: Option<crate::records::PendingSync>,
-    /// A verified proxy delivered into the scratch directory.
-    pub proxy_pem: Option<Arc<Vec<u8>>>,
-    /// An envelope's delegated proxy, verified for the key this helper made (issue 17): the
-    /// helper writes it into the scratch before the payload may start, and its variables
-    /// join the payload's environment.
+    /// The owner's verified proxy (an envelope's delegated one, for the key this helper
+    /// made; or a gLExec request's source proxy): written into the scratch before the payload
+    /// may start (`proxy::deliver`, the one writer), its variables in the payload's
+    /// environment.
     pub delivery: Option<super::proxy::Delivery>,
 }
 
@@ -323,7 +319,6 @@ pub(super) fn launch_verified(
         bundle,
         stdio: [stdin, stdout, stderr],
         nonce: nonce_synced,
-        proxy_pem,
         delivery,
     } = v;
     let Some(pilot_cgroups) = caller.cgroups.clone() else {
@@ -397,7 +392,6 @@ pub(super) fn launch_verified(
         bundle,
         outputs: body.outputs.clone(),
         stdin: stdin.map(Arc::new),
-        proxy_pem,
     };
     let mut starting = sandbox::begin(&helper.cfg.sandbox, &helper.stages, plan, stdout, stderr)
         .map_err(LaunchError::Sandbox)?;

@@ -248,7 +248,6 @@ pub fn plan(id: &str, account: &Account, argv: &[&str]) -> LaunchPlan {
         bundle: None,
         outputs: Vec::new(),
         stdin: None,
-        proxy_pem: None,
     }
 }
 

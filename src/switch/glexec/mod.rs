@@ -6,7 +6,8 @@
 //! holds its private key; the source proxy (delivered to the payload) is the same owner's and
 //! VO's; then a payload is built from the verified owner and FQANs and goes through the
 //! launch path's shared steps (`launch::launch_verified`: bans, policies, mapping, slot,
-//! sandbox, start record), its proxy written into the scratch directory.
+//! sandbox, start record), its proxy delivered into the scratch directory by the same writer
+//! as a delegated proxy (`proxy::deliver`).
 //!
 //! Never opens a path the caller names, never runs anything before the shared steps said yes.
 
@@ -138,7 +139,6 @@ fn run_verified(
     rec: &mut AuditRecord,
 ) -> Result<Started, GlexecError> {
     use chrono::Utc;
-    use std::sync::Arc;
 
     let Some(verifier) = helper.verifier.as_ref() else {
         return Err(GlexecError::NoGrid {
@@ -181,11 +181,11 @@ fn run_verified(
         reason: e.to_string(),
     })?;
     // The proxy the payload gets: the same owner's, of the same VO, with its key.
-    let source_pem = match fds.source_proxy.take() {
-        None => client_pem,
+    let (source_pem, source) = match fds.source_proxy.take() {
+        None => (client_pem, cred.clone()),
         Some(fd) => {
             let pem = read_private_file(&fd, SOURCE, caller.uid)?;
-            verifier
+            let source = verifier
                 .verify(
                     &pem,
                     &crate::grid::Claim::owner(&cred.owner_dn, &cred.vo),
@@ -199,19 +199,23 @@ fn run_verified(
                 which: SOURCE,
                 reason: e.to_string(),
             })?;
-            pem
+            (pem, source)
         }
     };
 
-    let grid = verifier.config();
-    let mut env = payload_env(cfg, &req.env);
-    env.insert("X509_CERT_DIR".into(), grid.cert_dir.display().to_string());
-    env.insert("X509_VOMS_DIR".into(), grid.vomsdir.display().to_string());
     let payload_id = format!(
         "glexec-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..16]
     );
     rec.payload_id = Some(payload_id.clone());
+    // Delivered as a delegated proxy is: the decision sees the client certificate's FQANs;
+    // the file, its serial and not-after are the source proxy's.
+    let delivery = super::proxy::Delivery::verified(source_pem, &source, cred.fqans.clone())
+        .for_scratch(
+            &helper.cfg.sandbox.scratch_root.join(&payload_id),
+            verifier.config(),
+        );
+    delivery.note(rec);
     let body = crate::protocol::EnvelopeBody {
         version: crate::protocol::envelope::ENVELOPE_VERSION,
         payload_id,
@@ -224,7 +228,7 @@ fn run_verified(
         },
         jobtag: None,
         argv: req.argv.clone(),
-        env,
+        env: payload_env(cfg, &req.env),
         bundle_sha256: None,
         resources: crate::protocol::envelope::Resources {
             cores: cfg.cores,
@@ -248,8 +252,7 @@ fn run_verified(
             bundle: None,
             stdio: [fds.stdin.take(), fds.stdout.take(), fds.stderr.take()],
             nonce: None,
-            proxy_pem: Some(Arc::new(source_pem)),
-            delivery: None,
+            delivery: Some(delivery),
         },
         now,
         rec,

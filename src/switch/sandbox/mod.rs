@@ -162,11 +162,6 @@ pub struct LaunchPlan {
     /// /dev/null. Only the gLExec entry passes one.
     #[serde(skip)]
     pub stdin: Option<Arc<OwnedFd>>,
-    /// An owner's proxy (certificates and key, PEM) the helper verified: written into the
-    /// scratch directory as `x509up_u<uid>` (0600, the account's) before the stage starts,
-    /// `X509_USER_PROXY` naming it.
-    #[serde(skip)]
-    pub proxy_pem: Option<Arc<Vec<u8>>>,
 }
 
 /// Errors of the sandbox layer; each names the path or step that failed.

@@ -107,12 +107,6 @@ fn payload_env(
         }
     }
     env.extend(plan.env.clone());
-    if plan.proxy_pem.is_some() {
-        env.insert(
-            "X509_USER_PROXY".into(),
-            proxy_path(scratch, &plan.account).display().to_string(),
-        );
-    }
     env.entry("PATH".into())
         .or_insert_with(|| "/usr/local/bin:/usr/bin:/bin".into());
     let s = scratch.display().to_string();
@@ -181,55 +175,6 @@ fn make_scratch(settings: &SandboxSettings, plan: &LaunchPlan) -> Result<PathBuf
     Ok(dir)
 }
 
-/// Where a delivered proxy lands: `x509up_u<uid>` (the name grid tools look for) in scratch.
-fn proxy_path(scratch: &Path, account: &super::Account) -> PathBuf {
-    scratch.join(format!("x509up_u{}", account.uid))
-}
-
-/// Writes the owner's proxy into the fresh scratch directory, 0600 and the account's. Through
-/// the directory's descriptor with `O_CREAT|O_EXCL|O_NOFOLLOW`: the directory is the
-/// account's, so another process of the account could have planted a name there; root then
-/// refuses rather than writing through it.
-fn deliver_proxy(scratch: &Path, plan: &LaunchPlan, pem: &[u8]) -> Result<(), SandboxError> {
-    use nix::fcntl::{openat, OFlag};
-    use nix::sys::stat::Mode;
-    use std::io::Write;
-    use std::os::fd::FromRawFd;
-    let path = proxy_path(scratch, &plan.account);
-    let err = |reason: String| SandboxError::Scratch {
-        path: path.clone(),
-        reason,
-    };
-    let dir = nix::fcntl::open(
-        scratch,
-        OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_RDONLY,
-        Mode::empty(),
-    )
-    .map_err(|e| err(format!("cannot open the scratch directory: {e}")))?;
-    // SAFETY: `dir` was just opened and is owned here only.
-    let dir = unsafe { OwnedFd::from_raw_fd(dir) };
-    let name = path.file_name().unwrap_or_default();
-    let fd = openat(
-        Some(dir.as_raw_fd()),
-        name,
-        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::from_bits_truncate(0o600),
-    )
-    .map_err(|e| err(format!("cannot create the proxy file: {e}")))?;
-    // SAFETY: `fd` was just opened and is owned here only.
-    let mut f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    nix::unistd::fchown(
-        f.as_raw_fd(),
-        Some(nix::unistd::Uid::from_raw(plan.account.uid)),
-        Some(nix::unistd::Gid::from_raw(plan.account.gid)),
-    )
-    .map_err(|e| err(format!("cannot chown to {}: {e}", plan.account.name)))?;
-    f.set_permissions(std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| err(format!("cannot chmod 0600: {e}")))?;
-    f.write_all(pem)
-        .map_err(|e| err(format!("cannot write the proxy: {e}")))
-}
-
 /// Starts a payload through a stage process spawned for it: [`begin`] without idle stages,
 /// [`Starting::create_cgroup`], then [`Starting::release`] at once (no start record to wait
 /// for).
@@ -265,11 +210,6 @@ pub fn begin(
     validate(settings, &plan)?;
     let located = Cgroup::locate(&plan.pilot, &format!("mupilot-{}", plan.payload_id))?;
     let scratch = make_scratch(settings, &plan)?;
-    if let Some(pem) = &plan.proxy_pem {
-        deliver_proxy(&scratch, &plan, pem).inspect_err(|_| {
-            let _ = std::fs::remove_dir_all(&scratch);
-        })?;
-    }
     let stage_plan = Plan {
         payload_id: plan.payload_id.clone(),
         account: plan.account.clone(),

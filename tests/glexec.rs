@@ -182,6 +182,7 @@ ban_users = ["ban_users.db"]
         self.run_as(PILOT, env, argv, stdin)
     }
 
+    /// Runs the client as `user` to its end, within 60 s (killed and a panic after that).
     fn run_as(&self, user: &str, env: &[(&str, &str)], argv: &[&str], stdin: &[u8]) -> Output {
         let mut child = self
             .command(user, env, argv)
@@ -192,12 +193,39 @@ ban_users = ["ban_users.db"]
             .unwrap();
         let mut w = child.stdin.take().unwrap();
         let input = stdin.to_vec();
-        let t = std::thread::spawn(move || {
+        let feed = std::thread::spawn(move || {
             let _ = w.write_all(&input);
         });
-        let out = child.wait_with_output().unwrap();
-        t.join().unwrap();
-        out
+        let drain = |mut r: Box<dyn Read + Send>| {
+            std::thread::spawn(move || {
+                let mut b = Vec::new();
+                let _ = r.read_to_end(&mut b);
+                b
+            })
+        };
+        let out = drain(Box::new(child.stdout.take().unwrap()));
+        let err = drain(Box::new(child.stderr.take().unwrap()));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "mupilot-glexec {argv:?} still ran after 60 s; stderr: {}",
+                    text(&err.join().unwrap())
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        feed.join().unwrap();
+        Output {
+            status,
+            stdout: out.join().unwrap(),
+            stderr: err.join().unwrap(),
+        }
     }
 }
 
@@ -213,6 +241,14 @@ fn code(out: &Output) -> i32 {
             text(&out.stderr)
         )
     })
+}
+
+/// A refused call: exit code `want`, `says` in the reason on stderr, no output of a command.
+fn expect(out: Output, want: i32, says: &str) {
+    let err = text(&out.stderr);
+    assert_eq!(code(&out), want, "{says}: {err}");
+    assert!(err.contains(says), "wanted {says:?} in: {err}");
+    assert!(out.stdout.is_empty(), "nothing ran: {}", text(&out.stdout));
 }
 
 /// The good proxy with its private key block removed.
@@ -363,12 +399,6 @@ fn each_refusal_has_glexecs_exit_code_and_a_reason() {
     let good = gs.proxy("good");
     let good_bytes = std::fs::read(&good).unwrap();
     let run = |env: &[(&str, &str)], argv: &[&str]| gs.run(env, argv, b"");
-    let expect = |out: Output, want: i32, says: &str| {
-        let err = text(&out.stderr);
-        assert_eq!(code(&out), want, "{says}: {err}");
-        assert!(err.contains(says), "wanted {says:?} in: {err}");
-        assert!(out.stdout.is_empty(), "nothing ran: {}", text(&out.stdout));
-    };
     let cert = |p: &Path| p.to_str().unwrap().to_string();
     let with = |p: &Path| vec![("GLEXEC_CLIENT_CERT", cert(p))];
 
@@ -498,6 +528,137 @@ fn each_refusal_has_glexecs_exit_code_and_a_reason() {
     assert!(denials.iter().any(|r| r["denial_class"] == "authorization"
         && r["reason"].as_str().unwrap().contains("banned")));
     assert!(recs.iter().all(|r| r["account"] != PILOT));
+}
+
+/// The pilot (or any local user) attacks with proxy files: another person's key or file or
+/// proxy, links to what it may not read or what is no file, a FIFO that would block an open,
+/// a huge file, none at all. Each gets gLExec's exit code with the reason and nothing runs
+/// (control: a link to the pilot's own proxy works, as the file itself would).
+#[test]
+fn attacks_with_proxy_files_get_glexecs_codes_and_run_nothing() {
+    let _u = Users::acquire();
+    let gs = GSite::enabled();
+    let _d = gs.site.start();
+    let good = gs.proxy("good");
+    let good_bytes = std::fs::read(&good).unwrap();
+    let bob = gs.proxy("delegable-bob");
+    let bob_bytes = std::fs::read(&bob).unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let refused = |env: Vec<(&'static str, String)>, want: i32, says: &str| {
+        expect(gs.run(&as_refs(&env), &["/bin/id"], b""), want, says)
+    };
+    let as_client = |p: &Path| vec![("GLEXEC_CLIENT_CERT", s(p))];
+    let with_source = |p: &Path| {
+        vec![
+            ("GLEXEC_CLIENT_CERT", s(&good)),
+            ("GLEXEC_SOURCE_PROXY", s(p)),
+        ]
+    };
+    let starts_before = gs
+        .site
+        .records()
+        .iter()
+        .filter(|r| r["event"] == "start")
+        .count();
+
+    // Alice's chain (public: any TLS peer of hers saw it) with the pilot's key of another
+    // person's proxy (Bob's): possession fails.
+    let forged = text(&without_key(&good_bytes)) + &key_of(&bob_bytes);
+    let forged = gs.proxy_bytes("forged.pem", forged.as_bytes(), 0o600);
+    refused(
+        as_client(&forged),
+        201,
+        "does not belong to the proxy certificate",
+    );
+    // Another person's whole proxy as the payload's: not the client certificate's owner.
+    refused(
+        with_source(&bob),
+        203,
+        "GLEXEC_SOURCE_PROXY refused: owner mismatch",
+    );
+    // Another local user's proxy file, readable by the pilot: not the caller's file.
+    let theirs = gs.site.path("theirs.pem");
+    std::fs::write(&theirs, &good_bytes).unwrap();
+    let (auid, agid) = ids(ACCT);
+    std::os::unix::fs::chown(&theirs, Some(auid), Some(agid)).unwrap();
+    std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o644)).unwrap();
+    refused(as_client(&theirs), 201, "not by the calling pilot account");
+
+    // Links in the pilot's own directory, followed with the pilot's rights only.
+    let link = |name: &str, to: &Path| {
+        let l = gs.proxies.join(name);
+        std::os::unix::fs::symlink(to, &l).unwrap();
+        l
+    };
+    let roots = gs.site.path("root-only.pem");
+    std::fs::write(&roots, &good_bytes).unwrap();
+    std::fs::set_permissions(&roots, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let to_root = link("to-root.pem", &roots);
+    refused(with_source(&to_root), 201, "cannot open: Permission denied");
+    let to_theirs = link("to-theirs.pem", &theirs);
+    refused(
+        with_source(&to_theirs),
+        201,
+        "GLEXEC_SOURCE_PROXY: is owned by uid",
+    );
+    let to_zero = link("to-zero.pem", Path::new("/dev/zero"));
+    refused(with_source(&to_zero), 201, "is not a regular file");
+    let fifo = gs.proxies.join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let (puid, pgid) = ids(PILOT);
+    std::os::unix::fs::chown(&fifo, Some(puid), Some(pgid)).unwrap();
+    let to_fifo = link("to-fifo.pem", &fifo);
+    refused(with_source(&to_fifo), 201, "is not a regular file");
+    refused(
+        as_client(&fifo),
+        201,
+        "GLEXEC_CLIENT_CERT: is not a regular file",
+    );
+
+    // A huge (sparse) proxy file is refused by its size, never read.
+    let huge = gs.proxy_bytes("huge.pem", b"", 0o600);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&huge)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    refused(
+        as_client(&huge),
+        201,
+        "is 1073741824 bytes, more than a proxy file's 65536",
+    );
+    refused(
+        with_source(&huge),
+        201,
+        "GLEXEC_SOURCE_PROXY: is 1073741824 bytes",
+    );
+    // No proxy, or a name that is not there.
+    expect(
+        gs.run(&[], &["/bin/id"], b""),
+        201,
+        "no proxy: set GLEXEC_CLIENT_CERT",
+    );
+    let missing = gs.proxies.join("missing.pem");
+    refused(as_client(&missing), 201, "cannot open");
+    // A local user who is no pilot account: the helper will not serve it.
+    let out = gs.run_as(ACCT, &as_refs(&as_client(&theirs)), &["/bin/id"], b"");
+    expect(out, 203, "is not an allowed pilot account");
+
+    let recs = gs.site.records();
+    let starts = recs.iter().filter(|r| r["event"] == "start").count();
+    assert_eq!(starts, starts_before, "nothing started: {recs:#?}");
+    assert!(recs.iter().all(|r| r["account"] != PILOT));
+
+    // Control: a link to the pilot's own proxy is the proxy.
+    let to_good = link("to-good.pem", &good);
+    let out = gs.run(
+        &as_refs(&with_source(&to_good)),
+        &["/bin/sh", "-c", "echo ran"],
+        b"",
+    );
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "ran\n");
 }
 
 #[test]
@@ -695,6 +856,20 @@ fn cgroups_of(payload_id: &str) -> Vec<String> {
     text(&out.stdout).lines().map(str::to_string).collect()
 }
 
+/// Waits up to 10 s for the payload's scratch directory and cgroups to be gone.
+fn no_scratch_or_cgroup_left(scratch: &str, payload_id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(scratch).exists() || !cgroups_of(payload_id).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "left behind: scratch {scratch} ({}), cgroups {:?}",
+            Path::new(scratch).exists(),
+            cgroups_of(payload_id)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The glexec record of `event` (waiting up to 10 s for it), the last one when several.
 fn record(gs: &GSite, event: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -746,17 +921,7 @@ fn signals_are_forwarded_and_a_killed_client_leaves_nothing() {
     let end = record(&gs, "end", |r| r["kill_reason"] == "pilot_gone");
     let id = end["payload_id"].as_str().unwrap();
     let start = record(&gs, "start", |r| r["payload_id"] == id);
-    let scratch = start["scratch"].as_str().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Path::new(scratch).exists() || !cgroups_of(id).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "left behind: scratch {scratch} ({}), cgroups {:?}",
-            Path::new(scratch).exists(),
-            cgroups_of(id)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    no_scratch_or_cgroup_left(start["scratch"].as_str().unwrap(), id);
 }
 
 /// A SIGTERM that reaches the client before the helper said `started` (the caller's batch
@@ -842,16 +1007,7 @@ fn a_killed_client_leaves_no_process_cgroup_scratch_or_busy_account() {
     record(&gs, "end", |r| {
         r["payload_id"] == id.as_str() && r["kill_reason"] == "pilot_gone"
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Path::new(&scratch).exists() || !cgroups_of(&id).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "left behind: scratch {scratch} ({}), cgroups {:?}",
-            Path::new(&scratch).exists(),
-            cgroups_of(&id)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    no_scratch_or_cgroup_left(&scratch, &id);
     // The account is free: after the lease's TTL it goes to Bob.
     std::thread::sleep(Duration::from_millis(1500));
     let out = gs.run(

@@ -4,7 +4,6 @@
 //! command's whole cgroup. If this process dies, the helper sees the connection close and
 //! kills the command: nothing outlives its caller.
 
-use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
@@ -55,14 +54,22 @@ pub fn run(inv: &Invocation) -> i32 {
         let _ = nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigIgn);
     }
 
-    // The proxy files, opened as the caller (the helper checks owner and mode on them).
+    // The proxy files, opened as the caller, so a link is followed with the caller's rights
+    // only (the helper checks type, owner, mode and size on the open file). Non-blocking: a
+    // FIFO or a device named there must not hang the caller; the helper refuses it.
     let open = |var: &str, path: &std::path::Path| {
-        File::open(path).map(OwnedFd::from).map_err(|e| {
-            fail(
-                EXIT_CLIENT,
-                format!("{var} {}: cannot open: {e}", path.display()),
-            )
-        })
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)
+            .map(OwnedFd::from)
+            .map_err(|e| {
+                fail(
+                    EXIT_CLIENT,
+                    format!("{var} {}: cannot open: {e}", path.display()),
+                )
+            })
     };
     let client_cert = match open("GLEXEC_CLIENT_CERT", &inv.client_cert) {
         Ok(f) => f,

@@ -361,6 +361,12 @@ fn read_private_file(fd: &OwnedFd, which: &'static str, uid: u32) -> Result<Vec<
         .take(MAX_PROXY_BYTES + 1)
         .read_to_end(&mut out)
         .map_err(|e| bad(format!("read: {e}")))?;
+    // The caller can still write the file: what was read counts, not what fstat said.
+    if out.len() as u64 > MAX_PROXY_BYTES {
+        return Err(bad(format!(
+            "grew past a proxy file's {MAX_PROXY_BYTES} bytes while it was read"
+        )));
+    }
     Ok(out)
 }
 

@@ -42,15 +42,17 @@ pub fn command() -> clap::Command {
         )
         .after_long_help(
             "ENVIRONMENT:\n  \
-             GLEXEC_CLIENT_CERT   the proxy file (certificate chain and private key, owned by the caller, mode 0600) naming the user; X509_USER_PROXY when unset\n  \
-             GLEXEC_SOURCE_PROXY  the proxy delivered to the command (default: GLEXEC_CLIENT_CERT); same owner and VO, with its key\n  \
+             GLEXEC_CLIENT_CERT   the proxy file naming the user: certificate chain and private key, a regular file owned by the caller, mode 0600, at most 64 KiB (opened by mupilot-glexec with the caller's rights, so a link is followed only as far as the caller may); X509_USER_PROXY when unset\n  \
+             GLEXEC_SOURCE_PROXY  the proxy delivered to the command (default: GLEXEC_CLIENT_CERT); same owner and VO, with its key, the same file rules\n  \
              GLEXEC_TARGET_PROXY  ignored: the proxy lands in the command's scratch directory as x509up (0600, the account's), named by X509_USER_PROXY\n  \
              GLEXEC_*, TZ         passed to the command (GLEXEC_ENV carries a wrapped environment), with the site's glexec.preserve_env\n  \
              MUPILOT_SWITCH_SOCKET  the helper's socket (default /run/mupilot/switch.sock)\n\n\
+             SIGNALS:\n  \
+             TERM, INT, HUP, QUIT, USR1, USR2 and XCPU are forwarded to every process of the command; one that comes before the command runs is kept and forwarded once it does. If mupilot-glexec is killed, the helper kills the command.\n\n\
              EXIT STATUS:\n  \
              the command's own status; a command killed by a signal kills mupilot-glexec with the same signal\n  \
              201  client error: no or unusable proxy file, no command, the command cannot be executed by the account\n  \
-             202  system error: the helper unreachable, the entry not enabled, no [grid] table, sandbox failures\n  \
+             202  system error: the helper unreachable, the entry not enabled, no [grid] table, no free pool account, sandbox failures\n  \
              203  authorization failure: the proxy refused, another VO, banned, no mapping, this pilot not allowed\n  \
              204  the command itself exited 201, 202, 203 or 204",
         )

@@ -65,6 +65,7 @@ rpm_checks() {
     rpm -qlvp "$SWITCH_RPM" >"$l/switch.files"
     check "rpm: helper /usr/sbin/mupilot-switch 0755" has "$l/switch.files" '^-rwxr-xr-x .* /usr/sbin/mupilot-switch$'
     check "rpm: pilot /usr/bin/mupilot 0755" has "$l/switch.files" '^-rwxr-xr-x .* /usr/bin/mupilot$'
+    check "rpm: /usr/bin/mupilot-glexec 0755, no setuid bit" has "$l/switch.files" '^-rwxr-xr-x .* /usr/bin/mupilot-glexec$'
     for u in mupilot-switch.socket mupilot-switch.service 'mupilot-pilot@.service'; do
         check "rpm: unit $u" has "$l/switch.files" "^-rw-r--r-- .* /usr/lib/systemd/system/$u\$"
     done
@@ -139,6 +140,7 @@ deb_checks() {
     check "deb: dpkg -i mupilot-switch mupilot-server" dpkg -i "$SWITCH_DEB" "$SERVER_DEB"
     check "deb: /usr/sbin/mupilot-switch 0755 root" mode_owner /usr/sbin/mupilot-switch 755 root root
     check "deb: /usr/bin/mupilot 0755 root" mode_owner /usr/bin/mupilot 755 root root
+    check "deb: /usr/bin/mupilot-glexec 0755 root, no setuid bit" mode_owner /usr/bin/mupilot-glexec 755 root root
     check "deb: /usr/bin/mupilot-server 0755 root" mode_owner /usr/bin/mupilot-server 755 root root
     for u in mupilot-switch.socket mupilot-switch.service mupilot-pilot@.service mupilot-server.service; do
         check "deb: unit $u" mode_owner "/usr/lib/systemd/system/$u" 644 root root

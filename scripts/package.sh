@@ -53,7 +53,7 @@ gzip -9n target/assets/man/*.[18]
 # line tables for backtraces and profiles. cargo-deb strips its own copies (--strip: it would
 # not, since the release profile has debug info); cargo-generate-rpm packages files as they are.
 install -d target/release-stripped
-for b in mupilot mupilot-switch mupilot-server; do
+for b in mupilot mupilot-switch mupilot-server mupilot-glexec; do
     strip -o "target/release-stripped/$b" "target/release/$b"
 done
 

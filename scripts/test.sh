@@ -75,7 +75,8 @@ own_features() {
     cargo check --locked --no-default-features --features switch,grid --bin mupilot-switch &&
         cargo check --locked --no-default-features --features switch --bin mupilot-switch &&
         cargo check --locked --no-default-features --features pilot --bin mupilot &&
-        cargo check --locked --no-default-features --features server --bin mupilot-server
+        cargo check --locked --no-default-features --features server --bin mupilot-server &&
+        cargo check --locked --no-default-features --features glexec --bin mupilot-glexec
 }
 step "each program with only its own features" own_features
 

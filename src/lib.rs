@@ -1,9 +1,11 @@
 //! mupilot: a multi-user pilot job system for grid and HPC worker nodes.
 //!
-//! One library, three thin binaries:
+//! One library, four thin binaries:
 //! - `mupilot` (the pilot agent, [`pilot`]) runs as the VO's pilot account inside a batch slot;
 //! - `mupilot-switch` (the site's identity-switching helper, [`switch`]) runs as root;
-//! - `mupilot-server` (the reference VO server, [`server`]) runs as a VO service account.
+//! - `mupilot-server` (the reference VO server, [`server`]) runs as a VO service account;
+//! - `mupilot-glexec` ([`glexec`]), a gLExec-compatible client of the helper for frameworks
+//!   that call `glexec`; runs as the pilot account, no setuid bit.
 //!
 //! Shared pieces: [`protocol`] (wire types and envelope signing), [`records`] (the hash-chained
 //! JSON-lines log behind both the pilot's trace and the helper's audit), [`policy`] (the
@@ -24,6 +26,10 @@
 // cgroups: kill(2) of the pids a cgroup lists (`cgroups::Cgroup::kill_all`).
 #[cfg(any(feature = "pilot", feature = "switch"))]
 pub mod cgroups;
+// glexec: signal dispositions around the command's run and the caller's stdio descriptors.
+#[cfg(feature = "glexec")]
+#[allow(unsafe_code)]
+pub mod glexec;
 #[cfg(feature = "grid")]
 #[forbid(unsafe_code)]
 pub mod grid;

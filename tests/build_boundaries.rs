@@ -115,3 +115,18 @@ fn the_pilot_and_the_server_built_alone_have_only_their_own_crates() {
         assert!(server.contains(c), "{c} missing from the server's graph");
     }
 }
+
+#[test]
+fn the_glexec_client_built_alone_has_neither_network_nor_sandbox_nor_grid_crates() {
+    // It passes descriptors to the helper over its Unix socket; it verifies nothing itself.
+    let glexec = linked("glexec");
+    assert_eq!(present(&glexec, NOT_IN_THE_HELPER), Vec::<&str>::new());
+    assert_eq!(
+        present(&glexec, &["landlock", "openssl", "openssl-sys"]),
+        Vec::<&str>::new()
+    );
+    assert!(
+        glexec.contains("nix"),
+        "nix missing from the client's graph"
+    );
+}

@@ -98,6 +98,8 @@ fn full_audit_start() -> AuditRecord {
         refused_count: Some(3),
         proxy_serial: Some("1f".into()),
         proxy_not_after: Some("2026-12-05T13:00:00Z".into()),
+        via: Some("glexec"),
+        proxy_sha256: Some("c".into()),
     }
 }
 

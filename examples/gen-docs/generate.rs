@@ -12,11 +12,13 @@ use std::path::{Path, PathBuf};
 /// A program: its name, its man section and its command-line definition.
 pub type Program = (&'static str, &'static str, fn() -> clap::Command);
 
-/// The three programs.
-pub const PROGRAMS: [Program; 3] = [
+/// The four programs (`mupilot-glexec`, the gLExec-compatible client, in section 1: the pilot
+/// account runs it).
+pub const PROGRAMS: [Program; 4] = [
     ("mupilot", "1", mupilot::pilot::cli::command),
     ("mupilot-switch", "8", mupilot::switch::cli::command),
     ("mupilot-server", "8", mupilot::server::cli::command),
+    ("mupilot-glexec", "1", mupilot::glexec::command),
 ];
 
 /// Writes `DIR/man/<page>.<section>` and `DIR/completions/{bash,zsh,fish}/...`; returns every

@@ -19,6 +19,7 @@ pub(crate) mod config;
 pub mod delegation;
 pub(crate) mod dn;
 pub(crate) mod lsc;
+pub(crate) mod possession;
 pub(crate) mod proxy;
 pub(crate) mod refusal;
 pub(crate) mod trust;

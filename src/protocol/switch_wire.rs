@@ -24,9 +24,10 @@ pub const MAX_FRAME: usize = 256 << 20;
 /// Largest request the helper accepts from a pilot: control frames only (the bundle travels
 /// as a descriptor), so an envelope (at most 1 MiB of base64) is the biggest part.
 pub const MAX_REQUEST_FRAME: usize = 1 << 20;
-/// Most descriptors one frame may carry (launch: stdout, stderr, bundle; stage plan: two
-/// gates, the bundle and two outputs).
-pub const MAX_FDS: usize = 5;
+/// Most descriptors one frame may carry (launch: stdout, stderr, bundle; glexec: stdin,
+/// stdout, stderr and two proxy files; stage plan: two gates, the bundle, stdin and two
+/// outputs).
+pub const MAX_FDS: usize = 6;
 
 /// What the pilot tells the helper about itself and its slot, once per connection.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -102,6 +103,11 @@ pub enum SwitchRequest {
         payload_id: String,
         chain_pem: String,
     },
+    /// gLExec-compatible entry (`mupilot-glexec`): run a command as the owner of a proxy the
+    /// caller holds. Not a VO envelope: the helper verifies the proxy against its `[grid]`
+    /// table and runs it only when switch.toml's `[glexec]` table enables it. Answered like a
+    /// launch (`started` then `exited`, or `denied`).
+    Glexec(GlexecRequest),
     /// Site admin (peer uid 0 only, sent as the first frame instead of `hello`): kill every
     /// running payload of `owner_dn` on this node, and with `ban` refuse that DN from now on.
     /// Answered by `killed` (or `error`).
@@ -110,6 +116,34 @@ pub enum SwitchRequest {
         #[serde(default)]
         ban: bool,
     },
+}
+
+/// A `glexec` request. The proxy files travel as descriptors the caller opened (so the
+/// helper never opens a path the pilot names, and checks owner and mode on the open file);
+/// each `*_fd` is an index into the frame's descriptors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlexecRequest {
+    /// The command and its arguments (looked up in the payload's PATH).
+    pub argv: Vec<String>,
+    /// The caller's environment; the helper keeps only what gLExec kept (`GLEXEC_*`, `TZ`)
+    /// and the names the site lists in `glexec.preserve_env`.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// GLEXEC_CLIENT_CERT: the proxy (with its private key) naming the user to run as.
+    pub client_cert_fd: usize,
+    /// GLEXEC_SOURCE_PROXY when it is another file: the proxy delivered to the payload
+    /// (default: the client certificate's file).
+    #[serde(default)]
+    pub source_proxy_fd: Option<usize>,
+    /// The payload's stdin (read end: a pipe or a regular file), stdout and stderr (a pipe or a
+    /// regular file opened for writing); absent: /dev/null.
+    #[serde(default)]
+    pub stdin_fd: Option<usize>,
+    #[serde(default)]
+    pub stdout_fd: Option<usize>,
+    #[serde(default)]
+    pub stderr_fd: Option<usize>,
 }
 
 /// Why a payload was not run. A denial is final: the pilot reports it, never retries locally.

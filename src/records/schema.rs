@@ -130,6 +130,7 @@ pub const FIELDS: &[&str] = &[
     "prev",
     "proxy_not_after",
     "proxy_serial",
+    "proxy_sha256",
     "reason",
     "refused_count",
     "removed_bytes",
@@ -144,6 +145,7 @@ pub const FIELDS: &[&str] = &[
     "time",
     "uid",
     "upload",
+    "via",
     "vo",
     "wall_seconds",
 ];

@@ -109,6 +109,12 @@ pub struct AuditRecord {
     pub proxy_serial: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proxy_not_after: Option<String>,
+    /// The entry a payload came through when it is not a VO envelope: `glexec`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via: Option<&'static str>,
+    /// SHA-256 of the proxy file a gLExec request's owner was verified from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_sha256: Option<String>,
 }
 
 impl AuditRecord {

@@ -46,7 +46,27 @@ pub fn problems(cfg: &SwitchConfig) -> Vec<Problem> {
     out.extend(root_only(cfg, "state_dir", &cfg.state_dir));
     out.extend(scratch_root(cfg));
     out.extend(pools(cfg));
+    out.extend(glexec(cfg));
     out
+}
+
+/// The gLExec entry enabled without the `[grid]` table it verifies proxies with: every call
+/// would be refused (202), so the site hears it here.
+fn glexec(cfg: &SwitchConfig) -> Option<Problem> {
+    #[cfg(feature = "grid")]
+    let has_grid = cfg.grid.is_some();
+    #[cfg(not(feature = "grid"))]
+    let has_grid = false;
+    match &cfg.glexec {
+        Some(g) if g.enabled && !has_grid => Some(problem(
+            cfg,
+            "glexec.enabled",
+            Path::new("true"),
+            "the gLExec entry verifies callers' proxies against [grid], which is not configured (or this helper was built without grid support), so it would refuse every call".into(),
+            "add a [grid] table (cert_dir, vomsdir; docs/site-admin.md \"Grid credentials\") or set glexec.enabled = false".into(),
+        )),
+        _ => None,
+    }
 }
 
 fn dir_of(p: &Path) -> &Path {
@@ -311,6 +331,23 @@ mod tests {
     }
 
     const MAP: &str = "\"/DC=org/CN=a\" nobody\n";
+
+    #[test]
+    fn glexec_without_grid_is_named_with_the_fix() {
+        let dir = var_lib_dir(0o755);
+        let scratch = dir.path().join("scratch");
+        let on = "\n[glexec]\nenabled = true\nvos = [\"demo\"]";
+        let c = config(dir.path(), MAP, on, &scratch);
+        let p = problems(&c);
+        assert_eq!(p.len(), 1, "{p:?}");
+        let msg = p[0].to_string();
+        assert!(
+            msg.contains("key 'glexec.enabled'") && msg.contains("add a [grid] table"),
+            "{msg}"
+        );
+        let off = "\n[glexec]\nenabled = false\nvos = [\"demo\"]";
+        assert!(problems(&config(dir.path(), MAP, off, &scratch)).is_empty());
+    }
 
     #[test]
     fn scratch_inside_the_state_dir_is_named_with_the_fix() {

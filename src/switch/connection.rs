@@ -1,6 +1,6 @@
 //! One pilot connection, admitted by the accept loop (`admission`; the caller's process held
 //! as a pidfd, `peer`): the hello/welcome exchange (the pilot's cgroups pinned), then launch,
-//! signal and status requests until the pilot hangs up; then every payload the pilot started
+//! signal, status and glexec requests until the pilot hangs up; then every payload the pilot started
 //! is killed (P10). Requests are bounded (`switch_wire::MAX_REQUEST_FRAME`) and timed: hello
 //! within `limits.hello_timeout_seconds` of the accept, every later frame complete within
 //! `limits.frame_timeout_seconds` of its first byte. Each payload gets a waiter thread
@@ -18,8 +18,8 @@ use super::launch::{self, Caller, Started};
 use super::peer::Peer;
 use super::report::{report_end, report_started};
 use crate::protocol::switch_wire::{
-    read_frame_limited, write_frame, ReadLimits, SwitchEvent, SwitchRequest, WireError,
-    MAX_REQUEST_FRAME,
+    read_frame_limited, write_frame, DenialClass, GlexecRequest, ReadLimits, SwitchEvent,
+    SwitchRequest, WireError, MAX_REQUEST_FRAME,
 };
 use crate::protocol::SignedEnvelope;
 
@@ -158,6 +158,7 @@ impl Connection {
                     },
                     _,
                 )) => self.signal(&payload_id, signal, reason),
+                Ok((SwitchRequest::Glexec(req), fds)) => self.glexec(&req, fds),
                 Ok((SwitchRequest::Status, _)) => {
                     let payloads = self.helper.registry.status(self.caller.conn_id);
                     self.send(SwitchEvent::Running { payloads });
@@ -285,7 +286,7 @@ impl Connection {
             key: self.take_key(envelope),
             chain_pem,
         });
-        match launch::launch(
+        let result = launch::launch(
             &self.helper,
             &self.caller,
             envelope,
@@ -293,9 +294,29 @@ impl Connection {
             fds,
             proxy,
             &mut rec,
-        ) {
+        )
+        .map_err(|e| (e.class(), e.to_string(), e.recorded_as_end()));
+        self.answer(result, rec);
+    }
+
+    /// A `glexec` request (mupilot-glexec): a command as a verified proxy's owner, answered
+    /// as a launch.
+    fn glexec(&self, req: &GlexecRequest, fds: Vec<OwnedFd>) {
+        self.helper.stages.wake_next();
+        let mut rec = self.record(AuditEvent::Denied);
+        let result = super::glexec::run(&self.helper, &self.caller, req, fds, &mut rec)
+            .map_err(|e| (e.class(), e.to_string(), e.recorded_as_end()));
+        self.answer(result, rec);
+    }
+
+    /// Answers a launch: `started` (and later `exited`), or `denied` with its class and
+    /// reason, recorded unless an end record already closed it.
+    fn answer(&self, result: Result<Started, (DenialClass, String, bool)>, rec: AuditRecord) {
+        match result {
             Ok(started) => self.started(started),
-            Err(e) => self.deny(rec, e),
+            Err((class, reason, recorded_as_end)) => {
+                self.deny_as(rec, class, reason, recorded_as_end)
+            }
         }
     }
 
@@ -314,9 +335,19 @@ impl Connection {
     }
 
     /// Records and answers a denial of a launch or proxy request.
-    fn deny(&self, mut rec: AuditRecord, e: launch::LaunchError) {
-        let class = e.class();
-        let reason = e.to_string();
+    fn deny(&self, rec: AuditRecord, e: launch::LaunchError) {
+        self.deny_as(rec, e.class(), e.to_string(), e.recorded_as_end());
+    }
+
+    /// Records (unless an end record already closed it) and answers a denial with its class
+    /// and reason: the one place a `denied` leaves the helper.
+    fn deny_as(
+        &self,
+        mut rec: AuditRecord,
+        class: DenialClass,
+        reason: String,
+        recorded_as_end: bool,
+    ) {
         let payload_id = rec.payload_id.clone().unwrap_or_default();
         tracing::info!(%payload_id, class = class.as_str(), %reason, "denied");
         rec.time = crate::records::now_rfc3339();
@@ -324,7 +355,7 @@ impl Connection {
         rec.decision = Some("deny");
         rec.denial_class = Some(class.as_str());
         rec.reason = Some(reason.clone());
-        if !e.recorded_as_end() {
+        if !recorded_as_end {
             self.helper.audit.append_or_log(&rec);
         }
         self.send(SwitchEvent::Denied {

@@ -80,7 +80,7 @@ pub enum LaunchError {
     Slot(SlotError),
     #[error("launch carried {0} descriptors; send two (stdout, stderr) or none")]
     FdCount(usize),
-    #[error("{which} descriptor is {kind}; pass a regular file or a pipe opened for writing")]
+    #[error("{which} descriptor is {kind}; pass a regular file or a pipe (opened for writing; stdin: for reading)")]
     OutputFd { which: &'static str, kind: String },
     #[error("sandbox: {0}")]
     Sandbox(SandboxError),
@@ -188,9 +188,9 @@ pub fn launch(
         .peer
         .check_still_caller()
         .map_err(LaunchError::Peer)?;
-    let Some(pilot_cgroups) = caller.cgroups.clone() else {
+    if caller.cgroups.is_none() {
         return Err(LaunchError::Peer(PeerError::Gone { pid: caller.pid }));
-    };
+    }
     let bundle_fd = match bundle_fd {
         None => None,
         Some(i) if i < fds.len() => Some(fds.remove(i)),
@@ -249,9 +249,7 @@ pub fn launch(
     let decided = match &delivery {
         None => body,
         Some(d) => {
-            rec.fqans = Some(d.fqans.clone());
-            rec.proxy_serial = Some(d.serial.clone());
-            rec.proxy_not_after = Some(d.not_after.clone());
+            d.note(rec);
             decided_body = EnvelopeBody {
                 owner: Owner {
                     fqans: d.fqans.clone(),
@@ -272,12 +270,67 @@ pub fn launch(
         });
     }
 
+    // i. Output descriptors (checked before anything is decided for them), then the
+    //    steps every verified request shares.
+    let (stdout, stderr) = output_fds(fds)?;
+    launch_verified(
+        helper,
+        caller,
+        Verified {
+            body: decided,
+            bundle,
+            stdio: [None, stdout, stderr],
+            nonce: Some(nonce_synced),
+            delivery,
+        },
+        now,
+        rec,
+    )
+}
+
+/// A request whose origin was verified (a VO envelope, or a gLExec request's proxy): what the
+/// shared steps from the local decision on need.
+pub(super) struct Verified<'a> {
+    /// The payload as the VO signed it, or as the helper built it from a verified proxy.
+    pub body: &'a EnvelopeBody,
+    pub bundle: Option<Arc<OwnedFd>>,
+    /// stdin, stdout, stderr (each checked by the caller; None: /dev/null).
+    pub stdio: [Option<OwnedFd>; 3],
+    /// The replay-cache entry to make durable before the payload may exec (envelopes only).
+    pub nonce: Option<crate::records::PendingSync>,
+    /// The owner's verified proxy (an envelope's delegated one, for the key this helper
+    /// made; or a gLExec request's source proxy): written into the scratch before the payload
+    /// may start (`proxy::deliver`, the one writer), its variables in the payload's
+    /// environment.
+    pub delivery: Option<super::proxy::Delivery>,
+}
+
+/// The steps every verified request shares, in order: the local decision and the mapping,
+/// the account, the slot, the sandbox, the start record (with the replay entry) on disk, exec.
+pub(super) fn launch_verified(
+    helper: &Helper,
+    caller: &Caller,
+    v: Verified<'_>,
+    now: chrono::DateTime<Utc>,
+    rec: &mut AuditRecord,
+) -> Result<Started, LaunchError> {
+    let Verified {
+        body,
+        bundle,
+        stdio: [stdin, stdout, stderr],
+        nonce: nonce_synced,
+        delivery,
+    } = v;
+    let Some(pilot_cgroups) = caller.cgroups.clone() else {
+        return Err(LaunchError::Peer(PeerError::Gone { pid: caller.pid }));
+    };
+
     // f. + g. The local decision and the mapping (P5, P6).
     let permit = helper
         .authz
         .decide(
             &AuthzRequest {
-                body: decided,
+                body,
                 pilot_uid: caller.uid,
                 pilot_dn: caller.hello.pilot_dn.as_deref(),
             },
@@ -323,8 +376,7 @@ pub fn launch(
         committed: false,
     };
 
-    // i. Output descriptors, then the sandbox.
-    let (stdout, stderr) = output_fds(fds)?;
+    // i. The sandbox.
     let plan = LaunchPlan {
         payload_id: body.payload_id.clone(),
         account: account.clone(),
@@ -339,6 +391,7 @@ pub fn launch(
         pilot: pilot_cgroups,
         bundle,
         outputs: body.outputs.clone(),
+        stdin: stdin.map(Arc::new),
     };
     let mut starting = sandbox::begin(&helper.cfg.sandbox, &helper.stages, plan, stdout, stderr)
         .map_err(LaunchError::Sandbox)?;
@@ -355,7 +408,7 @@ pub fn launch(
     //    and synced. Until both are on disk the payload waits at the exec gate; an error here
     //    withdraws it (dropping `starting` kills the stage and removes what was made), and
     //    after the start record an end record closes it.
-    let nonce_synced = nonce_synced.start();
+    let nonce_synced = nonce_synced.map(|n| n.start());
     starting.create_cgroup().map_err(LaunchError::Sandbox)?;
     let mut start = rec.clone();
     start.time = crate::records::now_rfc3339();
@@ -370,9 +423,10 @@ pub fn launch(
         .append_unsynced(&start)
         .map_err(LaunchError::Audit)?;
     let durable = pending.wait().map_err(LaunchError::Audit).and_then(|()| {
-        nonce_synced
-            .wait()
-            .map_err(|e| LaunchError::ReplayCache(super::replay::ReplayError::from_sync(e)))
+        nonce_synced.map_or(Ok(()), |n| {
+            n.wait()
+                .map_err(|e| LaunchError::ReplayCache(super::replay::ReplayError::from_sync(e)))
+        })
     });
     if let Err(e) = durable {
         helper
@@ -563,42 +617,56 @@ fn output_fds(fds: Vec<OwnedFd>) -> Result<(Option<OwnedFd>, Option<OwnedFd>), L
         n => return Err(LaunchError::FdCount(n)),
     }
     for (fd, which) in fds.iter().zip(["stdout", "stderr"]) {
-        let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| LaunchError::OutputFd {
-            which,
-            kind: format!("not inspectable ({e})"),
-        })?;
-        let fmt = st.st_mode & libc::S_IFMT;
-        let kind = match fmt {
-            libc::S_IFREG | libc::S_IFIFO => None,
-            libc::S_IFSOCK => Some("a socket"),
-            libc::S_IFDIR => Some("a directory"),
-            libc::S_IFCHR => Some("a character device"),
-            libc::S_IFBLK => Some("a block device"),
-            _ => Some("of an unknown type"),
-        };
-        if let Some(kind) = kind {
-            return Err(LaunchError::OutputFd {
-                which,
-                kind: kind.into(),
-            });
-        }
-        let flags =
-            nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).map_err(|e| {
-                LaunchError::OutputFd {
-                    which,
-                    kind: format!("not inspectable ({e})"),
-                }
-            })?;
-        let mode = nix::fcntl::OFlag::from_bits_truncate(flags) & nix::fcntl::OFlag::O_ACCMODE;
-        if mode == nix::fcntl::OFlag::O_RDONLY {
-            return Err(LaunchError::OutputFd {
-                which,
-                kind: "opened read-only".into(),
-            });
-        }
+        check_stdio_fd(fd, which, true)?;
     }
     let mut it = fds.into_iter();
     Ok((it.next(), it.next()))
+}
+
+/// Checks one of a payload's standard descriptors: a regular file or a pipe, open for writing
+/// (`writing`, stdout and stderr) or for reading (stdin). A socket, terminal or other device
+/// would hand the payload a channel to the caller (a terminal's TIOCSTI injects input).
+pub(super) fn check_stdio_fd(
+    fd: &OwnedFd,
+    which: &'static str,
+    writing: bool,
+) -> Result<(), LaunchError> {
+    let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| LaunchError::OutputFd {
+        which,
+        kind: format!("not inspectable ({e})"),
+    })?;
+    let kind = match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG | libc::S_IFIFO => None,
+        libc::S_IFSOCK => Some("a socket"),
+        libc::S_IFDIR => Some("a directory"),
+        libc::S_IFCHR => Some("a character device"),
+        libc::S_IFBLK => Some("a block device"),
+        _ => Some("of an unknown type"),
+    };
+    if let Some(kind) = kind {
+        return Err(LaunchError::OutputFd {
+            which,
+            kind: kind.into(),
+        });
+    }
+    let flags = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).map_err(|e| {
+        LaunchError::OutputFd {
+            which,
+            kind: format!("not inspectable ({e})"),
+        }
+    })?;
+    let mode = nix::fcntl::OFlag::from_bits_truncate(flags) & nix::fcntl::OFlag::O_ACCMODE;
+    match (writing, mode) {
+        (true, nix::fcntl::OFlag::O_RDONLY) => Err(LaunchError::OutputFd {
+            which,
+            kind: "opened read-only".into(),
+        }),
+        (false, nix::fcntl::OFlag::O_WRONLY) => Err(LaunchError::OutputFd {
+            which,
+            kind: "opened write-only".into(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

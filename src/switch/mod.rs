@@ -6,7 +6,7 @@
 //! Rooms: [`config`] (switch.toml), [`activation`] (the listening socket), [`daemon`] (shared
 //! state, accept loop, shutdown), [`connection`] (one pilot), `report` (a payload's start and end, told), [`launch`] (the checks in
 //! order), [`authorize`] (the local decision), [`gridmap`] (the mapping file), [`accounts`]
-//! (account lookup and refusals), [`leases`] (pool accounts), [`replay`] (seen nonces), [`proxy`] (the payload's delegated proxy), [`registry`] (running payloads and
+//! (account lookup and refusals), [`leases`] (pool accounts), [`glexec`] (the gLExec-compatible entry), [`replay`] (seen nonces), [`proxy`] (the payload's delegated proxy), [`registry`] (running payloads and
 //! slots), [`audit`] and [`syslog`] (records), [`metrics`] (node_exporter textfile), [`sandbox`] (the payload's isolation), [`check`]
 //! (check-config's site checks), [`audit_query`] and [`admin_client`] (`mupilot-switch audit`,
 //! and the root client `audit kill` uses to reach the running helper).
@@ -31,6 +31,7 @@ pub mod config;
 pub(crate) mod connection;
 #[allow(unsafe_code)] // the shutdown signal handler and its self-pipe
 pub(crate) mod daemon;
+pub(crate) mod glexec;
 pub(crate) mod gridmap;
 #[allow(unsafe_code)] // F_GET_SEALS on the bundle's memfd
 pub(crate) mod launch;

@@ -244,6 +244,7 @@ fn serve(listener: UnixListener, mode: HelperMode, log: Arc<Mutex<HelperLog>>) {
             | SwitchRequest::ProxyRenewed { .. } => {
                 panic!("no payload of these tests carries a delegated credential: {req:?}")
             }
+            SwitchRequest::Glexec(_) => panic!("the pilot never sends glexec requests"),
             SwitchRequest::Command { .. } => {
                 panic!("the VO server double sends no signed commands")
             }

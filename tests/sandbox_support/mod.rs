@@ -247,6 +247,7 @@ pub fn plan(id: &str, account: &Account, argv: &[&str]) -> LaunchPlan {
         pilot: PilotCgroups::read(std::process::id() as i32).unwrap(),
         bundle: None,
         outputs: Vec::new(),
+        stdin: None,
     }
 }
 

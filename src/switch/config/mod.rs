@@ -80,6 +80,9 @@ struct RawConfig {
     #[cfg(feature = "grid")]
     #[serde(default)]
     grid: Option<crate::grid::GridConfig>,
+    /// `[glexec]`: the gLExec-compatible entry (off unless enabled).
+    #[serde(default)]
+    glexec: Option<super::glexec::RawGlexec>,
 }
 
 fn default_metrics_interval() -> u64 {
@@ -337,6 +340,9 @@ pub struct SwitchConfig {
     /// Absent: the site verifies no grid credentials, and a payload that needs one is refused.
     #[cfg(feature = "grid")]
     pub grid: Option<crate::grid::GridConfig>,
+    /// `[glexec]`: who may run commands as a proxy's owner through `mupilot-glexec`.
+    /// Absent: the entry is off.
+    pub glexec: Option<super::glexec::GlexecConfig>,
     /// Where the counters go for node_exporter's textfile collector (None: nowhere).
     pub metrics_textfile: Option<PathBuf>,
     /// How often the textfile is rewritten.

@@ -294,6 +294,17 @@ pub(super) fn validate(raw: RawConfig, base: &Path) -> Result<SwitchConfig, KeyE
             Some(g)
         }
     };
+    let glexec = match raw.glexec {
+        None => None,
+        Some(g) => {
+            let vo_names: Vec<&str> = vos.iter().map(|v| v.name.as_str()).collect();
+            let pilots: Vec<(&str, u32)> = allowed_pilots
+                .iter()
+                .map(|p| (p.written.as_str(), p.uid))
+                .collect();
+            Some(g.validate(&vo_names, &pilots)?)
+        }
+    };
     let limits = LimitsConfig {
         bundle_max_bytes: l.bundle_max_bytes,
         hello_timeout: std::time::Duration::from_secs(l.hello_timeout_seconds),
@@ -313,6 +324,7 @@ pub(super) fn validate(raw: RawConfig, base: &Path) -> Result<SwitchConfig, KeyE
         limits,
         #[cfg(feature = "grid")]
         grid,
+        glexec,
         allowed_pilots,
         gridmap,
         audit_log,

@@ -100,15 +100,7 @@ pub fn verify_issued(
     let fqans = verifier
         .config()
         .effective_fqans(&body.owner.fqans, &cred.fqans)?;
-    Ok(Delivery {
-        file,
-        serial: cred.proxy_serials.first().cloned().unwrap_or_default(),
-        not_after: cred
-            .not_after
-            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        fqans,
-        env: Vec::new(),
-    })
+    Ok(Delivery::verified(file, &cred, fqans))
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
-//! The payload's delegated X.509 proxy on the worker node (issue 17 items 2 and 3): the key
-//! the helper makes for it ([`keys`], grid builds), the checks a launch with `credential` must
-//! pass ([`for_launch`]), the proxy file written into the payload's scratch as the account
-//! ([`deliver`]) and its renewal while the payload runs ([`renew`]).
+//! The payload's X.509 proxy on the worker node (issue 17 items 2-4): the key the helper
+//! makes for a delegated one ([`keys`], grid builds), the checks a launch with `credential`
+//! must pass ([`for_launch`]), the verified proxy as it goes to a payload ([`Delivery`], also
+//! the gLExec entry's), the one writer of the proxy file into the payload's scratch as the
+//! account ([`deliver`]) and its renewal while the payload runs ([`renew`]).
 //!
 //! Runs in the multi-threaded helper as root. The payload's private key never leaves the
 //! helper but for the 0600 file in the payload's own scratch; the pilot sees only the CSR and
@@ -123,6 +124,56 @@ pub struct Delivery {
     pub env: Vec<(String, String)>,
 }
 
+#[cfg(feature = "grid")]
+impl Delivery {
+    /// The proxy file `file` of a credential the verifier accepted; `fqans` are those the
+    /// decision sees. The environment is set by [`Delivery::for_scratch`].
+    pub fn verified(
+        file: Vec<u8>,
+        cred: &crate::grid::VerifiedCredential,
+        fqans: Vec<String>,
+    ) -> Delivery {
+        Delivery {
+            file,
+            serial: cred.proxy_serials.first().cloned().unwrap_or_default(),
+            not_after: cred
+                .not_after
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            fqans,
+            env: Vec::new(),
+        }
+    }
+
+    /// The payload's variables for a proxy delivered into `scratch` (the directory the
+    /// sandbox makes for the payload): `X509_USER_PROXY` naming the file, and the site's CA
+    /// directory and vomsdir, where grid tools look for them.
+    pub fn for_scratch(
+        mut self,
+        scratch: &std::path::Path,
+        grid: &crate::grid::GridConfig,
+    ) -> Self {
+        self.env = vec![
+            (
+                "X509_USER_PROXY".into(),
+                proxy_path(scratch).display().to_string(),
+            ),
+            ("X509_CERT_DIR".into(), grid.cert_dir.display().to_string()),
+            ("X509_VOMS_DIR".into(), grid.vomsdir.display().to_string()),
+        ];
+        self
+    }
+}
+
+impl Delivery {
+    /// Its facts in a launch's records: the verified FQANs, the serial and not-after (the
+    /// start record is the delivery record).
+    pub fn note(&self, rec: &mut super::audit::AuditRecord) {
+        rec.fqans = Some(self.fqans.clone());
+        rec.proxy_serial = Some(self.serial.clone());
+        rec.proxy_not_after = Some(self.not_after.clone());
+    }
+}
+
 impl Drop for Delivery {
     fn drop(&mut self) {
         // The file holds the payload's private key: leave no copy in freed memory.
@@ -155,19 +206,10 @@ pub fn for_launch(
             let key = key.ok_or_else(|| ProxyError::NoPendingKey {
                 payload_id: body.payload_id.clone(),
             })?;
-            let mut d = keys::verify_issued(verifier, &key, chain_pem.as_bytes(), body, now)?;
+            let d = keys::verify_issued(verifier, &key, chain_pem.as_bytes(), body, now)?;
             // The scratch directory the sandbox makes for this payload (sandbox/start.rs).
             let scratch = helper.cfg.sandbox.scratch_root.join(&body.payload_id);
-            let g = verifier.config();
-            d.env = vec![
-                (
-                    "X509_USER_PROXY".into(),
-                    proxy_path(&scratch).display().to_string(),
-                ),
-                ("X509_CERT_DIR".into(), g.cert_dir.display().to_string()),
-                ("X509_VOMS_DIR".into(), g.vomsdir.display().to_string()),
-            ];
-            Ok(Some(d))
+            Ok(Some(d.for_scratch(&scratch, verifier.config())))
         }
     }
 }

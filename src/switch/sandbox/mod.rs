@@ -158,6 +158,10 @@ pub struct LaunchPlan {
     /// Paths relative to scratch copied out after the end.
     #[serde(default)]
     pub outputs: Vec<String>,
+    /// The payload's stdin (a pipe or regular file the caller opened for reading); None:
+    /// /dev/null. Only the gLExec entry passes one.
+    #[serde(skip)]
+    pub stdin: Option<Arc<OwnedFd>>,
 }
 
 /// Errors of the sandbox layer; each names the path or step that failed.

@@ -222,6 +222,7 @@ pub fn begin(
         core_bytes: settings.core_bytes,
         allow_user_namespaces: settings.allow_user_namespaces,
         bundle: plan.bundle.is_some(),
+        stdin: plan.stdin.is_some(),
     };
     let remove_scratch = |e: SandboxError| {
         let _ = std::fs::remove_dir_all(&scratch);
@@ -238,6 +239,7 @@ pub fn begin(
         stage_plan,
         [exec_wait, cgroup_wait],
         plan.bundle.as_deref(),
+        plan.stdin.as_deref(),
         stdout,
         stderr,
     )
@@ -380,14 +382,15 @@ impl Drop for Starting {
 }
 
 /// Takes a stage and sends it the plan, the gates' read ends (exec, cgroup), the bundle's
-/// memfd (when the plan has one) and the payload's stdout/stderr in one frame; the stage puts
-/// the outputs on its fds 1 and 2 (none: /dev/null stays there). Our copies close when this
-/// returns.
+/// memfd (when the plan has one), the payload's stdin (when it has one) and its stdout/stderr
+/// in one frame; the stage puts them on its fds 0, 1 and 2 (none: /dev/null stays there). Our
+/// copies close when this returns.
 fn send_plan(
     stages: &StagePool,
     plan: Plan,
     gates: [OwnedFd; 2],
     bundle: Option<&OwnedFd>,
+    stdin: Option<&OwnedFd>,
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
 ) -> Result<(pool::StageProcess, UnixStream, pool::Launching), SandboxError> {
@@ -416,6 +419,7 @@ fn send_plan(
     let fds: Vec<_> = gates
         .iter()
         .chain(bundle)
+        .chain(stdin)
         .chain([&stdout, &stderr].into_iter().flatten())
         .map(|fd| fd.as_raw_fd())
         .collect();

@@ -50,6 +50,9 @@ pub(crate) struct Plan {
     /// A bundle (tar.gz) comes as the descriptor after the two gates: a sealed memfd whose
     /// digest the helper checked.
     pub bundle: bool,
+    /// The payload's stdin comes as the descriptor after the bundle's place (gLExec entry).
+    #[serde(default)]
+    pub stdin: bool,
 }
 
 /// Helper -> stage, on the stage's socketpair.
@@ -60,7 +63,8 @@ pub(crate) enum ToStage {
     /// spins for it instead of sleeping (`StagePool::wake_next`). Carries nothing.
     Wake,
     /// The payload to start. Its descriptors, in order: the exec gate, the cgroup gate, the
-    /// bundle (when `bundle`), then the payload's stdout and stderr (both or neither).
+    /// bundle (when `bundle`), stdin (when `stdin`), then the payload's stdout and stderr
+    /// (both or neither).
     Plan(Box<Plan>),
 }
 

@@ -29,6 +29,7 @@ fn plan() -> Plan {
         core_bytes: 0,
         allow_user_namespaces: true,
         bundle: false,
+        stdin: false,
     }
 }
 

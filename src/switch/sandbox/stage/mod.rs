@@ -212,7 +212,11 @@ fn serve_prepared(mut channel: UnixStream, prepared: StepResult<Host>) -> i32 {
         }
     };
     let (plan, fds) = match received {
-        Ok((plan, fds)) if [2, 4].contains(&(fds.len() - usize::from(plan.bundle).min(fds.len()))) => {
+        Ok((plan, fds))
+            if [2, 4].contains(
+                &(fds.len().saturating_sub(usize::from(plan.bundle) + usize::from(plan.stdin))),
+            ) =>
+        {
             (plan, fds)
         }
         Ok((_, fds)) => {
@@ -221,7 +225,7 @@ fn serve_prepared(mut channel: UnixStream, prepared: StepResult<Host>) -> i32 {
                 StageError::new(
                     "read plan",
                     format!(
-                    "{} descriptors came with the plan; expected the exec and cgroup gates, the bundle if any and 0 or 2 outputs",
+                    "{} descriptors came with the plan; expected the exec and cgroup gates, the bundle and stdin if any and 0 or 2 outputs",
                     fds.len()
                 ),
                 ),

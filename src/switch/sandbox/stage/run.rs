@@ -37,14 +37,14 @@ pub(super) fn run(
         return Err(StageError::new("read plan", "no exec and cgroup gates"));
     };
     let bundle = if plan.bundle { fds.next() } else { None };
-
-    for (fd, target) in fds.zip([1, 2]) {
-        // SAFETY: dup2 of a descriptor we own onto 1 or 2; no memory is involved. The copy on
-        // 1/2 is not close-on-exec (the payload writes there); ours (received close-on-exec)
+    let stdin = if plan.stdin { fds.next() } else { None };
+    for (fd, target) in stdin.into_iter().map(|fd| (fd, 0)).chain(fds.zip([1, 2])) {
+        // SAFETY: dup2 of a descriptor we own onto 0, 1 or 2; no memory is involved. The copy on
+        // 0-2 is not close-on-exec (the payload uses it); ours (received close-on-exec)
         // closes at the end of this loop iteration.
         if unsafe { libc::dup2(fd.as_raw_fd(), target) } < 0 {
             return Err(StageError::new(
-                "put the payload's outputs on fds 1 and 2",
+                "put the payload's stdin and outputs on fds 0, 1 and 2",
                 std::io::Error::last_os_error(),
             ));
         }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use mupilot::protocol::api::{MatchRequest, MatchResponse, PayloadView, StatusReport};
-use server_support::{text, Demo, Server};
+use server_support::{file_holds, text, Demo, Server};
 
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p)
@@ -323,6 +323,14 @@ fn records_past_record_retention_days_are_deleted_and_the_rest_stay() {
     }
     for kept in [&cli_old, &recent, &queued] {
         assert_eq!(status(kept), 200, "{kept}");
+    }
+    if demo.pg.is_none() {
+        // The row held the owner's DN, argv and environment: erased from every byte of the
+        // database files, not only deleted (secure_delete, WAL truncated).
+        for f in ["mupilot.db", "mupilot.db-wal"] {
+            let p = demo.path("server-data").join(f);
+            assert!(!file_holds(&p, &old), "{} still holds {old}", p.display());
+        }
     }
     demo.sql(&format!(
         "UPDATE payloads SET updated_at = '{aged}' WHERE id = '{cli_old}'"

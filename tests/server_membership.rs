@@ -7,13 +7,11 @@
 
 mod server_support;
 
-use std::path::Path;
-
 use mupilot::protocol::api::{
     MatchResponse, OperatorCommand, PayloadState, PayloadView, StatusAck, StatusReport,
 };
 use serde_json::{json, Value};
-use server_support::{dn, match_req, small_job, text, Demo, Server};
+use server_support::{dn, file_holds, match_req, small_job, text, Demo, Server};
 
 /// Drops carol's `[[member]]` seed: she registers herself.
 fn unseed_carol(demo: &Demo) {
@@ -84,13 +82,6 @@ fn audit(demo: &Demo, args: &[&str]) -> (std::process::Output, Vec<Value>) {
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
     (out, recs)
-}
-
-fn file_holds(path: &Path, needle: &str) -> bool {
-    match std::fs::read(path) {
-        Ok(b) => b.windows(needle.len()).any(|w| w == needle.as_bytes()),
-        Err(_) => false,
-    }
 }
 
 /// Registration, approval, a role change, renewal, self-removal and the purge, with the

@@ -319,3 +319,12 @@ impl Drop for Server {
         self.stop();
     }
 }
+
+/// Whether the file at `path` holds the bytes of `needle` anywhere (false when it is absent):
+/// deleted personal data must be in no file of the database, not only in no row.
+pub fn file_holds(path: &std::path::Path, needle: &str) -> bool {
+    match std::fs::read(path) {
+        Ok(b) => b.windows(needle.len()).any(|w| w == needle.as_bytes()),
+        Err(_) => false,
+    }
+}

@@ -363,6 +363,31 @@ impl Store {
     pub fn output_path(&self, id: &str) -> PathBuf {
         self.data_dir.join("outputs").join(format!("{id}.tar.gz"))
     }
+
+    /// Runs `delete` so that what it deletes is in no file of the database afterwards. On
+    /// SQLite with `secure_delete` (freed cells overwritten with zeros, not left in free
+    /// pages), then the WAL checkpointed and truncated. On PostgreSQL rows are gone for every
+    /// reader at commit; autovacuum reclaims their dead tuples.
+    pub(crate) fn erasing<T>(
+        &self,
+        delete: impl FnOnce() -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let sqlite = match &self.backend {
+            Backend::Sqlite(c) => Some(c),
+            Backend::Postgres(..) => None,
+        };
+        if let Some(c) = sqlite {
+            lock(c).pragma_update(None, "secure_delete", "ON")?;
+        }
+        let done = delete();
+        if let Some(c) = sqlite {
+            let conn = lock(c);
+            let restored = conn.pragma_update(None, "secure_delete", "OFF");
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+            restored?;
+        }
+        done
+    }
 }
 
 fn lock(c: &Mutex<Connection>) -> MutexGuard<'_, Connection> {

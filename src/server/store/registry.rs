@@ -460,26 +460,9 @@ impl Store {
     /// row, its registration data, the requests about it and the notifications about it go;
     /// so do other members' requests decided, and notifications written, before `cutoff`.
     ///
-    /// On SQLite the deletion is made with `secure_delete` (the freed cells are overwritten
-    /// with zeros, not left in free pages) and the WAL is checkpointed and truncated after
-    /// it, so the deleted bytes are in no file of the database. On PostgreSQL the rows are
-    /// gone for every reader at commit; their dead tuples are reclaimed by autovacuum.
+    /// Erased, not only deleted ([`Store::erasing`]).
     pub fn purge_membership(&self, cutoff: DateTime<Utc>) -> Result<MembershipPurged, StoreError> {
-        let sqlite = match &self.backend {
-            super::Backend::Sqlite(c) => Some(c),
-            super::Backend::Postgres(..) => None,
-        };
-        if let Some(c) = sqlite {
-            super::lock(c).pragma_update(None, "secure_delete", "ON")?;
-        }
-        let n = self.purge_rows(cutoff);
-        if let Some(c) = sqlite {
-            let conn = super::lock(c);
-            let restored = conn.pragma_update(None, "secure_delete", "OFF");
-            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
-            restored?;
-        }
-        n
+        self.erasing(|| self.purge_rows(cutoff))
     }
 
     fn purge_rows(&self, cutoff: DateTime<Utc>) -> Result<MembershipPurged, StoreError> {

@@ -91,6 +91,11 @@ impl Store {
     /// their age. Runs in batches until nothing is left; safe to run from several instances
     /// at once (each row is deleted and counted once).
     pub fn expire_records(&self, before: DateTime<Utc>) -> Result<RecordsExpired, StoreError> {
+        // A payload's row holds its owner's DN, argv and environment: personal data, erased.
+        self.erasing(|| self.expire_rows(before))
+    }
+
+    fn expire_rows(&self, before: DateTime<Utc>) -> Result<RecordsExpired, StoreError> {
         let mut out = RecordsExpired::default();
         loop {
             let n = self.tx(|c| {

@@ -197,7 +197,7 @@ fn memory_limit_oom_kills() {
     let (o, out) = run(&s, p);
     assert_eq!(o.kill_reason.as_deref(), Some("oom"), "{o:?} {out}");
     assert_ne!(o.exit_code, Some(0));
-    assert!(o.peak_memory_bytes > 32 << 20, "{o:?}");
+    assert!(o.peak_memory_bytes.is_some_and(|p| p > 32 << 20), "{o:?}");
 }
 
 #[test]

@@ -77,7 +77,9 @@ pub struct Limits {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Usage {
     pub cpu_seconds: f64,
-    pub peak_memory_bytes: u64,
+    /// The most memory ever charged to the cgroup; None where the kernel keeps no peak (cgroup
+    /// v2 before Linux 5.19, see [`LiveUsage`]).
+    pub peak_memory_bytes: Option<u64>,
     /// The kernel's OOM killer killed a process of this cgroup.
     pub oom_killed: bool,
 }

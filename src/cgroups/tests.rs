@@ -395,7 +395,7 @@ fn usage_and_leaving_read_and_write_each_layouts_files() {
     let u = located.cgroup().usage();
     assert_eq!(
         (u.cpu_seconds, u.peak_memory_bytes, u.oom_killed),
-        (2.5, 1 << 20, true)
+        (2.5, Some(1 << 20), true)
     );
     fs::write(c.memory.join("memory.usage_in_bytes"), "524288\n").unwrap();
     let live = located.cgroup().live_usage();
@@ -431,7 +431,7 @@ fn usage_and_leaving_read_and_write_each_layouts_files() {
     let u = located.cgroup().usage();
     assert_eq!(
         (u.cpu_seconds, u.peak_memory_bytes, u.oom_killed),
-        (1.5, 4096, false)
+        (1.5, Some(4096), false)
     );
     fs::write(dir.join("memory.current"), "2048\n").unwrap();
     let live = located.cgroup().live_usage();
@@ -442,6 +442,7 @@ fn usage_and_leaving_read_and_write_each_layouts_files() {
     // A kernel before 5.19 has no memory.peak: no peak is claimed (not 0, not a sample).
     fs::remove_file(dir.join("memory.peak")).unwrap();
     assert_eq!(located.cgroup().live_usage().peak_memory_bytes, None);
+    assert_eq!(located.cgroup().usage().peak_memory_bytes, None);
     located.leave();
     assert_eq!(fs::read_to_string(mount.join("cgroup.procs")).unwrap(), "0");
 }

@@ -216,7 +216,7 @@ impl V1Cgroup {
     pub fn usage(&self) -> Usage {
         Usage {
             cpu_seconds: number(&self.cpuacct.join("cpuacct.usage")) as f64 / 1e9,
-            peak_memory_bytes: number(&self.memory.join("memory.max_usage_in_bytes")),
+            peak_memory_bytes: Some(number(&self.memory.join("memory.max_usage_in_bytes"))),
             oom_killed: keyed(&self.memory.join("memory.oom_control"), "oom_kill") > 0,
         }
     }

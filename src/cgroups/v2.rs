@@ -163,7 +163,7 @@ impl V2Cgroup {
     pub fn usage(&self) -> Usage {
         Usage {
             cpu_seconds: keyed(&self.dir.join("cpu.stat"), "usage_usec") as f64 / 1e6,
-            peak_memory_bytes: number(&self.dir.join("memory.peak")),
+            peak_memory_bytes: number_if_present(&self.dir.join("memory.peak")),
             oom_killed: keyed(&self.dir.join("memory.events"), "oom_kill") > 0,
         }
     }

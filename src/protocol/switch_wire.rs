@@ -227,7 +227,10 @@ pub struct ExitReport {
     #[serde(default)]
     pub signal: Option<i32>,
     pub cpu_seconds: f64,
-    pub peak_memory_bytes: u64,
+    /// The most memory its cgroup was ever charged; absent where the kernel keeps no peak
+    /// (cgroup v2 before Linux 5.19), never a 0 that would read as "used nothing".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_memory_bytes: Option<u64>,
     pub wall_seconds: f64,
     /// Why the helper or the kernel ended it: `oom`, `walltime`, `pilot_request`, `pilot_gone`, ...
     #[serde(default)]
@@ -661,5 +664,29 @@ mod tests {
             s,
             r#"{"type":"denied","payload_id":"p","class":"authorization","reason":"no mapping"}"#
         );
+    }
+
+    #[test]
+    fn an_unknown_peak_is_absent_not_zero() {
+        let exited = |peak| SwitchEvent::Exited {
+            payload_id: "p".into(),
+            report: ExitReport {
+                exit_code: Some(0),
+                peak_memory_bytes: peak,
+                ..Default::default()
+            },
+        };
+        let unknown = serde_json::to_string(&exited(None)).unwrap();
+        assert!(!unknown.contains("peak_memory_bytes"), "{unknown}");
+        assert_eq!(
+            serde_json::from_str::<SwitchEvent>(&unknown).unwrap(),
+            exited(None)
+        );
+        // What helpers before this field was optional send: always a number.
+        let older = r#"{"type":"exited","payload_id":"p","exit_code":0,"cpu_seconds":1.5,"peak_memory_bytes":4096,"wall_seconds":2.0}"#;
+        let SwitchEvent::Exited { report, .. } = serde_json::from_str(older).unwrap() else {
+            panic!("not an exit")
+        };
+        assert_eq!(report.peak_memory_bytes, Some(4096));
     }
 }

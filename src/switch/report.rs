@@ -69,7 +69,7 @@ pub(super) fn report_end(
             rec.exit_code = o.exit_code;
             rec.signal = o.signal;
             rec.cpu_seconds = Some(o.cpu_seconds);
-            rec.peak_memory_bytes = Some(o.peak_memory_bytes);
+            rec.peak_memory_bytes = o.peak_memory_bytes;
             rec.kill_reason = o.kill_reason.clone();
             ExitReport {
                 exit_code: o.exit_code,

@@ -198,7 +198,7 @@ fn serve(listener: UnixListener, mode: HelperMode, log: Arc<Mutex<HelperLog>>) {
                             report: ExitReport {
                                 exit_code: Some(0),
                                 cpu_seconds: 0.5,
-                                peak_memory_bytes: 10 << 20,
+                                peak_memory_bytes: Some(10 << 20),
                                 wall_seconds: d.as_secs_f64(),
                                 outputs: Some(outputs_archive("result of payload\n")),
                                 ..Default::default()

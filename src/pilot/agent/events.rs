@@ -288,7 +288,7 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
         p.record.exit_code = r.exit_code;
         p.record.signal = r.signal;
         p.record.cpu_seconds = Some(r.cpu_seconds);
-        p.record.peak_memory_bytes = Some(r.peak_memory_bytes);
+        p.record.peak_memory_bytes = r.peak_memory_bytes;
         p.record.wall_seconds = Some(r.wall_seconds);
         p.record.kill_reason = r.kill_reason.clone();
         p.record.reason = reason.clone();
@@ -308,7 +308,7 @@ impl<S: ServerApi, H: HelperApi> Agent<S, H> {
                 exit_code: r.exit_code,
                 signal: r.signal,
                 cpu_seconds: Some(r.cpu_seconds),
-                peak_memory_bytes: Some(r.peak_memory_bytes),
+                peak_memory_bytes: r.peak_memory_bytes,
                 wall_seconds: Some(r.wall_seconds),
                 reason: reason.or(r.kill_reason),
                 denial_class: None,

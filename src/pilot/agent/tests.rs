@@ -240,7 +240,7 @@ impl FakeHelper {
                     exit_code: code,
                     signal,
                     cpu_seconds: 0.01,
-                    peak_memory_bytes: 1 << 20,
+                    peak_memory_bytes: Some(1 << 20),
                     wall_seconds: 0.1,
                     ..Default::default()
                 },

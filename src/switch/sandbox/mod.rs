@@ -204,7 +204,8 @@ pub struct Outcome {
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub cpu_seconds: f64,
-    pub peak_memory_bytes: u64,
+    /// None where the kernel keeps no peak (cgroup v2 before Linux 5.19).
+    pub peak_memory_bytes: Option<u64>,
     pub wall_seconds: f64,
     /// "oom", "walltime", or the reason given to [`Handle::kill`].
     pub kill_reason: Option<String>,

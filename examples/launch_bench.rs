@@ -16,6 +16,13 @@
 //! fork (pid 1 of the new namespace), `/` recursively slave, /proc and a tmpfs on /tmp, uid
 //! switch, exec; reaped by the parent. Root only. One latency per line (µs).
 //!
+//! `launch_bench csr N [--gap-ms G] --socket S --vo-key K --dn DN --vo VO`: the helper's part of
+//! a delegated launch before the VO server is asked: N times (pausing G ms, untimed, before
+//! each) signs an envelope that carries a delegated credential, sends `proxy_request` and waits
+//! for the CSR of the key the helper made for it; prints one latency per line (µs). The helper
+//! must have a `[grid]` table. A new connection every 60 requests (a connection holds at most
+//! 64 keys waiting for their chain).
+//!
 //! `launch_bench stats FILE...`: reads latencies and prints `name n p50 p99 mean` (µs).
 
 use std::collections::BTreeMap;
@@ -26,6 +33,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use mupilot::protocol::delegation::{CredentialKind, DelegatedCredential};
 use mupilot::protocol::envelope::{EnvelopeBody, Owner, Resources, VoSigningKey, ENVELOPE_VERSION};
 use mupilot::protocol::switch_wire::{
     read_frame, write_frame, PilotHello, SwitchEvent, SwitchRequest,
@@ -37,10 +45,11 @@ fn main() {
         Some("cmd") => cmd(&args[1..]),
         Some("mupilot") => mupilot_path(&args[1..]),
         Some("hold") => hold(&args[1..]),
+        Some("csr") => csr(&args[1..]),
         Some("floor") => floor(&args[1..]),
         Some("stats") => stats(&args[1..]),
         _ => {
-            eprintln!("usage: launch_bench cmd N [--gap-ms G] -- ARGV... | mupilot N --socket S --vo-key K --dn DN --vo VO | hold N SECONDS --socket .. | stats FILE...");
+            eprintln!("usage: launch_bench cmd N [--gap-ms G] -- ARGV... | mupilot N --socket S --vo-key K --dn DN --vo VO | hold N SECONDS --socket .. | csr N [--gap-ms G] --socket .. | stats FILE...");
             2
         }
     };
@@ -195,6 +204,45 @@ fn mupilot_path(args: &[String]) -> i32 {
                     return 1;
                 }
                 _ => {}
+            }
+        }
+        writeln!(out, "{:.1}", t.elapsed().as_secs_f64() * 1e6).unwrap();
+    }
+    0
+}
+
+fn csr(args: &[String]) -> i32 {
+    let n = count(args.first());
+    let gap = args
+        .iter()
+        .position(|a| a == "--gap-ms")
+        .map_or(0, |i| count(args.get(i + 1)) as u64);
+    let socket = PathBuf::from(flag(args, "--socket"));
+    let key = VoSigningKey::from_pem_file(&PathBuf::from(flag(args, "--vo-key"))).expect("VO key");
+    let dn = flag(args, "--dn");
+    let vo = flag(args, "--vo");
+    let mut out = std::io::stdout().lock();
+    let run = std::process::id();
+    let mut stream = connect(&socket);
+    for i in 0..n {
+        if i > 0 && i % 60 == 0 {
+            stream = connect(&socket);
+        }
+        let mut body = envelope_body(&dn, &vo, &format!("csr-{run}-{i}"), &["true"], 60);
+        body.credential = Some(DelegatedCredential {
+            kind: CredentialKind::X509Proxy,
+            not_after: chrono::Utc::now() + chrono::Duration::hours(12),
+        });
+        let envelope = key.sign(&body);
+        std::thread::sleep(std::time::Duration::from_millis(gap));
+        let t = Instant::now();
+        write_frame(&mut stream, &SwitchRequest::ProxyRequest { envelope }, &[]).unwrap();
+        let (ev, _): (SwitchEvent, _) = read_frame(&mut stream).expect("helper answers");
+        match ev {
+            SwitchEvent::ProxyCsr { .. } => {}
+            other => {
+                eprintln!("no CSR: {other:?}");
+                return 1;
             }
         }
         writeln!(out, "{:.1}", t.elapsed().as_secs_f64() * 1e6).unwrap();

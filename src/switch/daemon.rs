@@ -50,6 +50,9 @@ pub struct Helper {
     /// Verifies owners' proxies (switch.toml `[grid]`); None: the site verifies none.
     #[cfg(feature = "grid")]
     pub verifier: Option<crate::grid::Verifier>,
+    /// Payload proxy keys made ahead (filled by the `key-pool` thread when `[grid]` is set).
+    #[cfg(feature = "grid")]
+    pub key_pool: crate::switch::proxy::pool::KeyPool,
     next_conn: AtomicU64,
 }
 
@@ -93,6 +96,8 @@ impl Helper {
             refusals: Refusals::new(cfg.limits.refusal_audit_interval),
             #[cfg(feature = "grid")]
             verifier: cfg.grid.clone().map(crate::grid::Verifier::new),
+            #[cfg(feature = "grid")]
+            key_pool: Default::default(),
             next_conn: AtomicU64::new(1),
             cfg,
         })
@@ -304,6 +309,16 @@ pub fn serve(cfg: SwitchConfig) -> Result<i32, DaemonError> {
                 write_metrics(&h, &path);
             })
             .expect("spawning the metrics thread");
+    }
+    // Delegated launches and renewals take a key made ahead instead of making one on the
+    // pilot's connection thread (switch::proxy::pool).
+    #[cfg(feature = "grid")]
+    if helper.verifier.is_some() {
+        let h = helper.clone();
+        std::thread::Builder::new()
+            .name("key-pool".into())
+            .spawn(move || h.key_pool.refill())
+            .expect("spawning the key pool thread");
     }
     // Refusal summaries are written when their interval ends.
     let h = helper.clone();

@@ -499,7 +499,7 @@ pub fn proxy_csr(
     }
     let purpose = super::proxy::keys::Purpose::Launch(verified.digest().to_string());
     let csr = keys
-        .request(&body.payload_id, purpose)
+        .request(&helper.key_pool, &body.payload_id, purpose)
         .map_err(LaunchError::Proxy)?;
     Ok((body.payload_id.clone(), csr))
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
+use super::pool::KeyPool;
 use super::{Delivery, ProxyError};
 use crate::grid::worker_key::WorkerKey;
 use crate::grid::{Claim, Verifier};
@@ -44,8 +45,14 @@ pub struct PendingKeys {
 
 impl PendingKeys {
     /// The CSR for `payload_id`: the pending one when it was made for the same purpose (a
-    /// pilot asking again gets the same request, at no new key's cost), else a fresh key's.
-    pub fn request(&mut self, payload_id: &str, purpose: Purpose) -> Result<String, ProxyError> {
+    /// pilot asking again gets the same request, at no new key's cost), else that of a fresh
+    /// key from `pool`.
+    pub fn request(
+        &mut self,
+        pool: &KeyPool,
+        payload_id: &str,
+        purpose: Purpose,
+    ) -> Result<String, ProxyError> {
         self.map.retain(|_, p| p.made.elapsed() < PENDING_LIFETIME);
         match self.map.get(payload_id) {
             Some(p) if p.purpose == purpose => return Ok(p.key.csr_pem().to_string()),
@@ -58,7 +65,7 @@ impl PendingKeys {
             }
             None => {}
         }
-        let key = WorkerKey::generate().map_err(|e| ProxyError::Key(e.to_string()))?;
+        let key = pool.take().map_err(|e| ProxyError::Key(e.to_string()))?;
         let csr = key.csr_pem().to_string();
         self.map.insert(
             payload_id.to_string(),
@@ -109,10 +116,11 @@ mod tests {
 
     #[test]
     fn one_key_per_payload_and_purpose_bounded() {
+        let pool = KeyPool::default();
         let mut k = PendingKeys::default();
-        let a = k.request("p1", Purpose::Launch("d1".into())).unwrap();
+        let a = k.request(&pool, "p1", Purpose::Launch("d1".into())).unwrap();
         assert_eq!(
-            k.request("p1", Purpose::Launch("d1".into())).unwrap(),
+            k.request(&pool, "p1", Purpose::Launch("d1".into())).unwrap(),
             a,
             "asking again costs no key"
         );
@@ -134,9 +142,9 @@ mod tests {
                 },
             );
         }
-        let e = k.request("new", Purpose::Renewal).unwrap_err();
+        let e = k.request(&pool, "new", Purpose::Renewal).unwrap_err();
         assert!(e.to_string().contains("at most 64"), "{e}");
         // A payload that has a key may still ask for its own.
-        assert!(k.request("q0", Purpose::Renewal).is_ok());
+        assert!(k.request(&pool, "q0", Purpose::Renewal).is_ok());
     }
 }

@@ -1,5 +1,5 @@
 //! The payload's X.509 proxy on the worker node (issue 17 items 2-4): the key the helper
-//! makes for a delegated one ([`keys`], grid builds), the checks a launch with `credential`
+//! makes for a delegated one ([`keys`], made ahead by the [`pool`]; grid builds), the checks a launch with `credential`
 //! must pass ([`for_launch`]), the verified proxy as it goes to a payload ([`Delivery`], also
 //! the gLExec entry's), the one writer of the proxy file into the payload's scratch as the
 //! account ([`deliver`]) and its renewal while the payload runs ([`renew`]).
@@ -17,6 +17,8 @@
 pub mod deliver;
 #[cfg(feature = "grid")]
 pub mod keys;
+#[cfg(feature = "grid")]
+pub mod pool;
 #[cfg(feature = "grid")]
 pub mod renew;
 

@@ -43,7 +43,7 @@ pub fn csr(
             config: helper.cfg.path.display().to_string(),
         });
     }
-    keys.request(payload_id, Purpose::Renewal)
+    keys.request(&helper.key_pool, payload_id, Purpose::Renewal)
 }
 
 /// Verifies the chain issued for the renewal CSR and replaces the payload's proxy file with

@@ -118,9 +118,12 @@ mod tests {
     fn one_key_per_payload_and_purpose_bounded() {
         let pool = KeyPool::default();
         let mut k = PendingKeys::default();
-        let a = k.request(&pool, "p1", Purpose::Launch("d1".into())).unwrap();
+        let a = k
+            .request(&pool, "p1", Purpose::Launch("d1".into()))
+            .unwrap();
         assert_eq!(
-            k.request(&pool, "p1", Purpose::Launch("d1".into())).unwrap(),
+            k.request(&pool, "p1", Purpose::Launch("d1".into()))
+                .unwrap(),
             a,
             "asking again costs no key"
         );

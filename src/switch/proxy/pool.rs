@@ -48,7 +48,8 @@ impl KeyPool {
     }
 
     /// How many keys are ready now.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.ready().len()
     }
 

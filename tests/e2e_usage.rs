@@ -143,7 +143,10 @@ fn status_shows_rising_usage_and_info_reaches_the_helper_for_the_owner_only() {
         "{done}"
     );
     assert!(num(&done["peak_memory_bytes"]) >= 40e6, "{done}");
-    assert!(num(&done["memory_bytes_now"]) >= 40e6, "{done}");
+    // The last heartbeat may have been read as the payload was exiting (its memory already
+    // given back): what stays is a value, not the 40 MB (seen once in a full run).
+    assert!(num(&done["memory_bytes_now"]) > 0.0, "{done}");
+    assert!(done["usage_at"].as_str() >= second["usage_at"].as_str(), "{done}");
     let out = stack.client("alice", "info", &[&id]);
     assert!(!out.status.success());
     assert!(text(&out).contains("no pilot holds it"), "{}", text(&out));

@@ -200,6 +200,11 @@ struct RawDatabase {
     /// Accepted only to refuse it with a message saying where the password goes.
     password: Option<toml::Value>,
     pool_size: Option<u32>,
+    /// libpq's names: "disable", "verify-ca" or "verify-full" (docs/vo-operator.md).
+    sslmode: Option<String>,
+    sslrootcert: Option<PathBuf>,
+    sslcert: Option<PathBuf>,
+    sslkey: Option<PathBuf>,
 }
 
 /// Default `[database] host` for PostgreSQL: the Debian/EL socket directory.
@@ -344,6 +349,10 @@ fn parse_database(
                 ("database.user", d.user.is_some()),
                 ("database.password_file", d.password_file.is_some()),
                 ("database.pool_size", d.pool_size.is_some()),
+                ("database.sslmode", d.sslmode.is_some()),
+                ("database.sslrootcert", d.sslrootcert.is_some()),
+                ("database.sslcert", d.sslcert.is_some()),
+                ("database.sslkey", d.sslkey.is_some()),
             ];
             if let Some((key, _)) = pg_keys.iter().find(|(_, set)| *set) {
                 return Err(value(
@@ -374,19 +383,115 @@ fn parse_database(
                     ),
                 ));
             }
+            let host = d.host.clone().unwrap_or_else(|| DEFAULT_PG_HOST.to_string());
+            let tls = parse_pg_tls(&d, &host, base, value)?;
             Ok(Database::Postgres(PgSettings {
-                host: d.host.unwrap_or_else(|| DEFAULT_PG_HOST.to_string()),
+                host,
                 port: d.port.unwrap_or(5432),
                 dbname: required("database.dbname", d.dbname)?,
                 user: required("database.user", d.user)?,
                 password_file: d.password_file.map(|f| resolve(base, &f)),
                 pool_size,
+                tls,
             }))
         }
         other => Err(value(
             "database.engine",
             other,
             "must be \"sqlite\" (the default: data_dir/mupilot.db) or \"postgresql\"",
+        )),
+    }
+}
+
+/// `sslmode` and its files. Without `sslmode`, a Unix socket or loopback host gets no TLS and
+/// any other host is refused until the operator chooses: the members' registration data and
+/// the database password would otherwise cross the network in clear.
+fn parse_pg_tls(
+    d: &RawDatabase,
+    host: &str,
+    base: &Path,
+    value: &dyn Fn(&'static str, &str, &str) -> ConfigError,
+) -> Result<crate::server::store::PgTls, ConfigError> {
+    use crate::server::store::{ClientCert, PgTls};
+    let socket = host.starts_with('/');
+    let local = socket
+        || host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback());
+    let files = [
+        ("database.sslrootcert", d.sslrootcert.is_some()),
+        ("database.sslcert", d.sslcert.is_some()),
+        ("database.sslkey", d.sslkey.is_some()),
+    ];
+    let no_files = || match files.iter().find(|(_, set)| *set) {
+        Some((key, _)) => Err(value(
+            key,
+            "(set)",
+            "is used with sslmode = \"verify-full\" or \"verify-ca\" only; set sslmode or remove it",
+        )),
+        None => Ok(PgTls::Disable),
+    };
+    let mode = d.sslmode.as_deref();
+    match mode {
+        None if local => no_files(),
+        None => Err(value(
+            "database.sslmode",
+            "(not set)",
+            &format!("is required for a database on another machine (host = \"{host}\"): set \"verify-full\" with sslrootcert = the CA file of PostgreSQL's certificate, or \"disable\" only where nobody else can read or change the traffic"),
+        )),
+        Some("disable") => no_files(),
+        Some(m @ ("verify-full" | "verify-ca")) => {
+            if socket {
+                return Err(value(
+                    "database.sslmode",
+                    m,
+                    &format!("PostgreSQL does not use TLS on a Unix socket (host = \"{host}\"); set host to the database server's name, or sslmode = \"disable\""),
+                ));
+            }
+            let Some(root) = &d.sslrootcert else {
+                return Err(value(
+                    "database.sslrootcert",
+                    "(not set)",
+                    &format!("is required with sslmode = \"{m}\": the PEM file of the CA that signed PostgreSQL's certificate"),
+                ));
+            };
+            let client = match (&d.sslcert, &d.sslkey) {
+                (Some(cert), Some(key)) => Some(ClientCert {
+                    cert: resolve(base, cert),
+                    key: resolve(base, key),
+                }),
+                (None, None) => None,
+                (Some(_), None) => {
+                    return Err(value(
+                        "database.sslkey",
+                        "(not set)",
+                        "is required with sslcert: the client certificate's private key (0600)",
+                    ))
+                }
+                (None, Some(_)) => {
+                    return Err(value(
+                        "database.sslcert",
+                        "(not set)",
+                        "is required with sslkey: the client certificate (PEM)",
+                    ))
+                }
+            };
+            Ok(PgTls::Verify {
+                root_cert: resolve(base, root),
+                check_host: m == "verify-full",
+                client,
+            })
+        }
+        Some(m @ ("require" | "prefer" | "allow")) => Err(value(
+            "database.sslmode",
+            m,
+            "would encrypt without checking who answers, so anyone on the path could pose as the database; use \"verify-full\" (or \"verify-ca\") with sslrootcert",
+        )),
+        Some(other) => Err(value(
+            "database.sslmode",
+            other,
+            "must be \"disable\", \"verify-ca\" or \"verify-full\"",
         )),
     }
 }
@@ -708,6 +813,7 @@ fqans = ["/demo"]
                 user: "mupilot".into(),
                 password_file: Some("/etc/mupilot/db-password".into()),
                 pool_size: 16,
+                tls: crate::server::store::PgTls::Disable,
             })
         );
         for (body, key, hint) in [
@@ -737,6 +843,61 @@ fqans = ["/demo"]
             assert!(e.contains(key) && e.contains(hint), "{body}: {e}");
             assert!(!e.contains("s3cret"), "the password is not echoed: {e}");
         }
+    }
+
+    #[test]
+    fn database_tls_is_chosen_for_a_remote_host_and_never_unchecked() {
+        use crate::server::store::{ClientCert, Database, PgTls};
+        let p = Path::new("/etc/mupilot/server.toml");
+        let pg = |body: &str| {
+            format!("{GOOD}\n[database]\nengine = \"postgresql\"\ndbname = \"d\"\nuser = \"u\"\n{body}\n")
+        };
+        let tls = |body: &str| match ServerConfig::parse(p, &pg(body)).unwrap().database {
+            Database::Postgres(s) => s.tls,
+            Database::Sqlite => panic!("postgresql"),
+        };
+        // The socket (default host) and loopback need no choice.
+        assert_eq!(tls(""), PgTls::Disable);
+        assert_eq!(tls("host = \"127.0.0.1\""), PgTls::Disable);
+        assert_eq!(tls("host = \"localhost\""), PgTls::Disable);
+        assert_eq!(
+            tls("host = \"db.example.org\"\nsslmode = \"disable\""),
+            PgTls::Disable
+        );
+        assert_eq!(
+            tls("host = \"db.example.org\"\nsslmode = \"verify-full\"\nsslrootcert = \"db-ca.pem\""),
+            PgTls::Verify {
+                root_cert: "/etc/mupilot/db-ca.pem".into(),
+                check_host: true,
+                client: None,
+            }
+        );
+        assert_eq!(
+            tls("host = \"10.0.0.5\"\nsslmode = \"verify-ca\"\nsslrootcert = \"/ca.pem\"\nsslcert = \"c.pem\"\nsslkey = \"c.key\""),
+            PgTls::Verify {
+                root_cert: "/ca.pem".into(),
+                check_host: false,
+                client: Some(ClientCert {
+                    cert: "/etc/mupilot/c.pem".into(),
+                    key: "/etc/mupilot/c.key".into(),
+                }),
+            }
+        );
+        for (body, key, hint) in [
+            ("host = \"db.example.org\"", "database.sslmode", "another machine"),
+            ("host = \"db.example.org\"\nsslmode = \"require\"", "database.sslmode", "verify-full"),
+            ("host = \"db.example.org\"\nsslmode = \"on\"", "database.sslmode", "must be"),
+            ("host = \"db.example.org\"\nsslmode = \"verify-full\"", "database.sslrootcert", "required"),
+            ("sslmode = \"verify-full\"\nsslrootcert = \"/ca.pem\"", "database.sslmode", "Unix socket"),
+            ("host = \"db\"\nsslmode = \"verify-ca\"\nsslrootcert = \"/ca.pem\"\nsslcert = \"c.pem\"", "database.sslkey", "required with sslcert"),
+            ("sslrootcert = \"/ca.pem\"", "database.sslrootcert", "sslmode"),
+        ] {
+            let e = ServerConfig::parse(p, &pg(body)).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(hint), "{body}: {e}");
+        }
+        let sqlite = format!("{GOOD}\n[database]\nengine = \"sqlite\"\nsslmode = \"disable\"\n");
+        let e = ServerConfig::parse(p, &sqlite).unwrap_err().to_string();
+        assert!(e.contains("database.sslmode") && e.contains("postgresql"), "{e}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mupilot::server::store::{Database, PgSettings};
+use mupilot::server::store::{Database, PgSettings, PgTls};
 
 /// The role the servers connect as, and its password (in `server-db-password`).
 pub const ROLE: &str = "mupilot";
@@ -222,6 +222,7 @@ impl PgCluster {
             user: ROLE.into(),
             password_file: Some(self.password_file.clone()),
             pool_size: 16,
+            tls: PgTls::Disable,
         }
     }
 

@@ -406,9 +406,19 @@ impl<C: postgres::GenericClient> Conn for Pg<'_, C> {
 }
 
 /// r2d2's view of the PostgreSQL connections: how to open one and how to tell it is dead.
-#[derive(Debug)]
 pub struct PgManager {
     pub config: postgres::Config,
+    /// The TLS connector (`[database] sslmode` verify-ca / verify-full); None: plaintext.
+    pub tls: Option<postgres_openssl::MakeTlsConnector>,
+}
+
+impl std::fmt::Debug for PgManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgManager")
+            .field("config", &self.config)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
 }
 
 /// A failed connection attempt, displayed with the server's message (r2d2 keeps only the
@@ -430,7 +440,11 @@ impl r2d2::ManageConnection for PgManager {
 
     fn connect(&self) -> Result<PgConn, ConnectError> {
         Ok(PgConn {
-            client: self.config.connect(postgres::NoTls).map_err(ConnectError)?,
+            client: match &self.tls {
+                Some(tls) => self.config.connect(tls.clone()),
+                None => self.config.connect(postgres::NoTls),
+            }
+            .map_err(ConnectError)?,
             statements: HashMap::new(),
             broken: false,
         })

@@ -35,6 +35,7 @@ mod db;
 mod delegations;
 mod members;
 mod payloads;
+mod pg_tls;
 mod registry;
 mod retention;
 
@@ -51,6 +52,7 @@ use db::{Conn, PgManager};
 pub use delegations::{Delegation, ProxyHolder, Signing};
 pub use members::{Member, MemberStatus, Suspension};
 pub use payloads::{Matched, NewPayload, SweepRules, Swept};
+pub use pg_tls::{ClientCert, PgTls};
 pub use registry::{Effect, FiledRequest, MembershipPurged, NewRegistration};
 pub use retention::RecordsExpired;
 
@@ -70,8 +72,14 @@ pub enum StoreError {
     Db(#[from] rusqlite::Error),
     #[error("PostgreSQL error: {}", pg_detail(.0))]
     Pg(#[from] postgres::Error),
-    #[error("cannot connect to PostgreSQL at {target}: {source}; check [database] in server.toml (host, port, dbname, user, password_file), that the server is running and that its max_connections leaves room for pool_size connections per instance")]
+    #[error("cannot connect to PostgreSQL at {target}: {source}; check [database] in server.toml (host, port, dbname, user, password_file, sslmode, sslrootcert), that the server is running and that its max_connections leaves room for pool_size connections per instance")]
     PgConnect { target: String, source: r2d2::Error },
+    #[error("{key} = {path}: {why}")]
+    PgTls {
+        key: &'static str,
+        path: PathBuf,
+        why: String,
+    },
     #[error("cannot read the database password file {path}: {why}")]
     PasswordFile { path: PathBuf, why: String },
     #[error("schema migration failed on {engine:?}: {source}; the database is left at the last version that applied (see `refinery_schema_history`)")]
@@ -164,15 +172,27 @@ pub struct PgSettings {
     /// Connections this instance opens at start and keeps open (PostgreSQL's max_connections
     /// must leave room for pool_size per instance).
     pub pool_size: u32,
+    /// TLS to the database (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`).
+    pub tls: PgTls,
 }
 
 /// Default `pool_size`: the blocking threads that use the store at once on a busy instance.
 pub const DEFAULT_POOL_SIZE: u32 = 16;
 
 impl PgSettings {
-    /// `user@host:port/dbname`, for messages (no password).
+    /// `user@host:port/dbname`, for messages (no password), and whether over TLS.
     pub fn target(&self) -> String {
-        format!("{}@{}:{}/{}", self.user, self.host, self.port, self.dbname)
+        let tls = match &self.tls {
+            PgTls::Disable => "",
+            PgTls::Verify {
+                check_host: true, ..
+            } => " (TLS, verify-full)",
+            PgTls::Verify { .. } => " (TLS, verify-ca)",
+        };
+        format!(
+            "{}@{}:{}/{}{tls}",
+            self.user, self.host, self.port, self.dbname
+        )
     }
 }
 
@@ -505,6 +525,11 @@ fn open_postgres(pg: &PgSettings) -> Result<r2d2::Pool<PgManager>, StoreError> {
     if let Some(f) = &pg.password_file {
         config.password(read_password(f)?);
     }
+    let tls = pg_tls::connector(&pg.tls)?;
+    if tls.is_some() {
+        // Asked for TLS: a server that does not offer it is an error, never plaintext.
+        config.ssl_mode(postgres::config::SslMode::Require);
+    }
     let size = pg.pool_size.max(1);
     let pool = r2d2::Pool::builder()
         // A fixed pool, opened here (build() waits for it): a connection costs a backend
@@ -521,7 +546,7 @@ fn open_postgres(pg: &PgSettings) -> Result<r2d2::Pool<PgManager>, StoreError> {
         // answered as an error once, and r2d2 then drops it (PgManager::has_broken).
         .test_on_check_out(false)
         .connection_timeout(Duration::from_secs(10))
-        .build(PgManager { config })
+        .build(PgManager { config, tls })
         .map_err(|source| StoreError::PgConnect {
             target: pg.target(),
             source,

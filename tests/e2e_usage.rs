@@ -146,7 +146,10 @@ fn status_shows_rising_usage_and_info_reaches_the_helper_for_the_owner_only() {
     // The last heartbeat may have been read as the payload was exiting (its memory already
     // given back): what stays is a value, not the 40 MB (seen once in a full run).
     assert!(num(&done["memory_bytes_now"]) > 0.0, "{done}");
-    assert!(done["usage_at"].as_str() >= second["usage_at"].as_str(), "{done}");
+    assert!(
+        done["usage_at"].as_str() >= second["usage_at"].as_str(),
+        "{done}"
+    );
     let out = stack.client("alice", "info", &[&id]);
     assert!(!out.status.success());
     assert!(text(&out).contains("no pilot holds it"), "{}", text(&out));

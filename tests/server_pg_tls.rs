@@ -42,8 +42,7 @@ impl Ca {
     fn issue(&self, cn: &str, sans: &[&str]) -> (String, String) {
         let key = KeyPair::generate().unwrap();
         let mut p =
-            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .unwrap();
+            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
         p.distinguished_name.push(DnType::CommonName, cn);
         let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
         (cert.pem(), key.serialize_pem())
@@ -144,8 +143,9 @@ impl TlsCluster {
     }
 }
 
+/// Opens the store on `pg` with its files in `data/files` (made 0700 by the store).
 fn open(data: &Path, pg: PgSettings) -> Result<Store, String> {
-    Store::open_with(data, &Database::Postgres(pg)).map_err(|e| e.to_string())
+    Store::open_with(&data.join("files"), &Database::Postgres(pg)).map_err(|e| e.to_string())
 }
 
 fn data_dir() -> tempfile::TempDir {
@@ -160,12 +160,9 @@ fn the_pool_is_encrypted_and_plaintext_is_refused_by_the_database() {
     let t = TlsCluster::start();
     let db = t.pg.create_db();
     let data = data_dir();
-    let e = open(
-        data.path(),
-        t.settings(&db, "127.0.0.1", PgTls::Disable),
-    )
-    .err()
-    .expect("plaintext refused");
+    let e = open(data.path(), t.settings(&db, "127.0.0.1", PgTls::Disable))
+        .err()
+        .expect("plaintext refused");
     assert!(e.contains("no encryption"), "{e}");
 
     let store = open(data.path(), t.settings(&db, "localhost", t.verify(true))).unwrap();
@@ -289,11 +286,7 @@ fn a_client_certificate_authenticates_the_role_and_its_key_must_be_private() {
     assert!(e.contains("certificate"), "{e}");
 
     // A key other users may read is refused before any connection.
-    std::fs::set_permissions(
-        t.path("client.key"),
-        std::fs::Permissions::from_mode(0o644),
-    )
-    .unwrap();
+    std::fs::set_permissions(t.path("client.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
     let e = open(data.path(), settings(Some(client))).err().unwrap();
     assert!(
         e.contains("database.sslkey") && e.contains("chmod 0600"),

@@ -383,7 +383,10 @@ fn parse_database(
                     ),
                 ));
             }
-            let host = d.host.clone().unwrap_or_else(|| DEFAULT_PG_HOST.to_string());
+            let host = d
+                .host
+                .clone()
+                .unwrap_or_else(|| DEFAULT_PG_HOST.to_string());
             let tls = parse_pg_tls(&d, &host, base, value)?;
             Ok(Database::Postgres(PgSettings {
                 host,
@@ -424,13 +427,15 @@ fn parse_pg_tls(
         ("database.sslcert", d.sslcert.is_some()),
         ("database.sslkey", d.sslkey.is_some()),
     ];
-    let no_files = || match files.iter().find(|(_, set)| *set) {
+    let no_files = || {
+        match files.iter().find(|(_, set)| *set) {
         Some((key, _)) => Err(value(
             key,
             "(set)",
             "is used with sslmode = \"verify-full\" or \"verify-ca\" only; set sslmode or remove it",
         )),
         None => Ok(PgTls::Disable),
+    }
     };
     let mode = d.sslmode.as_deref();
     match mode {
@@ -865,7 +870,9 @@ fqans = ["/demo"]
             PgTls::Disable
         );
         assert_eq!(
-            tls("host = \"db.example.org\"\nsslmode = \"verify-full\"\nsslrootcert = \"db-ca.pem\""),
+            tls(
+                "host = \"db.example.org\"\nsslmode = \"verify-full\"\nsslrootcert = \"db-ca.pem\""
+            ),
             PgTls::Verify {
                 root_cert: "/etc/mupilot/db-ca.pem".into(),
                 check_host: true,
@@ -897,7 +904,10 @@ fqans = ["/demo"]
         }
         let sqlite = format!("{GOOD}\n[database]\nengine = \"sqlite\"\nsslmode = \"disable\"\n");
         let e = ServerConfig::parse(p, &sqlite).unwrap_err().to_string();
-        assert!(e.contains("database.sslmode") && e.contains("postgresql"), "{e}");
+        assert!(
+            e.contains("database.sslmode") && e.contains("postgresql"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -222,7 +222,17 @@ pub(crate) fn pg_detail(e: &postgres::Error) -> String {
             d.message(),
             d.code().code()
         ),
-        None => e.to_string(),
+        // The driver's own text names only the step ("error performing TLS handshake", "error
+        // connecting to server"); why it failed is in the source chain.
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                text.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            text
+        }
     }
 }
 

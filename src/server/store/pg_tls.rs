@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
+use openssl::error::ErrorStack;
 use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslVersion};
 use openssl::x509::store::X509StoreBuilder;
 use openssl::x509::X509;
@@ -52,11 +53,10 @@ pub fn connector(tls: &PgTls) -> Result<Option<MakeTlsConnector>, StoreError> {
         path: path.to_path_buf(),
         why,
     };
-    let openssl_err = |key, path: &Path| move |e: openssl::error::ErrorStack| fail(key, path, e.to_string());
     let mut b = SslConnector::builder(SslMethod::tls_client())
-        .map_err(openssl_err("database.sslmode", Path::new("(OpenSSL)")))?;
+        .map_err(ossl("database.sslmode", Path::new("(OpenSSL)")))?;
     b.set_min_proto_version(Some(SslVersion::TLS1_2))
-        .map_err(openssl_err("database.sslmode", Path::new("(OpenSSL)")))?;
+        .map_err(ossl("database.sslmode", Path::new("(OpenSSL)")))?;
 
     // Only the configured roots: SslConnector starts from the system's default paths, which
     // would let any public CA vouch for "the database".
@@ -67,8 +67,13 @@ pub fn connector(tls: &PgTls) -> Result<Option<MakeTlsConnector>, StoreError> {
             format!("{e}; name the PEM file of the CA that signed PostgreSQL's certificate"),
         )
     })?;
-    let roots = X509::stack_from_pem(&pem)
-        .map_err(|e| fail("database.sslrootcert", root_cert, format!("not PEM certificates: {e}")))?;
+    let roots = X509::stack_from_pem(&pem).map_err(|e| {
+        fail(
+            "database.sslrootcert",
+            root_cert,
+            format!("not PEM certificates: {e}"),
+        )
+    })?;
     if roots.is_empty() {
         return Err(fail(
             "database.sslrootcert",
@@ -76,22 +81,21 @@ pub fn connector(tls: &PgTls) -> Result<Option<MakeTlsConnector>, StoreError> {
             "holds no certificate".into(),
         ));
     }
-    let mut store = X509StoreBuilder::new()
-        .map_err(openssl_err("database.sslrootcert", root_cert))?;
+    let mut store = X509StoreBuilder::new().map_err(ossl("database.sslrootcert", root_cert))?;
     for c in roots {
         store
             .add_cert(c)
-            .map_err(openssl_err("database.sslrootcert", root_cert))?;
+            .map_err(ossl("database.sslrootcert", root_cert))?;
     }
     b.set_verify_cert_store(store.build())
-        .map_err(openssl_err("database.sslrootcert", root_cert))?;
+        .map_err(ossl("database.sslrootcert", root_cert))?;
 
     if let Some(c) = client {
         private_key_file(&c.key)?;
         b.set_certificate_chain_file(&c.cert)
-            .map_err(openssl_err("database.sslcert", &c.cert))?;
+            .map_err(ossl("database.sslcert", &c.cert))?;
         b.set_private_key_file(&c.key, SslFiletype::PEM)
-            .map_err(openssl_err("database.sslkey", &c.key))?;
+            .map_err(ossl("database.sslkey", &c.key))?;
         b.check_private_key().map_err(|e| {
             fail(
                 "database.sslkey",
@@ -108,6 +112,15 @@ pub fn connector(tls: &PgTls) -> Result<Option<MakeTlsConnector>, StoreError> {
         });
     }
     Ok(Some(connector))
+}
+
+/// An OpenSSL failure about the file named by `key`.
+fn ossl<'p>(key: &'static str, path: &'p Path) -> impl Fn(ErrorStack) -> StoreError + 'p {
+    move |e| StoreError::PgTls {
+        key,
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    }
 }
 
 /// The client key must be readable by the server's account only (as libpq asks).

@@ -174,6 +174,18 @@ fn the_pool_is_encrypted_and_plaintext_is_refused_by_the_database() {
     drop(store);
 }
 
+/// Why opening `dbname` at localhost with verify-full and the root file `root` fails.
+fn refusal(t: &TlsCluster, dbname: &str, data: &Path, root: &str) -> String {
+    let tls = PgTls::Verify {
+        root_cert: t.path(root),
+        check_host: true,
+        client: None,
+    };
+    open(data, t.settings(dbname, "localhost", tls))
+        .err()
+        .unwrap_or_else(|| panic!("root file {root} accepted"))
+}
+
 #[test]
 fn the_databases_certificate_is_checked() {
     let t = TlsCluster::start();
@@ -183,20 +195,7 @@ fn the_databases_certificate_is_checked() {
     // A CA that did not sign the database's certificate.
     let other = Ca::new("another CA");
     write(&t.path("other-ca.pem"), &other.cert.pem(), 0o644);
-    let e = open(
-        data.path(),
-        t.settings(
-            &db,
-            "localhost",
-            PgTls::Verify {
-                root_cert: t.path("other-ca.pem"),
-                check_host: true,
-                client: None,
-            },
-        ),
-    )
-    .err()
-    .expect("another CA refused");
+    let e = refusal(&t, &db, data.path(), "other-ca.pem");
     assert!(e.contains("certificate verify failed"), "{e}");
 
     // The certificate names localhost, not 127.0.0.1: verify-full refuses, verify-ca (the
@@ -209,39 +208,13 @@ fn the_databases_certificate_is_checked() {
     open(data.path(), t.settings(&db, "127.0.0.1", t.verify(false))).unwrap();
 
     // A root file that is not there, or holds no certificate: named.
-    let e = open(
-        data.path(),
-        t.settings(
-            &db,
-            "localhost",
-            PgTls::Verify {
-                root_cert: t.path("missing.pem"),
-                check_host: true,
-                client: None,
-            },
-        ),
-    )
-    .err()
-    .unwrap();
+    let e = refusal(&t, &db, data.path(), "missing.pem");
     assert!(
         e.contains("database.sslrootcert") && e.contains("missing.pem"),
         "{e}"
     );
     write(&t.path("empty.pem"), "", 0o644);
-    let e = open(
-        data.path(),
-        t.settings(
-            &db,
-            "localhost",
-            PgTls::Verify {
-                root_cert: t.path("empty.pem"),
-                check_host: true,
-                client: None,
-            },
-        ),
-    )
-    .err()
-    .unwrap();
+    let e = refusal(&t, &db, data.path(), "empty.pem");
     assert!(e.contains("database.sslrootcert"), "{e}");
 }
 

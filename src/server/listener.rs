@@ -85,9 +85,13 @@ pub fn prepare(cfg: &ServerConfig) -> Result<Prepared, ServeError> {
     let store = Arc::new(store);
     let seeded = store.seed_members(&cfg.vo, &cfg.members, chrono::Utc::now())?;
     if seeded > 0 {
-        tracing::info!(
+        // A seed is an active member with no registration data, no accepted AUP and no
+        // approval on record: fine for a demo or a test VO, not what reference 002 asks of
+        // a real one.
+        tracing::warn!(
             count = seeded,
-            "members added to the registry from [[member]]"
+            config = %cfg.path.display(),
+            "members added to the registry from [[member]] without registration data, AUP acceptance or an approval record; register real members with `mupilot-server member add` or the registration API (docs/vo-operator.md section 4)"
         );
     }
     if cfg.pilot_dns.is_empty() {

@@ -189,19 +189,6 @@ fn line_after<'a>(text: &'a str, prefix: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no line {prefix:?} in:\n{text}"))
 }
 
-/// Waits until `ok` holds (polling every 100 ms), or fails with `what` and the logs.
-fn wait_for(stack: &Stack, what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !ok() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} not within {limit:?}\n{}",
-            stack.logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn pilot_log(stack: &Stack) -> String {
     std::fs::read_to_string(stack.dir.path().join("pilot.log")).unwrap_or_default()
 }
@@ -255,7 +242,7 @@ fn assert_renewed(stack: &Stack, id: &str) {
 /// The proxy's not-after in the payload's start record, once it is there.
 fn delivered_not_after(stack: &Stack, id: &str) -> DateTime<Utc> {
     let mut at = None;
-    wait_for(stack, "the start record", Duration::from_secs(30), || {
+    stack.wait_until("the start record", Duration::from_secs(30), || {
         at = audit_of(stack, id)
             .iter()
             .find(|r| r["event"] == "start")
@@ -414,8 +401,7 @@ fn with_the_server_down_at_renewal_time_the_payload_keeps_its_proxy_and_the_pilo
     sleep_until(not_after - chrono::Duration::seconds(35));
     g.stack.kill_server();
     let stack = &g.stack;
-    wait_for(
-        stack,
+    stack.wait_until(
         "a renewal failing at the VO server",
         Duration::from_secs(30),
         || pilot_log(stack).contains("renewing the payload's proxy failed at the VO server"),
@@ -459,7 +445,7 @@ fn with_the_server_down_at_launch_the_payload_is_handed_back_and_runs_later() {
     let mut g = grid(12 * 3600);
     let mut pilot = g.stack.spawn_pilot(&["--idle-timeout", "3"]);
     let stack = &g.stack;
-    wait_for(stack, "the pilot's hello", Duration::from_secs(20), || {
+    stack.wait_until("the pilot's hello", Duration::from_secs(20), || {
         pilot_log(stack).contains("helper connected")
     });
     let helper = Pid::from_raw(stack.switch.as_ref().unwrap().child.id() as i32);
@@ -474,7 +460,7 @@ fn with_the_server_down_at_launch_the_payload_is_handed_back_and_runs_later() {
     g.stack.kill_server();
     drop(stopped);
     let stack = &g.stack;
-    wait_for(stack, "the hand-back", Duration::from_secs(30), || {
+    stack.wait_until("the hand-back", Duration::from_secs(30), || {
         pilot_log(stack).contains("could not be reached for the payload's proxy")
     });
     assert!(audit_of(stack, &id).iter().all(|r| r["event"] != "start"));
@@ -519,7 +505,7 @@ fn a_delegation_expired_or_an_owner_removed_before_the_pilot_asks_is_never_launc
     let g = grid(12 * 3600);
     let stack = &g.stack;
     let _pilot = stack.spawn_pilot(&["--idle-timeout", "60"]);
-    wait_for(stack, "the pilot's hello", Duration::from_secs(20), || {
+    stack.wait_until("the pilot's hello", Duration::from_secs(20), || {
         pilot_log(stack).contains("helper connected")
     });
     let helper = Pid::from_raw(stack.switch.as_ref().unwrap().child.id() as i32);
@@ -570,8 +556,7 @@ fn a_delegation_expired_or_an_owner_removed_before_the_pilot_asks_is_never_launc
         String::from_utf8_lossy(&out.stderr)
     );
     let mut ended = None;
-    wait_for(
-        stack,
+    stack.wait_until(
         "the pilot's end record for Bob's payload",
         Duration::from_secs(20),
         || {
@@ -651,8 +636,7 @@ fn a_member_suspended_while_the_payload_runs_gets_no_new_proxy_and_is_cancelled(
 
     let st = stack.wait_state("grid-alice", &id, "cancelled", Duration::from_secs(30));
     assert!(st["reason"].as_str().unwrap_or("").contains("bob"), "{st}");
-    wait_for(
-        stack,
+    stack.wait_until(
         "the payload's processes gone",
         Duration::from_secs(10),
         || processes_of(uid).is_empty(),

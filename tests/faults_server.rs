@@ -62,18 +62,6 @@ fn outbox_files(stack: &Stack) -> Vec<String> {
     out
 }
 
-fn wait_for(what: &str, limit: Duration, stack: &Stack, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !ok() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} not within {limit:?}\n{}",
-            stack.logs()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// The payload is done, and its output archive holds the file it wrote and its stdout.
 fn assert_delivered(stack: &Stack, id: &str, tag: &str) {
     let st = stack.status("alice", id);
@@ -109,7 +97,7 @@ fn outage(stack: &mut Stack, down: Duration, tag: &str) {
         w.sort();
         w
     };
-    wait_for("final states in the outbox", down, stack, || {
+    stack.wait_until("final states in the outbox", down, || {
         outbox_files(stack) == want
     });
     std::thread::sleep(down.saturating_sub(t0.elapsed()));
@@ -125,7 +113,7 @@ fn outage(stack: &mut Stack, down: Duration, tag: &str) {
     for (i, id) in ids.iter().enumerate() {
         assert_delivered(stack, id, &format!("{tag}{i}"));
     }
-    wait_for("an empty outbox", Duration::from_secs(30), stack, || {
+    stack.wait_until("an empty outbox", Duration::from_secs(30), || {
         outbox_files(stack).is_empty()
     });
 }
@@ -259,10 +247,9 @@ fn a_killed_pilots_payload_is_lost_and_stopped_never_requeued() {
     );
     // The helper stopped it with its pilot's connection: nothing of it runs anywhere.
     let uid = Accounts::uid(USER);
-    wait_for(
+    stack.wait_until(
         "no process of the payload's account",
         Duration::from_secs(10),
-        &stack,
         || processes_of(uid).is_empty(),
     );
     // Lost is final: it is not handed to the next pilot.
@@ -281,10 +268,9 @@ fn a_crashed_pilots_outbox_is_delivered_by_the_next_pilot() {
     stack.wait_state("alice", &id, "running", Duration::from_secs(60));
     stack.kill_server();
     let want = [format!("{id}.json"), format!("{id}.tar.gz")];
-    wait_for(
+    stack.wait_until(
         "the final state in the outbox",
         Duration::from_secs(30),
-        &stack,
         || outbox_files(&stack) == want,
     );
     // The pilot dies with its final state undelivered: no goodbye, no end record.

@@ -83,6 +83,9 @@ impl Drop for Proc {
     }
 }
 
+/// How long the stack's own programs get to open their socket or port.
+const STARTUP: Duration = Duration::from_secs(15);
+
 /// A VO server and a site helper, configured by `mupilot-server init` and adjusted to the
 /// test's accounts.
 pub struct Stack {
@@ -199,9 +202,9 @@ impl Stack {
             ),
         );
         let sock = stack.vo.join("switch.sock");
-        stack.wait_until("helper socket", || sock.exists());
+        stack.wait_until("helper socket", STARTUP, || sock.exists());
         let addr = format!("127.0.0.1:{port}");
-        stack.wait_until("server port", || {
+        stack.wait_until("server port", STARTUP, || {
             std::net::TcpStream::connect(&addr).is_ok()
         });
         stack
@@ -218,12 +221,15 @@ impl Stack {
         Proc { child, log }
     }
 
-    fn wait_until(&self, what: &str, mut ok: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(15);
+    /// Waits until `ok` holds (polling every 50 ms), or fails naming `what` with the logs.
+    pub fn wait_until(&self, what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+        let deadline = Instant::now() + limit;
         while !ok() {
-            if Instant::now() > deadline {
-                panic!("{what} not ready; logs:\n{}", self.logs());
-            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} not within {limit:?}; logs:\n{}",
+                self.logs()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -458,7 +464,7 @@ impl Stack {
             .expect("spawn");
         self.server = Some(Proc { child, log });
         let addr = format!("127.0.0.1:{}", self.port);
-        self.wait_until("server port", || {
+        self.wait_until("server port", STARTUP, || {
             std::net::TcpStream::connect(&addr).is_ok()
         });
     }
@@ -470,7 +476,7 @@ impl Stack {
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
         p.child.wait().unwrap();
         let addr = format!("127.0.0.1:{}", self.port);
-        self.wait_until("server port closed", || {
+        self.wait_until("server port closed", STARTUP, || {
             std::net::TcpStream::connect(&addr).is_err()
         });
         self.restart_server();
